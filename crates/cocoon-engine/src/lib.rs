@@ -1,0 +1,44 @@
+//! Inference backends: the part of a worker that turns a [`GenerateRequest`] into tokens.
+//!
+//! [`Backend`] is the seam. Two real implementations live here: [`LlamaBackend`] runs a GGUF
+//! model in-process through llama.cpp, and [`UpstreamBackend`] relays to an OpenAI-compatible
+//! server (vLLM, SGLang, llama.cpp's server, Ollama) that a GPU owner already runs.
+
+mod llama;
+mod stats;
+mod text;
+mod upstream;
+
+use std::pin::Pin;
+
+use cocoon_protocol::{GenerateEvent, GenerateRequest, ModelCard};
+use futures_util::Stream;
+
+pub use llama::{LlamaBackend, LlamaConfig};
+pub use stats::{BackendStats, StatsSnapshot};
+pub use text::{StopMatcher, Utf8Accumulator};
+pub use upstream::{UpstreamBackend, UpstreamConfig};
+
+/// The events of one generation. Dropping the stream cancels the generation.
+pub type EventStream = Pin<Box<dyn Stream<Item = GenerateEvent> + Send + 'static>>;
+
+/// Something that serves models.
+pub trait Backend: Send + Sync + 'static {
+    /// Models this backend serves.
+    fn models(&self) -> Vec<ModelCard>;
+
+    /// How many requests it runs at once; further requests wait their turn.
+    fn capacity(&self) -> u32;
+
+    /// Starts a generation. Every failure, including validation, arrives as an
+    /// [`GenerateEvent::Error`] in the stream, so callers have one path to handle.
+    fn generate(&self, request: GenerateRequest) -> EventStream;
+
+    /// Counters for status pages and tests.
+    fn stats(&self) -> StatsSnapshot;
+}
+
+/// A stream holding a single error event.
+pub(crate) fn error_stream(error: cocoon_protocol::ProtocolError) -> EventStream {
+    Box::pin(futures_util::stream::iter([GenerateEvent::Error { error }]))
+}

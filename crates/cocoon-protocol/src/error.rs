@@ -1,0 +1,81 @@
+use serde::{Deserialize, Serialize};
+
+/// Category of a protocol-level failure. Each kind maps to one HTTP status at the OpenAI edge,
+/// so a worker's verdict (say, a prompt that does not fit the context) reaches the app intact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or has out-of-range parameters.
+    InvalidRequest,
+    /// Prompt plus requested completion do not fit the model's context window.
+    ContextLengthExceeded,
+    /// No worker serves the requested model.
+    ModelNotFound,
+    /// The model exists but no worker can take the request now.
+    Unavailable,
+    /// The request was cancelled by the requester.
+    Cancelled,
+    /// The serving side failed.
+    Internal,
+}
+
+impl ErrorKind {
+    /// HTTP status used for this kind of error.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::InvalidRequest | ErrorKind::ContextLengthExceeded => 400,
+            ErrorKind::ModelNotFound => 404,
+            ErrorKind::Cancelled => 499,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Internal => 502,
+        }
+    }
+
+    /// OpenAI error `type` string for this kind.
+    pub fn openai_type(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidRequest | ErrorKind::ContextLengthExceeded => {
+                "invalid_request_error"
+            }
+            ErrorKind::ModelNotFound => "invalid_request_error",
+            ErrorKind::Unavailable => "service_unavailable",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Internal => "server_error",
+        }
+    }
+
+    /// OpenAI error `code` string for this kind, where OpenAI defines one.
+    pub fn openai_code(self) -> Option<&'static str> {
+        match self {
+            ErrorKind::ContextLengthExceeded => Some("context_length_exceeded"),
+            ErrorKind::ModelNotFound => Some("model_not_found"),
+            _ => None,
+        }
+    }
+}
+
+/// An error that crosses the wire: a kind plus a message meant for the app developer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct ProtocolError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidRequest, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+}

@@ -1,0 +1,38 @@
+//! The cocoon wire protocol: what clients, proxies and workers say to each other.
+//!
+//! This crate owns the message types, their validation, protocol versioning (ALPN names and
+//! request paths) and the frame codec used for streamed answers. It does no I/O, so every
+//! other crate can depend on it. The full specification is `docs/protocol.md`.
+
+mod error;
+mod frame;
+mod messages;
+
+pub use error::{ErrorKind, ProtocolError};
+pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
+pub use messages::{
+    ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, ModelCard, ModelList,
+    ListedModel, Role, SamplingParams, Usage, WorkerHello,
+};
+
+/// Version of the protocol spoken by this build. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN name a client gateway offers when it connects to a proxy.
+pub const ALPN_CLIENT: &[u8] = b"cocoon/1/client";
+/// ALPN name a worker offers when it connects to a proxy.
+pub const ALPN_WORKER: &[u8] = b"cocoon/1/worker";
+
+/// Request paths. The same paths are served by a proxy (to clients) and by a worker (to its proxy).
+pub mod paths {
+    /// `POST`: a [`GenerateRequest`](crate::GenerateRequest) body, answered by a stream of
+    /// [`GenerateEvent`](crate::GenerateEvent) frames.
+    pub const GENERATE: &str = "/cocoon/v1/generate";
+    /// `GET`: the [`ModelList`](crate::ModelList) served behind a proxy.
+    pub const MODELS: &str = "/cocoon/v1/models";
+    /// `GET` (proxy to worker): the worker's [`WorkerHello`](crate::WorkerHello).
+    pub const HELLO: &str = "/cocoon/v1/hello";
+}
+
+/// Content type of a streamed answer: newline-delimited JSON frames.
+pub const CONTENT_TYPE_FRAMES: &str = "application/x-ndjson";

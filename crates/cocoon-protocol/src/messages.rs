@@ -1,0 +1,244 @@
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+
+/// Most stop sequences a request may carry (OpenAI allows four).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Author of a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// What the model is asked to continue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Input {
+    /// A conversation, rendered by the worker with the model's own chat template.
+    Chat { messages: Vec<ChatMessage> },
+    /// Raw text, tokenized as is.
+    Text { prompt: String },
+}
+
+/// Sampling parameters, with OpenAI's meaning and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Most tokens to generate; `None` means "up to the end of the context window".
+    pub max_tokens: Option<u32>,
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens (an extension vLLM and llama.cpp share;
+    /// benchmarks use it to get a fixed number of tokens).
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { max_tokens: None, temperature: 1.0, top_p: 1.0, seed: None, stop: Vec::new(), ignore_eos: false }
+    }
+}
+
+impl SamplingParams {
+    /// Checks ranges. Both the client gateway (to answer early) and the worker (not to trust its
+    /// peers) call this.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(ProtocolError::invalid(format!(
+                "temperature must be between 0 and 2, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ProtocolError::invalid(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if self.max_tokens == Some(0) {
+            return Err(ProtocolError::invalid("max_tokens must be at least 1"));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(ProtocolError::invalid(format!(
+                "at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}",
+                self.stop.len()
+            )));
+        }
+        for s in &self.stop {
+            if s.is_empty() || s.len() > MAX_STOP_BYTES {
+                return Err(ProtocolError::invalid(format!(
+                    "each stop sequence must be 1 to {MAX_STOP_BYTES} bytes long"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request for one completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub model: String,
+    pub input: Input,
+    #[serde(default)]
+    pub params: SamplingParams,
+}
+
+impl GenerateRequest {
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        if self.model.is_empty() {
+            return Err(ProtocolError::invalid("model must not be empty"));
+        }
+        if let Input::Chat { messages } = &self.input
+            && messages.is_empty()
+        {
+            return Err(ProtocolError::invalid("messages must contain at least one message"));
+        }
+        self.params.validate()
+    }
+}
+
+/// Token counts of one completion, as counted by the serving model's tokenizer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+impl Usage {
+    pub fn total_tokens(&self) -> u32 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token or a stop sequence.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One event of a streamed answer. A well-formed stream is zero or more `Delta`s followed by
+/// exactly one `Done` or one `Error`; a stream that ends without either was cut off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum GenerateEvent {
+    /// New text, and how many generated tokens it accounts for.
+    Delta { text: String, tokens: u32 },
+    Done { finish_reason: FinishReason, usage: Usage },
+    Error { error: ProtocolError },
+}
+
+/// A model as served by a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub id: String,
+    /// Context window in tokens (prompt plus completion).
+    pub context_length: u32,
+}
+
+/// What a worker tells its proxy right after connecting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHello {
+    pub protocol_version: u32,
+    pub name: String,
+    pub models: Vec<ModelCard>,
+    /// How many requests the worker runs at once; more are queued.
+    pub capacity: u32,
+}
+
+/// Models reachable through a proxy, with the number of connected workers serving each.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub models: Vec<ListedModel>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedModel {
+    #[serde(flatten)]
+    pub card: ModelCard,
+    pub workers: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json_shape_is_stable() {
+        let req = GenerateRequest {
+            model: "m".into(),
+            input: Input::Chat { messages: vec![ChatMessage { role: Role::User, content: "hi".into() }] },
+            params: SamplingParams { max_tokens: Some(5), ..Default::default() },
+        };
+        let json = serde_json::to_value(&req).unwrap();
+        assert_eq!(json["input"]["type"], "chat");
+        assert_eq!(json["input"]["messages"][0]["role"], "user");
+        assert_eq!(json["params"]["max_tokens"], 5);
+        let back: GenerateRequest = serde_json::from_value(json).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn validation_rejects_out_of_range_parameters() {
+        let bad = [
+            SamplingParams { temperature: 2.5, ..Default::default() },
+            SamplingParams { temperature: -0.1, ..Default::default() },
+            SamplingParams { top_p: 0.0, ..Default::default() },
+            SamplingParams { max_tokens: Some(0), ..Default::default() },
+            SamplingParams { stop: vec!["a".into(); 5], ..Default::default() },
+            SamplingParams { stop: vec![String::new()], ..Default::default() },
+        ];
+        for p in bad {
+            let err = p.validate().unwrap_err();
+            assert_eq!(err.kind, crate::ErrorKind::InvalidRequest, "{p:?}");
+        }
+        SamplingParams::default().validate().unwrap();
+    }
+
+    #[test]
+    fn empty_chat_is_refused() {
+        let req = GenerateRequest {
+            model: "m".into(),
+            input: Input::Chat { messages: vec![] },
+            params: SamplingParams::default(),
+        };
+        assert!(req.validate().unwrap_err().message.contains("at least one"));
+    }
+}
