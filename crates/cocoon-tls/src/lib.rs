@@ -1,1 +1,18 @@
+//! TLS identities and peer verification for every cocoon hop.
+//!
+//! This crate owns how a node proves who it is ([`Identity`]: an Ed25519 key and the short-lived
+//! self-signed certificate made from it) and how it decides whether to trust a peer
+//! ([`PeerVerifier`]). Everything else (the transport, the roles) only sees the rustls configs
+//! built here, so attestation (RA-TLS: a TDX quote inside the certificate) is added in this one
+//! place. Only TLS 1.3 and Ed25519 are spoken.
 
+mod config;
+mod identity;
+mod verify;
+
+pub use config::{client_config, peer_identity, server_config};
+pub use identity::{Fingerprint, Identity, IdentityError};
+pub use verify::{AnyPeer, PeerCertificate, PeerVerifier, PinnedPeers, VerifyError};
+
+/// Name the client side puts in SNI. Peers are identified by key, never by name.
+pub const SERVER_NAME: &str = "cocoon.invalid";

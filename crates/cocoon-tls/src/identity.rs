@@ -1,0 +1,228 @@
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ED25519};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use time::OffsetDateTime;
+
+/// How long a certificate is valid. Short, because a certificate will carry an attestation that
+/// goes stale; the identity reissues it well before it expires.
+const CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Reissue when less than this much validity is left.
+const RENEW_BEFORE: Duration = Duration::from_secs(6 * 3600);
+/// Backdating tolerates peers whose clocks run a little behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot generate key: {0}")]
+    Key(rcgen::Error),
+    #[error("cannot create certificate: {0}")]
+    Certificate(rcgen::Error),
+    #[error("key file {path}: {source}")]
+    KeyFile { path: String, source: std::io::Error },
+    #[error("key file {path} does not hold an Ed25519 PKCS#8 PEM key: {reason}")]
+    BadKeyFile { path: String, reason: String },
+    #[error("rustls refused the key: {0}")]
+    Rustls(rustls::Error),
+}
+
+/// SHA-256 of a node's raw Ed25519 public key: the stable name of a node, what operators pin.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    pub fn of_public_key(raw: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, raw);
+        Self(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+/// A node's key and its current certificate, reissued automatically before expiry.
+pub struct Identity {
+    key_pair: KeyPair,
+    name: String,
+    fingerprint: Fingerprint,
+    current: RwLock<Issued>,
+}
+
+struct Issued {
+    key: Arc<CertifiedKey>,
+    not_after: OffsetDateTime,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity").field("name", &self.name).field("fingerprint", &self.fingerprint).finish()
+    }
+}
+
+impl Identity {
+    /// A fresh key that lives as long as the process.
+    pub fn ephemeral(name: &str) -> Result<Self, IdentityError> {
+        let key_pair = KeyPair::generate_for(&PKCS_ED25519).map_err(IdentityError::Key)?;
+        Self::from_key_pair(key_pair, name)
+    }
+
+    /// The key stored at `path`, created (readable by the owner only) if the file is missing.
+    /// A stable key gives a stable fingerprint that peers can pin.
+    pub fn load_or_create(path: &Path, name: &str) -> Result<Self, IdentityError> {
+        let shown = path.display().to_string();
+        let key_pair = match std::fs::read_to_string(path) {
+            Ok(pem) => {
+                let kp = KeyPair::from_pem(&pem).map_err(|e| IdentityError::BadKeyFile {
+                    path: shown.clone(),
+                    reason: e.to_string(),
+                })?;
+                if !kp.is_compatible(&PKCS_ED25519) {
+                    return Err(IdentityError::BadKeyFile { path: shown, reason: "not Ed25519".into() });
+                }
+                kp
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let kp = KeyPair::generate_for(&PKCS_ED25519).map_err(IdentityError::Key)?;
+                write_private(path, kp.serialize_pem().as_bytes())
+                    .map_err(|source| IdentityError::KeyFile { path: shown, source })?;
+                tracing::info!(path = %path.display(), "created a new identity key");
+                kp
+            }
+            Err(source) => return Err(IdentityError::KeyFile { path: shown, source }),
+        };
+        Self::from_key_pair(key_pair, name)
+    }
+
+    fn from_key_pair(key_pair: KeyPair, name: &str) -> Result<Self, IdentityError> {
+        let fingerprint = Fingerprint::of_public_key(key_pair.public_key_raw());
+        let issued = issue(&key_pair, name)?;
+        Ok(Self { key_pair, name: name.to_owned(), fingerprint, current: RwLock::new(issued) })
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        self.key_pair.public_key_raw()
+    }
+
+    /// The certificate to present now; reissued first if it is close to expiry.
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        let now = OffsetDateTime::now_utc();
+        {
+            let current = self.current.read();
+            if current.not_after - now > RENEW_BEFORE {
+                return current.key.clone();
+            }
+        }
+        let mut current = self.current.write();
+        if current.not_after - now <= RENEW_BEFORE {
+            match issue(&self.key_pair, &self.name) {
+                Ok(fresh) => *current = fresh,
+                // The old certificate is still valid for a while; keep serving it.
+                Err(e) => tracing::error!(error = %e, "certificate renewal failed"),
+            }
+        }
+        current.key.clone()
+    }
+}
+
+fn issue(key_pair: &KeyPair, name: &str) -> Result<Issued, IdentityError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(IdentityError::Certificate)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + CERT_LIFETIME;
+    let cert = params.self_signed(key_pair).map_err(IdentityError::Certificate)?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Rustls)?;
+    let key = Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer));
+    Ok(Issued { key, not_after: params.not_after })
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_round_trips_to_the_same_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/node.key");
+        let a = Identity::load_or_create(&path, "n").unwrap();
+        let b = Identity::load_or_create(&path, "n").unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn garbage_key_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.key");
+        std::fs::write(&path, "not a key").unwrap();
+        let err = Identity::load_or_create(&path, "n").unwrap_err();
+        assert!(err.to_string().contains("does not hold an Ed25519"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_hex_round_trips() {
+        let id = Identity::ephemeral("n").unwrap();
+        let hex = id.fingerprint().to_string();
+        assert_eq!(Fingerprint::from_hex(&hex), Some(id.fingerprint()));
+        assert_eq!(Fingerprint::from_hex("zz"), None);
+    }
+}

@@ -1,0 +1,223 @@
+use std::collections::HashSet;
+use std::fmt::Debug;
+
+use rustls::pki_types::{CertificateDer, UnixTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::identity::Fingerprint;
+
+/// Extensions a cocoon certificate may mark critical and that this crate understands.
+const KNOWN_CRITICAL: &[&str] = &[
+    "2.5.29.15", // keyUsage
+    "2.5.29.19", // basicConstraints
+];
+
+const ED25519_OID: &str = "1.3.101.112";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VerifyError {
+    #[error("certificate is not valid DER X.509: {0}")]
+    Malformed(String),
+    #[error("certificate key is not Ed25519")]
+    NotEd25519,
+    #[error("certificate is not yet valid")]
+    NotYetValid,
+    #[error("certificate has expired")]
+    Expired,
+    #[error("certificate self-signature does not verify")]
+    BadSelfSignature,
+    #[error("certificate has an unknown critical extension {0}")]
+    UnknownCriticalExtension(String),
+    #[error("peer {0} is not among the pinned keys")]
+    NotPinned(Fingerprint),
+    #[error("peer refused by policy: {0}")]
+    Policy(String),
+}
+
+impl From<VerifyError> for rustls::Error {
+    fn from(e: VerifyError) -> Self {
+        use rustls::CertificateError as C;
+        match e {
+            VerifyError::Malformed(_) => rustls::Error::InvalidCertificate(C::BadEncoding),
+            VerifyError::NotYetValid => rustls::Error::InvalidCertificate(C::NotValidYet),
+            VerifyError::Expired => rustls::Error::InvalidCertificate(C::Expired),
+            VerifyError::BadSelfSignature => rustls::Error::InvalidCertificate(C::BadSignature),
+            other => rustls::Error::InvalidCertificate(C::Other(rustls::OtherError(std::sync::Arc::new(other)))),
+        }
+    }
+}
+
+/// A peer's certificate after the checks every cocoon certificate must pass: well-formed,
+/// Ed25519, self-signed, inside its validity window, no critical extension we do not know.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate {
+    pub public_key: Vec<u8>,
+    pub fingerprint: Fingerprint,
+    pub common_name: Option<String>,
+    /// Every extension, as (OID, critical, raw value), for policies that look further.
+    pub extensions: Vec<(String, bool, Vec<u8>)>,
+}
+
+impl PeerCertificate {
+    /// Parses and checks `der` at time `now`.
+    pub fn parse(der: &CertificateDer<'_>, now: UnixTime) -> Result<Self, VerifyError> {
+        let (rest, cert) =
+            X509Certificate::from_der(der.as_ref()).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(VerifyError::Malformed("trailing bytes after the certificate".into()));
+        }
+        let spki = cert.public_key();
+        if spki.algorithm.algorithm.to_id_string() != ED25519_OID {
+            return Err(VerifyError::NotEd25519);
+        }
+        let public_key = spki.subject_public_key.data.to_vec();
+        if public_key.len() != 32 {
+            return Err(VerifyError::NotEd25519);
+        }
+        let now = now.as_secs() as i64;
+        let validity = cert.validity();
+        if now < validity.not_before.timestamp() {
+            return Err(VerifyError::NotYetValid);
+        }
+        if now > validity.not_after.timestamp() {
+            return Err(VerifyError::Expired);
+        }
+        if cert.signature_algorithm.algorithm.to_id_string() != ED25519_OID {
+            return Err(VerifyError::BadSelfSignature);
+        }
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &public_key)
+            .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+            .map_err(|_| VerifyError::BadSelfSignature)?;
+        let mut extensions = Vec::new();
+        for ext in cert.extensions() {
+            let oid = ext.oid.to_id_string();
+            if ext.critical && !KNOWN_CRITICAL.contains(&oid.as_str()) {
+                return Err(VerifyError::UnknownCriticalExtension(oid));
+            }
+            extensions.push((oid, ext.critical, ext.value.to_vec()));
+        }
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        Ok(Self { fingerprint: Fingerprint::of_public_key(&public_key), public_key, common_name, extensions })
+    }
+}
+
+/// Decides whether a peer whose certificate passed the basic checks may connect.
+/// RA-TLS policies (a TDX quote bound to the key, measurements in the registry) implement this.
+pub trait PeerVerifier: Debug + Send + Sync {
+    fn verify(&self, peer: &PeerCertificate) -> Result<(), VerifyError>;
+}
+
+/// Accepts any well-formed peer: identity without authorization. Right for a proxy facing its
+/// clients (a client is known by its key and pays from a contract bound to it).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AnyPeer;
+
+impl PeerVerifier for AnyPeer {
+    fn verify(&self, _peer: &PeerCertificate) -> Result<(), VerifyError> {
+        Ok(())
+    }
+}
+
+/// Accepts only peers whose key fingerprint is listed.
+#[derive(Debug, Clone)]
+pub struct PinnedPeers {
+    allowed: HashSet<Fingerprint>,
+}
+
+impl PinnedPeers {
+    pub fn new(allowed: impl IntoIterator<Item = Fingerprint>) -> Self {
+        Self { allowed: allowed.into_iter().collect() }
+    }
+}
+
+impl PeerVerifier for PinnedPeers {
+    fn verify(&self, peer: &PeerCertificate) -> Result<(), VerifyError> {
+        if self.allowed.contains(&peer.fingerprint) {
+            Ok(())
+        } else {
+            Err(VerifyError::NotPinned(peer.fingerprint))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, CustomExtension, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
+
+    fn now() -> UnixTime {
+        UnixTime::now()
+    }
+
+    fn cert_with(params: CertificateParams, key: &KeyPair) -> CertificateDer<'static> {
+        params.self_signed(key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn own_certificate_passes() {
+        let id = crate::Identity::ephemeral("node").unwrap();
+        let der = id.certified_key().cert[0].clone();
+        let peer = PeerCertificate::parse(&der, now()).unwrap();
+        assert_eq!(peer.fingerprint, id.fingerprint());
+        assert_eq!(peer.common_name.as_deref(), Some("node"));
+        PinnedPeers::new([id.fingerprint()]).verify(&peer).unwrap();
+        let other = crate::Identity::ephemeral("other").unwrap();
+        assert_eq!(
+            PinnedPeers::new([other.fingerprint()]).verify(&peer),
+            Err(VerifyError::NotPinned(id.fingerprint()))
+        );
+    }
+
+    #[test]
+    fn expired_and_future_certificates_are_refused() {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let der = cert_with(CertificateParams::new(vec![]).unwrap(), &key);
+        // rcgen's default validity is 1975..4096; check against times outside it.
+        assert_eq!(PeerCertificate::parse(&der, UnixTime::since_unix_epoch(std::time::Duration::from_secs(0))).unwrap_err(), VerifyError::NotYetValid);
+        let id = crate::Identity::ephemeral("n").unwrap();
+        let short = id.certified_key().cert[0].clone();
+        let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now().as_secs() + 3 * 86400));
+        assert_eq!(PeerCertificate::parse(&short, later).unwrap_err(), VerifyError::Expired);
+    }
+
+    #[test]
+    fn non_ed25519_key_is_refused() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let der = cert_with(CertificateParams::new(vec![]).unwrap(), &key);
+        assert_eq!(PeerCertificate::parse(&der, now()).unwrap_err(), VerifyError::NotEd25519);
+    }
+
+    #[test]
+    fn unknown_critical_extension_is_refused() {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        let mut ext = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 12345, 99], vec![0x04, 0x00]);
+        ext.set_criticality(true);
+        params.custom_extensions.push(ext);
+        let der = cert_with(params, &key);
+        assert_eq!(
+            PeerCertificate::parse(&der, now()).unwrap_err(),
+            VerifyError::UnknownCriticalExtension("1.3.6.1.4.1.12345.99".into())
+        );
+    }
+
+    #[test]
+    fn tampered_certificate_is_refused() {
+        let id = crate::Identity::ephemeral("node").unwrap();
+        let mut bytes = id.certified_key().cert[0].to_vec();
+        // Flip a byte inside the common name: still parses, signature no longer matches.
+        let at = bytes.windows(4).position(|w| w == b"node").unwrap();
+        bytes[at] ^= 0x01;
+        let der = CertificateDer::from(bytes);
+        assert_eq!(PeerCertificate::parse(&der, now()).unwrap_err(), VerifyError::BadSelfSignature);
+        assert!(matches!(
+            PeerCertificate::parse(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]), now()),
+            Err(VerifyError::Malformed(_))
+        ));
+    }
+}
