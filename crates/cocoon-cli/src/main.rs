@@ -1,1 +1,200 @@
-fn main() {}
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cocoon_cli::bench::{self, BenchOptions};
+use cocoon_cli::config;
+use cocoon_cli::dev::{DevNetwork, DevOptions};
+use cocoon_client::{ClientConfig, Gateway};
+use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_proxy::{Proxy, ProxyConfig};
+use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
+use cocoon_worker::{ModelRouter, Worker, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Confidential, decentralized AI inference: worker, proxy and client gateway.
+#[derive(Parser)]
+#[command(name = "cocoon", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole network on this machine: proxy, one worker with the embedded model, and
+    /// the OpenAI-compatible gateway. Needs no configuration.
+    Dev {
+        /// Address of the OpenAI-compatible API.
+        #[arg(long, default_value = "127.0.0.1:10000")]
+        listen: String,
+        /// GGUF model for the worker.
+        #[arg(long, env = "COCOON_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+    },
+    /// Serve models to a proxy.
+    Worker {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Route requests from clients to workers.
+    Proxy {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// The client side.
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+    /// Print a role's configuration file with every default filled in.
+    Config {
+        #[arg(value_parser = ["worker", "proxy", "client"])]
+        role: String,
+    },
+    /// Measure a request through the whole network against the same backend called directly,
+    /// and the embedded engine's tokens/s.
+    Bench {
+        #[arg(long, env = "COCOON_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// CPU threads for the engine (0: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: u32,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Run the local OpenAI-compatible gateway.
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,llama_cpp_2=warn,llama-cpp-2=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(cli.command))
+}
+
+/// Cancelled on Ctrl-C or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+fn pin(fingerprint: Option<&str>, what: &str) -> anyhow::Result<Arc<dyn PeerVerifier>> {
+    Ok(match fingerprint {
+        Some(f) => Arc::new(PinnedPeers::new([Fingerprint::from_hex(f).with_context(|| format!("bad {what} fingerprint {f:?}"))?])),
+        None => {
+            tracing::warn!("no {what}_fingerprint configured: any {what} will be trusted");
+            Arc::new(AnyPeer)
+        }
+    })
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Dev { listen, model } => {
+            let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig { model_path: model, ..Default::default() })?);
+            let model_id = backend.models()[0].id.clone();
+            let net = DevNetwork::start(DevOptions { gateway_listen: listen, ..Default::default() }, vec![backend]).await?;
+            net.wait_ready(1, Duration::from_secs(30)).await?;
+            let url = net.gateway_url();
+            println!("\ncocoon dev network is up (proxy {} key {}).", net.proxy_addr, net.proxy_fingerprint);
+            println!("OpenAI-compatible API: {url}   model: {model_id}\n");
+            println!("  curl {url}/chat/completions -H 'Content-Type: application/json' \\");
+            println!("    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n");
+            println!("Press Ctrl-C to stop.");
+            shutdown_on_signal().cancelled().await;
+            net.shutdown();
+            Ok(())
+        }
+        Command::Worker { config } => {
+            let cfg: WorkerConfig = config::load(config.as_deref())?;
+            let backends = cfg.backends.iter().map(|b| b.build()).collect::<anyhow::Result<Vec<_>>>()?;
+            let backend: Arc<dyn Backend> = Arc::new(ModelRouter::new(backends)?);
+            let identity = Arc::new(match &cfg.key_file {
+                Some(p) => Identity::load_or_create(p, "cocoon-worker")?,
+                None => Identity::ephemeral("cocoon-worker")?,
+            });
+            println!("worker key fingerprint: {}", identity.fingerprint());
+            let proxy = pin(cfg.proxy_fingerprint.as_deref(), "proxy")?;
+            let worker = Worker::new(cfg.name, cfg.proxy_addr, backend, identity, proxy, Duration::from_secs(cfg.max_reconnect_secs.max(1)));
+            worker.run(shutdown_on_signal()).await;
+            Ok(())
+        }
+        Command::Proxy { config } => {
+            let cfg: ProxyConfig = config::load(config.as_deref())?;
+            let proxy = Proxy::bind(&cfg).await?;
+            println!("proxy listening on {} with key fingerprint {}", proxy.local_addr(), proxy.fingerprint());
+            proxy.run(shutdown_on_signal()).await;
+            Ok(())
+        }
+        Command::Client { command: ClientCommand::Serve { config } } => {
+            let cfg: ClientConfig = config::load(config.as_deref())?;
+            let gateway = Gateway::bind(&cfg).await?;
+            println!("OpenAI-compatible API on http://{}/v1", gateway.local_addr());
+            gateway.run(shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Config { role } => {
+            let text = match role.as_str() {
+                "worker" => config::print_defaults::<WorkerConfig>()?,
+                "proxy" => config::print_defaults::<ProxyConfig>()?,
+                _ => config::print_defaults::<ClientConfig>()?,
+            };
+            print!("{text}");
+            Ok(())
+        }
+        Command::Bench { model, requests, max_tokens, threads, json } => {
+            let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig { model_path: model, threads, ..Default::default() })?);
+            let net = DevNetwork::start(DevOptions { gateway_listen: "127.0.0.1:0".into(), ..Default::default() }, vec![backend.clone()]).await?;
+            net.wait_ready(1, Duration::from_secs(30)).await?;
+            let options = BenchOptions { requests, max_tokens, ..Default::default() };
+            let report = bench::run(backend, &net.gateway_url(), &options).await?;
+            print!("{}", bench::table(&report));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+                println!("JSON report written to {}", path.display());
+            }
+            net.shutdown();
+            Ok(())
+        }
+    }
+}

@@ -1,1 +1,15 @@
+//! Transport for every cocoon hop: mutual TLS 1.3 (configs from `cocoon-tls`) carrying HTTP/2,
+//! so many requests share one connection and cancelling one stream (`RST_STREAM`) cancels the
+//! work behind it.
+//!
+//! Workers dial out to their proxy (they may sit behind NAT) but *serve* HTTP/2 on that
+//! connection: the TLS client is the HTTP/2 server. [`serve_h2`] and [`Channel::handshake`] work
+//! on any TLS stream, whichever side opened it.
 
+mod body;
+mod channel;
+mod conn;
+
+pub use body::{Body, BoxError, EventReader, empty, frames_body, full, json, read_json};
+pub use channel::Channel;
+pub use conn::{ClientTls, HANDSHAKE_TIMEOUT, ServerTls, accept_tls, connect_tls, serve_h2};

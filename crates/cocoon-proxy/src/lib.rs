@@ -1,1 +1,16 @@
+//! The proxy role: the meeting point of clients and workers.
+//!
+//! One TLS port serves both; the ALPN name a peer offers says which it is. Workers connect
+//! out to the proxy and stay connected; the proxy keeps them in a [`WorkerSet`] and opens
+//! HTTP/2 streams to them. Clients send generation requests, which the proxy routes to the
+//! least-loaded worker serving the model and relays back event by event. This crate owns
+//! that routing, the worker registry and the proxy's configuration.
 
+mod config;
+mod relay;
+mod server;
+mod workers;
+
+pub use config::ProxyConfig;
+pub use server::{Proxy, ProxyStatus, WorkerStatus};
+pub use workers::{WorkerEntry, WorkerSet};

@@ -1,1 +1,102 @@
+//! The worker role: runs inference backends and serves them to one proxy.
+//!
+//! A worker dials out to its proxy (so it can sit behind NAT), then serves HTTP/2 on that
+//! connection: the proxy sends it generation requests over streams it opens. When the
+//! connection drops, the worker reconnects with backoff. This crate owns that loop, the
+//! worker's configuration and the routing of requests to the right backend by model.
 
+mod config;
+mod router;
+mod service;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cocoon_engine::Backend;
+use cocoon_protocol::ALPN_WORKER;
+use cocoon_tls::{Identity, PeerVerifier};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{BackendConfig, WorkerConfig};
+pub use router::ModelRouter;
+
+/// First wait before reconnecting; doubles up to the configured maximum.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A worker ready to run.
+pub struct Worker {
+    name: String,
+    proxy_addr: String,
+    backend: Arc<dyn Backend>,
+    tls: Arc<rustls::ClientConfig>,
+    max_backoff: Duration,
+    connected: Arc<AtomicBool>,
+}
+
+impl Worker {
+    /// `proxy` decides which proxies this worker will serve (a pinned key, later an attested
+    /// image).
+    pub fn new(
+        name: impl Into<String>,
+        proxy_addr: impl Into<String>,
+        backend: Arc<dyn Backend>,
+        identity: Arc<Identity>,
+        proxy: Arc<dyn PeerVerifier>,
+        max_backoff: Duration,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            proxy_addr: proxy_addr.into(),
+            backend,
+            tls: cocoon_tls::client_config(identity, proxy, &[ALPN_WORKER]),
+            max_backoff,
+            connected: Arc::default(),
+        }
+    }
+
+    /// Whether the worker is connected to its proxy now.
+    pub fn connected_flag(&self) -> Arc<AtomicBool> {
+        self.connected.clone()
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Serves until `shutdown` is cancelled, reconnecting whenever the connection drops.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = INITIAL_BACKOFF;
+        let service = service::WorkerService::new(self.name.clone(), self.backend.clone());
+        loop {
+            let attempt = async {
+                let tls = cocoon_net::connect_tls(&self.proxy_addr, self.tls.clone()).await?;
+                tracing::info!(proxy = %self.proxy_addr, "connected to proxy");
+                self.connected.store(true, Ordering::SeqCst);
+                let service = service.clone();
+                let result = cocoon_net::serve_h2(tls, move |req| service.clone().handle(req)).await;
+                self.connected.store(false, Ordering::SeqCst);
+                result.map_err(std::io::Error::other)
+            };
+            let started = tokio::time::Instant::now();
+            tokio::select! {
+                result = attempt => match result {
+                    Ok(()) => tracing::warn!(proxy = %self.proxy_addr, "proxy closed the connection"),
+                    Err(e) => tracing::warn!(proxy = %self.proxy_addr, error = %e, "connection to proxy failed"),
+                },
+                _ = shutdown.cancelled() => break,
+            }
+            self.connected.store(false, Ordering::SeqCst);
+            // A connection that lived a while was healthy: start over with a short wait.
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = INITIAL_BACKOFF;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+        tracing::info!("worker stopped");
+    }
+}

@@ -1,0 +1,231 @@
+//! The OpenAI-compatible HTTP API.
+
+mod sse;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use cocoon_protocol::{ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage};
+use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClientConfig;
+use crate::link::ProxyLink;
+use crate::openai::{ChatRequest, CompletionRequest, OpenAiUsage, error_body};
+
+/// The gateway, bound and ready to serve.
+pub struct Gateway {
+    listener: TcpListener,
+    router: Router,
+}
+
+struct AppState {
+    link: ProxyLink,
+}
+
+/// An error answered in OpenAI's shape.
+struct ApiError {
+    status: StatusCode,
+    error: ProtocolError,
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(error: ProtocolError) -> Self {
+        let status = StatusCode::from_u16(error.kind.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+        Self { status, error }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(error_body(&self.error))).into_response()
+    }
+}
+
+impl Gateway {
+    pub async fn bind(config: &ClientConfig) -> anyhow::Result<Self> {
+        let identity = Arc::new(match &config.key_file {
+            Some(path) => Identity::load_or_create(path, "cocoon-client")?,
+            None => Identity::ephemeral("cocoon-client")?,
+        });
+        let proxy: Arc<dyn PeerVerifier> = match &config.proxy_fingerprint {
+            Some(f) => Arc::new(PinnedPeers::new([
+                Fingerprint::from_hex(f).ok_or_else(|| anyhow::anyhow!("bad proxy_fingerprint {f:?}"))?
+            ])),
+            None => {
+                tracing::warn!("no proxy_fingerprint configured: the gateway will talk to ANY proxy at {}", config.proxy_addr);
+                Arc::new(AnyPeer)
+            }
+        };
+        let state = Arc::new(AppState { link: ProxyLink::new(config.proxy_addr.clone(), identity, proxy) });
+        let router = Router::new()
+            .route("/v1/models", get(list_models))
+            .route("/v1/models/{model}", get(get_model))
+            .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/completions", post(completions))
+            .route("/health", get(|| async { "ok" }))
+            .fallback(unknown_route)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .with_state(state);
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        Ok(Self { listener, router })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound socket has an address")
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "OpenAI-compatible API listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    }
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        error: ProtocolError::invalid(format!("Unknown request URL: {method} {}", uri.path())),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        error: ProtocolError::invalid(format!("Method {method} is not allowed for {}", uri.path())),
+    }
+}
+
+fn model_json(card: &cocoon_protocol::ListedModel) -> Value {
+    json!({
+        "id": card.card.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "cocoon",
+        "context_length": card.card.context_length,
+        "workers": card.workers,
+    })
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let list = state.link.models().await?;
+    Ok(Json(json!({"object": "list", "data": list.models.iter().map(model_json).collect::<Vec<_>>()})))
+}
+
+async fn get_model(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    let list = state.link.models().await?;
+    match list.models.iter().find(|m| m.card.id == model) {
+        Some(m) => Ok(Json(model_json(m))),
+        None => Err(ProtocolError::new(ErrorKind::ModelNotFound, format!("The model '{model}' does not exist")).into()),
+    }
+}
+
+/// Parses a JSON body, turning every way it can be wrong into a 4xx with a useful message.
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| ApiError {
+        status: rejection.status(),
+        error: ProtocolError::invalid(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "Request body is too large".to_owned()
+        } else {
+            rejection.body_text()
+        }),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let message = if e.is_data() {
+            format!("Invalid request: {e}")
+        } else {
+            format!("We could not parse the JSON body of your request: {e}")
+        };
+        ProtocolError::invalid(message).into()
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Chat,
+    Completion,
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = async {
+        let req: ChatRequest = parse_body(body)?;
+        let (stream, include_usage) = (req.common.stream, req.common.include_usage());
+        let generate = req.into_generate()?;
+        answer(&state, generate, Endpoint::Chat, stream, include_usage).await
+    };
+    result.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = async {
+        let req: CompletionRequest = parse_body(body)?;
+        let (stream, include_usage) = (req.common.stream, req.common.include_usage());
+        let generate = req.into_generate()?;
+        answer(&state, generate, Endpoint::Completion, stream, include_usage).await
+    };
+    result.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn new_id(endpoint: Endpoint) -> String {
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completion => "cmpl",
+    };
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+async fn answer(state: &AppState, request: GenerateRequest, endpoint: Endpoint, stream: bool, include_usage: bool) -> Result<Response, ApiError> {
+    let model = request.model.clone();
+    // Refusals (unknown model, prompt too long) come back here, before any byte of the answer,
+    // so they keep their 4xx status even for streaming requests.
+    let events = state.link.generate(&request).await?;
+    let meta = sse::Meta { id: new_id(endpoint), created: unix_now(), model, endpoint };
+    if stream {
+        return Ok(sse::response(events, meta, include_usage));
+    }
+    let mut events = events;
+    let mut text = String::new();
+    let (finish, usage): (FinishReason, Usage) = loop {
+        match events.next().await {
+            Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => text.push_str(&t),
+            Some(Ok((GenerateEvent::Done { finish_reason, usage }, _))) => break (finish_reason, usage),
+            Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => return Err(error.into()),
+            None => return Err(ProtocolError::internal("the answer ended early").into()),
+        }
+    };
+    let usage = OpenAiUsage::from(usage);
+    let body = match endpoint {
+        Endpoint::Chat => json!({
+            "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish.as_str()}],
+            "usage": usage,
+        }),
+        Endpoint::Completion => json!({
+            "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str()}],
+            "usage": usage,
+        }),
+    };
+    let mut response = Json(body).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}

@@ -1,0 +1,251 @@
+//! The OpenAI API's request and answer shapes, and their translation to the cocoon protocol.
+
+use cocoon_protocol::{ChatMessage, GenerateRequest, Input, ProtocolError, Role, SamplingParams, Usage};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Deserialize)]
+pub struct Common {
+    pub model: String,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    /// Extension shared with vLLM and llama.cpp's server.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(flatten)]
+    pub common: Common,
+    pub messages: Vec<OpenAiMessage>,
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub tools: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct OpenAiMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// Message content: a string, or a list of parts of which only text is supported.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(flatten)]
+    pub common: Common,
+    pub prompt: Prompt,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(default)]
+    pub suffix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Common {
+    pub fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+
+    fn params(&self, max_tokens: Option<u32>) -> Result<SamplingParams, ProtocolError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ProtocolError::invalid("only n = 1 is supported"));
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &Value::Bool(false)) {
+            return Err(ProtocolError::invalid("logprobs are not supported"));
+        }
+        let defaults = SamplingParams::default();
+        let params = SamplingParams {
+            max_tokens,
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            seed: self.seed.map(|s| s as u64),
+            stop: match &self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.clone(),
+            },
+            ignore_eos: self.ignore_eos,
+        };
+        params.validate()?;
+        Ok(params)
+    }
+}
+
+impl ChatRequest {
+    pub fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
+        if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(ProtocolError::invalid("tools are not supported"));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| convert_message(i, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let params = self.common.params(self.max_completion_tokens.or(self.common.max_tokens))?;
+        let request = GenerateRequest { model: self.common.model, input: Input::Chat { messages }, params };
+        request.validate()?;
+        Ok(request)
+    }
+}
+
+fn convert_message(index: usize, m: OpenAiMessage) -> Result<ChatMessage, ProtocolError> {
+    let role = match m.role.as_str() {
+        "system" | "developer" => Role::System,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        other => {
+            return Err(ProtocolError::invalid(format!(
+                "messages[{index}].role '{other}' is not supported (use system, developer, user or assistant)"
+            )));
+        }
+    };
+    let content = match m.content {
+        Some(Content::Text(s)) => s,
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    (kind, _) => {
+                        return Err(ProtocolError::invalid(format!(
+                            "messages[{index}]: content part of type {} is not supported; only text is",
+                            kind.unwrap_or("(none)")
+                        )));
+                    }
+                }
+            }
+            text
+        }
+        None => return Err(ProtocolError::invalid(format!("messages[{index}].content is required"))),
+    };
+    Ok(ChatMessage { role, content })
+}
+
+impl CompletionRequest {
+    pub fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
+        if self.echo {
+            return Err(ProtocolError::invalid("echo is not supported"));
+        }
+        if self.suffix.is_some() {
+            return Err(ProtocolError::invalid("suffix is not supported"));
+        }
+        let prompt = match self.prompt {
+            Prompt::One(p) => p,
+            Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+            Prompt::Many(_) => return Err(ProtocolError::invalid("prompt must be a single string")),
+        };
+        // OpenAI's default for the legacy endpoint is 16 tokens.
+        let params = self.common.params(Some(self.common.max_tokens.unwrap_or(16)))?;
+        let request = GenerateRequest { model: self.common.model, input: Input::Text { prompt }, params };
+        request.validate()?;
+        Ok(request)
+    }
+}
+
+/// OpenAI's `usage` object.
+#[derive(Debug, Serialize)]
+pub struct OpenAiUsage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl From<Usage> for OpenAiUsage {
+    fn from(u: Usage) -> Self {
+        Self { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens() }
+    }
+}
+
+/// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+pub fn error_body(e: &ProtocolError) -> Value {
+    serde_json::json!({
+        "error": {
+            "message": e.message,
+            "type": e.kind.openai_type(),
+            "param": Value::Null,
+            "code": e.kind.openai_code(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(json: &str) -> Result<GenerateRequest, ProtocolError> {
+        serde_json::from_str::<ChatRequest>(json).unwrap().into_generate()
+    }
+
+    #[test]
+    fn content_parts_and_roles_convert() {
+        let r = chat(r#"{"model":"m","messages":[{"role":"developer","content":"be brief"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"stop":"x","max_completion_tokens":5}"#).unwrap();
+        let Input::Chat { messages } = r.input else { panic!() };
+        assert_eq!(messages[0].role, Role::System);
+        assert_eq!(messages[1].content, "ab");
+        assert_eq!(r.params.stop, vec!["x".to_string()]);
+        assert_eq!(r.params.max_tokens, Some(5));
+    }
+
+    #[test]
+    fn unsupported_features_are_refused_by_name() {
+        for (json, needle) in [
+            (r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#, "role 'tool'"),
+            (r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "image_url"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, "n = 1"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true}"#, "logprobs"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{}]}"#, "tools"),
+            (r#"{"model":"m","messages":[]}"#, "at least one"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature"),
+        ] {
+            let err = chat(json).unwrap_err();
+            assert!(err.message.contains(needle), "{json}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn completion_defaults_to_sixteen_tokens() {
+        let r: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":["hi"]}"#).unwrap();
+        assert_eq!(r.into_generate().unwrap().params.max_tokens, Some(16));
+    }
+}

@@ -1,0 +1,114 @@
+use bytes::Bytes;
+use cocoon_protocol::{FrameDecoder, GenerateEvent, ProtocolError};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Body type of every request and response cocoon sends.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+pub fn json<T: Serialize>(value: &T) -> Body {
+    full(serde_json::to_vec(value).expect("protocol types always serialize"))
+}
+
+/// A streamed body fed by a channel of already-encoded frames. When the peer resets the stream
+/// the body is dropped, the receiver with it, and the sender sees the channel closed.
+pub fn frames_body(rx: mpsc::Receiver<Bytes>) -> Body {
+    let stream = ReceiverStream::new(rx).map(|b| Ok::<_, BoxError>(Frame::data(b)));
+    StreamBody::new(stream).boxed_unsync()
+}
+
+/// Reads a whole JSON body of at most `limit` bytes.
+pub async fn read_json<T: DeserializeOwned>(body: Incoming, limit: usize) -> Result<T, ProtocolError> {
+    let bytes = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ProtocolError::invalid(format!("request body exceeds {limit} bytes"))
+            } else {
+                ProtocolError::unavailable(format!("request body broke off: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| ProtocolError::invalid(format!("malformed message: {e}")))
+}
+
+/// Reads [`GenerateEvent`]s from a streamed body. Dropping the reader resets the stream, which
+/// cancels the generation upstream.
+pub struct EventReader {
+    body: Incoming,
+    decoder: FrameDecoder,
+    finished: bool,
+}
+
+impl EventReader {
+    pub fn new(body: Incoming) -> Self {
+        Self { body, decoder: FrameDecoder::new(), finished: false }
+    }
+
+    /// The next event with its encoded frame (so a relay can forward it without re-encoding),
+    /// or `None` at a clean end of stream. A stream that breaks off, or ends without a final
+    /// `Done`/`Error` event, yields an error.
+    pub async fn next(&mut self) -> Option<Result<(GenerateEvent, Bytes), ProtocolError>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let event: GenerateEvent = match serde_json::from_slice(&frame) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            self.finished = true;
+                            return Some(Err(ProtocolError::internal(format!("peer sent a malformed event: {e}"))));
+                        }
+                    };
+                    if !matches!(event, GenerateEvent::Delta { .. }) {
+                        self.finished = true;
+                    }
+                    let mut encoded = frame.to_vec();
+                    encoded.push(b'\n');
+                    return Some(Ok((event, Bytes::from(encoded))));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.finished = true;
+                    return Some(Err(ProtocolError::internal(format!("peer sent a bad frame: {e}"))));
+                }
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        self.decoder.push(data);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.finished = true;
+                    return Some(Err(ProtocolError::unavailable(format!("stream broke off: {e}"))));
+                }
+                None => {
+                    self.finished = true;
+                    return Some(Err(ProtocolError::unavailable(
+                        "stream ended before the generation finished",
+                    )));
+                }
+            }
+        }
+    }
+}

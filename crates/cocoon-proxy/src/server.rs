@@ -1,0 +1,244 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_net::{Body, Channel, json};
+use cocoon_protocol::{ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, ProtocolError, WorkerHello, paths};
+use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ProxyConfig;
+use crate::relay;
+use crate::workers::WorkerSet;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound proxy, ready to serve.
+pub struct Proxy {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+pub(crate) struct State {
+    pub(crate) workers: WorkerSet,
+    pub(crate) max_request_bytes: usize,
+    tls: Arc<rustls::ServerConfig>,
+    fingerprint: Fingerprint,
+    connections: Arc<Semaphore>,
+    workers_policy: Arc<dyn PeerVerifier>,
+}
+
+/// What `GET /cocoon/v1/status` answers.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ProxyStatus {
+    pub fingerprint: String,
+    pub protocol_version: u32,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub fingerprint: String,
+    pub models: Vec<String>,
+    pub capacity: u32,
+    pub in_flight: u32,
+    pub served: u64,
+}
+
+impl Proxy {
+    /// Binds the listening socket and loads (or creates) the proxy's key.
+    pub async fn bind(config: &ProxyConfig) -> anyhow::Result<Self> {
+        let identity = Arc::new(match &config.key_file {
+            Some(path) => Identity::load_or_create(path, "cocoon-proxy")?,
+            None => Identity::ephemeral("cocoon-proxy")?,
+        });
+        let workers_policy: Arc<dyn PeerVerifier> = if config.worker_fingerprints.is_empty() {
+            tracing::warn!("no worker_fingerprints configured: ANY worker may join (development only)");
+            Arc::new(AnyPeer)
+        } else {
+            let pins = config
+                .worker_fingerprints
+                .iter()
+                .map(|f| Fingerprint::from_hex(f).ok_or_else(|| anyhow::anyhow!("bad worker fingerprint {f:?}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Arc::new(PinnedPeers::new(pins))
+        };
+        // The TLS layer admits any well-formed client; workers are checked after the handshake,
+        // once their ALPN says they are workers.
+        let tls = cocoon_tls::server_config(identity.clone(), Arc::new(AnyPeer), &[ALPN_CLIENT, ALPN_WORKER]);
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let state = Arc::new(State {
+            workers: WorkerSet::default(),
+            max_request_bytes: config.max_request_bytes,
+            tls,
+            fingerprint: identity.fingerprint(),
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            workers_policy,
+        });
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound socket has an address")
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.state.fingerprint
+    }
+
+    /// A handle on the live worker set (for status pages and tests).
+    pub fn status_handle(&self) -> Arc<impl StatusSource + use<>> {
+        self.state.clone()
+    }
+
+    /// Accepts connections until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(addr = %self.local_addr(), fingerprint = %self.state.fingerprint, "proxy listening");
+        loop {
+            let permit = tokio::select! {
+                p = self.state.connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let (tcp, peer_addr) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let state = self.state.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    _ = state.connection(tcp, peer_addr) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
+        tracing::info!("proxy stopped");
+    }
+}
+
+/// Read access to the proxy's state from outside the crate.
+pub trait StatusSource: Send + Sync {
+    fn status(&self) -> ProxyStatus;
+}
+
+impl StatusSource for State {
+    fn status(&self) -> ProxyStatus {
+        ProxyStatus {
+            fingerprint: self.fingerprint.to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            workers: self
+                .workers
+                .snapshot()
+                .iter()
+                .map(|w| WorkerStatus {
+                    name: w.name.clone(),
+                    fingerprint: w.fingerprint.to_string(),
+                    models: w.models.iter().map(|m| m.id.clone()).collect(),
+                    capacity: w.capacity,
+                    in_flight: w.in_flight(),
+                    served: w.served(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl State {
+    async fn connection(self: Arc<Self>, tcp: tokio::net::TcpStream, peer_addr: SocketAddr) {
+        let tls = match cocoon_net::accept_tls(tcp, self.tls.clone()).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::debug!(%peer_addr, error = %e, "TLS handshake failed");
+                return;
+            }
+        };
+        let (_, conn) = tls.get_ref();
+        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let Some(peer) = cocoon_tls::peer_identity(conn.peer_certificates()) else {
+            tracing::debug!(%peer_addr, "peer presented no usable certificate");
+            return;
+        };
+        match alpn.as_deref() {
+            Some(ALPN_CLIENT) => {
+                tracing::debug!(%peer_addr, client = %peer.fingerprint, "client connected");
+                let state = self.clone();
+                let _ = cocoon_net::serve_h2(tls, move |req| state.clone().client_request(req)).await;
+            }
+            Some(ALPN_WORKER) => {
+                if let Err(e) = self.workers_policy.verify(&peer) {
+                    tracing::warn!(%peer_addr, error = %e, "worker refused");
+                    return;
+                }
+                self.worker_connection(tls, peer.fingerprint, peer_addr).await;
+            }
+            _ => tracing::debug!(%peer_addr, "peer offered no cocoon protocol"),
+        }
+    }
+
+    async fn worker_connection(&self, tls: cocoon_net::ServerTls, fingerprint: Fingerprint, peer_addr: SocketAddr) {
+        let (channel, driver) = match Channel::handshake(tls).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%peer_addr, error = %e, "worker HTTP/2 handshake failed");
+                return;
+            }
+        };
+        let driver = tokio::spawn(driver);
+        let hello: WorkerHello = match channel.get_json(paths::HELLO, HELLO_TIMEOUT).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(%peer_addr, error = %e, "worker did not say hello");
+                driver.abort();
+                return;
+            }
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            tracing::warn!(%peer_addr, version = hello.protocol_version, "worker speaks another protocol version");
+            driver.abort();
+            return;
+        }
+        let entry = self.workers.add(hello.name.clone(), fingerprint, hello.models, hello.capacity, channel);
+        tracing::info!(worker = %hello.name, %fingerprint, models = ?entry.models.iter().map(|m| &m.id).collect::<Vec<_>>(), "worker joined");
+        let _ = driver.await;
+        self.workers.remove(entry.id);
+        tracing::info!(worker = %hello.name, "worker left");
+    }
+
+    async fn client_request(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
+            (&Method::GET, "/cocoon/v1/status") => response(StatusCode::OK, json(&self.status())),
+            (&Method::POST, paths::GENERATE) => relay::generate(&self, req.into_body()).await,
+            (m, p) => error_response(&ProtocolError::invalid(format!("no route {m} {p}")), StatusCode::NOT_FOUND),
+        }
+    }
+}
+
+pub(crate) fn response(status: StatusCode, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r
+}
+
+pub(crate) fn error_response(e: &ProtocolError, status: StatusCode) -> Response<Body> {
+    let mut r = response(status, json(e));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}

@@ -1,0 +1,80 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cocoon_engine::{Backend, LlamaBackend, LlamaConfig, UpstreamBackend, UpstreamConfig};
+use serde::{Deserialize, Serialize};
+
+/// `worker.toml`. Every field has a default; `cocoon config worker` prints them all.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Name shown in the proxy's status.
+    pub name: String,
+    /// Proxy to serve, `host:port`.
+    pub proxy_addr: String,
+    /// SHA-256 fingerprint of the proxy's key (printed by `cocoon proxy` at start). Without it
+    /// the worker serves any proxy at that address.
+    pub proxy_fingerprint: Option<String>,
+    /// Where the worker's own key is kept; a fresh key per run when unset.
+    pub key_file: Option<PathBuf>,
+    /// Longest wait between reconnection attempts, in seconds.
+    pub max_reconnect_secs: u64,
+    /// Backends to serve; one embedded SmolLM2 by default.
+    #[serde(rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            name: "worker".into(),
+            proxy_addr: "127.0.0.1:10443".into(),
+            proxy_fingerprint: None,
+            key_file: None,
+            max_reconnect_secs: 5,
+            backends: vec![BackendConfig::Llama(LlamaConfig::default())],
+        }
+    }
+}
+
+/// One `[[backend]]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BackendConfig {
+    /// A GGUF model run in-process by llama.cpp.
+    Llama(LlamaConfig),
+    /// An OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, Ollama).
+    Upstream(UpstreamConfig),
+}
+
+impl BackendConfig {
+    pub fn build(&self) -> anyhow::Result<Arc<dyn Backend>> {
+        Ok(match self {
+            BackendConfig::Llama(c) => Arc::new(LlamaBackend::load(c)?),
+            BackendConfig::Upstream(c) => Arc::new(UpstreamBackend::new(c.clone())?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = toml_like(&WorkerConfig::default());
+        assert!(text.contains("kind"), "{text}");
+    }
+
+    fn toml_like(c: &WorkerConfig) -> String {
+        serde_json::to_string(c).unwrap()
+    }
+
+    #[test]
+    fn upstream_backend_parses() {
+        let json = r#"{"backend":[{"kind":"upstream","url":"http://127.0.0.1:8000/v1","models":[{"id":"m","context_length":4096}]}]}"#;
+        let c: WorkerConfig = serde_json::from_str(json).unwrap();
+        assert!(matches!(c.backends[0], BackendConfig::Upstream(_)));
+        assert_eq!(c.proxy_addr, "127.0.0.1:10443");
+    }
+}
