@@ -1,0 +1,68 @@
+"""The official `openai` Python package against a running cocoon gateway, unchanged.
+
+Usage: python3 tests/openai_sdk.py BASE_URL MODEL   (run by crates/cocoon-cli/tests/openai_sdk.rs)
+"""
+
+import sys
+
+import openai
+
+base_url, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base_url, api_key="not-needed-locally")
+
+models = [m.id for m in client.models.list()]
+assert model in models, models
+assert client.models.retrieve(model).id == model
+
+chat = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=20,
+    temperature=0,
+)
+answer = chat.choices[0].message.content
+assert "Paris" in answer, answer
+assert chat.usage.prompt_tokens > 0 and chat.usage.completion_tokens > 0
+assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+system = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"}],
+    max_tokens=5,
+)
+assert system.usage.prompt_tokens > chat.usage.prompt_tokens - 10  # the system turn is templated in
+
+stream = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=20,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+parts, usage = [], None
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+    if chunk.usage is not None:
+        usage = chunk.usage
+assert "".join(parts) == answer, (parts, answer)  # greedy: same text streamed or not
+assert usage is not None and usage.completion_tokens > 0
+
+completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, extra_body={"ignore_eos": True})
+assert completion.usage.completion_tokens == 5, completion.usage
+assert completion.choices[0].text
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    raise AssertionError("unknown model accepted")
+except openai.NotFoundError as e:
+    assert e.code == "model_not_found", e
+
+try:
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=100000)
+    raise AssertionError("oversize max_tokens accepted")
+except openai.BadRequestError as e:
+    assert e.code == "context_length_exceeded", e
+
+print("openai SDK: all checks passed")
