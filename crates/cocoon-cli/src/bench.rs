@@ -79,7 +79,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn figures(path: &str, samples: &[Sample], wall: Duration) -> PathFigures {
-    let mut lat: Vec<f64> = samples.iter().map(|s| s.latency.as_secs_f64() * 1e3).collect();
+    let mut lat: Vec<f64> = samples
+        .iter()
+        .map(|s| s.latency.as_secs_f64() * 1e3)
+        .collect();
     lat.sort_by(f64::total_cmp);
     PathFigures {
         path: path.into(),
@@ -88,11 +91,19 @@ fn figures(path: &str, samples: &[Sample], wall: Duration) -> PathFigures {
         latency_p99_ms: percentile(&lat, 99.0),
         ttft_p50_ms: median(samples.iter().map(|s| s.ttft.as_secs_f64() * 1e3).collect()),
         requests_per_s: samples.len() as f64 / wall.as_secs_f64(),
-        prompt_tokens_per_s: median(samples.iter().map(|s| f64::from(s.prompt_tokens) / s.ttft.as_secs_f64()).collect()),
+        prompt_tokens_per_s: median(
+            samples
+                .iter()
+                .map(|s| f64::from(s.prompt_tokens) / s.ttft.as_secs_f64())
+                .collect(),
+        ),
         gen_tokens_per_s: median(
             samples
                 .iter()
-                .map(|s| f64::from(s.completion_tokens.saturating_sub(1)) / (s.latency - s.ttft).as_secs_f64())
+                .map(|s| {
+                    f64::from(s.completion_tokens.saturating_sub(1))
+                        / (s.latency - s.ttft).as_secs_f64()
+                })
                 .collect(),
         ),
     }
@@ -101,9 +112,19 @@ fn figures(path: &str, samples: &[Sample], wall: Duration) -> PathFigures {
 fn request(model: &str, options: &BenchOptions) -> GenerateRequest {
     GenerateRequest {
         model: model.into(),
-        input: Input::Chat { messages: vec![ChatMessage { role: Role::User, content: options.prompt.clone() }] },
+        input: Input::Chat {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: options.prompt.clone(),
+            }],
+        },
         // A fixed number of tokens, so both paths do the same work.
-        params: SamplingParams { max_tokens: Some(options.max_tokens), temperature: 0.0, ignore_eos: true, ..Default::default() },
+        params: SamplingParams {
+            max_tokens: Some(options.max_tokens),
+            temperature: 0.0,
+            ignore_eos: true,
+            ..Default::default()
+        },
     }
 }
 
@@ -118,7 +139,12 @@ async fn direct_once(backend: &Arc<dyn Backend>, req: GenerateRequest) -> anyhow
             }
             GenerateEvent::Done { usage, .. } => {
                 let latency = start.elapsed();
-                return Ok(Sample { latency, ttft: ttft.unwrap_or(latency), prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens });
+                return Ok(Sample {
+                    latency,
+                    ttft: ttft.unwrap_or(latency),
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                });
             }
             GenerateEvent::Error { error } => anyhow::bail!("direct request failed: {error}"),
         }
@@ -126,8 +152,14 @@ async fn direct_once(backend: &Arc<dyn Backend>, req: GenerateRequest) -> anyhow
     anyhow::bail!("direct stream ended early")
 }
 
-async fn network_once(http: &reqwest::Client, url: &str, req: &GenerateRequest) -> anyhow::Result<Sample> {
-    let Input::Chat { messages } = &req.input else { unreachable!("bench sends chat") };
+async fn network_once(
+    http: &reqwest::Client,
+    url: &str,
+    req: &GenerateRequest,
+) -> anyhow::Result<Sample> {
+    let Input::Chat { messages } = &req.input else {
+        unreachable!("bench sends chat")
+    };
     let body = json!({
         "model": req.model,
         "messages": messages.iter().map(|m| json!({"role": m.role.as_str(), "content": m.content})).collect::<Vec<_>>(),
@@ -138,7 +170,12 @@ async fn network_once(http: &reqwest::Client, url: &str, req: &GenerateRequest) 
         "stream_options": {"include_usage": true},
     });
     let start = Instant::now();
-    let response = http.post(url).json(&body).send().await?.error_for_status()?;
+    let response = http
+        .post(url)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?;
     let mut stream = response.bytes_stream();
     let mut ttft = None;
     let mut buf = Vec::new();
@@ -147,29 +184,50 @@ async fn network_once(http: &reqwest::Client, url: &str, req: &GenerateRequest) 
         buf.extend_from_slice(&chunk?);
         while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
             let line: Vec<u8> = buf.drain(..pos + 2).collect();
-            let Some(data) = line.strip_prefix(b"data: ") else { continue };
+            let Some(data) = line.strip_prefix(b"data: ") else {
+                continue;
+            };
             let data = data.trim_ascii();
             if data == b"[DONE]" {
                 continue;
             }
             let v: serde_json::Value = serde_json::from_slice(data)?;
-            if v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+            if v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
                 ttft.get_or_insert_with(|| start.elapsed());
             }
             if v["usage"].is_object() {
-                usage = Some((v["usage"]["prompt_tokens"].as_u64().unwrap_or(0), v["usage"]["completion_tokens"].as_u64().unwrap_or(0)));
+                usage = Some((
+                    v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                    v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+                ));
             }
         }
     }
     let latency = start.elapsed();
     let (p, c) = usage.ok_or_else(|| anyhow::anyhow!("no usage in stream"))?;
-    Ok(Sample { latency, ttft: ttft.unwrap_or(latency), prompt_tokens: p as u32, completion_tokens: c as u32 })
+    Ok(Sample {
+        latency,
+        ttft: ttft.unwrap_or(latency),
+        prompt_tokens: p as u32,
+        completion_tokens: c as u32,
+    })
 }
 
 /// Runs `options.requests` sequential requests on each path, interleaved so that drift in the
 /// machine's speed hits both equally.
-pub async fn run(backend: Arc<dyn Backend>, gateway_url: &str, options: &BenchOptions) -> anyhow::Result<BenchReport> {
-    let model = backend.models().first().map(|m| m.id.clone()).ok_or_else(|| anyhow::anyhow!("backend serves no model"))?;
+pub async fn run(
+    backend: Arc<dyn Backend>,
+    gateway_url: &str,
+    options: &BenchOptions,
+) -> anyhow::Result<BenchReport> {
+    let model = backend
+        .models()
+        .first()
+        .map(|m| m.id.clone())
+        .ok_or_else(|| anyhow::anyhow!("backend serves no model"))?;
     let req = request(&model, options);
     let http = reqwest::Client::new();
     let url = format!("{gateway_url}/chat/completions");
@@ -206,12 +264,21 @@ pub fn table(r: &BenchReport) -> String {
         "model {} | {} prompt tokens | {} generated tokens per request (greedy, ignore_eos)\n\n",
         r.model, r.prompt_tokens, r.max_tokens
     );
-    out.push_str("| path | requests | p50 ms | p99 ms | TTFT p50 ms | req/s | prompt tok/s | gen tok/s |\n");
+    out.push_str(
+        "| path | requests | p50 ms | p99 ms | TTFT p50 ms | req/s | prompt tok/s | gen tok/s |\n",
+    );
     out.push_str("|---|---|---|---|---|---|---|---|\n");
     for f in [&r.direct, &r.network] {
         out.push_str(&format!(
             "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.1} |\n",
-            f.path, f.requests, f.latency_p50_ms, f.latency_p99_ms, f.ttft_p50_ms, f.requests_per_s, f.prompt_tokens_per_s, f.gen_tokens_per_s
+            f.path,
+            f.requests,
+            f.latency_p50_ms,
+            f.latency_p99_ms,
+            f.ttft_p50_ms,
+            f.requests_per_s,
+            f.prompt_tokens_per_s,
+            f.gen_tokens_per_s
         ));
     }
     out.push_str(&format!(

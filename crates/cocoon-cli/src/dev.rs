@@ -26,7 +26,11 @@ pub struct DevOptions {
 
 impl Default for DevOptions {
     fn default() -> Self {
-        Self { gateway_listen: "127.0.0.1:10000".into(), proxy_listen: "127.0.0.1:0".into(), proxy_key_file: None }
+        Self {
+            gateway_listen: "127.0.0.1:10000".into(),
+            proxy_listen: "127.0.0.1:0".into(),
+            proxy_key_file: None,
+        }
     }
 }
 
@@ -50,7 +54,10 @@ pub struct DevNetwork {
 
 impl DevNetwork {
     /// Starts a proxy, one worker per backend and the gateway.
-    pub async fn start(options: DevOptions, backends: Vec<Arc<dyn Backend>>) -> anyhow::Result<Self> {
+    pub async fn start(
+        options: DevOptions,
+        backends: Vec<Arc<dyn Backend>>,
+    ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let workers: Vec<WorkerSlot> = backends
             .into_iter()
@@ -64,7 +71,13 @@ impl DevNetwork {
             })
             .collect::<anyhow::Result<_>>()?;
         let proxy_stop = shutdown.child_token();
-        let (proxy_addr, proxy_fingerprint) = start_proxy(&options, &options.proxy_listen, &workers, proxy_stop.clone()).await?;
+        let (proxy_addr, proxy_fingerprint) = start_proxy(
+            &options,
+            &options.proxy_listen,
+            &workers,
+            proxy_stop.clone(),
+        )
+        .await?;
         let gateway = Gateway::bind(&ClientConfig {
             listen: options.gateway_listen.clone(),
             proxy_addr: proxy_addr.to_string(),
@@ -74,7 +87,15 @@ impl DevNetwork {
         .await?;
         let gateway_addr = gateway.local_addr();
         tokio::spawn(gateway.run(shutdown.clone()));
-        let mut net = Self { gateway_addr, proxy_addr, proxy_fingerprint, options, shutdown, proxy_stop, workers };
+        let mut net = Self {
+            gateway_addr,
+            proxy_addr,
+            proxy_fingerprint,
+            options,
+            shutdown,
+            proxy_stop,
+            workers,
+        };
         for i in 0..net.workers.len() {
             net.start_worker(i);
         }
@@ -124,8 +145,17 @@ impl DevNetwork {
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.proxy_stop = self.shutdown.child_token();
         let listen = self.proxy_addr.to_string();
-        let (addr, fingerprint) = start_proxy(&self.options, &listen, &self.workers, self.proxy_stop.clone()).await?;
-        anyhow::ensure!(fingerprint == self.proxy_fingerprint, "restarted proxy has a different key");
+        let (addr, fingerprint) = start_proxy(
+            &self.options,
+            &listen,
+            &self.workers,
+            self.proxy_stop.clone(),
+        )
+        .await?;
+        anyhow::ensure!(
+            fingerprint == self.proxy_fingerprint,
+            "restarted proxy has a different key"
+        );
         self.proxy_addr = addr;
         Ok(())
     }
@@ -139,12 +169,17 @@ impl DevNetwork {
             if let Ok(r) = http.get(&url).send().await
                 && let Ok(v) = r.json::<serde_json::Value>().await
             {
-                let total: u64 = v["data"].as_array().map_or(0, |d| d.iter().filter_map(|m| m["workers"].as_u64()).sum());
+                let total: u64 = v["data"]
+                    .as_array()
+                    .map_or(0, |d| d.iter().filter_map(|m| m["workers"].as_u64()).sum());
                 if total >= u64::from(workers) {
                     return Ok(());
                 }
             }
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "network not ready after {timeout:?}");
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "network not ready after {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -169,7 +204,10 @@ async fn start_proxy(
     let proxy = Proxy::bind(&ProxyConfig {
         listen: listen.to_owned(),
         key_file: options.proxy_key_file.clone(),
-        worker_fingerprints: workers.iter().map(|w| w.identity.fingerprint().to_string()).collect(),
+        worker_fingerprints: workers
+            .iter()
+            .map(|w| w.identity.fingerprint().to_string())
+            .collect(),
         ..ProxyConfig::default()
     })
     .await?;

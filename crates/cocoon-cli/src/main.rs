@@ -31,7 +31,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:10000")]
         listen: String,
         /// GGUF model for the worker.
-        #[arg(long, env = "COCOON_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        #[arg(
+            long,
+            env = "COCOON_MODEL",
+            default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )]
         model: PathBuf,
     },
     /// Serve models to a proxy.
@@ -57,7 +61,11 @@ enum Command {
     /// Measure a request through the whole network against the same backend called directly,
     /// and the embedded engine's tokens/s.
     Bench {
-        #[arg(long, env = "COCOON_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        #[arg(
+            long,
+            env = "COCOON_MODEL",
+            default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )]
         model: PathBuf,
         #[arg(long, default_value_t = 20)]
         requests: usize,
@@ -90,7 +98,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run(cli.command))
 }
 
@@ -120,7 +130,10 @@ fn shutdown_on_signal() -> CancellationToken {
 
 fn pin(fingerprint: Option<&str>, what: &str) -> anyhow::Result<Arc<dyn PeerVerifier>> {
     Ok(match fingerprint {
-        Some(f) => Arc::new(PinnedPeers::new([Fingerprint::from_hex(f).with_context(|| format!("bad {what} fingerprint {f:?}"))?])),
+        Some(f) => {
+            Arc::new(PinnedPeers::new([Fingerprint::from_hex(f)
+                .with_context(|| format!("bad {what} fingerprint {f:?}"))?]))
+        }
         None => {
             tracing::warn!("no {what}_fingerprint configured: any {what} will be trusted");
             Arc::new(AnyPeer)
@@ -131,15 +144,30 @@ fn pin(fingerprint: Option<&str>, what: &str) -> anyhow::Result<Arc<dyn PeerVeri
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Dev { listen, model } => {
-            let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig { model_path: model, ..Default::default() })?);
+            let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig {
+                model_path: model,
+                ..Default::default()
+            })?);
             let model_id = backend.models()[0].id.clone();
-            let net = DevNetwork::start(DevOptions { gateway_listen: listen, ..Default::default() }, vec![backend]).await?;
+            let net = DevNetwork::start(
+                DevOptions {
+                    gateway_listen: listen,
+                    ..Default::default()
+                },
+                vec![backend],
+            )
+            .await?;
             net.wait_ready(1, Duration::from_secs(30)).await?;
             let url = net.gateway_url();
-            println!("\ncocoon dev network is up (proxy {} key {}).", net.proxy_addr, net.proxy_fingerprint);
+            println!(
+                "\ncocoon dev network is up (proxy {} key {}).",
+                net.proxy_addr, net.proxy_fingerprint
+            );
             println!("OpenAI-compatible API: {url}   model: {model_id}\n");
             println!("  curl {url}/chat/completions -H 'Content-Type: application/json' \\");
-            println!("    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n");
+            println!(
+                "    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n"
+            );
             println!("Press Ctrl-C to stop.");
             shutdown_on_signal().cancelled().await;
             net.shutdown();
@@ -147,7 +175,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Worker { config } => {
             let cfg: WorkerConfig = config::load(config.as_deref())?;
-            let backends = cfg.backends.iter().map(|b| b.build()).collect::<anyhow::Result<Vec<_>>>()?;
+            let backends = cfg
+                .backends
+                .iter()
+                .map(|b| b.build())
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let backend: Arc<dyn Backend> = Arc::new(ModelRouter::new(backends)?);
             let identity = Arc::new(match &cfg.key_file {
                 Some(p) => Identity::load_or_create(p, "cocoon-worker")?,
@@ -155,21 +187,37 @@ async fn run(command: Command) -> anyhow::Result<()> {
             });
             println!("worker key fingerprint: {}", identity.fingerprint());
             let proxy = pin(cfg.proxy_fingerprint.as_deref(), "proxy")?;
-            let worker = Worker::new(cfg.name, cfg.proxy_addr, backend, identity, proxy, Duration::from_secs(cfg.max_reconnect_secs.max(1)));
+            let worker = Worker::new(
+                cfg.name,
+                cfg.proxy_addr,
+                backend,
+                identity,
+                proxy,
+                Duration::from_secs(cfg.max_reconnect_secs.max(1)),
+            );
             worker.run(shutdown_on_signal()).await;
             Ok(())
         }
         Command::Proxy { config } => {
             let cfg: ProxyConfig = config::load(config.as_deref())?;
             let proxy = Proxy::bind(&cfg).await?;
-            println!("proxy listening on {} with key fingerprint {}", proxy.local_addr(), proxy.fingerprint());
+            println!(
+                "proxy listening on {} with key fingerprint {}",
+                proxy.local_addr(),
+                proxy.fingerprint()
+            );
             proxy.run(shutdown_on_signal()).await;
             Ok(())
         }
-        Command::Client { command: ClientCommand::Serve { config } } => {
+        Command::Client {
+            command: ClientCommand::Serve { config },
+        } => {
             let cfg: ClientConfig = config::load(config.as_deref())?;
             let gateway = Gateway::bind(&cfg).await?;
-            println!("OpenAI-compatible API on http://{}/v1", gateway.local_addr());
+            println!(
+                "OpenAI-compatible API on http://{}/v1",
+                gateway.local_addr()
+            );
             gateway.run(shutdown_on_signal()).await?;
             Ok(())
         }
@@ -182,11 +230,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
-        Command::Bench { model, requests, max_tokens, threads, json } => {
-            let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig { model_path: model, threads, ..Default::default() })?);
-            let net = DevNetwork::start(DevOptions { gateway_listen: "127.0.0.1:0".into(), ..Default::default() }, vec![backend.clone()]).await?;
+        Command::Bench {
+            model,
+            requests,
+            max_tokens,
+            threads,
+            json,
+        } => {
+            let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig {
+                model_path: model,
+                threads,
+                ..Default::default()
+            })?);
+            let net = DevNetwork::start(
+                DevOptions {
+                    gateway_listen: "127.0.0.1:0".into(),
+                    ..Default::default()
+                },
+                vec![backend.clone()],
+            )
+            .await?;
             net.wait_ready(1, Duration::from_secs(30)).await?;
-            let options = BenchOptions { requests, max_tokens, ..Default::default() };
+            let options = BenchOptions {
+                requests,
+                max_tokens,
+                ..Default::default()
+            };
             let report = bench::run(backend, &net.gateway_url(), &options).await?;
             print!("{}", bench::table(&report));
             if let Some(path) = json {

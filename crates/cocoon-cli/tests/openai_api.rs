@@ -13,13 +13,28 @@ use serde_json::{Value, json};
 async fn models_are_listed_and_retrievable() {
     let net = network(vec![llama()]).await;
     let http = reqwest::Client::new();
-    let list: Value = http.get(format!("{}/models", net.gateway_url())).send().await.unwrap().json().await.unwrap();
+    let list: Value = http
+        .get(format!("{}/models", net.gateway_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["object"], "list");
     assert_eq!(list["data"][0]["id"], MODEL);
     assert_eq!(list["data"][0]["context_length"], 4096);
-    let one = http.get(format!("{}/models/{MODEL}", net.gateway_url())).send().await.unwrap();
+    let one = http
+        .get(format!("{}/models/{MODEL}", net.gateway_url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(one.status(), 200);
-    let missing = http.get(format!("{}/models/gpt-9", net.gateway_url())).send().await.unwrap();
+    let missing = http
+        .get(format!("{}/models/gpt-9", net.gateway_url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
     let body: Value = missing.json().await.unwrap();
     assert_eq!(body["error"]["code"], "model_not_found");
@@ -34,7 +49,10 @@ async fn chat_completion_streaming_and_not_agree_and_count_real_tokens() {
     let question = "What is the capital of France?";
     let plain: Value = http
         .post(&url)
-        .json(&chat_body(question, json!({"max_tokens": 20, "temperature": 0})))
+        .json(&chat_body(
+            question,
+            json!({"max_tokens": 20, "temperature": 0}),
+        ))
         .send()
         .await
         .unwrap()
@@ -42,14 +60,25 @@ async fn chat_completion_streaming_and_not_agree_and_count_real_tokens() {
         .await
         .unwrap();
     assert_eq!(plain["object"], "chat.completion");
-    let answer = plain["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let answer = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(answer.contains("Paris"), "{answer}");
     assert_eq!(plain["choices"][0]["message"]["role"], "assistant");
     let usage = &plain["usage"];
     let rendered = backend
-        .render_prompt(&Input::Chat { messages: vec![ChatMessage { role: Role::User, content: question.into() }] })
+        .render_prompt(&Input::Chat {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: question.into(),
+            }],
+        })
         .unwrap();
-    assert_eq!(usage["prompt_tokens"].as_u64().unwrap() as usize, backend.count_tokens(&rendered));
+    assert_eq!(
+        usage["prompt_tokens"].as_u64().unwrap() as usize,
+        backend.count_tokens(&rendered)
+    );
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
@@ -66,14 +95,22 @@ async fn chat_completion_streaming_and_not_agree_and_count_real_tokens() {
     let events = sse_events(response).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
-    let streamed: String =
-        events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(streamed, answer, "greedy stream equals greedy non-stream answer");
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed, answer,
+        "greedy stream equals greedy non-stream answer"
+    );
     let usage_chunk = &events[events.len() - 2];
     assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
     assert_eq!(usage_chunk["usage"], plain["usage"]);
     let finish = &events[events.len() - 3];
-    assert_eq!(finish["choices"][0]["finish_reason"], plain["choices"][0]["finish_reason"]);
+    assert_eq!(
+        finish["choices"][0]["finish_reason"],
+        plain["choices"][0]["finish_reason"]
+    );
 }
 
 #[tokio::test]
@@ -116,7 +153,10 @@ async fn legacy_completions_work_streaming_and_not() {
         .await
         .unwrap();
     let events = sse_events(response).await;
-    let streamed: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
     assert_eq!(streamed, text);
     assert_eq!(events[events.len() - 2]["usage"]["completion_tokens"], 8);
 }
@@ -127,12 +167,40 @@ async fn stop_sequences_apply_through_the_network() {
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
     let ask = |extra: Value| chat_body("Write one sentence about the sea.", extra);
-    let full: Value = http.post(&url).json(&ask(json!({"max_tokens": 30, "temperature": 0}))).send().await.unwrap().json().await.unwrap();
-    let full = full["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let full: Value = http
+        .post(&url)
+        .json(&ask(json!({"max_tokens": 30, "temperature": 0})))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let full = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // Stop at the greedy answer's third word: the cut answer must be exactly what came before.
-    let stop = full.split_whitespace().nth(2).expect("answer has three words").to_owned();
-    let cut: Value = http.post(&url).json(&ask(json!({"max_tokens": 30, "temperature": 0, "stop": [stop]}))).send().await.unwrap().json().await.unwrap();
-    assert_eq!(cut["choices"][0]["message"]["content"].as_str().unwrap(), &full[..full.find(stop.as_str()).unwrap()]);
+    let stop = full
+        .split_whitespace()
+        .nth(2)
+        .expect("answer has three words")
+        .to_owned();
+    let cut: Value = http
+        .post(&url)
+        .json(&ask(
+            json!({"max_tokens": 30, "temperature": 0, "stop": [stop]}),
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        cut["choices"][0]["message"]["content"].as_str().unwrap(),
+        &full[..full.find(stop.as_str()).unwrap()]
+    );
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
 }
 
@@ -145,8 +213,19 @@ async fn concurrent_requests_are_served_together() {
         .map(|i| {
             let (http, url) = (http.clone(), url.clone());
             tokio::spawn(async move {
-                let body = chat_body(&format!("Say {i}"), json!({"max_tokens": 6, "ignore_eos": true}));
-                let r: Value = http.post(url).json(&body).send().await.unwrap().json().await.unwrap();
+                let body = chat_body(
+                    &format!("Say {i}"),
+                    json!({"max_tokens": 6, "ignore_eos": true}),
+                );
+                let r: Value = http
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
                 r["usage"]["completion_tokens"].as_u64().unwrap()
             })
         })
@@ -164,8 +243,15 @@ async fn load_spreads_over_two_workers() {
     let url = format!("{}/chat/completions", net.gateway_url());
     for i in 0..4 {
         let body = chat_body(&format!("Say {i}"), json!({"max_tokens": 2}));
-        assert_eq!(http.post(&url).json(&body).send().await.unwrap().status(), 200);
+        assert_eq!(
+            http.post(&url).json(&body).send().await.unwrap().status(),
+            200
+        );
     }
-    assert_eq!(a.stats().completed, 2, "least-loaded with ties to the least used alternates");
+    assert_eq!(
+        a.stats().completed,
+        2,
+        "least-loaded with ties to the least used alternates"
+    );
     assert_eq!(b.stats().completed, 2);
 }

@@ -14,7 +14,12 @@ use serde_json::{Value, json};
 /// Starts a long stream, reads a few chunks, disconnects, and checks the worker stopped.
 async fn disconnect_mid_stream(gateway_url: &str, model: &str) {
     let body = json!({"model": model, "messages": [{"role": "user", "content": "Write a long essay."}], "max_tokens": 2000, "ignore_eos": true, "stream": true});
-    let response = reqwest::Client::new().post(format!("{gateway_url}/chat/completions")).json(&body).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{gateway_url}/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let mut stream = response.bytes_stream();
     let mut seen = 0;
@@ -30,7 +35,10 @@ async fn client_disconnect_stops_generation_on_the_worker() {
     let backend = llama();
     let net = network(vec![backend.clone()]).await;
     disconnect_mid_stream(&net.gateway_url(), MODEL).await;
-    wait_until("generation to stop", Duration::from_secs(10), || backend.stats().active == 0).await;
+    wait_until("generation to stop", Duration::from_secs(10), || {
+        backend.stats().active == 0
+    })
+    .await;
     let stats = backend.stats();
     assert_eq!(stats.cancelled, 1, "{stats:?}");
     assert!(stats.generated_tokens < 300, "stopped early: {stats:?}");
@@ -45,26 +53,49 @@ async fn dropped_worker_disappears_and_comes_back() {
     net.stop_worker(0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let list: Value = http.get(&models).send().await.unwrap().json().await.unwrap();
+        let list: Value = http
+            .get(&models)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if list["data"].as_array().unwrap().is_empty() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "worker still listed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker still listed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = http.post(&chat).json(&chat_body("Hi", json!({"max_tokens": 2}))).send().await.unwrap();
+    let r = http
+        .post(&chat)
+        .json(&chat_body("Hi", json!({"max_tokens": 2})))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404, "no worker serves the model now");
 
     net.start_worker(0);
     net.wait_ready(1, Duration::from_secs(10)).await.unwrap();
-    let r = http.post(&chat).json(&chat_body("Hi", json!({"max_tokens": 2}))).send().await.unwrap();
+    let r = http
+        .post(&chat)
+        .json(&chat_body("Hi", json!({"max_tokens": 2})))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]
 async fn workers_and_gateway_reconnect_after_proxy_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let options = DevOptions { proxy_key_file: Some(dir.path().join("proxy.key")), ..test_options() };
+    let options = DevOptions {
+        proxy_key_file: Some(dir.path().join("proxy.key")),
+        ..test_options()
+    };
     let mut net = DevNetwork::start(options, vec![llama()]).await.unwrap();
     net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
     net.restart_proxy().await.unwrap();
@@ -89,7 +120,12 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
         UpstreamBackend::new(UpstreamConfig {
             url: upstream.gateway_url(),
             api_key: Some("unused".into()),
-            models: vec![serde_json::from_value(json!({"id": "smol-upstream", "upstream_id": MODEL, "context_length": 4096})).unwrap()],
+            models: vec![
+                serde_json::from_value(
+                    json!({"id": "smol-upstream", "upstream_id": MODEL, "context_length": 4096}),
+                )
+                .unwrap(),
+            ],
             parallel: 4,
             timeout_secs: 30,
         })
@@ -99,20 +135,48 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
     let body = json!({"model": "smol-upstream", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 20, "temperature": 0});
-    let via_relay: Value = http.post(&url).json(&body).send().await.unwrap().json().await.unwrap();
+    let via_relay: Value = http
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let mut direct_body = body.clone();
     direct_body["model"] = json!(MODEL);
-    let direct: Value = http.post(format!("{}/chat/completions", upstream.gateway_url())).json(&direct_body).send().await.unwrap().json().await.unwrap();
-    assert_eq!(via_relay["choices"][0]["message"]["content"], direct["choices"][0]["message"]["content"]);
-    assert_eq!(via_relay["usage"], direct["usage"], "token counts come from the upstream model");
+    let direct: Value = http
+        .post(format!("{}/chat/completions", upstream.gateway_url()))
+        .json(&direct_body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        via_relay["choices"][0]["message"]["content"],
+        direct["choices"][0]["message"]["content"]
+    );
+    assert_eq!(
+        via_relay["usage"], direct["usage"],
+        "token counts come from the upstream model"
+    );
     assert_eq!(via_relay["model"], "smol-upstream");
 
     let mut streaming = body.clone();
     streaming["stream"] = json!(true);
     streaming["stream_options"] = json!({"include_usage": true});
     let events = sse_events(http.post(&url).json(&streaming).send().await.unwrap()).await;
-    let text: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(text, direct["choices"][0]["message"]["content"].as_str().unwrap());
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        direct["choices"][0]["message"]["content"].as_str().unwrap()
+    );
     assert_eq!(events[events.len() - 2]["usage"], direct["usage"]);
 
     // An upstream refusal keeps its status.
@@ -123,9 +187,16 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
 
     let cancelled_before = model_backend.stats().cancelled;
     disconnect_mid_stream(&net.gateway_url(), "smol-upstream").await;
-    wait_until("upstream generation to stop", Duration::from_secs(10), || {
-        model_backend.stats().cancelled > cancelled_before && model_backend.stats().active == 0
-    })
+    wait_until(
+        "upstream generation to stop",
+        Duration::from_secs(10),
+        || model_backend.stats().cancelled > cancelled_before && model_backend.stats().active == 0,
+    )
     .await;
-    wait_until("relay to count the cancellation", Duration::from_secs(5), || relay.stats().cancelled == 1).await;
+    wait_until(
+        "relay to count the cancellation",
+        Duration::from_secs(5),
+        || relay.stats().cancelled == 1,
+    )
+    .await;
 }

@@ -13,7 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use cocoon_protocol::{ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage};
+use cocoon_protocol::{
+    ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
+};
 use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -42,7 +44,8 @@ struct ApiError {
 
 impl From<ProtocolError> for ApiError {
     fn from(error: ProtocolError) -> Self {
-        let status = StatusCode::from_u16(error.kind.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let status =
+            StatusCode::from_u16(error.kind.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
         Self { status, error }
     }
 }
@@ -60,15 +63,19 @@ impl Gateway {
             None => Identity::ephemeral("cocoon-client")?,
         });
         let proxy: Arc<dyn PeerVerifier> = match &config.proxy_fingerprint {
-            Some(f) => Arc::new(PinnedPeers::new([
-                Fingerprint::from_hex(f).ok_or_else(|| anyhow::anyhow!("bad proxy_fingerprint {f:?}"))?
-            ])),
+            Some(f) => Arc::new(PinnedPeers::new([Fingerprint::from_hex(f)
+                .ok_or_else(|| anyhow::anyhow!("bad proxy_fingerprint {f:?}"))?])),
             None => {
-                tracing::warn!("no proxy_fingerprint configured: the gateway will talk to ANY proxy at {}", config.proxy_addr);
+                tracing::warn!(
+                    "no proxy_fingerprint configured: the gateway will talk to ANY proxy at {}",
+                    config.proxy_addr
+                );
                 Arc::new(AnyPeer)
             }
         };
-        let state = Arc::new(AppState { link: ProxyLink::new(config.proxy_addr.clone(), identity, proxy) });
+        let state = Arc::new(AppState {
+            link: ProxyLink::new(config.proxy_addr.clone(), identity, proxy),
+        });
         let router = Router::new()
             .route("/v1/models", get(list_models))
             .route("/v1/models/{model}", get(get_model))
@@ -86,7 +93,9 @@ impl Gateway {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound socket has an address")
+        self.listener
+            .local_addr()
+            .expect("bound socket has an address")
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
@@ -124,14 +133,23 @@ fn model_json(card: &cocoon_protocol::ListedModel) -> Value {
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let list = state.link.models().await?;
-    Ok(Json(json!({"object": "list", "data": list.models.iter().map(model_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"object": "list", "data": list.models.iter().map(model_json).collect::<Vec<_>>()}),
+    ))
 }
 
-async fn get_model(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let list = state.link.models().await?;
     match list.models.iter().find(|m| m.card.id == model) {
         Some(m) => Ok(Json(model_json(m))),
-        None => Err(ProtocolError::new(ErrorKind::ModelNotFound, format!("The model '{model}' does not exist")).into()),
+        None => Err(ProtocolError::new(
+            ErrorKind::ModelNotFound,
+            format!("The model '{model}' does not exist"),
+        )
+        .into()),
     }
 }
 
@@ -161,7 +179,10 @@ pub(crate) enum Endpoint {
     Completion,
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let result = async {
         let req: ChatRequest = parse_body(body)?;
         let (stream, include_usage) = (req.common.stream, req.common.include_usage());
@@ -171,18 +192,30 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let result = async {
         let req: CompletionRequest = parse_body(body)?;
         let (stream, include_usage) = (req.common.stream, req.common.include_usage());
         let generate = req.into_generate()?;
-        answer(&state, generate, Endpoint::Completion, stream, include_usage).await
+        answer(
+            &state,
+            generate,
+            Endpoint::Completion,
+            stream,
+            include_usage,
+        )
+        .await
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn new_id(endpoint: Endpoint) -> String {
@@ -193,12 +226,23 @@ fn new_id(endpoint: Endpoint) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
-async fn answer(state: &AppState, request: GenerateRequest, endpoint: Endpoint, stream: bool, include_usage: bool) -> Result<Response, ApiError> {
+async fn answer(
+    state: &AppState,
+    request: GenerateRequest,
+    endpoint: Endpoint,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
     let model = request.model.clone();
     // Refusals (unknown model, prompt too long) come back here, before any byte of the answer,
     // so they keep their 4xx status even for streaming requests.
     let events = state.link.generate(&request).await?;
-    let meta = sse::Meta { id: new_id(endpoint), created: unix_now(), model, endpoint };
+    let meta = sse::Meta {
+        id: new_id(endpoint),
+        created: unix_now(),
+        model,
+        endpoint,
+    };
     if stream {
         return Ok(sse::response(events, meta, include_usage));
     }
@@ -207,8 +251,16 @@ async fn answer(state: &AppState, request: GenerateRequest, endpoint: Endpoint, 
     let (finish, usage): (FinishReason, Usage) = loop {
         match events.next().await {
             Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => text.push_str(&t),
-            Some(Ok((GenerateEvent::Done { finish_reason, usage }, _))) => break (finish_reason, usage),
-            Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => return Err(error.into()),
+            Some(Ok((
+                GenerateEvent::Done {
+                    finish_reason,
+                    usage,
+                },
+                _,
+            ))) => break (finish_reason, usage),
+            Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
+                return Err(error.into());
+            }
             None => return Err(ProtocolError::internal("the answer ended early").into()),
         }
     };
@@ -226,6 +278,8 @@ async fn answer(state: &AppState, request: GenerateRequest, endpoint: Endpoint, 
         }),
     };
     let mut response = Json(body).into_response();
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
 }

@@ -17,7 +17,11 @@ pub struct ProxyLink {
 }
 
 impl ProxyLink {
-    pub fn new(addr: impl Into<String>, identity: Arc<Identity>, proxy: Arc<dyn PeerVerifier>) -> Self {
+    pub fn new(
+        addr: impl Into<String>,
+        identity: Arc<Identity>,
+        proxy: Arc<dyn PeerVerifier>,
+    ) -> Self {
         Self {
             addr: addr.into(),
             tls: cocoon_tls::client_config(identity, proxy, &[ALPN_CLIENT]),
@@ -32,7 +36,9 @@ impl ProxyLink {
         }
         let tls = cocoon_net::connect_tls(&self.addr, self.tls.clone())
             .await
-            .map_err(|e| ProtocolError::unavailable(format!("cannot reach proxy {}: {e}", self.addr)))?;
+            .map_err(|e| {
+                ProtocolError::unavailable(format!("cannot reach proxy {}: {e}", self.addr))
+            })?;
         let (channel, driver) = Channel::handshake(tls)
             .await
             .map_err(|e| ProtocolError::unavailable(format!("proxy {}: {e}", self.addr)))?;
@@ -47,6 +53,9 @@ impl ProxyLink {
     }
 
     pub async fn models(&self) -> Result<ModelList, ProtocolError> {
-        self.channel().await?.get_json(paths::MODELS, MODELS_TIMEOUT).await
+        self.channel()
+            .await?
+            .get_json(paths::MODELS, MODELS_TIMEOUT)
+            .await
     }
 }

@@ -1,6 +1,8 @@
 //! The OpenAI API's request and answer shapes, and their translation to the cocoon protocol.
 
-use cocoon_protocol::{ChatMessage, GenerateRequest, Input, ProtocolError, Role, SamplingParams, Usage};
+use cocoon_protocol::{
+    ChatMessage, GenerateRequest, Input, ProtocolError, Role, SamplingParams, Usage,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -83,14 +85,20 @@ pub enum Prompt {
 
 impl Common {
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 
     fn params(&self, max_tokens: Option<u32>) -> Result<SamplingParams, ProtocolError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ProtocolError::invalid("only n = 1 is supported"));
         }
-        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &Value::Bool(false)) {
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
+        {
             return Err(ProtocolError::invalid("logprobs are not supported"));
         }
         let defaults = SamplingParams::default();
@@ -122,8 +130,14 @@ impl ChatRequest {
             .enumerate()
             .map(|(i, m)| convert_message(i, m))
             .collect::<Result<Vec<_>, _>>()?;
-        let params = self.common.params(self.max_completion_tokens.or(self.common.max_tokens))?;
-        let request = GenerateRequest { model: self.common.model, input: Input::Chat { messages }, params };
+        let params = self
+            .common
+            .params(self.max_completion_tokens.or(self.common.max_tokens))?;
+        let request = GenerateRequest {
+            model: self.common.model,
+            input: Input::Chat { messages },
+            params,
+        };
         request.validate()?;
         Ok(request)
     }
@@ -157,7 +171,11 @@ fn convert_message(index: usize, m: OpenAiMessage) -> Result<ChatMessage, Protoc
             }
             text
         }
-        None => return Err(ProtocolError::invalid(format!("messages[{index}].content is required"))),
+        None => {
+            return Err(ProtocolError::invalid(format!(
+                "messages[{index}].content is required"
+            )));
+        }
     };
     Ok(ChatMessage { role, content })
 }
@@ -173,11 +191,19 @@ impl CompletionRequest {
         let prompt = match self.prompt {
             Prompt::One(p) => p,
             Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-            Prompt::Many(_) => return Err(ProtocolError::invalid("prompt must be a single string")),
+            Prompt::Many(_) => {
+                return Err(ProtocolError::invalid("prompt must be a single string"));
+            }
         };
         // OpenAI's default for the legacy endpoint is 16 tokens.
-        let params = self.common.params(Some(self.common.max_tokens.unwrap_or(16)))?;
-        let request = GenerateRequest { model: self.common.model, input: Input::Text { prompt }, params };
+        let params = self
+            .common
+            .params(Some(self.common.max_tokens.unwrap_or(16)))?;
+        let request = GenerateRequest {
+            model: self.common.model,
+            input: Input::Text { prompt },
+            params,
+        };
         request.validate()?;
         Ok(request)
     }
@@ -193,7 +219,11 @@ pub struct OpenAiUsage {
 
 impl From<Usage> for OpenAiUsage {
     fn from(u: Usage) -> Self {
-        Self { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens() }
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens(),
+        }
     }
 }
 
@@ -214,13 +244,17 @@ mod tests {
     use super::*;
 
     fn chat(json: &str) -> Result<GenerateRequest, ProtocolError> {
-        serde_json::from_str::<ChatRequest>(json).unwrap().into_generate()
+        serde_json::from_str::<ChatRequest>(json)
+            .unwrap()
+            .into_generate()
     }
 
     #[test]
     fn content_parts_and_roles_convert() {
         let r = chat(r#"{"model":"m","messages":[{"role":"developer","content":"be brief"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"stop":"x","max_completion_tokens":5}"#).unwrap();
-        let Input::Chat { messages } = r.input else { panic!() };
+        let Input::Chat { messages } = r.input else {
+            panic!()
+        };
         assert_eq!(messages[0].role, Role::System);
         assert_eq!(messages[1].content, "ab");
         assert_eq!(r.params.stop, vec!["x".to_string()]);
@@ -230,13 +264,31 @@ mod tests {
     #[test]
     fn unsupported_features_are_refused_by_name() {
         for (json, needle) in [
-            (r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#, "role 'tool'"),
-            (r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "image_url"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, "n = 1"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true}"#, "logprobs"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{}]}"#, "tools"),
+            (
+                r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#,
+                "role 'tool'",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                "image_url",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "n = 1",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
+                "logprobs",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{}]}"#,
+                "tools",
+            ),
             (r#"{"model":"m","messages":[]}"#, "at least one"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                "temperature",
+            ),
         ] {
             let err = chat(json).unwrap_err();
             assert!(err.message.contains(needle), "{json}: {}", err.message);
@@ -245,7 +297,8 @@ mod tests {
 
     #[test]
     fn completion_defaults_to_sixteen_tokens() {
-        let r: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":["hi"]}"#).unwrap();
+        let r: CompletionRequest =
+            serde_json::from_str(r#"{"model":"m","prompt":["hi"]}"#).unwrap();
         assert_eq!(r.into_generate().unwrap().params.max_tokens, Some(16));
     }
 }

@@ -114,7 +114,10 @@ impl LlamaBackend {
             0 => trained.min(4096),
             n => n.min(trained),
         };
-        let id = config.model_id.clone().unwrap_or_else(|| default_model_id(path));
+        let id = config
+            .model_id
+            .clone()
+            .unwrap_or_else(|| default_model_id(path));
         let threads = match config.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
             n => n as i32,
@@ -212,7 +215,9 @@ impl Inner {
                     .iter()
                     .map(|m| LlamaChatMessage::new(m.role.as_str().to_owned(), m.content.clone()))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| ProtocolError::invalid("message content must not contain NUL characters"))?;
+                    .map_err(|_| {
+                        ProtocolError::invalid("message content must not contain NUL characters")
+                    })?;
                 self.model
                     .apply_chat_template(template, &messages, true)
                     .map_err(|e| ProtocolError::internal(format!("chat template failed: {e}")))
@@ -250,7 +255,11 @@ impl Inner {
             .map_err(|e| ProtocolError::internal(format!("cannot create llama.cpp context: {e}")))
     }
 
-    fn decode(&self, ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatch) -> Result<(), ProtocolError> {
+    fn decode(
+        &self,
+        ctx: &mut LlamaContext<'_>,
+        batch: &mut LlamaBatch,
+    ) -> Result<(), ProtocolError> {
         let lock = self.decode_lock.lock();
         let result = ctx.decode(batch);
         MutexGuard::unlock_fair(lock);
@@ -339,9 +348,13 @@ impl Inner {
             vocab.token_to_piece_into(token, &mut piece, false, None);
             let scan = stops.push(&utf8.push(&piece));
             if !scan.emit.is_empty() {
-                let event = GenerateEvent::Delta { text: scan.emit, tokens: unsent_tokens };
+                let event = GenerateEvent::Delta {
+                    text: scan.emit,
+                    tokens: unsent_tokens,
+                };
                 if tx.blocking_send(event).is_err() {
-                    self.stats.add_generated_tokens(u64::from(completion_tokens));
+                    self.stats
+                        .add_generated_tokens(u64::from(completion_tokens));
                     return Ok(Outcome::Cancelled);
                 }
                 unsent_tokens = 0;
@@ -352,7 +365,8 @@ impl Inner {
                 break;
             }
             if tx.is_closed() {
-                self.stats.add_generated_tokens(u64::from(completion_tokens));
+                self.stats
+                    .add_generated_tokens(u64::from(completion_tokens));
                 return Ok(Outcome::Cancelled);
             }
             if (completion_tokens as usize) < max_tokens {
@@ -364,7 +378,8 @@ impl Inner {
                 self.decode(&mut ctx, &mut batch)?;
             }
         }
-        self.stats.add_generated_tokens(u64::from(completion_tokens));
+        self.stats
+            .add_generated_tokens(u64::from(completion_tokens));
 
         if !matched_stop {
             // Flush what was held back: an incomplete character, or text that looked like the
@@ -375,14 +390,26 @@ impl Inner {
                 rest.push_str(&stops.finish());
             }
             if !rest.is_empty() {
-                let event = GenerateEvent::Delta { text: rest, tokens: unsent_tokens };
+                let event = GenerateEvent::Delta {
+                    text: rest,
+                    tokens: unsent_tokens,
+                };
                 if tx.blocking_send(event).is_err() {
                     return Ok(Outcome::Cancelled);
                 }
             }
         }
-        let usage = Usage { prompt_tokens: n_prompt as u32, completion_tokens };
-        if tx.blocking_send(GenerateEvent::Done { finish_reason: finish, usage }).is_err() {
+        let usage = Usage {
+            prompt_tokens: n_prompt as u32,
+            completion_tokens,
+        };
+        if tx
+            .blocking_send(GenerateEvent::Done {
+                finish_reason: finish,
+                usage,
+            })
+            .is_err()
+        {
             return Ok(Outcome::Cancelled);
         }
         Ok(Outcome::Completed)
@@ -396,8 +423,14 @@ mod tests {
 
     #[test]
     fn model_id_drops_quantization_and_extension() {
-        assert_eq!(default_model_id(Path::new("m/SmolLM2-135M-Instruct.Q4_1.gguf")), "SmolLM2-135M-Instruct");
-        assert_eq!(default_model_id(Path::new("llama-3.2-1b.gguf")), "llama-3.2-1b");
+        assert_eq!(
+            default_model_id(Path::new("m/SmolLM2-135M-Instruct.Q4_1.gguf")),
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(
+            default_model_id(Path::new("llama-3.2-1b.gguf")),
+            "llama-3.2-1b"
+        );
         assert_eq!(default_model_id(Path::new("x.F16.gguf")), "x");
     }
 }

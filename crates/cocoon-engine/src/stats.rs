@@ -47,7 +47,10 @@ impl BackendStats {
     /// Marks a generation as running until the returned guard is finished or dropped.
     pub(crate) fn start(&self) -> ActiveGuard<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard { stats: self, outcome: Outcome::Failed }
+        ActiveGuard {
+            stats: self,
+            outcome: Outcome::Failed,
+        }
     }
 
     pub(crate) fn add_prompt_tokens(&self, n: u64) {

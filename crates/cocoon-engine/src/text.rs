@@ -65,25 +65,41 @@ pub struct StopScan {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+        }
     }
 
     pub fn push(&mut self, text: &str) -> StopScan {
         if self.stops.is_empty() {
-            return StopScan { emit: text.to_owned(), stopped: false };
+            return StopScan {
+                emit: text.to_owned(),
+                stopped: false,
+            };
         }
         self.held.push_str(text);
-        let first_match = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        let first_match = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
         if let Some(at) = first_match {
             let emit = self.held[..at].to_owned();
             self.held.clear();
-            return StopScan { emit, stopped: true };
+            return StopScan {
+                emit,
+                stopped: true,
+            };
         }
         let keep = self.longest_stop_prefix_suffix();
         let cut = self.held.len() - keep;
         let emit = self.held[..cut].to_owned();
         self.held.drain(..cut);
-        StopScan { emit, stopped: false }
+        StopScan {
+            emit,
+            stopped: false,
+        }
     }
 
     /// End of generation without a match: the held text was never part of a stop sequence.
@@ -96,7 +112,11 @@ impl StopMatcher {
         let mut best = 0;
         for (start, _) in self.held.char_indices() {
             let suffix = &self.held[start..];
-            if self.stops.iter().any(|s| s.len() > suffix.len() && s.starts_with(suffix)) {
+            if self
+                .stops
+                .iter()
+                .any(|s| s.len() > suffix.len() && s.starts_with(suffix))
+            {
                 best = best.max(suffix.len());
                 break;
             }

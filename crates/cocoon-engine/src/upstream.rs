@@ -67,7 +67,9 @@ pub struct UpstreamBackend {
 impl UpstreamBackend {
     pub fn new(config: UpstreamConfig) -> Result<Self, ProtocolError> {
         if config.models.is_empty() {
-            return Err(ProtocolError::internal("upstream backend needs at least one model"));
+            return Err(ProtocolError::internal(
+                "upstream backend needs at least one model",
+            ));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(config.timeout_secs))
@@ -105,10 +107,12 @@ impl UpstreamBackend {
         let base = self.config.url.trim_end_matches('/');
         match &request.input {
             Input::Chat { messages } => {
-                body["messages"] = json!(messages
-                    .iter()
-                    .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-                    .collect::<Vec<_>>());
+                body["messages"] = json!(
+                    messages
+                        .iter()
+                        .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
+                        .collect::<Vec<_>>()
+                );
                 (format!("{base}/chat/completions"), body)
             }
             Input::Text { prompt } => {
@@ -124,7 +128,10 @@ impl Backend for UpstreamBackend {
         self.config
             .models
             .iter()
-            .map(|m| ModelCard { id: m.id.clone(), context_length: m.context_length })
+            .map(|m| ModelCard {
+                id: m.id.clone(),
+                context_length: m.context_length,
+            })
             .collect()
     }
 
@@ -225,12 +232,19 @@ async fn relay(
             if let Some(u) = event.get("usage").filter(|u| !u.is_null()) {
                 usage = Some(parse_usage(u)?);
             }
-            let Some(choice) = event["choices"].get(0) else { continue };
-            let text = choice["delta"]["content"].as_str().or_else(|| choice["text"].as_str());
+            let Some(choice) = event["choices"].get(0) else {
+                continue;
+            };
+            let text = choice["delta"]["content"]
+                .as_str()
+                .or_else(|| choice["text"].as_str());
             if let Some(text) = text.filter(|t| !t.is_empty()) {
                 // Upstream servers do not say how many tokens a chunk holds; the total comes in
                 // `usage` at the end.
-                let delta = GenerateEvent::Delta { text: text.to_owned(), tokens: 0 };
+                let delta = GenerateEvent::Delta {
+                    text: text.to_owned(),
+                    tokens: 0,
+                };
                 if tx.send(delta).await.is_err() {
                     return Ok(());
                 }
@@ -249,7 +263,10 @@ async fn relay(
     })?;
     stats.add_prompt_tokens(u64::from(usage.prompt_tokens));
     stats.add_generated_tokens(u64::from(usage.completion_tokens));
-    let done = GenerateEvent::Done { finish_reason: finish.unwrap_or(FinishReason::Stop), usage };
+    let done = GenerateEvent::Done {
+        finish_reason: finish.unwrap_or(FinishReason::Stop),
+        usage,
+    };
     let _ = tx.send(done).await;
     Ok(())
 }
@@ -261,7 +278,10 @@ fn parse_usage(u: &Value) -> Result<Usage, ProtocolError> {
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| ProtocolError::internal(format!("upstream usage lacks {name}")))
     };
-    Ok(Usage { prompt_tokens: field("prompt_tokens")?, completion_tokens: field("completion_tokens")? })
+    Ok(Usage {
+        prompt_tokens: field("prompt_tokens")?,
+        completion_tokens: field("completion_tokens")?,
+    })
 }
 
 /// Keeps the upstream server's verdict (a 400 stays a 400 for the app) without trusting its
@@ -270,18 +290,29 @@ fn upstream_error(status: u16, body: &str) -> ProtocolError {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     let message = parsed
         .as_ref()
-        .and_then(|v| v["error"]["message"].as_str().or_else(|| v["error"].as_str()))
+        .and_then(|v| {
+            v["error"]["message"]
+                .as_str()
+                .or_else(|| v["error"].as_str())
+        })
         .map(str::to_owned)
         .unwrap_or_else(|| body.chars().take(500).collect());
-    let code = parsed.as_ref().and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+    let code = parsed
+        .as_ref()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
     let kind = match status {
-        400 if code.as_deref() == Some("context_length_exceeded") => ErrorKind::ContextLengthExceeded,
+        400 if code.as_deref() == Some("context_length_exceeded") => {
+            ErrorKind::ContextLengthExceeded
+        }
         400 | 422 => ErrorKind::InvalidRequest,
         404 => ErrorKind::ModelNotFound,
         429 | 503 => ErrorKind::Unavailable,
         _ => ErrorKind::Internal,
     };
-    ProtocolError::new(kind, format!("upstream server answered {status}: {message}"))
+    ProtocolError::new(
+        kind,
+        format!("upstream server answered {status}: {message}"),
+    )
 }
 
 #[cfg(test)]
@@ -290,7 +321,10 @@ mod tests {
 
     #[test]
     fn upstream_errors_keep_their_meaning() {
-        let e = upstream_error(400, r#"{"error":{"message":"too long","code":"context_length_exceeded"}}"#);
+        let e = upstream_error(
+            400,
+            r#"{"error":{"message":"too long","code":"context_length_exceeded"}}"#,
+        );
         assert_eq!(e.kind, ErrorKind::ContextLengthExceeded);
         assert!(e.message.contains("too long"));
         assert_eq!(upstream_error(404, "nope").kind, ErrorKind::ModelNotFound);

@@ -11,20 +11,32 @@ use cocoon_protocol::{
 use futures_util::StreamExt;
 
 fn model_path() -> PathBuf {
-    std::env::var_os("COCOON_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
+    std::env::var_os("COCOON_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 fn backend() -> LlamaBackend {
-    let config = LlamaConfig { model_path: model_path(), threads: 2, ..Default::default() };
+    let config = LlamaConfig {
+        model_path: model_path(),
+        threads: 2,
+        ..Default::default()
+    };
     LlamaBackend::load(&config).expect("model loads; run scripts/fetch-model.sh first")
 }
 
 fn chat(content: &str, params: SamplingParams) -> GenerateRequest {
     GenerateRequest {
         model: "SmolLM2-135M-Instruct".into(),
-        input: Input::Chat { messages: vec![ChatMessage { role: Role::User, content: content.into() }] },
+        input: Input::Chat {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: content.into(),
+            }],
+        },
         params,
     }
 }
@@ -38,14 +50,22 @@ struct Collected {
 
 async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
     let mut stream = backend.generate(req);
-    let mut c = Collected { text: String::new(), delta_tokens: 0, done: None, error: None };
+    let mut c = Collected {
+        text: String::new(),
+        delta_tokens: 0,
+        done: None,
+        error: None,
+    };
     while let Some(ev) = stream.next().await {
         match ev {
             GenerateEvent::Delta { text, tokens } => {
                 c.text.push_str(&text);
                 c.delta_tokens += tokens;
             }
-            GenerateEvent::Done { finish_reason, usage } => c.done = Some((finish_reason, usage)),
+            GenerateEvent::Done {
+                finish_reason,
+                usage,
+            } => c.done = Some((finish_reason, usage)),
             GenerateEvent::Error { error } => c.error = Some(error),
         }
     }
@@ -55,7 +75,11 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
 #[tokio::test]
 async fn greedy_chat_is_deterministic_and_counts_real_tokens() {
     let b = backend();
-    let params = SamplingParams { temperature: 0.0, max_tokens: Some(24), ..Default::default() };
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(24),
+        ..Default::default()
+    };
     let req = chat("What is the capital of France?", params);
     let a = collect(&b, req.clone()).await;
     let (finish, usage) = a.done.expect("done event");
@@ -63,7 +87,10 @@ async fn greedy_chat_is_deterministic_and_counts_real_tokens() {
     assert!(a.text.contains("Paris"), "model answered {:?}", a.text);
     // The prompt count is the tokenizer's count of the templated prompt.
     let rendered = b.render_prompt(&req.input).unwrap();
-    assert!(rendered.contains("<|im_start|>user"), "SmolLM2's own chat template: {rendered:?}");
+    assert!(
+        rendered.contains("<|im_start|>user"),
+        "SmolLM2's own chat template: {rendered:?}"
+    );
     assert_eq!(usage.prompt_tokens as usize, b.count_tokens(&rendered));
     assert!(usage.completion_tokens >= 1 && usage.completion_tokens <= 24);
     if finish == FinishReason::Length {
@@ -77,7 +104,12 @@ async fn greedy_chat_is_deterministic_and_counts_real_tokens() {
 #[tokio::test]
 async fn seed_makes_sampling_reproducible() {
     let b = backend();
-    let params = SamplingParams { temperature: 1.0, seed: Some(7), max_tokens: Some(16), ..Default::default() };
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(7),
+        max_tokens: Some(16),
+        ..Default::default()
+    };
     let x = collect(&b, chat("Tell me a story.", params.clone())).await;
     let y = collect(&b, chat("Tell me a story.", params)).await;
     assert_eq!(x.text, y.text);
@@ -87,7 +119,12 @@ async fn seed_makes_sampling_reproducible() {
 #[tokio::test]
 async fn max_tokens_and_ignore_eos_give_exact_lengths() {
     let b = backend();
-    let params = SamplingParams { max_tokens: Some(10), ignore_eos: true, temperature: 0.0, ..Default::default() };
+    let params = SamplingParams {
+        max_tokens: Some(10),
+        ignore_eos: true,
+        temperature: 0.0,
+        ..Default::default()
+    };
     let c = collect(&b, chat("Hi", params)).await;
     let (finish, usage) = c.done.unwrap();
     assert_eq!(finish, FinishReason::Length);
@@ -97,10 +134,25 @@ async fn max_tokens_and_ignore_eos_give_exact_lengths() {
 #[tokio::test]
 async fn stop_sequence_ends_generation_without_leaking_it() {
     let b = backend();
-    let base = SamplingParams { temperature: 0.0, max_tokens: Some(40), ..Default::default() };
-    let full = collect(&b, chat("Count from 1 to 20, separated by commas.", base.clone())).await;
-    assert!(full.text.contains('5'), "expected counting, got {:?}", full.text);
-    let params = SamplingParams { stop: vec!["5".into()], ..base };
+    let base = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(40),
+        ..Default::default()
+    };
+    let full = collect(
+        &b,
+        chat("Count from 1 to 20, separated by commas.", base.clone()),
+    )
+    .await;
+    assert!(
+        full.text.contains('5'),
+        "expected counting, got {:?}",
+        full.text
+    );
+    let params = SamplingParams {
+        stop: vec!["5".into()],
+        ..base
+    };
     let cut = collect(&b, chat("Count from 1 to 20, separated by commas.", params)).await;
     let (finish, _) = cut.done.unwrap();
     assert_eq!(finish, FinishReason::Stop);
@@ -111,11 +163,18 @@ async fn stop_sequence_ends_generation_without_leaking_it() {
 #[tokio::test]
 async fn oversize_request_is_refused_with_context_error() {
     let b = backend();
-    let params = SamplingParams { max_tokens: Some(100_000), ..Default::default() };
+    let params = SamplingParams {
+        max_tokens: Some(100_000),
+        ..Default::default()
+    };
     let c = collect(&b, chat("Hi", params)).await;
     let err = c.error.expect("error event");
     assert_eq!(err.kind, ErrorKind::ContextLengthExceeded);
-    assert!(err.message.contains("maximum context length is 4096"), "{}", err.message);
+    assert!(
+        err.message.contains("maximum context length is 4096"),
+        "{}",
+        err.message
+    );
     assert!(c.done.is_none());
 }
 
@@ -131,26 +190,44 @@ async fn unknown_model_is_refused() {
 #[tokio::test]
 async fn dropping_the_stream_stops_generation() {
     let b = backend();
-    let params = SamplingParams { max_tokens: Some(2000), ignore_eos: true, ..Default::default() };
+    let params = SamplingParams {
+        max_tokens: Some(2000),
+        ignore_eos: true,
+        ..Default::default()
+    };
     let mut stream = b.generate(chat("Write a long essay.", params));
     for _ in 0..3 {
-        assert!(matches!(stream.next().await, Some(GenerateEvent::Delta { .. })));
+        assert!(matches!(
+            stream.next().await,
+            Some(GenerateEvent::Delta { .. })
+        ));
     }
     drop(stream);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while b.stats().active > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "generation still running");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "generation still running"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stats = b.stats();
     assert_eq!(stats.cancelled, 1);
-    assert!(stats.generated_tokens < 200, "stopped early, made {}", stats.generated_tokens);
+    assert!(
+        stats.generated_tokens < 200,
+        "stopped early, made {}",
+        stats.generated_tokens
+    );
 }
 
 #[tokio::test]
 async fn concurrent_requests_all_complete() {
     let b = std::sync::Arc::new(backend());
-    let params = SamplingParams { max_tokens: Some(8), ignore_eos: true, ..Default::default() };
+    let params = SamplingParams {
+        max_tokens: Some(8),
+        ignore_eos: true,
+        ..Default::default()
+    };
     let tasks: Vec<_> = (0..6)
         .map(|i| {
             let b = b.clone();

@@ -15,7 +15,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -34,7 +36,10 @@ pub fn frames_body(rx: mpsc::Receiver<Bytes>) -> Body {
 }
 
 /// Reads a whole JSON body of at most `limit` bytes.
-pub async fn read_json<T: DeserializeOwned>(body: Incoming, limit: usize) -> Result<T, ProtocolError> {
+pub async fn read_json<T: DeserializeOwned>(
+    body: Incoming,
+    limit: usize,
+) -> Result<T, ProtocolError> {
     let bytes = Limited::new(body, limit)
         .collect()
         .await
@@ -46,7 +51,8 @@ pub async fn read_json<T: DeserializeOwned>(body: Incoming, limit: usize) -> Res
             }
         })?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| ProtocolError::invalid(format!("malformed message: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ProtocolError::invalid(format!("malformed message: {e}")))
 }
 
 /// Reads [`GenerateEvent`]s from a streamed body. Dropping the reader resets the stream, which
@@ -59,7 +65,11 @@ pub struct EventReader {
 
 impl EventReader {
     pub fn new(body: Incoming) -> Self {
-        Self { body, decoder: FrameDecoder::new(), finished: false }
+        Self {
+            body,
+            decoder: FrameDecoder::new(),
+            finished: false,
+        }
     }
 
     /// The next event with its encoded frame (so a relay can forward it without re-encoding),
@@ -76,7 +86,9 @@ impl EventReader {
                         Ok(e) => e,
                         Err(e) => {
                             self.finished = true;
-                            return Some(Err(ProtocolError::internal(format!("peer sent a malformed event: {e}"))));
+                            return Some(Err(ProtocolError::internal(format!(
+                                "peer sent a malformed event: {e}"
+                            ))));
                         }
                     };
                     if !matches!(event, GenerateEvent::Delta { .. }) {
@@ -89,7 +101,9 @@ impl EventReader {
                 Ok(None) => {}
                 Err(e) => {
                     self.finished = true;
-                    return Some(Err(ProtocolError::internal(format!("peer sent a bad frame: {e}"))));
+                    return Some(Err(ProtocolError::internal(format!(
+                        "peer sent a bad frame: {e}"
+                    ))));
                 }
             }
             match self.body.frame().await {
@@ -100,7 +114,9 @@ impl EventReader {
                 }
                 Some(Err(e)) => {
                     self.finished = true;
-                    return Some(Err(ProtocolError::unavailable(format!("stream broke off: {e}"))));
+                    return Some(Err(ProtocolError::unavailable(format!(
+                        "stream broke off: {e}"
+                    ))));
                 }
                 None => {
                     self.finished = true;

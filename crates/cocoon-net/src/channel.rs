@@ -23,7 +23,9 @@ pub struct Channel {
 impl Channel {
     /// Starts HTTP/2 as client on `io`. The returned future drives the connection and ends when
     /// it closes; run it in a task.
-    pub async fn handshake<IO>(io: IO) -> Result<(Self, impl Future<Output = ()> + Send), hyper::Error>
+    pub async fn handshake<IO>(
+        io: IO,
+    ) -> Result<(Self, impl Future<Output = ()> + Send), hyper::Error>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -63,9 +65,16 @@ impl Channel {
     }
 
     /// `GET path`, expecting a JSON answer, within `timeout`.
-    pub async fn get_json<T: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<T, ProtocolError> {
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<T, ProtocolError> {
         let fetch = async {
-            let req = Request::builder().uri(path).body(empty()).expect("static request parts are valid");
+            let req = Request::builder()
+                .uri(path)
+                .body(empty())
+                .expect("static request parts are valid");
             let response = self.send(req).await?;
             if response.status() != StatusCode::OK {
                 return Err(read_error(response).await);
@@ -75,14 +84,18 @@ impl Channel {
                 .await
                 .map_err(|e| ProtocolError::unavailable(format!("answer broke off: {e}")))?
                 .to_bytes();
-            serde_json::from_slice(&body).map_err(|e| ProtocolError::internal(format!("peer sent malformed JSON: {e}")))
+            serde_json::from_slice(&body)
+                .map_err(|e| ProtocolError::internal(format!("peer sent malformed JSON: {e}")))
         };
         tokio::time::timeout(timeout, fetch)
             .await
             .map_err(|_| ProtocolError::unavailable(format!("{path} timed out")))?
     }
 
-    async fn send(&self, req: Request<Body>) -> Result<http::Response<hyper::body::Incoming>, ProtocolError> {
+    async fn send(
+        &self,
+        req: Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ProtocolError> {
         let mut sender = self.sender.clone();
         sender
             .ready()
@@ -98,8 +111,13 @@ impl Channel {
 /// A non-200 answer carries a [`ProtocolError`] as JSON; anything else is the peer's fault.
 async fn read_error(response: http::Response<hyper::body::Incoming>) -> ProtocolError {
     let status = response.status();
-    let body = http_body_util::Limited::new(response.into_body(), 64 * 1024).collect().await;
-    match body.ok().and_then(|b| serde_json::from_slice::<ProtocolError>(&b.to_bytes()).ok()) {
+    let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+        .collect()
+        .await;
+    match body
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ProtocolError>(&b.to_bytes()).ok())
+    {
         Some(e) => e,
         None => ProtocolError::new(ErrorKind::Internal, format!("peer answered {status}")),
     }

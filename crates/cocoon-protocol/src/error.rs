@@ -34,9 +34,7 @@ impl ErrorKind {
     /// OpenAI error `type` string for this kind.
     pub fn openai_type(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest | ErrorKind::ContextLengthExceeded => {
-                "invalid_request_error"
-            }
+            ErrorKind::InvalidRequest | ErrorKind::ContextLengthExceeded => "invalid_request_error",
             ErrorKind::ModelNotFound => "invalid_request_error",
             ErrorKind::Unavailable => "service_unavailable",
             ErrorKind::Cancelled => "cancelled",
@@ -64,7 +62,10 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {

@@ -83,11 +83,20 @@ mod tests {
 
     fn events() -> Vec<GenerateEvent> {
         vec![
-            GenerateEvent::Delta { text: "line\nbreak \"quoted\" ünïcode".into(), tokens: 3 },
-            GenerateEvent::Delta { text: String::new(), tokens: 0 },
+            GenerateEvent::Delta {
+                text: "line\nbreak \"quoted\" ünïcode".into(),
+                tokens: 3,
+            },
+            GenerateEvent::Delta {
+                text: String::new(),
+                tokens: 0,
+            },
             GenerateEvent::Done {
                 finish_reason: FinishReason::Length,
-                usage: Usage { prompt_tokens: 7, completion_tokens: 3 },
+                usage: Usage {
+                    prompt_tokens: 7,
+                    completion_tokens: 3,
+                },
             },
         ]
     }

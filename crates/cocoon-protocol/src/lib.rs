@@ -11,8 +11,8 @@ mod messages;
 pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
-    ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, ModelCard, ModelList,
-    ListedModel, Role, SamplingParams, Usage, WorkerHello,
+    ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, ListedModel, ModelCard,
+    ModelList, Role, SamplingParams, Usage, WorkerHello,
 };
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.

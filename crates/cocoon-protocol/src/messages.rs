@@ -60,7 +60,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { max_tokens: None, temperature: 1.0, top_p: 1.0, seed: None, stop: Vec::new(), ignore_eos: false }
+        Self {
+            max_tokens: None,
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -117,7 +124,9 @@ impl GenerateRequest {
         if let Input::Chat { messages } = &self.input
             && messages.is_empty()
         {
-            return Err(ProtocolError::invalid("messages must contain at least one message"));
+            return Err(ProtocolError::invalid(
+                "messages must contain at least one message",
+            ));
         }
         self.params.validate()
     }
@@ -160,9 +169,17 @@ impl FinishReason {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum GenerateEvent {
     /// New text, and how many generated tokens it accounts for.
-    Delta { text: String, tokens: u32 },
-    Done { finish_reason: FinishReason, usage: Usage },
-    Error { error: ProtocolError },
+    Delta {
+        text: String,
+        tokens: u32,
+    },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
+    Error {
+        error: ProtocolError,
+    },
 }
 
 /// A model as served by a worker.
@@ -204,8 +221,16 @@ mod tests {
     fn request_json_shape_is_stable() {
         let req = GenerateRequest {
             model: "m".into(),
-            input: Input::Chat { messages: vec![ChatMessage { role: Role::User, content: "hi".into() }] },
-            params: SamplingParams { max_tokens: Some(5), ..Default::default() },
+            input: Input::Chat {
+                messages: vec![ChatMessage {
+                    role: Role::User,
+                    content: "hi".into(),
+                }],
+            },
+            params: SamplingParams {
+                max_tokens: Some(5),
+                ..Default::default()
+            },
         };
         let json = serde_json::to_value(&req).unwrap();
         assert_eq!(json["input"]["type"], "chat");
@@ -218,12 +243,30 @@ mod tests {
     #[test]
     fn validation_rejects_out_of_range_parameters() {
         let bad = [
-            SamplingParams { temperature: 2.5, ..Default::default() },
-            SamplingParams { temperature: -0.1, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { max_tokens: Some(0), ..Default::default() },
-            SamplingParams { stop: vec!["a".into(); 5], ..Default::default() },
-            SamplingParams { stop: vec![String::new()], ..Default::default() },
+            SamplingParams {
+                temperature: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: -0.1,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                max_tokens: Some(0),
+                ..Default::default()
+            },
+            SamplingParams {
+                stop: vec!["a".into(); 5],
+                ..Default::default()
+            },
+            SamplingParams {
+                stop: vec![String::new()],
+                ..Default::default()
+            },
         ];
         for p in bad {
             let err = p.validate().unwrap_err();

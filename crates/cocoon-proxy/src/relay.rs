@@ -13,7 +13,8 @@ use crate::server::{State, error_response, response};
 const MAX_ATTEMPTS: usize = 3;
 
 pub(crate) async fn generate(state: &State, body: Incoming) -> Response<Body> {
-    let request: GenerateRequest = match cocoon_net::read_json(body, state.max_request_bytes).await {
+    let request: GenerateRequest = match cocoon_net::read_json(body, state.max_request_bytes).await
+    {
         Ok(r) => r,
         Err(e) => return error_response(&e, status_of(&e)),
     };
@@ -23,7 +24,9 @@ pub(crate) async fn generate(state: &State, body: Incoming) -> Response<Body> {
     let mut tried = Vec::new();
     let mut last_error = None;
     while tried.len() < MAX_ATTEMPTS {
-        let Some(load) = state.workers.pick(&request.model, &tried) else { break };
+        let Some(load) = state.workers.pick(&request.model, &tried) else {
+            break;
+        };
         let worker = load.worker().clone();
         tried.push(worker.id);
         match worker.channel.generate(&request).await {
@@ -55,7 +58,10 @@ pub(crate) async fn generate(state: &State, body: Incoming) -> Response<Body> {
                     }
                 });
                 let mut r = response(StatusCode::OK, frames_body(rx));
-                r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(CONTENT_TYPE_FRAMES));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(CONTENT_TYPE_FRAMES),
+                );
                 return r;
             }
             // The worker could not take it; another one may.
@@ -68,11 +74,17 @@ pub(crate) async fn generate(state: &State, body: Incoming) -> Response<Body> {
     }
     let error = last_error.unwrap_or_else(|| {
         if state.workers.knows(&request.model) {
-            ProtocolError::unavailable(format!("no worker for model '{}' can take the request now", request.model))
+            ProtocolError::unavailable(format!(
+                "no worker for model '{}' can take the request now",
+                request.model
+            ))
         } else {
             ProtocolError::new(
                 ErrorKind::ModelNotFound,
-                format!("The model '{}' does not exist or no worker serves it", request.model),
+                format!(
+                    "The model '{}' does not exist or no worker serves it",
+                    request.model
+                ),
             )
         }
     });

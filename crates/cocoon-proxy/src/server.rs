@@ -3,7 +3,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_net::{Body, Channel, json};
-use cocoon_protocol::{ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, ProtocolError, WorkerHello, paths};
+use cocoon_protocol::{
+    ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, ProtocolError, WorkerHello, paths,
+};
 use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -59,19 +61,28 @@ impl Proxy {
             None => Identity::ephemeral("cocoon-proxy")?,
         });
         let workers_policy: Arc<dyn PeerVerifier> = if config.worker_fingerprints.is_empty() {
-            tracing::warn!("no worker_fingerprints configured: ANY worker may join (development only)");
+            tracing::warn!(
+                "no worker_fingerprints configured: ANY worker may join (development only)"
+            );
             Arc::new(AnyPeer)
         } else {
             let pins = config
                 .worker_fingerprints
                 .iter()
-                .map(|f| Fingerprint::from_hex(f).ok_or_else(|| anyhow::anyhow!("bad worker fingerprint {f:?}")))
+                .map(|f| {
+                    Fingerprint::from_hex(f)
+                        .ok_or_else(|| anyhow::anyhow!("bad worker fingerprint {f:?}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             Arc::new(PinnedPeers::new(pins))
         };
         // The TLS layer admits any well-formed client; workers are checked after the handshake,
         // once their ALPN says they are workers.
-        let tls = cocoon_tls::server_config(identity.clone(), Arc::new(AnyPeer), &[ALPN_CLIENT, ALPN_WORKER]);
+        let tls = cocoon_tls::server_config(
+            identity.clone(),
+            Arc::new(AnyPeer),
+            &[ALPN_CLIENT, ALPN_WORKER],
+        );
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -87,7 +98,9 @@ impl Proxy {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound socket has an address")
+        self.listener
+            .local_addr()
+            .expect("bound socket has an address")
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
@@ -179,20 +192,27 @@ impl State {
             Some(ALPN_CLIENT) => {
                 tracing::debug!(%peer_addr, client = %peer.fingerprint, "client connected");
                 let state = self.clone();
-                let _ = cocoon_net::serve_h2(tls, move |req| state.clone().client_request(req)).await;
+                let _ =
+                    cocoon_net::serve_h2(tls, move |req| state.clone().client_request(req)).await;
             }
             Some(ALPN_WORKER) => {
                 if let Err(e) = self.workers_policy.verify(&peer) {
                     tracing::warn!(%peer_addr, error = %e, "worker refused");
                     return;
                 }
-                self.worker_connection(tls, peer.fingerprint, peer_addr).await;
+                self.worker_connection(tls, peer.fingerprint, peer_addr)
+                    .await;
             }
             _ => tracing::debug!(%peer_addr, "peer offered no cocoon protocol"),
         }
     }
 
-    async fn worker_connection(&self, tls: cocoon_net::ServerTls, fingerprint: Fingerprint, peer_addr: SocketAddr) {
+    async fn worker_connection(
+        &self,
+        tls: cocoon_net::ServerTls,
+        fingerprint: Fingerprint,
+        peer_addr: SocketAddr,
+    ) {
         let (channel, driver) = match Channel::handshake(tls).await {
             Ok(c) => c,
             Err(e) => {
@@ -214,7 +234,13 @@ impl State {
             driver.abort();
             return;
         }
-        let entry = self.workers.add(hello.name.clone(), fingerprint, hello.models, hello.capacity, channel);
+        let entry = self.workers.add(
+            hello.name.clone(),
+            fingerprint,
+            hello.models,
+            hello.capacity,
+            channel,
+        );
         tracing::info!(worker = %hello.name, %fingerprint, models = ?entry.models.iter().map(|m| &m.id).collect::<Vec<_>>(), "worker joined");
         let _ = driver.await;
         self.workers.remove(entry.id);
@@ -226,7 +252,10 @@ impl State {
             (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
             (&Method::GET, "/cocoon/v1/status") => response(StatusCode::OK, json(&self.status())),
             (&Method::POST, paths::GENERATE) => relay::generate(&self, req.into_body()).await,
-            (m, p) => error_response(&ProtocolError::invalid(format!("no route {m} {p}")), StatusCode::NOT_FOUND),
+            (m, p) => error_response(
+                &ProtocolError::invalid(format!("no route {m} {p}")),
+                StatusCode::NOT_FOUND,
+            ),
         }
     }
 }
@@ -239,6 +268,9 @@ pub(crate) fn response(status: StatusCode, body: Body) -> Response<Body> {
 
 pub(crate) fn error_response(e: &ProtocolError, status: StatusCode) -> Response<Body> {
     let mut r = response(status, json(e));
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }

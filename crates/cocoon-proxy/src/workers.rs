@@ -58,7 +58,14 @@ pub struct WorkerSet {
 }
 
 impl WorkerSet {
-    pub(crate) fn add(&self, name: String, fingerprint: Fingerprint, models: Vec<ModelCard>, capacity: u32, channel: Channel) -> Arc<WorkerEntry> {
+    pub(crate) fn add(
+        &self,
+        name: String,
+        fingerprint: Fingerprint,
+        models: Vec<ModelCard>,
+        capacity: u32,
+        channel: Channel,
+    ) -> Arc<WorkerEntry> {
         let entry = Arc::new(WorkerEntry {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             name,
@@ -122,7 +129,10 @@ impl WorkerSet {
                         m.workers += 1;
                         m.card.context_length = m.card.context_length.max(card.context_length);
                     }
-                    None => models.push(ListedModel { card: card.clone(), workers: 1 }),
+                    None => models.push(ListedModel {
+                        card: card.clone(),
+                        workers: 1,
+                    }),
                 }
             }
         }

@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
 
 use crate::identity::Identity;
 use crate::verify::{PeerCertificate, PeerVerifier};
@@ -38,9 +40,16 @@ impl ResolvesClientCert for IdentityResolver {
 struct PolicyVerifier(Arc<dyn PeerVerifier>);
 
 impl PolicyVerifier {
-    fn check(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<(), rustls::Error> {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
         if !intermediates.is_empty() {
-            return Err(rustls::Error::General("cocoon peers present one self-signed certificate".into()));
+            return Err(rustls::Error::General(
+                "cocoon peers present one self-signed certificate".into(),
+            ));
         }
         let peer = PeerCertificate::parse(end_entity, now)?;
         self.0.verify(&peer).map_err(|e| {
@@ -51,29 +60,57 @@ impl PolicyVerifier {
 
     /// Proof that the peer holds the certificate's key. The key is taken from the certificate
     /// already checked by `check`.
-    fn signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         if dss.scheme != SignatureScheme::ED25519 {
-            return Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoSignatureSchemesInCommon));
+            return Err(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::NoSignatureSchemesInCommon,
+            ));
         }
         let peer = PeerCertificate::parse(cert, UnixTime::now())?;
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &peer.public_key)
             .verify(message, dss.signature())
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature))?;
+            .map_err(|_| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature)
+            })?;
         Ok(HandshakeSignatureValid::assertion())
     }
 }
 
 impl ServerCertVerifier for PolicyVerifier {
-    fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], _name: &ServerName<'_>, _ocsp: &[u8], now: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         self.check(end_entity, intermediates, now)?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, _m: &[u8], _c: &CertificateDer<'_>, _d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.signature(message, cert, dss)
     }
 
@@ -87,16 +124,33 @@ impl ClientCertVerifier for PolicyVerifier {
         &[]
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         self.check(end_entity, intermediates, now)?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, _m: &[u8], _c: &CertificateDer<'_>, _d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.signature(message, cert, dss)
     }
 
@@ -111,7 +165,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Server side of a mutual-TLS hop: presents `identity`, requires a client certificate that
 /// `peers` accepts, offers the `alpn` protocols.
-pub fn server_config(identity: Arc<Identity>, peers: Arc<dyn PeerVerifier>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+pub fn server_config(
+    identity: Arc<Identity>,
+    peers: Arc<dyn PeerVerifier>,
+    alpn: &[&[u8]],
+) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
@@ -122,7 +180,11 @@ pub fn server_config(identity: Arc<Identity>, peers: Arc<dyn PeerVerifier>, alpn
 }
 
 /// Client side of a mutual-TLS hop.
-pub fn client_config(identity: Arc<Identity>, peers: Arc<dyn PeerVerifier>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+pub fn client_config(
+    identity: Arc<Identity>,
+    peers: Arc<dyn PeerVerifier>,
+    alpn: &[&[u8]],
+) -> Arc<ClientConfig> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")

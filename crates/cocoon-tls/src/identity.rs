@@ -24,7 +24,10 @@ pub enum IdentityError {
     #[error("cannot create certificate: {0}")]
     Certificate(rcgen::Error),
     #[error("key file {path}: {source}")]
-    KeyFile { path: String, source: std::io::Error },
+    KeyFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("key file {path} does not hold an Ed25519 PKCS#8 PEM key: {reason}")]
     BadKeyFile { path: String, reason: String },
     #[error("rustls refused the key: {0}")]
@@ -85,7 +88,10 @@ struct Issued {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("name", &self.name).field("fingerprint", &self.fingerprint).finish()
+        f.debug_struct("Identity")
+            .field("name", &self.name)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
     }
 }
 
@@ -107,18 +113,30 @@ impl Identity {
                     reason: e.to_string(),
                 })?;
                 if !kp.is_compatible(&PKCS_ED25519) {
-                    return Err(IdentityError::BadKeyFile { path: shown, reason: "not Ed25519".into() });
+                    return Err(IdentityError::BadKeyFile {
+                        path: shown,
+                        reason: "not Ed25519".into(),
+                    });
                 }
                 kp
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let kp = KeyPair::generate_for(&PKCS_ED25519).map_err(IdentityError::Key)?;
-                write_private(path, kp.serialize_pem().as_bytes())
-                    .map_err(|source| IdentityError::KeyFile { path: shown, source })?;
+                write_private(path, kp.serialize_pem().as_bytes()).map_err(|source| {
+                    IdentityError::KeyFile {
+                        path: shown,
+                        source,
+                    }
+                })?;
                 tracing::info!(path = %path.display(), "created a new identity key");
                 kp
             }
-            Err(source) => return Err(IdentityError::KeyFile { path: shown, source }),
+            Err(source) => {
+                return Err(IdentityError::KeyFile {
+                    path: shown,
+                    source,
+                });
+            }
         };
         Self::from_key_pair(key_pair, name)
     }
@@ -126,7 +144,12 @@ impl Identity {
     fn from_key_pair(key_pair: KeyPair, name: &str) -> Result<Self, IdentityError> {
         let fingerprint = Fingerprint::of_public_key(key_pair.public_key_raw());
         let issued = issue(&key_pair, name)?;
-        Ok(Self { key_pair, name: name.to_owned(), fingerprint, current: RwLock::new(issued) })
+        Ok(Self {
+            key_pair,
+            name: name.to_owned(),
+            fingerprint,
+            current: RwLock::new(issued),
+        })
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
@@ -159,18 +182,25 @@ impl Identity {
 }
 
 fn issue(key_pair: &KeyPair, name: &str) -> Result<Issued, IdentityError> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(IdentityError::Certificate)?;
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(IdentityError::Certificate)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;
     let now = OffsetDateTime::now_utc();
     params.not_before = now - CLOCK_SKEW;
     params.not_after = now + CERT_LIFETIME;
-    let cert = params.self_signed(key_pair).map_err(IdentityError::Certificate)?;
+    let cert = params
+        .self_signed(key_pair)
+        .map_err(IdentityError::Certificate)?;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Rustls)?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&der).map_err(IdentityError::Rustls)?;
     let key = Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer));
-    Ok(Issued { key, not_after: params.not_after })
+    Ok(Issued {
+        key,
+        not_after: params.not_after,
+    })
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -215,7 +245,10 @@ mod tests {
         let path = dir.path().join("bad.key");
         std::fs::write(&path, "not a key").unwrap();
         let err = Identity::load_or_create(&path, "n").unwrap_err();
-        assert!(err.to_string().contains("does not hold an Ed25519"), "{err}");
+        assert!(
+            err.to_string().contains("does not hold an Ed25519"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -42,7 +42,9 @@ impl From<VerifyError> for rustls::Error {
             VerifyError::NotYetValid => rustls::Error::InvalidCertificate(C::NotValidYet),
             VerifyError::Expired => rustls::Error::InvalidCertificate(C::Expired),
             VerifyError::BadSelfSignature => rustls::Error::InvalidCertificate(C::BadSignature),
-            other => rustls::Error::InvalidCertificate(C::Other(rustls::OtherError(std::sync::Arc::new(other)))),
+            other => rustls::Error::InvalidCertificate(C::Other(rustls::OtherError(
+                std::sync::Arc::new(other),
+            ))),
         }
     }
 }
@@ -61,10 +63,12 @@ pub struct PeerCertificate {
 impl PeerCertificate {
     /// Parses and checks `der` at time `now`.
     pub fn parse(der: &CertificateDer<'_>, now: UnixTime) -> Result<Self, VerifyError> {
-        let (rest, cert) =
-            X509Certificate::from_der(der.as_ref()).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        let (rest, cert) = X509Certificate::from_der(der.as_ref())
+            .map_err(|e| VerifyError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(VerifyError::Malformed("trailing bytes after the certificate".into()));
+            return Err(VerifyError::Malformed(
+                "trailing bytes after the certificate".into(),
+            ));
         }
         let spki = cert.public_key();
         if spki.algorithm.algorithm.to_id_string() != ED25519_OID {
@@ -102,7 +106,12 @@ impl PeerCertificate {
             .next()
             .and_then(|cn| cn.as_str().ok())
             .map(str::to_owned);
-        Ok(Self { fingerprint: Fingerprint::of_public_key(&public_key), public_key, common_name, extensions })
+        Ok(Self {
+            fingerprint: Fingerprint::of_public_key(&public_key),
+            public_key,
+            common_name,
+            extensions,
+        })
     }
 }
 
@@ -131,7 +140,9 @@ pub struct PinnedPeers {
 
 impl PinnedPeers {
     pub fn new(allowed: impl IntoIterator<Item = Fingerprint>) -> Self {
-        Self { allowed: allowed.into_iter().collect() }
+        Self {
+            allowed: allowed.into_iter().collect(),
+        }
     }
 }
 
@@ -148,7 +159,9 @@ impl PeerVerifier for PinnedPeers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{CertificateParams, CustomExtension, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
+    use rcgen::{
+        CertificateParams, CustomExtension, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519,
+    };
 
     fn now() -> UnixTime {
         UnixTime::now()
@@ -178,25 +191,40 @@ mod tests {
         let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
         let der = cert_with(CertificateParams::new(vec![]).unwrap(), &key);
         // rcgen's default validity is 1975..4096; check against times outside it.
-        assert_eq!(PeerCertificate::parse(&der, UnixTime::since_unix_epoch(std::time::Duration::from_secs(0))).unwrap_err(), VerifyError::NotYetValid);
+        assert_eq!(
+            PeerCertificate::parse(
+                &der,
+                UnixTime::since_unix_epoch(std::time::Duration::from_secs(0))
+            )
+            .unwrap_err(),
+            VerifyError::NotYetValid
+        );
         let id = crate::Identity::ephemeral("n").unwrap();
         let short = id.certified_key().cert[0].clone();
-        let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now().as_secs() + 3 * 86400));
-        assert_eq!(PeerCertificate::parse(&short, later).unwrap_err(), VerifyError::Expired);
+        let later =
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(now().as_secs() + 3 * 86400));
+        assert_eq!(
+            PeerCertificate::parse(&short, later).unwrap_err(),
+            VerifyError::Expired
+        );
     }
 
     #[test]
     fn non_ed25519_key_is_refused() {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let der = cert_with(CertificateParams::new(vec![]).unwrap(), &key);
-        assert_eq!(PeerCertificate::parse(&der, now()).unwrap_err(), VerifyError::NotEd25519);
+        assert_eq!(
+            PeerCertificate::parse(&der, now()).unwrap_err(),
+            VerifyError::NotEd25519
+        );
     }
 
     #[test]
     fn unknown_critical_extension_is_refused() {
         let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
         let mut params = CertificateParams::new(vec![]).unwrap();
-        let mut ext = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 12345, 99], vec![0x04, 0x00]);
+        let mut ext =
+            CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 12345, 99], vec![0x04, 0x00]);
         ext.set_criticality(true);
         params.custom_extensions.push(ext);
         let der = cert_with(params, &key);
@@ -214,7 +242,10 @@ mod tests {
         let at = bytes.windows(4).position(|w| w == b"node").unwrap();
         bytes[at] ^= 0x01;
         let der = CertificateDer::from(bytes);
-        assert_eq!(PeerCertificate::parse(&der, now()).unwrap_err(), VerifyError::BadSelfSignature);
+        assert_eq!(
+            PeerCertificate::parse(&der, now()).unwrap_err(),
+            VerifyError::BadSelfSignature
+        );
         assert!(matches!(
             PeerCertificate::parse(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]), now()),
             Err(VerifyError::Malformed(_))

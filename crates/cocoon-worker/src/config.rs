@@ -61,16 +61,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_round_trip_through_toml() {
-        let text = toml_like(&WorkerConfig::default());
-        assert!(text.contains("kind"), "{text}");
-    }
-
-    fn toml_like(c: &WorkerConfig) -> String {
-        serde_json::to_string(c).unwrap()
-    }
-
-    #[test]
     fn upstream_backend_parses() {
         let json = r#"{"backend":[{"kind":"upstream","url":"http://127.0.0.1:8000/v1","models":[{"id":"m","context_length":4096}]}]}"#;
         let c: WorkerConfig = serde_json::from_str(json).unwrap();

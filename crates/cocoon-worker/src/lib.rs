@@ -74,7 +74,8 @@ impl Worker {
                 tracing::info!(proxy = %self.proxy_addr, "connected to proxy");
                 self.connected.store(true, Ordering::SeqCst);
                 let service = service.clone();
-                let result = cocoon_net::serve_h2(tls, move |req| service.clone().handle(req)).await;
+                let result =
+                    cocoon_net::serve_h2(tls, move |req| service.clone().handle(req)).await;
                 self.connected.store(false, Ordering::SeqCst);
                 result.map_err(std::io::Error::other)
             };

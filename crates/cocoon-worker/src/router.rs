@@ -15,7 +15,10 @@ impl ModelRouter {
         for b in &backends {
             for m in b.models() {
                 if !seen.insert(m.id.clone()) {
-                    return Err(ProtocolError::internal(format!("model '{}' is configured twice", m.id)));
+                    return Err(ProtocolError::internal(format!(
+                        "model '{}' is configured twice",
+                        m.id
+                    )));
                 }
             }
         }
@@ -33,7 +36,11 @@ impl Backend for ModelRouter {
     }
 
     fn generate(&self, request: GenerateRequest) -> EventStream {
-        match self.backends.iter().find(|b| b.models().iter().any(|m| m.id == request.model)) {
+        match self
+            .backends
+            .iter()
+            .find(|b| b.models().iter().any(|m| m.id == request.model))
+        {
             Some(b) => b.generate(request),
             None => {
                 let error = ProtocolError::new(
@@ -46,13 +53,16 @@ impl Backend for ModelRouter {
     }
 
     fn stats(&self) -> StatsSnapshot {
-        self.backends.iter().map(|b| b.stats()).fold(StatsSnapshot::default(), |a, s| StatsSnapshot {
-            active: a.active + s.active,
-            completed: a.completed + s.completed,
-            cancelled: a.cancelled + s.cancelled,
-            failed: a.failed + s.failed,
-            prompt_tokens: a.prompt_tokens + s.prompt_tokens,
-            generated_tokens: a.generated_tokens + s.generated_tokens,
-        })
+        self.backends
+            .iter()
+            .map(|b| b.stats())
+            .fold(StatsSnapshot::default(), |a, s| StatsSnapshot {
+                active: a.active + s.active,
+                completed: a.completed + s.completed,
+                cancelled: a.cancelled + s.cancelled,
+                failed: a.failed + s.failed,
+                prompt_tokens: a.prompt_tokens + s.prompt_tokens,
+                generated_tokens: a.generated_tokens + s.generated_tokens,
+            })
     }
 }

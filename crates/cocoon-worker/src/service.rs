@@ -25,7 +25,10 @@ pub(crate) struct WorkerService {
 
 impl WorkerService {
     pub(crate) fn new(name: String, backend: Arc<dyn Backend>) -> Self {
-        Self { name: name.into(), backend }
+        Self {
+            name: name.into(),
+            backend,
+        }
     }
 
     pub(crate) async fn handle(self, req: Request<Incoming>) -> Response<Body> {
@@ -40,7 +43,10 @@ impl WorkerService {
                 respond(StatusCode::OK, json(&hello))
             }
             (&Method::POST, paths::GENERATE) => self.generate(req.into_body()).await,
-            _ => error_response(&ProtocolError::invalid(format!("no route {} {}", req.method(), req.uri().path())), StatusCode::NOT_FOUND),
+            _ => error_response(
+                &ProtocolError::invalid(format!("no route {} {}", req.method(), req.uri().path())),
+                StatusCode::NOT_FOUND,
+            ),
         }
     }
 
@@ -53,7 +59,9 @@ impl WorkerService {
         };
         let mut events = self.backend.generate(request);
         let first = match events.next().await {
-            Some(GenerateEvent::Error { error }) => return error_response(&error, status_of(&error)),
+            Some(GenerateEvent::Error { error }) => {
+                return error_response(&error, status_of(&error));
+            }
             Some(event) => event,
             None => {
                 let e = ProtocolError::internal("backend ended without answering");
@@ -73,7 +81,10 @@ impl WorkerService {
             }
         });
         let mut response = respond(StatusCode::OK, frames_body(rx));
-        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(CONTENT_TYPE_FRAMES));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(CONTENT_TYPE_FRAMES),
+        );
         response
     }
 }
@@ -90,6 +101,9 @@ fn respond(status: StatusCode, body: Body) -> Response<Body> {
 
 pub(crate) fn error_response(e: &ProtocolError, status: StatusCode) -> Response<Body> {
     let mut r = respond(status, json(e));
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }

@@ -11,20 +11,30 @@ use serde_json::{Value, json};
 pub const MODEL: &str = "SmolLM2-135M-Instruct";
 
 pub fn model_path() -> PathBuf {
-    std::env::var_os("COCOON_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
+    std::env::var_os("COCOON_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 pub fn llama() -> Arc<LlamaBackend> {
     Arc::new(
-        LlamaBackend::load(&LlamaConfig { model_path: model_path(), threads: 2, ..Default::default() })
-            .expect("model loads; run scripts/fetch-model.sh first"),
+        LlamaBackend::load(&LlamaConfig {
+            model_path: model_path(),
+            threads: 2,
+            ..Default::default()
+        })
+        .expect("model loads; run scripts/fetch-model.sh first"),
     )
 }
 
 pub fn test_options() -> DevOptions {
-    DevOptions { gateway_listen: "127.0.0.1:0".into(), ..Default::default() }
+    DevOptions {
+        gateway_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    }
 }
 
 pub async fn network(backends: Vec<Arc<dyn Backend>>) -> DevNetwork {
@@ -47,14 +57,23 @@ pub async fn sse_events(response: reqwest::Response) -> Vec<Value> {
     let text = response.text().await.unwrap();
     text.split("\n\n")
         .filter_map(|e| e.strip_prefix("data: "))
-        .map(|d| if d == "[DONE]" { Value::String(d.into()) } else { serde_json::from_str(d).unwrap() })
+        .map(|d| {
+            if d == "[DONE]" {
+                Value::String(d.into())
+            } else {
+                serde_json::from_str(d).unwrap()
+            }
+        })
         .collect()
 }
 
 pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

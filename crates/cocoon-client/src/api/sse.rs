@@ -85,9 +85,21 @@ impl StreamState {
                             return Some(self.chunk(self.choice(Some(&text), None), None));
                         }
                     }
-                    Some(Ok((GenerateEvent::Done { finish_reason, usage }, _))) => {
-                        self.phase = if self.include_usage { Phase::Usage(usage) } else { Phase::Done };
-                        return Some(self.chunk(self.choice(None, Some(finish_reason.as_str())), None));
+                    Some(Ok((
+                        GenerateEvent::Done {
+                            finish_reason,
+                            usage,
+                        },
+                        _,
+                    ))) => {
+                        self.phase = if self.include_usage {
+                            Phase::Usage(usage)
+                        } else {
+                            Phase::Done
+                        };
+                        return Some(
+                            self.chunk(self.choice(None, Some(finish_reason.as_str())), None),
+                        );
                     }
                     // The SDKs raise an APIError on an `error` event; there is no [DONE] after it.
                     Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
@@ -98,7 +110,8 @@ impl StreamState {
                 },
                 Phase::Usage(usage) => {
                     self.phase = Phase::Done;
-                    let usage = serde_json::to_value(OpenAiUsage::from(usage)).expect("serializable");
+                    let usage =
+                        serde_json::to_value(OpenAiUsage::from(usage)).expect("serializable");
                     return Some(self.chunk(json!([]), Some(usage)));
                 }
                 Phase::Done => return Some(Bytes::from_static(b"data: [DONE]\n\n")),
@@ -111,13 +124,21 @@ impl StreamState {
 /// The streaming response. If the app disconnects, the body is dropped with the proxy stream
 /// inside it, which cancels the generation all the way to the worker.
 pub(crate) fn response(events: EventReader, meta: Meta, include_usage: bool) -> Response {
-    let state = StreamState { events, meta, include_usage, phase: Phase::Start };
+    let state = StreamState {
+        events,
+        meta,
+        include_usage,
+        phase: Phase::Start,
+    };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         st.next().await.map(|b| (Ok::<_, Infallible>(b), st))
     });
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and testing cocoon needs on a fresh Debian/Ubuntu machine:
+# cmake and clang (llama.cpp is built from the llama-cpp-2 crate's sources), the Python
+# `openai` package (the SDK compatibility test), and the default model file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v clang >/dev/null || need_apt+=(clang)
+[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v unzip >/dev/null || need_apt+=(unzip)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing ${need_apt[*]} with apt"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! python3 -c "import openai" 2>/dev/null; then
+    echo "installing the openai Python package"
+    python3 -m pip install -q "openai>=1.40,<3"
+fi
+
+if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+scripts/fetch-model.sh
