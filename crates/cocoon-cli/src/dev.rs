@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::Backend;
-use cocoon_proxy::{Proxy, ProxyConfig};
+use cocoon_proxy::{Proxy, ProxyConfig, ProxyStatus, StatusSource};
 use cocoon_tls::{Identity, PinnedPeers};
 use cocoon_worker::Worker;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +49,7 @@ pub struct DevNetwork {
     options: DevOptions,
     shutdown: CancellationToken,
     proxy_stop: CancellationToken,
+    proxy_status: Arc<dyn StatusSource>,
     workers: Vec<WorkerSlot>,
 }
 
@@ -71,7 +72,7 @@ impl DevNetwork {
             })
             .collect::<anyhow::Result<_>>()?;
         let proxy_stop = shutdown.child_token();
-        let (proxy_addr, proxy_fingerprint) = start_proxy(
+        let (proxy_addr, proxy_fingerprint, proxy_status) = start_proxy(
             &options,
             &options.proxy_listen,
             &workers,
@@ -94,6 +95,7 @@ impl DevNetwork {
             options,
             shutdown,
             proxy_stop,
+            proxy_status,
             workers,
         };
         for i in 0..net.workers.len() {
@@ -104,6 +106,16 @@ impl DevNetwork {
 
     pub fn gateway_url(&self) -> String {
         format!("http://{}/v1", self.gateway_addr)
+    }
+
+    /// The proxy's view: connected workers, their load and requests served.
+    pub fn proxy_status(&self) -> ProxyStatus {
+        self.proxy_status.status()
+    }
+
+    /// Fingerprint of worker `i`'s key.
+    pub fn worker_fingerprint(&self, i: usize) -> cocoon_tls::Fingerprint {
+        self.workers[i].identity.fingerprint()
     }
 
     pub fn backend(&self, worker: usize) -> &Arc<dyn Backend> {
@@ -145,7 +157,7 @@ impl DevNetwork {
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.proxy_stop = self.shutdown.child_token();
         let listen = self.proxy_addr.to_string();
-        let (addr, fingerprint) = start_proxy(
+        let (addr, fingerprint, status) = start_proxy(
             &self.options,
             &listen,
             &self.workers,
@@ -157,6 +169,7 @@ impl DevNetwork {
             "restarted proxy has a different key"
         );
         self.proxy_addr = addr;
+        self.proxy_status = status;
         Ok(())
     }
 
@@ -200,7 +213,7 @@ async fn start_proxy(
     listen: &str,
     workers: &[WorkerSlot],
     stop: CancellationToken,
-) -> anyhow::Result<(SocketAddr, cocoon_tls::Fingerprint)> {
+) -> anyhow::Result<(SocketAddr, cocoon_tls::Fingerprint, Arc<dyn StatusSource>)> {
     let proxy = Proxy::bind(&ProxyConfig {
         listen: listen.to_owned(),
         key_file: options.proxy_key_file.clone(),
@@ -213,6 +226,7 @@ async fn start_proxy(
     .await?;
     let addr = proxy.local_addr();
     let fingerprint = proxy.fingerprint();
+    let status = proxy.status_handle();
     tokio::spawn(proxy.run(stop));
-    Ok((addr, fingerprint))
+    Ok((addr, fingerprint, status))
 }

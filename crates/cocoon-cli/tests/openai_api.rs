@@ -254,4 +254,26 @@ async fn load_spreads_over_two_workers() {
         "least-loaded with ties to the least used alternates"
     );
     assert_eq!(b.stats().completed, 2);
+    let status = net.proxy_status();
+    assert_eq!(status.fingerprint, net.proxy_fingerprint.to_string());
+    assert_eq!(status.workers.len(), 2);
+    for w in &status.workers {
+        assert_eq!((w.served, w.in_flight, w.capacity), (2, 0, 4));
+        assert_eq!(w.models, vec![MODEL.to_string()]);
+    }
+    let mut seen: Vec<String> = status
+        .workers
+        .iter()
+        .map(|w| w.fingerprint.clone())
+        .collect();
+    let mut expected = vec![
+        net.worker_fingerprint(0).to_string(),
+        net.worker_fingerprint(1).to_string(),
+    ];
+    seen.sort();
+    expected.sort();
+    assert_eq!(
+        seen, expected,
+        "the proxy knows each worker by its pinned key"
+    );
 }

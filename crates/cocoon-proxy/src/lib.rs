@@ -12,5 +12,5 @@ mod server;
 mod workers;
 
 pub use config::ProxyConfig;
-pub use server::{Proxy, ProxyStatus, WorkerStatus};
+pub use server::{Proxy, ProxyStatus, StatusSource, WorkerStatus};
 pub use workers::{WorkerEntry, WorkerSet};

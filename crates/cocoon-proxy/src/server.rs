@@ -108,7 +108,7 @@ impl Proxy {
     }
 
     /// A handle on the live worker set (for status pages and tests).
-    pub fn status_handle(&self) -> Arc<impl StatusSource + use<>> {
+    pub fn status_handle(&self) -> Arc<dyn StatusSource> {
         self.state.clone()
     }
 
