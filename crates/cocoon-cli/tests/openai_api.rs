@@ -47,18 +47,12 @@ async fn chat_completion_streaming_and_not_agree_and_count_real_tokens() {
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
     let question = "What is the capital of France?";
-    let plain: Value = http
-        .post(&url)
-        .json(&chat_body(
-            question,
-            json!({"max_tokens": 20, "temperature": 0}),
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plain: Value = post_json(
+        &http,
+        &url,
+        &chat_body(question, json!({"max_tokens": 20, "temperature": 0})),
+    )
+    .await;
     assert_eq!(plain["object"], "chat.completion");
     let answer = plain["choices"][0]["message"]["content"]
         .as_str()
@@ -132,15 +126,7 @@ async fn legacy_completions_work_streaming_and_not() {
     let net = network(vec![llama()]).await;
     let http = reqwest::Client::new();
     let url = format!("{}/completions", net.gateway_url());
-    let plain: Value = http
-        .post(&url)
-        .json(&json!({"model": MODEL, "prompt": "The first three letters of the alphabet are", "max_tokens": 8, "temperature": 0, "ignore_eos": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plain: Value = post_json(&http, &url, &json!({"model": MODEL, "prompt": "The first three letters of the alphabet are", "max_tokens": 8, "temperature": 0, "ignore_eos": true})).await;
     assert_eq!(plain["object"], "text_completion");
     assert_eq!(plain["usage"]["completion_tokens"], 8);
     assert_eq!(plain["choices"][0]["finish_reason"], "length");
@@ -167,15 +153,12 @@ async fn stop_sequences_apply_through_the_network() {
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
     let ask = |extra: Value| chat_body("Write one sentence about the sea.", extra);
-    let full: Value = http
-        .post(&url)
-        .json(&ask(json!({"max_tokens": 30, "temperature": 0})))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let full: Value = post_json(
+        &http,
+        &url,
+        &ask(json!({"max_tokens": 30, "temperature": 0})),
+    )
+    .await;
     let full = full["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
@@ -186,17 +169,12 @@ async fn stop_sequences_apply_through_the_network() {
         .nth(2)
         .expect("answer has three words")
         .to_owned();
-    let cut: Value = http
-        .post(&url)
-        .json(&ask(
-            json!({"max_tokens": 30, "temperature": 0, "stop": [stop]}),
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cut: Value = post_json(
+        &http,
+        &url,
+        &ask(json!({"max_tokens": 30, "temperature": 0, "stop": [stop]})),
+    )
+    .await;
     assert_eq!(
         cut["choices"][0]["message"]["content"].as_str().unwrap(),
         &full[..full.find(stop.as_str()).unwrap()]
@@ -217,15 +195,7 @@ async fn concurrent_requests_are_served_together() {
                     &format!("Say {i}"),
                     json!({"max_tokens": 6, "ignore_eos": true}),
                 );
-                let r: Value = http
-                    .post(url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let r: Value = post_json(&http, url, &body).await;
                 r["usage"]["completion_tokens"].as_u64().unwrap()
             })
         })

@@ -135,26 +135,15 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
     let body = json!({"model": "smol-upstream", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 20, "temperature": 0});
-    let via_relay: Value = http
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let via_relay: Value = post_json(&http, &url, &body).await;
     let mut direct_body = body.clone();
     direct_body["model"] = json!(MODEL);
-    let direct: Value = http
-        .post(format!("{}/chat/completions", upstream.gateway_url()))
-        .json(&direct_body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let direct: Value = post_json(
+        &http,
+        format!("{}/chat/completions", upstream.gateway_url()),
+        &direct_body,
+    )
+    .await;
     assert_eq!(
         via_relay["choices"][0]["message"]["content"],
         direct["choices"][0]["message"]["content"]

@@ -128,3 +128,42 @@ impl EventReader {
         }
     }
 }
+
+/// A response with `status` and `body`.
+pub fn response(status: http::StatusCode, body: Body) -> http::Response<Body> {
+    let mut r = http::Response::new(body);
+    *r.status_mut() = status;
+    r
+}
+
+/// The HTTP status a [`ProtocolError`] travels with.
+pub fn status_of(e: &ProtocolError) -> http::StatusCode {
+    http::StatusCode::from_u16(e.kind.http_status()).unwrap_or(http::StatusCode::BAD_GATEWAY)
+}
+
+/// A refusal: the error's status and the error as JSON.
+pub fn error_response(e: &ProtocolError) -> http::Response<Body> {
+    let mut r = response(status_of(e), json(e));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A `200` streaming events from `rx`.
+pub fn event_stream_response(rx: mpsc::Receiver<Bytes>) -> http::Response<Body> {
+    let mut r = response(http::StatusCode::OK, frames_body(rx));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(cocoon_protocol::CONTENT_TYPE_FRAMES),
+    );
+    r
+}
+
+/// `404` for a path this peer does not serve.
+pub fn no_route(method: &http::Method, path: &str) -> http::Response<Body> {
+    let mut r = error_response(&ProtocolError::invalid(format!("no route {method} {path}")));
+    *r.status_mut() = http::StatusCode::NOT_FOUND;
+    r
+}

@@ -10,6 +10,9 @@ mod body;
 mod channel;
 mod conn;
 
-pub use body::{Body, BoxError, EventReader, empty, frames_body, full, json, read_json};
+pub use body::{
+    Body, BoxError, EventReader, empty, error_response, event_stream_response, frames_body, full,
+    json, no_route, read_json, response, status_of,
+};
 pub use channel::Channel;
 pub use conn::{ClientTls, HANDSHAKE_TIMEOUT, ServerTls, accept_tls, connect_tls, serve_h2};

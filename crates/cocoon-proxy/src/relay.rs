@@ -1,13 +1,13 @@
 //! Routing one generation to a worker and relaying its events back to the client.
 
 use bytes::Bytes;
-use cocoon_net::{Body, frames_body};
-use cocoon_protocol::{CONTENT_TYPE_FRAMES, ErrorKind, GenerateRequest, ProtocolError};
-use http::{Response, StatusCode};
+use cocoon_net::{Body, error_response, event_stream_response};
+use cocoon_protocol::{ErrorKind, GenerateRequest, ProtocolError};
+use http::Response;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
-use crate::server::{State, error_response, response};
+use crate::server::State;
 
 /// Workers tried for one request when a worker is unreachable before it starts.
 const MAX_ATTEMPTS: usize = 3;
@@ -16,10 +16,10 @@ pub(crate) async fn generate(state: &State, body: Incoming) -> Response<Body> {
     let request: GenerateRequest = match cocoon_net::read_json(body, state.max_request_bytes).await
     {
         Ok(r) => r,
-        Err(e) => return error_response(&e, status_of(&e)),
+        Err(e) => return error_response(&e),
     };
     if let Err(e) = request.validate() {
-        return error_response(&e, status_of(&e));
+        return error_response(&e);
     }
     let mut tried = Vec::new();
     let mut last_error = None;
@@ -57,19 +57,14 @@ pub(crate) async fn generate(state: &State, body: Incoming) -> Response<Body> {
                         }
                     }
                 });
-                let mut r = response(StatusCode::OK, frames_body(rx));
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static(CONTENT_TYPE_FRAMES),
-                );
-                return r;
+                return event_stream_response(rx);
             }
             // The worker could not take it; another one may.
             Err(e) if e.kind == ErrorKind::Unavailable => {
                 tracing::warn!(worker = %worker.name, error = %e, "worker unavailable, trying another");
                 last_error = Some(e);
             }
-            Err(e) => return error_response(&e, status_of(&e)),
+            Err(e) => return error_response(&e),
         }
     }
     let error = last_error.unwrap_or_else(|| {
@@ -88,9 +83,5 @@ pub(crate) async fn generate(state: &State, body: Incoming) -> Response<Body> {
             )
         }
     });
-    error_response(&error, status_of(&error))
-}
-
-fn status_of(e: &ProtocolError) -> StatusCode {
-    StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::BAD_GATEWAY)
+    error_response(&error)
 }

@@ -2,10 +2,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_net::{Body, Channel, json};
-use cocoon_protocol::{
-    ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, ProtocolError, WorkerHello, paths,
-};
+use cocoon_net::{Body, Channel, json, no_route, response};
+use cocoon_protocol::{ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, WorkerHello, paths};
 use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -252,25 +250,7 @@ impl State {
             (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
             (&Method::GET, "/cocoon/v1/status") => response(StatusCode::OK, json(&self.status())),
             (&Method::POST, paths::GENERATE) => relay::generate(&self, req.into_body()).await,
-            (m, p) => error_response(
-                &ProtocolError::invalid(format!("no route {m} {p}")),
-                StatusCode::NOT_FOUND,
-            ),
+            (method, path) => no_route(method, path),
         }
     }
-}
-
-pub(crate) fn response(status: StatusCode, body: Body) -> Response<Body> {
-    let mut r = Response::new(body);
-    *r.status_mut() = status;
-    r
-}
-
-pub(crate) fn error_response(e: &ProtocolError, status: StatusCode) -> Response<Body> {
-    let mut r = response(status, json(e));
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r
 }

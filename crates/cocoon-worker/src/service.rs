@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cocoon_engine::Backend;
-use cocoon_net::{Body, frames_body, json};
+use cocoon_net::{Body, error_response, event_stream_response, json, no_route, response};
 use cocoon_protocol::{
-    CONTENT_TYPE_FRAMES, GenerateEvent, GenerateRequest, PROTOCOL_VERSION, ProtocolError,
-    WorkerHello, encode_frame, paths,
+    GenerateEvent, GenerateRequest, PROTOCOL_VERSION, ProtocolError, WorkerHello, encode_frame,
+    paths,
 };
 use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode};
@@ -40,13 +40,10 @@ impl WorkerService {
                     models: self.backend.models(),
                     capacity: self.backend.capacity(),
                 };
-                respond(StatusCode::OK, json(&hello))
+                response(StatusCode::OK, json(&hello))
             }
             (&Method::POST, paths::GENERATE) => self.generate(req.into_body()).await,
-            _ => error_response(
-                &ProtocolError::invalid(format!("no route {} {}", req.method(), req.uri().path())),
-                StatusCode::NOT_FOUND,
-            ),
+            (method, path) => no_route(method, path),
         }
     }
 
@@ -55,17 +52,17 @@ impl WorkerService {
     async fn generate(&self, body: Incoming) -> Response<Body> {
         let request: GenerateRequest = match cocoon_net::read_json(body, MAX_REQUEST_BYTES).await {
             Ok(r) => r,
-            Err(e) => return error_response(&e, status_of(&e)),
+            Err(e) => return error_response(&e),
         };
         let mut events = self.backend.generate(request);
         let first = match events.next().await {
             Some(GenerateEvent::Error { error }) => {
-                return error_response(&error, status_of(&error));
+                return error_response(&error);
             }
             Some(event) => event,
             None => {
                 let e = ProtocolError::internal("backend ended without answering");
-                return error_response(&e, status_of(&e));
+                return error_response(&e);
             }
         };
         let (tx, rx) = mpsc::channel::<Bytes>(32);
@@ -80,30 +77,6 @@ impl WorkerService {
                 next = events.next().await;
             }
         });
-        let mut response = respond(StatusCode::OK, frames_body(rx));
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static(CONTENT_TYPE_FRAMES),
-        );
-        response
+        event_stream_response(rx)
     }
-}
-
-fn status_of(e: &ProtocolError) -> StatusCode {
-    StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::BAD_GATEWAY)
-}
-
-fn respond(status: StatusCode, body: Body) -> Response<Body> {
-    let mut r = Response::new(body);
-    *r.status_mut() = status;
-    r
-}
-
-pub(crate) fn error_response(e: &ProtocolError, status: StatusCode) -> Response<Body> {
-    let mut r = respond(status, json(e));
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r
 }

@@ -77,3 +77,15 @@ pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// POSTs `body` as JSON and parses the JSON answer, whatever its status.
+pub async fn post_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, body: &Value) -> Value {
+    http.post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
