@@ -1,0 +1,87 @@
+use std::fmt;
+
+/// SHA-256 over the registers that describe a TD's image: MRTD (the initial TD memory: firmware)
+/// and RTMR0..2 (firmware configuration, kernel and command line, as measured at boot). RTMR3
+/// is left out on purpose: it is extended at run time by the guest itself, so it describes what
+/// the guest did after boot, not what was booted.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImageHash(pub [u8; 32]);
+
+impl ImageHash {
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = hex_decode(s.trim())?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for ImageHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl fmt::Debug for ImageHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ImageHash({self})")
+    }
+}
+
+/// The measured registers of a TD, as signed in its quote.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Measurements {
+    pub mrtd: [u8; 48],
+    pub rtmr: [[u8; 48]; 4],
+    /// 64 bytes chosen by the TD when it asked for the quote; RA-TLS binds the TLS key here.
+    pub report_data: [u8; 64],
+    pub td_attributes: [u8; 8],
+}
+
+impl Measurements {
+    /// TDATTRIBUTES bit 0: the TD runs in debug mode, so the host can read and change its memory.
+    pub fn is_debug(&self) -> bool {
+        self.td_attributes[0] & 0x01 != 0
+    }
+
+    pub fn image_hash(&self) -> ImageHash {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&self.mrtd);
+        for r in &self.rtmr[..3] {
+            ctx.update(r);
+        }
+        ImageHash(
+            ctx.finish()
+                .as_ref()
+                .try_into()
+                .expect("SHA-256 is 32 bytes"),
+        )
+    }
+}
+
+impl fmt::Debug for Measurements {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Measurements")
+            .field("mrtd", &hex(&self.mrtd))
+            .field("rtmr0", &hex(&self.rtmr[0]))
+            .field("rtmr1", &hex(&self.rtmr[1]))
+            .field("rtmr2", &hex(&self.rtmr[2]))
+            .field("rtmr3", &hex(&self.rtmr[3]))
+            .field("report_data", &hex(&self.report_data))
+            .field("td_attributes", &hex(&self.td_attributes))
+            .field("image_hash", &self.image_hash())
+            .finish()
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}

@@ -1,0 +1,52 @@
+use std::collections::HashSet;
+
+use crate::measurements::{ImageHash, hex};
+use crate::quote::VerifiedQuote;
+
+/// Which attested machines may join: allowed images, acceptable TCB statuses, no debug TDs.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Images allowed to run (later: read from the root registry).
+    pub image_hashes: HashSet<ImageHash>,
+    /// Intel TCB statuses accepted. Default: `UpToDate` only.
+    pub tcb_statuses: Vec<String>,
+    /// Debug TDs expose their memory to the host; only for local experiments.
+    pub allow_debug: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            image_hashes: HashSet::new(),
+            tcb_statuses: vec!["UpToDate".into()],
+            allow_debug: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("TD runs in debug mode; its memory is readable by the host")]
+    DebugTd,
+    #[error("TCB status {0} is not accepted")]
+    TcbStatus(String),
+    #[error("image {0} is not allowed (MRTD {1})")]
+    ImageNotAllowed(ImageHash, String),
+}
+
+impl Policy {
+    pub fn check(&self, quote: &VerifiedQuote) -> Result<(), PolicyError> {
+        let m = &quote.measurements;
+        if m.is_debug() && !self.allow_debug {
+            return Err(PolicyError::DebugTd);
+        }
+        if !self.tcb_statuses.iter().any(|s| s == &quote.tcb_status) {
+            return Err(PolicyError::TcbStatus(quote.tcb_status.clone()));
+        }
+        let image = m.image_hash();
+        if !self.image_hashes.contains(&image) {
+            return Err(PolicyError::ImageNotAllowed(image, hex(&m.mrtd)));
+        }
+        Ok(())
+    }
+}

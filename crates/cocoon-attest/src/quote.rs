@@ -1,0 +1,55 @@
+use dcap_qvl::QuoteCollateralV3;
+
+use crate::measurements::Measurements;
+
+/// Intel's signed collateral for one platform (PCK CRL, TCB info, QE identity), in the JSON
+/// layout that PCCS serves and `dcap-qvl` reads.
+pub type Collateral = QuoteCollateralV3;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AttestError {
+    #[error("collateral is not valid JSON collateral: {0}")]
+    BadCollateral(String),
+    /// The quote's signatures, certificate chain, CRLs or TCB matching failed, or the time is
+    /// outside the collateral's or certificates' validity. The message is `dcap-qvl`'s.
+    #[error("quote verification failed: {0}")]
+    Verification(String),
+    #[error("quote is an SGX enclave quote, not a TDX quote")]
+    NotTdx,
+}
+
+/// A quote whose signature chain verified to Intel's root at a given time.
+#[derive(Debug, Clone)]
+pub struct VerifiedQuote {
+    /// Intel's TCB status for the platform, e.g. `UpToDate`, `OutOfDate`, `SWHardeningNeeded`.
+    pub tcb_status: String,
+    pub advisory_ids: Vec<String>,
+    pub measurements: Measurements,
+}
+
+/// Parses collateral JSON as PCCS serves it.
+pub fn parse_collateral(json: &[u8]) -> Result<Collateral, AttestError> {
+    serde_json::from_slice(json).map_err(|e| AttestError::BadCollateral(e.to_string()))
+}
+
+/// Verifies a raw TDX quote against `collateral` at `now` (seconds since the Unix epoch).
+/// Offline: nothing is fetched.
+pub fn verify_quote(
+    raw: &[u8],
+    collateral: &Collateral,
+    now: u64,
+) -> Result<VerifiedQuote, AttestError> {
+    let verified = dcap_qvl::verify::ring::verify(raw, collateral, now)
+        .map_err(|e| AttestError::Verification(format!("{e:#}")))?;
+    let td = verified.report.as_td10().ok_or(AttestError::NotTdx)?;
+    Ok(VerifiedQuote {
+        tcb_status: verified.status,
+        advisory_ids: verified.advisory_ids,
+        measurements: Measurements {
+            mrtd: td.mr_td,
+            rtmr: [td.rt_mr0, td.rt_mr1, td.rt_mr2, td.rt_mr3],
+            report_data: td.report_data,
+            td_attributes: td.td_attributes,
+        },
+    })
+}
