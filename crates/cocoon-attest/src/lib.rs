@@ -13,3 +13,12 @@ mod quote;
 pub use measurements::{ImageHash, Measurements};
 pub use policy::{Policy, PolicyError};
 pub use quote::{AttestError, Collateral, VerifiedQuote, parse_collateral, verify_quote};
+
+mod attester;
+mod binding;
+
+pub use attester::{
+    Attester, AttesterKind, DEV_QUOTE_MAGIC, DevAttester, TSM_REPORT_ROOT, TdxAttester,
+    verify_dev_quote,
+};
+pub use binding::{BindingError, Claims, check_binding};

@@ -16,6 +16,9 @@ pub enum AttestError {
     Verification(String),
     #[error("quote is an SGX enclave quote, not a TDX quote")]
     NotTdx,
+    /// No TEE to attest with, or it failed (configfs-tsm missing or broken, bad dev key).
+    #[error("cannot attest: {0}")]
+    NoTee(String),
 }
 
 /// A quote whose signature chain verified to Intel's root at a given time.

@@ -1,0 +1,191 @@
+//! Producing evidence: a quote over 64 bytes of report data chosen by the caller.
+
+use std::path::{Path, PathBuf};
+
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+use crate::measurements::Measurements;
+use crate::quote::AttestError;
+
+/// Where the Linux configfs-tsm interface lives inside a confidential VM.
+pub const TSM_REPORT_ROOT: &str = "/sys/kernel/config/tsm/report";
+
+/// Magic that starts every development quote, so one can never be mistaken for a DCAP quote.
+pub const DEV_QUOTE_MAGIC: &[u8; 24] = b"COCOON-DEV-QUOTE-INSECUR";
+
+/// Which kind of evidence an attester produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttesterKind {
+    /// A real Intel TDX quote.
+    Tdx,
+    /// A development "quote" signed by a local key. Proves nothing about the machine.
+    Dev,
+}
+
+/// Something that can produce a quote binding `report_data`.
+pub trait Attester: Send + Sync {
+    fn kind(&self) -> AttesterKind;
+    fn quote(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError>;
+}
+
+/// Real TDX quotes through configfs-tsm: create a report entry, write the report data to
+/// `inblob`, read the quote from `outblob`, remove the entry.
+pub struct TdxAttester {
+    root: PathBuf,
+}
+
+impl TdxAttester {
+    /// Fails clearly when not running inside a TDX guest with configfs-tsm.
+    pub fn new() -> Result<Self, AttestError> {
+        Self::with_root(Path::new(TSM_REPORT_ROOT))
+    }
+
+    pub fn with_root(root: &Path) -> Result<Self, AttestError> {
+        if !root.is_dir() {
+            return Err(AttestError::NoTee(format!(
+                "{} does not exist: not inside a TDX guest with configfs-tsm (mount configfs, Linux 6.7+)",
+                root.display()
+            )));
+        }
+        Ok(Self {
+            root: root.to_owned(),
+        })
+    }
+}
+
+impl Attester for TdxAttester {
+    fn kind(&self) -> AttesterKind {
+        AttesterKind::Tdx
+    }
+
+    fn quote(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError> {
+        let io =
+            |what: &str, e: std::io::Error| AttestError::NoTee(format!("configfs-tsm {what}: {e}"));
+        // A unique entry per request: concurrent requests must not read each other's quotes.
+        let entry = self
+            .root
+            .join(format!("cocoon-{}-{:016x}", std::process::id(), rand_u64()));
+        std::fs::create_dir(&entry).map_err(|e| io("mkdir", e))?;
+        let result = (|| {
+            let generation = || std::fs::read_to_string(entry.join("generation")).ok();
+            let before = generation();
+            std::fs::write(entry.join("inblob"), report_data).map_err(|e| io("write inblob", e))?;
+            let quote = std::fs::read(entry.join("outblob")).map_err(|e| io("read outblob", e))?;
+            // The generation counter moves on every write; if it moved by more than ours,
+            // someone else wrote in between and the quote may not be over our data.
+            if let (Some(b), Some(a)) = (before, generation())
+                && let (Ok(b), Ok(a)) = (b.trim().parse::<u64>(), a.trim().parse::<u64>())
+                && a != b + 1
+            {
+                return Err(AttestError::NoTee(
+                    "configfs-tsm entry was written concurrently".into(),
+                ));
+            }
+            Ok(quote)
+        })();
+        let _ = std::fs::remove_dir(&entry);
+        result
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("system RNG works");
+    u64::from_le_bytes(b)
+}
+
+/// DEVELOPMENT ONLY. Signs a structure with the same fields as a TD quote (MRTD, RTMR0-3,
+/// report data, TD attributes) with a local Ed25519 key. It proves nothing about the machine;
+/// policies refuse it unless they name its key explicitly.
+pub struct DevAttester {
+    key: Ed25519KeyPair,
+    measurements: Measurements,
+}
+
+impl DevAttester {
+    /// `measurements.report_data` is ignored: each quote carries the data it is asked for.
+    pub fn new(pkcs8: &[u8], measurements: Measurements) -> Result<Self, AttestError> {
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8)
+            .map_err(|e| AttestError::NoTee(format!("dev attester key: {e}")))?;
+        Ok(Self { key, measurements })
+    }
+
+    /// A fresh key; returns its PKCS#8 too so it can be saved.
+    pub fn generate(measurements: Measurements) -> Result<(Self, Vec<u8>), AttestError> {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .map_err(|_| AttestError::NoTee("cannot generate dev key".into()))?;
+        Ok((
+            Self::new(pkcs8.as_ref(), measurements)?,
+            pkcs8.as_ref().to_vec(),
+        ))
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key
+            .public_key()
+            .as_ref()
+            .try_into()
+            .expect("Ed25519 public keys are 32 bytes")
+    }
+}
+
+/// Layout: magic(24) mrtd(48) rtmr0..3(4*48) report_data(64) td_attributes(8) signature(64).
+const DEV_BODY: usize = 24 + 48 + 4 * 48 + 64 + 8;
+pub(crate) const DEV_QUOTE_LEN: usize = DEV_BODY + 64;
+
+impl Attester for DevAttester {
+    fn kind(&self) -> AttesterKind {
+        AttesterKind::Dev
+    }
+
+    fn quote(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError> {
+        let m = &self.measurements;
+        let mut out = Vec::with_capacity(DEV_QUOTE_LEN);
+        out.extend_from_slice(DEV_QUOTE_MAGIC);
+        out.extend_from_slice(&m.mrtd);
+        for r in &m.rtmr {
+            out.extend_from_slice(r);
+        }
+        out.extend_from_slice(report_data);
+        out.extend_from_slice(&m.td_attributes);
+        let sig = self.key.sign(&out);
+        out.extend_from_slice(sig.as_ref());
+        Ok(out)
+    }
+}
+
+/// Verifies a development quote against the dev keys a policy opted into.
+pub fn verify_dev_quote(
+    raw: &[u8],
+    trusted_keys: &[[u8; 32]],
+) -> Result<Measurements, AttestError> {
+    if raw.len() != DEV_QUOTE_LEN || !raw.starts_with(DEV_QUOTE_MAGIC) {
+        return Err(AttestError::Verification("not a development quote".into()));
+    }
+    let (body, sig) = raw.split_at(DEV_BODY);
+    let trusted = trusted_keys.iter().any(|k| {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k)
+            .verify(body, sig)
+            .is_ok()
+    });
+    if !trusted {
+        return Err(AttestError::Verification(
+            "development quote not signed by a trusted dev key".into(),
+        ));
+    }
+    let field = |at: usize, len: usize| &body[at..at + len];
+    let mut m = Measurements {
+        mrtd: [0; 48],
+        rtmr: [[0; 48]; 4],
+        report_data: [0; 64],
+        td_attributes: [0; 8],
+    };
+    m.mrtd.copy_from_slice(field(24, 48));
+    for (i, r) in m.rtmr.iter_mut().enumerate() {
+        r.copy_from_slice(field(72 + 48 * i, 48));
+    }
+    m.report_data.copy_from_slice(field(264, 64));
+    m.td_attributes.copy_from_slice(field(328, 8));
+    Ok(m)
+}
