@@ -30,6 +30,8 @@ pub enum IdentityError {
     },
     #[error("key file {path} does not hold an Ed25519 PKCS#8 PEM key: {reason}")]
     BadKeyFile { path: String, reason: String },
+    #[error("cannot attest the certificate: {0}")]
+    Attestation(cocoon_attest::AttestError),
     #[error("rustls refused the key: {0}")]
     Rustls(rustls::Error),
 }
@@ -77,8 +79,15 @@ impl fmt::Debug for Fingerprint {
 pub struct Identity {
     key_pair: KeyPair,
     name: String,
+    attestation: Option<Attestation>,
     fingerprint: Fingerprint,
     current: RwLock<Issued>,
+}
+
+/// Who produces the quote put in each certificate, and the role claimed beside the key.
+struct Attestation {
+    attester: Arc<dyn cocoon_attest::Attester>,
+    role: String,
 }
 
 struct Issued {
@@ -143,13 +152,36 @@ impl Identity {
 
     fn from_key_pair(key_pair: KeyPair, name: &str) -> Result<Self, IdentityError> {
         let fingerprint = Fingerprint::of_public_key(key_pair.public_key_raw());
-        let issued = issue(&key_pair, name)?;
+        let issued = issue(&key_pair, name, None)?;
         Ok(Self {
             key_pair,
             name: name.to_owned(),
+            attestation: None,
             fingerprint,
             current: RwLock::new(issued),
         })
+    }
+
+    /// Makes every certificate of this identity an RA-TLS certificate: it carries a quote from
+    /// `attester` whose report data is SHA-512 of claims naming this key and `role`.
+    pub fn with_attester(
+        mut self,
+        role: &str,
+        attester: Arc<dyn cocoon_attest::Attester>,
+    ) -> Result<Self, IdentityError> {
+        if attester.kind() == cocoon_attest::AttesterKind::Dev {
+            tracing::warn!(
+                "DEVELOPMENT ATTESTATION: certificates carry a dev quote that proves nothing about this machine"
+            );
+        }
+        let attestation = Attestation {
+            attester,
+            role: role.to_owned(),
+        };
+        let issued = issue(&self.key_pair, &self.name, Some(&attestation))?;
+        self.attestation = Some(attestation);
+        self.current = RwLock::new(issued);
+        Ok(self)
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
@@ -171,7 +203,7 @@ impl Identity {
         }
         let mut current = self.current.write();
         if current.not_after - now <= RENEW_BEFORE {
-            match issue(&self.key_pair, &self.name) {
+            match issue(&self.key_pair, &self.name, self.attestation.as_ref()) {
                 Ok(fresh) => *current = fresh,
                 // The old certificate is still valid for a while; keep serving it.
                 Err(e) => tracing::error!(error = %e, "certificate renewal failed"),
@@ -181,7 +213,11 @@ impl Identity {
     }
 }
 
-fn issue(key_pair: &KeyPair, name: &str) -> Result<Issued, IdentityError> {
+fn issue(
+    key_pair: &KeyPair,
+    name: &str,
+    attestation: Option<&Attestation>,
+) -> Result<Issued, IdentityError> {
     let mut params =
         CertificateParams::new(Vec::<String>::new()).map_err(IdentityError::Certificate)?;
     let mut dn = DistinguishedName::new();
@@ -190,6 +226,30 @@ fn issue(key_pair: &KeyPair, name: &str) -> Result<Issued, IdentityError> {
     let now = OffsetDateTime::now_utc();
     params.not_before = now - CLOCK_SKEW;
     params.not_after = now + CERT_LIFETIME;
+    if let Some(a) = attestation {
+        let claims = cocoon_attest::Claims {
+            public_key: key_pair
+                .public_key_raw()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            role: a.role.clone(),
+        }
+        .to_bytes();
+        let quote = a
+            .attester
+            .quote(&cocoon_attest::Claims::report_data(&claims))
+            .map_err(IdentityError::Attestation)?;
+        for (oid, content) in [
+            (crate::ratls::OID_QUOTE, quote),
+            (crate::ratls::OID_CLAIMS, claims),
+        ] {
+            let mut ext = rcgen::CustomExtension::from_oid_content(oid, content);
+            // Critical: a verifier that does not understand attestation must refuse the peer.
+            ext.set_criticality(true);
+            params.custom_extensions.push(ext);
+        }
+    }
     let cert = params
         .self_signed(key_pair)
         .map_err(IdentityError::Certificate)?;

@@ -8,10 +8,12 @@
 
 mod config;
 mod identity;
+mod ratls;
 mod verify;
 
 pub use config::{client_config, peer_identity, server_config};
 pub use identity::{Fingerprint, Identity, IdentityError};
+pub use ratls::RaTlsVerifier;
 pub use verify::{AnyPeer, PeerCertificate, PeerVerifier, PinnedPeers, VerifyError};
 
 /// Name the client side puts in SNI. Peers are identified by key, never by name.

@@ -10,6 +10,8 @@ use crate::identity::Fingerprint;
 const KNOWN_CRITICAL: &[&str] = &[
     "2.5.29.15", // keyUsage
     "2.5.29.19", // basicConstraints
+    crate::ratls::OID_QUOTE_STR,
+    crate::ratls::OID_CLAIMS_STR,
 ];
 
 const ED25519_OID: &str = "1.3.101.112";
@@ -61,6 +63,16 @@ pub struct PeerCertificate {
 }
 
 impl PeerCertificate {
+    /// The value of the extension with this dotted OID, if present.
+    pub fn extension(&self, oid: &str) -> Option<&[u8]> {
+        self.extensions
+            .iter()
+            .find(|(o, _, _)| o == oid)
+            .map(|(_, _, v)| v.as_slice())
+    }
+}
+
+impl PeerCertificate {
     /// Parses and checks `der` at time `now`.
     pub fn parse(der: &CertificateDer<'_>, now: UnixTime) -> Result<Self, VerifyError> {
         let (rest, cert) = X509Certificate::from_der(der.as_ref())
@@ -92,7 +104,7 @@ impl PeerCertificate {
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &public_key)
             .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
             .map_err(|_| VerifyError::BadSelfSignature)?;
-        let mut extensions = Vec::new();
+        let mut extensions: Vec<(String, bool, Vec<u8>)> = Vec::new();
         for ext in cert.extensions() {
             let oid = ext.oid.to_id_string();
             if ext.critical && !KNOWN_CRITICAL.contains(&oid.as_str()) {
