@@ -2,7 +2,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cocoon_cli::bench::{self, BenchOptions};
 use cocoon_cli::config;
@@ -10,7 +9,7 @@ use cocoon_cli::dev::{DevNetwork, DevOptions};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
 use cocoon_proxy::{Proxy, ProxyConfig};
-use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
+use cocoon_tls::Identity;
 use cocoon_worker::{ModelRouter, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -128,19 +127,6 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-fn pin(fingerprint: Option<&str>, what: &str) -> anyhow::Result<Arc<dyn PeerVerifier>> {
-    Ok(match fingerprint {
-        Some(f) => {
-            Arc::new(PinnedPeers::new([Fingerprint::from_hex(f)
-                .with_context(|| format!("bad {what} fingerprint {f:?}"))?]))
-        }
-        None => {
-            tracing::warn!("no {what}_fingerprint configured: any {what} will be trusted");
-            Arc::new(AnyPeer)
-        }
-    })
-}
-
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Dev { listen, model } => {
@@ -181,12 +167,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .map(|b| b.build())
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let backend: Arc<dyn Backend> = Arc::new(ModelRouter::new(backends)?);
-            let identity = Arc::new(match &cfg.key_file {
-                Some(p) => Identity::load_or_create(p, "cocoon-worker")?,
-                None => Identity::ephemeral("cocoon-worker")?,
-            });
+            let identity = Arc::new(Identity::from_key_file(
+                cfg.key_file.as_deref(),
+                "cocoon-worker",
+            )?);
             println!("worker key fingerprint: {}", identity.fingerprint());
-            let proxy = pin(cfg.proxy_fingerprint.as_deref(), "proxy")?;
+            let pins: Vec<String> = cfg.proxy_fingerprint.iter().cloned().collect();
+            let proxy = cocoon_tls::pinned_or_any(&pins, "proxy").map_err(anyhow::Error::msg)?;
             let worker = Worker::new(
                 cfg.name,
                 cfg.proxy_addr,

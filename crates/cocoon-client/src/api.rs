@@ -16,7 +16,7 @@ use bytes::Bytes;
 use cocoon_protocol::{
     ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
 };
-use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
+use cocoon_tls::Identity;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClientConfig;
 use crate::link::ProxyLink;
-use crate::openai::{ChatRequest, CompletionRequest, OpenAiUsage, error_body};
+use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
 
 /// The gateway, bound and ready to serve.
 pub struct Gateway {
@@ -58,29 +58,20 @@ impl IntoResponse for ApiError {
 
 impl Gateway {
     pub async fn bind(config: &ClientConfig) -> anyhow::Result<Self> {
-        let identity = Arc::new(match &config.key_file {
-            Some(path) => Identity::load_or_create(path, "cocoon-client")?,
-            None => Identity::ephemeral("cocoon-client")?,
-        });
-        let proxy: Arc<dyn PeerVerifier> = match &config.proxy_fingerprint {
-            Some(f) => Arc::new(PinnedPeers::new([Fingerprint::from_hex(f)
-                .ok_or_else(|| anyhow::anyhow!("bad proxy_fingerprint {f:?}"))?])),
-            None => {
-                tracing::warn!(
-                    "no proxy_fingerprint configured: the gateway will talk to ANY proxy at {}",
-                    config.proxy_addr
-                );
-                Arc::new(AnyPeer)
-            }
-        };
+        let identity = Arc::new(Identity::from_key_file(
+            config.key_file.as_deref(),
+            "cocoon-client",
+        )?);
+        let pins: Vec<String> = config.proxy_fingerprint.iter().cloned().collect();
+        let proxy = cocoon_tls::pinned_or_any(&pins, "proxy").map_err(anyhow::Error::msg)?;
         let state = Arc::new(AppState {
             link: ProxyLink::new(config.proxy_addr.clone(), identity, proxy),
         });
         let router = Router::new()
             .route("/v1/models", get(list_models))
             .route("/v1/models/{model}", get(get_model))
-            .route("/v1/chat/completions", post(chat_completions))
-            .route("/v1/completions", post(completions))
+            .route("/v1/chat/completions", post(generation::<ChatRequest>))
+            .route("/v1/completions", post(generation::<CompletionRequest>))
             .route("/health", get(|| async { "ok" }))
             .fallback(unknown_route)
             .method_not_allowed_fallback(method_not_allowed)
@@ -179,35 +170,42 @@ pub(crate) enum Endpoint {
     Completion,
 }
 
-async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = async {
-        let req: ChatRequest = parse_body(body)?;
-        let (stream, include_usage) = (req.common.stream, req.common.include_usage());
-        let generate = req.into_generate()?;
-        answer(&state, generate, Endpoint::Chat, stream, include_usage).await
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+/// What the two generation endpoints have in common, so one handler serves both.
+trait EndpointRequest: DeserializeOwned {
+    const ENDPOINT: Endpoint;
+    fn common(&self) -> &Common;
+    fn into_generate(self) -> Result<GenerateRequest, ProtocolError>;
 }
 
-async fn completions(
+impl EndpointRequest for ChatRequest {
+    const ENDPOINT: Endpoint = Endpoint::Chat;
+    fn common(&self) -> &Common {
+        &self.common
+    }
+    fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
+        ChatRequest::into_generate(self)
+    }
+}
+
+impl EndpointRequest for CompletionRequest {
+    const ENDPOINT: Endpoint = Endpoint::Completion;
+    fn common(&self) -> &Common {
+        &self.common
+    }
+    fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
+        CompletionRequest::into_generate(self)
+    }
+}
+
+async fn generation<R: EndpointRequest>(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let req: CompletionRequest = parse_body(body)?;
-        let (stream, include_usage) = (req.common.stream, req.common.include_usage());
+        let req: R = parse_body(body)?;
+        let (stream, include_usage) = (req.common().stream, req.common().include_usage());
         let generate = req.into_generate()?;
-        answer(
-            &state,
-            generate,
-            Endpoint::Completion,
-            stream,
-            include_usage,
-        )
-        .await
+        answer(&state, generate, R::ENDPOINT, stream, include_usage).await
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -39,6 +39,6 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// A stream holding a single error event.
-pub(crate) fn error_stream(error: cocoon_protocol::ProtocolError) -> EventStream {
+pub fn error_stream(error: cocoon_protocol::ProtocolError) -> EventStream {
     Box::pin(futures_util::stream::iter([GenerateEvent::Error { error }]))
 }

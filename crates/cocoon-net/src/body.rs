@@ -94,9 +94,7 @@ impl EventReader {
                     if !matches!(event, GenerateEvent::Delta { .. }) {
                         self.finished = true;
                     }
-                    let mut encoded = frame.to_vec();
-                    encoded.push(b'\n');
-                    return Some(Ok((event, Bytes::from(encoded))));
+                    return Some(Ok((event, frame)));
                 }
                 Ok(None) => {}
                 Err(e) => {

@@ -3,7 +3,7 @@
 //! JSON escapes every newline inside strings, so a raw `\n` can only end a frame. A decoder
 //! enforces [`MAX_FRAME_BYTES`] so a peer cannot make us buffer without bound.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 
 /// Largest frame a decoder accepts.
@@ -42,7 +42,8 @@ impl FrameDecoder {
         self.buf.extend_from_slice(chunk);
     }
 
-    /// Returns the next complete frame (without its newline), if any. Empty lines are skipped.
+    /// Returns the next complete frame, if any, *with* its terminating newline, so a relay can
+    /// forward it as is (serde_json ignores the trailing whitespace). Empty lines are skipped.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         loop {
             let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') else {
@@ -57,9 +58,8 @@ impl FrameDecoder {
             if end > MAX_FRAME_BYTES {
                 return Err(FrameError::TooLarge);
             }
-            let frame = self.buf.split_to(end).freeze();
-            self.buf.advance(1);
-            if !frame.is_empty() {
+            let frame = self.buf.split_to(end + 1).freeze();
+            if frame.len() > 1 {
                 return Ok(Some(frame));
             }
         }

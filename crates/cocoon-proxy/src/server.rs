@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use cocoon_net::{Body, Channel, json, no_route, response};
 use cocoon_protocol::{ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, WorkerHello, paths};
-use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier, PinnedPeers};
+use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
@@ -54,26 +54,12 @@ pub struct WorkerStatus {
 impl Proxy {
     /// Binds the listening socket and loads (or creates) the proxy's key.
     pub async fn bind(config: &ProxyConfig) -> anyhow::Result<Self> {
-        let identity = Arc::new(match &config.key_file {
-            Some(path) => Identity::load_or_create(path, "cocoon-proxy")?,
-            None => Identity::ephemeral("cocoon-proxy")?,
-        });
-        let workers_policy: Arc<dyn PeerVerifier> = if config.worker_fingerprints.is_empty() {
-            tracing::warn!(
-                "no worker_fingerprints configured: ANY worker may join (development only)"
-            );
-            Arc::new(AnyPeer)
-        } else {
-            let pins = config
-                .worker_fingerprints
-                .iter()
-                .map(|f| {
-                    Fingerprint::from_hex(f)
-                        .ok_or_else(|| anyhow::anyhow!("bad worker fingerprint {f:?}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Arc::new(PinnedPeers::new(pins))
-        };
+        let identity = Arc::new(Identity::from_key_file(
+            config.key_file.as_deref(),
+            "cocoon-proxy",
+        )?);
+        let workers_policy = cocoon_tls::pinned_or_any(&config.worker_fingerprints, "worker")
+            .map_err(anyhow::Error::msg)?;
         // The TLS layer admits any well-formed client; workers are checked after the handshake,
         // once their ALPN says they are workers.
         let tls = cocoon_tls::server_config(

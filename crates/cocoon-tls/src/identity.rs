@@ -150,6 +150,15 @@ impl Identity {
         Self::from_key_pair(key_pair, name)
     }
 
+    /// The key in `key_file` (created if missing), or a fresh one per run when unset: the
+    /// `key_file` setting every role shares.
+    pub fn from_key_file(key_file: Option<&Path>, name: &str) -> Result<Self, IdentityError> {
+        match key_file {
+            Some(path) => Self::load_or_create(path, name),
+            None => Self::ephemeral(name),
+        }
+    }
+
     fn from_key_pair(key_pair: KeyPair, name: &str) -> Result<Self, IdentityError> {
         let fingerprint = Fingerprint::of_public_key(key_pair.public_key_raw());
         let issued = issue(&key_pair, name, None)?;

@@ -14,7 +14,7 @@ mod verify;
 pub use config::{client_config, peer_identity, server_config};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use ratls::RaTlsVerifier;
-pub use verify::{AnyPeer, PeerCertificate, PeerVerifier, PinnedPeers, VerifyError};
+pub use verify::{AnyPeer, PeerCertificate, PeerVerifier, PinnedPeers, VerifyError, pinned_or_any};
 
 /// Name the client side puts in SNI. Peers are identified by key, never by name.
 pub const SERVER_NAME: &str = "cocoon.invalid";

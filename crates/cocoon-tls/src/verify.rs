@@ -1,5 +1,6 @@
 use std::collections::HashSet;
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -166,6 +167,25 @@ impl PeerVerifier for PinnedPeers {
             Err(VerifyError::NotPinned(peer.fingerprint))
         }
     }
+}
+
+/// The policy for a configured list of `what` fingerprints (hex): those keys only, or, when the
+/// list is empty, any peer, with a warning, since that is for development only.
+pub fn pinned_or_any(fingerprints: &[String], what: &str) -> Result<Arc<dyn PeerVerifier>, String> {
+    if fingerprints.is_empty() {
+        tracing::warn!(
+            "no {what} fingerprint configured: ANY {what} will be trusted (development only)"
+        );
+        return Ok(Arc::new(AnyPeer));
+    }
+    let pins = fingerprints
+        .iter()
+        .map(|f| {
+            Fingerprint::from_hex(f)
+                .ok_or_else(|| format!("bad {what} fingerprint {f:?}: expected 64 hex digits"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Arc::new(PinnedPeers::new(pins)))
 }
 
 #[cfg(test)]

@@ -1,20 +1,23 @@
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use cocoon_engine::{Backend, EventStream, StatsSnapshot};
-use cocoon_protocol::{ErrorKind, GenerateEvent, GenerateRequest, ModelCard, ProtocolError};
+use cocoon_engine::{Backend, EventStream, StatsSnapshot, error_stream};
+use cocoon_protocol::{ErrorKind, GenerateRequest, ModelCard, ProtocolError};
 
 /// Serves several backends as one, sending each request to the backend that has its model.
 pub struct ModelRouter {
     backends: Vec<Arc<dyn Backend>>,
+    /// Model name -> index in `backends`; models are fixed once a backend is built.
+    routes: HashMap<String, usize>,
 }
 
 impl ModelRouter {
     /// Fails if two backends announce the same model name.
     pub fn new(backends: Vec<Arc<dyn Backend>>) -> Result<Self, ProtocolError> {
-        let mut seen = std::collections::HashSet::new();
-        for b in &backends {
+        let mut routes = HashMap::new();
+        for (i, b) in backends.iter().enumerate() {
             for m in b.models() {
-                if !seen.insert(m.id.clone()) {
+                if routes.insert(m.id.clone(), i).is_some() {
                     return Err(ProtocolError::internal(format!(
                         "model '{}' is configured twice",
                         m.id
@@ -22,7 +25,7 @@ impl ModelRouter {
                 }
             }
         }
-        Ok(Self { backends })
+        Ok(Self { backends, routes })
     }
 }
 
@@ -36,19 +39,12 @@ impl Backend for ModelRouter {
     }
 
     fn generate(&self, request: GenerateRequest) -> EventStream {
-        match self
-            .backends
-            .iter()
-            .find(|b| b.models().iter().any(|m| m.id == request.model))
-        {
-            Some(b) => b.generate(request),
-            None => {
-                let error = ProtocolError::new(
-                    ErrorKind::ModelNotFound,
-                    format!("this worker does not serve model '{}'", request.model),
-                );
-                Box::pin(futures_util::stream::iter([GenerateEvent::Error { error }]))
-            }
+        match self.routes.get(&request.model) {
+            Some(&i) => self.backends[i].generate(request),
+            None => error_stream(ProtocolError::new(
+                ErrorKind::ModelNotFound,
+                format!("this worker does not serve model '{}'", request.model),
+            )),
         }
     }
 
