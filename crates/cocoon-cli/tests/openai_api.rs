@@ -13,14 +13,7 @@ use serde_json::{Value, json};
 async fn models_are_listed_and_retrievable() {
     let net = network(vec![llama()]).await;
     let http = reqwest::Client::new();
-    let list: Value = http
-        .get(format!("{}/models", net.gateway_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&http, format!("{}/models", net.gateway_url())).await;
     assert_eq!(list["object"], "list");
     assert_eq!(list["data"][0]["id"], MODEL);
     assert_eq!(list["data"][0]["context_length"], 4096);

@@ -53,14 +53,7 @@ async fn dropped_worker_disappears_and_comes_back() {
     net.stop_worker(0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let list: Value = http
-            .get(&models)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value = get_json(&http, &models).await;
         if list["data"].as_array().unwrap().is_empty() {
             break;
         }

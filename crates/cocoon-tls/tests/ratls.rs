@@ -1,14 +1,13 @@
 //! RA-TLS handshakes: certificates carrying quotes, checked by policy on both sides.
 
+mod common;
+
 use std::sync::Arc;
 
 use cocoon_attest::{Attester, DevAttester, Measurements, Policy, parse_collateral};
-use cocoon_tls::{
-    AnyPeer, Identity, PeerCertificate, PeerVerifier, RaTlsVerifier, client_config, server_config,
-};
+use cocoon_tls::{AnyPeer, Identity, PeerCertificate, PeerVerifier, RaTlsVerifier};
+use common::handshake;
 use rustls::pki_types::UnixTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 fn image(mrtd: u8) -> Measurements {
     Measurements {
@@ -31,40 +30,6 @@ fn policy_for(mrtd: u8) -> Policy {
 
 fn cert_of(id: &Identity) -> PeerCertificate {
     PeerCertificate::parse(&id.certified_key().cert[0], UnixTime::now()).unwrap()
-}
-
-/// Client and server handshake; returns (client result, server result).
-async fn handshake(
-    server: Arc<Identity>,
-    server_accepts: Arc<dyn PeerVerifier>,
-    client: Arc<Identity>,
-    client_accepts: Arc<dyn PeerVerifier>,
-) -> (Result<(), String>, Result<(), String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(server, server_accepts, &[b"t"]));
-    let srv = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
-        let mut b = [0u8; 1];
-        tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(())
-    });
-    let connector =
-        tokio_rustls::TlsConnector::from(client_config(client, client_accepts, &[b"t"]));
-    let cli = async {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from(cocoon_tls::SERVER_NAME).unwrap();
-        let mut tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        tls.write_all(b"x").await.map_err(|e| e.to_string())?;
-        tls.flush().await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(())
-    }
-    .await;
-    (cli, srv.await.unwrap())
 }
 
 #[tokio::test]

@@ -89,3 +89,8 @@ pub async fn post_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, body:
         .await
         .unwrap()
 }
+
+/// GETs `url` and parses the JSON answer.
+pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
