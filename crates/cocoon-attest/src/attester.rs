@@ -14,12 +14,27 @@ pub const TSM_REPORT_ROOT: &str = "/sys/kernel/config/tsm/report";
 pub const DEV_QUOTE_MAGIC: &[u8; 24] = b"COCOON-DEV-QUOTE-INSECUR";
 
 /// Which kind of evidence an attester produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AttesterKind {
     /// A real Intel TDX quote.
     Tdx,
     /// A development "quote" signed by a local key. Proves nothing about the machine.
     Dev,
+}
+
+impl AttesterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttesterKind::Tdx => "tdx",
+            AttesterKind::Dev => "dev",
+        }
+    }
+}
+
+impl std::fmt::Display for AttesterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Something that can produce a quote binding `report_data`.
@@ -105,8 +120,9 @@ pub struct DevAttester {
 
 impl DevAttester {
     /// `measurements.report_data` is ignored: each quote carries the data it is asked for.
+    /// `pkcs8` may be v1 (no public key inside, as many tools write it) or v2.
     pub fn new(pkcs8: &[u8], measurements: Measurements) -> Result<Self, AttestError> {
-        let key = Ed25519KeyPair::from_pkcs8(pkcs8)
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
             .map_err(|e| AttestError::NoTee(format!("dev attester key: {e}")))?;
         Ok(Self { key, measurements })
     }
@@ -127,6 +143,21 @@ impl DevAttester {
             .as_ref()
             .try_into()
             .expect("Ed25519 public keys are 32 bytes")
+    }
+}
+
+/// The measurements a development attester claims unless told otherwise: a fixed, recognisable
+/// "image" (MRTD = SHA-384 of a label, RTMRs zero), so dev policies can name it by hash.
+pub fn dev_image() -> Measurements {
+    let mut mrtd = [0u8; 48];
+    mrtd.copy_from_slice(
+        ring::digest::digest(&ring::digest::SHA384, b"cocoon development image v1").as_ref(),
+    );
+    Measurements {
+        mrtd,
+        rtmr: [[0; 48]; 4],
+        report_data: [0; 64],
+        td_attributes: [0; 8],
     }
 }
 
@@ -174,7 +205,15 @@ pub fn verify_dev_quote(
             "development quote not signed by a trusted dev key".into(),
         ));
     }
-    let field = |at: usize, len: usize| &body[at..at + len];
+    read_dev_quote(raw)
+}
+
+/// The fields of a development quote, signature NOT checked.
+pub(crate) fn read_dev_quote(raw: &[u8]) -> Result<Measurements, AttestError> {
+    if raw.len() != DEV_QUOTE_LEN || !raw.starts_with(DEV_QUOTE_MAGIC) {
+        return Err(AttestError::Verification("not a development quote".into()));
+    }
+    let field = |at: usize, len: usize| &raw[at..at + len];
     let mut m = Measurements {
         mrtd: [0; 48],
         rtmr: [[0; 48]; 4],

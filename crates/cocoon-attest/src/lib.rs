@@ -12,13 +12,15 @@ mod quote;
 
 pub use measurements::{ImageHash, Measurements};
 pub use policy::{Policy, PolicyError};
-pub use quote::{AttestError, Collateral, VerifiedQuote, parse_collateral, verify_quote};
+pub use quote::{
+    AttestError, Collateral, VerifiedQuote, parse_collateral, read_measurements, verify_quote,
+};
 
 mod attester;
 mod binding;
 
 pub use attester::{
-    Attester, AttesterKind, DEV_QUOTE_MAGIC, DevAttester, TSM_REPORT_ROOT, TdxAttester,
+    Attester, AttesterKind, DEV_QUOTE_MAGIC, DevAttester, TSM_REPORT_ROOT, TdxAttester, dev_image,
     verify_dev_quote,
 };
 pub use binding::{BindingError, Claims, check_binding};

@@ -30,6 +30,28 @@ pub struct VerifiedQuote {
     pub measurements: Measurements,
 }
 
+/// The measurements a quote claims, read WITHOUT verifying anything: for showing a quote to a
+/// person (`cocoon attest show`), never for a decision. Development quotes are read too.
+pub fn read_measurements(raw: &[u8]) -> Result<(crate::AttesterKind, Measurements), AttestError> {
+    if raw.starts_with(crate::DEV_QUOTE_MAGIC) {
+        let m = crate::attester::read_dev_quote(raw)?;
+        return Ok((crate::AttesterKind::Dev, m));
+    }
+    let quote = dcap_qvl::quote::Quote::parse(raw)
+        .map_err(|e| AttestError::Verification(format!("not a quote: {e:#}")))?;
+    let td = quote.report.as_td10().ok_or(AttestError::NotTdx)?;
+    Ok((crate::AttesterKind::Tdx, measurements_of(td)))
+}
+
+fn measurements_of(td: &dcap_qvl::quote::TDReport10) -> Measurements {
+    Measurements {
+        mrtd: td.mr_td,
+        rtmr: [td.rt_mr0, td.rt_mr1, td.rt_mr2, td.rt_mr3],
+        report_data: td.report_data,
+        td_attributes: td.td_attributes,
+    }
+}
+
 /// Parses collateral JSON as PCCS serves it.
 pub fn parse_collateral(json: &[u8]) -> Result<Collateral, AttestError> {
     serde_json::from_slice(json).map_err(|e| AttestError::BadCollateral(e.to_string()))
@@ -48,11 +70,6 @@ pub fn verify_quote(
     Ok(VerifiedQuote {
         tcb_status: verified.status,
         advisory_ids: verified.advisory_ids,
-        measurements: Measurements {
-            mrtd: td.mr_td,
-            rtmr: [td.rt_mr0, td.rt_mr1, td.rt_mr2, td.rt_mr3],
-            report_data: td.report_data,
-            td_attributes: td.td_attributes,
-        },
+        measurements: measurements_of(td),
     })
 }

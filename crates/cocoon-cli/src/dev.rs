@@ -1,5 +1,8 @@
 //! A whole network in one process: one proxy, its workers and a client gateway, all on
-//! loopback, every hop mutual TLS with pinned keys.
+//! loopback, every hop mutual RA-TLS with DEVELOPMENT attestation: each node's certificate
+//! carries a dev quote of the fixed dev image, signed by a key made for this network, and each
+//! side checks the other's quote, image and key binding exactly as it would a TDX quote. That
+//! proves nothing about the machine, and every part says so in its logs and status output.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +12,7 @@ use std::time::Duration;
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::Backend;
 use cocoon_proxy::{Proxy, ProxyConfig, ProxyStatus, StatusSource};
-use cocoon_tls::{Identity, PinnedPeers};
+use cocoon_tls::{AttesterChoice, AttesterConfig, Identity, PeerPolicy};
 use cocoon_worker::Worker;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +38,7 @@ impl Default for DevOptions {
 }
 
 struct WorkerSlot {
+    name: String,
     backend: Arc<dyn Backend>,
     identity: Arc<Identity>,
     stop: Option<CancellationToken>,
@@ -51,6 +55,9 @@ pub struct DevNetwork {
     proxy_stop: CancellationToken,
     proxy_status: Arc<dyn StatusSource>,
     workers: Vec<WorkerSlot>,
+    /// Holds the development attester's key for the life of the network.
+    dev_dir: tempfile::TempDir,
+    dev_key: String,
 }
 
 impl DevNetwork {
@@ -60,29 +67,35 @@ impl DevNetwork {
         backends: Vec<Arc<dyn Backend>>,
     ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
+        let dev_dir = tempfile::tempdir()?;
+        let dev_key = hex(&cocoon_tls::dev_attester(
+            &dev_dir.path().join("dev-attester.key"),
+            cocoon_attest::dev_image(),
+        )?
+        .public_key());
+        let attester = dev_attester_config(&dev_dir);
         let workers: Vec<WorkerSlot> = backends
             .into_iter()
-            .map(|backend| {
-                Ok(WorkerSlot {
-                    backend,
-                    identity: Arc::new(Identity::ephemeral("cocoon-worker")?),
-                    stop: None,
-                    connected: Arc::default(),
-                })
-            })
+            .enumerate()
+            .map(|(i, backend)| worker_slot(format!("dev-worker-{i}"), backend, &attester))
             .collect::<anyhow::Result<_>>()?;
         let proxy_stop = shutdown.child_token();
         let (proxy_addr, proxy_fingerprint, proxy_status) = start_proxy(
             &options,
             &options.proxy_listen,
-            &workers,
+            &dev_dir,
+            &dev_key,
             proxy_stop.clone(),
         )
         .await?;
         let gateway = Gateway::bind(&ClientConfig {
             listen: options.gateway_listen.clone(),
             proxy_addr: proxy_addr.to_string(),
-            proxy_fingerprint: Some(proxy_fingerprint.to_string()),
+            attester,
+            proxy_policy: PeerPolicy {
+                fingerprints: vec![proxy_fingerprint.to_string()],
+                ..dev_policy(&dev_key)
+            },
             ..ClientConfig::default()
         })
         .await?;
@@ -97,6 +110,8 @@ impl DevNetwork {
             proxy_stop,
             proxy_status,
             workers,
+            dev_dir,
+            dev_key,
         };
         for i in 0..net.workers.len() {
             net.start_worker(i);
@@ -122,16 +137,54 @@ impl DevNetwork {
         &self.workers[worker].backend
     }
 
+    /// Public key (hex) of this network's development attester: what policies list in
+    /// `dev_attester_keys` to accept its quotes.
+    pub fn dev_attester_key(&self) -> &str {
+        &self.dev_key
+    }
+
+    /// The `[attester]` every node of this network uses.
+    pub fn dev_attester(&self) -> AttesterConfig {
+        dev_attester_config(&self.dev_dir)
+    }
+
+    /// The policy every node of this network applies to its peers: a dev quote of the dev
+    /// image, signed by this network's dev attester, bound to the peer's key.
+    pub fn dev_policy(&self) -> PeerPolicy {
+        dev_policy(&self.dev_key)
+    }
+
+    /// Adds a worker that attests itself as `attester` says and starts it; returns its index.
+    /// For trying what the proxy admits.
+    pub fn add_worker(
+        &mut self,
+        name: &str,
+        backend: Arc<dyn Backend>,
+        attester: &AttesterConfig,
+    ) -> anyhow::Result<usize> {
+        self.workers
+            .push(worker_slot(name.to_owned(), backend, attester)?);
+        let i = self.workers.len() - 1;
+        self.start_worker(i);
+        Ok(i)
+    }
+
     /// (Re)starts worker `i`; it dials the proxy and joins.
     pub fn start_worker(&mut self, i: usize) {
+        let proxy_policy = PeerPolicy {
+            fingerprints: vec![self.proxy_fingerprint.to_string()],
+            ..dev_policy(&self.dev_key)
+        }
+        .build("proxy_policy", "proxy")
+        .expect("the dev policy is valid");
         let slot = &mut self.workers[i];
         let stop = self.shutdown.child_token();
         let worker = Worker::new(
-            format!("dev-worker-{i}"),
+            slot.name.clone(),
             self.proxy_addr.to_string(),
             slot.backend.clone(),
             slot.identity.clone(),
-            Arc::new(PinnedPeers::new([self.proxy_fingerprint])),
+            proxy_policy,
             Duration::from_millis(500),
         );
         slot.connected = worker.connected_flag();
@@ -160,7 +213,8 @@ impl DevNetwork {
         let (addr, fingerprint, status) = start_proxy(
             &self.options,
             &listen,
-            &self.workers,
+            &self.dev_dir,
+            &self.dev_key,
             self.proxy_stop.clone(),
         )
         .await?;
@@ -211,16 +265,17 @@ impl Drop for DevNetwork {
 async fn start_proxy(
     options: &DevOptions,
     listen: &str,
-    workers: &[WorkerSlot],
+    dev_dir: &tempfile::TempDir,
+    dev_key: &str,
     stop: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, cocoon_tls::Fingerprint, Arc<dyn StatusSource>)> {
+    // Workers are admitted by attestation alone, as in a real network: any worker running an
+    // allowed image may join, whatever its key.
     let proxy = Proxy::bind(&ProxyConfig {
         listen: listen.to_owned(),
         key_file: options.proxy_key_file.clone(),
-        worker_fingerprints: workers
-            .iter()
-            .map(|w| w.identity.fingerprint().to_string())
-            .collect(),
+        attester: dev_attester_config(dev_dir),
+        worker_policy: dev_policy(dev_key),
         ..ProxyConfig::default()
     })
     .await?;
@@ -229,4 +284,39 @@ async fn start_proxy(
     let status = proxy.status_handle();
     tokio::spawn(proxy.run(stop));
     Ok((addr, fingerprint, status))
+}
+
+fn worker_slot(
+    name: String,
+    backend: Arc<dyn Backend>,
+    attester: &AttesterConfig,
+) -> anyhow::Result<WorkerSlot> {
+    Ok(WorkerSlot {
+        name,
+        backend,
+        identity: Arc::new(attester.identity(None, "cocoon-worker", "worker")?),
+        stop: None,
+        connected: Arc::default(),
+    })
+}
+
+fn dev_attester_config(dev_dir: &tempfile::TempDir) -> AttesterConfig {
+    AttesterConfig {
+        kind: AttesterChoice::Dev,
+        dev_key_file: Some(dev_dir.path().join("dev-attester.key")),
+        dev_mrtd: None,
+    }
+}
+
+fn dev_policy(dev_key: &str) -> PeerPolicy {
+    PeerPolicy {
+        require_attestation: true,
+        image_hashes: vec![cocoon_attest::dev_image().image_hash().to_string()],
+        dev_attester_keys: vec![dev_key.to_owned()],
+        ..PeerPolicy::default()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -9,7 +9,6 @@ use cocoon_cli::dev::{DevNetwork, DevOptions};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
 use cocoon_proxy::{Proxy, ProxyConfig};
-use cocoon_tls::Identity;
 use cocoon_worker::{ModelRouter, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -154,6 +153,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n"
             );
+            println!(
+                "DEVELOPMENT attestation on every hop: dev quotes prove nothing about the machines."
+            );
             println!("Press Ctrl-C to stop.");
             shutdown_on_signal().cancelled().await;
             net.shutdown();
@@ -167,13 +169,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .map(|b| b.build())
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let backend: Arc<dyn Backend> = Arc::new(ModelRouter::new(backends)?);
-            let identity = Arc::new(Identity::from_key_file(
+            let identity = Arc::new(cfg.attester.identity(
                 cfg.key_file.as_deref(),
                 "cocoon-worker",
+                "worker",
             )?);
             println!("worker key fingerprint: {}", identity.fingerprint());
-            let pins: Vec<String> = cfg.proxy_fingerprint.iter().cloned().collect();
-            let proxy = cocoon_tls::pinned_or_any(&pins, "proxy").map_err(anyhow::Error::msg)?;
+            let proxy = cfg.proxy_policy.build("proxy_policy", "proxy")?;
             let worker = Worker::new(
                 cfg.name,
                 cfg.proxy_addr,

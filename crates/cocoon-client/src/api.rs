@@ -16,7 +16,6 @@ use bytes::Bytes;
 use cocoon_protocol::{
     ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
 };
-use cocoon_tls::Identity;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -34,6 +33,8 @@ pub struct Gateway {
 
 struct AppState {
     link: ProxyLink,
+    /// How this gateway attests itself: `tdx`, `dev` or `none`.
+    attestation: &'static str,
 }
 
 /// An error answered in OpenAI's shape.
@@ -58,14 +59,16 @@ impl IntoResponse for ApiError {
 
 impl Gateway {
     pub async fn bind(config: &ClientConfig) -> anyhow::Result<Self> {
-        let identity = Arc::new(Identity::from_key_file(
+        let identity = Arc::new(config.attester.identity(
             config.key_file.as_deref(),
             "cocoon-client",
+            "client",
         )?);
-        let pins: Vec<String> = config.proxy_fingerprint.iter().cloned().collect();
-        let proxy = cocoon_tls::pinned_or_any(&pins, "proxy").map_err(anyhow::Error::msg)?;
+        let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
+        let proxy = config.proxy_policy.build("proxy_policy", "proxy")?;
         let state = Arc::new(AppState {
             link: ProxyLink::new(config.proxy_addr.clone(), identity, proxy),
+            attestation,
         });
         let router = Router::new()
             .route("/v1/models", get(list_models))
@@ -124,9 +127,34 @@ fn model_json(card: &cocoon_protocol::ListedModel) -> Value {
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let list = state.link.models().await?;
-    Ok(Json(
-        json!({"object": "list", "data": list.models.iter().map(model_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(json!({
+        "object": "list",
+        "data": list.models.iter().map(model_json).collect::<Vec<_>>(),
+        "cocoon": {"attestation": attestation_json(&state)},
+    })))
+}
+
+/// Who proved what on this gateway's hop, shown beside the model list so that a network running
+/// on development attestation can never pass for a confidential one.
+fn attestation_json(state: &AppState) -> Value {
+    let proxy = state.link.proxy_attestation();
+    let proxy_mode = proxy.as_ref().map_or("none", |v| v.mode());
+    let attested = proxy.as_ref().and_then(|v| v.attestation.as_ref());
+    let development = state.attestation == "dev" || proxy_mode == "dev";
+    let mut out = json!({
+        "client": state.attestation,
+        "proxy": proxy_mode,
+        "proxy_image_hash": attested.map(|a| a.image_hash.to_string()),
+        "proxy_tcb_status": attested.and_then(|a| a.tcb_status.clone()),
+        "development": development,
+    });
+    if development {
+        out["warning"] = json!(
+            "DEVELOPMENT attestation: quotes are signed by a local key and prove nothing about \
+             the machines; do not send confidential data"
+        );
+    }
+    out
 }
 
 async fn get_model(

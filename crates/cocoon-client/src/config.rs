@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use cocoon_tls::{AttesterConfig, PeerPolicy};
 use serde::{Deserialize, Serialize};
 
 /// `client.toml`. Every field has a default; `cocoon config client` prints them all.
@@ -11,13 +12,15 @@ pub struct ClientConfig {
     pub listen: String,
     /// The proxy, `host:port`.
     pub proxy_addr: String,
-    /// SHA-256 fingerprint of the proxy's key (printed by `cocoon proxy` at start). Without it
-    /// the gateway talks to any proxy at that address.
-    pub proxy_fingerprint: Option<String>,
     /// The client's key: its identity towards the proxy. A fresh key per run when unset.
     pub key_file: Option<PathBuf>,
     /// Largest request body accepted from apps, in bytes.
     pub max_body_bytes: usize,
+    /// How this client proves what it runs, for proxies that require it.
+    pub attester: AttesterConfig,
+    /// Which proxies get prompts: a pinned key (the fingerprint `cocoon proxy` prints) and/or
+    /// an attested image. Checked before a byte of a prompt is sent.
+    pub proxy_policy: PeerPolicy,
 }
 
 impl Default for ClientConfig {
@@ -25,9 +28,10 @@ impl Default for ClientConfig {
         Self {
             listen: "127.0.0.1:10000".into(),
             proxy_addr: "127.0.0.1:10443".into(),
-            proxy_fingerprint: None,
             key_file: None,
             max_body_bytes: 4 << 20,
+            attester: AttesterConfig::default(),
+            proxy_policy: PeerPolicy::default(),
         }
     }
 }

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use cocoon_net::{Channel, EventReader};
 use cocoon_protocol::{ALPN_CLIENT, GenerateRequest, ModelList, ProtocolError, paths};
-use cocoon_tls::{Identity, PeerVerifier};
+use cocoon_tls::{Identity, PeerVerifier, Verified};
 use tokio::sync::Mutex;
 
 const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -13,7 +13,10 @@ const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ProxyLink {
     addr: String,
     tls: Arc<rustls::ClientConfig>,
+    proxy_policy: Arc<dyn PeerVerifier>,
     channel: Mutex<Option<Channel>>,
+    /// What the current proxy proved in its handshake, for status output.
+    proxy_attestation: std::sync::Mutex<Option<Verified>>,
 }
 
 impl ProxyLink {
@@ -24,8 +27,10 @@ impl ProxyLink {
     ) -> Self {
         Self {
             addr: addr.into(),
-            tls: cocoon_tls::client_config(identity, proxy, &[ALPN_CLIENT]),
+            tls: cocoon_tls::client_config(identity, proxy.clone(), &[ALPN_CLIENT]),
+            proxy_policy: proxy,
             channel: Mutex::new(None),
+            proxy_attestation: std::sync::Mutex::new(None),
         }
     }
 
@@ -39,13 +44,39 @@ impl ProxyLink {
             .map_err(|e| {
                 ProtocolError::unavailable(format!("cannot reach proxy {}: {e}", self.addr))
             })?;
+        // The handshake already ran the policy; running it again (from its cache) recovers what
+        // it established, which rustls does not hand back.
+        let verified = cocoon_tls::peer_identity(tls.get_ref().1.peer_certificates())
+            .ok_or_else(|| ProtocolError::unavailable("proxy presented no certificate"))
+            .and_then(|peer| {
+                self.proxy_policy
+                    .verify(&peer)
+                    .map_err(|e| ProtocolError::unavailable(format!("proxy refused: {e}")))
+            })?;
         let (channel, driver) = Channel::handshake(tls)
             .await
             .map_err(|e| ProtocolError::unavailable(format!("proxy {}: {e}", self.addr)))?;
         tokio::spawn(driver);
-        tracing::info!(proxy = %self.addr, "connected to proxy");
+        tracing::info!(proxy = %self.addr, attestation = verified.mode(), "connected to proxy");
+        if verified.mode() == "dev" {
+            tracing::warn!(
+                "the proxy is attested by a DEVELOPMENT quote: it proves nothing about its machine"
+            );
+        }
+        *self
+            .proxy_attestation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(verified);
         *slot = Some(channel.clone());
         Ok(channel)
+    }
+
+    /// What the proxy proved when last connected; `None` before the first connection.
+    pub fn proxy_attestation(&self) -> Option<Verified> {
+        self.proxy_attestation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub async fn generate(&self, request: &GenerateRequest) -> Result<EventReader, ProtocolError> {

@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use cocoon_tls::{AttesterConfig, PeerPolicy};
 use serde::{Deserialize, Serialize};
 
 /// `proxy.toml`. Every field has a default; `cocoon config proxy` prints them all.
@@ -11,12 +12,17 @@ pub struct ProxyConfig {
     /// The proxy's key; its fingerprint is what clients and workers pin. Created if missing.
     /// A fresh key per run when unset.
     pub key_file: Option<PathBuf>,
-    /// Fingerprints of the workers allowed to serve. Empty: any worker (development only).
-    pub worker_fingerprints: Vec<String>,
     /// Largest generation request accepted from a client, in bytes.
     pub max_request_bytes: usize,
     /// Open connections at most; further ones wait to be accepted.
     pub max_connections: usize,
+    /// How this proxy proves what it runs (`tdx` inside a TDX guest).
+    pub attester: AttesterConfig,
+    /// Which workers may serve: pinned keys and/or attested images. Prompts go only to them.
+    pub worker_policy: PeerPolicy,
+    /// Which clients may connect. Default: any key (clients are known by key and pay from
+    /// contracts bound to it).
+    pub client_policy: PeerPolicy,
 }
 
 impl Default for ProxyConfig {
@@ -24,9 +30,11 @@ impl Default for ProxyConfig {
         Self {
             listen: "127.0.0.1:10443".into(),
             key_file: None,
-            worker_fingerprints: Vec::new(),
             max_request_bytes: 8 << 20,
             max_connections: 4096,
+            attester: AttesterConfig::default(),
+            worker_policy: PeerPolicy::default(),
+            client_policy: PeerPolicy::default(),
         }
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use cocoon_net::{Body, Channel, json, no_route, response};
 use cocoon_protocol::{ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, WorkerHello, paths};
-use cocoon_tls::{AnyPeer, Fingerprint, Identity, PeerVerifier};
+use cocoon_tls::{CacheStats, Fingerprint, Verified};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{Admission, Refusal};
 use crate::config::ProxyConfig;
 use crate::relay;
 use crate::workers::WorkerSet;
@@ -30,7 +31,8 @@ pub(crate) struct State {
     tls: Arc<rustls::ServerConfig>,
     fingerprint: Fingerprint,
     connections: Arc<Semaphore>,
-    workers_policy: Arc<dyn PeerVerifier>,
+    admission: Admission,
+    attestation: &'static str,
 }
 
 /// What `GET /cocoon/v1/status` answers.
@@ -38,7 +40,13 @@ pub(crate) struct State {
 pub struct ProxyStatus {
     pub fingerprint: String,
     pub protocol_version: u32,
+    /// How this proxy attests itself: `tdx`, `dev` (proves nothing) or `none`.
+    pub attestation: String,
+    /// Counters of the quote cache of the worker policy, when it requires attestation.
+    pub worker_quote_cache: Option<CacheStats>,
     pub workers: Vec<WorkerStatus>,
+    /// The latest peers refused, and why.
+    pub recent_refusals: Vec<Refusal>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -49,22 +57,32 @@ pub struct WorkerStatus {
     pub capacity: u32,
     pub in_flight: u32,
     pub served: u64,
+    /// How the worker proved what it runs: `tdx`, `dev` or `none`.
+    pub attestation: String,
+    /// The worker's verified image hash, when attested.
+    pub image_hash: Option<String>,
 }
 
 impl Proxy {
     /// Binds the listening socket and loads (or creates) the proxy's key.
     pub async fn bind(config: &ProxyConfig) -> anyhow::Result<Self> {
-        let identity = Arc::new(Identity::from_key_file(
+        let identity = Arc::new(config.attester.identity(
             config.key_file.as_deref(),
             "cocoon-proxy",
+            "proxy",
         )?);
-        let workers_policy = cocoon_tls::pinned_or_any(&config.worker_fingerprints, "worker")
-            .map_err(anyhow::Error::msg)?;
-        // The TLS layer admits any well-formed client; workers are checked after the handshake,
-        // once their ALPN says they are workers.
+        let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
+        let admission = Admission::new(
+            config.worker_policy.build("worker_policy", "worker")?,
+            config.client_policy.build("client_policy", "client")?,
+        );
+        // The handshake cannot know yet (ALPN is settled with it) whether the peer is a client
+        // or a worker: it admits a peer that either policy accepts, and the policy of the role
+        // the peer asks for is applied right after. Quote verification is cached, so this
+        // costs one verification, not two.
         let tls = cocoon_tls::server_config(
             identity.clone(),
-            Arc::new(AnyPeer),
+            admission.handshake_verifier(),
             &[ALPN_CLIENT, ALPN_WORKER],
         );
         let listener = TcpListener::bind(&config.listen)
@@ -76,7 +94,8 @@ impl Proxy {
             tls,
             fingerprint: identity.fingerprint(),
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
-            workers_policy,
+            admission,
+            attestation,
         });
         Ok(Self { listener, state })
     }
@@ -140,6 +159,9 @@ impl StatusSource for State {
         ProxyStatus {
             fingerprint: self.fingerprint.to_string(),
             protocol_version: PROTOCOL_VERSION,
+            attestation: self.attestation.to_owned(),
+            worker_quote_cache: self.admission.workers.cache_stats(),
+            recent_refusals: self.admission.recent_refusals(),
             workers: self
                 .workers
                 .snapshot()
@@ -151,6 +173,12 @@ impl StatusSource for State {
                     capacity: w.capacity,
                     in_flight: w.in_flight(),
                     served: w.served(),
+                    attestation: w.attestation.mode().to_owned(),
+                    image_hash: w
+                        .attestation
+                        .attestation
+                        .as_ref()
+                        .map(|a| a.image_hash.to_string()),
                 })
                 .collect(),
         }
@@ -174,17 +202,19 @@ impl State {
         };
         match alpn.as_deref() {
             Some(ALPN_CLIENT) => {
-                tracing::debug!(%peer_addr, client = %peer.fingerprint, "client connected");
+                let Ok(verified) = self.admission.client(&peer) else {
+                    return;
+                };
+                tracing::debug!(%peer_addr, client = %peer.fingerprint, attestation = verified.mode(), "client connected");
                 let state = self.clone();
                 let _ =
                     cocoon_net::serve_h2(tls, move |req| state.clone().client_request(req)).await;
             }
             Some(ALPN_WORKER) => {
-                if let Err(e) = self.workers_policy.verify(&peer) {
-                    tracing::warn!(%peer_addr, error = %e, "worker refused");
+                let Ok(verified) = self.admission.worker(&peer) else {
                     return;
-                }
-                self.worker_connection(tls, peer.fingerprint, peer_addr)
+                };
+                self.worker_connection(tls, peer.fingerprint, verified, peer_addr)
                     .await;
             }
             _ => tracing::debug!(%peer_addr, "peer offered no cocoon protocol"),
@@ -195,6 +225,7 @@ impl State {
         &self,
         tls: cocoon_net::ServerTls,
         fingerprint: Fingerprint,
+        attestation: Verified,
         peer_addr: SocketAddr,
     ) {
         let (channel, driver) = match Channel::handshake(tls).await {
@@ -223,9 +254,13 @@ impl State {
             fingerprint,
             hello.models,
             hello.capacity,
+            attestation,
             channel,
         );
-        tracing::info!(worker = %hello.name, %fingerprint, models = ?entry.models.iter().map(|m| &m.id).collect::<Vec<_>>(), "worker joined");
+        if entry.attestation.mode() == "dev" {
+            tracing::warn!(worker = %hello.name, "worker is attested by a DEVELOPMENT quote: it proves nothing about its machine");
+        }
+        tracing::info!(worker = %hello.name, %fingerprint, attestation = entry.attestation.mode(), models = ?entry.models.iter().map(|m| &m.id).collect::<Vec<_>>(), "worker joined");
         let _ = driver.await;
         self.workers.remove(entry.id);
         tracing::info!(worker = %hello.name, "worker left");

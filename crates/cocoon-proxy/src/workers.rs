@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use cocoon_net::Channel;
 use cocoon_protocol::{ListedModel, ModelCard, ModelList};
-use cocoon_tls::Fingerprint;
+use cocoon_tls::{Fingerprint, Verified};
 use parking_lot::RwLock;
 
 /// A connected worker.
@@ -14,6 +14,8 @@ pub struct WorkerEntry {
     pub fingerprint: Fingerprint,
     pub models: Vec<ModelCard>,
     pub capacity: u32,
+    /// What the worker proved in its handshake.
+    pub attestation: Verified,
     pub(crate) channel: Channel,
     in_flight: AtomicU32,
     served: AtomicU64,
@@ -64,6 +66,7 @@ impl WorkerSet {
         fingerprint: Fingerprint,
         models: Vec<ModelCard>,
         capacity: u32,
+        attestation: Verified,
         channel: Channel,
     ) -> Arc<WorkerEntry> {
         let entry = Arc::new(WorkerEntry {
@@ -72,6 +75,7 @@ impl WorkerSet {
             fingerprint,
             models,
             capacity: capacity.max(1),
+            attestation,
             channel,
             in_flight: AtomicU32::new(0),
             served: AtomicU64::new(0),

@@ -52,7 +52,7 @@ impl PolicyVerifier {
             ));
         }
         let peer = PeerCertificate::parse(end_entity, now)?;
-        self.0.verify(&peer).map_err(|e| {
+        self.0.verify(&peer).map(drop).map_err(|e| {
             tracing::warn!(peer = %peer.fingerprint, error = %e, "peer refused");
             rustls::Error::from(e)
         })

@@ -114,40 +114,7 @@ impl Identity {
     /// The key stored at `path`, created (readable by the owner only) if the file is missing.
     /// A stable key gives a stable fingerprint that peers can pin.
     pub fn load_or_create(path: &Path, name: &str) -> Result<Self, IdentityError> {
-        let shown = path.display().to_string();
-        let key_pair = match std::fs::read_to_string(path) {
-            Ok(pem) => {
-                let kp = KeyPair::from_pem(&pem).map_err(|e| IdentityError::BadKeyFile {
-                    path: shown.clone(),
-                    reason: e.to_string(),
-                })?;
-                if !kp.is_compatible(&PKCS_ED25519) {
-                    return Err(IdentityError::BadKeyFile {
-                        path: shown,
-                        reason: "not Ed25519".into(),
-                    });
-                }
-                kp
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let kp = KeyPair::generate_for(&PKCS_ED25519).map_err(IdentityError::Key)?;
-                write_private(path, kp.serialize_pem().as_bytes()).map_err(|source| {
-                    IdentityError::KeyFile {
-                        path: shown,
-                        source,
-                    }
-                })?;
-                tracing::info!(path = %path.display(), "created a new identity key");
-                kp
-            }
-            Err(source) => {
-                return Err(IdentityError::KeyFile {
-                    path: shown,
-                    source,
-                });
-            }
-        };
-        Self::from_key_pair(key_pair, name)
+        Self::from_key_pair(load_or_create_key(path)?, name)
     }
 
     /// The key in `key_file` (created if missing), or a fresh one per run when unset: the
@@ -197,6 +164,11 @@ impl Identity {
         self.fingerprint
     }
 
+    /// The kind of evidence in this identity's certificates; `None` for plain certificates.
+    pub fn attestation_kind(&self) -> Option<cocoon_attest::AttesterKind> {
+        self.attestation.as_ref().map(|a| a.attester.kind())
+    }
+
     pub fn public_key(&self) -> &[u8] {
         self.key_pair.public_key_raw()
     }
@@ -219,6 +191,42 @@ impl Identity {
             }
         }
         current.key.clone()
+    }
+}
+
+/// The Ed25519 key (PKCS#8 PEM) stored at `path`, created readable by the owner only if the
+/// file is missing.
+pub(crate) fn load_or_create_key(path: &Path) -> Result<KeyPair, IdentityError> {
+    let shown = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(pem) => {
+            let kp = KeyPair::from_pem(&pem).map_err(|e| IdentityError::BadKeyFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+            if !kp.is_compatible(&PKCS_ED25519) {
+                return Err(IdentityError::BadKeyFile {
+                    path: shown,
+                    reason: "not Ed25519".into(),
+                });
+            }
+            Ok(kp)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let kp = KeyPair::generate_for(&PKCS_ED25519).map_err(IdentityError::Key)?;
+            write_private(path, kp.serialize_pem().as_bytes()).map_err(|source| {
+                IdentityError::KeyFile {
+                    path: shown,
+                    source,
+                }
+            })?;
+            tracing::info!(path = %path.display(), "created a new key");
+            Ok(kp)
+        }
+        Err(source) => Err(IdentityError::KeyFile {
+            path: shown,
+            source,
+        }),
     }
 }
 

@@ -9,12 +9,17 @@
 mod config;
 mod identity;
 mod ratls;
+mod trust;
 mod verify;
 
 pub use config::{client_config, peer_identity, server_config};
 pub use identity::{Fingerprint, Identity, IdentityError};
-pub use ratls::RaTlsVerifier;
-pub use verify::{AnyPeer, PeerCertificate, PeerVerifier, PinnedPeers, VerifyError, pinned_or_any};
+pub use ratls::{CacheStats, DEFAULT_CACHE_TTL, RaTlsVerifier};
+pub use trust::{AttesterChoice, AttesterConfig, PeerPolicy, TrustError, dev_attester};
+pub use verify::{
+    AllOf, AnyOf, AnyPeer, Attested, PeerCertificate, PeerVerifier, PinnedPeers, Verified,
+    VerifyError,
+};
 
 /// Name the client side puts in SNI. Peers are identified by key, never by name.
 pub const SERVER_NAME: &str = "cocoon.invalid";

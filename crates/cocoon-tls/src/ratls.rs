@@ -2,19 +2,27 @@
 //! them. Layout as in COCOON: extension 1.3.6.1.4.1.12345.1 holds the raw quote, .2 the claims;
 //! the quote's report data is SHA-512 of the claims, which name the certificate's key.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cocoon_attest::{
-    Collateral, DEV_QUOTE_MAGIC, Measurements, Policy, check_binding, verify_dev_quote,
-    verify_quote,
+    AttesterKind, Collateral, DEV_QUOTE_MAGIC, Measurements, Policy, check_binding,
+    verify_dev_quote, verify_quote,
 };
+use parking_lot::Mutex;
 
-use crate::verify::{PeerCertificate, PeerVerifier, VerifyError};
+use crate::verify::{Attested, PeerCertificate, PeerVerifier, Verified, VerifyError};
 
 pub(crate) const OID_QUOTE: &[u64] = &[1, 3, 6, 1, 4, 1, 12345, 1];
 pub(crate) const OID_CLAIMS: &[u64] = &[1, 3, 6, 1, 4, 1, 12345, 2];
 pub(crate) const OID_QUOTE_STR: &str = "1.3.6.1.4.1.12345.1";
 pub(crate) const OID_CLAIMS_STR: &str = "1.3.6.1.4.1.12345.2";
+
+/// How long a verified quote is trusted without verifying it again, unless configured.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(600);
+/// Entries kept at most; beyond this, expired entries are dropped, then everything.
+const CACHE_CAPACITY: usize = 4096;
 
 /// Admits a peer only if its certificate carries a valid quote, bound to its key, of an image
 /// the policy allows.
@@ -27,6 +35,62 @@ pub struct RaTlsVerifier {
     dev_keys: Vec<[u8; 32]>,
     /// Verification time for tests against recorded collateral; `None` is the clock.
     fixed_now: Option<u64>,
+    cache: QuoteCache,
+}
+
+/// Counters of a verifier's quote cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheStats {
+    /// Quotes accepted from the cache, without verifying them again.
+    pub hits: u64,
+    /// Quotes verified in full (signature chain, collateral, TCB, policy).
+    pub verifications: u64,
+}
+
+/// Verified quotes by SHA-256 of the raw quote. A quote fixes its report data and so the claims
+/// (key and role) it vouches for; the binding to the presented key is still checked on every
+/// handshake, since it is cheap and is what stops a replayed certificate.
+#[derive(Debug)]
+struct QuoteCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<[u8; 32], (Attested, Measurements, Instant)>>,
+    hits: AtomicU64,
+    verifications: AtomicU64,
+}
+
+impl QuoteCache {
+    fn get(&self, key: &[u8; 32]) -> Option<(Attested, Measurements)> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let mut entries = self.entries.lock();
+        match entries.get(key) {
+            Some((a, m, expires)) if *expires > Instant::now() => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some((a.clone(), m.clone()))
+            }
+            Some(_) => {
+                entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, key: [u8; 32], attested: &Attested, m: &Measurements) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut entries = self.entries.lock();
+        if entries.len() >= CACHE_CAPACITY {
+            entries.retain(|_, (_, _, expires)| *expires > now);
+            if entries.len() >= CACHE_CAPACITY {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (attested.clone(), m.clone(), now + self.ttl));
+    }
 }
 
 impl RaTlsVerifier {
@@ -36,6 +100,12 @@ impl RaTlsVerifier {
             collateral,
             dev_keys: Vec::new(),
             fixed_now: None,
+            cache: QuoteCache {
+                ttl: DEFAULT_CACHE_TTL,
+                entries: Mutex::default(),
+                hits: AtomicU64::new(0),
+                verifications: AtomicU64::new(0),
+            },
         }
     }
 
@@ -48,12 +118,25 @@ impl RaTlsVerifier {
         self
     }
 
+    /// Verify quotes as if the clock read `now` (seconds since the epoch): for recorded
+    /// collateral in tests and in `cocoon attest verify --at`.
     pub fn at_time(mut self, now: u64) -> Self {
         self.fixed_now = Some(now);
         self
     }
 
-    fn measurements(&self, quote: &[u8]) -> Result<Measurements, VerifyError> {
+    /// How long a verified quote is reused without verifying it again; zero turns the cache
+    /// off. Bounded by how stale a verification may be, since collateral and TCB status change.
+    pub fn cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache.ttl = ttl;
+        self
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn verify_uncached(&self, quote: &[u8]) -> Result<(Attested, Measurements), VerifyError> {
         if quote.starts_with(DEV_QUOTE_MAGIC) {
             if self.dev_keys.is_empty() {
                 return Err(VerifyError::Policy(
@@ -65,7 +148,12 @@ impl RaTlsVerifier {
             self.policy
                 .check_measurements(&m)
                 .map_err(|e| VerifyError::Policy(e.to_string()))?;
-            return Ok(m);
+            let attested = Attested {
+                kind: AttesterKind::Dev,
+                image_hash: m.image_hash(),
+                tcb_status: None,
+            };
+            return Ok((attested, m));
         }
         let now = self.fixed_now.unwrap_or_else(|| {
             SystemTime::now()
@@ -79,7 +167,12 @@ impl RaTlsVerifier {
                     self.policy
                         .check(&v)
                         .map_err(|e| VerifyError::Policy(e.to_string()))?;
-                    return Ok(v.measurements);
+                    let attested = Attested {
+                        kind: AttesterKind::Tdx,
+                        image_hash: v.measurements.image_hash(),
+                        tcb_status: Some(v.tcb_status),
+                    };
+                    return Ok((attested, v.measurements));
                 }
                 Err(e) => last = VerifyError::Policy(e.to_string()),
             }
@@ -89,16 +182,37 @@ impl RaTlsVerifier {
 }
 
 impl PeerVerifier for RaTlsVerifier {
-    fn verify(&self, peer: &PeerCertificate) -> Result<(), VerifyError> {
+    fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
         let quote = peer
             .extension(OID_QUOTE_STR)
             .ok_or_else(|| VerifyError::Policy("certificate carries no attestation".into()))?;
         let claims = peer
             .extension(OID_CLAIMS_STR)
             .ok_or_else(|| VerifyError::Policy("certificate carries no claims".into()))?;
-        let measurements = self.measurements(quote)?;
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, quote)
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let (attested, measurements) = match self.cache.get(&key) {
+            Some(hit) => hit,
+            None => {
+                self.cache.verifications.fetch_add(1, Ordering::Relaxed);
+                let fresh = self.verify_uncached(quote)?;
+                self.cache.put(key, &fresh.0, &fresh.1);
+                fresh
+            }
+        };
         check_binding(&measurements, claims, &peer.public_key)
             .map_err(|e| VerifyError::Policy(e.to_string()))?;
-        Ok(())
+        Ok(Verified {
+            attestation: Some(attested),
+        })
+    }
+
+    fn cache_stats(&self) -> Option<CacheStats> {
+        Some(CacheStats {
+            hits: self.cache.hits.load(Ordering::Relaxed),
+            verifications: self.cache.verifications.load(Ordering::Relaxed),
+        })
     }
 }

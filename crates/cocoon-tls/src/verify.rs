@@ -128,10 +128,40 @@ impl PeerCertificate {
     }
 }
 
+/// What a verifier established about a peer beyond its key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Set when the peer proved what it runs with an attestation.
+    pub attestation: Option<Attested>,
+}
+
+/// A peer's attestation, as verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attested {
+    pub kind: cocoon_attest::AttesterKind,
+    pub image_hash: cocoon_attest::ImageHash,
+    /// Intel's TCB status of the platform; `None` for development quotes.
+    pub tcb_status: Option<String>,
+}
+
+impl Verified {
+    /// `tdx`, `dev` or `none`: how the peer is attested, for status pages and logs.
+    pub fn mode(&self) -> &'static str {
+        self.attestation
+            .as_ref()
+            .map_or("none", |a| a.kind.as_str())
+    }
+}
+
 /// Decides whether a peer whose certificate passed the basic checks may connect.
 /// RA-TLS policies (a TDX quote bound to the key, measurements in the registry) implement this.
 pub trait PeerVerifier: Debug + Send + Sync {
-    fn verify(&self, peer: &PeerCertificate) -> Result<(), VerifyError>;
+    fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError>;
+
+    /// Counters of the verifier's quote cache, where it has one.
+    fn cache_stats(&self) -> Option<crate::CacheStats> {
+        None
+    }
 }
 
 /// Accepts any well-formed peer: identity without authorization. Right for a proxy facing its
@@ -140,8 +170,8 @@ pub trait PeerVerifier: Debug + Send + Sync {
 pub struct AnyPeer;
 
 impl PeerVerifier for AnyPeer {
-    fn verify(&self, _peer: &PeerCertificate) -> Result<(), VerifyError> {
-        Ok(())
+    fn verify(&self, _peer: &PeerCertificate) -> Result<Verified, VerifyError> {
+        Ok(Verified::default())
     }
 }
 
@@ -160,32 +190,54 @@ impl PinnedPeers {
 }
 
 impl PeerVerifier for PinnedPeers {
-    fn verify(&self, peer: &PeerCertificate) -> Result<(), VerifyError> {
+    fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
         if self.allowed.contains(&peer.fingerprint) {
-            Ok(())
+            Ok(Verified::default())
         } else {
             Err(VerifyError::NotPinned(peer.fingerprint))
         }
     }
 }
 
-/// The policy for a configured list of `what` fingerprints (hex): those keys only, or, when the
-/// list is empty, any peer, with a warning, since that is for development only.
-pub fn pinned_or_any(fingerprints: &[String], what: &str) -> Result<Arc<dyn PeerVerifier>, String> {
-    if fingerprints.is_empty() {
-        tracing::warn!(
-            "no {what} fingerprint configured: ANY {what} will be trusted (development only)"
-        );
-        return Ok(Arc::new(AnyPeer));
+/// Accepts a peer only if every one of its verifiers does (a pinned key AND an attested image).
+#[derive(Debug)]
+pub struct AllOf(pub Vec<Arc<dyn PeerVerifier>>);
+
+impl PeerVerifier for AllOf {
+    fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
+        let mut verified = Verified::default();
+        for v in &self.0 {
+            let one = v.verify(peer)?;
+            if one.attestation.is_some() {
+                verified = one;
+            }
+        }
+        Ok(verified)
     }
-    let pins = fingerprints
-        .iter()
-        .map(|f| {
-            Fingerprint::from_hex(f)
-                .ok_or_else(|| format!("bad {what} fingerprint {f:?}: expected 64 hex digits"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Arc::new(PinnedPeers::new(pins)))
+
+    fn cache_stats(&self) -> Option<crate::CacheStats> {
+        self.0.iter().find_map(|v| v.cache_stats())
+    }
+}
+
+/// Accepts a peer if any of its verifiers does: what a TLS server listening for several kinds
+/// of peers checks in the handshake, before it knows (from ALPN) which kind this one is.
+#[derive(Debug)]
+pub struct AnyOf(pub Vec<Arc<dyn PeerVerifier>>);
+
+impl PeerVerifier for AnyOf {
+    fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
+        let mut first_error = None;
+        for v in &self.0 {
+            match v.verify(peer) {
+                Ok(verified) => return Ok(verified),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(VerifyError::Policy("no policy admits any peer".into())))
+    }
 }
 
 #[cfg(test)]

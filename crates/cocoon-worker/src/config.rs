@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cocoon_engine::{Backend, LlamaBackend, LlamaConfig, UpstreamBackend, UpstreamConfig};
+use cocoon_tls::{AttesterConfig, PeerPolicy};
 use serde::{Deserialize, Serialize};
 
 /// `worker.toml`. Every field has a default; `cocoon config worker` prints them all.
@@ -12,13 +13,15 @@ pub struct WorkerConfig {
     pub name: String,
     /// Proxy to serve, `host:port`.
     pub proxy_addr: String,
-    /// SHA-256 fingerprint of the proxy's key (printed by `cocoon proxy` at start). Without it
-    /// the worker serves any proxy at that address.
-    pub proxy_fingerprint: Option<String>,
     /// Where the worker's own key is kept; a fresh key per run when unset.
     pub key_file: Option<PathBuf>,
     /// Longest wait between reconnection attempts, in seconds.
     pub max_reconnect_secs: u64,
+    /// How this worker proves what it runs (`tdx` inside a TDX guest).
+    pub attester: AttesterConfig,
+    /// Which proxies this worker serves: a pinned key (the fingerprint `cocoon proxy` prints)
+    /// and/or an attested image.
+    pub proxy_policy: PeerPolicy,
     /// Backends to serve; one embedded SmolLM2 by default.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -29,8 +32,9 @@ impl Default for WorkerConfig {
         Self {
             name: "worker".into(),
             proxy_addr: "127.0.0.1:10443".into(),
-            proxy_fingerprint: None,
             key_file: None,
+            attester: AttesterConfig::default(),
+            proxy_policy: PeerPolicy::default(),
             max_reconnect_secs: 5,
             backends: vec![BackendConfig::Llama(LlamaConfig::default())],
         }

@@ -30,6 +30,7 @@ pub struct Worker {
     proxy_addr: String,
     backend: Arc<dyn Backend>,
     tls: Arc<rustls::ClientConfig>,
+    proxy_policy: Arc<dyn PeerVerifier>,
     max_backoff: Duration,
     connected: Arc<AtomicBool>,
 }
@@ -49,7 +50,8 @@ impl Worker {
             name: name.into(),
             proxy_addr: proxy_addr.into(),
             backend,
-            tls: cocoon_tls::client_config(identity, proxy, &[ALPN_WORKER]),
+            tls: cocoon_tls::client_config(identity, proxy.clone(), &[ALPN_WORKER]),
+            proxy_policy: proxy,
             max_backoff,
             connected: Arc::default(),
         }
@@ -71,7 +73,11 @@ impl Worker {
         loop {
             let attempt = async {
                 let tls = cocoon_net::connect_tls(&self.proxy_addr, self.tls.clone()).await?;
-                tracing::info!(proxy = %self.proxy_addr, "connected to proxy");
+                // Re-run the policy (a cache hit) to learn what the handshake established.
+                let mode = cocoon_tls::peer_identity(tls.get_ref().1.peer_certificates())
+                    .and_then(|peer| self.proxy_policy.verify(&peer).ok())
+                    .map_or("none", |v| v.mode());
+                tracing::info!(proxy = %self.proxy_addr, attestation = mode, "connected to proxy");
                 self.connected.store(true, Ordering::SeqCst);
                 let service = service.clone();
                 let result =

@@ -1,0 +1,102 @@
+//! Who may connect to the proxy: the client and worker policies, applied in the handshake and
+//! again once ALPN says which role the peer asks for, and a short log of recent refusals that
+//! the status page shows (so an operator sees why a worker never joined).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cocoon_tls::{AnyOf, PeerCertificate, PeerVerifier, Verified, VerifyError};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+const KEPT: usize = 32;
+
+/// One refused peer, as shown in the status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Refusal {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// `worker`, `client`, or `handshake` when the peer fit no policy at all.
+    pub role: String,
+    pub fingerprint: String,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Admission {
+    pub(crate) workers: Arc<dyn PeerVerifier>,
+    pub(crate) clients: Arc<dyn PeerVerifier>,
+    refusals: Arc<Mutex<VecDeque<Refusal>>>,
+}
+
+impl Admission {
+    pub(crate) fn new(workers: Arc<dyn PeerVerifier>, clients: Arc<dyn PeerVerifier>) -> Self {
+        Self {
+            workers,
+            clients,
+            refusals: Arc::default(),
+        }
+    }
+
+    /// What the TLS handshake checks: that some role's policy admits the peer.
+    pub(crate) fn handshake_verifier(&self) -> Arc<dyn PeerVerifier> {
+        Arc::new(Recorded {
+            inner: AnyOf(vec![self.clients.clone(), self.workers.clone()]),
+            refusals: self.refusals.clone(),
+        })
+    }
+
+    pub(crate) fn worker(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
+        self.check("worker", &*self.workers, peer)
+    }
+
+    pub(crate) fn client(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
+        self.check("client", &*self.clients, peer)
+    }
+
+    fn check(
+        &self,
+        role: &str,
+        policy: &dyn PeerVerifier,
+        peer: &PeerCertificate,
+    ) -> Result<Verified, VerifyError> {
+        policy
+            .verify(peer)
+            .inspect_err(|e| record(&self.refusals, role, peer, e))
+    }
+
+    pub(crate) fn recent_refusals(&self) -> Vec<Refusal> {
+        self.refusals.lock().iter().cloned().collect()
+    }
+}
+
+fn record(log: &Mutex<VecDeque<Refusal>>, role: &str, peer: &PeerCertificate, e: &VerifyError) {
+    tracing::warn!(role, peer = %peer.fingerprint, error = %e, "peer refused");
+    let mut log = log.lock();
+    if log.len() == KEPT {
+        log.pop_front();
+    }
+    log.push_back(Refusal {
+        at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        role: role.to_owned(),
+        fingerprint: peer.fingerprint.to_string(),
+        reason: e.to_string(),
+    });
+}
+
+#[derive(Debug)]
+struct Recorded {
+    inner: AnyOf,
+    refusals: Arc<Mutex<VecDeque<Refusal>>>,
+}
+
+impl PeerVerifier for Recorded {
+    fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
+        self.inner
+            .verify(peer)
+            .inspect_err(|e| record(&self.refusals, "handshake", peer, e))
+    }
+}

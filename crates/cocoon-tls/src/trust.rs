@@ -1,0 +1,346 @@
+//! The trust settings every role's config file shares: how this node attests itself
+//! (`[attester]`) and which peers it admits (`[*_policy]`), turned into an [`Identity`] and a
+//! [`PeerVerifier`]. Misconfigurations that would admit nobody, or silently admit everybody,
+//! are errors here rather than surprises at the first handshake.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_attest::{Attester, DevAttester, ImageHash, Policy, TdxAttester, dev_image};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{Fingerprint, Identity, IdentityError, load_or_create_key};
+use crate::ratls::{DEFAULT_CACHE_TTL, RaTlsVerifier};
+use crate::verify::{AllOf, AnyPeer, PeerVerifier, PinnedPeers};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("[{section}] {message}")]
+    Config { section: String, message: String },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("cannot attest: {0}")]
+    Attest(#[from] cocoon_attest::AttestError),
+}
+
+fn config_error(section: &str, message: impl Into<String>) -> TrustError {
+    TrustError::Config {
+        section: section.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Which evidence this node puts in its certificates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttesterChoice {
+    /// Plain certificates: the node proves its key, nothing about its machine.
+    #[default]
+    None,
+    /// Real Intel TDX quotes through configfs-tsm; only inside a TDX guest.
+    Tdx,
+    /// DEVELOPMENT: quotes signed by a local key. Proves nothing; peers must opt in by key.
+    Dev,
+}
+
+/// `[attester]` in every role's config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttesterConfig {
+    pub kind: AttesterChoice,
+    /// `dev` only: the development attester's signing key (PEM), created if missing. Peers
+    /// accept its quotes by listing its public key (`cocoon attest dev-key`) in their policy.
+    pub dev_key_file: Option<PathBuf>,
+    /// `dev` only: the MRTD to claim, 96 hex digits. Default: the fixed development image.
+    pub dev_mrtd: Option<String>,
+}
+
+impl AttesterConfig {
+    /// The attester configured, or `None` for plain certificates.
+    pub fn build(&self) -> Result<Option<Arc<dyn Attester>>, TrustError> {
+        let section = "attester";
+        match self.kind {
+            AttesterChoice::None => {
+                if self.dev_key_file.is_some() || self.dev_mrtd.is_some() {
+                    return Err(config_error(section, "dev_* settings need kind = \"dev\""));
+                }
+                Ok(None)
+            }
+            AttesterChoice::Tdx => Ok(Some(Arc::new(TdxAttester::new()?))),
+            AttesterChoice::Dev => {
+                let path = self
+                    .dev_key_file
+                    .as_deref()
+                    .ok_or_else(|| config_error(section, "kind = \"dev\" needs dev_key_file"))?;
+                let mut image = dev_image();
+                if let Some(hex) = &self.dev_mrtd {
+                    let bytes = decode_hex(hex)
+                        .filter(|b| b.len() == 48)
+                        .ok_or_else(|| config_error(section, "dev_mrtd must be 96 hex digits"))?;
+                    image.mrtd.copy_from_slice(&bytes);
+                }
+                Ok(Some(Arc::new(dev_attester(path, image)?)))
+            }
+        }
+    }
+
+    /// This node's identity: the key in `key_file` (fresh when unset) with certificates that
+    /// carry the configured attestation for `role`.
+    pub fn identity(
+        &self,
+        key_file: Option<&Path>,
+        name: &str,
+        role: &str,
+    ) -> Result<Identity, TrustError> {
+        let identity = Identity::from_key_file(key_file, name)?;
+        Ok(match self.build()? {
+            Some(attester) => identity.with_attester(role, attester)?,
+            None => identity,
+        })
+    }
+}
+
+/// The development attester whose key is stored at `path` (created if missing).
+pub fn dev_attester(
+    path: &Path,
+    image: cocoon_attest::Measurements,
+) -> Result<DevAttester, TrustError> {
+    let key = load_or_create_key(path)?;
+    Ok(DevAttester::new(&key.serialize_der(), image)?)
+}
+
+/// Which peers of one kind a node admits: `[proxy_policy]`, `[worker_policy]`,
+/// `[client_policy]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerPolicy {
+    /// Only these keys (SHA-256 fingerprints of the peers' keys, hex). Empty: any key.
+    pub fingerprints: Vec<String>,
+    /// Require an RA-TLS certificate: a quote that verifies, bound to the peer's key, of an
+    /// image listed below.
+    pub require_attestation: bool,
+    /// Allowed images: hex SHA-256 of MRTD, RTMR0, RTMR1, RTMR2 (`cocoon attest show`).
+    pub image_hashes: Vec<String>,
+    /// Intel TCB statuses accepted.
+    pub tcb_statuses: Vec<String>,
+    /// Admit debug TDs, whose memory the host can read. Never in production.
+    pub allow_debug: bool,
+    /// Intel collateral (JSON, as a PCCS serves it), one file per platform (FMSPC). Read at
+    /// start; the verifier never fetches anything.
+    pub collateral_files: Vec<PathBuf>,
+    /// Public keys (hex) of development attesters whose quotes are accepted. Development only.
+    pub dev_attester_keys: Vec<String>,
+    /// Seconds a verified quote is reused without verifying it again (0: verify every time).
+    pub cache_secs: u64,
+}
+
+impl Default for PeerPolicy {
+    fn default() -> Self {
+        Self {
+            fingerprints: Vec::new(),
+            require_attestation: false,
+            image_hashes: Vec::new(),
+            tcb_statuses: vec!["UpToDate".into()],
+            allow_debug: false,
+            collateral_files: Vec::new(),
+            dev_attester_keys: Vec::new(),
+            cache_secs: DEFAULT_CACHE_TTL.as_secs(),
+        }
+    }
+}
+
+impl PeerPolicy {
+    /// The verifier for peers of kind `what` (`worker`, `proxy`, `client`), configured under
+    /// `[section]`.
+    pub fn build(&self, section: &str, what: &str) -> Result<Arc<dyn PeerVerifier>, TrustError> {
+        let mut parts: Vec<Arc<dyn PeerVerifier>> = Vec::new();
+        if !self.fingerprints.is_empty() {
+            let pins = self
+                .fingerprints
+                .iter()
+                .map(|f| {
+                    Fingerprint::from_hex(f).ok_or_else(|| {
+                        config_error(
+                            section,
+                            format!("bad fingerprint {f:?}: expected 64 hex digits"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            parts.push(Arc::new(PinnedPeers::new(pins)));
+        }
+        if self.require_attestation {
+            parts.push(Arc::new(self.ratls(section)?));
+        } else if !self.image_hashes.is_empty()
+            || !self.collateral_files.is_empty()
+            || !self.dev_attester_keys.is_empty()
+        {
+            return Err(config_error(
+                section,
+                "attestation settings are given but require_attestation is false",
+            ));
+        }
+        match parts.len() {
+            0 => {
+                tracing::warn!(
+                    "[{section}] pins no key and requires no attestation: ANY {what} is trusted (development only)"
+                );
+                Ok(Arc::new(AnyPeer))
+            }
+            1 => Ok(parts.pop().expect("one part")),
+            _ => Ok(Arc::new(AllOf(parts))),
+        }
+    }
+
+    fn ratls(&self, section: &str) -> Result<RaTlsVerifier, TrustError> {
+        let image_hashes = self
+            .image_hashes
+            .iter()
+            .map(|h| {
+                ImageHash::from_hex(h).ok_or_else(|| {
+                    config_error(
+                        section,
+                        format!("bad image hash {h:?}: expected 64 hex digits"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let policy = Policy {
+            image_hashes,
+            tcb_statuses: self.tcb_statuses.clone(),
+            allow_debug: self.allow_debug,
+        };
+        if policy.image_hashes.is_empty() {
+            return Err(config_error(
+                section,
+                "require_attestation is set but image_hashes is empty: no peer could connect",
+            ));
+        }
+        if self.collateral_files.is_empty() && self.dev_attester_keys.is_empty() {
+            return Err(config_error(
+                section,
+                "require_attestation is set but there are neither collateral_files (for TDX \
+                 quotes) nor dev_attester_keys: no quote could verify",
+            ));
+        }
+        if self.tcb_statuses.is_empty() && !self.collateral_files.is_empty() {
+            return Err(config_error(
+                section,
+                "tcb_statuses is empty: no TDX platform could connect",
+            ));
+        }
+        if self.allow_debug {
+            tracing::warn!("[{section}] admits DEBUG TDs: their memory is readable by the host");
+        }
+        let collateral = self
+            .collateral_files
+            .iter()
+            .map(|path| {
+                let bytes = std::fs::read(path).map_err(|e| {
+                    config_error(section, format!("collateral {}: {e}", path.display()))
+                })?;
+                cocoon_attest::parse_collateral(&bytes).map_err(|e| {
+                    config_error(section, format!("collateral {}: {e}", path.display()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut verifier =
+            RaTlsVerifier::new(policy, collateral).cache_ttl(Duration::from_secs(self.cache_secs));
+        for key in &self.dev_attester_keys {
+            let bytes = decode_hex(key)
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    config_error(
+                        section,
+                        format!("bad dev attester key {key:?}: expected 64 hex digits"),
+                    )
+                })?;
+            verifier = verifier.allow_dev_key(bytes);
+        }
+        Ok(verifier)
+    }
+}
+
+pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(p: &PeerPolicy) -> String {
+        p.build("worker_policy", "worker").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn policies_that_admit_nobody_or_ignore_settings_are_errors() {
+        let dev_key = "11".repeat(32);
+        let image = dev_image().image_hash().to_string();
+        let no_images = PeerPolicy {
+            require_attestation: true,
+            dev_attester_keys: vec![dev_key.clone()],
+            ..PeerPolicy::default()
+        };
+        assert!(err(&no_images).contains("image_hashes is empty"));
+        let nothing_verifies = PeerPolicy {
+            require_attestation: true,
+            image_hashes: vec![image.clone()],
+            ..PeerPolicy::default()
+        };
+        assert!(err(&nothing_verifies).contains("no quote could verify"));
+        let ignored = PeerPolicy {
+            image_hashes: vec![image.clone()],
+            ..PeerPolicy::default()
+        };
+        assert!(err(&ignored).contains("require_attestation is false"));
+        let bad_hash = PeerPolicy {
+            require_attestation: true,
+            image_hashes: vec!["xyz".into()],
+            dev_attester_keys: vec![dev_key.clone()],
+            ..PeerPolicy::default()
+        };
+        assert!(err(&bad_hash).contains("bad image hash"));
+        let missing_collateral = PeerPolicy {
+            require_attestation: true,
+            image_hashes: vec![image],
+            collateral_files: vec!["/nonexistent/collateral.json".into()],
+            ..PeerPolicy::default()
+        };
+        assert!(err(&missing_collateral).contains("/nonexistent/collateral.json"));
+        let bad_pin = PeerPolicy {
+            fingerprints: vec!["abc".into()],
+            ..PeerPolicy::default()
+        };
+        assert!(err(&bad_pin).starts_with("[worker_policy] bad fingerprint"));
+    }
+
+    #[test]
+    fn dev_attester_needs_a_key_file_and_keeps_its_key() {
+        let missing = AttesterConfig {
+            kind: AttesterChoice::Dev,
+            ..AttesterConfig::default()
+        };
+        assert!(
+            missing
+                .build()
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("needs dev_key_file")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.key");
+        let a = dev_attester(&path, dev_image()).unwrap();
+        let b = dev_attester(&path, dev_image()).unwrap();
+        assert_eq!(a.public_key(), b.public_key());
+    }
+}
