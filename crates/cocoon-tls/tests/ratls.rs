@@ -157,3 +157,148 @@ fn real_tdx_quote_verifies_but_is_not_bound_to_our_key_and_goes_stale() {
     let err = now.verify(&cert_of(&id)).unwrap_err().to_string();
     assert!(err.contains("quote verification failed"), "{err}");
 }
+
+#[test]
+fn cached_quotes_skip_verification_but_never_the_key_binding() {
+    let wa = dev(7);
+    let genuine = Identity::ephemeral("genuine")
+        .unwrap()
+        .with_attester("worker", wa.clone())
+        .unwrap();
+    let impostor = Identity::ephemeral("impostor").unwrap();
+    let mut stolen = cert_of(&impostor);
+    stolen.extensions = cert_of(&genuine).extensions;
+    let verifier = RaTlsVerifier::new(policy_for(7), vec![]).allow_dev_key(wa.public_key());
+    let first = verifier.verify(&cert_of(&genuine)).unwrap();
+    assert_eq!(first.mode(), "dev");
+    assert_eq!(first.attestation.unwrap().image_hash, image(7).image_hash());
+    verifier.verify(&cert_of(&genuine)).unwrap();
+    // The stolen quote is in the cache, yet the binding to the impostor's key fails.
+    let err = verifier.verify(&stolen).unwrap_err().to_string();
+    assert!(err.contains("another public key"), "{err}");
+    let stats = verifier.cache_stats().unwrap();
+    assert_eq!((stats.verifications, stats.hits), (1, 2));
+}
+
+#[test]
+fn cached_quotes_expire() {
+    let wa = dev(7);
+    let id = Identity::ephemeral("n")
+        .unwrap()
+        .with_attester("worker", wa.clone())
+        .unwrap();
+    let verifier = RaTlsVerifier::new(policy_for(7), vec![])
+        .allow_dev_key(wa.public_key())
+        .cache_ttl(std::time::Duration::from_millis(50));
+    verifier.verify(&cert_of(&id)).unwrap();
+    verifier.verify(&cert_of(&id)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(80));
+    verifier.verify(&cert_of(&id)).unwrap();
+    let stats = verifier.cache_stats().unwrap();
+    assert_eq!((stats.verifications, stats.hits), (2, 1));
+    let uncached = RaTlsVerifier::new(policy_for(7), vec![])
+        .allow_dev_key(wa.public_key())
+        .cache_ttl(std::time::Duration::ZERO);
+    uncached.verify(&cert_of(&id)).unwrap();
+    uncached.verify(&cert_of(&id)).unwrap();
+    assert_eq!(uncached.cache_stats().unwrap().verifications, 2);
+}
+
+/// A server presenting an RA-TLS certificate made by hand with the given validity window:
+/// a genuine dev quote bound to the key, only the dates chosen by the test.
+async fn serve_handmade_cert(
+    attester: &DevAttester,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> std::net::SocketAddr {
+    use rcgen::{CertificateParams, CustomExtension, KeyPair, PKCS_ED25519};
+    let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+    let claims = cocoon_attest::Claims {
+        public_key: key
+            .public_key_raw()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        role: "proxy".into(),
+    }
+    .to_bytes();
+    let quote = attester
+        .quote(&cocoon_attest::Claims::report_data(&claims))
+        .unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.not_before = not_before;
+    params.not_after = not_after;
+    for (oid, content) in [
+        (&[1, 3, 6, 1, 4, 1, 12345, 1][..], quote),
+        (&[1, 3, 6, 1, 4, 1, 12345, 2][..], claims),
+    ] {
+        let mut ext = CustomExtension::from_oid_content(oid, content);
+        ext.set_criticality(true);
+        params.custom_extensions.push(ext);
+    }
+    let cert = params.self_signed(&key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(Fixed(Arc::new(rustls::sign::CertifiedKey::new(
+        vec![cert.der().clone()],
+        rustls::crypto::ring::sign::any_supported_type(&rustls::pki_types::PrivateKeyDer::Pkcs8(
+            key.serialize_der().into(),
+        ))
+        .unwrap(),
+    )))));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = acceptor.accept(tcp).await;
+    });
+    addr
+}
+
+/// Presents one certificate whatever the client asks (rustls' own single-cert helper refuses
+/// certificates with critical extensions it does not know, such as the RA-TLS ones).
+#[derive(Debug)]
+struct Fixed(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Fixed {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+async fn connect_to(
+    addr: std::net::SocketAddr,
+    verifier: Arc<dyn PeerVerifier>,
+) -> Result<(), String> {
+    let me = Arc::new(Identity::ephemeral("client").unwrap());
+    let connector = tokio_rustls::TlsConnector::from(cocoon_tls::client_config(me, verifier, &[]));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(cocoon_tls::SERVER_NAME).unwrap();
+    connector
+        .connect(name, tcp)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn an_expired_attested_certificate_is_refused_in_the_handshake() {
+    let wa = dev(7);
+    let verifier: Arc<dyn PeerVerifier> =
+        Arc::new(RaTlsVerifier::new(policy_for(7), vec![]).allow_dev_key(wa.public_key()));
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    let current = serve_handmade_cert(&wa, now - day, now + day).await;
+    connect_to(current, verifier.clone()).await.unwrap();
+    let expired = serve_handmade_cert(&wa, now - 3 * day, now - day).await;
+    let err = connect_to(expired, verifier).await.unwrap_err();
+    assert_eq!(err, "invalid peer certificate: Expired");
+}
