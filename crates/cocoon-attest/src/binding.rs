@@ -52,7 +52,7 @@ pub fn check_binding(
     }
     let claims: Claims =
         serde_json::from_slice(claim_bytes).map_err(|e| BindingError::BadClaims(e.to_string()))?;
-    if crate::measurements::hex_decode(&claims.public_key).as_deref() != Some(presented_key) {
+    if hex::decode(&claims.public_key).ok().as_deref() != Some(presented_key) {
         return Err(BindingError::KeyMismatch);
     }
     Ok(claims)

@@ -9,14 +9,14 @@ pub struct ImageHash(pub [u8; 32]);
 
 impl ImageHash {
     pub fn from_hex(s: &str) -> Option<Self> {
-        let bytes = hex_decode(s.trim())?;
+        let bytes = hex::decode(s.trim()).ok()?;
         Some(Self(bytes.try_into().ok()?))
     }
 }
 
 impl fmt::Display for ImageHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex(&self.0))
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -60,28 +60,14 @@ impl Measurements {
 impl fmt::Debug for Measurements {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Measurements")
-            .field("mrtd", &hex(&self.mrtd))
-            .field("rtmr0", &hex(&self.rtmr[0]))
-            .field("rtmr1", &hex(&self.rtmr[1]))
-            .field("rtmr2", &hex(&self.rtmr[2]))
-            .field("rtmr3", &hex(&self.rtmr[3]))
-            .field("report_data", &hex(&self.report_data))
-            .field("td_attributes", &hex(&self.td_attributes))
+            .field("mrtd", &hex::encode(&self.mrtd))
+            .field("rtmr0", &hex::encode(&self.rtmr[0]))
+            .field("rtmr1", &hex::encode(&self.rtmr[1]))
+            .field("rtmr2", &hex::encode(&self.rtmr[2]))
+            .field("rtmr3", &hex::encode(&self.rtmr[3]))
+            .field("report_data", &hex::encode(&self.report_data))
+            .field("td_attributes", &hex::encode(&self.td_attributes))
             .field("image_hash", &self.image_hash())
             .finish()
     }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
 }

@@ -1,6 +1,6 @@
 use std::collections::HashSet;
 
-use crate::measurements::{ImageHash, hex};
+use crate::measurements::ImageHash;
 use crate::quote::VerifiedQuote;
 
 /// Which attested machines may join: allowed images, acceptable TCB statuses, no debug TDs.
@@ -52,7 +52,7 @@ impl Policy {
         }
         let image = m.image_hash();
         if !self.image_hashes.contains(&image) {
-            return Err(PolicyError::ImageNotAllowed(image, hex(&m.mrtd)));
+            return Err(PolicyError::ImageNotAllowed(image, hex::encode(m.mrtd)));
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ fn measurements() -> Measurements {
 
 fn claims_for(key: &[u8]) -> Claims {
     Claims {
-        public_key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        public_key: hex::encode(key),
         role: "worker".into(),
     }
 }

@@ -68,11 +68,13 @@ impl DevNetwork {
     ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let dev_dir = tempfile::tempdir()?;
-        let dev_key = hex(&cocoon_tls::dev_attester(
-            &dev_dir.path().join("dev-attester.key"),
-            cocoon_attest::dev_image(),
-        )?
-        .public_key());
+        let dev_key = hex::encode(
+            cocoon_tls::dev_attester(
+                &dev_dir.path().join("dev-attester.key"),
+                cocoon_attest::dev_image(),
+            )?
+            .public_key(),
+        );
         let attester = dev_attester_config(&dev_dir);
         let workers: Vec<WorkerSlot> = backends
             .into_iter()
@@ -315,8 +317,4 @@ fn dev_policy(dev_key: &str) -> PeerPolicy {
         dev_attester_keys: vec![dev_key.to_owned()],
         ..PeerPolicy::default()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -3,6 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use cocoon_cli::attest::{self as attest_cmd, Evidence, VerifyOptions};
 use cocoon_cli::bench::{self, BenchOptions};
 use cocoon_cli::config;
 use cocoon_cli::dev::{DevNetwork, DevOptions};
@@ -51,6 +52,12 @@ enum Command {
         #[command(subcommand)]
         command: ClientCommand,
     },
+    /// RA-TLS evidence, offline: make a certificate, show what a certificate or quote
+    /// measures, verify one against a policy at a given time.
+    Attest {
+        #[command(subcommand)]
+        command: AttestCommand,
+    },
     /// Print a role's configuration file with every default filled in.
     Config {
         #[arg(value_parser = ["worker", "proxy", "client"])]
@@ -75,6 +82,56 @@ enum Command {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AttestCommand {
+    /// Show the measurements (MRTD, RTMRs, image hash) and claims of an RA-TLS certificate
+    /// (PEM or DER) or a raw quote. Reads only; verifies nothing.
+    Show { file: PathBuf },
+    /// Verify a certificate or a raw quote: Intel's signature chain against the collateral,
+    /// the TCB status, the image, and for a certificate the quote's binding to its key.
+    Verify {
+        file: PathBuf,
+        /// Intel collateral JSON (as a PCCS serves it); repeat for several platforms.
+        #[arg(long)]
+        collateral: Vec<PathBuf>,
+        /// Verify as if the clock read this (seconds since the Unix epoch). Default: now.
+        #[arg(long)]
+        at: Option<u64>,
+        /// Allowed image hash; repeat for several. None: the image is reported, not checked.
+        #[arg(long = "image-hash")]
+        image_hashes: Vec<String>,
+        /// Accepted TCB status; repeat for several. Default: UpToDate.
+        #[arg(long = "tcb-status")]
+        tcb_statuses: Vec<String>,
+        #[arg(long)]
+        allow_debug: bool,
+        /// Accept development quotes signed by this key (hex). Development only.
+        #[arg(long = "dev-key")]
+        dev_keys: Vec<String>,
+    },
+    /// Create (if missing) a development attester key and print its public key and the image
+    /// hash it attests.
+    DevKey { key_file: PathBuf },
+    /// Write the certificate a node with this key and attester presents, as PEM.
+    Cert {
+        /// The node's key (created if missing).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// `worker`, `proxy` or `client`.
+        #[arg(long, default_value = "worker")]
+        role: String,
+        /// `none`, `tdx` (inside a TDX guest) or `dev`.
+        #[arg(long, default_value = "tdx")]
+        attester: cocoon_tls::AttesterChoice,
+        /// The development attester's key, for `--attester dev`.
+        #[arg(long)]
+        dev_key_file: Option<PathBuf>,
+        /// Where to write the PEM; standard output when unset.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -210,6 +267,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             gateway.run(shutdown_on_signal()).await?;
             Ok(())
         }
+        Command::Attest { command } => attest(command),
         Command::Config { role } => {
             let text = match role.as_str() {
                 "worker" => config::print_defaults::<WorkerConfig>()?,
@@ -255,4 +313,55 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn attest(command: AttestCommand) -> anyhow::Result<()> {
+    let report = match command {
+        AttestCommand::Show { file } => attest_cmd::show(&Evidence::read(&file)?)?,
+        AttestCommand::Verify {
+            file,
+            collateral,
+            at,
+            image_hashes,
+            tcb_statuses,
+            allow_debug,
+            dev_keys,
+        } => attest_cmd::verify(
+            &Evidence::read(&file)?,
+            &VerifyOptions {
+                collateral,
+                at,
+                image_hashes,
+                tcb_statuses,
+                allow_debug,
+                dev_keys,
+            },
+        )?,
+        AttestCommand::DevKey { key_file } => attest_cmd::dev_key(&key_file)?,
+        AttestCommand::Cert {
+            key_file,
+            role,
+            attester,
+            dev_key_file,
+            out,
+        } => {
+            let attester = cocoon_tls::AttesterConfig {
+                kind: attester,
+                dev_key_file,
+                dev_mrtd: None,
+            };
+            let (pem, fingerprint) = attest_cmd::make_certificate(&attester, &key_file, &role)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, pem)?;
+                    eprintln!("certificate written to {}", path.display());
+                }
+                None => print!("{pem}"),
+            }
+            eprintln!("key fingerprint: {fingerprint}");
+            return Ok(());
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }

@@ -190,15 +190,14 @@ async fn proxy_requiring_attested_clients_admits_only_them() {
         dev_key_file: Some(dir.path().join("dev.key")),
         dev_mrtd: None,
     };
-    let dev_key: String = cocoon_tls::dev_attester(
-        attester.dev_key_file.as_deref().unwrap(),
-        cocoon_attest::dev_image(),
-    )
-    .unwrap()
-    .public_key()
-    .iter()
-    .map(|b| format!("{b:02x}"))
-    .collect();
+    let dev_key = hex::encode(
+        cocoon_tls::dev_attester(
+            attester.dev_key_file.as_deref().unwrap(),
+            cocoon_attest::dev_image(),
+        )
+        .unwrap()
+        .public_key(),
+    );
     let policy = PeerPolicy {
         require_attestation: true,
         image_hashes: vec![dev_image_hash()],

@@ -48,24 +48,15 @@ impl Fingerprint {
 
     /// Parses 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Self> {
-        let s = s.trim();
-        if s.len() != 64 || !s.is_ascii() {
-            return None;
-        }
         let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
+        hex::decode_to_slice(s.trim(), &mut out).ok()?;
         Some(Self(out))
     }
 }
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -245,11 +236,7 @@ fn issue(
     params.not_after = now + CERT_LIFETIME;
     if let Some(a) = attestation {
         let claims = cocoon_attest::Claims {
-            public_key: key_pair
-                .public_key_raw()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            public_key: hex::encode(key_pair.public_key_raw()),
             role: a.role.clone(),
         }
         .to_bytes();

@@ -136,6 +136,28 @@ impl RaTlsVerifier {
         &self.policy
     }
 
+    /// Verifies a bare quote against the policy (no certificate, so no key binding): for
+    /// tools that check a quote by itself.
+    pub fn verify_quote(&self, quote: &[u8]) -> Result<Verified, VerifyError> {
+        self.cached(quote).map(|(attested, _)| Verified {
+            attestation: Some(attested),
+        })
+    }
+
+    fn cached(&self, quote: &[u8]) -> Result<(Attested, Measurements), VerifyError> {
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, quote)
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        if let Some(hit) = self.cache.get(&key) {
+            return Ok(hit);
+        }
+        self.cache.verifications.fetch_add(1, Ordering::Relaxed);
+        let fresh = self.verify_uncached(quote)?;
+        self.cache.put(key, &fresh.0, &fresh.1);
+        Ok(fresh)
+    }
+
     fn verify_uncached(&self, quote: &[u8]) -> Result<(Attested, Measurements), VerifyError> {
         if quote.starts_with(DEV_QUOTE_MAGIC) {
             if self.dev_keys.is_empty() {
@@ -181,6 +203,14 @@ impl RaTlsVerifier {
     }
 }
 
+/// The raw quote and claims an RA-TLS certificate carries, if it carries them.
+pub fn attestation_extensions(peer: &PeerCertificate) -> Option<(&[u8], &[u8])> {
+    Some((
+        peer.extension(OID_QUOTE_STR)?,
+        peer.extension(OID_CLAIMS_STR)?,
+    ))
+}
+
 impl PeerVerifier for RaTlsVerifier {
     fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
         let quote = peer
@@ -189,19 +219,7 @@ impl PeerVerifier for RaTlsVerifier {
         let claims = peer
             .extension(OID_CLAIMS_STR)
             .ok_or_else(|| VerifyError::Policy("certificate carries no claims".into()))?;
-        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, quote)
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes");
-        let (attested, measurements) = match self.cache.get(&key) {
-            Some(hit) => hit,
-            None => {
-                self.cache.verifications.fetch_add(1, Ordering::Relaxed);
-                let fresh = self.verify_uncached(quote)?;
-                self.cache.put(key, &fresh.0, &fresh.1);
-                fresh
-            }
-        };
+        let (attested, measurements) = self.cached(quote)?;
         check_binding(&measurements, claims, &peer.public_key)
             .map_err(|e| VerifyError::Policy(e.to_string()))?;
         Ok(Verified {

@@ -44,6 +44,21 @@ pub enum AttesterChoice {
     Dev,
 }
 
+impl std::str::FromStr for AttesterChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Self::None),
+            "tdx" => Ok(Self::Tdx),
+            "dev" => Ok(Self::Dev),
+            other => Err(format!(
+                "unknown attester {other:?}: expected none, tdx or dev"
+            )),
+        }
+    }
+}
+
 /// `[attester]` in every role's config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -74,8 +89,9 @@ impl AttesterConfig {
                     .as_deref()
                     .ok_or_else(|| config_error(section, "kind = \"dev\" needs dev_key_file"))?;
                 let mut image = dev_image();
-                if let Some(hex) = &self.dev_mrtd {
-                    let bytes = decode_hex(hex)
+                if let Some(mrtd) = &self.dev_mrtd {
+                    let bytes = hex::decode(mrtd.trim())
+                        .ok()
                         .filter(|b| b.len() == 48)
                         .ok_or_else(|| config_error(section, "dev_mrtd must be 96 hex digits"))?;
                     image.mrtd.copy_from_slice(&bytes);
@@ -248,7 +264,8 @@ impl PeerPolicy {
         let mut verifier =
             RaTlsVerifier::new(policy, collateral).cache_ttl(Duration::from_secs(self.cache_secs));
         for key in &self.dev_attester_keys {
-            let bytes = decode_hex(key)
+            let bytes = hex::decode(key.trim())
+                .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .ok_or_else(|| {
                     config_error(
@@ -260,17 +277,6 @@ impl PeerPolicy {
         }
         Ok(verifier)
     }
-}
-
-pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -59,6 +59,9 @@ pub struct PeerCertificate {
     pub public_key: Vec<u8>,
     pub fingerprint: Fingerprint,
     pub common_name: Option<String>,
+    /// Validity window, seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
     /// Every extension, as (OID, critical, raw value), for policies that look further.
     pub extensions: Vec<(String, bool, Vec<u8>)>,
 }
@@ -76,6 +79,20 @@ impl PeerCertificate {
 impl PeerCertificate {
     /// Parses and checks `der` at time `now`.
     pub fn parse(der: &CertificateDer<'_>, now: UnixTime) -> Result<Self, VerifyError> {
+        let cert = Self::parse_any_time(der)?;
+        let now = now.as_secs() as i64;
+        if now < cert.not_before {
+            return Err(VerifyError::NotYetValid);
+        }
+        if now > cert.not_after {
+            return Err(VerifyError::Expired);
+        }
+        Ok(cert)
+    }
+
+    /// Every check of [`parse`](Self::parse) except the validity window: for showing a
+    /// certificate to a person, whatever its dates.
+    pub fn parse_any_time(der: &CertificateDer<'_>) -> Result<Self, VerifyError> {
         let (rest, cert) = X509Certificate::from_der(der.as_ref())
             .map_err(|e| VerifyError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
@@ -91,14 +108,7 @@ impl PeerCertificate {
         if public_key.len() != 32 {
             return Err(VerifyError::NotEd25519);
         }
-        let now = now.as_secs() as i64;
         let validity = cert.validity();
-        if now < validity.not_before.timestamp() {
-            return Err(VerifyError::NotYetValid);
-        }
-        if now > validity.not_after.timestamp() {
-            return Err(VerifyError::Expired);
-        }
         if cert.signature_algorithm.algorithm.to_id_string() != ED25519_OID {
             return Err(VerifyError::BadSelfSignature);
         }
@@ -123,6 +133,8 @@ impl PeerCertificate {
             fingerprint: Fingerprint::of_public_key(&public_key),
             public_key,
             common_name,
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
             extensions,
         })
     }

@@ -214,11 +214,7 @@ async fn serve_handmade_cert(
     use rcgen::{CertificateParams, CustomExtension, KeyPair, PKCS_ED25519};
     let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
     let claims = cocoon_attest::Claims {
-        public_key: key
-            .public_key_raw()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        public_key: hex::encode(key.public_key_raw()),
         role: "proxy".into(),
     }
     .to_bytes();
