@@ -60,13 +60,13 @@ impl Measurements {
 impl fmt::Debug for Measurements {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Measurements")
-            .field("mrtd", &hex::encode(&self.mrtd))
-            .field("rtmr0", &hex::encode(&self.rtmr[0]))
-            .field("rtmr1", &hex::encode(&self.rtmr[1]))
-            .field("rtmr2", &hex::encode(&self.rtmr[2]))
-            .field("rtmr3", &hex::encode(&self.rtmr[3]))
-            .field("report_data", &hex::encode(&self.report_data))
-            .field("td_attributes", &hex::encode(&self.td_attributes))
+            .field("mrtd", &hex::encode(self.mrtd))
+            .field("rtmr0", &hex::encode(self.rtmr[0]))
+            .field("rtmr1", &hex::encode(self.rtmr[1]))
+            .field("rtmr2", &hex::encode(self.rtmr[2]))
+            .field("rtmr3", &hex::encode(self.rtmr[3]))
+            .field("report_data", &hex::encode(self.report_data))
+            .field("td_attributes", &hex::encode(self.td_attributes))
             .field("image_hash", &self.image_hash())
             .finish()
     }
