@@ -176,6 +176,11 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(PolicyVerifier(peers)))
         .with_cert_resolver(Arc::new(IdentityResolver(identity)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // No session resumption: a resumed session skips the peer's certificate, so a peer whose
+    // attestation went stale or whose image was withdrawn could come back without being
+    // checked. Every connection runs the policy; the quote cache keeps that cheap.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Arc::new(config)
 }
 
@@ -192,6 +197,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(PolicyVerifier(peers)))
         .with_client_cert_resolver(Arc::new(IdentityResolver(identity)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // See server_config: every connection is verified in full against the current policy.
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
