@@ -106,15 +106,24 @@ pub fn show(evidence: &Evidence) -> anyhow::Result<Value> {
 }
 
 /// The policy `verify` checks against.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct VerifyOptions {
+    /// Intel collateral JSON (as a PCCS serves it); repeat for several platforms.
+    #[arg(long)]
     pub collateral: Vec<PathBuf>,
-    /// Seconds since the epoch; `None`: now.
+    /// Verify as if the clock read this (seconds since the Unix epoch). Default: now.
+    #[arg(long)]
     pub at: Option<u64>,
-    /// Allowed images; empty: the image is reported, not checked.
+    /// Allowed image hash; repeat for several. None: the image is reported, not checked.
+    #[arg(long = "image-hash")]
     pub image_hashes: Vec<String>,
+    /// Accepted TCB status; repeat for several. Default: UpToDate.
+    #[arg(long = "tcb-status")]
     pub tcb_statuses: Vec<String>,
+    #[arg(long)]
     pub allow_debug: bool,
+    /// Accept development quotes signed by this key (hex). Development only.
+    #[arg(long = "dev-key")]
     pub dev_keys: Vec<String>,
 }
 

@@ -94,23 +94,8 @@ enum AttestCommand {
     /// the TCB status, the image, and for a certificate the quote's binding to its key.
     Verify {
         file: PathBuf,
-        /// Intel collateral JSON (as a PCCS serves it); repeat for several platforms.
-        #[arg(long)]
-        collateral: Vec<PathBuf>,
-        /// Verify as if the clock read this (seconds since the Unix epoch). Default: now.
-        #[arg(long)]
-        at: Option<u64>,
-        /// Allowed image hash; repeat for several. None: the image is reported, not checked.
-        #[arg(long = "image-hash")]
-        image_hashes: Vec<String>,
-        /// Accepted TCB status; repeat for several. Default: UpToDate.
-        #[arg(long = "tcb-status")]
-        tcb_statuses: Vec<String>,
-        #[arg(long)]
-        allow_debug: bool,
-        /// Accept development quotes signed by this key (hex). Development only.
-        #[arg(long = "dev-key")]
-        dev_keys: Vec<String>,
+        #[command(flatten)]
+        options: VerifyOptions,
     },
     /// Create (if missing) a development attester key and print its public key and the image
     /// hash it attests.
@@ -318,25 +303,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
 fn attest(command: AttestCommand) -> anyhow::Result<()> {
     let report = match command {
         AttestCommand::Show { file } => attest_cmd::show(&Evidence::read(&file)?)?,
-        AttestCommand::Verify {
-            file,
-            collateral,
-            at,
-            image_hashes,
-            tcb_statuses,
-            allow_debug,
-            dev_keys,
-        } => attest_cmd::verify(
-            &Evidence::read(&file)?,
-            &VerifyOptions {
-                collateral,
-                at,
-                image_hashes,
-                tcb_statuses,
-                allow_debug,
-                dev_keys,
-            },
-        )?,
+        AttestCommand::Verify { file, options } => {
+            attest_cmd::verify(&Evidence::read(&file)?, &options)?
+        }
         AttestCommand::DevKey { key_file } => attest_cmd::dev_key(&key_file)?,
         AttestCommand::Cert {
             key_file,
