@@ -140,7 +140,8 @@ fn attestation_json(state: &AppState) -> Value {
     let proxy = state.link.proxy_attestation();
     let proxy_mode = proxy.as_ref().map_or("none", |v| v.mode());
     let attested = proxy.as_ref().and_then(|v| v.attestation.as_ref());
-    let development = state.attestation == "dev" || proxy_mode == "dev";
+    let development =
+        state.attestation == "dev" || proxy.as_ref().is_some_and(|v| v.is_development());
     let mut out = json!({
         "client": state.attestation,
         "proxy": proxy_mode,

@@ -58,7 +58,7 @@ impl ProxyLink {
             .map_err(|e| ProtocolError::unavailable(format!("proxy {}: {e}", self.addr)))?;
         tokio::spawn(driver);
         tracing::info!(proxy = %self.addr, attestation = verified.mode(), "connected to proxy");
-        if verified.mode() == "dev" {
+        if verified.is_development() {
             tracing::warn!(
                 "the proxy is attested by a DEVELOPMENT quote: it proves nothing about its machine"
             );

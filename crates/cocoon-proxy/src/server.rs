@@ -257,7 +257,7 @@ impl State {
             attestation,
             channel,
         );
-        if entry.attestation.mode() == "dev" {
+        if entry.attestation.is_development() {
             tracing::warn!(worker = %hello.name, "worker is attested by a DEVELOPMENT quote: it proves nothing about its machine");
         }
         tracing::info!(worker = %hello.name, %fingerprint, attestation = entry.attestation.mode(), models = ?entry.models.iter().map(|m| &m.id).collect::<Vec<_>>(), "worker joined");

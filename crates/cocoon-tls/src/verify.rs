@@ -163,6 +163,13 @@ impl Verified {
             .as_ref()
             .map_or("none", |a| a.kind.as_str())
     }
+
+    /// Whether the peer is attested only by a development quote, which proves nothing.
+    pub fn is_development(&self) -> bool {
+        self.attestation
+            .as_ref()
+            .is_some_and(|a| a.kind == cocoon_attest::AttesterKind::Dev)
+    }
 }
 
 /// Decides whether a peer whose certificate passed the basic checks may connect.
