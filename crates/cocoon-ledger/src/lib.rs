@@ -1,0 +1,28 @@
+//! The money side of cocoon: who may take part and what each party is owed.
+//!
+//! This crate owns the semantics of COCOON's contracts, independent of where they run:
+//! the root [`Registry`] (allowed images and models, registered proxies, prices), and the
+//! per-proxy, per-(client, proxy) and per-(worker, proxy) contracts with their balances,
+//! stakes, token counters and delayed closes ([`state`]). Proxies sign cumulative, monotonic
+//! [`PaymentMessage`]s ("charge client C up to N tokens", "pay worker W up to N tokens");
+//! contracts refuse any message whose counter does not move forward or that names another
+//! contract. The [`Ledger`] trait is the seam: [`EmbeddedLedger`] executes the rules on one
+//! machine with durable storage (redb); a TON backend drives the same operations on chain.
+
+mod embedded;
+mod error;
+mod ledger;
+mod message;
+mod registry;
+pub mod state;
+mod types;
+
+pub use embedded::EmbeddedLedger;
+pub use error::LedgerError;
+pub use ledger::{ImageRole, Ledger, Op, Receipt, Tx};
+pub use message::{MessageError, OP_CHARGE_CLIENT, OP_PAY_WORKER, PaymentMessage, SignedMessage};
+pub use registry::{NetworkParams, Registry, TokenKind};
+pub use state::{LedgerState, Touched};
+pub use types::{
+    Address, ClientContract, ContractState, Nanoton, ProxyContract, PublicKey, WorkerContract,
+};

@@ -1,0 +1,194 @@
+//! The payment messages a proxy signs. Layout, after COCOON's contracts: `op: u32`,
+//! `query_id: u64`, then the payload (`tokens: u64`, the 32-byte address of the contract it is
+//! for), all big-endian. The Ed25519 signature (64 bytes) is over SHA-256 of those bytes.
+//!
+//! Both messages are cumulative: "client C has used N tokens in total", "worker W has been paid
+//! for N tokens in total". A contract applies one only if N is above what it stored, so a
+//! replay or an older message changes nothing, and only to the address it names.
+
+use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Address, PublicKey};
+
+pub const OP_CHARGE_CLIENT: u32 = 0x6368_7267; // "chrg"
+pub const OP_PAY_WORKER: u32 = 0x7061_7977; // "payw"
+
+const BODY_LEN: usize = 4 + 8 + 8 + 32;
+const SIGNED_LEN: usize = BODY_LEN + 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("message is {0} bytes, expected {SIGNED_LEN}")]
+    Length(usize),
+    #[error("unknown op {0:#010x}")]
+    UnknownOp(u32),
+    #[error("signature does not verify under the proxy's key")]
+    BadSignature,
+}
+
+/// What a proxy vouches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum PaymentMessage {
+    /// The client contract at `contract` has used `tokens_used` weighted tokens in total.
+    ChargeClient {
+        query_id: u64,
+        tokens_used: u64,
+        contract: Address,
+    },
+    /// The worker contract at `contract` is owed for `tokens` weighted tokens in total.
+    PayWorker {
+        query_id: u64,
+        tokens: u64,
+        contract: Address,
+    },
+}
+
+impl PaymentMessage {
+    pub fn contract(&self) -> Address {
+        match self {
+            Self::ChargeClient { contract, .. } | Self::PayWorker { contract, .. } => *contract,
+        }
+    }
+
+    fn encode(&self) -> [u8; BODY_LEN] {
+        let (op, query_id, tokens, contract) = match *self {
+            Self::ChargeClient {
+                query_id,
+                tokens_used,
+                contract,
+            } => (OP_CHARGE_CLIENT, query_id, tokens_used, contract),
+            Self::PayWorker {
+                query_id,
+                tokens,
+                contract,
+            } => (OP_PAY_WORKER, query_id, tokens, contract),
+        };
+        let mut out = [0u8; BODY_LEN];
+        out[..4].copy_from_slice(&op.to_be_bytes());
+        out[4..12].copy_from_slice(&query_id.to_be_bytes());
+        out[12..20].copy_from_slice(&tokens.to_be_bytes());
+        out[20..].copy_from_slice(&contract.0);
+        out
+    }
+
+    fn decode(body: &[u8]) -> Result<Self, MessageError> {
+        let u32_at = |at: usize| u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+        let contract = Address(body[20..52].try_into().expect("32 bytes"));
+        match u32_at(0) {
+            OP_CHARGE_CLIENT => Ok(Self::ChargeClient {
+                query_id: u64_at(4),
+                tokens_used: u64_at(12),
+                contract,
+            }),
+            OP_PAY_WORKER => Ok(Self::PayWorker {
+                query_id: u64_at(4),
+                tokens: u64_at(12),
+                contract,
+            }),
+            op => Err(MessageError::UnknownOp(op)),
+        }
+    }
+
+    /// Signs with the proxy's key.
+    pub fn sign(&self, proxy_key: &Ed25519KeyPair) -> SignedMessage {
+        let body = self.encode();
+        let signature = proxy_key.sign(digest(&body).as_ref());
+        let mut bytes = body.to_vec();
+        bytes.extend_from_slice(signature.as_ref());
+        SignedMessage(bytes)
+    }
+}
+
+fn digest(body: &[u8]) -> ring::digest::Digest {
+    ring::digest::digest(&ring::digest::SHA256, body)
+}
+
+/// A payment message with the proxy's signature, as it travels and is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedMessage(#[serde(with = "hex_bytes")] pub Vec<u8>);
+
+impl SignedMessage {
+    /// Parses and checks the signature against `proxy`'s key. Nothing else: whether the
+    /// counter moves forward and the address matches is the contract's decision.
+    pub fn verify(&self, proxy: &PublicKey) -> Result<PaymentMessage, MessageError> {
+        if self.0.len() != SIGNED_LEN {
+            return Err(MessageError::Length(self.0.len()));
+        }
+        let (body, signature) = self.0.split_at(BODY_LEN);
+        let message = PaymentMessage::decode(body)?;
+        UnparsedPublicKey::new(&ED25519, proxy)
+            .verify(digest(body).as_ref(), signature)
+            .map_err(|_| MessageError::BadSignature)?;
+        Ok(message)
+    }
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> Ed25519KeyPair {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+    }
+
+    fn public(k: &Ed25519KeyPair) -> PublicKey {
+        ring::signature::KeyPair::public_key(k)
+            .as_ref()
+            .try_into()
+            .unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_forgeries() {
+        let proxy = key();
+        let msg = PaymentMessage::ChargeClient {
+            query_id: 7,
+            tokens_used: 1234,
+            contract: Address([9; 32]),
+        };
+        let signed = msg.sign(&proxy);
+        assert_eq!(signed.verify(&public(&proxy)), Ok(msg));
+        // Another key's signature.
+        assert_eq!(
+            signed.verify(&public(&key())),
+            Err(MessageError::BadSignature)
+        );
+        // Any flipped bit, in body or signature.
+        for i in 0..signed.0.len() {
+            let mut forged = signed.clone();
+            forged.0[i] ^= 0x10;
+            assert!(forged.verify(&public(&proxy)).is_err(), "byte {i}");
+        }
+        let mut short = signed.clone();
+        short.0.pop();
+        assert_eq!(
+            short.verify(&public(&proxy)),
+            Err(MessageError::Length(SIGNED_LEN - 1))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_verify_or_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let proxy = key();
+            prop_assert!(SignedMessage(bytes).verify(&public(&proxy)).is_err());
+        }
+    }
+}

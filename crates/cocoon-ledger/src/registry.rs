@@ -1,0 +1,134 @@
+//! The root registry: who may take part, and the network's prices. Only the owner changes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::LedgerError;
+use crate::types::{Nanoton, PublicKey, hex_32};
+
+/// Multipliers are in basis points: 10 000 is ×1.
+pub const MULTIPLIER_ONE: u64 = 10_000;
+
+/// The kinds of token a request is billed for, each weighted by its multiplier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Prompt,
+    Cached,
+    Completion,
+    Reasoning,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkParams {
+    /// What a client pays per weighted token.
+    pub price_per_token: Nanoton,
+    /// What the worker earns per weighted token; the proxy keeps the rest.
+    pub worker_fee_per_token: Nanoton,
+    pub prompt_multiplier: u64,
+    pub cached_multiplier: u64,
+    pub completion_multiplier: u64,
+    pub reasoning_multiplier: u64,
+    pub min_client_stake: Nanoton,
+    pub min_proxy_stake: Nanoton,
+    /// Seconds between a client's close without the proxy and the release of its stake.
+    pub client_close_delay: u64,
+    /// Seconds between a proxy's close and the release of its stake, for workers to claim.
+    pub proxy_close_delay: u64,
+}
+
+impl Default for NetworkParams {
+    fn default() -> Self {
+        Self {
+            price_per_token: 20,
+            worker_fee_per_token: 16,
+            prompt_multiplier: MULTIPLIER_ONE,
+            cached_multiplier: MULTIPLIER_ONE / 10,
+            completion_multiplier: MULTIPLIER_ONE,
+            reasoning_multiplier: MULTIPLIER_ONE,
+            min_client_stake: 1_000_000_000,
+            min_proxy_stake: 10_000_000_000,
+            client_close_delay: 24 * 3600,
+            proxy_close_delay: 48 * 3600,
+        }
+    }
+}
+
+impl NetworkParams {
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        if self.worker_fee_per_token > self.price_per_token {
+            return Err(LedgerError::BadParams(
+                "worker_fee_per_token is above price_per_token: the proxy would pay to serve"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn multiplier(&self, kind: TokenKind) -> u64 {
+        match kind {
+            TokenKind::Prompt => self.prompt_multiplier,
+            TokenKind::Cached => self.cached_multiplier,
+            TokenKind::Completion => self.completion_multiplier,
+            TokenKind::Reasoning => self.reasoning_multiplier,
+        }
+    }
+
+    /// Weighted tokens for a request's counts, rounded up (a fraction of a token is billed).
+    pub fn weighted_tokens(&self, counts: &[(TokenKind, u64)]) -> Result<u64, LedgerError> {
+        let mut total: u128 = 0;
+        for &(kind, n) in counts {
+            total = total
+                .checked_add(u128::from(n) * u128::from(self.multiplier(kind)))
+                .ok_or(LedgerError::Overflow)?;
+        }
+        u64::try_from(total.div_ceil(u128::from(MULTIPLIER_ONE))).map_err(|_| LedgerError::Overflow)
+    }
+
+    /// What `tokens` weighted tokens cost the client.
+    pub fn cost(&self, tokens: u64) -> Result<Nanoton, LedgerError> {
+        u128::from(tokens)
+            .checked_mul(self.price_per_token)
+            .ok_or(LedgerError::Overflow)
+    }
+
+    /// What `tokens` weighted tokens earn the worker.
+    pub fn worker_earnings(&self, tokens: u64) -> Result<Nanoton, LedgerError> {
+        u128::from(tokens)
+            .checked_mul(self.worker_fee_per_token)
+            .ok_or(LedgerError::Overflow)
+    }
+}
+
+/// The network's root of trust.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    #[serde(with = "hex_32")]
+    pub owner: PublicKey,
+    /// Image hashes (hex) allowed for workers and for proxies.
+    pub worker_images: BTreeSet<String>,
+    pub proxy_images: BTreeSet<String>,
+    /// Model hashes (hex) workers may serve.
+    pub models: BTreeSet<String>,
+    /// Registered proxies: public key (hex) → network address.
+    pub proxies: BTreeMap<String, String>,
+    pub params: NetworkParams,
+}
+
+impl Registry {
+    pub fn new(owner: PublicKey) -> Self {
+        Self {
+            owner,
+            worker_images: BTreeSet::new(),
+            proxy_images: BTreeSet::new(),
+            models: BTreeSet::new(),
+            proxies: BTreeMap::new(),
+            params: NetworkParams::default(),
+        }
+    }
+
+    pub fn is_proxy(&self, key: &PublicKey) -> bool {
+        self.proxies.contains_key(&hex::encode(key))
+    }
+}

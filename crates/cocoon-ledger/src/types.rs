@@ -1,0 +1,127 @@
+//! Identities, amounts and the three kinds of payment contract.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Amounts are in nanoton (10⁻⁹ TON), as on chain.
+pub type Nanoton = u128;
+
+/// An Ed25519 public key: how clients, proxies, workers and the owner are known.
+pub type PublicKey = [u8; 32];
+
+/// A contract's address: derived from what the contract is and whom it binds, so that a signed
+/// message naming an address can only ever apply to that one contract (as TON derives an
+/// address from code and initial data).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Address(#[serde(with = "hex_32")] pub [u8; 32]);
+
+impl Address {
+    fn derive(kind: &str, parts: &[&[u8]]) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"cocoon-contract/v1/");
+        ctx.update(kind.as_bytes());
+        for p in parts {
+            ctx.update(&(p.len() as u32).to_be_bytes());
+            ctx.update(p);
+        }
+        Self(
+            ctx.finish()
+                .as_ref()
+                .try_into()
+                .expect("SHA-256 is 32 bytes"),
+        )
+    }
+
+    pub fn proxy(proxy: &PublicKey) -> Self {
+        Self::derive("proxy", &[proxy])
+    }
+
+    pub fn client(proxy: &PublicKey, client: &PublicKey) -> Self {
+        Self::derive("client", &[proxy, client])
+    }
+
+    pub fn worker(proxy: &PublicKey, worker: &PublicKey) -> Self {
+        Self::derive("worker", &[proxy, worker])
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Address({self})")
+    }
+}
+
+/// Lifecycle of a contract that can be closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum ContractState {
+    Normal,
+    /// Closing was requested; what is left is released at `unlock_at` (seconds since epoch).
+    Closing {
+        unlock_at: u64,
+    },
+    Closed,
+}
+
+/// One per proxy instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyContract {
+    #[serde(with = "hex_32")]
+    pub key: PublicKey,
+    /// Earned from clients and not yet paid out to workers or withdrawn.
+    pub balance: Nanoton,
+    pub stake: Nanoton,
+    pub state: ContractState,
+}
+
+/// One per (client, proxy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientContract {
+    #[serde(with = "hex_32")]
+    pub client: PublicKey,
+    #[serde(with = "hex_32")]
+    pub proxy: PublicKey,
+    /// Everything the client has in the contract, the stake included.
+    pub balance: Nanoton,
+    /// The part of `balance` the client cannot withdraw while the contract is open: it
+    /// guarantees the proxy payment for work in flight.
+    pub stake: Nanoton,
+    /// Weighted tokens charged so far; the counter of the proxy's charge messages.
+    pub tokens_used: u64,
+    pub state: ContractState,
+}
+
+/// One per (worker, proxy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerContract {
+    #[serde(with = "hex_32")]
+    pub worker: PublicKey,
+    #[serde(with = "hex_32")]
+    pub proxy: PublicKey,
+    /// Weighted tokens paid so far; the counter of the proxy's payout messages.
+    pub tokens_paid: u64,
+    /// Earned and not yet withdrawn to the worker's owner.
+    pub balance: Nanoton,
+}
+
+pub(crate) mod hex_32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
