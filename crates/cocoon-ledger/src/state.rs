@@ -470,7 +470,6 @@ impl LedgerState {
             return Err(LedgerError::BadMessage("not a charge message".into()));
         };
         let proxy_at = Address::proxy(proxy);
-        let params = self.registry.params.clone();
         let contract = self
             .clients
             .get(&named)
@@ -492,7 +491,10 @@ impl LedgerState {
                 got: tokens_used,
             });
         }
-        let cost = params.cost(tokens_used - contract.tokens_used)?;
+        let cost = self
+            .registry
+            .params
+            .cost(tokens_used - contract.tokens_used)?;
         if cost > contract.balance {
             return Err(LedgerError::InsufficientBalance {
                 balance: contract.balance,
