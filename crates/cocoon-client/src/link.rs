@@ -44,15 +44,9 @@ impl ProxyLink {
             .map_err(|e| {
                 ProtocolError::unavailable(format!("cannot reach proxy {}: {e}", self.addr))
             })?;
-        // The handshake already ran the policy; running it again (from its cache) recovers what
-        // it established, which rustls does not hand back.
-        let verified = cocoon_tls::peer_identity(tls.get_ref().1.peer_certificates())
-            .ok_or_else(|| ProtocolError::unavailable("proxy presented no certificate"))
-            .and_then(|peer| {
-                self.proxy_policy
-                    .verify(&peer)
-                    .map_err(|e| ProtocolError::unavailable(format!("proxy refused: {e}")))
-            })?;
+        let verified =
+            cocoon_tls::verified_peer(tls.get_ref().1.peer_certificates(), &*self.proxy_policy)
+                .map_err(|e| ProtocolError::unavailable(format!("proxy refused: {e}")))?;
         let (channel, driver) = Channel::handshake(tls)
             .await
             .map_err(|e| ProtocolError::unavailable(format!("proxy {}: {e}", self.addr)))?;

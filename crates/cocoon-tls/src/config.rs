@@ -15,7 +15,7 @@ use rustls::{
 };
 
 use crate::identity::Identity;
-use crate::verify::{PeerCertificate, PeerVerifier};
+use crate::verify::{PeerCertificate, PeerVerifier, Verified, VerifyError};
 
 #[derive(Debug)]
 struct IdentityResolver(Arc<Identity>);
@@ -205,4 +205,16 @@ pub fn client_config(
 /// The verified peer of an established connection.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerCertificate> {
     PeerCertificate::parse(certs?.first()?, UnixTime::now()).ok()
+}
+
+/// What `policy` established about the peer of an established connection. The handshake ran
+/// the policy already, but rustls does not hand its result back; running it again costs a
+/// quote-cache hit.
+pub fn verified_peer(
+    certs: Option<&[CertificateDer<'_>]>,
+    policy: &dyn PeerVerifier,
+) -> Result<Verified, VerifyError> {
+    let peer = peer_identity(certs)
+        .ok_or_else(|| VerifyError::Malformed("the peer presented no usable certificate".into()))?;
+    policy.verify(&peer)
 }

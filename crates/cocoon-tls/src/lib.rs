@@ -12,7 +12,7 @@ mod ratls;
 mod trust;
 mod verify;
 
-pub use config::{client_config, peer_identity, server_config};
+pub use config::{client_config, peer_identity, server_config, verified_peer};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use ratls::{CacheStats, DEFAULT_CACHE_TTL, RaTlsVerifier, attestation_extensions};
 pub use trust::{AttesterChoice, AttesterConfig, PeerPolicy, TrustError, dev_attester};

@@ -73,10 +73,11 @@ impl Worker {
         loop {
             let attempt = async {
                 let tls = cocoon_net::connect_tls(&self.proxy_addr, self.tls.clone()).await?;
-                // Re-run the policy (a cache hit) to learn what the handshake established.
-                let mode = cocoon_tls::peer_identity(tls.get_ref().1.peer_certificates())
-                    .and_then(|peer| self.proxy_policy.verify(&peer).ok())
-                    .map_or("none", |v| v.mode());
+                let mode = cocoon_tls::verified_peer(
+                    tls.get_ref().1.peer_certificates(),
+                    &*self.proxy_policy,
+                )
+                .map_or("none", |v| v.mode());
                 tracing::info!(proxy = %self.proxy_addr, attestation = mode, "connected to proxy");
                 self.connected.store(true, Ordering::SeqCst);
                 let service = service.clone();
