@@ -49,6 +49,37 @@ fn nonzero(amount: Nanoton) -> Result<Nanoton, LedgerError> {
     }
 }
 
+/// Whether a closing contract's delay has passed.
+fn unlocked(state: &ContractState, at: Address, now: u64) -> Result<(), LedgerError> {
+    match *state {
+        ContractState::Closing { unlock_at } if now >= unlock_at => Ok(()),
+        ContractState::Closing { unlock_at } => Err(LedgerError::StillLocked {
+            address: at,
+            unlock_at,
+            now,
+        }),
+        _ => Err(LedgerError::NotClosing(at)),
+    }
+}
+
+/// The result of an operation that sent `amount` out of the ledger from the contract `from`.
+fn moved_out(amount: Nanoton, from: Touched) -> (Receipt, Vec<Touched>) {
+    let receipt = Receipt {
+        paid_out: amount,
+        ..Receipt::default()
+    };
+    (receipt, vec![from, Touched::Totals])
+}
+
+/// The result of an operation that brought `amount` into the ledger, into the contract `to`.
+fn moved_in(amount: Nanoton, to: Touched) -> (Receipt, Vec<Touched>) {
+    let receipt = Receipt {
+        deposited: amount,
+        ..Receipt::default()
+    };
+    (receipt, vec![to, Touched::Totals])
+}
+
 impl LedgerState {
     pub fn new(owner: PublicKey) -> Self {
         Self {
@@ -145,11 +176,7 @@ impl LedgerState {
                 let paid_out = add(self.paid_out, amount)?;
                 worker.balance = 0;
                 self.paid_out = paid_out;
-                let receipt = Receipt {
-                    paid_out: amount,
-                    ..Receipt::default()
-                };
-                Ok((receipt, vec![Touched::Worker(at), Touched::Totals]))
+                Ok(moved_out(amount, Touched::Worker(at)))
             }
         }
     }
@@ -189,11 +216,7 @@ impl LedgerState {
             },
         );
         self.deposited = deposited;
-        let receipt = Receipt {
-            deposited: stake,
-            ..Receipt::default()
-        };
-        Ok((receipt, vec![Touched::Proxy(at), Touched::Totals]))
+        Ok(moved_in(stake, Touched::Proxy(at)))
     }
 
     fn proxy_withdraw(
@@ -219,11 +242,7 @@ impl LedgerState {
         let paid_out = add(self.paid_out, amount)?;
         proxy.balance -= amount;
         self.paid_out = paid_out;
-        let receipt = Receipt {
-            paid_out: amount,
-            ..Receipt::default()
-        };
-        Ok((receipt, vec![Touched::Proxy(at), Touched::Totals]))
+        Ok(moved_out(amount, Touched::Proxy(at)))
     }
 
     fn proxy_finish_close(
@@ -236,27 +255,14 @@ impl LedgerState {
             .proxies
             .get_mut(&at)
             .ok_or(LedgerError::NoContract(at))?;
-        let ContractState::Closing { unlock_at } = proxy.state else {
-            return Err(LedgerError::NotClosing(at));
-        };
-        if now < unlock_at {
-            return Err(LedgerError::StillLocked {
-                address: at,
-                unlock_at,
-                now,
-            });
-        }
+        unlocked(&proxy.state, at, now)?;
         let amount = proxy.balance + proxy.stake;
         let paid_out = add(self.paid_out, amount)?;
         proxy.balance = 0;
         proxy.stake = 0;
         proxy.state = ContractState::Closed;
         self.paid_out = paid_out;
-        let receipt = Receipt {
-            paid_out: amount,
-            ..Receipt::default()
-        };
-        Ok((receipt, vec![Touched::Proxy(at), Touched::Totals]))
+        Ok(moved_out(amount, Touched::Proxy(at)))
     }
 
     fn proxy_refund(
@@ -278,11 +284,7 @@ impl LedgerState {
         contract.stake = 0;
         contract.state = ContractState::Closed;
         self.paid_out = paid_out;
-        let receipt = Receipt {
-            paid_out: amount,
-            ..Receipt::default()
-        };
-        Ok((receipt, vec![Touched::Client(at), Touched::Totals]))
+        Ok(moved_out(amount, Touched::Client(at)))
     }
 
     fn open_proxy(&self, proxy: &PublicKey) -> Result<&ProxyContract, LedgerError> {
@@ -318,11 +320,7 @@ impl LedgerState {
         let balance = add(contract.balance, amount)?;
         contract.balance = balance;
         self.deposited = deposited;
-        let receipt = Receipt {
-            deposited: amount,
-            ..Receipt::default()
-        };
-        Ok((receipt, vec![Touched::Client(at), Touched::Totals]))
+        Ok(moved_in(amount, Touched::Client(at)))
     }
 
     fn open_client(
@@ -379,11 +377,7 @@ impl LedgerState {
                 let paid_out = add(paid_out_before, amount)?;
                 contract.balance = left;
                 self.paid_out = paid_out;
-                let receipt = Receipt {
-                    paid_out: amount,
-                    ..Receipt::default()
-                };
-                Ok((receipt, vec![Touched::Client(at), Touched::Totals]))
+                Ok(moved_out(amount, Touched::Client(at)))
             }
             _ => Err(LedgerError::BelowStake {
                 amount,
@@ -415,11 +409,7 @@ impl LedgerState {
         contract.balance = contract.stake;
         contract.state = ContractState::Closing { unlock_at };
         self.paid_out = paid_out;
-        let receipt = Receipt {
-            paid_out: amount,
-            ..Receipt::default()
-        };
-        Ok((receipt, vec![Touched::Client(at), Touched::Totals]))
+        Ok(moved_out(amount, Touched::Client(at)))
     }
 
     fn client_finish_close(
@@ -433,27 +423,14 @@ impl LedgerState {
             .clients
             .get_mut(&at)
             .ok_or(LedgerError::NoContract(at))?;
-        let ContractState::Closing { unlock_at } = contract.state else {
-            return Err(LedgerError::NotClosing(at));
-        };
-        if now < unlock_at {
-            return Err(LedgerError::StillLocked {
-                address: at,
-                unlock_at,
-                now,
-            });
-        }
+        unlocked(&contract.state, at, now)?;
         let amount = contract.balance;
         let paid_out = add(self.paid_out, amount)?;
         contract.balance = 0;
         contract.stake = 0;
         contract.state = ContractState::Closed;
         self.paid_out = paid_out;
-        let receipt = Receipt {
-            paid_out: amount,
-            ..Receipt::default()
-        };
-        Ok((receipt, vec![Touched::Client(at), Touched::Totals]))
+        Ok(moved_out(amount, Touched::Client(at)))
     }
 
     fn charge(

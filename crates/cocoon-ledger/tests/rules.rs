@@ -10,26 +10,8 @@ use common::*;
 fn a_client_pays_per_token_and_the_worker_earns_its_fee() {
     let (mut s, proxy) = with_proxy();
     let p = public(&proxy);
-    ok(
-        &mut s,
-        tx(
-            CLIENT,
-            Op::ClientDeposit {
-                proxy: p,
-                amount: 50 * TON,
-            },
-        ),
-    );
-    ok(
-        &mut s,
-        tx(
-            CLIENT,
-            Op::ClientStake {
-                proxy: p,
-                amount: 10 * TON,
-            },
-        ),
-    );
+    ok(&mut s, deposit(p, 50 * TON));
+    ok(&mut s, stake(p, 10 * TON));
     let r = ok(&mut s, tx(p, charge(&proxy, CLIENT, 1_000)));
     assert_eq!(r.charged, 100_000);
     let r = ok(&mut s, tx(p, charge(&proxy, CLIENT, 1_500)));
@@ -52,16 +34,7 @@ fn a_client_pays_per_token_and_the_worker_earns_its_fee() {
 fn replayed_backwards_forged_and_misaddressed_messages_are_refused() {
     let (mut s, proxy) = with_proxy();
     let p = public(&proxy);
-    ok(
-        &mut s,
-        tx(
-            CLIENT,
-            Op::ClientDeposit {
-                proxy: p,
-                amount: 50 * TON,
-            },
-        ),
-    );
+    ok(&mut s, deposit(p, 50 * TON));
     ok(&mut s, tx(p, charge(&proxy, CLIENT, 1_000)));
     assert_eq!(
         refused(&mut s, tx(p, charge(&proxy, CLIENT, 1_000))),
@@ -116,81 +89,24 @@ fn replayed_backwards_forged_and_misaddressed_messages_are_refused() {
 fn balances_stakes_and_limits() {
     let (mut s, proxy) = with_proxy();
     let p = public(&proxy);
+    assert_eq!(refused(&mut s, deposit(p, 0)), LedgerError::ZeroAmount);
     assert_eq!(
-        refused(
-            &mut s,
-            tx(
-                CLIENT,
-                Op::ClientDeposit {
-                    proxy: p,
-                    amount: 0
-                }
-            )
-        ),
-        LedgerError::ZeroAmount
-    );
-    assert_eq!(
-        refused(
-            &mut s,
-            tx(
-                CLIENT,
-                Op::ClientDeposit {
-                    proxy: [8; 32],
-                    amount: TON
-                }
-            )
-        ),
+        refused(&mut s, deposit([8; 32], TON)),
         LedgerError::UnknownProxy
     );
-    ok(
-        &mut s,
-        tx(
-            CLIENT,
-            Op::ClientDeposit {
-                proxy: p,
-                amount: 20 * TON,
-            },
-        ),
-    );
+    ok(&mut s, deposit(p, 20 * TON));
     assert_eq!(
-        refused(
-            &mut s,
-            tx(
-                CLIENT,
-                Op::ClientStake {
-                    proxy: p,
-                    amount: 5 * TON
-                }
-            )
-        ),
+        refused(&mut s, stake(p, 5 * TON)),
         LedgerError::StakeTooLow {
             stake: 5 * TON,
             min: 10 * TON
         }
     );
     assert!(matches!(
-        refused(
-            &mut s,
-            tx(
-                CLIENT,
-                Op::ClientStake {
-                    proxy: p,
-                    amount: 30 * TON
-                }
-            )
-        ),
+        refused(&mut s, stake(p, 30 * TON)),
         LedgerError::InsufficientBalance { .. }
     ));
-    ok(
-        &mut s,
-        tx(
-            CLIENT,
-            Op::ClientStake {
-                proxy: p,
-                amount: 15 * TON,
-            },
-        ),
-    );
+    ok(&mut s, stake(p, 15 * TON));
     assert_eq!(
         refused(
             &mut s,
@@ -230,16 +146,7 @@ fn balances_stakes_and_limits() {
     ));
     // A deposit that would overflow the ledger's totals.
     assert_eq!(
-        refused(
-            &mut s,
-            tx(
-                CLIENT,
-                Op::ClientDeposit {
-                    proxy: p,
-                    amount: u128::MAX
-                }
-            )
-        ),
+        refused(&mut s, deposit(p, u128::MAX)),
         LedgerError::Overflow
     );
     assert_eq!(
@@ -258,26 +165,8 @@ fn balances_stakes_and_limits() {
 fn closing_without_the_proxy_releases_the_stake_after_the_delay() {
     let (mut s, proxy) = with_proxy();
     let p = public(&proxy);
-    ok(
-        &mut s,
-        tx(
-            CLIENT,
-            Op::ClientDeposit {
-                proxy: p,
-                amount: 30 * TON,
-            },
-        ),
-    );
-    ok(
-        &mut s,
-        tx(
-            CLIENT,
-            Op::ClientStake {
-                proxy: p,
-                amount: 10 * TON,
-            },
-        ),
-    );
+    ok(&mut s, deposit(p, 30 * TON));
+    ok(&mut s, stake(p, 10 * TON));
     let r = ok(&mut s, tx(CLIENT, Op::ClientClose { proxy: p }));
     assert_eq!(
         r.paid_out,
@@ -289,16 +178,7 @@ fn closing_without_the_proxy_releases_the_stake_after_the_delay() {
         LedgerError::AlreadyClosing(Address::client(&p, &CLIENT))
     );
     assert_eq!(
-        refused(
-            &mut s,
-            tx(
-                CLIENT,
-                Op::ClientDeposit {
-                    proxy: p,
-                    amount: TON
-                }
-            )
-        ),
+        refused(&mut s, deposit(p, TON)),
         LedgerError::NotOpen(Address::client(&p, &CLIENT))
     );
     // The proxy may still charge for work done before the close.
@@ -331,16 +211,7 @@ fn closing_without_the_proxy_releases_the_stake_after_the_delay() {
 fn the_proxy_refunds_at_once_and_its_stake_pays_workers() {
     let (mut s, proxy) = with_proxy();
     let p = public(&proxy);
-    ok(
-        &mut s,
-        tx(
-            CLIENT,
-            Op::ClientDeposit {
-                proxy: p,
-                amount: 30 * TON,
-            },
-        ),
-    );
+    ok(&mut s, deposit(p, 30 * TON));
     let r = ok(&mut s, tx(p, Op::ProxyRefundClient { client: CLIENT }));
     assert_eq!(r.paid_out, 30 * TON);
     // Nothing was earned, yet a worker's payout is covered by the proxy's stake.

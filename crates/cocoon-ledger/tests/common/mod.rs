@@ -92,3 +92,13 @@ pub fn refused(s: &mut LedgerState, t: Tx) -> LedgerError {
 pub fn ok(s: &mut LedgerState, t: Tx) -> Receipt {
     s.apply(&t).unwrap().0
 }
+
+/// CLIENT deposits `amount` on `proxy`'s contract.
+pub fn deposit(proxy: PublicKey, amount: u128) -> Tx {
+    tx(CLIENT, Op::ClientDeposit { proxy, amount })
+}
+
+/// CLIENT raises its stake with `proxy` by `amount`.
+pub fn stake(proxy: PublicKey, amount: u128) -> Tx {
+    tx(CLIENT, Op::ClientStake { proxy, amount })
+}
