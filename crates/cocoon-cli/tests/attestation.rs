@@ -10,7 +10,7 @@ use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::Backend;
 use cocoon_proxy::{Proxy, ProxyConfig};
 use cocoon_tls::{AttesterChoice, AttesterConfig, PeerPolicy};
-use common::{MODEL, chat_body, get_json, llama, network, wait_until};
+use common::{MODEL, chat_body, get_json, llama, network, post_json, wait_until};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -47,13 +47,14 @@ async fn every_hop_is_dev_attested_and_says_so() {
     );
     assert!(status.recent_refusals.is_empty(), "{status:?}");
 
-    let r = http
-        .post(format!("{}/chat/completions", net.gateway_url()))
-        .json(&chat_body("Hi", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let answer = post_json(
+        &http,
+        format!("{}/chat/completions", net.gateway_url()),
+        &chat_body("Hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    let tokens = answer["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert!((1..=2).contains(&tokens), "{answer}");
 }
 
 #[tokio::test]
