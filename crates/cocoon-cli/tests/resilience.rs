@@ -48,7 +48,6 @@ async fn client_disconnect_stops_generation_on_the_worker() {
 async fn dropped_worker_disappears_and_comes_back() {
     let mut net = network(vec![llama()]).await;
     let http = reqwest::Client::new();
-    let chat = format!("{}/chat/completions", net.gateway_url());
     let models = format!("{}/models", net.gateway_url());
     net.stop_worker(0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -63,23 +62,15 @@ async fn dropped_worker_disappears_and_comes_back() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = http
-        .post(&chat)
-        .json(&chat_body("Hi", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404, "no worker serves the model now");
+    assert_eq!(
+        short_chat_status(&net).await,
+        404,
+        "no worker serves the model now"
+    );
 
     net.start_worker(0);
     net.wait_ready(1, Duration::from_secs(10)).await.unwrap();
-    let r = http
-        .post(&chat)
-        .json(&chat_body("Hi", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(short_chat_status(&net).await, 200);
 }
 
 #[tokio::test]
@@ -94,13 +85,7 @@ async fn workers_and_gateway_reconnect_after_proxy_restart() {
     net.restart_proxy().await.unwrap();
     // The worker notices, backs off and reconnects; the gateway reconnects on next use.
     net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
-    let r = reqwest::Client::new()
-        .post(format!("{}/chat/completions", net.gateway_url()))
-        .json(&chat_body("Hi", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(short_chat_status(&net).await, 200);
 }
 
 /// A worker whose backend is an OpenAI-compatible server (here: another cocoon network's

@@ -94,3 +94,15 @@ pub async fn post_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, body:
 pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
+
+/// Status of a short chat request ("Hi", 2 tokens) through `net`'s gateway.
+pub async fn short_chat_status(net: &DevNetwork) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{}/chat/completions", net.gateway_url()))
+        .json(&chat_body("Hi", json!({"max_tokens": 2})))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
