@@ -2,6 +2,7 @@
 //! operation's changes are committed (fsync'd) in one transaction before `execute` returns, so
 //! an acknowledged operation survives a crash and a refused or failed one leaves nothing.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use parking_lot::Mutex;
@@ -11,12 +12,15 @@ use crate::error::LedgerError;
 use crate::ledger::{Ledger, Receipt, Tx};
 use crate::registry::Registry;
 use crate::state::{LedgerState, Touched};
-use crate::types::{Nanoton, PublicKey};
+use crate::types::{Address, ClientContract, Nanoton, PublicKey};
+use crate::wallet::SignedTx;
 
 /// Contracts by `proxy/<address>`, `client/<address>`, `worker/<address>`; JSON values.
 const CONTRACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contracts");
 /// `registry` and `totals`.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The last nonce of each sender of signed transactions.
+const NONCES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("nonces");
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Totals {
@@ -29,7 +33,14 @@ pub struct EmbeddedLedger {
     /// The committed state; operations run one at a time, as on a chain. `Err` once memory
     /// and disk may disagree (a commit failed and the database could not be read back): from
     /// then on every operation is refused until the ledger is reopened.
-    state: Mutex<Result<LedgerState, String>>,
+    state: Mutex<Result<Committed, String>>,
+}
+
+/// What was last committed: the contracts' state, and each signer's last nonce.
+#[derive(Clone)]
+struct Committed {
+    state: LedgerState,
+    nonces: HashMap<PublicKey, u64>,
 }
 
 fn storage(e: impl std::fmt::Display) -> LedgerError {
@@ -41,44 +52,78 @@ impl EmbeddedLedger {
     /// existing ledger must have the same owner.
     pub fn open(path: &Path, owner: PublicKey) -> Result<Self, LedgerError> {
         let db = Database::create(path).map_err(storage)?;
-        let state = match load(&db)? {
-            Some(state) => {
+        let committed = match load(&db)? {
+            Some(Committed { state, nonces }) => {
                 if state.registry.owner != owner {
                     return Err(LedgerError::Storage(format!(
                         "{} belongs to another registry owner",
                         path.display()
                     )));
                 }
-                state
+                Committed { state, nonces }
             }
             None => {
                 let state = LedgerState::new(owner);
-                persist(&db, &state, &[Touched::Registry, Touched::Totals])?;
-                state
+                persist(&db, &state, &[Touched::Registry, Touched::Totals], None)?;
+                Committed {
+                    state,
+                    nonces: HashMap::new(),
+                }
             }
         };
         Ok(Self {
             db,
-            state: Mutex::new(Ok(state)),
+            state: Mutex::new(Ok(committed)),
         })
     }
 
-    fn execute_sync(&self, tx: &Tx) -> Result<Receipt, LedgerError> {
+    /// Executes a transaction signed by its sender (what the ledger service receives), at the
+    /// ledger's own clock `now`. The nonce is spent even when the operation is refused, so a
+    /// refused transaction cannot be replayed later, when it might pass.
+    pub fn execute_signed(&self, signed: &SignedTx, now: u64) -> Result<Receipt, LedgerError> {
+        let body = signed.open()?;
+        let tx = Tx {
+            sender: body.sender,
+            op: body.op,
+            now,
+        };
+        self.execute_sync(&tx, Some(body.nonce))
+    }
+
+    fn execute_sync(&self, tx: &Tx, nonce: Option<u64>) -> Result<Receipt, LedgerError> {
         let mut guard = self.state.lock();
-        let state = guard
+        let committed = guard
             .as_mut()
             .map_err(|e| LedgerError::Storage(e.clone()))?;
+        let spent = match nonce {
+            Some(got) => {
+                let last = committed.nonces.get(&tx.sender).copied().unwrap_or(0);
+                if got <= last {
+                    return Err(LedgerError::StaleNonce { last, got });
+                }
+                Some((tx.sender, got))
+            }
+            None => None,
+        };
         // `apply` refuses before changing anything, so only a failed commit needs undoing:
         // then the database, which holds the last commit, is read back.
-        let (receipt, touched) = state.apply(tx)?;
-        if let Err(e) = persist(&self.db, state, &touched) {
+        let outcome = committed.state.apply(tx);
+        let touched = match &outcome {
+            Ok((_, touched)) => touched.as_slice(),
+            Err(_) if spent.is_none() => return outcome.map(|(r, _)| r),
+            Err(_) => &[],
+        };
+        if let Err(e) = persist(&self.db, &committed.state, touched, spent) {
             *guard = match load(&self.db) {
                 Ok(Some(committed)) => Ok(committed),
                 _ => Err(format!("ledger needs reopening after a failed commit: {e}")),
             };
             return Err(e);
         }
-        Ok(receipt)
+        if let Some((sender, n)) = spent {
+            committed.nonces.insert(sender, n);
+        }
+        outcome.map(|(r, _)| r)
     }
 }
 
@@ -91,9 +136,18 @@ fn key(t: &Touched) -> Option<String> {
     }
 }
 
-fn persist(db: &Database, state: &LedgerState, touched: &[Touched]) -> Result<(), LedgerError> {
+fn persist(
+    db: &Database,
+    state: &LedgerState,
+    touched: &[Touched],
+    nonce: Option<(PublicKey, u64)>,
+) -> Result<(), LedgerError> {
     let txn = db.begin_write().map_err(storage)?;
     {
+        if let Some((sender, n)) = nonce {
+            let mut nonces = txn.open_table(NONCES).map_err(storage)?;
+            nonces.insert(&sender, n).map_err(storage)?;
+        }
         let mut contracts = txn.open_table(CONTRACTS).map_err(storage)?;
         let mut meta = txn.open_table(META).map_err(storage)?;
         for t in touched {
@@ -126,7 +180,7 @@ fn persist(db: &Database, state: &LedgerState, touched: &[Touched]) -> Result<()
     txn.commit().map_err(storage)
 }
 
-fn load(db: &Database) -> Result<Option<LedgerState>, LedgerError> {
+fn load(db: &Database) -> Result<Option<Committed>, LedgerError> {
     let txn = db.begin_read().map_err(storage)?;
     let meta = match txn.open_table(META) {
         Ok(t) => t,
@@ -173,7 +227,18 @@ fn load(db: &Database) -> Result<Option<LedgerState>, LedgerError> {
             other => return Err(LedgerError::Storage(format!("unknown record kind {other}"))),
         }
     }
-    Ok(Some(state))
+    let mut nonces = HashMap::new();
+    match txn.open_table(NONCES) {
+        Ok(table) => {
+            for entry in table.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                nonces.insert(*k.value(), v.value());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(storage(e)),
+    }
+    Ok(Some(Committed { state, nonces }))
 }
 
 #[async_trait::async_trait]
@@ -181,10 +246,28 @@ impl Ledger for EmbeddedLedger {
     /// One durable commit (an fsync) per operation: callers batch what they can, as the
     /// proxy does with its signed counters.
     async fn execute(&self, tx: Tx) -> Result<Receipt, LedgerError> {
-        self.execute_sync(&tx)
+        self.execute_sync(&tx, None)
     }
 
     async fn snapshot(&self) -> Result<LedgerState, LedgerError> {
-        self.state.lock().clone().map_err(LedgerError::Storage)
+        match &*self.state.lock() {
+            Ok(c) => Ok(c.state.clone()),
+            Err(e) => Err(LedgerError::Storage(e.clone())),
+        }
+    }
+
+    async fn client(
+        &self,
+        proxy: PublicKey,
+        client: PublicKey,
+    ) -> Result<Option<ClientContract>, LedgerError> {
+        match &*self.state.lock() {
+            Ok(c) => Ok(c
+                .state
+                .clients
+                .get(&Address::client(&proxy, &client))
+                .cloned()),
+            Err(e) => Err(LedgerError::Storage(e.clone())),
+        }
     }
 }

@@ -1,7 +1,11 @@
+use serde::{Deserialize, Serialize};
+
 use crate::types::Address;
 
-/// Why the ledger refused an operation. Every refusal leaves the ledger unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why the ledger refused an operation. Every refusal leaves the ledger unchanged. It travels
+/// as JSON (`code` and `detail`) so a remote ledger's refusals read exactly as local ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "code", content = "detail", rename_all = "snake_case")]
 pub enum LedgerError {
     #[error("only the registry owner may do this")]
     NotOwner,
@@ -54,6 +58,12 @@ pub enum LedgerError {
     BadParams(String),
     #[error("ledger storage: {0}")]
     Storage(String),
+    #[error("bad transaction: {0}")]
+    BadTransaction(String),
+    #[error("nonce {got} is not above the sender's last {last}: replayed or out of order")]
+    StaleNonce { last: u64, got: u64 },
+    #[error("ledger unreachable: {0}")]
+    Unreachable(String),
 }
 
 impl From<crate::message::MessageError> for LedgerError {

@@ -19,7 +19,7 @@ pub enum ImageRole {
 /// One operation, as a message to a contract. `amount`s on deposits are money the sender
 /// brings in; everything paid out goes to the sender (or, for a refund, to the client).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "op")]
+#[serde(rename_all = "snake_case")]
 pub enum Op {
     // Root registry: owner only.
     SetParams {

@@ -91,3 +91,27 @@ async fn acknowledged_operations_survive_a_reopen_and_match_the_rules() {
         Err(LedgerError::Storage(m)) if m.contains("another registry owner")
     ));
 }
+
+/// Spent nonces survive a reopen: a transaction captured before a restart cannot be replayed
+/// after it.
+#[test]
+fn spent_nonces_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let owner = cocoon_ledger::Wallet::new(keypair(1));
+    let allow = owner.sign_with_nonce(
+        Op::AllowModel {
+            hash: "ab".repeat(32),
+        },
+        5,
+    );
+    {
+        let ledger = EmbeddedLedger::open(&path, owner.public_key()).unwrap();
+        ledger.execute_signed(&allow, 1_000).unwrap();
+    }
+    let ledger = EmbeddedLedger::open(&path, owner.public_key()).unwrap();
+    assert_eq!(
+        ledger.execute_signed(&allow, 1_000),
+        Err(LedgerError::StaleNonce { last: 5, got: 5 })
+    );
+}

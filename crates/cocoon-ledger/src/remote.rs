@@ -1,0 +1,109 @@
+//! A ledger reached over the network: the [`service`](crate::service) of an embedded ledger.
+//! Operations go out signed by this party's [`Wallet`]; the service decides the time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::LedgerError;
+use crate::ledger::{Ledger, Receipt, Tx};
+use crate::service::{ErrorBody, paths};
+use crate::state::LedgerState;
+use crate::types::{ClientContract, PublicKey};
+use crate::wallet::Wallet;
+
+/// Longest wait for the ledger: a commit is an fsync, so seconds mean trouble.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct RemoteLedger {
+    http: reqwest::Client,
+    base: String,
+    wallet: Option<Arc<Wallet>>,
+}
+
+impl RemoteLedger {
+    /// `url` is the service's base, e.g. `http://127.0.0.1:9100`. Without a wallet the ledger
+    /// can only be read.
+    pub fn new(url: &str, wallet: Option<Arc<Wallet>>) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(TIMEOUT)
+                .build()
+                .expect("a default HTTP client builds"),
+            base: url.trim_end_matches('/').to_owned(),
+            wallet,
+        }
+    }
+
+    async fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<T, LedgerError> {
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| LedgerError::Unreachable(format!("malformed answer: {e}")));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(body.error),
+            Err(_) => Err(LedgerError::Unreachable(format!(
+                "ledger answered {status}"
+            ))),
+        }
+    }
+}
+
+fn unreachable(e: reqwest::Error) -> LedgerError {
+    LedgerError::Unreachable(e.to_string())
+}
+
+#[async_trait::async_trait]
+impl Ledger for RemoteLedger {
+    /// `tx.now` is ignored: the ledger runs every transaction at its own clock.
+    async fn execute(&self, tx: Tx) -> Result<Receipt, LedgerError> {
+        let wallet = self
+            .wallet
+            .as_ref()
+            .ok_or_else(|| LedgerError::BadTransaction("no key to sign with".into()))?;
+        if wallet.public_key() != tx.sender {
+            return Err(LedgerError::BadTransaction(
+                "the sender is not this wallet's key".into(),
+            ));
+        }
+        let signed = wallet.sign(tx.op);
+        let response = self
+            .http
+            .post(format!("{}{}", self.base, paths::TX))
+            .json(&signed)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        self.read(response).await
+    }
+
+    async fn snapshot(&self) -> Result<LedgerState, LedgerError> {
+        let response = self
+            .http
+            .get(format!("{}{}", self.base, paths::STATE))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        self.read(response).await
+    }
+
+    async fn client(
+        &self,
+        proxy: PublicKey,
+        client: PublicKey,
+    ) -> Result<Option<ClientContract>, LedgerError> {
+        let url = format!(
+            "{}{}/{}/{}",
+            self.base,
+            paths::CLIENTS,
+            hex::encode(proxy),
+            hex::encode(client)
+        );
+        let response = self.http.get(url).send().await.map_err(unreachable)?;
+        self.read(response).await
+    }
+}
