@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use cocoon_protocol::{
-    ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
+    Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -275,23 +275,24 @@ async fn answer(
     }
     let mut events = events;
     let mut text = String::new();
-    let (finish, usage): (FinishReason, Usage) = loop {
+    let (finish, usage, billing): (FinishReason, Usage, Option<Billing>) = loop {
         match events.next().await {
             Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => text.push_str(&t),
             Some(Ok((
                 GenerateEvent::Done {
                     finish_reason,
                     usage,
+                    billing,
                 },
                 _,
-            ))) => break (finish_reason, usage),
+            ))) => break (finish_reason, usage, billing),
             Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
                 return Err(error.into());
             }
             None => return Err(ProtocolError::internal("the answer ended early").into()),
         }
     };
-    let usage = OpenAiUsage::from(usage);
+    let usage = OpenAiUsage::new(usage, billing);
     let body = match endpoint {
         Endpoint::Chat => json!({
             "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,

@@ -1,7 +1,7 @@
 //! The OpenAI API's request and answer shapes, and their translation to the cocoon protocol.
 
 use cocoon_protocol::{
-    ChatMessage, GenerateRequest, Input, ProtocolError, Role, SamplingParams, Usage,
+    Billing, ChatMessage, GenerateRequest, Input, ProtocolError, Role, SamplingParams, Usage,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -209,20 +209,30 @@ impl CompletionRequest {
     }
 }
 
-/// OpenAI's `usage` object.
+/// OpenAI's `usage` object, with what the request cost when the proxy takes payments. The
+/// SDKs keep fields they do not know, so `usage.cost` is readable from any of them.
 #[derive(Debug, Serialize)]
 pub struct OpenAiUsage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// Nanoton charged for this request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u64>,
+    /// The proxy's bill: price per weighted token, weighted tokens, the contract's counter and
+    /// the proxy's signed charge message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub billing: Option<Billing>,
 }
 
-impl From<Usage> for OpenAiUsage {
-    fn from(u: Usage) -> Self {
+impl OpenAiUsage {
+    pub fn new(u: Usage, billing: Option<Billing>) -> Self {
         Self {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.total_tokens(),
+            cost: billing.as_ref().map(|b| b.cost),
+            billing,
         }
     }
 }

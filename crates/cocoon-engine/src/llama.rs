@@ -407,6 +407,7 @@ impl Inner {
             .blocking_send(GenerateEvent::Done {
                 finish_reason: finish,
                 usage,
+                billing: None,
             })
             .is_err()
         {

@@ -266,6 +266,7 @@ async fn relay(
     let done = GenerateEvent::Done {
         finish_reason: finish.unwrap_or(FinishReason::Stop),
         usage,
+        billing: None,
     };
     let _ = tx.send(done).await;
     Ok(())

@@ -65,6 +65,7 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
             GenerateEvent::Done {
                 finish_reason,
                 usage,
+                ..
             } => c.done = Some((finish_reason, usage)),
             GenerateEvent::Error { error } => c.error = Some(error),
         }

@@ -13,6 +13,8 @@ pub enum ErrorKind {
     ModelNotFound,
     /// The model exists but no worker can take the request now.
     Unavailable,
+    /// The client's contract with the proxy cannot pay for the request.
+    PaymentRequired,
     /// The request was cancelled by the requester.
     Cancelled,
     /// The serving side failed.
@@ -24,6 +26,7 @@ impl ErrorKind {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorKind::InvalidRequest | ErrorKind::ContextLengthExceeded => 400,
+            ErrorKind::PaymentRequired => 402,
             ErrorKind::ModelNotFound => 404,
             ErrorKind::Cancelled => 499,
             ErrorKind::Unavailable => 503,
@@ -36,6 +39,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidRequest | ErrorKind::ContextLengthExceeded => "invalid_request_error",
             ErrorKind::ModelNotFound => "invalid_request_error",
+            ErrorKind::PaymentRequired => "insufficient_quota",
             ErrorKind::Unavailable => "service_unavailable",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "server_error",
@@ -47,6 +51,7 @@ impl ErrorKind {
         match self {
             ErrorKind::ContextLengthExceeded => Some("context_length_exceeded"),
             ErrorKind::ModelNotFound => Some("model_not_found"),
+            ErrorKind::PaymentRequired => Some("insufficient_quota"),
             _ => None,
         }
     }

@@ -97,6 +97,7 @@ mod tests {
                     prompt_tokens: 7,
                     completion_tokens: 3,
                 },
+                billing: None,
             },
         ]
     }

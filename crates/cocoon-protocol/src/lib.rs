@@ -11,8 +11,8 @@ mod messages;
 pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
-    ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, ListedModel, ModelCard,
-    ModelList, Role, SamplingParams, Usage, WorkerHello,
+    Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, ListedModel,
+    ModelCard, ModelList, Payout, Role, SamplingParams, Usage, WorkerHello,
 };
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
@@ -32,6 +32,8 @@ pub mod paths {
     pub const MODELS: &str = "/cocoon/v1/models";
     /// `GET` (proxy to worker): the worker's [`WorkerHello`](crate::WorkerHello).
     pub const HELLO: &str = "/cocoon/v1/hello";
+    /// `POST` (proxy to worker): the latest [`Payout`](crate::Payout) for this worker.
+    pub const PAYOUT: &str = "/cocoon/v1/payout";
 }
 
 /// Content type of a streamed answer: newline-delimited JSON frames.

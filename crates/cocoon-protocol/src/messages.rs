@@ -145,6 +145,34 @@ impl Usage {
     }
 }
 
+/// What one request cost, as the proxy billed it. Amounts are in nanoton (10⁻⁹ TON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Billing {
+    /// The price of one weighted token.
+    pub price_per_token: u64,
+    /// Tokens billed for this request, each kind weighted by the network's multiplier.
+    pub billed_tokens: u64,
+    /// `billed_tokens × price_per_token`.
+    pub cost: u64,
+    /// The client contract's counter after this request: weighted tokens charged in total.
+    pub tokens_used: u64,
+    /// The proxy's signed "charge this client up to `tokens_used`" message (hex), which the
+    /// client can check against the proxy's key and keep.
+    pub charge: String,
+}
+
+/// The proxy's signed promise to pay a worker (`POST` [`paths::PAYOUT`](crate::paths::PAYOUT)).
+/// Cumulative: the latest one is all the worker needs to claim everything owed so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payout {
+    /// The proxy's public key (hex).
+    pub proxy: String,
+    /// Weighted tokens owed to the worker in total.
+    pub tokens: u64,
+    /// The signed "pay worker up to `tokens`" message (hex).
+    pub message: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -176,6 +204,9 @@ pub enum GenerateEvent {
     Done {
         finish_reason: FinishReason,
         usage: Usage,
+        /// What the proxy charged for the request; added by a proxy that takes payments.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        billing: Option<Billing>,
     },
     Error {
         error: ProtocolError,

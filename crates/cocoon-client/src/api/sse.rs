@@ -7,7 +7,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cocoon_net::EventReader;
-use cocoon_protocol::{GenerateEvent, Usage};
+use cocoon_protocol::{Billing, GenerateEvent, Usage};
 use serde_json::{Value, json};
 
 use super::Endpoint;
@@ -23,7 +23,7 @@ pub(crate) struct Meta {
 enum Phase {
     Start,
     Events,
-    Usage(Usage),
+    Usage(Usage, Option<Billing>),
     Done,
     End,
 }
@@ -89,11 +89,12 @@ impl StreamState {
                         GenerateEvent::Done {
                             finish_reason,
                             usage,
+                            billing,
                         },
                         _,
                     ))) => {
                         self.phase = if self.include_usage {
-                            Phase::Usage(usage)
+                            Phase::Usage(usage, billing)
                         } else {
                             Phase::Done
                         };
@@ -108,10 +109,10 @@ impl StreamState {
                     }
                     None => return None,
                 },
-                Phase::Usage(usage) => {
+                Phase::Usage(usage, billing) => {
                     self.phase = Phase::Done;
-                    let usage =
-                        serde_json::to_value(OpenAiUsage::from(usage)).expect("serializable");
+                    let usage = serde_json::to_value(OpenAiUsage::new(usage, billing))
+                        .expect("serializable");
                     return Some(self.chunk(json!([]), Some(usage)));
                 }
                 Phase::Done => return Some(Bytes::from_static(b"data: [DONE]\n\n")),
