@@ -7,8 +7,10 @@ use cocoon_cli::attest::{self as attest_cmd, Evidence, VerifyOptions};
 use cocoon_cli::bench::{self, BenchOptions};
 use cocoon_cli::config;
 use cocoon_cli::dev::{DevNetwork, DevOptions};
+use cocoon_cli::money::{self, AccountOptions, ClientAccount, ClientAction};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_ledger::Ledger as _;
 use cocoon_proxy::{Proxy, ProxyConfig};
 use cocoon_worker::{ModelRouter, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
@@ -37,10 +39,17 @@ enum Command {
         )]
         model: PathBuf,
     },
-    /// Serve models to a proxy.
+    /// Serve models to a proxy (or, with `withdraw`, claim and withdraw what proxies owe).
     Worker {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<WorkerAction>,
+    },
+    /// The embedded ledger: serve it, read it, send it a signed operation.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
     },
     /// Route requests from clients to workers.
     Proxy {
@@ -127,6 +136,71 @@ enum ClientCommand {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Put TON (e.g. `2.5`) into the contract with the proxy, opening it if needed.
+    Deposit {
+        amount: String,
+        #[command(flatten)]
+        account: AccountOptions,
+    },
+    /// Raise the contract's stake, which guarantees the proxy payment for work in flight.
+    Stake {
+        amount: String,
+        #[command(flatten)]
+        account: AccountOptions,
+    },
+    /// Take TON back out, down to the stake.
+    Withdraw {
+        amount: String,
+        #[command(flatten)]
+        account: AccountOptions,
+    },
+    /// Show the contract: balance, stake, tokens charged, state.
+    Balance {
+        #[command(flatten)]
+        account: AccountOptions,
+    },
+    /// Close the contract without the proxy: what is above the stake comes back now, the stake
+    /// after the close delay (run again with `--finish` then).
+    Close {
+        #[arg(long)]
+        finish: bool,
+        #[command(flatten)]
+        account: AccountOptions,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkerAction {
+    /// Claim the latest payouts kept in `payout_file`, then withdraw the earnings.
+    Withdraw,
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Serve the embedded ledger (a redb file) over HTTP.
+    Serve {
+        #[arg(long, default_value = "ledger.redb")]
+        db: PathBuf,
+        /// The registry owner's key (created if missing).
+        #[arg(long, default_value = "owner.key")]
+        owner_key: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: String,
+    },
+    /// Print the whole ledger state as JSON.
+    Show {
+        #[arg(long, default_value = "http://127.0.0.1:9100")]
+        ledger: String,
+    },
+    /// Send one operation, as JSON (see docs/ledger.md), signed with `--key-file`; e.g.
+    /// `'{"proxy_open":{"stake":10000000000}}'`.
+    Exec {
+        #[arg(long, default_value = "http://127.0.0.1:9100")]
+        ledger: String,
+        #[arg(long)]
+        key_file: PathBuf,
+        op: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -198,12 +272,34 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "DEVELOPMENT attestation on every hop: dev quotes prove nothing about the machines."
             );
+            if let Some(ledger) = net.ledger_url() {
+                let client = net.write_client_config()?;
+                println!(
+                    "\nPayments: embedded ledger at {ledger} (development TON). The gateway's contract holds {} TON, {} staked; each answer's usage shows its cost in nanoton.",
+                    money::format_ton(cocoon_cli::dev::ledger::CLIENT_DEPOSIT),
+                    money::format_ton(cocoon_cli::dev::ledger::CLIENT_STAKE),
+                );
+                println!("  cocoon client balance -c {}", client.display());
+                println!("  cocoon ledger show --ledger {ledger}\n");
+            }
             println!("Press Ctrl-C to stop.");
             shutdown_on_signal().cancelled().await;
             net.shutdown();
             Ok(())
         }
-        Command::Worker { config } => {
+        Command::Worker {
+            config,
+            action: Some(WorkerAction::Withdraw),
+        } => {
+            let cfg: WorkerConfig = config::load(config.as_deref())?;
+            let report = money::worker_withdraw(&cfg).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Worker {
+            config,
+            action: None,
+        } => {
             let cfg: WorkerConfig = config::load(config.as_deref())?;
             let backends = cfg
                 .backends
@@ -218,15 +314,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             )?);
             println!("worker key fingerprint: {}", identity.fingerprint());
             let proxy = cfg.proxy_policy.build("proxy_policy", "proxy")?;
-            let worker = Worker::new(
+            let shutdown = shutdown_on_signal();
+            let payouts = money::worker_payouts(&cfg, &identity, shutdown.clone())?;
+            let mut worker = Worker::new(
                 cfg.name,
                 cfg.proxy_addr,
                 backend,
-                identity,
+                identity.clone(),
                 proxy,
                 Duration::from_secs(cfg.max_reconnect_secs.max(1)),
             );
-            worker.run(shutdown_on_signal()).await;
+            if let Some(store) = payouts {
+                worker = worker.with_payouts(store);
+            }
+            worker.run(shutdown).await;
             Ok(())
         }
         Command::Proxy { config } => {
@@ -252,6 +353,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             gateway.run(shutdown_on_signal()).await?;
             Ok(())
         }
+        Command::Client { command } => client_account(command).await,
+        Command::Ledger { command } => ledger(command).await,
         Command::Attest { command } => attest(command),
         Command::Config { role } => {
             let text = match role.as_str() {
@@ -295,6 +398,65 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("JSON report written to {}", path.display());
             }
             net.shutdown();
+            Ok(())
+        }
+    }
+}
+
+async fn client_account(command: ClientCommand) -> anyhow::Result<()> {
+    let (account, action) = match command {
+        ClientCommand::Serve { .. } => unreachable!("served above"),
+        ClientCommand::Deposit { amount, account } => {
+            (account, ClientAction::Deposit(money::parse_ton(&amount)?))
+        }
+        ClientCommand::Stake { amount, account } => {
+            (account, ClientAction::Stake(money::parse_ton(&amount)?))
+        }
+        ClientCommand::Withdraw { amount, account } => {
+            (account, ClientAction::Withdraw(money::parse_ton(&amount)?))
+        }
+        ClientCommand::Balance { account } => (account, ClientAction::Balance),
+        ClientCommand::Close { finish, account } => (
+            account,
+            if finish {
+                ClientAction::FinishClose
+            } else {
+                ClientAction::Close
+            },
+        ),
+    };
+    let report = ClientAccount::open(&account).await?.run(action).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
+    match command {
+        LedgerCommand::Serve {
+            db,
+            owner_key,
+            listen,
+        } => {
+            let shutdown = shutdown_on_signal();
+            money::serve_ledger(&db, &owner_key, &listen, async move {
+                shutdown.cancelled().await
+            })
+            .await
+        }
+        LedgerCommand::Show { ledger } => {
+            let state = cocoon_ledger::RemoteLedger::new(&ledger, None)
+                .snapshot()
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+            Ok(())
+        }
+        LedgerCommand::Exec {
+            ledger,
+            key_file,
+            op,
+        } => {
+            let receipt = money::exec(&ledger, &key_file, &op).await?;
+            println!("{}", serde_json::to_string_pretty(&receipt)?);
             Ok(())
         }
     }

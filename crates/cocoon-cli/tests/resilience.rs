@@ -127,9 +127,12 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
         direct["choices"][0]["message"]["content"]
     );
     assert_eq!(
-        via_relay["usage"], direct["usage"],
+        token_counts(&via_relay["usage"]),
+        token_counts(&direct["usage"]),
         "token counts come from the upstream model"
     );
+    // Each network bills its own client for the same tokens at the same price.
+    assert_eq!(via_relay["usage"]["cost"], direct["usage"]["cost"]);
     assert_eq!(via_relay["model"], "smol-upstream");
 
     let mut streaming = body.clone();
@@ -144,7 +147,10 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
         text,
         direct["choices"][0]["message"]["content"].as_str().unwrap()
     );
-    assert_eq!(events[events.len() - 2]["usage"], direct["usage"]);
+    assert_eq!(
+        token_counts(&events[events.len() - 2]["usage"]),
+        token_counts(&direct["usage"])
+    );
 
     // An upstream refusal keeps its status.
     let mut too_long = body.clone();

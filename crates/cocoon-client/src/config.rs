@@ -21,6 +21,19 @@ pub struct ClientConfig {
     /// Which proxies get prompts: a pinned key (the fingerprint `cocoon proxy` prints) and/or
     /// an attested image. Checked before a byte of a prompt is sent.
     pub proxy_policy: PeerPolicy,
+    /// Where this client's contract with the proxy lives, for `cocoon client deposit`,
+    /// `balance` and the rest. The gateway itself never touches the ledger: the proxy bills.
+    pub payments: ClientPayments,
+}
+
+/// `[payments]` in `client.toml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientPayments {
+    /// The ledger service, e.g. `http://127.0.0.1:9100`.
+    pub ledger: Option<String>,
+    /// The proxy's public key (hex). When unset, the registry's proxy at `proxy_addr`.
+    pub proxy_key: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -32,6 +45,7 @@ impl Default for ClientConfig {
             max_body_bytes: 4 << 20,
             attester: AttesterConfig::default(),
             proxy_policy: PeerPolicy::default(),
+            payments: ClientPayments::default(),
         }
     }
 }

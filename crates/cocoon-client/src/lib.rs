@@ -11,5 +11,5 @@ mod link;
 mod openai;
 
 pub use api::Gateway;
-pub use config::ClientConfig;
+pub use config::{ClientConfig, ClientPayments};
 pub use link::ProxyLink;

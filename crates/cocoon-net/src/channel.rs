@@ -92,6 +92,31 @@ impl Channel {
             .map_err(|_| ProtocolError::unavailable(format!("{path} timed out")))?
     }
 
+    /// `POST path` with a JSON body, expecting 200, within `timeout`.
+    pub async fn post_json<T: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+        timeout: Duration,
+    ) -> Result<(), ProtocolError> {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(json(body))
+            .expect("static request parts are valid");
+        let post = async {
+            let response = self.send(req).await?;
+            if response.status() != StatusCode::OK {
+                return Err(read_error(response).await);
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, post)
+            .await
+            .map_err(|_| ProtocolError::unavailable(format!("{path} timed out")))?
+    }
+
     async fn send(
         &self,
         req: Request<Body>,

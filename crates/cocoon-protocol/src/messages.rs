@@ -163,7 +163,7 @@ pub struct Billing {
 
 /// The proxy's signed promise to pay a worker (`POST` [`paths::PAYOUT`](crate::paths::PAYOUT)).
 /// Cumulative: the latest one is all the worker needs to claim everything owed so far.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payout {
     /// The proxy's public key (hex).
     pub proxy: String,

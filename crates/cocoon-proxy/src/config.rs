@@ -1,6 +1,8 @@
 use std::path::PathBuf;
 
 use cocoon_tls::{AttesterConfig, PeerPolicy};
+
+pub use crate::billing::PaymentsConfig;
 use serde::{Deserialize, Serialize};
 
 /// `proxy.toml`. Every field has a default; `cocoon config proxy` prints them all.
@@ -23,6 +25,9 @@ pub struct ProxyConfig {
     /// Which clients may connect. Default: any key (clients are known by key and pay from
     /// contracts bound to it).
     pub client_policy: PeerPolicy,
+    /// The ledger clients pay through and the proxy's record of charges. Without a ledger
+    /// the proxy serves for free (and says so at start).
+    pub payments: PaymentsConfig,
 }
 
 impl Default for ProxyConfig {
@@ -35,6 +40,7 @@ impl Default for ProxyConfig {
             attester: AttesterConfig::default(),
             worker_policy: PeerPolicy::default(),
             client_policy: PeerPolicy::default(),
+            payments: PaymentsConfig::default(),
         }
     }
 }

@@ -4,16 +4,19 @@
 //! out to the proxy and stay connected; the proxy keeps them in a [`WorkerSet`] and opens
 //! HTTP/2 streams to them. Clients send generation requests, which the proxy routes to the
 //! least-loaded worker serving the model and relays back event by event. This crate owns
-//! that routing, the worker registry, who is admitted (attestation policies per role) and the
-//! proxy's configuration.
+//! that routing, the worker registry, who is admitted (attestation policies per role), what
+//! each request costs (reservation, settlement, the proxy's durable record, batched commits to
+//! the ledger) and the proxy's configuration.
 
 mod admission;
+mod billing;
 mod config;
 mod relay;
 mod server;
 mod workers;
 
 pub use admission::Refusal;
+pub use billing::{Book, BookError, ClientRecord, PaymentsConfig, PaymentsStatus, WorkerRecord};
 pub use config::ProxyConfig;
 pub use server::{Proxy, ProxyStatus, StatusSource, WorkerStatus};
 pub use workers::{WorkerEntry, WorkerSet};

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, Refusal};
+use crate::billing::{Billing, PaymentsStatus};
 use crate::config::ProxyConfig;
 use crate::relay;
 use crate::workers::WorkerSet;
@@ -33,6 +34,8 @@ pub(crate) struct State {
     connections: Arc<Semaphore>,
     admission: Admission,
     attestation: &'static str,
+    pub(crate) billing: Option<Arc<Billing>>,
+    commit_interval: Duration,
 }
 
 /// What `GET /cocoon/v1/status` answers.
@@ -47,6 +50,8 @@ pub struct ProxyStatus {
     pub workers: Vec<WorkerStatus>,
     /// The latest peers refused, and why.
     pub recent_refusals: Vec<Refusal>,
+    /// Absent when the proxy takes no payments.
+    pub payments: Option<PaymentsStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -85,6 +90,23 @@ impl Proxy {
             admission.handshake_verifier(),
             &[ALPN_CLIENT, ALPN_WORKER],
         );
+        let billing = match &config.payments.ledger {
+            Some(url) => {
+                anyhow::ensure!(
+                    config.key_file.is_some(),
+                    "[payments] needs a key_file: the proxy's contract and every message it \
+                     signs are bound to its key, which must outlive the process"
+                );
+                let wallet = Arc::new(cocoon_ledger::Wallet::new(identity.signing_key()));
+                let billing = Billing::open(&config.payments, url, wallet).await?;
+                tracing::info!(ledger = %url, book = %config.payments.book.display(), "payments on: record and ledger agree");
+                Some(billing)
+            }
+            None => {
+                tracing::warn!("no [payments] ledger configured: this proxy serves for FREE");
+                None
+            }
+        };
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -96,6 +118,8 @@ impl Proxy {
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             admission,
             attestation,
+            billing,
+            commit_interval: Duration::from_secs(config.payments.commit_interval_secs.max(1)),
         });
         Ok(Self { listener, state })
     }
@@ -118,6 +142,11 @@ impl Proxy {
     /// Accepts connections until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(addr = %self.local_addr(), fingerprint = %self.state.fingerprint, "proxy listening");
+        let commits = self
+            .state
+            .billing
+            .clone()
+            .map(|b| tokio::spawn(b.run_commits(self.state.commit_interval, shutdown.clone())));
         loop {
             let permit = tokio::select! {
                 p = self.state.connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
@@ -145,6 +174,10 @@ impl Proxy {
                 }
             });
         }
+        // The commit loop makes a last commit once shut down.
+        if let Some(commits) = commits {
+            let _ = commits.await;
+        }
         tracing::info!("proxy stopped");
     }
 }
@@ -162,6 +195,7 @@ impl StatusSource for State {
             attestation: self.attestation.to_owned(),
             worker_quote_cache: self.admission.workers.cache_stats(),
             recent_refusals: self.admission.recent_refusals(),
+            payments: self.billing.as_ref().map(|b| b.status()),
             workers: self
                 .workers
                 .snapshot()
@@ -206,15 +240,22 @@ impl State {
                     return;
                 };
                 tracing::debug!(%peer_addr, client = %peer.fingerprint, attestation = verified.mode(), "client connected");
+                let Some(client) = ed25519_key(&peer.public_key) else {
+                    return;
+                };
                 let state = self.clone();
                 let _ =
-                    cocoon_net::serve_h2(tls, move |req| state.clone().client_request(req)).await;
+                    cocoon_net::serve_h2(tls, move |req| state.clone().client_request(client, req))
+                        .await;
             }
             Some(ALPN_WORKER) => {
                 let Ok(verified) = self.admission.worker(&peer) else {
                     return;
                 };
-                self.worker_connection(tls, peer.fingerprint, verified, peer_addr)
+                let Some(key) = ed25519_key(&peer.public_key) else {
+                    return;
+                };
+                self.worker_connection(tls, peer.fingerprint, key, verified, peer_addr)
                     .await;
             }
             _ => tracing::debug!(%peer_addr, "peer offered no cocoon protocol"),
@@ -225,6 +266,7 @@ impl State {
         &self,
         tls: cocoon_net::ServerTls,
         fingerprint: Fingerprint,
+        public_key: [u8; 32],
         attestation: Verified,
         peer_addr: SocketAddr,
     ) {
@@ -251,7 +293,7 @@ impl State {
         }
         let entry = self.workers.add(
             hello.name.clone(),
-            fingerprint,
+            public_key,
             hello.models,
             hello.capacity,
             attestation,
@@ -261,17 +303,36 @@ impl State {
             tracing::warn!(worker = %hello.name, "worker is attested by a DEVELOPMENT quote: it proves nothing about its machine");
         }
         tracing::info!(worker = %hello.name, %fingerprint, attestation = entry.attestation.mode(), models = ?entry.models.iter().map(|m| &m.id).collect::<Vec<_>>(), "worker joined");
+        // A worker that missed payouts while away gets the latest, which covers them all.
+        if let Some(payout) = self
+            .billing
+            .as_ref()
+            .and_then(|b| b.latest_payout(&public_key))
+        {
+            crate::relay::send_payout(&entry, payout);
+        }
         let _ = driver.await;
         self.workers.remove(entry.id);
         tracing::info!(worker = %hello.name, "worker left");
     }
 
-    async fn client_request(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    async fn client_request(
+        self: Arc<Self>,
+        client: [u8; 32],
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
             (&Method::GET, "/cocoon/v1/status") => response(StatusCode::OK, json(&self.status())),
-            (&Method::POST, paths::GENERATE) => relay::generate(&self, req.into_body()).await,
+            (&Method::POST, paths::GENERATE) => {
+                relay::generate(&self, client, req.into_body()).await
+            }
             (method, path) => no_route(method, path),
         }
     }
+}
+
+/// Every cocoon key is Ed25519 (the verifier refuses others), 32 bytes raw.
+fn ed25519_key(raw: &[u8]) -> Option<[u8; 32]> {
+    raw.try_into().ok()
 }

@@ -12,6 +12,8 @@ pub struct WorkerEntry {
     pub id: u64,
     pub name: String,
     pub fingerprint: Fingerprint,
+    /// The worker's key: its payouts are bound to it.
+    pub public_key: [u8; 32],
     pub models: Vec<ModelCard>,
     pub capacity: u32,
     /// What the worker proved in its handshake.
@@ -63,7 +65,7 @@ impl WorkerSet {
     pub(crate) fn add(
         &self,
         name: String,
-        fingerprint: Fingerprint,
+        public_key: [u8; 32],
         models: Vec<ModelCard>,
         capacity: u32,
         attestation: Verified,
@@ -72,7 +74,8 @@ impl WorkerSet {
         let entry = Arc::new(WorkerEntry {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             name,
-            fingerprint,
+            fingerprint: Fingerprint::of_public_key(&public_key),
+            public_key,
             models,
             capacity: capacity.max(1),
             attestation,
@@ -121,6 +124,17 @@ impl WorkerSet {
         best.in_flight.fetch_add(1, Ordering::Relaxed);
         best.served.fetch_add(1, Ordering::Relaxed);
         Some(LoadGuard(best))
+    }
+
+    /// The largest context window any connected worker offers for `model`.
+    pub fn context_length(&self, model: &str) -> Option<u32> {
+        self.workers
+            .read()
+            .iter()
+            .flat_map(|w| w.models.iter())
+            .filter(|m| m.id == model)
+            .map(|m| m.context_length)
+            .max()
     }
 
     /// Models served by at least one worker, each with the largest context any of them offers.

@@ -117,6 +117,13 @@ impl Identity {
         }
     }
 
+    /// The same key as a ring signer: the key a node's payment contracts are bound to, so
+    /// that the party paying or paid is the party the handshake authenticated.
+    pub fn signing_key(&self) -> ring::signature::Ed25519KeyPair {
+        ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&self.key_pair.serialize_der())
+            .expect("identities hold Ed25519 keys")
+    }
+
     fn from_key_pair(key_pair: KeyPair, name: &str) -> Result<Self, IdentityError> {
         let fingerprint = Fingerprint::of_public_key(key_pair.public_key_raw());
         let issued = issue(&key_pair, name, None)?;
@@ -313,6 +320,13 @@ mod tests {
             err.to_string().contains("does not hold an Ed25519"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn signing_key_is_the_tls_key() {
+        use ring::signature::KeyPair as _;
+        let id = Identity::ephemeral("n").unwrap();
+        assert_eq!(id.signing_key().public_key().as_ref(), id.public_key());
     }
 
     #[test]

@@ -5,6 +5,8 @@ use cocoon_engine::{Backend, LlamaBackend, LlamaConfig, UpstreamBackend, Upstrea
 use cocoon_tls::{AttesterConfig, PeerPolicy};
 use serde::{Deserialize, Serialize};
 
+use crate::payouts::PayoutsConfig;
+
 /// `worker.toml`. Every field has a default; `cocoon config worker` prints them all.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +27,8 @@ pub struct WorkerConfig {
     /// Backends to serve; one embedded SmolLM2 by default.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Where payouts are kept and the ledger they are claimed on.
+    pub payments: PayoutsConfig,
 }
 
 impl Default for WorkerConfig {
@@ -37,6 +41,7 @@ impl Default for WorkerConfig {
             proxy_policy: PeerPolicy::default(),
             max_reconnect_secs: 5,
             backends: vec![BackendConfig::Llama(LlamaConfig::default())],
+            payments: PayoutsConfig::default(),
         }
     }
 }

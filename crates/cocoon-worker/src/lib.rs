@@ -3,9 +3,11 @@
 //! A worker dials out to its proxy (so it can sit behind NAT), then serves HTTP/2 on that
 //! connection: the proxy sends it generation requests over streams it opens. When the
 //! connection drops, the worker reconnects with backoff. This crate owns that loop, the
-//! worker's configuration and the routing of requests to the right backend by model.
+//! worker's configuration, the routing of requests to the right backend by model, and the
+//! payouts its proxy signs for it (kept durably, claimed on the ledger).
 
 mod config;
+mod payouts;
 mod router;
 mod service;
 
@@ -19,6 +21,7 @@ use cocoon_tls::{Identity, PeerVerifier};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{BackendConfig, WorkerConfig};
+pub use payouts::{PayoutStore, PayoutsConfig, claim_loop};
 pub use router::ModelRouter;
 
 /// First wait before reconnecting; doubles up to the configured maximum.
@@ -33,6 +36,7 @@ pub struct Worker {
     proxy_policy: Arc<dyn PeerVerifier>,
     max_backoff: Duration,
     connected: Arc<AtomicBool>,
+    payouts: Option<Arc<PayoutStore>>,
 }
 
 impl Worker {
@@ -54,7 +58,14 @@ impl Worker {
             proxy_policy: proxy,
             max_backoff,
             connected: Arc::default(),
+            payouts: None,
         }
+    }
+
+    /// Keeps the payouts the proxy sends in `store` (without one they are refused).
+    pub fn with_payouts(mut self, store: Arc<PayoutStore>) -> Self {
+        self.payouts = Some(store);
+        self
     }
 
     /// Whether the worker is connected to its proxy now.
@@ -69,18 +80,23 @@ impl Worker {
     /// Serves until `shutdown` is cancelled, reconnecting whenever the connection drops.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = INITIAL_BACKOFF;
-        let service = service::WorkerService::new(self.name.clone(), self.backend.clone());
+        let service = service::WorkerService::new(
+            self.name.clone(),
+            self.backend.clone(),
+            self.payouts.clone(),
+        );
         loop {
             let attempt = async {
                 let tls = cocoon_net::connect_tls(&self.proxy_addr, self.tls.clone()).await?;
-                let mode = cocoon_tls::verified_peer(
-                    tls.get_ref().1.peer_certificates(),
-                    &*self.proxy_policy,
-                )
-                .map_or("none", |v| v.mode());
+                let certs = tls.get_ref().1.peer_certificates();
+                let mode = cocoon_tls::verified_peer(certs, &*self.proxy_policy)
+                    .map_or("none", |v| v.mode());
+                let proxy_key = cocoon_tls::peer_identity(certs)
+                    .and_then(|p| <[u8; 32]>::try_from(p.public_key.as_slice()).ok())
+                    .ok_or_else(|| std::io::Error::other("the proxy has no Ed25519 key"))?;
                 tracing::info!(proxy = %self.proxy_addr, attestation = mode, "connected to proxy");
                 self.connected.store(true, Ordering::SeqCst);
-                let service = service.clone();
+                let service = service.for_proxy(proxy_key);
                 let result =
                     cocoon_net::serve_h2(tls, move |req| service.clone().handle(req)).await;
                 self.connected.store(false, Ordering::SeqCst);

@@ -6,13 +6,15 @@ use bytes::Bytes;
 use cocoon_engine::Backend;
 use cocoon_net::{Body, error_response, event_stream_response, json, no_route, response};
 use cocoon_protocol::{
-    GenerateEvent, GenerateRequest, PROTOCOL_VERSION, ProtocolError, WorkerHello, encode_frame,
-    paths,
+    GenerateEvent, GenerateRequest, PROTOCOL_VERSION, Payout, ProtocolError, WorkerHello,
+    encode_frame, paths,
 };
 use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
+
+use crate::payouts::PayoutStore;
 
 /// Largest generation request accepted from the proxy.
 const MAX_REQUEST_BYTES: usize = 8 << 20;
@@ -21,13 +23,53 @@ const MAX_REQUEST_BYTES: usize = 8 << 20;
 pub(crate) struct WorkerService {
     name: Arc<str>,
     backend: Arc<dyn Backend>,
+    payouts: Option<Arc<PayoutStore>>,
+    /// The key of the proxy on this connection: payouts must be signed by it.
+    proxy: [u8; 32],
 }
 
 impl WorkerService {
-    pub(crate) fn new(name: String, backend: Arc<dyn Backend>) -> Self {
+    pub(crate) fn new(
+        name: String,
+        backend: Arc<dyn Backend>,
+        payouts: Option<Arc<PayoutStore>>,
+    ) -> Self {
         Self {
             name: name.into(),
             backend,
+            payouts,
+            proxy: [0; 32],
+        }
+    }
+
+    /// This service on a connection to the proxy with key `proxy`.
+    pub(crate) fn for_proxy(&self, proxy: [u8; 32]) -> Self {
+        Self {
+            proxy,
+            ..self.clone()
+        }
+    }
+
+    async fn payout(&self, body: Incoming) -> Response<Body> {
+        let payout: Payout = match cocoon_net::read_json(body, 64 * 1024).await {
+            Ok(p) => p,
+            Err(e) => return error_response(&e),
+        };
+        let Some(store) = &self.payouts else {
+            let e = ProtocolError::invalid("this worker keeps no payouts");
+            return error_response(&e);
+        };
+        let store = store.clone();
+        let proxy = self.proxy;
+        // The store fsyncs: off the async threads.
+        let kept = tokio::task::spawn_blocking(move || store.offer(&proxy, payout)).await;
+        match kept {
+            Ok(Ok(_)) => response(StatusCode::OK, json(&serde_json::json!({}))),
+            Ok(Err(reason)) => {
+                tracing::warn!(%reason, "refused a payout from the proxy");
+                error_response(&ProtocolError::invalid(reason))
+            }
+            Err(e) => error_response(&ProtocolError::internal(e.to_string())),
         }
     }
 
@@ -43,6 +85,7 @@ impl WorkerService {
                 response(StatusCode::OK, json(&hello))
             }
             (&Method::POST, paths::GENERATE) => self.generate(req.into_body()).await,
+            (&Method::POST, paths::PAYOUT) => self.payout(req.into_body()).await,
             (method, path) => no_route(method, path),
         }
     }

@@ -106,3 +106,18 @@ pub async fn short_chat_status(net: &DevNetwork) -> u16 {
         .status()
         .as_u16()
 }
+
+/// The token counts of an OpenAI `usage` object, without the bill (whose counter and signed
+/// message differ from one request to the next).
+pub fn token_counts(usage: &Value) -> (u64, u64, u64) {
+    let n = |k: &str| {
+        usage[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("usage lacks {k}: {usage}"))
+    };
+    (
+        n("prompt_tokens"),
+        n("completion_tokens"),
+        n("total_tokens"),
+    )
+}

@@ -3,17 +3,28 @@
 //! carries a dev quote of the fixed dev image, signed by a key made for this network, and each
 //! side checks the other's quote, image and key binding exactly as it would a TDX quote. That
 //! proves nothing about the machine, and every part says so in its logs and status output.
+//!
+//! Payments are real too (unless turned off for comparison): an embedded ledger is served on
+//! loopback, the proxy bills every request against the gateway's funded contract and workers
+//! claim their payouts, as in [`ledger`].
+
+pub mod ledger;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cocoon_client::{ClientConfig, Gateway};
+use std::path::{Path, PathBuf};
+
+use cocoon_client::{ClientConfig, ClientPayments, Gateway};
 use cocoon_engine::Backend;
-use cocoon_proxy::{Proxy, ProxyConfig, ProxyStatus, StatusSource};
+use cocoon_ledger::{EmbeddedLedger, PublicKey};
+use cocoon_proxy::{PaymentsConfig, Proxy, ProxyConfig, ProxyStatus, StatusSource};
 use cocoon_tls::{AttesterChoice, AttesterConfig, Identity, PeerPolicy};
-use cocoon_worker::Worker;
+use cocoon_worker::{PayoutStore, Worker};
+
+use self::ledger::{DevLedger, key_wallet};
 use tokio_util::sync::CancellationToken;
 
 /// Where the parts listen.
@@ -23,8 +34,12 @@ pub struct DevOptions {
     pub gateway_listen: String,
     /// The proxy; port 0 picks a free one.
     pub proxy_listen: String,
-    /// The proxy's key file; a fresh key when unset.
+    /// The proxy's key file; a fresh key in the network's directory when unset.
     pub proxy_key_file: Option<std::path::PathBuf>,
+    /// Bill requests through an embedded ledger (off only to measure what payments cost).
+    pub payments: bool,
+    /// Seconds between the proxy's batched commits to the ledger.
+    pub commit_interval_secs: u64,
 }
 
 impl Default for DevOptions {
@@ -33,6 +48,8 @@ impl Default for DevOptions {
             gateway_listen: "127.0.0.1:10000".into(),
             proxy_listen: "127.0.0.1:0".into(),
             proxy_key_file: None,
+            payments: true,
+            commit_interval_secs: 2,
         }
     }
 }
@@ -43,6 +60,7 @@ struct WorkerSlot {
     identity: Arc<Identity>,
     stop: Option<CancellationToken>,
     connected: Arc<AtomicBool>,
+    payouts: Option<Arc<PayoutStore>>,
 }
 
 /// A running network.
@@ -54,10 +72,15 @@ pub struct DevNetwork {
     shutdown: CancellationToken,
     proxy_stop: CancellationToken,
     proxy_status: Arc<dyn StatusSource>,
+    /// Ends once the proxy has stopped and released its record.
+    proxy_task: Option<tokio::task::JoinHandle<()>>,
     workers: Vec<WorkerSlot>,
     /// Holds the development attester's key for the life of the network.
     dev_dir: tempfile::TempDir,
     dev_key: String,
+    ledger: Option<DevLedger>,
+    proxy_key_file: PathBuf,
+    client_key: PublicKey,
 }
 
 impl DevNetwork {
@@ -76,27 +99,62 @@ impl DevNetwork {
             .public_key(),
         );
         let attester = dev_attester_config(&dev_dir);
+        let ledger = match options.payments {
+            true => Some(DevLedger::start(dev_dir.path(), shutdown.clone()).await?),
+            false => None,
+        };
+        let ledger_url = ledger.as_ref().map(|l| l.url.clone());
         let workers: Vec<WorkerSlot> = backends
             .into_iter()
             .enumerate()
-            .map(|(i, backend)| worker_slot(format!("dev-worker-{i}"), backend, &attester))
+            .map(|(i, backend)| {
+                worker_slot(
+                    format!("dev-worker-{i}"),
+                    backend,
+                    &attester,
+                    dev_dir.path(),
+                    ledger_url.as_deref(),
+                    &shutdown,
+                )
+            })
             .collect::<anyhow::Result<_>>()?;
+        let proxy_key_file = options
+            .proxy_key_file
+            .clone()
+            .unwrap_or_else(|| dev_dir.path().join("proxy.key"));
+        let proxy_key = key_wallet(&proxy_key_file)?.public_key();
+        let client_key_file = dev_dir.path().join("client.key");
+        let client_key = key_wallet(&client_key_file)?.public_key();
+        let proxy_listen = concrete_port(&options.proxy_listen)?;
+        if let Some(ledger) = &ledger {
+            ledger.open_proxy(proxy_key, &proxy_listen).await?;
+            ledger.fund_client(client_key, proxy_key).await?;
+        }
         let proxy_stop = shutdown.child_token();
-        let (proxy_addr, proxy_fingerprint, proxy_status) = start_proxy(
-            &options,
-            &options.proxy_listen,
-            &dev_dir,
-            &dev_key,
+        let (proxy_addr, proxy_fingerprint, proxy_status, proxy_task) = start_proxy(
+            &ProxySetup {
+                options: &options,
+                key_file: &proxy_key_file,
+                dev_dir: dev_dir.path(),
+                dev_key: &dev_key,
+                ledger_url: ledger_url.as_deref(),
+            },
+            &proxy_listen,
             proxy_stop.clone(),
         )
         .await?;
         let gateway = Gateway::bind(&ClientConfig {
             listen: options.gateway_listen.clone(),
             proxy_addr: proxy_addr.to_string(),
+            key_file: Some(client_key_file),
             attester,
             proxy_policy: PeerPolicy {
                 fingerprints: vec![proxy_fingerprint.to_string()],
                 ..dev_policy(&dev_key)
+            },
+            payments: ClientPayments {
+                ledger: ledger_url.clone(),
+                proxy_key: Some(hex::encode(proxy_key)),
             },
             ..ClientConfig::default()
         })
@@ -111,14 +169,84 @@ impl DevNetwork {
             shutdown,
             proxy_stop,
             proxy_status,
+            proxy_task: Some(proxy_task),
             workers,
             dev_dir,
             dev_key,
+            ledger,
+            proxy_key_file,
+            client_key,
         };
         for i in 0..net.workers.len() {
             net.start_worker(i);
         }
         Ok(net)
+    }
+
+    /// The ledger service's URL, when payments are on.
+    pub fn ledger_url(&self) -> Option<&str> {
+        self.ledger.as_ref().map(|l| l.url.as_str())
+    }
+
+    /// The ledger itself, for reading its state directly.
+    pub fn ledger(&self) -> Option<&Arc<EmbeddedLedger>> {
+        self.ledger.as_ref().map(|l| &l.ledger)
+    }
+
+    /// The dev ledger's helpers (funding, registering), when payments are on.
+    pub fn dev_ledger(&self) -> Option<&DevLedger> {
+        self.ledger.as_ref()
+    }
+
+    /// The gateway's key: its contract with the proxy is bound to it.
+    pub fn client_key(&self) -> PublicKey {
+        self.client_key
+    }
+
+    /// The proxy's key: its contract, and every message it signs.
+    pub fn proxy_key(&self) -> anyhow::Result<PublicKey> {
+        Ok(key_wallet(&self.proxy_key_file)?.public_key())
+    }
+
+    /// Worker `i`'s key: its payouts are bound to it.
+    pub fn worker_key(&self, i: usize) -> PublicKey {
+        self.workers[i]
+            .identity
+            .public_key()
+            .try_into()
+            .expect("Ed25519 keys are 32 bytes")
+    }
+
+    /// The payouts worker `i` has kept.
+    pub fn worker_payouts(&self, i: usize) -> Option<&Arc<PayoutStore>> {
+        self.workers[i].payouts.as_ref()
+    }
+
+    /// The proxy's record of charges and debts.
+    pub fn book_path(&self) -> PathBuf {
+        self.dev_dir.path().join("proxy-book.redb")
+    }
+
+    /// The directory holding this network's keys, ledger and records.
+    pub fn dir(&self) -> &Path {
+        self.dev_dir.path()
+    }
+
+    /// Writes a `client.toml` for the `cocoon client` commands to act on this network's
+    /// funded contract; returns its path.
+    pub fn write_client_config(&self) -> anyhow::Result<PathBuf> {
+        let config = ClientConfig {
+            proxy_addr: self.proxy_addr.to_string(),
+            key_file: Some(self.dev_dir.path().join("client.key")),
+            payments: ClientPayments {
+                ledger: self.ledger_url().map(str::to_owned),
+                proxy_key: Some(hex::encode(self.proxy_key()?)),
+            },
+            ..ClientConfig::default()
+        };
+        let path = self.dev_dir.path().join("client.toml");
+        std::fs::write(&path, toml::to_string_pretty(&config)?)?;
+        Ok(path)
     }
 
     pub fn gateway_url(&self) -> String {
@@ -164,8 +292,15 @@ impl DevNetwork {
         backend: Arc<dyn Backend>,
         attester: &AttesterConfig,
     ) -> anyhow::Result<usize> {
-        self.workers
-            .push(worker_slot(name.to_owned(), backend, attester)?);
+        let slot = worker_slot(
+            name.to_owned(),
+            backend,
+            attester,
+            self.dev_dir.path(),
+            self.ledger_url(),
+            &self.shutdown,
+        )?;
+        self.workers.push(slot);
         let i = self.workers.len() - 1;
         self.start_worker(i);
         Ok(i)
@@ -181,7 +316,7 @@ impl DevNetwork {
         .expect("the dev policy is valid");
         let slot = &mut self.workers[i];
         let stop = self.shutdown.child_token();
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             slot.name.clone(),
             self.proxy_addr.to_string(),
             slot.backend.clone(),
@@ -189,6 +324,9 @@ impl DevNetwork {
             proxy_policy,
             Duration::from_millis(500),
         );
+        if let Some(store) = &slot.payouts {
+            worker = worker.with_payouts(store.clone());
+        }
         slot.connected = worker.connected_flag();
         slot.stop = Some(stop.clone());
         tokio::spawn(worker.run(stop));
@@ -205,18 +343,29 @@ impl DevNetwork {
         self.workers[i].connected.load(Ordering::SeqCst)
     }
 
-    /// Stops the proxy and starts a new one on the same address (same key if a key file is
+    /// Stops the proxy and waits until it has made its last commit and released its record.
+    pub async fn stop_proxy(&mut self) {
+        self.proxy_stop.cancel();
+        if let Some(task) = self.proxy_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+    }
+
+    /// Stops the proxy (if running) and starts a new one on the same address (same key if a key file is
     /// configured). Workers reconnect by themselves.
     pub async fn restart_proxy(&mut self) -> anyhow::Result<()> {
-        self.proxy_stop.cancel();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.stop_proxy().await;
         self.proxy_stop = self.shutdown.child_token();
         let listen = self.proxy_addr.to_string();
-        let (addr, fingerprint, status) = start_proxy(
-            &self.options,
+        let (addr, fingerprint, status, task) = start_proxy(
+            &ProxySetup {
+                options: &self.options,
+                key_file: &self.proxy_key_file,
+                dev_dir: self.dev_dir.path(),
+                dev_key: &self.dev_key,
+                ledger_url: self.ledger_url(),
+            },
             &listen,
-            &self.dev_dir,
-            &self.dev_key,
             self.proxy_stop.clone(),
         )
         .await?;
@@ -226,6 +375,7 @@ impl DevNetwork {
         );
         self.proxy_addr = addr;
         self.proxy_status = status;
+        self.proxy_task = Some(task);
         Ok(())
     }
 
@@ -264,48 +414,103 @@ impl Drop for DevNetwork {
     }
 }
 
+/// `host:0` made concrete: the proxy's address is registered on the ledger before it binds.
+fn concrete_port(listen: &str) -> anyhow::Result<String> {
+    if !listen.ends_with(":0") {
+        return Ok(listen.to_owned());
+    }
+    let probe = std::net::TcpListener::bind(listen)?;
+    Ok(probe.local_addr()?.to_string())
+}
+
+/// What the dev proxy is made of, beside its address.
+struct ProxySetup<'a> {
+    options: &'a DevOptions,
+    key_file: &'a Path,
+    dev_dir: &'a Path,
+    dev_key: &'a str,
+    ledger_url: Option<&'a str>,
+}
+
 async fn start_proxy(
-    options: &DevOptions,
+    setup: &ProxySetup<'_>,
     listen: &str,
-    dev_dir: &tempfile::TempDir,
-    dev_key: &str,
     stop: CancellationToken,
-) -> anyhow::Result<(SocketAddr, cocoon_tls::Fingerprint, Arc<dyn StatusSource>)> {
+) -> anyhow::Result<(
+    SocketAddr,
+    cocoon_tls::Fingerprint,
+    Arc<dyn StatusSource>,
+    tokio::task::JoinHandle<()>,
+)> {
     // Workers are admitted by attestation alone, as in a real network: any worker running an
     // allowed image may join, whatever its key.
     let proxy = Proxy::bind(&ProxyConfig {
         listen: listen.to_owned(),
-        key_file: options.proxy_key_file.clone(),
-        attester: dev_attester_config(dev_dir),
-        worker_policy: dev_policy(dev_key),
+        key_file: Some(setup.key_file.to_owned()),
+        attester: attester_in(setup.dev_dir),
+        worker_policy: dev_policy(setup.dev_key),
+        payments: PaymentsConfig {
+            ledger: setup.ledger_url.map(str::to_owned),
+            book: setup.dev_dir.join("proxy-book.redb"),
+            commit_interval_secs: setup.options.commit_interval_secs,
+        },
         ..ProxyConfig::default()
     })
     .await?;
     let addr = proxy.local_addr();
     let fingerprint = proxy.fingerprint();
     let status = proxy.status_handle();
-    tokio::spawn(proxy.run(stop));
-    Ok((addr, fingerprint, status))
+    let task = tokio::spawn(proxy.run(stop));
+    Ok((addr, fingerprint, status, task))
 }
 
+/// A worker with its own key file and, with a ledger, a payout store it claims from.
 fn worker_slot(
     name: String,
     backend: Arc<dyn Backend>,
     attester: &AttesterConfig,
+    dir: &Path,
+    ledger_url: Option<&str>,
+    shutdown: &CancellationToken,
 ) -> anyhow::Result<WorkerSlot> {
+    let key_file = dir.join(format!("{name}.key"));
+    let identity = Arc::new(attester.identity(Some(&key_file), "cocoon-worker", "worker")?);
+    let payouts = match ledger_url {
+        Some(url) => {
+            let wallet = Arc::new(cocoon_ledger::Wallet::new(identity.signing_key()));
+            let store = Arc::new(PayoutStore::open(
+                &dir.join(format!("{name}-payouts.json")),
+                wallet.public_key(),
+            )?);
+            tokio::spawn(cocoon_worker::claim_loop(
+                store.clone(),
+                url.to_owned(),
+                wallet,
+                Duration::from_secs(2),
+                shutdown.clone(),
+            ));
+            Some(store)
+        }
+        None => None,
+    };
     Ok(WorkerSlot {
         name,
         backend,
-        identity: Arc::new(attester.identity(None, "cocoon-worker", "worker")?),
+        identity,
         stop: None,
         connected: Arc::default(),
+        payouts,
     })
 }
 
 fn dev_attester_config(dev_dir: &tempfile::TempDir) -> AttesterConfig {
+    attester_in(dev_dir.path())
+}
+
+fn attester_in(dir: &Path) -> AttesterConfig {
     AttesterConfig {
         kind: AttesterChoice::Dev,
-        dev_key_file: Some(dev_dir.path().join("dev-attester.key")),
+        dev_key_file: Some(dir.join("dev-attester.key")),
         dev_mrtd: None,
     }
 }

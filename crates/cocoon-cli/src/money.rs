@@ -1,0 +1,324 @@
+//! The money commands: `cocoon ledger` (run the embedded ledger as a service, read it, send it
+//! any signed operation) and the client's and worker's account commands. Amounts are given and
+//! shown in TON with up to nine decimals; the ledger counts nanoton.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cocoon_client::ClientConfig;
+use cocoon_ledger::{
+    Address, ClientContract, EmbeddedLedger, Ledger, Nanoton, Op, PublicKey, RemoteLedger, Tx,
+    Wallet,
+};
+use serde_json::{Value, json};
+
+const NANOTON_PER_TON: Nanoton = 1_000_000_000;
+
+/// An amount of TON as typed: `12`, `0.5`, `1.000000001`.
+pub fn parse_ton(text: &str) -> anyhow::Result<Nanoton> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    anyhow::ensure!(
+        !whole.is_empty() || !frac.is_empty(),
+        "'{text}' is not an amount of TON"
+    );
+    anyhow::ensure!(
+        whole.bytes().all(|b| b.is_ascii_digit()) && frac.bytes().all(|b| b.is_ascii_digit()),
+        "'{text}' is not an amount of TON"
+    );
+    anyhow::ensure!(frac.len() <= 9, "'{text}': TON has nine decimals at most");
+    let whole: Nanoton = if whole.is_empty() { 0 } else { whole.parse()? };
+    let frac: Nanoton = format!("{frac:0<9}").parse()?;
+    whole
+        .checked_mul(NANOTON_PER_TON)
+        .and_then(|n| n.checked_add(frac))
+        .ok_or_else(|| anyhow::anyhow!("'{text}' is too large"))
+}
+
+/// Nanoton as TON, every decimal kept.
+pub fn format_ton(n: Nanoton) -> String {
+    format!("{}.{:09}", n / NANOTON_PER_TON, n % NANOTON_PER_TON)
+}
+
+/// A party's wallet: the Ed25519 key in its key file (the same key its TLS identity uses).
+pub fn wallet(key_file: &Path) -> anyhow::Result<Arc<Wallet>> {
+    anyhow::ensure!(
+        key_file.exists(),
+        "key file {} does not exist",
+        key_file.display()
+    );
+    let identity = cocoon_tls::Identity::load_or_create(key_file, "cocoon")?;
+    Ok(Arc::new(Wallet::new(identity.signing_key())))
+}
+
+fn decode_key(text: &str) -> anyhow::Result<PublicKey> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key)
+        .map_err(|_| anyhow::anyhow!("'{text}' is not a 32-byte hex public key"))?;
+    Ok(key)
+}
+
+/// `cocoon ledger serve`: the embedded ledger at `db`, owned by the key in `owner_key_file`
+/// (created if missing), served until `shutdown`.
+pub async fn serve_ledger(
+    db: &Path,
+    owner_key_file: &Path,
+    listen: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let owner = cocoon_tls::Identity::load_or_create(owner_key_file, "cocoon-owner")?;
+    let owner = Wallet::new(owner.signing_key()).public_key();
+    let ledger = Arc::new(EmbeddedLedger::open(db, owner)?);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    println!(
+        "ledger {} on http://{} (registry owner {})",
+        db.display(),
+        listener.local_addr()?,
+        hex::encode(owner)
+    );
+    cocoon_ledger::service::serve(ledger, listener, shutdown).await?;
+    Ok(())
+}
+
+/// `cocoon ledger exec`: sends one operation (JSON, as in `docs/ledger.md`) signed with the
+/// key in `key_file`.
+pub async fn exec(url: &str, key_file: &Path, op: &str) -> anyhow::Result<Value> {
+    let op: Op = serde_json::from_str(op).map_err(|e| anyhow::anyhow!("bad operation: {e}"))?;
+    let wallet = wallet(key_file)?;
+    let ledger = RemoteLedger::new(url, Some(wallet.clone()));
+    let receipt = ledger
+        .execute(Tx {
+            sender: wallet.public_key(),
+            op,
+            now: 0,
+        })
+        .await?;
+    Ok(serde_json::to_value(receipt)?)
+}
+
+/// What the client commands act on.
+pub struct ClientAccount {
+    ledger: RemoteLedger,
+    wallet: Arc<Wallet>,
+    proxy: PublicKey,
+}
+
+/// The client's side of its contract: flags override `client.toml`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AccountOptions {
+    /// The client's configuration (key file, proxy, `[payments]`).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The ledger service, instead of `[payments] ledger`.
+    #[arg(long)]
+    pub ledger: Option<String>,
+    /// The client's key file, instead of `key_file`.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// The proxy's public key (hex), instead of `[payments] proxy_key` or the registry's
+    /// proxy at `proxy_addr`.
+    #[arg(long)]
+    pub proxy_key: Option<String>,
+}
+
+/// What the client can do with its contract.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientAction {
+    Deposit(Nanoton),
+    Stake(Nanoton),
+    Withdraw(Nanoton),
+    Close,
+    FinishClose,
+    Balance,
+}
+
+impl ClientAccount {
+    pub async fn open(options: &AccountOptions) -> anyhow::Result<Self> {
+        let config: ClientConfig = crate::config::load(options.config.as_deref())?;
+        let url = options
+            .ledger
+            .clone()
+            .or(config.payments.ledger.clone())
+            .ok_or_else(|| anyhow::anyhow!("no ledger: set [payments] ledger or --ledger"))?;
+        let key_file = options.key_file.clone().or(config.key_file.clone()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no key file: the contract is bound to the gateway's key, set key_file or --key-file"
+            )
+        })?;
+        let wallet = wallet(&key_file)?;
+        let ledger = RemoteLedger::new(&url, Some(wallet.clone()));
+        let proxy = match options
+            .proxy_key
+            .as_ref()
+            .or(config.payments.proxy_key.as_ref())
+        {
+            Some(k) => decode_key(k)?,
+            None => {
+                let state = ledger.snapshot().await?;
+                let found = state
+                    .registry
+                    .proxies
+                    .iter()
+                    .find(|(_, addr)| **addr == config.proxy_addr)
+                    .map(|(k, _)| k.clone())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no registered proxy at {}: give --proxy-key",
+                            config.proxy_addr
+                        )
+                    })?;
+                decode_key(&found)?
+            }
+        };
+        Ok(Self {
+            ledger,
+            wallet,
+            proxy,
+        })
+    }
+
+    /// Runs `action` and reports the contract afterwards.
+    pub async fn run(&self, action: ClientAction) -> anyhow::Result<Value> {
+        let proxy = self.proxy;
+        let op = match action {
+            ClientAction::Deposit(amount) => Some(Op::ClientDeposit { proxy, amount }),
+            ClientAction::Stake(amount) => Some(Op::ClientStake { proxy, amount }),
+            ClientAction::Withdraw(amount) => Some(Op::ClientWithdraw { proxy, amount }),
+            ClientAction::Close => Some(Op::ClientClose { proxy }),
+            ClientAction::FinishClose => Some(Op::ClientFinishClose { proxy }),
+            ClientAction::Balance => None,
+        };
+        let receipt = match op {
+            Some(op) => Some(
+                self.ledger
+                    .execute(Tx {
+                        sender: self.wallet.public_key(),
+                        op,
+                        now: 0,
+                    })
+                    .await?,
+            ),
+            None => None,
+        };
+        let contract = self.ledger.client(proxy, self.wallet.public_key()).await?;
+        let mut report = contract_report(&proxy, &self.wallet.public_key(), contract.as_ref());
+        if let Some(r) = receipt {
+            report["paid_out_ton"] = json!(format_ton(r.paid_out));
+            report["deposited_ton"] = json!(format_ton(r.deposited));
+        }
+        Ok(report)
+    }
+}
+
+fn contract_report(
+    proxy: &PublicKey,
+    client: &PublicKey,
+    contract: Option<&ClientContract>,
+) -> Value {
+    let address = Address::client(proxy, client).to_string();
+    match contract {
+        None => json!({"contract": address, "exists": false}),
+        Some(c) => json!({
+            "contract": address,
+            "exists": true,
+            "proxy": hex::encode(c.proxy),
+            "client": hex::encode(c.client),
+            "balance_ton": format_ton(c.balance),
+            "stake_ton": format_ton(c.stake),
+            "balance": c.balance.to_string(),
+            "stake": c.stake.to_string(),
+            "tokens_used": c.tokens_used,
+            "state": c.state,
+        }),
+    }
+}
+
+
+/// The worker's payout store, and a task claiming its payouts when a ledger is configured.
+/// Payouts are bound to the worker's key, so they are kept only with a `key_file`.
+pub fn worker_payouts(
+    config: &cocoon_worker::WorkerConfig,
+    identity: &cocoon_tls::Identity,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<Arc<cocoon_worker::PayoutStore>>> {
+    let payments = &config.payments;
+    if config.key_file.is_none() {
+        anyhow::ensure!(
+            payments.ledger.is_none(),
+            "[payments] needs a key_file: payouts are bound to the worker's key"
+        );
+        tracing::warn!("no key_file: this worker's key lives one run, so it keeps no payouts");
+        return Ok(None);
+    }
+    let wallet = Arc::new(Wallet::new(identity.signing_key()));
+    let store = Arc::new(cocoon_worker::PayoutStore::open(
+        &payments.payout_file,
+        wallet.public_key(),
+    )?);
+    if let Some(url) = &payments.ledger {
+        tokio::spawn(cocoon_worker::claim_loop(
+            store.clone(),
+            url.clone(),
+            wallet,
+            std::time::Duration::from_secs(payments.claim_interval_secs.max(1)),
+            shutdown,
+        ));
+    }
+    Ok(Some(store))
+}
+
+/// `cocoon worker withdraw`: claims the kept payouts, then withdraws the earnings held by each
+/// proxy's worker contract.
+pub async fn worker_withdraw(config: &cocoon_worker::WorkerConfig) -> anyhow::Result<Value> {
+    let url = config
+        .payments
+        .ledger
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no ledger: set [payments] ledger"))?;
+    let key_file = config
+        .key_file
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no key_file: payouts are bound to the worker's key"))?;
+    let wallet = wallet(key_file)?;
+    let store =
+        cocoon_worker::PayoutStore::open(&config.payments.payout_file, wallet.public_key())?;
+    let ledger = RemoteLedger::new(url, Some(wallet.clone()));
+    let claimed = store.claim(&ledger).await?;
+    let mut withdrawn = serde_json::Map::new();
+    for proxy in store.owed().keys() {
+        let proxy_key = decode_key(proxy)?;
+        let result = ledger
+            .execute(Tx {
+                sender: wallet.public_key(),
+                op: Op::WorkerWithdraw { proxy: proxy_key },
+                now: 0,
+            })
+            .await;
+        let value = match result {
+            Ok(r) => json!(format_ton(r.paid_out)),
+            Err(cocoon_ledger::LedgerError::ZeroAmount) => json!(format_ton(0)),
+            Err(e) => return Err(e.into()),
+        };
+        withdrawn.insert(proxy.clone(), value);
+    }
+    Ok(json!({"claimed": claimed, "withdrawn_ton": withdrawn}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ton_amounts_parse_exactly() {
+        assert_eq!(parse_ton("1").unwrap(), 1_000_000_000);
+        assert_eq!(parse_ton("0.5").unwrap(), 500_000_000);
+        assert_eq!(parse_ton(".000000001").unwrap(), 1);
+        assert_eq!(parse_ton("12.25").unwrap(), 12_250_000_000);
+        for bad in ["", ".", "1.0000000001", "-1", "1e9", "1,5", "x"] {
+            assert!(parse_ton(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_ton(12_250_000_000), "12.250000000");
+        assert_eq!(format_ton(1), "0.000000001");
+    }
+}

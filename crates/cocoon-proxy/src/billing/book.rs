@@ -1,0 +1,284 @@
+//! The proxy's own durable record of what it has charged each client and owes each worker,
+//! with the latest message it signed for each. A settlement is written (fsync'd) before the
+//! answer it bills is acknowledged, so a crash can lose neither a charge nor a debt, and the
+//! counters it signs never go back: a message with a counter already used is never signed
+//! twice for different work.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use cocoon_ledger::{Address, PaymentMessage, PublicKey, SignedMessage};
+use redb::{Database, ReadableTable, TableDefinition};
+use ring::signature::Ed25519KeyPair;
+use serde::{Deserialize, Serialize};
+
+const CLIENTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("clients");
+const WORKERS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("workers");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// Weighted tokens charged in total: the counter of the latest charge message.
+    pub charged: u64,
+    /// The highest counter the ledger is known to have accepted.
+    pub committed: u64,
+    pub latest: Option<SignedMessage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// Weighted tokens owed in total: the counter of the latest payout message.
+    pub owed: u64,
+    pub latest: Option<SignedMessage>,
+}
+
+/// What one settlement signed.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub tokens_used: u64,
+    pub charge: SignedMessage,
+    pub worker_owed: u64,
+    pub payout: SignedMessage,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BookError {
+    #[error("proxy record {path}: {message}")]
+    Storage { path: String, message: String },
+    #[error("a token counter would overflow")]
+    Overflow,
+}
+
+pub struct Book {
+    db: Database,
+    path: String,
+    proxy: PublicKey,
+    clients: HashMap<PublicKey, ClientRecord>,
+    workers: HashMap<PublicKey, WorkerRecord>,
+}
+
+impl Book {
+    /// Opens the record at `path` (created if missing). A record made by another proxy key is
+    /// refused: its counters mean nothing for this key's contracts.
+    pub fn open(path: &Path, proxy: PublicKey) -> Result<Self, BookError> {
+        let name = path.display().to_string();
+        let err = |e: &dyn std::fmt::Display| BookError::Storage {
+            path: name.clone(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let db = Database::create(path).map_err(|e| err(&e))?;
+        let mut book = Self {
+            db,
+            path: name.clone(),
+            proxy,
+            clients: HashMap::new(),
+            workers: HashMap::new(),
+        };
+        let txn = book.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
+            let owner = meta
+                .get("proxy")
+                .map_err(|e| err(&e))?
+                .map(|v| v.value().to_vec());
+            match owner {
+                Some(k) if k != proxy => {
+                    return Err(err(&format!(
+                        "belongs to proxy key {}, not {}",
+                        hex::encode(k),
+                        hex::encode(proxy)
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("proxy", proxy.as_slice())
+                        .map_err(|e| err(&e))?;
+                }
+            }
+            let clients = txn.open_table(CLIENTS).map_err(|e| err(&e))?;
+            for entry in clients.iter().map_err(|e| err(&e))? {
+                let (k, v) = entry.map_err(|e| err(&e))?;
+                let record = serde_json::from_slice(v.value()).map_err(|e| err(&e))?;
+                book.clients.insert(*k.value(), record);
+            }
+            let workers = txn.open_table(WORKERS).map_err(|e| err(&e))?;
+            for entry in workers.iter().map_err(|e| err(&e))? {
+                let (k, v) = entry.map_err(|e| err(&e))?;
+                let record = serde_json::from_slice(v.value()).map_err(|e| err(&e))?;
+                book.workers.insert(*k.value(), record);
+            }
+        }
+        txn.commit().map_err(|e| err(&e))?;
+        Ok(book)
+    }
+
+    fn storage(&self, e: impl std::fmt::Display) -> BookError {
+        BookError::Storage {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    pub fn client(&self, key: &PublicKey) -> ClientRecord {
+        self.clients.get(key).cloned().unwrap_or_default()
+    }
+
+    pub fn clients(&self) -> impl Iterator<Item = (&PublicKey, &ClientRecord)> {
+        self.clients.iter()
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = (&PublicKey, &WorkerRecord)> {
+        self.workers.iter()
+    }
+
+    pub fn worker(&self, key: &PublicKey) -> WorkerRecord {
+        self.workers.get(key).cloned().unwrap_or_default()
+    }
+
+    /// Adds `client_tokens` to the client's charge and `worker_tokens` to the worker's due,
+    /// signs both new counters and commits them in one transaction. Memory changes only once
+    /// the commit succeeded.
+    pub fn settle(
+        &mut self,
+        key: &Ed25519KeyPair,
+        client: PublicKey,
+        client_tokens: u64,
+        worker: PublicKey,
+        worker_tokens: u64,
+    ) -> Result<Settled, BookError> {
+        let mut c = self.client(&client);
+        let mut w = self.worker(&worker);
+        c.charged = c
+            .charged
+            .checked_add(client_tokens)
+            .ok_or(BookError::Overflow)?;
+        w.owed = w
+            .owed
+            .checked_add(worker_tokens)
+            .ok_or(BookError::Overflow)?;
+        let charge = PaymentMessage::ChargeClient {
+            query_id: c.charged,
+            tokens_used: c.charged,
+            contract: Address::client(&self.proxy, &client),
+        }
+        .sign(key);
+        let payout = PaymentMessage::PayWorker {
+            query_id: w.owed,
+            tokens: w.owed,
+            contract: Address::worker(&self.proxy, &worker),
+        }
+        .sign(key);
+        c.latest = Some(charge.clone());
+        w.latest = Some(payout.clone());
+        self.write(Some((&client, &c)), Some((&worker, &w)))?;
+        let settled = Settled {
+            tokens_used: c.charged,
+            charge,
+            worker_owed: w.owed,
+            payout,
+        };
+        self.clients.insert(client, c);
+        self.workers.insert(worker, w);
+        Ok(settled)
+    }
+
+    /// Records that the ledger holds the client's counter at `tokens` (or higher).
+    pub fn mark_committed(&mut self, client: PublicKey, tokens: u64) -> Result<(), BookError> {
+        let mut c = self.client(&client);
+        if tokens <= c.committed {
+            return Ok(());
+        }
+        c.committed = tokens;
+        self.write(Some((&client, &c)), None)?;
+        self.clients.insert(client, c);
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        client: Option<(&PublicKey, &ClientRecord)>,
+        worker: Option<(&PublicKey, &WorkerRecord)>,
+    ) -> Result<(), BookError> {
+        let txn = self.db.begin_write().map_err(|e| self.storage(e))?;
+        {
+            if let Some((k, record)) = client {
+                let mut t = txn.open_table(CLIENTS).map_err(|e| self.storage(e))?;
+                let v = serde_json::to_vec(record).expect("records serialize");
+                t.insert(k, v.as_slice()).map_err(|e| self.storage(e))?;
+            }
+            if let Some((k, record)) = worker {
+                let mut t = txn.open_table(WORKERS).map_err(|e| self.storage(e))?;
+                let v = serde_json::to_vec(record).expect("records serialize");
+                t.insert(k, v.as_slice()).map_err(|e| self.storage(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.storage(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::KeyPair;
+
+    fn key(seed: u8) -> Ed25519KeyPair {
+        Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
+    }
+
+    fn public(k: &Ed25519KeyPair) -> PublicKey {
+        k.public_key().as_ref().try_into().unwrap()
+    }
+
+    #[test]
+    fn settlements_sign_growing_counters_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("book.redb");
+        let proxy = key(9);
+        let (client, worker) = ([2u8; 32], [3u8; 32]);
+        {
+            let mut book = Book::open(&path, public(&proxy)).unwrap();
+            let a = book.settle(&proxy, client, 10, worker, 8).unwrap();
+            let b = book.settle(&proxy, client, 5, worker, 4).unwrap();
+            assert_eq!((a.tokens_used, b.tokens_used), (10, 15));
+            assert_eq!((a.worker_owed, b.worker_owed), (8, 12));
+            let PaymentMessage::ChargeClient {
+                tokens_used,
+                contract,
+                ..
+            } = b.charge.verify(&public(&proxy)).unwrap()
+            else {
+                panic!("not a charge");
+            };
+            assert_eq!(tokens_used, 15);
+            assert_eq!(contract, Address::client(&public(&proxy), &client));
+            book.mark_committed(client, 10).unwrap();
+            book.mark_committed(client, 3).unwrap(); // never goes back
+        }
+        let book = Book::open(&path, public(&proxy)).unwrap();
+        let c = book.client(&client);
+        assert_eq!((c.charged, c.committed), (15, 10));
+        assert_eq!(book.worker(&worker).owed, 12);
+        // Another proxy's key cannot use this record.
+        drop(book);
+        let e = Book::open(&path, public(&key(8))).err().unwrap();
+        assert!(e.to_string().contains("belongs to proxy key"), "{e}");
+    }
+
+    #[test]
+    fn counter_overflow_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = key(9);
+        let mut book = Book::open(&dir.path().join("b.redb"), public(&proxy)).unwrap();
+        book.settle(&proxy, [2; 32], u64::MAX - 1, [3; 32], 1)
+            .unwrap();
+        assert!(matches!(
+            book.settle(&proxy, [2; 32], 2, [3; 32], 1),
+            Err(BookError::Overflow)
+        ));
+        assert_eq!(book.client(&[2; 32]).charged, u64::MAX - 1);
+        assert_eq!(book.worker(&[3; 32]).owed, 1);
+    }
+}

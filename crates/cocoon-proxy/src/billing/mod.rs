@@ -1,0 +1,491 @@
+//! Payments at the proxy: a request is admitted only if the client's contract can pay for the
+//! most it could cost (a reservation), and settled to what it really cost from the worker's
+//! token counts. Each settlement is signed and written to the proxy's [`Book`] before the
+//! answer is acknowledged; the signed charges reach the ledger in batches, the payouts reach
+//! the workers, who claim them themselves.
+//!
+//! A client's stake is what guarantees the proxy payment for work it has done but not yet
+//! committed, so the proxy never lets that work (reserved plus unbilled) exceed what the stake
+//! covers; when it would, it commits first and looks again.
+
+mod book;
+mod rollback;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cocoon_ledger::{
+    ClientContract, ContractState, Ledger, LedgerError, Nanoton, NetworkParams, Op, PublicKey,
+    RemoteLedger, TokenKind, Tx, Wallet,
+};
+use cocoon_protocol::{
+    Billing as Bill, ErrorKind, GenerateRequest, Input, Payout, ProtocolError, Usage,
+};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use book::{Book, BookError, ClientRecord, WorkerRecord};
+
+/// How long a client's contract as read from the ledger is trusted before it is read again.
+/// A refusal always reads again first, so a fresh deposit is never missed.
+const CONTRACT_TTL: Duration = Duration::from_secs(2);
+/// Template tokens a chat message may add beside its text (role markers, separators).
+const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 8;
+
+/// `[payments]` in `proxy.toml`. Payments are off (everything is free) without a ledger.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentsConfig {
+    /// The ledger service, e.g. `http://127.0.0.1:9100`.
+    pub ledger: Option<String>,
+    /// The proxy's durable record of charges and debts. Must survive restarts: losing it
+    /// stops the proxy (rollback detection) until an operator steps in.
+    pub book: PathBuf,
+    /// Seconds between batched commits of signed charges to the ledger.
+    pub commit_interval_secs: u64,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        Self {
+            ledger: None,
+            book: "proxy-book.redb".into(),
+            commit_interval_secs: 10,
+        }
+    }
+}
+
+/// What `GET /cocoon/v1/status` shows of payments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentsStatus {
+    pub ledger: String,
+    /// The proxy's public key (hex): the key its contracts are bound to.
+    pub proxy_key: String,
+    pub price_per_token: u64,
+    pub clients: usize,
+    /// Weighted tokens signed for but not yet committed to the ledger, all clients together.
+    pub uncommitted_tokens: u64,
+    /// Charges the ledger accepted since start.
+    pub commits: u64,
+    pub last_commit_error: Option<String>,
+}
+
+struct ClientView {
+    contract: Option<ClientContract>,
+    fetched: Instant,
+    /// Nanoton held for requests in flight.
+    reserved: Nanoton,
+}
+
+pub(crate) struct Billing {
+    ledger: Arc<dyn Ledger>,
+    ledger_url: String,
+    wallet: Arc<Wallet>,
+    /// `None` once closed at shutdown: the database is released for the next proxy.
+    book: Mutex<Option<Book>>,
+    params: RwLock<NetworkParams>,
+    clients: Mutex<HashMap<PublicKey, ClientView>>,
+    commits: AtomicU64,
+    last_commit_error: Mutex<Option<String>>,
+}
+
+fn payment_required(message: String) -> ProtocolError {
+    ProtocolError::new(ErrorKind::PaymentRequired, message)
+}
+
+fn ledger_unavailable(e: LedgerError) -> ProtocolError {
+    ProtocolError::unavailable(format!("the ledger cannot be read: {e}"))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An upper bound on the prompt's tokens: a token of a byte-level tokenizer covers at least
+/// one byte, and the chat template adds a few per message.
+fn prompt_bound(input: &Input) -> u64 {
+    match input {
+        Input::Text { prompt } => prompt.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE,
+        Input::Chat { messages } => messages
+            .iter()
+            .map(|m| m.content.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE)
+            .sum::<u64>()
+            .saturating_add(TEMPLATE_TOKENS_PER_MESSAGE),
+    }
+}
+
+/// Nanoton held for one request until it is settled or dropped.
+pub(crate) struct Hold {
+    billing: Arc<Billing>,
+    client: PublicKey,
+    amount: Nanoton,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(view) = self.billing.clients.lock().get_mut(&self.client) {
+            view.reserved = view.reserved.saturating_sub(self.amount);
+        }
+    }
+}
+
+impl Billing {
+    /// Connects to the ledger, checks the proxy's contract is open and that the record and the
+    /// ledger agree (rollback detection). Any failure stops the proxy from starting.
+    pub(crate) async fn open(
+        config: &PaymentsConfig,
+        url: &str,
+        wallet: Arc<Wallet>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let ledger: Arc<dyn Ledger> = Arc::new(RemoteLedger::new(url, Some(wallet.clone())));
+        let proxy = wallet.public_key();
+        let state = ledger
+            .snapshot()
+            .await
+            .map_err(|e| anyhow::anyhow!("[payments] ledger {url}: {e}"))?;
+        let at = cocoon_ledger::Address::proxy(&proxy);
+        match state.proxies.get(&at).map(|p| p.state) {
+            Some(ContractState::Normal) => {}
+            Some(_) => anyhow::bail!("this proxy's contract {at} is closing or closed"),
+            None => anyhow::bail!(
+                "this proxy (key {}) has no contract on the ledger: the registry owner must \
+                 register it and it must open one with its stake (`cocoon ledger exec`)",
+                hex::encode(proxy)
+            ),
+        }
+        let path = config.book.clone();
+        let book = tokio::task::spawn_blocking(move || Book::open(&path, proxy)).await??;
+        let found = rollback::disagreements(&book, &state, &proxy);
+        if !found.is_empty() {
+            anyhow::bail!(
+                "refusing to serve: this proxy's record {} and the ledger disagree:\n  {}",
+                config.book.display(),
+                found.join("\n  ")
+            );
+        }
+        Ok(Arc::new(Self {
+            ledger,
+            ledger_url: url.to_owned(),
+            wallet,
+            book: Mutex::new(Some(book)),
+            params: RwLock::new(state.registry.params),
+            clients: Mutex::new(HashMap::new()),
+            commits: AtomicU64::new(0),
+            last_commit_error: Mutex::new(None),
+        }))
+    }
+
+    fn proxy(&self) -> PublicKey {
+        self.wallet.public_key()
+    }
+
+    /// Runs `f` on the book, or fails once the proxy has shut down.
+    fn with_book<R>(&self, f: impl FnOnce(&mut Book) -> R) -> Result<R, ProtocolError> {
+        match self.book.lock().as_mut() {
+            Some(book) => Ok(f(book)),
+            None => Err(ProtocolError::unavailable("the proxy is shutting down")),
+        }
+    }
+
+    /// What the book says of `client` (nothing once closed).
+    fn client_record(&self, client: &PublicKey) -> ClientRecord {
+        self.with_book(|b| b.client(client)).unwrap_or_default()
+    }
+
+    /// Releases the book after a last commit; later settlements fail.
+    pub(crate) fn close(&self) {
+        self.book.lock().take();
+    }
+
+    pub(crate) fn status(&self) -> PaymentsStatus {
+        let book = self.book.lock();
+        let records: Vec<&ClientRecord> = book
+            .iter()
+            .flat_map(|b| b.clients().map(|(_, r)| r))
+            .collect();
+        PaymentsStatus {
+            ledger: self.ledger_url.clone(),
+            proxy_key: hex::encode(self.proxy()),
+            price_per_token: u64::try_from(self.params.read().price_per_token).unwrap_or(u64::MAX),
+            clients: records.len(),
+            uncommitted_tokens: records.iter().map(|r| r.charged - r.committed).sum(),
+            commits: self.commits.load(Ordering::Relaxed),
+            last_commit_error: self.last_commit_error.lock().clone(),
+        }
+    }
+
+    /// The client's contract, from the cache unless stale or `fresh`.
+    async fn contract(
+        &self,
+        client: PublicKey,
+        fresh: bool,
+    ) -> Result<Option<ClientContract>, ProtocolError> {
+        if !fresh
+            && let Some(view) = self.clients.lock().get(&client)
+            && view.fetched.elapsed() < CONTRACT_TTL
+        {
+            return Ok(view.contract.clone());
+        }
+        let contract = self
+            .ledger
+            .client(self.proxy(), client)
+            .await
+            .map_err(ledger_unavailable)?;
+        let mut clients = self.clients.lock();
+        let view = clients.entry(client).or_insert(ClientView {
+            contract: None,
+            fetched: Instant::now(),
+            reserved: 0,
+        });
+        view.contract = contract.clone();
+        view.fetched = Instant::now();
+        Ok(contract)
+    }
+
+    /// Holds the most `request` could cost against the client's contract, or refuses it.
+    /// `context_length` bounds the completion when the request sets no `max_tokens`.
+    pub(crate) async fn reserve(
+        self: &Arc<Self>,
+        client: PublicKey,
+        request: &GenerateRequest,
+        context_length: u32,
+    ) -> Result<Hold, ProtocolError> {
+        let params = self.params.read().clone();
+        let completion = request.params.max_tokens.unwrap_or(context_length);
+        let tokens = params
+            .weighted_tokens(&[
+                (TokenKind::Prompt, prompt_bound(&request.input)),
+                (TokenKind::Completion, u64::from(completion)),
+            ])
+            .map_err(|e| ProtocolError::invalid(e.to_string()))?;
+        let need = params
+            .cost(tokens)
+            .map_err(|e| ProtocolError::invalid(e.to_string()))?;
+        let mut fresh = false;
+        loop {
+            let Some(contract) = self.contract(client, fresh).await? else {
+                return Err(payment_required(format!(
+                    "this client ({}) has no contract with this proxy: deposit and stake \
+                     first (`cocoon client deposit`, `cocoon client stake`)",
+                    hex::encode(client)
+                )));
+            };
+            if contract.state != ContractState::Normal {
+                return Err(payment_required(
+                    "this client's contract with the proxy is closing or closed".into(),
+                ));
+            }
+            let charged = self.client_record(&client).charged;
+            let unbilled = params
+                .cost(charged.saturating_sub(contract.tokens_used))
+                .unwrap_or(Nanoton::MAX);
+            let cover = contract.balance.min(contract.stake);
+            {
+                let mut clients = self.clients.lock();
+                let view = clients.get_mut(&client).expect("read just above");
+                let committed_work = unbilled.saturating_add(view.reserved);
+                if committed_work.saturating_add(need) <= cover {
+                    view.reserved += need;
+                    return Ok(Hold {
+                        billing: self.clone(),
+                        client,
+                        amount: need,
+                    });
+                }
+                if fresh {
+                    return Err(payment_required(format!(
+                        "this request may cost up to {need} nanoton ({tokens} tokens at {} \
+                         nanoton); the contract's balance is {} and its stake {}, which must \
+                         cover the {committed_work} nanoton of work already in flight or not \
+                         yet settled as well: deposit or raise the stake \
+                         (`cocoon client deposit`, `cocoon client stake`)",
+                        params.price_per_token, contract.balance, contract.stake
+                    )));
+                }
+            }
+            // Committing what is unbilled frees the stake for new work; a deposit may also
+            // have landed since the contract was read.
+            if unbilled > 0 {
+                self.commit_client(client).await;
+            }
+            fresh = true;
+        }
+    }
+
+    /// Bills the request held by `hold` for `usage`, signs the client's charge and the worker's
+    /// payout, and writes both to the book before returning.
+    pub(crate) async fn settle(
+        self: &Arc<Self>,
+        hold: Hold,
+        worker: PublicKey,
+        usage: Usage,
+    ) -> Result<(Bill, Payout), ProtocolError> {
+        let params = self.params.read().clone();
+        let mut tokens = params
+            .weighted_tokens(&[
+                (TokenKind::Prompt, u64::from(usage.prompt_tokens)),
+                (TokenKind::Completion, u64::from(usage.completion_tokens)),
+            ])
+            .map_err(|e| ProtocolError::internal(e.to_string()))?;
+        // Usage above the reservation (a prompt bound that did not hold) is billed only as far
+        // as the contract covers: the ledger would refuse a charge beyond the balance.
+        if params.cost(tokens).unwrap_or(Nanoton::MAX) > hold.amount {
+            let covered = self.coverable(&hold, &params);
+            let affordable = u64::try_from(covered / params.price_per_token.max(1)).unwrap_or(0);
+            if affordable < tokens {
+                tracing::warn!(client = %hex::encode(hold.client), tokens, affordable, "answer cost more than the client's contract covers; billing what it covers");
+                tokens = affordable;
+            }
+        }
+        let billing = self.clone();
+        let client = hold.client;
+        let settled = tokio::task::spawn_blocking(move || {
+            billing.with_book(|book| {
+                book.settle(billing.wallet.key_pair(), client, tokens, worker, tokens)
+            })
+        })
+        .await
+        .map_err(|e| ProtocolError::internal(e.to_string()))??
+        .map_err(|e| {
+            ProtocolError::internal(format!("the proxy could not record the charge: {e}"))
+        })?;
+        // Released only now: until the book had it, the reservation covered this work.
+        drop(hold);
+        let cost = params.cost(tokens).unwrap_or(Nanoton::MAX);
+        let bill = Bill {
+            price_per_token: u64::try_from(params.price_per_token).unwrap_or(u64::MAX),
+            billed_tokens: tokens,
+            cost: u64::try_from(cost).unwrap_or(u64::MAX),
+            tokens_used: settled.tokens_used,
+            charge: hex::encode(&settled.charge.0),
+        };
+        let payout = Payout {
+            proxy: hex::encode(self.proxy()),
+            tokens: settled.worker_owed,
+            message: hex::encode(&settled.payout.0),
+        };
+        Ok((bill, payout))
+    }
+
+    /// What the contract covers for this request beyond other requests' reservations and the
+    /// unbilled work.
+    fn coverable(&self, hold: &Hold, params: &NetworkParams) -> Nanoton {
+        let charged = self.client_record(&hold.client).charged;
+        let clients = self.clients.lock();
+        let Some(view) = clients.get(&hold.client) else {
+            return 0;
+        };
+        let Some(contract) = &view.contract else {
+            return 0;
+        };
+        let unbilled = params
+            .cost(charged.saturating_sub(contract.tokens_used))
+            .unwrap_or(Nanoton::MAX);
+        let others = view.reserved.saturating_sub(hold.amount);
+        contract
+            .balance
+            .min(contract.stake)
+            .saturating_sub(unbilled)
+            .saturating_sub(others)
+    }
+
+    /// The latest payout signed for `worker`, to hand it over when it (re)joins.
+    pub(crate) fn latest_payout(&self, worker: &PublicKey) -> Option<Payout> {
+        let record = self.with_book(|b| b.worker(worker)).ok()?;
+        record.latest.map(|m| Payout {
+            proxy: hex::encode(self.proxy()),
+            tokens: record.owed,
+            message: hex::encode(&m.0),
+        })
+    }
+
+    /// Submits the client's latest charge to the ledger if it is not there yet.
+    async fn commit_client(self: &Arc<Self>, client: PublicKey) {
+        let record = self.client_record(&client);
+        let Some(message) = record.latest.clone() else {
+            return;
+        };
+        if record.charged <= record.committed {
+            return;
+        }
+        let tx = Tx {
+            sender: self.proxy(),
+            op: Op::Charge {
+                proxy: self.proxy(),
+                message,
+            },
+            now: unix_now(),
+        };
+        let accepted = match self.ledger.execute(tx).await {
+            Ok(_) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            // Committed before (a retry after a crash): the ledger has it already.
+            Err(LedgerError::CounterNotIncreasing { stored, .. }) if stored >= record.charged => {
+                true
+            }
+            Err(e) => {
+                tracing::error!(client = %hex::encode(client), error = %e, "ledger refused a charge");
+                *self.last_commit_error.lock() = Some(e.to_string());
+                false
+            }
+        };
+        if accepted {
+            let billing = self.clone();
+            let marked = tokio::task::spawn_blocking(move || {
+                billing.with_book(|b| b.mark_committed(client, record.charged))
+            })
+            .await;
+            if let Ok(Ok(Err(e))) = marked {
+                tracing::error!(error = %e, "could not record a commit");
+            }
+        }
+        // The ledger's balance changed: read it again before the next admission.
+        if let Some(view) = self.clients.lock().get_mut(&client) {
+            view.fetched = Instant::now() - CONTRACT_TTL;
+        }
+    }
+
+    /// Commits every client's uncommitted charges and rereads the network's prices.
+    pub(crate) async fn commit_all(self: &Arc<Self>) {
+        let pending: Vec<PublicKey> = self
+            .with_book(|b| {
+                b.clients()
+                    .filter(|(_, r)| r.charged > r.committed)
+                    .map(|(k, _)| *k)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for client in pending {
+            self.commit_client(client).await;
+        }
+        match self.ledger.snapshot().await {
+            Ok(state) => *self.params.write() = state.registry.params,
+            Err(e) => tracing::warn!(error = %e, "cannot reread network parameters"),
+        }
+    }
+
+    /// Commits in batches every `interval` until `shutdown`, then once more and closes the
+    /// book.
+    pub(crate) async fn run_commits(
+        self: Arc<Self>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => self.commit_all().await,
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        self.commit_all().await;
+        self.close();
+    }
+}

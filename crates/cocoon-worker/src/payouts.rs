@@ -1,0 +1,200 @@
+//! The worker's side of payment: it keeps, durably, the latest payout message each proxy
+//! signed for it, and claims it on the ledger. Payouts are cumulative, so the latest one is
+//! all that must survive; it is checked (signature, this worker's contract, a counter that
+//! moves forward) before it replaces the one on disk.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_ledger::{
+    Address, Ledger, LedgerError, Op, PaymentMessage, PublicKey, RemoteLedger, SignedMessage, Tx,
+    Wallet,
+};
+use cocoon_protocol::Payout;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// `[payments]` in `worker.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PayoutsConfig {
+    /// The ledger to claim payouts on; payouts are kept but not claimed when unset.
+    pub ledger: Option<String>,
+    /// Where the latest payout of each proxy is kept.
+    pub payout_file: PathBuf,
+    /// Seconds between claims of new payouts.
+    pub claim_interval_secs: u64,
+}
+
+impl Default for PayoutsConfig {
+    fn default() -> Self {
+        Self {
+            ledger: None,
+            payout_file: "worker-payouts.json".into(),
+            claim_interval_secs: 60,
+        }
+    }
+}
+
+/// What the file holds: per proxy (hex key), the latest payout and the counter claimed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Stored {
+    latest: Payout,
+    claimed: u64,
+}
+
+pub struct PayoutStore {
+    path: PathBuf,
+    worker: PublicKey,
+    entries: Mutex<BTreeMap<String, Stored>>,
+}
+
+fn decode_key(hex_key: &str) -> Result<PublicKey, String> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(hex_key, &mut key).map_err(|_| format!("bad proxy key {hex_key}"))?;
+    Ok(key)
+}
+
+impl PayoutStore {
+    pub fn open(path: &Path, worker: PublicKey) -> anyhow::Result<Self> {
+        let entries = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => anyhow::bail!("{}: {e}", path.display()),
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            worker,
+            entries: Mutex::new(entries),
+        })
+    }
+
+    /// Accepts `payout` from the proxy whose key is `proxy` if it is genuine, for this worker,
+    /// and newer than the one kept; returns whether it replaced it.
+    pub fn offer(&self, proxy: &PublicKey, payout: Payout) -> Result<bool, String> {
+        if decode_key(&payout.proxy)? != *proxy {
+            return Err("the payout names another proxy than the one connected".into());
+        }
+        let bytes = hex::decode(&payout.message).map_err(|_| "payout is not hex".to_string())?;
+        let message = SignedMessage(bytes)
+            .verify(proxy)
+            .map_err(|e| e.to_string())?;
+        let PaymentMessage::PayWorker {
+            tokens, contract, ..
+        } = message
+        else {
+            return Err("not a payout message".into());
+        };
+        if contract != Address::worker(proxy, &self.worker) || tokens != payout.tokens {
+            return Err("the payout is for another worker's contract".into());
+        }
+        let mut entries = self.entries.lock();
+        let entry = entries.entry(payout.proxy.clone()).or_default();
+        if tokens <= entry.latest.tokens {
+            return Ok(false);
+        }
+        let previous = std::mem::replace(&mut entry.latest, payout);
+        if let Err(e) = write_atomically(&self.path, &entries) {
+            entries
+                .get_mut(&hex::encode(proxy))
+                .expect("inserted above")
+                .latest = previous;
+            return Err(format!("cannot keep the payout: {e}"));
+        }
+        Ok(true)
+    }
+
+    /// Payouts not yet claimed, as (proxy, message, counter).
+    fn unclaimed(&self) -> Vec<(PublicKey, SignedMessage, u64)> {
+        self.entries
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.latest.tokens > s.claimed)
+            .filter_map(|(k, s)| {
+                Some((
+                    decode_key(k).ok()?,
+                    SignedMessage(hex::decode(&s.latest.message).ok()?),
+                    s.latest.tokens,
+                ))
+            })
+            .collect()
+    }
+
+    fn mark_claimed(&self, proxy: &PublicKey, tokens: u64) {
+        let mut entries = self.entries.lock();
+        if let Some(s) = entries.get_mut(&hex::encode(proxy)) {
+            s.claimed = s.claimed.max(tokens);
+        }
+        if let Err(e) = write_atomically(&self.path, &entries) {
+            // Only the claimed mark is lost: the next claim is refused as already made.
+            tracing::warn!(error = %e, "cannot record a claim");
+        }
+    }
+
+    /// Tokens owed by each proxy (hex key), as the latest payouts say.
+    pub fn owed(&self) -> BTreeMap<String, u64> {
+        self.entries
+            .lock()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.latest.tokens))
+            .collect()
+    }
+
+    /// Claims every unclaimed payout on `ledger`, as this worker.
+    pub async fn claim(&self, ledger: &dyn Ledger) -> Result<usize, LedgerError> {
+        let mut claimed = 0;
+        for (proxy, message, tokens) in self.unclaimed() {
+            let tx = Tx {
+                sender: self.worker,
+                op: Op::Payout { proxy, message },
+                now: 0,
+            };
+            match ledger.execute(tx).await {
+                Ok(_) => claimed += 1,
+                Err(LedgerError::CounterNotIncreasing { stored, .. }) if stored >= tokens => {}
+                Err(e) => return Err(e),
+            }
+            self.mark_claimed(&proxy, tokens);
+        }
+        Ok(claimed)
+    }
+}
+
+fn write_atomically(path: &Path, entries: &BTreeMap<String, Stored>) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec_pretty(entries).expect("payouts serialize"))?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Claims new payouts every `interval` until `shutdown`.
+pub async fn claim_loop(
+    store: Arc<PayoutStore>,
+    url: String,
+    wallet: Arc<Wallet>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let ledger = RemoteLedger::new(&url, Some(wallet));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match store.claim(&ledger).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(claimed = n, "payouts claimed on the ledger"),
+            Err(e) => tracing::warn!(error = %e, "claiming payouts failed"),
+        }
+    }
+}
