@@ -269,7 +269,13 @@ impl Billing {
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
         let mut fresh = false;
         loop {
-            let Some(contract) = self.contract(client, fresh).await? else {
+            let contract = self.contract(client, fresh).await?;
+            if contract.as_ref().is_none_or(|c| c.state != ContractState::Normal) && !fresh {
+                // A contract opened (or reopened) moments ago is not in the cache yet.
+                fresh = true;
+                continue;
+            }
+            let Some(contract) = contract else {
                 return Err(payment_required(format!(
                     "this client ({}) has no contract with this proxy: deposit and stake \
                      first (`cocoon client deposit`, `cocoon client stake`)",
