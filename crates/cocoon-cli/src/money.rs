@@ -234,7 +234,6 @@ fn contract_report(
     }
 }
 
-
 /// The worker's payout store, and a task claiming its payouts when a ledger is configured.
 /// Payouts are bound to the worker's key, so they are kept only with a `key_file`.
 pub fn worker_payouts(

@@ -5,8 +5,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, dev_params, key_wallet};
@@ -55,7 +55,10 @@ fn load(gateway: String, acked: Acked, stop: Arc<AtomicBool>) -> tokio::task::Jo
         let http = reqwest::Client::new();
         let url = format!("{gateway}/chat/completions");
         while !stop.load(Ordering::SeqCst) {
-            let body = chat_body("Count to three.", json!({"max_tokens": 4, "temperature": 0}));
+            let body = chat_body(
+                "Count to three.",
+                json!({"max_tokens": 4, "temperature": 0}),
+            );
             let answer = match http.post(&url).json(&body).send().await {
                 Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
                 _ => None,
@@ -120,7 +123,11 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
     let worker_attester = net.dev_attester();
     let identity = Arc::new(
         worker_attester
-            .identity(Some(&dir.join("crash-worker.key")), "cocoon-worker", "worker")
+            .identity(
+                Some(&dir.join("crash-worker.key")),
+                "cocoon-worker",
+                "worker",
+            )
             .unwrap(),
     );
     let worker_key: [u8; 32] = identity.public_key().try_into().unwrap();

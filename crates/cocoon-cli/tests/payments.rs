@@ -34,10 +34,7 @@ async fn ask(http: &reqwest::Client, gateway: &str, content: &str, max_tokens: u
     post_json(
         http,
         format!("{gateway}/chat/completions"),
-        &chat_body(
-            content,
-            json!({"max_tokens": max_tokens, "temperature": 0}),
-        ),
+        &chat_body(content, json!({"max_tokens": max_tokens, "temperature": 0})),
     )
     .await
 }
@@ -92,25 +89,66 @@ async fn answers_are_billed_committed_and_paid_out() {
     // The worker got its payouts and claims them; its earnings come from the proxy's.
     let worker = net.worker_key(0);
     let store = net.worker_payouts(0).unwrap().clone();
-    wait_until("the last payout reached the worker", Duration::from_secs(10), || {
-        store.owed().get(&hex::encode(proxy)) == Some(&billed)
-    })
+    wait_until(
+        "the last payout reached the worker",
+        Duration::from_secs(10),
+        || store.owed().get(&hex::encode(proxy)) == Some(&billed),
+    )
     .await;
     let ledger = net.ledger().unwrap().clone();
     let at = Address::worker(&proxy, &worker);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let state = ledger.snapshot().await.unwrap();
-        if state.workers.get(&at).is_some_and(|w| w.tokens_paid == billed) {
+        if state
+            .workers
+            .get(&at)
+            .is_some_and(|w| w.tokens_paid == billed)
+        {
             let w = &state.workers[&at];
             assert_eq!(w.balance, u128::from(billed) * params.worker_fee_per_token);
             // No TON made or lost on the way.
             assert_eq!(state.held(), state.deposited - state.paid_out);
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "payout never claimed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "payout never claimed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The worker's owner takes the earnings out with the CLI.
+    let config = cocoon_worker::WorkerConfig {
+        key_file: Some(net.dir().join("dev-worker-0.key")),
+        payments: cocoon_worker::PayoutsConfig {
+            ledger: Some(net.ledger_url().unwrap().to_owned()),
+            payout_file: net.dir().join("dev-worker-0-payouts.json"),
+            claim_interval_secs: 60,
+        },
+        ..Default::default()
+    };
+    let config_file = net.dir().join("worker.toml");
+    std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .args(["worker", "-c", config_file.to_str().unwrap(), "withdraw"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let earned = u128::from(billed) * params.worker_fee_per_token;
+    assert_eq!(
+        report["withdrawn_ton"][hex::encode(proxy)],
+        cocoon_cli::money::format_ton(earned)
+    );
+    let state = ledger.snapshot().await.unwrap();
+    assert_eq!(state.workers[&at].balance, 0);
+    assert_eq!(state.held(), state.deposited - state.paid_out);
 }
 
 /// A second gateway to `net`'s proxy, with its own key (so its own contract, if any).
@@ -225,7 +263,11 @@ async fn a_rolled_back_record_stops_the_proxy() {
 
     // The record restored from the old copy is behind the ledger: the proxy refuses to serve.
     std::fs::copy(&backup, net.book_path()).unwrap();
-    let e = net.restart_proxy().await.err().expect("the proxy must refuse");
+    let e = net
+        .restart_proxy()
+        .await
+        .err()
+        .expect("the proxy must refuse");
     let message = format!("{e:#}");
     assert!(message.contains("refusing to serve"), "{message}");
     assert!(message.contains("rolled back"), "{message}");

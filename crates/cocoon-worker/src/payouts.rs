@@ -198,3 +198,78 @@ pub async fn claim_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    fn key(seed: u8) -> Ed25519KeyPair {
+        Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
+    }
+
+    fn public(k: &Ed25519KeyPair) -> PublicKey {
+        k.public_key().as_ref().try_into().unwrap()
+    }
+
+    fn payout(proxy: &Ed25519KeyPair, worker: PublicKey, tokens: u64) -> Payout {
+        let message = PaymentMessage::PayWorker {
+            query_id: tokens,
+            tokens,
+            contract: Address::worker(&public(proxy), &worker),
+        }
+        .sign(proxy);
+        Payout {
+            proxy: hex::encode(public(proxy)),
+            tokens,
+            message: hex::encode(&message.0),
+        }
+    }
+
+    #[test]
+    fn only_genuine_newer_payouts_for_this_worker_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("payouts.json");
+        let (proxy, other_proxy) = (key(9), key(8));
+        let me = [3u8; 32];
+        let store = PayoutStore::open(&path, me).unwrap();
+        assert_eq!(
+            store.offer(&public(&proxy), payout(&proxy, me, 10)),
+            Ok(true)
+        );
+        // Older or equal counters change nothing.
+        assert_eq!(
+            store.offer(&public(&proxy), payout(&proxy, me, 10)),
+            Ok(false)
+        );
+        assert_eq!(
+            store.offer(&public(&proxy), payout(&proxy, me, 4)),
+            Ok(false)
+        );
+        // Another worker's payout, a payout signed by another proxy, a claimed count that
+        // differs from the signed one, garbage.
+        assert!(
+            store
+                .offer(&public(&proxy), payout(&proxy, [4; 32], 50))
+                .is_err()
+        );
+        let mut forged = payout(&other_proxy, me, 50);
+        forged.proxy = hex::encode(public(&proxy));
+        assert!(store.offer(&public(&proxy), forged).is_err());
+        let mut inflated = payout(&proxy, me, 50);
+        inflated.tokens = 500;
+        assert!(store.offer(&public(&proxy), inflated).is_err());
+        let mut garbage = payout(&proxy, me, 50);
+        garbage.message = "zz".into();
+        assert!(store.offer(&public(&proxy), garbage).is_err());
+        // A payout from a proxy other than the connected one.
+        assert!(
+            store
+                .offer(&public(&other_proxy), payout(&proxy, me, 50))
+                .is_err()
+        );
+        // What was kept survives a reopen.
+        let reopened = PayoutStore::open(&path, me).unwrap();
+        assert_eq!(reopened.owed()[&hex::encode(public(&proxy))], 10);
+    }
+}

@@ -270,7 +270,11 @@ impl Billing {
         let mut fresh = false;
         loop {
             let contract = self.contract(client, fresh).await?;
-            if contract.as_ref().is_none_or(|c| c.state != ContractState::Normal) && !fresh {
+            if contract
+                .as_ref()
+                .is_none_or(|c| c.state != ContractState::Normal)
+                && !fresh
+            {
                 // A contract opened (or reopened) moments ago is not in the cache yet.
                 fresh = true;
                 continue;

@@ -1,0 +1,159 @@
+//! The money commands, run as the `cocoon` binary against a dev network's ledger service:
+//! a client's whole contract life, and the refusals it can run into.
+
+mod common;
+
+use std::path::Path;
+
+use cocoon_cli::dev::DevNetwork;
+use common::*;
+use serde_json::Value;
+
+struct Run {
+    ok: bool,
+    json: Value,
+    stderr: String,
+}
+
+async fn cocoon(args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    Run {
+        ok: out.status.success(),
+        json: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `cocoon client ACTION [AMOUNT]` for the client with `key_file`.
+async fn client(net: &DevNetwork, key_file: &Path, action: &[&str]) -> Run {
+    let proxy = hex::encode(net.proxy_key().unwrap());
+    let mut args = vec!["client"];
+    args.extend_from_slice(action);
+    args.extend_from_slice(&[
+        "--ledger",
+        net.ledger_url().unwrap(),
+        "--key-file",
+        key_file.to_str().unwrap(),
+        "--proxy-key",
+        &proxy,
+    ]);
+    cocoon(&args).await
+}
+
+#[tokio::test]
+async fn a_clients_contract_from_deposit_to_close() {
+    let net = network(vec![]).await;
+    let key = net.dir().join("cli-client.key");
+    // The key file is the gateway's; the commands only read it.
+    cocoon_cli::dev::ledger::key_wallet(&key).unwrap();
+
+    let r = client(&net, &key, &["balance"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.json["exists"], false);
+
+    let r = client(&net, &key, &["deposit", "5"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.json["balance_ton"], "5.000000000");
+    assert_eq!(r.json["deposited_ton"], "5.000000000");
+    let r = client(&net, &key, &["stake", "2"]).await;
+    assert_eq!(r.json["stake_ton"], "2.000000000", "{}", r.stderr);
+
+    // Not below the stake.
+    let r = client(&net, &key, &["withdraw", "4"]).await;
+    assert!(!r.ok);
+    assert!(r.stderr.contains("below the stake"), "{}", r.stderr);
+    let r = client(&net, &key, &["withdraw", "1.5"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.json["balance_ton"], "3.500000000");
+    assert_eq!(r.json["paid_out_ton"], "1.500000000");
+
+    // Closing without the proxy: what is above the stake now, the stake after the delay.
+    let r = client(&net, &key, &["close"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.json["paid_out_ton"], "1.500000000");
+    assert_eq!(r.json["balance_ton"], "2.000000000");
+    assert_eq!(r.json["state"]["state"], "closing");
+    let r = client(&net, &key, &["close"]).await;
+    assert!(!r.ok);
+    assert!(r.stderr.contains("already closing"), "{}", r.stderr);
+    let r = client(&net, &key, &["close", "--finish"]).await;
+    assert!(!r.ok);
+    assert!(r.stderr.contains("unlocks at"), "{}", r.stderr);
+
+    // Malformed amounts never reach the ledger.
+    let r = client(&net, &key, &["deposit", "1.0000000001"]).await;
+    assert!(!r.ok);
+    assert!(r.stderr.contains("nine decimals"), "{}", r.stderr);
+
+    // With a config file, the proxy is found in the registry by its address.
+    let config = net.write_client_config().unwrap();
+    let r = cocoon(&["client", "balance", "-c", config.to_str().unwrap()]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.json["balance_ton"], "100.000000000");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text
+        .lines()
+        .filter(|l| !l.starts_with("proxy_key"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&config, text).unwrap();
+    let r = cocoon(&["client", "balance", "-c", config.to_str().unwrap()]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.json["balance_ton"], "100.000000000");
+}
+
+#[tokio::test]
+async fn ledger_commands_read_and_refuse() {
+    let net = network(vec![]).await;
+    let url = net.ledger_url().unwrap();
+    let r = cocoon(&["ledger", "show", "--ledger", url]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.json["registry"]["params"]["price_per_token"], 20);
+    assert_eq!(r.json["registry"]["proxies"].as_object().unwrap().len(), 1);
+
+    // Only the owner changes the registry.
+    let key = net.dir().join("stranger.key");
+    cocoon_cli::dev::ledger::key_wallet(&key).unwrap();
+    let op = format!(r#"{{"allow_model":{{"hash":"{}"}}}}"#, "ab".repeat(32));
+    let r = cocoon(&[
+        "ledger",
+        "exec",
+        "--ledger",
+        url,
+        "--key-file",
+        key.to_str().unwrap(),
+        &op,
+    ])
+    .await;
+    assert!(!r.ok);
+    assert!(r.stderr.contains("only the registry owner"), "{}", r.stderr);
+    let owner = net.dir().join("owner.key");
+    let r = cocoon(&[
+        "ledger",
+        "exec",
+        "--ledger",
+        url,
+        "--key-file",
+        owner.to_str().unwrap(),
+        &op,
+    ])
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let r = cocoon(&[
+        "ledger",
+        "exec",
+        "--ledger",
+        url,
+        "--key-file",
+        owner.to_str().unwrap(),
+        "{\"nope\":1}",
+    ])
+    .await;
+    assert!(!r.ok);
+    assert!(r.stderr.contains("bad operation"), "{}", r.stderr);
+}
