@@ -266,8 +266,7 @@ async fn a_rolled_back_record_stops_the_proxy() {
     let e = net
         .restart_proxy()
         .await
-        .err()
-        .expect("the proxy must refuse");
+        .expect_err("the proxy must refuse");
     let message = format!("{e:#}");
     assert!(message.contains("refusing to serve"), "{message}");
     assert!(message.contains("rolled back"), "{message}");
