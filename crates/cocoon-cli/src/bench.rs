@@ -1,6 +1,7 @@
-//! `cocoon bench`: the same requests sent to a backend directly and through the whole network
-//! (HTTP gateway -> TLS -> proxy -> TLS -> worker), in one run, so the ratio is the cost of the
-//! path.
+//! `cocoon bench`: the same requests sent to a backend directly, through the whole network
+//! (HTTP gateway -> TLS -> proxy -> TLS -> worker) without payments, and through the same
+//! network with payments (reservation, settlement written to the proxy's record, signed
+//! messages), interleaved in one run, so the ratios are the cost of the path and of payments.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,11 +59,18 @@ pub struct BenchReport {
     pub max_tokens: u32,
     pub prompt_tokens: u32,
     pub direct: PathFigures,
+    /// The network without payments.
     pub network: PathFigures,
+    /// The network with payments.
+    pub paid: PathFigures,
     /// network / direct.
     pub latency_p50_ratio: f64,
     pub throughput_ratio: f64,
     pub added_latency_p50_ms: f64,
+    /// paid / network: what payments cost per request.
+    pub payments_latency_p50_ratio: f64,
+    pub payments_throughput_ratio: f64,
+    pub payments_added_latency_p50_ms: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -217,10 +225,12 @@ async fn network_once(
 }
 
 /// Runs `options.requests` sequential requests on each path, interleaved so that drift in the
-/// machine's speed hits both equally.
+/// machine's speed hits all equally. `gateway_url` fronts a network without payments,
+/// `paid_gateway_url` the same network with them.
 pub async fn run(
     backend: Arc<dyn Backend>,
     gateway_url: &str,
+    paid_gateway_url: &str,
     options: &BenchOptions,
 ) -> anyhow::Result<BenchReport> {
     let model = backend
@@ -231,21 +241,27 @@ pub async fn run(
     let req = request(&model, options);
     let http = reqwest::Client::new();
     let url = format!("{gateway_url}/chat/completions");
-    // Warm up both paths (connections, caches).
+    let paid_url = format!("{paid_gateway_url}/chat/completions");
+    // Warm up every path (connections, caches).
     direct_once(&backend, req.clone()).await?;
     network_once(&http, &url, &req).await?;
-    let (mut direct, mut network) = (Vec::new(), Vec::new());
-    let (mut direct_wall, mut network_wall) = (Duration::ZERO, Duration::ZERO);
+    network_once(&http, &paid_url, &req).await?;
+    let (mut direct, mut network, mut paid) = (Vec::new(), Vec::new(), Vec::new());
+    let mut walls = [Duration::ZERO; 3];
     for _ in 0..options.requests {
         let t = Instant::now();
         direct.push(direct_once(&backend, req.clone()).await?);
-        direct_wall += t.elapsed();
+        walls[0] += t.elapsed();
         let t = Instant::now();
         network.push(network_once(&http, &url, &req).await?);
-        network_wall += t.elapsed();
+        walls[1] += t.elapsed();
+        let t = Instant::now();
+        paid.push(network_once(&http, &paid_url, &req).await?);
+        walls[2] += t.elapsed();
     }
-    let direct = figures("direct (in-process Backend)", &direct, direct_wall);
-    let network = figures("client -> proxy -> worker", &network, network_wall);
+    let direct = figures("direct (in-process Backend)", &direct, walls[0]);
+    let network = figures("client -> proxy -> worker", &network, walls[1]);
+    let paid = figures("same, with payments", &paid, walls[2]);
     Ok(BenchReport {
         model,
         max_tokens: options.max_tokens,
@@ -253,8 +269,12 @@ pub async fn run(
         latency_p50_ratio: network.latency_p50_ms / direct.latency_p50_ms,
         throughput_ratio: network.requests_per_s / direct.requests_per_s,
         added_latency_p50_ms: network.latency_p50_ms - direct.latency_p50_ms,
+        payments_latency_p50_ratio: paid.latency_p50_ms / network.latency_p50_ms,
+        payments_throughput_ratio: paid.requests_per_s / network.requests_per_s,
+        payments_added_latency_p50_ms: paid.latency_p50_ms - network.latency_p50_ms,
         direct,
         network,
+        paid,
     })
 }
 
@@ -268,7 +288,7 @@ pub fn table(r: &BenchReport) -> String {
         "| path | requests | p50 ms | p99 ms | TTFT p50 ms | req/s | prompt tok/s | gen tok/s |\n",
     );
     out.push_str("|---|---|---|---|---|---|---|---|\n");
-    for f in [&r.direct, &r.network] {
+    for f in [&r.direct, &r.network, &r.paid] {
         out.push_str(&format!(
             "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.1} |\n",
             f.path,
@@ -284,6 +304,10 @@ pub fn table(r: &BenchReport) -> String {
     out.push_str(&format!(
         "\nnetwork/direct: p50 latency x{:.3} (+{:.2} ms), throughput x{:.3}\n",
         r.latency_p50_ratio, r.added_latency_p50_ms, r.throughput_ratio
+    ));
+    out.push_str(&format!(
+        "with payments/without: p50 latency x{:.3} ({:+.2} ms), throughput x{:.3}\n",
+        r.payments_latency_p50_ratio, r.payments_added_latency_p50_ms, r.payments_throughput_ratio
     ));
     out
 }

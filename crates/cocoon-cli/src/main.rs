@@ -72,8 +72,8 @@ enum Command {
         #[arg(value_parser = ["worker", "proxy", "client"])]
         role: String,
     },
-    /// Measure a request through the whole network against the same backend called directly,
-    /// and the embedded engine's tokens/s.
+    /// Measure a request through the whole network, without and with payments, against the
+    /// same backend called directly, and the embedded engine's tokens/s.
     Bench {
         #[arg(
             long,
@@ -250,7 +250,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ..Default::default()
             })?);
             let model_id = backend.models()[0].id.clone();
-            let net = DevNetwork::start(
+            let mut net = DevNetwork::start(
                 DevOptions {
                     gateway_listen: listen,
                     ..Default::default()
@@ -284,7 +284,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             println!("Press Ctrl-C to stop.");
             shutdown_on_signal().cancelled().await;
-            net.shutdown();
+            net.shutdown().await;
             Ok(())
         }
         Command::Worker {
@@ -377,27 +377,41 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 threads,
                 ..Default::default()
             })?);
-            let net = DevNetwork::start(
-                DevOptions {
-                    gateway_listen: "127.0.0.1:0".into(),
-                    ..Default::default()
-                },
-                vec![backend.clone()],
-            )
-            .await?;
-            net.wait_ready(1, Duration::from_secs(30)).await?;
+            // The same network twice, without and with payments, over one backend.
+            let mut nets = Vec::new();
+            for payments in [false, true] {
+                let net = DevNetwork::start(
+                    DevOptions {
+                        gateway_listen: "127.0.0.1:0".into(),
+                        payments,
+                        ..Default::default()
+                    },
+                    vec![backend.clone()],
+                )
+                .await?;
+                net.wait_ready(1, Duration::from_secs(30)).await?;
+                nets.push(net);
+            }
             let options = BenchOptions {
                 requests,
                 max_tokens,
                 ..Default::default()
             };
-            let report = bench::run(backend, &net.gateway_url(), &options).await?;
+            let report = bench::run(
+                backend,
+                &nets[0].gateway_url(),
+                &nets[1].gateway_url(),
+                &options,
+            )
+            .await?;
             print!("{}", bench::table(&report));
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
                 println!("JSON report written to {}", path.display());
             }
-            net.shutdown();
+            for net in &mut nets {
+                net.shutdown().await;
+            }
             Ok(())
         }
     }

@@ -403,7 +403,9 @@ impl DevNetwork {
         }
     }
 
-    pub fn shutdown(&self) {
+    /// Stops the proxy first, so its last commit reaches the ledger, then everything else.
+    pub async fn shutdown(&mut self) {
+        self.stop_proxy().await;
         self.shutdown.cancel();
     }
 }
