@@ -117,43 +117,20 @@ async fn ledger_commands_read_and_refuse() {
     assert_eq!(r.json["registry"]["proxies"].as_object().unwrap().len(), 1);
 
     // Only the owner changes the registry.
-    let key = net.dir().join("stranger.key");
-    cocoon_cli::dev::ledger::key_wallet(&key).unwrap();
+    let stranger = net.dir().join("stranger.key");
+    cocoon_cli::dev::ledger::key_wallet(&stranger).unwrap();
+    let owner = net.dir().join("owner.key");
+    let exec = |key: &Path, op: &str| {
+        let (key, op) = (key.to_str().unwrap().to_owned(), op.to_owned());
+        async move { cocoon(&["ledger", "exec", "--ledger", url, "--key-file", &key, &op]).await }
+    };
     let op = format!(r#"{{"allow_model":{{"hash":"{}"}}}}"#, "ab".repeat(32));
-    let r = cocoon(&[
-        "ledger",
-        "exec",
-        "--ledger",
-        url,
-        "--key-file",
-        key.to_str().unwrap(),
-        &op,
-    ])
-    .await;
+    let r = exec(&stranger, &op).await;
     assert!(!r.ok);
     assert!(r.stderr.contains("only the registry owner"), "{}", r.stderr);
-    let owner = net.dir().join("owner.key");
-    let r = cocoon(&[
-        "ledger",
-        "exec",
-        "--ledger",
-        url,
-        "--key-file",
-        owner.to_str().unwrap(),
-        &op,
-    ])
-    .await;
+    let r = exec(&owner, &op).await;
     assert!(r.ok, "{}", r.stderr);
-    let r = cocoon(&[
-        "ledger",
-        "exec",
-        "--ledger",
-        url,
-        "--key-file",
-        owner.to_str().unwrap(),
-        "{\"nope\":1}",
-    ])
-    .await;
+    let r = exec(&owner, "{\"nope\":1}").await;
     assert!(!r.ok);
     assert!(r.stderr.contains("bad operation"), "{}", r.stderr);
 }

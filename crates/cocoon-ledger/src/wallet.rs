@@ -74,6 +74,11 @@ impl Wallet {
         }
     }
 
+    /// A wallet whose key derives from `seed`: reproducible keys for tests and examples.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self::new(Ed25519KeyPair::from_seed_unchecked(&seed).expect("any 32 bytes are a seed"))
+    }
+
     /// Reads a PKCS#8 Ed25519 key (the key files every role already has).
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, LedgerError> {
         Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)

@@ -202,25 +202,20 @@ pub async fn claim_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::signature::{Ed25519KeyPair, KeyPair};
 
-    fn key(seed: u8) -> Ed25519KeyPair {
-        Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
+    fn key(seed: u8) -> cocoon_ledger::Wallet {
+        cocoon_ledger::Wallet::from_seed([seed; 32])
     }
 
-    fn public(k: &Ed25519KeyPair) -> PublicKey {
-        k.public_key().as_ref().try_into().unwrap()
-    }
-
-    fn payout(proxy: &Ed25519KeyPair, worker: PublicKey, tokens: u64) -> Payout {
+    fn payout(proxy: &cocoon_ledger::Wallet, worker: PublicKey, tokens: u64) -> Payout {
         let message = PaymentMessage::PayWorker {
             query_id: tokens,
             tokens,
-            contract: Address::worker(&public(proxy), &worker),
+            contract: Address::worker(&proxy.public_key(), &worker),
         }
-        .sign(proxy);
+        .sign(proxy.key_pair());
         Payout {
-            proxy: hex::encode(public(proxy)),
+            proxy: hex::encode(proxy.public_key()),
             tokens,
             message: hex::encode(&message.0),
         }
@@ -234,42 +229,42 @@ mod tests {
         let me = [3u8; 32];
         let store = PayoutStore::open(&path, me).unwrap();
         assert_eq!(
-            store.offer(&public(&proxy), payout(&proxy, me, 10)),
+            store.offer(&proxy.public_key(), payout(&proxy, me, 10)),
             Ok(true)
         );
         // Older or equal counters change nothing.
         assert_eq!(
-            store.offer(&public(&proxy), payout(&proxy, me, 10)),
+            store.offer(&proxy.public_key(), payout(&proxy, me, 10)),
             Ok(false)
         );
         assert_eq!(
-            store.offer(&public(&proxy), payout(&proxy, me, 4)),
+            store.offer(&proxy.public_key(), payout(&proxy, me, 4)),
             Ok(false)
         );
         // Another worker's payout, a payout signed by another proxy, a claimed count that
         // differs from the signed one, garbage.
         assert!(
             store
-                .offer(&public(&proxy), payout(&proxy, [4; 32], 50))
+                .offer(&proxy.public_key(), payout(&proxy, [4; 32], 50))
                 .is_err()
         );
         let mut forged = payout(&other_proxy, me, 50);
-        forged.proxy = hex::encode(public(&proxy));
-        assert!(store.offer(&public(&proxy), forged).is_err());
+        forged.proxy = hex::encode(proxy.public_key());
+        assert!(store.offer(&proxy.public_key(), forged).is_err());
         let mut inflated = payout(&proxy, me, 50);
         inflated.tokens = 500;
-        assert!(store.offer(&public(&proxy), inflated).is_err());
+        assert!(store.offer(&proxy.public_key(), inflated).is_err());
         let mut garbage = payout(&proxy, me, 50);
         garbage.message = "zz".into();
-        assert!(store.offer(&public(&proxy), garbage).is_err());
+        assert!(store.offer(&proxy.public_key(), garbage).is_err());
         // A payout from a proxy other than the connected one.
         assert!(
             store
-                .offer(&public(&other_proxy), payout(&proxy, me, 50))
+                .offer(&other_proxy.public_key(), payout(&proxy, me, 50))
                 .is_err()
         );
         // What was kept survives a reopen.
         let reopened = PayoutStore::open(&path, me).unwrap();
-        assert_eq!(reopened.owed()[&hex::encode(public(&proxy))], 10);
+        assert_eq!(reopened.owed()[&hex::encode(proxy.public_key())], 10);
     }
 }

@@ -222,14 +222,9 @@ impl Book {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::signature::KeyPair;
 
-    fn key(seed: u8) -> Ed25519KeyPair {
-        Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
-    }
-
-    fn public(k: &Ed25519KeyPair) -> PublicKey {
-        k.public_key().as_ref().try_into().unwrap()
+    fn key(seed: u8) -> cocoon_ledger::Wallet {
+        cocoon_ledger::Wallet::from_seed([seed; 32])
     }
 
     #[test]
@@ -239,31 +234,33 @@ mod tests {
         let proxy = key(9);
         let (client, worker) = ([2u8; 32], [3u8; 32]);
         {
-            let mut book = Book::open(&path, public(&proxy)).unwrap();
-            let a = book.settle(&proxy, client, 10, worker, 8).unwrap();
-            let b = book.settle(&proxy, client, 5, worker, 4).unwrap();
+            let mut book = Book::open(&path, proxy.public_key()).unwrap();
+            let a = book
+                .settle(proxy.key_pair(), client, 10, worker, 8)
+                .unwrap();
+            let b = book.settle(proxy.key_pair(), client, 5, worker, 4).unwrap();
             assert_eq!((a.tokens_used, b.tokens_used), (10, 15));
             assert_eq!((a.worker_owed, b.worker_owed), (8, 12));
             let PaymentMessage::ChargeClient {
                 tokens_used,
                 contract,
                 ..
-            } = b.charge.verify(&public(&proxy)).unwrap()
+            } = b.charge.verify(&proxy.public_key()).unwrap()
             else {
                 panic!("not a charge");
             };
             assert_eq!(tokens_used, 15);
-            assert_eq!(contract, Address::client(&public(&proxy), &client));
+            assert_eq!(contract, Address::client(&proxy.public_key(), &client));
             book.mark_committed(client, 10).unwrap();
             book.mark_committed(client, 3).unwrap(); // never goes back
         }
-        let book = Book::open(&path, public(&proxy)).unwrap();
+        let book = Book::open(&path, proxy.public_key()).unwrap();
         let c = book.client(&client);
         assert_eq!((c.charged, c.committed), (15, 10));
         assert_eq!(book.worker(&worker).owed, 12);
         // Another proxy's key cannot use this record.
         drop(book);
-        let e = Book::open(&path, public(&key(8))).err().unwrap();
+        let e = Book::open(&path, key(8).public_key()).err().unwrap();
         assert!(e.to_string().contains("belongs to proxy key"), "{e}");
     }
 
@@ -271,11 +268,11 @@ mod tests {
     fn counter_overflow_is_refused_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let proxy = key(9);
-        let mut book = Book::open(&dir.path().join("b.redb"), public(&proxy)).unwrap();
-        book.settle(&proxy, [2; 32], u64::MAX - 1, [3; 32], 1)
+        let mut book = Book::open(&dir.path().join("b.redb"), proxy.public_key()).unwrap();
+        book.settle(proxy.key_pair(), [2; 32], u64::MAX - 1, [3; 32], 1)
             .unwrap();
         assert!(matches!(
-            book.settle(&proxy, [2; 32], 2, [3; 32], 1),
+            book.settle(proxy.key_pair(), [2; 32], 2, [3; 32], 1),
             Err(BookError::Overflow)
         ));
         assert_eq!(book.client(&[2; 32]).charged, u64::MAX - 1);
