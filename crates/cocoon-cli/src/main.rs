@@ -159,9 +159,12 @@ enum ClientCommand {
         #[command(flatten)]
         account: AccountOptions,
     },
-    /// Close the contract without the proxy: what is above the stake comes back now, the stake
-    /// after the close delay (run again with `--finish` then).
+    /// Close the contract. Through the proxy, everything comes back at once. With
+    /// `--unilateral` (the proxy is down), what is above the stake comes back now and the stake
+    /// after the close delay: run again with `--finish` then.
     Close {
+        #[arg(long, conflicts_with = "finish")]
+        unilateral: bool,
         #[arg(long)]
         finish: bool,
         #[command(flatten)]
@@ -430,12 +433,16 @@ async fn client_account(command: ClientCommand) -> anyhow::Result<()> {
             (account, ClientAction::Withdraw(money::parse_ton(&amount)?))
         }
         ClientCommand::Balance { account } => (account, ClientAction::Balance),
-        ClientCommand::Close { finish, account } => (
+        ClientCommand::Close {
+            unilateral,
+            finish,
             account,
-            if finish {
-                ClientAction::FinishClose
-            } else {
-                ClientAction::Close
+        } => (
+            account,
+            match (unilateral, finish) {
+                (_, true) => ClientAction::FinishClose,
+                (true, false) => ClientAction::CloseUnilateral,
+                (false, false) => ClientAction::Close,
             },
         ),
     };

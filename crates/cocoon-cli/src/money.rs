@@ -102,6 +102,8 @@ pub struct ClientAccount {
     ledger: RemoteLedger,
     wallet: Arc<Wallet>,
     proxy: PublicKey,
+    config: ClientConfig,
+    key_file: PathBuf,
 }
 
 /// The client's side of its contract: flags override `client.toml`.
@@ -128,7 +130,10 @@ pub enum ClientAction {
     Deposit(Nanoton),
     Stake(Nanoton),
     Withdraw(Nanoton),
+    /// Through the proxy: everything back at once.
     Close,
+    /// Without the proxy: above the stake now, the stake after the delay.
+    CloseUnilateral,
     FinishClose,
     Balance,
 }
@@ -175,17 +180,44 @@ impl ClientAccount {
             ledger,
             wallet,
             proxy,
+            config,
+            key_file,
+        })
+    }
+
+    /// Asks the proxy, over RA-TLS as the gateway would connect, to close and refund.
+    async fn close_through_proxy(&self) -> anyhow::Result<cocoon_protocol::Refund> {
+        let identity = Arc::new(self.config.attester.identity(
+            Some(&self.key_file),
+            "cocoon-client",
+            "client",
+        )?);
+        let policy = self.config.proxy_policy.build("proxy_policy", "proxy")?;
+        let link = cocoon_client::ProxyLink::new(self.config.proxy_addr.clone(), identity, policy);
+        link.close_contract().await.map_err(|e| {
+            anyhow::anyhow!(
+                "{}; if the proxy is down, `cocoon client close --unilateral` gets back what \
+                 is above the stake now and the stake after the close delay",
+                e.message
+            )
         })
     }
 
     /// Runs `action` and reports the contract afterwards.
     pub async fn run(&self, action: ClientAction) -> anyhow::Result<Value> {
         let proxy = self.proxy;
+        if let ClientAction::Close = action {
+            let refund = self.close_through_proxy().await?;
+            let contract = self.ledger.client(proxy, self.wallet.public_key()).await?;
+            let mut report = contract_report(&proxy, &self.wallet.public_key(), contract.as_ref());
+            report["refunded_ton"] = json!(format_ton(Nanoton::from(refund.refunded)));
+            return Ok(report);
+        }
         let op = match action {
             ClientAction::Deposit(amount) => Some(Op::ClientDeposit { proxy, amount }),
             ClientAction::Stake(amount) => Some(Op::ClientStake { proxy, amount }),
             ClientAction::Withdraw(amount) => Some(Op::ClientWithdraw { proxy, amount }),
-            ClientAction::Close => Some(Op::ClientClose { proxy }),
+            ClientAction::Close | ClientAction::CloseUnilateral => Some(Op::ClientClose { proxy }),
             ClientAction::FinishClose => Some(Op::ClientFinishClose { proxy }),
             ClientAction::Balance => None,
         };

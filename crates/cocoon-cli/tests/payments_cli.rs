@@ -73,12 +73,12 @@ async fn a_clients_contract_from_deposit_to_close() {
     assert_eq!(r.json["paid_out_ton"], "1.500000000");
 
     // Closing without the proxy: what is above the stake now, the stake after the delay.
-    let r = client(&net, &key, &["close"]).await;
+    let r = client(&net, &key, &["close", "--unilateral"]).await;
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(r.json["paid_out_ton"], "1.500000000");
     assert_eq!(r.json["balance_ton"], "2.000000000");
     assert_eq!(r.json["state"]["state"], "closing");
-    let r = client(&net, &key, &["close"]).await;
+    let r = client(&net, &key, &["close", "--unilateral"]).await;
     assert!(!r.ok);
     assert!(r.stderr.contains("already closing"), "{}", r.stderr);
     let r = client(&net, &key, &["close", "--finish"]).await;
@@ -105,6 +105,43 @@ async fn a_clients_contract_from_deposit_to_close() {
     let r = cocoon(&["client", "balance", "-c", config.to_str().unwrap()]).await;
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(r.json["balance_ton"], "100.000000000");
+}
+
+#[tokio::test]
+async fn a_cooperative_close_refunds_everything_at_once() {
+    let net = network(vec![llama()]).await;
+    // Spend a little first, so the refund is what is left after the last charge.
+    let http = reqwest::Client::new();
+    let answer = post_json(
+        &http,
+        format!("{}/chat/completions", net.gateway_url()),
+        &chat_body("Hi", serde_json::json!({"max_tokens": 3})),
+    )
+    .await;
+    let cost = answer["usage"]["cost"].as_u64().unwrap();
+    let config = net.write_client_config().unwrap();
+    let config = config.to_str().unwrap();
+
+    let r = cocoon(&["client", "close", "-c", config]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let left = cocoon_cli::dev::ledger::CLIENT_DEPOSIT - u128::from(cost);
+    assert_eq!(r.json["refunded_ton"], cocoon_cli::money::format_ton(left));
+    assert_eq!(r.json["balance_ton"], "0.000000000");
+    assert_eq!(r.json["state"]["state"], "closed");
+    // The charge was committed before the refund: nothing owed is lost.
+    assert_eq!(
+        r.json["tokens_used"],
+        answer["usage"]["billing"]["tokens_used"]
+    );
+    // Closed is final: no second close, and no more answers on this contract.
+    let r = cocoon(&["client", "close", "-c", config]).await;
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("already closing or closed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(short_chat_status(&net).await, 402);
 }
 
 #[tokio::test]

@@ -2,11 +2,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_net::{Channel, EventReader};
-use cocoon_protocol::{ALPN_CLIENT, GenerateRequest, ModelList, ProtocolError, paths};
+use cocoon_protocol::{ALPN_CLIENT, GenerateRequest, ModelList, ProtocolError, Refund, paths};
 use cocoon_tls::{Identity, PeerVerifier, Verified};
 use tokio::sync::Mutex;
 
 const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
+/// A close commits the last charge and the refund on the ledger: two durable transactions.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The gateway's connection to its proxy: one multiplexed HTTP/2 connection, opened on first
 /// use and reopened after it drops.
@@ -75,6 +77,14 @@ impl ProxyLink {
 
     pub async fn generate(&self, request: &GenerateRequest) -> Result<EventReader, ProtocolError> {
         self.channel().await?.generate(request).await
+    }
+
+    /// Asks the proxy to close this client's contract and refund it at once.
+    pub async fn close_contract(&self) -> Result<Refund, ProtocolError> {
+        self.channel()
+            .await?
+            .post_json(paths::CLOSE, &serde_json::json!({}), CLOSE_TIMEOUT)
+            .await
     }
 
     pub async fn models(&self) -> Result<ModelList, ProtocolError> {

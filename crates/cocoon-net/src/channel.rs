@@ -79,26 +79,20 @@ impl Channel {
             if response.status() != StatusCode::OK {
                 return Err(read_error(response).await);
             }
-            let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| ProtocolError::unavailable(format!("answer broke off: {e}")))?
-                .to_bytes();
-            serde_json::from_slice(&body)
-                .map_err(|e| ProtocolError::internal(format!("peer sent malformed JSON: {e}")))
+            read_json_answer(response).await
         };
         tokio::time::timeout(timeout, fetch)
             .await
             .map_err(|_| ProtocolError::unavailable(format!("{path} timed out")))?
     }
 
-    /// `POST path` with a JSON body, expecting 200, within `timeout`.
-    pub async fn post_json<T: serde::Serialize>(
+    /// `POST path` with a JSON body, expecting 200 and a JSON answer, within `timeout`.
+    pub async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
-        body: &T,
+        body: &B,
         timeout: Duration,
-    ) -> Result<(), ProtocolError> {
+    ) -> Result<T, ProtocolError> {
         let req = Request::builder()
             .method(Method::POST)
             .uri(path)
@@ -110,7 +104,7 @@ impl Channel {
             if response.status() != StatusCode::OK {
                 return Err(read_error(response).await);
             }
-            Ok(())
+            read_json_answer(response).await
         };
         tokio::time::timeout(timeout, post)
             .await
@@ -131,6 +125,18 @@ impl Channel {
             .await
             .map_err(|e| ProtocolError::unavailable(format!("request failed: {e}")))
     }
+}
+
+async fn read_json_answer<T: DeserializeOwned>(
+    response: http::Response<hyper::body::Incoming>,
+) -> Result<T, ProtocolError> {
+    let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ProtocolError::unavailable(format!("answer broke off: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ProtocolError::internal(format!("peer sent malformed JSON: {e}")))
 }
 
 /// A non-200 answer carries a [`ProtocolError`] as JSON; anything else is the peer's fault.

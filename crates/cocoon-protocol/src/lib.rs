@@ -12,7 +12,7 @@ pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
     Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, ListedModel,
-    ModelCard, ModelList, Payout, Role, SamplingParams, Usage, WorkerHello,
+    ModelCard, ModelList, Payout, Refund, Role, SamplingParams, Usage, WorkerHello,
 };
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
@@ -32,6 +32,9 @@ pub mod paths {
     pub const MODELS: &str = "/cocoon/v1/models";
     /// `GET` (proxy to worker): the worker's [`WorkerHello`](crate::WorkerHello).
     pub const HELLO: &str = "/cocoon/v1/hello";
+    /// `POST` (client to proxy, empty body): close the client's contract with the proxy's
+    /// cooperation, refunding everything at once; answered by a [`Refund`](crate::Refund).
+    pub const CLOSE: &str = "/cocoon/v1/close";
     /// `POST` (proxy to worker): the latest [`Payout`](crate::Payout) for this worker.
     pub const PAYOUT: &str = "/cocoon/v1/payout";
 }

@@ -173,6 +173,15 @@ pub struct Payout {
     pub message: String,
 }
 
+/// What a cooperative close returned to the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    /// Nanoton sent back: the whole balance left after the last charge.
+    pub refunded: u64,
+    /// Weighted tokens charged over the contract's life.
+    pub tokens_used: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {

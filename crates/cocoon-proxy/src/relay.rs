@@ -29,7 +29,7 @@ pub(crate) fn send_payout(worker: &Arc<WorkerEntry>, payout: Payout) {
     tokio::spawn(async move {
         if let Err(e) = worker
             .channel
-            .post_json(paths::PAYOUT, &payout, PAYOUT_TIMEOUT)
+            .post_json::<_, serde::de::IgnoredAny>(paths::PAYOUT, &payout, PAYOUT_TIMEOUT)
             .await
         {
             tracing::debug!(worker = %worker.name, error = %e, "payout not delivered");

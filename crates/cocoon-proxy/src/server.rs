@@ -2,8 +2,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_net::{Body, Channel, json, no_route, response};
-use cocoon_protocol::{ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, WorkerHello, paths};
+use cocoon_net::{Body, Channel, error_response, json, no_route, response};
+use cocoon_protocol::{
+    ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, ProtocolError, WorkerHello, paths,
+};
 use cocoon_tls::{CacheStats, Fingerprint, Verified};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -327,6 +329,15 @@ impl State {
             (&Method::POST, paths::GENERATE) => {
                 relay::generate(&self, client, req.into_body()).await
             }
+            (&Method::POST, paths::CLOSE) => match &self.billing {
+                Some(billing) => match billing.refund(client).await {
+                    Ok(refund) => response(StatusCode::OK, json(&refund)),
+                    Err(e) => error_response(&e),
+                },
+                None => error_response(&ProtocolError::invalid(
+                    "this proxy takes no payments: there is no contract to close",
+                )),
+            },
             (method, path) => no_route(method, path),
         }
     }

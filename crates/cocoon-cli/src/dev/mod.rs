@@ -238,6 +238,11 @@ impl DevNetwork {
         let config = ClientConfig {
             proxy_addr: self.proxy_addr.to_string(),
             key_file: Some(self.dev_dir.path().join("client.key")),
+            attester: self.dev_attester(),
+            proxy_policy: PeerPolicy {
+                fingerprints: vec![self.proxy_fingerprint.to_string()],
+                ..self.dev_policy()
+            },
             payments: ClientPayments {
                 ledger: self.ledger_url().map(str::to_owned),
                 proxy_key: Some(hex::encode(self.proxy_key()?)),

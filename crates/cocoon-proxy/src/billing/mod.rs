@@ -22,7 +22,7 @@ use cocoon_ledger::{
     RemoteLedger, TokenKind, Tx, Wallet,
 };
 use cocoon_protocol::{
-    Billing as Bill, ErrorKind, GenerateRequest, Input, Payout, ProtocolError, Usage,
+    Billing as Bill, ErrorKind, GenerateRequest, Input, Payout, ProtocolError, Refund, Usage,
 };
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -79,6 +79,8 @@ struct ClientView {
     fetched: Instant,
     /// Nanoton held for requests in flight.
     reserved: Nanoton,
+    /// A cooperative close is under way: no new request is admitted.
+    closing: bool,
 }
 
 pub(crate) struct Billing {
@@ -242,6 +244,7 @@ impl Billing {
             contract: None,
             fetched: Instant::now(),
             reserved: 0,
+            closing: false,
         });
         view.contract = contract.clone();
         view.fetched = Instant::now();
@@ -299,6 +302,11 @@ impl Billing {
             {
                 let mut clients = self.clients.lock();
                 let view = clients.get_mut(&client).expect("read just above");
+                if view.closing {
+                    return Err(payment_required(
+                        "this client's contract is being closed".into(),
+                    ));
+                }
                 let committed_work = unbilled.saturating_add(view.reserved);
                 if committed_work.saturating_add(need) <= cover {
                     view.reserved += need;
@@ -403,6 +411,67 @@ impl Billing {
             .min(contract.stake)
             .saturating_sub(unbilled)
             .saturating_sub(others)
+    }
+
+    /// Closes the client's contract with the proxy's cooperation: commits the last charge, then
+    /// refunds everything left at once. Refused while the client has requests in flight, whose
+    /// charges could no longer reach a closed contract.
+    pub(crate) async fn refund(
+        self: &Arc<Self>,
+        client: PublicKey,
+    ) -> Result<Refund, ProtocolError> {
+        {
+            let mut clients = self.clients.lock();
+            let view = clients.entry(client).or_insert(ClientView {
+                contract: None,
+                fetched: Instant::now() - CONTRACT_TTL,
+                reserved: 0,
+                closing: false,
+            });
+            if view.reserved > 0 {
+                return Err(ProtocolError::invalid(
+                    "requests are in flight on this contract: let them finish before closing",
+                ));
+            }
+            // From here on nothing new is admitted, so the last charge stays the last.
+            view.closing = true;
+        }
+        let result = self.commit_and_refund(client).await;
+        if let Some(view) = self.clients.lock().get_mut(&client) {
+            view.closing = false;
+            view.fetched = Instant::now() - CONTRACT_TTL;
+        }
+        result
+    }
+
+    async fn commit_and_refund(
+        self: &Arc<Self>,
+        client: PublicKey,
+    ) -> Result<Refund, ProtocolError> {
+        self.commit_client(client).await;
+        let record = self.client_record(&client);
+        if record.committed < record.charged {
+            return Err(ProtocolError::unavailable(
+                "the last charge could not be committed to the ledger yet; try again",
+            ));
+        }
+        let receipt = self
+            .ledger
+            .execute(Tx {
+                sender: self.proxy(),
+                op: Op::ProxyRefundClient { client },
+                now: unix_now(),
+            })
+            .await
+            .map_err(|e| match e {
+                LedgerError::Unreachable(_) | LedgerError::Storage(_) => ledger_unavailable(e),
+                e => ProtocolError::invalid(format!("the ledger refused the close: {e}")),
+            })?;
+        tracing::info!(client = %hex::encode(client), refunded = %receipt.paid_out, "client contract closed with a refund");
+        Ok(Refund {
+            refunded: u64::try_from(receipt.paid_out).unwrap_or(u64::MAX),
+            tokens_used: record.charged,
+        })
     }
 
     /// The latest payout signed for `worker`, to hand it over when it (re)joins.
