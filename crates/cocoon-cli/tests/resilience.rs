@@ -42,6 +42,27 @@ async fn client_disconnect_stops_generation_on_the_worker() {
     let stats = backend.stats();
     assert_eq!(stats.cancelled, 1, "{stats:?}");
     assert!(stats.generated_tokens < 300, "stopped early: {stats:?}");
+    // The client pays for the tokens relayed to it before it left, never for more than the
+    // worker generated.
+    let ledger = net.ledger().unwrap().clone();
+    let at = cocoon_ledger::Address::client(&net.proxy_key().unwrap(), &net.client_key());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let billed = loop {
+        let state = cocoon_ledger::Ledger::snapshot(&*ledger).await.unwrap();
+        let used = state.clients.get(&at).map_or(0, |c| c.tokens_used);
+        if used > 0 {
+            break used;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cancelled answer was never billed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        billed <= stats.generated_tokens,
+        "billed {billed}, generated {stats:?}"
+    );
 }
 
 #[tokio::test]
