@@ -70,20 +70,11 @@ impl Channel {
         path: &str,
         timeout: Duration,
     ) -> Result<T, ProtocolError> {
-        let fetch = async {
-            let req = Request::builder()
-                .uri(path)
-                .body(empty())
-                .expect("static request parts are valid");
-            let response = self.send(req).await?;
-            if response.status() != StatusCode::OK {
-                return Err(read_error(response).await);
-            }
-            read_json_answer(response).await
-        };
-        tokio::time::timeout(timeout, fetch)
-            .await
-            .map_err(|_| ProtocolError::unavailable(format!("{path} timed out")))?
+        let req = Request::builder()
+            .uri(path)
+            .body(empty())
+            .expect("static request parts are valid");
+        self.json_exchange(req, timeout).await
     }
 
     /// `POST path` with a JSON body, expecting 200 and a JSON answer, within `timeout`.
@@ -99,14 +90,24 @@ impl Channel {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(json(body))
             .expect("static request parts are valid");
-        let post = async {
+        self.json_exchange(req, timeout).await
+    }
+
+    /// Sends `req` and reads a 200 JSON answer, within `timeout`.
+    async fn json_exchange<T: DeserializeOwned>(
+        &self,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<T, ProtocolError> {
+        let path = req.uri().path().to_owned();
+        let exchange = async {
             let response = self.send(req).await?;
             if response.status() != StatusCode::OK {
                 return Err(read_error(response).await);
             }
             read_json_answer(response).await
         };
-        tokio::time::timeout(timeout, post)
+        tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| ProtocolError::unavailable(format!("{path} timed out")))?
     }
