@@ -190,6 +190,9 @@ enum LedgerCommand {
         #[arg(long, default_value = "127.0.0.1:9100")]
         listen: String,
     },
+    /// Print the public key (hex) of a key file, creating the key if missing: what the
+    /// registry and contracts know a party by.
+    Key { key_file: PathBuf },
     /// Print the whole ledger state as JSON.
     Show {
         #[arg(long, default_value = "http://127.0.0.1:9100")]
@@ -463,6 +466,13 @@ async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
                 shutdown.cancelled().await
             })
             .await
+        }
+        LedgerCommand::Key { key_file } => {
+            println!(
+                "{}",
+                hex::encode(money::key_wallet(&key_file)?.public_key())
+            );
+            Ok(())
         }
         LedgerCommand::Show { ledger } => {
             let state = cocoon_ledger::RemoteLedger::new(&ledger, None)

@@ -40,12 +40,18 @@ pub fn format_ton(n: Nanoton) -> String {
 }
 
 /// A party's wallet: the Ed25519 key in its key file (the same key its TLS identity uses).
+/// The file must exist: a typo must not quietly sign with a fresh key.
 pub fn wallet(key_file: &Path) -> anyhow::Result<Arc<Wallet>> {
     anyhow::ensure!(
         key_file.exists(),
         "key file {} does not exist",
         key_file.display()
     );
+    key_wallet(key_file)
+}
+
+/// The key in `key_file` as a wallet, created if missing.
+pub fn key_wallet(key_file: &Path) -> anyhow::Result<Arc<Wallet>> {
     let identity = cocoon_tls::Identity::load_or_create(key_file, "cocoon")?;
     Ok(Arc::new(Wallet::new(identity.signing_key())))
 }
@@ -65,8 +71,7 @@ pub async fn serve_ledger(
     listen: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let owner = cocoon_tls::Identity::load_or_create(owner_key_file, "cocoon-owner")?;
-    let owner = Wallet::new(owner.signing_key()).public_key();
+    let owner = key_wallet(owner_key_file)?.public_key();
     let ledger = Arc::new(EmbeddedLedger::open(db, owner)?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

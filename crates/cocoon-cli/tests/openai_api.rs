@@ -105,6 +105,9 @@ async fn chat_completion_streaming_and_not_agree_and_count_real_tokens() {
         total * bill["price_per_token"].as_u64().unwrap()
     );
     assert_eq!(usage_chunk["usage"]["cost"], usage["cost"]);
+    // The gateway checked each bill against the proxy's key and this client's contract.
+    assert_eq!(usage["bill_verified"], true);
+    assert_eq!(usage_chunk["usage"]["bill_verified"], true);
     assert_eq!(
         streamed_bill["tokens_used"].as_u64().unwrap(),
         bill["tokens_used"].as_u64().unwrap() + total

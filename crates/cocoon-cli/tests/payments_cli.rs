@@ -12,6 +12,7 @@ use serde_json::Value;
 struct Run {
     ok: bool,
     json: Value,
+    stdout: String,
     stderr: String,
 }
 
@@ -25,6 +26,7 @@ async fn cocoon(args: &[&str]) -> Run {
     Run {
         ok: out.status.success(),
         json: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
@@ -170,4 +172,127 @@ async fn ledger_commands_read_and_refuse() {
     let r = exec(&owner, "{\"nope\":1}").await;
     assert!(!r.ok);
     assert!(r.stderr.contains("bad operation"), "{}", r.stderr);
+}
+
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+async fn wait_listening(addr: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn spawn(args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The operator's path of docs/ledger.md, process by process: a proxy with payments refuses to
+/// start until it is registered and staked, then serves; a client funds its contract and finds
+/// the proxy by address.
+#[tokio::test]
+async fn role_by_role_setup_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let ledger_addr = free_port();
+    let url = format!("http://{ledger_addr}");
+    let _ledger = spawn(&[
+        "ledger",
+        "serve",
+        "--db",
+        &path("ledger.redb"),
+        "--owner-key",
+        &path("owner.key"),
+        "--listen",
+        &ledger_addr,
+    ]);
+    wait_listening(&ledger_addr).await;
+    let r = cocoon(&["ledger", "key", &path("proxy.key")]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let proxy_key = r.stdout.trim().to_owned();
+    assert_eq!(proxy_key.len(), 64, "{proxy_key}");
+
+    let proxy_addr = free_port();
+    let proxy_config = cocoon_proxy::ProxyConfig {
+        listen: proxy_addr.clone(),
+        key_file: Some(path("proxy.key").into()),
+        payments: cocoon_proxy::PaymentsConfig {
+            ledger: Some(url.clone()),
+            book: path("proxy-book.redb").into(),
+            commit_interval_secs: 1,
+        },
+        ..Default::default()
+    };
+    std::fs::write(path("proxy.toml"), toml::to_string(&proxy_config).unwrap()).unwrap();
+    // Not registered yet: the proxy says so and does not start.
+    let out = spawn(&["proxy", "-c", &path("proxy.toml")])
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("has no contract on the ledger"), "{stderr}");
+
+    let exec = |key: String, op: String| {
+        let url = url.clone();
+        async move { cocoon(&["ledger", "exec", "--ledger", &url, "--key-file", &key, &op]).await }
+    };
+    let register =
+        format!(r#"{{"register_proxy":{{"key":"{proxy_key}","address":"{proxy_addr}"}}}}"#);
+    let r = exec(path("owner.key"), register).await;
+    assert!(r.ok, "{}", r.stderr);
+    let r = exec(
+        path("proxy.key"),
+        r#"{"proxy_open":{"stake":10000000000}}"#.into(),
+    )
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let _proxy = spawn(&["proxy", "-c", &path("proxy.toml")]);
+    wait_listening(&proxy_addr).await;
+
+    let client_config = cocoon_client::ClientConfig {
+        proxy_addr: proxy_addr.clone(),
+        key_file: Some(path("client.key").into()),
+        payments: cocoon_client::ClientPayments {
+            ledger: Some(url.clone()),
+            proxy_key: None,
+        },
+        ..Default::default()
+    };
+    std::fs::write(
+        path("client.toml"),
+        toml::to_string(&client_config).unwrap(),
+    )
+    .unwrap();
+    cocoon_cli::money::key_wallet(std::path::Path::new(&path("client.key"))).unwrap();
+    for action in [&["deposit", "5"][..], &["stake", "1"], &["balance"]] {
+        let mut args = vec!["client"];
+        args.extend_from_slice(action);
+        let config = path("client.toml");
+        args.extend_from_slice(&["-c", &config]);
+        let r = cocoon(&args).await;
+        assert!(r.ok, "{action:?}: {}", r.stderr);
+        if action == ["balance"] {
+            assert_eq!(r.json["balance_ton"], "5.000000000");
+            assert_eq!(r.json["stake_ton"], "1.000000000");
+            assert_eq!(r.json["proxy"], proxy_key);
+        }
+    }
 }

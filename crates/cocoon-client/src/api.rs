@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::bill::Parties;
 use crate::config::ClientConfig;
 use crate::link::ProxyLink;
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
@@ -33,6 +34,8 @@ pub struct Gateway {
 
 struct AppState {
     link: ProxyLink,
+    /// This gateway's key: the client of its contract with the proxy.
+    client_key: [u8; 32],
     /// How this gateway attests itself: `tdx`, `dev` or `none`.
     attestation: &'static str,
 }
@@ -66,7 +69,12 @@ impl Gateway {
         )?);
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
         let proxy = config.proxy_policy.build("proxy_policy", "proxy")?;
+        let client_key = identity
+            .public_key()
+            .try_into()
+            .expect("identities hold Ed25519 keys");
         let state = Arc::new(AppState {
+            client_key,
             link: ProxyLink::new(config.proxy_addr.clone(), identity, proxy),
             attestation,
         });
@@ -264,6 +272,10 @@ async fn answer(
     // Refusals (unknown model, prompt too long) come back here, before any byte of the answer,
     // so they keep their 4xx status even for streaming requests.
     let events = state.link.generate(&request).await?;
+    let parties = Parties {
+        proxy: state.link.proxy_key(),
+        client: state.client_key,
+    };
     let meta = sse::Meta {
         id: new_id(endpoint),
         created: unix_now(),
@@ -271,7 +283,7 @@ async fn answer(
         endpoint,
     };
     if stream {
-        return Ok(sse::response(events, meta, include_usage));
+        return Ok(sse::response(events, meta, include_usage, parties));
     }
     let mut events = events;
     let mut text = String::new();
@@ -292,7 +304,8 @@ async fn answer(
             None => return Err(ProtocolError::internal("the answer ended early").into()),
         }
     };
-    let usage = OpenAiUsage::new(usage, billing);
+    let verified = billing.as_ref().map(|b| parties.verified(b));
+    let usage = OpenAiUsage::new(usage, billing, verified);
     let body = match endpoint {
         Endpoint::Chat => json!({
             "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,

@@ -3,9 +3,11 @@
 //!
 //! Any OpenAI SDK pointed at the gateway works unchanged: `GET /v1/models`,
 //! `POST /v1/chat/completions` and `POST /v1/completions`, streaming or not. This crate owns
-//! the translation between the two (requests, answers, errors) and the connection to the proxy.
+//! the translation between the two (requests, answers, errors), the connection to the proxy,
+//! and the check of the bill the proxy hands over with each answer.
 
 mod api;
+mod bill;
 mod config;
 mod link;
 mod openai;

@@ -19,6 +19,8 @@ pub struct ProxyLink {
     channel: Mutex<Option<Channel>>,
     /// What the current proxy proved in its handshake, for status output.
     proxy_attestation: std::sync::Mutex<Option<Verified>>,
+    /// The current proxy's key: its bills must be signed with it.
+    proxy_key: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 impl ProxyLink {
@@ -33,6 +35,7 @@ impl ProxyLink {
             proxy_policy: proxy,
             channel: Mutex::new(None),
             proxy_attestation: std::sync::Mutex::new(None),
+            proxy_key: std::sync::Mutex::new(None),
         }
     }
 
@@ -46,9 +49,11 @@ impl ProxyLink {
             .map_err(|e| {
                 ProtocolError::unavailable(format!("cannot reach proxy {}: {e}", self.addr))
             })?;
-        let verified =
-            cocoon_tls::verified_peer(tls.get_ref().1.peer_certificates(), &*self.proxy_policy)
-                .map_err(|e| ProtocolError::unavailable(format!("proxy refused: {e}")))?;
+        let certs = tls.get_ref().1.peer_certificates();
+        let verified = cocoon_tls::verified_peer(certs, &*self.proxy_policy)
+            .map_err(|e| ProtocolError::unavailable(format!("proxy refused: {e}")))?;
+        *self.proxy_key.lock().unwrap_or_else(|e| e.into_inner()) =
+            cocoon_tls::peer_identity(certs).and_then(|p| p.public_key.as_slice().try_into().ok());
         let (channel, driver) = Channel::handshake(tls)
             .await
             .map_err(|e| ProtocolError::unavailable(format!("proxy {}: {e}", self.addr)))?;
@@ -65,6 +70,11 @@ impl ProxyLink {
             .unwrap_or_else(|e| e.into_inner()) = Some(verified);
         *slot = Some(channel.clone());
         Ok(channel)
+    }
+
+    /// The key of the proxy last connected to; `None` before the first connection.
+    pub fn proxy_key(&self) -> Option<[u8; 32]> {
+        *self.proxy_key.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What the proxy proved when last connected; `None` before the first connection.

@@ -223,16 +223,21 @@ pub struct OpenAiUsage {
     /// the proxy's signed charge message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub billing: Option<Billing>,
+    /// Whether the gateway found the bill to be the proxy's own signature over this client's
+    /// contract, consistent with its counter and price.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bill_verified: Option<bool>,
 }
 
 impl OpenAiUsage {
-    pub fn new(u: Usage, billing: Option<Billing>) -> Self {
+    pub fn new(u: Usage, billing: Option<Billing>, bill_verified: Option<bool>) -> Self {
         Self {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.total_tokens(),
             cost: billing.as_ref().map(|b| b.cost),
             billing,
+            bill_verified,
         }
     }
 }

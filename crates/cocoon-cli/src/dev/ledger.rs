@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cocoon_ledger::{EmbeddedLedger, Ledger, Nanoton, NetworkParams, Op, PublicKey, Tx, Wallet};
+use cocoon_ledger::{EmbeddedLedger, Ledger, Nanoton, NetworkParams, Op, PublicKey, Tx};
 use tokio_util::sync::CancellationToken;
 
 pub const TON: Nanoton = 1_000_000_000;
@@ -23,11 +23,7 @@ pub fn dev_params() -> NetworkParams {
     }
 }
 
-/// The Ed25519 key in `key_file` (created if missing), as a wallet.
-pub fn key_wallet(key_file: &Path) -> anyhow::Result<Arc<Wallet>> {
-    let identity = cocoon_tls::Identity::load_or_create(key_file, "cocoon")?;
-    Ok(Arc::new(Wallet::new(identity.signing_key())))
-}
+pub use crate::money::key_wallet;
 
 pub struct DevLedger {
     pub url: String,

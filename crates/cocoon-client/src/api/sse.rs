@@ -11,6 +11,7 @@ use cocoon_protocol::{Billing, GenerateEvent, Usage};
 use serde_json::{Value, json};
 
 use super::Endpoint;
+use crate::bill::Parties;
 use crate::openai::{OpenAiUsage, error_body};
 
 pub(crate) struct Meta {
@@ -32,6 +33,7 @@ struct StreamState {
     events: EventReader,
     meta: Meta,
     include_usage: bool,
+    parties: Parties,
     phase: Phase,
 }
 
@@ -96,6 +98,10 @@ impl StreamState {
                         self.phase = if self.include_usage {
                             Phase::Usage(usage, billing)
                         } else {
+                            // Not shown to the app, but a bad bill is still logged.
+                            if let Some(b) = &billing {
+                                self.parties.verified(b);
+                            }
                             Phase::Done
                         };
                         return Some(
@@ -111,7 +117,8 @@ impl StreamState {
                 },
                 Phase::Usage(usage, billing) => {
                     self.phase = Phase::Done;
-                    let usage = serde_json::to_value(OpenAiUsage::new(usage, billing))
+                    let verified = billing.as_ref().map(|b| self.parties.verified(b));
+                    let usage = serde_json::to_value(OpenAiUsage::new(usage, billing, verified))
                         .expect("serializable");
                     return Some(self.chunk(json!([]), Some(usage)));
                 }
@@ -124,11 +131,17 @@ impl StreamState {
 
 /// The streaming response. If the app disconnects, the body is dropped with the proxy stream
 /// inside it, which cancels the generation all the way to the worker.
-pub(crate) fn response(events: EventReader, meta: Meta, include_usage: bool) -> Response {
+pub(crate) fn response(
+    events: EventReader,
+    meta: Meta,
+    include_usage: bool,
+    parties: Parties,
+) -> Response {
     let state = StreamState {
         events,
         meta,
         include_usage,
+        parties,
         phase: Phase::Start,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {

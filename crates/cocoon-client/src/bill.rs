@@ -1,0 +1,109 @@
+//! The gateway's check of each bill the proxy hands over: the charge must be the proxy's own
+//! signature (the key it proved in the handshake) over this client's contract and the counter
+//! the bill states, and the cost must be the billed tokens at the stated price. A bill that
+//! fails is still passed on, marked `bill_verified: false`, and logged: the app decides.
+
+use cocoon_ledger::{Address, PaymentMessage, SignedMessage};
+use cocoon_protocol::Billing;
+
+/// Who a bill must be between: the proxy of the connection and this gateway's key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Parties {
+    pub proxy: Option<[u8; 32]>,
+    pub client: [u8; 32],
+}
+
+impl Parties {
+    /// Checks `bill`; the reason when it does not hold.
+    pub(crate) fn check(&self, bill: &Billing) -> Result<(), String> {
+        let proxy = self.proxy.ok_or("the proxy's key is unknown")?;
+        let bytes = hex::decode(&bill.charge).map_err(|_| "the charge is not hex".to_string())?;
+        let message = SignedMessage(bytes)
+            .verify(&proxy)
+            .map_err(|e| format!("the charge is not the proxy's: {e}"))?;
+        let PaymentMessage::ChargeClient {
+            tokens_used,
+            contract,
+            ..
+        } = message
+        else {
+            return Err("the charge is not a charge message".into());
+        };
+        if contract != Address::client(&proxy, &self.client) {
+            return Err("the charge is for another contract".into());
+        }
+        if tokens_used != bill.tokens_used || tokens_used < bill.billed_tokens {
+            return Err(format!(
+                "the charge counts {tokens_used} tokens, the bill {} (this answer {})",
+                bill.tokens_used, bill.billed_tokens
+            ));
+        }
+        if bill.billed_tokens.checked_mul(bill.price_per_token) != Some(bill.cost) {
+            return Err(format!(
+                "cost {} is not {} tokens at {}",
+                bill.cost, bill.billed_tokens, bill.price_per_token
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `bill` holds, logging why when it does not.
+    pub(crate) fn verified(&self, bill: &Billing) -> bool {
+        match self.check(bill) {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::error!(%reason, "the proxy's bill does not check out");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cocoon_ledger::Wallet;
+
+    fn bill(proxy: &Wallet, client: [u8; 32], tokens_used: u64, billed: u64) -> Billing {
+        let charge = PaymentMessage::ChargeClient {
+            query_id: tokens_used,
+            tokens_used,
+            contract: Address::client(&proxy.public_key(), &client),
+        }
+        .sign(proxy.key_pair());
+        Billing {
+            price_per_token: 20,
+            billed_tokens: billed,
+            cost: billed * 20,
+            tokens_used,
+            charge: hex::encode(&charge.0),
+        }
+    }
+
+    #[test]
+    fn only_the_proxys_consistent_bills_for_this_client_pass() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let parties = Parties {
+            proxy: Some(proxy.public_key()),
+            client,
+        };
+        parties.check(&bill(&proxy, client, 100, 10)).unwrap();
+        // Signed by someone else, for another client, a counter other than stated, an
+        // inflated cost, an unknown proxy.
+        let impostor = Wallet::from_seed([8; 32]);
+        assert!(parties.check(&bill(&impostor, client, 100, 10)).is_err());
+        assert!(parties.check(&bill(&proxy, [3; 32], 100, 10)).is_err());
+        let mut b = bill(&proxy, client, 100, 10);
+        b.tokens_used = 90;
+        assert!(parties.check(&b).is_err());
+        let mut b = bill(&proxy, client, 100, 10);
+        b.cost += 1;
+        assert!(parties.check(&b).is_err());
+        let unknown = Parties {
+            proxy: None,
+            client,
+        };
+        assert!(unknown.check(&bill(&proxy, client, 100, 10)).is_err());
+    }
+}
