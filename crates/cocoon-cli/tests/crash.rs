@@ -36,17 +36,6 @@ fn spawn_proxy(config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
-async fn wait_listening(addr: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "proxy never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Acknowledged answers' billed tokens, in order.
 type Acked = Arc<Mutex<Vec<u64>>>;
 
@@ -93,11 +82,7 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
     let proxy = key_wallet(&proxy_key_file).unwrap().public_key();
     let client_key_file = dir.join("crash-client.key");
     let client = key_wallet(&client_key_file).unwrap().public_key();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let addr = free_port();
     dev.open_proxy(proxy, &addr).await.unwrap();
     dev.fund_client(client, proxy).await.unwrap();
 

@@ -121,3 +121,24 @@ pub fn token_counts(usage: &Value) -> (u64, u64, u64) {
         n("total_tokens"),
     )
 }
+
+/// A loopback address with a port free right now.
+pub fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub async fn wait_listening(addr: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
