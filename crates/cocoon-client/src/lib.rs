@@ -10,7 +10,7 @@ mod api;
 mod bill;
 mod config;
 mod link;
-mod openai;
+pub mod openai;
 
 pub use api::Gateway;
 pub use config::{ClientConfig, ClientPayments};
