@@ -10,7 +10,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::error::LedgerError;
 use crate::ledger::{Ledger, Receipt, Tx};
-use crate::registry::Registry;
+use crate::registry::{NetworkParams, Registry};
 use crate::state::{LedgerState, Touched};
 use crate::types::{Address, ClientContract, Nanoton, PublicKey};
 use crate::wallet::SignedTx;
@@ -88,6 +88,14 @@ impl EmbeddedLedger {
             now,
         };
         self.execute_sync(&tx, Some(body.nonce))
+    }
+
+    /// Reads the committed state.
+    fn read<R>(&self, f: impl FnOnce(&LedgerState) -> R) -> Result<R, LedgerError> {
+        match &*self.state.lock() {
+            Ok(c) => Ok(f(&c.state)),
+            Err(e) => Err(LedgerError::Storage(e.clone())),
+        }
     }
 
     fn execute_sync(&self, tx: &Tx, nonce: Option<u64>) -> Result<Receipt, LedgerError> {
@@ -250,10 +258,11 @@ impl Ledger for EmbeddedLedger {
     }
 
     async fn snapshot(&self) -> Result<LedgerState, LedgerError> {
-        match &*self.state.lock() {
-            Ok(c) => Ok(c.state.clone()),
-            Err(e) => Err(LedgerError::Storage(e.clone())),
-        }
+        self.read(LedgerState::clone)
+    }
+
+    async fn params(&self) -> Result<NetworkParams, LedgerError> {
+        self.read(|s| s.registry.params.clone())
     }
 
     async fn client(
@@ -261,13 +270,6 @@ impl Ledger for EmbeddedLedger {
         proxy: PublicKey,
         client: PublicKey,
     ) -> Result<Option<ClientContract>, LedgerError> {
-        match &*self.state.lock() {
-            Ok(c) => Ok(c
-                .state
-                .clients
-                .get(&Address::client(&proxy, &client))
-                .cloned()),
-            Err(e) => Err(LedgerError::Storage(e.clone())),
-        }
+        self.read(|s| s.clients.get(&Address::client(&proxy, &client)).cloned())
     }
 }

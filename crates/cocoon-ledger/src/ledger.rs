@@ -97,6 +97,13 @@ pub enum Op {
     },
 }
 
+/// Seconds since the Unix epoch: the clock transactions run at.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// An operation with its sender (authenticated by the transport: a wallet signature on
 /// chain, the caller in the embedded ledger) and the time it executes at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +136,11 @@ pub trait Ledger: Send + Sync {
 
     /// The whole state as last committed (for queries, audits and rollback checks).
     async fn snapshot(&self) -> Result<LedgerState, LedgerError>;
+
+    /// The network's current prices and delays.
+    async fn params(&self) -> Result<NetworkParams, LedgerError> {
+        Ok(self.snapshot().await?.registry.params)
+    }
 
     /// A client's contract with one proxy, if it exists.
     async fn client(

@@ -24,7 +24,7 @@ mod wallet;
 
 pub use embedded::EmbeddedLedger;
 pub use error::LedgerError;
-pub use ledger::{ImageRole, Ledger, Op, Receipt, Tx};
+pub use ledger::{ImageRole, Ledger, Op, Receipt, Tx, unix_now};
 pub use message::{MessageError, OP_CHARGE_CLIENT, OP_PAY_WORKER, PaymentMessage, SignedMessage};
 pub use registry::{NetworkParams, Registry, TokenKind};
 pub use remote::RemoteLedger;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::LedgerError;
 use crate::ledger::{Ledger, Receipt, Tx};
+use crate::registry::NetworkParams;
 use crate::service::{ErrorBody, paths};
 use crate::state::LedgerState;
 use crate::types::{ClientContract, PublicKey};
@@ -32,6 +33,11 @@ impl RemoteLedger {
             base: url.trim_end_matches('/').to_owned(),
             wallet,
         }
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, LedgerError> {
+        let response = self.http.get(url).send().await.map_err(unreachable)?;
+        self.read(response).await
     }
 
     async fn read<T: serde::de::DeserializeOwned>(
@@ -82,13 +88,11 @@ impl Ledger for RemoteLedger {
     }
 
     async fn snapshot(&self) -> Result<LedgerState, LedgerError> {
-        let response = self
-            .http
-            .get(format!("{}{}", self.base, paths::STATE))
-            .send()
-            .await
-            .map_err(unreachable)?;
-        self.read(response).await
+        self.get(&format!("{}{}", self.base, paths::STATE)).await
+    }
+
+    async fn params(&self) -> Result<NetworkParams, LedgerError> {
+        self.get(&format!("{}{}", self.base, paths::PARAMS)).await
     }
 
     async fn client(
@@ -103,7 +107,6 @@ impl Ledger for RemoteLedger {
             hex::encode(proxy),
             hex::encode(client)
         );
-        let response = self.http.get(url).send().await.map_err(unreachable)?;
-        self.read(response).await
+        self.get(&url).await
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::embedded::EmbeddedLedger;
 use crate::error::LedgerError;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, unix_now};
 use crate::types::PublicKey;
 use crate::wallet::SignedTx;
 
@@ -22,6 +22,7 @@ use crate::wallet::SignedTx;
 pub mod paths {
     pub const TX: &str = "/ledger/v1/tx";
     pub const STATE: &str = "/ledger/v1/state";
+    pub const PARAMS: &str = "/ledger/v1/params";
     pub const CLIENTS: &str = "/ledger/v1/clients";
 }
 
@@ -55,17 +56,12 @@ impl IntoResponse for Refused {
     }
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The routes, over `ledger`.
 pub fn router(ledger: Arc<EmbeddedLedger>) -> Router {
     Router::new()
         .route(paths::TX, post(execute))
         .route(paths::STATE, get(state))
+        .route(paths::PARAMS, get(params))
         .route(
             &format!("{}/{{proxy}}/{{client}}", paths::CLIENTS),
             get(client),
@@ -79,7 +75,7 @@ async fn execute(
     Json(tx): Json<SignedTx>,
 ) -> Result<Response, Refused> {
     // The commit fsyncs: off the async threads.
-    let receipt = tokio::task::spawn_blocking(move || ledger.execute_signed(&tx, now()))
+    let receipt = tokio::task::spawn_blocking(move || ledger.execute_signed(&tx, unix_now()))
         .await
         .map_err(|e| Refused(LedgerError::Storage(e.to_string())))?
         .map_err(Refused)?;
@@ -89,6 +85,11 @@ async fn execute(
 async fn state(State(ledger): State<Arc<EmbeddedLedger>>) -> Result<Response, Refused> {
     let state = ledger.snapshot().await.map_err(Refused)?;
     Ok(Json(state).into_response())
+}
+
+async fn params(State(ledger): State<Arc<EmbeddedLedger>>) -> Result<Response, Refused> {
+    let params = ledger.params().await.map_err(Refused)?;
+    Ok(Json(params).into_response())
 }
 
 fn key(hex_key: &str) -> Result<PublicKey, Refused> {

@@ -49,6 +49,11 @@ fn nonzero(amount: Nanoton) -> Result<Nanoton, LedgerError> {
     }
 }
 
+/// The contract at `at`, which must exist.
+fn existing<C>(contracts: &mut BTreeMap<Address, C>, at: Address) -> Result<&mut C, LedgerError> {
+    contracts.get_mut(&at).ok_or(LedgerError::NoContract(at))
+}
+
 /// Whether a closing contract's delay has passed.
 fn unlocked(state: &ContractState, at: Address, now: u64) -> Result<(), LedgerError> {
     match *state {
@@ -141,10 +146,7 @@ impl LedgerState {
             Op::ProxyClose => {
                 let at = Address::proxy(&sender);
                 let unlock_at = now.saturating_add(self.registry.params.proxy_close_delay);
-                let proxy = self
-                    .proxies
-                    .get_mut(&at)
-                    .ok_or(LedgerError::NoContract(at))?;
+                let proxy = existing(&mut self.proxies, at)?;
                 if proxy.state != ContractState::Normal {
                     return Err(LedgerError::AlreadyClosing(at));
                 }
@@ -168,10 +170,7 @@ impl LedgerState {
             }
             Op::WorkerWithdraw { proxy } => {
                 let at = Address::worker(proxy, &sender);
-                let worker = self
-                    .workers
-                    .get_mut(&at)
-                    .ok_or(LedgerError::NoContract(at))?;
+                let worker = existing(&mut self.workers, at)?;
                 let amount = nonzero(worker.balance)?;
                 let paid_out = add(self.paid_out, amount)?;
                 worker.balance = 0;
@@ -225,10 +224,7 @@ impl LedgerState {
         amount: Nanoton,
     ) -> Result<(Receipt, Vec<Touched>), LedgerError> {
         let at = Address::proxy(&sender);
-        let proxy = self
-            .proxies
-            .get_mut(&at)
-            .ok_or(LedgerError::NoContract(at))?;
+        let proxy = existing(&mut self.proxies, at)?;
         nonzero(amount)?;
         if proxy.state == ContractState::Closed {
             return Err(LedgerError::NotOpen(at));
@@ -251,10 +247,7 @@ impl LedgerState {
         now: u64,
     ) -> Result<(Receipt, Vec<Touched>), LedgerError> {
         let at = Address::proxy(&sender);
-        let proxy = self
-            .proxies
-            .get_mut(&at)
-            .ok_or(LedgerError::NoContract(at))?;
+        let proxy = existing(&mut self.proxies, at)?;
         unlocked(&proxy.state, at, now)?;
         let amount = proxy.balance + proxy.stake;
         let paid_out = add(self.paid_out, amount)?;
@@ -271,10 +264,7 @@ impl LedgerState {
         client: &PublicKey,
     ) -> Result<(Receipt, Vec<Touched>), LedgerError> {
         let at = Address::client(&sender, client);
-        let contract = self
-            .clients
-            .get_mut(&at)
-            .ok_or(LedgerError::NoContract(at))?;
+        let contract = existing(&mut self.clients, at)?;
         if contract.state == ContractState::Closed {
             return Err(LedgerError::AlreadyClosing(at));
         }
@@ -329,10 +319,7 @@ impl LedgerState {
         proxy: &PublicKey,
     ) -> Result<(Address, &mut ClientContract), LedgerError> {
         let at = Address::client(proxy, sender);
-        let contract = self
-            .clients
-            .get_mut(&at)
-            .ok_or(LedgerError::NoContract(at))?;
+        let contract = existing(&mut self.clients, at)?;
         if contract.state != ContractState::Normal {
             return Err(LedgerError::NotOpen(at));
         }
@@ -397,10 +384,7 @@ impl LedgerState {
     ) -> Result<(Receipt, Vec<Touched>), LedgerError> {
         let unlock_at = now.saturating_add(self.registry.params.client_close_delay);
         let at = Address::client(proxy, &sender);
-        let contract = self
-            .clients
-            .get_mut(&at)
-            .ok_or(LedgerError::NoContract(at))?;
+        let contract = existing(&mut self.clients, at)?;
         if contract.state != ContractState::Normal {
             return Err(LedgerError::AlreadyClosing(at));
         }
@@ -419,10 +403,7 @@ impl LedgerState {
         now: u64,
     ) -> Result<(Receipt, Vec<Touched>), LedgerError> {
         let at = Address::client(proxy, &sender);
-        let contract = self
-            .clients
-            .get_mut(&at)
-            .ok_or(LedgerError::NoContract(at))?;
+        let contract = existing(&mut self.clients, at)?;
         unlocked(&contract.state, at, now)?;
         let amount = contract.balance;
         let paid_out = add(self.paid_out, amount)?;

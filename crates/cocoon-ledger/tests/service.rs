@@ -108,6 +108,7 @@ async fn signed_operations_over_http() {
     assert!(matches!(e, LedgerError::BadTransaction(_)), "{e:?}");
 
     let read_only = RemoteLedger::new(&served.url, None);
+    assert_eq!(read_only.params().await.unwrap(), params());
     let state = read_only.snapshot().await.unwrap();
     assert_eq!(state.held(), 120 * TON);
     assert_eq!(state.deposited - state.paid_out, state.held());

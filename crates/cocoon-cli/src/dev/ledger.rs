@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cocoon_ledger::{EmbeddedLedger, Ledger, Nanoton, NetworkParams, Op, PublicKey, Tx};
+use cocoon_ledger::{EmbeddedLedger, Ledger, Nanoton, NetworkParams, Op, PublicKey, Tx, unix_now};
 use tokio_util::sync::CancellationToken;
 
 pub const TON: Nanoton = 1_000_000_000;
@@ -29,12 +29,6 @@ pub struct DevLedger {
     pub url: String,
     pub ledger: Arc<EmbeddedLedger>,
     owner: PublicKey,
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl DevLedger {
@@ -66,7 +60,7 @@ impl DevLedger {
             .execute(Tx {
                 sender,
                 op,
-                now: now(),
+                now: unix_now(),
             })
             .await?;
         Ok(())

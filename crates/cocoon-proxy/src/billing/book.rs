@@ -126,12 +126,13 @@ impl Book {
         self.clients.get(key).cloned().unwrap_or_default()
     }
 
-    pub fn clients(&self) -> impl Iterator<Item = (&PublicKey, &ClientRecord)> {
-        self.clients.iter()
+    /// Weighted tokens charged to `key` so far (no copy of the record).
+    pub fn charged(&self, key: &PublicKey) -> u64 {
+        self.clients.get(key).map_or(0, |c| c.charged)
     }
 
-    pub fn workers(&self) -> impl Iterator<Item = (&PublicKey, &WorkerRecord)> {
-        self.workers.iter()
+    pub fn clients(&self) -> impl Iterator<Item = (&PublicKey, &ClientRecord)> {
+        self.clients.iter()
     }
 
     pub fn worker(&self, key: &PublicKey) -> WorkerRecord {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use cocoon_ledger::{
     ClientContract, ContractState, Ledger, LedgerError, Nanoton, NetworkParams, Op, PublicKey,
-    RemoteLedger, TokenKind, Tx, Wallet,
+    RemoteLedger, TokenKind, Tx, Wallet, unix_now,
 };
 use cocoon_protocol::{
     Billing as Bill, ErrorKind, GenerateRequest, Input, Payout, ProtocolError, Refund, Usage,
@@ -101,12 +101,6 @@ fn payment_required(message: String) -> ProtocolError {
 
 fn ledger_unavailable(e: LedgerError) -> ProtocolError {
     ProtocolError::unavailable(format!("the ledger cannot be read: {e}"))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// An upper bound on the prompt's tokens: a token of a byte-level tokenizer covers at least
@@ -198,6 +192,11 @@ impl Billing {
     /// What the book says of `client` (nothing once closed).
     fn client_record(&self, client: &PublicKey) -> ClientRecord {
         self.with_book(|b| b.client(client)).unwrap_or_default()
+    }
+
+    /// Weighted tokens charged to `client` so far (0 once closed): read per request.
+    fn charged(&self, client: &PublicKey) -> u64 {
+        self.with_book(|b| b.charged(client)).unwrap_or(0)
     }
 
     /// Releases the book after a last commit; later settlements fail.
@@ -294,7 +293,7 @@ impl Billing {
                     "this client's contract with the proxy is closing or closed".into(),
                 ));
             }
-            let charged = self.client_record(&client).charged;
+            let charged = self.charged(&client);
             let unbilled = params
                 .cost(charged.saturating_sub(contract.tokens_used))
                 .unwrap_or(Nanoton::MAX);
@@ -394,7 +393,7 @@ impl Billing {
     /// What the contract covers for this request beyond other requests' reservations and the
     /// unbilled work.
     fn coverable(&self, hold: &Hold, params: &NetworkParams) -> Nanoton {
-        let charged = self.client_record(&hold.client).charged;
+        let charged = self.charged(&hold.client);
         let clients = self.clients.lock();
         let Some(view) = clients.get(&hold.client) else {
             return 0;
@@ -545,8 +544,8 @@ impl Billing {
         for client in pending {
             self.commit_client(client).await;
         }
-        match self.ledger.snapshot().await {
-            Ok(state) => *self.params.write() = state.registry.params,
+        match self.ledger.params().await {
+            Ok(params) => *self.params.write() = params,
             Err(e) => tracing::warn!(error = %e, "cannot reread network parameters"),
         }
     }
