@@ -11,7 +11,7 @@ use cocoon_cli::money::{self, AccountOptions, ClientAccount, ClientAction};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
 use cocoon_ledger::Ledger as _;
-use cocoon_proxy::{Proxy, ProxyConfig};
+use cocoon_proxy::{LimitsConfig, Proxy, ProxyConfig};
 use cocoon_worker::{ModelRouter, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -390,6 +390,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     DevOptions {
                         gateway_listen: "127.0.0.1:0".into(),
                         payments,
+                        // The bench measures the path, not the abuse limits.
+                        limits: LimitsConfig {
+                            requests_per_second: 1e6,
+                            burst: 1_000_000,
+                            concurrent_requests: 1_000_000,
+                            ..LimitsConfig::default()
+                        },
                         ..Default::default()
                     },
                     vec![backend.clone()],

@@ -56,7 +56,14 @@ impl From<ProtocolError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(error_body(&self.error))).into_response()
+        let mut response = (self.status, Json(error_body(&self.error))).into_response();
+        // SDKs (OpenAI's among them) wait as long as `Retry-After` says before retrying.
+        if let Some(secs) = self.error.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 

@@ -2,7 +2,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_net::{Channel, EventReader};
-use cocoon_protocol::{ALPN_CLIENT, GenerateRequest, ModelList, ProtocolError, Refund, paths};
+use cocoon_protocol::{
+    ALPN_CLIENT, ErrorKind, GenerateRequest, ModelList, ProtocolError, Refund, paths,
+};
 use cocoon_tls::{Identity, PeerVerifier, Verified};
 use tokio::sync::Mutex;
 
@@ -86,7 +88,18 @@ impl ProxyLink {
     }
 
     pub async fn generate(&self, request: &GenerateRequest) -> Result<EventReader, ProtocolError> {
-        self.channel().await?.generate(request).await
+        let channel = self.channel().await?;
+        match channel.generate(request).await {
+            // The proxy closes a connection that has been idle a while (its `idle_timeout`),
+            // and a request can cross that close on the wire. The proxy only closes once no
+            // request is open, so this one never started there: it is safe to send again on a
+            // fresh connection.
+            Err(e) if e.kind == ErrorKind::Unavailable && channel.is_closed() => {
+                tracing::debug!(error = %e, "proxy connection closed under a request; reconnecting");
+                self.channel().await?.generate(request).await
+            }
+            answer => answer,
+        }
     }
 
     /// Asks the proxy to close this client's contract and refund it at once.

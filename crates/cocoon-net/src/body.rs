@@ -146,6 +146,10 @@ pub fn error_response(e: &ProtocolError) -> http::Response<Body> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    if let Some(secs) = e.retry_after_secs {
+        r.headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+    }
     r
 }
 

@@ -1,6 +1,9 @@
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -11,13 +14,14 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use crate::body::Body;
 
-/// TCP connect plus TLS handshake must finish within this time; a peer that stalls in the
-/// handshake (slow-loris) is dropped.
+/// TCP connect plus TLS handshake, as client, must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings on idle connections, so a vanished peer is noticed even without traffic.
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Cocoon's requests carry a handful of short headers; a peer sending more is up to no good.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Opens a TCP connection to `addr` and runs the TLS handshake as client.
 pub async fn connect_tls(
@@ -36,36 +40,117 @@ pub async fn connect_tls(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
-/// Runs the TLS handshake as server on an accepted TCP connection.
+/// Runs the TLS handshake as server on an accepted TCP connection; a peer that has not
+/// finished it within `timeout` (a slow-loris, a half-open connection) is dropped.
 pub async fn accept_tls(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
+    timeout: Duration,
 ) -> std::io::Result<server::TlsStream<TcpStream>> {
     tcp.set_nodelay(true)?;
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
+    tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(tcp))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
-/// Serves HTTP/2 on `io` until the peer goes away or stops answering pings.
-pub async fn serve_h2<IO, F, Fut>(io: IO, handler: F) -> Result<(), hyper::Error>
+/// Serves HTTP/2 on `io` until the peer goes away or stops answering pings, or, with
+/// `idle_timeout`, until it has had no request open for that long. Pings keep a quiet
+/// connection alive at the transport, so only the absence of requests tells a peer that merely
+/// holds a connection (and its slot under the connection limit) from one that uses it.
+pub async fn serve_h2<IO, F, Fut>(
+    io: IO,
+    idle_timeout: Option<Duration>,
+    handler: F,
+) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(http::Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = http::Response<Body>> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let service = service_fn(move |req| {
-        let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler(req).await) }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let activity = Arc::new(Activity::default());
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let handler = handler.clone();
+            // Taken before the handler runs and released with the response body, so a long
+            // stream counts as activity for as long as it lasts.
+            let busy = activity.begin();
+            async move {
+                let response = handler(req).await;
+                Ok::<_, Infallible>(response.map(|body| {
+                    body.map_frame(move |frame| {
+                        let _ = &busy;
+                        frame
+                    })
+                    .boxed_unsync()
+                }))
+            }
+        })
+    };
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .serve_connection(TokioIo::new(io), service)
-        .await
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .serve_connection(TokioIo::new(io), service);
+    let Some(idle_timeout) = idle_timeout else {
+        return conn.await;
+    };
+    tokio::pin!(conn);
+    let check = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => return done,
+            _ = tokio::time::sleep(check) => {
+                if activity.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+                    tracing::debug!(?idle_timeout, "closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    return conn.await;
+                }
+            }
+        }
+    }
+}
+
+/// Requests open on one connection, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    open: AtomicUsize,
+    last_end: Mutex<Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            last_end: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// How long the connection has had no request open; `None` while one is.
+    fn idle_for(&self) -> Option<Duration> {
+        let last_end = *self.last_end.lock().expect("never poisoned");
+        (self.open.load(Ordering::SeqCst) == 0).then(|| last_end.elapsed())
+    }
+}
+
+/// One open request; its end is recorded when dropped.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().expect("never poisoned") = Instant::now();
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A connection accepted by [`accept_tls`].

@@ -15,6 +15,8 @@ pub enum ErrorKind {
     Unavailable,
     /// The client's contract with the proxy cannot pay for the request.
     PaymentRequired,
+    /// The client exceeded a rate or concurrency limit; it may retry after a while.
+    RateLimited,
     /// The request was cancelled by the requester.
     Cancelled,
     /// The serving side failed.
@@ -27,6 +29,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidRequest | ErrorKind::ContextLengthExceeded => 400,
             ErrorKind::PaymentRequired => 402,
+            ErrorKind::RateLimited => 429,
             ErrorKind::ModelNotFound => 404,
             ErrorKind::Cancelled => 499,
             ErrorKind::Unavailable => 503,
@@ -40,6 +43,8 @@ impl ErrorKind {
             ErrorKind::InvalidRequest | ErrorKind::ContextLengthExceeded => "invalid_request_error",
             ErrorKind::ModelNotFound => "invalid_request_error",
             ErrorKind::PaymentRequired => "insufficient_quota",
+            // What OpenAI itself answers for a request-rate limit.
+            ErrorKind::RateLimited => "requests",
             ErrorKind::Unavailable => "service_unavailable",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "server_error",
@@ -52,6 +57,7 @@ impl ErrorKind {
             ErrorKind::ContextLengthExceeded => Some("context_length_exceeded"),
             ErrorKind::ModelNotFound => Some("model_not_found"),
             ErrorKind::PaymentRequired => Some("insufficient_quota"),
+            ErrorKind::RateLimited => Some("rate_limit_exceeded"),
             _ => None,
         }
     }
@@ -63,6 +69,9 @@ impl ErrorKind {
 pub struct ProtocolError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Seconds after which a retry may succeed; sent on as HTTP `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u32>,
 }
 
 impl ProtocolError {
@@ -70,6 +79,15 @@ impl ProtocolError {
         Self {
             kind,
             message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// A refusal for exceeding a limit, to be retried after `secs` seconds.
+    pub fn rate_limited(message: impl Into<String>, secs: u32) -> Self {
+        Self {
+            retry_after_secs: Some(secs.max(1)),
+            ..Self::new(ErrorKind::RateLimited, message)
         }
     }
 

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use cocoon_tls::{AttesterConfig, PeerPolicy};
 
 pub use crate::billing::PaymentsConfig;
+pub use crate::limits::LimitsConfig;
 use serde::{Deserialize, Serialize};
 
 /// `proxy.toml`. Every field has a default; `cocoon config proxy` prints them all.
@@ -28,6 +29,8 @@ pub struct ProxyConfig {
     /// The ledger clients pay through and the proxy's record of charges. Without a ledger
     /// the proxy serves for free (and says so at start).
     pub payments: PaymentsConfig,
+    /// What one client key or address may ask and hold, and the timeouts on silent peers.
+    pub limits: LimitsConfig,
 }
 
 impl Default for ProxyConfig {
@@ -41,6 +44,7 @@ impl Default for ProxyConfig {
             worker_policy: PeerPolicy::default(),
             client_policy: PeerPolicy::default(),
             payments: PaymentsConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }

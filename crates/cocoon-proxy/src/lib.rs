@@ -6,17 +6,18 @@
 //! least-loaded worker serving the model and relays back event by event. This crate owns
 //! that routing, the worker registry, who is admitted (attestation policies per role), what
 //! each request costs (reservation, settlement, the proxy's durable record, batched commits to
-//! the ledger) and the proxy's configuration.
+//! the ledger), the abuse limits per client and address, and the proxy's configuration.
 
 mod admission;
 mod billing;
 mod config;
+mod limits;
 mod relay;
 mod server;
 mod workers;
 
 pub use admission::Refusal;
 pub use billing::{Book, BookError, ClientRecord, PaymentsConfig, PaymentsStatus, WorkerRecord};
-pub use config::ProxyConfig;
+pub use config::{LimitsConfig, ProxyConfig};
 pub use server::{Proxy, ProxyStatus, StatusSource, WorkerStatus};
 pub use workers::{WorkerEntry, WorkerSet};

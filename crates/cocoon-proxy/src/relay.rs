@@ -49,15 +49,36 @@ async fn settle(
     Ok(bill)
 }
 
+/// A worker that went silent mid-answer: the stream ends with this error, and the answer is
+/// not charged (no bill was settled for it).
+fn stalled(timeout: Duration) -> ProtocolError {
+    ProtocolError::unavailable(format!(
+        "the worker sent nothing for {} s and was cut off",
+        timeout.as_secs()
+    ))
+}
+
 pub(crate) async fn generate(state: &State, client: [u8; 32], body: Incoming) -> Response<Body> {
-    let request: GenerateRequest = match cocoon_net::read_json(body, state.max_request_bytes).await
-    {
-        Ok(r) => r,
+    let limits = state.limiter.config();
+    let read = cocoon_net::read_json(body, state.max_request_bytes);
+    let request: GenerateRequest = match tokio::time::timeout(limits.body_timeout(), read).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return error_response(&e),
+        Err(_) => {
+            return error_response(&ProtocolError::invalid(format!(
+                "the request body did not arrive within {} s",
+                limits.body_timeout_secs
+            )));
+        }
+    };
+    let permit = match state.limiter.admit(client, &request) {
+        Ok(p) => p,
         Err(e) => return error_response(&e),
     };
     if let Err(e) = request.validate() {
         return error_response(&e);
     }
+    let worker_timeout = limits.worker_timeout();
     // No reservation for a model nobody serves: that request ends in a 404 below.
     let mut hold = match (&state.billing, state.workers.context_length(&request.model)) {
         (Some(billing), Some(context)) => match billing.reserve(client, &request, context).await {
@@ -74,7 +95,15 @@ pub(crate) async fn generate(state: &State, client: [u8; 32], body: Incoming) ->
         };
         let worker = load.worker().clone();
         tried.push(worker.id);
-        match worker.channel.generate(&request).await {
+        let started = tokio::time::timeout(worker_timeout, worker.channel.generate(&request))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProtocolError::unavailable(format!(
+                    "worker did not start the answer within {} s",
+                    worker_timeout.as_secs()
+                )))
+            });
+        match started {
             Ok(mut events) => {
                 let (tx, rx) = mpsc::channel::<Bytes>(32);
                 let billing = state.billing.clone();
@@ -83,11 +112,12 @@ pub(crate) async fn generate(state: &State, client: [u8; 32], body: Incoming) ->
                     // Holding `load` here counts the request against the worker until the stream
                     // ends or the client goes away.
                     let _load = load;
+                    let _permit = permit;
                     // Generated tokens relayed so far, billed if the client leaves early.
                     let mut relayed = 0u32;
                     let client_left = loop {
                         tokio::select! {
-                            next = events.next() => match next {
+                            next = tokio::time::timeout(worker_timeout, events.next()) => match next.unwrap_or_else(|_| Some(Err(stalled(worker_timeout)))) {
                                 Some(Ok((GenerateEvent::Done { finish_reason, usage, .. }, frame))) => {
                                     let frame = match (&billing, hold.take()) {
                                         // The answer is acknowledged only once its bill is on disk.

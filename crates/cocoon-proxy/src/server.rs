@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{Admission, Refusal};
 use crate::billing::{Billing, PaymentsStatus};
 use crate::config::ProxyConfig;
+use crate::limits::Limiter;
 use crate::relay;
 use crate::workers::WorkerSet;
 
@@ -37,6 +38,7 @@ pub(crate) struct State {
     admission: Admission,
     attestation: &'static str,
     pub(crate) billing: Option<Arc<Billing>>,
+    pub(crate) limiter: Arc<Limiter>,
     commit_interval: Duration,
 }
 
@@ -78,6 +80,7 @@ impl Proxy {
             "cocoon-proxy",
             "proxy",
         )?);
+        config.limits.check()?;
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
         let admission = Admission::new(
             config.worker_policy.build("worker_policy", "worker")?,
@@ -121,6 +124,7 @@ impl Proxy {
             admission,
             attestation,
             billing,
+            limiter: Limiter::new(config.limits.clone()),
             commit_interval: Duration::from_secs(config.payments.commit_interval_secs.max(1)),
         });
         Ok(Self { listener, state })
@@ -166,10 +170,15 @@ impl Proxy {
                 },
                 _ = shutdown.cancelled() => break,
             };
+            // One address may not take every slot: the rest of the network keeps its way in.
+            let Some(per_ip) = self.state.limiter.connect(peer_addr.ip()) else {
+                tracing::debug!(%peer_addr, "connection refused: too many from this address");
+                continue;
+            };
             let state = self.state.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permits = (permit, per_ip);
                 tokio::select! {
                     _ = state.connection(tcp, peer_addr) => {}
                     _ = shutdown.cancelled() => {}
@@ -223,7 +232,13 @@ impl StatusSource for State {
 
 impl State {
     async fn connection(self: Arc<Self>, tcp: tokio::net::TcpStream, peer_addr: SocketAddr) {
-        let tls = match cocoon_net::accept_tls(tcp, self.tls.clone()).await {
+        let tls = match cocoon_net::accept_tls(
+            tcp,
+            self.tls.clone(),
+            self.limiter.config().handshake_timeout(),
+        )
+        .await
+        {
             Ok(tls) => tls,
             Err(e) => {
                 tracing::debug!(%peer_addr, error = %e, "TLS handshake failed");
@@ -246,9 +261,11 @@ impl State {
                     return;
                 };
                 let state = self.clone();
-                let _ =
-                    cocoon_net::serve_h2(tls, move |req| state.clone().client_request(client, req))
-                        .await;
+                let idle = Some(self.limiter.config().idle_timeout());
+                let _ = cocoon_net::serve_h2(tls, idle, move |req| {
+                    state.clone().client_request(client, req)
+                })
+                .await;
             }
             Some(ALPN_WORKER) => {
                 let Ok(verified) = self.admission.worker(&peer) else {

@@ -98,7 +98,7 @@ impl Worker {
                 self.connected.store(true, Ordering::SeqCst);
                 let service = service.for_proxy(proxy_key);
                 let result =
-                    cocoon_net::serve_h2(tls, move |req| service.clone().handle(req)).await;
+                    cocoon_net::serve_h2(tls, None, move |req| service.clone().handle(req)).await;
                 self.connected.store(false, Ordering::SeqCst);
                 result.map_err(std::io::Error::other)
             };

@@ -117,7 +117,12 @@ impl WorkerService {
                 if tx.send(encode_frame(&event)).await.is_err() {
                     return;
                 }
-                next = events.next().await;
+                // A reset is noticed while the backend is still working on the next token too
+                // (a long prefill, a stalled backend), not only at the next send.
+                next = tokio::select! {
+                    event = events.next() => event,
+                    _ = tx.closed() => return,
+                };
             }
         });
         event_stream_response(rx)

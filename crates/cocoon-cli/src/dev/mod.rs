@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use cocoon_client::{ClientConfig, ClientPayments, Gateway};
 use cocoon_engine::Backend;
 use cocoon_ledger::{EmbeddedLedger, PublicKey};
-use cocoon_proxy::{PaymentsConfig, Proxy, ProxyConfig, ProxyStatus, StatusSource};
+use cocoon_proxy::{LimitsConfig, PaymentsConfig, Proxy, ProxyConfig, ProxyStatus, StatusSource};
 use cocoon_tls::{AttesterChoice, AttesterConfig, Identity, PeerPolicy};
 use cocoon_worker::{PayoutStore, Worker};
 
@@ -40,6 +40,8 @@ pub struct DevOptions {
     pub payments: bool,
     /// Seconds between the proxy's batched commits to the ledger.
     pub commit_interval_secs: u64,
+    /// The proxy's abuse limits.
+    pub limits: LimitsConfig,
 }
 
 impl Default for DevOptions {
@@ -50,6 +52,7 @@ impl Default for DevOptions {
             proxy_key_file: None,
             payments: true,
             commit_interval_secs: 2,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -461,6 +464,7 @@ async fn start_proxy(
             book: setup.dev_dir.join("proxy-book.redb"),
             commit_interval_secs: setup.options.commit_interval_secs,
         },
+        limits: setup.options.limits.clone(),
         ..ProxyConfig::default()
     })
     .await?;

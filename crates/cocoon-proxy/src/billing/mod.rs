@@ -239,6 +239,16 @@ impl Billing {
             .await
             .map_err(ledger_unavailable)?;
         let mut clients = self.clients.lock();
+        // Keys cost nothing to make: one without a contract leaves no entry behind (unless it
+        // still holds something), so a flood of them cannot grow the table.
+        if contract.is_none()
+            && clients
+                .get(&client)
+                .is_none_or(|v| v.reserved == 0 && !v.closing)
+        {
+            clients.remove(&client);
+            return Ok(None);
+        }
         let view = clients.entry(client).or_insert(ClientView {
             contract: None,
             fetched: Instant::now(),
@@ -436,9 +446,13 @@ impl Billing {
             view.closing = true;
         }
         let result = self.commit_and_refund(client).await;
-        if let Some(view) = self.clients.lock().get_mut(&client) {
+        let mut clients = self.clients.lock();
+        if let Some(view) = clients.get_mut(&client) {
             view.closing = false;
             view.fetched = Instant::now() - CONTRACT_TTL;
+            if view.contract.is_none() && view.reserved == 0 {
+                clients.remove(&client);
+            }
         }
         result
     }
