@@ -153,7 +153,7 @@ async fn over_rate_or_concurrency_a_client_gets_429_with_retry_after() {
         requests_per_second: 0.2,
         burst: 2,
         concurrent_requests: 1,
-        max_tokens: 100,
+        max_tokens: Some(100),
         ..LimitsConfig::default()
     })
     .await;

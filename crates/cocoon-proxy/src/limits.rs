@@ -29,8 +29,9 @@ pub struct LimitsConfig {
     pub burst: u32,
     /// Generation requests one client key may have in flight.
     pub concurrent_requests: u32,
-    /// Largest `max_tokens` a request may ask for.
-    pub max_tokens: u32,
+    /// Largest `max_tokens` a request may ask for. Unset, the model's context window is the
+    /// bound (and a request beyond it gets the worker's `context_length_exceeded`).
+    pub max_tokens: Option<u32>,
     /// Open connections from one IP address.
     pub connections_per_ip: u32,
     /// A connection must finish its TLS handshake within this time (slow-loris, half-open).
@@ -49,7 +50,7 @@ impl Default for LimitsConfig {
             requests_per_second: 20.0,
             burst: 40,
             concurrent_requests: 16,
-            max_tokens: 32_768,
+            max_tokens: None,
             connections_per_ip: 64,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 300,
@@ -69,7 +70,7 @@ impl LimitsConfig {
         for (name, value) in [
             ("burst", u64::from(self.burst)),
             ("concurrent_requests", u64::from(self.concurrent_requests)),
-            ("max_tokens", u64::from(self.max_tokens)),
+            ("max_tokens", self.max_tokens.map_or(1, u64::from)),
             ("connections_per_ip", u64::from(self.connections_per_ip)),
             ("handshake_timeout_secs", self.handshake_timeout_secs),
             ("idle_timeout_secs", self.idle_timeout_secs),
@@ -148,12 +149,11 @@ impl Limiter {
         client: [u8; 32],
         request: &GenerateRequest,
     ) -> Result<RequestPermit, ProtocolError> {
-        if let Some(asked) = request.params.max_tokens
-            && asked > self.config.max_tokens
+        if let (Some(asked), Some(limit)) = (request.params.max_tokens, self.config.max_tokens)
+            && asked > limit
         {
             return Err(ProtocolError::invalid(format!(
-                "max_tokens {asked} is above this proxy's limit of {}",
-                self.config.max_tokens
+                "max_tokens {asked} is above this proxy's limit of {limit}"
             )));
         }
         let rate = self.config.requests_per_second;
@@ -273,6 +273,7 @@ mod tests {
 
     fn limiter(rate: f64, burst: u32, concurrent: u32) -> Arc<Limiter> {
         Limiter::new(LimitsConfig {
+            max_tokens: Some(1000),
             requests_per_second: rate,
             burst,
             concurrent_requests: concurrent,
@@ -313,7 +314,7 @@ mod tests {
     #[test]
     fn max_tokens_above_the_limit_is_invalid() {
         let limiter = limiter(1000.0, 1000, 10);
-        let limit = limiter.config().max_tokens;
+        let limit = limiter.config().max_tokens.unwrap();
         let refused = limiter
             .admit([1; 32], &request(Some(limit + 1)))
             .unwrap_err();
