@@ -33,11 +33,32 @@ pub async fn connect_tls(
         tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::try_from(cocoon_tls::SERVER_NAME)
             .expect("constant is a valid name");
-        TlsConnector::from(config).connect(name, tcp).await
+        TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(readable)
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+/// rustls shows a certificate our verifier refused in its debug form; the verifier's own
+/// message (not pinned, image not allowed, stale quote) is what an operator needs to read.
+fn readable(e: std::io::Error) -> std::io::Error {
+    let refused = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|tls| match tls {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(why)) => {
+                Some(format!("peer certificate refused: {}", why.0))
+            }
+            _ => None,
+        });
+    match refused {
+        Some(message) => std::io::Error::new(e.kind(), message),
+        None => e,
+    }
 }
 
 /// Runs the TLS handshake as server on an accepted TCP connection; a peer that has not
