@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,29 +12,16 @@ use std::time::Duration;
 use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, dev_params, key_wallet};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_ledger::{Address, Ledger};
-use cocoon_proxy::{Book, PaymentsConfig, ProxyConfig};
+use cocoon_proxy::Book;
 use cocoon_worker::{PayoutStore, Worker};
 use common::*;
 use serde_json::json;
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 /// Concurrent request loops: at most this many answers are in flight at the kill.
 const LOOPS: usize = 3;
 /// How many times the proxy is killed.
 const KILLS: u64 = 3;
-
-fn spawn_proxy(config: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_cocoon"))
-        .args(["proxy", "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
 
 /// Acknowledged answers' billed tokens, in order.
 type Acked = Arc<Mutex<Vec<u64>>>;
@@ -78,30 +65,12 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
     let net = network(vec![]).await;
     let dir: PathBuf = net.dir().to_owned();
     let dev = net.dev_ledger().unwrap();
-    let proxy_key_file = dir.join("crash-proxy.key");
-    let proxy = key_wallet(&proxy_key_file).unwrap().public_key();
+    let own = own_proxy(&net, "crash").await;
+    let (proxy, addr, book) = (own.key, own.addr.clone(), own.book.clone());
     let client_key_file = dir.join("crash-client.key");
     let client = key_wallet(&client_key_file).unwrap().public_key();
-    let addr = free_port();
-    dev.open_proxy(proxy, &addr).await.unwrap();
     dev.fund_client(client, proxy).await.unwrap();
-
-    let book = dir.join("crash-book.redb");
-    let config = ProxyConfig {
-        listen: addr.clone(),
-        key_file: Some(proxy_key_file),
-        attester: net.dev_attester(),
-        worker_policy: net.dev_policy(),
-        payments: PaymentsConfig {
-            ledger: Some(net.ledger_url().unwrap().to_owned()),
-            book: book.clone(),
-            commit_interval_secs: 1,
-        },
-        ..ProxyConfig::default()
-    };
-    let config_file = dir.join("crash-proxy.toml");
-    std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
-    let mut child = spawn_proxy(&config_file, &dir.join("proxy-1.log"));
+    let mut child = spawn_cocoon(&["proxy"], &own.config, dir.join("proxy-1.log"));
     wait_listening(&addr).await;
 
     let stop = CancellationToken::new();
@@ -153,7 +122,11 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
         child.start_kill().unwrap();
         child.wait().await.unwrap();
         let at_kill = acked.lock().unwrap().len();
-        child = spawn_proxy(&config_file, &dir.join(format!("proxy-{round}.log")));
+        child = spawn_cocoon(
+            &["proxy"],
+            &own.config,
+            dir.join(format!("proxy-{round}.log")),
+        );
         wait_acked(&acked, at_kill + 6).await;
     }
 

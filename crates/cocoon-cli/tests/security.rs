@@ -20,6 +20,19 @@ use common::*;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+/// A short chat request to a gateway's `chat/completions` URL.
+async fn ask(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    content: &str,
+) -> reqwest::Response {
+    http.post(url)
+        .json(&chat_body(content, json!({"max_tokens": 2})))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_proxy_gets_no_prompt_and_no_worker() {
     let net = network(vec![llama()]).await;
@@ -66,12 +79,7 @@ async fn an_impostor_proxy_gets_no_prompt_and_no_worker() {
     };
     let http = reqwest::Client::new();
     let fooled = gateway_to(impostor_addr.clone()).await;
-    let r = http
-        .post(&fooled)
-        .json(&chat_body("a secret prompt", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
+    let r = ask(&http, &fooled, "a secret prompt").await;
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     let message = body["error"]["message"].as_str().unwrap();
@@ -104,12 +112,7 @@ async fn an_impostor_proxy_gets_no_prompt_and_no_worker() {
 
     // The same pinned configuration reaches the real proxy: the key made the difference.
     let genuine = gateway_to(net.proxy_addr.to_string()).await;
-    let r = http
-        .post(&genuine)
-        .json(&chat_body("Hi", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
+    let r = ask(&http, &genuine, "Hi").await;
     assert_eq!(r.status(), 200);
     stop.cancel();
 }
@@ -121,12 +124,12 @@ async fn a_client_cannot_spend_close_or_read_another_clients_contract() {
     let proxy = net.proxy_key().unwrap();
     let victim = net.client_key();
     // The victim has been served once, so its contract has a charge to protect.
-    let r = http
-        .post(format!("{}/chat/completions", net.gateway_url()))
-        .json(&chat_body("Hi", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
+    let r = ask(
+        &http,
+        format!("{}/chat/completions", net.gateway_url()),
+        "Hi",
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     let counter = answer["usage"]["billing"]["tokens_used"].as_u64().unwrap();
@@ -162,12 +165,7 @@ async fn a_client_cannot_spend_close_or_read_another_clients_contract() {
     let other_url = format!("http://{}/v1", other.local_addr());
     let stop = CancellationToken::new();
     tokio::spawn(other.run(stop.clone()));
-    let r = http
-        .post(format!("{other_url}/chat/completions"))
-        .json(&chat_body("Hi", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
+    let r = ask(&http, format!("{other_url}/chat/completions"), "Hi").await;
     assert_eq!(r.status(), 402, "served on someone else's money");
 
     // Asking the proxy to close "its" contract acts on its own key only.
@@ -197,12 +195,12 @@ async fn a_client_cannot_spend_close_or_read_another_clients_contract() {
     assert_eq!(after.state, ContractState::Normal);
     assert_eq!(after.balance, before.balance);
     assert_eq!(after.tokens_used, before.tokens_used);
-    let r = http
-        .post(format!("{}/chat/completions", net.gateway_url()))
-        .json(&chat_body("Hi", json!({"max_tokens": 2})))
-        .send()
-        .await
-        .unwrap();
+    let r = ask(
+        &http,
+        format!("{}/chat/completions", net.gateway_url()),
+        "Hi",
+    )
+    .await;
     assert_eq!(r.status(), 200);
     stop.cancel();
 }

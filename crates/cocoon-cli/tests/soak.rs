@@ -16,7 +16,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,13 +25,12 @@ use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, dev_params, key_wallet};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::LlamaConfig;
 use cocoon_ledger::{Address, Ledger, PublicKey};
-use cocoon_proxy::{Book, PaymentsConfig, ProxyConfig};
+use cocoon_proxy::Book;
 use cocoon_worker::{BackendConfig, PayoutsConfig, WorkerConfig};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 const CLIENTS: usize = 2;
@@ -79,19 +78,6 @@ struct Tally {
 }
 
 type Shared = Arc<Mutex<Tally>>;
-
-fn spawn(args: &[&str], config: &Path, log: PathBuf) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_cocoon"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
 
 /// One request of the mix; what came of it.
 async fn request(http: &reqwest::Client, gateway: &str, rng: &mut StdRng) -> Outcome {
@@ -364,27 +350,10 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
     let net = network(vec![]).await;
     let dir: PathBuf = net.dir().to_owned();
     let dev = net.dev_ledger().unwrap();
-    let proxy_key_file = dir.join("soak-proxy.key");
-    let proxy = key_wallet(&proxy_key_file).unwrap().public_key();
-    let addr = free_port();
-    dev.open_proxy(proxy, &addr).await.unwrap();
-    let book = dir.join("soak-book.redb");
-    let proxy_config = dir.join("soak-proxy.toml");
-    let config = ProxyConfig {
-        listen: addr.clone(),
-        key_file: Some(proxy_key_file),
-        attester: net.dev_attester(),
-        worker_policy: net.dev_policy(),
-        payments: PaymentsConfig {
-            ledger: Some(net.ledger_url().unwrap().to_owned()),
-            book: book.clone(),
-            commit_interval_secs: 1,
-        },
-        ..ProxyConfig::default()
-    };
-    std::fs::write(&proxy_config, toml::to_string(&config).unwrap()).unwrap();
+    let own = own_proxy(&net, "soak").await;
+    let (proxy, addr, book, proxy_config) = (own.key, own.addr, own.book, own.config);
     let mut proxy_runs = 1;
-    let mut proxy_child = spawn(&["proxy"], &proxy_config, dir.join("proxy-1.log"));
+    let mut proxy_child = spawn_cocoon(&["proxy"], &proxy_config, dir.join("proxy-1.log"));
     wait_listening(&addr).await;
 
     let mut workers = Vec::new();
@@ -413,7 +382,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
         };
         let path = dir.join(format!("soak-worker-{i}.toml"));
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-        let child = spawn(&["worker"], &path, dir.join(format!("worker-{i}-1.log")));
+        let child = spawn_cocoon(&["worker"], &path, dir.join(format!("worker-{i}-1.log")));
         workers.push((path, child, 1));
     }
 
@@ -483,7 +452,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
         tokio::time::sleep(down).await;
         if what == 0 || what == 3 {
             proxy_runs += 1;
-            proxy_child = spawn(
+            proxy_child = spawn_cocoon(
                 &["proxy"],
                 &proxy_config,
                 dir.join(format!("proxy-{proxy_runs}.log")),
@@ -492,7 +461,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
         if what >= 1 {
             let (path, child, runs) = &mut workers[victim];
             *runs += 1;
-            *child = spawn(
+            *child = spawn_cocoon(
                 &["worker"],
                 path,
                 dir.join(format!("worker-{victim}-{runs}.log")),

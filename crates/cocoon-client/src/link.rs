@@ -11,6 +11,9 @@ use tokio::sync::Mutex;
 const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
 /// A close commits the last charge and the refund on the ledger: two durable transactions.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the proxy may send nothing on an answer: longer than a proxy's own default limit
+/// on a silent worker (120 s), so that the proxy's clearer verdict arrives first.
+const PROXY_SILENCE: Duration = Duration::from_secs(180);
 
 /// The gateway's connection to its proxy: one multiplexed HTTP/2 connection, opened on first
 /// use and reopened after it drops.
@@ -87,7 +90,21 @@ impl ProxyLink {
             .clone()
     }
 
+    /// Starts a generation through the proxy; an answer that does not start, or stalls, within
+    /// `PROXY_SILENCE` fails instead of hanging the app.
     pub async fn generate(&self, request: &GenerateRequest) -> Result<EventReader, ProtocolError> {
+        tokio::time::timeout(PROXY_SILENCE, self.start(request))
+            .await
+            .map_err(|_| {
+                ProtocolError::unavailable(format!(
+                    "the proxy did not start the answer within {} s",
+                    PROXY_SILENCE.as_secs()
+                ))
+            })?
+            .map(|events| events.with_silence_limit(PROXY_SILENCE))
+    }
+
+    async fn start(&self, request: &GenerateRequest) -> Result<EventReader, ProtocolError> {
         let channel = self.channel().await?;
         match channel.generate(request).await {
             // The proxy closes a connection that has been idle a while (its `idle_timeout`),

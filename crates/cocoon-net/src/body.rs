@@ -61,6 +61,8 @@ pub struct EventReader {
     body: Incoming,
     decoder: FrameDecoder,
     finished: bool,
+    /// How long the peer may send nothing before the stream counts as broken.
+    silence_limit: Option<std::time::Duration>,
 }
 
 impl EventReader {
@@ -69,7 +71,15 @@ impl EventReader {
             body,
             decoder: FrameDecoder::new(),
             finished: false,
+            silence_limit: None,
         }
+    }
+
+    /// Ends the stream with an error when the peer sends nothing for `limit`: keep-alive pings
+    /// catch a peer that vanished, not one that is connected and stalled.
+    pub fn with_silence_limit(mut self, limit: std::time::Duration) -> Self {
+        self.silence_limit = Some(limit);
+        self
     }
 
     /// The next event with its encoded frame (so a relay can forward it without re-encoding),
@@ -104,7 +114,20 @@ impl EventReader {
                     ))));
                 }
             }
-            match self.body.frame().await {
+            let frame = match self.silence_limit {
+                Some(limit) => match tokio::time::timeout(limit, self.body.frame()).await {
+                    Ok(frame) => frame,
+                    Err(_) => {
+                        self.finished = true;
+                        return Some(Err(ProtocolError::unavailable(format!(
+                            "the peer sent nothing for {} s and was cut off",
+                            limit.as_secs()
+                        ))));
+                    }
+                },
+                None => self.body.frame().await,
+            };
+            match frame {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         self.decoder.push(data);

@@ -49,15 +49,6 @@ async fn settle(
     Ok(bill)
 }
 
-/// A worker that went silent mid-answer: the stream ends with this error, and the answer is
-/// not charged (no bill was settled for it).
-fn stalled(timeout: Duration) -> ProtocolError {
-    ProtocolError::unavailable(format!(
-        "the worker sent nothing for {} s and was cut off",
-        timeout.as_secs()
-    ))
-}
-
 pub(crate) async fn generate(state: &State, client: [u8; 32], body: Incoming) -> Response<Body> {
     let limits = state.limiter.config();
     let read = cocoon_net::read_json(body, state.max_request_bytes);
@@ -104,7 +95,10 @@ pub(crate) async fn generate(state: &State, client: [u8; 32], body: Incoming) ->
                 )))
             });
         match started {
-            Ok(mut events) => {
+            Ok(events) => {
+                // A worker silent mid-answer is cut off; the answer is not charged (no bill
+                // is settled for it).
+                let mut events = events.with_silence_limit(worker_timeout);
                 let (tx, rx) = mpsc::channel::<Bytes>(32);
                 let billing = state.billing.clone();
                 let mut hold = hold.take();
@@ -117,7 +111,7 @@ pub(crate) async fn generate(state: &State, client: [u8; 32], body: Incoming) ->
                     let mut relayed = 0u32;
                     let client_left = loop {
                         tokio::select! {
-                            next = tokio::time::timeout(worker_timeout, events.next()) => match next.unwrap_or_else(|_| Some(Err(stalled(worker_timeout)))) {
+                            next = events.next() => match next {
                                 Some(Ok((GenerateEvent::Done { finish_reason, usage, .. }, frame))) => {
                                     let frame = match (&billing, hold.take()) {
                                         // The answer is acknowledged only once its bill is on disk.

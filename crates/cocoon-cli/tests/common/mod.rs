@@ -142,3 +142,67 @@ pub async fn wait_listening(addr: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs `cocoon ARGS --config CONFIG` as a process of its own (so a test can kill it for
+/// real), its log in `log`.
+pub fn spawn_cocoon(
+    args: &[&str],
+    config: &std::path::Path,
+    log: PathBuf,
+) -> tokio::process::Child {
+    let log = std::fs::File::create(log).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// A proxy of a test's own beside `net`'s: registered and staked on `net`'s ledger, taking
+/// workers attested by `net`'s dev attester, committing every second.
+pub struct OwnProxy {
+    pub key: cocoon_ledger::PublicKey,
+    pub addr: String,
+    pub book: PathBuf,
+    /// Its `proxy.toml`, for [`spawn_cocoon`].
+    pub config: PathBuf,
+}
+
+pub async fn own_proxy(net: &DevNetwork, name: &str) -> OwnProxy {
+    let dir = net.dir();
+    let key_file = dir.join(format!("{name}-proxy.key"));
+    let key = cocoon_cli::money::key_wallet(&key_file)
+        .unwrap()
+        .public_key();
+    let addr = free_port();
+    net.dev_ledger()
+        .unwrap()
+        .open_proxy(key, &addr)
+        .await
+        .unwrap();
+    let book = dir.join(format!("{name}-book.redb"));
+    let config = cocoon_proxy::ProxyConfig {
+        listen: addr.clone(),
+        key_file: Some(key_file),
+        attester: net.dev_attester(),
+        worker_policy: net.dev_policy(),
+        payments: cocoon_proxy::PaymentsConfig {
+            ledger: Some(net.ledger_url().unwrap().to_owned()),
+            book: book.clone(),
+            commit_interval_secs: 1,
+        },
+        ..cocoon_proxy::ProxyConfig::default()
+    };
+    let path = dir.join(format!("{name}-proxy.toml"));
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    OwnProxy {
+        key,
+        addr,
+        book,
+        config: path,
+    }
+}
