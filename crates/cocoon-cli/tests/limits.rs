@@ -1,7 +1,8 @@
 //! The proxy's abuse limits, end to end through the gateway: a client over its rate or its
 //! requests in flight gets 429 with `Retry-After`, a request over `max_tokens` a clear 400, a
-//! worker that goes silent is cut off without a charge, and connections that say nothing (in
-//! the TLS handshake, or after it) or come too many from one address are closed.
+//! worker that goes silent is cut off without a charge, a request body that trickles in is
+//! refused, and connections that say nothing (in the TLS handshake, or after it) or come too
+//! many from one address are closed.
 //!
 //! The backend here is a test double whose answers the test holds and releases, so what is
 //! measured is the proxy's behaviour, not a model's timing.
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use cocoon_cli::dev::{DevNetwork, DevOptions};
 use cocoon_engine::{Backend, EventStream, StatsSnapshot};
 use cocoon_protocol::{
@@ -19,9 +21,14 @@ use cocoon_protocol::{
 };
 use cocoon_proxy::LimitsConfig;
 use common::*;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
+use std::convert::Infallible;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// Answers "ok" once the gate is open; a prompt saying "stall" sends one token and then
 /// nothing, ever.
@@ -327,4 +334,50 @@ async fn silent_idle_and_surplus_connections_are_closed() {
         assert_eq!(answer.status(), 200);
         tokio::time::sleep(Duration::from_millis(1300)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_trickles_in_is_cut_off() {
+    let s = setup(LimitsConfig {
+        body_timeout_secs: 1,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let net = &s.net;
+    let identity = Arc::new(
+        net.dev_attester()
+            .identity(None, "cocoon-client", "client")
+            .unwrap(),
+    );
+    let verifier = net.dev_policy().build("proxy_policy", "proxy").unwrap();
+    let tls = cocoon_tls::client_config(identity, verifier, &[ALPN_CLIENT]);
+    let conn = cocoon_net::connect_tls(&net.proxy_addr.to_string(), tls)
+        .await
+        .unwrap();
+    let (mut sender, driver) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    // The start of a request, and then nothing more: a slow-loris on the body.
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    body_tx
+        .send(Ok(Frame::data(Bytes::from_static(b"{\"model\": "))))
+        .await
+        .unwrap();
+    let request = http::Request::post(cocoon_protocol::paths::GENERATE)
+        .body(StreamBody::new(ReceiverStream::new(body_rx)))
+        .unwrap();
+    let started = Instant::now();
+    let response = sender.send_request(request).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), 400);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("did not arrive within 1 s"), "{body}");
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Nothing reached the worker.
+    assert_eq!(s.active.load(Ordering::SeqCst), 0);
+    drop(body_tx);
 }
