@@ -135,16 +135,7 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
         l.await.unwrap();
     }
     // A graceful stop commits what is left and releases the record.
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("proxy stops on SIGTERM")
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    stop_gracefully(&mut child).await;
     stop.cancel();
 
     let acked = acked.lock().unwrap().clone();

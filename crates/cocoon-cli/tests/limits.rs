@@ -252,6 +252,20 @@ async fn a_silent_worker_is_cut_off_and_nothing_is_charged() {
     assert_eq!(payments.uncommitted_tokens, 0);
 }
 
+/// A TLS connection to the proxy as a (fresh) client, for speaking HTTP/2 on it directly.
+async fn connect_as_client(net: &DevNetwork) -> cocoon_net::ClientTls {
+    let identity = Arc::new(
+        net.dev_attester()
+            .identity(None, "cocoon-client", "client")
+            .unwrap(),
+    );
+    let verifier = net.dev_policy().build("proxy_policy", "proxy").unwrap();
+    let tls = cocoon_tls::client_config(identity, verifier, &[ALPN_CLIENT]);
+    cocoon_net::connect_tls(&net.proxy_addr.to_string(), tls)
+        .await
+        .unwrap()
+}
+
 /// Reads from `tcp` until the peer closes it; how long that took.
 async fn closed_within(mut tcp: tokio::net::TcpStream, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -310,14 +324,7 @@ async fn silent_idle_and_surplus_connections_are_closed() {
     }
 
     // A client connection with no request open is closed after the idle timeout.
-    let identity = Arc::new(
-        net.dev_attester()
-            .identity(None, "cocoon-client", "client")
-            .unwrap(),
-    );
-    let verifier = net.dev_policy().build("proxy_policy", "proxy").unwrap();
-    let tls = cocoon_tls::client_config(identity, verifier, &[ALPN_CLIENT]);
-    let conn = cocoon_net::connect_tls(&proxy, tls).await.unwrap();
+    let conn = connect_as_client(net).await;
     let (channel, driver) = cocoon_net::Channel::handshake(conn).await.unwrap();
     tokio::spawn(driver);
     assert!(!channel.is_closed());
@@ -344,16 +351,7 @@ async fn a_request_body_that_trickles_in_is_cut_off() {
     })
     .await;
     let net = &s.net;
-    let identity = Arc::new(
-        net.dev_attester()
-            .identity(None, "cocoon-client", "client")
-            .unwrap(),
-    );
-    let verifier = net.dev_policy().build("proxy_policy", "proxy").unwrap();
-    let tls = cocoon_tls::client_config(identity, verifier, &[ALPN_CLIENT]);
-    let conn = cocoon_net::connect_tls(&net.proxy_addr.to_string(), tls)
-        .await
-        .unwrap();
+    let conn = connect_as_client(net).await;
     let (mut sender, driver) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
             .await

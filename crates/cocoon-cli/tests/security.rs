@@ -123,13 +123,15 @@ async fn a_client_cannot_spend_close_or_read_another_clients_contract() {
     let http = reqwest::Client::new();
     let proxy = net.proxy_key().unwrap();
     let victim = net.client_key();
+    let victim_asks = || {
+        ask(
+            &http,
+            format!("{}/chat/completions", net.gateway_url()),
+            "Hi",
+        )
+    };
     // The victim has been served once, so its contract has a charge to protect.
-    let r = ask(
-        &http,
-        format!("{}/chat/completions", net.gateway_url()),
-        "Hi",
-    )
-    .await;
+    let r = victim_asks().await;
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     let counter = answer["usage"]["billing"]["tokens_used"].as_u64().unwrap();
@@ -195,12 +197,7 @@ async fn a_client_cannot_spend_close_or_read_another_clients_contract() {
     assert_eq!(after.state, ContractState::Normal);
     assert_eq!(after.balance, before.balance);
     assert_eq!(after.tokens_used, before.tokens_used);
-    let r = ask(
-        &http,
-        format!("{}/chat/completions", net.gateway_url()),
-        "Hi",
-    )
-    .await;
+    let r = victim_asks().await;
     assert_eq!(r.status(), 200);
     stop.cancel();
 }

@@ -480,16 +480,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
     }
     // Payouts reach rejoined workers; then a graceful stop commits what is left.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let pid = proxy_child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    let exit = tokio::time::timeout(Duration::from_secs(30), proxy_child.wait())
-        .await
-        .expect("proxy stops on SIGTERM")
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    stop_gracefully(&mut proxy_child).await;
 
     let record = Book::open(&book, proxy).unwrap();
     let state = net.ledger().unwrap().snapshot().await.unwrap();

@@ -206,3 +206,18 @@ pub async fn own_proxy(net: &DevNetwork, name: &str) -> OwnProxy {
         config: path,
     }
 }
+
+/// Stops a `cocoon` process with SIGTERM and checks it exits cleanly (a proxy makes its last
+/// commit and releases its book).
+pub async fn stop_gracefully(child: &mut tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the process stops on SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
