@@ -242,3 +242,143 @@ async fn concurrent_requests_all_complete() {
     }
     assert_eq!(b.stats().completed, 6);
 }
+
+fn batched_backend(
+    parallel: u32,
+    context_length: u32,
+    kv_cache_tokens: u32,
+) -> std::sync::Arc<LlamaBackend> {
+    std::sync::Arc::new(
+        LlamaBackend::load(&LlamaConfig {
+            model_path: model_path(),
+            threads: 2,
+            parallel,
+            context_length,
+            kv_cache_tokens,
+            ..Default::default()
+        })
+        .expect("model loads"),
+    )
+}
+
+#[tokio::test]
+async fn batched_requests_each_get_their_own_answer() {
+    // Eight requests in one batch, four of them the same question: every answer must be the
+    // model's answer to its own prompt, whatever it shares a forward pass with.
+    let b = batched_backend(8, 0, 0);
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(20),
+        ..Default::default()
+    };
+    let prompts = [
+        "What is the capital of France?",
+        "Count from 1 to 10.",
+        "What is the capital of France?",
+        "Name three colours.",
+        "What is the capital of France?",
+        "Count from 1 to 10.",
+        "What is the capital of France?",
+        "Name three colours.",
+    ];
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (b, req) = (b.clone(), chat(p, params.clone()));
+            tokio::spawn(async move { collect(&b, req).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        let c = t.await.unwrap();
+        assert!(c.error.is_none(), "{:?}", c.error);
+        let (_, usage) = c.done.expect("done");
+        assert_eq!(c.delta_tokens, usage.completion_tokens);
+        answers.push(c.text);
+    }
+    for (p, a) in prompts.iter().zip(&answers) {
+        if p.contains("France") {
+            assert!(a.contains("Paris"), "{p:?} answered {a:?}");
+        }
+        if p.contains("Count") {
+            assert!(a.contains('3') && a.contains('4'), "{p:?} answered {a:?}");
+        }
+    }
+    let stats = b.stats();
+    assert_eq!((stats.completed, stats.active), (8, 0));
+}
+
+#[tokio::test]
+async fn requests_beyond_the_kv_cache_wait_their_turn() {
+    // Room for one whole context only: two requests that each need most of it run one after
+    // the other, and both finish.
+    let b = batched_backend(4, 512, 512);
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(400),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut first = b.generate(chat("Write a long essay.", params.clone()));
+    let second = {
+        let (b, req) = (b.clone(), chat("Write another long essay.", params));
+        tokio::spawn(async move { collect(&b, req).await })
+    };
+    // The first streams while the second waits for cells, not for a sequence.
+    assert!(matches!(
+        first.next().await,
+        Some(GenerateEvent::Delta { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.stats().active, 1, "the second request must wait");
+    drop(first);
+    let c = second.await.unwrap();
+    assert!(c.error.is_none(), "{:?}", c.error);
+    assert_eq!(c.done.unwrap().1.completion_tokens, 400);
+    let stats = b.stats();
+    assert_eq!((stats.cancelled, stats.completed), (1, 1));
+}
+
+#[tokio::test]
+async fn one_stream_leaving_does_not_disturb_the_others() {
+    let b = batched_backend(4, 0, 0);
+    let long = SamplingParams {
+        max_tokens: Some(2000),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let short = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(24),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut leaving = b.generate(chat("Write a long essay.", long));
+    let stayers: Vec<_> = (0..3)
+        .map(|_| {
+            let (b, req) = (
+                b.clone(),
+                chat("What is the capital of France?", short.clone()),
+            );
+            tokio::spawn(async move { collect(&b, req).await })
+        })
+        .collect();
+    for _ in 0..3 {
+        assert!(matches!(
+            leaving.next().await,
+            Some(GenerateEvent::Delta { .. })
+        ));
+    }
+    drop(leaving);
+    for s in stayers {
+        let c = s.await.unwrap();
+        let (finish, usage) = c.done.expect("done");
+        assert_eq!(
+            (finish, usage.completion_tokens),
+            (FinishReason::Length, 24)
+        );
+        assert!(c.text.contains("Paris"), "{:?}", c.text);
+    }
+    let stats = b.stats();
+    assert_eq!((stats.cancelled, stats.completed, stats.active), (1, 3, 0));
+}

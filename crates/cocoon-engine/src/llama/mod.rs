@@ -1,0 +1,279 @@
+//! The embedded engine: a GGUF model run in-process by llama.cpp, with continuous batching.
+//!
+//! One scheduler thread owns one llama.cpp context whose KV cache is shared by up to
+//! `parallel` sequences. Every step it decodes a single batch holding the next token of each
+//! generating sequence and a slice of any prompt still being read, so concurrent requests cost
+//! one forward pass per step instead of one each: that is what makes aggregate tokens/s grow
+//! with concurrency (see docs/performance.md). Requests never see each other's state: each has
+//! its own sequence id, positions and sampler, and its cells are removed when it ends.
+
+mod scheduler;
+mod sequence;
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, mpsc as std_mpsc};
+
+use cocoon_protocol::{GenerateEvent, GenerateRequest, Input, ModelCard, ProtocolError};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend as LlamaRuntime;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::stats::BackendStats;
+use crate::{Backend, EventStream, StatsSnapshot, error_stream};
+
+/// Tokens evaluated per `decode` call, prompt slices and generating sequences together.
+const BATCH_TOKENS: usize = 512;
+
+/// Configuration of the embedded engine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// Path of the GGUF file.
+    pub model_path: PathBuf,
+    /// Model name announced to the network; defaults to the file name without extensions.
+    pub model_id: Option<String>,
+    /// Context window per request in tokens; 0 means the smaller of the model's training
+    /// context and 4096.
+    pub context_length: u32,
+    /// CPU threads per decode; 0 means all available cores.
+    pub threads: u32,
+    /// Requests generated at once, batched into one forward pass per step; more wait in a
+    /// queue.
+    pub parallel: u32,
+    /// Tokens of KV cache shared by the running requests; 0 means `context_length ×
+    /// parallel`, so that every running request can use its whole context. A request is
+    /// started only when its prompt plus `max_tokens` fits beside the others'.
+    pub kv_cache_tokens: u32,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            model_id: None,
+            context_length: 0,
+            threads: 0,
+            parallel: 4,
+            kv_cache_tokens: 0,
+        }
+    }
+}
+
+/// llama.cpp's process-wide state; it may be initialized only once per process.
+fn runtime() -> Result<&'static LlamaRuntime, ProtocolError> {
+    static RUNTIME: OnceLock<Result<LlamaRuntime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaRuntime::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| ProtocolError::internal(format!("llama.cpp failed to initialize: {e}")))
+}
+
+/// A model served in-process by llama.cpp.
+pub struct LlamaBackend {
+    shared: Arc<Shared>,
+    /// Hands requests to the scheduler thread; dropping it lets the thread finish what runs
+    /// and exit.
+    submit: std_mpsc::Sender<scheduler::Job>,
+}
+
+/// What the scheduler thread and the API share.
+struct Shared {
+    model: LlamaModel,
+    template: Option<LlamaChatTemplate>,
+    card: ModelCard,
+    threads: i32,
+    parallel: u32,
+    kv_cache_tokens: u32,
+    stats: BackendStats,
+}
+
+impl LlamaBackend {
+    /// Loads the model and starts its scheduler. Fails with a clear message if the file is
+    /// missing or not a GGUF model, or if llama.cpp cannot make the shared context.
+    pub fn load(config: &LlamaConfig) -> Result<Self, ProtocolError> {
+        let path = &config.model_path;
+        if !path.is_file() {
+            return Err(ProtocolError::internal(format!(
+                "model file {} not found (run scripts/fetch-model.sh to download the default model)",
+                path.display()
+            )));
+        }
+        let runtime = runtime()?;
+        let model = LlamaModel::load_from_file(runtime, path, &LlamaModelParams::default())
+            .map_err(|e| {
+                ProtocolError::internal(format!("cannot load model {}: {e}", path.display()))
+            })?;
+        let template = model.chat_template(None).ok();
+        if template.is_none() {
+            tracing::warn!(path = %path.display(), "model has no chat template; only /v1/completions will work");
+        }
+        let trained = model.n_ctx_train();
+        let context_length = match config.context_length {
+            0 => trained.min(4096),
+            n => n.min(trained),
+        };
+        let id = config
+            .model_id
+            .clone()
+            .unwrap_or_else(|| default_model_id(path));
+        let threads = match config.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
+            n => n as i32,
+        };
+        let parallel = config.parallel.max(1);
+        let kv_cache_tokens = match config.kv_cache_tokens {
+            0 => context_length.saturating_mul(parallel),
+            // Smaller than one context would refuse requests the model card admits.
+            n => n.max(context_length),
+        };
+        tracing::info!(model = %id, context_length, threads, parallel, kv_cache_tokens, "loaded model {}", path.display());
+        let shared = Arc::new(Shared {
+            model,
+            template,
+            card: ModelCard { id, context_length },
+            threads,
+            parallel,
+            kv_cache_tokens,
+            stats: BackendStats::default(),
+        });
+        let submit = scheduler::start(shared.clone())?;
+        Ok(Self { shared, submit })
+    }
+
+    /// The prompt text the model sees for `input` (the chat template applied).
+    pub fn render_prompt(&self, input: &Input) -> Result<String, ProtocolError> {
+        self.shared.render(input)
+    }
+
+    /// Number of tokens of `text` under this model's tokenizer, as a prompt is counted.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.shared.tokenize(text).len()
+    }
+}
+
+/// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`.
+fn default_model_id(path: &std::path::Path) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let name = name.strip_suffix(".gguf").unwrap_or(name);
+    match name.rsplit_once('.') {
+        Some((stem, quant)) if quant.starts_with(['Q', 'q', 'F', 'f', 'I', 'B']) => stem.to_owned(),
+        _ => name.to_owned(),
+    }
+}
+
+impl Backend for LlamaBackend {
+    fn models(&self) -> Vec<ModelCard> {
+        vec![self.shared.card.clone()]
+    }
+
+    fn capacity(&self) -> u32 {
+        self.shared.parallel
+    }
+
+    fn generate(&self, request: GenerateRequest) -> EventStream {
+        if let Err(e) = request.validate() {
+            return error_stream(e);
+        }
+        if request.model != self.shared.card.id {
+            return error_stream(ProtocolError::new(
+                cocoon_protocol::ErrorKind::ModelNotFound,
+                format!("this worker does not serve model '{}'", request.model),
+            ));
+        }
+        // Unbounded: the scheduler must never block on one slow reader while it decodes for
+        // everyone; a generation's events are bounded by its max_tokens anyway.
+        let (tx, rx) = mpsc::unbounded_channel();
+        if self.submit.send(scheduler::Job { request, tx }).is_err() {
+            return error_stream(ProtocolError::internal(
+                "the llama.cpp scheduler has stopped",
+            ));
+        }
+        Box::pin(UnboundedReceiverStream::new(rx))
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+}
+
+impl Shared {
+    fn render(&self, input: &Input) -> Result<String, ProtocolError> {
+        match input {
+            Input::Text { prompt } => Ok(prompt.clone()),
+            Input::Chat { messages } => {
+                let template = self.template.as_ref().ok_or_else(|| {
+                    ProtocolError::invalid(format!(
+                        "model '{}' has no chat template; use /v1/completions",
+                        self.card.id
+                    ))
+                })?;
+                let messages = messages
+                    .iter()
+                    .map(|m| LlamaChatMessage::new(m.role.as_str().to_owned(), m.content.clone()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| {
+                        ProtocolError::invalid("message content must not contain NUL characters")
+                    })?;
+                self.model
+                    .apply_chat_template(template, &messages, true)
+                    .map_err(|e| ProtocolError::internal(format!("chat template failed: {e}")))
+            }
+        }
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
+        // Same choices as llama.cpp's server: add BOS if the model wants it, parse special tokens
+        // (the chat template's markers are special tokens).
+        self.model.vocab().tokenize(text.as_bytes(), true, true)
+    }
+
+    /// The one context all sequences share.
+    fn new_context(&self) -> Result<LlamaContext<'_>, ProtocolError> {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(self.kv_cache_tokens))
+            .with_n_batch(BATCH_TOKENS as u32)
+            .with_n_ubatch(BATCH_TOKENS as u32)
+            .with_n_seq_max(self.parallel)
+            // One pool of cells for all sequences: a short request leaves room for a long one.
+            .with_kv_unified(true)
+            .with_n_threads(self.threads)
+            .with_n_threads_batch(self.threads);
+        self.model
+            .new_context(runtime()?, params)
+            .map_err(|e| ProtocolError::internal(format!("cannot create llama.cpp context: {e}")))
+    }
+}
+
+/// Sends `event` to a requester, which may have left.
+fn send(tx: &mpsc::UnboundedSender<GenerateEvent>, event: GenerateEvent) -> bool {
+    tx.send(event).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_model_id;
+    use std::path::Path;
+
+    #[test]
+    fn model_id_drops_quantization_and_extension() {
+        assert_eq!(
+            default_model_id(Path::new("m/SmolLM2-135M-Instruct.Q4_1.gguf")),
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(
+            default_model_id(Path::new("llama-3.2-1b.gguf")),
+            "llama-3.2-1b"
+        );
+        assert_eq!(default_model_id(Path::new("x.F16.gguf")), "x");
+    }
+}

@@ -1,0 +1,283 @@
+//! The scheduler thread: admits requests into free sequences, builds one batch per step from
+//! every running sequence, decodes it, and samples each sequence's next token.
+//!
+//! Generating sequences go into the batch first (one token each), then prompt slices fill the
+//! rest, so a long prompt arriving never stalls the streams already running by more than one
+//! batch. Requests start in arrival order once a sequence and enough KV cells are free.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, mpsc as std_mpsc};
+
+use cocoon_protocol::{ErrorKind, GenerateEvent, GenerateRequest, ProtocolError};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use tokio::sync::mpsc;
+
+use super::sequence::{Next, Sequence};
+use super::{BATCH_TOKENS, Shared, send};
+
+/// A request handed to the scheduler.
+pub(super) struct Job {
+    pub request: GenerateRequest,
+    pub tx: mpsc::UnboundedSender<GenerateEvent>,
+}
+
+/// A request that passed its checks and waits for room.
+struct Waiting {
+    job: Job,
+    prompt: Vec<llama_cpp_2::token::LlamaToken>,
+    max_tokens: u32,
+}
+
+/// Starts the scheduler thread; its context is made before this returns, so a model that
+/// cannot get one fails at load.
+pub(super) fn start(shared: Arc<Shared>) -> Result<std_mpsc::Sender<Job>, ProtocolError> {
+    let (submit, jobs) = std_mpsc::channel::<Job>();
+    let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("llama-scheduler".into())
+        .spawn(move || {
+            let ctx = match shared.new_context() {
+                Ok(ctx) => {
+                    let _ = ready_tx.send(Ok(()));
+                    ctx
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            Scheduler::new(&shared, ctx).run(&jobs);
+        })
+        .map_err(|e| ProtocolError::internal(format!("cannot start the llama.cpp thread: {e}")))?;
+    ready_rx
+        .recv()
+        .map_err(|_| ProtocolError::internal("the llama.cpp thread died while starting"))??;
+    Ok(submit)
+}
+
+struct Scheduler<'a> {
+    shared: &'a Shared,
+    ctx: LlamaContext<'a>,
+    batch: LlamaBatch<'static>,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Sequence<'a>>,
+    free_ids: Vec<i32>,
+    /// KV cells promised to running sequences.
+    reserved: u32,
+}
+
+impl<'a> Scheduler<'a> {
+    fn new(shared: &'a Shared, ctx: LlamaContext<'a>) -> Self {
+        Self {
+            shared,
+            ctx,
+            batch: LlamaBatch::new(BATCH_TOKENS, 1),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            free_ids: (0..shared.parallel as i32).rev().collect(),
+            reserved: 0,
+        }
+    }
+
+    fn run(mut self, jobs: &std_mpsc::Receiver<Job>) {
+        let mut open = true;
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                if !open {
+                    return;
+                }
+                // Nothing to do: sleep until a request comes (or the backend is dropped).
+                match jobs.recv() {
+                    Ok(job) => self.check(job),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match jobs.try_recv() {
+                    Ok(job) => self.check(job),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.drop_departed();
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Renders and counts a request's prompt; a request that can never run is answered now.
+    fn check(&mut self, job: Job) {
+        match self.prepare(&job.request) {
+            Ok((prompt, max_tokens)) => {
+                self.shared.stats.add_prompt_tokens(prompt.len() as u64);
+                self.waiting.push_back(Waiting {
+                    job,
+                    prompt,
+                    max_tokens,
+                });
+            }
+            Err(error) => {
+                let _guard = self.shared.stats.start();
+                tracing::debug!(%error, "generation refused");
+                let _ = send(&job.tx, GenerateEvent::Error { error });
+            }
+        }
+    }
+
+    fn prepare(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(Vec<llama_cpp_2::token::LlamaToken>, u32), ProtocolError> {
+        let prompt = self.shared.render(&request.input)?;
+        let tokens = self.shared.tokenize(&prompt);
+        if tokens.is_empty() {
+            return Err(ProtocolError::invalid("the prompt is empty"));
+        }
+        let n_ctx = self.shared.card.context_length as usize;
+        let n_prompt = tokens.len();
+        let max_tokens = match request.params.max_tokens {
+            Some(m) => m as usize,
+            None => n_ctx.saturating_sub(n_prompt),
+        };
+        if n_prompt + max_tokens > n_ctx || max_tokens == 0 {
+            return Err(ProtocolError::new(
+                ErrorKind::ContextLengthExceeded,
+                format!(
+                    "This model's maximum context length is {n_ctx} tokens. However, you requested \
+                     {} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). \
+                     Please reduce the length of the prompt or max_tokens.",
+                    n_prompt + max_tokens
+                ),
+            ));
+        }
+        Ok((tokens, max_tokens as u32))
+    }
+
+    /// Forgets queued requests whose requester left, and stops running ones.
+    fn drop_departed(&mut self) {
+        self.waiting.retain(|w| !w.job.tx.is_closed());
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].tx.is_closed() {
+                let mut seq = self.running.swap_remove(i);
+                seq.cancel();
+                self.release(seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Starts waiting requests, in order, while a sequence and their KV cells are free.
+    fn admit(&mut self) {
+        while let Some(next) = self.waiting.front() {
+            let need = next.prompt.len() as u32 + next.max_tokens;
+            if self.free_ids.is_empty() || self.reserved + need > self.shared.kv_cache_tokens {
+                return;
+            }
+            let Waiting {
+                job,
+                prompt,
+                max_tokens,
+            } = self.waiting.pop_front().expect("front exists");
+            let id = self.free_ids.pop().expect("checked above");
+            let guard = self.shared.stats.start();
+            let seq = Sequence::new(id, &job.request, prompt, max_tokens, job.tx, guard);
+            self.reserved += seq.reserved;
+            self.running.push(seq);
+        }
+    }
+
+    /// One forward pass for every running sequence.
+    fn step(&mut self) {
+        self.batch.clear();
+        let mut budget = BATCH_TOKENS;
+        let mut failure = None;
+        // Generating sequences first: one token each keeps every stream moving.
+        for seq in &mut self.running {
+            seq.logits_at = None;
+            if let Some(token) = seq.pending.take() {
+                seq.logits_at = Some(self.batch.n_tokens());
+                if let Err(e) = self.batch.add(token, seq.pos, &[seq.id], true) {
+                    failure = Some(e.to_string());
+                }
+                seq.pos += 1;
+                budget -= 1;
+            }
+        }
+        // Then prompts, as much as fits.
+        for seq in &mut self.running {
+            if budget == 0 {
+                break;
+            }
+            let left = seq.prompt.len() - seq.read;
+            if left == 0 {
+                continue;
+            }
+            let take = left.min(budget);
+            for k in 0..take {
+                let last = seq.read + k + 1 == seq.prompt.len();
+                if last {
+                    seq.logits_at = Some(self.batch.n_tokens());
+                }
+                if let Err(e) = self
+                    .batch
+                    .add(seq.prompt[seq.read + k], seq.pos, &[seq.id], last)
+                {
+                    failure = Some(e.to_string());
+                }
+                seq.pos += 1;
+            }
+            seq.read += take;
+            budget -= take;
+        }
+        let result = match failure {
+            Some(e) => Err(e),
+            None => self.ctx.decode(&mut self.batch).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            // The cache's state is unknown after a failed decode: end everything that runs.
+            tracing::error!(error = %e, "llama.cpp decode failed");
+            for mut seq in std::mem::take(&mut self.running) {
+                seq.fail(ProtocolError::internal(format!(
+                    "llama.cpp decode failed: {e}"
+                )));
+                self.release(seq);
+            }
+            self.ctx.clear_kv_cache();
+            return;
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            let Some(at) = self.running[i].logits_at else {
+                i += 1;
+                continue;
+            };
+            match self.running[i].advance(&self.ctx, &self.shared.model, at) {
+                Next::Continue => i += 1,
+                Next::Finished | Next::Cancelled => {
+                    let seq = self.running.swap_remove(i);
+                    self.release(seq);
+                }
+            }
+        }
+    }
+
+    /// Frees a sequence's cells, id and reservation.
+    fn release(&mut self, seq: Sequence<'a>) {
+        self.shared
+            .stats
+            .add_generated_tokens(u64::from(seq.completion_tokens()));
+        if let Err(e) = self.ctx.clear_kv_cache_seq(Some(seq.id as u32), None, None) {
+            tracing::error!(error = %e, "cannot clear a finished sequence's cells");
+        }
+        self.reserved -= seq.reserved;
+        self.free_ids.push(seq.id);
+    }
+}

@@ -1,0 +1,178 @@
+//! One request inside the batch: its prompt, position, sampler and the text it has sent.
+
+use cocoon_protocol::{FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+
+use super::send;
+use crate::stats::{ActiveGuard, Outcome};
+use crate::text::{StopMatcher, Utf8Accumulator};
+
+/// What a sequence does after a sampled token.
+pub(super) enum Next {
+    /// Feed the token back and generate another.
+    Continue,
+    /// Done was sent; the sequence's cells can go.
+    Finished,
+    /// The requester left; nothing more is sent.
+    Cancelled,
+}
+
+pub(super) struct Sequence<'a> {
+    /// llama.cpp's sequence id: which cells of the shared cache are this request's.
+    pub id: i32,
+    pub tx: mpsc::UnboundedSender<GenerateEvent>,
+    /// KV cells set aside for this request: prompt plus max_tokens.
+    pub reserved: u32,
+    /// The prompt; `prompt[read..]` has not been decoded yet.
+    pub prompt: Vec<LlamaToken>,
+    pub read: usize,
+    /// Position of the next token fed to the model.
+    pub pos: i32,
+    /// The token sampled last, fed in the next step.
+    pub pending: Option<LlamaToken>,
+    /// Where this sequence's logits sit in the batch just decoded, if it asked for any.
+    pub logits_at: Option<i32>,
+    max_tokens: u32,
+    ignore_eos: bool,
+    sampler: LlamaSampler,
+    utf8: Utf8Accumulator,
+    stops: StopMatcher,
+    completion_tokens: u32,
+    unsent_tokens: u32,
+    piece: Vec<u8>,
+    guard: ActiveGuard<'a>,
+}
+
+impl<'a> Sequence<'a> {
+    pub fn new(
+        id: i32,
+        request: &GenerateRequest,
+        prompt: Vec<LlamaToken>,
+        max_tokens: u32,
+        tx: mpsc::UnboundedSender<GenerateEvent>,
+        guard: ActiveGuard<'a>,
+    ) -> Self {
+        let params = &request.params;
+        let sampler = if params.temperature == 0.0 {
+            LlamaSampler::greedy()
+        } else {
+            // OpenAI takes a 64-bit seed, llama.cpp a 32-bit one: use its low bits.
+            let seed = params.seed.map_or_else(rand::random::<u32>, |s| s as u32);
+            LlamaSampler::chain_simple([
+                LlamaSampler::top_p(params.top_p, 1),
+                LlamaSampler::temp(params.temperature),
+                LlamaSampler::dist(seed),
+            ])
+        };
+        Self {
+            id,
+            tx,
+            reserved: prompt.len() as u32 + max_tokens,
+            prompt,
+            read: 0,
+            pos: 0,
+            pending: None,
+            logits_at: None,
+            max_tokens,
+            ignore_eos: params.ignore_eos,
+            sampler,
+            utf8: Utf8Accumulator::default(),
+            stops: StopMatcher::new(params.stop.clone()),
+            completion_tokens: 0,
+            unsent_tokens: 0,
+            piece: Vec::with_capacity(16),
+            guard,
+        }
+    }
+
+    pub fn prompt_tokens(&self) -> u32 {
+        self.prompt.len() as u32
+    }
+
+    pub fn completion_tokens(&self) -> u32 {
+        self.completion_tokens
+    }
+
+    /// Samples the next token from the logits decoded for this sequence and sends what text
+    /// it completes.
+    pub fn advance(&mut self, ctx: &LlamaContext<'_>, model: &LlamaModel, at: i32) -> Next {
+        let token = self.sampler.sample(ctx, at);
+        let vocab = model.vocab();
+        if vocab.is_eog(token) && !self.ignore_eos {
+            return self.finish(FinishReason::Stop, false);
+        }
+        self.completion_tokens += 1;
+        self.unsent_tokens += 1;
+        self.piece.clear();
+        vocab.token_to_piece_into(token, &mut self.piece, false, None);
+        let scan = self.stops.push(&self.utf8.push(&self.piece));
+        if !scan.emit.is_empty() {
+            let event = GenerateEvent::Delta {
+                text: scan.emit,
+                tokens: self.unsent_tokens,
+            };
+            if !send(&self.tx, event) {
+                return self.cancel();
+            }
+            self.unsent_tokens = 0;
+        }
+        if scan.stopped {
+            return self.finish(FinishReason::Stop, true);
+        }
+        if self.completion_tokens >= self.max_tokens {
+            return self.finish(FinishReason::Length, false);
+        }
+        self.pending = Some(token);
+        Next::Continue
+    }
+
+    /// Counts a generation stopped because its requester left.
+    pub fn cancel(&mut self) -> Next {
+        self.guard.set_outcome(Outcome::Cancelled);
+        Next::Cancelled
+    }
+
+    /// Ends the sequence with an error event.
+    pub fn fail(&mut self, error: ProtocolError) {
+        let _ = send(&self.tx, GenerateEvent::Error { error });
+    }
+
+    fn finish(&mut self, finish_reason: FinishReason, matched_stop: bool) -> Next {
+        if !matched_stop {
+            // Flush what was held back: an incomplete character, or text that looked like the
+            // start of a stop sequence.
+            let scan = self.stops.push(&self.utf8.finish());
+            let mut rest = scan.emit;
+            if !scan.stopped {
+                rest.push_str(&self.stops.finish());
+            }
+            if !rest.is_empty() {
+                let event = GenerateEvent::Delta {
+                    text: rest,
+                    tokens: self.unsent_tokens,
+                };
+                if !send(&self.tx, event) {
+                    return self.cancel();
+                }
+            }
+        }
+        let usage = Usage {
+            prompt_tokens: self.prompt_tokens(),
+            completion_tokens: self.completion_tokens,
+        };
+        let done = GenerateEvent::Done {
+            finish_reason,
+            usage,
+            billing: None,
+        };
+        if !send(&self.tx, done) {
+            return self.cancel();
+        }
+        self.guard.set_outcome(Outcome::Completed);
+        Next::Finished
+    }
+}
