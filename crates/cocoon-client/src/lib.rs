@@ -8,6 +8,7 @@
 
 mod api;
 mod bill;
+pub mod chunks;
 mod config;
 mod link;
 pub mod openai;

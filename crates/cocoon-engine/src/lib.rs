@@ -17,7 +17,7 @@ use futures_util::Stream;
 pub use llama::{LlamaBackend, LlamaConfig};
 pub use stats::{BackendStats, StatsSnapshot};
 pub use text::{StopMatcher, Utf8Accumulator};
-pub use upstream::{UpstreamBackend, UpstreamConfig, UpstreamModel};
+pub use upstream::{SseChunk, UpstreamBackend, UpstreamConfig, UpstreamModel, parse_sse_chunk};
 
 /// The events of one generation. Dropping the stream cancels the generation.
 pub type EventStream = Pin<Box<dyn Stream<Item = GenerateEvent> + Send + 'static>>;

@@ -8,10 +8,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cocoon_net::EventReader;
 use cocoon_protocol::{Billing, GenerateEvent, Usage};
-use serde_json::{Value, json};
 
 use super::Endpoint;
 use crate::bill::Parties;
+use crate::chunks::{ChunkEncoder, error_event};
 use crate::openai::{OpenAiUsage, error_body};
 
 pub(crate) struct Meta {
@@ -31,60 +31,27 @@ enum Phase {
 
 struct StreamState {
     events: EventReader,
-    meta: Meta,
-    include_usage: bool,
+    chunks: ChunkEncoder,
     parties: Parties,
     phase: Phase,
 }
 
-fn event(value: &Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
-}
-
 impl StreamState {
-    fn chunk(&self, choices: Value, usage: Option<Value>) -> Bytes {
-        let object = match self.meta.endpoint {
-            Endpoint::Chat => "chat.completion.chunk",
-            Endpoint::Completion => "text_completion",
-        };
-        let mut v = json!({
-            "id": self.meta.id, "object": object, "created": self.meta.created,
-            "model": self.meta.model, "choices": choices,
-        });
-        if self.include_usage {
-            v["usage"] = usage.unwrap_or(Value::Null);
-        }
-        event(&v)
-    }
-
-    fn choice(&self, text: Option<&str>, finish: Option<&str>) -> Value {
-        match self.meta.endpoint {
-            Endpoint::Chat => {
-                let delta = text.map_or_else(|| json!({}), |t| json!({"content": t}));
-                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
-            }
-            Endpoint::Completion => {
-                json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}])
-            }
-        }
-    }
-
     /// The next SSE event to send, or `None` when the stream is over.
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             match std::mem::replace(&mut self.phase, Phase::End) {
                 Phase::Start => {
                     self.phase = Phase::Events;
-                    if self.meta.endpoint == Endpoint::Chat {
-                        let choices = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-                        return Some(self.chunk(choices, None));
+                    if self.chunks.chat {
+                        return Some(self.chunks.role());
                     }
                 }
                 Phase::Events => match self.events.next().await {
                     Some(Ok((GenerateEvent::Delta { text, .. }, _))) => {
                         self.phase = Phase::Events;
                         if !text.is_empty() {
-                            return Some(self.chunk(self.choice(Some(&text), None), None));
+                            return Some(self.chunks.delta(&text));
                         }
                     }
                     Some(Ok((
@@ -95,7 +62,7 @@ impl StreamState {
                         },
                         _,
                     ))) => {
-                        self.phase = if self.include_usage {
+                        self.phase = if self.chunks.include_usage {
                             Phase::Usage(usage, billing)
                         } else {
                             // Not shown to the app, but a bad bill is still logged.
@@ -104,14 +71,12 @@ impl StreamState {
                             }
                             Phase::Done
                         };
-                        return Some(
-                            self.chunk(self.choice(None, Some(finish_reason.as_str())), None),
-                        );
+                        return Some(self.chunks.finish(finish_reason.as_str()));
                     }
                     // The SDKs raise an APIError on an `error` event; there is no [DONE] after it.
                     Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
                         tracing::warn!(%error, "stream ended with an error");
-                        return Some(event(&error_body(&error)));
+                        return Some(error_event(&error_body(&error)));
                     }
                     None => return None,
                 },
@@ -120,7 +85,7 @@ impl StreamState {
                     let verified = billing.as_ref().map(|b| self.parties.verified(b));
                     let usage = serde_json::to_value(OpenAiUsage::new(usage, billing, verified))
                         .expect("serializable");
-                    return Some(self.chunk(json!([]), Some(usage)));
+                    return Some(self.chunks.usage(usage));
                 }
                 Phase::Done => return Some(Bytes::from_static(b"data: [DONE]\n\n")),
                 Phase::End => return None,
@@ -139,8 +104,13 @@ pub(crate) fn response(
 ) -> Response {
     let state = StreamState {
         events,
-        meta,
-        include_usage,
+        chunks: ChunkEncoder {
+            id: meta.id,
+            created: meta.created,
+            model: meta.model,
+            chat: meta.endpoint == Endpoint::Chat,
+            include_usage,
+        },
         parties,
         phase: Phase::Start,
     };

@@ -1,0 +1,199 @@
+//! OpenAI streaming chunks as server-sent events: one `data: {json}\n\n` per piece of text.
+//!
+//! This runs once per token for every streamed answer, so it is one of the hot spots of the
+//! gateway (criterion: `cargo bench -p cocoon-cli --bench hot_path`): chunks are serialized
+//! straight from borrowed fields into one buffer, never built as a `serde_json::Value` tree.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Encodes the chunks of one streamed answer.
+#[derive(Debug, Clone)]
+pub struct ChunkEncoder {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    /// `chat.completion.chunk` (delta) or legacy `text_completion` (text).
+    pub chat: bool,
+    /// Every chunk carries `usage` (null until the last) when the app asked for it.
+    pub include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [Choice<'a>],
+    /// Absent, null, or the usage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<&'a Value>>,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<Delta<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    /// Always null: log probabilities are refused at the request.
+    logprobs: (),
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+fn event<T: Serialize>(value: &T, size_hint: usize) -> Bytes {
+    let mut out = Vec::with_capacity(size_hint);
+    out.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut out, value).expect("chunks always serialize");
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+impl ChunkEncoder {
+    fn chunk(&self, choices: &[Choice<'_>], usage: Option<&Value>, text_len: usize) -> Bytes {
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let chunk = Chunk {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        event(&chunk, 160 + self.id.len() + self.model.len() + text_len)
+    }
+
+    fn choice<'a>(&self, text: Option<&'a str>, finish: Option<&'a str>) -> Choice<'a> {
+        if self.chat {
+            Choice {
+                index: 0,
+                delta: Some(Delta {
+                    role: None,
+                    content: text,
+                }),
+                text: None,
+                logprobs: (),
+                finish_reason: finish,
+            }
+        } else {
+            Choice {
+                index: 0,
+                delta: None,
+                text: Some(text.unwrap_or("")),
+                logprobs: (),
+                finish_reason: finish,
+            }
+        }
+    }
+
+    /// The chat stream's first chunk, naming the assistant role.
+    pub fn role(&self) -> Bytes {
+        let choice = Choice {
+            index: 0,
+            delta: Some(Delta {
+                role: Some("assistant"),
+                content: Some(""),
+            }),
+            text: None,
+            logprobs: (),
+            finish_reason: None,
+        };
+        self.chunk(&[choice], None, 0)
+    }
+
+    /// A piece of the answer's text.
+    pub fn delta(&self, text: &str) -> Bytes {
+        self.chunk(&[self.choice(Some(text), None)], None, text.len())
+    }
+
+    /// The chunk that says why the answer ended.
+    pub fn finish(&self, reason: &str) -> Bytes {
+        self.chunk(&[self.choice(None, Some(reason))], None, 0)
+    }
+
+    /// The last chunk: no choices, the usage.
+    pub fn usage(&self, usage: Value) -> Bytes {
+        self.chunk(&[], Some(&usage), 256)
+    }
+}
+
+/// An error event: the SDKs raise it as an APIError.
+pub fn error_event(body: &Value) -> Bytes {
+    event(body, 256)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(b: &Bytes) -> Value {
+        let s = std::str::from_utf8(b).unwrap();
+        let json = s
+            .strip_prefix("data: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn encoder(chat: bool, include_usage: bool) -> ChunkEncoder {
+        ChunkEncoder {
+            id: "chatcmpl-1".into(),
+            created: 7,
+            model: "m".into(),
+            chat,
+            include_usage,
+        }
+    }
+
+    #[test]
+    fn chat_chunks_have_openai_shape() {
+        let e = encoder(true, true);
+        assert_eq!(
+            parse(&e.delta("hi \"you\"")),
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                   "choices": [{"index": 0, "delta": {"content": "hi \"you\""}, "logprobs": null, "finish_reason": null}],
+                   "usage": null})
+        );
+        assert_eq!(
+            parse(&e.role())["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+        let finish = parse(&e.finish("length"));
+        assert_eq!(finish["choices"][0]["delta"], json!({}));
+        assert_eq!(finish["choices"][0]["finish_reason"], "length");
+        let usage = parse(&e.usage(json!({"prompt_tokens": 3})));
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["prompt_tokens"], 3);
+    }
+
+    #[test]
+    fn completion_chunks_carry_text_and_usage_only_when_asked() {
+        let e = encoder(false, false);
+        let v = parse(&e.delta("x"));
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["choices"][0]["text"], "x");
+        assert!(v.get("usage").is_none());
+        assert_eq!(parse(&e.finish("stop"))["choices"][0]["text"], "");
+        assert_eq!(
+            error_event(&json!({"error": {"message": "no"}})),
+            Bytes::from_static(b"data: {\"error\":{\"message\":\"no\"}}\n\n")
+        );
+    }
+}
