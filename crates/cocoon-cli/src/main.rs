@@ -4,14 +4,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use cocoon_cli::attest::{self as attest_cmd, Evidence, VerifyOptions};
-use cocoon_cli::bench::{self, BenchOptions};
+use cocoon_cli::bench;
 use cocoon_cli::config;
 use cocoon_cli::dev::{DevNetwork, DevOptions};
 use cocoon_cli::money::{self, AccountOptions, ClientAccount, ClientAction};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
 use cocoon_ledger::Ledger as _;
-use cocoon_proxy::{LimitsConfig, Proxy, ProxyConfig};
+use cocoon_proxy::{Proxy, ProxyConfig};
 use cocoon_worker::{ModelRouter, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -72,25 +72,38 @@ enum Command {
         #[arg(value_parser = ["worker", "proxy", "client"])]
         role: String,
     },
-    /// Measure a request through the whole network, without and with payments, against the
-    /// same backend called directly, and the embedded engine's tokens/s.
+    /// Measure the network path, the embedded engine (against llama-server), memory per role
+    /// and payments, each side by side with its reference, in one run.
     Bench {
+        /// What to measure; all by default.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        sections: Vec<bench::Section>,
         #[arg(
             long,
             env = "COCOON_MODEL",
             default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
         )]
         model: PathBuf,
-        #[arg(long, default_value_t = 20)]
-        requests: usize,
-        #[arg(long, default_value_t = 64)]
-        max_tokens: u32,
-        /// CPU threads for the engine (0: all cores).
-        #[arg(long, default_value_t = 0)]
+        /// llama.cpp's server, the engine's reference (scripts/build-llama-server.sh builds
+        /// one); the engine is measured without it when missing, and the bench says so.
+        #[arg(
+            long,
+            env = "COCOON_LLAMA_SERVER",
+            default_value = "target/llama-server/bin/llama-server"
+        )]
+        llama_server: PathBuf,
+        /// CPU threads for both engines.
+        #[arg(long, default_value_t = 2)]
         threads: u32,
+        /// Fewer requests everywhere (about a tenth): a quick look, not figures to quote.
+        #[arg(long)]
+        quick: bool,
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also write the figure (SVG) here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
 }
 
@@ -372,62 +385,81 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench {
+            sections,
             model,
-            requests,
-            max_tokens,
+            llama_server,
             threads,
+            quick,
             json,
-        } => {
-            let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig {
-                model_path: model,
-                threads,
-                ..Default::default()
-            })?);
-            // The same network twice, without and with payments, over one backend.
-            let mut nets = Vec::new();
-            for payments in [false, true] {
-                let net = DevNetwork::start(
-                    DevOptions {
-                        gateway_listen: "127.0.0.1:0".into(),
-                        payments,
-                        // The bench measures the path, not the abuse limits.
-                        limits: LimitsConfig {
-                            requests_per_second: 1e6,
-                            burst: 1_000_000,
-                            concurrent_requests: 1_000_000,
-                            ..LimitsConfig::default()
-                        },
-                        ..Default::default()
-                    },
-                    vec![backend.clone()],
-                )
-                .await?;
-                net.wait_ready(1, Duration::from_secs(30)).await?;
-                nets.push(net);
-            }
-            let options = BenchOptions {
-                requests,
-                max_tokens,
-                ..Default::default()
-            };
-            let report = bench::run(
-                backend,
-                &nets[0].gateway_url(),
-                &nets[1].gateway_url(),
-                &options,
-            )
-            .await?;
-            print!("{}", bench::table(&report));
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-                println!("JSON report written to {}", path.display());
-            }
-            for net in &mut nets {
-                net.shutdown().await;
-            }
-            Ok(())
-        }
+            plot,
+        } => run_bench(sections, model, llama_server, threads, quick, json, plot).await,
     }
+}
+
+async fn run_bench(
+    sections: Vec<bench::Section>,
+    model: PathBuf,
+    llama_server: PathBuf,
+    threads: u32,
+    quick: bool,
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use bench::Section;
+    let work = tempfile::Builder::new().prefix("cocoon-bench-").tempdir()?;
+    let mut options = bench::BenchOptions {
+        sections: if sections.is_empty() {
+            vec![
+                Section::Path,
+                Section::Engine,
+                Section::Memory,
+                Section::Payments,
+            ]
+        } else {
+            sections
+        },
+        model,
+        llama_server: llama_server.is_file().then_some(llama_server),
+        path: Default::default(),
+        engine: bench::engine::EngineOptions {
+            threads,
+            ..Default::default()
+        },
+        payments: bench::payments::PaymentsOptions {
+            threads,
+            ..Default::default()
+        },
+        work_dir: work.path().to_owned(),
+    };
+    if quick {
+        let p = &mut options.path;
+        p.latency_requests /= 10;
+        p.throughput_requests /= 10;
+        p.stream_requests = 2;
+        options.engine.requests = 2;
+        options.engine.requests_per_stream = 1;
+        options.payments.requests /= 10;
+    }
+    let report = match bench::run(&options).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Keep llama-server's and the roles' logs for a look at what failed.
+            let kept = work.keep();
+            return Err(e.context(format!("bench failed; logs kept in {}", kept.display())));
+        }
+    };
+    print!("{}", bench::table(&report));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        println!("JSON report written to {}", path.display());
+    }
+    if let Some(path) = plot {
+        let svg = bench::figure(&report)
+            .ok_or_else(|| anyhow::anyhow!("the figure needs the path and engine sections"))?;
+        std::fs::write(&path, svg)?;
+        println!("figure written to {}", path.display());
+    }
+    Ok(())
 }
 
 async fn client_account(command: ClientCommand) -> anyhow::Result<()> {

@@ -1,0 +1,396 @@
+//! The embedded engine against llama.cpp's own OpenAI server (`llama-server`) on the same
+//! GGUF, threads, context and prompt: prompt and generation tokens/s of one stream, then
+//! aggregate tokens/s at several concurrent streams, for the engine called in-process, the
+//! engine behind the whole network, and llama-server.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cocoon_engine::Backend;
+use cocoon_protocol::{ChatMessage, GenerateEvent, GenerateRequest, Input, Role, SamplingParams};
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::client::{Answer, stream_chat};
+use super::stats::{Summary, median};
+
+pub const PROMPT: &str = "Read this passage and then continue it. The lighthouse keeper had \
+    kept the lamp burning for forty years, through storms that tore slates from the roof and \
+    winters when the supply boat could not come for weeks. Every evening he climbed the one \
+    hundred and twelve steps, trimmed the wick, wound the clockwork that turned the lens, and \
+    wrote the weather in a book that nobody read. One night a ship he did not recognise \
+    anchored off the point, and in the morning a small boat rowed towards the landing.";
+
+/// The concurrency test's prompt: short, so that decoding, which batching shares, is most of
+/// the work (a long prompt is read in batches of its own either way).
+pub const SHORT_PROMPT: &str = "Write a short story about a lighthouse keeper.";
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Single-stream requests per path.
+    pub requests: usize,
+    pub max_tokens: u32,
+    pub threads: u32,
+    /// Concurrent streams to measure aggregate tokens/s at.
+    pub levels: Vec<usize>,
+    /// Requests per concurrent stream at each level.
+    pub requests_per_stream: usize,
+    /// Sequences and shared KV cells, the same for both engines.
+    pub parallel: u32,
+    pub kv_cache_tokens: u32,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            requests: 10,
+            max_tokens: 64,
+            threads: 2,
+            levels: vec![1, 4, 16],
+            requests_per_stream: 2,
+            parallel: 16,
+            kv_cache_tokens: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SingleStream {
+    pub path: String,
+    pub requests: usize,
+    pub prompt_tokens: u32,
+    /// Prompt tokens / time to first token (median).
+    pub prompt_tokens_per_s: f64,
+    /// Tokens after the first / time after the first (median).
+    pub gen_tokens_per_s: f64,
+    pub ttft_ms: Summary,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    pub path: String,
+    pub streams: usize,
+    pub requests: usize,
+    /// All completion tokens / wall time.
+    pub aggregate_tokens_per_s: f64,
+    /// One stream's decode rate (median).
+    pub stream_tokens_per_s: f64,
+    pub ttft_ms: Summary,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineReport {
+    pub model: String,
+    pub threads: u32,
+    pub max_tokens: u32,
+    pub embedded: SingleStream,
+    pub llama_server: Option<SingleStream>,
+    /// embedded / llama-server.
+    pub prompt_ratio: Option<f64>,
+    pub gen_ratio: Option<f64>,
+    pub levels: Vec<Level>,
+}
+
+fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        model: model.into(),
+        input: Input::Chat {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: prompt.into(),
+            }],
+        },
+        // A fixed number of tokens, so every path does the same work.
+        params: SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: 0.0,
+            ignore_eos: true,
+            ..Default::default()
+        },
+    }
+}
+
+fn http_body(model: &str, prompt: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": true,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        // llama-server would otherwise reuse the cached prompt of the previous request; our
+        // engine has no prompt cache, so both read every prompt afresh.
+        "cache_prompt": false,
+    })
+}
+
+/// One generation on the backend in-process, timed as the HTTP paths are.
+pub async fn direct(backend: &Arc<dyn Backend>, req: GenerateRequest) -> anyhow::Result<Answer> {
+    let start = Instant::now();
+    let mut chunks = Vec::new();
+    let mut events = backend.generate(req);
+    while let Some(ev) = events.next().await {
+        match ev {
+            GenerateEvent::Delta { text, .. } => chunks.push((Instant::now(), text)),
+            GenerateEvent::Done { usage, .. } => {
+                let latency = start.elapsed();
+                return Ok(Answer {
+                    start,
+                    ttft: chunks.first().map_or(latency, |c| c.0 - start),
+                    latency,
+                    chunks,
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                });
+            }
+            GenerateEvent::Error { error } => anyhow::bail!("direct request failed: {error}"),
+        }
+    }
+    anyhow::bail!("direct stream ended early")
+}
+
+/// A path the engine section drives.
+#[derive(Clone)]
+enum Target {
+    Direct(Arc<dyn Backend>, String),
+    Http(reqwest::Client, String, String),
+}
+
+impl Target {
+    async fn once(&self, prompt: &str, max_tokens: u32) -> anyhow::Result<Answer> {
+        let answer = match self {
+            Target::Direct(b, model) => direct(b, request(model, prompt, max_tokens)).await?,
+            Target::Http(http, url, model) => {
+                stream_chat(http, url, &http_body(model, prompt, max_tokens)).await?
+            }
+        };
+        anyhow::ensure!(
+            answer.completion_tokens == max_tokens,
+            "expected {max_tokens} tokens, got {}",
+            answer.completion_tokens
+        );
+        Ok(answer)
+    }
+}
+
+fn single(path: &str, answers: &[Answer]) -> SingleStream {
+    SingleStream {
+        path: path.into(),
+        requests: answers.len(),
+        prompt_tokens: answers.first().map_or(0, |a| a.prompt_tokens),
+        prompt_tokens_per_s: median(answers.iter().map(Answer::prompt_tokens_per_s).collect()),
+        gen_tokens_per_s: median(answers.iter().map(Answer::gen_tokens_per_s).collect()),
+        ttft_ms: Summary::of(answers.iter().map(|a| a.ttft.as_secs_f64() * 1e3).collect()),
+    }
+}
+
+async fn level(
+    target: &Target,
+    path: &str,
+    streams: usize,
+    per_stream: usize,
+    max_tokens: u32,
+) -> anyhow::Result<Level> {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for _ in 0..per_stream {
+                    answers.push(target.once(SHORT_PROMPT, max_tokens).await?);
+                }
+                anyhow::Ok(answers)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.extend(t.await??);
+    }
+    let wall = start.elapsed();
+    let tokens: u64 = answers.iter().map(|a| u64::from(a.completion_tokens)).sum();
+    Ok(Level {
+        path: path.into(),
+        streams,
+        requests: answers.len(),
+        aggregate_tokens_per_s: tokens as f64 / wall.as_secs_f64(),
+        stream_tokens_per_s: median(answers.iter().map(Answer::gen_tokens_per_s).collect()),
+        ttft_ms: Summary::of(answers.iter().map(|a| a.ttft.as_secs_f64() * 1e3).collect()),
+    })
+}
+
+/// `llama-server` run for the comparison, stopped when dropped.
+pub struct LlamaServer {
+    child: tokio::process::Child,
+    pub url: String,
+}
+
+impl LlamaServer {
+    pub async fn start(
+        binary: &Path,
+        model: &Path,
+        options: &EngineOptions,
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let threads = options.threads.to_string();
+        let mut child = tokio::process::Command::new(binary)
+            .arg("--model")
+            .arg(model)
+            .args(["--threads", &threads, "--threads-batch", &threads])
+            .args(["--ctx-size", &options.kv_cache_tokens.to_string()])
+            .args(["--parallel", &options.parallel.to_string(), "--kv-unified"])
+            .args(["--batch-size", "512", "--ubatch-size", "512"])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", binary.display()))?;
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("llama-server exited with {status}; see {}", log.display());
+            }
+            let health = http.get(format!("{base}/health")).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "llama-server did not become ready in 60 s; see {}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Self {
+            child,
+            url: format!("{base}/v1"),
+        })
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// `backend` must be the embedded engine made with `options`' threads, parallel and KV
+/// cells; `gateway_url` fronts a network whose only worker serves it.
+pub async fn run(
+    backend: Arc<dyn Backend>,
+    gateway_url: &str,
+    llama_server: Option<&LlamaServer>,
+    options: &EngineOptions,
+) -> anyhow::Result<EngineReport> {
+    let model = backend
+        .models()
+        .first()
+        .map(|m| m.id.clone())
+        .ok_or_else(|| anyhow::anyhow!("backend serves no model"))?;
+    let http = reqwest::Client::new();
+    let ours = Target::Direct(backend.clone(), model.clone());
+    let network = Target::Http(
+        http.clone(),
+        format!("{gateway_url}/chat/completions"),
+        model.clone(),
+    );
+    let theirs = llama_server.map(|s| {
+        Target::Http(
+            http.clone(),
+            format!("{}/chat/completions", s.url),
+            model.clone(),
+        )
+    });
+    let n = options.max_tokens;
+    // Warm up.
+    ours.once(PROMPT, n).await?;
+    network.once(PROMPT, n).await?;
+    if let Some(t) = &theirs {
+        t.once(PROMPT, n).await?;
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..options.requests {
+        a.push(ours.once(PROMPT, n).await?);
+        if let Some(t) = &theirs {
+            b.push(t.once(PROMPT, n).await?);
+        }
+    }
+    let embedded = single("embedded engine (in-process)", &a);
+    let llama_server = theirs.as_ref().map(|_| single("llama-server", &b));
+    let mut levels = Vec::new();
+    for &streams in &options.levels {
+        let per = options.requests_per_stream;
+        levels.push(level(&ours, "embedded engine (in-process)", streams, per, n).await?);
+        levels.push(
+            level(
+                &network,
+                "embedded engine via client -> proxy -> worker",
+                streams,
+                per,
+                n,
+            )
+            .await?,
+        );
+        if let Some(t) = &theirs {
+            levels.push(level(t, "llama-server", streams, per, n).await?);
+        }
+    }
+    Ok(EngineReport {
+        model,
+        threads: options.threads,
+        max_tokens: n,
+        prompt_ratio: llama_server
+            .as_ref()
+            .map(|l| embedded.prompt_tokens_per_s / l.prompt_tokens_per_s),
+        gen_ratio: llama_server
+            .as_ref()
+            .map(|l| embedded.gen_tokens_per_s / l.gen_tokens_per_s),
+        embedded,
+        llama_server,
+        levels,
+    })
+}
+
+pub fn table(r: &EngineReport) -> String {
+    let mut out = format!(
+        "### Embedded engine vs llama-server: {} , {} threads, {} generated tokens, same prompt\n\n\
+         | engine | prompt tokens | prompt tok/s | gen tok/s | TTFT p50 ms |\n|---|---|---|---|---|\n",
+        r.model, r.threads, r.max_tokens
+    );
+    for s in std::iter::once(&r.embedded).chain(&r.llama_server) {
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.1} | {:.1} |\n",
+            s.path, s.prompt_tokens, s.prompt_tokens_per_s, s.gen_tokens_per_s, s.ttft_ms.p50
+        ));
+    }
+    match (r.prompt_ratio, r.gen_ratio) {
+        (Some(p), Some(g)) => out.push_str(&format!(
+            "\nembedded/llama-server: prompt tok/s x{p:.3}, gen tok/s x{g:.3}\n\n"
+        )),
+        _ => out.push_str("\nllama-server not run (see --llama-server)\n\n"),
+    }
+    out.push_str(
+        "### Concurrency: aggregate generated tokens/s, short prompt\n\n\
+         | path | streams | requests | aggregate tok/s | per-stream tok/s | TTFT p50 ms |\n|---|---|---|---|---|---|\n",
+    );
+    for l in &r.levels {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
+            l.path,
+            l.streams,
+            l.requests,
+            l.aggregate_tokens_per_s,
+            l.stream_tokens_per_s,
+            l.ttft_ms.p50
+        ));
+    }
+    out
+}

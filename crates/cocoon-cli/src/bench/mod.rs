@@ -1,0 +1,250 @@
+//! `cocoon bench`: every speed claim of the project measured side by side with its reference,
+//! in one run.
+//!
+//! - [`path`]: the network path alone, on a fast deterministic backend ([`synthetic`]):
+//!   routing latency and most requests/s, streaming chunks/s and per-token transit, against
+//!   the same backend called directly;
+//! - [`engine`]: the embedded engine against llama.cpp's `llama-server` on the same model,
+//!   one stream and 1/4/16 concurrent streams;
+//! - [`memory`]: peak RSS of each role as its own process, idle and under load;
+//! - [`payments`]: the real model through the network without and with payments.
+//!
+//! Output: tables (Markdown), one JSON report, and an SVG figure ([`plot`]).
+
+pub mod client;
+pub mod engine;
+pub mod memory;
+pub mod path;
+pub mod payments;
+pub mod plot;
+pub mod stats;
+pub mod synthetic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_proxy::LimitsConfig;
+use serde::Serialize;
+
+use crate::dev::{DevNetwork, DevOptions};
+
+/// The parts of the bench; all by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    Path,
+    Engine,
+    Memory,
+    Payments,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub sections: Vec<Section>,
+    pub model: PathBuf,
+    pub llama_server: Option<PathBuf>,
+    pub path: path::PathOptions,
+    pub engine: engine::EngineOptions,
+    pub payments: payments::PaymentsOptions,
+    /// Where llama-server's log and the role processes' files go.
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub os: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub path: Option<path::PathReport>,
+    pub engine: Option<engine::EngineReport>,
+    pub memory: Option<memory::MemoryReport>,
+    pub payments: Option<payments::PaymentsReport>,
+}
+
+pub fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        os: std::env::consts::OS.into(),
+    }
+}
+
+/// Abuse limits out of the way: the bench measures the path, not the limits.
+pub fn unlimited() -> LimitsConfig {
+    LimitsConfig {
+        requests_per_second: 1e6,
+        burst: 1_000_000,
+        concurrent_requests: 1_000_000,
+        connections_per_ip: 1_000_000,
+        ..LimitsConfig::default()
+    }
+}
+
+/// A whole network on loopback with one worker per backend, ready to serve.
+pub async fn network(
+    backends: Vec<Arc<dyn Backend>>,
+    payments: bool,
+) -> anyhow::Result<DevNetwork> {
+    let n = backends.len() as u32;
+    let net = DevNetwork::start(
+        DevOptions {
+            gateway_listen: "127.0.0.1:0".into(),
+            payments,
+            limits: unlimited(),
+            ..Default::default()
+        },
+        backends,
+    )
+    .await?;
+    net.wait_ready(n, Duration::from_secs(30)).await?;
+    Ok(net)
+}
+
+fn section(name: &str) {
+    eprintln!("bench: {name} ...");
+}
+
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let on = |s| options.sections.contains(&s);
+    let mut report = BenchReport {
+        machine: machine(),
+        path: None,
+        engine: None,
+        memory: None,
+        payments: None,
+    };
+    if on(Section::Path) {
+        section("network path on the synthetic backend");
+        report.path = Some(path::run(&options.path).await?);
+    }
+    let engine_options = &options.engine;
+    if on(Section::Engine) {
+        let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig {
+            model_path: options.model.clone(),
+            threads: engine_options.threads,
+            parallel: engine_options.parallel,
+            kv_cache_tokens: engine_options.kv_cache_tokens,
+            ..Default::default()
+        })?);
+        let server = match &options.llama_server {
+            Some(binary) => {
+                section("starting llama-server");
+                Some(
+                    engine::LlamaServer::start(
+                        binary,
+                        &options.model,
+                        engine_options,
+                        options.work_dir.join("llama-server.log"),
+                    )
+                    .await?,
+                )
+            }
+            None => {
+                eprintln!(
+                    "bench: WARNING: no llama-server given (--llama-server, or build one with \
+                     scripts/build-llama-server.sh); the engine is measured without its reference"
+                );
+                None
+            }
+        };
+        section("embedded engine vs llama-server");
+        let mut net = network(vec![backend.clone()], false).await?;
+        let result =
+            engine::run(backend, &net.gateway_url(), server.as_ref(), engine_options).await;
+        net.shutdown().await;
+        if let Some(s) = server {
+            s.stop().await;
+        }
+        report.engine = Some(result?);
+    }
+    if on(Section::Memory) {
+        section("memory of each role");
+        let streams = engine_options.levels.iter().copied().max().unwrap_or(1);
+        report.memory = Some(memory::run(&options.model, engine_options, streams).await?);
+    }
+    if on(Section::Payments) {
+        section("payments through the network");
+        report.payments = Some(payments::run(&options.model, &options.payments).await?);
+    }
+    Ok(report)
+}
+
+pub fn table(r: &BenchReport) -> String {
+    let mut out = format!(
+        "machine: {} CPUs, {} ({})\n\n",
+        r.machine.cpus, r.machine.cpu_model, r.machine.os
+    );
+    if let Some(p) = &r.path {
+        out.push_str(&path::table(p));
+        out.push('\n');
+    }
+    if let Some(e) = &r.engine {
+        out.push_str(&engine::table(e));
+        out.push('\n');
+    }
+    if let Some(m) = &r.memory {
+        out.push_str(&memory::table(m));
+        out.push('\n');
+    }
+    if let Some(p) = &r.payments {
+        out.push_str(&payments::table(p));
+    }
+    out
+}
+
+/// The figure, when the report holds what it draws.
+pub fn figure(r: &BenchReport) -> Option<String> {
+    let p = r.path.as_ref()?;
+    let e = r.engine.as_ref()?;
+    let cats = ["p50", "p90", "p99"].map(String::from).to_vec();
+    let latency = [&p.direct, &p.network]
+        .iter()
+        .map(|f| plot::Series {
+            name: f.path.clone(),
+            values: vec![f.latency_ms.p50, f.latency_ms.p90, f.latency_ms.p99],
+        })
+        .collect::<Vec<_>>();
+    let mut levels: Vec<usize> = e.levels.iter().map(|l| l.streams).collect();
+    levels.dedup();
+    let mut names: Vec<String> = Vec::new();
+    for l in &e.levels {
+        if !names.contains(&l.path) {
+            names.push(l.path.clone());
+        }
+    }
+    let throughput = names
+        .into_iter()
+        .map(|name| plot::Series {
+            values: levels
+                .iter()
+                .map(|s| {
+                    e.levels
+                        .iter()
+                        .find(|l| l.path == name && l.streams == *s)
+                        .map_or(f64::NAN, |l| l.aggregate_tokens_per_s)
+                })
+                .collect(),
+            name,
+        })
+        .collect::<Vec<_>>();
+    let level_cats = levels
+        .iter()
+        .map(|s| format!("{s} stream{}", if *s == 1 { "" } else { "s" }))
+        .collect::<Vec<_>>();
+    Some(plot::figure(&cats, &latency, &level_cats, &throughput))
+}

@@ -1,0 +1,59 @@
+//! Percentiles and summaries of measured samples.
+
+use serde::Serialize;
+
+/// The nearest-rank percentile `p` (0–100) of `sorted`.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 50.0)
+}
+
+/// p50, p90, p99 and mean of one quantity, in the samples' unit.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Summary {
+    pub n: usize,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub mean: f64,
+}
+
+impl Summary {
+    pub fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        let mean = if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        Self {
+            n: v.len(),
+            p50: percentile(&v, 50.0),
+            p90: percentile(&v, 90.0),
+            p99: percentile(&v, 99.0),
+            mean,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let s = Summary::of((1..=100).rev().map(f64::from).collect());
+        assert_eq!((s.n, s.p50, s.p90, s.p99), (100, 51.0, 90.0, 99.0));
+        assert_eq!(s.mean, 50.5);
+        assert!(Summary::of(Vec::new()).p50.is_nan());
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+}
