@@ -388,8 +388,9 @@ mod tests {
         sse.push_str(": a comment line\n\n");
         sse.push_str("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n");
         let pieces: Vec<Vec<u8>> = sse.into_bytes().chunks(piece).map(<[u8]>::to_vec).collect();
+        // A text prompt goes to the legacy completions endpoint.
         let router = axum::Router::new().route(
-            "/v1/chat/completions",
+            "/v1/completions",
             axum::routing::post(move || {
                 let pieces = pieces.clone().into_iter().map(Ok::<_, std::io::Error>);
                 async move { axum::body::Body::from_stream(futures_util::stream::iter(pieces)) }

@@ -41,15 +41,20 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Axes, title, y ticks and category labels of one panel at `x0`; returns the y scale.
+/// Axes, title, y ticks and category labels of one panel at `x0`, scaled to hold every
+/// value of `series`; returns the y scale and the width of one category's band.
 fn frame(
     out: &mut String,
     x0: f64,
     title: &str,
     y_label: &str,
     cats: &[String],
-    top: f64,
-) -> impl Fn(f64) -> f64 + use<> {
+    series: &[Series],
+) -> (impl Fn(f64) -> f64 + use<>, f64) {
+    let top = series
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .fold(0.0, f64::max);
     let (ymax, step) = nice_axis(top);
     let plot_h = H - TOP - BOTTOM;
     let y = move |v: f64| TOP + plot_h * (1.0 - v / ymax);
@@ -98,7 +103,7 @@ fn frame(
         H - BOTTOM,
         x0 + W - RIGHT
     );
-    y
+    (y, band)
 }
 
 fn trim_number(v: f64) -> String {
@@ -123,12 +128,7 @@ fn legend(out: &mut String, x0: f64, series: &[Series]) {
 }
 
 fn bars(out: &mut String, x0: f64, title: &str, y_label: &str, cats: &[String], series: &[Series]) {
-    let top = series
-        .iter()
-        .flat_map(|s| s.values.iter().copied())
-        .fold(0.0, f64::max);
-    let y = frame(out, x0, title, y_label, cats, top);
-    let band = (W - LEFT - RIGHT) / cats.len().max(1) as f64;
+    let (y, band) = frame(out, x0, title, y_label, cats, series);
     let bar = band * 0.8 / series.len().max(1) as f64;
     for (si, s) in series.iter().enumerate() {
         for (ci, v) in s.values.iter().enumerate() {
@@ -154,12 +154,7 @@ fn lines(
     cats: &[String],
     series: &[Series],
 ) {
-    let top = series
-        .iter()
-        .flat_map(|s| s.values.iter().copied())
-        .fold(0.0, f64::max);
-    let y = frame(out, x0, title, y_label, cats, top);
-    let band = (W - LEFT - RIGHT) / cats.len().max(1) as f64;
+    let (y, band) = frame(out, x0, title, y_label, cats, series);
     for (si, s) in series.iter().enumerate() {
         let color = COLORS[si % COLORS.len()];
         let points: Vec<String> = s
