@@ -78,52 +78,45 @@ impl ChunkEncoder {
         event(&chunk, 160 + self.id.len() + self.model.len() + text_len)
     }
 
-    fn choice<'a>(&self, text: Option<&'a str>, finish: Option<&'a str>) -> Choice<'a> {
-        if self.chat {
-            Choice {
-                index: 0,
-                delta: Some(Delta {
-                    role: None,
+    /// Chat chunks carry a delta (with the role only in the first), legacy ones the text.
+    fn choice<'a>(
+        &self,
+        role: Option<&'static str>,
+        text: Option<&'a str>,
+        finish: Option<&'a str>,
+    ) -> Choice<'a> {
+        let (delta, text) = match self.chat {
+            true => (
+                Some(Delta {
+                    role,
                     content: text,
                 }),
-                text: None,
-                logprobs: (),
-                finish_reason: finish,
-            }
-        } else {
-            Choice {
-                index: 0,
-                delta: None,
-                text: Some(text.unwrap_or("")),
-                logprobs: (),
-                finish_reason: finish,
-            }
+                None,
+            ),
+            false => (None, Some(text.unwrap_or(""))),
+        };
+        Choice {
+            index: 0,
+            delta,
+            text,
+            logprobs: (),
+            finish_reason: finish,
         }
     }
 
     /// The chat stream's first chunk, naming the assistant role.
     pub fn role(&self) -> Bytes {
-        let choice = Choice {
-            index: 0,
-            delta: Some(Delta {
-                role: Some("assistant"),
-                content: Some(""),
-            }),
-            text: None,
-            logprobs: (),
-            finish_reason: None,
-        };
-        self.chunk(&[choice], None, 0)
+        self.chunk(&[self.choice(Some("assistant"), Some(""), None)], None, 0)
     }
 
     /// A piece of the answer's text.
     pub fn delta(&self, text: &str) -> Bytes {
-        self.chunk(&[self.choice(Some(text), None)], None, text.len())
+        self.chunk(&[self.choice(None, Some(text), None)], None, text.len())
     }
 
     /// The chunk that says why the answer ended.
     pub fn finish(&self, reason: &str) -> Bytes {
-        self.chunk(&[self.choice(None, Some(reason))], None, 0)
+        self.chunk(&[self.choice(None, None, Some(reason))], None, 0)
     }
 
     /// The last chunk: no choices, the usage.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::client::{Answer, stream_chat};
-use super::stats::{Summary, median};
+use super::stats::{Summary, median, ms};
 
 pub const PROMPT: &str = "Read this passage and then continue it. The lighthouse keeper had \
     kept the lamp burning for forty years, through storms that tore slates from the roof and \
@@ -152,15 +152,15 @@ pub async fn direct(backend: &Arc<dyn Backend>, req: GenerateRequest) -> anyhow:
     anyhow::bail!("direct stream ended early")
 }
 
-/// A path the engine section drives.
+/// A path the engine and memory sections drive.
 #[derive(Clone)]
-enum Target {
+pub(super) enum Target {
     Direct(Arc<dyn Backend>, String),
     Http(reqwest::Client, String, String),
 }
 
 impl Target {
-    async fn once(&self, prompt: &str, max_tokens: u32) -> anyhow::Result<Answer> {
+    pub(super) async fn once(&self, prompt: &str, max_tokens: u32) -> anyhow::Result<Answer> {
         let answer = match self {
             Target::Direct(b, model) => direct(b, request(model, prompt, max_tokens)).await?,
             Target::Http(http, url, model) => {
@@ -183,11 +183,12 @@ fn single(path: &str, answers: &[Answer]) -> SingleStream {
         prompt_tokens: answers.first().map_or(0, |a| a.prompt_tokens),
         prompt_tokens_per_s: median(answers.iter().map(Answer::prompt_tokens_per_s).collect()),
         gen_tokens_per_s: median(answers.iter().map(Answer::gen_tokens_per_s).collect()),
-        ttft_ms: Summary::of(answers.iter().map(|a| a.ttft.as_secs_f64() * 1e3).collect()),
+        ttft_ms: Summary::of(answers.iter().map(|a| ms(a.ttft)).collect()),
     }
 }
 
-async fn level(
+/// `streams` concurrent streams of `per_stream` short-prompt requests each.
+pub(super) async fn level(
     target: &Target,
     path: &str,
     streams: usize,
@@ -219,7 +220,7 @@ async fn level(
         requests: answers.len(),
         aggregate_tokens_per_s: tokens as f64 / wall.as_secs_f64(),
         stream_tokens_per_s: median(answers.iter().map(Answer::gen_tokens_per_s).collect()),
-        ttft_ms: Summary::of(answers.iter().map(|a| a.ttft.as_secs_f64() * 1e3).collect()),
+        ttft_ms: Summary::of(answers.iter().map(|a| ms(a.ttft)).collect()),
     })
 }
 
@@ -236,9 +237,7 @@ impl LlamaServer {
         options: &EngineOptions,
         log: PathBuf,
     ) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = super::free_loopback_addr()?.port();
         let threads = options.threads.to_string();
         let mut child = tokio::process::Command::new(binary)
             .arg("--model")

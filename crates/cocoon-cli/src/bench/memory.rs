@@ -11,7 +11,7 @@ use cocoon_proxy::ProxyConfig;
 use cocoon_worker::{BackendConfig, WorkerConfig};
 use serde::Serialize;
 
-use super::engine::EngineOptions;
+use super::engine::{EngineOptions, Target, level};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RoleMemory {
@@ -36,12 +36,6 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for process {pid}"))?;
     Ok(kb / 1024.0)
-}
-
-fn free_addr() -> anyhow::Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .to_string())
 }
 
 struct Role {
@@ -73,8 +67,8 @@ pub async fn run(
     // The in-process network lends its dev attester and policy and stays idle.
     let mut net = super::network(vec![], false).await?;
     let dir = net.dir().to_owned();
-    let proxy_addr = free_addr()?;
-    let gateway_addr = free_addr()?;
+    let proxy_addr = super::free_loopback_addr()?.to_string();
+    let gateway_addr = super::free_loopback_addr()?.to_string();
     let proxy = ProxyConfig {
         listen: proxy_addr.clone(),
         key_file: Some(dir.join("mem-proxy.key")),
@@ -138,12 +132,8 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     // One request wakes every lazy part (connections, the engine's first batch).
-    let url = format!("{base}/chat/completions");
-    let body = |n: u32| {
-        serde_json::json!({"model": model, "messages": [{"role": "user", "content": super::engine::PROMPT}],
-                           "max_tokens": n, "temperature": 0.0, "ignore_eos": true, "stream": true})
-    };
-    super::client::stream_chat(&http, &url, &body(4)).await?;
+    let target = Target::Http(http, format!("{base}/chat/completions"), model);
+    target.once(super::engine::PROMPT, 4).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle: Vec<f64> = roles
         .iter()
@@ -151,26 +141,11 @@ pub async fn run(
         .collect::<anyhow::Result<_>>()?;
 
     let per_stream = options.requests_per_stream;
-    let load = tokio::spawn({
-        let (http, url, body) = (http.clone(), url.clone(), body(options.max_tokens));
-        async move {
-            let tasks: Vec<_> = (0..streams)
-                .map(|_| {
-                    let (http, url, body) = (http.clone(), url.clone(), body.clone());
-                    tokio::spawn(async move {
-                        for _ in 0..per_stream {
-                            super::client::stream_chat(&http, &url, &body).await?;
-                        }
-                        anyhow::Ok(())
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await??;
-            }
-            anyhow::Ok(())
-        }
-    });
+    let max_tokens = options.max_tokens;
+    let load =
+        tokio::spawn(
+            async move { level(&target, "memory", streams, per_stream, max_tokens).await },
+        );
     let mut peak = idle.clone();
     while !load.is_finished() {
         for (p, r) in peak.iter_mut().zip(&roles) {
@@ -178,10 +153,10 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    load.await??;
+    let served = load.await??;
     let report = MemoryReport {
         streams,
-        requests: streams * per_stream,
+        requests: served.requests,
         roles: roles
             .iter()
             .zip(idle.iter().zip(&peak))

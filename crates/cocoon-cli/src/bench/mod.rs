@@ -84,6 +84,11 @@ pub fn machine() -> Machine {
     }
 }
 
+/// A loopback address with a port that was free a moment ago.
+pub fn free_loopback_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
 /// Abuse limits out of the way: the bench measures the path, not the limits.
 pub fn unlimited() -> LimitsConfig {
     LimitsConfig {

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use super::client::{Answer, stream_chat};
-use super::stats::Summary;
+use super::stats::{Summary, ms};
 use super::synthetic::{self, Synthetic};
 
 #[derive(Debug, Clone)]
@@ -172,11 +172,11 @@ fn transit(answers: &[Answer]) -> (Summary, Summary) {
     for a in answers {
         for (arrived, text) in &a.chunks {
             if let Some(sent) = synthetic::sent_at(text) {
-                transit.push(arrived.saturating_duration_since(sent).as_secs_f64() * 1e3);
+                transit.push(ms(arrived.saturating_duration_since(sent)));
             }
         }
         for w in a.chunks.windows(2) {
-            gaps.push((w[1].0 - w[0].0).as_secs_f64() * 1e3);
+            gaps.push(ms(w[1].0 - w[0].0));
         }
     }
     (Summary::of(transit), Summary::of(gaps))
@@ -193,10 +193,6 @@ fn chunks_per_s(answers: &[Answer]) -> f64 {
             })
             .collect(),
     )
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 pub async fn run(options: &PathOptions) -> anyhow::Result<PathReport> {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::client::{Answer, stream_chat};
-use super::stats::{Summary, median};
+use super::stats::{Summary, median, ms};
 
 #[derive(Debug, Clone)]
 pub struct PaymentsOptions {
@@ -71,7 +71,6 @@ pub struct PaymentsReport {
 }
 
 fn figures(path: &str, answers: &[Answer], wall: Duration) -> PathFigures {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let latency = Summary::of(answers.iter().map(|a| ms(a.latency)).collect());
     PathFigures {
         path: path.into(),

@@ -127,53 +127,64 @@ fn legend(out: &mut String, x0: f64, series: &[Series]) {
     }
 }
 
-fn bars(out: &mut String, x0: f64, title: &str, y_label: &str, cats: &[String], series: &[Series]) {
+/// How a panel draws its series.
+#[derive(Clone, Copy)]
+enum Marks {
+    /// Grouped bars, one group per category.
+    Bars,
+    /// A line with points per series.
+    Lines,
+}
+
+/// One panel at `x0`: frame, marks, legend.
+fn panel(
+    out: &mut String,
+    x0: f64,
+    (title, y_label): (&str, &str),
+    cats: &[String],
+    series: &[Series],
+    marks: Marks,
+) {
     let (y, band) = frame(out, x0, title, y_label, cats, series);
     let bar = band * 0.8 / series.len().max(1) as f64;
     for (si, s) in series.iter().enumerate() {
-        for (ci, v) in s.values.iter().enumerate() {
-            let x = x0 + LEFT + band * ci as f64 + band * 0.1 + bar * si as f64;
-            let _ = write!(
-                out,
-                r#"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{:.1}" fill="{}"><title>{}: {v:.3}</title></rect>"#,
-                y(*v),
-                (H - BOTTOM - y(*v)).max(0.0),
-                COLORS[si % COLORS.len()],
-                escape(&s.name)
-            );
-        }
-    }
-    legend(out, x0, series);
-}
-
-fn lines(
-    out: &mut String,
-    x0: f64,
-    title: &str,
-    y_label: &str,
-    cats: &[String],
-    series: &[Series],
-) {
-    let (y, band) = frame(out, x0, title, y_label, cats, series);
-    for (si, s) in series.iter().enumerate() {
         let color = COLORS[si % COLORS.len()];
-        let points: Vec<String> = s
-            .values
-            .iter()
-            .enumerate()
-            .map(|(ci, v)| format!("{:.1},{:.1}", x0 + LEFT + band * (ci as f64 + 0.5), y(*v)))
-            .collect();
-        let _ = write!(
-            out,
-            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
-            points.join(" ")
-        );
-        for p in &points {
-            let (px, py) = p.split_once(',').expect("formatted above");
-            let _ = write!(
-                out,
-                r#"<circle cx="{px}" cy="{py}" r="3.5" fill="{color}"/>"#
-            );
+        match marks {
+            Marks::Bars => {
+                for (ci, v) in s.values.iter().enumerate() {
+                    let x = x0 + LEFT + band * ci as f64 + band * 0.1 + bar * si as f64;
+                    let _ = write!(
+                        out,
+                        r#"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{:.1}" fill="{color}"><title>{}: {v:.3}</title></rect>"#,
+                        y(*v),
+                        (H - BOTTOM - y(*v)).max(0.0),
+                        escape(&s.name)
+                    );
+                }
+            }
+            Marks::Lines => {
+                let points: Vec<(f64, f64)> = s
+                    .values
+                    .iter()
+                    .enumerate()
+                    .map(|(ci, v)| (x0 + LEFT + band * (ci as f64 + 0.5), y(*v)))
+                    .collect();
+                let path: Vec<String> = points
+                    .iter()
+                    .map(|(px, py)| format!("{px:.1},{py:.1}"))
+                    .collect();
+                let _ = write!(
+                    out,
+                    r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+                    path.join(" ")
+                );
+                for (px, py) in points {
+                    let _ = write!(
+                        out,
+                        r#"<circle cx="{px:.1}" cy="{py:.1}" r="3.5" fill="{color}"/>"#
+                    );
+                }
+            }
         }
     }
     legend(out, x0, series);
@@ -191,21 +202,16 @@ pub fn figure(
         2.0 * W,
         2.0 * W
     );
-    bars(
-        &mut out,
-        0.0,
-        "Routing latency, synthetic backend",
-        "ms",
-        latency_cats,
-        latency,
-    );
-    lines(
+    let titles = ("Routing latency, synthetic backend", "ms");
+    panel(&mut out, 0.0, titles, latency_cats, latency, Marks::Bars);
+    let titles = ("Aggregate tokens/s vs concurrent streams", "tokens/s");
+    panel(
         &mut out,
         W,
-        "Aggregate tokens/s vs concurrent streams",
-        "tokens/s",
+        titles,
         concurrency_cats,
         throughput,
+        Marks::Lines,
     );
     out.push_str("</svg>\n");
     out

@@ -2,6 +2,11 @@
 
 use serde::Serialize;
 
+/// A duration in milliseconds, the unit of every latency figure.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 /// The nearest-rank percentile `p` (0–100) of `sorted`.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -14,7 +14,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, mpsc as std_mpsc};
 
-use cocoon_protocol::{GenerateEvent, GenerateRequest, Input, ModelCard, ProtocolError};
+use cocoon_protocol::{GenerateRequest, Input, ModelCard, ProtocolError};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend as LlamaRuntime;
@@ -252,11 +252,6 @@ impl Shared {
             .new_context(runtime()?, params)
             .map_err(|e| ProtocolError::internal(format!("cannot create llama.cpp context: {e}")))
     }
-}
-
-/// Sends `event` to a requester, which may have left.
-fn send(tx: &mpsc::UnboundedSender<GenerateEvent>, event: GenerateEvent) -> bool {
-    tx.send(event).is_ok()
 }
 
 #[cfg(test)]

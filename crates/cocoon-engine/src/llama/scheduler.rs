@@ -14,7 +14,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use tokio::sync::mpsc;
 
 use super::sequence::{Next, Sequence};
-use super::{BATCH_TOKENS, Shared, send};
+use super::{BATCH_TOKENS, Shared};
 
 /// A request handed to the scheduler.
 pub(super) struct Job {
@@ -125,7 +125,7 @@ impl<'a> Scheduler<'a> {
             Err(error) => {
                 let _guard = self.shared.stats.start();
                 tracing::debug!(%error, "generation refused");
-                let _ = send(&job.tx, GenerateEvent::Error { error });
+                let _ = job.tx.send(GenerateEvent::Error { error });
             }
         }
     }

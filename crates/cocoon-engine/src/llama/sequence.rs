@@ -7,7 +7,6 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
-use super::send;
 use crate::stats::{ActiveGuard, Outcome};
 use crate::text::{StopMatcher, Utf8Accumulator};
 
@@ -115,7 +114,7 @@ impl<'a> Sequence<'a> {
                 text: scan.emit,
                 tokens: self.unsent_tokens,
             };
-            if !send(&self.tx, event) {
+            if self.tx.send(event).is_err() {
                 return self.cancel();
             }
             self.unsent_tokens = 0;
@@ -138,7 +137,7 @@ impl<'a> Sequence<'a> {
 
     /// Ends the sequence with an error event.
     pub fn fail(&mut self, error: ProtocolError) {
-        let _ = send(&self.tx, GenerateEvent::Error { error });
+        let _ = self.tx.send(GenerateEvent::Error { error });
     }
 
     fn finish(&mut self, finish_reason: FinishReason, matched_stop: bool) -> Next {
@@ -155,7 +154,7 @@ impl<'a> Sequence<'a> {
                     text: rest,
                     tokens: self.unsent_tokens,
                 };
-                if !send(&self.tx, event) {
+                if self.tx.send(event).is_err() {
                     return self.cancel();
                 }
             }
@@ -169,7 +168,7 @@ impl<'a> Sequence<'a> {
             usage,
             billing: None,
         };
-        if !send(&self.tx, done) {
+        if self.tx.send(done).is_err() {
             return self.cancel();
         }
         self.guard.set_outcome(Outcome::Completed);
