@@ -342,7 +342,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 identity.clone(),
                 proxy,
                 Duration::from_secs(cfg.max_reconnect_secs.max(1)),
-            );
+            )
+            .with_prices(cfg.prices.clone());
             if let Some(store) = payouts {
                 worker = worker.with_payouts(store);
             }

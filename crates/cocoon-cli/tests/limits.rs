@@ -51,6 +51,7 @@ impl Backend for GatedBackend {
         vec![ModelCard {
             id: MODEL.into(),
             context_length: 2048,
+            min_price: 0,
         }]
     }
 

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bill::Parties;
 use crate::config::ClientConfig;
-use crate::link::ProxyLink;
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
+use crate::pool::ProxyPool;
 
 /// The gateway, bound and ready to serve.
 pub struct Gateway {
@@ -34,7 +34,7 @@ pub struct Gateway {
 }
 
 struct AppState {
-    link: ProxyLink,
+    proxies: ProxyPool,
     /// This gateway's key: the client of its contract with the proxy.
     client_key: [u8; 32],
     /// How this gateway attests itself: `tdx`, `dev` or `none`.
@@ -83,7 +83,7 @@ impl Gateway {
             .expect("identities hold Ed25519 keys");
         let state = Arc::new(AppState {
             client_key,
-            link: ProxyLink::new(config.proxy_addr.clone(), identity, proxy),
+            proxies: ProxyPool::new(&config.proxies(), identity, proxy),
             attestation,
         });
         let router = Router::new()
@@ -91,6 +91,7 @@ impl Gateway {
             .route("/v1/models/{model}", get(get_model))
             .route("/v1/chat/completions", post(generation::<ChatRequest>))
             .route("/v1/completions", post(generation::<CompletionRequest>))
+            .route("/v1/network", get(network))
             .route("/health", get(|| async { "ok" }))
             .fallback(unknown_route)
             .method_not_allowed_fallback(method_not_allowed)
@@ -145,11 +146,31 @@ fn model_json(card: &cocoon_protocol::ListedModel) -> Value {
         "owned_by": "cocoon",
         "context_length": card.card.context_length,
         "workers": card.workers,
+        "min_price": card.card.min_price,
+        "max_price": card.max_price,
     })
 }
 
+/// `GET /v1/network`: this gateway's proxies and how each stands, and what the first proxy
+/// that answers reports of its workers: models, prices, load and reputation. Answers even
+/// when no proxy does (with `network: null` and the error), since that is when it is needed.
+async fn network(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let status = state.proxies.status().await;
+    let (network, via, error) = match status {
+        Ok((status, addr)) => (status, Some(addr.to_owned()), None),
+        Err(e) => (Value::Null, None, Some(e.message)),
+    };
+    Json(json!({
+        "object": "network",
+        "proxies": state.proxies.states(),
+        "via": via,
+        "network": network,
+        "error": error,
+    }))
+}
+
 async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let list = state.link.models().await?;
+    let list = state.proxies.models().await?;
     Ok(Json(json!({
         "object": "list",
         "data": list.models.iter().map(model_json).collect::<Vec<_>>(),
@@ -160,7 +181,7 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, 
 /// Who proved what on this gateway's hop, shown beside the model list so that a network running
 /// on development attestation can never pass for a confidential one.
 fn attestation_json(state: &AppState) -> Value {
-    let proxy = state.link.proxy_attestation();
+    let proxy = state.proxies.preferred().proxy_attestation();
     let proxy_mode = proxy.as_ref().map_or("none", |v| v.mode());
     let attested = proxy.as_ref().and_then(|v| v.attestation.as_ref());
     let development =
@@ -185,7 +206,7 @@ async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let list = state.link.models().await?;
+    let list = state.proxies.models().await?;
     match list.models.iter().find(|m| m.card.id == model) {
         Some(m) => Ok(Json(model_json(m))),
         None => Err(ProtocolError::new(
@@ -286,10 +307,11 @@ async fn answer(
     let model = request.model.clone();
     // Refusals (unknown model, prompt too long) come back here, before any byte of the answer,
     // so they keep their 4xx status even for streaming requests.
-    let events = state.link.generate(&request).await?;
+    let (events, link) = state.proxies.generate(&request).await?;
     let parties = Parties {
-        proxy: state.link.proxy_key(),
+        proxy: link.proxy_key(),
         client: state.client_key,
+        max_price: request.max_price,
     };
     let meta = sse::Meta {
         id: new_id(endpoint),

@@ -1,7 +1,9 @@
 //! The gateway's check of each bill the proxy hands over: the charge must be the proxy's own
 //! signature (the key it proved in the handshake) over this client's contract and the counter
-//! the bill states, and the cost must be the billed tokens at the stated price. A bill that
-//! fails is still passed on, marked `bill_verified: false`, and logged: the app decides.
+//! the bill states, the price must be within the request's `max_price`, the billed units must
+//! not exceed the weighted tokens at that price, and the cost must be the units at the unit
+//! price. A bill that fails is still passed on, marked `bill_verified: false`, and logged: the
+//! app decides.
 
 use cocoon_ledger::{Address, PaymentMessage, SignedMessage};
 use cocoon_protocol::Billing;
@@ -11,6 +13,8 @@ use cocoon_protocol::Billing;
 pub(crate) struct Parties {
     pub proxy: Option<[u8; 32]>,
     pub client: [u8; 32],
+    /// The request's price cap, if it set one.
+    pub max_price: Option<u64>,
 }
 
 impl Parties {
@@ -38,10 +42,26 @@ impl Parties {
                 bill.tokens_used, bill.billed_tokens
             ));
         }
-        if bill.billed_tokens.checked_mul(bill.price_per_token) != Some(bill.cost) {
+        if let Some(max) = self.max_price
+            && bill.price_per_token > max
+        {
             return Err(format!(
-                "cost {} is not {} tokens at {}",
-                bill.cost, bill.billed_tokens, bill.price_per_token
+                "the price {} is above the request's max_price {max}",
+                bill.price_per_token
+            ));
+        }
+        let allowed = u128::from(bill.weighted_tokens) * u128::from(bill.price_per_token)
+            / u128::from(bill.unit_price.max(1));
+        if u128::from(bill.billed_tokens) > allowed {
+            return Err(format!(
+                "{} units billed for {} tokens at {} (unit price {})",
+                bill.billed_tokens, bill.weighted_tokens, bill.price_per_token, bill.unit_price
+            ));
+        }
+        if bill.billed_tokens.checked_mul(bill.unit_price) != Some(bill.cost) {
+            return Err(format!(
+                "cost {} is not {} units at {}",
+                bill.cost, bill.billed_tokens, bill.unit_price
             ));
         }
         Ok(())
@@ -73,6 +93,8 @@ mod tests {
         .sign(proxy.key_pair());
         Billing {
             price_per_token: 20,
+            weighted_tokens: billed,
+            unit_price: 20,
             billed_tokens: billed,
             cost: billed * 20,
             tokens_used,
@@ -87,6 +109,7 @@ mod tests {
         let parties = Parties {
             proxy: Some(proxy.public_key()),
             client,
+            max_price: Some(30),
         };
         parties.check(&bill(&proxy, client, 100, 10)).unwrap();
         // Signed by someone else, for another client, a counter other than stated, an
@@ -100,9 +123,21 @@ mod tests {
         let mut b = bill(&proxy, client, 100, 10);
         b.cost += 1;
         assert!(parties.check(&b).is_err());
+        // A dearer worker: 10 tokens at 30 are 15 units of 20, not more, and not above the cap.
+        let mut b = bill(&proxy, client, 100, 15);
+        (b.weighted_tokens, b.price_per_token) = (10, 30);
+        parties.check(&b).unwrap();
+        b.billed_tokens = 16;
+        b.cost = 16 * 20;
+        assert!(parties.check(&b).is_err());
+        let mut b = bill(&proxy, client, 100, 10);
+        b.price_per_token = 31;
+        b.weighted_tokens = 7;
+        assert!(parties.check(&b).is_err());
         let unknown = Parties {
             proxy: None,
             client,
+            max_price: None,
         };
         assert!(unknown.check(&bill(&proxy, client, 100, 10)).is_err());
     }

@@ -12,6 +12,9 @@ pub struct ClientConfig {
     pub listen: String,
     /// The proxy, `host:port`.
     pub proxy_addr: String,
+    /// More proxies, tried in this order when `proxy_addr` cannot be reached or cannot start
+    /// an answer. Each bills its own contract with this client, so fund one with each.
+    pub fallback_proxies: Vec<String>,
     /// The client's key: its identity towards the proxy. A fresh key per run when unset.
     pub key_file: Option<PathBuf>,
     /// Largest request body accepted from apps, in bytes.
@@ -36,11 +39,21 @@ pub struct ClientPayments {
     pub proxy_key: Option<String>,
 }
 
+impl ClientConfig {
+    /// Every proxy, in the order they are tried.
+    pub fn proxies(&self) -> Vec<String> {
+        std::iter::once(self.proxy_addr.clone())
+            .chain(self.fallback_proxies.iter().cloned())
+            .collect()
+    }
+}
+
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:10000".into(),
             proxy_addr: "127.0.0.1:10443".into(),
+            fallback_proxies: Vec::new(),
             key_file: None,
             max_body_bytes: 4 << 20,
             attester: AttesterConfig::default(),

@@ -3,8 +3,9 @@
 //!
 //! Any OpenAI SDK pointed at the gateway works unchanged: `GET /v1/models`,
 //! `POST /v1/chat/completions` and `POST /v1/completions`, streaming or not. This crate owns
-//! the translation between the two (requests, answers, errors), the connection to the proxy,
-//! and the check of the bill the proxy hands over with each answer.
+//! the translation between the two (requests, answers, errors), the connections to its
+//! proxies (with failover between them), `GET /v1/network` (what the network offers), and
+//! the check of the bill the proxy hands over with each answer.
 
 mod api;
 mod bill;
@@ -12,7 +13,9 @@ pub mod chunks;
 mod config;
 mod link;
 pub mod openai;
+mod pool;
 
 pub use api::Gateway;
 pub use config::{ClientConfig, ClientPayments};
 pub use link::ProxyLink;
+pub use pool::{ProxyPool, ProxyState};

@@ -77,6 +77,18 @@ impl ProxyLink {
         Ok(channel)
     }
 
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The proxy's own status page: its workers, models, prices, load and reputation.
+    pub async fn status(&self) -> Result<serde_json::Value, ProtocolError> {
+        self.channel()
+            .await?
+            .get_json(paths::STATUS, MODELS_TIMEOUT)
+            .await
+    }
+
     /// The key of the proxy last connected to; `None` before the first connection.
     pub fn proxy_key(&self) -> Option<[u8; 32]> {
         *self.proxy_key.lock().unwrap_or_else(|e| e.into_inner())

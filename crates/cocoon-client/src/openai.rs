@@ -38,6 +38,9 @@ pub struct Common {
     pub ignore_eos: bool,
     #[serde(default)]
     pub logprobs: Option<Value>,
+    /// cocoon's extension: the most this request may cost per weighted token, in nanoton
+    /// (OpenAI SDKs send it with `extra_body`). Only workers at or below it serve it.
+    pub max_price: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +137,7 @@ impl ChatRequest {
             .common
             .params(self.max_completion_tokens.or(self.common.max_tokens))?;
         let request = GenerateRequest {
+            max_price: self.common.max_price,
             model: self.common.model,
             input: Input::Chat { messages },
             params,
@@ -200,6 +204,7 @@ impl CompletionRequest {
             .common
             .params(Some(self.common.max_tokens.unwrap_or(16)))?;
         let request = GenerateRequest {
+            max_price: self.common.max_price,
             model: self.common.model,
             input: Input::Text { prompt },
             params,

@@ -132,6 +132,7 @@ impl Backend for UpstreamBackend {
             .map(|m| ModelCard {
                 id: m.id.clone(),
                 context_length: m.context_length,
+                min_price: 0,
             })
             .collect()
     }
@@ -230,9 +231,11 @@ async fn relay(
                 usage = parsed.usage;
             }
             if let Some(text) = parsed.text {
-                // Upstream servers do not say how many tokens a chunk holds; the total comes in
-                // `usage` at the end.
-                let delta = GenerateEvent::Delta { text, tokens: 0 };
+                // Upstream servers do not say how many tokens a chunk holds; vLLM, SGLang and
+                // llama.cpp's server stream one token a chunk, so a chunk counts as one (what a
+                // cut-off answer is billed for). The exact total comes in `usage` at the end.
+                let tokens = u32::from(!text.is_empty());
+                let delta = GenerateEvent::Delta { text, tokens };
                 if tx.send(delta).await.is_err() {
                     return Ok(());
                 }
@@ -418,6 +421,7 @@ mod tests {
             })
             .unwrap();
             let request = GenerateRequest {
+                max_price: None,
                 model: "m".into(),
                 input: Input::Text {
                     prompt: "hi".into(),

@@ -30,6 +30,7 @@ fn backend() -> LlamaBackend {
 
 fn chat(content: &str, params: SamplingParams) -> GenerateRequest {
     GenerateRequest {
+        max_price: None,
         model: "SmolLM2-135M-Instruct".into(),
         input: Input::Chat {
             messages: vec![ChatMessage {

@@ -32,6 +32,8 @@ pub mod paths {
     pub const MODELS: &str = "/cocoon/v1/models";
     /// `GET` (proxy to worker): the worker's [`WorkerHello`](crate::WorkerHello).
     pub const HELLO: &str = "/cocoon/v1/hello";
+    /// Proxy → client: the proxy's status (workers, models, prices, load, reputation).
+    pub const STATUS: &str = "/cocoon/v1/status";
     /// `POST` (client to proxy, empty body): close the client's contract with the proxy's
     /// cooperation, refunding everything at once; answered by a [`Refund`](crate::Refund).
     pub const CLOSE: &str = "/cocoon/v1/close";

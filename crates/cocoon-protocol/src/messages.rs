@@ -114,6 +114,10 @@ pub struct GenerateRequest {
     pub input: Input,
     #[serde(default)]
     pub params: SamplingParams,
+    /// The most the client will pay per weighted token, in nanoton: the proxy routes only to
+    /// workers whose price is at or below it. `None`: any price the network allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_price: Option<u64>,
 }
 
 impl GenerateRequest {
@@ -146,13 +150,24 @@ impl Usage {
 }
 
 /// What one request cost, as the proxy billed it. Amounts are in nanoton (10⁻⁹ TON).
+///
+/// The contract on the ledger counts in units of the network's floor price (`unit_price`); a
+/// request served at a higher price is billed proportionally more units, rounded down, so
+/// the client never pays more than `weighted_tokens × price_per_token`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Billing {
-    /// The price of one weighted token.
+    /// The price paid per weighted token: the serving worker's price, never below the
+    /// network's floor nor above the request's `max_price`.
     pub price_per_token: u64,
-    /// Tokens billed for this request, each kind weighted by the network's multiplier.
+    /// The request's tokens, each kind weighted by the network's multiplier.
+    #[serde(default)]
+    pub weighted_tokens: u64,
+    /// The network's floor price: what one unit of the contract's counter is worth.
+    #[serde(default)]
+    pub unit_price: u64,
+    /// Counter units billed: `⌊weighted_tokens × price_per_token / unit_price⌋`.
     pub billed_tokens: u64,
-    /// `billed_tokens × price_per_token`.
+    /// `billed_tokens × unit_price`.
     pub cost: u64,
     /// The client contract's counter after this request: weighted tokens charged in total.
     pub tokens_used: u64,
@@ -228,6 +243,14 @@ pub struct ModelCard {
     pub id: String,
     /// Context window in tokens (prompt plus completion).
     pub context_length: u32,
+    /// The least the worker takes per weighted token, in nanoton; 0: the network's floor.
+    /// Backends leave it 0; the worker's `[prices]` set it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_price: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a worker tells its proxy right after connecting.
@@ -248,9 +271,13 @@ pub struct ModelList {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListedModel {
+    /// The largest context any worker offers; `min_price` is the lowest price asked.
     #[serde(flatten)]
     pub card: ModelCard,
     pub workers: u32,
+    /// The highest price asked by a worker serving the model.
+    #[serde(default)]
+    pub max_price: u64,
 }
 
 #[cfg(test)]
@@ -260,6 +287,7 @@ mod tests {
     #[test]
     fn request_json_shape_is_stable() {
         let req = GenerateRequest {
+            max_price: None,
             model: "m".into(),
             input: Input::Chat {
                 messages: vec![ChatMessage {
@@ -318,6 +346,7 @@ mod tests {
     #[test]
     fn empty_chat_is_refused() {
         let req = GenerateRequest {
+            max_price: None,
             model: "m".into(),
             input: Input::Chat { messages: vec![] },
             params: SamplingParams::default(),

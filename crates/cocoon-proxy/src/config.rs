@@ -31,6 +31,74 @@ pub struct ProxyConfig {
     pub payments: PaymentsConfig,
     /// What one client key or address may ask and hold, and the timeouts on silent peers.
     pub limits: LimitsConfig,
+    /// Failover, health checks and the record of each worker's performance.
+    pub routing: RoutingConfig,
+}
+
+/// `[routing]` in `proxy.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Where each worker's measured performance (its reputation) is kept across restarts.
+    /// Unset: beside the payments book when payments are on, else in memory only.
+    pub reputation_file: Option<PathBuf>,
+    /// Workers tried for one request before the client is told none could serve it.
+    pub max_attempts: u32,
+    /// A worker must send the first token within this time, or the next worker is tried.
+    pub first_token_timeout_secs: u64,
+    /// All attempts together must produce a first token within this time.
+    pub start_deadline_secs: u64,
+    /// How often each worker is asked whether it is alive and serving.
+    pub health_interval_secs: u64,
+    /// How long a health check may take.
+    pub health_timeout_secs: u64,
+    /// Failed health checks in a row after which a worker is disconnected (after the first
+    /// it gets no new requests).
+    pub evict_after_failed_checks: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            reputation_file: None,
+            max_attempts: 3,
+            first_token_timeout_secs: 30,
+            start_deadline_secs: 60,
+            health_interval_secs: 10,
+            health_timeout_secs: 5,
+            evict_after_failed_checks: 3,
+        }
+    }
+}
+
+impl RoutingConfig {
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (name, value) in [
+            ("max_attempts", u64::from(self.max_attempts)),
+            ("first_token_timeout_secs", self.first_token_timeout_secs),
+            ("start_deadline_secs", self.start_deadline_secs),
+            ("health_interval_secs", self.health_interval_secs),
+            ("health_timeout_secs", self.health_timeout_secs),
+            (
+                "evict_after_failed_checks",
+                u64::from(self.evict_after_failed_checks),
+            ),
+        ] {
+            anyhow::ensure!(value > 0, "[routing] {name} must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The reputation file in use: the configured one, or one beside `book` when payments
+    /// are on.
+    pub fn reputation_path(&self, payments: &PaymentsConfig) -> Option<PathBuf> {
+        self.reputation_file.clone().or_else(|| {
+            payments
+                .ledger
+                .as_ref()
+                .map(|_| payments.book.with_file_name("proxy-reputation.redb"))
+        })
+    }
 }
 
 impl Default for ProxyConfig {
@@ -45,6 +113,7 @@ impl Default for ProxyConfig {
             client_policy: PeerPolicy::default(),
             payments: PaymentsConfig::default(),
             limits: LimitsConfig::default(),
+            routing: RoutingConfig::default(),
         }
     }
 }

@@ -3,8 +3,9 @@
 //! One TLS port serves both; the ALPN name a peer offers says which it is. Workers connect
 //! out to the proxy and stay connected; the proxy keeps them in a [`WorkerSet`] and opens
 //! HTTP/2 streams to them. Clients send generation requests, which the proxy routes to the
-//! least-loaded worker serving the model and relays back event by event. This crate owns
-//! that routing, the worker registry, who is admitted (attestation policies per role), what
+//! worker the [`market`] picks (by price, load, measured performance and cache affinity),
+//! fails over to another before the first token, and relays back event by event. This crate
+//! owns that routing, the worker registry and its health checks, who is admitted (attestation policies per role), what
 //! each request costs (reservation, settlement, the proxy's durable record, batched commits to
 //! the ledger), the abuse limits per client and address, and the proxy's configuration.
 
@@ -12,12 +13,13 @@ mod admission;
 mod billing;
 mod config;
 mod limits;
+pub mod market;
 mod relay;
 mod server;
 mod workers;
 
 pub use admission::Refusal;
 pub use billing::{Book, BookError, ClientRecord, PaymentsConfig, PaymentsStatus, WorkerRecord};
-pub use config::{LimitsConfig, ProxyConfig};
+pub use config::{LimitsConfig, ProxyConfig, RoutingConfig};
 pub use server::{Proxy, ProxyStatus, StatusSource, WorkerStatus};
 pub use workers::{WorkerEntry, WorkerSet};

@@ -260,6 +260,7 @@ mod tests {
 
     fn request(max_tokens: Option<u32>) -> GenerateRequest {
         GenerateRequest {
+            max_price: None,
             model: "m".into(),
             input: Input::Text {
                 prompt: "hi".into(),

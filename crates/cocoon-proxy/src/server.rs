@@ -16,12 +16,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, Refusal};
 use crate::billing::{Billing, PaymentsStatus};
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, RoutingConfig};
 use crate::limits::Limiter;
+use crate::market::{Offer, Reputation};
 use crate::relay;
-use crate::workers::WorkerSet;
+use crate::workers::{WorkerLink, WorkerSet};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often changed reputation records are written (penalties are written at once).
+const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 /// A bound proxy, ready to serve.
 pub struct Proxy {
@@ -39,6 +42,7 @@ pub(crate) struct State {
     attestation: &'static str,
     pub(crate) billing: Option<Arc<Billing>>,
     pub(crate) limiter: Arc<Limiter>,
+    pub(crate) routing: RoutingConfig,
     commit_interval: Duration,
 }
 
@@ -52,6 +56,10 @@ pub struct ProxyStatus {
     /// Counters of the quote cache of the worker policy, when it requires attestation.
     pub worker_quote_cache: Option<CacheStats>,
     pub workers: Vec<WorkerStatus>,
+    /// Models served, with their context, price range and number of workers.
+    pub models: Vec<cocoon_protocol::ListedModel>,
+    /// The network's floor price per weighted token (nanoton); 0 without payments.
+    pub price_floor: u64,
     /// The latest peers refused, and why.
     pub recent_refusals: Vec<Refusal>,
     /// Absent when the proxy takes no payments.
@@ -63,13 +71,36 @@ pub struct WorkerStatus {
     pub name: String,
     pub fingerprint: String,
     pub models: Vec<String>,
+    /// What it asks per model, nanoton per weighted token (0: the network's floor).
+    pub offers: Vec<OfferStatus>,
     pub capacity: u32,
     pub in_flight: u32,
     pub served: u64,
+    /// Whether it answered its last health check (it gets no requests while not).
+    pub healthy: bool,
+    /// Its measured, time-decayed performance: what routing decides on.
+    pub reputation: Reputation,
     /// How the worker proved what it runs: `tdx`, `dev` or `none`.
     pub attestation: String,
     /// The worker's verified image hash, when attested.
     pub image_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct OfferStatus {
+    pub model: String,
+    pub context_length: u32,
+    pub price: u64,
+}
+
+impl From<&Offer> for OfferStatus {
+    fn from(o: &Offer) -> Self {
+        Self {
+            model: o.model.clone(),
+            context_length: o.context_length,
+            price: o.price,
+        }
+    }
 }
 
 impl Proxy {
@@ -81,6 +112,7 @@ impl Proxy {
             "proxy",
         )?);
         config.limits.check()?;
+        config.routing.check()?;
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
         let admission = Admission::new(
             config.worker_policy.build("worker_policy", "worker")?,
@@ -112,11 +144,29 @@ impl Proxy {
                 None
             }
         };
+        let workers = match config.routing.reputation_path(&config.payments) {
+            Some(path) => {
+                let market = WorkerSet::persistent(&path)?;
+                tracing::info!(file = %path.display(), "worker reputation kept across restarts");
+                market
+            }
+            None => {
+                tracing::warn!(
+                    "worker reputation is kept in memory only: set [routing] reputation_file \
+                     to keep it across restarts"
+                );
+                WorkerSet::new()
+            }
+        };
+        if let Some(b) = &billing {
+            workers.set_floor(b.floor());
+        }
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let state = Arc::new(State {
-            workers: WorkerSet::default(),
+            workers,
+            routing: config.routing.clone(),
             max_request_bytes: config.max_request_bytes,
             tls,
             fingerprint: identity.fingerprint(),
@@ -153,6 +203,7 @@ impl Proxy {
             .billing
             .clone()
             .map(|b| tokio::spawn(b.run_commits(self.state.commit_interval, shutdown.clone())));
+        let housekeeping = tokio::spawn(self.state.clone().housekeeping(shutdown.clone()));
         loop {
             let permit = tokio::select! {
                 p = self.state.connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
@@ -189,6 +240,7 @@ impl Proxy {
         if let Some(commits) = commits {
             let _ = commits.await;
         }
+        let _ = housekeeping.await;
         tracing::info!("proxy stopped");
     }
 }
@@ -207,19 +259,25 @@ impl StatusSource for State {
             worker_quote_cache: self.admission.workers.cache_stats(),
             recent_refusals: self.admission.recent_refusals(),
             payments: self.billing.as_ref().map(|b| b.status()),
+            models: self.workers.models().models,
+            price_floor: self.workers.floor(),
             workers: self
                 .workers
                 .snapshot()
                 .iter()
                 .map(|w| WorkerStatus {
                     name: w.name.clone(),
-                    fingerprint: w.fingerprint.to_string(),
-                    models: w.models.iter().map(|m| m.id.clone()).collect(),
+                    fingerprint: w.link.fingerprint.to_string(),
+                    models: w.offers.iter().map(|o| o.model.clone()).collect(),
+                    offers: w.offers.iter().map(OfferStatus::from).collect(),
                     capacity: w.capacity,
                     in_flight: w.in_flight(),
                     served: w.served(),
-                    attestation: w.attestation.mode().to_owned(),
+                    healthy: w.healthy(),
+                    reputation: self.workers.reputation(w),
+                    attestation: w.link.attestation.mode().to_owned(),
                     image_hash: w
+                        .link
                         .attestation
                         .attestation
                         .as_ref()
@@ -231,6 +289,33 @@ impl StatusSource for State {
 }
 
 impl State {
+    /// Keeps the market's floor price in step with the ledger's and writes reputation
+    /// changes, at once after a penalty and otherwise every few seconds; once more at
+    /// shutdown.
+    async fn housekeeping(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SAVE_EVERY) => {}
+                _ = self.workers.penalized() => {}
+                _ = shutdown.cancelled() => break,
+            }
+            self.tidy().await;
+        }
+        self.tidy().await;
+    }
+
+    async fn tidy(self: &Arc<Self>) {
+        if let Some(b) = &self.billing {
+            self.workers.set_floor(b.floor());
+        }
+        let state = self.clone();
+        match tokio::task::spawn_blocking(move || state.workers.save()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot save worker reputation"),
+            Err(e) => tracing::warn!(error = %e, "reputation save panicked"),
+        }
+    }
+
     async fn connection(self: Arc<Self>, tcp: tokio::net::TcpStream, peer_addr: SocketAddr) {
         let tls = match cocoon_net::accept_tls(
             tcp,
@@ -310,18 +395,23 @@ impl State {
             driver.abort();
             return;
         }
+        let evict = CancellationToken::new();
         let entry = self.workers.add(
-            hello.name.clone(),
             public_key,
-            hello.models,
+            hello.name.clone(),
             hello.capacity,
-            attestation,
-            channel,
+            hello.models.iter().map(Offer::from).collect(),
+            WorkerLink {
+                fingerprint,
+                attestation,
+                channel,
+                evict: evict.clone(),
+            },
         );
-        if entry.attestation.is_development() {
+        if entry.link.attestation.is_development() {
             tracing::warn!(worker = %hello.name, "worker is attested by a DEVELOPMENT quote: it proves nothing about its machine");
         }
-        tracing::info!(worker = %hello.name, %fingerprint, attestation = entry.attestation.mode(), models = ?entry.models.iter().map(|m| &m.id).collect::<Vec<_>>(), "worker joined");
+        tracing::info!(worker = %hello.name, %fingerprint, attestation = entry.link.attestation.mode(), offers = ?entry.offers.iter().map(|o| (&o.model, o.price)).collect::<Vec<_>>(), "worker joined");
         // A worker that missed payouts while away gets the latest, which covers them all.
         if let Some(payout) = self
             .billing
@@ -330,7 +420,14 @@ impl State {
         {
             crate::relay::send_payout(&entry, payout);
         }
-        let _ = driver.await;
+        let mut driver = driver;
+        tokio::select! {
+            _ = &mut driver => {}
+            _ = crate::workers::watch(&self.workers, &entry, &self.routing) => {}
+        }
+        // Evicted or gone: its streams fail now, and it gets no new ones.
+        entry.set_healthy(false);
+        driver.abort();
         self.workers.remove(entry.id);
         tracing::info!(worker = %hello.name, "worker left");
     }
@@ -342,7 +439,7 @@ impl State {
     ) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
-            (&Method::GET, "/cocoon/v1/status") => response(StatusCode::OK, json(&self.status())),
+            (&Method::GET, paths::STATUS) => response(StatusCode::OK, json(&self.status())),
             (&Method::POST, paths::GENERATE) => {
                 relay::generate(&self, client, req.into_body()).await
             }

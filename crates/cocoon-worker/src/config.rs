@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -29,6 +30,26 @@ pub struct WorkerConfig {
     pub backends: Vec<BackendConfig>,
     /// Where payouts are kept and the ledger they are claimed on.
     pub payments: PayoutsConfig,
+    /// The least this worker takes per weighted token, per model.
+    pub prices: PriceConfig,
+}
+
+/// `[prices]` in `worker.toml`: the least this worker takes per weighted token, in nanoton.
+/// Proxies route a request here only if the client's `max_price` allows it, and bill it at
+/// this price (or at the network's floor, if that is higher).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PriceConfig {
+    /// For every model not listed below; 0: the network's floor.
+    pub default: u64,
+    /// Per model id.
+    pub models: BTreeMap<String, u64>,
+}
+
+impl PriceConfig {
+    pub fn price(&self, model: &str) -> u64 {
+        self.models.get(model).copied().unwrap_or(self.default)
+    }
 }
 
 impl Default for WorkerConfig {
@@ -42,6 +63,7 @@ impl Default for WorkerConfig {
             max_reconnect_secs: 5,
             backends: vec![BackendConfig::Llama(LlamaConfig::default())],
             payments: PayoutsConfig::default(),
+            prices: PriceConfig::default(),
         }
     }
 }

@@ -20,7 +20,7 @@ use cocoon_protocol::ALPN_WORKER;
 use cocoon_tls::{Identity, PeerVerifier};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{BackendConfig, WorkerConfig};
+pub use config::{BackendConfig, PriceConfig, WorkerConfig};
 pub use payouts::{PayoutStore, PayoutsConfig, claim_loop};
 pub use router::ModelRouter;
 
@@ -37,6 +37,7 @@ pub struct Worker {
     max_backoff: Duration,
     connected: Arc<AtomicBool>,
     payouts: Option<Arc<PayoutStore>>,
+    prices: PriceConfig,
 }
 
 impl Worker {
@@ -59,7 +60,14 @@ impl Worker {
             max_backoff,
             connected: Arc::default(),
             payouts: None,
+            prices: PriceConfig::default(),
         }
+    }
+
+    /// Asks these prices (the network's floor by default).
+    pub fn with_prices(mut self, prices: PriceConfig) -> Self {
+        self.prices = prices;
+        self
     }
 
     /// Keeps the payouts the proxy sends in `store` (without one they are refused).
@@ -84,6 +92,7 @@ impl Worker {
             self.name.clone(),
             self.backend.clone(),
             self.payouts.clone(),
+            Arc::new(self.prices.clone()),
         );
         loop {
             let attempt = async {

@@ -14,6 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
+use crate::config::PriceConfig;
 use crate::payouts::PayoutStore;
 
 /// Largest generation request accepted from the proxy.
@@ -24,6 +25,7 @@ pub(crate) struct WorkerService {
     name: Arc<str>,
     backend: Arc<dyn Backend>,
     payouts: Option<Arc<PayoutStore>>,
+    prices: Arc<PriceConfig>,
     /// The key of the proxy on this connection: payouts must be signed by it.
     proxy: [u8; 32],
 }
@@ -33,11 +35,13 @@ impl WorkerService {
         name: String,
         backend: Arc<dyn Backend>,
         payouts: Option<Arc<PayoutStore>>,
+        prices: Arc<PriceConfig>,
     ) -> Self {
         Self {
             name: name.into(),
             backend,
             payouts,
+            prices,
             proxy: [0; 32],
         }
     }
@@ -79,7 +83,15 @@ impl WorkerService {
                 let hello = WorkerHello {
                     protocol_version: PROTOCOL_VERSION,
                     name: self.name.to_string(),
-                    models: self.backend.models(),
+                    models: self
+                        .backend
+                        .models()
+                        .into_iter()
+                        .map(|mut card| {
+                            card.min_price = self.prices.price(&card.id);
+                            card
+                        })
+                        .collect(),
                     capacity: self.backend.capacity(),
                 };
                 response(StatusCode::OK, json(&hello))

@@ -86,6 +86,7 @@ fn figures(path: &str, answers: &[Answer], wall: Duration) -> PathFigures {
 
 fn request(model: &str, options: &PaymentsOptions) -> GenerateRequest {
     GenerateRequest {
+        max_price: None,
         model: model.into(),
         input: Input::Chat {
             messages: vec![ChatMessage {

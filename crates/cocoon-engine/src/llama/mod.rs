@@ -140,7 +140,11 @@ impl LlamaBackend {
         let shared = Arc::new(Shared {
             model,
             template,
-            card: ModelCard { id, context_length },
+            card: ModelCard {
+                id,
+                context_length,
+                min_price: 0,
+            },
             threads,
             parallel,
             kv_cache_tokens,

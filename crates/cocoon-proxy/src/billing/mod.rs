@@ -116,6 +116,18 @@ fn prompt_bound(input: &Input) -> u64 {
     }
 }
 
+/// Counter units for `weighted` tokens at `price` per token: the contract counts in units of
+/// the floor price, so a dearer request advances it proportionally more, rounded down (the
+/// client never pays above its price). Below the floor the floor applies.
+fn units(params: &NetworkParams, weighted: u64, price: u64) -> u64 {
+    let floor = u64::try_from(params.price_per_token).unwrap_or(u64::MAX);
+    if floor == 0 {
+        return weighted;
+    }
+    let price = price.max(floor);
+    u64::try_from(u128::from(weighted) * u128::from(price) / u128::from(floor)).unwrap_or(u64::MAX)
+}
+
 /// Nanoton held for one request until it is settled or dropped.
 pub(crate) struct Hold {
     billing: Arc<Billing>,
@@ -179,6 +191,11 @@ impl Billing {
 
     fn proxy(&self) -> PublicKey {
         self.wallet.public_key()
+    }
+
+    /// The network's floor price per weighted token, as last read from the ledger.
+    pub(crate) fn floor(&self) -> u64 {
+        u64::try_from(self.params.read().price_per_token).unwrap_or(u64::MAX)
     }
 
     /// Runs `f` on the book, or fails once the proxy has shut down.
@@ -260,22 +277,25 @@ impl Billing {
         Ok(contract)
     }
 
-    /// Holds the most `request` could cost against the client's contract, or refuses it.
-    /// `context_length` bounds the completion when the request sets no `max_tokens`.
+    /// Holds the most `request` could cost at `price` per token against the client's
+    /// contract, or refuses it. `context_length` bounds the completion when the request sets
+    /// no `max_tokens`.
     pub(crate) async fn reserve(
         self: &Arc<Self>,
         client: PublicKey,
         request: &GenerateRequest,
         context_length: u32,
+        price: u64,
     ) -> Result<Hold, ProtocolError> {
         let params = self.params.read().clone();
         let completion = request.params.max_tokens.unwrap_or(context_length);
-        let tokens = params
+        let weighted = params
             .weighted_tokens(&[
                 (TokenKind::Prompt, prompt_bound(&request.input)),
                 (TokenKind::Completion, u64::from(completion)),
             ])
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
+        let tokens = units(&params, weighted, price);
         let need = params
             .cost(tokens)
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
@@ -327,12 +347,14 @@ impl Billing {
                 }
                 if fresh {
                     return Err(payment_required(format!(
-                        "this request may cost up to {need} nanoton ({tokens} tokens at {} \
-                         nanoton); the contract's balance is {} and its stake {}, which must \
-                         cover the {committed_work} nanoton of work already in flight or not \
-                         yet settled as well: deposit or raise the stake \
+                        "this request may cost up to {need} nanoton ({weighted} tokens at up \
+                         to {} nanoton); the contract's balance is {} and its stake {}, which \
+                         must cover the {committed_work} nanoton of work already in flight or \
+                         not yet settled as well: deposit or raise the stake \
                          (`cocoon client deposit`, `cocoon client stake`)",
-                        params.price_per_token, contract.balance, contract.stake
+                        price.max(u64::try_from(params.price_per_token).unwrap_or(u64::MAX)),
+                        contract.balance,
+                        contract.stake
                     )));
                 }
             }
@@ -345,21 +367,24 @@ impl Billing {
         }
     }
 
-    /// Bills the request held by `hold` for `usage`, signs the client's charge and the worker's
-    /// payout, and writes both to the book before returning.
+    /// Bills the request held by `hold` for `usage` at `price` per weighted token, signs the
+    /// client's charge and the worker's payout, and writes both to the book before returning.
     pub(crate) async fn settle(
         self: &Arc<Self>,
         hold: Hold,
         worker: PublicKey,
         usage: Usage,
+        price: u64,
     ) -> Result<(Bill, Payout), ProtocolError> {
         let params = self.params.read().clone();
-        let mut tokens = params
+        let price = price.max(u64::try_from(params.price_per_token).unwrap_or(u64::MAX));
+        let weighted = params
             .weighted_tokens(&[
                 (TokenKind::Prompt, u64::from(usage.prompt_tokens)),
                 (TokenKind::Completion, u64::from(usage.completion_tokens)),
             ])
             .map_err(|e| ProtocolError::internal(e.to_string()))?;
+        let mut tokens = units(&params, weighted, price);
         // Usage above the reservation (a prompt bound that did not hold) is billed only as far
         // as the contract covers: the ledger would refuse a charge beyond the balance.
         if params.cost(tokens).unwrap_or(Nanoton::MAX) > hold.amount {
@@ -386,7 +411,9 @@ impl Billing {
         drop(hold);
         let cost = params.cost(tokens).unwrap_or(Nanoton::MAX);
         let bill = Bill {
-            price_per_token: u64::try_from(params.price_per_token).unwrap_or(u64::MAX),
+            price_per_token: price,
+            weighted_tokens: weighted,
+            unit_price: u64::try_from(params.price_per_token).unwrap_or(u64::MAX),
             billed_tokens: tokens,
             cost: u64::try_from(cost).unwrap_or(u64::MAX),
             tokens_used: settled.tokens_used,

@@ -1,0 +1,170 @@
+//! The gateway's proxies, in order of preference. A request goes to the first proxy in good
+//! standing and moves on to the next when a proxy cannot be reached or cannot start the
+//! answer (nothing of it has reached the app yet, so the app never notices). A proxy that
+//! failed is passed over for a while that doubles with each failure in a row (1 s up to a
+//! minute); when every proxy is in that state they are all tried anyway, in order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cocoon_net::EventReader;
+use cocoon_protocol::{ErrorKind, GenerateRequest, ModelList, ProtocolError};
+use cocoon_tls::{Identity, PeerVerifier};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::link::ProxyLink;
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Standing {
+    failures: u32,
+    passed_over_until: Option<Instant>,
+    last_error: Option<String>,
+    answers: u64,
+}
+
+/// What `GET /v1/network` shows of one proxy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyState {
+    pub addr: String,
+    /// `up` (last contact worked), `down` (passed over for now) or `unknown` (not tried).
+    pub state: &'static str,
+    pub failures_in_a_row: u32,
+    pub last_error: Option<String>,
+    /// Answers started through it since the gateway started.
+    pub answers: u64,
+    /// How it attested itself when last connected.
+    pub attestation: Option<String>,
+}
+
+pub struct ProxyPool {
+    links: Vec<(ProxyLink, Mutex<Standing>)>,
+}
+
+fn retryable(e: &ProtocolError) -> bool {
+    e.kind == ErrorKind::Unavailable
+}
+
+impl ProxyPool {
+    pub fn new(addrs: &[String], identity: Arc<Identity>, policy: Arc<dyn PeerVerifier>) -> Self {
+        Self {
+            links: addrs
+                .iter()
+                .map(|a| {
+                    let link = ProxyLink::new(a.clone(), identity.clone(), policy.clone());
+                    (link, Mutex::new(Standing::default()))
+                })
+                .collect(),
+        }
+    }
+
+    /// The proxies in the order to try them now: those in good standing first.
+    fn order(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let (mut good, passed): (Vec<usize>, Vec<usize>) = (0..self.links.len()).partition(|&i| {
+            self.links[i]
+                .1
+                .lock()
+                .passed_over_until
+                .is_none_or(|t| t <= now)
+        });
+        good.extend(passed);
+        good
+    }
+
+    fn failed(&self, i: usize, e: &ProtocolError) {
+        let (link, standing) = &self.links[i];
+        let mut s = standing.lock();
+        s.failures = s.failures.saturating_add(1);
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << (s.failures - 1).min(6))
+            .min(MAX_BACKOFF);
+        s.passed_over_until = Some(Instant::now() + backoff);
+        s.last_error = Some(e.message.clone());
+        if self.links.len() > 1 {
+            tracing::warn!(proxy = %link.addr(), error = %e, secs = backoff.as_secs(), "proxy failed; trying the next one");
+        }
+    }
+
+    /// Runs `f` on the first proxy, in [`Self::order`], that does not answer `Unavailable`;
+    /// its answer and the proxy's index.
+    async fn first<'a, T, Fut>(
+        &'a self,
+        f: impl Fn(&'a ProxyLink) -> Fut,
+    ) -> Result<(T, usize), ProtocolError>
+    where
+        Fut: Future<Output = Result<T, ProtocolError>>,
+    {
+        let mut last = None;
+        for i in self.order() {
+            match f(&self.links[i].0).await {
+                Ok(v) => {
+                    let mut s = self.links[i].1.lock();
+                    s.failures = 0;
+                    s.passed_over_until = None;
+                    return Ok((v, i));
+                }
+                Err(e) if retryable(&e) => {
+                    self.failed(i, &e);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ProtocolError::unavailable("no proxy is configured")))
+    }
+
+    /// Starts a generation on the first proxy that takes it; the link that did, for its key.
+    pub async fn generate(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(EventReader, &ProxyLink), ProtocolError> {
+        let (events, i) = self.first(|link| link.generate(request)).await?;
+        self.links[i].1.lock().answers += 1;
+        Ok((events, &self.links[i].0))
+    }
+
+    /// The models of the first proxy that answers.
+    pub async fn models(&self) -> Result<ModelList, ProtocolError> {
+        Ok(self.first(|link| link.models()).await?.0)
+    }
+
+    /// The status of the first proxy that answers, as it reports it, and its address.
+    pub async fn status(&self) -> Result<(serde_json::Value, &str), ProtocolError> {
+        let (status, i) = self.first(|link| link.status()).await?;
+        Ok((status, self.links[i].0.addr()))
+    }
+
+    /// The proxy answers go to first now (for the attestation shown beside the models).
+    pub fn preferred(&self) -> &ProxyLink {
+        &self.links[self.order()[0]].0
+    }
+
+    pub fn states(&self) -> Vec<ProxyState> {
+        let now = Instant::now();
+        self.links
+            .iter()
+            .map(|(link, standing)| {
+                let s = standing.lock();
+                let state = if s.failures > 0 || s.passed_over_until.is_some_and(|t| t > now) {
+                    "down"
+                } else if link.proxy_key().is_some() {
+                    "up"
+                } else {
+                    "unknown"
+                };
+                ProxyState {
+                    addr: link.addr().to_owned(),
+                    state,
+                    failures_in_a_row: s.failures,
+                    last_error: s.last_error.clone(),
+                    answers: s.answers,
+                    attestation: link.proxy_attestation().map(|v| v.mode().to_owned()),
+                }
+            })
+            .collect()
+    }
+}

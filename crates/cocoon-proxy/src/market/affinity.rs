@@ -1,0 +1,125 @@
+//! Cache affinity: requests that share a long prefix (a system prompt, the start of a long
+//! document) go, load permitting, to the worker that served that prefix last, whose prefix
+//! cache (vLLM's, SGLang's, llama.cpp server's) may still hold it.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+use cocoon_protocol::{GenerateRequest, Input, Role};
+
+/// A prefix shorter than this is cheap to recompute: it does not tie a request to a worker.
+pub const MIN_PREFIX_BYTES: usize = 256;
+/// Of a text prompt, this much is the prefix.
+const TEXT_PREFIX_BYTES: usize = 1024;
+/// Prefixes remembered; the oldest are forgotten first.
+const CAPACITY: usize = 65_536;
+
+/// The key of the request's long prefix, if it has one: its leading system messages (for a
+/// chat), or its first kilobyte (for a text prompt longer than that).
+pub fn prefix_key(request: &GenerateRequest) -> Option<u64> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    request.model.hash(&mut h);
+    match &request.input {
+        Input::Chat { messages } => {
+            let system: Vec<&str> = messages
+                .iter()
+                .take_while(|m| m.role == Role::System)
+                .map(|m| m.content.as_str())
+                .collect();
+            if system.iter().map(|s| s.len()).sum::<usize>() < MIN_PREFIX_BYTES {
+                return None;
+            }
+            system.hash(&mut h);
+        }
+        Input::Text { prompt } => {
+            if prompt.len() <= TEXT_PREFIX_BYTES {
+                return None;
+            }
+            let mut end = TEXT_PREFIX_BYTES;
+            while !prompt.is_char_boundary(end) {
+                end -= 1;
+            }
+            prompt[..end].hash(&mut h);
+        }
+    }
+    Some(h.finish())
+}
+
+/// Which worker served each recent prefix, bounded to [`CAPACITY`] entries.
+#[derive(Debug, Default)]
+pub struct Affinity {
+    owner: HashMap<u64, u64>,
+    order: VecDeque<u64>,
+}
+
+impl Affinity {
+    pub fn get(&self, prefix: u64) -> Option<u64> {
+        self.owner.get(&prefix).copied()
+    }
+
+    pub fn set(&mut self, prefix: u64, worker: u64) {
+        if self.owner.insert(prefix, worker).is_none() {
+            self.order.push_back(prefix);
+            while self.order.len() > CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.owner.remove(&old);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.owner.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cocoon_protocol::{ChatMessage, SamplingParams};
+
+    fn chat(system: &str, user: &str) -> GenerateRequest {
+        let mut messages = vec![ChatMessage {
+            role: Role::User,
+            content: user.into(),
+        }];
+        if !system.is_empty() {
+            messages.insert(
+                0,
+                ChatMessage {
+                    role: Role::System,
+                    content: system.into(),
+                },
+            );
+        }
+        GenerateRequest {
+            max_price: None,
+            model: "m".into(),
+            input: Input::Chat { messages },
+            params: SamplingParams::default(),
+        }
+    }
+
+    #[test]
+    fn long_system_prompts_key_requests_short_ones_do_not() {
+        let long = "You are a careful assistant. ".repeat(20);
+        let a = prefix_key(&chat(&long, "first question"));
+        assert!(a.is_some());
+        assert_eq!(a, prefix_key(&chat(&long, "another question")));
+        assert_ne!(a, prefix_key(&chat(&format!("{long}!"), "first question")));
+        assert_eq!(prefix_key(&chat("Be brief.", "hi")), None);
+        assert_eq!(prefix_key(&chat("", &long)), None);
+    }
+
+    #[test]
+    fn the_table_stays_bounded() {
+        let mut a = Affinity::default();
+        for i in 0..(CAPACITY as u64 + 10) {
+            a.set(i, i);
+        }
+        assert_eq!(a.len(), CAPACITY);
+        assert_eq!(a.get(0), None);
+        assert_eq!(a.get(CAPACITY as u64 + 9), Some(CAPACITY as u64 + 9));
+    }
+}

@@ -1,0 +1,567 @@
+//! The market: which worker gets a request.
+//!
+//! Each connected worker is a [`Seller`] offering models at a price it sets (never below the
+//! network's floor). A request names a model and may cap the price; of the workers that
+//! serve the model at or under the cap, the proxy picks the one expected to finish soonest
+//! for the money:
+//!
+//! `score = expected_secs × (1 + in_flight / capacity) × price / success_rate`
+//!
+//! where `expected_secs = ttft + tokens / tokens_per_sec` comes from the worker's measured,
+//! time-decayed performance ([`perf`]). Lower is better: a worker twice the price must be
+//! twice as fast (or half as loaded) to win. A request with a long shared prefix goes to the
+//! worker that served the prefix last while that one is below capacity and reliable
+//! ([`affinity`]). Selection reads a bounded number of candidates, not every worker: each
+//! model's sellers are kept sorted by price, so the price cap is a binary search, and the
+//! candidates are a random sample of the affordable ones, the few best by measured quality
+//! (refreshed once a second) and the prefix's previous worker. With few workers every one is
+//! a candidate.
+
+pub mod affinity;
+pub mod perf;
+pub mod reputation;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use cocoon_protocol::{ListedModel, ModelCard, ModelList};
+use parking_lot::{Mutex, RwLock};
+use rand::Rng;
+use tokio::sync::Notify;
+
+use self::affinity::Affinity;
+pub use self::perf::{Outcome, Performance, Reputation};
+use self::reputation::ReputationStore;
+
+/// Below this many affordable workers, every one is scored.
+const SCORE_ALL_BELOW: usize = 32;
+/// Random candidates drawn above that.
+const SAMPLES: usize = 8;
+/// Workers kept as each model's leaders by measured quality and price.
+const LEADERS: usize = 4;
+/// How often the leaders are recomputed, in seconds.
+const LEADERS_EVERY_SECS: f64 = 1.0;
+/// The prefix's previous worker keeps it only while this reliable.
+const AFFINITY_MIN_SUCCESS: f64 = 0.5;
+/// Departed workers' records kept in memory at most (they stay on disk).
+const MAX_RECORDS: usize = 100_000;
+
+/// What a worker offers for one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub model: String,
+    pub context_length: u32,
+    /// The least it takes per weighted token (nanoton); 0: the network floor.
+    pub price: u64,
+}
+
+impl From<&ModelCard> for Offer {
+    fn from(card: &ModelCard) -> Self {
+        Self {
+            model: card.id.clone(),
+            context_length: card.context_length,
+            price: card.min_price,
+        }
+    }
+}
+
+/// One worker as the market sees it; `link` is whatever reaches it (a connection, in the
+/// proxy; nothing, in benchmarks).
+#[derive(Debug)]
+pub struct Seller<T> {
+    pub id: u64,
+    pub key: [u8; 32],
+    pub name: String,
+    pub capacity: u32,
+    pub offers: Vec<Offer>,
+    pub link: T,
+    in_flight: AtomicU32,
+    served: AtomicU64,
+    healthy: AtomicBool,
+    perf: Mutex<Performance>,
+}
+
+impl<T> Seller<T> {
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    pub fn offer(&self, model: &str) -> Option<&Offer> {
+        self.offers.iter().find(|o| o.model == model)
+    }
+
+    fn load(&self) -> f64 {
+        f64::from(self.in_flight()) / f64::from(self.capacity.max(1))
+    }
+}
+
+/// Holds one unit of a worker's load until dropped.
+#[derive(Debug)]
+pub struct LoadGuard<T> {
+    seller: Arc<Seller<T>>,
+    /// The price this request is served at: the worker's, raised to the floor.
+    pub price: u64,
+}
+
+impl<T> LoadGuard<T> {
+    pub fn seller(&self) -> &Arc<Seller<T>> {
+        &self.seller
+    }
+}
+
+impl<T> Drop for LoadGuard<T> {
+    fn drop(&mut self) {
+        self.seller.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a request asks of the market.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub model: &'a str,
+    pub max_price: Option<u64>,
+    /// [`affinity::prefix_key`] of the request.
+    pub prefix: Option<u64>,
+    /// Tokens the answer is expected to take (for the expected time).
+    pub tokens: u32,
+    /// Workers already tried for this request.
+    pub exclude: &'a [u64],
+}
+
+/// Why no worker was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// No worker serves the model.
+    UnknownModel,
+    /// Some serve it, none at or below the price cap; the cheapest asks this.
+    TooExpensive { cheapest: u64 },
+    /// Those that qualify were all tried or are unhealthy.
+    NoneAvailable,
+}
+
+struct ModelBook<T> {
+    /// Sorted by asked price.
+    by_price: Vec<(u64, Arc<Seller<T>>)>,
+    leaders: Mutex<Leaders<T>>,
+}
+
+struct Leaders<T> {
+    at: f64,
+    sellers: Vec<(u64, Arc<Seller<T>>)>,
+}
+
+impl<T> Default for ModelBook<T> {
+    fn default() -> Self {
+        Self {
+            by_price: Vec::new(),
+            leaders: Mutex::new(Leaders {
+                at: f64::NEG_INFINITY,
+                sellers: Vec::new(),
+            }),
+        }
+    }
+}
+
+struct Index<T> {
+    sellers: HashMap<u64, Arc<Seller<T>>>,
+    books: HashMap<String, ModelBook<T>>,
+}
+
+/// The live set of workers, their records and the choice among them.
+pub struct Market<T> {
+    index: RwLock<Index<T>>,
+    affinity: Mutex<Affinity>,
+    /// Records of workers not connected now (by key), in market time.
+    departed: Mutex<HashMap<[u8; 32], Performance>>,
+    /// Keys whose record changed since the last save.
+    dirty: Mutex<HashSet<[u8; 32]>>,
+    store: Option<ReputationStore>,
+    /// Wakes the saver early (after a penalty).
+    penalty: Notify,
+    clock: Instant,
+    floor: AtomicU64,
+    next_id: AtomicU64,
+}
+
+fn unix_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl<T> Market<T> {
+    /// A market whose records live in memory only.
+    pub fn new() -> Self {
+        Self {
+            index: RwLock::new(Index {
+                sellers: HashMap::new(),
+                books: HashMap::new(),
+            }),
+            affinity: Mutex::default(),
+            departed: Mutex::default(),
+            dirty: Mutex::default(),
+            store: None,
+            penalty: Notify::new(),
+            clock: Instant::now(),
+            floor: AtomicU64::new(0),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// A market whose records are kept in `path` and read back from it.
+    pub fn persistent(path: &Path) -> anyhow::Result<Self> {
+        let (store, records) = ReputationStore::open(path)?;
+        let mut market = Self::new();
+        let offset = market.now() - unix_secs();
+        *market.departed.get_mut() = records
+            .into_iter()
+            .map(|(k, p)| (k, p.shifted(offset)))
+            .collect();
+        market.store = Some(store);
+        Ok(market)
+    }
+
+    /// Seconds on the market's clock.
+    fn now(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64()
+    }
+
+    /// The network's floor price: no request is served below it.
+    pub fn set_floor(&self, floor: u64) {
+        self.floor.store(floor, Ordering::Relaxed);
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.floor.load(Ordering::Relaxed)
+    }
+
+    fn effective(&self, price: u64) -> u64 {
+        price.max(self.floor())
+    }
+
+    /// Adds a worker, with the record it left behind if it was here before.
+    pub fn add(
+        &self,
+        key: [u8; 32],
+        name: String,
+        capacity: u32,
+        offers: Vec<Offer>,
+        link: T,
+    ) -> Arc<Seller<T>> {
+        let perf = self.departed.lock().remove(&key).unwrap_or_default();
+        let seller = Arc::new(Seller {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            key,
+            name,
+            capacity: capacity.max(1),
+            offers,
+            link,
+            in_flight: AtomicU32::new(0),
+            served: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            perf: Mutex::new(perf),
+        });
+        let mut index = self.index.write();
+        for offer in &seller.offers {
+            let book = index.books.entry(offer.model.clone()).or_default();
+            let at = book.by_price.partition_point(|(p, _)| *p <= offer.price);
+            book.by_price.insert(at, (offer.price, seller.clone()));
+            book.leaders.get_mut().at = f64::NEG_INFINITY;
+        }
+        index.sellers.insert(seller.id, seller.clone());
+        seller
+    }
+
+    /// Removes a worker; its record stays for when it comes back.
+    pub fn remove(&self, id: u64) {
+        let mut index = self.index.write();
+        let Some(seller) = index.sellers.remove(&id) else {
+            return;
+        };
+        for offer in &seller.offers {
+            if let Some(book) = index.books.get_mut(&offer.model) {
+                book.by_price.retain(|(_, s)| s.id != id);
+                book.leaders.get_mut().sellers.retain(|(_, s)| s.id != id);
+                if book.by_price.is_empty() {
+                    index.books.remove(&offer.model);
+                }
+            }
+        }
+        // The same key connected twice keeps the live record.
+        if !index.sellers.values().any(|s| s.key == seller.key) {
+            let mut departed = self.departed.lock();
+            if departed.len() >= MAX_RECORDS
+                && let Some(oldest) = departed
+                    .iter()
+                    .min_by(|a, b| a.1.success.at.total_cmp(&b.1.success.at))
+                    .map(|(k, _)| *k)
+            {
+                departed.remove(&oldest);
+            }
+            departed.insert(seller.key, *seller.perf.lock());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.read().sellers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Seller<T>>> {
+        self.index.read().sellers.get(&id).cloned()
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<Seller<T>>> {
+        let mut all: Vec<_> = self.index.read().sellers.values().cloned().collect();
+        all.sort_by_key(|s| s.id);
+        all
+    }
+
+    pub fn knows(&self, model: &str) -> bool {
+        self.index.read().books.contains_key(model)
+    }
+
+    /// The largest context window any worker offers for `model`.
+    pub fn context_length(&self, model: &str) -> Option<u32> {
+        let index = self.index.read();
+        let book = index.books.get(model)?;
+        book.by_price
+            .iter()
+            .filter_map(|(_, s)| s.offer(model))
+            .map(|o| o.context_length)
+            .max()
+    }
+
+    /// Whether some worker serves `model` at or below `max_price` (health and load aside).
+    pub fn can_serve(&self, model: &str, max_price: Option<u64>) -> Result<(), NoPick> {
+        let index = self.index.read();
+        let book = index.books.get(model).ok_or(NoPick::UnknownModel)?;
+        match self.affordable(book, max_price) {
+            0 => Err(NoPick::TooExpensive {
+                cheapest: self.effective(book.by_price[0].0),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The highest price a request for `model` capped at `max_price` can be served at: what a
+    /// reservation must cover whichever worker ends up serving it.
+    pub fn highest_price(&self, model: &str, max_price: Option<u64>) -> Option<u64> {
+        let index = self.index.read();
+        let book = index.books.get(model)?;
+        let cut = self.affordable(book, max_price);
+        (cut > 0).then(|| self.effective(book.by_price[cut - 1].0))
+    }
+
+    /// How many of the book's sellers are at or below `max_price`.
+    fn affordable(&self, book: &ModelBook<T>, max_price: Option<u64>) -> usize {
+        match max_price {
+            None => book.by_price.len(),
+            Some(max) => book
+                .by_price
+                .partition_point(|(p, _)| self.effective(*p) <= max),
+        }
+    }
+
+    /// `reputation` of a worker right now.
+    pub fn reputation(&self, seller: &Seller<T>) -> Reputation {
+        seller.perf.lock().reputation(self.now())
+    }
+
+    /// Lower is better; see the module's documentation.
+    fn score(&self, seller: &Seller<T>, price: u64, tokens: u32, now: f64, loaded: bool) -> f64 {
+        let r = seller.perf.lock().reputation(now);
+        let load = if loaded { seller.load() } else { 0.0 };
+        r.expected_secs(tokens) * (1.0 + load) * self.effective(price).max(1) as f64
+            / r.success_rate.max(0.01)
+    }
+
+    /// Picks the worker for `ask` and counts the request against it.
+    pub fn pick(&self, ask: &Ask<'_>) -> Result<LoadGuard<T>, NoPick> {
+        let index = self.index.read();
+        let book = index.books.get(ask.model).ok_or(NoPick::UnknownModel)?;
+        let cut = self.affordable(book, ask.max_price);
+        if cut == 0 {
+            return Err(NoPick::TooExpensive {
+                cheapest: self.effective(book.by_price[0].0),
+            });
+        }
+        let eligible = &book.by_price[..cut];
+        let usable = |s: &Seller<T>| s.healthy() && !ask.exclude.contains(&s.id);
+        let now = self.now();
+        // The prefix's previous worker, if it can take one more now.
+        if let Some(owner) = ask.prefix.and_then(|p| self.affinity.lock().get(p))
+            && let Some(seller) = index.sellers.get(&owner)
+            && let Some(offer) = seller.offer(ask.model)
+            && ask
+                .max_price
+                .is_none_or(|m| self.effective(offer.price) <= m)
+            && usable(seller)
+            && seller.in_flight() < seller.capacity
+            && seller.perf.lock().reputation(now).success_rate >= AFFINITY_MIN_SUCCESS
+        {
+            return Ok(self.take(seller.clone(), offer.price));
+        }
+        let best = |candidates: &mut dyn Iterator<Item = &(u64, Arc<Seller<T>>)>| {
+            candidates
+                .filter(|(_, s)| usable(s))
+                .map(|(p, s)| (self.score(s, *p, ask.tokens, now, true), *p, s))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, p, s)| (p, s.clone()))
+        };
+        let chosen = if cut <= SCORE_ALL_BELOW {
+            best(&mut eligible.iter())
+        } else {
+            let mut rng = rand::thread_rng();
+            let sampled: Vec<&(u64, Arc<Seller<T>>)> = (0..SAMPLES)
+                .map(|_| &eligible[rng.gen_range(0..cut)])
+                .collect();
+            let leaders = self.leaders(book, ask.tokens, now);
+            let max = ask.max_price.unwrap_or(u64::MAX);
+            let affordable_leaders = leaders.iter().filter(|(p, _)| self.effective(*p) <= max);
+            best(&mut sampled.into_iter().chain(affordable_leaders))
+                // All of the sample tried or unhealthy: look at everyone once.
+                .or_else(|| best(&mut eligible.iter()))
+        };
+        let (price, seller) = chosen.ok_or(NoPick::NoneAvailable)?;
+        if let Some(prefix) = ask.prefix {
+            self.affinity.lock().set(prefix, seller.id);
+        }
+        Ok(self.take(seller, price))
+    }
+
+    fn take(&self, seller: Arc<Seller<T>>, price: u64) -> LoadGuard<T> {
+        seller.in_flight.fetch_add(1, Ordering::Relaxed);
+        seller.served.fetch_add(1, Ordering::Relaxed);
+        LoadGuard {
+            seller,
+            price: self.effective(price),
+        }
+    }
+
+    /// The model's best few sellers by measured quality and price, ignoring load; recomputed
+    /// at most once a second by whichever request finds them stale.
+    fn leaders(&self, book: &ModelBook<T>, tokens: u32, now: f64) -> Vec<(u64, Arc<Seller<T>>)> {
+        let Some(mut leaders) = book.leaders.try_lock() else {
+            return Vec::new();
+        };
+        if now - leaders.at >= LEADERS_EVERY_SECS {
+            let mut scored: Vec<(f64, usize)> = book
+                .by_price
+                .iter()
+                .enumerate()
+                .map(|(i, (p, s))| (self.score(s, *p, tokens, now, false), i))
+                .collect();
+            let n = LEADERS.min(scored.len());
+            if n < scored.len() {
+                scored.select_nth_unstable_by(n, |a, b| a.0.total_cmp(&b.0));
+            }
+            leaders.sellers = scored[..n]
+                .iter()
+                .map(|(_, i)| book.by_price[*i].clone())
+                .collect();
+            leaders.at = now;
+        }
+        leaders.sellers.clone()
+    }
+
+    /// Records how an attempt on `seller` went.
+    pub fn record(&self, seller: &Seller<T>, outcome: Outcome) {
+        seller.perf.lock().record(outcome, self.now());
+        self.dirty.lock().insert(seller.key);
+        if !matches!(outcome, Outcome::Served { .. }) {
+            self.penalty.notify_one();
+        }
+    }
+
+    /// Writes the changed records to the reputation file, if there is one.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let keys: Vec<[u8; 32]> = self.dirty.lock().drain().collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let offset = unix_secs() - self.now();
+        let records: Vec<([u8; 32], Performance)> = {
+            let index = self.index.read();
+            let live: HashMap<&[u8; 32], &Arc<Seller<T>>> =
+                index.sellers.values().map(|s| (&s.key, s)).collect();
+            let departed = self.departed.lock();
+            keys.iter()
+                .filter_map(|k| {
+                    let perf = live
+                        .get(k)
+                        .map(|s| *s.perf.lock())
+                        .or_else(|| departed.get(k).copied());
+                    perf.map(|p| (*k, p.shifted(offset)))
+                })
+                .collect()
+        };
+        if let Err(e) = store.save(&records) {
+            // Put them back: the next save tries again.
+            self.dirty.lock().extend(keys);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Resolves when a penalty was recorded (for a saver that writes those at once).
+    pub async fn penalized(&self) {
+        self.penalty.notified().await;
+    }
+
+    /// Models served by at least one worker: the largest context, the price range, the count.
+    pub fn models(&self) -> ModelList {
+        let index = self.index.read();
+        let mut models: Vec<ListedModel> = index
+            .books
+            .iter()
+            .map(|(id, book)| ListedModel {
+                card: ModelCard {
+                    id: id.clone(),
+                    context_length: book
+                        .by_price
+                        .iter()
+                        .filter_map(|(_, s)| s.offer(id))
+                        .map(|o| o.context_length)
+                        .max()
+                        .unwrap_or(0),
+                    min_price: self.effective(book.by_price[0].0),
+                },
+                workers: book.by_price.len() as u32,
+                max_price: self.effective(book.by_price[book.by_price.len() - 1].0),
+            })
+            .collect();
+        models.sort_by(|a, b| a.card.id.cmp(&b.card.id));
+        ModelList { models }
+    }
+}
+
+impl<T> Default for Market<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests;
