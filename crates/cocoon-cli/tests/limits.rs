@@ -1,8 +1,8 @@
 //! The proxy's abuse limits, end to end through the gateway: a client over its rate or its
 //! requests in flight gets 429 with `Retry-After`, a request over `max_tokens` a clear 400, a
-//! worker that goes silent is cut off without a charge, a request body that trickles in is
-//! refused, and connections that say nothing (in the TLS handshake, or after it) or come too
-//! many from one address are closed.
+//! worker that goes silent is cut off and its client charged only for what it delivered, a
+//! request body that trickles in is refused, and connections that say nothing (in the TLS
+//! handshake, or after it) or come too many from one address are closed.
 //!
 //! The backend here is a test double whose answers the test holds and releases, so what is
 //! measured is the proxy's behaviour, not a model's timing.
@@ -217,7 +217,7 @@ async fn over_rate_or_concurrency_a_client_gets_429_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_worker_is_cut_off_and_nothing_is_charged() {
+async fn a_silent_worker_is_cut_off_and_only_what_it_delivered_is_charged() {
     let s = setup(LimitsConfig {
         worker_timeout_secs: 1,
         ..LimitsConfig::default()
@@ -247,10 +247,29 @@ async fn a_silent_worker_is_cut_off_and_nothing_is_charged() {
         || s.active.load(Ordering::SeqCst) == 0,
     )
     .await;
-    // No bill was settled for an answer that never finished.
+    // The one token delivered is billed, nothing more; the error says so.
+    let delivered = events
+        .iter()
+        .filter(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .count() as u64;
+    assert_eq!(delivered, 1, "{events:?}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the 1 tokens delivered were billed (1 units of 20 nanoton)"),
+        "{error}"
+    );
     let payments = net.proxy_status().payments.unwrap();
-    assert_eq!(payments.clients, 0, "{payments:?}");
-    assert_eq!(payments.uncommitted_tokens, 0);
+    assert_eq!(payments.clients, 1, "{payments:?}");
+    assert_eq!(payments.uncommitted_tokens, delivered);
+    // And the worker that stalled is marked for it.
+    let worker = &net.proxy_status().workers[0];
+    assert!(worker.reputation.success_rate < 0.5, "{worker:?}");
 }
 
 /// A TLS connection to the proxy as a (fresh) client, for speaking HTTP/2 on it directly.

@@ -223,7 +223,8 @@ async fn load_spreads_over_two_workers() {
     let net = network(vec![a.clone() as Arc<dyn Backend>, b.clone()]).await;
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
-    for i in 0..4 {
+    // One after the other: the second goes to the worker not yet measured.
+    for i in 0..2 {
         let body = chat_body(&format!("Say {i}"), json!({"max_tokens": 2}));
         assert_eq!(
             http.post(&url).json(&body).send().await.unwrap().status(),
@@ -231,18 +232,33 @@ async fn load_spreads_over_two_workers() {
         );
     }
     assert_eq!(
-        a.stats().completed,
-        2,
-        "least-loaded with ties to the least used alternates"
+        (a.stats().completed, b.stats().completed),
+        (1, 1),
+        "an unmeasured worker is tried first"
     );
-    assert_eq!(b.stats().completed, 2);
+    // At once: the load term spreads them.
+    let answers: Vec<_> = (0..8)
+        .map(|i| {
+            let body = chat_body(&format!("Say {i}"), json!({"max_tokens": 2}));
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { http.post(url).json(&body).send().await.unwrap().status() })
+        })
+        .collect();
+    for answer in answers {
+        assert_eq!(answer.await.unwrap(), 200);
+    }
+    let (ca, cb) = (a.stats().completed, b.stats().completed);
+    assert_eq!(ca + cb, 10);
+    assert!(ca >= 3 && cb >= 3, "8 at once are spread: {ca} and {cb}");
     let status = net.proxy_status();
     assert_eq!(status.fingerprint, net.proxy_fingerprint.to_string());
     assert_eq!(status.workers.len(), 2);
     for w in &status.workers {
-        assert_eq!((w.served, w.in_flight, w.capacity), (2, 0, 4));
+        assert_eq!((w.in_flight, w.capacity), (0, 4));
         assert_eq!(w.models, vec![MODEL.to_string()]);
+        assert!(w.healthy && w.reputation.samples > 0.9, "{w:?}");
     }
+    assert_eq!(status.workers.iter().map(|w| w.served).sum::<u64>(), 10);
     let mut seen: Vec<String> = status
         .workers
         .iter()

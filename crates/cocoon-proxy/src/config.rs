@@ -40,7 +40,8 @@ pub struct ProxyConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingConfig {
     /// Where each worker's measured performance (its reputation) is kept across restarts.
-    /// Unset: beside the payments book when payments are on, else in memory only.
+    /// Unset: beside the payments book (`<book>.reputation.redb`) when payments are on, else in
+    /// memory only.
     pub reputation_file: Option<PathBuf>,
     /// Workers tried for one request before the client is told none could serve it.
     pub max_attempts: u32,
@@ -96,7 +97,7 @@ impl RoutingConfig {
             payments
                 .ledger
                 .as_ref()
-                .map(|_| payments.book.with_file_name("proxy-reputation.redb"))
+                .map(|_| payments.book.with_extension("reputation.redb"))
         })
     }
 }

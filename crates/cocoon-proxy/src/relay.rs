@@ -339,19 +339,24 @@ impl Answer {
                     Outcome::Failed
                 };
                 self.state.workers.record(&worker, outcome);
-                let charged = self.charge_delivered(&worker, relayed).await;
-                let error = ProtocolError {
-                    message: format!(
-                        "the worker serving this answer failed after {relayed} tokens ({}); \
-                         {charged} tokens delivered were billed, nothing more",
-                        error.message
+                let bill = self.charge_delivered(&worker, relayed).await;
+                let billed = match &bill {
+                    Some(b) => format!(
+                        "the {relayed} tokens delivered were billed ({} units of {} nanoton), \
+                         nothing more",
+                        b.billed_tokens, b.unit_price
                     ),
-                    ..ProtocolError::unavailable("")
+                    None => "nothing was billed".into(),
                 };
+                let error = ProtocolError::unavailable(format!(
+                    "the worker serving this answer failed after {relayed} tokens ({}); {billed}",
+                    error.message
+                ));
                 let _ = tx.send(encode_frame(&GenerateEvent::Error { error })).await;
-                charged
+                bill
             }
         };
+        let charged = charged.map_or(0, |b| b.billed_tokens);
         tracing::debug!(worker = %worker.name, charged, "answer ended before it was done");
     }
 
@@ -370,23 +375,25 @@ impl Answer {
     }
 
     /// Bills the completion tokens the client was sent of an answer that did not finish (the
-    /// prompt's count comes only with the end of an answer); returns how many.
-    async fn charge_delivered(&mut self, worker: &Arc<WorkerEntry>, relayed: u32) -> u32 {
+    /// prompt's count comes only with the end of an answer); the bill, if there was one.
+    async fn charge_delivered(
+        &mut self,
+        worker: &Arc<WorkerEntry>,
+        relayed: u32,
+    ) -> Option<cocoon_protocol::Billing> {
         if relayed == 0 {
-            return 0;
+            return None;
         }
-        let (Some(billing), Some(hold)) = (self.state.billing.clone(), self.hold.take()) else {
-            return 0;
-        };
+        let (billing, hold) = (self.state.billing.clone()?, self.hold.take()?);
         let usage = Usage {
             prompt_tokens: 0,
             completion_tokens: relayed,
         };
         match settle(&billing, hold, worker, usage, self.load.price).await {
-            Ok(_) => relayed,
+            Ok(bill) => Some(bill),
             Err(error) => {
                 tracing::error!(%error, "settlement of a cut-off answer failed");
-                0
+                None
             }
         }
     }

@@ -299,17 +299,22 @@ impl State {
                 _ = self.workers.penalized() => {}
                 _ = shutdown.cancelled() => break,
             }
-            self.tidy().await;
+            self.tidy(false).await;
         }
-        self.tidy().await;
+        self.tidy(true).await;
     }
 
-    async fn tidy(self: &Arc<Self>) {
+    /// With `last`, the reputation file is released after the save.
+    async fn tidy(self: &Arc<Self>, last: bool) {
         if let Some(b) = &self.billing {
             self.workers.set_floor(b.floor());
         }
         let state = self.clone();
-        match tokio::task::spawn_blocking(move || state.workers.save()).await {
+        let save = move || match last {
+            true => state.workers.close(),
+            false => state.workers.save(),
+        };
+        match tokio::task::spawn_blocking(save).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot save worker reputation"),
             Err(e) => tracing::warn!(error = %e, "reputation save panicked"),

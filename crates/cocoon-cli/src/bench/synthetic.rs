@@ -4,7 +4,9 @@
 //!
 //! Each chunk's text is the moment it was sent (`t<nanoseconds> `, on a clock shared with
 //! the bench in this process), so the bench reads each token's transit time off the token
-//! itself. This is a measuring instrument, never a worker's backend: it generates nothing.
+//! itself. This is a measuring instrument (and a test fixture for routing and failover, where
+//! what matters is when tokens flow, not what they say), never a worker's backend in
+//! service: it generates nothing.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -45,6 +47,11 @@ pub struct Synthetic {
 impl Synthetic {
     /// Serves on a free loopback port; `interval` zero means as fast as possible.
     pub async fn start(interval: Duration) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0", interval).await
+    }
+
+    /// Serves on `listen` (`host:port`, port 0 for a free one).
+    pub async fn start_on(listen: &str, interval: Duration) -> anyhow::Result<Self> {
         now_ns();
         let router = Router::new()
             .route("/v1/chat/completions", post(generate))
@@ -58,7 +65,7 @@ impl Synthetic {
                 }),
             )
             .with_state(interval);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         // As real inference servers do (uvicorn, llama-server): no Nagle delay on chunks.
         let listener = listener.tap_io(|tcp| {

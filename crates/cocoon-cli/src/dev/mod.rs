@@ -20,9 +20,11 @@ use std::path::{Path, PathBuf};
 use cocoon_client::{ClientConfig, ClientPayments, Gateway};
 use cocoon_engine::Backend;
 use cocoon_ledger::{EmbeddedLedger, PublicKey};
-use cocoon_proxy::{LimitsConfig, PaymentsConfig, Proxy, ProxyConfig, ProxyStatus, StatusSource};
+use cocoon_proxy::{
+    LimitsConfig, PaymentsConfig, Proxy, ProxyConfig, ProxyStatus, RoutingConfig, StatusSource,
+};
 use cocoon_tls::{AttesterChoice, AttesterConfig, Identity, PeerPolicy};
-use cocoon_worker::{PayoutStore, Worker};
+use cocoon_worker::{PayoutStore, PriceConfig, Worker};
 
 use self::ledger::{DevLedger, key_wallet};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,10 @@ pub struct DevOptions {
     pub commit_interval_secs: u64,
     /// The proxy's abuse limits.
     pub limits: LimitsConfig,
+    /// The proxy's failover, health checks and reputation settings.
+    pub routing: RoutingConfig,
+    /// The prices of worker `i` (the network's floor for those not listed).
+    pub worker_prices: Vec<PriceConfig>,
 }
 
 impl Default for DevOptions {
@@ -53,6 +59,8 @@ impl Default for DevOptions {
             payments: true,
             commit_interval_secs: 2,
             limits: LimitsConfig::default(),
+            routing: RoutingConfig::default(),
+            worker_prices: Vec::new(),
         }
     }
 }
@@ -331,6 +339,13 @@ impl DevNetwork {
             slot.identity.clone(),
             proxy_policy,
             Duration::from_millis(500),
+        )
+        .with_prices(
+            self.options
+                .worker_prices
+                .get(i)
+                .cloned()
+                .unwrap_or_default(),
         );
         if let Some(store) = &slot.payouts {
             worker = worker.with_payouts(store.clone());
@@ -465,6 +480,7 @@ async fn start_proxy(
             commit_interval_secs: setup.options.commit_interval_secs,
         },
         limits: setup.options.limits.clone(),
+        routing: setup.options.routing.clone(),
         ..ProxyConfig::default()
     })
     .await?;

@@ -9,7 +9,8 @@
 //!
 //! where `expected_secs = ttft + tokens / tokens_per_sec` comes from the worker's measured,
 //! time-decayed performance ([`perf`]). Lower is better: a worker twice the price must be
-//! twice as fast (or half as loaded) to win. A request with a long shared prefix goes to the
+//! twice as fast (or half as loaded) to win. A worker not yet measured scores a quarter of
+//! that, so that it gets tried. A request with a long shared prefix goes to the
 //! worker that served the prefix last while that one is below capacity and reliable
 //! ([`affinity`]). Selection reads a bounded number of candidates, not every worker: each
 //! model's sellers are kept sorted by price, so the price cap is a binary search, and the
@@ -46,6 +47,9 @@ const LEADERS: usize = 4;
 const LEADERS_EVERY_SECS: f64 = 1.0;
 /// The prefix's previous worker keeps it only while this reliable.
 const AFFINITY_MIN_SUCCESS: f64 = 0.5;
+/// A worker without a record yet is scored at this fraction, so that it is tried (and
+/// measured) before the measured ones crowd it out.
+const UNMEASURED: f64 = 0.25;
 /// Departed workers' records kept in memory at most (they stay on disk).
 const MAX_RECORDS: usize = 100_000;
 
@@ -190,7 +194,8 @@ pub struct Market<T> {
     departed: Mutex<HashMap<[u8; 32], Performance>>,
     /// Keys whose record changed since the last save.
     dirty: Mutex<HashSet<[u8; 32]>>,
-    store: Option<ReputationStore>,
+    /// `None` without a reputation file, or once closed.
+    store: Mutex<Option<ReputationStore>>,
     /// Wakes the saver early (after a penalty).
     penalty: Notify,
     clock: Instant,
@@ -215,7 +220,7 @@ impl<T> Market<T> {
             affinity: Mutex::default(),
             departed: Mutex::default(),
             dirty: Mutex::default(),
-            store: None,
+            store: Mutex::new(None),
             penalty: Notify::new(),
             clock: Instant::now(),
             floor: AtomicU64::new(0),
@@ -232,7 +237,7 @@ impl<T> Market<T> {
             .into_iter()
             .map(|(k, p)| (k, p.shifted(offset)))
             .collect();
-        market.store = Some(store);
+        *market.store.get_mut() = Some(store);
         Ok(market)
     }
 
@@ -390,8 +395,14 @@ impl<T> Market<T> {
     fn score(&self, seller: &Seller<T>, price: u64, tokens: u32, now: f64, loaded: bool) -> f64 {
         let r = seller.perf.lock().reputation(now);
         let load = if loaded { seller.load() } else { 0.0 };
-        r.expected_secs(tokens) * (1.0 + load) * self.effective(price).max(1) as f64
-            / r.success_rate.max(0.01)
+        let score = r.expected_secs(tokens) * (1.0 + load) * self.effective(price).max(1) as f64
+            / r.success_rate.max(0.01);
+        // Under half a sample: nothing measured yet, or so long ago that it has faded.
+        if r.samples < 0.5 {
+            score * UNMEASURED
+        } else {
+            score
+        }
     }
 
     /// Picks the worker for `ask` and counts the request against it.
@@ -494,7 +505,8 @@ impl<T> Market<T> {
 
     /// Writes the changed records to the reputation file, if there is one.
     pub fn save(&self) -> anyhow::Result<()> {
-        let Some(store) = &self.store else {
+        let store = self.store.lock();
+        let Some(store) = store.as_ref() else {
             return Ok(());
         };
         let keys: Vec<[u8; 32]> = self.dirty.lock().drain().collect();
@@ -523,6 +535,14 @@ impl<T> Market<T> {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Saves what changed and releases the reputation file (for the next proxy to open);
+    /// records are kept in memory only from then on.
+    pub fn close(&self) -> anyhow::Result<()> {
+        let saved = self.save();
+        self.store.lock().take();
+        saved
     }
 
     /// Resolves when a penalty was recorded (for a saver that writes those at once).

@@ -1,0 +1,171 @@
+//! Hosts made of Linux network namespaces: one namespace per host, each with an `eth0` on a
+//! bridge (in a namespace of its own, the "LAN"), plus the test process's own (root)
+//! namespace on the same LAN, so the test can serve things the hosts reach and reach what
+//! they serve. Links can be cut (the host's `eth0` goes down: packets vanish, no reset) and
+//! slowed (`tc netem` delay where the kernel has it, else a `tbf` rate limit). Everything is
+//! removed on drop.
+
+use std::process::{Command, Stdio};
+
+/// What went wrong making the namespaces; the test is skipped with it.
+pub type Unavailable = String;
+
+pub struct Lan {
+    tag: String,
+    /// `10.213.N`: this LAN's /24.
+    prefix: String,
+    lan_ns: String,
+    hosts: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    run("ip", args)
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Lan {
+    /// Makes one namespace per name in `hosts`, all on one LAN with the root namespace.
+    pub fn new(hosts: &[&str]) -> Result<Self, Unavailable> {
+        let pid = std::process::id();
+        let tag = format!("cc{:05x}", pid & 0xfffff);
+        let lan = Self {
+            prefix: format!("10.213.{}", pid % 250 + 1),
+            lan_ns: format!("{tag}-lan"),
+            hosts: hosts.iter().map(|h| format!("{tag}-{h}")).collect(),
+            tag,
+        };
+        // From here on, whatever was made is removed on drop, even if this fails.
+        lan.build()?;
+        Ok(lan)
+    }
+
+    fn build(&self) -> Result<(), String> {
+        let lan = self.lan_ns.as_str();
+        ip(&["netns", "add", lan])?;
+        ip(&["-n", lan, "link", "set", "lo", "up"])?;
+        ip(&["-n", lan, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", lan, "link", "set", "br0", "up"])?;
+        // The root namespace's port.
+        let root_if = format!("{}r", self.tag);
+        let root_peer = format!("{}p0", self.tag);
+        ip(&["link", "add", &root_if, "type", "veth", "peer", "name", &root_peer])?;
+        self.plug(&root_peer)?;
+        ip(&["addr", "add", &format!("{}.1/24", self.prefix), "dev", &root_if])?;
+        ip(&["link", "set", &root_if, "up"])?;
+        for (i, ns) in self.hosts.iter().enumerate() {
+            let host_if = format!("{}h{i}", self.tag);
+            let peer = format!("{}p{}", self.tag, i + 1);
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer])?;
+            ip(&["link", "set", &host_if, "netns", ns])?;
+            ip(&["-n", ns, "link", "set", &host_if, "name", "eth0"])?;
+            let addr = format!("{}/24", self.addr_of(i));
+            ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            self.plug(&peer)?;
+        }
+        Ok(())
+    }
+
+    /// Moves `port` (in the root namespace) onto the LAN's bridge.
+    fn plug(&self, port: &str) -> Result<(), String> {
+        let lan = self.lan_ns.as_str();
+        ip(&["link", "set", port, "netns", lan])?;
+        ip(&["-n", lan, "link", "set", port, "master", "br0"])?;
+        ip(&["-n", lan, "link", "set", port, "up"])
+    }
+
+    fn index(&self, host: &str) -> usize {
+        let ns = format!("{}-{host}", self.tag);
+        self.hosts
+            .iter()
+            .position(|h| *h == ns)
+            .unwrap_or_else(|| panic!("no host {host}"))
+    }
+
+    fn addr_of(&self, i: usize) -> String {
+        format!("{}.{}", self.prefix, 10 + i)
+    }
+
+    /// The test process's own address on the LAN.
+    pub fn root_addr(&self) -> String {
+        format!("{}.1", self.prefix)
+    }
+
+    /// `host`'s address on the LAN.
+    pub fn addr(&self, host: &str) -> String {
+        self.addr_of(self.index(host))
+    }
+
+    pub fn namespace(&self, host: &str) -> &str {
+        &self.hosts[self.index(host)]
+    }
+
+    /// A command that runs `program` on `host` (`ip netns exec` execs it: the child's pid is
+    /// the program's).
+    pub fn command(&self, host: &str, program: &std::path::Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("ip");
+        cmd.args(["netns", "exec", self.namespace(host)]).arg(program);
+        cmd
+    }
+
+    /// Cuts `host` off the LAN: its packets are dropped, nothing is reset.
+    pub fn cut(&self, host: &str) {
+        ip(&["-n", self.namespace(host), "link", "set", "eth0", "down"]).unwrap();
+    }
+
+    pub fn mend(&self, host: &str) {
+        ip(&["-n", self.namespace(host), "link", "set", "eth0", "up"]).unwrap();
+    }
+
+    /// Slows `host`'s link; says how (netem is not in every kernel).
+    pub fn slow(&self, host: &str, delay_ms: u32) -> String {
+        let ns = self.namespace(host);
+        let delay = format!("{delay_ms}ms");
+        let netem = ["-n", ns, "qdisc", "add", "dev", "eth0", "root", "netem", "delay", &delay];
+        if run("tc", &netem).is_ok() {
+            return format!("tc netem delay {delay}");
+        }
+        // A token bucket this slow holds each ~100-byte event back by several ms and a burst
+        // of them by much more: the link is slow, if not by a fixed delay.
+        let tbf = [
+            "-n", ns, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "24kbit", "burst",
+            "1600", "latency", "2s",
+        ];
+        run("tc", &tbf).unwrap();
+        "tc tbf rate 24kbit (this kernel has no netem)".into()
+    }
+
+    pub fn unslow(&self, host: &str) {
+        let _ = run(
+            "tc",
+            &["-n", self.namespace(host), "qdisc", "del", "dev", "eth0", "root"],
+        );
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        // A namespace's interfaces go with it, and each veth's other end with them.
+        for ns in self.hosts.iter().chain(std::iter::once(&self.lan_ns)) {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
