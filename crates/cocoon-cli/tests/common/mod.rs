@@ -1,5 +1,7 @@
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -64,16 +64,26 @@ impl Lan {
         // The root namespace's port.
         let root_if = format!("{}r", self.tag);
         let root_peer = format!("{}p0", self.tag);
-        ip(&["link", "add", &root_if, "type", "veth", "peer", "name", &root_peer])?;
+        ip(&[
+            "link", "add", &root_if, "type", "veth", "peer", "name", &root_peer,
+        ])?;
         self.plug(&root_peer)?;
-        ip(&["addr", "add", &format!("{}.1/24", self.prefix), "dev", &root_if])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.1/24", self.prefix),
+            "dev",
+            &root_if,
+        ])?;
         ip(&["link", "set", &root_if, "up"])?;
         for (i, ns) in self.hosts.iter().enumerate() {
             let host_if = format!("{}h{i}", self.tag);
             let peer = format!("{}p{}", self.tag, i + 1);
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer])?;
+            ip(&[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
+            ])?;
             ip(&["link", "set", &host_if, "netns", ns])?;
             ip(&["-n", ns, "link", "set", &host_if, "name", "eth0"])?;
             let addr = format!("{}/24", self.addr_of(i));
@@ -122,7 +132,8 @@ impl Lan {
     /// the program's).
     pub fn command(&self, host: &str, program: &std::path::Path) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", self.namespace(host)]).arg(program);
+        cmd.args(["netns", "exec", self.namespace(host)])
+            .arg(program);
         cmd
     }
 
@@ -139,24 +150,34 @@ impl Lan {
     pub fn slow(&self, host: &str, delay_ms: u32) -> String {
         let ns = self.namespace(host);
         let delay = format!("{delay_ms}ms");
-        let netem = ["-n", ns, "qdisc", "add", "dev", "eth0", "root", "netem", "delay", &delay];
+        let netem = [
+            "-n", ns, "qdisc", "add", "dev", "eth0", "root", "netem", "delay", &delay,
+        ];
         if run("tc", &netem).is_ok() {
             return format!("tc netem delay {delay}");
         }
-        // A token bucket this slow holds each ~100-byte event back by several ms and a burst
-        // of them by much more: the link is slow, if not by a fixed delay.
+        // A token bucket: a busy worker's answers queue behind each other (up to 400 ms, then
+        // TCP resends), so the link is slow, if not by a fixed delay.
         let tbf = [
-            "-n", ns, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "24kbit", "burst",
-            "1600", "latency", "2s",
+            "-n", ns, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "64kbit", "burst",
+            "1600", "latency", "400ms",
         ];
         run("tc", &tbf).unwrap();
-        "tc tbf rate 24kbit (this kernel has no netem)".into()
+        "tc tbf rate 64kbit (this kernel has no netem)".into()
     }
 
     pub fn unslow(&self, host: &str) {
         let _ = run(
             "tc",
-            &["-n", self.namespace(host), "qdisc", "del", "dev", "eth0", "root"],
+            &[
+                "-n",
+                self.namespace(host),
+                "qdisc",
+                "del",
+                "dev",
+                "eth0",
+                "root",
+            ],
         );
     }
 }

@@ -1,8 +1,10 @@
 //! What the proxy has measured of one worker: time to first token, generation speed and
-//! success rate, each an exponentially time-decayed average that leans on a prior until
-//! there are samples. Old samples fade (half of their weight is gone after [`HALF_LIFE`]), so
-//! a worker that stalled an hour ago is judged by what it does now, and one that stalls now
-//! loses standing at once.
+//! success rate, each an exponentially decayed average that leans on a prior until there are
+//! samples. Old samples fade twice over: half of their weight is gone after [`HALF_LIFE`],
+//! and the total weight is capped at [`MAX_WEIGHT`] samples, so that a busy worker's long
+//! history does not drown what it does now. A worker that stalled an hour ago is judged by
+//! what it does now, and one whose link degrades, or that stalls, loses standing within a
+//! few requests.
 
 use std::time::Duration;
 
@@ -17,6 +19,8 @@ const PRIOR_TOKENS_PER_SEC: f64 = 30.0;
 const PRIOR_SUCCESS: f64 = 1.0;
 /// How many samples the prior is worth.
 const PRIOR_WEIGHT: f64 = 1.0;
+/// The most samples a record is worth: each new one moves it by at least 1/21.
+pub const MAX_WEIGHT: f64 = 20.0;
 /// Samples of a stall count this many times: a worker that hangs costs its clients the whole
 /// timeout, where one that refuses costs them a retry.
 pub const STALL_WEIGHT: f64 = 3.0;
@@ -39,7 +43,7 @@ fn decay(from: f64, to: f64) -> f64 {
 
 impl Decayed {
     pub fn add(&mut self, sample: f64, weight: f64, now: f64) {
-        let old = self.weight * decay(self.at, now);
+        let old = (self.weight * decay(self.at, now)).min(MAX_WEIGHT);
         let total = old + weight;
         if total > 0.0 {
             self.mean = (self.mean * old + sample * weight) / total;
@@ -178,6 +182,28 @@ mod tests {
         let later = s.success_rate;
         let s = stalled.reputation(3.0 * HALF_LIFE.as_secs_f64());
         assert!(s.success_rate > later && (s.success_rate - 1.0 / 1.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_long_history_does_not_drown_a_sudden_change() {
+        let mut p = Performance::default();
+        let fast = Outcome::Served {
+            ttft: Duration::from_millis(10),
+            tokens_per_sec: Some(40.0),
+        };
+        for i in 0..1000 {
+            p.record(fast, f64::from(i) / 100.0);
+        }
+        let slow = Outcome::Served {
+            ttft: Duration::from_millis(800),
+            tokens_per_sec: Some(10.0),
+        };
+        for _ in 0..10 {
+            p.record(slow, 10.0);
+        }
+        let r = p.reputation(10.0);
+        // Ten slow answers after a thousand fast ones: a third of the way there already.
+        assert!(r.ttft_secs > 0.25 && r.tokens_per_sec < 31.0, "{r:?}");
     }
 
     #[test]
