@@ -415,6 +415,7 @@ async fn run_bench(
                 Section::Engine,
                 Section::Memory,
                 Section::Payments,
+                Section::Market,
             ]
         } else {
             sections
@@ -430,6 +431,7 @@ async fn run_bench(
             threads,
             ..Default::default()
         },
+        market: Default::default(),
         work_dir: work.path().to_owned(),
     };
     if quick {
@@ -440,6 +442,8 @@ async fn run_bench(
         options.engine.requests = 2;
         options.engine.requests_per_stream = 1;
         options.payments.requests /= 10;
+        options.market.picks /= 10;
+        options.market.quality_picks /= 10;
     }
     let report = match bench::run(&options).await {
         Ok(r) => r,

@@ -74,15 +74,31 @@ async fn path_and_engine_sections_report_consistent_figures() {
     assert!(engine.levels.iter().all(|l| l.aggregate_tokens_per_s > 0.0));
     assert_eq!(engine.levels[2].requests, 2);
 
+    let market = bench::market::run(&bench::market::MarketOptions {
+        workers: vec![10, 2_000],
+        picks: 400,
+        quality_picks: 50,
+    })
+    .unwrap();
+    let (small, large) = (&market.sizes[0], &market.sizes[1]);
+    // Below a few dozen workers the pick is the exhaustive one: the same choice every time.
+    assert_eq!((small.quality.p50, small.quality.p99), (1.0, 1.0));
+    assert!(large.quality.p50 >= 1.0 && large.quality.n == 50);
+    // At 2,000 workers scoring them all costs far more than a sample.
+    assert!(large.speedup > 5.0, "{large:?}");
+    assert_eq!(market.workers_growth, 200.0);
+
     let report = bench::BenchReport {
         machine: bench::machine(),
         path: Some(path),
         engine: Some(engine),
         memory: None,
         payments: None,
+        market: Some(market),
     };
     let table = bench::table(&report);
     assert!(table.contains("### Routing") && table.contains("### Concurrency"));
+    assert!(table.contains("### Choosing a worker"));
     let svg = bench::figure(&report).expect("path and engine are there");
     assert!(svg.contains("2 streams") && svg.contains("<polyline"));
     let json = serde_json::to_value(&report).unwrap();

@@ -7,12 +7,15 @@
 //! - [`engine`]: the embedded engine against llama.cpp's `llama-server` on the same model,
 //!   one stream and 1/4/16 concurrent streams;
 //! - [`memory`]: peak RSS of each role as its own process, idle and under load;
-//! - [`payments`]: the real model through the network without and with payments.
+//! - [`payments`]: the real model through the network without and with payments;
+//! - [`market`]: the proxy's choice of worker among up to 10,000 simulated workers, sampled
+//!   against scoring them all.
 //!
 //! Output: tables (Markdown), one JSON report, and an SVG figure ([`plot`]).
 
 pub mod client;
 pub mod engine;
+pub mod market;
 pub mod memory;
 pub mod path;
 pub mod payments;
@@ -38,6 +41,7 @@ pub enum Section {
     Engine,
     Memory,
     Payments,
+    Market,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +52,7 @@ pub struct BenchOptions {
     pub path: path::PathOptions,
     pub engine: engine::EngineOptions,
     pub payments: payments::PaymentsOptions,
+    pub market: market::MarketOptions,
     /// Where llama-server's log and the role processes' files go.
     pub work_dir: PathBuf,
 }
@@ -66,6 +71,7 @@ pub struct BenchReport {
     pub engine: Option<engine::EngineReport>,
     pub memory: Option<memory::MemoryReport>,
     pub payments: Option<payments::PaymentsReport>,
+    pub market: Option<market::MarketReport>,
 }
 
 pub fn machine() -> Machine {
@@ -132,6 +138,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         engine: None,
         memory: None,
         payments: None,
+        market: None,
     };
     if on(Section::Path) {
         section("network path on the synthetic backend");
@@ -186,6 +193,11 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         section("payments through the network");
         report.payments = Some(payments::run(&options.model, &options.payments).await?);
     }
+    if on(Section::Market) {
+        section("choosing among many workers");
+        let market = options.market.clone();
+        report.market = Some(tokio::task::spawn_blocking(move || market::run(&market)).await??);
+    }
     Ok(report)
 }
 
@@ -208,6 +220,10 @@ pub fn table(r: &BenchReport) -> String {
     }
     if let Some(p) = &r.payments {
         out.push_str(&payments::table(p));
+        out.push('\n');
+    }
+    if let Some(m) = &r.market {
+        out.push_str(&market::table(m));
     }
     out
 }

@@ -407,6 +407,22 @@ impl<T> Market<T> {
 
     /// Picks the worker for `ask` and counts the request against it.
     pub fn pick(&self, ask: &Ask<'_>) -> Result<LoadGuard<T>, NoPick> {
+        self.choose(ask, false)
+    }
+
+    /// Like [`Self::pick`], but scores every affordable worker however many there are: what
+    /// `pick` does below a few dozen, and the reference its sampling is measured against.
+    pub fn pick_exhaustive(&self, ask: &Ask<'_>) -> Result<LoadGuard<T>, NoPick> {
+        self.choose(ask, true)
+    }
+
+    /// `seller`'s score for `ask` right now (lower is better), at its price for the model.
+    pub fn score_for(&self, seller: &Seller<T>, ask: &Ask<'_>) -> Option<f64> {
+        let offer = seller.offer(ask.model)?;
+        Some(self.score(seller, offer.price, ask.tokens, self.now(), true))
+    }
+
+    fn choose(&self, ask: &Ask<'_>, exhaustive: bool) -> Result<LoadGuard<T>, NoPick> {
         let index = self.index.read();
         let book = index.books.get(ask.model).ok_or(NoPick::UnknownModel)?;
         let cut = self.affordable(book, ask.max_price);
@@ -438,7 +454,7 @@ impl<T> Market<T> {
                 .min_by(|a, b| a.0.total_cmp(&b.0))
                 .map(|(_, p, s)| (p, s.clone()))
         };
-        let chosen = if cut <= SCORE_ALL_BELOW {
+        let chosen = if exhaustive || cut <= SCORE_ALL_BELOW {
             best(&mut eligible.iter())
         } else {
             let mut rng = rand::thread_rng();
