@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing cocoon needs on a fresh Debian/Ubuntu machine:
-# cmake and clang (llama.cpp is built from the llama-cpp-2 crate's sources), the Python
-# `openai` package (the SDK compatibility test), and the default model file.
+# cmake and clang (llama.cpp is built from the llama-cpp-2 crate's sources), iproute2 (the
+# multi-host test), the Python `openai` package (the SDK compatibility test), and the default
+# model file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,8 @@ command -v cmake >/dev/null || need_apt+=(cmake)
 command -v clang >/dev/null || need_apt+=(clang)
 [ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v unzip >/dev/null || need_apt+=(unzip)
+# `ip netns` and `tc` for the test that runs the network across namespaces (tests/hosts.rs).
+command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "installing ${need_apt[*]} with apt"

@@ -82,8 +82,9 @@ async fn path_and_engine_sections_report_consistent_figures() {
     .unwrap();
     let (small, large) = (&market.sizes[0], &market.sizes[1]);
     // Below a few dozen workers the pick is the exhaustive one: the same choice every time.
-    assert_eq!((small.quality.p50, small.quality.p99), (1.0, 1.0));
-    assert!(large.quality.p50 >= 1.0 && large.quality.n == 50);
+    // (Scores decay by the instant, so "the same" is to a few parts in a billion.)
+    assert!((small.quality.p50 - 1.0).abs() < 1e-6 && (small.quality.p99 - 1.0).abs() < 1e-6);
+    assert!(large.quality.p50 > 1.0 - 1e-6 && large.quality.n == 50);
     // At 2,000 workers scoring them all costs far more than a sample.
     assert!(large.speedup > 5.0, "{large:?}");
     assert_eq!(market.workers_growth, 200.0);

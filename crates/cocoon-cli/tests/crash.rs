@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, dev_params, key_wallet};
-use cocoon_client::{ClientConfig, Gateway};
 use cocoon_ledger::{Address, Ledger};
 use cocoon_proxy::Book;
 use cocoon_worker::{PayoutStore, Worker};
@@ -97,18 +96,7 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
     )
     .with_payouts(payouts);
     tokio::spawn(worker.run(stop.clone()));
-    let gateway = Gateway::bind(&ClientConfig {
-        listen: "127.0.0.1:0".into(),
-        proxy_addr: addr.clone(),
-        key_file: Some(client_key_file),
-        attester: net.dev_attester(),
-        proxy_policy: net.dev_policy(),
-        ..ClientConfig::default()
-    })
-    .await
-    .unwrap();
-    let gateway_url = format!("http://{}/v1", gateway.local_addr());
-    tokio::spawn(gateway.run(stop.clone()));
+    let gateway_url = own_gateway(&net, std::slice::from_ref(&addr), client_key_file, &stop).await;
 
     let acked: Acked = Arc::default();
     let loops_stop = Arc::new(AtomicBool::new(false));

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use cocoon_cli::bench::synthetic::{MODEL as SYNTHETIC, Synthetic};
 use cocoon_cli::dev::ledger::key_wallet;
-use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::{UpstreamConfig, UpstreamModel};
 use cocoon_proxy::{Book, LimitsConfig, PaymentsConfig, ProxyConfig, RoutingConfig};
 use cocoon_worker::{BackendConfig, PayoutsConfig, PriceConfig, WorkerConfig};
@@ -212,19 +211,6 @@ fn spawn(lan: &Lan, host: &str, role: &str, config: &Path, log: PathBuf) -> Chil
         .unwrap()
 }
 
-async fn sigterm(child: &mut Child) {
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("the process stops on SIGTERM")
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_once() {
     let hosts = ["proxy", WORKERS[0], WORKERS[1], WORKERS[2]];
@@ -353,18 +339,13 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     let client_key_file = dir.join("lan-client.key");
     let client = key_wallet(&client_key_file).unwrap().public_key();
     dev.fund_client(client, proxy_key).await.unwrap();
-    let gateway = Gateway::bind(&ClientConfig {
-        listen: "127.0.0.1:0".into(),
-        proxy_addr: proxy_addr.clone(),
-        key_file: Some(client_key_file),
-        attester: net.dev_attester(),
-        proxy_policy: net.dev_policy(),
-        ..ClientConfig::default()
-    })
-    .await
-    .unwrap();
-    let gw = format!("http://{}/v1", gateway.local_addr());
-    tokio::spawn(gateway.run(stop.clone()));
+    let gw = own_gateway(
+        &net,
+        std::slice::from_ref(&proxy_addr),
+        client_key_file,
+        &stop,
+    )
+    .await;
     let http = reqwest::Client::new();
     wait_for(&http, &gw, "three workers", Duration::from_secs(30), |w| {
         w.len() == 3
@@ -447,7 +428,7 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
 
     // Restart the proxy: requests meanwhile are refused cleanly; the records come back.
     phase(4);
-    sigterm(&mut proxy).await;
+    stop_gracefully(&mut proxy).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     load.paused.store(true, Ordering::SeqCst);
     proxy = spawn(
@@ -492,7 +473,7 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     for l in loops {
         l.await.unwrap();
     }
-    sigterm(&mut proxy).await;
+    stop_gracefully(&mut proxy).await;
 
     let outcomes = std::mem::take(&mut *load.outcomes.lock().unwrap());
     // A request counts for the phase it ran in from start to end; one that spans a change of

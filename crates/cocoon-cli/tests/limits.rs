@@ -48,11 +48,7 @@ impl Drop for Active {
 
 impl Backend for GatedBackend {
     fn models(&self) -> Vec<ModelCard> {
-        vec![ModelCard {
-            id: MODEL.into(),
-            context_length: 2048,
-            min_price: 0,
-        }]
+        model_card(2048)
     }
 
     fn capacity(&self) -> u32 {

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cocoon_cli::dev::{DevNetwork, DevOptions};
-use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::{Backend, EventStream, StatsSnapshot};
 use cocoon_protocol::{
     ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ModelCard, ProtocolError, Usage,
@@ -58,11 +57,7 @@ impl Scripted {
 
 impl Backend for Scripted {
     fn models(&self) -> Vec<ModelCard> {
-        vec![ModelCard {
-            id: MODEL.into(),
-            context_length: 2048,
-            min_price: 0,
-        }]
+        model_card(2048)
     }
 
     fn capacity(&self) -> u32 {
@@ -330,20 +325,9 @@ async fn a_gateway_with_several_proxies_fails_over_to_the_one_that_answers() {
     let (net, b) = start(&[0], RoutingConfig::default()).await;
     // The first proxy on the list is down (nothing listens there); the second is the network's.
     let dead = free_port();
-    let gateway = Gateway::bind(&ClientConfig {
-        listen: "127.0.0.1:0".into(),
-        proxy_addr: dead.clone(),
-        fallback_proxies: vec![net.proxy_addr.to_string()],
-        key_file: Some(net.dir().join("client.key")),
-        attester: net.dev_attester(),
-        proxy_policy: net.dev_policy(),
-        ..ClientConfig::default()
-    })
-    .await
-    .unwrap();
-    let url = format!("http://{}/v1", gateway.local_addr());
     let stop = CancellationToken::new();
-    tokio::spawn(gateway.run(stop.clone()));
+    let proxies = [dead.clone(), net.proxy_addr.to_string()];
+    let url = own_gateway(&net, &proxies, net.dir().join("client.key"), &stop).await;
     let http = reqwest::Client::new();
     for _ in 0..3 {
         let answer = post_json(

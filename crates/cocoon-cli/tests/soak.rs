@@ -4,7 +4,8 @@
 //! random. Then every client's charges and every worker's earnings are reconciled with what
 //! was served, to the token.
 //!
-//! What "served" means, exactly: an answer whose bill reached the client. The one charge a
+//! What "served" means, exactly: an answer whose bill reached the client, or one whose worker
+//! died mid-way and whose error said what the tokens delivered were billed. The one charge a
 //! client may not have seen is an answer the proxy settled (its book is written before the
 //! answer is acknowledged) and was killed before sending on; such an answer was generated in
 //! full, so every token above the acknowledged ones must be the exact bill of interrupted
@@ -65,6 +66,8 @@ enum Outcome {
     },
     /// Refused with a clean OpenAI error (the proxy or a worker was down, or died under it).
     Refused { key: Key, status: u16 },
+    /// A worker died mid-answer and the proxy said what it billed for the tokens delivered.
+    CutOff { billed: u64 },
     /// Cut off: the text received so far (`None` when not streamed).
     Interrupted { key: Key, content: Option<String> },
 }
@@ -109,7 +112,9 @@ async fn request(http: &reqwest::Client, gateway: &str, rng: &mut StdRng) -> Out
     if status != 200 {
         let body: Value = response.json().await.unwrap_or(Value::Null);
         return match body["error"]["message"].as_str() {
-            Some(_) => Outcome::Refused { key, status },
+            Some(m) => cut_off_bill(m).map_or(Outcome::Refused { key, status }, |billed| {
+                Outcome::CutOff { billed }
+            }),
             None => Outcome::Interrupted { key, content: None },
         };
     }
@@ -150,6 +155,9 @@ async fn request(http: &reqwest::Client, gateway: &str, rng: &mut StdRng) -> Out
             &choice["text"]
         };
         content.push_str(piece.as_str().unwrap_or_default());
+        if let Some(billed) = chunk["error"]["message"].as_str().and_then(cut_off_bill) {
+            return Outcome::CutOff { billed };
+        }
         if let (Some(billed), Some(counter)) = (
             chunk["usage"]["billing"]["billed_tokens"].as_u64(),
             chunk["usage"]["billing"]["tokens_used"].as_u64(),
@@ -169,6 +177,18 @@ async fn request(http: &reqwest::Client, gateway: &str, rng: &mut StdRng) -> Out
             content: Some(content),
         },
     }
+}
+
+/// What the proxy says it billed for the delivered part of an answer its worker failed
+/// ("… the 3 tokens delivered were billed (3 units of 20 nanoton) …").
+fn cut_off_bill(message: &str) -> Option<u64> {
+    message
+        .split("were billed (")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The short request that shows the network serves; its bill counts like any other.
@@ -290,6 +310,10 @@ fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
             counters.push(*counter);
             acked += billed;
         }
+        // Billed for what it delivered, and told so.
+        if let Outcome::CutOff { billed } = o {
+            acked += billed;
+        }
     }
     // Every bill moved the counter to a value of its own: nothing was charged twice.
     counters.sort_unstable();
@@ -322,7 +346,7 @@ fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
                     .is_none_or(|c| answers.get(key) == Some(&c));
                 full.then(|| bills.get(key).copied()).flatten()
             }
-            Outcome::Acked { .. } => None,
+            Outcome::Acked { .. } | Outcome::CutOff { .. } => None,
         })
         .collect();
     assert!(
@@ -507,6 +531,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
                 .entry(match o {
                     Outcome::Acked { .. } => "answered",
                     Outcome::Refused { .. } => "refused cleanly",
+                    Outcome::CutOff { .. } => "cut off, delivered part billed",
                     Outcome::Interrupted { .. } => "interrupted",
                 })
                 .or_default() += 1;

@@ -217,9 +217,14 @@ pub(crate) async fn generate(
             request.model, routing.start_deadline_secs
         ))
     });
+    let retry_after_secs = match error.kind {
+        // Workers come and go: soon another may take it.
+        ErrorKind::Unavailable => error.retry_after_secs.or(Some(1)),
+        _ => error.retry_after_secs,
+    };
     let error = ProtocolError {
         message: format!("{} (workers tried: {})", error.message, tried.len()),
-        retry_after_secs: error.retry_after_secs.or(Some(1)),
+        retry_after_secs,
         ..error
     };
     error_response(&error)

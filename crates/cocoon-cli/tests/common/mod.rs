@@ -223,3 +223,36 @@ pub async fn stop_gracefully(child: &mut tokio::process::Child) {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// A gateway of a test's own on `net`'s dev attestation, with the key in `key_file`, trying
+/// `proxies` in order; serves until `stop`. Its API's base URL.
+pub async fn own_gateway(
+    net: &DevNetwork,
+    proxies: &[String],
+    key_file: PathBuf,
+    stop: &tokio_util::sync::CancellationToken,
+) -> String {
+    let gateway = cocoon_client::Gateway::bind(&cocoon_client::ClientConfig {
+        listen: "127.0.0.1:0".into(),
+        proxy_addr: proxies[0].clone(),
+        fallback_proxies: proxies[1..].to_vec(),
+        key_file: Some(key_file),
+        attester: net.dev_attester(),
+        proxy_policy: net.dev_policy(),
+        ..cocoon_client::ClientConfig::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}/v1", gateway.local_addr());
+    tokio::spawn(gateway.run(stop.clone()));
+    url
+}
+
+/// The one model test doubles serve, with a context of `context_length`.
+pub fn model_card(context_length: u32) -> Vec<cocoon_protocol::ModelCard> {
+    vec![cocoon_protocol::ModelCard {
+        id: MODEL.into(),
+        context_length,
+        min_price: 0,
+    }]
+}
