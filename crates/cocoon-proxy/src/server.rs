@@ -75,6 +75,8 @@ pub struct WorkerStatus {
     pub offers: Vec<OfferStatus>,
     pub capacity: u32,
     pub in_flight: u32,
+    /// Tokens expected of the requests in flight (their `max_tokens`, capped).
+    pub in_flight_tokens: u64,
     pub served: u64,
     /// Whether it answered its last health check (it gets no requests while not).
     pub healthy: bool,
@@ -272,6 +274,7 @@ impl StatusSource for State {
                     offers: w.offers.iter().map(OfferStatus::from).collect(),
                     capacity: w.capacity,
                     in_flight: w.in_flight(),
+                    in_flight_tokens: w.in_flight_tokens(),
                     served: w.served(),
                     healthy: w.healthy(),
                     reputation: self.workers.reputation(w),

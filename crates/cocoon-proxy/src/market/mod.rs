@@ -5,10 +5,13 @@
 //! serve the model at or under the cap, the proxy picks the one expected to finish soonest
 //! for the money:
 //!
-//! `score = expected_secs × (1 + in_flight / capacity) × price / success_rate`
+//! `score = expected_secs × (1 + load) × price / success_rate`
 //!
 //! where `expected_secs = ttft + tokens / tokens_per_sec` comes from the worker's measured,
-//! time-decayed performance ([`perf`]). Lower is better: a worker twice the price must be
+//! time-decayed performance ([`perf`]), and `load` is the tokens the worker has in flight over
+//! what its `capacity` slots hold of requests like this one
+//! (`in_flight_tokens / (capacity × tokens)`): a worker busy with long answers counts as more
+//! loaded than one busy with short ones. Lower is better: a worker twice the price must be
 //! twice as fast (or half as loaded) to win. A worker not yet measured scores a quarter of
 //! that, so that it gets tried. A request with a long shared prefix goes to the
 //! worker that served the prefix last while that one is below capacity and reliable
@@ -83,6 +86,8 @@ pub struct Seller<T> {
     pub offers: Vec<Offer>,
     pub link: T,
     in_flight: AtomicU32,
+    /// Tokens expected of the requests in flight.
+    in_flight_tokens: AtomicU64,
     served: AtomicU64,
     healthy: AtomicBool,
     perf: Mutex<Performance>,
@@ -91,6 +96,10 @@ pub struct Seller<T> {
 impl<T> Seller<T> {
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight_tokens(&self) -> u64 {
+        self.in_flight_tokens.load(Ordering::Relaxed)
     }
 
     pub fn served(&self) -> u64 {
@@ -109,8 +118,10 @@ impl<T> Seller<T> {
         self.offers.iter().find(|o| o.model == model)
     }
 
-    fn load(&self) -> f64 {
-        f64::from(self.in_flight()) / f64::from(self.capacity.max(1))
+    /// How many requests of `tokens` tokens the work in flight comes to, per slot.
+    fn load(&self, tokens: u32) -> f64 {
+        self.in_flight_tokens() as f64
+            / (f64::from(self.capacity.max(1)) * f64::from(tokens.max(1)))
     }
 }
 
@@ -120,6 +131,7 @@ pub struct LoadGuard<T> {
     seller: Arc<Seller<T>>,
     /// The price this request is served at: the worker's, raised to the floor.
     pub price: u64,
+    tokens: u64,
 }
 
 impl<T> LoadGuard<T> {
@@ -131,6 +143,9 @@ impl<T> LoadGuard<T> {
 impl<T> Drop for LoadGuard<T> {
     fn drop(&mut self) {
         self.seller.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.seller
+            .in_flight_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
     }
 }
 
@@ -277,6 +292,7 @@ impl<T> Market<T> {
             offers,
             link,
             in_flight: AtomicU32::new(0),
+            in_flight_tokens: AtomicU64::new(0),
             served: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             perf: Mutex::new(perf),
@@ -394,7 +410,7 @@ impl<T> Market<T> {
     /// Lower is better; see the module's documentation.
     fn score(&self, seller: &Seller<T>, price: u64, tokens: u32, now: f64, loaded: bool) -> f64 {
         let r = seller.perf.lock().reputation(now);
-        let load = if loaded { seller.load() } else { 0.0 };
+        let load = if loaded { seller.load(tokens) } else { 0.0 };
         let score = r.expected_secs(tokens) * (1.0 + load) * self.effective(price).max(1) as f64
             / r.success_rate.max(0.01);
         // Under half a sample: nothing measured yet, or so long ago that it has faded.
@@ -445,7 +461,7 @@ impl<T> Market<T> {
             && seller.in_flight() < seller.capacity
             && seller.perf.lock().reputation(now).success_rate >= AFFINITY_MIN_SUCCESS
         {
-            return Ok(self.take(seller.clone(), offer.price));
+            return Ok(self.take(seller.clone(), offer.price, ask.tokens));
         }
         let best = |candidates: &mut dyn Iterator<Item = &(u64, Arc<Seller<T>>)>| {
             candidates
@@ -472,15 +488,18 @@ impl<T> Market<T> {
         if let Some(prefix) = ask.prefix {
             self.affinity.lock().set(prefix, seller.id);
         }
-        Ok(self.take(seller, price))
+        Ok(self.take(seller, price, ask.tokens))
     }
 
-    fn take(&self, seller: Arc<Seller<T>>, price: u64) -> LoadGuard<T> {
+    fn take(&self, seller: Arc<Seller<T>>, price: u64, tokens: u32) -> LoadGuard<T> {
+        let tokens = u64::from(tokens.max(1));
         seller.in_flight.fetch_add(1, Ordering::Relaxed);
+        seller.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
         seller.served.fetch_add(1, Ordering::Relaxed);
         LoadGuard {
             seller,
             price: self.effective(price),
+            tokens,
         }
     }
 

@@ -75,7 +75,7 @@ fn faster_and_more_reliable_workers_win_at_equal_price_and_load_spreads() {
     let g = m.pick(&ask("m", None, &[])).unwrap();
     assert_eq!(g.seller().id, fast.id);
     // Loaded enough, the fast one yields to the slow one: (1 + 41/4) × 1.25 s > 6.2 s.
-    let held: Vec<_> = (0..40).map(|_| m.take(fast.clone(), 0)).collect();
+    let held: Vec<_> = (0..40).map(|_| m.take(fast.clone(), 0, 64)).collect();
     assert_eq!(m.pick(&ask("m", None, &[])).unwrap().seller().id, slow.id);
     drop(held);
     drop(g);
@@ -87,6 +87,26 @@ fn faster_and_more_reliable_workers_win_at_equal_price_and_load_spreads() {
     // Unhealthy workers are not picked at all.
     slow.set_healthy(false);
     assert_eq!(m.pick(&ask("m", None, &[])).unwrap().seller().id, fast.id);
+}
+
+#[test]
+fn long_answers_in_flight_weigh_more_than_short_ones() {
+    let m = Market::<()>::new();
+    let a = m.add([1; 32], "a".into(), 4, offer("m", 0), ());
+    let b = m.add([2; 32], "b".into(), 4, offer("m", 0), ());
+    served(&m, &a, 100, 50.0, 10);
+    served(&m, &b, 100, 50.0, 10);
+    // Both run two requests; a's are long ones.
+    let held = [
+        m.take(a.clone(), 0, 1000),
+        m.take(a.clone(), 0, 1000),
+        m.take(b.clone(), 0, 10),
+        m.take(b.clone(), 0, 10),
+    ];
+    assert_eq!((a.in_flight(), b.in_flight()), (2, 2));
+    assert_eq!(m.pick(&ask("m", None, &[])).unwrap().seller().id, b.id);
+    drop(held);
+    assert_eq!((a.in_flight_tokens(), b.in_flight_tokens()), (0, 0));
 }
 
 #[test]
