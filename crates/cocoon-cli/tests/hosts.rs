@@ -122,9 +122,21 @@ fn classify(status: u16, text: &str) -> Outcome {
 struct Load {
     phase: AtomicUsize,
     paused: AtomicBool,
+    /// Requests open now.
+    open: AtomicUsize,
     stop: AtomicBool,
     /// Each request's outcome, with the phase it started in and the one it ended in.
     outcomes: Mutex<Vec<(usize, usize, Outcome)>>,
+}
+
+impl Load {
+    /// Stops new requests and waits until the open ones are done.
+    async fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        while self.open.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 async fn request_loop(load: Arc<Load>, url: String) {
@@ -134,7 +146,11 @@ async fn request_loop(load: Arc<Load>, url: String) {
         "max_tokens": TOKENS, "stream": true, "stream_options": {"include_usage": true},
     });
     while !load.stop.load(Ordering::SeqCst) {
+        // Counted open before the pause is checked: a pause either is seen here or waits for
+        // this request.
+        load.open.fetch_add(1, Ordering::SeqCst);
         if load.paused.load(Ordering::SeqCst) {
+            load.open.fetch_sub(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
@@ -154,6 +170,7 @@ async fn request_loop(load: Arc<Load>, url: String) {
         }
         let ended = load.phase.load(Ordering::SeqCst);
         load.outcomes.lock().unwrap().push((phase, ended, outcome));
+        load.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -420,17 +437,20 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     let how = lan.slow("w0", 300);
     eprintln!("w0's link slowed: {how}");
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // The records as they stand once the requests in flight are done.
+    load.pause().await;
     let s3 = workers(&http, &gw).await;
     lan.unslow("w0");
     let (before, after) = (expected_secs(&s3a, "w0"), expected_secs(&s3, "w0"));
     eprintln!("w0's expected answer time: {before:.3} s before the slow link, {after:.3} s after");
     assert!(after > before * 1.05, "the slow link shows in the record");
 
-    // Restart the proxy: requests meanwhile are refused cleanly; the records come back.
+    // Restart the proxy: requests while it is down are refused cleanly; the records come back.
     phase(4);
     stop_gracefully(&mut proxy).await;
+    load.paused.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    load.paused.store(true, Ordering::SeqCst);
+    load.pause().await;
     proxy = spawn(
         &lan,
         "proxy",
@@ -446,22 +466,22 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
         |w| w.contains_key("w0") && w.contains_key("w2"),
     )
     .await;
-    // Nothing was served by this proxy yet: what it knows of the workers it read from disk.
+    // Nothing was served since the records were read: the new proxy has them from disk.
     let s4 = workers(&http, &gw).await;
     for (name, w) in &s4 {
         assert_eq!(w["served"], 0, "a fresh proxy: {s4:?}");
         let Some(then) = s3.get(name) else { continue };
         let (then, now) = (&then["reputation"], &w["reputation"]);
         let samples = |r: &Value| r["samples"].as_f64().unwrap();
-        // The answers still open when the old proxy was asked last may have added a few.
+        // A missed health check or two around the restart may count.
         assert!(
-            samples(now) > 0.95 * samples(then) && samples(now) <= samples(then) + 5.0,
+            samples(now) > 0.99 * samples(then) && samples(now) <= samples(then) + 6.0,
             "{name}'s record survived the restart: {then} then, {now} now"
         );
     }
     let remembered = expected_secs(&s4, "w0");
     assert!(
-        (remembered - after).abs() < 0.05 * after,
+        (remembered - after).abs() < 0.01 * after,
         "the slow link is remembered: {after:.3} s then, {remembered:.3} s now"
     );
 
