@@ -32,17 +32,20 @@ const STALL: u8 = 2;
 /// Sends two tokens, then its stream breaks off.
 const DIE_AFTER_TWO: u8 = 3;
 
-/// Answers `max_tokens` tokens "t" with exact usage, or misbehaves as its mode says.
+/// Answers `max_tokens` tokens "t" with exact usage (a 5-token prompt), or misbehaves as its
+/// mode says; refuses what does not fit its context, as a real backend does.
 struct Scripted {
     mode: AtomicU8,
     served: AtomicU64,
+    context: u32,
 }
 
 impl Scripted {
-    fn new() -> Arc<Self> {
+    fn new(context: u32) -> Arc<Self> {
         Arc::new(Self {
             mode: AtomicU8::new(SERVE),
             served: AtomicU64::new(0),
+            context,
         })
     }
 
@@ -57,7 +60,7 @@ impl Scripted {
 
 impl Backend for Scripted {
     fn models(&self) -> Vec<ModelCard> {
-        model_card(2048)
+        model_card(self.context)
     }
 
     fn capacity(&self) -> u32 {
@@ -66,6 +69,15 @@ impl Backend for Scripted {
 
     fn generate(&self, request: GenerateRequest) -> EventStream {
         let tokens = request.params.max_tokens.unwrap_or(4);
+        if tokens + 5 > self.context {
+            return cocoon_engine::error_stream(ProtocolError::new(
+                ErrorKind::ContextLengthExceeded,
+                format!(
+                    "5 + {tokens} tokens do not fit a context of {}",
+                    self.context
+                ),
+            ));
+        }
         let mode = self.mode.load(Ordering::SeqCst);
         if mode == SERVE {
             self.served.fetch_add(1, Ordering::SeqCst);
@@ -105,7 +117,15 @@ impl Backend for Scripted {
 }
 
 async fn start(prices: &[u64], routing: RoutingConfig) -> (DevNetwork, Vec<Arc<Scripted>>) {
-    let backends: Vec<Arc<Scripted>> = prices.iter().map(|_| Scripted::new()).collect();
+    let backends = prices.iter().map(|_| Scripted::new(2048)).collect();
+    start_with(backends, prices, routing).await
+}
+
+async fn start_with(
+    backends: Vec<Arc<Scripted>>,
+    prices: &[u64],
+    routing: RoutingConfig,
+) -> (DevNetwork, Vec<Arc<Scripted>>) {
     let net = DevNetwork::start(
         DevOptions {
             routing,
@@ -355,4 +375,31 @@ async fn a_gateway_with_several_proxies_fails_over_to_the_one_that_answers() {
     assert_eq!(view["via"], net.proxy_addr.to_string());
     assert_eq!(view["network"]["workers"].as_array().unwrap().len(), 1);
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_long_for_one_worker_goes_to_one_with_a_longer_context() {
+    // The cheap worker, everyone's first choice, has the short context.
+    let backends = vec![Scripted::new(512), Scripted::new(512), Scripted::new(4096)];
+    let (net, b) = start_with(backends, &[20, 20, 40], RoutingConfig::default()).await;
+    let (status, answer) = ask(&net, json!({"max_tokens": 1000})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(b[2].served(), 1);
+    assert_eq!(answer["usage"]["completion_tokens"], 1000);
+    // Not held against the short ones: refusing what does not fit is no failure.
+    for w in net.proxy_status().workers {
+        assert_eq!(w.reputation.success_rate, 1.0, "{w:?}");
+    }
+    // Too long for every worker: the client gets the verdict of the longest context (the
+    // other short worker is not asked in between).
+    let (status, answer) = ask(&net, json!({"max_tokens": 5000})).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "context_length_exceeded");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("do not fit a context of 4096"),
+        "{answer}"
+    );
 }

@@ -76,9 +76,15 @@ async fn start(worker: &WorkerEntry, request: &GenerateRequest) -> Result<Starte
     }
 }
 
-/// Whether another worker may succeed where this one failed before answering.
-fn worth_another_try(e: &ProtocolError) -> bool {
-    matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal)
+/// Whether another worker may succeed where this one failed before answering, and whether
+/// the failure was the worker's (it goes into its record).
+fn worth_another_try(e: &ProtocolError) -> Option<bool> {
+    match e.kind {
+        ErrorKind::Unavailable | ErrorKind::Internal => Some(true),
+        // Another worker may offer a longer context; this one is not to blame.
+        ErrorKind::ContextLengthExceeded => Some(false),
+        _ => None,
+    }
 }
 
 fn no_pick_error(no: NoPick, request: &GenerateRequest) -> ProtocolError {
@@ -101,6 +107,10 @@ fn no_pick_error(no: NoPick, request: &GenerateRequest) -> ProtocolError {
             request.model
         )),
     }
+}
+
+fn context_of(worker: &WorkerEntry, request: &GenerateRequest) -> Option<u32> {
+    worker.offer(&request.model).map(|o| o.context_length)
 }
 
 pub(crate) async fn generate(
@@ -156,6 +166,7 @@ pub(crate) async fn generate(
         .unwrap_or(EXPECTED_TOKENS)
         .min(EXPECTED_TOKENS * 4);
     let mut tried = Vec::new();
+    let mut min_context = 0;
     let mut last_error = None;
     while tried.len() < routing.max_attempts as usize {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -168,6 +179,7 @@ pub(crate) async fn generate(
             prefix,
             tokens,
             exclude: &tried,
+            min_context,
         }) {
             Ok(load) => load,
             Err(no) => {
@@ -193,9 +205,20 @@ pub(crate) async fn generate(
                 tokio::spawn(answer.relay(started, tx));
                 return event_stream_response(rx);
             }
-            Ok(Err(e)) if worth_another_try(&e) => {
-                tracing::warn!(worker = %worker.name, error = %e, "worker failed before answering, trying another");
-                workers.record(&worker, Outcome::Failed);
+            Ok(Err(e))
+                if worth_another_try(&e).is_some()
+                    && (e.kind != ErrorKind::ContextLengthExceeded
+                        || workers.context_length(&request.model)
+                            > context_of(&worker, &request)) =>
+            {
+                if worth_another_try(&e) == Some(true) {
+                    tracing::warn!(worker = %worker.name, error = %e, "worker failed before answering, trying another");
+                    workers.record(&worker, Outcome::Failed);
+                } else {
+                    tracing::debug!(worker = %worker.name, "request too long for this worker's context, trying a longer one");
+                    let context = context_of(&worker, &request).unwrap_or(0);
+                    min_context = min_context.max(context.saturating_add(1));
+                }
                 last_error = Some(e);
             }
             // The worker's verdict on the request itself (too long, bad parameters).

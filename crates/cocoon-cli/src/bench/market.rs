@@ -106,6 +106,7 @@ fn ask(max_price: Option<u64>) -> Ask<'static> {
         prefix: None,
         tokens: 128,
         exclude: &[],
+        min_context: 0,
     }
 }
 

@@ -160,6 +160,9 @@ pub struct Ask<'a> {
     pub tokens: u32,
     /// Workers already tried for this request.
     pub exclude: &'a [u64],
+    /// Only workers offering at least this context (0: any). Set after a worker found the
+    /// request too long for its context.
+    pub min_context: u32,
 }
 
 /// Why no worker was picked.
@@ -448,7 +451,13 @@ impl<T> Market<T> {
             });
         }
         let eligible = &book.by_price[..cut];
-        let usable = |s: &Seller<T>| s.healthy() && !ask.exclude.contains(&s.id);
+        let usable = |s: &Seller<T>| {
+            s.healthy()
+                && !ask.exclude.contains(&s.id)
+                && (ask.min_context == 0
+                    || s.offer(ask.model)
+                        .is_some_and(|o| o.context_length >= ask.min_context))
+        };
         let now = self.now();
         // The prefix's previous worker, if it can take one more now.
         if let Some(owner) = ask.prefix.and_then(|p| self.affinity.lock().get(p))

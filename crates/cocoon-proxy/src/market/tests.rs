@@ -17,6 +17,7 @@ fn ask<'a>(model: &'a str, max_price: Option<u64>, exclude: &'a [u64]) -> Ask<'a
         prefix: None,
         tokens: 64,
         exclude,
+        min_context: 0,
     }
 }
 
@@ -107,6 +108,26 @@ fn long_answers_in_flight_weigh_more_than_short_ones() {
     assert_eq!(m.pick(&ask("m", None, &[])).unwrap().seller().id, b.id);
     drop(held);
     assert_eq!((a.in_flight_tokens(), b.in_flight_tokens()), (0, 0));
+}
+
+#[test]
+fn a_context_floor_keeps_short_contexts_out() {
+    let m = Market::<()>::new();
+    let short = m.add([1; 32], "short".into(), 4, offer("m", 20), ());
+    let mut long_offer = offer("m", 40);
+    long_offer[0].context_length = 8192;
+    let long = m.add([2; 32], "long".into(), 4, long_offer, ());
+    assert_eq!(m.pick(&ask("m", None, &[])).unwrap().seller().id, short.id);
+    let needs_more = Ask {
+        min_context: 2049,
+        ..ask("m", None, &[])
+    };
+    assert_eq!(m.pick(&needs_more).unwrap().seller().id, long.id);
+    let too_much = Ask {
+        min_context: 8193,
+        ..ask("m", None, &[])
+    };
+    assert_eq!(m.pick(&too_much).unwrap_err(), NoPick::NoneAvailable);
 }
 
 #[test]
