@@ -216,16 +216,10 @@ fn expected_secs(view: &HashMap<String, Value>, name: &str) -> f64 {
     r["ttft_secs"].as_f64().unwrap() + f64::from(TOKENS) / r["tokens_per_sec"].as_f64().unwrap()
 }
 
+/// `cocoon ROLE --config CONFIG` on `host`.
 fn spawn(lan: &Lan, host: &str, role: &str, config: &Path, log: PathBuf) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    lan.command(host, Path::new(env!("CARGO_BIN_EXE_cocoon")))
-        .args([role, "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    let cocoon = lan.command(host, Path::new(env!("CARGO_BIN_EXE_cocoon")));
+    spawn_command(cocoon, &[role], config, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

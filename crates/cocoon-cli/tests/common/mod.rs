@@ -152,8 +152,20 @@ pub fn spawn_cocoon(
     config: &std::path::Path,
     log: PathBuf,
 ) -> tokio::process::Child {
+    let cocoon = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"));
+    spawn_command(cocoon, args, config, log)
+}
+
+/// Runs `command ARGS --config CONFIG` (a `cocoon` binary, maybe behind a wrapper), its log
+/// in `log`, killed when dropped.
+pub fn spawn_command(
+    mut command: tokio::process::Command,
+    args: &[&str],
+    config: &std::path::Path,
+    log: PathBuf,
+) -> tokio::process::Child {
     let log = std::fs::File::create(log).unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
+    command
         .args(args)
         .arg("--config")
         .arg(config)
