@@ -6,9 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all --check
-# Linted with the test profile, the one nextest builds with: the build-script runs (llama.cpp's
-# cmake build above all) and proc macros are then built once for both, not once per profile.
-cargo clippy --workspace --all-targets --locked --profile test -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --profile ci "$@"
 fuzz_seconds="${COCOON_FUZZ_SECONDS:-20}"
 if [ "$fuzz_seconds" -gt 0 ]; then
