@@ -76,17 +76,6 @@ async fn start(worker: &WorkerEntry, request: &GenerateRequest) -> Result<Starte
     }
 }
 
-/// Whether another worker may succeed where this one failed before answering, and whether
-/// the failure was the worker's (it goes into its record).
-fn worth_another_try(e: &ProtocolError) -> Option<bool> {
-    match e.kind {
-        ErrorKind::Unavailable | ErrorKind::Internal => Some(true),
-        // Another worker may offer a longer context; this one is not to blame.
-        ErrorKind::ContextLengthExceeded => Some(false),
-        _ => None,
-    }
-}
-
 fn no_pick_error(no: NoPick, request: &GenerateRequest) -> ProtocolError {
     match no {
         NoPick::UnknownModel => ProtocolError::new(
@@ -205,20 +194,21 @@ pub(crate) async fn generate(
                 tokio::spawn(answer.relay(started, tx));
                 return event_stream_response(rx);
             }
+            // Another worker may succeed where this one failed before answering.
+            Ok(Err(e)) if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) => {
+                tracing::warn!(worker = %worker.name, error = %e, "worker failed before answering, trying another");
+                workers.record(&worker, Outcome::Failed);
+                last_error = Some(e);
+            }
+            // Too long for this worker's context, and another offers a longer one; not the
+            // worker's fault.
             Ok(Err(e))
-                if worth_another_try(&e).is_some()
-                    && (e.kind != ErrorKind::ContextLengthExceeded
-                        || workers.context_length(&request.model)
-                            > context_of(&worker, &request)) =>
+                if e.kind == ErrorKind::ContextLengthExceeded
+                    && workers.context_length(&request.model) > context_of(&worker, &request) =>
             {
-                if worth_another_try(&e) == Some(true) {
-                    tracing::warn!(worker = %worker.name, error = %e, "worker failed before answering, trying another");
-                    workers.record(&worker, Outcome::Failed);
-                } else {
-                    tracing::debug!(worker = %worker.name, "request too long for this worker's context, trying a longer one");
-                    let context = context_of(&worker, &request).unwrap_or(0);
-                    min_context = min_context.max(context.saturating_add(1));
-                }
+                tracing::debug!(worker = %worker.name, "request too long for this worker's context, trying a longer one");
+                let context = context_of(&worker, &request).unwrap_or(0);
+                min_context = min_context.max(context.saturating_add(1));
                 last_error = Some(e);
             }
             // The worker's verdict on the request itself (too long, bad parameters).
