@@ -1,0 +1,258 @@
+//! The contracts' storage layouts and message bodies as cells, built with tonlib-core. Each
+//! function mirrors a struct in `contracts/src/*.tolk` field for field (Tolk serializes structs
+//! in declaration order); `contracts/test/cocoon.mjs` is the same for the sandbox.
+
+use std::sync::Arc;
+
+use cocoon_ledger::{NetworkParams, PaymentMessage, PublicKey};
+use num_bigint::BigUint;
+use tonlib_core::TonAddress;
+use tonlib_core::cell::{ArcCell, Cell, CellBuilder};
+use tonlib_core::tlb_types::block::state_init::StateInit;
+use tonlib_core::tlb_types::tlb::TLB;
+
+use crate::code::Contract;
+use crate::error::TonError;
+
+pub type Result<T> = std::result::Result<T, TonError>;
+
+/// Operation codes (the 32-bit prefixes of the Tolk message structs).
+pub mod op {
+    pub const SET_PARAMS: u32 = 0x636f_0001;
+    pub const ALLOW_IMAGE: u32 = 0x636f_0002;
+    pub const REVOKE_IMAGE: u32 = 0x636f_0003;
+    pub const ALLOW_MODEL: u32 = 0x636f_0004;
+    pub const REGISTER_PROXY: u32 = 0x636f_0005;
+    pub const OPEN_PROXY: u32 = 0x636f_0006;
+    pub const PROXY_WITHDRAW: u32 = 0x636f_0010;
+    pub const PROXY_CLOSE: u32 = 0x636f_0011;
+    pub const PROXY_FINISH_CLOSE: u32 = 0x636f_0012;
+    pub const PROXY_REFUND_CLIENT: u32 = 0x636f_0013;
+    pub const CLIENT_DEPOSIT: u32 = 0x636f_0020;
+    pub const CLIENT_STAKE: u32 = 0x636f_0021;
+    pub const CLIENT_WITHDRAW: u32 = 0x636f_0022;
+    pub const CLIENT_CLOSE: u32 = 0x636f_0023;
+    pub const CLIENT_FINISH_CLOSE: u32 = 0x636f_0024;
+    pub const CHARGE: u32 = 0x636f_0025;
+    pub const PAYOUT: u32 = 0x636f_0030;
+    pub const WORKER_WITHDRAW: u32 = 0x636f_0031;
+    pub const CHARGED: u32 = 0x636f_0102;
+}
+
+/// The wallet id every cocoon wallet uses ("coco"), part of its address.
+pub const WALLET_ID: i32 = 0x636f_636f;
+
+/// The contract states the getters report (`STATE_*` in common.tolk).
+pub const STATE_NORMAL: u64 = 0;
+pub const STATE_CLOSING: u64 = 1;
+pub const STATE_CLOSED: u64 = 2;
+
+pub fn coins(n: u128) -> BigUint {
+    BigUint::from(n)
+}
+
+fn build(b: &mut CellBuilder) -> Result<ArcCell> {
+    Ok(Arc::new(b.build()?))
+}
+
+pub fn address_of(code: ArcCell, data: ArcCell) -> Result<TonAddress> {
+    Ok(TonAddress::derive(0, code, data)?)
+}
+
+pub fn state_init(code: ArcCell, data: ArcCell) -> Result<ArcCell> {
+    Ok(Arc::new(StateInit::new(code, data).to_cell()?))
+}
+
+/// A contract as deployed: its initial state and the address derived from it.
+#[derive(Clone, Debug)]
+pub struct Deployable {
+    pub address: TonAddress,
+    pub state_init: ArcCell,
+}
+
+impl Deployable {
+    fn new(contract: Contract, data: ArcCell) -> Result<Self> {
+        let code = contract.code();
+        Ok(Self {
+            address: address_of(code.clone(), data.clone())?,
+            state_init: state_init(code, data)?,
+        })
+    }
+}
+
+/// A party's wallet: the cocoon wallet with v5r1's data layout, for one Ed25519 key.
+pub fn wallet(key: &PublicKey) -> Result<Deployable> {
+    let data = build(
+        CellBuilder::new()
+            .store_bit(true)?
+            .store_u32(32, 0)?
+            .store_i32(32, WALLET_ID)?
+            .store_slice(key)?
+            .store_bit(false)?,
+    )?;
+    Deployable::new(Contract::Wallet, data)
+}
+
+pub fn params(p: &NetworkParams) -> Result<ArcCell> {
+    build(
+        CellBuilder::new()
+            .store_coins(&coins(p.price_per_token))?
+            .store_coins(&coins(p.worker_fee_per_token))?
+            .store_u64(32, p.prompt_multiplier)?
+            .store_u64(32, p.cached_multiplier)?
+            .store_u64(32, p.completion_multiplier)?
+            .store_u64(32, p.reasoning_multiplier)?
+            .store_coins(&coins(p.min_client_stake))?
+            .store_coins(&coins(p.min_proxy_stake))?
+            .store_u64(32, p.client_close_delay)?
+            .store_u64(32, p.proxy_close_delay)?,
+    )
+}
+
+/// The root registry with no proxies, images or models yet.
+pub fn root(owner_wallet: &TonAddress, p: &NetworkParams) -> Result<Deployable> {
+    let codes = build(
+        CellBuilder::new()
+            .store_reference(&Contract::Proxy.code())?
+            .store_reference(&Contract::Client.code())?
+            .store_reference(&Contract::Worker.code())?,
+    )?;
+    let lists = build(
+        CellBuilder::new()
+            .store_bit(false)?
+            .store_bit(false)?
+            .store_bit(false)?,
+    )?;
+    let data = build(
+        CellBuilder::new()
+            .store_address(owner_wallet)?
+            .store_reference(&params(p)?)?
+            .store_reference(&lists)?
+            .store_bit(false)?
+            .store_reference(&codes)?,
+    )?;
+    Deployable::new(Contract::Root, data)
+}
+
+/// Where the root deploys a proxy's contract.
+pub fn proxy_address(root: &TonAddress, proxy_wallet: &TonAddress, key: &PublicKey) -> Result<TonAddress> {
+    let identity = build(
+        CellBuilder::new()
+            .store_address(root)?
+            .store_address(proxy_wallet)?
+            .store_slice(key)?,
+    )?;
+    let data = build(
+        CellBuilder::new()
+            .store_reference(&identity)?
+            .store_u8(2, 3)?
+            .store_u32(32, 0)?
+            .store_coins(&coins(0))?
+            .store_coins(&coins(0))?
+            .store_bit(false)?,
+    )?;
+    address_of(Contract::Proxy.code(), data)
+}
+
+fn binding(proxy: &TonAddress, owner: &TonAddress, proxy_key: &PublicKey) -> Result<ArcCell> {
+    build(
+        CellBuilder::new()
+            .store_address(proxy)?
+            .store_address(owner)?
+            .store_slice(proxy_key)?,
+    )
+}
+
+/// A client's contract with a proxy (bound to the proxy's prices).
+pub fn client(proxy: &TonAddress, client_wallet: &TonAddress, proxy_key: &PublicKey, p: &NetworkParams) -> Result<Deployable> {
+    let terms = build(
+        CellBuilder::new()
+            .store_coins(&coins(p.price_per_token))?
+            .store_coins(&coins(p.min_client_stake))?
+            .store_u64(32, p.client_close_delay)?,
+    )?;
+    let data = build(
+        CellBuilder::new()
+            .store_reference(&binding(proxy, client_wallet, proxy_key)?)?
+            .store_reference(&terms)?
+            .store_u8(2, 0)?
+            .store_u32(32, 0)?
+            .store_coins(&coins(0))?
+            .store_coins(&coins(0))?
+            .store_u64(64, 0)?,
+    )?;
+    Deployable::new(Contract::Client, data)
+}
+
+/// A worker's contract with a proxy.
+pub fn worker(proxy: &TonAddress, worker_wallet: &TonAddress, proxy_key: &PublicKey, p: &NetworkParams) -> Result<Deployable> {
+    let data = build(
+        CellBuilder::new()
+            .store_reference(&binding(proxy, worker_wallet, proxy_key)?)?
+            .store_coins(&coins(p.worker_fee_per_token))?
+            .store_u64(64, 0)?
+            .store_coins(&coins(0))?,
+    )?;
+    Deployable::new(Contract::Worker, data)
+}
+
+/// A message body: the op and query id, then what `fill` stores.
+pub fn body(
+    op: u32,
+    query_id: u64,
+    fill: impl FnOnce(&mut CellBuilder) -> std::result::Result<(), tonlib_core::cell::TonCellError>,
+) -> Result<ArcCell> {
+    let mut b = CellBuilder::new();
+    b.store_u32(32, op)?.store_u64(64, query_id)?;
+    fill(&mut b)?;
+    build(&mut b)
+}
+
+/// A proxy-signed payment message wrapped for delivery (`Charge` or `Payout`): the op, then
+/// the message's 116 bytes.
+pub fn signed_payment(op: u32, signed: &[u8]) -> Result<ArcCell> {
+    build(CellBuilder::new().store_u32(32, op)?.store_slice(signed)?)
+}
+
+/// The 32-byte account id a payment message names for a contract at `address`.
+pub fn account_id(address: &TonAddress) -> cocoon_ledger::Address {
+    let mut id = [0u8; 32];
+    id.copy_from_slice(address.hash_part.as_slice());
+    cocoon_ledger::Address(id)
+}
+
+/// A charge the proxy signs for the client contract at `contract`.
+pub fn charge_message(query_id: u64, tokens_used: u64, contract: &TonAddress) -> PaymentMessage {
+    PaymentMessage::ChargeClient {
+        query_id,
+        tokens_used,
+        contract: account_id(contract),
+    }
+}
+
+/// An internal message as a wallet sends it (MessageRelaxed: no source, no fees, no times).
+pub fn internal_message(dest: &TonAddress, value: u128, bounce: bool, body: &ArcCell, init: Option<&ArcCell>) -> Result<ArcCell> {
+    let mut b = CellBuilder::new();
+    b.store_bit(false)? // int_msg_info$0
+        .store_bit(true)? // ihr_disabled
+        .store_bit(bounce)?
+        .store_bit(false)? // bounced
+        .store_u8(2, 0)? // src: addr_none
+        .store_address(dest)?
+        .store_coins(&coins(value))?
+        .store_bit(false)? // no extra currencies
+        .store_coins(&coins(0))? // ihr_fee
+        .store_coins(&coins(0))? // fwd_fee
+        .store_u64(64, 0)?
+        .store_u32(32, 0)?;
+    match init {
+        Some(init) => b.store_bit(true)?.store_bit(true)?.store_reference(init)?,
+        None => b.store_bit(false)?,
+    };
+    b.store_bit(true)?.store_reference(body)?;
+    build(&mut b)
+}
+
+pub fn empty_cell() -> ArcCell {
+    Arc::new(Cell::default())
+}

@@ -1,0 +1,292 @@
+//! The settlement scenarios (contracts/test/scenarios.json) in tycho-vm, on the committed
+//! contract code, each step sent from the acting party's wallet as a tonlib-core-signed wallet
+//! v5 request. Exit codes and book-kept balances after every step must equal
+//! contracts/test/expected.json, which the reference emulator (@ton/sandbox) produced and is
+//! held to as well.
+
+use std::collections::{BTreeMap, HashSet};
+
+use cocoon_ledger::{NetworkParams, PaymentMessage, OP_CHARGE_CLIENT};
+use cocoon_ton::code::Contract;
+use cocoon_ton::emulator::{Chain, SKIPPED};
+use cocoon_ton::layout::{self, Deployable, account_id, coins, op};
+use cocoon_ton::wallet::{Outgoing, Wallet};
+use num_bigint::BigInt;
+use ring::signature::Ed25519KeyPair;
+use serde_json::{Value, json};
+use tonlib_core::TonAddress;
+use tonlib_core::cell::ArcCell;
+use tycho_types::cell::HashBytes;
+
+const START: u32 = 1_700_000_000;
+const GAS: u128 = 100_000_000;
+const NAMES: [&str; 6] = ["owner", "proxy", "client", "client2", "worker", "stranger"];
+
+fn contracts_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contracts")
+}
+
+fn read_json(rel: &str) -> Value {
+    let text = std::fs::read_to_string(contracts_dir().join(rel)).expect(rel);
+    serde_json::from_str(&text).expect(rel)
+}
+
+fn hash(a: &TonAddress) -> HashBytes {
+    HashBytes(a.hash_part.as_slice().try_into().unwrap())
+}
+
+struct Party {
+    wallet: Wallet,
+    seed: [u8; 32],
+    seqno: u32,
+}
+
+struct Run {
+    chain: Chain,
+    parties: BTreeMap<&'static str, Party>,
+    params: NetworkParams,
+    root: Deployable,
+    proxy: TonAddress,
+}
+
+impl Run {
+    fn new(params: NetworkParams) -> Self {
+        let mut chain = Chain::new(START);
+        let parties: BTreeMap<_, _> = NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let seed = [i as u8 + 1; 32];
+                let wallet = Wallet::from_seed(seed).unwrap();
+                chain.fund(hash(wallet.address()), 100_000 * 1_000_000_000);
+                (*n, Party { wallet, seed, seqno: 0 })
+            })
+            .collect();
+        let root = layout::root(parties["owner"].wallet.address(), &params).unwrap();
+        let proxy_party = &parties["proxy"].wallet;
+        let proxy = layout::proxy_address(&root.address, proxy_party.address(), &proxy_party.public_key()).unwrap();
+        Self { chain, parties, params, root, proxy }
+    }
+
+    fn client(&self, name: &str) -> Deployable {
+        let p = &self.parties["proxy"].wallet;
+        layout::client(&self.proxy, self.parties[name].wallet.address(), &p.public_key(), &self.params).unwrap()
+    }
+
+    fn worker(&self, name: &str) -> Deployable {
+        let p = &self.parties["proxy"].wallet;
+        layout::worker(&self.proxy, self.parties[name].wallet.address(), &p.public_key(), &self.params).unwrap()
+    }
+
+    fn send(&mut self, from: &str, dest: &TonAddress, value: u128, body: ArcCell, state_init: Option<ArcCell>) -> Vec<cocoon_ton::emulator::Tx> {
+        let party = self.parties.get_mut(from).unwrap();
+        let out = Outgoing { dest: dest.clone(), value, body, state_init };
+        let boc = party.wallet.request(party.seqno, self.chain.now + 60, &[out], party.seqno == 0).unwrap();
+        party.seqno += 1;
+        self.chain.send_external(&boc).expect("the wallet accepts its own request")
+    }
+
+    fn sign(&self, signer: &str, message: PaymentMessage) -> Vec<u8> {
+        let key = Ed25519KeyPair::from_seed_unchecked(&self.parties[signer].seed).unwrap();
+        message.sign(&key).0
+    }
+
+    fn ints(&self, at: &TonAddress, method: &str, args: &[BigInt]) -> Value {
+        let values = self.chain.get(&hash(at), method, args).unwrap();
+        Value::Array(values.iter().map(|v| json!(i64::try_from(v).unwrap())).collect())
+    }
+
+    fn state(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        let key = BigInt::from_bytes_be(num_bigint::Sign::Plus, &self.parties["proxy"].wallet.public_key());
+        if self.chain.is_active(&hash(&self.root.address)) {
+            out.insert("root".into(), self.ints(&self.root.address, "proxy_status", &[key]));
+        }
+        if self.chain.is_active(&hash(&self.proxy)) {
+            out.insert("proxy".into(), self.ints(&self.proxy, "get_proxy", &[]));
+        }
+        for n in ["client", "client2"] {
+            let c = self.client(n).address;
+            if self.chain.is_active(&hash(&c)) {
+                out.insert(n.into(), self.ints(&c, "get_client", &[]));
+            }
+        }
+        let w = self.worker("worker").address;
+        if self.chain.is_active(&hash(&w)) {
+            out.insert("worker".into(), self.ints(&w, "get_worker", &[]));
+        }
+        Value::Object(out)
+    }
+}
+
+fn u(step: &Value, key: &str) -> u128 {
+    step[key].as_u64().unwrap_or_else(|| panic!("{key} in {step}")) as u128
+}
+
+fn s<'a>(step: &'a Value, key: &str) -> &'a str {
+    step[key].as_str().unwrap_or_else(|| panic!("{key} in {step}"))
+}
+
+fn hash256(hex: &str) -> num_bigint::BigUint {
+    num_bigint::BigUint::parse_bytes(hex.as_bytes(), 16).unwrap()
+}
+
+fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
+    let mut run = Run::new(params.clone());
+    let wallets: HashSet<HashBytes> = run.parties.values().map(|p| hash(p.wallet.address())).collect();
+    let mut results = Vec::new();
+    for step in steps {
+        let qid = results.len() as u64;
+        let root = run.root.address.clone();
+        let proxy = run.proxy.clone();
+        let txs = match s(step, "do") {
+            "deploy_root" => {
+                let init = run.root.state_init.clone();
+                run.send("owner", &root, 1_000_000_000, layout::empty_cell(), Some(init))
+            }
+            "set_params" => {
+                let mut p = run.params.clone();
+                p.worker_fee_per_token = u(step, "worker_fee_per_token");
+                let cell = layout::params(&p).unwrap();
+                let body = layout::body(op::SET_PARAMS, qid, |b| b.store_reference(&cell).map(|_| ())).unwrap();
+                run.send(s(step, "from"), &root, GAS, body, None)
+            }
+            kind @ ("allow_image" | "revoke_image") => {
+                let code = if kind == "allow_image" { op::ALLOW_IMAGE } else { op::REVOKE_IMAGE };
+                let role = step["role"].as_u64().unwrap() as u8;
+                let h = hash256(s(step, "hash"));
+                let body = layout::body(code, qid, |b| b.store_u8(8, role)?.store_uint(256, &h).map(|_| ())).unwrap();
+                run.send(s(step, "from"), &root, GAS, body, None)
+            }
+            "allow_model" => {
+                let h = hash256(s(step, "hash"));
+                let body = layout::body(op::ALLOW_MODEL, qid, |b| b.store_uint(256, &h).map(|_| ())).unwrap();
+                run.send(s(step, "from"), &root, GAS, body, None)
+            }
+            "register_proxy" => {
+                let p = &run.parties[s(step, "proxy")].wallet;
+                let (key, wallet) = (p.public_key(), p.address().clone());
+                let endpoint = std::sync::Arc::new(tonlib_core::cell::CellBuilder::new().store_string("proxy.example:8443").unwrap().build().unwrap());
+                let body = layout::body(op::REGISTER_PROXY, qid, |b| {
+                    b.store_slice(&key)?.store_address(&wallet)?.store_reference(&endpoint).map(|_| ())
+                })
+                .unwrap();
+                run.send(s(step, "from"), &root, GAS, body, None)
+            }
+            "open_proxy" => {
+                let key = run.parties[s(step, "proxy")].wallet.public_key();
+                let stake = u(step, "stake");
+                let body = layout::body(op::OPEN_PROXY, qid, |b| b.store_slice(&key)?.store_coins(&coins(stake)).map(|_| ())).unwrap();
+                run.send(s(step, "from"), &root, stake + GAS, body, None)
+            }
+            "proxy_withdraw" => {
+                let amount = u(step, "amount");
+                let body = layout::body(op::PROXY_WITHDRAW, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
+                run.send("proxy", &proxy, GAS, body, None)
+            }
+            kind @ ("proxy_close" | "proxy_finish_close") => {
+                let code = if kind == "proxy_close" { op::PROXY_CLOSE } else { op::PROXY_FINISH_CLOSE };
+                run.send("proxy", &proxy, GAS, layout::body(code, qid, |_| Ok(())).unwrap(), None)
+            }
+            "proxy_refund_client" => {
+                let client = run.parties[s(step, "client")].wallet.address().clone();
+                let body = layout::body(op::PROXY_REFUND_CLIENT, qid, |b| b.store_address(&client).map(|_| ())).unwrap();
+                run.send("proxy", &proxy, GAS, body, None)
+            }
+            "client_deposit" => {
+                let name = s(step, "client");
+                let k = run.client(name);
+                let amount = u(step, "amount");
+                let body = layout::body(op::CLIENT_DEPOSIT, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
+                run.send(name, &k.address, amount + GAS, body, Some(k.state_init))
+            }
+            kind @ ("client_stake" | "client_withdraw") => {
+                let code = if kind == "client_stake" { op::CLIENT_STAKE } else { op::CLIENT_WITHDRAW };
+                let name = s(step, "client");
+                let at = run.client(name).address;
+                let amount = u(step, "amount");
+                let body = layout::body(code, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
+                run.send(name, &at, GAS, body, None)
+            }
+            kind @ ("client_close" | "client_finish_close") => {
+                let code = if kind == "client_close" { op::CLIENT_CLOSE } else { op::CLIENT_FINISH_CLOSE };
+                let name = s(step, "client");
+                let at = run.client(name).address;
+                run.send(name, &at, GAS, layout::body(code, qid, |_| Ok(())).unwrap(), None)
+            }
+            "charge" => {
+                let name = s(step, "client");
+                let named = run.client(step["names"].as_str().unwrap_or(name)).address;
+                let tokens = step["tokens"].as_u64().unwrap();
+                let message = run.sign(step["signer"].as_str().unwrap_or("proxy"), layout::charge_message(tokens, tokens, &named));
+                let at = run.client(name).address;
+                run.send(s(step, "from"), &at, GAS, layout::signed_payment(op::CHARGE, &message).unwrap(), None)
+            }
+            "fake_charged" => {
+                let client = run.parties[s(step, "client")].wallet.address().clone();
+                let body = layout::body(op::CHARGED, 0, |b| b.store_u64(64, 0)?.store_coins(&coins(1000))?.store_address(&client).map(|_| ())).unwrap();
+                run.send(s(step, "from"), &proxy, GAS, body, None)
+            }
+            "payout" => {
+                let name = s(step, "worker");
+                let k = run.worker(name);
+                let named = match step["names"].as_str() {
+                    Some(other) => run.client(other).address,
+                    None => k.address.clone(),
+                };
+                let tokens = step["tokens"].as_u64().unwrap();
+                let message = PaymentMessage::PayWorker { query_id: tokens, tokens, contract: account_id(&named) };
+                let signed = run.sign(step["signer"].as_str().unwrap_or("proxy"), message);
+                run.send(name, &k.address, GAS, layout::signed_payment(op::PAYOUT, &signed).unwrap(), Some(k.state_init))
+            }
+            "worker_withdraw" => {
+                let name = s(step, "worker");
+                let at = run.worker(name).address;
+                run.send(name, &at, GAS, layout::body(op::WORKER_WITHDRAW, qid, |_| Ok(())).unwrap(), None)
+            }
+            "advance" => {
+                run.chain.now += step["seconds"].as_u64().unwrap() as u32;
+                Vec::new()
+            }
+            other => panic!("unknown step {other}"),
+        };
+        let exits: Vec<Value> = txs
+            .iter()
+            .filter(|t| !wallets.contains(&t.account))
+            .map(|t| if t.exit_code == SKIPPED { json!("skipped") } else { json!(t.exit_code) })
+            .collect();
+        let label = step["label"].as_str().map(|l| format!(" ({l})")).unwrap_or_default();
+        results.push(json!({ "step": format!("{}{label}", s(step, "do")), "exits": exits, "state": run.state() }));
+    }
+    results
+}
+
+#[test]
+fn scenarios_in_tycho_vm_match_the_reference_emulator() {
+    let spec = read_json("test/scenarios.json");
+    let expected = read_json("test/expected.json");
+    let params: NetworkParams = serde_json::from_value(spec["params"].clone()).unwrap();
+    let scenarios = spec["scenarios"].as_object().unwrap();
+    assert_eq!(scenarios.len(), expected.as_object().unwrap().len());
+    for (name, steps) in scenarios {
+        let actual = run_scenario(&params, steps.as_array().unwrap());
+        let wanted = expected[name].as_array().unwrap_or_else(|| panic!("{name} in expected.json"));
+        assert_eq!(actual.len(), wanted.len(), "{name}");
+        for (i, (a, e)) in actual.iter().zip(wanted).enumerate() {
+            assert_eq!(a, e, "{name} step {i}");
+        }
+    }
+}
+
+#[test]
+fn committed_code_matches_recorded_hashes() {
+    for c in Contract::ALL {
+        assert_eq!(hex::encode(c.code().cell_hash().as_slice()), c.recorded_hash(), "{}", c.name());
+    }
+}
+
+#[test]
+fn charge_op_is_the_ledgers() {
+    // The contracts check the same op the ledger's messages carry.
+    assert_eq!(OP_CHARGE_CLIENT, 0x6368_7267);
+}
