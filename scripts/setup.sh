@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing cocoon needs on a fresh Debian/Ubuntu machine:
 # cmake and clang (llama.cpp is built from the llama-cpp-2 crate's sources), iproute2 (the
-# multi-host test), the Python `openai` package (the SDK compatibility test), and the default
-# model file.
+# multi-host test), the Python `openai` package (the SDK compatibility test), the contracts'
+# pinned npm packages (Tolk compiler and the reference TON emulator, from contracts/package-lock.json),
+# and the default model file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,16 @@ fi
 if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest"
     cargo install --locked cargo-nextest
+fi
+
+if ! command -v npm >/dev/null; then
+    echo "npm is needed for the contracts (Tolk compiler, @ton/sandbox): install Node.js 18 or later" >&2
+    exit 1
+fi
+# Reinstalled whenever the lockfile changes (the stamp is the lockfile the install used).
+if ! cmp -s contracts/package-lock.json contracts/node_modules/.cocoon-lock 2>/dev/null; then
+    echo "installing the contracts' npm packages"
+    (cd contracts && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.cocoon-lock)
 fi
 
 scripts/fetch-model.sh

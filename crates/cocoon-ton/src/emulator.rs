@@ -122,7 +122,9 @@ impl Chain {
             .parse::<OwnedMessage>()
             .map_err(|e| RejectReason::Malformed(e.to_string()))?;
         let MsgInfo::ExtIn(info) = &msg.info else {
-            return Err(RejectReason::Malformed("not an inbound external message".into()));
+            return Err(RejectReason::Malformed(
+                "not an inbound external message".into(),
+            ));
         };
         let dest = hash_of(&info.dst);
         let first = self.history.len();
@@ -146,7 +148,16 @@ impl Chain {
             return Err(RejectReason::NotAccepted(run.exit_code));
         }
         let mut queue = VecDeque::new();
-        self.finish(dest, account, run, lt, *root.repr_hash(), false, 0, &mut queue);
+        self.finish(
+            dest,
+            account,
+            run,
+            lt,
+            *root.repr_hash(),
+            false,
+            0,
+            &mut queue,
+        );
         self.drain(queue);
         Ok(self.history[first..].to_vec())
     }
@@ -219,7 +230,9 @@ impl Chain {
     }
 
     fn deliver(&mut self, p: Pending, queue: &mut VecDeque<Pending>) {
-        let MsgInfo::Int(info) = &p.msg.info else { return };
+        let MsgInfo::Int(info) = &p.msg.info else {
+            return;
+        };
         let dest = hash_of(&info.dst);
         let bounce = info.bounce;
         let bounced = info.bounced;
@@ -253,7 +266,14 @@ impl Chain {
         };
         let run = self.run(&account, dest, code, stack, gas, in_msg, p.value);
         if run.committed.is_none() {
-            self.record(dest, lt, run.exit_code, run.gas_used, bounced, *root.repr_hash());
+            self.record(
+                dest,
+                lt,
+                run.exit_code,
+                run.gas_used,
+                bounced,
+                *root.repr_hash(),
+            );
             if bounce && !bounced {
                 account.balance -= p.value;
                 queue.push_back(self.bounce_of(&p, dest));
@@ -261,7 +281,16 @@ impl Chain {
             self.accounts.insert(dest, account);
             return;
         }
-        self.finish(dest, account, run, lt, *root.repr_hash(), bounced, p.value, queue);
+        self.finish(
+            dest,
+            account,
+            run,
+            lt,
+            *root.repr_hash(),
+            bounced,
+            p.value,
+            queue,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -288,12 +317,16 @@ impl Chain {
         actions.reverse();
         let mut failed = false;
         for action in actions {
-            let OutAction::SendMsg { mode, out_msg } = action else { continue };
+            let OutAction::SendMsg { mode, out_msg } = action else {
+                continue;
+            };
             let Ok(relaxed) = out_msg.load() else {
                 failed = true;
                 break;
             };
-            let RelaxedMsgInfo::Int(info) = &relaxed.info else { continue };
+            let RelaxedMsgInfo::Int(info) = &relaxed.info else {
+                continue;
+            };
             let mut value: u128 = info.value.tokens.into_inner();
             if mode.contains(SendMsgFlags::ALL_BALANCE) {
                 value = account.balance;
@@ -364,7 +397,10 @@ impl Chain {
                 ..IntMsgInfo::default()
             }),
             init: None,
-            body: (tycho_types::cell::CellSliceRange::full(bounce_body.as_ref()), bounce_body),
+            body: (
+                tycho_types::cell::CellSliceRange::full(bounce_body.as_ref()),
+                bounce_body,
+            ),
             layout: None,
         };
         Pending {
@@ -374,7 +410,15 @@ impl Chain {
         }
     }
 
-    fn record(&mut self, account: HashBytes, lt: u64, exit_code: i32, gas_used: u64, bounced: bool, in_msg_hash: HashBytes) {
+    fn record(
+        &mut self,
+        account: HashBytes,
+        lt: u64,
+        exit_code: i32,
+        gas_used: u64,
+        bounced: bool,
+        in_msg_hash: HashBytes,
+    ) {
         self.history.push(Tx {
             account,
             lt,
@@ -386,7 +430,12 @@ impl Chain {
     }
 
     /// Runs a get-method by name with integer arguments; returns the integer results.
-    pub fn get(&self, address: &HashBytes, method: &str, args: &[BigInt]) -> Result<Vec<BigInt>, TonError> {
+    pub fn get(
+        &self,
+        address: &HashBytes,
+        method: &str,
+        args: &[BigInt],
+    ) -> Result<Vec<BigInt>, TonError> {
         let account = self
             .accounts
             .get(address)
@@ -407,11 +456,16 @@ impl Chain {
             0,
         );
         if run.exit_code != 0 && run.exit_code != 1 {
-            return Err(TonError::Api(format!("get-method {method} exited with {}", run.exit_code)));
+            return Err(TonError::Api(format!(
+                "get-method {method} exited with {}",
+                run.exit_code
+            )));
         }
         run.stack
             .iter()
-            .map(|v| int(v).ok_or_else(|| TonError::Api(format!("{method} returned a non-integer"))))
+            .map(|v| {
+                int(v).ok_or_else(|| TonError::Api(format!("{method} returned a non-integer")))
+            })
             .collect()
     }
 
@@ -434,7 +488,11 @@ pub fn method_id(name: &str) -> u32 {
     for byte in name.bytes() {
         crc ^= u16::from(byte) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     u32::from(crc) | 0x10000

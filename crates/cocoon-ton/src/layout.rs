@@ -135,7 +135,11 @@ pub fn root(owner_wallet: &TonAddress, p: &NetworkParams) -> Result<Deployable> 
 }
 
 /// Where the root deploys a proxy's contract.
-pub fn proxy_address(root: &TonAddress, proxy_wallet: &TonAddress, key: &PublicKey) -> Result<TonAddress> {
+pub fn proxy_address(
+    root: &TonAddress,
+    proxy_wallet: &TonAddress,
+    key: &PublicKey,
+) -> Result<TonAddress> {
     let identity = build(
         CellBuilder::new()
             .store_address(root)?
@@ -164,7 +168,12 @@ fn binding(proxy: &TonAddress, owner: &TonAddress, proxy_key: &PublicKey) -> Res
 }
 
 /// A client's contract with a proxy (bound to the proxy's prices).
-pub fn client(proxy: &TonAddress, client_wallet: &TonAddress, proxy_key: &PublicKey, p: &NetworkParams) -> Result<Deployable> {
+pub fn client(
+    proxy: &TonAddress,
+    client_wallet: &TonAddress,
+    proxy_key: &PublicKey,
+    p: &NetworkParams,
+) -> Result<Deployable> {
     let terms = build(
         CellBuilder::new()
             .store_coins(&coins(p.price_per_token))?
@@ -185,7 +194,12 @@ pub fn client(proxy: &TonAddress, client_wallet: &TonAddress, proxy_key: &Public
 }
 
 /// A worker's contract with a proxy.
-pub fn worker(proxy: &TonAddress, worker_wallet: &TonAddress, proxy_key: &PublicKey, p: &NetworkParams) -> Result<Deployable> {
+pub fn worker(
+    proxy: &TonAddress,
+    worker_wallet: &TonAddress,
+    proxy_key: &PublicKey,
+    p: &NetworkParams,
+) -> Result<Deployable> {
     let data = build(
         CellBuilder::new()
             .store_reference(&binding(proxy, worker_wallet, proxy_key)?)?
@@ -231,7 +245,13 @@ pub fn charge_message(query_id: u64, tokens_used: u64, contract: &TonAddress) ->
 }
 
 /// An internal message as a wallet sends it (MessageRelaxed: no source, no fees, no times).
-pub fn internal_message(dest: &TonAddress, value: u128, bounce: bool, body: &ArcCell, init: Option<&ArcCell>) -> Result<ArcCell> {
+pub fn internal_message(
+    dest: &TonAddress,
+    value: u128,
+    bounce: bool,
+    body: &ArcCell,
+    init: Option<&ArcCell>,
+) -> Result<ArcCell> {
     let mut b = CellBuilder::new();
     b.store_bit(false)? // int_msg_info$0
         .store_bit(true)? // ihr_disabled

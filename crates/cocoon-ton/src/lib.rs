@@ -8,6 +8,9 @@ pub mod code;
 pub mod emulator;
 mod error;
 pub mod layout;
+mod ledger;
+pub mod toncenter;
 pub mod wallet;
 
 pub use error::TonError;
+pub use ledger::{GAS_ATTACHED, TonLedger, refusal};

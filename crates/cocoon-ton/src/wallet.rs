@@ -76,12 +76,20 @@ impl Wallet {
 
     /// A signed external message carrying `messages`, valid until `valid_until` (unix time),
     /// with the wallet's state init when `deploy` (its first request).
-    pub fn request(&self, seqno: u32, valid_until: u32, messages: &[Outgoing], deploy: bool) -> Result<Vec<u8>, TonError> {
+    pub fn request(
+        &self,
+        seqno: u32,
+        valid_until: u32,
+        messages: &[Outgoing],
+        deploy: bool,
+    ) -> Result<Vec<u8>, TonError> {
         let relaxed = messages
             .iter()
             .map(|m| internal_message(&m.dest, m.value, true, &m.body, m.state_init.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
-        let unsigned = self.signer.create_external_body(valid_until, seqno, relaxed)?;
+        let unsigned = self
+            .signer
+            .create_external_body(valid_until, seqno, relaxed)?;
         let signed = Arc::new(self.signer.sign_external_body(&unsigned)?);
         let mut b = CellBuilder::new();
         b.store_u8(2, 0b10)? // ext_in_msg_info$10

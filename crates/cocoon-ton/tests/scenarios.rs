@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use cocoon_ledger::{NetworkParams, PaymentMessage, OP_CHARGE_CLIENT};
+use cocoon_ledger::{NetworkParams, OP_CHARGE_CLIENT, PaymentMessage};
 use cocoon_ton::code::Contract;
 use cocoon_ton::emulator::{Chain, SKIPPED};
 use cocoon_ton::layout::{self, Deployable, account_id, coins, op};
@@ -59,31 +59,78 @@ impl Run {
                 let seed = [i as u8 + 1; 32];
                 let wallet = Wallet::from_seed(seed).unwrap();
                 chain.fund(hash(wallet.address()), 100_000 * 1_000_000_000);
-                (*n, Party { wallet, seed, seqno: 0 })
+                (
+                    *n,
+                    Party {
+                        wallet,
+                        seed,
+                        seqno: 0,
+                    },
+                )
             })
             .collect();
         let root = layout::root(parties["owner"].wallet.address(), &params).unwrap();
         let proxy_party = &parties["proxy"].wallet;
-        let proxy = layout::proxy_address(&root.address, proxy_party.address(), &proxy_party.public_key()).unwrap();
-        Self { chain, parties, params, root, proxy }
+        let proxy = layout::proxy_address(
+            &root.address,
+            proxy_party.address(),
+            &proxy_party.public_key(),
+        )
+        .unwrap();
+        Self {
+            chain,
+            parties,
+            params,
+            root,
+            proxy,
+        }
     }
 
     fn client(&self, name: &str) -> Deployable {
         let p = &self.parties["proxy"].wallet;
-        layout::client(&self.proxy, self.parties[name].wallet.address(), &p.public_key(), &self.params).unwrap()
+        layout::client(
+            &self.proxy,
+            self.parties[name].wallet.address(),
+            &p.public_key(),
+            &self.params,
+        )
+        .unwrap()
     }
 
     fn worker(&self, name: &str) -> Deployable {
         let p = &self.parties["proxy"].wallet;
-        layout::worker(&self.proxy, self.parties[name].wallet.address(), &p.public_key(), &self.params).unwrap()
+        layout::worker(
+            &self.proxy,
+            self.parties[name].wallet.address(),
+            &p.public_key(),
+            &self.params,
+        )
+        .unwrap()
     }
 
-    fn send(&mut self, from: &str, dest: &TonAddress, value: u128, body: ArcCell, state_init: Option<ArcCell>) -> Vec<cocoon_ton::emulator::Tx> {
+    fn send(
+        &mut self,
+        from: &str,
+        dest: &TonAddress,
+        value: u128,
+        body: ArcCell,
+        state_init: Option<ArcCell>,
+    ) -> Vec<cocoon_ton::emulator::Tx> {
         let party = self.parties.get_mut(from).unwrap();
-        let out = Outgoing { dest: dest.clone(), value, body, state_init };
-        let boc = party.wallet.request(party.seqno, self.chain.now + 60, &[out], party.seqno == 0).unwrap();
+        let out = Outgoing {
+            dest: dest.clone(),
+            value,
+            body,
+            state_init,
+        };
+        let boc = party
+            .wallet
+            .request(party.seqno, self.chain.now + 60, &[out], party.seqno == 0)
+            .unwrap();
         party.seqno += 1;
-        self.chain.send_external(&boc).expect("the wallet accepts its own request")
+        self.chain
+            .send_external(&boc)
+            .expect("the wallet accepts its own request")
     }
 
     fn sign(&self, signer: &str, message: PaymentMessage) -> Vec<u8> {
@@ -93,14 +140,25 @@ impl Run {
 
     fn ints(&self, at: &TonAddress, method: &str, args: &[BigInt]) -> Value {
         let values = self.chain.get(&hash(at), method, args).unwrap();
-        Value::Array(values.iter().map(|v| json!(i64::try_from(v).unwrap())).collect())
+        Value::Array(
+            values
+                .iter()
+                .map(|v| json!(i64::try_from(v).unwrap()))
+                .collect(),
+        )
     }
 
     fn state(&self) -> Value {
         let mut out = serde_json::Map::new();
-        let key = BigInt::from_bytes_be(num_bigint::Sign::Plus, &self.parties["proxy"].wallet.public_key());
+        let key = BigInt::from_bytes_be(
+            num_bigint::Sign::Plus,
+            &self.parties["proxy"].wallet.public_key(),
+        );
         if self.chain.is_active(&hash(&self.root.address)) {
-            out.insert("root".into(), self.ints(&self.root.address, "proxy_status", &[key]));
+            out.insert(
+                "root".into(),
+                self.ints(&self.root.address, "proxy_status", &[key]),
+            );
         }
         if self.chain.is_active(&hash(&self.proxy)) {
             out.insert("proxy".into(), self.ints(&self.proxy, "get_proxy", &[]));
@@ -120,11 +178,15 @@ impl Run {
 }
 
 fn u(step: &Value, key: &str) -> u128 {
-    step[key].as_u64().unwrap_or_else(|| panic!("{key} in {step}")) as u128
+    step[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in {step}")) as u128
 }
 
 fn s<'a>(step: &'a Value, key: &str) -> &'a str {
-    step[key].as_str().unwrap_or_else(|| panic!("{key} in {step}"))
+    step[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} in {step}"))
 }
 
 fn hash256(hex: &str) -> num_bigint::BigUint {
@@ -133,7 +195,11 @@ fn hash256(hex: &str) -> num_bigint::BigUint {
 
 fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
     let mut run = Run::new(params.clone());
-    let wallets: HashSet<HashBytes> = run.parties.values().map(|p| hash(p.wallet.address())).collect();
+    let wallets: HashSet<HashBytes> = run
+        .parties
+        .values()
+        .map(|p| hash(p.wallet.address()))
+        .collect();
     let mut results = Vec::new();
     for step in steps {
         let qid = results.len() as u64;
@@ -142,33 +208,60 @@ fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
         let txs = match s(step, "do") {
             "deploy_root" => {
                 let init = run.root.state_init.clone();
-                run.send("owner", &root, 1_000_000_000, layout::empty_cell(), Some(init))
+                run.send(
+                    "owner",
+                    &root,
+                    1_000_000_000,
+                    layout::empty_cell(),
+                    Some(init),
+                )
             }
             "set_params" => {
                 let mut p = run.params.clone();
                 p.worker_fee_per_token = u(step, "worker_fee_per_token");
                 let cell = layout::params(&p).unwrap();
-                let body = layout::body(op::SET_PARAMS, qid, |b| b.store_reference(&cell).map(|_| ())).unwrap();
+                let body = layout::body(op::SET_PARAMS, qid, |b| {
+                    b.store_reference(&cell).map(|_| ())
+                })
+                .unwrap();
                 run.send(s(step, "from"), &root, GAS, body, None)
             }
             kind @ ("allow_image" | "revoke_image") => {
-                let code = if kind == "allow_image" { op::ALLOW_IMAGE } else { op::REVOKE_IMAGE };
+                let code = if kind == "allow_image" {
+                    op::ALLOW_IMAGE
+                } else {
+                    op::REVOKE_IMAGE
+                };
                 let role = step["role"].as_u64().unwrap() as u8;
                 let h = hash256(s(step, "hash"));
-                let body = layout::body(code, qid, |b| b.store_u8(8, role)?.store_uint(256, &h).map(|_| ())).unwrap();
+                let body = layout::body(code, qid, |b| {
+                    b.store_u8(8, role)?.store_uint(256, &h).map(|_| ())
+                })
+                .unwrap();
                 run.send(s(step, "from"), &root, GAS, body, None)
             }
             "allow_model" => {
                 let h = hash256(s(step, "hash"));
-                let body = layout::body(op::ALLOW_MODEL, qid, |b| b.store_uint(256, &h).map(|_| ())).unwrap();
+                let body =
+                    layout::body(op::ALLOW_MODEL, qid, |b| b.store_uint(256, &h).map(|_| ()))
+                        .unwrap();
                 run.send(s(step, "from"), &root, GAS, body, None)
             }
             "register_proxy" => {
                 let p = &run.parties[s(step, "proxy")].wallet;
                 let (key, wallet) = (p.public_key(), p.address().clone());
-                let endpoint = std::sync::Arc::new(tonlib_core::cell::CellBuilder::new().store_string("proxy.example:8443").unwrap().build().unwrap());
+                let endpoint = std::sync::Arc::new(
+                    tonlib_core::cell::CellBuilder::new()
+                        .store_string("proxy.example:8443")
+                        .unwrap()
+                        .build()
+                        .unwrap(),
+                );
                 let body = layout::body(op::REGISTER_PROXY, qid, |b| {
-                    b.store_slice(&key)?.store_address(&wallet)?.store_reference(&endpoint).map(|_| ())
+                    b.store_slice(&key)?
+                        .store_address(&wallet)?
+                        .store_reference(&endpoint)
+                        .map(|_| ())
                 })
                 .unwrap();
                 run.send(s(step, "from"), &root, GAS, body, None)
@@ -176,55 +269,107 @@ fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
             "open_proxy" => {
                 let key = run.parties[s(step, "proxy")].wallet.public_key();
                 let stake = u(step, "stake");
-                let body = layout::body(op::OPEN_PROXY, qid, |b| b.store_slice(&key)?.store_coins(&coins(stake)).map(|_| ())).unwrap();
+                let body = layout::body(op::OPEN_PROXY, qid, |b| {
+                    b.store_slice(&key)?.store_coins(&coins(stake)).map(|_| ())
+                })
+                .unwrap();
                 run.send(s(step, "from"), &root, stake + GAS, body, None)
             }
             "proxy_withdraw" => {
                 let amount = u(step, "amount");
-                let body = layout::body(op::PROXY_WITHDRAW, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
+                let body = layout::body(op::PROXY_WITHDRAW, qid, |b| {
+                    b.store_coins(&coins(amount)).map(|_| ())
+                })
+                .unwrap();
                 run.send("proxy", &proxy, GAS, body, None)
             }
             kind @ ("proxy_close" | "proxy_finish_close") => {
-                let code = if kind == "proxy_close" { op::PROXY_CLOSE } else { op::PROXY_FINISH_CLOSE };
-                run.send("proxy", &proxy, GAS, layout::body(code, qid, |_| Ok(())).unwrap(), None)
+                let code = if kind == "proxy_close" {
+                    op::PROXY_CLOSE
+                } else {
+                    op::PROXY_FINISH_CLOSE
+                };
+                run.send(
+                    "proxy",
+                    &proxy,
+                    GAS,
+                    layout::body(code, qid, |_| Ok(())).unwrap(),
+                    None,
+                )
             }
             "proxy_refund_client" => {
                 let client = run.parties[s(step, "client")].wallet.address().clone();
-                let body = layout::body(op::PROXY_REFUND_CLIENT, qid, |b| b.store_address(&client).map(|_| ())).unwrap();
+                let body = layout::body(op::PROXY_REFUND_CLIENT, qid, |b| {
+                    b.store_address(&client).map(|_| ())
+                })
+                .unwrap();
                 run.send("proxy", &proxy, GAS, body, None)
             }
             "client_deposit" => {
                 let name = s(step, "client");
                 let k = run.client(name);
                 let amount = u(step, "amount");
-                let body = layout::body(op::CLIENT_DEPOSIT, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
+                let body = layout::body(op::CLIENT_DEPOSIT, qid, |b| {
+                    b.store_coins(&coins(amount)).map(|_| ())
+                })
+                .unwrap();
                 run.send(name, &k.address, amount + GAS, body, Some(k.state_init))
             }
             kind @ ("client_stake" | "client_withdraw") => {
-                let code = if kind == "client_stake" { op::CLIENT_STAKE } else { op::CLIENT_WITHDRAW };
+                let code = if kind == "client_stake" {
+                    op::CLIENT_STAKE
+                } else {
+                    op::CLIENT_WITHDRAW
+                };
                 let name = s(step, "client");
                 let at = run.client(name).address;
                 let amount = u(step, "amount");
-                let body = layout::body(code, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
+                let body =
+                    layout::body(code, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
                 run.send(name, &at, GAS, body, None)
             }
             kind @ ("client_close" | "client_finish_close") => {
-                let code = if kind == "client_close" { op::CLIENT_CLOSE } else { op::CLIENT_FINISH_CLOSE };
+                let code = if kind == "client_close" {
+                    op::CLIENT_CLOSE
+                } else {
+                    op::CLIENT_FINISH_CLOSE
+                };
                 let name = s(step, "client");
                 let at = run.client(name).address;
-                run.send(name, &at, GAS, layout::body(code, qid, |_| Ok(())).unwrap(), None)
+                run.send(
+                    name,
+                    &at,
+                    GAS,
+                    layout::body(code, qid, |_| Ok(())).unwrap(),
+                    None,
+                )
             }
             "charge" => {
                 let name = s(step, "client");
                 let named = run.client(step["names"].as_str().unwrap_or(name)).address;
                 let tokens = step["tokens"].as_u64().unwrap();
-                let message = run.sign(step["signer"].as_str().unwrap_or("proxy"), layout::charge_message(tokens, tokens, &named));
+                let message = run.sign(
+                    step["signer"].as_str().unwrap_or("proxy"),
+                    layout::charge_message(tokens, tokens, &named),
+                );
                 let at = run.client(name).address;
-                run.send(s(step, "from"), &at, GAS, layout::signed_payment(op::CHARGE, &message).unwrap(), None)
+                run.send(
+                    s(step, "from"),
+                    &at,
+                    GAS,
+                    layout::signed_payment(op::CHARGE, &message).unwrap(),
+                    None,
+                )
             }
             "fake_charged" => {
                 let client = run.parties[s(step, "client")].wallet.address().clone();
-                let body = layout::body(op::CHARGED, 0, |b| b.store_u64(64, 0)?.store_coins(&coins(1000))?.store_address(&client).map(|_| ())).unwrap();
+                let body = layout::body(op::CHARGED, 0, |b| {
+                    b.store_u64(64, 0)?
+                        .store_coins(&coins(1000))?
+                        .store_address(&client)
+                        .map(|_| ())
+                })
+                .unwrap();
                 run.send(s(step, "from"), &proxy, GAS, body, None)
             }
             "payout" => {
@@ -235,14 +380,30 @@ fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
                     None => k.address.clone(),
                 };
                 let tokens = step["tokens"].as_u64().unwrap();
-                let message = PaymentMessage::PayWorker { query_id: tokens, tokens, contract: account_id(&named) };
+                let message = PaymentMessage::PayWorker {
+                    query_id: tokens,
+                    tokens,
+                    contract: account_id(&named),
+                };
                 let signed = run.sign(step["signer"].as_str().unwrap_or("proxy"), message);
-                run.send(name, &k.address, GAS, layout::signed_payment(op::PAYOUT, &signed).unwrap(), Some(k.state_init))
+                run.send(
+                    name,
+                    &k.address,
+                    GAS,
+                    layout::signed_payment(op::PAYOUT, &signed).unwrap(),
+                    Some(k.state_init),
+                )
             }
             "worker_withdraw" => {
                 let name = s(step, "worker");
                 let at = run.worker(name).address;
-                run.send(name, &at, GAS, layout::body(op::WORKER_WITHDRAW, qid, |_| Ok(())).unwrap(), None)
+                run.send(
+                    name,
+                    &at,
+                    GAS,
+                    layout::body(op::WORKER_WITHDRAW, qid, |_| Ok(())).unwrap(),
+                    None,
+                )
             }
             "advance" => {
                 run.chain.now += step["seconds"].as_u64().unwrap() as u32;
@@ -253,9 +414,18 @@ fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
         let exits: Vec<Value> = txs
             .iter()
             .filter(|t| !wallets.contains(&t.account))
-            .map(|t| if t.exit_code == SKIPPED { json!("skipped") } else { json!(t.exit_code) })
+            .map(|t| {
+                if t.exit_code == SKIPPED {
+                    json!("skipped")
+                } else {
+                    json!(t.exit_code)
+                }
+            })
             .collect();
-        let label = step["label"].as_str().map(|l| format!(" ({l})")).unwrap_or_default();
+        let label = step["label"]
+            .as_str()
+            .map(|l| format!(" ({l})"))
+            .unwrap_or_default();
         results.push(json!({ "step": format!("{}{label}", s(step, "do")), "exits": exits, "state": run.state() }));
     }
     results
@@ -270,7 +440,9 @@ fn scenarios_in_tycho_vm_match_the_reference_emulator() {
     assert_eq!(scenarios.len(), expected.as_object().unwrap().len());
     for (name, steps) in scenarios {
         let actual = run_scenario(&params, steps.as_array().unwrap());
-        let wanted = expected[name].as_array().unwrap_or_else(|| panic!("{name} in expected.json"));
+        let wanted = expected[name]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} in expected.json"));
         assert_eq!(actual.len(), wanted.len(), "{name}");
         for (i, (a, e)) in actual.iter().zip(wanted).enumerate() {
             assert_eq!(a, e, "{name} step {i}");
@@ -281,7 +453,12 @@ fn scenarios_in_tycho_vm_match_the_reference_emulator() {
 #[test]
 fn committed_code_matches_recorded_hashes() {
     for c in Contract::ALL {
-        assert_eq!(hex::encode(c.code().cell_hash().as_slice()), c.recorded_hash(), "{}", c.name());
+        assert_eq!(
+            hex::encode(c.code().cell_hash().as_slice()),
+            c.recorded_hash(),
+            "{}",
+            c.name()
+        );
     }
 }
 

@@ -1,0 +1,511 @@
+//! The TON [`Ledger`] backend: each operation becomes a message from the party's wallet to the
+//! contract that owns the rule (root, proxy, client or worker contract), signed with wallet v5
+//! by tonlib-core and sent through a toncenter-shaped API. `execute` returns once the wallet's
+//! seqno has moved and the target contract's transaction is seen: a refusal comes back as the
+//! contract's exit code, mapped to the same [`LedgerError`] the embedded ledger gives.
+
+use std::time::Duration;
+
+use cocoon_ledger::{
+    Address, ClientContract, ContractState, ImageRole, Ledger, LedgerError, LedgerState,
+    NetworkParams, Op, PublicKey, Receipt, Tx,
+};
+use num_bigint::{BigInt, Sign};
+use tonlib_core::TonAddress;
+use tonlib_core::cell::CellBuilder;
+
+use crate::error::TonError;
+use crate::layout::{self, coins, op};
+use crate::toncenter::Client;
+use crate::wallet::{Outgoing, Wallet};
+
+/// TON attached to every message beyond the amount it books (gas for the chain of messages it
+/// sets off; the contracts require at least 0.05).
+pub const GAS_ATTACHED: u128 = 100_000_000;
+
+pub struct TonLedger {
+    api: Client,
+    wallet: Wallet,
+    root: TonAddress,
+    params: NetworkParams,
+    confirm_timeout: Duration,
+}
+
+fn unreachable(e: TonError) -> LedgerError {
+    LedgerError::Unreachable(e.to_string())
+}
+
+#[allow(dead_code)]
+fn key_int(key: &PublicKey) -> BigInt {
+    BigInt::from_bytes_be(Sign::Plus, key)
+}
+
+fn u128_of(v: &BigInt) -> u128 {
+    u128::try_from(v).unwrap_or(0)
+}
+
+/// A contract's refusal (its exit code) as the ledger's error.
+pub fn refusal(code: i32, at: Address) -> LedgerError {
+    match code {
+        100 => LedgerError::NotOwner,
+        101 => LedgerError::NotAllowed(at),
+        102 => LedgerError::UnknownProxy,
+        103 => LedgerError::AlreadyExists(at),
+        104 => LedgerError::NotOpen(at),
+        105 => LedgerError::AlreadyClosing(at),
+        106 => LedgerError::NotClosing(at),
+        107 => LedgerError::StillLocked {
+            address: at,
+            unlock_at: 0,
+            now: 0,
+        },
+        108 => LedgerError::ZeroAmount,
+        109 => LedgerError::InsufficientBalance {
+            balance: 0,
+            needed: 0,
+        },
+        110 => LedgerError::BelowStake {
+            amount: 0,
+            left: 0,
+            stake: 0,
+        },
+        111 => LedgerError::StakeTooLow { stake: 0, min: 0 },
+        112 => LedgerError::CounterNotIncreasing { stored: 0, got: 0 },
+        113 => LedgerError::WrongContract {
+            this: at,
+            expected_in_message: at,
+        },
+        114 => LedgerError::BadMessage("signature does not verify under the proxy's key".into()),
+        115 => LedgerError::BadMessage("a payment message of the wrong kind".into()),
+        116 => LedgerError::BadParams("refused by the root".into()),
+        117 => LedgerError::BadTransaction("not enough TON attached for the amount and gas".into()),
+        other => LedgerError::BadTransaction(format!("contract exited with code {other}")),
+    }
+}
+
+impl TonLedger {
+    /// Connects to the root at `root` and reads the network parameters from it.
+    pub async fn connect(
+        api: Client,
+        wallet: Wallet,
+        root: TonAddress,
+    ) -> Result<Self, LedgerError> {
+        let mut ledger = Self {
+            api,
+            wallet,
+            root,
+            params: NetworkParams::default(),
+            confirm_timeout: Duration::from_secs(60),
+        };
+        ledger.params = ledger.read_params().await?;
+        Ok(ledger)
+    }
+
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// Deploys a root owned by `owner`'s wallet (the network's first transaction) and returns
+    /// its address.
+    pub async fn deploy_root(
+        api: &Client,
+        owner: &Wallet,
+        params: &NetworkParams,
+        timeout: Duration,
+    ) -> Result<TonAddress, LedgerError> {
+        let root = layout::root(owner.address(), params).map_err(unreachable)?;
+        let out = Outgoing {
+            dest: root.address.clone(),
+            value: 1_000_000_000,
+            body: layout::empty_cell(),
+            state_init: Some(root.state_init),
+        };
+        send_and_confirm(api, owner, out, timeout).await?;
+        Ok(root.address)
+    }
+
+    async fn read_params(&self) -> Result<NetworkParams, LedgerError> {
+        let v = self
+            .api
+            .run_get_method(&self.root, "get_params", &[])
+            .await
+            .map_err(unreachable)?;
+        if v.len() != 10 {
+            return Err(LedgerError::Unreachable(
+                "root get_params returned an unexpected stack".into(),
+            ));
+        }
+        let n = |i: usize| u128_of(&v[i]);
+        Ok(NetworkParams {
+            price_per_token: n(0),
+            worker_fee_per_token: n(1),
+            prompt_multiplier: n(2) as u64,
+            cached_multiplier: n(3) as u64,
+            completion_multiplier: n(4) as u64,
+            reasoning_multiplier: n(5) as u64,
+            min_client_stake: n(6),
+            min_proxy_stake: n(7),
+            client_close_delay: n(8) as u64,
+            proxy_close_delay: n(9) as u64,
+        })
+    }
+
+    pub fn proxy_contract(&self, proxy: &PublicKey) -> Result<TonAddress, LedgerError> {
+        let wallet = layout::wallet(proxy).map_err(unreachable)?.address;
+        layout::proxy_address(&self.root, &wallet, proxy).map_err(unreachable)
+    }
+
+    fn client_deployable(
+        &self,
+        proxy: &PublicKey,
+        client: &PublicKey,
+    ) -> Result<layout::Deployable, LedgerError> {
+        let wallet = layout::wallet(client).map_err(unreachable)?.address;
+        layout::client(&self.proxy_contract(proxy)?, &wallet, proxy, &self.params)
+            .map_err(unreachable)
+    }
+
+    fn worker_deployable(
+        &self,
+        proxy: &PublicKey,
+        worker: &PublicKey,
+    ) -> Result<layout::Deployable, LedgerError> {
+        let wallet = layout::wallet(worker).map_err(unreachable)?.address;
+        layout::worker(&self.proxy_contract(proxy)?, &wallet, proxy, &self.params)
+            .map_err(unreachable)
+    }
+
+    /// The account id a proxy's charge messages must name for this client.
+    pub fn client_address(
+        &self,
+        proxy: &PublicKey,
+        client: &PublicKey,
+    ) -> Result<Address, LedgerError> {
+        Ok(layout::account_id(
+            &self.client_deployable(proxy, client)?.address,
+        ))
+    }
+
+    /// The account id a proxy's payout messages must name for this worker.
+    pub fn worker_address(
+        &self,
+        proxy: &PublicKey,
+        worker: &PublicKey,
+    ) -> Result<Address, LedgerError> {
+        Ok(layout::account_id(
+            &self.worker_deployable(proxy, worker)?.address,
+        ))
+    }
+
+    /// A worker's contract: (tokens paid, balance), if deployed.
+    pub async fn worker(
+        &self,
+        proxy: &PublicKey,
+        worker: &PublicKey,
+    ) -> Result<Option<(u64, u128)>, LedgerError> {
+        let at = self.worker_deployable(proxy, worker)?.address;
+        match self.api.run_get_method(&at, "get_worker", &[]).await {
+            Ok(v) if v.len() == 2 => Ok(Some((u128_of(&v[0]) as u64, u128_of(&v[1])))),
+            _ => Ok(None),
+        }
+    }
+
+    fn message(&self, op: &Op) -> Result<Outgoing, LedgerError> {
+        let e = unreachable;
+        let to = |dest: TonAddress, value: u128, body| Outgoing {
+            dest,
+            value,
+            body,
+            state_init: None,
+        };
+        let role = |r: &ImageRole| match r {
+            ImageRole::Worker => 0u8,
+            ImageRole::Proxy => 1u8,
+        };
+        let hash = |h: &str| {
+            num_bigint::BigUint::parse_bytes(h.as_bytes(), 16)
+                .ok_or_else(|| LedgerError::BadTransaction(format!("{h} is not a hex hash")))
+        };
+        let me = self.wallet.public_key();
+        let root = self.root.clone();
+        Ok(match op {
+            Op::SetParams { params } => {
+                let cell = layout::params(params).map_err(e)?;
+                to(
+                    root,
+                    GAS_ATTACHED,
+                    layout::body(op::SET_PARAMS, 0, |b| b.store_reference(&cell).map(|_| ()))
+                        .map_err(e)?,
+                )
+            }
+            Op::AllowImage { role: r, hash: h } | Op::RevokeImage { role: r, hash: h } => {
+                let code = if matches!(op, Op::AllowImage { .. }) {
+                    op::ALLOW_IMAGE
+                } else {
+                    op::REVOKE_IMAGE
+                };
+                let h = hash(h)?;
+                to(
+                    root,
+                    GAS_ATTACHED,
+                    layout::body(code, 0, |b| {
+                        b.store_u8(8, role(r))?.store_uint(256, &h).map(|_| ())
+                    })
+                    .map_err(e)?,
+                )
+            }
+            Op::AllowModel { hash: h } => {
+                let h = hash(h)?;
+                to(
+                    root,
+                    GAS_ATTACHED,
+                    layout::body(op::ALLOW_MODEL, 0, |b| b.store_uint(256, &h).map(|_| ()))
+                        .map_err(e)?,
+                )
+            }
+            Op::RegisterProxy { key, address } => {
+                let wallet = layout::wallet(key).map_err(e)?.address;
+                let endpoint = std::sync::Arc::new(
+                    CellBuilder::new()
+                        .store_string(address)
+                        .and_then(|b| b.build())
+                        .map_err(TonError::from)
+                        .map_err(e)?,
+                );
+                let body = layout::body(op::REGISTER_PROXY, 0, |b| {
+                    b.store_slice(key)?
+                        .store_address(&wallet)?
+                        .store_reference(&endpoint)
+                        .map(|_| ())
+                })
+                .map_err(e)?;
+                to(root, GAS_ATTACHED, body)
+            }
+            Op::ProxyOpen { stake } => {
+                let body = layout::body(op::OPEN_PROXY, 0, |b| {
+                    b.store_slice(&me)?.store_coins(&coins(*stake)).map(|_| ())
+                })
+                .map_err(e)?;
+                to(root, stake + GAS_ATTACHED, body)
+            }
+            Op::ProxyWithdraw { amount } => {
+                let body = layout::body(op::PROXY_WITHDRAW, 0, |b| {
+                    b.store_coins(&coins(*amount)).map(|_| ())
+                })
+                .map_err(e)?;
+                to(self.proxy_contract(&me)?, GAS_ATTACHED, body)
+            }
+            Op::ProxyClose | Op::ProxyFinishClose => {
+                let code = if matches!(op, Op::ProxyClose) {
+                    op::PROXY_CLOSE
+                } else {
+                    op::PROXY_FINISH_CLOSE
+                };
+                to(
+                    self.proxy_contract(&me)?,
+                    GAS_ATTACHED,
+                    layout::body(code, 0, |_| Ok(())).map_err(e)?,
+                )
+            }
+            Op::ProxyRefundClient { client } => {
+                let wallet = layout::wallet(client).map_err(e)?.address;
+                let body = layout::body(op::PROXY_REFUND_CLIENT, 0, |b| {
+                    b.store_address(&wallet).map(|_| ())
+                })
+                .map_err(e)?;
+                to(self.proxy_contract(&me)?, GAS_ATTACHED, body)
+            }
+            Op::ClientDeposit { proxy, amount } => {
+                let k = self.client_deployable(proxy, &me)?;
+                let body = layout::body(op::CLIENT_DEPOSIT, 0, |b| {
+                    b.store_coins(&coins(*amount)).map(|_| ())
+                })
+                .map_err(e)?;
+                Outgoing {
+                    dest: k.address,
+                    value: amount + GAS_ATTACHED,
+                    body,
+                    state_init: Some(k.state_init),
+                }
+            }
+            Op::ClientStake { proxy, amount } | Op::ClientWithdraw { proxy, amount } => {
+                let code = if matches!(op, Op::ClientStake { .. }) {
+                    op::CLIENT_STAKE
+                } else {
+                    op::CLIENT_WITHDRAW
+                };
+                let body = layout::body(code, 0, |b| b.store_coins(&coins(*amount)).map(|_| ()))
+                    .map_err(e)?;
+                to(
+                    self.client_deployable(proxy, &me)?.address,
+                    GAS_ATTACHED,
+                    body,
+                )
+            }
+            Op::ClientClose { proxy } | Op::ClientFinishClose { proxy } => {
+                let code = if matches!(op, Op::ClientClose { .. }) {
+                    op::CLIENT_CLOSE
+                } else {
+                    op::CLIENT_FINISH_CLOSE
+                };
+                to(
+                    self.client_deployable(proxy, &me)?.address,
+                    GAS_ATTACHED,
+                    layout::body(code, 0, |_| Ok(())).map_err(e)?,
+                )
+            }
+            Op::Charge { proxy, message } => {
+                let parsed = message.verify(proxy)?;
+                let at = self.client_at(proxy, parsed.contract())?;
+                to(
+                    at,
+                    GAS_ATTACHED,
+                    layout::signed_payment(op::CHARGE, &message.0).map_err(e)?,
+                )
+            }
+            Op::Payout { proxy, message } => {
+                message.verify(proxy)?;
+                let k = self.worker_deployable(proxy, &me)?;
+                Outgoing {
+                    dest: k.address,
+                    value: GAS_ATTACHED,
+                    body: layout::signed_payment(op::PAYOUT, &message.0).map_err(e)?,
+                    state_init: Some(k.state_init),
+                }
+            }
+            Op::WorkerWithdraw { proxy } => to(
+                self.worker_deployable(proxy, &me)?.address,
+                GAS_ATTACHED,
+                layout::body(op::WORKER_WITHDRAW, 0, |_| Ok(())).map_err(e)?,
+            ),
+        })
+    }
+
+    /// Charges name the client contract by account id; anyone may deliver them.
+    fn client_at(&self, _proxy: &PublicKey, named: Address) -> Result<TonAddress, LedgerError> {
+        Ok(TonAddress::new(0, named.0.into()))
+    }
+
+    async fn client_state(&self, at: &TonAddress) -> Option<Vec<BigInt>> {
+        self.api.run_get_method(at, "get_client", &[]).await.ok()
+    }
+}
+
+/// Sends one message from `wallet` and waits for the destination's transaction; returns its
+/// exit code.
+async fn send_and_confirm(
+    api: &Client,
+    wallet: &Wallet,
+    out: Outgoing,
+    timeout: Duration,
+) -> Result<i32, LedgerError> {
+    let seqno = api.seqno(wallet.address()).await.map_err(unreachable)?;
+    let dest = out.dest.clone();
+    let before = api
+        .transactions(&dest, 0)
+        .await
+        .map_err(unreachable)?
+        .last()
+        .map_or(0, |t| t.lt);
+    let valid_until = (cocoon_ledger::unix_now() + timeout.as_secs().max(60)) as u32;
+    let boc = wallet
+        .request(seqno.unwrap_or(0), valid_until, &[out], seqno.is_none())
+        .map_err(unreachable)?;
+    api.send_boc(&boc).await.map_err(unreachable)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(tx) = api
+            .transactions(&dest, before)
+            .await
+            .map_err(unreachable)?
+            .first()
+        {
+            return Ok(tx.exit_code.unwrap_or(0));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(unreachable(TonError::NotConfirmed(format!(
+                "no transaction on {} after {timeout:?}",
+                crate::toncenter::raw(&dest)
+            ))));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Ledger for TonLedger {
+    async fn execute(&self, tx: Tx) -> Result<Receipt, LedgerError> {
+        if tx.sender != self.wallet.public_key() {
+            return Err(LedgerError::BadTransaction(
+                "the TON ledger signs only for its own wallet's key".into(),
+            ));
+        }
+        let out = self.message(&tx.op)?;
+        let at = layout::account_id(&out.dest);
+        let client_before = match &tx.op {
+            Op::Charge { .. } => self.client_state(&out.dest).await,
+            _ => None,
+        };
+        let code = send_and_confirm(&self.api, &self.wallet, out, self.confirm_timeout).await?;
+        if code != 0 && code != 1 {
+            return Err(refusal(code, at));
+        }
+        let mut receipt = Receipt::default();
+        match &tx.op {
+            Op::ClientDeposit { amount, .. } => receipt.deposited = *amount,
+            Op::ProxyOpen { stake } => receipt.deposited = *stake,
+            Op::ClientWithdraw { amount, .. } | Op::ProxyWithdraw { amount } => {
+                receipt.paid_out = *amount
+            }
+            Op::Charge { .. } => {
+                let after = self.client_state(&TonAddress::new(0, at.0.into())).await;
+                if let (Some(b), Some(a)) = (client_before, after) {
+                    receipt.charged = u128_of(&b[2]).saturating_sub(u128_of(&a[2]));
+                }
+            }
+            _ => {}
+        }
+        Ok(receipt)
+    }
+
+    async fn snapshot(&self) -> Result<LedgerState, LedgerError> {
+        Err(LedgerError::Unreachable(
+            "a chain has no whole-state snapshot: query contracts one by one (params, client)"
+                .into(),
+        ))
+    }
+
+    async fn params(&self) -> Result<NetworkParams, LedgerError> {
+        self.read_params().await
+    }
+
+    async fn client(
+        &self,
+        proxy: PublicKey,
+        client: PublicKey,
+    ) -> Result<Option<ClientContract>, LedgerError> {
+        let at = self.client_deployable(&proxy, &client)?.address;
+        let Some(v) = self.client_state(&at).await else {
+            return Ok(None);
+        };
+        if v.len() != 5 {
+            return Ok(None);
+        }
+        let state = match u128_of(&v[0]) as u64 {
+            layout::STATE_NORMAL => ContractState::Normal,
+            layout::STATE_CLOSING => ContractState::Closing {
+                unlock_at: u128_of(&v[1]) as u64,
+            },
+            _ => ContractState::Closed,
+        };
+        Ok(Some(ClientContract {
+            client,
+            proxy,
+            balance: u128_of(&v[2]),
+            stake: u128_of(&v[3]),
+            tokens_used: u128_of(&v[4]) as u64,
+            state,
+        }))
+    }
+}

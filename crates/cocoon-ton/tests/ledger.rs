@@ -1,0 +1,260 @@
+//! The TON ledger backend end to end against the local emulated chain served in the toncenter
+//! shape: every operation goes out as a wallet v5 request over HTTP, is executed by the
+//! committed contracts in tycho-vm, and comes back confirmed or refused with the ledger's error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_ledger::{ContractState, Ledger, LedgerError, NetworkParams, Op, PaymentMessage, Tx};
+use cocoon_ton::TonLedger;
+use cocoon_ton::emulator::Chain;
+use cocoon_ton::toncenter::{self, Client};
+use cocoon_ton::wallet::Wallet;
+use parking_lot::Mutex;
+use ring::signature::Ed25519KeyPair;
+use tycho_types::cell::HashBytes;
+
+const TON: u128 = 1_000_000_000;
+
+fn hash(w: &Wallet) -> HashBytes {
+    HashBytes(w.address().hash_part.as_slice().try_into().unwrap())
+}
+
+async fn serve(chain: Arc<Mutex<Chain>>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, toncenter::router(chain))
+            .await
+            .unwrap()
+    });
+    format!("http://{addr}")
+}
+
+fn tx(ledger_key: [u8; 32], op: Op) -> Tx {
+    Tx {
+        sender: ledger_key,
+        op,
+        now: 0,
+    }
+}
+
+#[tokio::test]
+async fn operations_settle_on_the_emulated_chain() {
+    let chain = Arc::new(Mutex::new(Chain::new(cocoon_ledger::unix_now() as u32)));
+    let seeds = [[1u8; 32], [2u8; 32], [3u8; 32], [5u8; 32]];
+    for seed in seeds {
+        let w = Wallet::from_seed(seed).unwrap();
+        chain.lock().fund(hash(&w), 1000 * TON);
+    }
+    let base = serve(chain.clone()).await;
+    let api = Client::new(&base);
+    let timeout = Duration::from_secs(10);
+    let params = NetworkParams::default();
+    let owner = Wallet::from_seed(seeds[0]).unwrap();
+    let root = TonLedger::deploy_root(&api, &owner, &params, timeout)
+        .await
+        .unwrap();
+
+    let connect = |seed: [u8; 32]| {
+        let api = api.clone();
+        let root = root.clone();
+        async move {
+            TonLedger::connect(api, Wallet::from_seed(seed).unwrap(), root)
+                .await
+                .unwrap()
+                .with_confirm_timeout(timeout)
+        }
+    };
+    let owner = connect(seeds[0]).await;
+    let proxy = connect(seeds[1]).await;
+    let client = connect(seeds[2]).await;
+    let worker = connect(seeds[3]).await;
+    assert_eq!(owner.params().await.unwrap(), params);
+    let key = |s: [u8; 32]| Wallet::from_seed(s).unwrap().public_key();
+    let (owner_key, proxy_key, client_key, worker_key) =
+        (key(seeds[0]), key(seeds[1]), key(seeds[2]), key(seeds[3]));
+
+    // Only the owner changes the root; a proxy must be registered before it opens.
+    let err = proxy
+        .execute(tx(proxy_key, Op::AllowModel { hash: "ab".into() }))
+        .await
+        .unwrap_err();
+    assert_eq!(err, LedgerError::NotOwner);
+    let err = proxy
+        .execute(tx(proxy_key, Op::ProxyOpen { stake: 10 * TON }))
+        .await
+        .unwrap_err();
+    assert_eq!(err, LedgerError::UnknownProxy);
+    owner
+        .execute(tx(
+            owner_key,
+            Op::RegisterProxy {
+                key: proxy_key,
+                address: "proxy.example:8443".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let receipt = proxy
+        .execute(tx(proxy_key, Op::ProxyOpen { stake: 10 * TON }))
+        .await
+        .unwrap();
+    assert_eq!(receipt.deposited, 10 * TON);
+
+    // A client deposits and stakes; its contract reads back through the backend.
+    client
+        .execute(tx(
+            client_key,
+            Op::ClientDeposit {
+                proxy: proxy_key,
+                amount: 3 * TON,
+            },
+        ))
+        .await
+        .unwrap();
+    client
+        .execute(tx(
+            client_key,
+            Op::ClientStake {
+                proxy: proxy_key,
+                amount: TON,
+            },
+        ))
+        .await
+        .unwrap();
+    let c = client.client(proxy_key, client_key).await.unwrap().unwrap();
+    assert_eq!(
+        (c.balance, c.stake, c.tokens_used, c.state),
+        (3 * TON, TON, 0, ContractState::Normal)
+    );
+
+    // The proxy signs a cumulative charge naming the client's contract; anyone may deliver it.
+    let signing = Ed25519KeyPair::from_seed_unchecked(&seeds[1]).unwrap();
+    let contract = proxy.client_address(&proxy_key, &client_key).unwrap();
+    let charge = PaymentMessage::ChargeClient {
+        query_id: 1,
+        tokens_used: 5000,
+        contract,
+    }
+    .sign(&signing);
+    let receipt = proxy
+        .execute(tx(
+            proxy_key,
+            Op::Charge {
+                proxy: proxy_key,
+                message: charge.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(receipt.charged, 5000 * params.price_per_token);
+    let err = proxy
+        .execute(tx(
+            proxy_key,
+            Op::Charge {
+                proxy: proxy_key,
+                message: charge,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LedgerError::CounterNotIncreasing { .. }),
+        "{err:?}"
+    );
+    let c = client.client(proxy_key, client_key).await.unwrap().unwrap();
+    assert_eq!(
+        (c.balance, c.tokens_used),
+        (3 * TON - 5000 * params.price_per_token, 5000)
+    );
+
+    // A forged charge is refused before it costs gas: the backend checks the signature too.
+    let forged = PaymentMessage::ChargeClient {
+        query_id: 2,
+        tokens_used: 9000,
+        contract,
+    }
+    .sign(&Ed25519KeyPair::from_seed_unchecked(&seeds[3]).unwrap());
+    let err = proxy
+        .execute(tx(
+            proxy_key,
+            Op::Charge {
+                proxy: proxy_key,
+                message: forged,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::BadMessage(_)), "{err:?}");
+
+    // The worker claims its pay with the proxy's payout message, then withdraws it.
+    let named = worker.worker_address(&proxy_key, &worker_key).unwrap();
+    let payout = PaymentMessage::PayWorker {
+        query_id: 1,
+        tokens: 4000,
+        contract: named,
+    }
+    .sign(&signing);
+    worker
+        .execute(tx(
+            worker_key,
+            Op::Payout {
+                proxy: proxy_key,
+                message: payout,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        worker.worker(&proxy_key, &worker_key).await.unwrap(),
+        Some((4000, 4000 * params.worker_fee_per_token))
+    );
+    worker
+        .execute(tx(worker_key, Op::WorkerWithdraw { proxy: proxy_key }))
+        .await
+        .unwrap();
+    assert_eq!(
+        worker.worker(&proxy_key, &worker_key).await.unwrap(),
+        Some((4000, 0))
+    );
+
+    // Withdrawing into the stake is refused with the embedded ledger's error; above it is paid.
+    let err = client
+        .execute(tx(
+            client_key,
+            Op::ClientWithdraw {
+                proxy: proxy_key,
+                amount: 3 * TON,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::BelowStake { .. }), "{err:?}");
+    let receipt = client
+        .execute(tx(
+            client_key,
+            Op::ClientWithdraw {
+                proxy: proxy_key,
+                amount: TON,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(receipt.paid_out, TON);
+
+    // The cooperating proxy refunds and closes the client's contract at once.
+    proxy
+        .execute(tx(proxy_key, Op::ProxyRefundClient { client: client_key }))
+        .await
+        .unwrap();
+    let c = client.client(proxy_key, client_key).await.unwrap().unwrap();
+    assert_eq!((c.balance, c.state), (0, ContractState::Closed));
+
+    // The backend signs only as its own wallet.
+    let err = client
+        .execute(tx(proxy_key, Op::ProxyClose))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::BadTransaction(_)), "{err:?}");
+}
