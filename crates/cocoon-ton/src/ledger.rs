@@ -10,7 +10,7 @@ use cocoon_ledger::{
     Address, ClientContract, ContractState, ImageRole, Ledger, LedgerError, LedgerState,
     NetworkParams, Op, PublicKey, Receipt, Tx,
 };
-use num_bigint::{BigInt, Sign};
+use num_bigint::BigInt;
 use tonlib_core::TonAddress;
 use tonlib_core::cell::CellBuilder;
 
@@ -33,11 +33,6 @@ pub struct TonLedger {
 
 fn unreachable(e: TonError) -> LedgerError {
     LedgerError::Unreachable(e.to_string())
-}
-
-#[allow(dead_code)]
-fn key_int(key: &PublicKey) -> BigInt {
-    BigInt::from_bytes_be(Sign::Plus, key)
 }
 
 fn u128_of(v: &BigInt) -> u128 {
@@ -357,7 +352,8 @@ impl TonLedger {
             }
             Op::Charge { proxy, message } => {
                 let parsed = message.verify(proxy)?;
-                let at = self.client_at(proxy, parsed.contract())?;
+                // Charges name the client contract by account id; anyone may deliver them.
+                let at = TonAddress::new(0, parsed.contract().0.into());
                 to(
                     at,
                     GAS_ATTACHED,
@@ -380,11 +376,6 @@ impl TonLedger {
                 layout::body(op::WORKER_WITHDRAW, 0, |_| Ok(())).map_err(e)?,
             ),
         })
-    }
-
-    /// Charges name the client contract by account id; anyone may deliver them.
-    fn client_at(&self, _proxy: &PublicKey, named: Address) -> Result<TonAddress, LedgerError> {
-        Ok(TonAddress::new(0, named.0.into()))
     }
 
     async fn client_state(&self, at: &TonAddress) -> Option<Vec<BigInt>> {

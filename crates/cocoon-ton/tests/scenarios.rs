@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use cocoon_ledger::{NetworkParams, OP_CHARGE_CLIENT, PaymentMessage};
+use cocoon_ledger::{NetworkParams, PaymentMessage};
 use cocoon_ton::code::Contract;
 use cocoon_ton::emulator::{Chain, SKIPPED};
 use cocoon_ton::layout::{self, Deployable, account_id, coins, op};
@@ -460,10 +460,4 @@ fn committed_code_matches_recorded_hashes() {
             c.name()
         );
     }
-}
-
-#[test]
-fn charge_op_is_the_ledgers() {
-    // The contracts check the same op the ledger's messages carry.
-    assert_eq!(OP_CHARGE_CLIENT, 0x6368_7267);
 }
