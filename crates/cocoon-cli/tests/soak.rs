@@ -47,7 +47,7 @@ const PROMPTS: [&str; 3] = [
     "Say hello to the team.",
 ];
 
-/// Which answer a request asks for; equal keys get equal answers and bills (greedy decoding).
+/// Which answer a request asks for (its full answers are kept per key to reconcile bills).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Key {
     chat: bool,
@@ -272,15 +272,19 @@ fn load(
     })
 }
 
-/// Whether `target` is a sum of some of `candidates` (each used at most once).
-fn subset_sum(candidates: &[u64], target: u64) -> bool {
+/// Whether `target` is a sum of one choice from each of some of `groups` (each group used at
+/// most once, one of its values).
+fn subset_sum(groups: &[Vec<u64>], target: u64) -> bool {
     let target = target as usize;
     let mut reachable = vec![false; target + 1];
     reachable[0] = true;
-    for &c in candidates {
-        let c = c as usize;
-        for t in (c..=target).rev() {
-            reachable[t] |= reachable[t - c];
+    for group in groups {
+        let before = reachable.clone();
+        for &c in group {
+            let c = c as usize;
+            for t in c..=target {
+                reachable[t] |= before[t - c];
+            }
         }
     }
     reachable[target]
@@ -288,8 +292,10 @@ fn subset_sum(candidates: &[u64], target: u64) -> bool {
 
 /// Checks one client's charge against its outcomes; returns (acknowledged, lost) tokens.
 fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
-    let mut bills: HashMap<&Key, u64> = HashMap::new();
-    let mut answers: HashMap<&Key, &str> = HashMap::new();
+    // Greedy decoding is not batch-invariant in llama.cpp: the same request batched with
+    // different neighbours can take another token and so end differently. So each request
+    // may have several full answers, each with its own bill.
+    let mut answers: HashMap<&Key, BTreeMap<&str, u64>> = HashMap::new();
     let mut counters = Vec::new();
     let mut acked = 0;
     for (o, _) in &tally.outcomes {
@@ -300,13 +306,10 @@ fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
             content,
         } = o
         {
-            // Greedy decoding: the same request always costs the same and says the same.
-            assert_eq!(
-                *bills.entry(key).or_insert(*billed),
-                *billed,
-                "client {client}: {key:?} billed differently"
-            );
-            answers.entry(key).or_insert(content);
+            answers
+                .entry(key)
+                .or_default()
+                .insert(content.as_str(), *billed);
             counters.push(*counter);
             acked += billed;
         }
@@ -314,6 +317,10 @@ fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
         if let Outcome::CutOff { billed } = o {
             acked += billed;
         }
+    }
+    let varied = answers.values().filter(|a| a.len() > 1).count();
+    if varied > 0 {
+        eprintln!("client {client}: {varied} requests got more than one full answer");
     }
     // Every bill moved the counter to a value of its own: nothing was charged twice.
     counters.sort_unstable();
@@ -331,23 +338,29 @@ fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
     );
     let lost = charged - acked;
     // The only charge a client may not have seen: an answer generated in full, settled, and
-    // cut off on its way back by a proxy kill.
-    let candidates: Vec<u64> = tally
+    // cut off on its way back by a proxy kill. Each such request contributes the bill of one
+    // of its full answers; a streamed one only of the answer it had begun to show.
+    let bills_of = |key: &Key, shown: Option<&str>| -> Vec<u64> {
+        let Some(full) = answers.get(key) else {
+            return Vec::new();
+        };
+        match shown {
+            Some(c) => full.get(c).copied().into_iter().collect(),
+            None => full.values().copied().collect(),
+        }
+    };
+    let candidates: Vec<Vec<u64>> = tally
         .outcomes
         .iter()
         .filter(|(_, straddled)| *straddled)
         .filter_map(|(o, _)| match o {
             // A refusal may come after the proxy settled the answer and died before sending
             // it on; only a streamed answer shows how much of it arrived.
-            Outcome::Refused { key, .. } => bills.get(key).copied(),
-            Outcome::Interrupted { key, content } => {
-                let full = content
-                    .as_deref()
-                    .is_none_or(|c| answers.get(key) == Some(&c));
-                full.then(|| bills.get(key).copied()).flatten()
-            }
+            Outcome::Refused { key, .. } => Some(bills_of(key, None)),
+            Outcome::Interrupted { key, content } => Some(bills_of(key, content.as_deref())),
             Outcome::Acked { .. } | Outcome::CutOff { .. } => None,
         })
+        .filter(|bills| !bills.is_empty())
         .collect();
     assert!(
         subset_sum(&candidates, lost),
