@@ -38,6 +38,10 @@ enum Command {
             default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
         )]
         model: PathBuf,
+        /// Where payments settle: the embedded ledger, or the TON contracts on a local
+        /// emulated chain (in memory).
+        #[arg(long, value_enum, default_value = "embedded")]
+        ledger: cocoon_cli::dev::DevLedgerKind,
     },
     /// Serve models to a proxy (or, with `withdraw`, claim and withdraw what proxies owe).
     Worker {
@@ -263,7 +267,11 @@ fn shutdown_on_signal() -> CancellationToken {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev { listen, model } => {
+        Command::Dev {
+            listen,
+            model,
+            ledger,
+        } => {
             let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig {
                 model_path: model,
                 ..Default::default()
@@ -272,6 +280,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let mut net = DevNetwork::start(
                 DevOptions {
                     gateway_listen: listen,
+                    ledger,
                     ..Default::default()
                 },
                 vec![backend],
@@ -293,13 +302,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             if let Some(ledger) = net.ledger_url() {
                 let client = net.write_client_config()?;
+                let kind = match net.chain() {
+                    Some(_) => "the TON contracts on a LOCAL EMULATED chain (in memory)",
+                    None => "embedded ledger",
+                };
                 println!(
-                    "\nPayments: embedded ledger at {ledger} (development TON). The gateway's contract holds {} TON, {} staked; each answer's usage shows its cost in nanoton.",
+                    "\nPayments: {kind} at {ledger} (development TON). The gateway's contract holds {} TON, {} staked; each answer's usage shows its cost in nanoton.",
                     money::format_ton(cocoon_cli::dev::ledger::CLIENT_DEPOSIT),
                     money::format_ton(cocoon_cli::dev::ledger::CLIENT_STAKE),
                 );
                 println!("  cocoon client balance -c {}", client.display());
-                println!("  cocoon ledger show --ledger {ledger}\n");
+                if net.chain().is_none() {
+                    println!("  cocoon ledger show --ledger {ledger}");
+                }
+                println!();
             }
             println!("Press Ctrl-C to stop.");
             shutdown_on_signal().cancelled().await;
@@ -334,7 +350,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("worker key fingerprint: {}", identity.fingerprint());
             let proxy = cfg.proxy_policy.build("proxy_policy", "proxy")?;
             let shutdown = shutdown_on_signal();
-            let payouts = money::worker_payouts(&cfg, &identity, shutdown.clone())?;
+            let payouts = money::worker_payouts(&cfg, &identity, shutdown.clone()).await?;
             let mut worker = Worker::new(
                 cfg.name,
                 cfg.proxy_addr,

@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use cocoon_client::ClientConfig;
 use cocoon_ledger::{
-    Address, ClientContract, EmbeddedLedger, Ledger, Nanoton, Op, PublicKey, RemoteLedger, Tx,
-    Wallet,
+    Address, ClientContract, EmbeddedLedger, Ledger, Nanoton, Op, PublicKey, Tx, Wallet,
 };
 use serde_json::{Value, json};
 
@@ -48,6 +47,31 @@ pub fn wallet(key_file: &Path) -> anyhow::Result<Arc<Wallet>> {
         key_file.display()
     );
     key_wallet(key_file)
+}
+
+/// The existing key in `key_file`, as a wallet and as PKCS#8 (for a chain wallet).
+fn party(key_file: &Path) -> anyhow::Result<(Arc<Wallet>, Vec<u8>)> {
+    wallet(key_file)?;
+    let identity = cocoon_tls::Identity::load_or_create(key_file, "cocoon")?;
+    Ok((
+        Arc::new(Wallet::new(identity.signing_key())),
+        identity.key_pkcs8(),
+    ))
+}
+
+/// The ledger a `ledger = "…"` setting names, opened as the party with `wallet`'s key.
+pub async fn open_ledger(
+    spec: &str,
+    wallet: Arc<Wallet>,
+    key_pkcs8: &[u8],
+) -> anyhow::Result<Arc<dyn Ledger>> {
+    let parsed: cocoon_ton::LedgerSpec = spec
+        .parse()
+        .map_err(|e| anyhow::anyhow!("[payments] ledger: {e}"))?;
+    parsed
+        .open(wallet, key_pkcs8)
+        .await
+        .map_err(|e| anyhow::anyhow!("[payments] ledger {spec}: {e}"))
 }
 
 /// The key in `key_file` as a wallet, created if missing.
@@ -90,8 +114,8 @@ pub async fn serve_ledger(
 /// key in `key_file`.
 pub async fn exec(url: &str, key_file: &Path, op: &str) -> anyhow::Result<Value> {
     let op: Op = serde_json::from_str(op).map_err(|e| anyhow::anyhow!("bad operation: {e}"))?;
-    let wallet = wallet(key_file)?;
-    let ledger = RemoteLedger::new(url, Some(wallet.clone()));
+    let (wallet, key) = party(key_file)?;
+    let ledger = open_ledger(url, wallet.clone(), &key).await?;
     let receipt = ledger
         .execute(Tx {
             sender: wallet.public_key(),
@@ -104,7 +128,7 @@ pub async fn exec(url: &str, key_file: &Path, op: &str) -> anyhow::Result<Value>
 
 /// What the client commands act on.
 pub struct ClientAccount {
-    ledger: RemoteLedger,
+    ledger: Arc<dyn Ledger>,
     wallet: Arc<Wallet>,
     proxy: PublicKey,
     config: ClientConfig,
@@ -117,7 +141,7 @@ pub struct AccountOptions {
     /// The client's configuration (key file, proxy, `[payments]`).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// The ledger service, instead of `[payments] ledger`.
+    /// The ledger (its service URL, or `ton:<root>@<API URL>`), instead of `[payments] ledger`.
     #[arg(long)]
     pub ledger: Option<String>,
     /// The client's key file, instead of `key_file`.
@@ -144,6 +168,13 @@ pub enum ClientAction {
 }
 
 impl ClientAccount {
+    /// This client's contract with `proxy`, as the ledger names it.
+    fn address(&self, proxy: &PublicKey) -> anyhow::Result<Address> {
+        Ok(self
+            .ledger
+            .client_address(proxy, &self.wallet.public_key())?)
+    }
+
     pub async fn open(options: &AccountOptions) -> anyhow::Result<Self> {
         let config: ClientConfig = crate::config::load(options.config.as_deref())?;
         let url = options
@@ -156,8 +187,8 @@ impl ClientAccount {
                 "no key file: the contract is bound to the gateway's key, set key_file or --key-file"
             )
         })?;
-        let wallet = wallet(&key_file)?;
-        let ledger = RemoteLedger::new(&url, Some(wallet.clone()));
+        let (wallet, key) = party(&key_file)?;
+        let ledger = open_ledger(&url, wallet.clone(), &key).await?;
         let proxy = match options
             .proxy_key
             .as_ref()
@@ -214,7 +245,7 @@ impl ClientAccount {
         if let ClientAction::Close = action {
             let refund = self.close_through_proxy().await?;
             let contract = self.ledger.client(proxy, self.wallet.public_key()).await?;
-            let mut report = contract_report(&proxy, &self.wallet.public_key(), contract.as_ref());
+            let mut report = contract_report(self.address(&proxy)?, contract.as_ref());
             report["refunded_ton"] = json!(format_ton(Nanoton::from(refund.refunded)));
             return Ok(report);
         }
@@ -239,7 +270,7 @@ impl ClientAccount {
             None => None,
         };
         let contract = self.ledger.client(proxy, self.wallet.public_key()).await?;
-        let mut report = contract_report(&proxy, &self.wallet.public_key(), contract.as_ref());
+        let mut report = contract_report(self.address(&proxy)?, contract.as_ref());
         if let Some(r) = receipt {
             report["paid_out_ton"] = json!(format_ton(r.paid_out));
             report["deposited_ton"] = json!(format_ton(r.deposited));
@@ -248,12 +279,8 @@ impl ClientAccount {
     }
 }
 
-fn contract_report(
-    proxy: &PublicKey,
-    client: &PublicKey,
-    contract: Option<&ClientContract>,
-) -> Value {
-    let address = Address::client(proxy, client).to_string();
+fn contract_report(address: Address, contract: Option<&ClientContract>) -> Value {
+    let address = address.to_string();
     match contract {
         None => json!({"contract": address, "exists": false}),
         Some(c) => json!({
@@ -273,7 +300,7 @@ fn contract_report(
 
 /// The worker's payout store, and a task claiming its payouts when a ledger is configured.
 /// Payouts are bound to the worker's key, so they are kept only with a `key_file`.
-pub fn worker_payouts(
+pub async fn worker_payouts(
     config: &cocoon_worker::WorkerConfig,
     identity: &cocoon_tls::Identity,
     shutdown: tokio_util::sync::CancellationToken,
@@ -288,19 +315,18 @@ pub fn worker_payouts(
         return Ok(None);
     }
     let wallet = Arc::new(Wallet::new(identity.signing_key()));
-    let store = Arc::new(cocoon_worker::PayoutStore::open(
-        &payments.payout_file,
-        wallet.public_key(),
-    )?);
-    if let Some(url) = &payments.ledger {
-        tokio::spawn(cocoon_worker::claim_loop(
-            store.clone(),
-            url.clone(),
-            wallet,
-            std::time::Duration::from_secs(payments.claim_interval_secs.max(1)),
-            shutdown,
-        ));
-    }
+    let store = cocoon_worker::PayoutStore::open(&payments.payout_file, wallet.public_key())?;
+    let Some(url) = &payments.ledger else {
+        return Ok(Some(Arc::new(store)));
+    };
+    let ledger = open_ledger(url, wallet, &identity.key_pkcs8()).await?;
+    let store = Arc::new(store.with_ledger(ledger.clone()));
+    tokio::spawn(cocoon_worker::claim_loop(
+        store.clone(),
+        ledger,
+        std::time::Duration::from_secs(payments.claim_interval_secs.max(1)),
+        shutdown,
+    ));
     Ok(Some(store))
 }
 
@@ -316,11 +342,12 @@ pub async fn worker_withdraw(config: &cocoon_worker::WorkerConfig) -> anyhow::Re
         .key_file
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("no key_file: payouts are bound to the worker's key"))?;
-    let wallet = wallet(key_file)?;
+    let (wallet, key) = party(key_file)?;
+    let ledger = open_ledger(url, wallet.clone(), &key).await?;
     let store =
-        cocoon_worker::PayoutStore::open(&config.payments.payout_file, wallet.public_key())?;
-    let ledger = RemoteLedger::new(url, Some(wallet.clone()));
-    let claimed = store.claim(&ledger).await?;
+        cocoon_worker::PayoutStore::open(&config.payments.payout_file, wallet.public_key())?
+            .with_ledger(ledger.clone());
+    let claimed = store.claim(ledger.as_ref()).await?;
     let mut withdrawn = serde_json::Map::new();
     for proxy in store.owed().keys() {
         let proxy_key = decode_key(proxy)?;

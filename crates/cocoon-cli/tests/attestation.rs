@@ -83,7 +83,10 @@ async fn proxy_refuses_workers_its_policy_does_not_admit() {
     ];
     let mut refused = Vec::new();
     for (name, attester, reason) in cases {
-        let i = net.add_worker(name, backend.clone(), &attester).unwrap();
+        let i = net
+            .add_worker(name, backend.clone(), &attester)
+            .await
+            .unwrap();
         refused.push((net.worker_fingerprint(i).to_string(), reason));
     }
     wait_until(
@@ -108,7 +111,7 @@ async fn proxy_refuses_workers_its_policy_does_not_admit() {
 
     // The same proxy admits a worker that attests the allowed image with the trusted key.
     let good = net.dev_attester();
-    let i = net.add_worker("good", backend, &good).unwrap();
+    let i = net.add_worker("good", backend, &good).await.unwrap();
     let fp = net.worker_fingerprint(i).to_string();
     wait_until(
         "the attested worker to join",

@@ -14,9 +14,12 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use bytes::Bytes;
+use cocoon_ledger::{Address, Ledger, Wallet};
 use cocoon_protocol::{
     Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
 };
+use cocoon_tls::Identity;
+use cocoon_ton::LedgerSpec;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -37,6 +40,9 @@ struct AppState {
     proxies: ProxyPool,
     /// This gateway's key: the client of its contract with the proxy.
     client_key: [u8; 32],
+    /// The ledger its contracts are on, when configured: it names them (a chain by account
+    /// id). Without one, the embedded ledger's names.
+    ledger: Option<Arc<dyn Ledger>>,
     /// How this gateway attests itself: `tdx`, `dev` or `none`.
     attestation: &'static str,
 }
@@ -68,6 +74,32 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl AppState {
+    /// This client's contract with `proxy`, as its ledger names it.
+    fn contract_with(&self, proxy: &[u8; 32]) -> Option<Address> {
+        match &self.ledger {
+            Some(ledger) => ledger
+                .client_address(proxy, &self.client_key)
+                .inspect_err(|e| tracing::error!(error = %e, "cannot name the contract"))
+                .ok(),
+            None => Some(Address::client(proxy, &self.client_key)),
+        }
+    }
+}
+
+/// The ledger `spec` names, opened with the gateway's key: a TON root is read once here, so
+/// the gateway knows how the proxy must name its contract.
+async fn open_ledger(spec: &str, identity: &Identity) -> anyhow::Result<Arc<dyn Ledger>> {
+    let parsed: LedgerSpec = spec
+        .parse()
+        .map_err(|e| anyhow::anyhow!("[payments] ledger: {e}"))?;
+    let wallet = Arc::new(Wallet::new(identity.signing_key()));
+    parsed
+        .open(wallet, &identity.key_pkcs8())
+        .await
+        .map_err(|e| anyhow::anyhow!("[payments] ledger {spec}: {e}"))
+}
+
 impl Gateway {
     pub async fn bind(config: &ClientConfig) -> anyhow::Result<Self> {
         let identity = Arc::new(config.attester.identity(
@@ -81,8 +113,13 @@ impl Gateway {
             .public_key()
             .try_into()
             .expect("identities hold Ed25519 keys");
+        let ledger = match &config.payments.ledger {
+            Some(spec) => Some(open_ledger(spec, &identity).await?),
+            None => None,
+        };
         let state = Arc::new(AppState {
             client_key,
+            ledger,
             proxies: ProxyPool::new(&config.proxies(), identity, proxy),
             attestation,
         });
@@ -308,9 +345,10 @@ async fn answer(
     // Refusals (unknown model, prompt too long) come back here, before any byte of the answer,
     // so they keep their 4xx status even for streaming requests.
     let (events, link) = state.proxies.generate(&request).await?;
+    let proxy = link.proxy_key();
     let parties = Parties {
-        proxy: link.proxy_key(),
-        client: state.client_key,
+        proxy,
+        contract: proxy.and_then(|p| state.contract_with(&p)),
         max_price: request.max_price,
     };
     let meta = sse::Meta {

@@ -8,11 +8,12 @@
 use cocoon_ledger::{Address, PaymentMessage, SignedMessage};
 use cocoon_protocol::Billing;
 
-/// Who a bill must be between: the proxy of the connection and this gateway's key.
+/// Who a bill must be between: the proxy of the connection and this gateway's contract with
+/// it, named as the ledger names it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Parties {
     pub proxy: Option<[u8; 32]>,
-    pub client: [u8; 32],
+    pub contract: Option<Address>,
     /// The request's price cap, if it set one.
     pub max_price: Option<u64>,
 }
@@ -33,7 +34,7 @@ impl Parties {
         else {
             return Err("the charge is not a charge message".into());
         };
-        if contract != Address::client(&proxy, &self.client) {
+        if Some(contract) != self.contract {
             return Err("the charge is for another contract".into());
         }
         if tokens_used != bill.tokens_used || tokens_used < bill.billed_tokens {
@@ -108,7 +109,7 @@ mod tests {
         let client = [2; 32];
         let parties = Parties {
             proxy: Some(proxy.public_key()),
-            client,
+            contract: Some(Address::client(&proxy.public_key(), &client)),
             max_price: Some(30),
         };
         parties.check(&bill(&proxy, client, 100, 10)).unwrap();
@@ -136,9 +137,13 @@ mod tests {
         assert!(parties.check(&b).is_err());
         let unknown = Parties {
             proxy: None,
-            client,
-            max_price: None,
+            ..parties
         };
         assert!(unknown.check(&bill(&proxy, client, 100, 10)).is_err());
+        let unnamed = Parties {
+            contract: None,
+            ..parties
+        };
+        assert!(unnamed.check(&bill(&proxy, client, 100, 10)).is_err());
     }
 }

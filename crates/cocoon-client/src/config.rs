@@ -25,7 +25,8 @@ pub struct ClientConfig {
     /// an attested image. Checked before a byte of a prompt is sent.
     pub proxy_policy: PeerPolicy,
     /// Where this client's contract with the proxy lives, for `cocoon client deposit`,
-    /// `balance` and the rest. The gateway itself never touches the ledger: the proxy bills.
+    /// `balance` and the rest. The gateway itself only learns from it how the proxy must name
+    /// its contract (a TON root is read once at start): the proxy bills.
     pub payments: ClientPayments,
 }
 
@@ -33,7 +34,8 @@ pub struct ClientConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientPayments {
-    /// The ledger service, e.g. `http://127.0.0.1:9100`.
+    /// The ledger: its service, e.g. `http://127.0.0.1:9100`, or a TON root,
+    /// `ton:<root address>@<toncenter API URL>`.
     pub ledger: Option<String>,
     /// The proxy's public key (hex). When unset, the registry's proxy at `proxy_addr`.
     pub proxy_key: Option<String>,

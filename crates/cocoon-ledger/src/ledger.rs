@@ -142,6 +142,38 @@ pub trait Ledger: Send + Sync {
         Ok(self.snapshot().await?.registry.params)
     }
 
+    /// How a proxy's charge messages name this client's contract with it. The embedded
+    /// ledger's addresses by default; a chain names contracts by their account ids.
+    fn client_address(
+        &self,
+        proxy: &PublicKey,
+        client: &PublicKey,
+    ) -> Result<Address, LedgerError> {
+        Ok(Address::client(proxy, client))
+    }
+
+    /// How a proxy's payout messages name this worker's contract with it.
+    fn worker_address(
+        &self,
+        proxy: &PublicKey,
+        worker: &PublicKey,
+    ) -> Result<Address, LedgerError> {
+        Ok(Address::worker(proxy, worker))
+    }
+
+    /// What one proxy needs to check its record against: its own contract and those of the
+    /// named clients and workers (a chain cannot list contracts, so only the ones the proxy
+    /// knows of are read). By default the whole snapshot, which holds them all and more.
+    async fn proxy_view(
+        &self,
+        proxy: PublicKey,
+        clients: &[PublicKey],
+        workers: &[PublicKey],
+    ) -> Result<LedgerState, LedgerError> {
+        let _ = (proxy, clients, workers);
+        self.snapshot().await
+    }
+
     /// A client's contract with one proxy, if it exists.
     async fn client(
         &self,

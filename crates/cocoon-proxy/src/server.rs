@@ -137,7 +137,8 @@ impl Proxy {
                      signs are bound to its key, which must outlive the process"
                 );
                 let wallet = Arc::new(cocoon_ledger::Wallet::new(identity.signing_key()));
-                let billing = Billing::open(&config.payments, url, wallet).await?;
+                let billing =
+                    Billing::open(&config.payments, url, wallet, &identity.key_pkcs8()).await?;
                 tracing::info!(ledger = %url, book = %config.payments.book.display(), "payments on: record and ledger agree");
                 Some(billing)
             }

@@ -124,6 +124,11 @@ impl Identity {
             .expect("identities hold Ed25519 keys")
     }
 
+    /// The key as PKCS#8 DER: how a chain wallet bound to the same key is made.
+    pub fn key_pkcs8(&self) -> Vec<u8> {
+        self.key_pair.serialize_der()
+    }
+
     fn from_key_pair(key_pair: KeyPair, name: &str) -> Result<Self, IdentityError> {
         let fingerprint = Fingerprint::of_public_key(key_pair.public_key_raw());
         let issued = issue(&key_pair, name, None)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cocoon_ledger::{
     Address, ClientContract, ContractState, ImageRole, Ledger, LedgerError, LedgerState,
-    NetworkParams, Op, PublicKey, Receipt, Tx,
+    NetworkParams, Op, ProxyContract, PublicKey, Receipt, Tx, WorkerContract,
 };
 use num_bigint::BigInt;
 use tonlib_core::TonAddress;
@@ -29,6 +29,8 @@ pub struct TonLedger {
     root: TonAddress,
     params: NetworkParams,
     confirm_timeout: Duration,
+    /// One request at a time from the wallet: each takes the next seqno.
+    sending: tokio::sync::Mutex<()>,
 }
 
 fn unreachable(e: TonError) -> LedgerError {
@@ -37,6 +39,17 @@ fn unreachable(e: TonError) -> LedgerError {
 
 fn u128_of(v: &BigInt) -> u128 {
     u128::try_from(v).unwrap_or(0)
+}
+
+/// A contract's state and unlock time as its get-method returns them.
+fn contract_state(state: &BigInt, unlock_at: &BigInt) -> ContractState {
+    match u128_of(state) as u64 {
+        layout::STATE_NORMAL => ContractState::Normal,
+        layout::STATE_CLOSING => ContractState::Closing {
+            unlock_at: u128_of(unlock_at) as u64,
+        },
+        _ => ContractState::Closed,
+    }
 }
 
 /// A contract's refusal (its exit code) as the ledger's error.
@@ -91,6 +104,7 @@ impl TonLedger {
             root,
             params: NetworkParams::default(),
             confirm_timeout: Duration::from_secs(60),
+            sending: tokio::sync::Mutex::new(()),
         };
         ledger.params = ledger.read_params().await?;
         Ok(ledger)
@@ -169,28 +183,6 @@ impl TonLedger {
         let wallet = layout::wallet(worker).map_err(unreachable)?.address;
         layout::worker(&self.proxy_contract(proxy)?, &wallet, proxy, &self.params)
             .map_err(unreachable)
-    }
-
-    /// The account id a proxy's charge messages must name for this client.
-    pub fn client_address(
-        &self,
-        proxy: &PublicKey,
-        client: &PublicKey,
-    ) -> Result<Address, LedgerError> {
-        Ok(layout::account_id(
-            &self.client_deployable(proxy, client)?.address,
-        ))
-    }
-
-    /// The account id a proxy's payout messages must name for this worker.
-    pub fn worker_address(
-        &self,
-        proxy: &PublicKey,
-        worker: &PublicKey,
-    ) -> Result<Address, LedgerError> {
-        Ok(layout::account_id(
-            &self.worker_deployable(proxy, worker)?.address,
-        ))
     }
 
     /// A worker's contract: (tokens paid, balance), if deployed.
@@ -438,7 +430,15 @@ impl Ledger for TonLedger {
             Op::Charge { .. } => self.client_state(&out.dest).await,
             _ => None,
         };
-        let code = send_and_confirm(&self.api, &self.wallet, out, self.confirm_timeout).await?;
+        let me = self.wallet.public_key();
+        let worker_before = match &tx.op {
+            Op::WorkerWithdraw { proxy } => self.worker(proxy, &me).await?,
+            _ => None,
+        };
+        let code = {
+            let _one = self.sending.lock().await;
+            send_and_confirm(&self.api, &self.wallet, out, self.confirm_timeout).await?
+        };
         if code != 0 && code != 1 {
             return Err(refusal(code, at));
         }
@@ -453,6 +453,12 @@ impl Ledger for TonLedger {
                 let after = self.client_state(&TonAddress::new(0, at.0.into())).await;
                 if let (Some(b), Some(a)) = (client_before, after) {
                     receipt.charged = u128_of(&b[2]).saturating_sub(u128_of(&a[2]));
+                }
+            }
+            Op::WorkerWithdraw { proxy } => {
+                let after = self.worker(proxy, &me).await?;
+                if let (Some((_, b)), Some((_, a))) = (worker_before, after) {
+                    receipt.paid_out = b.saturating_sub(a);
                 }
             }
             _ => {}
@@ -471,6 +477,72 @@ impl Ledger for TonLedger {
         self.read_params().await
     }
 
+    fn client_address(
+        &self,
+        proxy: &PublicKey,
+        client: &PublicKey,
+    ) -> Result<Address, LedgerError> {
+        Ok(layout::account_id(
+            &self.client_deployable(proxy, client)?.address,
+        ))
+    }
+
+    fn worker_address(
+        &self,
+        proxy: &PublicKey,
+        worker: &PublicKey,
+    ) -> Result<Address, LedgerError> {
+        Ok(layout::account_id(
+            &self.worker_deployable(proxy, worker)?.address,
+        ))
+    }
+
+    async fn proxy_view(
+        &self,
+        proxy: PublicKey,
+        clients: &[PublicKey],
+        workers: &[PublicKey],
+    ) -> Result<LedgerState, LedgerError> {
+        // Only the parameters of the registry are read: the view is about this proxy.
+        let mut view = LedgerState::new([0; 32]);
+        view.registry.params = self.params.clone();
+        let at = self.proxy_contract(&proxy)?;
+        let got = self.api.run_get_method(&at, "get_proxy", &[]).await;
+        if let Ok(v) = got
+            && v.len() == 4
+        {
+            view.proxies.insert(
+                layout::account_id(&at),
+                ProxyContract {
+                    key: proxy,
+                    balance: u128_of(&v[2]),
+                    stake: u128_of(&v[3]),
+                    state: contract_state(&v[0], &v[1]),
+                },
+            );
+        }
+        for client in clients {
+            if let Some(contract) = self.client(proxy, *client).await? {
+                view.clients
+                    .insert(self.client_address(&proxy, client)?, contract);
+            }
+        }
+        for worker in workers {
+            if let Some((tokens_paid, balance)) = self.worker(&proxy, worker).await? {
+                view.workers.insert(
+                    self.worker_address(&proxy, worker)?,
+                    WorkerContract {
+                        worker: *worker,
+                        proxy,
+                        tokens_paid,
+                        balance,
+                    },
+                );
+            }
+        }
+        Ok(view)
+    }
+
     async fn client(
         &self,
         proxy: PublicKey,
@@ -483,13 +555,7 @@ impl Ledger for TonLedger {
         if v.len() != 5 {
             return Ok(None);
         }
-        let state = match u128_of(&v[0]) as u64 {
-            layout::STATE_NORMAL => ContractState::Normal,
-            layout::STATE_CLOSING => ContractState::Closing {
-                unlock_at: u128_of(&v[1]) as u64,
-            },
-            _ => ContractState::Closed,
-        };
+        let state = contract_state(&v[0], &v[1]);
         Ok(Some(ClientContract {
             client,
             proxy,

@@ -210,10 +210,25 @@ async fn operations_settle_on_the_emulated_chain() {
         worker.worker(&proxy_key, &worker_key).await.unwrap(),
         Some((4000, 4000 * params.worker_fee_per_token))
     );
-    worker
+    // What a restarting proxy checks its record against: its own contract and those it knows.
+    let view = proxy
+        .proxy_view(proxy_key, &[client_key, [7; 32]], &[worker_key])
+        .await
+        .unwrap();
+    let mine = view.proxies.values().next().unwrap();
+    assert_eq!((mine.key, mine.state), (proxy_key, ContractState::Normal));
+    assert_eq!(view.clients[&contract].tokens_used, 5000);
+    assert_eq!(
+        view.clients.len(),
+        1,
+        "a client without a contract is absent"
+    );
+    assert_eq!(view.workers[&named].tokens_paid, 4000);
+    let receipt = worker
         .execute(tx(worker_key, Op::WorkerWithdraw { proxy: proxy_key }))
         .await
         .unwrap();
+    assert_eq!(receipt.paid_out, 4000 * params.worker_fee_per_token);
     assert_eq!(
         worker.worker(&proxy_key, &worker_key).await.unwrap(),
         Some((4000, 0))

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_ledger::{
-    Address, Ledger, LedgerError, Op, PaymentMessage, PublicKey, RemoteLedger, SignedMessage, Tx,
-    Wallet,
+    Address, Ledger, LedgerError, Op, PaymentMessage, PublicKey, SignedMessage, Tx,
 };
 use cocoon_protocol::Payout;
 use parking_lot::Mutex;
@@ -21,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PayoutsConfig {
-    /// The ledger to claim payouts on; payouts are kept but not claimed when unset.
+    /// The ledger to claim payouts on: its service, e.g. `http://127.0.0.1:9100`, or a TON
+    /// root, `ton:<root address>@<toncenter API URL>`. Payouts are kept but not claimed when
+    /// unset (and only the embedded ledger's contract names are recognised).
     pub ledger: Option<String>,
     /// Where the latest payout of each proxy is kept.
     pub payout_file: PathBuf,
@@ -50,6 +51,8 @@ pub struct PayoutStore {
     path: PathBuf,
     worker: PublicKey,
     entries: Mutex<BTreeMap<String, Stored>>,
+    /// The ledger the payouts are for: it names this worker's contracts.
+    ledger: Option<Arc<dyn Ledger>>,
 }
 
 fn decode_key(hex_key: &str) -> Result<PublicKey, String> {
@@ -70,7 +73,23 @@ impl PayoutStore {
             path: path.to_owned(),
             worker,
             entries: Mutex::new(entries),
+            ledger: None,
         })
+    }
+
+    /// Payouts are for contracts on `ledger` (which decides how they are named).
+    pub fn with_ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    fn contract(&self, proxy: &PublicKey) -> Result<Address, String> {
+        match &self.ledger {
+            Some(ledger) => ledger
+                .worker_address(proxy, &self.worker)
+                .map_err(|e| e.to_string()),
+            None => Ok(Address::worker(proxy, &self.worker)),
+        }
     }
 
     /// Accepts `payout` from the proxy whose key is `proxy` if it is genuine, for this worker,
@@ -89,7 +108,7 @@ impl PayoutStore {
         else {
             return Err("not a payout message".into());
         };
-        if contract != Address::worker(proxy, &self.worker) || tokens != payout.tokens {
+        if contract != self.contract(proxy)? || tokens != payout.tokens {
             return Err("the payout is for another worker's contract".into());
         }
         let mut entries = self.entries.lock();
@@ -177,21 +196,19 @@ fn write_atomically(path: &Path, entries: &BTreeMap<String, Stored>) -> std::io:
     Ok(())
 }
 
-/// Claims new payouts every `interval` until `shutdown`.
+/// Claims new payouts on `ledger` every `interval` until `shutdown`.
 pub async fn claim_loop(
     store: Arc<PayoutStore>,
-    url: String,
-    wallet: Arc<Wallet>,
+    ledger: Arc<dyn Ledger>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let ledger = RemoteLedger::new(&url, Some(wallet));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.cancelled() => return,
         }
-        match store.claim(&ledger).await {
+        match store.claim(ledger.as_ref()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(claimed = n, "payouts claimed on the ledger"),
             Err(e) => tracing::warn!(error = %e, "claiming payouts failed"),

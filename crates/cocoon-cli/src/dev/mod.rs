@@ -6,8 +6,10 @@
 //!
 //! Payments are real too (unless turned off for comparison): an embedded ledger is served on
 //! loopback, the proxy bills every request against the gateway's funded contract and workers
-//! claim their payouts, as in [`ledger`].
+//! claim their payouts, as in [`ledger`]. With [`DevLedgerKind::Ton`] the money is on a local
+//! emulated TON chain running the contracts instead, as in [`chain`].
 
+pub mod chain;
 pub mod ledger;
 
 use std::net::SocketAddr;
@@ -26,6 +28,7 @@ use cocoon_proxy::{
 use cocoon_tls::{AttesterChoice, AttesterConfig, Identity, PeerPolicy};
 use cocoon_worker::{PayoutStore, PriceConfig, Worker};
 
+use self::chain::DevChain;
 use self::ledger::{DevLedger, key_wallet};
 use tokio_util::sync::CancellationToken;
 
@@ -38,8 +41,10 @@ pub struct DevOptions {
     pub proxy_listen: String,
     /// The proxy's key file; a fresh key in the network's directory when unset.
     pub proxy_key_file: Option<std::path::PathBuf>,
-    /// Bill requests through an embedded ledger (off only to measure what payments cost).
+    /// Bill requests through a ledger (off only to measure what payments cost).
     pub payments: bool,
+    /// Which ledger bills them.
+    pub ledger: DevLedgerKind,
     /// Seconds between the proxy's batched commits to the ledger.
     pub commit_interval_secs: u64,
     /// The proxy's abuse limits.
@@ -57,12 +62,23 @@ impl Default for DevOptions {
             proxy_listen: "127.0.0.1:0".into(),
             proxy_key_file: None,
             payments: true,
+            ledger: DevLedgerKind::Embedded,
             commit_interval_secs: 2,
             limits: LimitsConfig::default(),
             routing: RoutingConfig::default(),
             worker_prices: Vec::new(),
         }
     }
+}
+
+/// Where a dev network's money is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevLedgerKind {
+    /// The embedded ledger, durable in the network's directory, served on loopback.
+    #[default]
+    Embedded,
+    /// The TON contracts on a local emulated chain (in memory), through the toncenter API.
+    Ton,
 }
 
 struct WorkerSlot {
@@ -90,6 +106,7 @@ pub struct DevNetwork {
     dev_dir: tempfile::TempDir,
     dev_key: String,
     ledger: Option<DevLedger>,
+    chain: Option<DevChain>,
     proxy_key_file: PathBuf,
     client_key: PublicKey,
 }
@@ -110,25 +127,32 @@ impl DevNetwork {
             .public_key(),
         );
         let attester = dev_attester_config(&dev_dir);
-        let ledger = match options.payments {
-            true => Some(DevLedger::start(dev_dir.path(), shutdown.clone()).await?),
-            false => None,
+        let (ledger, chain) = match (options.payments, options.ledger) {
+            (false, _) => (None, None),
+            (true, DevLedgerKind::Embedded) => (
+                Some(DevLedger::start(dev_dir.path(), shutdown.clone()).await?),
+                None,
+            ),
+            (true, DevLedgerKind::Ton) => (None, Some(DevChain::start(dev_dir.path()).await?)),
         };
-        let ledger_url = ledger.as_ref().map(|l| l.url.clone());
-        let workers: Vec<WorkerSlot> = backends
-            .into_iter()
-            .enumerate()
-            .map(|(i, backend)| {
-                worker_slot(
-                    format!("dev-worker-{i}"),
-                    backend,
-                    &attester,
-                    dev_dir.path(),
-                    ledger_url.as_deref(),
-                    &shutdown,
-                )
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let ledger_url = match (&ledger, &chain) {
+            (Some(l), _) => Some(l.url.clone()),
+            (_, Some(c)) => Some(c.spec.clone()),
+            _ => None,
+        };
+        let mut workers = Vec::new();
+        for (i, backend) in backends.into_iter().enumerate() {
+            let slot = WorkerSetup {
+                attester: &attester,
+                dir: dev_dir.path(),
+                ledger_url: ledger_url.as_deref(),
+                chain: chain.as_ref(),
+                shutdown: &shutdown,
+            }
+            .slot(format!("dev-worker-{i}"), backend)
+            .await?;
+            workers.push(slot);
+        }
         let proxy_key_file = options
             .proxy_key_file
             .clone()
@@ -140,6 +164,10 @@ impl DevNetwork {
         if let Some(ledger) = &ledger {
             ledger.open_proxy(proxy_key, &proxy_listen).await?;
             ledger.fund_client(client_key, proxy_key).await?;
+        }
+        if let Some(chain) = &chain {
+            chain.open_proxy(&proxy_key_file, &proxy_listen).await?;
+            chain.fund_client(&client_key_file, proxy_key).await?;
         }
         let proxy_stop = shutdown.child_token();
         let (proxy_addr, proxy_fingerprint, proxy_status, proxy_task) = start_proxy(
@@ -185,6 +213,7 @@ impl DevNetwork {
             dev_dir,
             dev_key,
             ledger,
+            chain,
             proxy_key_file,
             client_key,
         };
@@ -194,9 +223,19 @@ impl DevNetwork {
         Ok(net)
     }
 
-    /// The ledger service's URL, when payments are on.
+    /// How configs name the ledger (the embedded ledger's URL, or the TON root), when
+    /// payments are on.
     pub fn ledger_url(&self) -> Option<&str> {
-        self.ledger.as_ref().map(|l| l.url.as_str())
+        match (&self.ledger, &self.chain) {
+            (Some(l), _) => Some(l.url.as_str()),
+            (_, Some(c)) => Some(c.spec.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The local TON chain, when the network settles on TON.
+    pub fn chain(&self) -> Option<&DevChain> {
+        self.chain.as_ref()
     }
 
     /// The ledger itself, for reading its state directly.
@@ -302,20 +341,21 @@ impl DevNetwork {
 
     /// Adds a worker that attests itself as `attester` says and starts it; returns its index.
     /// For trying what the proxy admits.
-    pub fn add_worker(
+    pub async fn add_worker(
         &mut self,
         name: &str,
         backend: Arc<dyn Backend>,
         attester: &AttesterConfig,
     ) -> anyhow::Result<usize> {
-        let slot = worker_slot(
-            name.to_owned(),
-            backend,
+        let slot = WorkerSetup {
             attester,
-            self.dev_dir.path(),
-            self.ledger_url(),
-            &self.shutdown,
-        )?;
+            dir: self.dev_dir.path(),
+            ledger_url: self.ledger_url(),
+            chain: self.chain.as_ref(),
+            shutdown: &self.shutdown,
+        }
+        .slot(name.to_owned(), backend)
+        .await?;
         self.workers.push(slot);
         let i = self.workers.len() - 1;
         self.start_worker(i);
@@ -491,43 +531,58 @@ async fn start_proxy(
     Ok((addr, fingerprint, status, task))
 }
 
-/// A worker with its own key file and, with a ledger, a payout store it claims from.
-fn worker_slot(
-    name: String,
-    backend: Arc<dyn Backend>,
-    attester: &AttesterConfig,
-    dir: &Path,
-    ledger_url: Option<&str>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<WorkerSlot> {
-    let key_file = dir.join(format!("{name}.key"));
-    let identity = Arc::new(attester.identity(Some(&key_file), "cocoon-worker", "worker")?);
-    let payouts = match ledger_url {
-        Some(url) => {
-            let wallet = Arc::new(cocoon_ledger::Wallet::new(identity.signing_key()));
-            let store = Arc::new(PayoutStore::open(
-                &dir.join(format!("{name}-payouts.json")),
-                wallet.public_key(),
-            )?);
-            tokio::spawn(cocoon_worker::claim_loop(
-                store.clone(),
-                url.to_owned(),
-                wallet,
-                Duration::from_secs(2),
-                shutdown.clone(),
-            ));
-            Some(store)
+/// What every worker of the network shares.
+struct WorkerSetup<'a> {
+    attester: &'a AttesterConfig,
+    dir: &'a Path,
+    ledger_url: Option<&'a str>,
+    chain: Option<&'a DevChain>,
+    shutdown: &'a CancellationToken,
+}
+
+impl WorkerSetup<'_> {
+    /// A worker with its own key file and, with a ledger, a payout store it claims from.
+    async fn slot(&self, name: String, backend: Arc<dyn Backend>) -> anyhow::Result<WorkerSlot> {
+        let key_file = self.dir.join(format!("{name}.key"));
+        let identity = Arc::new(self.attester.identity(
+            Some(&key_file),
+            "cocoon-worker",
+            "worker",
+        )?);
+        if let Some(chain) = self.chain {
+            chain.enrol(&key_file)?;
         }
-        None => None,
-    };
-    Ok(WorkerSlot {
-        name,
-        backend,
-        identity,
-        stop: None,
-        connected: Arc::default(),
-        payouts,
-    })
+        let payouts = match self.ledger_url {
+            Some(url) => {
+                let wallet = Arc::new(cocoon_ledger::Wallet::new(identity.signing_key()));
+                let ledger =
+                    crate::money::open_ledger(url, wallet.clone(), &identity.key_pkcs8()).await?;
+                let store = Arc::new(
+                    PayoutStore::open(
+                        &self.dir.join(format!("{name}-payouts.json")),
+                        wallet.public_key(),
+                    )?
+                    .with_ledger(ledger.clone()),
+                );
+                tokio::spawn(cocoon_worker::claim_loop(
+                    store.clone(),
+                    ledger,
+                    Duration::from_secs(2),
+                    self.shutdown.clone(),
+                ));
+                Some(store)
+            }
+            None => None,
+        };
+        Ok(WorkerSlot {
+            name,
+            backend,
+            identity,
+            stop: None,
+            connected: Arc::default(),
+            payouts,
+        })
+    }
 }
 
 fn dev_attester_config(dev_dir: &tempfile::TempDir) -> AttesterConfig {

@@ -32,6 +32,15 @@ pub struct WorkerRecord {
     pub latest: Option<SignedMessage>,
 }
 
+/// One side of a settlement: whose counter grows, by how much, and the contract its message
+/// names (the ledger decides how contracts are named: see `Ledger::client_address`).
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub party: PublicKey,
+    pub contract: Address,
+    pub tokens: u64,
+}
+
 /// What one settlement signed.
 #[derive(Debug, Clone)]
 pub struct Settled {
@@ -52,7 +61,6 @@ pub enum BookError {
 pub struct Book {
     db: Database,
     path: String,
-    proxy: PublicKey,
     clients: HashMap<PublicKey, ClientRecord>,
     workers: HashMap<PublicKey, WorkerRecord>,
 }
@@ -73,7 +81,6 @@ impl Book {
         let mut book = Self {
             db,
             path: name.clone(),
-            proxy,
             clients: HashMap::new(),
             workers: HashMap::new(),
         };
@@ -135,43 +142,46 @@ impl Book {
         self.clients.iter()
     }
 
+    pub fn workers(&self) -> impl Iterator<Item = (&PublicKey, &WorkerRecord)> {
+        self.workers.iter()
+    }
+
     pub fn worker(&self, key: &PublicKey) -> WorkerRecord {
         self.workers.get(key).cloned().unwrap_or_default()
     }
 
-    /// Adds `client_tokens` to the client's charge and `worker_tokens` to the worker's due,
-    /// signs both new counters and commits them in one transaction. Memory changes only once
-    /// the commit succeeded.
+    /// Adds the client's tokens to its charge and the worker's to its due, signs both new
+    /// counters and commits them in one transaction. Memory changes only once the commit
+    /// succeeded.
     pub fn settle(
         &mut self,
         key: &Ed25519KeyPair,
-        client: PublicKey,
-        client_tokens: u64,
-        worker: PublicKey,
-        worker_tokens: u64,
+        client: Entry,
+        worker: Entry,
     ) -> Result<Settled, BookError> {
-        let mut c = self.client(&client);
-        let mut w = self.worker(&worker);
+        let mut c = self.client(&client.party);
+        let mut w = self.worker(&worker.party);
         c.charged = c
             .charged
-            .checked_add(client_tokens)
+            .checked_add(client.tokens)
             .ok_or(BookError::Overflow)?;
         w.owed = w
             .owed
-            .checked_add(worker_tokens)
+            .checked_add(worker.tokens)
             .ok_or(BookError::Overflow)?;
         let charge = PaymentMessage::ChargeClient {
             query_id: c.charged,
             tokens_used: c.charged,
-            contract: Address::client(&self.proxy, &client),
+            contract: client.contract,
         }
         .sign(key);
         let payout = PaymentMessage::PayWorker {
             query_id: w.owed,
             tokens: w.owed,
-            contract: Address::worker(&self.proxy, &worker),
+            contract: worker.contract,
         }
         .sign(key);
+        let (client, worker) = (client.party, worker.party);
         c.latest = Some(charge.clone());
         w.latest = Some(payout.clone());
         self.write(Some((&client, &c)), Some((&worker, &w)))?;
@@ -228,6 +238,36 @@ mod tests {
         cocoon_ledger::Wallet::from_seed([seed; 32])
     }
 
+    fn entries(
+        proxy: &cocoon_ledger::Wallet,
+        (client, client_tokens): (PublicKey, u64),
+        (worker, worker_tokens): (PublicKey, u64),
+    ) -> (Entry, Entry) {
+        let proxy = proxy.public_key();
+        (
+            Entry {
+                party: client,
+                contract: Address::client(&proxy, &client),
+                tokens: client_tokens,
+            },
+            Entry {
+                party: worker,
+                contract: Address::worker(&proxy, &worker),
+                tokens: worker_tokens,
+            },
+        )
+    }
+
+    fn settle(
+        book: &mut Book,
+        proxy: &cocoon_ledger::Wallet,
+        client: (PublicKey, u64),
+        worker: (PublicKey, u64),
+    ) -> Result<Settled, BookError> {
+        let (c, w) = entries(proxy, client, worker);
+        book.settle(proxy.key_pair(), c, w)
+    }
+
     #[test]
     fn settlements_sign_growing_counters_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -236,10 +276,8 @@ mod tests {
         let (client, worker) = ([2u8; 32], [3u8; 32]);
         {
             let mut book = Book::open(&path, proxy.public_key()).unwrap();
-            let a = book
-                .settle(proxy.key_pair(), client, 10, worker, 8)
-                .unwrap();
-            let b = book.settle(proxy.key_pair(), client, 5, worker, 4).unwrap();
+            let a = settle(&mut book, &proxy, (client, 10), (worker, 8)).unwrap();
+            let b = settle(&mut book, &proxy, (client, 5), (worker, 4)).unwrap();
             assert_eq!((a.tokens_used, b.tokens_used), (10, 15));
             assert_eq!((a.worker_owed, b.worker_owed), (8, 12));
             let PaymentMessage::ChargeClient {
@@ -270,10 +308,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let proxy = key(9);
         let mut book = Book::open(&dir.path().join("b.redb"), proxy.public_key()).unwrap();
-        book.settle(proxy.key_pair(), [2; 32], u64::MAX - 1, [3; 32], 1)
-            .unwrap();
+        settle(&mut book, &proxy, ([2; 32], u64::MAX - 1), ([3; 32], 1)).unwrap();
         assert!(matches!(
-            book.settle(proxy.key_pair(), [2; 32], 2, [3; 32], 1),
+            settle(&mut book, &proxy, ([2; 32], 2), ([3; 32], 1)),
             Err(BookError::Overflow)
         ));
         assert_eq!(book.client(&[2; 32]).charged, u64::MAX - 1);

@@ -19,16 +19,17 @@ use std::time::{Duration, Instant};
 
 use cocoon_ledger::{
     ClientContract, ContractState, Ledger, LedgerError, Nanoton, NetworkParams, Op, PublicKey,
-    RemoteLedger, TokenKind, Tx, Wallet, unix_now,
+    TokenKind, Tx, Wallet, unix_now,
 };
 use cocoon_protocol::{
     Billing as Bill, ErrorKind, GenerateRequest, Input, Payout, ProtocolError, Refund, Usage,
 };
+use cocoon_ton::LedgerSpec;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-pub use book::{Book, BookError, ClientRecord, WorkerRecord};
+pub use book::{Book, BookError, ClientRecord, Entry, WorkerRecord};
 
 /// How long a client's contract as read from the ledger is trusted before it is read again.
 /// A refusal always reads again first, so a fresh deposit is never missed.
@@ -40,7 +41,8 @@ const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 8;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PaymentsConfig {
-    /// The ledger service, e.g. `http://127.0.0.1:9100`.
+    /// The ledger: its service, e.g. `http://127.0.0.1:9100`, or a TON root,
+    /// `ton:<root address>@<toncenter API URL>`.
     pub ledger: Option<String>,
     /// The proxy's durable record of charges and debts. Must survive restarts: losing it
     /// stops the proxy (rollback detection) until an operator steps in.
@@ -150,25 +152,38 @@ impl Billing {
         config: &PaymentsConfig,
         url: &str,
         wallet: Arc<Wallet>,
+        key_pkcs8: &[u8],
     ) -> anyhow::Result<Arc<Self>> {
-        let ledger: Arc<dyn Ledger> = Arc::new(RemoteLedger::new(url, Some(wallet.clone())));
-        let proxy = wallet.public_key();
-        let state = ledger
-            .snapshot()
+        let spec: LedgerSpec = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("[payments] ledger: {e}"))?;
+        let ledger = spec
+            .open(wallet.clone(), key_pkcs8)
             .await
             .map_err(|e| anyhow::anyhow!("[payments] ledger {url}: {e}"))?;
-        let at = cocoon_ledger::Address::proxy(&proxy);
-        match state.proxies.get(&at).map(|p| p.state) {
+        let proxy = wallet.public_key();
+        let path = config.book.clone();
+        let book = tokio::task::spawn_blocking(move || Book::open(&path, proxy)).await??;
+        let clients: Vec<PublicKey> = book.clients().map(|(k, _)| *k).collect();
+        let workers: Vec<PublicKey> = book.workers().map(|(k, _)| *k).collect();
+        let state = ledger
+            .proxy_view(proxy, &clients, &workers)
+            .await
+            .map_err(|e| anyhow::anyhow!("[payments] ledger {url}: {e}"))?;
+        match state
+            .proxies
+            .values()
+            .find(|p| p.key == proxy)
+            .map(|p| p.state)
+        {
             Some(ContractState::Normal) => {}
-            Some(_) => anyhow::bail!("this proxy's contract {at} is closing or closed"),
+            Some(_) => anyhow::bail!("this proxy's contract is closing or closed"),
             None => anyhow::bail!(
                 "this proxy (key {}) has no contract on the ledger: the registry owner must \
                  register it and it must open one with its stake (`cocoon ledger exec`)",
                 hex::encode(proxy)
             ),
         }
-        let path = config.book.clone();
-        let book = tokio::task::spawn_blocking(move || Book::open(&path, proxy)).await??;
         let found = rollback::disagreements(&book, &state, &proxy);
         if !found.is_empty() {
             anyhow::bail!(
@@ -395,12 +410,24 @@ impl Billing {
                 tokens = affordable;
             }
         }
+        let named = |e: LedgerError| ProtocolError::internal(format!("contract address: {e}"));
+        let proxy = self.proxy();
+        let client = Entry {
+            party: hold.client,
+            contract: self
+                .ledger
+                .client_address(&proxy, &hold.client)
+                .map_err(named)?,
+            tokens,
+        };
+        let worker = Entry {
+            party: worker,
+            contract: self.ledger.worker_address(&proxy, &worker).map_err(named)?,
+            tokens,
+        };
         let billing = self.clone();
-        let client = hold.client;
         let settled = tokio::task::spawn_blocking(move || {
-            billing.with_book(|book| {
-                book.settle(billing.wallet.key_pair(), client, tokens, worker, tokens)
-            })
+            billing.with_book(|book| book.settle(billing.wallet.key_pair(), client, worker))
         })
         .await
         .map_err(|e| ProtocolError::internal(e.to_string()))??

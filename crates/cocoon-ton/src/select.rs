@@ -1,0 +1,114 @@
+//! Which ledger a `ledger = "…"` setting names, and opening it with a party's key. One string
+//! serves every role's config: an `http(s)://` URL is the embedded ledger's service, and
+//! `ton:<root address>@<toncenter API base>` is the root contract on a TON chain.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_ledger::{Ledger, LedgerError, RemoteLedger};
+use tonlib_core::TonAddress;
+
+use crate::ledger::TonLedger;
+use crate::toncenter::{self, Client};
+use crate::wallet::Wallet;
+
+/// A parsed `ledger` setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerSpec {
+    /// The embedded ledger behind `cocoon ledger serve`.
+    Service(String),
+    /// The root contract at `root`, reached through a toncenter-shaped API at `api`.
+    Ton { root: TonAddress, api: String },
+}
+
+impl FromStr for LedgerSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("ton:") {
+            let (root, api) = rest.split_once('@').ok_or_else(|| {
+                format!("'{s}': a TON ledger is ton:<root address>@<toncenter API URL>")
+            })?;
+            let root = TonAddress::from_str(root)
+                .map_err(|e| format!("'{root}' is not a TON address: {e}"))?;
+            if !(api.starts_with("http://") || api.starts_with("https://")) {
+                return Err(format!("'{api}': the TON API must be an http(s) URL"));
+            }
+            return Ok(Self::Ton {
+                root,
+                api: api.trim_end_matches('/').to_owned(),
+            });
+        }
+        if s.starts_with("http://") || s.starts_with("https://") {
+            return Ok(Self::Service(s.to_owned()));
+        }
+        Err(format!(
+            "'{s}' names no ledger: use http(s)://… for the embedded ledger's service or \
+             ton:<root address>@<toncenter API URL> for TON"
+        ))
+    }
+}
+
+impl fmt::Display for LedgerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Service(url) => f.write_str(url),
+            Self::Ton { root, api } => write!(f, "ton:{}@{api}", toncenter::raw(root)),
+        }
+    }
+}
+
+impl LedgerSpec {
+    /// Opens the ledger as the party whose key is `key_pkcs8` (`wallet` is the same key, for
+    /// the embedded ledger's signed transactions). A TON ledger reads the root's parameters
+    /// first, so an unreachable chain or a wrong root fails here, not at the first payment.
+    pub async fn open(
+        &self,
+        wallet: Arc<cocoon_ledger::Wallet>,
+        key_pkcs8: &[u8],
+    ) -> Result<Arc<dyn Ledger>, LedgerError> {
+        match self {
+            Self::Service(url) => Ok(Arc::new(RemoteLedger::new(url, Some(wallet)))),
+            Self::Ton { root, api } => {
+                let ton_wallet = Wallet::from_pkcs8(key_pkcs8)
+                    .map_err(|e| LedgerError::BadTransaction(e.to_string()))?;
+                if ton_wallet.public_key() != wallet.public_key() {
+                    return Err(LedgerError::BadTransaction(
+                        "the TON wallet's key is not the party's key".into(),
+                    ));
+                }
+                let ledger = TonLedger::connect(Client::new(api), ton_wallet, root.clone())
+                    .await?
+                    .with_confirm_timeout(Duration::from_secs(60));
+                Ok(Arc::new(ledger))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        let root = format!("0:{}", "ab".repeat(32));
+        let ton: LedgerSpec = format!("ton:{root}@http://127.0.0.1:8081/")
+            .parse()
+            .unwrap();
+        assert_eq!(ton.to_string(), format!("ton:{root}@http://127.0.0.1:8081"));
+        assert!(matches!(ton, LedgerSpec::Ton { ref api, .. } if api == "http://127.0.0.1:8081"));
+        let service: LedgerSpec = "http://127.0.0.1:9100".parse().unwrap();
+        assert_eq!(service, LedgerSpec::Service("http://127.0.0.1:9100".into()));
+        for bad in [
+            "ton:http://127.0.0.1:8081",
+            "ton:nonsense@http://x",
+            &format!("ton:{root}@ftp://x"),
+            "127.0.0.1:9100",
+        ] {
+            assert!(bad.parse::<LedgerSpec>().is_err(), "{bad} parsed");
+        }
+    }
+}
