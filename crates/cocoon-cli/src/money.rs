@@ -65,13 +65,9 @@ pub async fn open_ledger(
     wallet: Arc<Wallet>,
     key_pkcs8: &[u8],
 ) -> anyhow::Result<Arc<dyn Ledger>> {
-    let parsed: cocoon_ton::LedgerSpec = spec
-        .parse()
-        .map_err(|e| anyhow::anyhow!("[payments] ledger: {e}"))?;
-    parsed
-        .open(wallet, key_pkcs8)
+    cocoon_ton::open_ledger(spec, wallet, key_pkcs8)
         .await
-        .map_err(|e| anyhow::anyhow!("[payments] ledger {spec}: {e}"))
+        .map_err(anyhow::Error::msg)
 }
 
 /// The key in `key_file` as a wallet, created if missing.

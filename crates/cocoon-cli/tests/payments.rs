@@ -119,28 +119,8 @@ async fn answers_are_billed_committed_and_paid_out() {
     }
 
     // The worker's owner takes the earnings out with the CLI.
-    let config = cocoon_worker::WorkerConfig {
-        key_file: Some(net.dir().join("dev-worker-0.key")),
-        payments: cocoon_worker::PayoutsConfig {
-            ledger: Some(net.ledger_url().unwrap().to_owned()),
-            payout_file: net.dir().join("dev-worker-0-payouts.json"),
-            claim_interval_secs: 60,
-        },
-        ..Default::default()
-    };
-    let config_file = net.dir().join("worker.toml");
-    std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
-        .args(["worker", "-c", config_file.to_str().unwrap(), "withdraw"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = dev_worker_config(&net, net.ledger_url().unwrap());
+    let report = cocoon_report(&["worker", "-c", config.to_str().unwrap(), "withdraw"]).await;
     let earned = u128::from(billed) * params.worker_fee_per_token;
     assert_eq!(
         report["withdrawn_ton"][hex::encode(proxy)],

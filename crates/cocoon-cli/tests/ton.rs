@@ -130,28 +130,8 @@ async fn answers_settle_on_the_ton_contracts() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let config = cocoon_worker::WorkerConfig {
-        key_file: Some(net.dir().join("dev-worker-0.key")),
-        payments: cocoon_worker::PayoutsConfig {
-            ledger: Some(spec.clone()),
-            payout_file: net.dir().join("dev-worker-0-payouts.json"),
-            claim_interval_secs: 60,
-        },
-        ..Default::default()
-    };
-    let config_file = net.dir().join("worker.toml");
-    std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
-        .args(["worker", "-c", config_file.to_str().unwrap(), "withdraw"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = dev_worker_config(&net, &spec);
+    let report = cocoon_report(&["worker", "-c", config.to_str().unwrap(), "withdraw"]).await;
     assert_eq!(
         report["withdrawn_ton"][hex::encode(proxy)],
         cocoon_cli::money::format_ton(earned)
@@ -159,17 +139,7 @@ async fn answers_settle_on_the_ton_contracts() {
 
     // The client's CLI reads the same contract from the chain.
     let client_config = net.write_client_config().unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
-        .args(["client", "balance", "-c", client_config.to_str().unwrap()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = cocoon_report(&["client", "balance", "-c", client_config.to_str().unwrap()]).await;
     assert_eq!(report["contract"], on_chain.to_string());
     assert_eq!(report["tokens_used"], billed);
 

@@ -19,7 +19,6 @@ use cocoon_protocol::{
     Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
 };
 use cocoon_tls::Identity;
-use cocoon_ton::LedgerSpec;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -90,14 +89,10 @@ impl AppState {
 /// The ledger `spec` names, opened with the gateway's key: a TON root is read once here, so
 /// the gateway knows how the proxy must name its contract.
 async fn open_ledger(spec: &str, identity: &Identity) -> anyhow::Result<Arc<dyn Ledger>> {
-    let parsed: LedgerSpec = spec
-        .parse()
-        .map_err(|e| anyhow::anyhow!("[payments] ledger: {e}"))?;
     let wallet = Arc::new(Wallet::new(identity.signing_key()));
-    parsed
-        .open(wallet, &identity.key_pkcs8())
+    cocoon_ton::open_ledger(spec, wallet, &identity.key_pkcs8())
         .await
-        .map_err(|e| anyhow::anyhow!("[payments] ledger {spec}: {e}"))
+        .map_err(anyhow::Error::msg)
 }
 
 impl Gateway {

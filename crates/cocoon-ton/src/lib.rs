@@ -18,4 +18,4 @@ pub mod wallet;
 
 pub use error::TonError;
 pub use ledger::{GAS_ATTACHED, TonLedger, refusal};
-pub use select::LedgerSpec;
+pub use select::{LedgerSpec, open_ledger};

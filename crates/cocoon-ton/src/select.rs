@@ -88,6 +88,22 @@ impl LedgerSpec {
     }
 }
 
+/// Parses the `[payments] ledger` setting `spec` and opens it (see [`LedgerSpec::open`]); the
+/// error names the setting and what is wrong with it.
+pub async fn open_ledger(
+    spec: &str,
+    wallet: Arc<cocoon_ledger::Wallet>,
+    key_pkcs8: &[u8],
+) -> Result<Arc<dyn Ledger>, String> {
+    let parsed: LedgerSpec = spec
+        .parse()
+        .map_err(|e| format!("[payments] ledger: {e}"))?;
+    parsed
+        .open(wallet, key_pkcs8)
+        .await
+        .map_err(|e| format!("[payments] ledger {spec}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

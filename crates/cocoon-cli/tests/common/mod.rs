@@ -145,6 +145,38 @@ pub async fn wait_listening(addr: &str) {
     }
 }
 
+/// Runs `cocoon ARGS` to completion and parses its JSON report; the command must succeed.
+pub async fn cocoon_report(args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cocoon {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A `worker.toml` with dev worker 0's key and payouts, claiming on `ledger`, for
+/// `cocoon worker withdraw`; returns its path.
+pub fn dev_worker_config(net: &DevNetwork, ledger: &str) -> PathBuf {
+    let config = cocoon_worker::WorkerConfig {
+        key_file: Some(net.dir().join("dev-worker-0.key")),
+        payments: cocoon_worker::PayoutsConfig {
+            ledger: Some(ledger.to_owned()),
+            payout_file: net.dir().join("dev-worker-0-payouts.json"),
+            claim_interval_secs: 60,
+        },
+        ..Default::default()
+    };
+    let path = net.dir().join("worker.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
 /// Runs `cocoon ARGS --config CONFIG` as a process of its own (so a test can kill it for
 /// real), its log in `log`.
 pub fn spawn_cocoon(

@@ -24,7 +24,6 @@ use cocoon_ledger::{
 use cocoon_protocol::{
     Billing as Bill, ErrorKind, GenerateRequest, Input, Payout, ProtocolError, Refund, Usage,
 };
-use cocoon_ton::LedgerSpec;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -154,13 +153,9 @@ impl Billing {
         wallet: Arc<Wallet>,
         key_pkcs8: &[u8],
     ) -> anyhow::Result<Arc<Self>> {
-        let spec: LedgerSpec = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("[payments] ledger: {e}"))?;
-        let ledger = spec
-            .open(wallet.clone(), key_pkcs8)
+        let ledger = cocoon_ton::open_ledger(url, wallet.clone(), key_pkcs8)
             .await
-            .map_err(|e| anyhow::anyhow!("[payments] ledger {url}: {e}"))?;
+            .map_err(anyhow::Error::msg)?;
         let proxy = wallet.public_key();
         let path = config.book.clone();
         let book = tokio::task::spawn_blocking(move || Book::open(&path, proxy)).await??;
