@@ -90,9 +90,21 @@ impl AppState {
 /// the gateway knows how the proxy must name its contract.
 async fn open_ledger(spec: &str, identity: &Identity) -> anyhow::Result<Arc<dyn Ledger>> {
     let wallet = Arc::new(Wallet::new(identity.signing_key()));
-    cocoon_ton::open_ledger(spec, wallet, &identity.key_pkcs8())
+    #[cfg(feature = "ton")]
+    return cocoon_ton::open_ledger(spec, wallet, &identity.key_pkcs8())
         .await
-        .map_err(anyhow::Error::msg)
+        .map_err(anyhow::Error::msg);
+    #[cfg(not(feature = "ton"))]
+    {
+        anyhow::ensure!(
+            spec.starts_with("http://") || spec.starts_with("https://"),
+            "[payments] ledger {spec}: this build has only the embedded ledger's service"
+        );
+        Ok(Arc::new(cocoon_ledger::RemoteLedger::new(
+            spec,
+            Some(wallet),
+        )))
+    }
 }
 
 impl Gateway {
