@@ -52,6 +52,11 @@ pub fn wallet(key_file: &Path) -> anyhow::Result<Arc<Wallet>> {
 /// The existing key in `key_file`, as a wallet and as PKCS#8 (for a chain wallet).
 fn party(key_file: &Path) -> anyhow::Result<(Arc<Wallet>, Vec<u8>)> {
     wallet(key_file)?;
+    key_party(key_file)
+}
+
+/// The key in `key_file` (created if missing) as a wallet and as PKCS#8 (for a chain wallet).
+pub fn key_party(key_file: &Path) -> anyhow::Result<(Arc<Wallet>, Vec<u8>)> {
     let identity = cocoon_tls::Identity::load_or_create(key_file, "cocoon")?;
     Ok((
         Arc::new(Wallet::new(identity.signing_key())),
@@ -72,8 +77,7 @@ pub async fn open_ledger(
 
 /// The key in `key_file` as a wallet, created if missing.
 pub fn key_wallet(key_file: &Path) -> anyhow::Result<Arc<Wallet>> {
-    let identity = cocoon_tls::Identity::load_or_create(key_file, "cocoon")?;
-    Ok(Arc::new(Wallet::new(identity.signing_key())))
+    Ok(key_party(key_file)?.0)
 }
 
 fn decode_key(text: &str) -> anyhow::Result<PublicKey> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, dev_params};
 use cocoon_cli::dev::{DevLedgerKind, DevNetwork, DevOptions};
-use cocoon_cli::money::{key_wallet, open_ledger};
+use cocoon_cli::money::{key_party, open_ledger};
 use cocoon_ledger::{Address, ContractState, Ledger, PaymentMessage, SignedMessage};
 use common::*;
 use serde_json::{Value, json};
@@ -32,15 +32,10 @@ async fn ask(http: &reqwest::Client, net: &DevNetwork, content: &str) -> Value {
 
 /// The chain as the party of `key_file` sees it.
 async fn as_party(net: &DevNetwork, key_file: &str) -> std::sync::Arc<dyn Ledger> {
-    let path = net.dir().join(key_file);
-    let identity = cocoon_tls::Identity::load_or_create(&path, "cocoon").unwrap();
-    open_ledger(
-        net.ledger_url().unwrap(),
-        key_wallet(&path).unwrap(),
-        &identity.key_pkcs8(),
-    )
-    .await
-    .unwrap()
+    let (wallet, key) = key_party(&net.dir().join(key_file)).unwrap();
+    open_ledger(net.ledger_url().unwrap(), wallet, &key)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

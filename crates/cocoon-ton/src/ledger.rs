@@ -4,6 +4,7 @@
 //! seqno has moved and the target contract's transaction is seen: a refusal comes back as the
 //! contract's exit code, mapped to the same [`LedgerError`] the embedded ledger gives.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use cocoon_ledger::{
@@ -31,6 +32,15 @@ pub struct TonLedger {
     confirm_timeout: Duration,
     /// One request at a time from the wallet: each takes the next seqno.
     sending: tokio::sync::Mutex<()>,
+    /// Contracts' account ids by (proxy, party): each is a few cells built and hashed, and
+    /// the proxy names a client's and a worker's contract in every bill.
+    names: parking_lot::Mutex<HashMap<(Role, PublicKey, PublicKey), Address>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Role {
+    Client,
+    Worker,
 }
 
 fn unreachable(e: TonError) -> LedgerError {
@@ -105,6 +115,7 @@ impl TonLedger {
             params: NetworkParams::default(),
             confirm_timeout: Duration::from_secs(60),
             sending: tokio::sync::Mutex::new(()),
+            names: parking_lot::Mutex::new(HashMap::new()),
         };
         ledger.params = ledger.read_params().await?;
         Ok(ledger)
@@ -165,24 +176,46 @@ impl TonLedger {
         layout::proxy_address(&self.root, &wallet, proxy).map_err(unreachable)
     }
 
-    fn client_deployable(
+    /// `party`'s contract with `proxy`: its address and state init.
+    fn deployable(
         &self,
+        role: Role,
         proxy: &PublicKey,
-        client: &PublicKey,
+        party: &PublicKey,
     ) -> Result<layout::Deployable, LedgerError> {
-        let wallet = layout::wallet(client).map_err(unreachable)?.address;
-        layout::client(&self.proxy_contract(proxy)?, &wallet, proxy, &self.params)
-            .map_err(unreachable)
+        let wallet = layout::wallet(party).map_err(unreachable)?.address;
+        let at = self.proxy_contract(proxy)?;
+        match role {
+            Role::Client => layout::client(&at, &wallet, proxy, &self.params),
+            Role::Worker => layout::worker(&at, &wallet, proxy, &self.params),
+        }
+        .map_err(unreachable)
     }
 
-    fn worker_deployable(
+    /// The account id of `party`'s contract with `proxy`, derived once.
+    fn name(
         &self,
+        role: Role,
         proxy: &PublicKey,
-        worker: &PublicKey,
-    ) -> Result<layout::Deployable, LedgerError> {
-        let wallet = layout::wallet(worker).map_err(unreachable)?.address;
-        layout::worker(&self.proxy_contract(proxy)?, &wallet, proxy, &self.params)
-            .map_err(unreachable)
+        party: &PublicKey,
+    ) -> Result<Address, LedgerError> {
+        let key = (role, *proxy, *party);
+        if let Some(name) = self.names.lock().get(&key) {
+            return Ok(*name);
+        }
+        let name = layout::account_id(&self.deployable(role, proxy, party)?.address);
+        self.names.lock().insert(key, name);
+        Ok(name)
+    }
+
+    /// Where `party`'s contract with `proxy` lives.
+    fn at(
+        &self,
+        role: Role,
+        proxy: &PublicKey,
+        party: &PublicKey,
+    ) -> Result<TonAddress, LedgerError> {
+        Ok(TonAddress::new(0, self.name(role, proxy, party)?.0.into()))
     }
 
     /// A worker's contract: (tokens paid, balance), if deployed.
@@ -191,7 +224,7 @@ impl TonLedger {
         proxy: &PublicKey,
         worker: &PublicKey,
     ) -> Result<Option<(u64, u128)>, LedgerError> {
-        let at = self.worker_deployable(proxy, worker)?.address;
+        let at = self.at(Role::Worker, proxy, worker)?;
         match self.api.run_get_method(&at, "get_worker", &[]).await {
             Ok(v) if v.len() == 2 => Ok(Some((u128_of(&v[0]) as u64, u128_of(&v[1])))),
             _ => Ok(None),
@@ -304,7 +337,7 @@ impl TonLedger {
                 to(self.proxy_contract(&me)?, GAS_ATTACHED, body)
             }
             Op::ClientDeposit { proxy, amount } => {
-                let k = self.client_deployable(proxy, &me)?;
+                let k = self.deployable(Role::Client, proxy, &me)?;
                 let body = layout::body(op::CLIENT_DEPOSIT, 0, |b| {
                     b.store_coins(&coins(*amount)).map(|_| ())
                 })
@@ -324,11 +357,7 @@ impl TonLedger {
                 };
                 let body = layout::body(code, 0, |b| b.store_coins(&coins(*amount)).map(|_| ()))
                     .map_err(e)?;
-                to(
-                    self.client_deployable(proxy, &me)?.address,
-                    GAS_ATTACHED,
-                    body,
-                )
+                to(self.at(Role::Client, proxy, &me)?, GAS_ATTACHED, body)
             }
             Op::ClientClose { proxy } | Op::ClientFinishClose { proxy } => {
                 let code = if matches!(op, Op::ClientClose { .. }) {
@@ -337,7 +366,7 @@ impl TonLedger {
                     op::CLIENT_FINISH_CLOSE
                 };
                 to(
-                    self.client_deployable(proxy, &me)?.address,
+                    self.at(Role::Client, proxy, &me)?,
                     GAS_ATTACHED,
                     layout::body(code, 0, |_| Ok(())).map_err(e)?,
                 )
@@ -354,7 +383,7 @@ impl TonLedger {
             }
             Op::Payout { proxy, message } => {
                 message.verify(proxy)?;
-                let k = self.worker_deployable(proxy, &me)?;
+                let k = self.deployable(Role::Worker, proxy, &me)?;
                 Outgoing {
                     dest: k.address,
                     value: GAS_ATTACHED,
@@ -363,7 +392,7 @@ impl TonLedger {
                 }
             }
             Op::WorkerWithdraw { proxy } => to(
-                self.worker_deployable(proxy, &me)?.address,
+                self.at(Role::Worker, proxy, &me)?,
                 GAS_ATTACHED,
                 layout::body(op::WORKER_WITHDRAW, 0, |_| Ok(())).map_err(e)?,
             ),
@@ -482,9 +511,7 @@ impl Ledger for TonLedger {
         proxy: &PublicKey,
         client: &PublicKey,
     ) -> Result<Address, LedgerError> {
-        Ok(layout::account_id(
-            &self.client_deployable(proxy, client)?.address,
-        ))
+        self.name(Role::Client, proxy, client)
     }
 
     fn worker_address(
@@ -492,9 +519,7 @@ impl Ledger for TonLedger {
         proxy: &PublicKey,
         worker: &PublicKey,
     ) -> Result<Address, LedgerError> {
-        Ok(layout::account_id(
-            &self.worker_deployable(proxy, worker)?.address,
-        ))
+        self.name(Role::Worker, proxy, worker)
     }
 
     async fn proxy_view(
@@ -548,7 +573,7 @@ impl Ledger for TonLedger {
         proxy: PublicKey,
         client: PublicKey,
     ) -> Result<Option<ClientContract>, LedgerError> {
-        let at = self.client_deployable(&proxy, &client)?.address;
+        let at = self.at(Role::Client, &proxy, &client)?;
         let Some(v) = self.client_state(&at).await else {
             return Ok(None);
         };

@@ -5,10 +5,11 @@
 //! its TON. For trying the TON backend end to end; the embedded ledger stays the default.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use cocoon_ledger::{Op, PublicKey, Tx};
 use cocoon_ton::local::LocalChain;
+
+use crate::money::key_party;
 
 use super::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, PROXY_STAKE, TON, dev_params};
 
@@ -22,20 +23,11 @@ pub struct DevChain {
     owner_key_file: std::path::PathBuf,
 }
 
-/// The key in `key_file` (created if missing) as the ledger's party: its wallet and PKCS#8.
-fn party(key_file: &Path) -> anyhow::Result<(Arc<cocoon_ledger::Wallet>, Vec<u8>)> {
-    let identity = cocoon_tls::Identity::load_or_create(key_file, "cocoon")?;
-    Ok((
-        Arc::new(cocoon_ledger::Wallet::new(identity.signing_key())),
-        identity.key_pkcs8(),
-    ))
-}
-
 impl DevChain {
     /// Starts the chain with a root owned by `dir/owner.key`, at the dev network's prices.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
         let owner_key_file = dir.join("owner.key");
-        let (_, owner) = party(&owner_key_file)?;
+        let (_, owner) = key_party(&owner_key_file)?;
         let local = LocalChain::start(&owner, &dev_params()).await?;
         Ok(Self {
             spec: local.spec().to_string(),
@@ -46,14 +38,14 @@ impl DevChain {
 
     /// Gives the wallet of the key in `key_file` its TON; returns the key.
     pub fn enrol(&self, key_file: &Path) -> anyhow::Result<PublicKey> {
-        let (wallet, _) = party(key_file)?;
+        let (wallet, _) = key_party(key_file)?;
         self.local.fund(&wallet.public_key(), WALLET_FUNDS)?;
         Ok(wallet.public_key())
     }
 
     /// Sends `op` from the wallet of the key in `key_file`, and waits for it to be confirmed.
     pub async fn exec(&self, key_file: &Path, op: Op) -> anyhow::Result<()> {
-        let (wallet, key) = party(key_file)?;
+        let (wallet, key) = key_party(key_file)?;
         let ledger = crate::money::open_ledger(&self.spec, wallet.clone(), &key).await?;
         ledger
             .execute(Tx {
