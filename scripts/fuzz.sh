@@ -18,9 +18,9 @@ mkdir -p fuzz/logs
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t"
   echo "== fuzz $t (${seconds}s)"
-  # The TDX vectors (licensed with shared/) seed the quote target from where they are.
+  # The TDX vectors (with their license in crates/cocoon-testdata) seed the quote target.
   seeds="fuzz/seeds/$t"
-  [ "$t" = quote ] && seeds="../shared/vectors/tdx"
+  [ "$t" = quote ] && seeds="crates/cocoon-testdata/tdx"
   if ! cargo fuzz run -O "$t" "fuzz/corpus/$t" "$seeds" -- \
       -max_total_time="$seconds" -rss_limit_mb=2048 >"fuzz/logs/$t.log" 2>&1; then
     tail -40 "fuzz/logs/$t.log"

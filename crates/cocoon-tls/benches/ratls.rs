@@ -4,7 +4,6 @@
 //!
 //! `cargo bench -p cocoon-tls --bench ratls`. Figures in docs/performance.md.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,15 +16,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use rustls::pki_types::{ServerName, UnixTime};
 use rustls::{ClientConnection, ServerConnection};
 
-const TDX_TIME: u64 = 1_750_332_747;
-
-fn vectors() -> PathBuf {
-    std::env::var_os("COCOON_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors/tdx")
-        })
-}
+const TDX_TIME: u64 = cocoon_testdata::TDX.at;
 
 /// One complete mutual handshake between fresh connections, bytes passed in memory.
 fn handshake(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::ServerConfig>) {
@@ -128,12 +119,10 @@ impl Attester for Recorded {
 
 fn quote_verification(c: &mut Criterion) {
     let mut group = c.benchmark_group("quote_verification");
-    let dir = vectors();
-    let quote = std::fs::read(dir.join("tdx_quote")).unwrap();
-    let collateral =
-        parse_collateral(&std::fs::read(dir.join("tdx_quote_collateral.json")).unwrap()).unwrap();
+    let quote = cocoon_testdata::TDX.quote;
+    let collateral = parse_collateral(cocoon_testdata::TDX.collateral).unwrap();
     group.bench_function("tdx_dcap_qvl", |bench| {
-        bench.iter(|| verify_quote(&quote, &collateral, TDX_TIME).unwrap())
+        bench.iter(|| verify_quote(quote, &collateral, TDX_TIME).unwrap())
     });
     let (dev, _) = DevAttester::generate(dev_image()).unwrap();
     let dev_quote = dev.quote(&[7; 64]).unwrap();
@@ -143,7 +132,7 @@ fn quote_verification(c: &mut Criterion) {
     });
 
     // The whole per-peer check on a certificate carrying the real TDX quote.
-    let image = verify_quote(&quote, &collateral, TDX_TIME)
+    let image = verify_quote(quote, &collateral, TDX_TIME)
         .unwrap()
         .measurements
         .image_hash();
@@ -151,7 +140,7 @@ fn quote_verification(c: &mut Criterion) {
     policy.image_hashes.insert(image);
     let id = Identity::ephemeral("tdx")
         .unwrap()
-        .with_attester("worker", Arc::new(Recorded(quote)))
+        .with_attester("worker", Arc::new(Recorded(quote.to_vec())))
         .unwrap();
     let cert = PeerCertificate::parse(&id.certified_key().cert[0], UnixTime::now()).unwrap();
     for (label, ttl) in [

@@ -1,0 +1,250 @@
+//! RA-TLS through the whole network: who gets in, who is refused and why, and what each part
+//! says about the attestation it runs on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::{MODEL, chat_body, get_json, llama, network, post_json, wait_until};
+use cocoon_client::{ClientConfig, Gateway};
+use cocoon_engine::Backend;
+use cocoon_proxy::{Proxy, ProxyConfig};
+use cocoon_tls::{AttesterChoice, AttesterConfig, PeerPolicy};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn dev_image_hash() -> String {
+    cocoon_attest::dev_image().image_hash().to_string()
+}
+
+#[tokio::test]
+async fn every_hop_is_dev_attested_and_says_so() {
+    let net = network(vec![llama()]).await;
+    let http = reqwest::Client::new();
+    let models = get_json(&http, format!("{}/models", net.gateway_url())).await;
+    let att = &models["cocoon"]["attestation"];
+    assert_eq!(att["client"], "dev");
+    assert_eq!(att["proxy"], "dev");
+    assert_eq!(att["proxy_image_hash"], dev_image_hash().as_str());
+    assert_eq!(att["development"], true);
+    assert!(
+        att["warning"]
+            .as_str()
+            .unwrap()
+            .contains("DEVELOPMENT attestation"),
+        "{att}"
+    );
+    assert_eq!(models["data"][0]["id"], MODEL);
+
+    let status = net.proxy_status();
+    assert_eq!(status.attestation, "dev");
+    assert_eq!(status.workers.len(), 1);
+    assert_eq!(status.workers[0].attestation, "dev");
+    assert_eq!(
+        status.workers[0].image_hash.as_deref(),
+        Some(dev_image_hash().as_str())
+    );
+    assert!(status.recent_refusals.is_empty(), "{status:?}");
+
+    let answer = post_json(
+        &http,
+        format!("{}/chat/completions", net.gateway_url()),
+        &chat_body("Hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    let tokens = answer["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert!((1..=2).contains(&tokens), "{answer}");
+}
+
+#[tokio::test]
+async fn proxy_refuses_workers_its_policy_does_not_admit() {
+    let backend: Arc<dyn Backend> = llama();
+    let mut net = network(vec![backend.clone()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let other_image = AttesterConfig {
+        dev_mrtd: Some("ab".repeat(48)),
+        ..net.dev_attester()
+    };
+    let other_dev_key = AttesterConfig {
+        kind: AttesterChoice::Dev,
+        dev_key_file: Some(dir.path().join("impostor-dev.key")),
+        dev_mrtd: None,
+    };
+    let plain = AttesterConfig::default();
+    let cases = [
+        ("wrong-image", other_image, "is not allowed"),
+        (
+            "other-dev-key",
+            other_dev_key,
+            "not signed by a trusted dev key",
+        ),
+        ("unattested", plain, "carries no attestation"),
+    ];
+    let mut refused = Vec::new();
+    for (name, attester, reason) in cases {
+        let i = net
+            .add_worker(name, backend.clone(), &attester)
+            .await
+            .unwrap();
+        refused.push((net.worker_fingerprint(i).to_string(), reason));
+    }
+    wait_until(
+        "a refusal of each bad worker",
+        Duration::from_secs(20),
+        || {
+            let status = net.proxy_status();
+            refused.iter().all(|(fp, reason)| {
+                status.recent_refusals.iter().any(|r| {
+                    &r.fingerprint == fp && r.role == "worker" && r.reason.contains(reason)
+                })
+            })
+        },
+    )
+    .await;
+    let status = net.proxy_status();
+    assert_eq!(
+        status.workers.len(),
+        1,
+        "no refused worker joined: {status:?}"
+    );
+
+    // The same proxy admits a worker that attests the allowed image with the trusted key.
+    let good = net.dev_attester();
+    let i = net.add_worker("good", backend, &good).await.unwrap();
+    let fp = net.worker_fingerprint(i).to_string();
+    wait_until(
+        "the attested worker to join",
+        Duration::from_secs(20),
+        || {
+            net.proxy_status()
+                .workers
+                .iter()
+                .any(|w| w.fingerprint == fp)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_worker_costs_no_quote_verification() {
+    let mut net = network(vec![llama()]).await;
+    let before = net.proxy_status().worker_quote_cache.unwrap();
+    assert!(before.verifications >= 1, "{before:?}");
+    for _ in 0..2 {
+        net.stop_worker(0);
+        wait_until("the worker to leave", Duration::from_secs(20), || {
+            net.proxy_status().workers.is_empty()
+        })
+        .await;
+        net.start_worker(0);
+        net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    }
+    let after = net.proxy_status().worker_quote_cache.unwrap();
+    assert_eq!(
+        after.verifications, before.verifications,
+        "the same certificate's quote is not verified again"
+    );
+    assert!(after.hits >= before.hits + 2, "{before:?} -> {after:?}");
+}
+
+#[tokio::test]
+async fn gateway_refuses_a_proxy_outside_its_policy_before_sending_the_prompt() {
+    let backend = llama();
+    let net = network(vec![backend.clone()]).await;
+    let http = reqwest::Client::new();
+    // Trusts the network's dev attester, but only an image the proxy does not run.
+    let gateway = Gateway::bind(&ClientConfig {
+        listen: "127.0.0.1:0".into(),
+        proxy_addr: net.proxy_addr.to_string(),
+        attester: net.dev_attester(),
+        proxy_policy: PeerPolicy {
+            image_hashes: vec!["00".repeat(32)],
+            ..net.dev_policy()
+        },
+        ..ClientConfig::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}/v1/chat/completions", gateway.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(gateway.run(stop.clone()));
+    let r = http
+        .post(&url)
+        .json(&chat_body("a secret prompt", json!({"max_tokens": 2})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("is not allowed"), "{message}");
+    assert_eq!(backend.stats().completed + backend.stats().failed, 0);
+    assert_eq!(net.proxy_status().workers[0].served, 0);
+    stop.cancel();
+}
+
+/// A proxy that requires its clients to be attested: a plain client is refused in the
+/// handshake, an attested one gets in.
+#[tokio::test]
+async fn proxy_requiring_attested_clients_admits_only_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let attester = AttesterConfig {
+        kind: AttesterChoice::Dev,
+        dev_key_file: Some(dir.path().join("dev.key")),
+        dev_mrtd: None,
+    };
+    let dev_key = hex::encode(
+        cocoon_tls::dev_attester(
+            attester.dev_key_file.as_deref().unwrap(),
+            cocoon_attest::dev_image(),
+        )
+        .unwrap()
+        .public_key(),
+    );
+    let policy = PeerPolicy {
+        require_attestation: true,
+        image_hashes: vec![dev_image_hash()],
+        dev_attester_keys: vec![dev_key],
+        ..PeerPolicy::default()
+    };
+    let proxy = Proxy::bind(&ProxyConfig {
+        listen: "127.0.0.1:0".into(),
+        attester: attester.clone(),
+        client_policy: policy.clone(),
+        ..ProxyConfig::default()
+    })
+    .await
+    .unwrap();
+    let proxy_addr = proxy.local_addr().to_string();
+    let status = proxy.status_handle();
+    let stop = CancellationToken::new();
+    tokio::spawn(proxy.run(stop.clone()));
+    let http = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for client_attester in [AttesterConfig::default(), attester] {
+        let gateway = Gateway::bind(&ClientConfig {
+            listen: "127.0.0.1:0".into(),
+            proxy_addr: proxy_addr.clone(),
+            attester: client_attester,
+            proxy_policy: policy.clone(),
+            ..ClientConfig::default()
+        })
+        .await
+        .unwrap();
+        let url = format!("http://{}/v1/models", gateway.local_addr());
+        tokio::spawn(gateway.run(stop.clone()));
+        let r = http.get(&url).send().await.unwrap();
+        answers.push((r.status().as_u16(), r.text().await.unwrap()));
+    }
+    assert_eq!(answers[0].0, 503, "{answers:?}");
+    assert_eq!(answers[1].0, 200, "{answers:?}");
+    let refusals = status.status().recent_refusals;
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    // The handshake admits any peer that some role's policy admits (here the default worker
+    // policy); the client policy refuses it as soon as ALPN says it is a client.
+    assert_eq!(refusals[0].role, "client");
+    assert!(
+        refusals[0].reason.contains("carries no attestation"),
+        "{refusals:?}"
+    );
+    stop.cancel();
+}

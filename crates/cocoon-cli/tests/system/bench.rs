@@ -1,0 +1,105 @@
+//! `cocoon bench` itself: each section runs end to end on small numbers and reports figures
+//! that are consistent with what was sent (exact token counts are checked inside the bench;
+//! here, that the figures exist, are positive and hang together, and that the figure draws).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_cli::bench::{self, engine::EngineOptions, path::PathOptions};
+use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+
+#[tokio::test]
+async fn path_and_engine_sections_report_consistent_figures() {
+    let path = bench::path::run(&PathOptions {
+        latency_requests: 5,
+        short_tokens: 4,
+        concurrency: 4,
+        throughput_requests: 20,
+        stream_tokens: 50,
+        stream_requests: 2,
+        paced_interval: Duration::from_millis(2),
+        paced_tokens: 10,
+    })
+    .await
+    .unwrap();
+    for f in [&path.direct, &path.network] {
+        assert_eq!(f.latency_ms.n, 5);
+        assert!(f.latency_ms.p50 > 0.0 && f.latency_ms.p50 <= f.latency_ms.p99);
+        assert!(f.ttft_ms.p50 <= f.latency_ms.p99);
+        assert!(f.max_requests_per_s > 0.0);
+    }
+    for s in [&path.stream_direct, &path.stream_network] {
+        assert!(s.chunks_per_s > 0.0);
+        // Every paced token's transit was measured (3 answers of 10).
+        assert_eq!(s.transit_ms.n, 30);
+        assert!(s.transit_ms.p50 >= 0.0);
+        assert_eq!(s.inter_token_ms.n, 27);
+    }
+    assert!(path.throughput_ratio > 0.0 && path.chunks_ratio > 0.0);
+
+    let options = EngineOptions {
+        requests: 1,
+        max_tokens: 4,
+        threads: 2,
+        levels: vec![1, 2],
+        requests_per_stream: 1,
+        parallel: 2,
+        kv_cache_tokens: 1024,
+    };
+    let backend: Arc<dyn Backend> = Arc::new(
+        LlamaBackend::load(&LlamaConfig {
+            model_path: crate::common::model_path(),
+            threads: options.threads,
+            parallel: options.parallel,
+            kv_cache_tokens: options.kv_cache_tokens,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let mut net = bench::network(vec![backend.clone()], false).await.unwrap();
+    let engine = bench::engine::run(backend, &net.gateway_url(), None, &options)
+        .await
+        .unwrap();
+    net.shutdown().await;
+    assert!(
+        engine.embedded.prompt_tokens > 50,
+        "the long prompt, templated"
+    );
+    assert!(engine.embedded.gen_tokens_per_s > 0.0 && engine.embedded.prompt_tokens_per_s > 0.0);
+    assert!(engine.llama_server.is_none() && engine.gen_ratio.is_none());
+    // Two paths (in-process, through the network) at two levels.
+    assert_eq!(engine.levels.len(), 4);
+    assert!(engine.levels.iter().all(|l| l.aggregate_tokens_per_s > 0.0));
+    assert_eq!(engine.levels[2].requests, 2);
+
+    let market = bench::market::run(&bench::market::MarketOptions {
+        workers: vec![10, 2_000],
+        picks: 400,
+        quality_picks: 50,
+    })
+    .unwrap();
+    let (small, large) = (&market.sizes[0], &market.sizes[1]);
+    // Below a few dozen workers the pick is the exhaustive one: the same choice every time.
+    // (Scores decay by the instant, so "the same" is to a few parts in a billion.)
+    assert!((small.quality.p50 - 1.0).abs() < 1e-6 && (small.quality.p99 - 1.0).abs() < 1e-6);
+    assert!(large.quality.p50 > 1.0 - 1e-6 && large.quality.n == 50);
+    // At 2,000 workers scoring them all costs far more than a sample.
+    assert!(large.speedup > 5.0, "{large:?}");
+    assert_eq!(market.workers_growth, 200.0);
+
+    let report = bench::BenchReport {
+        machine: bench::machine(),
+        path: Some(path),
+        engine: Some(engine),
+        memory: None,
+        payments: None,
+        market: Some(market),
+    };
+    let table = bench::table(&report);
+    assert!(table.contains("### Routing") && table.contains("### Concurrency"));
+    assert!(table.contains("### Choosing a worker"));
+    let svg = bench::figure(&report).expect("path and engine are there");
+    assert!(svg.contains("2 streams") && svg.contains("<polyline"));
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["path"]["network"]["latency_ms"]["p99"].is_number());
+}

@@ -1,0 +1,395 @@
+//! The proxy's abuse limits, end to end through the gateway: a client over its rate or its
+//! requests in flight gets 429 with `Retry-After`, a request over `max_tokens` a clear 400, a
+//! worker that goes silent is cut off and its client charged only for what it delivered, a
+//! request body that trickles in is refused, and connections that say nothing (in the TLS
+//! handshake, or after it) or come too many from one address are closed.
+//!
+//! The backend here is a test double whose answers the test holds and releases, so what is
+//! measured is the proxy's behaviour, not a model's timing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use bytes::Bytes;
+use cocoon_cli::dev::{DevNetwork, DevOptions};
+use cocoon_engine::{Backend, EventStream, StatsSnapshot};
+use cocoon_protocol::{
+    ALPN_CLIENT, FinishReason, GenerateEvent, GenerateRequest, Input, ModelCard, Usage,
+};
+use cocoon_proxy::LimitsConfig;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Answers "ok" once the gate is open; a prompt saying "stall" sends one token and then
+/// nothing, ever.
+struct GatedBackend {
+    gate: watch::Receiver<bool>,
+    active: Arc<AtomicU64>,
+}
+
+/// Counts a generation as active until its stream is dropped.
+struct Active(Arc<AtomicU64>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Backend for GatedBackend {
+    fn models(&self) -> Vec<ModelCard> {
+        model_card(2048)
+    }
+
+    fn capacity(&self) -> u32 {
+        8
+    }
+
+    fn generate(&self, request: GenerateRequest) -> EventStream {
+        let stall = matches!(&request.input, Input::Chat { messages }
+            if messages.iter().any(|m| m.content.contains("stall")));
+        self.active.fetch_add(1, Ordering::SeqCst);
+        // The state lives as long as the stream: dropping it ends the generation.
+        let state = (0u8, self.gate.clone(), Active(self.active.clone()));
+        Box::pin(futures_util::stream::unfold(
+            state,
+            move |(step, mut gate, active)| async move {
+                match step {
+                    0 => Some((
+                        GenerateEvent::Delta {
+                            text: "ok".into(),
+                            tokens: 1,
+                        },
+                        (1, gate, active),
+                    )),
+                    1 if stall => std::future::pending().await,
+                    1 => {
+                        let _ = gate.wait_for(|open| *open).await;
+                        let done = GenerateEvent::Done {
+                            finish_reason: FinishReason::Stop,
+                            usage: Usage {
+                                prompt_tokens: 3,
+                                completion_tokens: 1,
+                            },
+                            billing: None,
+                        };
+                        Some((done, (2, gate, active)))
+                    }
+                    _ => None,
+                }
+            },
+        ))
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            active: self.active.load(Ordering::SeqCst),
+            ..StatsSnapshot::default()
+        }
+    }
+}
+
+struct Setup {
+    net: DevNetwork,
+    gate: watch::Sender<bool>,
+    active: Arc<AtomicU64>,
+}
+
+async fn setup(limits: LimitsConfig) -> Setup {
+    let (gate, rx) = watch::channel(false);
+    let active = Arc::new(AtomicU64::new(0));
+    let backend = Arc::new(GatedBackend {
+        gate: rx,
+        active: active.clone(),
+    });
+    let net = DevNetwork::start(
+        DevOptions {
+            limits,
+            ..test_options()
+        },
+        vec![backend],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    Setup { net, gate, active }
+}
+
+async fn chat(net: &DevNetwork, content: &str, extra: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/chat/completions", net.gateway_url()))
+        .json(&chat_body(content, extra))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Checks a 429 in OpenAI's shape and returns its `Retry-After`.
+async fn expect_429(response: reqwest::Response) -> u64 {
+    assert_eq!(response.status(), 429);
+    let retry: u64 = response
+        .headers()
+        .get("retry-after")
+        .expect("a 429 says when to retry")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["type"], "requests", "{body}");
+    retry
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_rate_or_concurrency_a_client_gets_429_with_retry_after() {
+    let s = setup(LimitsConfig {
+        requests_per_second: 0.2,
+        burst: 2,
+        concurrent_requests: 1,
+        max_tokens: Some(100),
+        ..LimitsConfig::default()
+    })
+    .await;
+    let net = &s.net;
+
+    // One answer held open: a second request at once is over the concurrency limit.
+    let first = tokio::spawn({
+        let url = format!("{}/chat/completions", net.gateway_url());
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&chat_body("hello", json!({"max_tokens": 5})))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    wait_until("the first answer to start", Duration::from_secs(10), || {
+        s.active.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let retry = expect_429(chat(net, "hello", json!({"max_tokens": 5})).await).await;
+    assert_eq!(retry, 1, "a request in flight frees its slot soon");
+    // Nothing of the refused request reached the worker.
+    assert_eq!(s.active.load(Ordering::SeqCst), 1);
+
+    s.gate.send(true).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["choices"][0]["message"]["content"], "ok");
+
+    // The burst of two is spent by the first answer and this one; the third is over the rate.
+    let second = chat(net, "hello", json!({"max_tokens": 5})).await;
+    assert_eq!(second.status(), 200);
+    let retry = expect_429(chat(net, "hello", json!({"max_tokens": 5})).await).await;
+    assert!(
+        (4..=5).contains(&retry),
+        "one request per 5 s: retry in {retry}"
+    );
+
+    // A completion longer than the proxy allows is a client error, not a rate matter.
+    let long = chat(net, "hello", json!({"max_tokens": 101})).await;
+    assert_eq!(long.status(), 400);
+    let body: Value = long.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens 101 is above this proxy's limit of 100"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_is_cut_off_and_only_what_it_delivered_is_charged() {
+    let s = setup(LimitsConfig {
+        worker_timeout_secs: 1,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let net = &s.net;
+    let started = Instant::now();
+    let response = chat(net, "stall", json!({"max_tokens": 5, "stream": true})).await;
+    assert_eq!(response.status(), 200, "the stream had started");
+    let events = sse_events(response).await;
+    let error = events
+        .iter()
+        .find(|e| e.get("error").is_some())
+        .unwrap_or_else(|| panic!("no error event in {events:?}"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sent nothing for 1 s"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The worker's generation was stopped with the stream.
+    wait_until(
+        "the stalled generation to end",
+        Duration::from_secs(10),
+        || s.active.load(Ordering::SeqCst) == 0,
+    )
+    .await;
+    // The one token delivered is billed, nothing more; the error says so.
+    let delivered = events
+        .iter()
+        .filter(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .count() as u64;
+    assert_eq!(delivered, 1, "{events:?}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the 1 tokens delivered were billed (1 units of 20 nanoton)"),
+        "{error}"
+    );
+    let payments = net.proxy_status().payments.unwrap();
+    assert_eq!(payments.clients, 1, "{payments:?}");
+    assert_eq!(payments.uncommitted_tokens, delivered);
+    // And the worker that stalled is marked for it.
+    let worker = &net.proxy_status().workers[0];
+    assert!(worker.reputation.success_rate < 0.5, "{worker:?}");
+}
+
+/// A TLS connection to the proxy as a (fresh) client, for speaking HTTP/2 on it directly.
+async fn connect_as_client(net: &DevNetwork) -> cocoon_net::ClientTls {
+    let identity = Arc::new(
+        net.dev_attester()
+            .identity(None, "cocoon-client", "client")
+            .unwrap(),
+    );
+    let verifier = net.dev_policy().build("proxy_policy", "proxy").unwrap();
+    let tls = cocoon_tls::client_config(identity, verifier, &[ALPN_CLIENT]);
+    cocoon_net::connect_tls(&net.proxy_addr.to_string(), tls)
+        .await
+        .unwrap()
+}
+
+/// Reads from `tcp` until the peer closes it; how long that took.
+async fn closed_within(mut tcp: tokio::net::TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(limit, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("connection still open after {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_idle_and_surplus_connections_are_closed() {
+    let s = setup(LimitsConfig {
+        handshake_timeout_secs: 2,
+        idle_timeout_secs: 1,
+        // The worker and the gateway hold one connection each from this address; the test
+        // opens the rest.
+        connections_per_ip: 4,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let net = &s.net;
+    s.gate.send(true).unwrap();
+    let proxy = net.proxy_addr.to_string();
+    // The gateway's connection is open once it has served something.
+    assert_eq!(
+        chat(net, "hello", json!({"max_tokens": 5})).await.status(),
+        200
+    );
+
+    // Two connections that never start TLS (a slow-loris) fill the address's share...
+    let opened = Instant::now();
+    let silent: Vec<_> = futures_util::future::join_all(
+        (0..2).map(|_| tokio::net::TcpStream::connect(proxy.clone())),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...so a third is closed at once, long before any handshake timeout...
+    let surplus = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    let took = closed_within(surplus, Duration::from_secs(1)).await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // ...and the silent ones go when their handshake time is up.
+    for tcp in silent {
+        closed_within(tcp, Duration::from_secs(5)).await;
+        let after = opened.elapsed();
+        assert!(
+            after >= Duration::from_millis(1900),
+            "closed early: {after:?}"
+        );
+    }
+
+    // A client connection with no request open is closed after the idle timeout.
+    let conn = connect_as_client(net).await;
+    let (channel, driver) = cocoon_net::Channel::handshake(conn).await.unwrap();
+    tokio::spawn(driver);
+    assert!(!channel.is_closed());
+    wait_until(
+        "the idle connection to close",
+        Duration::from_secs(5),
+        || channel.is_closed(),
+    )
+    .await;
+
+    // The gateway's own connection idles out the same way, and it reconnects unnoticed.
+    for _ in 0..3 {
+        let answer = chat(net, "hello", json!({"max_tokens": 5})).await;
+        assert_eq!(answer.status(), 200);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_trickles_in_is_cut_off() {
+    let s = setup(LimitsConfig {
+        body_timeout_secs: 1,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let net = &s.net;
+    let conn = connect_as_client(net).await;
+    let (mut sender, driver) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    // The start of a request, and then nothing more: a slow-loris on the body.
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    body_tx
+        .send(Ok(Frame::data(Bytes::from_static(b"{\"model\": "))))
+        .await
+        .unwrap();
+    let request = http::Request::post(cocoon_protocol::paths::GENERATE)
+        .body(StreamBody::new(ReceiverStream::new(body_rx)))
+        .unwrap();
+    let started = Instant::now();
+    let response = sender.send_request(request).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), 400);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("did not arrive within 1 s"), "{body}");
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Nothing reached the worker.
+    assert_eq!(s.active.load(Ordering::SeqCst), 0);
+    drop(body_tx);
+}

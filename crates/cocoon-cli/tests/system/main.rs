@@ -1,0 +1,22 @@
+//! System tests of the whole network: gateway, proxy, workers and ledger, in process and as processes.
+//!
+//! One test binary for the crate (each module was its own): one link, one process start per
+//! test instead of one binary per file.
+
+mod attest_cli;
+mod attestation;
+mod bad_input;
+mod bench;
+mod common;
+mod crash;
+mod hosts;
+mod limits;
+mod market;
+mod openai_api;
+mod openai_sdk;
+mod payments;
+mod payments_cli;
+mod resilience;
+mod security;
+mod soak;
+mod ton;

@@ -1,0 +1,403 @@
+//! The market end to end through the gateway: prices (the worker's ask, the client's cap,
+//! the bill at the serving worker's price), failover before the first token (a worker that
+//! refuses or stalls is replaced without the client noticing), a clean end and a charge for
+//! delivered tokens only when a worker dies mid-stream, the gateway's failover between
+//! proxies, and `GET /v1/network`.
+//!
+//! The backends are test doubles whose behaviour the test switches, so what is measured is
+//! the proxy's routing, not a model's timing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use cocoon_cli::dev::{DevNetwork, DevOptions};
+use cocoon_engine::{Backend, EventStream, StatsSnapshot};
+use cocoon_protocol::{
+    ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ModelCard, ProtocolError, Usage,
+};
+use cocoon_proxy::RoutingConfig;
+use cocoon_worker::PriceConfig;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const SERVE: u8 = 0;
+/// Refuses at once, as an overloaded or broken worker does.
+const REFUSE: u8 = 1;
+/// Accepts and never sends a first token.
+const STALL: u8 = 2;
+/// Sends two tokens, then its stream breaks off.
+const DIE_AFTER_TWO: u8 = 3;
+
+/// Answers `max_tokens` tokens "t" with exact usage (a 5-token prompt), or misbehaves as its
+/// mode says; refuses what does not fit its context, as a real backend does.
+struct Scripted {
+    mode: AtomicU8,
+    served: AtomicU64,
+    context: u32,
+}
+
+impl Scripted {
+    fn new(context: u32) -> Arc<Self> {
+        Arc::new(Self {
+            mode: AtomicU8::new(SERVE),
+            served: AtomicU64::new(0),
+            context,
+        })
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
+    }
+}
+
+impl Backend for Scripted {
+    fn models(&self) -> Vec<ModelCard> {
+        model_card(self.context)
+    }
+
+    fn capacity(&self) -> u32 {
+        4
+    }
+
+    fn generate(&self, request: GenerateRequest) -> EventStream {
+        let tokens = request.params.max_tokens.unwrap_or(4);
+        if tokens + 5 > self.context {
+            return cocoon_engine::error_stream(ProtocolError::new(
+                ErrorKind::ContextLengthExceeded,
+                format!(
+                    "5 + {tokens} tokens do not fit a context of {}",
+                    self.context
+                ),
+            ));
+        }
+        let mode = self.mode.load(Ordering::SeqCst);
+        if mode == SERVE {
+            self.served.fetch_add(1, Ordering::SeqCst);
+        }
+        let delta = || GenerateEvent::Delta {
+            text: "t".into(),
+            tokens: 1,
+        };
+        match mode {
+            REFUSE => cocoon_engine::error_stream(ProtocolError::new(
+                ErrorKind::Unavailable,
+                "this worker is overloaded",
+            )),
+            STALL => Box::pin(futures_util::stream::pending()),
+            DIE_AFTER_TWO => {
+                // The stream ends with no final event: the worker's side of it breaks off.
+                Box::pin(futures_util::stream::iter([delta(), delta()]))
+            }
+            _ => {
+                let mut events: Vec<GenerateEvent> = (0..tokens).map(|_| delta()).collect();
+                events.push(GenerateEvent::Done {
+                    finish_reason: FinishReason::Length,
+                    usage: Usage {
+                        prompt_tokens: 5,
+                        completion_tokens: tokens,
+                    },
+                    billing: None,
+                });
+                Box::pin(futures_util::stream::iter(events))
+            }
+        }
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::default()
+    }
+}
+
+async fn start(prices: &[u64], routing: RoutingConfig) -> (DevNetwork, Vec<Arc<Scripted>>) {
+    let backends = prices.iter().map(|_| Scripted::new(2048)).collect();
+    start_with(backends, prices, routing).await
+}
+
+async fn start_with(
+    backends: Vec<Arc<Scripted>>,
+    prices: &[u64],
+    routing: RoutingConfig,
+) -> (DevNetwork, Vec<Arc<Scripted>>) {
+    let net = DevNetwork::start(
+        DevOptions {
+            routing,
+            worker_prices: prices
+                .iter()
+                .map(|p| PriceConfig {
+                    default: *p,
+                    ..PriceConfig::default()
+                })
+                .collect(),
+            ..test_options()
+        },
+        backends
+            .iter()
+            .map(|b| b.clone() as Arc<dyn Backend>)
+            .collect(),
+    )
+    .await
+    .unwrap();
+    net.wait_ready(prices.len() as u32, Duration::from_secs(20))
+        .await
+        .unwrap();
+    (net, backends)
+}
+
+async fn ask(net: &DevNetwork, extra: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/chat/completions", net.gateway_url()))
+        .json(&chat_body("Hi", extra))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_price_cap_routes_the_bill_follows_the_worker_and_the_network_shows_it() {
+    // The network's floor is 20 nanoton a token; one worker asks 30, the other the floor.
+    let (net, b) = start(&[30, 0], RoutingConfig::default()).await;
+    let models = get_json(
+        &reqwest::Client::new(),
+        format!("{}/models", net.gateway_url()),
+    )
+    .await;
+    assert_eq!(models["data"][0]["min_price"], 20, "{models}");
+    assert_eq!(models["data"][0]["max_price"], 30);
+
+    // Capped at 25: only the worker at the floor qualifies.
+    let (status, answer) = ask(&net, json!({"max_tokens": 4, "max_price": 25})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!((b[0].served(), b[1].served()), (0, 1));
+    let bill = &answer["usage"]["billing"];
+    assert_eq!(bill["price_per_token"], 20, "{answer}");
+    assert_eq!(bill["weighted_tokens"], 9);
+    assert_eq!(bill["billed_tokens"], 9);
+    assert_eq!(answer["usage"]["bill_verified"], true);
+
+    // That worker refuses now: under the cap nobody else can serve, so the client is told.
+    b[1].set(REFUSE);
+    let (status, answer) = ask(&net, json!({"max_tokens": 4, "max_price": 25})).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("overloaded"),
+        "{answer}"
+    );
+    // Uncapped, the dearer worker serves it, and the bill is at its price: 9 tokens at 30 are
+    // 13 units of 20 (13.5, rounded in the client's favour).
+    let (status, answer) = ask(&net, json!({"max_tokens": 4})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(b[0].served(), 1);
+    let bill = &answer["usage"]["billing"];
+    assert_eq!(
+        (
+            &bill["price_per_token"],
+            &bill["billed_tokens"],
+            &bill["cost"]
+        ),
+        (&json!(30), &json!(13), &json!(260)),
+        "{answer}"
+    );
+    assert_eq!(answer["usage"]["bill_verified"], true);
+
+    // Under the floor nothing can serve, whatever the workers ask.
+    let (status, answer) = ask(&net, json!({"max_tokens": 4, "max_price": 10})).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at or below max_price 10 nanoton per token; the cheapest asks 20"),
+        "{answer}"
+    );
+
+    // The network as the gateway sees it: its proxy, the workers, their prices and records.
+    let view = get_json(
+        &reqwest::Client::new(),
+        format!("{}/network", net.gateway_url()),
+    )
+    .await;
+    assert_eq!(view["proxies"][0]["state"], "up", "{view}");
+    let network = &view["network"];
+    assert_eq!(network["price_floor"], 20, "{view}");
+    assert_eq!(network["models"][0]["min_price"], 20);
+    assert_eq!(network["models"][0]["max_price"], 30);
+    let workers = network["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    let by_price = |p: u64| {
+        workers
+            .iter()
+            .find(|w| w["offers"][0]["price"] == p)
+            .unwrap_or_else(|| panic!("no worker asking {p}: {view}"))
+    };
+    let (dear, cheap) = (by_price(30), by_price(0));
+    assert_eq!(dear["served"], 1);
+    assert_eq!(dear["reputation"]["success_rate"], 1.0);
+    // One refusal against one success (and the prior a fresh worker starts with).
+    let rate = cheap["reputation"]["success_rate"].as_f64().unwrap();
+    assert!(rate < 0.7, "{cheap}");
+    assert_eq!(cheap["in_flight"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalls_before_the_first_token_fail_over_unseen_and_deaths_mid_stream_end_cleanly() {
+    let routing = RoutingConfig {
+        first_token_timeout_secs: 1,
+        start_deadline_secs: 10,
+        ..RoutingConfig::default()
+    };
+    // The cheap worker is everyone's first choice.
+    let (net, b) = start(&[20, 40], routing).await;
+    b[0].set(STALL);
+    let started = Instant::now();
+    let (status, answer) = ask(&net, json!({"max_tokens": 3})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["message"]["content"], "ttt");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(b[1].served(), 1);
+    assert_eq!(answer["usage"]["billing"]["price_per_token"], 40);
+    // The stall cost the cheap worker its standing: the next request goes straight to the
+    // other one.
+    let status_of = |net: &DevNetwork, price: u64| {
+        net.proxy_status()
+            .workers
+            .into_iter()
+            .find(|w| w.offers[0].price == price)
+            .unwrap()
+    };
+    assert!(status_of(&net, 20).reputation.success_rate < 0.5);
+    let started = Instant::now();
+    assert_eq!(ask(&net, json!({"max_tokens": 3})).await.0, 200);
+    assert!(started.elapsed() < Duration::from_millis(900));
+    assert_eq!(b[1].served(), 2);
+
+    // Both refuse: the client gets one clean 503 that says how many were tried.
+    b[0].set(REFUSE);
+    b[1].set(REFUSE);
+    let (status, answer) = ask(&net, json!({"max_tokens": 3})).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("workers tried: 2"),
+        "{answer}"
+    );
+
+    // A worker that breaks off after two tokens: the stream ends with an error event, and
+    // only the two tokens it delivered are billed.
+    b[0].set(DIE_AFTER_TWO);
+    b[1].set(DIE_AFTER_TWO);
+    let before = net.proxy_status().payments.unwrap().uncommitted_tokens;
+    let response = reqwest::Client::new()
+        .post(format!("{}/chat/completions", net.gateway_url()))
+        .json(&chat_body("Hi", json!({"max_tokens": 6, "stream": true})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = sse_events(response).await;
+    let content: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "tt", "{events:?}");
+    let error = events
+        .last()
+        .filter(|e| e.get("error").is_some())
+        .unwrap_or_else(|| panic!("no error event at the end: {events:?}"));
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("failed after 2 tokens"), "{message}");
+    // 2 tokens at the serving worker's price (20 or 40): 2 or 4 units.
+    let units: u64 = message
+        .split("were billed (")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no units in {message}"));
+    assert!(units == 2 || units == 4, "{message}");
+    let after = net.proxy_status().payments.unwrap().uncommitted_tokens;
+    // A commit may have landed in between; the book's count is what matters then.
+    assert!(
+        after == before + units || after < before,
+        "{before} → {after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_several_proxies_fails_over_to_the_one_that_answers() {
+    let (net, b) = start(&[0], RoutingConfig::default()).await;
+    // The first proxy on the list is down (nothing listens there); the second is the network's.
+    let dead = free_port();
+    let stop = CancellationToken::new();
+    let proxies = [dead.clone(), net.proxy_addr.to_string()];
+    let url = own_gateway(&net, &proxies, net.dir().join("client.key"), &stop).await;
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let answer = post_json(
+            &http,
+            format!("{url}/chat/completions"),
+            &chat_body("Hi", json!({"max_tokens": 2})),
+        )
+        .await;
+        assert_eq!(answer["choices"][0]["message"]["content"], "tt", "{answer}");
+        assert_eq!(answer["usage"]["bill_verified"], true);
+    }
+    assert_eq!(b[0].served(), 3);
+    let view = get_json(&http, format!("{url}/network")).await;
+    let proxies = view["proxies"].as_array().unwrap();
+    assert_eq!(proxies[0]["addr"], dead.as_str());
+    assert_eq!(proxies[0]["state"], "down", "{view}");
+    assert!(
+        proxies[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach proxy")
+    );
+    assert_eq!(proxies[1]["state"], "up");
+    assert_eq!(proxies[1]["answers"], 3);
+    assert_eq!(view["via"], net.proxy_addr.to_string());
+    assert_eq!(view["network"]["workers"].as_array().unwrap().len(), 1);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_long_for_one_worker_goes_to_one_with_a_longer_context() {
+    // The cheap worker, everyone's first choice, has the short context.
+    let backends = vec![Scripted::new(512), Scripted::new(512), Scripted::new(4096)];
+    let (net, b) = start_with(backends, &[20, 20, 40], RoutingConfig::default()).await;
+    let (status, answer) = ask(&net, json!({"max_tokens": 1000})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(b[2].served(), 1);
+    assert_eq!(answer["usage"]["completion_tokens"], 1000);
+    // Not held against the short ones: refusing what does not fit is no failure.
+    for w in net.proxy_status().workers {
+        assert_eq!(w.reputation.success_rate, 1.0, "{w:?}");
+    }
+    // Too long for every worker: the client gets the verdict of the longest context (the
+    // other short worker is not asked in between).
+    let (status, answer) = ask(&net, json!({"max_tokens": 5000})).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "context_length_exceeded");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("do not fit a context of 4096"),
+        "{answer}"
+    );
+}

@@ -1,0 +1,243 @@
+//! Payments through the whole network, real model, real ledger service: every answer is
+//! billed at the network's price, the proxy's signed charges reach the ledger, workers claim
+//! what they are owed, clients without cover get 402, and a rolled-back record stops the proxy.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::*;
+use cocoon_cli::dev::DevNetwork;
+use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, TON, dev_params};
+use cocoon_client::{ClientConfig, Gateway};
+use cocoon_ledger::{Address, Ledger, LedgerState, Op, PaymentMessage, SignedMessage};
+use cocoon_tls::PeerPolicy;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+async fn ledger_state(net: &DevNetwork) -> LedgerState {
+    net.ledger().unwrap().snapshot().await.unwrap()
+}
+
+/// Waits until the proxy has committed every charge it signed.
+async fn wait_committed(net: &DevNetwork) {
+    wait_until("charges committed", Duration::from_secs(20), || {
+        net.proxy_status()
+            .payments
+            .is_some_and(|p| p.uncommitted_tokens == 0)
+    })
+    .await;
+}
+
+async fn ask(http: &reqwest::Client, gateway: &str, content: &str, max_tokens: u32) -> Value {
+    post_json(
+        http,
+        format!("{gateway}/chat/completions"),
+        &chat_body(content, json!({"max_tokens": max_tokens, "temperature": 0})),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_billed_committed_and_paid_out() {
+    let net = network(vec![llama()]).await;
+    let http = reqwest::Client::new();
+    let proxy = net.proxy_key().unwrap();
+    let client = net.client_key();
+    let params = dev_params();
+
+    let mut billed = 0u64;
+    let mut last_counter = 0u64;
+    for question in ["What is 2+2?", "Name a colour.", "Say hello."] {
+        let answer = ask(&http, &net.gateway_url(), question, 6).await;
+        let usage = &answer["usage"];
+        let (prompt, completion, total) = token_counts(usage);
+        let bill = &usage["billing"];
+        // Prompt and completion tokens both weigh ×1 on the dev network.
+        assert_eq!(bill["billed_tokens"], prompt + completion);
+        assert_eq!(bill["price_per_token"], params.price_per_token as u64);
+        assert_eq!(usage["cost"], total * params.price_per_token as u64);
+        billed += total;
+        assert_eq!(bill["tokens_used"], billed, "the counter is cumulative");
+        // The charge is the proxy's signature over this very counter and contract.
+        let charge = SignedMessage(hex::decode(bill["charge"].as_str().unwrap()).unwrap());
+        let PaymentMessage::ChargeClient {
+            tokens_used,
+            contract,
+            ..
+        } = charge.verify(&proxy).unwrap()
+        else {
+            panic!("not a charge message");
+        };
+        assert_eq!(tokens_used, billed);
+        assert!(tokens_used > last_counter);
+        last_counter = tokens_used;
+        assert_eq!(contract, Address::client(&proxy, &client));
+    }
+
+    // The batched commit brings the ledger to the proxy's counter, and charges the balance.
+    wait_committed(&net).await;
+    let state = ledger_state(&net).await;
+    let contract = &state.clients[&Address::client(&proxy, &client)];
+    assert_eq!(contract.tokens_used, billed);
+    let cost = u128::from(billed) * params.price_per_token;
+    assert_eq!(contract.balance, CLIENT_DEPOSIT - cost);
+    let status = net.proxy_status().payments.unwrap();
+    assert!(status.commits >= 1 && status.commits <= 3, "{status:?}");
+
+    // The worker got its payouts and claims them; its earnings come from the proxy's.
+    let worker = net.worker_key(0);
+    let store = net.worker_payouts(0).unwrap().clone();
+    wait_until(
+        "the last payout reached the worker",
+        Duration::from_secs(10),
+        || store.owed().get(&hex::encode(proxy)) == Some(&billed),
+    )
+    .await;
+    let ledger = net.ledger().unwrap().clone();
+    let at = Address::worker(&proxy, &worker);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = ledger.snapshot().await.unwrap();
+        if state
+            .workers
+            .get(&at)
+            .is_some_and(|w| w.tokens_paid == billed)
+        {
+            let w = &state.workers[&at];
+            assert_eq!(w.balance, u128::from(billed) * params.worker_fee_per_token);
+            // No TON made or lost on the way.
+            assert_eq!(state.held(), state.deposited - state.paid_out);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "payout never claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The worker's owner takes the earnings out with the CLI.
+    let config = dev_worker_config(&net, net.ledger_url().unwrap());
+    let report = cocoon_report(&["worker", "-c", config.to_str().unwrap(), "withdraw"]).await;
+    let earned = u128::from(billed) * params.worker_fee_per_token;
+    assert_eq!(
+        report["withdrawn_ton"][hex::encode(proxy)],
+        cocoon_cli::money::format_ton(earned)
+    );
+    let state = ledger.snapshot().await.unwrap();
+    assert_eq!(state.workers[&at].balance, 0);
+    assert_eq!(state.held(), state.deposited - state.paid_out);
+}
+
+/// A second gateway to `net`'s proxy, with its own key (so its own contract, if any).
+async fn other_gateway(net: &DevNetwork, key_file: &Path, stop: &CancellationToken) -> String {
+    let gateway = Gateway::bind(&ClientConfig {
+        listen: "127.0.0.1:0".into(),
+        proxy_addr: net.proxy_addr.to_string(),
+        key_file: Some(key_file.to_owned()),
+        attester: net.dev_attester(),
+        proxy_policy: PeerPolicy {
+            fingerprints: vec![net.proxy_fingerprint.to_string()],
+            ..net.dev_policy()
+        },
+        ..ClientConfig::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}/v1", gateway.local_addr());
+    tokio::spawn(gateway.run(stop.clone()));
+    url
+}
+
+/// Asks for `max_tokens` and expects a 402 whose message says `why`.
+async fn refused_402(http: &reqwest::Client, gateway: &str, max_tokens: u32, why: &str) {
+    let r = http
+        .post(format!("{gateway}/chat/completions"))
+        .json(&chat_body("Hi", json!({"max_tokens": max_tokens})))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(why), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_cover_get_402_and_nothing_reaches_a_worker() {
+    let net = network(vec![llama()]).await;
+    let http = reqwest::Client::new();
+    let stop = CancellationToken::new();
+    let key_file = net.dir().join("poor-client.key");
+    let gateway = other_gateway(&net, &key_file, &stop).await;
+    let poor = cocoon_cli::dev::ledger::key_wallet(&key_file)
+        .unwrap()
+        .public_key();
+    let proxy = net.proxy_key().unwrap();
+    let dev = net.dev_ledger().unwrap();
+
+    // No contract at all.
+    refused_402(&http, &gateway, 4, "no contract").await;
+
+    // A balance, but no stake to guarantee work in flight.
+    dev.exec(poor, Op::ClientDeposit { proxy, amount: TON })
+        .await
+        .unwrap();
+    refused_402(&http, &gateway, 4, "its stake 0").await;
+
+    // Staked, but the stake cannot cover a request's worst case: 60 M tokens at 20 nanoton
+    // is far above 1 TON.
+    dev.exec(poor, Op::ClientStake { proxy, amount: TON })
+        .await
+        .unwrap();
+    refused_402(&http, &gateway, 60_000_000, "may cost up to").await;
+    let served_before = net.backend(0).stats().completed;
+    assert_eq!(served_before, 0, "no refused request reached the worker");
+
+    // Within cover: served and billed.
+    let answer = post_json(
+        &http,
+        format!("{gateway}/chat/completions"),
+        &chat_body("Hi", json!({"max_tokens": 4})),
+    )
+    .await;
+    assert!(answer["usage"]["cost"].as_u64().unwrap() > 0, "{answer}");
+    assert_eq!(net.backend(0).stats().completed, 1);
+
+    // The funded dev client was never touched by any of this.
+    let state = ledger_state(&net).await;
+    let rich = &state.clients[&Address::client(&proxy, &net.client_key())];
+    assert_eq!((rich.balance, rich.stake), (CLIENT_DEPOSIT, CLIENT_STAKE));
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_record_stops_the_proxy() {
+    let mut net = network(vec![llama()]).await;
+    let http = reqwest::Client::new();
+    ask(&http, &net.gateway_url(), "Hi", 2).await;
+    wait_committed(&net).await;
+    net.stop_proxy().await;
+    let backup = net.dir().join("book-backup.redb");
+    std::fs::copy(net.book_path(), &backup).unwrap();
+
+    // A restart with the record intact is fine, and serving goes on.
+    net.restart_proxy().await.unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let answer = ask(&http, &net.gateway_url(), "Hello there", 3).await;
+    assert!(answer["usage"]["cost"].as_u64().unwrap() > 0, "{answer}");
+    wait_committed(&net).await;
+    net.stop_proxy().await;
+
+    // The record restored from the old copy is behind the ledger: the proxy refuses to serve.
+    std::fs::copy(&backup, net.book_path()).unwrap();
+    let e = net
+        .restart_proxy()
+        .await
+        .expect_err("the proxy must refuse");
+    let message = format!("{e:#}");
+    assert!(message.contains("refusing to serve"), "{message}");
+    assert!(message.contains("rolled back"), "{message}");
+}

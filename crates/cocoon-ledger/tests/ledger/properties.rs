@@ -1,0 +1,110 @@
+//! Across any sequence of operations, valid or not: no TON is created or lost (what the
+//! contracts hold always equals what came in minus what went out) and no counter goes back.
+
+use std::collections::BTreeMap;
+
+use crate::common::*;
+use cocoon_ledger::{LedgerState, Op, Tx};
+use proptest::prelude::*;
+
+const CLIENTS: [[u8; 32]; 3] = [[2; 32], [4; 32], [6; 32]];
+const WORKERS: [[u8; 32]; 2] = [[3; 32], [5; 32]];
+
+#[derive(Debug, Clone)]
+enum Step {
+    Deposit(usize, u128),
+    Stake(usize, u128),
+    Withdraw(usize, u128),
+    Close(usize),
+    FinishClose(usize),
+    Refund(usize),
+    Charge(usize, u64),
+    Payout(usize, u64),
+    WorkerWithdraw(usize),
+    ProxyWithdraw(u128),
+    ProxyClose,
+    ProxyFinishClose,
+    Wait(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let who = 0..CLIENTS.len();
+    let worker = 0..WORKERS.len();
+    let amount = prop_oneof![1..100 * TON, Just(0u128), Just(u128::MAX)];
+    let tokens = prop_oneof![0..2_000_000u64, Just(u64::MAX)];
+    prop_oneof![
+        (who.clone(), amount.clone()).prop_map(|(c, a)| Step::Deposit(c, a)),
+        (who.clone(), amount.clone()).prop_map(|(c, a)| Step::Stake(c, a)),
+        (who.clone(), amount.clone()).prop_map(|(c, a)| Step::Withdraw(c, a)),
+        who.clone().prop_map(Step::Close),
+        who.clone().prop_map(Step::FinishClose),
+        who.clone().prop_map(Step::Refund),
+        (who, tokens.clone()).prop_map(|(c, t)| Step::Charge(c, t)),
+        (worker.clone(), tokens).prop_map(|(w, t)| Step::Payout(w, t)),
+        worker.prop_map(Step::WorkerWithdraw),
+        amount.prop_map(Step::ProxyWithdraw),
+        Just(Step::ProxyClose),
+        Just(Step::ProxyFinishClose),
+        (0..10_000u64).prop_map(Step::Wait),
+    ]
+}
+
+fn counters(s: &LedgerState) -> BTreeMap<String, u64> {
+    let clients = s
+        .clients
+        .iter()
+        .map(|(a, c)| (format!("c{a}"), c.tokens_used));
+    let workers = s
+        .workers
+        .iter()
+        .map(|(a, w)| (format!("w{a}"), w.tokens_paid));
+    clients.chain(workers).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_ton_created_or_lost_and_no_counter_goes_back(steps in proptest::collection::vec(step(), 1..60)) {
+        let (mut s, proxy) = with_proxy();
+        let p = public(&proxy);
+        let mut now = 1_000;
+        for st in steps {
+            let (sender, op) = match st {
+                Step::Deposit(c, amount) => (CLIENTS[c], Op::ClientDeposit { proxy: p, amount }),
+                Step::Stake(c, amount) => (CLIENTS[c], Op::ClientStake { proxy: p, amount }),
+                Step::Withdraw(c, amount) => (CLIENTS[c], Op::ClientWithdraw { proxy: p, amount }),
+                Step::Close(c) => (CLIENTS[c], Op::ClientClose { proxy: p }),
+                Step::FinishClose(c) => (CLIENTS[c], Op::ClientFinishClose { proxy: p }),
+                Step::Refund(c) => (p, Op::ProxyRefundClient { client: CLIENTS[c] }),
+                Step::Charge(c, t) => (p, charge(&proxy, CLIENTS[c], t)),
+                Step::Payout(w, t) => (WORKERS[w], payout(&proxy, WORKERS[w], t)),
+                Step::WorkerWithdraw(w) => (WORKERS[w], Op::WorkerWithdraw { proxy: p }),
+                Step::ProxyWithdraw(amount) => (p, Op::ProxyWithdraw { amount }),
+                Step::ProxyClose => (p, Op::ProxyClose),
+                Step::ProxyFinishClose => (p, Op::ProxyFinishClose),
+                Step::Wait(secs) => {
+                    now += secs;
+                    continue;
+                }
+            };
+            let before = s.clone();
+            let result = s.apply(&Tx { sender, op, now });
+            match result {
+                Ok((receipt, _)) => {
+                    prop_assert_eq!(s.deposited - before.deposited, receipt.deposited);
+                    prop_assert_eq!(s.paid_out - before.paid_out, receipt.paid_out);
+                }
+                Err(_) => prop_assert_eq!(&s, &before, "a refusal changed the state"),
+            }
+            prop_assert_eq!(s.held(), s.deposited - s.paid_out);
+            for c in s.clients.values() {
+                prop_assert!(c.stake <= c.balance);
+            }
+            let (old, new) = (counters(&before), counters(&s));
+            for (k, v) in &old {
+                prop_assert!(new[k] >= *v, "counter {} went back", k);
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! RA-TLS handshakes: certificates carrying quotes, checked by policy on both sides.
+
+use std::sync::Arc;
+
+use crate::common::handshake;
+use cocoon_attest::{Attester, DevAttester, Measurements, Policy, parse_collateral};
+use cocoon_tls::{AnyPeer, Identity, PeerCertificate, PeerVerifier, RaTlsVerifier};
+use rustls::pki_types::UnixTime;
+
+fn image(mrtd: u8) -> Measurements {
+    Measurements {
+        mrtd: [mrtd; 48],
+        rtmr: [[1; 48], [2; 48], [3; 48], [0; 48]],
+        report_data: [0; 64],
+        td_attributes: [0; 8],
+    }
+}
+
+fn dev(mrtd: u8) -> Arc<DevAttester> {
+    Arc::new(DevAttester::generate(image(mrtd)).unwrap().0)
+}
+
+fn policy_for(mrtd: u8) -> Policy {
+    let mut p = Policy::default();
+    p.image_hashes.insert(image(mrtd).image_hash());
+    p
+}
+
+fn cert_of(id: &Identity) -> PeerCertificate {
+    PeerCertificate::parse(&id.certified_key().cert[0], UnixTime::now()).unwrap()
+}
+
+#[tokio::test]
+async fn attested_peers_with_allowed_images_connect() {
+    let (wa, pa) = (dev(7), dev(8));
+    let worker = Arc::new(
+        Identity::ephemeral("worker")
+            .unwrap()
+            .with_attester("worker", wa.clone())
+            .unwrap(),
+    );
+    let proxy = Arc::new(
+        Identity::ephemeral("proxy")
+            .unwrap()
+            .with_attester("proxy", pa.clone())
+            .unwrap(),
+    );
+    let proxy_accepts =
+        Arc::new(RaTlsVerifier::new(policy_for(7), vec![]).allow_dev_key(wa.public_key()));
+    let worker_accepts =
+        Arc::new(RaTlsVerifier::new(policy_for(8), vec![]).allow_dev_key(pa.public_key()));
+    let (c, s) = handshake(proxy, proxy_accepts, worker, worker_accepts).await;
+    c.unwrap();
+    s.unwrap();
+}
+
+#[tokio::test]
+async fn image_not_in_policy_is_refused_in_the_handshake() {
+    let wa = dev(7);
+    let worker = Arc::new(
+        Identity::ephemeral("worker")
+            .unwrap()
+            .with_attester("worker", wa.clone())
+            .unwrap(),
+    );
+    let proxy = Arc::new(Identity::ephemeral("proxy").unwrap());
+    let proxy_accepts =
+        Arc::new(RaTlsVerifier::new(policy_for(9), vec![]).allow_dev_key(wa.public_key()));
+    let (_c, s) = handshake(proxy, proxy_accepts, worker, Arc::new(AnyPeer)).await;
+    let err = s.unwrap_err();
+    assert!(err.contains("is not allowed"), "{err}");
+}
+
+#[test]
+fn dev_quotes_are_refused_unless_opted_in_and_plain_certs_have_no_attestation() {
+    let wa = dev(7);
+    let worker = Identity::ephemeral("worker")
+        .unwrap()
+        .with_attester("worker", wa.clone())
+        .unwrap();
+    let strict = RaTlsVerifier::new(policy_for(7), vec![]);
+    let err = strict.verify(&cert_of(&worker)).unwrap_err().to_string();
+    assert!(err.contains("development quotes are not accepted"), "{err}");
+    let plain = Identity::ephemeral("plain").unwrap();
+    let err = strict.verify(&cert_of(&plain)).unwrap_err().to_string();
+    assert!(err.contains("no attestation"), "{err}");
+    // Only the key this verifier trusts.
+    let other = dev(7);
+    let err = RaTlsVerifier::new(policy_for(7), vec![])
+        .allow_dev_key(other.public_key())
+        .verify(&cert_of(&worker))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not signed by a trusted dev key"), "{err}");
+}
+
+#[test]
+fn a_quote_replayed_under_another_key_is_refused() {
+    let wa = dev(7);
+    let genuine = Identity::ephemeral("genuine")
+        .unwrap()
+        .with_attester("worker", wa.clone())
+        .unwrap();
+    let impostor = Identity::ephemeral("impostor").unwrap();
+    let mut stolen = cert_of(&impostor);
+    // The impostor presents the genuine certificate's quote and claims beside its own key.
+    stolen.extensions = cert_of(&genuine).extensions;
+    let verifier = RaTlsVerifier::new(policy_for(7), vec![]).allow_dev_key(wa.public_key());
+    let first = verifier.verify(&cert_of(&genuine)).unwrap();
+    assert_eq!(first.mode(), "dev");
+    assert_eq!(first.attestation.unwrap().image_hash, image(7).image_hash());
+    // The stolen quote is in the cache by now, yet the binding to the impostor's key fails.
+    let err = verifier.verify(&stolen).unwrap_err().to_string();
+    assert!(err.contains("another public key"), "{err}");
+    let stats = verifier.cache_stats().unwrap();
+    assert_eq!((stats.verifications, stats.hits), (1, 1));
+}
+
+/// An attester that returns a fixed real TDX quote, whatever it is asked to bind.
+struct Recorded(Vec<u8>);
+
+impl Attester for Recorded {
+    fn kind(&self) -> cocoon_attest::AttesterKind {
+        cocoon_attest::AttesterKind::Tdx
+    }
+    fn quote(&self, _report_data: &[u8; 64]) -> Result<Vec<u8>, cocoon_attest::AttestError> {
+        Ok(self.0.clone())
+    }
+}
+
+#[test]
+fn real_tdx_quote_verifies_but_is_not_bound_to_our_key_and_goes_stale() {
+    let tdx = cocoon_testdata::TDX;
+    let quote = tdx.quote.to_vec();
+    let collateral = parse_collateral(tdx.collateral).unwrap();
+    let image = cocoon_attest::verify_quote(&quote, &collateral, tdx.at)
+        .unwrap()
+        .measurements
+        .image_hash();
+    let mut policy = Policy::default();
+    policy.image_hashes.insert(image);
+    let id = Identity::ephemeral("n")
+        .unwrap()
+        .with_attester("worker", Arc::new(Recorded(quote)))
+        .unwrap();
+    let at_vector_time =
+        RaTlsVerifier::new(policy.clone(), vec![collateral.clone()]).at_time(tdx.at);
+    let err = at_vector_time
+        .verify(&cert_of(&id))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not SHA-512 of the certificate's claims"),
+        "{err}"
+    );
+    // Verified with today's clock, the recorded collateral has expired.
+    let now = RaTlsVerifier::new(policy, vec![collateral]);
+    let err = now.verify(&cert_of(&id)).unwrap_err().to_string();
+    assert!(err.contains("quote verification failed"), "{err}");
+}
+
+#[test]
+fn cached_quotes_expire() {
+    let wa = dev(7);
+    let id = Identity::ephemeral("n")
+        .unwrap()
+        .with_attester("worker", wa.clone())
+        .unwrap();
+    let verifier = RaTlsVerifier::new(policy_for(7), vec![])
+        .allow_dev_key(wa.public_key())
+        .cache_ttl(std::time::Duration::from_millis(50));
+    verifier.verify(&cert_of(&id)).unwrap();
+    verifier.verify(&cert_of(&id)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(80));
+    verifier.verify(&cert_of(&id)).unwrap();
+    let stats = verifier.cache_stats().unwrap();
+    assert_eq!((stats.verifications, stats.hits), (2, 1));
+    let uncached = RaTlsVerifier::new(policy_for(7), vec![])
+        .allow_dev_key(wa.public_key())
+        .cache_ttl(std::time::Duration::ZERO);
+    uncached.verify(&cert_of(&id)).unwrap();
+    uncached.verify(&cert_of(&id)).unwrap();
+    assert_eq!(uncached.cache_stats().unwrap().verifications, 2);
+}
+
+/// A server presenting an RA-TLS certificate made by hand with the given validity window:
+/// a genuine dev quote bound to the key, only the dates chosen by the test.
+async fn serve_handmade_cert(
+    attester: &DevAttester,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> std::net::SocketAddr {
+    use rcgen::{CertificateParams, CustomExtension, KeyPair, PKCS_ED25519};
+    let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+    let claims = cocoon_attest::Claims {
+        public_key: hex::encode(key.public_key_raw()),
+        role: "proxy".into(),
+    }
+    .to_bytes();
+    let quote = attester
+        .quote(&cocoon_attest::Claims::report_data(&claims))
+        .unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.not_before = not_before;
+    params.not_after = not_after;
+    for (oid, content) in [
+        (&[1, 3, 6, 1, 4, 1, 12345, 1][..], quote),
+        (&[1, 3, 6, 1, 4, 1, 12345, 2][..], claims),
+    ] {
+        let mut ext = CustomExtension::from_oid_content(oid, content);
+        ext.set_criticality(true);
+        params.custom_extensions.push(ext);
+    }
+    let cert = params.self_signed(&key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(Fixed(Arc::new(rustls::sign::CertifiedKey::new(
+        vec![cert.der().clone()],
+        rustls::crypto::ring::sign::any_supported_type(&rustls::pki_types::PrivateKeyDer::Pkcs8(
+            key.serialize_der().into(),
+        ))
+        .unwrap(),
+    )))));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = acceptor.accept(tcp).await;
+    });
+    addr
+}
+
+/// Presents one certificate whatever the client asks (rustls' own single-cert helper refuses
+/// certificates with critical extensions it does not know, such as the RA-TLS ones).
+#[derive(Debug)]
+struct Fixed(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Fixed {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+async fn connect_to(
+    addr: std::net::SocketAddr,
+    verifier: Arc<dyn PeerVerifier>,
+) -> Result<(), String> {
+    let me = Arc::new(Identity::ephemeral("client").unwrap());
+    let connector = tokio_rustls::TlsConnector::from(cocoon_tls::client_config(me, verifier, &[]));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(cocoon_tls::SERVER_NAME).unwrap();
+    connector
+        .connect(name, tcp)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn an_expired_attested_certificate_is_refused_in_the_handshake() {
+    let wa = dev(7);
+    let verifier: Arc<dyn PeerVerifier> =
+        Arc::new(RaTlsVerifier::new(policy_for(7), vec![]).allow_dev_key(wa.public_key()));
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    let current = serve_handmade_cert(&wa, now - day, now + day).await;
+    connect_to(current, verifier.clone()).await.unwrap();
+    let expired = serve_handmade_cert(&wa, now - 3 * day, now - day).await;
+    let err = connect_to(expired, verifier).await.unwrap_err();
+    assert_eq!(err, "invalid peer certificate: Expired");
+}
