@@ -1,34 +1,27 @@
-//! Routing one generation to a worker and relaying its events back to the client.
-//!
-//! The [`market`](crate::market) picks the worker. One that refuses, fails or stays silent
-//! before its first token is replaced by the next pick (at most `max_attempts`, all within
-//! `start_deadline_secs`), so the client sees one answer and pays once. Once a token has been
-//! relayed the answer belongs to that worker: if it fails or goes silent mid-stream the
-//! stream ends with an error event and the client is charged only for the tokens it was
-//! sent. Every attempt's outcome goes into the worker's record.
+//! Relaying an answer from the worker that began it. From its first token on the answer
+//! belongs to that worker: it is not failed over, a worker that fails or goes silent ends the
+//! stream with an error event, and the client pays only for the tokens it was sent.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cocoon_net::{Body, EventReader, error_response, event_stream_response};
+use cocoon_net::{Body, EventReader, event_stream_response};
 use cocoon_protocol::{
-    ErrorKind, GenerateEvent, GenerateRequest, Payout, ProtocolError, Usage, encode_frame, paths,
+    GenerateEvent, GenerateRequest, Payout, ProtocolError, Usage, encode_frame, paths,
 };
 use http::Response;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
+use super::failover::Begun;
 use crate::billing::{Billing, Hold};
 use crate::limits::RequestPermit;
-use crate::market::{Ask, LoadGuard, NoPick, Outcome, affinity};
+use crate::market::{LoadGuard, Outcome};
 use crate::server::State;
 use crate::workers::{WorkerEntry, WorkerLink};
 
 /// How long a worker has to take a payout message.
 const PAYOUT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tokens an answer without `max_tokens` is expected to take, for comparing workers.
-const EXPECTED_TOKENS: u32 = 256;
 
 /// Hands `payout` to the worker, in the background: payouts are cumulative, so one that is
 /// lost is covered by the next.
@@ -60,12 +53,17 @@ async fn settle(
 }
 
 /// A worker's answer, up to and including its first event.
-struct Started {
+pub(super) struct Started {
     events: EventReader,
     first: (GenerateEvent, Bytes),
 }
 
-async fn start(worker: &WorkerEntry, request: &GenerateRequest) -> Result<Started, ProtocolError> {
+/// Asks `worker` for `request` and waits for its first event: one attempt of failover. An
+/// error event as the first one is a refusal, not the start of an answer.
+pub(super) async fn start(
+    worker: Arc<WorkerEntry>,
+    request: &GenerateRequest,
+) -> Result<Started, ProtocolError> {
     let mut events = worker.link.channel.generate(request).await?;
     match events.next().await {
         Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => Err(error),
@@ -76,171 +74,32 @@ async fn start(worker: &WorkerEntry, request: &GenerateRequest) -> Result<Starte
     }
 }
 
-fn no_pick_error(no: NoPick, request: &GenerateRequest) -> ProtocolError {
-    match no {
-        NoPick::UnknownModel => ProtocolError::new(
-            ErrorKind::ModelNotFound,
-            format!(
-                "The model '{}' does not exist or no worker serves it",
-                request.model
-            ),
-        ),
-        NoPick::TooExpensive { cheapest } => ProtocolError::invalid(format!(
-            "no worker serves '{}' at or below max_price {} nanoton per token; the cheapest \
-             asks {cheapest}",
-            request.model,
-            request.max_price.unwrap_or(0)
-        )),
-        NoPick::NoneAvailable => ProtocolError::unavailable(format!(
-            "no worker for model '{}' can take the request now",
-            request.model
-        )),
-    }
-}
-
-fn context_of(worker: &WorkerEntry, request: &GenerateRequest) -> Option<u32> {
-    worker.offer(&request.model).map(|o| o.context_length)
-}
-
-pub(crate) async fn generate(
-    state: &Arc<State>,
-    client: [u8; 32],
-    body: Incoming,
+/// Relays the answer `begun` to the client in the background, as the response's event
+/// stream. The permit and the hold go with it: the client's slot and reservation last as long
+/// as the answer.
+pub(super) fn stream(
+    state: Arc<State>,
+    begun: Begun<WorkerLink, Started>,
+    permit: RequestPermit,
+    hold: Option<Hold>,
 ) -> Response<Body> {
-    let limits = state.limiter.config();
-    let read = cocoon_net::read_json(body, state.max_request_bytes);
-    let request: GenerateRequest = match tokio::time::timeout(limits.body_timeout(), read).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return error_response(&e),
-        Err(_) => {
-            return error_response(&ProtocolError::invalid(format!(
-                "the request body did not arrive within {} s",
-                limits.body_timeout_secs
-            )));
-        }
+    let Begun {
+        load,
+        answer: started,
+        asked,
+        first_at,
+    } = begun;
+    let answer = Answer {
+        state,
+        load,
+        _permit: permit,
+        hold,
+        asked,
+        first_at,
     };
-    let permit = match state.limiter.admit(client, &request) {
-        Ok(p) => p,
-        Err(e) => return error_response(&e),
-    };
-    if let Err(e) = request.validate() {
-        return error_response(&e);
-    }
-    let workers = &state.workers;
-    // Refused here (before any reservation) when no worker could serve it at any rate.
-    if let Err(no) = workers.can_serve(&request.model, request.max_price) {
-        return error_response(&no_pick_error(no, &request));
-    }
-    // The reservation covers the dearest worker the request may end up on.
-    let mut hold = match (
-        &state.billing,
-        workers.context_length(&request.model),
-        workers.highest_price(&request.model, request.max_price),
-    ) {
-        (Some(billing), Some(context), Some(price)) => {
-            match billing.reserve(client, &request, context, price).await {
-                Ok(h) => Some(h),
-                Err(e) => return error_response(&e),
-            }
-        }
-        _ => None,
-    };
-    let routing = &state.routing;
-    let first_token_timeout = Duration::from_secs(routing.first_token_timeout_secs);
-    let deadline = Instant::now() + Duration::from_secs(routing.start_deadline_secs);
-    let prefix = affinity::prefix_key(&request);
-    let tokens = request
-        .params
-        .max_tokens
-        .unwrap_or(EXPECTED_TOKENS)
-        .min(EXPECTED_TOKENS * 4);
-    let mut tried = Vec::new();
-    let mut min_context = 0;
-    let mut last_error = None;
-    while tried.len() < routing.max_attempts as usize {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let load = match workers.pick(&Ask {
-            model: &request.model,
-            max_price: request.max_price,
-            prefix,
-            tokens,
-            exclude: &tried,
-            min_context,
-        }) {
-            Ok(load) => load,
-            Err(no) => {
-                last_error.get_or_insert_with(|| no_pick_error(no, &request));
-                break;
-            }
-        };
-        let worker = load.seller().clone();
-        tried.push(worker.id);
-        let asked = Instant::now();
-        let wait = first_token_timeout.min(left);
-        match tokio::time::timeout(wait, start(&worker, &request)).await {
-            Ok(Ok(started)) => {
-                let answer = Answer {
-                    state: state.clone(),
-                    load,
-                    _permit: permit,
-                    hold: hold.take(),
-                    asked,
-                    first_at: Instant::now(),
-                };
-                let (tx, rx) = mpsc::channel::<Bytes>(32);
-                tokio::spawn(answer.relay(started, tx));
-                return event_stream_response(rx);
-            }
-            // Another worker may succeed where this one failed before answering.
-            Ok(Err(e)) if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) => {
-                tracing::warn!(worker = %worker.name, error = %e, "worker failed before answering, trying another");
-                workers.record(&worker, Outcome::Failed);
-                last_error = Some(e);
-            }
-            // Too long for this worker's context, and another offers a longer one; not the
-            // worker's fault.
-            Ok(Err(e))
-                if e.kind == ErrorKind::ContextLengthExceeded
-                    && workers.context_length(&request.model) > context_of(&worker, &request) =>
-            {
-                tracing::debug!(worker = %worker.name, "request too long for this worker's context, trying a longer one");
-                let context = context_of(&worker, &request).unwrap_or(0);
-                min_context = min_context.max(context.saturating_add(1));
-                last_error = Some(e);
-            }
-            // The worker's verdict on the request itself (too long, bad parameters).
-            Ok(Err(e)) => return error_response(&e),
-            Err(_) => {
-                tracing::warn!(worker = %worker.name, secs = wait.as_secs_f64(), "worker sent no first token in time, trying another");
-                workers.record(&worker, Outcome::Stalled);
-                last_error = Some(ProtocolError::unavailable(format!(
-                    "worker '{}' sent no first token within {:.1} s",
-                    worker.name,
-                    wait.as_secs_f64()
-                )));
-            }
-        }
-    }
-    let error = last_error.unwrap_or_else(|| {
-        ProtocolError::unavailable(format!(
-            "no worker for model '{}' answered within {} s",
-            request.model, routing.start_deadline_secs
-        ))
-    });
-    let retry_after_secs = match error.kind {
-        // Workers come and go: soon another may take it.
-        ErrorKind::Unavailable => error.retry_after_secs.or(Some(1)),
-        _ => error.retry_after_secs,
-    };
-    let error = ProtocolError {
-        message: format!("{} (workers tried: {})", error.message, tried.len()),
-        retry_after_secs,
-        ..error
-    };
-    error_response(&error)
+    let (tx, rx) = mpsc::channel::<Bytes>(32);
+    tokio::spawn(answer.relay(started, tx));
+    event_stream_response(rx)
 }
 
 /// One answer being relayed from the worker that started it.
@@ -250,8 +109,9 @@ struct Answer {
     load: LoadGuard<WorkerLink>,
     _permit: RequestPermit,
     hold: Option<Hold>,
-    asked: Instant,
-    first_at: Instant,
+    /// On tokio's clock, as failover measures them.
+    asked: tokio::time::Instant,
+    first_at: tokio::time::Instant,
 }
 
 /// How a relayed stream ended.

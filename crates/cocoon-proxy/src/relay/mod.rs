@@ -1,0 +1,77 @@
+//! Routing one generation to a worker and relaying its events back to the client.
+//!
+//! The [`market`](crate::market) picks the worker. One that refuses, fails or stays silent
+//! before its first token is replaced by the next pick (at most `max_attempts`, all within
+//! `start_deadline_secs`), so the client sees one answer and pays once. Once a token has been
+//! relayed the answer belongs to that worker: if it fails or goes silent mid-stream the
+//! stream ends with an error event and the client is charged only for the tokens it was
+//! sent. Every attempt's outcome goes into the worker's record.
+//!
+//! A request goes through one step per module, each refusing with the error the client
+//! gets: [`admit`] (body, limits, validity, some worker able to serve it), the reservation
+//! here, [`failover`] (the attempts up to a first token), then [`answer`] (the stream, its
+//! bill, the worker's record). [`errors`] words the refusals that are the proxy's own.
+
+mod admit;
+mod answer;
+mod errors;
+mod failover;
+
+use std::sync::Arc;
+
+use cocoon_net::{Body, error_response};
+use cocoon_protocol::{GenerateRequest, ProtocolError};
+use http::Response;
+use hyper::body::Incoming;
+
+pub(crate) use self::answer::send_payout;
+use crate::billing::Hold;
+use crate::server::State;
+
+pub(crate) async fn generate(
+    state: &Arc<State>,
+    client: [u8; 32],
+    body: Incoming,
+) -> Response<Body> {
+    match serve(state, client, body).await {
+        Ok(response) => response,
+        Err(error) => error_response(&error),
+    }
+}
+
+async fn serve(
+    state: &Arc<State>,
+    client: [u8; 32],
+    body: Incoming,
+) -> Result<Response<Body>, ProtocolError> {
+    let read = cocoon_net::read_json(body, state.max_request_bytes);
+    let request = admit::read(read, state.limiter.config()).await?;
+    let permit = admit::admit(&state.limiter, &state.workers, client, &request)?;
+    let hold = reserve(state, client, &request).await?;
+    let begun = failover::run(&state.workers, &state.routing, &request, |worker| {
+        answer::start(worker, &request)
+    })
+    .await?;
+    Ok(answer::stream(state.clone(), begun, permit, hold))
+}
+
+/// Reserves what the request may cost (nothing without payments). It must cover the
+/// dearest worker the request may end up on, since failover may move it to any of them.
+async fn reserve(
+    state: &State,
+    client: [u8; 32],
+    request: &GenerateRequest,
+) -> Result<Option<Hold>, ProtocolError> {
+    let workers = &state.workers;
+    match (
+        &state.billing,
+        workers.context_length(&request.model),
+        workers.highest_price(&request.model, request.max_price),
+    ) {
+        (Some(billing), Some(context), Some(price)) => billing
+            .reserve(client, request, context, price)
+            .await
+            .map(Some),
+        _ => Ok(None),
+    }
+}
