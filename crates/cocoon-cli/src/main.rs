@@ -4,13 +4,15 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use cocoon_cli::attest::{self as attest_cmd, Evidence, VerifyOptions};
+use cocoon_cli::backends::build_backend;
 use cocoon_cli::bench;
 use cocoon_cli::config;
 use cocoon_cli::dev::{DevNetwork, DevOptions};
 use cocoon_cli::money::{self, AccountOptions, ClientAccount, ClientAction};
 use cocoon_client::{ClientConfig, Gateway};
-use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_engine::{Backend, LlamaConfig};
 use cocoon_ledger::Ledger as _;
+use cocoon_llama::LlamaBackend;
 use cocoon_proxy::{Proxy, ProxyConfig};
 use cocoon_worker::{ModelRouter, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
@@ -339,7 +341,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let backends = cfg
                 .backends
                 .iter()
-                .map(|b| b.build())
+                .map(build_backend)
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let backend: Arc<dyn Backend> = Arc::new(ModelRouter::new(backends)?);
             let identity = Arc::new(cfg.attester.identity(

@@ -1,10 +1,14 @@
 //! Inference backends: the part of a worker that turns a [`GenerateRequest`] into tokens.
 //!
-//! [`Backend`] is the seam. Two real implementations live here: [`LlamaBackend`] runs a GGUF
-//! model in-process through llama.cpp, and [`UpstreamBackend`] relays to an OpenAI-compatible
-//! server (vLLM, SGLang, llama.cpp's server, Ollama) that a GPU owner already runs.
+//! [`Backend`] is the seam, with what every implementation shares: [`EventStream`],
+//! [`error_stream`], the counters ([`BackendStats`]) and the text helpers. One implementation
+//! lives here: [`UpstreamBackend`] relays to an OpenAI-compatible server (vLLM, SGLang,
+//! llama.cpp's server, Ollama) that a GPU owner already runs. The embedded llama.cpp engine is
+//! the `cocoon-llama` crate, so that a crate which only needs the trait (the worker role) does
+//! not build or link llama.cpp; its configuration, [`LlamaConfig`], is plain data and stays
+//! here so worker configurations parse without it.
 
-mod llama;
+mod llama_config;
 mod stats;
 mod text;
 mod upstream;
@@ -14,8 +18,8 @@ use std::pin::Pin;
 use cocoon_protocol::{GenerateEvent, GenerateRequest, ModelCard};
 use futures_util::Stream;
 
-pub use llama::{LlamaBackend, LlamaConfig};
-pub use stats::{BackendStats, StatsSnapshot};
+pub use llama_config::LlamaConfig;
+pub use stats::{ActiveGuard, BackendStats, Outcome, StatsSnapshot};
 pub use text::{StopMatcher, Utf8Accumulator};
 pub use upstream::{SseChunk, UpstreamBackend, UpstreamConfig, UpstreamModel, parse_sse_chunk};
 

@@ -1,6 +1,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Live counters of a backend, shared with the generation threads.
+/// Live counters of a backend, shared with the generation threads. The recording side is public
+/// so that backends in other crates (`cocoon-llama`) count the same way as the upstream one.
 #[derive(Debug, Default)]
 pub struct BackendStats {
     active: AtomicU64,
@@ -26,7 +27,7 @@ pub struct StatsSnapshot {
 
 /// How a generation ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
+pub enum Outcome {
     Completed,
     Cancelled,
     Failed,
@@ -45,7 +46,7 @@ impl BackendStats {
     }
 
     /// Marks a generation as running until the returned guard is finished or dropped.
-    pub(crate) fn start(&self) -> ActiveGuard<'_> {
+    pub fn start(&self) -> ActiveGuard<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard {
             stats: self,
@@ -53,24 +54,24 @@ impl BackendStats {
         }
     }
 
-    pub(crate) fn add_prompt_tokens(&self, n: u64) {
+    pub fn add_prompt_tokens(&self, n: u64) {
         self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub(crate) fn add_generated_tokens(&self, n: u64) {
+    pub fn add_generated_tokens(&self, n: u64) {
         self.generated_tokens.fetch_add(n, Ordering::Relaxed);
     }
 }
 
 /// Counts a generation as active; records its outcome when dropped (failed unless told otherwise,
 /// so a panic or an early return is never counted as a success).
-pub(crate) struct ActiveGuard<'a> {
+pub struct ActiveGuard<'a> {
     stats: &'a BackendStats,
     outcome: Outcome,
 }
 
 impl ActiveGuard<'_> {
-    pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
+    pub fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome;
     }
 }

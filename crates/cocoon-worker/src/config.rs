@@ -1,8 +1,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use cocoon_engine::{Backend, LlamaBackend, LlamaConfig, UpstreamBackend, UpstreamConfig};
+use cocoon_engine::{LlamaConfig, UpstreamConfig};
 use cocoon_tls::{AttesterConfig, PeerPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +67,8 @@ impl Default for WorkerConfig {
     }
 }
 
-/// One `[[backend]]` table.
+/// One `[[backend]]` table. Only data: the binary that starts the worker builds the backends
+/// from it (the worker takes them built), so the worker crate does not link their engines.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BackendConfig {
@@ -76,15 +76,6 @@ pub enum BackendConfig {
     Llama(LlamaConfig),
     /// An OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, Ollama).
     Upstream(UpstreamConfig),
-}
-
-impl BackendConfig {
-    pub fn build(&self) -> anyhow::Result<Arc<dyn Backend>> {
-        Ok(match self {
-            BackendConfig::Llama(c) => Arc::new(LlamaBackend::load(c)?),
-            BackendConfig::Upstream(c) => Arc::new(UpstreamBackend::new(c.clone())?),
-        })
-    }
 }
 
 #[cfg(test)]
@@ -97,5 +88,17 @@ mod tests {
         let c: WorkerConfig = serde_json::from_str(json).unwrap();
         assert!(matches!(c.backends[0], BackendConfig::Upstream(_)));
         assert_eq!(c.proxy_addr, "127.0.0.1:10443");
+    }
+
+    /// The embedded engine's table is plain data here: it parses without llama.cpp linked.
+    #[test]
+    fn llama_backend_parses() {
+        let json = r#"{"backend":[{"kind":"llama","model_path":"m.gguf","parallel":2}]}"#;
+        let c: WorkerConfig = serde_json::from_str(json).unwrap();
+        let BackendConfig::Llama(llama) = &c.backends[0] else {
+            panic!("not a llama backend: {:?}", c.backends[0]);
+        };
+        assert_eq!(llama.model_path, PathBuf::from("m.gguf"));
+        assert_eq!((llama.parallel, llama.threads), (2, 0));
     }
 }

@@ -1,10 +1,14 @@
-//! The worker role: runs inference backends and serves them to one proxy.
+//! The worker role: serves inference backends to one proxy.
 //!
 //! A worker dials out to its proxy (so it can sit behind NAT), then serves HTTP/2 on that
 //! connection: the proxy sends it generation requests over streams it opens. When the
 //! connection drops, the worker reconnects with backoff. This crate owns that loop, the
 //! worker's configuration, the routing of requests to the right backend by model, and the
 //! payouts its proxy signs for it (kept durably, claimed on the ledger).
+//!
+//! The backends come in built, as `Arc<dyn Backend>`: whatever starts the worker (the
+//! `cocoon` binary) turns each [`BackendConfig`] into one. So this crate, and every test of
+//! it, depends only on the `Backend` trait and never builds or links llama.cpp.
 
 mod config;
 mod payouts;

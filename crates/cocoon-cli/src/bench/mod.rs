@@ -27,7 +27,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_engine::{Backend, LlamaConfig};
+use cocoon_llama::LlamaBackend;
 use cocoon_proxy::LimitsConfig;
 use serde::Serialize;
 

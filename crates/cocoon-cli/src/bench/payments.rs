@@ -8,7 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_engine::{Backend, LlamaConfig};
+use cocoon_llama::LlamaBackend;
 use cocoon_protocol::{ChatMessage, GenerateRequest, Input, Role, SamplingParams};
 use serde::Serialize;
 use serde_json::json;

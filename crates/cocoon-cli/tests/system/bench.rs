@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_cli::bench::{self, engine::EngineOptions, path::PathOptions};
-use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_engine::{Backend, LlamaConfig};
+use cocoon_llama::LlamaBackend;
 
 #[tokio::test]
 async fn path_and_engine_sections_report_consistent_figures() {

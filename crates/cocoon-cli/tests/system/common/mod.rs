@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_cli::dev::{DevNetwork, DevOptions};
-use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_engine::{Backend, LlamaConfig};
+use cocoon_llama::LlamaBackend;
 use serde_json::{Value, json};
 
 pub const MODEL: &str = "SmolLM2-135M-Instruct";

@@ -1,5 +1,11 @@
 //! The embedded engine: a GGUF model run in-process by llama.cpp, with continuous batching.
 //!
+//! This crate owns everything that links llama.cpp: [`LlamaBackend`], its scheduler and its
+//! sequences. It is its own crate so that only what runs the model (the `cocoon` binary and
+//! its tests) builds and links llama.cpp; the worker role and everything else see the engine
+//! only through `cocoon_engine::Backend`, and its configuration (`cocoon_engine::LlamaConfig`)
+//! is plain data there.
+//!
 //! One scheduler thread owns one llama.cpp context whose KV cache is shared by up to
 //! `parallel` sequences. Every step it decodes a single batch holding the next token of each
 //! generating sequence and a slice of any prompt still being read, so concurrent requests cost
@@ -11,9 +17,9 @@ mod scheduler;
 mod sequence;
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, mpsc as std_mpsc};
 
+use cocoon_engine::{Backend, BackendStats, EventStream, LlamaConfig, StatsSnapshot, error_stream};
 use cocoon_protocol::{GenerateRequest, Input, ModelCard, ProtocolError};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -21,50 +27,11 @@ use llama_cpp_2::llama_backend::LlamaBackend as LlamaRuntime;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::stats::BackendStats;
-use crate::{Backend, EventStream, StatsSnapshot, error_stream};
-
 /// Tokens evaluated per `decode` call, prompt slices and generating sequences together.
 const BATCH_TOKENS: usize = 512;
-
-/// Configuration of the embedded engine.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LlamaConfig {
-    /// Path of the GGUF file.
-    pub model_path: PathBuf,
-    /// Model name announced to the network; defaults to the file name without extensions.
-    pub model_id: Option<String>,
-    /// Context window per request in tokens; 0 means the smaller of the model's training
-    /// context and 4096.
-    pub context_length: u32,
-    /// CPU threads per decode; 0 means all available cores.
-    pub threads: u32,
-    /// Requests generated at once, batched into one forward pass per step; more wait in a
-    /// queue.
-    pub parallel: u32,
-    /// Tokens of KV cache shared by the running requests; 0 means `context_length ×
-    /// parallel`, so that every running request can use its whole context. A request is
-    /// started only when its prompt plus `max_tokens` fits beside the others'.
-    pub kv_cache_tokens: u32,
-}
-
-impl Default for LlamaConfig {
-    fn default() -> Self {
-        Self {
-            model_path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            model_id: None,
-            context_length: 0,
-            threads: 0,
-            parallel: 4,
-            kv_cache_tokens: 0,
-        }
-    }
-}
 
 /// llama.cpp's process-wide state; it may be initialized only once per process.
 fn runtime() -> Result<&'static LlamaRuntime, ProtocolError> {

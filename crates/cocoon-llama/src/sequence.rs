@@ -7,8 +7,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
-use crate::stats::{ActiveGuard, Outcome};
-use crate::text::{StopMatcher, Utf8Accumulator};
+use cocoon_engine::{ActiveGuard, Outcome, StopMatcher, Utf8Accumulator};
 
 /// What a sequence does after a sampled token.
 pub(super) enum Next {

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cocoon_engine::{Backend, LlamaBackend, LlamaConfig};
+use cocoon_engine::{Backend, LlamaConfig};
+use cocoon_llama::LlamaBackend;
 use cocoon_protocol::{
     ChatMessage, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, Input, Role,
     SamplingParams, Usage,

@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Configuration of the embedded engine (run by `cocoon-llama`). Plain data, kept here so a
+/// worker's configuration parses without linking llama.cpp.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// Path of the GGUF file.
+    pub model_path: PathBuf,
+    /// Model name announced to the network; defaults to the file name without extensions.
+    pub model_id: Option<String>,
+    /// Context window per request in tokens; 0 means the smaller of the model's training
+    /// context and 4096.
+    pub context_length: u32,
+    /// CPU threads per decode; 0 means all available cores.
+    pub threads: u32,
+    /// Requests generated at once, batched into one forward pass per step; more wait in a
+    /// queue.
+    pub parallel: u32,
+    /// Tokens of KV cache shared by the running requests; 0 means `context_length ×
+    /// parallel`, so that every running request can use its whole context. A request is
+    /// started only when its prompt plus `max_tokens` fits beside the others'.
+    pub kv_cache_tokens: u32,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            model_id: None,
+            context_length: 0,
+            threads: 0,
+            parallel: 4,
+            kv_cache_tokens: 0,
+        }
+    }
+}
