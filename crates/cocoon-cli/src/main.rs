@@ -370,7 +370,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Proxy { config } => {
             let cfg: ProxyConfig = config::load(config.as_deref())?;
-            let proxy = Proxy::bind(&cfg).await?;
+            let proxy = Proxy::bind(&cfg, money::LEDGERS).await?;
             println!(
                 "proxy listening on {} with key fingerprint {}",
                 proxy.local_addr(),
@@ -383,7 +383,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             command: ClientCommand::Serve { config },
         } => {
             let cfg: ClientConfig = config::load(config.as_deref())?;
-            let gateway = Gateway::bind(&cfg).await?;
+            let gateway = Gateway::bind(&cfg, money::LEDGERS).await?;
             println!(
                 "OpenAI-compatible API on http://{}/v1",
                 gateway.local_addr()

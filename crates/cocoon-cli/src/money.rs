@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use cocoon_client::ClientConfig;
 use cocoon_ledger::{
-    Address, ClientContract, EmbeddedLedger, Ledger, Nanoton, Op, PublicKey, Tx, Wallet,
+    Address, ClientContract, EmbeddedLedger, Ledger, LedgerOpener, Nanoton, Op, PublicKey, Tx,
+    Wallet,
 };
 use serde_json::{Value, json};
 
@@ -64,13 +65,18 @@ pub fn key_party(key_file: &Path) -> anyhow::Result<(Arc<Wallet>, Vec<u8>)> {
     ))
 }
 
+/// Every ledger this binary can open, handed to each role it starts: the embedded ledger's
+/// service and TON roots. The one place the binary chooses its ledgers.
+pub const LEDGERS: &dyn LedgerOpener = &cocoon_ton::Opener;
+
 /// The ledger a `ledger = "…"` setting names, opened as the party with `wallet`'s key.
 pub async fn open_ledger(
     spec: &str,
     wallet: Arc<Wallet>,
     key_pkcs8: &[u8],
 ) -> anyhow::Result<Arc<dyn Ledger>> {
-    cocoon_ton::open_ledger(spec, wallet, key_pkcs8)
+    LEDGERS
+        .open(spec, wallet, key_pkcs8)
         .await
         .map_err(anyhow::Error::msg)
 }

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use bytes::Bytes;
-use cocoon_ledger::{Address, Ledger, Wallet};
+use cocoon_ledger::{Address, Ledger, LedgerOpener, Wallet};
 use cocoon_protocol::{
     Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
 };
@@ -86,29 +86,24 @@ impl AppState {
     }
 }
 
-/// The ledger `spec` names, opened with the gateway's key: a TON root is read once here, so
-/// the gateway knows how the proxy must name its contract.
-async fn open_ledger(spec: &str, identity: &Identity) -> anyhow::Result<Arc<dyn Ledger>> {
+/// The ledger `spec` names, opened by `ledgers` with the gateway's key: a TON root is read
+/// once here, so the gateway knows how the proxy must name its contract.
+async fn open_ledger(
+    ledgers: &dyn LedgerOpener,
+    spec: &str,
+    identity: &Identity,
+) -> anyhow::Result<Arc<dyn Ledger>> {
     let wallet = Arc::new(Wallet::new(identity.signing_key()));
-    #[cfg(feature = "ton")]
-    return cocoon_ton::open_ledger(spec, wallet, &identity.key_pkcs8())
+    ledgers
+        .open(spec, wallet, &identity.key_pkcs8())
         .await
-        .map_err(anyhow::Error::msg);
-    #[cfg(not(feature = "ton"))]
-    {
-        anyhow::ensure!(
-            spec.starts_with("http://") || spec.starts_with("https://"),
-            "[payments] ledger {spec}: this build has only the embedded ledger's service"
-        );
-        Ok(Arc::new(cocoon_ledger::RemoteLedger::new(
-            spec,
-            Some(wallet),
-        )))
-    }
+        .map_err(anyhow::Error::msg)
 }
 
 impl Gateway {
-    pub async fn bind(config: &ClientConfig) -> anyhow::Result<Self> {
+    /// Binds the API's socket and loads (or creates) the gateway's key. With a `[payments]`
+    /// ledger, `ledgers` opens it: the binary decides which ledgers there are.
+    pub async fn bind(config: &ClientConfig, ledgers: &dyn LedgerOpener) -> anyhow::Result<Self> {
         let identity = Arc::new(config.attester.identity(
             config.key_file.as_deref(),
             "cocoon-client",
@@ -121,7 +116,7 @@ impl Gateway {
             .try_into()
             .expect("identities hold Ed25519 keys");
         let ledger = match &config.payments.ledger {
-            Some(spec) => Some(open_ledger(spec, &identity).await?),
+            Some(spec) => Some(open_ledger(ledgers, spec, &identity).await?),
             None => None,
         };
         let state = Arc::new(AppState {

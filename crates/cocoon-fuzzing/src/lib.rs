@@ -60,6 +60,7 @@ pub fn frames(data: &[u8]) {
     let mut decoder = FrameDecoder::new();
     for piece in data.chunks(chunk) {
         decoder.push(piece);
+        // An error ends the piece as the end of the buffered frames does.
         while let Ok(Some(frame)) = decoder.next_frame() {
             assert!(frame.len() <= MAX_FRAME_BYTES);
             if let Ok(event) = serde_json::from_slice::<GenerateEvent>(&frame) {

@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cocoon_ledger::LedgerOpener;
 use cocoon_net::{Body, Channel, error_response, json, no_route, response};
 use cocoon_protocol::{
     ALPN_CLIENT, ALPN_WORKER, PROTOCOL_VERSION, ProtocolError, WorkerHello, paths,
@@ -106,8 +107,9 @@ impl From<&Offer> for OfferStatus {
 }
 
 impl Proxy {
-    /// Binds the listening socket and loads (or creates) the proxy's key.
-    pub async fn bind(config: &ProxyConfig) -> anyhow::Result<Self> {
+    /// Binds the listening socket and loads (or creates) the proxy's key. With `[payments]`,
+    /// `ledgers` opens the ledger it names: the binary decides which ledgers there are.
+    pub async fn bind(config: &ProxyConfig, ledgers: &dyn LedgerOpener) -> anyhow::Result<Self> {
         let identity = Arc::new(config.attester.identity(
             config.key_file.as_deref(),
             "cocoon-proxy",
@@ -137,8 +139,14 @@ impl Proxy {
                      signs are bound to its key, which must outlive the process"
                 );
                 let wallet = Arc::new(cocoon_ledger::Wallet::new(identity.signing_key()));
-                let billing =
-                    Billing::open(&config.payments, url, wallet, &identity.key_pkcs8()).await?;
+                let billing = Billing::open(
+                    &config.payments,
+                    url,
+                    ledgers,
+                    wallet,
+                    &identity.key_pkcs8(),
+                )
+                .await?;
                 tracing::info!(ledger = %url, book = %config.payments.book.display(), "payments on: record and ledger agree");
                 Some(billing)
             }

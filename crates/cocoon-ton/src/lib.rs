@@ -3,8 +3,9 @@
 //! parties' wallets and their signed wallet-v5 requests ([`wallet`]), a local emulated chain
 //! executing the contracts in tycho-vm ([`emulator`]), and the toncenter v2 API shape that both
 //! a real node and the emulator answer ([`toncenter`]); the [`Ledger`](cocoon_ledger::Ledger)
-//! backend on top ([`TonLedger`]), how a config names it ([`LedgerSpec`]), and a local chain
-//! served for development and tests ([`local`]).
+//! backend on top ([`TonLedger`]), how a config names it ([`LedgerSpec`]) and the [`Opener`]
+//! that opens any such setting for the roles, and a local chain served for development and
+//! tests ([`local`]).
 
 pub mod code;
 pub mod emulator;
@@ -18,4 +19,4 @@ pub mod wallet;
 
 pub use error::TonError;
 pub use ledger::{GAS_ATTACHED, TonLedger, refusal};
-pub use select::{LedgerSpec, open_ledger};
+pub use select::{LedgerSpec, Opener, open_ledger};

@@ -1,13 +1,14 @@
 //! Which ledger a `ledger = "…"` setting names, and opening it with a party's key. One string
 //! serves every role's config: an `http(s)://` URL is the embedded ledger's service, and
-//! `ton:<root address>@<toncenter API base>` is the root contract on a TON chain.
+//! `ton:<root address>@<toncenter API base>` is the root contract on a TON chain. [`Opener`]
+//! is how a binary hands both to the roles.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_ledger::{Ledger, LedgerError, RemoteLedger};
+use cocoon_ledger::{Ledger, LedgerError, LedgerOpener, RemoteLedger};
 use tonlib_core::TonAddress;
 
 use crate::ledger::TonLedger;
@@ -102,6 +103,23 @@ pub async fn open_ledger(
         .open(wallet, key_pkcs8)
         .await
         .map_err(|e| format!("[payments] ledger {spec}: {e}"))
+}
+
+/// Opens every ledger a setting can name, as [`open_ledger`] does: the embedded ledger's
+/// service and TON roots.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Opener;
+
+#[async_trait::async_trait]
+impl LedgerOpener for Opener {
+    async fn open(
+        &self,
+        spec: &str,
+        wallet: Arc<cocoon_ledger::Wallet>,
+        key_pkcs8: &[u8],
+    ) -> Result<Arc<dyn Ledger>, String> {
+        open_ledger(spec, wallet, key_pkcs8).await
+    }
 }
 
 #[cfg(test)]

@@ -182,21 +182,24 @@ impl DevNetwork {
             proxy_stop.clone(),
         )
         .await?;
-        let gateway = Gateway::bind(&ClientConfig {
-            listen: options.gateway_listen.clone(),
-            proxy_addr: proxy_addr.to_string(),
-            key_file: Some(client_key_file),
-            attester,
-            proxy_policy: PeerPolicy {
-                fingerprints: vec![proxy_fingerprint.to_string()],
-                ..dev_policy(&dev_key)
+        let gateway = Gateway::bind(
+            &ClientConfig {
+                listen: options.gateway_listen.clone(),
+                proxy_addr: proxy_addr.to_string(),
+                key_file: Some(client_key_file),
+                attester,
+                proxy_policy: PeerPolicy {
+                    fingerprints: vec![proxy_fingerprint.to_string()],
+                    ..dev_policy(&dev_key)
+                },
+                payments: ClientPayments {
+                    ledger: ledger_url.clone(),
+                    proxy_key: Some(hex::encode(proxy_key)),
+                },
+                ..ClientConfig::default()
             },
-            payments: ClientPayments {
-                ledger: ledger_url.clone(),
-                proxy_key: Some(hex::encode(proxy_key)),
-            },
-            ..ClientConfig::default()
-        })
+            crate::money::LEDGERS,
+        )
         .await?;
         let gateway_addr = gateway.local_addr();
         tokio::spawn(gateway.run(shutdown.clone()));
@@ -509,20 +512,23 @@ async fn start_proxy(
 )> {
     // Workers are admitted by attestation alone, as in a real network: any worker running an
     // allowed image may join, whatever its key.
-    let proxy = Proxy::bind(&ProxyConfig {
-        listen: listen.to_owned(),
-        key_file: Some(setup.key_file.to_owned()),
-        attester: attester_in(setup.dev_dir),
-        worker_policy: dev_policy(setup.dev_key),
-        payments: PaymentsConfig {
-            ledger: setup.ledger_url.map(str::to_owned),
-            book: setup.dev_dir.join("proxy-book.redb"),
-            commit_interval_secs: setup.options.commit_interval_secs,
+    let proxy = Proxy::bind(
+        &ProxyConfig {
+            listen: listen.to_owned(),
+            key_file: Some(setup.key_file.to_owned()),
+            attester: attester_in(setup.dev_dir),
+            worker_policy: dev_policy(setup.dev_key),
+            payments: PaymentsConfig {
+                ledger: setup.ledger_url.map(str::to_owned),
+                book: setup.dev_dir.join("proxy-book.redb"),
+                commit_interval_secs: setup.options.commit_interval_secs,
+            },
+            limits: setup.options.limits.clone(),
+            routing: setup.options.routing.clone(),
+            ..ProxyConfig::default()
         },
-        limits: setup.options.limits.clone(),
-        routing: setup.options.routing.clone(),
-        ..ProxyConfig::default()
-    })
+        crate::money::LEDGERS,
+    )
     .await?;
     let addr = proxy.local_addr();
     let fingerprint = proxy.fingerprint();

@@ -152,16 +152,19 @@ async fn gateway_refuses_a_proxy_outside_its_policy_before_sending_the_prompt() 
     let net = network(vec![backend.clone()]).await;
     let http = reqwest::Client::new();
     // Trusts the network's dev attester, but only an image the proxy does not run.
-    let gateway = Gateway::bind(&ClientConfig {
-        listen: "127.0.0.1:0".into(),
-        proxy_addr: net.proxy_addr.to_string(),
-        attester: net.dev_attester(),
-        proxy_policy: PeerPolicy {
-            image_hashes: vec!["00".repeat(32)],
-            ..net.dev_policy()
+    let gateway = Gateway::bind(
+        &ClientConfig {
+            listen: "127.0.0.1:0".into(),
+            proxy_addr: net.proxy_addr.to_string(),
+            attester: net.dev_attester(),
+            proxy_policy: PeerPolicy {
+                image_hashes: vec!["00".repeat(32)],
+                ..net.dev_policy()
+            },
+            ..ClientConfig::default()
         },
-        ..ClientConfig::default()
-    })
+        cocoon_cli::money::LEDGERS,
+    )
     .await
     .unwrap();
     let url = format!("http://{}/v1/chat/completions", gateway.local_addr());
@@ -206,12 +209,15 @@ async fn proxy_requiring_attested_clients_admits_only_them() {
         dev_attester_keys: vec![dev_key],
         ..PeerPolicy::default()
     };
-    let proxy = Proxy::bind(&ProxyConfig {
-        listen: "127.0.0.1:0".into(),
-        attester: attester.clone(),
-        client_policy: policy.clone(),
-        ..ProxyConfig::default()
-    })
+    let proxy = Proxy::bind(
+        &ProxyConfig {
+            listen: "127.0.0.1:0".into(),
+            attester: attester.clone(),
+            client_policy: policy.clone(),
+            ..ProxyConfig::default()
+        },
+        cocoon_cli::money::LEDGERS,
+    )
     .await
     .unwrap();
     let proxy_addr = proxy.local_addr().to_string();
@@ -221,13 +227,16 @@ async fn proxy_requiring_attested_clients_admits_only_them() {
     let http = reqwest::Client::new();
     let mut answers = Vec::new();
     for client_attester in [AttesterConfig::default(), attester] {
-        let gateway = Gateway::bind(&ClientConfig {
-            listen: "127.0.0.1:0".into(),
-            proxy_addr: proxy_addr.clone(),
-            attester: client_attester,
-            proxy_policy: policy.clone(),
-            ..ClientConfig::default()
-        })
+        let gateway = Gateway::bind(
+            &ClientConfig {
+                listen: "127.0.0.1:0".into(),
+                proxy_addr: proxy_addr.clone(),
+                attester: client_attester,
+                proxy_policy: policy.clone(),
+                ..ClientConfig::default()
+            },
+            cocoon_cli::money::LEDGERS,
+        )
         .await
         .unwrap();
         let url = format!("http://{}/v1/models", gateway.local_addr());

@@ -131,17 +131,20 @@ async fn answers_are_billed_committed_and_paid_out() {
 
 /// A second gateway to `net`'s proxy, with its own key (so its own contract, if any).
 async fn other_gateway(net: &DevNetwork, key_file: &Path, stop: &CancellationToken) -> String {
-    let gateway = Gateway::bind(&ClientConfig {
-        listen: "127.0.0.1:0".into(),
-        proxy_addr: net.proxy_addr.to_string(),
-        key_file: Some(key_file.to_owned()),
-        attester: net.dev_attester(),
-        proxy_policy: PeerPolicy {
-            fingerprints: vec![net.proxy_fingerprint.to_string()],
-            ..net.dev_policy()
+    let gateway = Gateway::bind(
+        &ClientConfig {
+            listen: "127.0.0.1:0".into(),
+            proxy_addr: net.proxy_addr.to_string(),
+            key_file: Some(key_file.to_owned()),
+            attester: net.dev_attester(),
+            proxy_policy: PeerPolicy {
+                fingerprints: vec![net.proxy_fingerprint.to_string()],
+                ..net.dev_policy()
+            },
+            ..ClientConfig::default()
         },
-        ..ClientConfig::default()
-    })
+        cocoon_cli::money::LEDGERS,
+    )
     .await
     .unwrap();
     let url = format!("http://{}/v1", gateway.local_addr());

@@ -36,12 +36,15 @@ async fn an_impostor_proxy_gets_no_prompt_and_no_worker() {
     let net = network(vec![llama()]).await;
     let stop = CancellationToken::new();
     // Same attester, same image, its own key: everything but the proxy's identity.
-    let impostor = Proxy::bind(&ProxyConfig {
-        listen: "127.0.0.1:0".into(),
-        attester: net.dev_attester(),
-        worker_policy: net.dev_policy(),
-        ..ProxyConfig::default()
-    })
+    let impostor = Proxy::bind(
+        &ProxyConfig {
+            listen: "127.0.0.1:0".into(),
+            attester: net.dev_attester(),
+            worker_policy: net.dev_policy(),
+            ..ProxyConfig::default()
+        },
+        cocoon_cli::money::LEDGERS,
+    )
     .await
     .unwrap();
     let impostor_addr = impostor.local_addr().to_string();
@@ -60,14 +63,17 @@ async fn an_impostor_proxy_gets_no_prompt_and_no_worker() {
         let attester = net.dev_attester();
         let key_file = key_file.clone();
         async move {
-            let gateway = Gateway::bind(&ClientConfig {
-                listen: "127.0.0.1:0".into(),
-                proxy_addr,
-                key_file: Some(key_file),
-                attester,
-                proxy_policy: pinned,
-                ..ClientConfig::default()
-            })
+            let gateway = Gateway::bind(
+                &ClientConfig {
+                    listen: "127.0.0.1:0".into(),
+                    proxy_addr,
+                    key_file: Some(key_file),
+                    attester,
+                    proxy_policy: pinned,
+                    ..ClientConfig::default()
+                },
+                cocoon_cli::money::LEDGERS,
+            )
             .await
             .unwrap();
             let url = format!("http://{}/v1/chat/completions", gateway.local_addr());
@@ -152,14 +158,17 @@ async fn a_client_cannot_spend_close_or_read_another_clients_contract() {
     // but a request is always billed to the key that made the TLS handshake.
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("other.key");
-    let other = Gateway::bind(&ClientConfig {
-        listen: "127.0.0.1:0".into(),
-        proxy_addr: net.proxy_addr.to_string(),
-        key_file: Some(key_file.clone()),
-        attester: net.dev_attester(),
-        proxy_policy: net.dev_policy(),
-        ..ClientConfig::default()
-    })
+    let other = Gateway::bind(
+        &ClientConfig {
+            listen: "127.0.0.1:0".into(),
+            proxy_addr: net.proxy_addr.to_string(),
+            key_file: Some(key_file.clone()),
+            attester: net.dev_attester(),
+            proxy_policy: net.dev_policy(),
+            ..ClientConfig::default()
+        },
+        cocoon_cli::money::LEDGERS,
+    )
     .await
     .unwrap();
     let other_url = format!("http://{}/v1", other.local_addr());

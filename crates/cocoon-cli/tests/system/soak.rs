@@ -430,14 +430,17 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
         let client = key_wallet(&key_file).unwrap().public_key();
         dev.fund_client(client, proxy).await.unwrap();
         clients.push(client);
-        let gateway = Gateway::bind(&ClientConfig {
-            listen: "127.0.0.1:0".into(),
-            proxy_addr: addr.clone(),
-            key_file: Some(key_file),
-            attester: net.dev_attester(),
-            proxy_policy: net.dev_policy(),
-            ..ClientConfig::default()
-        })
+        let gateway = Gateway::bind(
+            &ClientConfig {
+                listen: "127.0.0.1:0".into(),
+                proxy_addr: addr.clone(),
+                key_file: Some(key_file),
+                attester: net.dev_attester(),
+                proxy_policy: net.dev_policy(),
+                ..ClientConfig::default()
+            },
+            cocoon_cli::money::LEDGERS,
+        )
         .await
         .unwrap();
         gateways.push(format!("http://{}/v1", gateway.local_addr()));

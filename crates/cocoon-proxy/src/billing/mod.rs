@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cocoon_ledger::{
-    ClientContract, ContractState, Ledger, LedgerError, Nanoton, NetworkParams, Op, PublicKey,
-    TokenKind, Tx, Wallet, unix_now,
+    ClientContract, ContractState, Ledger, LedgerError, LedgerOpener, Nanoton, NetworkParams, Op,
+    PublicKey, TokenKind, Tx, Wallet, unix_now,
 };
 use cocoon_protocol::{
     Billing as Bill, ErrorKind, GenerateRequest, Input, Payout, ProtocolError, Refund, Usage,
@@ -145,15 +145,18 @@ impl Drop for Hold {
 }
 
 impl Billing {
-    /// Connects to the ledger, checks the proxy's contract is open and that the record and the
-    /// ledger agree (rollback detection). Any failure stops the proxy from starting.
+    /// Connects to the ledger `url` names (through `ledgers`), checks the proxy's contract is
+    /// open and that the record and the ledger agree (rollback detection). Any failure stops
+    /// the proxy from starting.
     pub(crate) async fn open(
         config: &PaymentsConfig,
         url: &str,
+        ledgers: &dyn LedgerOpener,
         wallet: Arc<Wallet>,
         key_pkcs8: &[u8],
     ) -> anyhow::Result<Arc<Self>> {
-        let ledger = cocoon_ton::open_ledger(url, wallet.clone(), key_pkcs8)
+        let ledger = ledgers
+            .open(url, wallet.clone(), key_pkcs8)
             .await
             .map_err(anyhow::Error::msg)?;
         let proxy = wallet.public_key();

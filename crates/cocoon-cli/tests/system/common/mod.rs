@@ -277,15 +277,18 @@ pub async fn own_gateway(
     key_file: PathBuf,
     stop: &tokio_util::sync::CancellationToken,
 ) -> String {
-    let gateway = cocoon_client::Gateway::bind(&cocoon_client::ClientConfig {
-        listen: "127.0.0.1:0".into(),
-        proxy_addr: proxies[0].clone(),
-        fallback_proxies: proxies[1..].to_vec(),
-        key_file: Some(key_file),
-        attester: net.dev_attester(),
-        proxy_policy: net.dev_policy(),
-        ..cocoon_client::ClientConfig::default()
-    })
+    let gateway = cocoon_client::Gateway::bind(
+        &cocoon_client::ClientConfig {
+            listen: "127.0.0.1:0".into(),
+            proxy_addr: proxies[0].clone(),
+            fallback_proxies: proxies[1..].to_vec(),
+            key_file: Some(key_file),
+            attester: net.dev_attester(),
+            proxy_policy: net.dev_policy(),
+            ..cocoon_client::ClientConfig::default()
+        },
+        cocoon_cli::money::LEDGERS,
+    )
     .await
     .unwrap();
     let url = format!("http://{}/v1", gateway.local_addr());
