@@ -7,13 +7,13 @@ use cocoon_cli::attest::{self as attest_cmd, Evidence, VerifyOptions};
 use cocoon_cli::backends::build_backend;
 use cocoon_cli::bench;
 use cocoon_cli::config;
-use cocoon_cli::dev::{DevNetwork, DevOptions};
 use cocoon_cli::money::{self, AccountOptions, ClientAccount, ClientAction};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::{Backend, LlamaConfig};
 use cocoon_ledger::Ledger as _;
 use cocoon_llama::LlamaBackend;
 use cocoon_proxy::{Proxy, ProxyConfig};
+use cocoon_testkit::dev::{DevNetwork, DevOptions};
 use cocoon_worker::{ModelRouter, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +43,7 @@ enum Command {
         /// Where payments settle: the embedded ledger, or the TON contracts on a local
         /// emulated chain (in memory).
         #[arg(long, value_enum, default_value = "embedded")]
-        ledger: cocoon_cli::dev::DevLedgerKind,
+        ledger: cocoon_testkit::dev::DevLedgerKind,
     },
     /// Serve models to a proxy (or, with `withdraw`, claim and withdraw what proxies owe).
     Worker {
@@ -310,8 +310,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 };
                 println!(
                     "\nPayments: {kind} at {ledger} (development TON). The gateway's contract holds {} TON, {} staked; each answer's usage shows its cost in nanoton.",
-                    money::format_ton(cocoon_cli::dev::ledger::CLIENT_DEPOSIT),
-                    money::format_ton(cocoon_cli::dev::ledger::CLIENT_STAKE),
+                    money::format_ton(cocoon_testkit::dev::ledger::CLIENT_DEPOSIT),
+                    money::format_ton(cocoon_testkit::dev::ledger::CLIENT_STAKE),
                 );
                 println!("  cocoon client balance -c {}", client.display());
                 if net.chain().is_none() {

@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use cocoon_client::ClientConfig;
 use cocoon_ledger::{
-    Address, ClientContract, EmbeddedLedger, Ledger, LedgerOpener, Nanoton, Op, PublicKey, Tx,
-    Wallet,
+    Address, ClientContract, EmbeddedLedger, Ledger, Nanoton, Op, PublicKey, Tx, Wallet,
 };
 use serde_json::{Value, json};
 
@@ -56,35 +55,10 @@ fn party(key_file: &Path) -> anyhow::Result<(Arc<Wallet>, Vec<u8>)> {
     key_party(key_file)
 }
 
-/// The key in `key_file` (created if missing) as a wallet and as PKCS#8 (for a chain wallet).
-pub fn key_party(key_file: &Path) -> anyhow::Result<(Arc<Wallet>, Vec<u8>)> {
-    let identity = cocoon_tls::Identity::load_or_create(key_file, "cocoon")?;
-    Ok((
-        Arc::new(Wallet::new(identity.signing_key())),
-        identity.key_pkcs8(),
-    ))
-}
-
-/// Every ledger this binary can open, handed to each role it starts: the embedded ledger's
-/// service and TON roots. The one place the binary chooses its ledgers.
-pub const LEDGERS: &dyn LedgerOpener = &cocoon_ton::Opener;
-
-/// The ledger a `ledger = "…"` setting names, opened as the party with `wallet`'s key.
-pub async fn open_ledger(
-    spec: &str,
-    wallet: Arc<Wallet>,
-    key_pkcs8: &[u8],
-) -> anyhow::Result<Arc<dyn Ledger>> {
-    LEDGERS
-        .open(spec, wallet, key_pkcs8)
-        .await
-        .map_err(anyhow::Error::msg)
-}
-
-/// The key in `key_file` as a wallet, created if missing.
-pub fn key_wallet(key_file: &Path) -> anyhow::Result<Arc<Wallet>> {
-    Ok(key_party(key_file)?.0)
-}
+// Key files become wallets, and ledger settings ledgers, the same way for the binary's roles
+// and for the dev network: both take the embedded ledger's service and TON roots
+// (`cocoon_ton::Opener`).
+pub use cocoon_testkit::dev::keys::{LEDGERS, key_party, key_wallet, open_ledger};
 
 fn decode_key(text: &str) -> anyhow::Result<PublicKey> {
     let mut key = [0u8; 32];

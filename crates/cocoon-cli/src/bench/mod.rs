@@ -32,7 +32,7 @@ use cocoon_llama::LlamaBackend;
 use cocoon_proxy::LimitsConfig;
 use serde::Serialize;
 
-use crate::dev::{DevNetwork, DevOptions};
+use cocoon_testkit::dev::{DevNetwork, DevOptions};
 
 /// The parts of the bench; all by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
-use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, dev_params, key_wallet};
 use cocoon_ledger::{Address, Ledger};
 use cocoon_proxy::Book;
+use cocoon_testkit::dev::ledger::{CLIENT_DEPOSIT, dev_params, key_wallet};
 use cocoon_worker::{PayoutStore, Worker};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

@@ -10,8 +10,6 @@ mod bench;
 mod common;
 mod crash;
 mod hosts;
-mod limits;
-mod market;
 mod openai_api;
 mod openai_sdk;
 mod payments;

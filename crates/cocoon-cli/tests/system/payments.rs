@@ -6,10 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
-use cocoon_cli::dev::DevNetwork;
-use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, TON, dev_params};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_ledger::{Address, Ledger, LedgerState, Op, PaymentMessage, SignedMessage};
+use cocoon_testkit::dev::DevNetwork;
+use cocoon_testkit::dev::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, TON, dev_params};
 use cocoon_tls::PeerPolicy;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -175,7 +175,7 @@ async fn clients_without_cover_get_402_and_nothing_reaches_a_worker() {
     let stop = CancellationToken::new();
     let key_file = net.dir().join("poor-client.key");
     let gateway = other_gateway(&net, &key_file, &stop).await;
-    let poor = cocoon_cli::dev::ledger::key_wallet(&key_file)
+    let poor = cocoon_testkit::dev::ledger::key_wallet(&key_file)
         .unwrap()
         .public_key();
     let proxy = net.proxy_key().unwrap();

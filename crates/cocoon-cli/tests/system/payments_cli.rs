@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::common::*;
-use cocoon_cli::dev::DevNetwork;
+use cocoon_testkit::dev::DevNetwork;
 use serde_json::Value;
 
 struct Run {
@@ -50,7 +50,7 @@ async fn a_clients_contract_from_deposit_to_close() {
     let net = network(vec![]).await;
     let key = net.dir().join("cli-client.key");
     // The key file is the gateway's; the commands only read it.
-    cocoon_cli::dev::ledger::key_wallet(&key).unwrap();
+    cocoon_testkit::dev::ledger::key_wallet(&key).unwrap();
 
     let r = client(&net, &key, &["balance"]).await;
     assert!(r.ok, "{}", r.stderr);
@@ -124,7 +124,7 @@ async fn a_cooperative_close_refunds_everything_at_once() {
 
     let r = cocoon(&["client", "close", "-c", config]).await;
     assert!(r.ok, "{}", r.stderr);
-    let left = cocoon_cli::dev::ledger::CLIENT_DEPOSIT - u128::from(cost);
+    let left = cocoon_testkit::dev::ledger::CLIENT_DEPOSIT - u128::from(cost);
     assert_eq!(r.json["refunded_ton"], cocoon_cli::money::format_ton(left));
     assert_eq!(r.json["balance_ton"], "0.000000000");
     assert_eq!(r.json["state"]["state"], "closed");
@@ -155,7 +155,7 @@ async fn ledger_commands_read_and_refuse() {
 
     // Only the owner changes the registry.
     let stranger = net.dir().join("stranger.key");
-    cocoon_cli::dev::ledger::key_wallet(&stranger).unwrap();
+    cocoon_testkit::dev::ledger::key_wallet(&stranger).unwrap();
     let owner = net.dir().join("owner.key");
     let exec = |key: &Path, op: &str| {
         let (key, op) = (key.to_str().unwrap().to_owned(), op.to_owned());

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use cocoon_cli::dev::{DevNetwork, DevOptions};
 use cocoon_engine::{Backend, UpstreamBackend, UpstreamConfig};
+use cocoon_testkit::dev::{DevNetwork, DevOptions};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 

@@ -21,11 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
-use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, dev_params, key_wallet};
 use cocoon_client::{ClientConfig, Gateway};
 use cocoon_engine::LlamaConfig;
 use cocoon_ledger::{Address, Ledger, PublicKey};
 use cocoon_proxy::Book;
+use cocoon_testkit::dev::ledger::{CLIENT_DEPOSIT, dev_params, key_wallet};
 use cocoon_worker::{BackendConfig, PayoutsConfig, WorkerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use crate::common::*;
-use cocoon_cli::dev::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, dev_params};
-use cocoon_cli::dev::{DevLedgerKind, DevNetwork, DevOptions};
 use cocoon_cli::money::{key_party, open_ledger};
 use cocoon_ledger::{Address, ContractState, Ledger, PaymentMessage, SignedMessage};
+use cocoon_testkit::dev::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, dev_params};
+use cocoon_testkit::dev::{DevLedgerKind, DevNetwork, DevOptions};
 use serde_json::{Value, json};
 
 async fn ask(http: &reqwest::Client, net: &DevNetwork, content: &str) -> Value {

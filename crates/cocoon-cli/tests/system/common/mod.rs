@@ -2,16 +2,18 @@
 
 pub mod netns;
 
+pub use cocoon_testkit::backends::MODEL;
+pub use cocoon_testkit::dev::{network, test_options};
+pub use cocoon_testkit::http::*;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_cli::dev::{DevNetwork, DevOptions};
-use cocoon_engine::{Backend, LlamaConfig};
+use cocoon_engine::LlamaConfig;
 use cocoon_llama::LlamaBackend;
+use cocoon_testkit::dev::DevNetwork;
 use serde_json::{Value, json};
-
-pub const MODEL: &str = "SmolLM2-135M-Instruct";
 
 pub fn model_path() -> PathBuf {
     std::env::var_os("COCOON_MODEL")
@@ -33,71 +35,6 @@ pub fn llama() -> Arc<LlamaBackend> {
     )
 }
 
-pub fn test_options() -> DevOptions {
-    DevOptions {
-        gateway_listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    }
-}
-
-pub async fn network(backends: Vec<Arc<dyn Backend>>) -> DevNetwork {
-    let n = backends.len() as u32;
-    let net = DevNetwork::start(test_options(), backends).await.unwrap();
-    net.wait_ready(n, Duration::from_secs(20)).await.unwrap();
-    net
-}
-
-pub fn chat_body(content: &str, extra: Value) -> Value {
-    let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": content}]});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
-}
-
-/// Parsed SSE `data:` payloads of a streamed answer, `[DONE]` kept as a string.
-pub async fn sse_events(response: reqwest::Response) -> Vec<Value> {
-    let text = response.text().await.unwrap();
-    text.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .map(|d| {
-            if d == "[DONE]" {
-                Value::String(d.into())
-            } else {
-                serde_json::from_str(d).unwrap()
-            }
-        })
-        .collect()
-}
-
-pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// POSTs `body` as JSON and parses the JSON answer, whatever its status.
-pub async fn post_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, body: &Value) -> Value {
-    http.post(url)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// GETs `url` and parses the JSON answer.
-pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
-    http.get(url).send().await.unwrap().json().await.unwrap()
-}
-
 /// Status of a short chat request ("Hi", 2 tokens) through `net`'s gateway.
 pub async fn short_chat_status(net: &DevNetwork) -> u16 {
     reqwest::Client::new()
@@ -108,42 +45,6 @@ pub async fn short_chat_status(net: &DevNetwork) -> u16 {
         .unwrap()
         .status()
         .as_u16()
-}
-
-/// The token counts of an OpenAI `usage` object, without the bill (whose counter and signed
-/// message differ from one request to the next).
-pub fn token_counts(usage: &Value) -> (u64, u64, u64) {
-    let n = |k: &str| {
-        usage[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("usage lacks {k}: {usage}"))
-    };
-    (
-        n("prompt_tokens"),
-        n("completion_tokens"),
-        n("total_tokens"),
-    )
-}
-
-/// A loopback address with a port free right now.
-pub fn free_port() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
-
-/// Waits until something accepts TCP connections at `addr`.
-pub async fn wait_listening(addr: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{addr} never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Runs `cocoon ARGS` to completion and parses its JSON report; the command must succeed.
@@ -269,38 +170,12 @@ pub async fn stop_gracefully(child: &mut tokio::process::Child) {
     assert!(exit.success(), "{exit:?}");
 }
 
-/// A gateway of a test's own on `net`'s dev attestation, with the key in `key_file`, trying
-/// `proxies` in order; serves until `stop`. Its API's base URL.
+/// A gateway of a test's own on `net`'s dev attestation (see [`DevNetwork::own_gateway`]).
 pub async fn own_gateway(
     net: &DevNetwork,
     proxies: &[String],
     key_file: PathBuf,
     stop: &tokio_util::sync::CancellationToken,
 ) -> String {
-    let gateway = cocoon_client::Gateway::bind(
-        &cocoon_client::ClientConfig {
-            listen: "127.0.0.1:0".into(),
-            proxy_addr: proxies[0].clone(),
-            fallback_proxies: proxies[1..].to_vec(),
-            key_file: Some(key_file),
-            attester: net.dev_attester(),
-            proxy_policy: net.dev_policy(),
-            ..cocoon_client::ClientConfig::default()
-        },
-        cocoon_cli::money::LEDGERS,
-    )
-    .await
-    .unwrap();
-    let url = format!("http://{}/v1", gateway.local_addr());
-    tokio::spawn(gateway.run(stop.clone()));
-    url
-}
-
-/// The one model test doubles serve, with a context of `context_length`.
-pub fn model_card(context_length: u32) -> Vec<cocoon_protocol::ModelCard> {
-    vec![cocoon_protocol::ModelCard {
-        id: MODEL.into(),
-        context_length,
-        min_price: 0,
-    }]
+    net.own_gateway(proxies, key_file, stop).await.unwrap()
 }

@@ -10,6 +10,7 @@
 //! emulated TON chain running the contracts instead, as in [`chain`].
 
 pub mod chain;
+pub mod keys;
 pub mod ledger;
 
 use std::net::SocketAddr;
@@ -198,7 +199,7 @@ impl DevNetwork {
                 },
                 ..ClientConfig::default()
             },
-            crate::money::LEDGERS,
+            keys::LEDGERS,
         )
         .await?;
         let gateway_addr = gateway.local_addr();
@@ -527,7 +528,7 @@ async fn start_proxy(
             routing: setup.options.routing.clone(),
             ..ProxyConfig::default()
         },
-        crate::money::LEDGERS,
+        keys::LEDGERS,
     )
     .await?;
     let addr = proxy.local_addr();
@@ -561,8 +562,7 @@ impl WorkerSetup<'_> {
         let payouts = match self.ledger_url {
             Some(url) => {
                 let wallet = Arc::new(cocoon_ledger::Wallet::new(identity.signing_key()));
-                let ledger =
-                    crate::money::open_ledger(url, wallet.clone(), &identity.key_pkcs8()).await?;
+                let ledger = keys::open_ledger(url, wallet.clone(), &identity.key_pkcs8()).await?;
                 let store = Arc::new(
                     PayoutStore::open(
                         &self.dir.join(format!("{name}-payouts.json")),
@@ -609,5 +609,53 @@ fn dev_policy(dev_key: &str) -> PeerPolicy {
         image_hashes: vec![cocoon_attest::dev_image().image_hash().to_string()],
         dev_attester_keys: vec![dev_key.to_owned()],
         ..PeerPolicy::default()
+    }
+}
+
+/// Options for a test's network: the gateway on a free port too.
+pub fn test_options() -> DevOptions {
+    DevOptions {
+        gateway_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    }
+}
+
+/// A test's network with one worker per backend, once every worker has joined.
+pub async fn network(backends: Vec<Arc<dyn Backend>>) -> DevNetwork {
+    let n = u32::try_from(backends.len()).expect("a handful of workers");
+    let net = DevNetwork::start(test_options(), backends)
+        .await
+        .expect("the dev network starts");
+    net.wait_ready(n, Duration::from_secs(20))
+        .await
+        .expect("every worker joins");
+    net
+}
+
+impl DevNetwork {
+    /// A gateway of a test's own on this network's dev attestation, with the key in
+    /// `key_file`, trying `proxies` in order; serves until `stop`. Its API's base URL.
+    pub async fn own_gateway(
+        &self,
+        proxies: &[String],
+        key_file: PathBuf,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<String> {
+        let gateway = Gateway::bind(
+            &ClientConfig {
+                listen: "127.0.0.1:0".into(),
+                proxy_addr: proxies[0].clone(),
+                fallback_proxies: proxies[1..].to_vec(),
+                key_file: Some(key_file),
+                attester: self.dev_attester(),
+                proxy_policy: self.dev_policy(),
+                ..ClientConfig::default()
+            },
+            keys::LEDGERS,
+        )
+        .await?;
+        let url = format!("http://{}/v1", gateway.local_addr());
+        tokio::spawn(gateway.run(stop.clone()));
+        Ok(url)
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use cocoon_ledger::{Op, PublicKey, Tx};
 use cocoon_ton::local::LocalChain;
 
-use crate::money::key_party;
+use super::keys::{key_party, open_ledger};
 
 use super::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, PROXY_STAKE, TON, dev_params};
 
@@ -46,7 +46,7 @@ impl DevChain {
     /// Sends `op` from the wallet of the key in `key_file`, and waits for it to be confirmed.
     pub async fn exec(&self, key_file: &Path, op: Op) -> anyhow::Result<()> {
         let (wallet, key) = key_party(key_file)?;
-        let ledger = crate::money::open_ledger(&self.spec, wallet.clone(), &key).await?;
+        let ledger = open_ledger(&self.spec, wallet.clone(), &key).await?;
         ledger
             .execute(Tx {
                 sender: wallet.public_key(),

@@ -1,118 +1,22 @@
 //! The market end to end through the gateway: prices (the worker's ask, the client's cap,
 //! the bill at the serving worker's price), failover before the first token (a worker that
 //! refuses or stalls is replaced without the client noticing), a clean end and a charge for
-//! delivered tokens only when a worker dies mid-stream, the gateway's failover between
-//! proxies, and `GET /v1/network`.
+//! delivered tokens only when a worker dies mid-stream, and `GET /v1/network`
+//! (the gateway's failover between proxies is `cocoon-client`'s test).
 //!
 //! The backends are test doubles whose behaviour the test switches, so what is measured is
 //! the proxy's routing, not a model's timing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
-use cocoon_cli::dev::{DevNetwork, DevOptions};
-use cocoon_engine::{Backend, EventStream, StatsSnapshot};
-use cocoon_protocol::{
-    ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ModelCard, ProtocolError, Usage,
-};
+use cocoon_engine::Backend;
 use cocoon_proxy::RoutingConfig;
+use cocoon_testkit::backends::{Mode, Scripted};
+use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
+use cocoon_testkit::http::*;
 use cocoon_worker::PriceConfig;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-const SERVE: u8 = 0;
-/// Refuses at once, as an overloaded or broken worker does.
-const REFUSE: u8 = 1;
-/// Accepts and never sends a first token.
-const STALL: u8 = 2;
-/// Sends two tokens, then its stream breaks off.
-const DIE_AFTER_TWO: u8 = 3;
-
-/// Answers `max_tokens` tokens "t" with exact usage (a 5-token prompt), or misbehaves as its
-/// mode says; refuses what does not fit its context, as a real backend does.
-struct Scripted {
-    mode: AtomicU8,
-    served: AtomicU64,
-    context: u32,
-}
-
-impl Scripted {
-    fn new(context: u32) -> Arc<Self> {
-        Arc::new(Self {
-            mode: AtomicU8::new(SERVE),
-            served: AtomicU64::new(0),
-            context,
-        })
-    }
-
-    fn set(&self, mode: u8) {
-        self.mode.store(mode, Ordering::SeqCst);
-    }
-
-    fn served(&self) -> u64 {
-        self.served.load(Ordering::SeqCst)
-    }
-}
-
-impl Backend for Scripted {
-    fn models(&self) -> Vec<ModelCard> {
-        model_card(self.context)
-    }
-
-    fn capacity(&self) -> u32 {
-        4
-    }
-
-    fn generate(&self, request: GenerateRequest) -> EventStream {
-        let tokens = request.params.max_tokens.unwrap_or(4);
-        if tokens + 5 > self.context {
-            return cocoon_engine::error_stream(ProtocolError::new(
-                ErrorKind::ContextLengthExceeded,
-                format!(
-                    "5 + {tokens} tokens do not fit a context of {}",
-                    self.context
-                ),
-            ));
-        }
-        let mode = self.mode.load(Ordering::SeqCst);
-        if mode == SERVE {
-            self.served.fetch_add(1, Ordering::SeqCst);
-        }
-        let delta = || GenerateEvent::Delta {
-            text: "t".into(),
-            tokens: 1,
-        };
-        match mode {
-            REFUSE => cocoon_engine::error_stream(ProtocolError::new(
-                ErrorKind::Unavailable,
-                "this worker is overloaded",
-            )),
-            STALL => Box::pin(futures_util::stream::pending()),
-            DIE_AFTER_TWO => {
-                // The stream ends with no final event: the worker's side of it breaks off.
-                Box::pin(futures_util::stream::iter([delta(), delta()]))
-            }
-            _ => {
-                let mut events: Vec<GenerateEvent> = (0..tokens).map(|_| delta()).collect();
-                events.push(GenerateEvent::Done {
-                    finish_reason: FinishReason::Length,
-                    usage: Usage {
-                        prompt_tokens: 5,
-                        completion_tokens: tokens,
-                    },
-                    billing: None,
-                });
-                Box::pin(futures_util::stream::iter(events))
-            }
-        }
-    }
-
-    fn stats(&self) -> StatsSnapshot {
-        StatsSnapshot::default()
-    }
-}
 
 async fn start(prices: &[u64], routing: RoutingConfig) -> (DevNetwork, Vec<Arc<Scripted>>) {
     let backends = prices.iter().map(|_| Scripted::new(2048)).collect();
@@ -183,7 +87,7 @@ async fn the_price_cap_routes_the_bill_follows_the_worker_and_the_network_shows_
     assert_eq!(answer["usage"]["bill_verified"], true);
 
     // That worker refuses now: under the cap nobody else can serve, so the client is told.
-    b[1].set(REFUSE);
+    b[1].set(Mode::Refuse);
     let (status, answer) = ask(&net, json!({"max_tokens": 4, "max_price": 25})).await;
     assert_eq!(status, 503, "{answer}");
     assert!(
@@ -258,7 +162,7 @@ async fn stalls_before_the_first_token_fail_over_unseen_and_deaths_mid_stream_en
     };
     // The cheap worker is everyone's first choice.
     let (net, b) = start(&[20, 40], routing).await;
-    b[0].set(STALL);
+    b[0].set(Mode::Stall);
     let started = Instant::now();
     let (status, answer) = ask(&net, json!({"max_tokens": 3})).await;
     assert_eq!(status, 200, "{answer}");
@@ -286,8 +190,8 @@ async fn stalls_before_the_first_token_fail_over_unseen_and_deaths_mid_stream_en
     assert_eq!(b[1].served(), 2);
 
     // Both refuse: the client gets one clean 503 that says how many were tried.
-    b[0].set(REFUSE);
-    b[1].set(REFUSE);
+    b[0].set(Mode::Refuse);
+    b[1].set(Mode::Refuse);
     let (status, answer) = ask(&net, json!({"max_tokens": 3})).await;
     assert_eq!(status, 503, "{answer}");
     assert!(
@@ -300,8 +204,8 @@ async fn stalls_before_the_first_token_fail_over_unseen_and_deaths_mid_stream_en
 
     // A worker that breaks off after two tokens: the stream ends with an error event, and
     // only the two tokens it delivered are billed.
-    b[0].set(DIE_AFTER_TWO);
-    b[1].set(DIE_AFTER_TWO);
+    b[0].set(Mode::DieAfterTwo);
+    b[1].set(Mode::DieAfterTwo);
     let before = net.proxy_status().payments.unwrap().uncommitted_tokens;
     let response = reqwest::Client::new()
         .post(format!("{}/chat/completions", net.gateway_url()))
@@ -336,43 +240,6 @@ async fn stalls_before_the_first_token_fail_over_unseen_and_deaths_mid_stream_en
         after == before + units || after < before,
         "{before} → {after}"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_with_several_proxies_fails_over_to_the_one_that_answers() {
-    let (net, b) = start(&[0], RoutingConfig::default()).await;
-    // The first proxy on the list is down (nothing listens there); the second is the network's.
-    let dead = free_port();
-    let stop = CancellationToken::new();
-    let proxies = [dead.clone(), net.proxy_addr.to_string()];
-    let url = own_gateway(&net, &proxies, net.dir().join("client.key"), &stop).await;
-    let http = reqwest::Client::new();
-    for _ in 0..3 {
-        let answer = post_json(
-            &http,
-            format!("{url}/chat/completions"),
-            &chat_body("Hi", json!({"max_tokens": 2})),
-        )
-        .await;
-        assert_eq!(answer["choices"][0]["message"]["content"], "tt", "{answer}");
-        assert_eq!(answer["usage"]["bill_verified"], true);
-    }
-    assert_eq!(b[0].served(), 3);
-    let view = get_json(&http, format!("{url}/network")).await;
-    let proxies = view["proxies"].as_array().unwrap();
-    assert_eq!(proxies[0]["addr"], dead.as_str());
-    assert_eq!(proxies[0]["state"], "down", "{view}");
-    assert!(
-        proxies[0]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("cannot reach proxy")
-    );
-    assert_eq!(proxies[1]["state"], "up");
-    assert_eq!(proxies[1]["answers"], 3);
-    assert_eq!(view["via"], net.proxy_addr.to_string());
-    assert_eq!(view["network"]["workers"].as_array().unwrap().len(), 1);
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

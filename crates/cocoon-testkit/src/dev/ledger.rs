@@ -23,7 +23,7 @@ pub fn dev_params() -> NetworkParams {
     }
 }
 
-pub use crate::money::key_wallet;
+pub use super::keys::key_wallet;
 
 pub struct DevLedger {
     pub url: String,

@@ -11,14 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
 use bytes::Bytes;
-use cocoon_cli::dev::{DevNetwork, DevOptions};
 use cocoon_engine::{Backend, EventStream, StatsSnapshot};
 use cocoon_protocol::{
     ALPN_CLIENT, FinishReason, GenerateEvent, GenerateRequest, Input, ModelCard, Usage,
 };
 use cocoon_proxy::LimitsConfig;
+use cocoon_testkit::backends::model_card;
+use cocoon_testkit::dev::test_options;
+use cocoon_testkit::dev::{DevNetwork, DevOptions};
+use cocoon_testkit::http::*;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};

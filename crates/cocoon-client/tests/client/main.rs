@@ -1,0 +1,5 @@
+//! The gateway's own end-to-end tests, on the testkit's in-process network with scripted
+//! workers: no model, no llama.cpp.
+
+mod api;
+mod failover;

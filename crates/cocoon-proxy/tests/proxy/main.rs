@@ -1,0 +1,6 @@
+//! The proxy's own end-to-end tests, on the testkit's in-process network with scripted
+//! workers (no model, no llama.cpp): the market (prices, failover, mid-stream deaths) and the
+//! abuse limits.
+
+mod limits;
+mod market;

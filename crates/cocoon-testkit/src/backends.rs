@@ -1,0 +1,136 @@
+//! Backends whose behaviour a test scripts, so what a test measures is the network's routing,
+//! billing and failover, not a model's timing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use cocoon_engine::{Backend, EventStream, StatsSnapshot};
+use cocoon_protocol::{
+    ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ModelCard, ProtocolError, Usage,
+};
+
+/// The model id the doubles serve (the same id as the default real model, so requests written
+/// for one serve the other).
+pub const MODEL: &str = "SmolLM2-135M-Instruct";
+
+/// Every prompt costs this many tokens on a [`Scripted`] backend.
+pub const PROMPT_TOKENS: u32 = 5;
+
+/// The one model the doubles serve, with a context of `context_length`.
+pub fn model_card(context_length: u32) -> Vec<ModelCard> {
+    vec![ModelCard {
+        id: MODEL.into(),
+        context_length,
+        min_price: 0,
+    }]
+}
+
+/// What a [`Scripted`] backend does with its next requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Answers `max_tokens` (4 by default) tokens "t" with exact usage.
+    Serve = 0,
+    /// Refuses at once, as an overloaded or broken worker does.
+    Refuse = 1,
+    /// Accepts and never sends a first token.
+    Stall = 2,
+    /// Sends two tokens, then its stream breaks off with no final event.
+    DieAfterTwo = 3,
+}
+
+impl Mode {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Mode::Refuse,
+            2 => Mode::Stall,
+            3 => Mode::DieAfterTwo,
+            _ => Mode::Serve,
+        }
+    }
+}
+
+/// Answers `max_tokens` tokens "t" with exact usage (a [`PROMPT_TOKENS`]-token prompt), or
+/// misbehaves as its [`Mode`] says; refuses what does not fit its context, as a real backend
+/// does.
+pub struct Scripted {
+    mode: AtomicU8,
+    served: AtomicU64,
+    context: u32,
+}
+
+impl Scripted {
+    /// A backend serving [`MODEL`] with a context of `context` tokens, in [`Mode::Serve`].
+    pub fn new(context: u32) -> Arc<Self> {
+        Arc::new(Self {
+            mode: AtomicU8::new(Mode::Serve as u8),
+            served: AtomicU64::new(0),
+            context,
+        })
+    }
+
+    /// Switches what the next requests get.
+    pub fn set(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// How many requests it answered in full.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
+    }
+}
+
+impl Backend for Scripted {
+    fn models(&self) -> Vec<ModelCard> {
+        model_card(self.context)
+    }
+
+    fn capacity(&self) -> u32 {
+        4
+    }
+
+    fn generate(&self, request: GenerateRequest) -> EventStream {
+        let tokens = request.params.max_tokens.unwrap_or(4);
+        if tokens.saturating_add(PROMPT_TOKENS) > self.context {
+            return cocoon_engine::error_stream(ProtocolError::new(
+                ErrorKind::ContextLengthExceeded,
+                format!(
+                    "{PROMPT_TOKENS} + {tokens} tokens do not fit a context of {}",
+                    self.context
+                ),
+            ));
+        }
+        let mode = Mode::from_u8(self.mode.load(Ordering::SeqCst));
+        if mode == Mode::Serve {
+            self.served.fetch_add(1, Ordering::SeqCst);
+        }
+        let delta = || GenerateEvent::Delta {
+            text: "t".into(),
+            tokens: 1,
+        };
+        match mode {
+            Mode::Refuse => cocoon_engine::error_stream(ProtocolError::new(
+                ErrorKind::Unavailable,
+                "this worker is overloaded",
+            )),
+            Mode::Stall => Box::pin(futures_util::stream::pending()),
+            Mode::DieAfterTwo => Box::pin(futures_util::stream::iter([delta(), delta()])),
+            Mode::Serve => {
+                let mut events: Vec<GenerateEvent> = (0..tokens).map(|_| delta()).collect();
+                events.push(GenerateEvent::Done {
+                    finish_reason: FinishReason::Length,
+                    usage: Usage {
+                        prompt_tokens: PROMPT_TOKENS,
+                        completion_tokens: tokens,
+                    },
+                    billing: None,
+                });
+                Box::pin(futures_util::stream::iter(events))
+            }
+        }
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::default()
+    }
+}

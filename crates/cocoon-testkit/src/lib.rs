@@ -1,0 +1,16 @@
+//! What it takes to run a cocoon network without a model or a cluster.
+//!
+//! - [`dev`]: a proxy, its workers, a gateway and a ledger (embedded, or the TON contracts on a
+//!   local emulated chain) in one process, every hop mutual RA-TLS with development
+//!   attestation. `cocoon dev` runs it with the embedded llama.cpp engine; tests run it with
+//!   the doubles below, so the proxy, worker and client crates test themselves end to end
+//!   without linking llama.cpp.
+//! - [`backends`]: [`Backend`](cocoon_engine::Backend)s whose behaviour a test scripts
+//!   (serve, refuse, stall, break off mid-stream), with exact token counts.
+//! - [`http`]: the few HTTP and polling helpers every end-to-end test needs.
+
+#![forbid(unsafe_code)]
+
+pub mod backends;
+pub mod dev;
+pub mod http;
