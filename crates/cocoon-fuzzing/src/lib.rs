@@ -6,7 +6,6 @@
 //! on every test run, so a regression a seed finds fails the ordinary suite. [`TARGETS`] names
 //! them all, with the folders their seeds come from.
 
-#![forbid(unsafe_code)]
 
 use std::sync::{Arc, OnceLock};
 

@@ -16,11 +16,11 @@ use crate::types::{Address, ClientContract, Nanoton, PublicKey};
 use crate::wallet::SignedTx;
 
 /// Contracts by `proxy/<address>`, `client/<address>`, `worker/<address>`; JSON values.
-const CONTRACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contracts");
+const CONTRACTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("contracts");
 /// `registry` and `totals`.
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
 /// The last nonce of each sender of signed transactions.
-const NONCES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("nonces");
+const NONCES: TableDefinition<'static, &[u8; 32], u64> = TableDefinition::new("nonces");
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Totals {

@@ -8,7 +8,7 @@ use crate::error::LedgerError;
 use crate::types::{Nanoton, PublicKey, hex_32};
 
 /// Multipliers are in basis points: 10 000 is ×1.
-pub const MULTIPLIER_ONE: u64 = 10_000;
+pub(crate) const MULTIPLIER_ONE: u64 = 10_000;
 
 /// The kinds of token a request is billed for, each weighted by its multiplier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

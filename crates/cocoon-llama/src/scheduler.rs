@@ -75,7 +75,7 @@ impl<'a> Scheduler<'a> {
             batch: LlamaBatch::new(BATCH_TOKENS, 1),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            free_ids: (0..shared.parallel as i32).rev().collect(),
+            free_ids: (0..i32::try_from(shared.parallel).unwrap_or(i32::MAX)).rev().collect(),
             reserved: 0,
         }
     }

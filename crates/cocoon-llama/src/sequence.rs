@@ -46,7 +46,7 @@ pub(super) struct Sequence<'a> {
 }
 
 impl<'a> Sequence<'a> {
-    pub fn new(
+    pub(crate) fn new(
         id: i32,
         request: &GenerateRequest,
         prompt: Vec<LlamaToken>,
@@ -87,17 +87,17 @@ impl<'a> Sequence<'a> {
         }
     }
 
-    pub fn prompt_tokens(&self) -> u32 {
+    pub(crate) fn prompt_tokens(&self) -> u32 {
         self.prompt.len() as u32
     }
 
-    pub fn completion_tokens(&self) -> u32 {
+    pub(crate) fn completion_tokens(&self) -> u32 {
         self.completion_tokens
     }
 
     /// Samples the next token from the logits decoded for this sequence and sends what text
     /// it completes.
-    pub fn advance(&mut self, ctx: &LlamaContext<'_>, model: &LlamaModel, at: i32) -> Next {
+    pub(crate) fn advance(&mut self, ctx: &LlamaContext<'_>, model: &LlamaModel, at: i32) -> Next {
         let token = self.sampler.sample(ctx, at);
         let vocab = model.vocab();
         if vocab.is_eog(token) && !self.ignore_eos {
@@ -129,13 +129,13 @@ impl<'a> Sequence<'a> {
     }
 
     /// Counts a generation stopped because its requester left.
-    pub fn cancel(&mut self) -> Next {
+    pub(crate) fn cancel(&mut self) -> Next {
         self.guard.set_outcome(Outcome::Cancelled);
         Next::Cancelled
     }
 
     /// Ends the sequence with an error event.
-    pub fn fail(&mut self, error: ProtocolError) {
+    pub(crate) fn fail(&mut self, error: ProtocolError) {
         let _ = self.tx.send(GenerateEvent::Error { error });
     }
 

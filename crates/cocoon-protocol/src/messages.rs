@@ -3,9 +3,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::ProtocolError;
 
 /// Most stop sequences a request may carry (OpenAI allows four).
-pub const MAX_STOP_SEQUENCES: usize = 4;
+pub(crate) const MAX_STOP_SEQUENCES: usize = 4;
 /// Longest stop sequence, in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
+pub(crate) const MAX_STOP_BYTES: usize = 256;
 
 /// Author of a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

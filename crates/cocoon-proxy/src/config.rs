@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use cocoon_tls::{AttesterConfig, PeerPolicy};
 
-pub use crate::billing::PaymentsConfig;
+pub(crate) use crate::billing::PaymentsConfig;
 pub use crate::limits::LimitsConfig;
 use serde::{Deserialize, Serialize};
 

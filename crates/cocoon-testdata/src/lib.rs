@@ -5,7 +5,6 @@
 //! another workspace finds them the same way; [`tdx_dir`] gives the folder for the tests that
 //! hand a path to the `cocoon` binary.
 
-#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

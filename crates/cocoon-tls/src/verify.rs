@@ -80,7 +80,7 @@ impl PeerCertificate {
     /// Parses and checks `der` at time `now`.
     pub fn parse(der: &CertificateDer<'_>, now: UnixTime) -> Result<Self, VerifyError> {
         let cert = Self::parse_any_time(der)?;
-        let now = now.as_secs() as i64;
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         if now < cert.not_before {
             return Err(VerifyError::NotYetValid);
         }

@@ -12,9 +12,9 @@ use redb::{Database, ReadableTable, TableDefinition};
 use ring::signature::Ed25519KeyPair;
 use serde::{Deserialize, Serialize};
 
-const CLIENTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("clients");
-const WORKERS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("workers");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const CLIENTS: TableDefinition<'static, &[u8; 32], &[u8]> = TableDefinition::new("clients");
+const WORKERS: TableDefinition<'static, &[u8; 32], &[u8]> = TableDefinition::new("workers");
+const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientRecord {

@@ -9,7 +9,7 @@ use cocoon_ledger::{LedgerState, PublicKey};
 use super::book::Book;
 
 /// Every disagreement, as a sentence; empty when record and ledger agree.
-pub fn disagreements(book: &Book, ledger: &LedgerState, proxy: &PublicKey) -> Vec<String> {
+pub(crate) fn disagreements(book: &Book, ledger: &LedgerState, proxy: &PublicKey) -> Vec<String> {
     let mut found = Vec::new();
     for contract in ledger.clients.values().filter(|c| &c.proxy == proxy) {
         let record = book.client(&contract.client);

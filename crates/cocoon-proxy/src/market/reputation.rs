@@ -9,7 +9,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::perf::Performance;
 
-const REPUTATION: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("reputation");
+const REPUTATION: TableDefinition<'static, &[u8; 32], &[u8]> = TableDefinition::new("reputation");
 
 pub struct ReputationStore {
     db: Database,

@@ -1,10 +1,10 @@
 #![allow(dead_code)]
 
-pub mod netns;
+pub(crate) mod netns;
 
-pub use cocoon_testkit::backends::MODEL;
-pub use cocoon_testkit::dev::{network, test_options};
-pub use cocoon_testkit::http::*;
+pub(crate) use cocoon_testkit::backends::MODEL;
+pub(crate) use cocoon_testkit::dev::{network, test_options};
+pub(crate) use cocoon_testkit::http::*;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use cocoon_llama::LlamaBackend;
 use cocoon_testkit::dev::DevNetwork;
 use serde_json::{Value, json};
 
-pub fn model_path() -> PathBuf {
+pub(crate) fn model_path() -> PathBuf {
     std::env::var_os("COCOON_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -24,7 +24,7 @@ pub fn model_path() -> PathBuf {
         })
 }
 
-pub fn llama() -> Arc<LlamaBackend> {
+pub(crate) fn llama() -> Arc<LlamaBackend> {
     Arc::new(
         LlamaBackend::load(&LlamaConfig {
             model_path: model_path(),
@@ -36,7 +36,7 @@ pub fn llama() -> Arc<LlamaBackend> {
 }
 
 /// Status of a short chat request ("Hi", 2 tokens) through `net`'s gateway.
-pub async fn short_chat_status(net: &DevNetwork) -> u16 {
+pub(crate) async fn short_chat_status(net: &DevNetwork) -> u16 {
     reqwest::Client::new()
         .post(format!("{}/chat/completions", net.gateway_url()))
         .json(&chat_body("Hi", json!({"max_tokens": 2})))
@@ -48,7 +48,7 @@ pub async fn short_chat_status(net: &DevNetwork) -> u16 {
 }
 
 /// Runs `cocoon ARGS` to completion and parses its JSON report; the command must succeed.
-pub async fn cocoon_report(args: &[&str]) -> Value {
+pub(crate) async fn cocoon_report(args: &[&str]) -> Value {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
         .args(args)
         .output()
@@ -64,7 +64,7 @@ pub async fn cocoon_report(args: &[&str]) -> Value {
 
 /// A `worker.toml` with dev worker 0's key and payouts, claiming on `ledger`, for
 /// `cocoon worker withdraw`; returns its path.
-pub fn dev_worker_config(net: &DevNetwork, ledger: &str) -> PathBuf {
+pub(crate) fn dev_worker_config(net: &DevNetwork, ledger: &str) -> PathBuf {
     let config = cocoon_worker::WorkerConfig {
         key_file: Some(net.dir().join("dev-worker-0.key")),
         payments: cocoon_worker::PayoutsConfig {
@@ -81,7 +81,7 @@ pub fn dev_worker_config(net: &DevNetwork, ledger: &str) -> PathBuf {
 
 /// Runs `cocoon ARGS --config CONFIG` as a process of its own (so a test can kill it for
 /// real), its log in `log`.
-pub fn spawn_cocoon(
+pub(crate) fn spawn_cocoon(
     args: &[&str],
     config: &std::path::Path,
     log: PathBuf,
@@ -92,7 +92,7 @@ pub fn spawn_cocoon(
 
 /// Runs `command ARGS --config CONFIG` (a `cocoon` binary, maybe behind a wrapper), its log
 /// in `log`, killed when dropped.
-pub fn spawn_command(
+pub(crate) fn spawn_command(
     mut command: tokio::process::Command,
     args: &[&str],
     config: &std::path::Path,
@@ -112,7 +112,7 @@ pub fn spawn_command(
 
 /// A proxy of a test's own beside `net`'s: registered and staked on `net`'s ledger, taking
 /// workers attested by `net`'s dev attester, committing every second.
-pub struct OwnProxy {
+pub(crate) struct OwnProxy {
     pub key: cocoon_ledger::PublicKey,
     pub addr: String,
     pub book: PathBuf,
@@ -120,7 +120,7 @@ pub struct OwnProxy {
     pub config: PathBuf,
 }
 
-pub async fn own_proxy(net: &DevNetwork, name: &str) -> OwnProxy {
+pub(crate) async fn own_proxy(net: &DevNetwork, name: &str) -> OwnProxy {
     let dir = net.dir();
     let key_file = dir.join(format!("{name}-proxy.key"));
     let key = cocoon_cli::money::key_wallet(&key_file)
@@ -157,7 +157,7 @@ pub async fn own_proxy(net: &DevNetwork, name: &str) -> OwnProxy {
 
 /// Stops a `cocoon` process with SIGTERM and checks it exits cleanly (a proxy makes its last
 /// commit and releases its book).
-pub async fn stop_gracefully(child: &mut tokio::process::Child) {
+pub(crate) async fn stop_gracefully(child: &mut tokio::process::Child) {
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -171,7 +171,7 @@ pub async fn stop_gracefully(child: &mut tokio::process::Child) {
 }
 
 /// A gateway of a test's own on `net`'s dev attestation (see [`DevNetwork::own_gateway`]).
-pub async fn own_gateway(
+pub(crate) async fn own_gateway(
     net: &DevNetwork,
     proxies: &[String],
     key_file: PathBuf,

@@ -8,9 +8,9 @@
 use std::process::{Command, Stdio};
 
 /// What went wrong making the namespaces; the test is skipped with it.
-pub type Unavailable = String;
+pub(crate) type Unavailable = String;
 
-pub struct Lan {
+pub(crate) struct Lan {
     tag: String,
     /// `10.213.N`: this LAN's /24.
     prefix: String,
@@ -41,7 +41,7 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
 
 impl Lan {
     /// Makes one namespace per name in `hosts`, all on one LAN with the root namespace.
-    pub fn new(hosts: &[&str]) -> Result<Self, Unavailable> {
+    pub(crate) fn new(hosts: &[&str]) -> Result<Self, Unavailable> {
         let pid = std::process::id();
         let tag = format!("cc{:05x}", pid & 0xfffff);
         let lan = Self {
@@ -115,22 +115,22 @@ impl Lan {
     }
 
     /// The test process's own address on the LAN.
-    pub fn root_addr(&self) -> String {
+    pub(crate) fn root_addr(&self) -> String {
         format!("{}.1", self.prefix)
     }
 
     /// `host`'s address on the LAN.
-    pub fn addr(&self, host: &str) -> String {
+    pub(crate) fn addr(&self, host: &str) -> String {
         self.addr_of(self.index(host))
     }
 
-    pub fn namespace(&self, host: &str) -> &str {
+    pub(crate) fn namespace(&self, host: &str) -> &str {
         &self.hosts[self.index(host)]
     }
 
     /// A command that runs `program` on `host` (`ip netns exec` execs it: the child's pid is
     /// the program's).
-    pub fn command(&self, host: &str, program: &std::path::Path) -> tokio::process::Command {
+    pub(crate) fn command(&self, host: &str, program: &std::path::Path) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("ip");
         cmd.args(["netns", "exec", self.namespace(host)])
             .arg(program);
@@ -138,16 +138,16 @@ impl Lan {
     }
 
     /// Cuts `host` off the LAN: its packets are dropped, nothing is reset.
-    pub fn cut(&self, host: &str) {
+    pub(crate) fn cut(&self, host: &str) {
         ip(&["-n", self.namespace(host), "link", "set", "eth0", "down"]).unwrap();
     }
 
-    pub fn mend(&self, host: &str) {
+    pub(crate) fn mend(&self, host: &str) {
         ip(&["-n", self.namespace(host), "link", "set", "eth0", "up"]).unwrap();
     }
 
     /// Slows `host`'s link; says how (netem is not in every kernel).
-    pub fn slow(&self, host: &str, delay_ms: u32) -> String {
+    pub(crate) fn slow(&self, host: &str, delay_ms: u32) -> String {
         let ns = self.namespace(host);
         let delay = format!("{delay_ms}ms");
         let netem = [
@@ -166,7 +166,7 @@ impl Lan {
         "tc tbf rate 64kbit (this kernel has no netem)".into()
     }
 
-    pub fn unslow(&self, host: &str) {
+    pub(crate) fn unslow(&self, host: &str) {
         let _ = run(
             "tc",
             &[

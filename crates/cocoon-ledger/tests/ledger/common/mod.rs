@@ -5,20 +5,20 @@ use cocoon_ledger::{
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
-pub const OWNER: PublicKey = [1; 32];
-pub const CLIENT: PublicKey = [2; 32];
-pub const WORKER: PublicKey = [3; 32];
-pub const TON: u128 = 1_000_000_000;
+pub(crate) const OWNER: PublicKey = [1; 32];
+pub(crate) const CLIENT: PublicKey = [2; 32];
+pub(crate) const WORKER: PublicKey = [3; 32];
+pub(crate) const TON: u128 = 1_000_000_000;
 
-pub fn keypair(seed: u8) -> Ed25519KeyPair {
+pub(crate) fn keypair(seed: u8) -> Ed25519KeyPair {
     Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
 }
 
-pub fn public(k: &Ed25519KeyPair) -> PublicKey {
+pub(crate) fn public(k: &Ed25519KeyPair) -> PublicKey {
     k.public_key().as_ref().try_into().unwrap()
 }
 
-pub fn params() -> NetworkParams {
+pub(crate) fn params() -> NetworkParams {
     NetworkParams {
         price_per_token: 100,
         worker_fee_per_token: 80,
@@ -30,7 +30,7 @@ pub fn params() -> NetworkParams {
     }
 }
 
-pub fn tx(sender: PublicKey, op: Op) -> Tx {
+pub(crate) fn tx(sender: PublicKey, op: Op) -> Tx {
     Tx {
         sender,
         op,
@@ -39,7 +39,7 @@ pub fn tx(sender: PublicKey, op: Op) -> Tx {
 }
 
 /// A state with the test params, one registered and opened proxy (key seed 9).
-pub fn with_proxy() -> (LedgerState, Ed25519KeyPair) {
+pub(crate) fn with_proxy() -> (LedgerState, Ed25519KeyPair) {
     let proxy = keypair(9);
     let mut s = LedgerState::new(OWNER);
     s.apply(&tx(OWNER, Op::SetParams { params: params() }))
@@ -57,7 +57,7 @@ pub fn with_proxy() -> (LedgerState, Ed25519KeyPair) {
     (s, proxy)
 }
 
-pub fn charge(proxy: &Ed25519KeyPair, client: PublicKey, tokens_used: u64) -> Op {
+pub(crate) fn charge(proxy: &Ed25519KeyPair, client: PublicKey, tokens_used: u64) -> Op {
     Op::Charge {
         proxy: public(proxy),
         message: PaymentMessage::ChargeClient {
@@ -69,7 +69,7 @@ pub fn charge(proxy: &Ed25519KeyPair, client: PublicKey, tokens_used: u64) -> Op
     }
 }
 
-pub fn payout(proxy: &Ed25519KeyPair, worker: PublicKey, tokens: u64) -> Op {
+pub(crate) fn payout(proxy: &Ed25519KeyPair, worker: PublicKey, tokens: u64) -> Op {
     Op::Payout {
         proxy: public(proxy),
         message: PaymentMessage::PayWorker {
@@ -82,23 +82,23 @@ pub fn payout(proxy: &Ed25519KeyPair, worker: PublicKey, tokens: u64) -> Op {
 }
 
 /// Applies and checks the refusal changed nothing.
-pub fn refused(s: &mut LedgerState, t: Tx) -> LedgerError {
+pub(crate) fn refused(s: &mut LedgerState, t: Tx) -> LedgerError {
     let before = s.clone();
     let e = s.apply(&t).unwrap_err();
     assert_eq!(*s, before, "a refused {t:?} changed the state");
     e
 }
 
-pub fn ok(s: &mut LedgerState, t: Tx) -> Receipt {
+pub(crate) fn ok(s: &mut LedgerState, t: Tx) -> Receipt {
     s.apply(&t).unwrap().0
 }
 
 /// CLIENT deposits `amount` on `proxy`'s contract.
-pub fn deposit(proxy: PublicKey, amount: u128) -> Tx {
+pub(crate) fn deposit(proxy: PublicKey, amount: u128) -> Tx {
     tx(CLIENT, Op::ClientDeposit { proxy, amount })
 }
 
 /// CLIENT raises its stake with `proxy` by `amount`.
-pub fn stake(proxy: PublicKey, amount: u128) -> Tx {
+pub(crate) fn stake(proxy: PublicKey, amount: u128) -> Tx {
     tx(CLIENT, Op::ClientStake { proxy, amount })
 }

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Runs one handshake plus a 4-byte echo; each side reports the peer it saw, or its error.
-pub async fn handshake(
+pub(crate) async fn handshake(
     server_id: Arc<Identity>,
     server_accepts: Arc<dyn PeerVerifier>,
     client_id: Arc<Identity>,
