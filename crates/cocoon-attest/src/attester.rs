@@ -23,6 +23,7 @@ pub enum AttesterKind {
 }
 
 impl AttesterKind {
+    /// The lowercase name used in configuration and output: `tdx` or `dev`.
     pub fn as_str(self) -> &'static str {
         match self {
             AttesterKind::Tdx => "tdx",
@@ -39,7 +40,9 @@ impl std::fmt::Display for AttesterKind {
 
 /// Something that can produce a quote binding `report_data`.
 pub trait Attester: Send + Sync {
+    /// Which kind of evidence this attester produces.
     fn kind(&self) -> AttesterKind;
+    /// A quote whose report data is exactly `report_data`.
     fn quote(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError>;
 }
 
@@ -55,6 +58,7 @@ impl TdxAttester {
         Self::with_root(Path::new(TSM_REPORT_ROOT))
     }
 
+    /// Like [`TdxAttester::new`], with configfs-tsm's report directory at `root` (for tests).
     pub fn with_root(root: &Path) -> Result<Self, AttestError> {
         if !root.is_dir() {
             return Err(AttestError::NoTee(format!(
@@ -137,6 +141,8 @@ impl DevAttester {
         ))
     }
 
+    /// The Ed25519 public key that signs this attester's quotes; dev policies name it to accept
+    /// them.
     pub fn public_key(&self) -> [u8; 32] {
         self.key
             .public_key()

@@ -30,12 +30,16 @@ impl Claims {
     }
 }
 
+/// Why a quote does not vouch for the certificate's claims or key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BindingError {
+    /// The claim bytes are not valid claims JSON.
     #[error("claims are not valid: {0}")]
     BadClaims(String),
+    /// The quote's report data is not SHA-512 of the claim bytes.
     #[error("quote report data is not SHA-512 of the certificate's claims")]
     ReportDataMismatch,
+    /// The claims name a public key other than the one that signed the TLS handshake.
     #[error("claims name another public key than the certificate's")]
     KeyMismatch,
 }

@@ -8,6 +8,8 @@ use std::fmt;
 pub struct ImageHash(pub [u8; 32]);
 
 impl ImageHash {
+    /// Parses 64 hex digits (surrounding whitespace ignored); `None` if not exactly 32 bytes of
+    /// hex.
     pub fn from_hex(s: &str) -> Option<Self> {
         let bytes = hex::decode(s.trim()).ok()?;
         Some(Self(bytes.try_into().ok()?))
@@ -29,10 +31,14 @@ impl fmt::Debug for ImageHash {
 /// The measured registers of a TD, as signed in its quote.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Measurements {
+    /// MRTD: SHA-384 of the TD's initial memory (the firmware) as built by the TDX module.
     pub mrtd: [u8; 48],
+    /// RTMR0..3: runtime measurement registers (firmware config, kernel, command line; RTMR3 for
+    /// the guest's own use).
     pub rtmr: [[u8; 48]; 4],
     /// 64 bytes chosen by the TD when it asked for the quote; RA-TLS binds the TLS key here.
     pub report_data: [u8; 64],
+    /// TDATTRIBUTES, as in the TD report; bit 0 is debug mode.
     pub td_attributes: [u8; 8],
 }
 
@@ -42,6 +48,7 @@ impl Measurements {
         self.td_attributes[0] & 0x01 != 0
     }
 
+    /// The [`ImageHash`] of these registers: SHA-256 of MRTD and RTMR0..2.
     pub fn image_hash(&self) -> ImageHash {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(&self.mrtd);

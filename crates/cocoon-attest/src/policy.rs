@@ -24,17 +24,23 @@ impl Default for Policy {
     }
 }
 
+/// Why an attested machine is refused by a [`Policy`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
+    /// The TD is a debug TD and the policy does not allow debug TDs.
     #[error("TD runs in debug mode; its memory is readable by the host")]
     DebugTd,
+    /// The platform's Intel TCB status is not in the policy's accepted list.
     #[error("TCB status {0} is not accepted")]
     TcbStatus(String),
+    /// The image hash is not in the allowed set; carries the image hash and the MRTD in hex.
     #[error("image {0} is not allowed (MRTD {1})")]
     ImageNotAllowed(ImageHash, String),
 }
 
 impl Policy {
+    /// Checks a verified quote: no debug TD unless allowed, an accepted TCB status, an allowed
+    /// image.
     pub fn check(&self, quote: &VerifiedQuote) -> Result<(), PolicyError> {
         if quote.measurements.is_debug() && !self.allow_debug {
             return Err(PolicyError::DebugTd);

@@ -6,14 +6,17 @@ use crate::measurements::Measurements;
 /// layout that PCCS serves and `dcap-qvl` reads.
 pub type Collateral = QuoteCollateralV3;
 
+/// Why evidence could not be produced, parsed or verified.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttestError {
+    /// The collateral could not be parsed as PCCS-style JSON collateral.
     #[error("collateral is not valid JSON collateral: {0}")]
     BadCollateral(String),
     /// The quote's signatures, certificate chain, CRLs or TCB matching failed, or the time is
     /// outside the collateral's or certificates' validity. The message is `dcap-qvl`'s.
     #[error("quote verification failed: {0}")]
     Verification(String),
+    /// The quote is an SGX enclave quote, not a TD quote.
     #[error("quote is an SGX enclave quote, not a TDX quote")]
     NotTdx,
     /// No TEE to attest with, or it failed (configfs-tsm missing or broken, bad dev key).
@@ -26,7 +29,9 @@ pub enum AttestError {
 pub struct VerifiedQuote {
     /// Intel's TCB status for the platform, e.g. `UpToDate`, `OutOfDate`, `SWHardeningNeeded`.
     pub tcb_status: String,
+    /// Intel security advisory IDs (e.g. `INTEL-SA-00837`) that apply to the platform's TCB.
     pub advisory_ids: Vec<String>,
+    /// The TD's measured registers and report data, from the verified quote.
     pub measurements: Measurements,
 }
 

@@ -17,23 +17,31 @@ pub struct BackendStats {
 pub struct StatsSnapshot {
     /// Generations running now.
     pub active: u64,
+    /// Generations that ended normally and were counted as [`Outcome::Completed`].
     pub completed: u64,
     /// Generations stopped because the requester went away.
     pub cancelled: u64,
+    /// Generations that ended in an error, or whose outcome was never set.
     pub failed: u64,
+    /// Prompt tokens processed, summed over all generations.
     pub prompt_tokens: u64,
+    /// Tokens generated, summed over all generations.
     pub generated_tokens: u64,
 }
 
 /// How a generation ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// The generation ran to its end and its answer was delivered.
     Completed,
+    /// The requester went away before the generation ended.
     Cancelled,
+    /// The generation failed; also the outcome of a guard dropped without one set.
     Failed,
 }
 
 impl BackendStats {
+    /// Reads all counters now (each one atomically, not all together).
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             active: self.active.load(Ordering::Relaxed),
@@ -54,10 +62,12 @@ impl BackendStats {
         }
     }
 
+    /// Adds `n` to the prompt tokens processed.
     pub fn add_prompt_tokens(&self, n: u64) {
         self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Adds `n` to the tokens generated.
     pub fn add_generated_tokens(&self, n: u64) {
         self.generated_tokens.fetch_add(n, Ordering::Relaxed);
     }
@@ -71,6 +81,8 @@ pub struct ActiveGuard<'a> {
 }
 
 impl ActiveGuard<'_> {
+    /// Sets the outcome recorded when the guard is dropped; without a call it is
+    /// [`Outcome::Failed`].
     pub fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome;
     }

@@ -64,6 +64,8 @@ pub struct StopScan {
 }
 
 impl StopMatcher {
+    /// A matcher for `stops`; empty strings are dropped, and with no stops all text passes straight
+    /// through.
     pub fn new(stops: Vec<String>) -> Self {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -71,6 +73,8 @@ impl StopMatcher {
         }
     }
 
+    /// Feeds newly generated text; returns what can be sent now and whether a stop sequence was
+    /// reached (the stop itself is never emitted).
     pub fn push(&mut self, text: &str) -> StopScan {
         if self.stops.is_empty() {
             return StopScan {

@@ -22,6 +22,8 @@ use crate::{Backend, EventStream, StatsSnapshot, error_stream};
 /// Largest SSE line accepted from the upstream server.
 const MAX_SSE_LINE: usize = 1 << 20;
 
+/// Settings of the upstream backend: where the OpenAI-compatible server is and which models it
+/// serves.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
@@ -30,6 +32,7 @@ pub struct UpstreamConfig {
     /// Sent as `Authorization: Bearer` when set.
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Models offered to the network through this server; at least one.
     pub models: Vec<UpstreamModel>,
     /// Requests sent at once; more wait in a queue.
     #[serde(default = "default_parallel")]
@@ -47,6 +50,7 @@ fn default_timeout() -> u64 {
     60
 }
 
+/// One model served by the upstream server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamModel {
@@ -55,9 +59,12 @@ pub struct UpstreamModel {
     /// Name the upstream server knows the model by, when different.
     #[serde(default)]
     pub upstream_id: Option<String>,
+    /// Context window of the model, in tokens, as announced to the network.
     pub context_length: u32,
 }
 
+/// A [`Backend`] that relays generations to an OpenAI-compatible server over its streaming
+/// `/chat/completions` and `/completions` endpoints.
 pub struct UpstreamBackend {
     config: UpstreamConfig,
     http: reqwest::Client,
@@ -66,6 +73,7 @@ pub struct UpstreamBackend {
 }
 
 impl UpstreamBackend {
+    /// Builds the backend; fails if `config` names no model or the HTTP client cannot be built.
     pub fn new(config: UpstreamConfig) -> Result<Self, ProtocolError> {
         if config.models.is_empty() {
             return Err(ProtocolError::internal(
@@ -270,7 +278,9 @@ async fn relay(
 pub struct SseChunk {
     /// Non-empty text of the first choice.
     pub text: Option<String>,
+    /// The first choice's `finish_reason`, when the server sent one.
     pub finish: Option<FinishReason>,
+    /// Token counts, present in the final chunk when `stream_options.include_usage` is honoured.
     pub usage: Option<Usage>,
 }
 

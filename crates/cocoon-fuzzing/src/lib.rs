@@ -6,7 +6,6 @@
 //! on every test run, so a regression a seed finds fails the ordinary suite. [`TARGETS`] names
 //! them all, with the folders their seeds come from.
 
-
 use std::sync::{Arc, OnceLock};
 
 use cocoon_client::openai::{ChatRequest, CompletionRequest};

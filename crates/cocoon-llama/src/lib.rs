@@ -94,7 +94,8 @@ impl LlamaBackend {
             .clone()
             .unwrap_or_else(|| default_model_id(path));
         let threads = match config.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| i32::try_from(n.get()).unwrap_or(i32::MAX)),
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| i32::try_from(n.get()).unwrap_or(i32::MAX)),
             n => i32::try_from(n).unwrap_or(i32::MAX),
         };
         let parallel = config.parallel.max(1);

@@ -75,7 +75,9 @@ impl<'a> Scheduler<'a> {
             batch: LlamaBatch::new(BATCH_TOKENS, 1),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            free_ids: (0..i32::try_from(shared.parallel).unwrap_or(i32::MAX)).rev().collect(),
+            free_ids: (0..i32::try_from(shared.parallel).unwrap_or(i32::MAX))
+                .rev()
+                .collect(),
             reserved: 0,
         }
     }

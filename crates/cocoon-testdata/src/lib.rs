@@ -5,7 +5,6 @@
 //! another workspace finds them the same way; [`tdx_dir`] gives the folder for the tests that
 //! hand a path to the `cocoon` binary.
 
-
 use std::path::PathBuf;
 
 /// A real quote, its collateral and the time at which the collateral is valid.

@@ -9,7 +9,6 @@
 //!   (serve, refuse, stall, break off mid-stream), with exact token counts.
 //! - [`http`]: the few HTTP and polling helpers every end-to-end test needs.
 
-
 pub mod backends;
 pub mod dev;
 pub mod http;

@@ -17,21 +17,35 @@ const RENEW_BEFORE: Duration = Duration::from_secs(6 * 3600);
 /// Backdating tolerates peers whose clocks run a little behind.
 const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
+/// Why a node identity (its key and certificates) could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// Generating a new Ed25519 key pair failed.
     #[error("cannot generate key: {0}")]
     Key(rcgen::Error),
+    /// Building or signing the self-signed certificate failed.
     #[error("cannot create certificate: {0}")]
     Certificate(rcgen::Error),
+    /// The key file could not be read, or a new key could not be written to it.
     #[error("key file {path}: {source}")]
     KeyFile {
+        /// The key file's path, as shown to people.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The key file exists but is not an Ed25519 key in PKCS#8 PEM.
     #[error("key file {path} does not hold an Ed25519 PKCS#8 PEM key: {reason}")]
-    BadKeyFile { path: String, reason: String },
+    BadKeyFile {
+        /// The key file's path, as shown to people.
+        path: String,
+        /// What is wrong with its contents.
+        reason: String,
+    },
+    /// Getting a quote over the certificate's claims failed.
     #[error("cannot attest the certificate: {0}")]
     Attestation(cocoon_attest::AttestError),
+    /// rustls does not accept the key as a signing key.
     #[error("rustls refused the key: {0}")]
     Rustls(rustls::Error),
 }
@@ -41,6 +55,7 @@ pub enum IdentityError {
 pub struct Fingerprint(pub [u8; 32]);
 
 impl Fingerprint {
+    /// The fingerprint of a raw 32-byte Ed25519 public key.
     pub fn of_public_key(raw: &[u8]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, raw);
         Self(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
@@ -163,6 +178,7 @@ impl Identity {
         Ok(self)
     }
 
+    /// SHA-256 of this identity's public key: how peers and operators name this node.
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
     }
@@ -172,6 +188,7 @@ impl Identity {
         self.attestation.as_ref().map(|a| a.attester.kind())
     }
 
+    /// The raw 32-byte Ed25519 public key of this identity.
     pub fn public_key(&self) -> &[u8] {
         self.key_pair.public_key_raw()
     }

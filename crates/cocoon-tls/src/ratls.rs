@@ -94,6 +94,8 @@ impl QuoteCache {
 }
 
 impl RaTlsVerifier {
+    /// A verifier that applies `policy` to TDX quotes checked against `collateral`; it accepts no
+    /// development quotes and caches verified quotes for [`DEFAULT_CACHE_TTL`].
     pub fn new(policy: Policy, collateral: Vec<Collateral>) -> Self {
         Self {
             policy,
@@ -132,6 +134,7 @@ impl RaTlsVerifier {
         self
     }
 
+    /// The policy peers' quotes are checked against.
     pub fn policy(&self) -> &Policy {
         &self.policy
     }

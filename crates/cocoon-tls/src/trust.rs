@@ -14,12 +14,21 @@ use crate::identity::{Fingerprint, Identity, IdentityError, load_or_create_key};
 use crate::ratls::{DEFAULT_CACHE_TTL, RaTlsVerifier};
 use crate::verify::{AllOf, AnyPeer, PeerVerifier, PinnedPeers};
 
+/// Why the `[attester]` or a `[*_policy]` section cannot be turned into an identity or a verifier.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
+    /// A section of the config is inconsistent or invalid.
     #[error("[{section}] {message}")]
-    Config { section: String, message: String },
+    Config {
+        /// The config section at fault: `attester` or the `*_policy` section.
+        section: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The node's key or certificate could not be loaded or made.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The configured attester cannot produce evidence here (e.g. not inside a TDX guest).
     #[error("cannot attest: {0}")]
     Attest(#[from] cocoon_attest::AttestError),
 }
@@ -63,6 +72,7 @@ impl std::str::FromStr for AttesterChoice {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AttesterConfig {
+    /// Which evidence this node's certificates carry: `none` (default), `tdx` or `dev`.
     pub kind: AttesterChoice,
     /// `dev` only: the development attester's signing key (PEM), created if missing. Peers
     /// accept its quotes by listing its public key (`cocoon attest dev-key`) in their policy.

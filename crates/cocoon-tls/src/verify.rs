@@ -17,22 +17,32 @@ const KNOWN_CRITICAL: &[&str] = &[
 
 const ED25519_OID: &str = "1.3.101.112";
 
+/// Why a peer's certificate is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VerifyError {
+    /// The certificate could not be parsed as DER X.509; carries the parser's message.
     #[error("certificate is not valid DER X.509: {0}")]
     Malformed(String),
+    /// The certificate's subject key is not an Ed25519 key.
     #[error("certificate key is not Ed25519")]
     NotEd25519,
+    /// The verification time is before the certificate's `notBefore`.
     #[error("certificate is not yet valid")]
     NotYetValid,
+    /// The verification time is after the certificate's `notAfter`.
     #[error("certificate has expired")]
     Expired,
+    /// The certificate is not signed by its own key.
     #[error("certificate self-signature does not verify")]
     BadSelfSignature,
+    /// The certificate marks critical an extension this crate does not understand; carries its OID.
     #[error("certificate has an unknown critical extension {0}")]
     UnknownCriticalExtension(String),
+    /// Key pinning is configured and the peer's fingerprint is not listed.
     #[error("peer {0} is not among the pinned keys")]
     NotPinned(Fingerprint),
+    /// A policy refused the peer (no or bad quote, key binding, measurements, TCB status); carries
+    /// why.
     #[error("peer refused by policy: {0}")]
     Policy(String),
 }
@@ -56,11 +66,15 @@ impl From<VerifyError> for rustls::Error {
 /// Ed25519, self-signed, inside its validity window, no critical extension we do not know.
 #[derive(Debug, Clone)]
 pub struct PeerCertificate {
+    /// The peer's raw Ed25519 public key (32 bytes).
     pub public_key: Vec<u8>,
+    /// SHA-256 of `public_key`: the peer's stable name.
     pub fingerprint: Fingerprint,
+    /// The subject's common name, when the certificate has one.
     pub common_name: Option<String>,
     /// Validity window, seconds since the Unix epoch.
     pub not_before: i64,
+    /// End of the validity window, seconds since the Unix epoch.
     pub not_after: i64,
     /// Every extension, as (OID, critical, raw value), for policies that look further.
     pub extensions: Vec<(String, bool, Vec<u8>)>,
@@ -150,7 +164,9 @@ pub struct Verified {
 /// A peer's attestation, as verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attested {
+    /// Which kind of quote the peer presented: TDX or development.
     pub kind: cocoon_attest::AttesterKind,
+    /// Hash of the peer's image registers (MRTD and RTMR0..2) from its quote.
     pub image_hash: cocoon_attest::ImageHash,
     /// Intel's TCB status of the platform; `None` for development quotes.
     pub tcb_status: Option<String>,
@@ -175,6 +191,8 @@ impl Verified {
 /// Decides whether a peer whose certificate passed the basic checks may connect.
 /// RA-TLS policies (a TDX quote bound to the key, measurements in the registry) implement this.
 pub trait PeerVerifier: Debug + Send + Sync {
+    /// Checks `peer`; on success says what was established beyond its key, otherwise why it is
+    /// refused.
     fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError>;
 
     /// Counters of the verifier's quote cache, where it has one.
@@ -201,6 +219,7 @@ pub struct PinnedPeers {
 }
 
 impl PinnedPeers {
+    /// A verifier that admits exactly the peers whose key fingerprints are in `allowed`.
     pub fn new(allowed: impl IntoIterator<Item = Fingerprint>) -> Self {
         Self {
             allowed: allowed.into_iter().collect(),

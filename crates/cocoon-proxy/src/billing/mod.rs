@@ -28,8 +28,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-pub use book::{Book, BookError, ClientRecord, WorkerRecord};
 pub(crate) use book::Entry;
+pub use book::{Book, BookError, ClientRecord, WorkerRecord};
 
 /// How long a client's contract as read from the ledger is trusted before it is read again.
 /// A refusal always reads again first, so a fresh deposit is never missed.

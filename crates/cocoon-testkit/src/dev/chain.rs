@@ -16,9 +16,12 @@ use super::ledger::{CLIENT_DEPOSIT, CLIENT_STAKE, PROXY_STAKE, TON, dev_params};
 /// What the faucet gives each party: its deposits and stakes, and the gas on top.
 const WALLET_FUNDS: u128 = 1_000 * TON;
 
+/// The dev network's TON chain: an in-memory emulated chain with the root deployed by the dev owner
+/// key.
 pub struct DevChain {
     /// How configs name the root (`ton:<root>@<API>`).
     pub spec: String,
+    /// The emulated chain itself, with its toncenter-shaped API on loopback.
     pub local: LocalChain,
     owner_key_file: std::path::PathBuf,
 }

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use cocoon_ledger::{EmbeddedLedger, Ledger, Nanoton, NetworkParams, Op, PublicKey, Tx, unix_now};
 use tokio_util::sync::CancellationToken;
 
+/// One TON in nanotons (10^9).
 pub const TON: Nanoton = 1_000_000_000;
 /// What the dev client starts with, and how much of it is staked.
 pub const CLIENT_DEPOSIT: Nanoton = 100 * TON;
+/// Part of [`CLIENT_DEPOSIT`] the dev client stakes in its contract.
 pub const CLIENT_STAKE: Nanoton = 10 * TON;
+/// Stake the dev proxy opens its contract with.
 pub const PROXY_STAKE: Nanoton = 50 * TON;
 
 /// The network's prices, with close delays short enough to try closing by hand.
@@ -25,8 +28,12 @@ pub fn dev_params() -> NetworkParams {
 
 pub use super::keys::key_wallet;
 
+/// The dev network's embedded ledger, served over HTTP on loopback, with dev network parameters
+/// set.
 pub struct DevLedger {
+    /// Base URL the nodes reach the ledger service at (`http://127.0.0.1:<port>`).
     pub url: String,
+    /// The ledger itself, for running operations in process.
     pub ledger: Arc<EmbeddedLedger>,
     owner: PublicKey,
 }

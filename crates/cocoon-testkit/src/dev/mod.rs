@@ -93,8 +93,11 @@ struct WorkerSlot {
 
 /// A running network.
 pub struct DevNetwork {
+    /// Where the gateway's OpenAI-compatible HTTP API listens (loopback).
     pub gateway_addr: SocketAddr,
+    /// Where the proxy listens for RA-TLS connections from clients and workers.
     pub proxy_addr: SocketAddr,
+    /// Fingerprint of the proxy's TLS key, which clients and workers pin.
     pub proxy_fingerprint: cocoon_tls::Fingerprint,
     options: DevOptions,
     shutdown: CancellationToken,
@@ -308,6 +311,7 @@ impl DevNetwork {
         Ok(path)
     }
 
+    /// Base URL of the gateway's OpenAI-compatible API (`http://<gateway_addr>/v1`).
     pub fn gateway_url(&self) -> String {
         format!("http://{}/v1", self.gateway_addr)
     }
@@ -322,6 +326,7 @@ impl DevNetwork {
         self.workers[i].identity.fingerprint()
     }
 
+    /// The backend that worker `worker` serves generations with.
     pub fn backend(&self, worker: usize) -> &Arc<dyn Backend> {
         &self.workers[worker].backend
     }
@@ -406,6 +411,7 @@ impl DevNetwork {
         }
     }
 
+    /// Whether worker `i` is connected to the proxy now.
     pub fn worker_connected(&self, i: usize) -> bool {
         self.workers[i].connected.load(Ordering::SeqCst)
     }
