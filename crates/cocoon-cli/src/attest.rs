@@ -13,17 +13,21 @@ use serde_json::{Value, json};
 
 /// A file given to `show` or `verify`: an RA-TLS certificate (PEM or DER) or a raw quote.
 pub enum Evidence {
+    /// An RA-TLS certificate, carrying the quote in its attestation extension.
     Certificate(PeerCertificate),
+    /// A raw quote: an Intel TDX quote or a development quote.
     Quote(Vec<u8>),
 }
 
 impl Evidence {
+    /// Reads and parses the evidence in the file at `path`.
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         Self::parse(&bytes)
     }
 
+    /// Tells a PEM or DER certificate from a raw quote by its first bytes and parses it.
     pub fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
         if bytes.starts_with(b"-----BEGIN") {
             let pem = pem::parse(bytes).map_err(|e| anyhow::anyhow!("bad PEM: {e}"))?;
@@ -120,6 +124,7 @@ pub struct VerifyOptions {
     /// Accepted TCB status; repeat for several. Default: UpToDate.
     #[arg(long = "tcb-status")]
     pub tcb_statuses: Vec<String>,
+    /// Accept quotes from a TD in debug mode, whose memory the host can read. Development only.
     #[arg(long)]
     pub allow_debug: bool,
     /// Accept development quotes signed by this key (hex). Development only.

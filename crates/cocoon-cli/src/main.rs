@@ -1,3 +1,6 @@
+//! `cocoon`: the one binary for every role (dev network, worker, proxy, client gateway,
+//! ledger) and the operator tools (bench, attest, money commands).
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -136,14 +136,19 @@ pub struct AccountOptions {
 /// What the client can do with its contract.
 #[derive(Debug, Clone, Copy)]
 pub enum ClientAction {
+    /// Brings this many nanotons into the contract, opening it if new.
     Deposit(Nanoton),
+    /// Locks this many more nanotons of the balance as stake.
     Stake(Nanoton),
+    /// Takes this many nanotons out of the balance, down to no less than the stake.
     Withdraw(Nanoton),
     /// Through the proxy: everything back at once.
     Close,
     /// Without the proxy: above the stake now, the stake after the delay.
     CloseUnilateral,
+    /// After the close delay, pays out what is left and closes the contract.
     FinishClose,
+    /// Changes nothing: only reports the contract.
     Balance,
 }
 
@@ -155,6 +160,8 @@ impl ClientAccount {
             .client_address(proxy, &self.wallet.public_key())?)
     }
 
+    /// Opens the ledger with the client's key and finds the proxy: from the options, the
+    /// config, or the registry entry at `proxy_addr`.
     pub async fn open(options: &AccountOptions) -> anyhow::Result<Self> {
         let config: ClientConfig = crate::config::load(options.config.as_deref())?;
         let url = options

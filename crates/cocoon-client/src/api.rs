@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::bill::Parties;
+use crate::bill::{BillRecord, Parties};
 use crate::config::ClientConfig;
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
 use crate::pool::ProxyPool;
@@ -44,6 +44,8 @@ struct AppState {
     ledger: Option<Arc<dyn Ledger>>,
     /// How this gateway attests itself: `tdx`, `dev` or `none`.
     attestation: &'static str,
+    /// What the bills so far have claimed, and the network's prices they are held to.
+    bills: Arc<BillRecord>,
 }
 
 /// An error answered in OpenAI's shape.
@@ -119,11 +121,20 @@ impl Gateway {
             Some(spec) => Some(open_ledger(ledgers, spec, &identity).await?),
             None => None,
         };
+        // Bills are held to the ledger's prices and multipliers, not the proxy's figures.
+        let params = match &ledger {
+            Some(l) => Some(l.params().await.map_err(|e| {
+                anyhow::anyhow!("cannot read the network's parameters from the ledger: {e}")
+            })?),
+            None => None,
+        };
+        let bills = Arc::new(BillRecord::new(params, config.payments.max_bad_bills));
         let state = Arc::new(AppState {
             client_key,
             ledger,
-            proxies: ProxyPool::new(&config.proxies(), identity, proxy),
+            proxies: ProxyPool::new(&config.proxies(), identity, proxy, bills.clone()),
             attestation,
+            bills,
         });
         let router = Router::new()
             .route("/v1/models", get(list_models))
@@ -352,6 +363,7 @@ async fn answer(
         proxy,
         contract: proxy.and_then(|p| state.contract_with(&p)),
         max_price: request.max_price,
+        record: state.bills.clone(),
     };
     let meta = sse::Meta {
         id: new_id(endpoint),
@@ -381,7 +393,7 @@ async fn answer(
             None => return Err(ProtocolError::internal("the answer ended early").into()),
         }
     };
-    let verified = billing.as_ref().map(|b| parties.verified(b));
+    let verified = billing.as_ref().map(|b| parties.verified(b, usage));
     let usage = OpenAiUsage::new(usage, billing, verified);
     let body = match endpoint {
         Endpoint::Chat => json!({

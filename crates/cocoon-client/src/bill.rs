@@ -2,25 +2,121 @@
 //! signature (the key it proved in the handshake) over this client's contract and the counter
 //! the bill states, the price must be within the request's `max_price`, the billed units must
 //! not exceed the weighted tokens at that price, and the cost must be the units at the unit
-//! price. A bill that fails is still passed on, marked `bill_verified: false`, and logged: the
-//! app decides.
+//! price. Where the gateway has a ledger, the floor price and the token multipliers are the
+//! ledger's, not the proxy's word, and the weighted tokens are recomputed from the answer's
+//! usage. Each bill claims the counter range it advanced; a range another bill already claimed
+//! is a double charge.
+//!
+//! A bill that fails is still passed on (the answer was delivered), marked
+//! `bill_verified: false` with the reason, and logged at error level; after
+//! `max_bad_bills` of them a proxy gets no more requests from this gateway.
 
-use cocoon_ledger::{Address, PaymentMessage, SignedMessage};
-use cocoon_protocol::Billing;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use cocoon_ledger::{Address, NetworkParams, PaymentMessage, SignedMessage, TokenKind};
+use cocoon_protocol::{Billing, Usage};
+use parking_lot::Mutex;
+
+/// Counter ranges kept per contract; older ones fold into a floor below which every counter
+/// counts as claimed.
+const KEPT_RANGES: usize = 4096;
+
+/// The counter ranges one contract's bills claimed: `start → end`, disjoint.
+#[derive(Debug, Default)]
+struct Claimed {
+    ranges: BTreeMap<u64, u64>,
+    /// Every counter at or below this was claimed (ranges folded away).
+    floor: u64,
+}
+
+impl Claimed {
+    /// Claims `(end - len, end]`, or says which earlier claim it overlaps.
+    fn claim(&mut self, end: u64, len: u64) -> Result<(), String> {
+        if len == 0 {
+            return Ok(());
+        }
+        let start = end
+            .checked_sub(len)
+            .ok_or_else(|| format!("the counter {end} is below the {len} tokens billed"))?;
+        let overlap = |(s, e): (u64, u64)| format!("tokens {}..{} were billed before", s, e);
+        if start < self.floor {
+            return Err(overlap((start, self.floor)));
+        }
+        if let Some((&s, &e)) = self.ranges.range(..end).next_back()
+            && e > start
+        {
+            return Err(overlap((s, e)));
+        }
+        self.ranges.insert(start, end);
+        if self.ranges.len() > KEPT_RANGES
+            && let Some((_, e)) = self.ranges.pop_first()
+        {
+            self.floor = self.floor.max(e);
+        }
+        Ok(())
+    }
+}
+
+/// What the gateway keeps between bills: the network's prices as its ledger states them, the
+/// counter ranges each contract was billed, and the proxies that sent bad bills.
+#[derive(Debug)]
+pub(crate) struct BillRecord {
+    /// The ledger's parameters; `None` without a ledger (the proxy's figures are then
+    /// checked only for consistency).
+    params: Option<NetworkParams>,
+    max_bad_bills: u32,
+    claimed: Mutex<HashMap<Address, Claimed>>,
+    bad: Mutex<HashMap<[u8; 32], u32>>,
+    distrusted: Mutex<HashSet<[u8; 32]>>,
+}
+
+impl BillRecord {
+    pub(crate) fn new(params: Option<NetworkParams>, max_bad_bills: u32) -> Self {
+        Self {
+            params,
+            max_bad_bills: max_bad_bills.max(1),
+            claimed: Mutex::default(),
+            bad: Mutex::default(),
+            distrusted: Mutex::default(),
+        }
+    }
+
+    /// Whether the proxy with `key` sent `max_bad_bills` bad bills.
+    pub(crate) fn distrusts(&self, key: &[u8; 32]) -> bool {
+        self.distrusted.lock().contains(key)
+    }
+
+    /// Bad bills from the proxy with `key` so far.
+    pub(crate) fn bad_bills(&self, key: &[u8; 32]) -> u32 {
+        self.bad.lock().get(key).copied().unwrap_or(0)
+    }
+
+    fn bad_bill(&self, key: [u8; 32]) {
+        let mut bad = self.bad.lock();
+        let n = bad.entry(key).or_default();
+        *n += 1;
+        if *n >= self.max_bad_bills && self.distrusted.lock().insert(key) {
+            tracing::error!(proxy = %hex::encode(key), bad_bills = *n, "this proxy sent too many bills that do not check out: no more requests go to it");
+        }
+    }
+}
 
 /// Who a bill must be between: the proxy of the connection and this gateway's contract with
 /// it, named as the ledger names it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Parties {
     pub proxy: Option<[u8; 32]>,
     pub contract: Option<Address>,
     /// The request's price cap, if it set one.
     pub max_price: Option<u64>,
+    pub record: Arc<BillRecord>,
 }
 
 impl Parties {
-    /// Checks `bill`; the reason when it does not hold.
-    pub(crate) fn check(&self, bill: &Billing) -> Result<(), String> {
+    /// Checks `bill` for an answer of `usage`; the reason when it does not hold. A bill that
+    /// holds claims its counter range.
+    pub(crate) fn check(&self, bill: &Billing, usage: Usage) -> Result<(), String> {
         let proxy = self.proxy.ok_or("the proxy's key is unknown")?;
         let bytes = hex::decode(&bill.charge).map_err(|_| "the charge is not hex".to_string())?;
         let message = SignedMessage(bytes)
@@ -65,18 +161,50 @@ impl Parties {
                 bill.cost, bill.billed_tokens, bill.unit_price
             ));
         }
-        Ok(())
-    }
-
-    /// Whether `bill` holds, logging why when it does not.
-    pub(crate) fn verified(&self, bill: &Billing) -> bool {
-        match self.check(bill) {
-            Ok(()) => true,
-            Err(reason) => {
-                tracing::error!(%reason, "the proxy's bill does not check out");
-                false
+        if let Some(params) = &self.record.params {
+            let floor = u64::try_from(params.price_per_token).unwrap_or(u64::MAX);
+            if bill.unit_price != floor {
+                return Err(format!(
+                    "the unit price {} is not the network's {floor}",
+                    bill.unit_price
+                ));
+            }
+            if bill.price_per_token < floor {
+                return Err(format!(
+                    "the price {} is below the network's floor {floor}",
+                    bill.price_per_token
+                ));
+            }
+            let weighted = params
+                .weighted_tokens(&[
+                    (TokenKind::Prompt, u64::from(usage.prompt_tokens)),
+                    (TokenKind::Completion, u64::from(usage.completion_tokens)),
+                ])
+                .map_err(|e| e.to_string())?;
+            if bill.weighted_tokens != weighted {
+                return Err(format!(
+                    "{} weighted tokens billed for {} prompt and {} completion tokens, which \
+                     weigh {weighted}",
+                    bill.weighted_tokens, usage.prompt_tokens, usage.completion_tokens
+                ));
             }
         }
+        self.record
+            .claimed
+            .lock()
+            .entry(contract)
+            .or_default()
+            .claim(bill.tokens_used, bill.billed_tokens)
+    }
+
+    /// Whether `bill` holds, and why not: logged at error level, counted against the proxy.
+    pub(crate) fn verified(&self, bill: &Billing, usage: Usage) -> Result<(), String> {
+        self.check(bill, usage).inspect_err(|reason| {
+            tracing::error!(%reason, "the proxy's bill does not check out");
+            if let Some(proxy) = self.proxy {
+                self.record.bad_bill(proxy);
+            }
+        })
     }
 }
 
@@ -103,47 +231,159 @@ mod tests {
         }
     }
 
+    fn parties(proxy: &Wallet, client: [u8; 32], params: Option<NetworkParams>) -> Parties {
+        Parties {
+            proxy: Some(proxy.public_key()),
+            contract: Some(Address::client(&proxy.public_key(), &client)),
+            max_price: Some(30),
+            record: Arc::new(BillRecord::new(params, 3)),
+        }
+    }
+
+    /// `billed` tokens of completion (weight 1 at the default multipliers).
+    fn usage(billed: u64) -> Usage {
+        Usage {
+            prompt_tokens: 0,
+            completion_tokens: u32::try_from(billed).unwrap(),
+        }
+    }
+
     #[test]
     fn only_the_proxys_consistent_bills_for_this_client_pass() {
         let proxy = Wallet::from_seed([9; 32]);
         let client = [2; 32];
-        let parties = Parties {
-            proxy: Some(proxy.public_key()),
-            contract: Some(Address::client(&proxy.public_key(), &client)),
-            max_price: Some(30),
-        };
-        parties.check(&bill(&proxy, client, 100, 10)).unwrap();
+        let fresh = || parties(&proxy, client, None);
+        fresh()
+            .check(&bill(&proxy, client, 100, 10), usage(10))
+            .unwrap();
         // Signed by someone else, for another client, a counter other than stated, an
         // inflated cost, an unknown proxy.
         let impostor = Wallet::from_seed([8; 32]);
-        assert!(parties.check(&bill(&impostor, client, 100, 10)).is_err());
-        assert!(parties.check(&bill(&proxy, [3; 32], 100, 10)).is_err());
+        assert!(
+            fresh()
+                .check(&bill(&impostor, client, 100, 10), usage(10))
+                .is_err()
+        );
+        assert!(
+            fresh()
+                .check(&bill(&proxy, [3; 32], 100, 10), usage(10))
+                .is_err()
+        );
         let mut b = bill(&proxy, client, 100, 10);
         b.tokens_used = 90;
-        assert!(parties.check(&b).is_err());
+        assert!(fresh().check(&b, usage(10)).is_err());
         let mut b = bill(&proxy, client, 100, 10);
         b.cost += 1;
-        assert!(parties.check(&b).is_err());
+        assert!(fresh().check(&b, usage(10)).is_err());
         // A dearer worker: 10 tokens at 30 are 15 units of 20, not more, and not above the cap.
         let mut b = bill(&proxy, client, 100, 15);
         (b.weighted_tokens, b.price_per_token) = (10, 30);
-        parties.check(&b).unwrap();
+        fresh().check(&b, usage(10)).unwrap();
         b.billed_tokens = 16;
         b.cost = 16 * 20;
-        assert!(parties.check(&b).is_err());
+        assert!(fresh().check(&b, usage(10)).is_err());
         let mut b = bill(&proxy, client, 100, 10);
         b.price_per_token = 31;
         b.weighted_tokens = 7;
-        assert!(parties.check(&b).is_err());
+        assert!(fresh().check(&b, usage(7)).is_err());
         let unknown = Parties {
             proxy: None,
-            ..parties
+            ..fresh()
         };
-        assert!(unknown.check(&bill(&proxy, client, 100, 10)).is_err());
+        assert!(
+            unknown
+                .check(&bill(&proxy, client, 100, 10), usage(10))
+                .is_err()
+        );
         let unnamed = Parties {
             contract: None,
-            ..parties
+            ..fresh()
         };
-        assert!(unnamed.check(&bill(&proxy, client, 100, 10)).is_err());
+        assert!(
+            unnamed
+                .check(&bill(&proxy, client, 100, 10), usage(10))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_counter_range_billed_twice_is_a_double_charge_in_any_order() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = parties(&proxy, client, None);
+        // Two answers settled in turn may arrive in either order.
+        p.check(&bill(&proxy, client, 20, 10), usage(10)).unwrap();
+        p.check(&bill(&proxy, client, 10, 10), usage(10)).unwrap();
+        // The same bill again, or one reaching back into a billed range.
+        let again = p.check(&bill(&proxy, client, 20, 10), usage(10));
+        assert!(again.unwrap_err().contains("billed before"));
+        assert!(p.check(&bill(&proxy, client, 25, 10), usage(10)).is_err());
+        // Disjoint ranges pass, with a gap left for an answer cut off before its bill came.
+        p.check(&bill(&proxy, client, 40, 10), usage(10)).unwrap();
+        p.check(&bill(&proxy, client, 30, 10), usage(10)).unwrap();
+        // Another contract has its own counter.
+        let other = Wallet::from_seed([1; 32]);
+        let q = Parties {
+            record: p.record.clone(),
+            ..parties(&other, client, None)
+        };
+        q.check(&bill(&other, client, 20, 10), usage(10)).unwrap();
+    }
+
+    #[test]
+    fn with_a_ledger_its_prices_and_multipliers_are_the_measure() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let params = NetworkParams::default();
+        assert_eq!(
+            params.price_per_token, 20,
+            "the bills here are at the default floor"
+        );
+        let fresh = || parties(&proxy, client, Some(params.clone()));
+        fresh()
+            .check(&bill(&proxy, client, 100, 10), usage(10))
+            .unwrap();
+        // A proxy that claims more weighted tokens than the usage weighs: the counts fit
+        // each other, but not the answer.
+        let b = bill(&proxy, client, 300, 200);
+        assert!(
+            fresh()
+                .check(&b, usage(10))
+                .unwrap_err()
+                .contains("weigh 10")
+        );
+        // A unit price of its own: 20× the counter units, a cost that looks 20× smaller.
+        let mut b = bill(&proxy, client, 300, 200);
+        (b.unit_price, b.weighted_tokens, b.price_per_token, b.cost) = (1, 10, 20, 200);
+        assert!(
+            fresh()
+                .check(&b, usage(10))
+                .unwrap_err()
+                .contains("network's 20")
+        );
+        // At the default multipliers a prompt token and a completion token weigh one each.
+        let prompt = Usage {
+            prompt_tokens: 7,
+            completion_tokens: 3,
+        };
+        fresh()
+            .check(&bill(&proxy, client, 100, 10), prompt)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_proxy_is_distrusted_after_max_bad_bills() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = parties(&proxy, client, None);
+        let key = proxy.public_key();
+        let mut b = bill(&proxy, client, 100, 10);
+        b.cost += 1;
+        for n in 1..=3 {
+            assert!(!p.record.distrusts(&key));
+            assert!(p.verified(&b, usage(10)).is_err());
+            assert_eq!(p.record.bad_bills(&key), n);
+        }
+        assert!(p.record.distrusts(&key));
     }
 }

@@ -31,7 +31,7 @@ pub struct ClientConfig {
 }
 
 /// `[payments]` in `client.toml`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientPayments {
     /// The ledger: its service, e.g. `http://127.0.0.1:9100`, or a TON root,
@@ -39,6 +39,19 @@ pub struct ClientPayments {
     pub ledger: Option<String>,
     /// The proxy's public key (hex). When unset, the registry's proxy at `proxy_addr`.
     pub proxy_key: Option<String>,
+    /// Bills that do not check out after which a proxy gets no more requests from this
+    /// gateway (until it restarts). Each is still passed on, marked `bill_verified: false`.
+    pub max_bad_bills: u32,
+}
+
+impl Default for ClientPayments {
+    fn default() -> Self {
+        Self {
+            ledger: None,
+            proxy_key: None,
+            max_bad_bills: 3,
+        }
+    }
 }
 
 impl ClientConfig {

@@ -232,17 +232,22 @@ pub struct OpenAiUsage {
     /// contract, consistent with its counter and price.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bill_verified: Option<bool>,
+    /// Why the bill did not check out, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bill_error: Option<String>,
 }
 
 impl OpenAiUsage {
-    pub fn new(u: Usage, billing: Option<Billing>, bill_verified: Option<bool>) -> Self {
+    /// The usage of an answer, its bill, and the gateway's verdict on the bill.
+    pub fn new(u: Usage, billing: Option<Billing>, verdict: Option<Result<(), String>>) -> Self {
         Self {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.total_tokens(),
             cost: billing.as_ref().map(|b| b.cost),
             billing,
-            bill_verified,
+            bill_verified: verdict.as_ref().map(Result::is_ok),
+            bill_error: verdict.and_then(Result::err),
         }
     }
 }

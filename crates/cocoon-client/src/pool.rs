@@ -2,7 +2,8 @@
 //! standing and moves on to the next when a proxy cannot be reached or cannot start the
 //! answer (nothing of it has reached the app yet, so the app never notices). A proxy that
 //! failed is passed over for a while that doubles with each failure in a row (1 s up to a
-//! minute); when every proxy is in that state they are all tried anyway, in order.
+//! minute); when every proxy is in that state they are all tried anyway, in order. A proxy
+//! whose bills did not check out `max_bad_bills` times is never tried again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use cocoon_tls::{Identity, PeerVerifier};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::bill::BillRecord;
 use crate::link::ProxyLink;
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -30,8 +32,11 @@ struct Standing {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProxyState {
     pub addr: String,
-    /// `up` (last contact worked), `down` (passed over for now) or `unknown` (not tried).
+    /// `up` (last contact worked), `down` (passed over for now), `unknown` (not tried) or
+    /// `distrusted` (its bills did not check out; never tried again).
     pub state: &'static str,
+    /// Its bills that did not check out.
+    pub bad_bills: u32,
     pub failures_in_a_row: u32,
     pub last_error: Option<String>,
     /// Answers started through it since the gateway started.
@@ -42,6 +47,7 @@ pub struct ProxyState {
 
 pub struct ProxyPool {
     links: Vec<(ProxyLink, Mutex<Standing>)>,
+    bills: Arc<BillRecord>,
 }
 
 fn retryable(e: &ProtocolError) -> bool {
@@ -49,8 +55,14 @@ fn retryable(e: &ProtocolError) -> bool {
 }
 
 impl ProxyPool {
-    pub fn new(addrs: &[String], identity: Arc<Identity>, policy: Arc<dyn PeerVerifier>) -> Self {
+    pub(crate) fn new(
+        addrs: &[String],
+        identity: Arc<Identity>,
+        policy: Arc<dyn PeerVerifier>,
+        bills: Arc<BillRecord>,
+    ) -> Self {
         Self {
+            bills,
             links: addrs
                 .iter()
                 .map(|a| {
@@ -61,10 +73,19 @@ impl ProxyPool {
         }
     }
 
-    /// The proxies in the order to try them now: those in good standing first.
+    fn distrusted(&self, i: usize) -> bool {
+        self.links[i]
+            .0
+            .proxy_key()
+            .is_some_and(|k| self.bills.distrusts(&k))
+    }
+
+    /// The proxies in the order to try them now: those in good standing first, none whose
+    /// bills it stopped trusting.
     fn order(&self) -> Vec<usize> {
         let now = Instant::now();
-        let (mut good, passed): (Vec<usize>, Vec<usize>) = (0..self.links.len()).partition(|&i| {
+        let trusted = (0..self.links.len()).filter(|&i| !self.distrusted(i));
+        let (mut good, passed): (Vec<usize>, Vec<usize>) = trusted.partition(|&i| {
             self.links[i]
                 .1
                 .lock()
@@ -114,7 +135,14 @@ impl ProxyPool {
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| ProtocolError::unavailable("no proxy is configured")))
+        Err(last.unwrap_or_else(|| {
+            ProtocolError::unavailable(if self.links.is_empty() {
+                "no proxy is configured"
+            } else {
+                "every proxy of this gateway sent bills that did not check out: none is used \
+                 until the gateway restarts (see GET /v1/network)"
+            })
+        }))
     }
 
     /// Starts a generation on the first proxy that takes it; the link that did, for its key.
@@ -140,7 +168,7 @@ impl ProxyPool {
 
     /// The proxy answers go to first now (for the attestation shown beside the models).
     pub fn preferred(&self) -> &ProxyLink {
-        &self.links[self.order()[0]].0
+        &self.links[self.order().first().copied().unwrap_or(0)].0
     }
 
     pub fn states(&self) -> Vec<ProxyState> {
@@ -149,7 +177,11 @@ impl ProxyPool {
             .iter()
             .map(|(link, standing)| {
                 let s = standing.lock();
-                let state = if s.failures > 0 || s.passed_over_until.is_some_and(|t| t > now) {
+                let key = link.proxy_key();
+                let bad_bills = key.map_or(0, |k| self.bills.bad_bills(&k));
+                let state = if key.is_some_and(|k| self.bills.distrusts(&k)) {
+                    "distrusted"
+                } else if s.failures > 0 || s.passed_over_until.is_some_and(|t| t > now) {
                     "down"
                 } else if link.proxy_key().is_some() {
                     "up"
@@ -160,6 +192,7 @@ impl ProxyPool {
                     addr: link.addr().to_owned(),
                     state,
                     failures_in_a_row: s.failures,
+                    bad_bills,
                     last_error: s.last_error.clone(),
                     answers: s.answers,
                     attestation: link.proxy_attestation().map(|v| v.mode().to_owned()),

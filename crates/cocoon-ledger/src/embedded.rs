@@ -28,6 +28,7 @@ struct Totals {
     paid_out: Nanoton,
 }
 
+/// The ledger executed in this process, its state kept durably in a redb database.
 pub struct EmbeddedLedger {
     db: Database,
     /// The committed state; operations run one at a time, as on a chain. `Err` once memory

@@ -12,7 +12,9 @@ use crate::types::{Address, ClientContract, Nanoton, PublicKey, hex_32};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageRole {
+    /// The image a worker runs in.
     Worker,
+    /// The image a proxy runs in.
     Proxy,
 }
 
@@ -22,76 +24,121 @@ pub enum ImageRole {
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     // Root registry: owner only.
+    /// Replaces the network's prices, minimum stakes and close delays.
     SetParams {
+        /// The new parameters; refused unless they validate.
         params: NetworkParams,
     },
+    /// Adds an image hash to those allowed for a role.
     AllowImage {
+        /// The role the image is allowed for.
         role: ImageRole,
+        /// The image hash, in hex (stored lowercase).
         hash: String,
     },
+    /// Removes an image hash from those allowed for a role.
     RevokeImage {
+        /// The role the image is no longer allowed for.
         role: ImageRole,
+        /// The image hash, in hex (any case).
         hash: String,
     },
+    /// Adds a model hash to those workers may serve.
     AllowModel {
+        /// The model hash, in hex (stored lowercase).
         hash: String,
     },
+    /// Registers a proxy, so that it may open its contract.
     RegisterProxy {
+        /// The proxy's public key.
         #[serde(with = "hex_32")]
         key: PublicKey,
+        /// Where the proxy is reached on the network.
         address: String,
     },
     // Proxy contract: the proxy itself.
+    /// Opens the sender's proxy contract with a stake it brings in; it must be registered.
     ProxyOpen {
+        /// The stake, in nanoton; at least the network's minimum proxy stake.
         stake: Nanoton,
     },
+    /// Withdraws from the proxy's earnings (never from its stake).
     ProxyWithdraw {
+        /// How much, in nanoton.
         amount: Nanoton,
     },
+    /// Starts closing the proxy's contract; it pays out after the proxy close delay.
     ProxyClose,
+    /// After the close delay, pays out the proxy's balance and stake and closes it.
     ProxyFinishClose,
     /// The proxy, up and cooperating, closes a client's contract and refunds it at once.
     ProxyRefundClient {
+        /// The client whose contract with the sender is closed and refunded.
         #[serde(with = "hex_32")]
         client: PublicKey,
     },
     // Client contract: the client.
+    /// Brings money into the sender's contract with a proxy, opening the contract if new.
     ClientDeposit {
+        /// The proxy the contract is with; its own contract must be open.
         #[serde(with = "hex_32")]
         proxy: PublicKey,
+        /// How much is brought in, in nanoton.
         amount: Nanoton,
     },
+    /// Locks more of the client's balance as stake.
     ClientStake {
+        /// The proxy the contract is with.
         #[serde(with = "hex_32")]
         proxy: PublicKey,
+        /// How much to add to the stake, in nanoton; the total must be within the balance
+        /// and at least the minimum client stake.
         amount: Nanoton,
     },
+    /// Withdraws from the client's balance, down to no less than its stake.
     ClientWithdraw {
+        /// The proxy the contract is with.
         #[serde(with = "hex_32")]
         proxy: PublicKey,
+        /// How much, in nanoton.
         amount: Nanoton,
     },
+    /// Starts closing the contract without the proxy: what is above the stake is paid out
+    /// now, the stake after the client close delay.
     ClientClose {
+        /// The proxy the contract is with.
         #[serde(with = "hex_32")]
         proxy: PublicKey,
     },
+    /// After the close delay, pays out what is left in the contract and closes it.
     ClientFinishClose {
+        /// The proxy the contract is with.
         #[serde(with = "hex_32")]
         proxy: PublicKey,
     },
     // Signed by the proxy; anyone may submit.
+    /// Applies a proxy's charge message: the cost of the newly used tokens moves from the
+    /// client's contract to the proxy's.
     Charge {
+        /// The proxy that signed the message.
         #[serde(with = "hex_32")]
         proxy: PublicKey,
+        /// The signed charge message.
         message: SignedMessage,
     },
     // Worker contract: the worker, with the proxy's signed payout.
+    /// Applies a proxy's payout message: the worker's earnings for the newly paid tokens
+    /// move from the proxy's contract (earnings first, then stake) to the worker's.
     Payout {
+        /// The proxy that signed the message.
         #[serde(with = "hex_32")]
         proxy: PublicKey,
+        /// The signed payout message.
         message: SignedMessage,
     },
+    /// Pays out everything the sender's worker contract with the proxy holds.
     WorkerWithdraw {
+        /// The proxy the contract is with.
         #[serde(with = "hex_32")]
         proxy: PublicKey,
     },
@@ -108,8 +155,10 @@ pub fn unix_now() -> u64 {
 /// chain, the caller in the embedded ledger) and the time it executes at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tx {
+    /// Who sends the operation: the party it acts as, and to whom payouts go.
     #[serde(with = "hex_32")]
     pub sender: PublicKey,
+    /// The operation to execute.
     pub op: Op,
     /// Seconds since the Unix epoch.
     pub now: u64,
@@ -132,6 +181,7 @@ pub struct Receipt {
 /// operations are durable when `execute` returns.
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync {
+    /// Executes `tx` under the contracts' rules, durably; a refusal changes nothing.
     async fn execute(&self, tx: Tx) -> Result<Receipt, LedgerError>;
 
     /// The whole state as last committed (for queries, audits and rollback checks).

@@ -11,18 +11,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::{Address, PublicKey};
 
+/// The first field (`op`) of a charge message.
 pub const OP_CHARGE_CLIENT: u32 = 0x6368_7267; // "chrg"
+/// The first field (`op`) of a payout message.
 pub const OP_PAY_WORKER: u32 = 0x7061_7977; // "payw"
 
 const BODY_LEN: usize = 4 + 8 + 8 + 32;
 const SIGNED_LEN: usize = BODY_LEN + 64;
 
+/// Why a signed payment message was rejected before any contract looked at it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MessageError {
+    /// The message is not one body and one signature long; the value is its length in bytes.
     #[error("message is {0} bytes, expected {SIGNED_LEN}")]
     Length(usize),
+    /// The `op` is neither a charge nor a payout; the value is the `op` found.
     #[error("unknown op {0:#010x}")]
     UnknownOp(u32),
+    /// The signature does not verify under the proxy's key: forged, altered or another proxy's.
     #[error("signature does not verify under the proxy's key")]
     BadSignature,
 }
@@ -33,19 +39,26 @@ pub enum MessageError {
 pub enum PaymentMessage {
     /// The client contract at `contract` has used `tokens_used` weighted tokens in total.
     ChargeClient {
+        /// An identifier the proxy chooses, signed along as in a TON message; contracts ignore it.
         query_id: u64,
+        /// The cumulative counter, in weighted tokens.
         tokens_used: u64,
+        /// The client contract the message is for.
         contract: Address,
     },
     /// The worker contract at `contract` is owed for `tokens` weighted tokens in total.
     PayWorker {
+        /// An identifier the proxy chooses, signed along as in a TON message; contracts ignore it.
         query_id: u64,
+        /// The cumulative counter, in weighted tokens.
         tokens: u64,
+        /// The worker contract the message is for.
         contract: Address,
     },
 }
 
 impl PaymentMessage {
+    /// The address of the contract the message is for, whichever kind it is.
     pub fn contract(&self) -> Address {
         match self {
             Self::ChargeClient { contract, .. } | Self::PayWorker { contract, .. } => *contract,

@@ -11,6 +11,7 @@ use crate::wallet::Wallet;
 /// The error names the setting and what is wrong with it.
 #[async_trait::async_trait]
 pub trait LedgerOpener: Send + Sync {
+    /// Opens the ledger that `spec`, the setting's value, names; `Err` says what is wrong.
     async fn open(
         &self,
         spec: &str,

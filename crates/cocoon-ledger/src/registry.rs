@@ -13,12 +13,17 @@ pub(crate) const MULTIPLIER_ONE: u64 = 10_000;
 /// The kinds of token a request is billed for, each weighted by its multiplier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
+    /// Prompt tokens not served from the cache.
     Prompt,
+    /// Prompt tokens served from the cache.
     Cached,
+    /// Tokens the model generated as its answer.
     Completion,
+    /// Tokens the model generated while reasoning.
     Reasoning,
 }
 
+/// The network's prices, token weights, minimum stakes and close delays, set by the owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkParams {
@@ -26,11 +31,17 @@ pub struct NetworkParams {
     pub price_per_token: Nanoton,
     /// What the worker earns per weighted token; the proxy keeps the rest.
     pub worker_fee_per_token: Nanoton,
+    /// Weight of a prompt token, in basis points (10 000 is ×1).
     pub prompt_multiplier: u64,
+    /// Weight of a cached prompt token, in basis points.
     pub cached_multiplier: u64,
+    /// Weight of a completion token, in basis points.
     pub completion_multiplier: u64,
+    /// Weight of a reasoning token, in basis points.
     pub reasoning_multiplier: u64,
+    /// The least stake a client may lock in its contract, in nanoton.
     pub min_client_stake: Nanoton,
+    /// The least stake a proxy may open its contract with, in nanoton.
     pub min_proxy_stake: Nanoton,
     /// Seconds between a client's close without the proxy and the release of its stake.
     pub client_close_delay: u64,
@@ -56,6 +67,7 @@ impl Default for NetworkParams {
 }
 
 impl NetworkParams {
+    /// Refuses parameters under which a proxy would pay workers more than it charges.
     pub fn validate(&self) -> Result<(), LedgerError> {
         if self.worker_fee_per_token > self.price_per_token {
             return Err(LedgerError::BadParams(
@@ -66,6 +78,7 @@ impl NetworkParams {
         Ok(())
     }
 
+    /// The weight of one token of `kind`, in basis points.
     pub fn multiplier(&self, kind: TokenKind) -> u64 {
         match kind {
             TokenKind::Prompt => self.prompt_multiplier,
@@ -104,19 +117,23 @@ impl NetworkParams {
 /// The network's root of trust.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
+    /// The only key that may change the registry.
     #[serde(with = "hex_32")]
     pub owner: PublicKey,
     /// Image hashes (hex) allowed for workers and for proxies.
     pub worker_images: BTreeSet<String>,
+    /// Image hashes (hex, lowercase) allowed for proxies.
     pub proxy_images: BTreeSet<String>,
     /// Model hashes (hex) workers may serve.
     pub models: BTreeSet<String>,
     /// Registered proxies: public key (hex) → network address.
     pub proxies: BTreeMap<String, String>,
+    /// The network's prices, minimum stakes and close delays.
     pub params: NetworkParams,
 }
 
 impl Registry {
+    /// An empty registry owned by `owner`, with the default network parameters.
     pub fn new(owner: PublicKey) -> Self {
         Self {
             owner,
@@ -128,6 +145,7 @@ impl Registry {
         }
     }
 
+    /// Whether `key` is a registered proxy.
     pub fn is_proxy(&self, key: &PublicKey) -> bool {
         self.proxies.contains_key(&hex::encode(key))
     }

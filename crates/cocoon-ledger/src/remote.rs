@@ -15,6 +15,7 @@ use crate::wallet::Wallet;
 /// Longest wait for the ledger: a commit is an fsync, so seconds mean trouble.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A ledger served by another process's [`service`](crate::service), reached over HTTP.
 pub struct RemoteLedger {
     http: reqwest::Client,
     base: String,

@@ -21,9 +21,14 @@ use crate::wallet::SignedTx;
 
 /// Paths of the service's API.
 pub mod paths {
+    /// POST a [`SignedTx`](crate::SignedTx) to execute it; the answer is its
+    /// [`Receipt`](crate::Receipt).
     pub const TX: &str = "/ledger/v1/tx";
+    /// GET the whole committed [`LedgerState`](crate::LedgerState).
     pub const STATE: &str = "/ledger/v1/state";
+    /// GET the network's current [`NetworkParams`](crate::NetworkParams).
     pub const PARAMS: &str = "/ledger/v1/params";
+    /// GET this, then `/<proxy>/<client>` (hex keys): that client's contract, or `null`.
     pub const CLIENTS: &str = "/ledger/v1/clients";
 }
 
@@ -33,7 +38,9 @@ const MAX_TX_BYTES: usize = 64 * 1024;
 /// A refusal as it travels: the error itself and its text.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// The refusal, as the caller's [`LedgerError`] reads it back.
     pub error: LedgerError,
+    /// The refusal's text, for people reading the answer.
     pub message: String,
 }
 

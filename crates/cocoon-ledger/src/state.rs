@@ -17,23 +17,33 @@ use crate::types::{
 /// Everything a ledger holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerState {
+    /// Who may take part, and the network's prices.
     pub registry: Registry,
+    /// Proxy contracts, by address.
     pub proxies: BTreeMap<Address, ProxyContract>,
+    /// Client contracts, by address.
     pub clients: BTreeMap<Address, ClientContract>,
+    /// Worker contracts, by address.
     pub workers: BTreeMap<Address, WorkerContract>,
     /// Money brought in and sent out over the ledger's life: what it holds must always equal
     /// `deposited - paid_out`.
     pub deposited: Nanoton,
+    /// Money sent out over the ledger's life, in nanoton.
     pub paid_out: Nanoton,
 }
 
 /// Which record an operation changed, so storage writes only those.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Touched {
+    /// The registry: allowed images and models, registered proxies, parameters.
     Registry,
+    /// The lifetime totals of money brought in and sent out.
     Totals,
+    /// The proxy contract at this address.
     Proxy(Address),
+    /// The client contract at this address.
     Client(Address),
+    /// The worker contract at this address.
     Worker(Address),
 }
 
@@ -86,6 +96,7 @@ fn moved_in(amount: Nanoton, to: Touched) -> (Receipt, Vec<Touched>) {
 }
 
 impl LedgerState {
+    /// An empty ledger whose registry is owned by `owner`.
     pub fn new(owner: PublicKey) -> Self {
         Self {
             registry: Registry::new(owner),

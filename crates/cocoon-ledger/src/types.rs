@@ -33,14 +33,17 @@ impl Address {
         )
     }
 
+    /// The address of `proxy`'s own contract.
     pub fn proxy(proxy: &PublicKey) -> Self {
         Self::derive("proxy", &[proxy])
     }
 
+    /// The address of `client`'s contract with `proxy`.
     pub fn client(proxy: &PublicKey, client: &PublicKey) -> Self {
         Self::derive("client", &[proxy, client])
     }
 
+    /// The address of `worker`'s contract with `proxy`.
     pub fn worker(proxy: &PublicKey, worker: &PublicKey) -> Self {
         Self::derive("worker", &[proxy, worker])
     }
@@ -62,30 +65,38 @@ impl fmt::Debug for Address {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum ContractState {
+    /// Open: accepts deposits, charges and payouts as usual.
     Normal,
     /// Closing was requested; what is left is released at `unlock_at` (seconds since epoch).
     Closing {
+        /// When the close may be finished, in seconds since the Unix epoch.
         unlock_at: u64,
     },
+    /// Closed and emptied; it accepts nothing more.
     Closed,
 }
 
 /// One per proxy instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProxyContract {
+    /// The proxy's public key.
     #[serde(with = "hex_32")]
     pub key: PublicKey,
     /// Earned from clients and not yet paid out to workers or withdrawn.
     pub balance: Nanoton,
+    /// Locked when the proxy opened, in nanoton; payouts draw on it once `balance` runs out.
     pub stake: Nanoton,
+    /// Whether the contract is open, closing or closed.
     pub state: ContractState,
 }
 
 /// One per (client, proxy).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientContract {
+    /// The client's public key.
     #[serde(with = "hex_32")]
     pub client: PublicKey,
+    /// The proxy that serves the client and signs its charge messages.
     #[serde(with = "hex_32")]
     pub proxy: PublicKey,
     /// Everything the client has in the contract, the stake included.
@@ -95,14 +106,17 @@ pub struct ClientContract {
     pub stake: Nanoton,
     /// Weighted tokens charged so far; the counter of the proxy's charge messages.
     pub tokens_used: u64,
+    /// Whether the contract is open, closing or closed.
     pub state: ContractState,
 }
 
 /// One per (worker, proxy).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerContract {
+    /// The worker's public key.
     #[serde(with = "hex_32")]
     pub worker: PublicKey,
+    /// The proxy whose payout messages this contract applies.
     #[serde(with = "hex_32")]
     pub proxy: PublicKey,
     /// Weighted tokens paid so far; the counter of the proxy's payout messages.

@@ -14,8 +14,10 @@ use crate::types::{PublicKey, hex_32};
 /// What a sender signs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxBody {
+    /// Who sends the operation; the signature must verify under this key.
     #[serde(with = "hex_32")]
     pub sender: PublicKey,
+    /// The operation to execute.
     pub op: Op,
     /// Must exceed the sender's previous nonce.
     pub nonce: u64,
@@ -25,7 +27,9 @@ pub struct TxBody {
 /// its SHA-256 (hex). Keeping the text avoids any question of canonical JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedTx {
+    /// The signed [`TxBody`], as the exact JSON text that was signed.
     pub body: String,
+    /// The sender's Ed25519 signature over the body's domain-prefixed SHA-256, in hex.
     pub signature: String,
 }
 
@@ -61,6 +65,7 @@ pub struct Wallet {
 }
 
 impl Wallet {
+    /// A wallet for `key`, its nonces starting from the clock.
     pub fn new(key: Ed25519KeyPair) -> Self {
         let public = key
             .public_key()
@@ -86,10 +91,12 @@ impl Wallet {
             .map_err(|e| LedgerError::BadTransaction(format!("not an Ed25519 key: {e}")))
     }
 
+    /// The wallet's public key: the sender of its transactions.
     pub fn public_key(&self) -> PublicKey {
         self.public
     }
 
+    /// The wallet's signing key, e.g. for signing payment messages with the same identity.
     pub fn key_pair(&self) -> &Ed25519KeyPair {
         &self.key
     }

@@ -9,21 +9,25 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+/// Type-erased error carried by a [`Body`]'s frames.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Body type of every request and response cocoon sends.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
+/// A body that sends `bytes` in one frame.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
+/// A body with no content.
 pub fn empty() -> Body {
     full(Bytes::new())
 }
 
+/// A body holding `value` serialized as JSON.
 pub fn json<T: Serialize>(value: &T) -> Body {
     full(serde_json::to_vec(value).expect("protocol types always serialize"))
 }
@@ -66,6 +70,7 @@ pub struct EventReader {
 }
 
 impl EventReader {
+    /// Reads events from `body`, with no silence limit.
     pub fn new(body: Incoming) -> Self {
         Self {
             body,

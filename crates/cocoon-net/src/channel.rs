@@ -44,6 +44,7 @@ impl Channel {
         Ok((Self { sender }, driver))
     }
 
+    /// Whether the HTTP/2 connection has closed, so this channel can no longer send requests.
     pub fn is_closed(&self) -> bool {
         self.sender.is_closed()
     }

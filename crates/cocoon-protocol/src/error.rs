@@ -67,7 +67,9 @@ impl ErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{kind:?}: {message}")]
 pub struct ProtocolError {
+    /// What category of failure this is; decides the HTTP status and OpenAI error type.
     pub kind: ErrorKind,
+    /// Human-readable detail, meant for the app developer.
     pub message: String,
     /// Seconds after which a retry may succeed; sent on as HTTP `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,6 +77,7 @@ pub struct ProtocolError {
 }
 
 impl ProtocolError {
+    /// An error of `kind` with `message` and no retry hint.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
@@ -91,14 +94,17 @@ impl ProtocolError {
         }
     }
 
+    /// An [`ErrorKind::InvalidRequest`] error: the request is malformed or out of range.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidRequest, message)
     }
 
+    /// An [`ErrorKind::Internal`] error: the serving side failed.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }
 
+    /// An [`ErrorKind::Unavailable`] error: no one can take the request now.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unavailable, message)
     }

@@ -9,10 +9,13 @@ use serde::Serialize;
 /// Largest frame a decoder accepts.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// Why a byte stream could not be split into frames.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
+    /// A frame grew past [`MAX_FRAME_BYTES`] without a terminating newline.
     #[error("frame exceeds {MAX_FRAME_BYTES} bytes")]
     TooLarge,
+    /// The stream ended with this many bytes of an unterminated frame still buffered.
     #[error("stream ended inside a frame ({0} bytes left over)")]
     Truncated(usize),
 }
@@ -33,6 +36,7 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// A decoder with nothing buffered.
     pub fn new() -> Self {
         Self::default()
     }

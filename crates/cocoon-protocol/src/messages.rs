@@ -11,12 +11,16 @@ pub(crate) const MAX_STOP_BYTES: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Instructions that frame the conversation.
     System,
+    /// The person (or app) asking.
     User,
+    /// The model's own earlier replies.
     Assistant,
 }
 
 impl Role {
+    /// The role's name as written in OpenAI's API and in chat templates.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::System => "system",
@@ -26,9 +30,12 @@ impl Role {
     }
 }
 
+/// One message of a chat conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// Who wrote the message.
     pub role: Role,
+    /// The message's text.
     pub content: String,
 }
 
@@ -37,9 +44,15 @@ pub struct ChatMessage {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Input {
     /// A conversation, rendered by the worker with the model's own chat template.
-    Chat { messages: Vec<ChatMessage> },
+    Chat {
+        /// The conversation so far, oldest message first.
+        messages: Vec<ChatMessage>,
+    },
     /// Raw text, tokenized as is.
-    Text { prompt: String },
+    Text {
+        /// The text to continue.
+        prompt: String,
+    },
 }
 
 /// Sampling parameters, with OpenAI's meaning and defaults.
@@ -50,8 +63,12 @@ pub struct SamplingParams {
     pub max_tokens: Option<u32>,
     /// 0 means greedy decoding.
     pub temperature: f32,
+    /// Nucleus sampling: sample only among the most likely tokens whose probabilities add up
+    /// to this; in (0, 1], 1 disables it.
     pub top_p: f32,
+    /// Seed of the sampler's random generator, for reproducible output; `None`: a random seed.
     pub seed: Option<u64>,
+    /// Sequences that end the generation when produced (at most 4, each 1 to 256 bytes).
     pub stop: Vec<String>,
     /// Keep generating past end-of-generation tokens (an extension vLLM and llama.cpp share;
     /// benchmarks use it to get a fixed number of tokens).
@@ -110,8 +127,11 @@ impl SamplingParams {
 /// A request for one completion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
+    /// Id of the model to run, as listed in [`ModelCard::id`].
     pub model: String,
+    /// What the model should continue.
     pub input: Input,
+    /// How to sample; OpenAI's defaults when omitted.
     #[serde(default)]
     pub params: SamplingParams,
     /// The most the client will pay per weighted token, in nanoton: the proxy routes only to
@@ -121,6 +141,8 @@ pub struct GenerateRequest {
 }
 
 impl GenerateRequest {
+    /// Checks the request is well-formed (a model, a non-empty chat, parameters in range);
+    /// called before a request is routed or run.
     pub fn validate(&self) -> Result<(), ProtocolError> {
         if self.model.is_empty() {
             return Err(ProtocolError::invalid("model must not be empty"));
@@ -139,11 +161,14 @@ impl GenerateRequest {
 /// Token counts of one completion, as counted by the serving model's tokenizer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    /// Tokens in the prompt.
     pub prompt_tokens: u32,
+    /// Tokens generated.
     pub completion_tokens: u32,
 }
 
 impl Usage {
+    /// Prompt plus completion tokens (saturating).
     pub fn total_tokens(&self) -> u32 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
     }
@@ -197,6 +222,7 @@ pub struct Refund {
     pub tokens_used: u64,
 }
 
+/// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -207,6 +233,7 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// The reason as OpenAI's `finish_reason` string.
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
@@ -222,17 +249,24 @@ impl FinishReason {
 pub enum GenerateEvent {
     /// New text, and how many generated tokens it accounts for.
     Delta {
+        /// The text generated since the previous delta.
         text: String,
+        /// How many generated tokens `text` accounts for.
         tokens: u32,
     },
+    /// The generation ended normally.
     Done {
+        /// Why the generation stopped.
         finish_reason: FinishReason,
+        /// Token counts of the whole request.
         usage: Usage,
         /// What the proxy charged for the request; added by a proxy that takes payments.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         billing: Option<Billing>,
     },
+    /// The generation failed; no more events follow.
     Error {
+        /// What went wrong.
         error: ProtocolError,
     },
 }
@@ -240,6 +274,7 @@ pub enum GenerateEvent {
 /// A model as served by a worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelCard {
+    /// The model's id, which requests name in [`GenerateRequest::model`].
     pub id: String,
     /// Context window in tokens (prompt plus completion).
     pub context_length: u32,
@@ -256,8 +291,12 @@ fn is_zero(n: &u64) -> bool {
 /// What a worker tells its proxy right after connecting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHello {
+    /// The [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION) the worker speaks; a proxy drops a
+    /// worker that speaks another one.
     pub protocol_version: u32,
+    /// The worker's name, shown in the proxy's status.
     pub name: String,
+    /// The models the worker serves.
     pub models: Vec<ModelCard>,
     /// How many requests the worker runs at once; more are queued.
     pub capacity: u32,
@@ -266,14 +305,17 @@ pub struct WorkerHello {
 /// Models reachable through a proxy, with the number of connected workers serving each.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelList {
+    /// Every model served by at least one connected worker.
     pub models: Vec<ListedModel>,
 }
 
+/// One model of a [`ModelList`], aggregated over the workers serving it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListedModel {
     /// The largest context any worker offers; `min_price` is the lowest price asked.
     #[serde(flatten)]
     pub card: ModelCard,
+    /// How many connected workers serve the model.
     pub workers: u32,
     /// The highest price asked by a worker serving the model.
     #[serde(default)]

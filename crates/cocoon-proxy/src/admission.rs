@@ -1,12 +1,13 @@
 //! Who may connect to the proxy: the client and worker policies, applied in the handshake and
 //! again once ALPN says which role the peer asks for, and a short log of recent refusals that
-//! the status page shows (so an operator sees why a worker never joined).
+//! the status page shows (so an operator sees why a worker never joined). A worker the proxy
+//! caught cheating is barred until the proxy restarts, whatever its attestation says.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cocoon_tls::{AnyOf, PeerCertificate, PeerVerifier, Verified, VerifyError};
+use cocoon_tls::{AnyOf, Fingerprint, PeerCertificate, PeerVerifier, Verified, VerifyError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,8 @@ pub(crate) struct Admission {
     pub(crate) workers: Arc<dyn PeerVerifier>,
     pub(crate) clients: Arc<dyn PeerVerifier>,
     refusals: Arc<Mutex<VecDeque<Refusal>>>,
+    /// Workers barred for cheating, and why.
+    barred: Mutex<HashMap<Fingerprint, String>>,
 }
 
 impl Admission {
@@ -36,7 +39,13 @@ impl Admission {
             workers,
             clients,
             refusals: Arc::default(),
+            barred: Mutex::default(),
         }
+    }
+
+    /// Refuses the worker with `fingerprint` from now on, saying `why`.
+    pub(crate) fn bar(&self, fingerprint: Fingerprint, why: String) {
+        self.barred.lock().insert(fingerprint, why);
     }
 
     /// What the TLS handshake checks: that some role's policy admits the peer.
@@ -48,6 +57,11 @@ impl Admission {
     }
 
     pub(crate) fn worker(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
+        if let Some(why) = self.barred.lock().get(&peer.fingerprint) {
+            let e = VerifyError::Policy(format!("barred: {why}"));
+            record(&self.refusals, "worker", peer, &e);
+            return Err(e);
+        }
         self.check("worker", &*self.workers, peer)
     }
 

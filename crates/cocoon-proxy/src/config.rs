@@ -56,6 +56,9 @@ pub struct RoutingConfig {
     /// Failed health checks in a row after which a worker is disconnected (after the first
     /// it gets no new requests).
     pub evict_after_failed_checks: u32,
+    /// Answers whose token counts broke the proxy's bounds (each billed at the bound) after
+    /// which a worker is disconnected.
+    pub evict_after_overreports: u32,
 }
 
 impl Default for RoutingConfig {
@@ -68,6 +71,7 @@ impl Default for RoutingConfig {
             health_interval_secs: 10,
             health_timeout_secs: 5,
             evict_after_failed_checks: 3,
+            evict_after_overreports: 3,
         }
     }
 }
@@ -83,6 +87,10 @@ impl RoutingConfig {
             (
                 "evict_after_failed_checks",
                 u64::from(self.evict_after_failed_checks),
+            ),
+            (
+                "evict_after_overreports",
+                u64::from(self.evict_after_overreports),
             ),
         ] {
             anyhow::ensure!(value > 0, "[routing] {name} must be at least 1");

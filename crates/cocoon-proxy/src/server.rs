@@ -39,7 +39,7 @@ pub(crate) struct State {
     tls: Arc<rustls::ServerConfig>,
     fingerprint: Fingerprint,
     connections: Arc<Semaphore>,
-    admission: Admission,
+    pub(crate) admission: Admission,
     attestation: &'static str,
     pub(crate) billing: Option<Arc<Billing>>,
     pub(crate) limiter: Arc<Limiter>,
@@ -423,6 +423,7 @@ impl State {
                 attestation,
                 channel,
                 evict: evict.clone(),
+                overreports: Default::default(),
             },
         );
         if entry.link.attestation.is_development() {

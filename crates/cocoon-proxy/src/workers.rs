@@ -1,6 +1,7 @@
 //! The connected workers: the [`Market`] over their connections, and the health check each
 //! connection runs.
 
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use cocoon_net::Channel;
@@ -20,6 +21,8 @@ pub struct WorkerLink {
     pub(crate) channel: Channel,
     /// Cancelled to disconnect the worker.
     pub(crate) evict: CancellationToken,
+    /// Answers on this connection whose counts broke the proxy's bounds.
+    pub(crate) overreports: AtomicU32,
 }
 
 /// The live set of workers.

@@ -37,7 +37,14 @@ pub enum Mode {
     Stall = 2,
     /// Sends two tokens, then its stream breaks off with no final event.
     DieAfterTwo = 3,
+    /// Serves as [`Mode::Serve`] but lies about the counts, as a worker out to drain its
+    /// clients would: each one-byte delta claims [`INFLATED_TOKENS`] tokens, and the usage
+    /// claims that many prompt and completion tokens.
+    Overreport = 4,
 }
+
+/// The token count an [`Mode::Overreport`] worker claims (about 4·10⁹).
+pub const INFLATED_TOKENS: u32 = 4_000_000_000;
 
 impl Mode {
     fn from_u8(v: u8) -> Self {
@@ -45,6 +52,7 @@ impl Mode {
             1 => Mode::Refuse,
             2 => Mode::Stall,
             3 => Mode::DieAfterTwo,
+            4 => Mode::Overreport,
             _ => Mode::Serve,
         }
     }
@@ -101,12 +109,17 @@ impl Backend for Scripted {
             ));
         }
         let mode = Mode::from_u8(self.mode.load(Ordering::SeqCst));
-        if mode == Mode::Serve {
+        if matches!(mode, Mode::Serve | Mode::Overreport) {
             self.served.fetch_add(1, Ordering::SeqCst);
         }
+        let claimed = if mode == Mode::Overreport {
+            INFLATED_TOKENS
+        } else {
+            1
+        };
         let delta = || GenerateEvent::Delta {
             text: "t".into(),
-            tokens: 1,
+            tokens: claimed,
         };
         match mode {
             Mode::Refuse => cocoon_engine::error_stream(ProtocolError::new(
@@ -115,13 +128,18 @@ impl Backend for Scripted {
             )),
             Mode::Stall => Box::pin(futures_util::stream::pending()),
             Mode::DieAfterTwo => Box::pin(futures_util::stream::iter([delta(), delta()])),
-            Mode::Serve => {
+            Mode::Serve | Mode::Overreport => {
                 let mut events: Vec<GenerateEvent> = (0..tokens).map(|_| delta()).collect();
+                let (prompt_tokens, completion_tokens) = if mode == Mode::Overreport {
+                    (INFLATED_TOKENS, INFLATED_TOKENS)
+                } else {
+                    (PROMPT_TOKENS, tokens)
+                };
                 events.push(GenerateEvent::Done {
                     finish_reason: FinishReason::Length,
                     usage: Usage {
-                        prompt_tokens: PROMPT_TOKENS,
-                        completion_tokens: tokens,
+                        prompt_tokens,
+                        completion_tokens,
                     },
                     billing: None,
                 });

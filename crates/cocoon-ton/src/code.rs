@@ -10,14 +10,20 @@ use crate::error::TonError;
 /// One contract's code cell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contract {
+    /// The parties' wallet (wallet-v5r1 layout, cocoon wallet id).
     Wallet,
+    /// The root registry: owner, network parameters, allowlists, registered proxies.
     Root,
+    /// A proxy's contract: its stake and its earnings from clients.
     Proxy,
+    /// A client's contract with one proxy: prepaid balance, stake and charged-token counter.
     Client,
+    /// A worker's contract with one proxy: paid-token counter and unwithdrawn earnings.
     Worker,
 }
 
 impl Contract {
+    /// Every contract, in declaration order (the order [`Contract::code`] indexes by).
     pub const ALL: [Contract; 5] = [
         Self::Wallet,
         Self::Root,
@@ -26,6 +32,8 @@ impl Contract {
         Self::Worker,
     ];
 
+    /// The contract's name: its file stem in `contracts/` (`root.tolk`, `root.boc`) and its key
+    /// in `hashes.json`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Wallet => "wallet",
@@ -71,10 +79,12 @@ impl Contract {
     }
 }
 
+/// Parses a bag of cells that must have exactly one root, and returns that root.
 pub fn parse_boc(bytes: &[u8]) -> Result<ArcCell, TonError> {
     Ok(BagOfCells::parse(bytes)?.single_root()?)
 }
 
+/// Serializes `cell` as a single-root bag of cells, without a CRC.
 pub fn to_boc(cell: &ArcCell) -> Result<Vec<u8>, TonError> {
     Ok(BagOfCells::new(&[Arc::clone(cell)]).serialize(false)?)
 }

@@ -30,21 +30,29 @@ pub const SKIPPED: i32 = i32::MIN;
 const GAS_LIMIT: u64 = 1_000_000;
 const EXTERNAL_CREDIT: u64 = 10_000;
 
+/// One account on the emulated chain (workchain 0, keyed by its address hash).
 #[derive(Clone, Debug, Default)]
 pub struct Account {
+    /// The contract's code; `None` until the account is deployed.
     pub code: Option<Cell>,
+    /// The contract's persistent data; `None` until the account is deployed.
     pub data: Option<Cell>,
+    /// Balance in nanotons.
     pub balance: u128,
+    /// Logical time of the account's last transaction.
     pub last_lt: u64,
 }
 
 /// One executed transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tx {
+    /// Address hash (workchain 0) of the account that executed the transaction.
     pub account: HashBytes,
+    /// The transaction's logical time, unique and increasing across the chain.
     pub lt: u64,
     /// The compute phase's exit code ([`SKIPPED`] when nothing ran).
     pub exit_code: i32,
+    /// Gas the compute phase consumed (not charged: the emulator takes no fees).
     pub gas_used: u64,
     /// Whether the inbound message was a bounce.
     pub bounced: bool,
@@ -52,10 +60,14 @@ pub struct Tx {
     pub in_msg_hash: HashBytes,
 }
 
+/// Why [`Chain::send_external`] refused an external message.
 #[derive(Debug, thiserror::Error)]
 pub enum RejectReason {
+    /// The destination has no code ([`SKIPPED`]) or its code did not accept the message (the exit
+    /// code).
     #[error("external message not accepted (exit code {0})")]
     NotAccepted(i32),
+    /// The bytes are not a BOC holding an inbound external message.
     #[error("malformed message: {0}")]
     Malformed(String),
 }
@@ -66,8 +78,10 @@ struct Pending {
     value: u128,
 }
 
+/// The emulated chain: its accounts, clock and the history of transactions executed.
 #[derive(Default)]
 pub struct Chain {
+    /// The chain's clock, Unix time in seconds, as contracts see it.
     pub now: u32,
     accounts: BTreeMap<HashBytes, Account>,
     lt: u64,
@@ -90,6 +104,7 @@ fn int(v: &RcStackValue) -> Option<BigInt> {
 }
 
 impl Chain {
+    /// An empty chain whose clock reads `now` (Unix seconds).
     pub fn new(now: u32) -> Self {
         Self {
             now,
@@ -97,10 +112,12 @@ impl Chain {
         }
     }
 
+    /// The account at `address`, if the chain knows it (funded, deployed or sent a message).
     pub fn account(&self, address: &HashBytes) -> Option<&Account> {
         self.accounts.get(address)
     }
 
+    /// Whether the account at `address` has been deployed (has code).
     pub fn is_active(&self, address: &HashBytes) -> bool {
         self.accounts.get(address).is_some_and(|a| a.code.is_some())
     }
@@ -110,6 +127,7 @@ impl Chain {
         self.accounts.entry(address).or_default().balance += amount;
     }
 
+    /// Every transaction executed so far, oldest first.
     pub fn transactions(&self) -> &[Tx] {
         &self.history
     }
@@ -469,6 +487,7 @@ impl Chain {
             .collect()
     }
 
+    /// Sets the chain's clock to `now` (Unix seconds), e.g. to pass a close delay.
     pub fn set_now(&mut self, now: u32) {
         self.now = now;
     }

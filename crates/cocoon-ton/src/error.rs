@@ -3,10 +3,15 @@ use thiserror::Error;
 /// What can go wrong on the TON side before a ledger rule is involved.
 #[derive(Debug, Error)]
 pub enum TonError {
+    /// Building, parsing or serializing a cell or BOC failed.
     #[error("cell: {0}")]
     Cell(String),
+    /// The TON API (toncenter, or the emulator in its place) refused a request, failed, or answered
+    /// something unexpected.
     #[error("TON API: {0}")]
     Api(String),
+    /// A sent message produced no transaction on its destination within the confirmation
+    /// timeout.
     #[error("not confirmed: {0}")]
     NotConfirmed(String),
 }

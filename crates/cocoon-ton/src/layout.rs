@@ -14,28 +14,52 @@ use tonlib_core::tlb_types::tlb::TLB;
 use crate::code::Contract;
 use crate::error::TonError;
 
+/// Result of building the cells and addresses here (a [`TonError`] when tonlib-core fails).
 pub type Result<T> = std::result::Result<T, TonError>;
 
 /// Operation codes (the 32-bit prefixes of the Tolk message structs).
 pub mod op {
+    /// Root `SetParams`: the owner replaces the network parameters.
     pub const SET_PARAMS: u32 = 0x636f_0001;
+    /// Root `AllowImage`: the owner allows a worker or proxy image hash.
     pub const ALLOW_IMAGE: u32 = 0x636f_0002;
+    /// Root `RevokeImage`: the owner revokes a worker or proxy image hash.
     pub const REVOKE_IMAGE: u32 = 0x636f_0003;
+    /// Root `AllowModel`: the owner allows a model hash.
     pub const ALLOW_MODEL: u32 = 0x636f_0004;
+    /// Root `RegisterProxy`: the owner registers a proxy's key, wallet and endpoint.
     pub const REGISTER_PROXY: u32 = 0x636f_0005;
+    /// Root `OpenProxy`: a registered proxy's wallet stakes and has the root deploy its proxy
+    /// contract.
     pub const OPEN_PROXY: u32 = 0x636f_0006;
+    /// Proxy `ProxyWithdraw`: the owner withdraws earnings from the proxy contract.
     pub const PROXY_WITHDRAW: u32 = 0x636f_0010;
+    /// Proxy `ProxyClose`: the owner starts closing the proxy contract (its close delay starts).
     pub const PROXY_CLOSE: u32 = 0x636f_0011;
+    /// Proxy `ProxyFinishClose`: after the close delay, the owner takes everything back.
     pub const PROXY_FINISH_CLOSE: u32 = 0x636f_0012;
+    /// Proxy `ProxyRefundClient`: the owner has the proxy contract send a client contract `Refund`,
+    /// closing it cooperatively.
     pub const PROXY_REFUND_CLIENT: u32 = 0x636f_0013;
+    /// Client `ClientDeposit`: the owner adds to the contract's balance.
     pub const CLIENT_DEPOSIT: u32 = 0x636f_0020;
+    /// Client `ClientStake`: the owner moves part of the balance into the stake.
     pub const CLIENT_STAKE: u32 = 0x636f_0021;
+    /// Client `ClientWithdraw`: the owner withdraws balance above the stake.
     pub const CLIENT_WITHDRAW: u32 = 0x636f_0022;
+    /// Client `ClientClose`: the owner starts closing without the proxy; all but the stake comes
+    /// back now.
     pub const CLIENT_CLOSE: u32 = 0x636f_0023;
+    /// Client `ClientFinishClose`: after the close delay, the owner takes the rest back.
     pub const CLIENT_FINISH_CLOSE: u32 = 0x636f_0024;
+    /// Client `Charge`: delivers a proxy-signed charge message (anyone may send it).
     pub const CHARGE: u32 = 0x636f_0025;
+    /// Worker `Payout`: delivers a proxy-signed payout message, which claims the worker's pay.
     pub const PAYOUT: u32 = 0x636f_0030;
+    /// Worker `WorkerWithdraw`: the owner withdraws the worker contract's earnings.
     pub const WORKER_WITHDRAW: u32 = 0x636f_0031;
+    /// `Charged`, client contract to proxy contract: carries a charge's cost; a bounce of it
+    /// restores the client's balance.
     pub const CHARGED: u32 = 0x636f_0102;
 }
 
@@ -44,9 +68,12 @@ pub const WALLET_ID: i32 = 0x636f_636f;
 
 /// The contract states the getters report (`STATE_*` in common.tolk).
 pub const STATE_NORMAL: u64 = 0;
+/// Closing: the close delay is running (`unlock_at` in the getters).
 pub const STATE_CLOSING: u64 = 1;
+/// Closed: the balance and stake have been paid out.
 pub const STATE_CLOSED: u64 = 2;
 
+/// `n` nanotons as the `BigUint` tonlib-core stores as `Coins`.
 pub fn coins(n: u128) -> BigUint {
     BigUint::from(n)
 }
@@ -55,10 +82,12 @@ fn build(b: &mut CellBuilder) -> Result<ArcCell> {
     Ok(Arc::new(b.build()?))
 }
 
+/// The basechain (workchain 0) address of a contract with this code and initial data.
 pub fn address_of(code: ArcCell, data: ArcCell) -> Result<TonAddress> {
     Ok(TonAddress::derive(0, code, data)?)
 }
 
+/// The `StateInit` cell (code and data) that deploys a contract.
 pub fn state_init(code: ArcCell, data: ArcCell) -> Result<ArcCell> {
     Ok(Arc::new(StateInit::new(code, data).to_cell()?))
 }
@@ -66,7 +95,9 @@ pub fn state_init(code: ArcCell, data: ArcCell) -> Result<ArcCell> {
 /// A contract as deployed: its initial state and the address derived from it.
 #[derive(Clone, Debug)]
 pub struct Deployable {
+    /// Where the contract lives (workchain 0), derived from `state_init`.
     pub address: TonAddress,
+    /// The `StateInit` cell to attach to the first message, which deploys the contract.
     pub state_init: ArcCell,
 }
 
@@ -93,6 +124,8 @@ pub fn wallet(key: &PublicKey) -> Result<Deployable> {
     Deployable::new(Contract::Wallet, data)
 }
 
+/// The root's `Params` cell (common.tolk): prices and worker fee in nanotons, the token
+/// multipliers, minimum stakes in nanotons and close delays in seconds.
 pub fn params(p: &NetworkParams) -> Result<ArcCell> {
     build(
         CellBuilder::new()
@@ -273,6 +306,7 @@ pub fn internal_message(
     build(&mut b)
 }
 
+/// A cell with no bits and no references (an empty message body).
 pub fn empty_cell() -> ArcCell {
     Arc::new(Cell::default())
 }

@@ -24,6 +24,8 @@ use crate::wallet::{Outgoing, Wallet};
 /// sets off; the contracts require at least 0.05).
 pub const GAS_ATTACHED: u128 = 100_000_000;
 
+/// The [`Ledger`] on TON: one party's wallet sending operations to the contracts under one root,
+/// through a toncenter-shaped API.
 pub struct TonLedger {
     api: Client,
     wallet: Wallet,
@@ -121,6 +123,8 @@ impl TonLedger {
         Ok(ledger)
     }
 
+    /// How long `execute` waits for the target contract's transaction before giving up (60 s by
+    /// default).
     pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
@@ -171,6 +175,8 @@ impl TonLedger {
         })
     }
 
+    /// The address of the contract the root deploys for the proxy with key `proxy` (whose wallet is
+    /// the cocoon wallet for that key).
     pub fn proxy_contract(&self, proxy: &PublicKey) -> Result<TonAddress, LedgerError> {
         let wallet = layout::wallet(proxy).map_err(unreachable)?.address;
         layout::proxy_address(&self.root, &wallet, proxy).map_err(unreachable)

@@ -22,6 +22,8 @@ use crate::{TonError, layout};
 /// What the root's owner is given to deploy it with.
 const OWNER_FUNDS: u128 = 1_000_000_000_000;
 
+/// A running local chain: the emulated chain, its toncenter-shaped API on loopback, the clock task,
+/// and the root deployed on it.
 pub struct LocalChain {
     chain: Arc<Mutex<Chain>>,
     api: String,

@@ -21,7 +21,12 @@ pub enum LedgerSpec {
     /// The embedded ledger behind `cocoon ledger serve`.
     Service(String),
     /// The root contract at `root`, reached through a toncenter-shaped API at `api`.
-    Ton { root: TonAddress, api: String },
+    Ton {
+        /// Address of the network's root contract.
+        root: TonAddress,
+        /// Base URL of the toncenter v2 API, without a trailing slash.
+        api: String,
+    },
 }
 
 impl FromStr for LedgerSpec {

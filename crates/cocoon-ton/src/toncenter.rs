@@ -41,10 +41,13 @@ fn parse_raw(text: &str) -> Option<HashBytes> {
 /// One transaction as v3 reports it, reduced to what confirmation needs.
 #[derive(Debug, Clone)]
 pub struct TxInfo {
+    /// The transaction's logical time.
     pub lt: u64,
+    /// The compute phase's exit code; `None` when the compute phase was skipped.
     pub exit_code: Option<i32>,
 }
 
+/// A client of a toncenter-shaped HTTP API (a real node's or the local chain's).
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -56,6 +59,7 @@ fn api(e: impl std::fmt::Display) -> TonError {
 }
 
 impl Client {
+    /// A client of the API at `base` (e.g. `https://toncenter.com`), trailing slash ignored.
     pub fn new(base: &str) -> Self {
         Self {
             http: reqwest::Client::new(),
@@ -73,6 +77,7 @@ impl Client {
         Ok(v["result"].clone())
     }
 
+    /// Broadcasts a serialized external message (v2 `sendBoc`).
     pub async fn send_boc(&self, boc: &[u8]) -> Result<(), TonError> {
         let r = self
             .http

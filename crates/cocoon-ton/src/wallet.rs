@@ -17,12 +17,18 @@ use crate::layout::{self, Deployable, WALLET_ID, internal_message};
 
 /// One message for the wallet to send.
 pub struct Outgoing {
+    /// Where the message goes.
     pub dest: TonAddress,
+    /// TON attached, in nanotons.
     pub value: u128,
+    /// The message body cell.
     pub body: ArcCell,
+    /// The destination's `StateInit`, to deploy it with this message.
     pub state_init: Option<ArcCell>,
 }
 
+/// A party's cocoon wallet: its Ed25519 key, which signs the wallet's external requests, and its
+/// address.
 pub struct Wallet {
     signer: TonWallet,
     public: PublicKey,
@@ -30,6 +36,7 @@ pub struct Wallet {
 }
 
 impl Wallet {
+    /// The wallet of the Ed25519 key with this 32-byte seed.
     pub fn from_seed(seed: [u8; 32]) -> Result<Self, TonError> {
         let ring = Ed25519KeyPair::from_seed_unchecked(&seed)
             .map_err(|e| TonError::Cell(format!("bad Ed25519 seed: {e}")))?;
@@ -65,6 +72,7 @@ impl Wallet {
         Ok(wallet)
     }
 
+    /// The wallet's Ed25519 public key (the party's identity key).
     pub fn public_key(&self) -> PublicKey {
         self.public
     }

@@ -46,6 +46,8 @@ pub struct PriceConfig {
 }
 
 impl PriceConfig {
+    /// The least this worker takes for `model`, in nanoton per weighted token: its entry in
+    /// `models`, else `default` (0: the network's floor).
     pub fn price(&self, model: &str) -> u64 {
         self.models.get(model).copied().unwrap_or(self.default)
     }

@@ -85,6 +85,7 @@ impl Worker {
         self.connected.clone()
     }
 
+    /// The backend this worker serves requests with.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }

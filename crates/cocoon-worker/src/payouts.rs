@@ -47,6 +47,8 @@ struct Stored {
     claimed: u64,
 }
 
+/// The latest payout of each proxy, checked and kept durably in a JSON file, and claimed on
+/// the ledger.
 pub struct PayoutStore {
     path: PathBuf,
     worker: PublicKey,
@@ -62,6 +64,8 @@ fn decode_key(hex_key: &str) -> Result<PublicKey, String> {
 }
 
 impl PayoutStore {
+    /// Opens the store at `path` for the worker whose key is `worker`, loading the payouts kept
+    /// there (none if the file does not exist yet).
     pub fn open(path: &Path, worker: PublicKey) -> anyhow::Result<Self> {
         let entries = match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes)

@@ -12,6 +12,7 @@ use serde_json::Value;
 /// One streamed answer as the app saw it.
 #[derive(Debug, Clone)]
 pub struct Answer {
+    /// When the request was sent (before any retry).
     pub start: Instant,
     /// Time to the first non-empty content chunk.
     pub ttft: Duration,
@@ -21,6 +22,7 @@ pub struct Answer {
     pub chunks: Vec<(Instant, String)>,
     /// Prompt and completion tokens from `usage`; counted chunks when the server gives none.
     pub prompt_tokens: u32,
+    /// Completion tokens from `usage`, or the content chunks counted when the server gives none.
     pub completion_tokens: u32,
 }
 

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use super::client::{Answer, stream_chat};
 use super::stats::{Summary, median, ms};
 
+/// The single-stream test's prompt: a passage long enough that the prompt rate is measured.
 pub const PROMPT: &str = "Read this passage and then continue it. The lighthouse keeper had \
     kept the lamp burning for forty years, through storms that tore slates from the roof and \
     winters when the supply boat could not come for weeks. Every evening he climbed the one \
@@ -27,11 +28,14 @@ pub const PROMPT: &str = "Read this passage and then continue it. The lighthouse
 /// the work (a long prompt is read in batches of its own either way).
 pub const SHORT_PROMPT: &str = "Write a short story about a lighthouse keeper.";
 
+/// Settings of the engine section, shared by the embedded engine and llama-server.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Single-stream requests per path.
     pub requests: usize,
+    /// Tokens generated per request (EOS ignored, so every request generates exactly this many).
     pub max_tokens: u32,
+    /// CPU threads for prompt and generation, the same for both engines.
     pub threads: u32,
     /// Concurrent streams to measure aggregate tokens/s at.
     pub levels: Vec<usize>,
@@ -39,6 +43,7 @@ pub struct EngineOptions {
     pub requests_per_stream: usize,
     /// Sequences and shared KV cells, the same for both engines.
     pub parallel: u32,
+    /// KV cache size in tokens, shared by all sequences (llama-server's `--ctx-size`).
     pub kv_cache_tokens: u32,
 }
 
@@ -56,40 +61,58 @@ impl Default for EngineOptions {
     }
 }
 
+/// One path's single-stream figures on the long prompt.
 #[derive(Debug, Clone, Serialize)]
 pub struct SingleStream {
+    /// Which path was measured, e.g. "embedded engine (in-process)" or "llama-server".
     pub path: String,
+    /// Number of timed requests (after one warm-up).
     pub requests: usize,
+    /// Prompt length in tokens, as the server counted it.
     pub prompt_tokens: u32,
     /// Prompt tokens / time to first token (median).
     pub prompt_tokens_per_s: f64,
     /// Tokens after the first / time after the first (median).
     pub gen_tokens_per_s: f64,
+    /// Time to first token, in milliseconds.
     pub ttft_ms: Summary,
 }
 
+/// One path's figures at one concurrency level, on the short prompt.
 #[derive(Debug, Clone, Serialize)]
 pub struct Level {
+    /// Which path was measured, e.g. "embedded engine via client -> proxy -> worker".
     pub path: String,
+    /// Concurrent streams.
     pub streams: usize,
+    /// Requests completed across all streams.
     pub requests: usize,
     /// All completion tokens / wall time.
     pub aggregate_tokens_per_s: f64,
     /// One stream's decode rate (median).
     pub stream_tokens_per_s: f64,
+    /// Time to first token under this load, in milliseconds.
     pub ttft_ms: Summary,
 }
 
+/// The engine section's result in the JSON report.
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineReport {
+    /// Model id as the backend lists it.
     pub model: String,
+    /// CPU threads each engine used.
     pub threads: u32,
+    /// Tokens generated per request.
     pub max_tokens: u32,
+    /// The embedded engine called in-process, single stream.
     pub embedded: SingleStream,
+    /// llama-server, single stream; none when it was not run.
     pub llama_server: Option<SingleStream>,
     /// embedded / llama-server.
     pub prompt_ratio: Option<f64>,
+    /// Generation tokens/s, embedded / llama-server (above 1: the embedded engine is faster).
     pub gen_ratio: Option<f64>,
+    /// Each path at each concurrency level, in the order measured.
     pub levels: Vec<Level>,
 }
 
@@ -228,10 +251,13 @@ pub(super) async fn level(
 /// `llama-server` run for the comparison, stopped when dropped.
 pub struct LlamaServer {
     child: tokio::process::Child,
+    /// Its OpenAI API base URL (`http://127.0.0.1:<port>/v1`).
     pub url: String,
 }
 
 impl LlamaServer {
+    /// Starts `binary` on `model` with the engine's threads, context and parallel sequences,
+    /// and waits up to 60 s for it to be healthy; its output goes to `log`.
     pub async fn start(
         binary: &Path,
         model: &Path,
@@ -277,6 +303,7 @@ impl LlamaServer {
         })
     }
 
+    /// Kills the server and waits for it to exit.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
@@ -359,6 +386,7 @@ pub async fn run(
     })
 }
 
+/// The engine report as Markdown: single-stream table, ratios, concurrency table.
 pub fn table(r: &EngineReport) -> String {
     let mut out = format!(
         "### Embedded engine vs llama-server: {} , {} threads, {} generated tokens, same prompt\n\n\

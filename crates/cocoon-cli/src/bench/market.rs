@@ -15,8 +15,10 @@ use super::stats::Summary;
 
 const MODEL: &str = "m";
 
+/// Settings of the market section.
 #[derive(Debug, Clone)]
 pub struct MarketOptions {
+    /// Market sizes to measure, in simulated workers.
     pub workers: Vec<usize>,
     /// Timed picks per size and method.
     pub picks: usize,
@@ -34,11 +36,14 @@ impl Default for MarketOptions {
     }
 }
 
+/// The figures at one market size.
 #[derive(Debug, Clone, Serialize)]
 pub struct MarketSize {
+    /// Simulated workers in the market.
     pub workers: usize,
     /// Mean cost of one pick (and its release), sampled and exhaustive.
     pub sampled_ns: f64,
+    /// Mean cost of one exhaustive pick (scoring every worker) and its release, in nanoseconds.
     pub exhaustive_ns: f64,
     /// `exhaustive / sampled`.
     pub speedup: f64,
@@ -50,11 +55,14 @@ pub struct MarketSize {
     pub capped_ns: f64,
 }
 
+/// The market section's result in the JSON report.
 #[derive(Debug, Clone, Serialize)]
 pub struct MarketReport {
+    /// One entry per market size, in the order of `MarketOptions::workers`.
     pub sizes: Vec<MarketSize>,
     /// Sampled cost at the largest size over the smallest, and the same for the workers.
     pub cost_growth: f64,
+    /// Workers at the largest size over the smallest (a ratio).
     pub workers_growth: f64,
 }
 
@@ -118,6 +126,8 @@ fn time_picks(picks: usize, mut pick: impl FnMut()) -> f64 {
     started.elapsed().as_nanos() as f64 / picks as f64
 }
 
+/// Builds a simulated market at each size (fixed seed), times sampled picks against
+/// exhaustive ones and grades the sampled choices.
 pub fn run(options: &MarketOptions) -> anyhow::Result<MarketReport> {
     let mut rng = StdRng::seed_from_u64(7);
     let mut sizes = Vec::new();
@@ -168,6 +178,7 @@ pub fn run(options: &MarketOptions) -> anyhow::Result<MarketReport> {
     })
 }
 
+/// The market report as a Markdown table, one row per size.
 pub fn table(r: &MarketReport) -> String {
     let mut out = String::from(
         "### Choosing a worker (one model, simulated workers)\n\n\

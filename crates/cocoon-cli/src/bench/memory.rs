@@ -13,17 +13,25 @@ use serde::Serialize;
 
 use super::engine::{EngineOptions, Target, level};
 
+/// One role's resident memory.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoleMemory {
+    /// The role: "proxy", "worker" or "client".
     pub role: String,
+    /// Resident set size once up and after a warm-up request, at rest, in MiB (VmRSS kB / 1024).
     pub idle_rss_mb: f64,
+    /// Highest resident set size seen (sampled every 20 ms) while the load ran, in MiB.
     pub peak_rss_under_load_mb: f64,
 }
 
+/// The memory section's result in the JSON report.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryReport {
+    /// Concurrent streams of the load.
     pub streams: usize,
+    /// Requests served during the load.
     pub requests: usize,
+    /// Each role's figures: proxy, worker, client.
     pub roles: Vec<RoleMemory>,
 }
 
@@ -59,6 +67,8 @@ fn spawn(name: &'static str, args: &[&str], config: &Path, dir: &Path) -> anyhow
     Ok(Role { name, child, pid })
 }
 
+/// Runs proxy, worker (embedded engine on `model_path`) and gateway as separate processes and
+/// measures each one's RSS idle and under `streams` concurrent streams.
 pub async fn run(
     model_path: &Path,
     options: &EngineOptions,
@@ -174,6 +184,7 @@ pub async fn run(
     Ok(report)
 }
 
+/// The memory report as a Markdown table, one row per role.
 pub fn table(r: &MemoryReport) -> String {
     let mut out = format!(
         "### Memory: each role as its own process, {} streams, {} requests\n\n\

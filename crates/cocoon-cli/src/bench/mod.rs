@@ -38,43 +38,68 @@ use cocoon_testkit::dev::{DevNetwork, DevOptions};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Section {
+    /// The network path alone on a synthetic backend, against the backend called directly.
     Path,
+    /// The embedded engine against llama.cpp's llama-server on the same model.
     Engine,
+    /// Peak RSS of each role as its own process, idle and under load.
     Memory,
+    /// The real model through the network, without and with payments.
     Payments,
+    /// The proxy's choice among many simulated workers, sampled against scoring them all.
     Market,
 }
 
+/// What `cocoon bench` runs and with which settings.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// The sections to run.
     pub sections: Vec<Section>,
+    /// GGUF model for the engine, memory and payments sections.
     pub model: PathBuf,
+    /// The `llama-server` binary to measure the engine against; none: no reference.
     pub llama_server: Option<PathBuf>,
+    /// Settings of the network-path section.
     pub path: path::PathOptions,
+    /// Settings of the engine section (also used by the memory section).
     pub engine: engine::EngineOptions,
+    /// Settings of the payments section.
     pub payments: payments::PaymentsOptions,
+    /// Settings of the market section.
     pub market: market::MarketOptions,
     /// Where llama-server's log and the role processes' files go.
     pub work_dir: PathBuf,
 }
 
+/// The machine the bench ran on, so that reports can be compared.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
+    /// Logical CPUs available to the process.
     pub cpus: usize,
+    /// CPU model name from `/proc/cpuinfo`, or "unknown".
     pub cpu_model: String,
+    /// Operating system (`std::env::consts::OS`).
     pub os: String,
 }
 
+/// The whole bench result: the JSON report; a section not run is null.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// Where it ran.
     pub machine: Machine,
+    /// Network-path figures.
     pub path: Option<path::PathReport>,
+    /// Embedded engine vs llama-server figures.
     pub engine: Option<engine::EngineReport>,
+    /// Per-role memory figures.
     pub memory: Option<memory::MemoryReport>,
+    /// Without vs with payments figures.
     pub payments: Option<payments::PaymentsReport>,
+    /// Worker-choice figures.
     pub market: Option<market::MarketReport>,
 }
 
+/// Describes this machine: CPU count, CPU model and OS.
 pub fn machine() -> Machine {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -131,6 +156,7 @@ fn section(name: &str) {
     eprintln!("bench: {name} ...");
 }
 
+/// Runs the chosen sections one after another and collects their results.
 pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let on = |s| options.sections.contains(&s);
     let mut report = BenchReport {
@@ -202,6 +228,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     Ok(report)
 }
 
+/// The report as Markdown tables, one per section that ran, under a line about the machine.
 pub fn table(r: &BenchReport) -> String {
     let mut out = format!(
         "machine: {} CPUs, {} ({})\n\n",

@@ -17,6 +17,7 @@ use super::client::{Answer, stream_chat};
 use super::stats::{Summary, ms};
 use super::synthetic::{self, Synthetic};
 
+/// Settings of the network-path section.
 #[derive(Debug, Clone)]
 pub struct PathOptions {
     /// Sequential requests per path for latency.
@@ -29,9 +30,11 @@ pub struct PathOptions {
     pub throughput_requests: usize,
     /// Tokens per answer for chunks/s.
     pub stream_tokens: u32,
+    /// Unpaced long answers per path for chunks/s.
     pub stream_requests: usize,
     /// Pace of the transit-time test.
     pub paced_interval: Duration,
+    /// Tokens per paced answer for the transit-time test.
     pub paced_tokens: u32,
 }
 
@@ -53,16 +56,20 @@ impl Default for PathOptions {
 /// One path's routing figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoutingFigures {
+    /// Which path: "direct (synthetic server)" or "client -> proxy -> worker -> synthetic".
     pub path: String,
     /// Latency of a whole short streamed answer, ms.
     pub latency_ms: Summary,
+    /// Time to first content chunk of a short answer, ms.
     pub ttft_ms: Summary,
     /// Most requests/s with `concurrency` closed loops.
     pub max_requests_per_s: f64,
 }
 
+/// One path's streaming-relay figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamFigures {
+    /// Which path: "direct (synthetic server)" or "client -> proxy -> worker -> synthetic".
     pub path: String,
     /// Chunks per second within one unpaced answer (median over answers).
     pub chunks_per_s: f64,
@@ -72,25 +79,36 @@ pub struct StreamFigures {
     pub inter_token_ms: Summary,
 }
 
+/// The path section's result in the JSON report.
 #[derive(Debug, Clone, Serialize)]
 pub struct PathReport {
+    /// Tokens per short answer in the routing tests.
     pub short_tokens: u32,
+    /// Concurrent closed loops in the requests/s test.
     pub concurrency: usize,
+    /// Routing figures of the synthetic server called directly.
     pub direct: RoutingFigures,
+    /// Routing figures through client gateway -> proxy -> worker.
     pub network: RoutingFigures,
     /// network − direct at p50 and p99, ms.
     pub added_latency_p50_ms: f64,
+    /// Network minus direct latency at p99, ms.
     pub added_latency_p99_ms: f64,
     /// network / direct most requests/s.
     pub throughput_ratio: f64,
+    /// Tokens per unpaced answer in the chunks/s test.
     pub stream_tokens: u32,
+    /// Interval between tokens of the paced answers, ms.
     pub paced_interval_ms: f64,
+    /// Streaming figures of the synthetic server called directly.
     pub stream_direct: StreamFigures,
+    /// Streaming figures through client gateway -> proxy -> worker.
     pub stream_network: StreamFigures,
     /// network / direct chunks/s.
     pub chunks_ratio: f64,
     /// Transit time the path adds per token, p50 and p99, ms.
     pub added_transit_p50_ms: f64,
+    /// Network minus direct transit time at p99, ms.
     pub added_transit_p99_ms: f64,
 }
 
@@ -195,6 +213,8 @@ fn chunks_per_s(answers: &[Answer]) -> f64 {
     )
 }
 
+/// Measures routing and streaming relay, direct against through a loopback network whose
+/// worker fronts the synthetic server.
 pub async fn run(options: &PathOptions) -> anyhow::Result<PathReport> {
     let fast = Synthetic::start(Duration::ZERO).await?;
     let paced = Synthetic::start(options.paced_interval).await?;
@@ -294,6 +314,7 @@ pub async fn run(options: &PathOptions) -> anyhow::Result<PathReport> {
     })
 }
 
+/// The path report as Markdown: the routing table and the streaming-relay table.
 pub fn table(r: &PathReport) -> String {
     let mut out = format!(
         "### Routing: {}-token streamed answers from the synthetic backend\n\n\

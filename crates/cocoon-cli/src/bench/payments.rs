@@ -17,11 +17,16 @@ use serde_json::json;
 use super::client::{Answer, stream_chat};
 use super::stats::{Summary, median, ms};
 
+/// Settings of the payments section.
 #[derive(Debug, Clone)]
 pub struct PaymentsOptions {
+    /// Timed requests per path (after one warm-up each).
     pub requests: usize,
+    /// Tokens generated per request (EOS ignored, so exactly this many).
     pub max_tokens: u32,
+    /// CPU threads of the embedded engine.
     pub threads: u32,
+    /// The user message sent on every request.
     pub prompt: String,
 }
 
@@ -39,11 +44,18 @@ impl Default for PaymentsOptions {
 /// Figures for one path.
 #[derive(Debug, Clone, Serialize)]
 pub struct PathFigures {
+    /// Which path: "direct (in-process Backend)", "client -> proxy -> worker" or
+    /// "same, with payments".
     pub path: String,
+    /// Number of timed requests.
     pub requests: usize,
+    /// Median latency of a whole streamed answer, ms.
     pub latency_p50_ms: f64,
+    /// 99th-percentile latency of a whole streamed answer, ms.
     pub latency_p99_ms: f64,
+    /// Median time to first token, ms.
     pub ttft_p50_ms: f64,
+    /// Requests per second of this path's own time (sequential requests).
     pub requests_per_s: f64,
     /// Prompt tokens / time to first token (median over requests).
     pub prompt_tokens_per_s: f64,
@@ -51,11 +63,16 @@ pub struct PathFigures {
     pub gen_tokens_per_s: f64,
 }
 
+/// The payments section's result in the JSON report.
 #[derive(Debug, Clone, Serialize)]
 pub struct PaymentsReport {
+    /// Model id as the backend lists it.
     pub model: String,
+    /// Tokens generated per request.
     pub max_tokens: u32,
+    /// Prompt length in tokens, as the engine counted it.
     pub prompt_tokens: u32,
+    /// The embedded engine called in-process.
     pub direct: PathFigures,
     /// The network without payments.
     pub network: PathFigures,
@@ -63,11 +80,15 @@ pub struct PaymentsReport {
     pub paid: PathFigures,
     /// network / direct.
     pub latency_p50_ratio: f64,
+    /// Requests/s, network / direct.
     pub throughput_ratio: f64,
+    /// Median latency the network adds over direct, ms.
     pub added_latency_p50_ms: f64,
     /// paid / network: what payments cost per request.
     pub payments_latency_p50_ratio: f64,
+    /// Requests/s, paid / network.
     pub payments_throughput_ratio: f64,
+    /// Median latency payments add over the network without them, ms.
     pub payments_added_latency_p50_ms: f64,
 }
 

@@ -14,7 +14,9 @@ const COLORS: [&str; 4] = ["#4e79a7", "#e15759", "#59a14f", "#f28e2b"];
 
 /// A series: a name and one value per category.
 pub struct Series {
+    /// The legend label.
     pub name: String,
+    /// One value per category, in the panel's unit (ms for latency, tokens/s for throughput).
     pub values: Vec<f64>,
 }
 

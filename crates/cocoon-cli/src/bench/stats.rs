@@ -16,6 +16,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// The median (nearest-rank p50) of `v`, in the samples' unit; NaN if empty.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     percentile(&v, 50.0)
@@ -24,14 +25,20 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// p50, p90, p99 and mean of one quantity, in the samples' unit.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Summary {
+    /// Number of samples.
     pub n: usize,
+    /// Median (nearest rank).
     pub p50: f64,
+    /// 90th percentile (nearest rank).
     pub p90: f64,
+    /// 99th percentile (nearest rank).
     pub p99: f64,
+    /// Arithmetic mean; NaN if there are no samples.
     pub mean: f64,
 }
 
 impl Summary {
+    /// Summarizes the samples `v` (in any order).
     pub fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         let mean = if v.is_empty() {

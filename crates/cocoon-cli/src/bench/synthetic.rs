@@ -23,6 +23,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+/// The model id the synthetic server lists and answers as.
 pub const MODEL: &str = "synthetic";
 
 /// Nanoseconds since the first call in this process.
@@ -40,6 +41,7 @@ pub fn sent_at(text: &str) -> Option<Instant> {
 
 /// A running synthetic server.
 pub struct Synthetic {
+    /// The loopback address it listens on.
     pub addr: SocketAddr,
     stop: CancellationToken,
 }
@@ -81,6 +83,7 @@ impl Synthetic {
         Ok(Self { addr, stop })
     }
 
+    /// The OpenAI API base URL (`http://<addr>/v1`) to point a client or worker at.
     pub fn url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }

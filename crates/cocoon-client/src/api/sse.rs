@@ -67,7 +67,7 @@ impl StreamState {
                         } else {
                             // Not shown to the app, but a bad bill is still logged.
                             if let Some(b) = &billing {
-                                self.parties.verified(b);
+                                let _ = self.parties.verified(b, usage);
                             }
                             Phase::Done
                         };
@@ -82,7 +82,7 @@ impl StreamState {
                 },
                 Phase::Usage(usage, billing) => {
                     self.phase = Phase::Done;
-                    let verified = billing.as_ref().map(|b| self.parties.verified(b));
+                    let verified = billing.as_ref().map(|b| self.parties.verified(b, usage));
                     let usage = serde_json::to_value(OpenAiUsage::new(usage, billing, verified))
                         .expect("serializable");
                     return Some(self.chunks.usage(usage));

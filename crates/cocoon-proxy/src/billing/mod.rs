@@ -9,6 +9,7 @@
 //! covers; when it would, it commits first and looks again.
 
 mod book;
+mod bounds;
 mod rollback;
 
 use std::collections::HashMap;
@@ -21,21 +22,18 @@ use cocoon_ledger::{
     ClientContract, ContractState, Ledger, LedgerError, LedgerOpener, Nanoton, NetworkParams, Op,
     PublicKey, TokenKind, Tx, Wallet, unix_now,
 };
-use cocoon_protocol::{
-    Billing as Bill, ErrorKind, GenerateRequest, Input, Payout, ProtocolError, Refund, Usage,
-};
+use cocoon_protocol::{Billing as Bill, ErrorKind, Payout, ProtocolError, Refund, Usage};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use book::Entry;
 pub use book::{Book, BookError, ClientRecord, WorkerRecord};
+pub(crate) use bounds::{Bounded, Relayed, UsageBounds};
 
 /// How long a client's contract as read from the ledger is trusted before it is read again.
 /// A refusal always reads again first, so a fresh deposit is never missed.
 const CONTRACT_TTL: Duration = Duration::from_secs(2);
-/// Template tokens a chat message may add beside its text (role markers, separators).
-const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 8;
 
 /// `[payments]` in `proxy.toml`. Payments are off (everything is free) without a ledger.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,19 +101,6 @@ fn payment_required(message: String) -> ProtocolError {
 
 fn ledger_unavailable(e: LedgerError) -> ProtocolError {
     ProtocolError::unavailable(format!("the ledger cannot be read: {e}"))
-}
-
-/// An upper bound on the prompt's tokens: a token of a byte-level tokenizer covers at least
-/// one byte, and the chat template adds a few per message.
-fn prompt_bound(input: &Input) -> u64 {
-    match input {
-        Input::Text { prompt } => prompt.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE,
-        Input::Chat { messages } => messages
-            .iter()
-            .map(|m| m.content.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE)
-            .sum::<u64>()
-            .saturating_add(TEMPLATE_TOKENS_PER_MESSAGE),
-    }
 }
 
 /// Counter units for `weighted` tokens at `price` per token: the contract counts in units of
@@ -291,22 +276,19 @@ impl Billing {
         Ok(contract)
     }
 
-    /// Holds the most `request` could cost at `price` per token against the client's
-    /// contract, or refuses it. `context_length` bounds the completion when the request sets
-    /// no `max_tokens`.
+    /// Holds the most a request within `bounds` could cost at `price` per token against the
+    /// client's contract, or refuses it.
     pub(crate) async fn reserve(
         self: &Arc<Self>,
         client: PublicKey,
-        request: &GenerateRequest,
-        context_length: u32,
+        bounds: &UsageBounds,
         price: u64,
     ) -> Result<Hold, ProtocolError> {
         let params = self.params.read().clone();
-        let completion = request.params.max_tokens.unwrap_or(context_length);
         let weighted = params
             .weighted_tokens(&[
-                (TokenKind::Prompt, prompt_bound(&request.input)),
-                (TokenKind::Completion, u64::from(completion)),
+                (TokenKind::Prompt, bounds.prompt()),
+                (TokenKind::Completion, bounds.completion()),
             ])
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
         let tokens = units(&params, weighted, price);
@@ -399,15 +381,12 @@ impl Billing {
             ])
             .map_err(|e| ProtocolError::internal(e.to_string()))?;
         let mut tokens = units(&params, weighted, price);
-        // Usage above the reservation (a prompt bound that did not hold) is billed only as far
-        // as the contract covers: the ledger would refuse a charge beyond the balance.
-        if params.cost(tokens).unwrap_or(Nanoton::MAX) > hold.amount {
-            let covered = self.coverable(&hold, &params);
-            let affordable = u64::try_from(covered / params.price_per_token.max(1)).unwrap_or(0);
-            if affordable < tokens {
-                tracing::warn!(client = %hex::encode(hold.client), tokens, affordable, "answer cost more than the client's contract covers; billing what it covers");
-                tokens = affordable;
-            }
+        // A bill never exceeds its reservation. Usage within the bounds cannot, so this holds
+        // only if a bound and the reservation ever disagreed; the client pays what it agreed to.
+        let reserved = u64::try_from(hold.amount / params.price_per_token.max(1)).unwrap_or(0);
+        if tokens > reserved {
+            tracing::error!(client = %hex::encode(hold.client), tokens, reserved, "a bill above its reservation; billing the reservation");
+            tokens = reserved;
         }
         let named = |e: LedgerError| ProtocolError::internal(format!("contract address: {e}"));
         let proxy = self.proxy();
@@ -451,28 +430,6 @@ impl Billing {
             message: hex::encode(&settled.payout.0),
         };
         Ok((bill, payout))
-    }
-
-    /// What the contract covers for this request beyond other requests' reservations and the
-    /// unbilled work.
-    fn coverable(&self, hold: &Hold, params: &NetworkParams) -> Nanoton {
-        let charged = self.charged(&hold.client);
-        let clients = self.clients.lock();
-        let Some(view) = clients.get(&hold.client) else {
-            return 0;
-        };
-        let Some(contract) = &view.contract else {
-            return 0;
-        };
-        let unbilled = params
-            .cost(charged.saturating_sub(contract.tokens_used))
-            .unwrap_or(Nanoton::MAX);
-        let others = view.reserved.saturating_sub(hold.amount);
-        contract
-            .balance
-            .min(contract.stake)
-            .saturating_sub(unbilled)
-            .saturating_sub(others)
     }
 
     /// Closes the client's contract with the proxy's cooperation: commits the last charge, then

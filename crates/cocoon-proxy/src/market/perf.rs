@@ -24,6 +24,9 @@ pub const MAX_WEIGHT: f64 = 20.0;
 /// Samples of a stall count this many times: a worker that hangs costs its clients the whole
 /// timeout, where one that refuses costs them a retry.
 pub const STALL_WEIGHT: f64 = 3.0;
+/// Samples of an answer whose token counts broke the proxy's bounds count this many times: a
+/// worker that overstates its counts is out to take its clients' money.
+pub const OVERREPORT_WEIGHT: f64 = 5.0;
 
 /// A time-decayed mean. `at` is in seconds on any monotonic clock the caller keeps using
 /// (unix seconds when persisted).
@@ -80,6 +83,9 @@ pub enum Outcome {
     Failed,
     /// It went silent: no first token in time, or no next one, or no health answer.
     Stalled,
+    /// It delivered, but reported more tokens than the request and the relayed text allow;
+    /// its speed is not measured on counts it made up.
+    Overreported,
 }
 
 /// The figures a routing decision uses, read at one instant.
@@ -108,6 +114,7 @@ impl Performance {
             }
             Outcome::Failed => self.success.add(0.0, 1.0, now),
             Outcome::Stalled => self.success.add(0.0, STALL_WEIGHT, now),
+            Outcome::Overreported => self.success.add(0.0, OVERREPORT_WEIGHT, now),
         }
     }
 

@@ -1,8 +1,11 @@
 //! Relaying an answer from the worker that began it. From its first token on the answer
 //! belongs to that worker: it is not failed over, a worker that fails or goes silent ends the
-//! stream with an error event, and the client pays only for the tokens it was sent.
+//! stream with an error event, and the client pays only for the tokens it was sent. The
+//! worker's token counts are held to the request's [`UsageBounds`]: a report beyond them is
+//! billed at the bound, costs the worker reputation, and repeated, its connection.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,7 +17,7 @@ use http::Response;
 use tokio::sync::mpsc;
 
 use super::failover::Begun;
-use crate::billing::{Billing, Hold};
+use crate::billing::{Billing, Bounded, Hold, Relayed, UsageBounds};
 use crate::limits::RequestPermit;
 use crate::market::{LoadGuard, Outcome};
 use crate::server::State;
@@ -82,6 +85,7 @@ pub(super) fn stream(
     begun: Begun<WorkerLink, Started>,
     permit: RequestPermit,
     hold: Option<Hold>,
+    bounds: UsageBounds,
 ) -> Response<Body> {
     let Begun {
         load,
@@ -94,6 +98,7 @@ pub(super) fn stream(
         load,
         _permit: permit,
         hold,
+        bounds,
         asked,
         first_at,
     };
@@ -109,6 +114,8 @@ struct Answer {
     load: LoadGuard<WorkerLink>,
     _permit: RequestPermit,
     hold: Option<Hold>,
+    /// The most the worker's counts may say.
+    bounds: UsageBounds,
     /// On tokio's clock, as failover measures them.
     asked: tokio::time::Instant,
     first_at: tokio::time::Instant,
@@ -130,8 +137,9 @@ impl Answer {
         let silence = self.state.limiter.config().worker_timeout();
         // A worker silent mid-answer is cut off.
         let mut events = started.events.with_silence_limit(silence);
-        // Generated tokens relayed so far: what a cut-off answer is billed for.
-        let mut relayed = 0u32;
+        // What was relayed so far: what bounds the bill, and what a cut-off answer is billed
+        // for.
+        let mut relayed = Relayed::default();
         let mut next = Some(Ok(started.first));
         let mut last_event = Instant::now();
         let end = loop {
@@ -153,9 +161,11 @@ impl Answer {
                         usage,
                         ..
                     },
-                    frame,
+                    _,
                 ))) => {
+                    let usage = self.bounded(&worker, self.bounds.apply(usage, relayed));
                     self.record_served(usage);
+                    // The client is shown the counts it is billed for, not the worker's claim.
                     let frame = match (self.state.billing.clone(), self.hold.take()) {
                         // The answer is acknowledged only once its bill is on disk.
                         (Some(b), Some(h)) => {
@@ -171,7 +181,11 @@ impl Answer {
                                 }
                             }
                         }
-                        _ => frame,
+                        _ => encode_frame(&GenerateEvent::Done {
+                            finish_reason,
+                            usage,
+                            billing: None,
+                        }),
                     };
                     break if tx.send(frame).await.is_err() {
                         End::ClientLeft
@@ -179,8 +193,8 @@ impl Answer {
                         End::Done
                     };
                 }
-                Some(Ok((GenerateEvent::Delta { tokens, .. }, frame))) => {
-                    relayed = relayed.saturating_add(tokens);
+                Some(Ok((GenerateEvent::Delta { tokens, text }, frame))) => {
+                    relayed.add(tokens, &text);
                     if tx.send(frame).await.is_err() {
                         break End::ClientLeft;
                     }
@@ -210,7 +224,7 @@ impl Answer {
             End::Done => return,
             End::ClientLeft => self.charge_delivered(&worker, relayed).await,
             End::WorkerFailed { error, stalled } => {
-                tracing::warn!(worker = %worker.name, %error, relayed, "worker failed mid-answer");
+                tracing::warn!(worker = %worker.name, %error, relayed = relayed.tokens, "worker failed mid-answer");
                 let outcome = if *stalled {
                     Outcome::Stalled
                 } else {
@@ -219,22 +233,23 @@ impl Answer {
                 self.state.workers.record(&worker, outcome);
                 let bill = self.charge_delivered(&worker, relayed).await;
                 let billed = match &bill {
-                    Some(b) => format!(
-                        "the {relayed} tokens delivered were billed ({} units of {} nanoton), \
+                    Some((b, delivered)) => format!(
+                        "the {delivered} tokens delivered were billed ({} units of {} nanoton), \
                          nothing more",
                         b.billed_tokens, b.unit_price
                     ),
                     None => "nothing was billed".into(),
                 };
                 let error = ProtocolError::unavailable(format!(
-                    "the worker serving this answer failed after {relayed} tokens ({}); {billed}",
+                    "the worker serving this answer failed after {} tokens ({}); {billed}",
+                    relayed.tokens.min(self.bounds.completion()),
                     error.message
                 ));
                 let _ = tx.send(encode_frame(&GenerateEvent::Error { error })).await;
                 bill
             }
         };
-        let charged = charged.map_or(0, |b| b.billed_tokens);
+        let charged = charged.map_or(0, |(b, _)| b.billed_tokens);
         tracing::debug!(worker = %worker.name, charged, "answer ended before it was done");
     }
 
@@ -252,23 +267,40 @@ impl Answer {
         );
     }
 
+    /// The worker's counts as they may be billed; a report that broke a bound costs the worker
+    /// reputation, and after `evict_after_overreports` of them its connection.
+    fn bounded(&self, worker: &Arc<WorkerEntry>, bounded: Bounded) -> Usage {
+        if let Some(breach) = bounded.breach {
+            let overreports = worker.link.overreports.fetch_add(1, Ordering::SeqCst) + 1;
+            tracing::warn!(worker = %worker.name, %breach, overreports, "the worker reported more tokens than it can have used; billed at the bound");
+            self.state.workers.record(worker, Outcome::Overreported);
+            if overreports >= self.state.routing.evict_after_overreports {
+                tracing::warn!(worker = %worker.name, overreports, "disconnecting and barring a worker that keeps overstating its token counts");
+                self.state.admission.bar(
+                    worker.link.fingerprint,
+                    format!("{overreports} answers overstated their token counts"),
+                );
+                worker.link.evict.cancel();
+            }
+        }
+        bounded.usage
+    }
+
     /// Bills the completion tokens the client was sent of an answer that did not finish (the
-    /// prompt's count comes only with the end of an answer); the bill, if there was one.
+    /// prompt's count comes only with the end of an answer); the bill and the tokens it is
+    /// for, if there was one.
     async fn charge_delivered(
         &mut self,
         worker: &Arc<WorkerEntry>,
-        relayed: u32,
-    ) -> Option<cocoon_protocol::Billing> {
-        if relayed == 0 {
+        relayed: Relayed,
+    ) -> Option<(cocoon_protocol::Billing, u32)> {
+        if relayed.tokens == 0 {
             return None;
         }
+        let usage = self.bounded(worker, self.bounds.cut_off(relayed));
         let (billing, hold) = (self.state.billing.clone()?, self.hold.take()?);
-        let usage = Usage {
-            prompt_tokens: 0,
-            completion_tokens: relayed,
-        };
         match settle(&billing, hold, worker, usage, self.load.price).await {
-            Ok(bill) => Some(bill),
+            Ok(bill) => Some((bill, usage.completion_tokens)),
             Err(error) => {
                 tracing::error!(%error, "settlement of a cut-off answer failed");
                 None

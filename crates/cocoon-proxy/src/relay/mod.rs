@@ -25,7 +25,7 @@ use http::Response;
 use hyper::body::Incoming;
 
 pub(crate) use self::answer::send_payout;
-use crate::billing::Hold;
+use crate::billing::{Hold, UsageBounds};
 use crate::server::State;
 
 pub(crate) async fn generate(
@@ -47,12 +47,16 @@ async fn serve(
     let read = cocoon_net::read_json(body, state.max_request_bytes);
     let request = admit::read(read, state.limiter.config()).await?;
     let permit = admit::admit(&state.limiter, &state.workers, client, &request)?;
-    let hold = reserve(state, client, &request).await?;
+    // What the worker may bill is fixed now, from the request itself: the reservation covers
+    // exactly that, and the worker's report is held to it.
+    let context = state.workers.context_length(&request.model);
+    let bounds = UsageBounds::new(&request, context.unwrap_or(u32::MAX));
+    let hold = reserve(state, client, &request, &bounds).await?;
     let begun = failover::run(&state.workers, &state.routing, &request, |worker| {
         answer::start(worker, &request)
     })
     .await?;
-    Ok(answer::stream(state.clone(), begun, permit, hold))
+    Ok(answer::stream(state.clone(), begun, permit, hold, bounds))
 }
 
 /// Reserves what the request may cost (nothing without payments). It must cover the
@@ -61,6 +65,7 @@ async fn reserve(
     state: &State,
     client: [u8; 32],
     request: &GenerateRequest,
+    bounds: &UsageBounds,
 ) -> Result<Option<Hold>, ProtocolError> {
     let workers = &state.workers;
     match (
@@ -68,10 +73,9 @@ async fn reserve(
         workers.context_length(&request.model),
         workers.highest_price(&request.model, request.max_price),
     ) {
-        (Some(billing), Some(context), Some(price)) => billing
-            .reserve(client, request, context, price)
-            .await
-            .map(Some),
+        (Some(billing), Some(_), Some(price)) => {
+            billing.reserve(client, bounds, price).await.map(Some)
+        }
         _ => Ok(None),
     }
 }

@@ -2,7 +2,8 @@
 //! the bill at the serving worker's price), failover before the first token (a worker that
 //! refuses or stalls is replaced without the client noticing), a clean end and a charge for
 //! delivered tokens only when a worker dies mid-stream, and `GET /v1/network`
-//! (the gateway's failover between proxies is `cocoon-client`'s test).
+//! (the gateway's failover between proxies is `cocoon-client`'s test), and a worker that
+//! overstates its token counts: billed at the bound, then barred.
 //!
 //! The backends are test doubles whose behaviour the test switches, so what is measured is
 //! the proxy's routing, not a model's timing.
@@ -267,4 +268,78 @@ async fn a_request_too_long_for_one_worker_goes_to_one_with_a_longer_context() {
             .contains("do not fit a context of 4096"),
         "{answer}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_overstates_its_counts_is_billed_at_the_bound_then_barred() {
+    // The worker at the floor (the only one a cap of 25 admits) claims about 4·10⁹ tokens for
+    // every prompt, every one-byte delta and every completion; the other is honest, at 30.
+    let liar = Scripted::new(2048);
+    liar.set(Mode::Overreport);
+    let (net, _) = start_with(
+        vec![liar.clone(), Scripted::new(2048)],
+        &[0, 30],
+        RoutingConfig::default(),
+    )
+    .await;
+    // The liar asks the floor (its price shows as 0 or 20), the honest one 30.
+    let liar_fingerprint = net
+        .proxy_status()
+        .workers
+        .iter()
+        .find(|w| w.offers.iter().all(|o| o.price < 30))
+        .expect("the worker at the floor joined")
+        .fingerprint
+        .clone();
+    let breaches = RoutingConfig::default().evict_after_overreports;
+    let mut billed = 0;
+    for i in 0..breaches {
+        let (status, answer) = ask(&net, json!({"max_tokens": 4, "max_price": 25})).await;
+        assert_eq!(status, 200, "{answer}");
+        let usage = &answer["usage"];
+        // "Hi" is 2 bytes in one message: at most 2 + 8 template tokens, + 64 for the
+        // conversation; 4 one-byte deltas are at most 4 tokens (max_tokens).
+        assert_eq!(usage["prompt_tokens"], 74, "{answer}");
+        assert_eq!(usage["completion_tokens"], 4, "{answer}");
+        // Billed at the floor for those 78 tokens: the reservation, and the gateway's check
+        // agrees.
+        let bill = &usage["billing"];
+        assert_eq!(bill["weighted_tokens"], 78, "{answer}");
+        assert_eq!(bill["billed_tokens"], 78, "{answer}");
+        assert_eq!(usage["cost"], 78 * 20, "{answer}");
+        assert_eq!(usage["bill_verified"], true, "{answer}");
+        billed += 78;
+        if i == 0 {
+            let status = net.proxy_status();
+            let worker = status
+                .workers
+                .iter()
+                .find(|w| w.fingerprint == liar_fingerprint)
+                .unwrap();
+            assert!(worker.reputation.success_rate < 0.5, "{worker:?}");
+        }
+    }
+    // Every charge signed is one of those bounded bills, nothing more.
+    let payments = net.proxy_status().payments.unwrap();
+    assert_eq!(payments.uncommitted_tokens, billed, "{payments:?}");
+    // After the last breach it is disconnected, and refused when it comes back.
+    wait_until("the worker to be barred", Duration::from_secs(20), || {
+        let status = net.proxy_status();
+        status
+            .workers
+            .iter()
+            .all(|w| w.fingerprint != liar_fingerprint)
+            && status
+                .recent_refusals
+                .iter()
+                .any(|r| r.fingerprint == liar_fingerprint && r.reason.contains("barred"))
+    })
+    .await;
+    let (status, answer) = ask(&net, json!({"max_tokens": 4, "max_price": 25})).await;
+    assert_ne!(status, 200, "{answer}");
+    // The honest worker serves on, with exact counts.
+    let (status, answer) = ask(&net, json!({"max_tokens": 4})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["usage"]["prompt_tokens"], 5, "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
 }

@@ -199,6 +199,7 @@ impl DevNetwork {
                 payments: ClientPayments {
                     ledger: ledger_url.clone(),
                     proxy_key: Some(hex::encode(proxy_key)),
+                    ..ClientPayments::default()
                 },
                 ..ClientConfig::default()
             },
@@ -303,6 +304,7 @@ impl DevNetwork {
             payments: ClientPayments {
                 ledger: self.ledger_url().map(str::to_owned),
                 proxy_key: Some(hex::encode(self.proxy_key()?)),
+                ..ClientPayments::default()
             },
             ..ClientConfig::default()
         };

@@ -1,0 +1,252 @@
+//! What a worker's token counts may say. The proxy bills what a worker reports, so a worker
+//! (or the upstream server behind it) that reports more than it could have used would take
+//! the client's money; each count is held to a bound the proxy computes itself, from the
+//! request and from what it relayed:
+//!
+//! - prompt tokens: at most the prompt's bytes plus the template's overhead (a token of a
+//!   byte-level tokenizer covers at least one byte), as the reservation assumed;
+//! - completion tokens: at most `max_tokens` (or the context). A cut-off answer is billed
+//!   what its deltas claimed, within the same bound and within the bytes they carried (plus
+//!   a stop sequence and a few tokens that leave no text).
+//!
+//! The relayed text does not bound a finished answer's completion: an honest worker counts
+//! tokens it does not relay as text (a reasoning model's thinking, which the upstream backend
+//! does not pass on yet; control tokens under `ignore_eos`), so such a bound would bar honest
+//! workers.
+//!
+//! A report over a bound is billed at the bound and is a breach: the worker loses reputation,
+//! and after repeated breaches it is disconnected.
+
+use cocoon_protocol::{GenerateRequest, Input, Usage};
+
+/// Template tokens a chat message may add beside its text (role markers, separators), and a
+/// text prompt beside its own (a begin-of-sequence token).
+pub(crate) const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 8;
+/// Template tokens a conversation may add once: the generation prompt, and the default system
+/// prompt or date line some templates insert (Qwen's and Llama 3's are 20 to 30 tokens).
+pub(crate) const TEMPLATE_TOKENS_PER_CONVERSATION: u64 = 64;
+
+/// Generated tokens that may leave no text behind: an end-of-generation token some servers
+/// count, a few special tokens, and a UTF-8 sequence still incomplete when the answer ended.
+const SILENT_TOKENS: u64 = 8;
+
+/// An upper bound on the prompt's tokens: a token of a byte-level tokenizer covers at least
+/// one byte, and the chat template adds a few per message and some once.
+pub(crate) fn prompt_bound(input: &Input) -> u64 {
+    match input {
+        Input::Text { prompt } => prompt.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE,
+        Input::Chat { messages } => messages
+            .iter()
+            .map(|m| m.content.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE)
+            .sum::<u64>()
+            .saturating_add(TEMPLATE_TOKENS_PER_CONVERSATION),
+    }
+}
+
+/// The most a request's answer may be counted as, fixed when the request is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UsageBounds {
+    prompt: u64,
+    completion: u64,
+    /// Bytes of a stop sequence the engine matched and did not relay (its tokens count).
+    withheld: u64,
+}
+
+/// What the proxy relayed of an answer: the tokens its deltas claimed and their text's bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Relayed {
+    /// Tokens the deltas said they carry.
+    pub(crate) tokens: u64,
+    /// Bytes of the deltas' text.
+    pub(crate) bytes: u64,
+}
+
+impl Relayed {
+    /// Adds one delta.
+    pub(crate) fn add(&mut self, tokens: u32, text: &str) {
+        self.tokens = self.tokens.saturating_add(u64::from(tokens));
+        self.bytes = self.bytes.saturating_add(text.len() as u64);
+    }
+}
+
+/// A worker's report held to the bounds: what is billed and recorded, and the breach, if the
+/// report broke a bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Bounded {
+    pub(crate) usage: Usage,
+    pub(crate) breach: Option<String>,
+}
+
+impl UsageBounds {
+    /// The bounds of `request` on a model with `context_length` tokens of context (the
+    /// completion's bound when the request sets no `max_tokens`).
+    pub(crate) fn new(request: &GenerateRequest, context_length: u32) -> Self {
+        Self {
+            prompt: prompt_bound(&request.input),
+            completion: u64::from(request.params.max_tokens.unwrap_or(context_length)),
+            withheld: request
+                .params
+                .stop
+                .iter()
+                .map(|s| s.len() as u64)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// The most prompt tokens the request may be billed for.
+    pub(crate) fn prompt(&self) -> u64 {
+        self.prompt
+    }
+
+    /// The most completion tokens the request may be billed for.
+    pub(crate) fn completion(&self) -> u64 {
+        self.completion
+    }
+
+    /// The most completion tokens an answer of which `relayed` was sent can have used.
+    fn completion_for(&self, relayed: Relayed) -> u64 {
+        let by_text = relayed
+            .bytes
+            .saturating_add(self.withheld)
+            .saturating_add(SILENT_TOKENS);
+        self.completion.min(by_text)
+    }
+
+    /// Holds a finished answer's `reported` usage to the bounds, given what was `relayed`.
+    pub(crate) fn apply(&self, reported: Usage, relayed: Relayed) -> Bounded {
+        let completion_cap = self.completion;
+        let mut breaches = Vec::new();
+        let prompt = u64::from(reported.prompt_tokens);
+        if prompt > self.prompt {
+            breaches.push(format!(
+                "{prompt} prompt tokens for a prompt that fits in {}",
+                self.prompt
+            ));
+        }
+        let completion = u64::from(reported.completion_tokens);
+        if completion > completion_cap {
+            breaches.push(format!(
+                "{completion} completion tokens where at most {completion_cap} may be generated \
+                 ({} tokens in {} bytes were relayed)",
+                relayed.tokens, relayed.bytes
+            ));
+        }
+        let clamp = |v: u64, cap: u64| u32::try_from(v.min(cap)).unwrap_or(u32::MAX);
+        Bounded {
+            usage: Usage {
+                prompt_tokens: clamp(prompt, self.prompt),
+                completion_tokens: clamp(completion, completion_cap),
+            },
+            breach: (!breaches.is_empty()).then(|| breaches.join("; ")),
+        }
+    }
+
+    /// The completion tokens a cut-off answer is billed for: what its deltas claimed, within
+    /// the bounds.
+    pub(crate) fn cut_off(&self, relayed: Relayed) -> Bounded {
+        let cap = self.completion_for(relayed);
+        Bounded {
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: u32::try_from(relayed.tokens.min(cap)).unwrap_or(u32::MAX),
+            },
+            breach: (relayed.tokens > cap).then(|| {
+                format!(
+                    "deltas claimed {} tokens in {} bytes of text",
+                    relayed.tokens, relayed.bytes
+                )
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cocoon_protocol::{ChatMessage, Role, SamplingParams};
+
+    fn request(prompt: &str, max_tokens: Option<u32>, stop: &[&str]) -> GenerateRequest {
+        GenerateRequest {
+            model: "m".into(),
+            input: Input::Chat {
+                messages: vec![ChatMessage {
+                    role: Role::User,
+                    content: prompt.into(),
+                }],
+            },
+            params: SamplingParams {
+                max_tokens,
+                stop: stop.iter().map(|s| s.to_string()).collect(),
+                ..SamplingParams::default()
+            },
+            max_price: None,
+        }
+    }
+
+    fn usage(prompt_tokens: u32, completion_tokens: u32) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+        }
+    }
+
+    fn relayed(tokens: u64, bytes: u64) -> Relayed {
+        Relayed { tokens, bytes }
+    }
+
+    #[test]
+    fn honest_counts_pass_unchanged() {
+        let b = UsageBounds::new(&request("Hello there", Some(16), &["\n\n"]), 2048);
+        // 11 bytes, one message's and one conversation's template overhead bound the prompt.
+        assert_eq!(b.prompt(), 11 + 8 + 64);
+        let honest = b.apply(usage(9, 16), relayed(16, 40));
+        assert_eq!(
+            honest,
+            Bounded {
+                usage: usage(9, 16),
+                breach: None
+            }
+        );
+        // A stop sequence's tokens count though its text was withheld.
+        let stopped = b.apply(usage(9, 5), relayed(3, 3));
+        assert_eq!(stopped.breach, None, "{stopped:?}");
+        // Multi-byte text: fewer tokens than bytes.
+        assert_eq!(b.apply(usage(83, 4), relayed(4, 16)).breach, None);
+    }
+
+    #[test]
+    fn inflated_counts_are_billed_at_the_bound_and_named() {
+        let b = UsageBounds::new(&request("Hi", Some(4), &[]), 2048);
+        let lie = b.apply(usage(4_000_000_000, 4_000_000_000), relayed(4, 4));
+        assert_eq!(lie.usage, usage(2 + 8 + 64, 4));
+        let breach = lie.breach.unwrap();
+        assert!(breach.contains("4000000000 prompt tokens"), "{breach}");
+        assert!(breach.contains("4000000000 completion tokens"), "{breach}");
+        // A finished answer may count tokens it did not relay as text (a reasoning model's
+        // thinking), within max_tokens.
+        let b = UsageBounds::new(&request("Hi", Some(100), &[]), 2048);
+        assert_eq!(b.apply(usage(5, 50), relayed(1, 1)).breach, None);
+        // A cut-off answer's deltas that claim more tokens than their text could hold.
+        let b = UsageBounds::new(&request("Hi", Some(100_000), &[]), 2048);
+        let cut = b.cut_off(relayed(90_000, 10));
+        assert_eq!(cut.usage, usage(0, 10 + SILENT_TOKENS as u32));
+        assert!(cut.breach.is_some());
+        assert_eq!(
+            b.cut_off(relayed(3, 3)),
+            Bounded {
+                usage: usage(0, 3),
+                breach: None
+            }
+        );
+    }
+
+    #[test]
+    fn without_max_tokens_the_context_bounds_the_completion() {
+        let b = UsageBounds::new(&request("Hi", None, &[]), 64);
+        assert_eq!(b.completion(), 64);
+        let lie = b.apply(usage(5, 5000), relayed(5000, 5000));
+        assert_eq!(lie.usage.completion_tokens, 64);
+        assert!(lie.breach.is_some());
+    }
+}
