@@ -11,7 +11,7 @@
 //! `bill_verified: false` with the reason, and logged at error level; after
 //! `max_bad_bills` of them a proxy gets no more requests from this gateway.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cocoon_ledger::{Address, NetworkParams, PaymentMessage, SignedMessage, TokenKind};
@@ -67,8 +67,8 @@ pub(crate) struct BillRecord {
     params: Option<NetworkParams>,
     max_bad_bills: u32,
     claimed: Mutex<HashMap<Address, Claimed>>,
+    /// Bad bills per proxy key.
     bad: Mutex<HashMap<[u8; 32], u32>>,
-    distrusted: Mutex<HashSet<[u8; 32]>>,
 }
 
 impl BillRecord {
@@ -78,13 +78,12 @@ impl BillRecord {
             max_bad_bills: max_bad_bills.max(1),
             claimed: Mutex::default(),
             bad: Mutex::default(),
-            distrusted: Mutex::default(),
         }
     }
 
     /// Whether the proxy with `key` sent `max_bad_bills` bad bills.
     pub(crate) fn distrusts(&self, key: &[u8; 32]) -> bool {
-        self.distrusted.lock().contains(key)
+        self.bad_bills(key) >= self.max_bad_bills
     }
 
     /// Bad bills from the proxy with `key` so far.
@@ -96,7 +95,7 @@ impl BillRecord {
         let mut bad = self.bad.lock();
         let n = bad.entry(key).or_default();
         *n += 1;
-        if *n >= self.max_bad_bills && self.distrusted.lock().insert(key) {
+        if *n == self.max_bad_bills {
             tracing::error!(proxy = %hex::encode(key), bad_bills = *n, "this proxy sent too many bills that do not check out: no more requests go to it");
         }
     }

@@ -21,10 +21,10 @@ use cocoon_protocol::{GenerateRequest, Input, Usage};
 
 /// Template tokens a chat message may add beside its text (role markers, separators), and a
 /// text prompt beside its own (a begin-of-sequence token).
-pub(crate) const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 8;
+const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 8;
 /// Template tokens a conversation may add once: the generation prompt, and the default system
 /// prompt or date line some templates insert (Qwen's and Llama 3's are 20 to 30 tokens).
-pub(crate) const TEMPLATE_TOKENS_PER_CONVERSATION: u64 = 64;
+const TEMPLATE_TOKENS_PER_CONVERSATION: u64 = 64;
 
 /// Generated tokens that may leave no text behind: an end-of-generation token some servers
 /// count, a few special tokens, and a UTF-8 sequence still incomplete when the answer ended.
@@ -32,7 +32,7 @@ const SILENT_TOKENS: u64 = 8;
 
 /// An upper bound on the prompt's tokens: a token of a byte-level tokenizer covers at least
 /// one byte, and the chat template adds a few per message and some once.
-pub(crate) fn prompt_bound(input: &Input) -> u64 {
+fn prompt_bound(input: &Input) -> u64 {
     match input {
         Input::Text { prompt } => prompt.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE,
         Input::Chat { messages } => messages
@@ -104,18 +104,8 @@ impl UsageBounds {
         self.completion
     }
 
-    /// The most completion tokens an answer of which `relayed` was sent can have used.
-    fn completion_for(&self, relayed: Relayed) -> u64 {
-        let by_text = relayed
-            .bytes
-            .saturating_add(self.withheld)
-            .saturating_add(SILENT_TOKENS);
-        self.completion.min(by_text)
-    }
-
     /// Holds a finished answer's `reported` usage to the bounds, given what was `relayed`.
     pub(crate) fn apply(&self, reported: Usage, relayed: Relayed) -> Bounded {
-        let completion_cap = self.completion;
         let mut breaches = Vec::new();
         let prompt = u64::from(reported.prompt_tokens);
         if prompt > self.prompt {
@@ -125,27 +115,32 @@ impl UsageBounds {
             ));
         }
         let completion = u64::from(reported.completion_tokens);
-        if completion > completion_cap {
+        if completion > self.completion {
             breaches.push(format!(
-                "{completion} completion tokens where at most {completion_cap} may be generated \
+                "{completion} completion tokens where at most {} may be generated \
                  ({} tokens in {} bytes were relayed)",
-                relayed.tokens, relayed.bytes
+                self.completion, relayed.tokens, relayed.bytes
             ));
         }
         let clamp = |v: u64, cap: u64| u32::try_from(v.min(cap)).unwrap_or(u32::MAX);
         Bounded {
             usage: Usage {
                 prompt_tokens: clamp(prompt, self.prompt),
-                completion_tokens: clamp(completion, completion_cap),
+                completion_tokens: clamp(completion, self.completion),
             },
             breach: (!breaches.is_empty()).then(|| breaches.join("; ")),
         }
     }
 
     /// The completion tokens a cut-off answer is billed for: what its deltas claimed, within
-    /// the bounds.
+    /// the bounds and within the text they carried (plus a withheld stop sequence and a few
+    /// tokens that leave no text).
     pub(crate) fn cut_off(&self, relayed: Relayed) -> Bounded {
-        let cap = self.completion_for(relayed);
+        let by_text = relayed
+            .bytes
+            .saturating_add(self.withheld)
+            .saturating_add(SILENT_TOKENS);
+        let cap = self.completion.min(by_text);
         Bounded {
             usage: Usage {
                 prompt_tokens: 0,

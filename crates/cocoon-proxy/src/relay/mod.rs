@@ -67,15 +67,13 @@ async fn reserve(
     request: &GenerateRequest,
     bounds: &UsageBounds,
 ) -> Result<Option<Hold>, ProtocolError> {
-    let workers = &state.workers;
     match (
         &state.billing,
-        workers.context_length(&request.model),
-        workers.highest_price(&request.model, request.max_price),
+        state
+            .workers
+            .highest_price(&request.model, request.max_price),
     ) {
-        (Some(billing), Some(_), Some(price)) => {
-            billing.reserve(client, bounds, price).await.map(Some)
-        }
+        (Some(billing), Some(price)) => billing.reserve(client, bounds, price).await.map(Some),
         _ => Ok(None),
     }
 }
