@@ -363,6 +363,7 @@ async fn answer(
         proxy,
         contract: proxy.and_then(|p| state.contract_with(&p)),
         max_price: request.max_price,
+        expects_bill: state.ledger.is_some(),
         record: state.bills.clone(),
     };
     let meta = sse::Meta {
@@ -393,7 +394,7 @@ async fn answer(
             None => return Err(ProtocolError::internal("the answer ended early").into()),
         }
     };
-    let verified = billing.as_ref().map(|b| parties.verified(b, usage));
+    let verified = parties.verdict(billing.as_ref(), usage);
     let usage = OpenAiUsage::new(usage, billing, verified);
     let body = match endpoint {
         Endpoint::Chat => json!({

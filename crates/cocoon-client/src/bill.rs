@@ -109,6 +109,9 @@ pub(crate) struct Parties {
     pub contract: Option<Address>,
     /// The request's price cap, if it set one.
     pub max_price: Option<u64>,
+    /// Whether a bill must come with the answer: this gateway pays through a ledger, so an
+    /// answer without one is a proxy hiding what it charges.
+    pub expects_bill: bool,
     pub record: Arc<BillRecord>,
 }
 
@@ -196,14 +199,27 @@ impl Parties {
             .claim(bill.tokens_used, bill.billed_tokens)
     }
 
-    /// Whether `bill` holds, and why not: logged at error level, counted against the proxy.
-    pub(crate) fn verified(&self, bill: &Billing, usage: Usage) -> Result<(), String> {
-        self.check(bill, usage).inspect_err(|reason| {
+    /// The verdict on the bill (or its absence) of an answer of `usage`: `None` when there is
+    /// nothing to judge (no bill, none expected). A failure is logged at error level and
+    /// counted against the proxy.
+    pub(crate) fn verdict(
+        &self,
+        bill: Option<&Billing>,
+        usage: Usage,
+    ) -> Option<Result<(), String>> {
+        let verdict = match bill {
+            Some(bill) => self.check(bill, usage),
+            None if self.expects_bill => {
+                Err("the answer came without a bill, though this gateway pays for answers".into())
+            }
+            None => return None,
+        };
+        Some(verdict.inspect_err(|reason| {
             tracing::error!(%reason, "the proxy's bill does not check out");
             if let Some(proxy) = self.proxy {
                 self.record.bad_bill(proxy);
             }
-        })
+        }))
     }
 }
 
@@ -235,6 +251,7 @@ mod tests {
             proxy: Some(proxy.public_key()),
             contract: Some(Address::client(&proxy.public_key(), &client)),
             max_price: Some(30),
+            expects_bill: true,
             record: Arc::new(BillRecord::new(params, 3)),
         }
     }
@@ -378,11 +395,21 @@ mod tests {
         let key = proxy.public_key();
         let mut b = bill(&proxy, client, 100, 10);
         b.cost += 1;
-        for n in 1..=3 {
+        for n in 1..=2 {
             assert!(!p.record.distrusts(&key));
-            assert!(p.verified(&b, usage(10)).is_err());
+            assert!(p.verdict(Some(&b), usage(10)).unwrap().is_err());
             assert_eq!(p.record.bad_bills(&key), n);
         }
+        // An answer without a bill, from a proxy that must bill, is a bad bill too.
+        let missing = p.verdict(None, usage(10)).unwrap().unwrap_err();
+        assert!(missing.contains("without a bill"), "{missing}");
+        assert_eq!(p.record.bad_bills(&key), 3);
         assert!(p.record.distrusts(&key));
+        // Without payments there is nothing to judge.
+        let free = Parties {
+            expects_bill: false,
+            ..parties(&proxy, client, None)
+        };
+        assert_eq!(free.verdict(None, usage(10)), None);
     }
 }

@@ -66,9 +66,7 @@ impl StreamState {
                             Phase::Usage(usage, billing)
                         } else {
                             // Not shown to the app, but a bad bill is still logged.
-                            if let Some(b) = &billing {
-                                let _ = self.parties.verified(b, usage);
-                            }
+                            let _ = self.parties.verdict(billing.as_ref(), usage);
                             Phase::Done
                         };
                         return Some(self.chunks.finish(finish_reason.as_str()));
@@ -82,7 +80,7 @@ impl StreamState {
                 },
                 Phase::Usage(usage, billing) => {
                     self.phase = Phase::Done;
-                    let verified = billing.as_ref().map(|b| self.parties.verified(b, usage));
+                    let verified = self.parties.verdict(billing.as_ref(), usage);
                     let usage = serde_json::to_value(OpenAiUsage::new(usage, billing, verified))
                         .expect("serializable");
                     return Some(self.chunks.usage(usage));
