@@ -153,12 +153,15 @@ impl Gateway {
         Ok(Self { listener, router })
     }
 
+    /// The address the API listens on (with the port the system chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
             .expect("bound socket has an address")
     }
 
+    /// Serves the API until `shutdown` is cancelled, then waits for open connections to
+    /// finish; an error only if serving itself failed.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "OpenAI-compatible API listening");
         // Without TCP_NODELAY the last small SSE writes of an answer wait for the app's

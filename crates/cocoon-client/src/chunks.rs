@@ -11,8 +11,11 @@ use serde_json::Value;
 /// Encodes the chunks of one streamed answer.
 #[derive(Debug, Clone)]
 pub struct ChunkEncoder {
+    /// The answer's id (`chatcmpl-…` or `cmpl-…`), the same in every chunk.
     pub id: String,
+    /// When the answer was started, in seconds since the Unix epoch.
     pub created: u64,
+    /// The model the request named.
     pub model: String,
     /// `chat.completion.chunk` (delta) or legacy `text_completion` (text).
     pub chat: bool,

@@ -7,10 +7,6 @@
 //! proxies (with failover between them), `GET /v1/network` (what the network offers), and
 //! the check of the bill the proxy hands over with each answer.
 
-// Docs for this crate's public items are still being written (the workspace denies
-// missing docs everywhere else); remove this once they are.
-#![allow(missing_docs)]
-
 mod api;
 mod bill;
 pub mod chunks;

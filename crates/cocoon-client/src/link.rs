@@ -29,6 +29,8 @@ pub struct ProxyLink {
 }
 
 impl ProxyLink {
+    /// A link to the proxy at `addr` (`host:port`), which must satisfy the `proxy` policy;
+    /// nothing is connected until first use.
     pub fn new(
         addr: impl Into<String>,
         identity: Arc<Identity>,
@@ -77,6 +79,7 @@ impl ProxyLink {
         Ok(channel)
     }
 
+    /// The proxy's address, as given.
     pub fn addr(&self) -> &str {
         &self.addr
     }
@@ -139,6 +142,7 @@ impl ProxyLink {
             .await
     }
 
+    /// The models the proxy's workers serve, with their context, prices and worker count.
     pub async fn models(&self) -> Result<ModelList, ProtocolError> {
         self.channel()
             .await?

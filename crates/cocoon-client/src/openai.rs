@@ -10,12 +10,16 @@ use serde_json::Value;
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
+    /// A single stop sequence.
     One(String),
+    /// Several (at most 4, each 1 to 256 bytes).
     Many(Vec<String>),
 }
 
+/// `stream_options` of a streaming request.
 #[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
+    /// Send a last chunk with the `usage` (and the bill) before `[DONE]`.
     #[serde(default)]
     pub include_usage: bool,
 }
@@ -23,19 +27,30 @@ pub struct StreamOptions {
 /// Fields shared by both endpoints.
 #[derive(Debug, Deserialize)]
 pub struct Common {
+    /// The model's id, as `GET /v1/models` lists it.
     pub model: String,
+    /// Most tokens to generate; `None`: up to the end of the context window for a chat, 16
+    /// for a completion. A chat's `max_completion_tokens` takes precedence.
     pub max_tokens: Option<u32>,
+    /// 0 to 2; 0 is greedy decoding. `None`: 1.
     pub temperature: Option<f32>,
+    /// Nucleus sampling, in (0, 1]. `None`: 1 (off).
     pub top_p: Option<f32>,
+    /// Sampler seed for reproducible output; `None`: a random one.
     pub seed: Option<i64>,
+    /// Sequences that end the generation.
     pub stop: Option<Stop>,
+    /// Answer as server-sent events, chunk by chunk.
     #[serde(default)]
     pub stream: bool,
+    /// Options of a streaming answer.
     pub stream_options: Option<StreamOptions>,
+    /// Number of answers; only 1 (or `None`) is supported.
     pub n: Option<u32>,
     /// Extension shared with vLLM and llama.cpp's server.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Not supported: refused unless absent, `null` or `false`.
     #[serde(default)]
     pub logprobs: Option<Value>,
     /// cocoon's extension: the most this request may cost per weighted token, in nanoton
@@ -43,19 +58,28 @@ pub struct Common {
     pub max_price: Option<u64>,
 }
 
+/// The body of `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
+    /// The fields shared with completions.
     #[serde(flatten)]
     pub common: Common,
+    /// The conversation, oldest first; at least one.
     pub messages: Vec<OpenAiMessage>,
+    /// Most tokens to generate; overrides `max_tokens` when set.
     pub max_completion_tokens: Option<u32>,
+    /// Not supported: refused unless absent or `null`.
     #[serde(default)]
     pub tools: Option<Value>,
 }
 
+/// One message of a chat.
 #[derive(Debug, Deserialize)]
 pub struct OpenAiMessage {
+    /// `system` or `developer` (both a system message), `user` or `assistant`; others are
+    /// refused.
     pub role: String,
+    /// Required; `None` only so that its absence is refused with a clear message.
     #[serde(default)]
     pub content: Option<Content>,
 }
@@ -64,29 +88,41 @@ pub struct OpenAiMessage {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Content {
+    /// Plain text.
     Text(String),
+    /// Content parts; each must be `{"type": "text", "text": ...}`, and their texts are
+    /// joined.
     Parts(Vec<Value>),
 }
 
+/// The body of `POST /v1/completions` (the legacy text endpoint).
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
+    /// The fields shared with chat completions.
     #[serde(flatten)]
     pub common: Common,
+    /// The text to continue.
     pub prompt: Prompt,
+    /// Not supported: refused when true.
     #[serde(default)]
     pub echo: bool,
+    /// Not supported: refused when set.
     #[serde(default)]
     pub suffix: Option<String>,
 }
 
+/// `prompt`: one string, or a list of exactly one.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
+    /// A single prompt.
     One(String),
+    /// A list of prompts; only a list of one is supported.
     Many(Vec<String>),
 }
 
 impl Common {
+    /// Whether a streaming answer ends with a usage chunk (`stream_options.include_usage`).
     pub fn include_usage(&self) -> bool {
         self.stream_options
             .as_ref()
@@ -123,6 +159,8 @@ impl Common {
 }
 
 impl ChatRequest {
+    /// The cocoon request for this chat, or an `invalid` error naming what is unsupported
+    /// or out of range.
     pub fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
         if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
             return Err(ProtocolError::invalid("tools are not supported"));
@@ -185,6 +223,8 @@ fn convert_message(index: usize, m: OpenAiMessage) -> Result<ChatMessage, Protoc
 }
 
 impl CompletionRequest {
+    /// The cocoon request for this completion, or an `invalid` error naming what is
+    /// unsupported or out of range.
     pub fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
         if self.echo {
             return Err(ProtocolError::invalid("echo is not supported"));
@@ -218,8 +258,11 @@ impl CompletionRequest {
 /// SDKs keep fields they do not know, so `usage.cost` is readable from any of them.
 #[derive(Debug, Serialize)]
 pub struct OpenAiUsage {
+    /// Tokens in the prompt, as the serving model's tokenizer counts them.
     pub prompt_tokens: u32,
+    /// Tokens generated.
     pub completion_tokens: u32,
+    /// Prompt plus completion tokens.
     pub total_tokens: u32,
     /// Nanoton charged for this request.
     #[serde(skip_serializing_if = "Option::is_none")]

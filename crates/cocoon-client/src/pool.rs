@@ -31,13 +31,17 @@ struct Standing {
 /// What `GET /v1/network` shows of one proxy.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProxyState {
+    /// The proxy's address, as configured (`host:port`).
     pub addr: String,
     /// `up` (last contact worked), `down` (passed over for now), `unknown` (not tried) or
     /// `distrusted` (its bills did not check out; never tried again).
     pub state: &'static str,
     /// Its bills that did not check out.
     pub bad_bills: u32,
+    /// Times in a row it could not be reached or could not start an answer; 0 after a
+    /// success.
     pub failures_in_a_row: u32,
+    /// Why it last failed, kept after it recovers; `None` if it never failed.
     pub last_error: Option<String>,
     /// Answers started through it since the gateway started.
     pub answers: u64,
@@ -45,6 +49,8 @@ pub struct ProxyState {
     pub attestation: Option<String>,
 }
 
+/// The gateway's proxies, in the configured order, each with its standing: where requests go,
+/// with failover between them.
 pub struct ProxyPool {
     links: Vec<(ProxyLink, Mutex<Standing>)>,
     bills: Arc<BillRecord>,
@@ -171,6 +177,7 @@ impl ProxyPool {
         &self.links[self.order().first().copied().unwrap_or(0)].0
     }
 
+    /// Every proxy's standing now, in the configured order.
     pub fn states(&self) -> Vec<ProxyState> {
         let now = Instant::now();
         self.links

@@ -20,7 +20,9 @@ pub struct Refusal {
     pub at: u64,
     /// `worker`, `client`, or `handshake` when the peer fit no policy at all.
     pub role: String,
+    /// The peer's key fingerprint (hex).
     pub fingerprint: String,
+    /// Why it was refused: the policy's error.
     pub reason: String,
 }
 

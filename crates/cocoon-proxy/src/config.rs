@@ -77,6 +77,7 @@ impl Default for RoutingConfig {
 }
 
 impl RoutingConfig {
+    /// Refuses a configuration with any count or timeout at 0.
     pub fn check(&self) -> anyhow::Result<()> {
         for (name, value) in [
             ("max_attempts", u64::from(self.max_attempts)),

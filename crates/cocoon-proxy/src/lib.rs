@@ -9,10 +9,6 @@
 //! each request costs (reservation, settlement, the proxy's durable record, batched commits to
 //! the ledger), the abuse limits per client and address, and the proxy's configuration.
 
-// Docs for this crate's public items are still being written (the workspace denies
-// missing docs everywhere else); remove this once they are.
-#![allow(missing_docs)]
-
 mod admission;
 mod billing;
 mod config;

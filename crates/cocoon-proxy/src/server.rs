@@ -50,12 +50,15 @@ pub(crate) struct State {
 /// What `GET /cocoon/v1/status` answers.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ProxyStatus {
+    /// The proxy's key fingerprint (hex): what clients and workers pin.
     pub fingerprint: String,
+    /// The cocoon protocol version the proxy speaks.
     pub protocol_version: u32,
     /// How this proxy attests itself: `tdx`, `dev` (proves nothing) or `none`.
     pub attestation: String,
     /// Counters of the quote cache of the worker policy, when it requires attestation.
     pub worker_quote_cache: Option<CacheStats>,
+    /// The connected workers, in the order they joined.
     pub workers: Vec<WorkerStatus>,
     /// Models served, with their context, price range and number of workers.
     pub models: Vec<cocoon_protocol::ListedModel>,
@@ -67,17 +70,24 @@ pub struct ProxyStatus {
     pub payments: Option<PaymentsStatus>,
 }
 
+/// One connected worker, as the status shows it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct WorkerStatus {
+    /// The name the worker gave itself.
     pub name: String,
+    /// The worker's key fingerprint (hex).
     pub fingerprint: String,
+    /// The ids of the models it serves.
     pub models: Vec<String>,
     /// What it asks per model, nanoton per weighted token (0: the network's floor).
     pub offers: Vec<OfferStatus>,
+    /// Requests it runs at once.
     pub capacity: u32,
+    /// Requests routed to it and not yet finished.
     pub in_flight: u32,
     /// Tokens expected of the requests in flight (their `max_tokens`, capped).
     pub in_flight_tokens: u64,
+    /// Requests routed to it since it connected.
     pub served: u64,
     /// Whether it answered its last health check (it gets no requests while not).
     pub healthy: bool,
@@ -89,10 +99,14 @@ pub struct WorkerStatus {
     pub image_hash: Option<String>,
 }
 
+/// What a worker offers for one model, as the status shows it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct OfferStatus {
+    /// The model's id.
     pub model: String,
+    /// The worker's context window for it, in tokens.
     pub context_length: u32,
+    /// The least it takes, in nanoton per weighted token; 0: the network's floor.
     pub price: u64,
 }
 
@@ -191,12 +205,14 @@ impl Proxy {
         Ok(Self { listener, state })
     }
 
+    /// The address the proxy listens on (with the port the system chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
             .expect("bound socket has an address")
     }
 
+    /// The proxy's key fingerprint: what clients and workers pin.
     pub fn fingerprint(&self) -> Fingerprint {
         self.state.fingerprint
     }
@@ -258,6 +274,7 @@ impl Proxy {
 
 /// Read access to the proxy's state from outside the crate.
 pub trait StatusSource: Send + Sync {
+    /// The status as of now: what `GET /cocoon/v1/status` answers.
     fn status(&self) -> ProxyStatus;
 }
 

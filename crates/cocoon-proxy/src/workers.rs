@@ -15,6 +15,7 @@ use crate::market::{Market, Outcome, Seller};
 /// How the proxy reaches one worker, and what the worker proved.
 #[derive(Debug)]
 pub struct WorkerLink {
+    /// The worker's key fingerprint.
     pub fingerprint: Fingerprint,
     /// What the worker proved in its handshake.
     pub attestation: Verified,

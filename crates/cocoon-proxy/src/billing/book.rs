@@ -16,19 +16,25 @@ const CLIENTS: TableDefinition<'static, &[u8; 32], &[u8]> = TableDefinition::new
 const WORKERS: TableDefinition<'static, &[u8; 32], &[u8]> = TableDefinition::new("workers");
 const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
 
+/// What the proxy has charged one client, by the client's key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientRecord {
     /// Weighted tokens charged in total: the counter of the latest charge message.
     pub charged: u64,
     /// The highest counter the ledger is known to have accepted.
     pub committed: u64,
+    /// The latest charge message signed for the client (for `charged`); `None` before the
+    /// first.
     pub latest: Option<SignedMessage>,
 }
 
+/// What the proxy owes one worker, by the worker's key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerRecord {
     /// Weighted tokens owed in total: the counter of the latest payout message.
     pub owed: u64,
+    /// The latest payout message signed for the worker (for `owed`), which it claims from
+    /// the ledger; `None` before the first.
     pub latest: Option<SignedMessage>,
 }
 
@@ -36,28 +42,45 @@ pub struct WorkerRecord {
 /// names (the ledger decides how contracts are named: see `Ledger::client_address`).
 #[derive(Debug, Clone, Copy)]
 pub struct Entry {
+    /// The client's or worker's key.
     pub party: PublicKey,
+    /// Its contract with this proxy, which the signed message names.
     pub contract: Address,
+    /// Weighted tokens this settlement adds to its counter.
     pub tokens: u64,
 }
 
 /// What one settlement signed.
 #[derive(Debug, Clone)]
 pub struct Settled {
+    /// The client's new counter: weighted tokens charged to it in total.
     pub tokens_used: u64,
+    /// The charge message for `tokens_used`, for the ledger.
     pub charge: SignedMessage,
+    /// The worker's new counter: weighted tokens owed to it in total.
     pub worker_owed: u64,
+    /// The payout message for `worker_owed`, for the worker to claim.
     pub payout: SignedMessage,
 }
 
+/// Why the proxy's record could not be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum BookError {
+    /// The file could not be created, read or written, or belongs to another proxy key.
     #[error("proxy record {path}: {message}")]
-    Storage { path: String, message: String },
+    Storage {
+        /// The record's file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A counter would pass `u64::MAX`; nothing was signed or written.
     #[error("a token counter would overflow")]
     Overflow,
 }
 
+/// The proxy's durable record (a redb database), loaded into memory when opened: every
+/// client's [`ClientRecord`] and every worker's [`WorkerRecord`].
 pub struct Book {
     db: Database,
     path: String,
@@ -129,6 +152,7 @@ impl Book {
         }
     }
 
+    /// The client's record; an empty one if no settlement named it.
     pub fn client(&self, key: &PublicKey) -> ClientRecord {
         self.clients.get(key).cloned().unwrap_or_default()
     }
@@ -138,14 +162,17 @@ impl Book {
         self.clients.get(key).map_or(0, |c| c.charged)
     }
 
+    /// Every client a settlement has named, with its record.
     pub fn clients(&self) -> impl Iterator<Item = (&PublicKey, &ClientRecord)> {
         self.clients.iter()
     }
 
+    /// Every worker a settlement has named, with its record.
     pub fn workers(&self) -> impl Iterator<Item = (&PublicKey, &WorkerRecord)> {
         self.workers.iter()
     }
 
+    /// The worker's record; an empty one if no settlement named it.
     pub fn worker(&self, key: &PublicKey) -> WorkerRecord {
         self.workers.get(key).cloned().unwrap_or_default()
     }

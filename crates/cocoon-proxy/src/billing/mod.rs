@@ -62,15 +62,19 @@ impl Default for PaymentsConfig {
 /// What `GET /cocoon/v1/status` shows of payments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PaymentsStatus {
+    /// The ledger, as `[payments] ledger` names it.
     pub ledger: String,
     /// The proxy's public key (hex): the key its contracts are bound to.
     pub proxy_key: String,
+    /// The network's floor price, in nanoton per weighted token.
     pub price_per_token: u64,
+    /// Clients in the proxy's record: every one a settlement has named.
     pub clients: usize,
     /// Weighted tokens signed for but not yet committed to the ledger, all clients together.
     pub uncommitted_tokens: u64,
     /// Charges the ledger accepted since start.
     pub commits: u64,
+    /// Why the ledger last refused a charge; `None` if it has refused none since start.
     pub last_commit_error: Option<String>,
 }
 

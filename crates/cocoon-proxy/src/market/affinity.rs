@@ -45,7 +45,7 @@ pub fn prefix_key(request: &GenerateRequest) -> Option<u64> {
     Some(h.finish())
 }
 
-/// Which worker served each recent prefix, bounded to [`CAPACITY`] entries.
+/// Which worker served each recent prefix: a bounded table that forgets the oldest first.
 #[derive(Debug, Default)]
 pub struct Affinity {
     owner: HashMap<u64, u64>,
@@ -53,10 +53,13 @@ pub struct Affinity {
 }
 
 impl Affinity {
+    /// The id of the worker that last served `prefix`, if still remembered.
     pub fn get(&self, prefix: u64) -> Option<u64> {
         self.owner.get(&prefix).copied()
     }
 
+    /// Remembers `worker` as the last to serve `prefix`, forgetting the oldest prefix when
+    /// full.
     pub fn set(&mut self, prefix: u64, worker: u64) {
         if self.owner.insert(prefix, worker).is_none() {
             self.order.push_back(prefix);

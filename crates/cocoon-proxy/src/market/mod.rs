@@ -59,7 +59,9 @@ const MAX_RECORDS: usize = 100_000;
 /// What a worker offers for one model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
+    /// The model's id, as requests name it.
     pub model: String,
+    /// The worker's context window for it, in tokens (prompt plus completion).
     pub context_length: u32,
     /// The least it takes per weighted token (nanoton); 0: the network floor.
     pub price: u64,
@@ -79,11 +81,17 @@ impl From<&ModelCard> for Offer {
 /// proxy; nothing, in benchmarks).
 #[derive(Debug)]
 pub struct Seller<T> {
+    /// Assigned by the market, unique per connection: a worker that reconnects gets a new one.
     pub id: u64,
+    /// The worker's Ed25519 public key: what its record (and its payouts) are kept under.
     pub key: [u8; 32],
+    /// The name the worker gave itself, for logs and the status page.
     pub name: String,
+    /// Requests the worker runs at once; at least 1.
     pub capacity: u32,
+    /// The models it serves and what it asks for each.
     pub offers: Vec<Offer>,
+    /// Whatever reaches the worker.
     pub link: T,
     in_flight: AtomicU32,
     /// Tokens expected of the requests in flight.
@@ -94,26 +102,32 @@ pub struct Seller<T> {
 }
 
 impl<T> Seller<T> {
+    /// Requests picked for it and not yet finished (their [`LoadGuard`]s still held).
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Tokens the requests in flight are expected to take, all together.
     pub fn in_flight_tokens(&self) -> u64 {
         self.in_flight_tokens.load(Ordering::Relaxed)
     }
 
+    /// Requests picked for it since it connected, finished or not.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
 
+    /// Whether it passed its last health check; an unhealthy worker is never picked.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Records the result of a health check (a worker starts out healthy).
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
     }
 
+    /// Its offer for `model`; `None` if it does not serve it.
     pub fn offer(&self, model: &str) -> Option<&Offer> {
         self.offers.iter().find(|o| o.model == model)
     }
@@ -135,6 +149,7 @@ pub struct LoadGuard<T> {
 }
 
 impl<T> LoadGuard<T> {
+    /// The worker picked.
     pub fn seller(&self) -> &Arc<Seller<T>> {
         &self.seller
     }
@@ -152,7 +167,9 @@ impl<T> Drop for LoadGuard<T> {
 /// What a request asks of the market.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
+    /// The model asked for.
     pub model: &'a str,
+    /// The most the client pays per weighted token, in nanoton; `None`: any price.
     pub max_price: Option<u64>,
     /// [`affinity::prefix_key`] of the request.
     pub prefix: Option<u64>,
@@ -171,7 +188,11 @@ pub enum NoPick {
     /// No worker serves the model.
     UnknownModel,
     /// Some serve it, none at or below the price cap; the cheapest asks this.
-    TooExpensive { cheapest: u64 },
+    TooExpensive {
+        /// The lowest price asked for the model, in nanoton per weighted token (floor
+        /// applied).
+        cheapest: u64,
+    },
     /// Those that qualify were all tried or are unhealthy.
     NoneAvailable,
 }
@@ -269,6 +290,7 @@ impl<T> Market<T> {
         self.floor.store(floor, Ordering::Relaxed);
     }
 
+    /// The floor price, in nanoton per weighted token; 0 until set (no payments).
     pub fn floor(&self) -> u64 {
         self.floor.load(Ordering::Relaxed)
     }
@@ -341,24 +363,29 @@ impl<T> Market<T> {
         }
     }
 
+    /// Connected workers.
     pub fn len(&self) -> usize {
         self.index.read().sellers.len()
     }
 
+    /// Whether no worker is connected.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The connected worker with this [`Seller::id`]; `None` once it has left.
     pub fn get(&self, id: u64) -> Option<Arc<Seller<T>>> {
         self.index.read().sellers.get(&id).cloned()
     }
 
+    /// Every connected worker, in the order they joined (by id).
     pub fn snapshot(&self) -> Vec<Arc<Seller<T>>> {
         let mut all: Vec<_> = self.index.read().sellers.values().cloned().collect();
         all.sort_by_key(|s| s.id);
         all
     }
 
+    /// Whether some connected worker serves `model` (healthy or not, at any price).
     pub fn knows(&self, model: &str) -> bool {
         self.index.read().books.contains_key(model)
     }

@@ -36,6 +36,8 @@ pub struct Decayed {
     pub mean: f64,
     /// Their total weight, decayed to `at`.
     pub weight: f64,
+    /// When the latest sample was added (what `weight` is decayed to), in seconds on the
+    /// caller's clock.
     pub at: f64,
 }
 
@@ -45,6 +47,8 @@ fn decay(from: f64, to: f64) -> f64 {
 }
 
 impl Decayed {
+    /// Adds `sample` with `weight` at `now`, after decaying the old weight (capped at
+    /// [`MAX_WEIGHT`]).
     pub fn add(&mut self, sample: f64, weight: f64, now: f64) {
         let old = (self.weight * decay(self.at, now)).min(MAX_WEIGHT);
         let total = old + weight;
@@ -65,8 +69,12 @@ impl Decayed {
 /// One worker's record, as kept in memory and on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Performance {
+    /// Time to first token, in seconds, of the answers it delivered.
     pub ttft_secs: Decayed,
+    /// Generation speed, in tokens per second, of the answers that had more than one token.
     pub tokens_per_sec: Decayed,
+    /// Success of its attempts: 1 for each delivered answer, 0 for each failure (stalls and
+    /// overreports weighing more).
     pub success: Decayed,
 }
 
@@ -76,7 +84,9 @@ pub enum Outcome {
     /// The answer was delivered: its time to first token, and its generation speed when it
     /// generated more than one token.
     Served {
+        /// From sending the request to the first token.
         ttft: Duration,
+        /// Tokens per second after the first; `None` for a one-token answer.
         tokens_per_sec: Option<f64>,
     },
     /// It refused or failed (unreachable, an internal error, a broken stream).
@@ -91,7 +101,9 @@ pub enum Outcome {
 /// The figures a routing decision uses, read at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Reputation {
+    /// Expected time to first token, in seconds (the prior until measured).
     pub ttft_secs: f64,
+    /// Expected generation speed, in tokens per second; at least 0.1.
     pub tokens_per_sec: f64,
     /// 0 to 1.
     pub success_rate: f64,
@@ -100,6 +112,7 @@ pub struct Reputation {
 }
 
 impl Performance {
+    /// Adds the attempt's samples at `now` (seconds on the record's clock).
     pub fn record(&mut self, outcome: Outcome, now: f64) {
         match outcome {
             Outcome::Served {
@@ -118,6 +131,7 @@ impl Performance {
         }
     }
 
+    /// The record's figures as of `now`, blended with the priors.
     pub fn reputation(&self, now: f64) -> Reputation {
         Reputation {
             ttft_secs: self.ttft_secs.value(PRIOR_TTFT_SECS, now),

@@ -11,6 +11,7 @@ use super::perf::Performance;
 
 const REPUTATION: TableDefinition<'static, &[u8; 32], &[u8]> = TableDefinition::new("reputation");
 
+/// The reputation file: a redb database of JSON [`Performance`] records by worker key.
 pub struct ReputationStore {
     db: Database,
     path: String,
