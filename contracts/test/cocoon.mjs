@@ -49,7 +49,7 @@ export function rootInit(owner, params) {
 
 export function proxyAddress(root, ownerWallet, key) {
   const identity = beginCell().storeAddress(root).storeAddress(ownerWallet).storeUint(key, 256).endCell();
-  const data = beginCell().storeRef(identity).storeUint(3, 2).storeUint(0, 32).storeCoins(0).storeCoins(0).storeBit(0).endCell();
+  const data = beginCell().storeRef(identity).storeUint(3, 2).storeUint(0, 32).storeCoins(0).storeCoins(0).storeCoins(0).storeBit(0).endCell();
   return contractAddress(0, { code: code.proxy, data });
 }
 
@@ -66,7 +66,7 @@ export function clientInit(proxy, owner, proxyKey, p) {
 }
 
 export function workerInit(proxy, owner, proxyKey, p) {
-  const data = beginCell().storeRef(binding(proxy, owner, proxyKey)).storeCoins(p.worker_fee_per_token).storeUint(0, 64).storeCoins(0).endCell();
+  const data = beginCell().storeRef(binding(proxy, owner, proxyKey)).storeCoins(p.worker_fee_per_token).storeUint(0, 64).storeCoins(0).storeBit(0).endCell();
   const init = { code: code.worker, data };
   return { init, address: contractAddress(0, init) };
 }

@@ -110,7 +110,11 @@ impl LedgerState {
 
     /// What all contracts hold together.
     pub fn held(&self) -> Nanoton {
-        let proxies: Nanoton = self.proxies.values().map(|p| p.balance + p.stake).sum();
+        let proxies: Nanoton = self
+            .proxies
+            .values()
+            .map(|p| p.balance + p.stake + p.owed)
+            .sum();
         let clients: Nanoton = self.clients.values().map(|c| c.balance).sum();
         let workers: Nanoton = self.workers.values().map(|w| w.balance).sum();
         proxies + clients + workers
@@ -222,6 +226,7 @@ impl LedgerState {
                 key: sender,
                 balance: 0,
                 stake,
+                owed: 0,
                 state: ContractState::Normal,
             },
         );
@@ -260,10 +265,12 @@ impl LedgerState {
         let at = Address::proxy(&sender);
         let proxy = existing(&mut self.proxies, at)?;
         unlocked(&proxy.state, at, now)?;
-        let amount = proxy.balance + proxy.stake;
+        // What workers left unclaimed through the whole close delay goes with the rest.
+        let amount = proxy.balance + proxy.stake + proxy.owed;
         let paid_out = add(self.paid_out, amount)?;
         proxy.balance = 0;
         proxy.stake = 0;
+        proxy.owed = 0;
         proxy.state = ContractState::Closed;
         self.paid_out = paid_out;
         Ok(moved_out(amount, Touched::Proxy(at)))
@@ -460,10 +467,10 @@ impl LedgerState {
                 got: tokens_used,
             });
         }
-        let cost = self
-            .registry
-            .params
-            .cost(tokens_used - contract.tokens_used)?;
+        let tokens = tokens_used - contract.tokens_used;
+        let cost = self.registry.params.cost(tokens)?;
+        // The workers' share of these tokens is held for their payouts, out of the proxy's reach.
+        let for_workers = self.registry.params.worker_earnings(tokens)?.min(cost);
         if cost > contract.balance {
             return Err(LedgerError::InsufficientBalance {
                 balance: contract.balance,
@@ -477,15 +484,15 @@ impl LedgerState {
         if proxy_contract.state == ContractState::Closed {
             return Err(LedgerError::NotOpen(proxy_at));
         }
-        let proxy_balance = add(proxy_contract.balance, cost)?;
+        let proxy_balance = add(proxy_contract.balance, cost - for_workers)?;
+        let proxy_owed = add(proxy_contract.owed, for_workers)?;
         let contract = self.clients.get_mut(&named).expect("checked above");
         contract.balance -= cost;
         contract.stake = contract.stake.min(contract.balance);
         contract.tokens_used = tokens_used;
-        self.proxies
-            .get_mut(&proxy_at)
-            .expect("checked above")
-            .balance = proxy_balance;
+        let proxy_contract = self.proxies.get_mut(&proxy_at).expect("checked above");
+        proxy_contract.balance = proxy_balance;
+        proxy_contract.owed = proxy_owed;
         let receipt = Receipt {
             charged: cost,
             ..Receipt::default()
@@ -496,8 +503,8 @@ impl LedgerState {
         ))
     }
 
-    /// Workers are paid from the proxy's earnings first, then from its stake: the stake is
-    /// what guarantees workers their pay.
+    /// Workers are paid from what is held for them first, then from the proxy's earnings, then
+    /// from its stake: the stake is what guarantees workers their pay.
     fn payout(
         &mut self,
         sender: PublicKey,
@@ -535,7 +542,7 @@ impl LedgerState {
             });
         }
         let earned = self.registry.params.worker_earnings(tokens - paid)?;
-        let available = proxy_contract.balance + proxy_contract.stake;
+        let available = proxy_contract.owed + proxy_contract.balance + proxy_contract.stake;
         if earned > available {
             return Err(LedgerError::InsufficientBalance {
                 balance: available,
@@ -543,10 +550,12 @@ impl LedgerState {
             });
         }
         let worker_balance = add(self.workers.get(&this).map_or(0, |w| w.balance), earned)?;
-        let from_balance = earned.min(proxy_contract.balance);
+        let from_owed = earned.min(proxy_contract.owed);
+        let from_balance = (earned - from_owed).min(proxy_contract.balance);
         let proxy_contract = self.proxies.get_mut(&proxy_at).expect("checked above");
+        proxy_contract.owed -= from_owed;
         proxy_contract.balance -= from_balance;
-        proxy_contract.stake -= earned - from_balance;
+        proxy_contract.stake -= earned - from_owed - from_balance;
         let worker = self.workers.entry(this).or_insert_with(|| WorkerContract {
             worker: sender,
             proxy: *proxy,

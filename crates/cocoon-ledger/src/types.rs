@@ -82,10 +82,17 @@ pub struct ProxyContract {
     /// The proxy's public key.
     #[serde(with = "hex_32")]
     pub key: PublicKey,
-    /// Earned from clients and not yet paid out to workers or withdrawn.
+    /// The proxy's own share of what clients were charged, not yet withdrawn (or spent on
+    /// payouts beyond `owed`), in nanoton: what it may withdraw.
     pub balance: Nanoton,
-    /// Locked when the proxy opened, in nanoton; payouts draw on it once `balance` runs out.
+    /// Locked when the proxy opened, in nanoton; payouts draw on it once `owed` and `balance`
+    /// run out.
     pub stake: Nanoton,
+    /// The workers' share of what clients were charged (tokens × worker fee), held for their
+    /// payouts and never withdrawable by the proxy; in nanoton. Its final close, after the
+    /// delay, releases what workers left unclaimed.
+    #[serde(default)]
+    pub owed: Nanoton,
     /// Whether the contract is open, closing or closed.
     pub state: ContractState,
 }

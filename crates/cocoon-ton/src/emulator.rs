@@ -14,7 +14,7 @@ use num_bigint::BigInt;
 use tycho_types::cell::{Cell, CellBuilder, CellSlice, HashBytes};
 use tycho_types::models::{
     CurrencyCollection, IntAddr, IntMsgInfo, MsgInfo, OutAction, OutActionsRevIter, OwnedMessage,
-    RelaxedMsgInfo, SendMsgFlags, StdAddr,
+    RelaxedMsgInfo, ReserveCurrencyFlags, SendMsgFlags, StdAddr,
 };
 use tycho_types::num::Tokens;
 use tycho_types::prelude::Boc;
@@ -92,6 +92,29 @@ fn std_addr(hash: HashBytes) -> IntAddr {
     IntAddr::Std(StdAddr::new(0, hash))
 }
 
+/// What a reserve action keeps back, as TON's action phase computes it: `x` is the amount asked,
+/// `original` the balance the contract ran with, `free` what earlier actions left. `None` when
+/// the reservation cannot be met and the action does not allow less (the action phase fails).
+fn reservation(mode: ReserveCurrencyFlags, x: u128, original: u128, free: u128) -> Option<u128> {
+    let mut x = x;
+    if mode.contains(ReserveCurrencyFlags::WITH_ORIGINAL_BALANCE) {
+        x = if mode.contains(ReserveCurrencyFlags::REVERSE) {
+            original.checked_sub(x)?
+        } else {
+            original.checked_add(x)?
+        };
+    } else if mode.contains(ReserveCurrencyFlags::REVERSE) {
+        return None;
+    }
+    if mode.contains(ReserveCurrencyFlags::ALL_BUT) {
+        x = free.checked_sub(x)?;
+    }
+    if mode.contains(ReserveCurrencyFlags::IGNORE_ERROR) {
+        x = x.min(free);
+    }
+    (x <= free).then_some(x)
+}
+
 fn hash_of(addr: &IntAddr) -> HashBytes {
     match addr {
         IntAddr::Std(a) => a.address,
@@ -120,6 +143,12 @@ impl Chain {
     /// Whether the account at `address` has been deployed (has code).
     pub fn is_active(&self, address: &HashBytes) -> bool {
         self.accounts.get(address).is_some_and(|a| a.code.is_some())
+    }
+
+    /// All the TON the chain's accounts hold, in nanotons. The emulator charges no fees, so
+    /// only [`Chain::fund`] changes it: a test can check that no contract creates or loses any.
+    pub fn total_balance(&self) -> u128 {
+        self.accounts.values().map(|a| a.balance).sum()
     }
 
     /// Gives `amount` to an account (a faucet: how test wallets get their first TON).
@@ -334,9 +363,29 @@ impl Chain {
             .collect();
         actions.reverse();
         let mut failed = false;
+        // The balance the contract saw when it ran, and what its reservations keep back from
+        // the messages that follow them (TON's rawreserve, in the action list's order).
+        let original = account.balance;
+        let mut reserved: u128 = 0;
         for action in actions {
-            let OutAction::SendMsg { mode, out_msg } = action else {
-                continue;
+            let (mode, out_msg) = match action {
+                OutAction::SendMsg { mode, out_msg } => (mode, out_msg),
+                OutAction::ReserveCurrency { mode, value } => {
+                    match reservation(
+                        mode,
+                        value.tokens.into_inner(),
+                        original,
+                        account.balance - reserved,
+                    ) {
+                        Some(amount) => reserved += amount,
+                        None => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
             };
             let Ok(relaxed) = out_msg.load() else {
                 failed = true;
@@ -346,13 +395,14 @@ impl Chain {
                 continue;
             };
             let mut value: u128 = info.value.tokens.into_inner();
+            let free = account.balance - reserved;
             if mode.contains(SendMsgFlags::ALL_BALANCE) {
-                value = account.balance;
+                value = free;
             } else if mode.contains(SendMsgFlags::WITH_REMAINING_BALANCE) {
                 value += remaining_in;
                 remaining_in = 0;
             }
-            if value > account.balance {
+            if value > free {
                 if mode.contains(SendMsgFlags::IGNORE_ERROR) {
                     continue;
                 }

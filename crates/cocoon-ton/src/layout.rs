@@ -184,9 +184,10 @@ pub fn proxy_address(
             .store_reference(&identity)?
             .store_u8(2, 3)?
             .store_u32(32, 0)?
-            .store_coins(&coins(0))?
-            .store_coins(&coins(0))?
-            .store_bit(false)?,
+            .store_coins(&coins(0))? // balance
+            .store_coins(&coins(0))? // stake
+            .store_coins(&coins(0))? // owed to workers
+            .store_bit(false)?, // no config until it opens
     )?;
     address_of(Contract::Proxy.code(), data)
 }
@@ -238,7 +239,8 @@ pub fn worker(
             .store_reference(&binding(proxy, worker_wallet, proxy_key)?)?
             .store_coins(&coins(p.worker_fee_per_token))?
             .store_u64(64, 0)?
-            .store_coins(&coins(0))?,
+            .store_coins(&coins(0))?
+            .store_bit(false)?, // no claim in flight
     )?;
     Deployable::new(Contract::Worker, data)
 }

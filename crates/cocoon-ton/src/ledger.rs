@@ -20,8 +20,9 @@ use crate::layout::{self, coins, op};
 use crate::toncenter::Client;
 use crate::wallet::{Outgoing, Wallet};
 
-/// TON attached to every message beyond the amount it books (gas for the chain of messages it
-/// sets off; the contracts require at least 0.05).
+/// TON attached to every message beyond the amount it books: gas for the chain of messages it
+/// sets off. The contracts refuse less (`MIN_VALUE`, 0.1 TON) before they change anything, and
+/// send back what the chain did not spend.
 pub const GAS_ATTACHED: u128 = 100_000_000;
 
 /// The [`Ledger`] on TON: one party's wallet sending operations to the contracts under one root,
@@ -98,7 +99,12 @@ pub fn refusal(code: i32, at: Address) -> LedgerError {
         114 => LedgerError::BadMessage("signature does not verify under the proxy's key".into()),
         115 => LedgerError::BadMessage("a payment message of the wrong kind".into()),
         116 => LedgerError::BadParams("refused by the root".into()),
-        117 => LedgerError::BadTransaction("not enough TON attached for the amount and gas".into()),
+        117 => LedgerError::BadTransaction(
+            "not enough TON attached: the amount plus at least 0.1 TON for gas".into(),
+        ),
+        121 => LedgerError::BadTransaction(
+            "the worker contract's previous payout request has not come back yet; retry".into(),
+        ),
         other => LedgerError::BadTransaction(format!("contract exited with code {other}")),
     }
 }
@@ -232,7 +238,8 @@ impl TonLedger {
     ) -> Result<Option<(u64, u128)>, LedgerError> {
         let at = self.at(Role::Worker, proxy, worker)?;
         match self.api.run_get_method(&at, "get_worker", &[]).await {
-            Ok(v) if v.len() == 2 => Ok(Some((u128_of(&v[0]) as u64, u128_of(&v[1])))),
+            // (tokens paid, balance, claim in flight)
+            Ok(v) if v.len() == 3 => Ok(Some((u128_of(&v[0]) as u64, u128_of(&v[1])))),
             _ => Ok(None),
         }
     }
@@ -540,7 +547,7 @@ impl Ledger for TonLedger {
         let at = self.proxy_contract(&proxy)?;
         let got = self.api.run_get_method(&at, "get_proxy", &[]).await;
         if let Ok(v) = got
-            && v.len() == 4
+            && v.len() == 5
         {
             view.proxies.insert(
                 layout::account_id(&at),
@@ -548,6 +555,7 @@ impl Ledger for TonLedger {
                     key: proxy,
                     balance: u128_of(&v[2]),
                     stake: u128_of(&v[3]),
+                    owed: u128_of(&v[4]),
                     state: contract_state(&v[0], &v[1]),
                 },
             );

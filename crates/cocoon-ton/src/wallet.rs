@@ -91,8 +91,13 @@ impl Wallet {
         messages: &[Outgoing],
         deploy: bool,
     ) -> Result<Vec<u8>, TonError> {
+        // tonlib-core (0.26) puts the first message at the head of the out-action list, and TVM
+        // runs that list from its tail: given as is, a request of several messages would go out
+        // last first. Reversed here, they go out in the order given (the scenarios' batches
+        // check it against @ton/core's wallet in the reference emulator).
         let relaxed = messages
             .iter()
+            .rev()
             .map(|m| internal_message(&m.dest, m.value, true, &m.body, m.state_init.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         let unsigned = self

@@ -1,10 +1,12 @@
 //! Across any sequence of operations, valid or not: no TON is created or lost (what the
-//! contracts hold always equals what came in minus what went out) and no counter goes back.
+//! contracts hold always equals what came in minus what went out), no counter goes back, no
+//! client pays twice for a token nor a worker is paid twice for one, and the workers' share of
+//! every charge stays out of the proxy's withdrawals.
 
 use std::collections::BTreeMap;
 
 use crate::common::*;
-use cocoon_ledger::{LedgerState, Op, Tx};
+use cocoon_ledger::{LedgerState, Op, Touched, Tx};
 use proptest::prelude::*;
 
 const CLIENTS: [[u8; 32]; 3] = [[2; 32], [4; 32], [6; 32]];
@@ -69,6 +71,10 @@ proptest! {
         let (mut s, proxy) = with_proxy();
         let p = public(&proxy);
         let mut now = 1_000;
+        let prices = params();
+        // What each contract was charged or earned over the run, from the receipts.
+        let mut charged: BTreeMap<cocoon_ledger::Address, u128> = BTreeMap::new();
+        let mut earned: BTreeMap<cocoon_ledger::Address, u128> = BTreeMap::new();
         for st in steps {
             let (sender, op) = match st {
                 Step::Deposit(c, amount) => (CLIENTS[c], Op::ClientDeposit { proxy: p, amount }),
@@ -89,13 +95,35 @@ proptest! {
                 }
             };
             let before = s.clone();
+            let withdraw = matches!(op, Op::ProxyWithdraw { .. });
             let result = s.apply(&Tx { sender, op, now });
             match result {
-                Ok((receipt, _)) => {
+                Ok((receipt, touched)) => {
                     prop_assert_eq!(s.deposited - before.deposited, receipt.deposited);
                     prop_assert_eq!(s.paid_out - before.paid_out, receipt.paid_out);
+                    for t in touched {
+                        match t {
+                            Touched::Client(at) => *charged.entry(at).or_default() += receipt.charged,
+                            Touched::Worker(at) => *earned.entry(at).or_default() += receipt.earned,
+                            _ => {}
+                        }
+                    }
+                    if withdraw {
+                        let (was, now) = (&before.proxies, &s.proxies);
+                        for (at, proxy) in now {
+                            prop_assert_eq!(proxy.owed, was[at].owed, "a withdrawal took the workers' share");
+                        }
+                    }
                 }
                 Err(_) => prop_assert_eq!(&s, &before, "a refusal changed the state"),
+            }
+            for (at, c) in &s.clients {
+                let paid = charged.get(at).copied().unwrap_or(0);
+                prop_assert_eq!(paid, prices.cost(c.tokens_used).unwrap(), "client {} paid other than its counter", at);
+            }
+            for (at, w) in &s.workers {
+                let got = earned.get(at).copied().unwrap_or(0);
+                prop_assert_eq!(got, prices.worker_earnings(w.tokens_paid).unwrap(), "worker {} earned other than its counter", at);
             }
             prop_assert_eq!(s.held(), s.deposited - s.paid_out);
             for c in s.clients.values() {

@@ -240,3 +240,38 @@ fn the_proxy_refunds_at_once_and_its_stake_pays_workers() {
     ));
     assert_eq!(s.held(), s.deposited - s.paid_out);
 }
+
+#[test]
+fn the_workers_share_of_a_charge_is_held_for_them_not_withdrawable() {
+    let (mut s, proxy) = with_proxy();
+    let p = public(&proxy);
+    let at = Address::proxy(&p);
+    ok(&mut s, deposit(p, 50 * TON));
+    ok(&mut s, tx(p, charge(&proxy, CLIENT, 1_000)));
+    // 1,000 tokens at 100 charged, 80 of each held for workers: the proxy owns 20,000.
+    assert_eq!(
+        (s.proxies[&at].balance, s.proxies[&at].owed),
+        (20_000, 80_000)
+    );
+    assert!(matches!(
+        refused(&mut s, tx(p, Op::ProxyWithdraw { amount: 20_001 })),
+        LedgerError::InsufficientBalance { .. }
+    ));
+    ok(&mut s, tx(p, Op::ProxyWithdraw { amount: 20_000 }));
+    // The worker is paid from what was held, and the stake is untouched.
+    ok(&mut s, tx(WORKER, payout(&proxy, WORKER, 1_000)));
+    assert_eq!(s.proxies[&at].owed, 0);
+    assert_eq!(s.proxies[&at].stake, 100 * TON);
+    // Workers left something unclaimed: the proxy's final close, after the delay, releases it.
+    ok(&mut s, tx(p, charge(&proxy, CLIENT, 2_000)));
+    ok(&mut s, tx(p, Op::ProxyClose));
+    let r = ok(
+        &mut s,
+        Tx {
+            now: 1_000 + 7_200,
+            ..tx(p, Op::ProxyFinishClose)
+        },
+    );
+    assert_eq!(r.paid_out, 100 * TON + 100_000);
+    assert_eq!(s.held(), s.deposited - s.paid_out);
+}

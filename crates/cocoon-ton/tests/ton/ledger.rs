@@ -217,6 +217,13 @@ async fn operations_settle_on_the_emulated_chain() {
         .unwrap();
     let mine = view.proxies.values().next().unwrap();
     assert_eq!((mine.key, mine.state), (proxy_key, ContractState::Normal));
+    // 5,000 tokens charged, 4,000 paid to the worker: the proxy owns its commission on all of
+    // them, and the workers' share of the other 1,000 is held for their claims.
+    let (price, fee) = (params.price_per_token, params.worker_fee_per_token);
+    assert_eq!(
+        (mine.balance, mine.owed),
+        (5000 * (price - fee), 1000 * fee)
+    );
     assert_eq!(view.clients[&contract].tokens_used, 5000);
     assert_eq!(
         view.clients.len(),

@@ -4,4 +4,5 @@
 //! test instead of one binary per file.
 
 mod ledger;
+mod money;
 mod scenarios;

@@ -108,24 +108,16 @@ impl Run {
         .unwrap()
     }
 
-    fn send(
-        &mut self,
-        from: &str,
-        dest: &TonAddress,
-        value: u128,
-        body: ArcCell,
-        state_init: Option<ArcCell>,
-    ) -> Vec<cocoon_ton::emulator::Tx> {
+    fn send(&mut self, from: &str, messages: Vec<Outgoing>) -> Vec<cocoon_ton::emulator::Tx> {
         let party = self.parties.get_mut(from).unwrap();
-        let out = Outgoing {
-            dest: dest.clone(),
-            value,
-            body,
-            state_init,
-        };
         let boc = party
             .wallet
-            .request(party.seqno, self.chain.now + 60, &[out], party.seqno == 0)
+            .request(
+                party.seqno,
+                self.chain.now + 60,
+                &messages,
+                party.seqno == 0,
+            )
             .unwrap();
         party.seqno += 1;
         self.chain
@@ -160,18 +152,31 @@ impl Run {
                 self.ints(&self.root.address, "proxy_status", &[key]),
             );
         }
+        // Each contract's figures, then what it holds beyond the ones it books (balance, stake,
+        // owed), in milliton: only the storage reserve once every message's excess goes back.
+        let with_spare = |at: &TonAddress, method: &str, booked: &[usize]| {
+            let mut v = self.ints(at, method, &[]);
+            let figures = v.as_array_mut().unwrap();
+            let books: i64 = booked.iter().map(|i| figures[*i].as_i64().unwrap()).sum();
+            let held = self.chain.account(&hash(at)).map_or(0, |a| a.balance) as i64;
+            figures.push(json!(((held - books) as f64 / 1e6).round() as i64));
+            v
+        };
         if self.chain.is_active(&hash(&self.proxy)) {
-            out.insert("proxy".into(), self.ints(&self.proxy, "get_proxy", &[]));
+            out.insert(
+                "proxy".into(),
+                with_spare(&self.proxy, "get_proxy", &[2, 3, 4]),
+            );
         }
         for n in ["client", "client2"] {
             let c = self.client(n).address;
             if self.chain.is_active(&hash(&c)) {
-                out.insert(n.into(), self.ints(&c, "get_client", &[]));
+                out.insert(n.into(), with_spare(&c, "get_client", &[2]));
             }
         }
         let w = self.worker("worker").address;
         if self.chain.is_active(&hash(&w)) {
-            out.insert("worker".into(), self.ints(&w, "get_worker", &[]));
+            out.insert("worker".into(), with_spare(&w, "get_worker", &[1]));
         }
         Value::Object(out)
     }
@@ -193,227 +198,279 @@ fn hash256(hex: &str) -> num_bigint::BigUint {
     num_bigint::BigUint::parse_bytes(hex.as_bytes(), 16).unwrap()
 }
 
-fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
-    let mut run = Run::new(params.clone());
-    let wallets: HashSet<HashBytes> = run
-        .parties
-        .values()
-        .map(|p| hash(p.wallet.address()))
-        .collect();
-    let mut results = Vec::new();
-    for step in steps {
-        let qid = results.len() as u64;
-        let root = run.root.address.clone();
-        let proxy = run.proxy.clone();
-        let txs = match s(step, "do") {
-            "deploy_root" => {
-                let init = run.root.state_init.clone();
-                run.send(
-                    "owner",
-                    &root,
-                    1_000_000_000,
-                    layout::empty_cell(),
-                    Some(init),
-                )
-            }
-            "set_params" => {
-                let mut p = run.params.clone();
-                p.worker_fee_per_token = u(step, "worker_fee_per_token");
-                let cell = layout::params(&p).unwrap();
-                let body = layout::body(op::SET_PARAMS, qid, |b| {
-                    b.store_reference(&cell).map(|_| ())
-                })
-                .unwrap();
-                run.send(s(step, "from"), &root, GAS, body, None)
-            }
-            kind @ ("allow_image" | "revoke_image") => {
-                let code = if kind == "allow_image" {
-                    op::ALLOW_IMAGE
-                } else {
-                    op::REVOKE_IMAGE
-                };
-                let role = step["role"].as_u64().unwrap() as u8;
-                let h = hash256(s(step, "hash"));
-                let body = layout::body(code, qid, |b| {
-                    b.store_u8(8, role)?.store_uint(256, &h).map(|_| ())
-                })
-                .unwrap();
-                run.send(s(step, "from"), &root, GAS, body, None)
-            }
-            "allow_model" => {
-                let h = hash256(s(step, "hash"));
-                let body =
-                    layout::body(op::ALLOW_MODEL, qid, |b| b.store_uint(256, &h).map(|_| ()))
-                        .unwrap();
-                run.send(s(step, "from"), &root, GAS, body, None)
-            }
-            "register_proxy" => {
-                let p = &run.parties[s(step, "proxy")].wallet;
-                let (key, wallet) = (p.public_key(), p.address().clone());
-                let endpoint = std::sync::Arc::new(
-                    tonlib_core::cell::CellBuilder::new()
-                        .store_string("proxy.example:8443")
-                        .unwrap()
-                        .build()
-                        .unwrap(),
-                );
-                let body = layout::body(op::REGISTER_PROXY, qid, |b| {
-                    b.store_slice(&key)?
-                        .store_address(&wallet)?
-                        .store_reference(&endpoint)
-                        .map(|_| ())
-                })
-                .unwrap();
-                run.send(s(step, "from"), &root, GAS, body, None)
-            }
-            "open_proxy" => {
-                let key = run.parties[s(step, "proxy")].wallet.public_key();
-                let stake = u(step, "stake");
-                let body = layout::body(op::OPEN_PROXY, qid, |b| {
-                    b.store_slice(&key)?.store_coins(&coins(stake)).map(|_| ())
-                })
-                .unwrap();
-                run.send(s(step, "from"), &root, stake + GAS, body, None)
-            }
-            "proxy_withdraw" => {
-                let amount = u(step, "amount");
-                let body = layout::body(op::PROXY_WITHDRAW, qid, |b| {
-                    b.store_coins(&coins(amount)).map(|_| ())
-                })
-                .unwrap();
-                run.send("proxy", &proxy, GAS, body, None)
-            }
-            kind @ ("proxy_close" | "proxy_finish_close") => {
-                let code = if kind == "proxy_close" {
-                    op::PROXY_CLOSE
-                } else {
-                    op::PROXY_FINISH_CLOSE
-                };
-                run.send(
-                    "proxy",
-                    &proxy,
-                    GAS,
-                    layout::body(code, qid, |_| Ok(())).unwrap(),
-                    None,
-                )
-            }
-            "proxy_refund_client" => {
-                let client = run.parties[s(step, "client")].wallet.address().clone();
-                let body = layout::body(op::PROXY_REFUND_CLIENT, qid, |b| {
-                    b.store_address(&client).map(|_| ())
-                })
-                .unwrap();
-                run.send("proxy", &proxy, GAS, body, None)
-            }
-            "client_deposit" => {
-                let name = s(step, "client");
-                let k = run.client(name);
-                let amount = u(step, "amount");
-                let body = layout::body(op::CLIENT_DEPOSIT, qid, |b| {
-                    b.store_coins(&coins(amount)).map(|_| ())
-                })
-                .unwrap();
-                run.send(name, &k.address, amount + GAS, body, Some(k.state_init))
-            }
-            kind @ ("client_stake" | "client_withdraw") => {
-                let code = if kind == "client_stake" {
-                    op::CLIENT_STAKE
-                } else {
-                    op::CLIENT_WITHDRAW
-                };
-                let name = s(step, "client");
-                let at = run.client(name).address;
-                let amount = u(step, "amount");
-                let body =
-                    layout::body(code, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
-                run.send(name, &at, GAS, body, None)
-            }
-            kind @ ("client_close" | "client_finish_close") => {
-                let code = if kind == "client_close" {
-                    op::CLIENT_CLOSE
-                } else {
-                    op::CLIENT_FINISH_CLOSE
-                };
-                let name = s(step, "client");
-                let at = run.client(name).address;
-                run.send(
-                    name,
-                    &at,
-                    GAS,
-                    layout::body(code, qid, |_| Ok(())).unwrap(),
-                    None,
-                )
-            }
-            "charge" => {
-                let name = s(step, "client");
-                let named = run.client(step["names"].as_str().unwrap_or(name)).address;
-                let tokens = step["tokens"].as_u64().unwrap();
-                let message = run.sign(
-                    step["signer"].as_str().unwrap_or("proxy"),
-                    layout::charge_message(tokens, tokens, &named),
-                );
-                let at = run.client(name).address;
-                run.send(
-                    s(step, "from"),
-                    &at,
-                    GAS,
-                    layout::signed_payment(op::CHARGE, &message).unwrap(),
-                    None,
-                )
-            }
-            "fake_charged" => {
-                let client = run.parties[s(step, "client")].wallet.address().clone();
-                let body = layout::body(op::CHARGED, 0, |b| {
-                    b.store_u64(64, 0)?
-                        .store_coins(&coins(1000))?
-                        .store_address(&client)
-                        .map(|_| ())
-                })
-                .unwrap();
-                run.send(s(step, "from"), &proxy, GAS, body, None)
-            }
-            "payout" => {
-                let name = s(step, "worker");
-                let k = run.worker(name);
-                let named = match step["names"].as_str() {
-                    Some(other) => run.client(other).address,
-                    None => k.address.clone(),
-                };
-                let tokens = step["tokens"].as_u64().unwrap();
-                let message = PaymentMessage::PayWorker {
-                    query_id: tokens,
-                    tokens,
-                    contract: account_id(&named),
-                };
-                let signed = run.sign(step["signer"].as_str().unwrap_or("proxy"), message);
-                run.send(
-                    name,
-                    &k.address,
-                    GAS,
-                    layout::signed_payment(op::PAYOUT, &signed).unwrap(),
-                    Some(k.state_init),
-                )
-            }
-            "worker_withdraw" => {
-                let name = s(step, "worker");
-                let at = run.worker(name).address;
-                run.send(
-                    name,
-                    &at,
-                    GAS,
-                    layout::body(op::WORKER_WITHDRAW, qid, |_| Ok(())).unwrap(),
-                    None,
-                )
-            }
-            "advance" => {
-                run.chain.now += step["seconds"].as_u64().unwrap() as u32;
-                Vec::new()
-            }
-            other => panic!("unknown step {other}"),
+/// The message a step sends, and the party whose wallet sends it.
+fn message(run: &Run, step: &Value, qid: u64) -> (&'static str, Outgoing) {
+    let root = run.root.address.clone();
+    let proxy = run.proxy.clone();
+    let out = |from: &str, dest: &TonAddress, value: u128, body: ArcCell, state_init| {
+        let from = *NAMES.iter().find(|n| **n == from).expect("a named party");
+        let value = step["value"].as_u64().map_or(value, u128::from);
+        let dest = dest.clone();
+        (
+            from,
+            Outgoing {
+                dest,
+                value,
+                body,
+                state_init,
+            },
+        )
+    };
+    match s(step, "do") {
+        "deploy_root" => {
+            let init = run.root.state_init.clone();
+            out(
+                "owner",
+                &root,
+                1_000_000_000,
+                layout::empty_cell(),
+                Some(init),
+            )
+        }
+        "set_params" => {
+            let mut p = run.params.clone();
+            p.worker_fee_per_token = u(step, "worker_fee_per_token");
+            let cell = layout::params(&p).unwrap();
+            let body = layout::body(op::SET_PARAMS, qid, |b| {
+                b.store_reference(&cell).map(|_| ())
+            })
+            .unwrap();
+            out(s(step, "from"), &root, GAS, body, None)
+        }
+        kind @ ("allow_image" | "revoke_image") => {
+            let code = if kind == "allow_image" {
+                op::ALLOW_IMAGE
+            } else {
+                op::REVOKE_IMAGE
+            };
+            let role = step["role"].as_u64().unwrap() as u8;
+            let h = hash256(s(step, "hash"));
+            let body = layout::body(code, qid, |b| {
+                b.store_u8(8, role)?.store_uint(256, &h).map(|_| ())
+            })
+            .unwrap();
+            out(s(step, "from"), &root, GAS, body, None)
+        }
+        "allow_model" => {
+            let h = hash256(s(step, "hash"));
+            let body =
+                layout::body(op::ALLOW_MODEL, qid, |b| b.store_uint(256, &h).map(|_| ())).unwrap();
+            out(s(step, "from"), &root, GAS, body, None)
+        }
+        "register_proxy" => {
+            let p = &run.parties[s(step, "proxy")].wallet;
+            let (key, wallet) = (p.public_key(), p.address().clone());
+            let endpoint = std::sync::Arc::new(
+                tonlib_core::cell::CellBuilder::new()
+                    .store_string("proxy.example:8443")
+                    .unwrap()
+                    .build()
+                    .unwrap(),
+            );
+            let body = layout::body(op::REGISTER_PROXY, qid, |b| {
+                b.store_slice(&key)?
+                    .store_address(&wallet)?
+                    .store_reference(&endpoint)
+                    .map(|_| ())
+            })
+            .unwrap();
+            out(s(step, "from"), &root, GAS, body, None)
+        }
+        "open_proxy" => {
+            let key = run.parties[s(step, "proxy")].wallet.public_key();
+            let stake = u(step, "stake");
+            let body = layout::body(op::OPEN_PROXY, qid, |b| {
+                b.store_slice(&key)?.store_coins(&coins(stake)).map(|_| ())
+            })
+            .unwrap();
+            out(s(step, "from"), &root, stake + GAS, body, None)
+        }
+        "proxy_withdraw" => {
+            let amount = u(step, "amount");
+            let body = layout::body(op::PROXY_WITHDRAW, qid, |b| {
+                b.store_coins(&coins(amount)).map(|_| ())
+            })
+            .unwrap();
+            out("proxy", &proxy, GAS, body, None)
+        }
+        kind @ ("proxy_close" | "proxy_finish_close") => {
+            let code = if kind == "proxy_close" {
+                op::PROXY_CLOSE
+            } else {
+                op::PROXY_FINISH_CLOSE
+            };
+            out(
+                "proxy",
+                &proxy,
+                GAS,
+                layout::body(code, qid, |_| Ok(())).unwrap(),
+                None,
+            )
+        }
+        "proxy_refund_client" => {
+            let client = run.parties[s(step, "client")].wallet.address().clone();
+            let body = layout::body(op::PROXY_REFUND_CLIENT, qid, |b| {
+                b.store_address(&client).map(|_| ())
+            })
+            .unwrap();
+            out("proxy", &proxy, GAS, body, None)
+        }
+        "client_deposit" => {
+            let name = s(step, "client");
+            let k = run.client(name);
+            let amount = u(step, "amount");
+            let body = layout::body(op::CLIENT_DEPOSIT, qid, |b| {
+                b.store_coins(&coins(amount)).map(|_| ())
+            })
+            .unwrap();
+            out(name, &k.address, amount + GAS, body, Some(k.state_init))
+        }
+        kind @ ("client_stake" | "client_withdraw") => {
+            let code = if kind == "client_stake" {
+                op::CLIENT_STAKE
+            } else {
+                op::CLIENT_WITHDRAW
+            };
+            let name = s(step, "client");
+            let at = run.client(name).address;
+            let amount = u(step, "amount");
+            let body =
+                layout::body(code, qid, |b| b.store_coins(&coins(amount)).map(|_| ())).unwrap();
+            out(name, &at, GAS, body, None)
+        }
+        kind @ ("client_close" | "client_finish_close") => {
+            let code = if kind == "client_close" {
+                op::CLIENT_CLOSE
+            } else {
+                op::CLIENT_FINISH_CLOSE
+            };
+            let name = s(step, "client");
+            let at = run.client(name).address;
+            out(
+                name,
+                &at,
+                GAS,
+                layout::body(code, qid, |_| Ok(())).unwrap(),
+                None,
+            )
+        }
+        "charge" => {
+            let name = s(step, "client");
+            let named = run.client(step["names"].as_str().unwrap_or(name)).address;
+            let tokens = step["tokens"].as_u64().unwrap();
+            let message = run.sign(
+                step["signer"].as_str().unwrap_or("proxy"),
+                layout::charge_message(tokens, tokens, &named),
+            );
+            let at = run.client(name).address;
+            out(
+                s(step, "from"),
+                &at,
+                GAS,
+                layout::signed_payment(op::CHARGE, &message).unwrap(),
+                None,
+            )
+        }
+        "fake_charged" => {
+            let client = run.parties[s(step, "client")].wallet.address().clone();
+            let from = run.parties[s(step, "from")].wallet.address().clone();
+            // Charged: tokens before and after, cost, client, where the excess goes.
+            let body = layout::body(op::CHARGED, 0, |b| {
+                b.store_u64(64, 0)?
+                    .store_u64(64, 50)?
+                    .store_coins(&coins(1000))?
+                    .store_address(&client)?
+                    .store_address(&from)
+                    .map(|_| ())
+            })
+            .unwrap();
+            out(s(step, "from"), &proxy, GAS, body, None)
+        }
+        "payout" => {
+            let name = s(step, "worker");
+            let k = run.worker(name);
+            let named = match step["names"].as_str() {
+                Some(other) => run.client(other).address,
+                None => k.address.clone(),
+            };
+            let tokens = step["tokens"].as_u64().unwrap();
+            let message = PaymentMessage::PayWorker {
+                query_id: tokens,
+                tokens,
+                contract: account_id(&named),
+            };
+            let signed = run.sign(step["signer"].as_str().unwrap_or("proxy"), message);
+            out(
+                name,
+                &k.address,
+                GAS,
+                layout::signed_payment(op::PAYOUT, &signed).unwrap(),
+                Some(k.state_init),
+            )
+        }
+        "worker_withdraw" => {
+            let name = s(step, "worker");
+            let at = run.worker(name).address;
+            out(
+                name,
+                &at,
+                GAS,
+                layout::body(op::WORKER_WITHDRAW, qid, |_| Ok(())).unwrap(),
+                None,
+            )
+        }
+        other => panic!("unknown step {other}"),
+    }
+}
+
+/// A scenario being run: the chain and parties, stepped one scenario step at a time.
+pub(crate) struct Scenario {
+    run: Run,
+    wallets: HashSet<HashBytes>,
+    steps: u64,
+}
+
+impl Scenario {
+    pub(crate) fn new(params: &NetworkParams) -> Self {
+        let run = Run::new(params.clone());
+        let wallets = run
+            .parties
+            .values()
+            .map(|p| hash(p.wallet.address()))
+            .collect();
+        Self {
+            run,
+            wallets,
+            steps: 0,
+        }
+    }
+
+    /// Runs one step; returns its record: the step's name, the exit codes of the contract
+    /// transactions it caused, and the contracts' figures after it.
+    pub(crate) fn step(&mut self, step: &Value) -> Value {
+        let qid = self.steps;
+        self.steps += 1;
+        let run = &mut self.run;
+        let txs = if s(step, "do") == "advance" {
+            run.chain.now += step["seconds"].as_u64().unwrap() as u32;
+            Vec::new()
+        } else {
+            // A batch is one wallet request carrying several messages.
+            let subs = match step["steps"].as_array() {
+                Some(subs) => subs.iter().collect(),
+                None => vec![step],
+            };
+            let messages: Vec<_> = subs.iter().map(|sub| message(run, sub, qid)).collect();
+            let from = messages[0].0;
+            assert!(
+                messages.iter().all(|(f, _)| *f == from),
+                "a batch comes from one wallet"
+            );
+            run.send(from, messages.into_iter().map(|(_, m)| m).collect())
         };
         let exits: Vec<Value> = txs
             .iter()
-            .filter(|t| !wallets.contains(&t.account))
+            .filter(|t| !self.wallets.contains(&t.account))
             .map(|t| {
                 if t.exit_code == SKIPPED {
                     json!("skipped")
@@ -426,9 +483,23 @@ fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
             .as_str()
             .map(|l| format!(" ({l})"))
             .unwrap_or_default();
-        results.push(json!({ "step": format!("{}{label}", s(step, "do")), "exits": exits, "state": run.state() }));
+        json!({ "step": format!("{}{label}", s(step, "do")), "exits": exits, "state": run.state() })
     }
-    results
+
+    /// All the TON on the chain: the emulator charges no fees, so it never changes.
+    pub(crate) fn total_ton(&self) -> u128 {
+        self.run.chain.total_balance()
+    }
+}
+
+fn run_scenario(params: &NetworkParams, steps: &[Value]) -> Vec<Value> {
+    let mut scenario = Scenario::new(params);
+    steps.iter().map(|step| scenario.step(step)).collect()
+}
+
+/// The parameters the scenarios run with (contracts/test/scenarios.json).
+pub(crate) fn scenario_params() -> NetworkParams {
+    serde_json::from_value(read_json("test/scenarios.json")["params"].clone()).unwrap()
 }
 
 #[test]
