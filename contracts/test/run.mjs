@@ -71,6 +71,25 @@ export async function runScenario(steps) {
     return out;
   }
 
+  // Not compared with expected.json (for adversarial tests): the chain balance (nanoton, as
+  // BigInt) of every wallet and contract, and the figures of client and worker contracts of
+  // every party, not only those state() records.
+  async function view() {
+    const bal = async (a) => (await chain.getContract(a)).balance;
+    const active = async (a) => (await chain.getContract(a)).accountState?.type === "active";
+    const ints = async (a, method) => (await chain.runGetMethod(a, method, [])).stack.map((e) => BigInt(e.value));
+    const out = { wallet: {}, clientOf: {}, workerOf: {}, balance: {} };
+    for (const n of NAMES) {
+      out.wallet[n] = await bal(p[n].address);
+      const ca = client(n).address, wa = worker(n).address;
+      if (await active(ca)) { out.clientOf[n] = await ints(ca, "get_client"); out.balance["client:" + n] = await bal(ca); }
+      if (await active(wa)) { out.workerOf[n] = await ints(wa, "get_worker"); out.balance["worker:" + n] = await bal(wa); }
+    }
+    if (await active(proxy)) { out.proxy = await ints(proxy, "get_proxy"); out.balance.proxy = await bal(proxy); }
+    out.balance.root = await bal(root.address);
+    return out;
+  }
+
   // The message a step sends: who sends it and what (an advance sends nothing).
   function message(s, qid) {
     const op = (code) => c.body.op(code, qid);
@@ -118,6 +137,12 @@ export async function runScenario(steps) {
         return m(s.worker, k.address, GAS, c.body.signed(c.OP.payout, message), k.init);
       }
       case "worker_withdraw": return m(s.worker, worker(s.worker).address, GAS, op(c.OP.workerWithdraw).endCell());
+      // For adversarial tests: any message from any party's wallet. `to` and `body` are
+      // functions of the scenario's context (parties, contract addresses, the cells module).
+      case "custom": {
+        const ctx = { p, root, proxy, client, worker, c, qid, GAS };
+        return m(s.from, s.to(ctx), GAS, s.body(ctx), s.init ? s.init(ctx) : undefined);
+      }
       default: throw new Error(`unknown step ${s.do}`);
     }
   }
@@ -145,7 +170,7 @@ export async function runScenario(steps) {
       if (d.actionPhase && d.actionPhase.resultCode !== 0) code = `action ${d.actionPhase.resultCode}`;
       exits.push(code);
     }
-    results.push({ step: s.do + (s.label ? ` (${s.label})` : ""), exits, state: await state(), fees: fees.toString() });
+    results.push({ step: s.do + (s.label ? ` (${s.label})` : ""), exits, state: await state(), fees: fees.toString(), view: await view(), txs });
   }
   return results;
 }
