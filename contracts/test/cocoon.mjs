@@ -14,7 +14,8 @@ export const code = Object.fromEntries(
 export const WALLET_ID = 0x636f636f;
 export const OP = {
   setParams: 0x636f0001, allowImage: 0x636f0002, revokeImage: 0x636f0003, allowModel: 0x636f0004,
-  registerProxy: 0x636f0005, openProxy: 0x636f0006,
+  registerProxy: 0x636f0005, openProxy: 0x636f0006, proposeOwner: 0x636f0007, acceptOwner: 0x636f0008,
+  revokeModel: 0x636f0009, unregisterProxy: 0x636f000a, proxyAddStake: 0x636f0014,
   proxyWithdraw: 0x636f0010, proxyClose: 0x636f0011, proxyFinishClose: 0x636f0012, proxyRefundClient: 0x636f0013,
   clientDeposit: 0x636f0020, clientStake: 0x636f0021, clientWithdraw: 0x636f0022, clientClose: 0x636f0023,
   clientFinishClose: 0x636f0024, charge: 0x636f0025, payout: 0x636f0030, workerWithdraw: 0x636f0031,
@@ -42,7 +43,7 @@ export function paramsCell(p) {
 export function rootInit(owner, params) {
   const codes = beginCell().storeRef(code.proxy).storeRef(code.client).storeRef(code.worker).endCell();
   const lists = beginCell().storeBit(0).storeBit(0).storeBit(0).endCell();
-  const data = beginCell().storeAddress(owner).storeRef(paramsCell(params)).storeRef(lists).storeBit(0).storeRef(codes).endCell();
+  const data = beginCell().storeAddress(owner).storeRef(paramsCell(params)).storeRef(lists).storeBit(0).storeRef(codes).storeUint(0, 256).endCell();
   const init = { code: code.root, data };
   return { init, address: contractAddress(0, init) };
 }

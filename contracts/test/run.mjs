@@ -29,8 +29,24 @@ export async function runScenario(steps) {
   const params = spec.params;
   const root = c.rootInit(p.owner.address, params);
   const proxy = c.proxyAddress(root.address, p.proxy.address, p.proxy.key);
-  const client = (n) => c.clientInit(proxy, p[n].address, p.proxy.key, params);
-  const worker = (n) => c.workerInit(proxy, p[n].address, p.proxy.key, params);
+  // Client and worker contracts are bound to the terms the proxy contract holds (its
+  // get_params), which may differ from the root's after a SetParams and a re-open: read them as
+  // the TON backend does, before each step.
+  let terms = params;
+  const names = ["price_per_token", "worker_fee_per_token", "prompt_multiplier", "cached_multiplier",
+    "completion_multiplier", "reasoning_multiplier", "min_client_stake", "min_proxy_stake",
+    "client_close_delay", "proxy_close_delay"];
+  async function readTerms() {
+    if ((await chain.getContract(proxy)).accountState?.type !== "active") return params;
+    try {
+      const got = await chain.runGetMethod(proxy, "get_params", []);
+      return Object.fromEntries(got.stack.map((e, i) => [names[i], Number(e.value)]));
+    } catch {
+      return params; // not open: no terms yet
+    }
+  }
+  const client = (n) => c.clientInit(proxy, p[n].address, p.proxy.key, terms);
+  const worker = (n) => c.workerInit(proxy, p[n].address, p.proxy.key, terms);
 
   async function send(from, messages) {
     const w = p[from];
@@ -51,7 +67,15 @@ export async function runScenario(steps) {
     const out = {};
     const active = async (a) => (await chain.getContract(a)).accountState?.type === "active";
     const ints = async (a, method, args = []) => (await chain.runGetMethod(a, method, args)).stack.map((e) => Number(e.value));
-    if (await active(root.address)) out.root = await ints(root.address, "proxy_status", [{ type: "int", value: p.proxy.key }]);
+    if (await active(root.address)) {
+      // The proxy's status, whether model 33 is allowed, and who owns the root and who is
+      // proposed (as indexes into NAMES, -1 for nobody).
+      const status = await ints(root.address, "proxy_status", [{ type: "int", value: p.proxy.key }]);
+      const model = await ints(root.address, "model_allowed", [{ type: "int", value: 0x33n }]);
+      const owners = (await chain.runGetMethod(root.address, "get_owner", [])).stack.map((e) => BigInt(e.value));
+      const who = (h) => NAMES.findIndex((n) => BigInt("0x" + p[n].address.hash.toString("hex")) === h);
+      out.root = [...status, ...model, who(owners[0]), who(owners[1])];
+    }
     if (await active(proxy)) {
       const v = await ints(proxy, "get_proxy");
       out.proxy = [...v, await spare(proxy, v[2] + v[3] + v[4])];
@@ -101,6 +125,11 @@ export async function runScenario(steps) {
       case "allow_image": case "revoke_image":
         return m(s.from, root.address, GAS, op(s.do === "allow_image" ? c.OP.allowImage : c.OP.revokeImage).storeUint(s.role, 8).storeUint(BigInt("0x" + s.hash), 256).endCell());
       case "allow_model": return m(s.from, root.address, GAS, op(c.OP.allowModel).storeUint(BigInt("0x" + s.hash), 256).endCell());
+      case "revoke_model": return m(s.from, root.address, GAS, op(c.OP.revokeModel).storeUint(BigInt("0x" + s.hash), 256).endCell());
+      case "propose_owner": return m(s.from, root.address, GAS, op(c.OP.proposeOwner).storeAddress(p[s.to].address).endCell());
+      case "accept_owner": return m(s.from, root.address, GAS, op(c.OP.acceptOwner).endCell());
+      case "unregister_proxy": return m(s.from, root.address, GAS, op(c.OP.unregisterProxy).storeUint(p[s.proxy].key, 256).endCell());
+      case "proxy_add_stake": return m("proxy", proxy, BigInt(s.amount) + GAS, op(c.OP.proxyAddStake).storeCoins(s.amount).endCell());
       case "register_proxy":
         return m(s.from, root.address, GAS, op(c.OP.registerProxy).storeUint(p[s.proxy].key, 256).storeAddress(p[s.proxy].address)
           .storeRef(beginCell().storeStringTail("proxy.example:8443").endCell()).endCell());
@@ -149,6 +178,7 @@ export async function runScenario(steps) {
 
   const results = [];
   for (const s of steps) {
+    terms = await readTerms();
     let txs = [];
     if (s.do === "advance") {
       chain.now += s.seconds;
@@ -170,6 +200,7 @@ export async function runScenario(steps) {
       if (d.actionPhase && d.actionPhase.resultCode !== 0) code = `action ${d.actionPhase.resultCode}`;
       exits.push(code);
     }
+    terms = await readTerms();
     results.push({ step: s.do + (s.label ? ` (${s.label})` : ""), exits, state: await state(), fees: fees.toString(), view: await view(), txs });
   }
   return results;

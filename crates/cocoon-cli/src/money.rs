@@ -154,10 +154,11 @@ pub enum ClientAction {
 
 impl ClientAccount {
     /// This client's contract with `proxy`, as the ledger names it.
-    fn address(&self, proxy: &PublicKey) -> anyhow::Result<Address> {
+    async fn address(&self, proxy: &PublicKey) -> anyhow::Result<Address> {
         Ok(self
             .ledger
-            .client_address(proxy, &self.wallet.public_key())?)
+            .client_address(proxy, &self.wallet.public_key())
+            .await?)
     }
 
     /// Opens the ledger with the client's key and finds the proxy: from the options, the
@@ -232,7 +233,7 @@ impl ClientAccount {
         if let ClientAction::Close = action {
             let refund = self.close_through_proxy().await?;
             let contract = self.ledger.client(proxy, self.wallet.public_key()).await?;
-            let mut report = contract_report(self.address(&proxy)?, contract.as_ref());
+            let mut report = contract_report(self.address(&proxy).await?, contract.as_ref());
             report["refunded_ton"] = json!(format_ton(Nanoton::from(refund.refunded)));
             return Ok(report);
         }
@@ -257,7 +258,7 @@ impl ClientAccount {
             None => None,
         };
         let contract = self.ledger.client(proxy, self.wallet.public_key()).await?;
-        let mut report = contract_report(self.address(&proxy)?, contract.as_ref());
+        let mut report = contract_report(self.address(&proxy).await?, contract.as_ref());
         if let Some(r) = receipt {
             report["paid_out_ton"] = json!(format_ton(r.paid_out));
             report["deposited_ton"] = json!(format_ton(r.deposited));

@@ -77,10 +77,11 @@ impl IntoResponse for ApiError {
 
 impl AppState {
     /// This client's contract with `proxy`, as its ledger names it.
-    fn contract_with(&self, proxy: &[u8; 32]) -> Option<Address> {
+    async fn contract_with(&self, proxy: &[u8; 32]) -> Option<Address> {
         match &self.ledger {
             Some(ledger) => ledger
                 .client_address(proxy, &self.client_key)
+                .await
                 .inspect_err(|e| tracing::error!(error = %e, "cannot name the contract"))
                 .ok(),
             None => Some(Address::client(proxy, &self.client_key)),
@@ -362,9 +363,13 @@ async fn answer(
     // so they keep their 4xx status even for streaming requests.
     let (events, link) = state.proxies.generate(&request).await?;
     let proxy = link.proxy_key();
+    let contract = match proxy {
+        Some(p) => state.contract_with(&p).await,
+        None => None,
+    };
     let parties = Parties {
         proxy,
-        contract: proxy.and_then(|p| state.contract_with(&p)),
+        contract,
         max_price: request.max_price,
         expects_bill: state.ledger.is_some(),
         record: state.bills.clone(),

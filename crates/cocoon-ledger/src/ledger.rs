@@ -56,6 +56,29 @@ pub enum Op {
         /// Where the proxy is reached on the network.
         address: String,
     },
+    /// Removes a model hash from those workers may serve.
+    RevokeModel {
+        /// The model hash, in hex (any case).
+        hash: String,
+    },
+    /// Removes a proxy from the registry: it can no longer open a contract, and nodes reading
+    /// the registry no longer find it. A contract it already opened keeps running until it
+    /// closes, so its clients and workers settle as before.
+    UnregisterProxy {
+        /// The proxy's public key.
+        #[serde(with = "hex_32")]
+        key: PublicKey,
+    },
+    /// The first of two steps handing the registry to another key: the owner names it. A
+    /// second proposal replaces the first.
+    ProposeOwner {
+        /// The proposed owner's public key.
+        #[serde(with = "hex_32")]
+        owner: PublicKey,
+    },
+    /// The second step: the proposed owner takes over (sent by that key, so a mistyped key
+    /// cannot take the registry).
+    AcceptOwner,
     // Proxy contract: the proxy itself.
     /// Opens the sender's proxy contract with a stake it brings in; it must be registered.
     ProxyOpen {
@@ -65,6 +88,11 @@ pub enum Op {
     /// Withdraws from the proxy's earnings (never from its stake).
     ProxyWithdraw {
         /// How much, in nanoton.
+        amount: Nanoton,
+    },
+    /// Adds to the stake of the sender's open proxy contract, which guarantees workers' pay.
+    ProxyAddStake {
+        /// How much, in nanoton; brought in with the operation.
         amount: Nanoton,
     },
     /// Starts closing the proxy's contract; it pays out after the proxy close delay.
@@ -144,6 +172,24 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The proxy whose client or worker contract the operation acts on, if it is one of those
+    /// (a chain names those contracts by terms the proxy's contract holds).
+    pub fn proxy(&self) -> Option<&PublicKey> {
+        match self {
+            Op::ClientDeposit { proxy, .. }
+            | Op::ClientStake { proxy, .. }
+            | Op::ClientWithdraw { proxy, .. }
+            | Op::ClientClose { proxy }
+            | Op::ClientFinishClose { proxy }
+            | Op::Charge { proxy, .. }
+            | Op::Payout { proxy, .. }
+            | Op::WorkerWithdraw { proxy } => Some(proxy),
+            _ => None,
+        }
+    }
+}
+
 /// Seconds since the Unix epoch: the clock transactions run at.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -193,8 +239,9 @@ pub trait Ledger: Send + Sync {
     }
 
     /// How a proxy's charge messages name this client's contract with it. The embedded
-    /// ledger's addresses by default; a chain names contracts by their account ids.
-    fn client_address(
+    /// ledger's addresses by default; a chain names contracts by their account ids, which
+    /// depend on the terms the proxy's contract holds (so naming may read the chain).
+    async fn client_address(
         &self,
         proxy: &PublicKey,
         client: &PublicKey,
@@ -203,7 +250,7 @@ pub trait Ledger: Send + Sync {
     }
 
     /// How a proxy's payout messages name this worker's contract with it.
-    fn worker_address(
+    async fn worker_address(
         &self,
         proxy: &PublicKey,
         worker: &PublicKey,

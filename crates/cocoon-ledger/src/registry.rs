@@ -130,6 +130,9 @@ pub struct Registry {
     pub proxies: BTreeMap<String, String>,
     /// The network's prices, minimum stakes and close delays.
     pub params: NetworkParams,
+    /// The key the owner proposed to hand the registry to (hex), until it accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_owner: Option<String>,
 }
 
 impl Registry {
@@ -142,6 +145,7 @@ impl Registry {
             models: BTreeSet::new(),
             proxies: BTreeMap::new(),
             params: NetworkParams::default(),
+            pending_owner: None,
         }
     }
 

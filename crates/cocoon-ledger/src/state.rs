@@ -156,7 +156,44 @@ impl LedgerState {
                     .insert(hex::encode(key), address.clone());
                 Ok((Receipt::default(), vec![Touched::Registry]))
             }
+            Op::RevokeModel { hash } => {
+                self.owner(sender)?;
+                self.registry.models.remove(&hash.to_ascii_lowercase());
+                Ok((Receipt::default(), vec![Touched::Registry]))
+            }
+            Op::UnregisterProxy { key } => {
+                self.owner(sender)?;
+                if self.registry.proxies.remove(&hex::encode(key)).is_none() {
+                    return Err(LedgerError::UnknownProxy);
+                }
+                Ok((Receipt::default(), vec![Touched::Registry]))
+            }
+            Op::ProposeOwner { owner } => {
+                self.owner(sender)?;
+                self.registry.pending_owner = Some(hex::encode(owner));
+                Ok((Receipt::default(), vec![Touched::Registry]))
+            }
+            Op::AcceptOwner => {
+                if self.registry.pending_owner.as_deref() != Some(hex::encode(sender).as_str()) {
+                    return Err(LedgerError::NotOwner);
+                }
+                self.registry.owner = sender;
+                self.registry.pending_owner = None;
+                Ok((Receipt::default(), vec![Touched::Registry]))
+            }
             Op::ProxyOpen { stake } => self.proxy_open(sender, *stake),
+            Op::ProxyAddStake { amount } => {
+                let at = Address::proxy(&sender);
+                nonzero(*amount)?;
+                let deposited = add(self.deposited, *amount)?;
+                let proxy = existing(&mut self.proxies, at)?;
+                if proxy.state != ContractState::Normal {
+                    return Err(LedgerError::NotOpen(at));
+                }
+                proxy.stake = add(proxy.stake, *amount)?;
+                self.deposited = deposited;
+                Ok(moved_in(*amount, Touched::Proxy(at)))
+            }
             Op::ProxyWithdraw { amount } => self.proxy_withdraw(sender, *amount),
             Op::ProxyClose => {
                 let at = Address::proxy(&sender);
@@ -212,7 +249,13 @@ impl LedgerState {
             return Err(LedgerError::UnknownProxy);
         }
         let at = Address::proxy(&sender);
-        if self.proxies.contains_key(&at) {
+        // A proxy whose contract finished closing may open again: how it moves to the
+        // parameters now in force.
+        if self
+            .proxies
+            .get(&at)
+            .is_some_and(|p| p.state != ContractState::Closed)
+        {
             return Err(LedgerError::AlreadyExists(at));
         }
         let min = self.registry.params.min_proxy_stake;

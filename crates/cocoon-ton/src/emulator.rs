@@ -58,7 +58,27 @@ pub struct Tx {
     pub bounced: bool,
     /// Hash of the inbound message cell.
     pub in_msg_hash: HashBytes,
+    /// The messages the transaction sent, in order (a bounce included).
+    pub out_msgs: Vec<OutMsg>,
+    /// The action phase's result code (0: it succeeded, and only then do the messages go out);
+    /// `None` when there was no action phase (the compute phase was skipped or failed).
+    pub action_result: Option<i32>,
 }
+
+/// A message a transaction sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutMsg {
+    /// Address hash (workchain 0) of the destination.
+    pub dst: HashBytes,
+    /// Hash of the message cell: the `in_msg_hash` of the transaction that receives it.
+    pub hash: HashBytes,
+}
+
+/// TON's action-phase result code for a message or reservation asking for more than the account
+/// has: the emulator's failures carry a chain's codes so clients read both alike.
+const ACTION_NO_FUNDS: i32 = 37;
+/// TON's action-phase result code for an action that does not parse.
+const ACTION_INVALID: i32 = 34;
 
 /// Why [`Chain::send_external`] refused an external message.
 #[derive(Debug, thiserror::Error)]
@@ -291,11 +311,13 @@ impl Chain {
         let root = CellBuilder::build_from(&p.msg).expect("a parsed message rebuilds");
         let Some(code) = account.code.clone() else {
             // Nothing to run: the value stays on the (uninitialized) account unless it bounces.
-            self.record(dest, lt, SKIPPED, 0, bounced, *root.repr_hash());
+            let mut out = Vec::new();
             if bounce && !bounced {
                 account.balance -= p.value;
-                queue.push_back(self.bounce_of(&p, dest));
+                out.push(self.bounce_of(&p, dest));
             }
+            self.record(dest, lt, SKIPPED, 0, bounced, *root.repr_hash(), &out, None);
+            queue.extend(out);
             self.accounts.insert(dest, account);
             return;
         };
@@ -313,6 +335,11 @@ impl Chain {
         };
         let run = self.run(&account, dest, code, stack, gas, in_msg, p.value);
         if run.committed.is_none() {
+            let mut out = Vec::new();
+            if bounce && !bounced {
+                account.balance -= p.value;
+                out.push(self.bounce_of(&p, dest));
+            }
             self.record(
                 dest,
                 lt,
@@ -320,11 +347,10 @@ impl Chain {
                 run.gas_used,
                 bounced,
                 *root.repr_hash(),
+                &out,
+                None,
             );
-            if bounce && !bounced {
-                account.balance -= p.value;
-                queue.push_back(self.bounce_of(&p, dest));
-            }
+            queue.extend(out);
             self.accounts.insert(dest, account);
             return;
         }
@@ -362,7 +388,7 @@ impl Chain {
             .filter_map(Result::ok)
             .collect();
         actions.reverse();
-        let mut failed = false;
+        let mut failed = None;
         // The balance the contract saw when it ran, and what its reservations keep back from
         // the messages that follow them (TON's rawreserve, in the action list's order).
         let original = account.balance;
@@ -379,7 +405,7 @@ impl Chain {
                     ) {
                         Some(amount) => reserved += amount,
                         None => {
-                            failed = true;
+                            failed = Some(ACTION_NO_FUNDS);
                             break;
                         }
                     }
@@ -388,7 +414,7 @@ impl Chain {
                 _ => continue,
             };
             let Ok(relaxed) = out_msg.load() else {
-                failed = true;
+                failed = Some(ACTION_INVALID);
                 break;
             };
             let RelaxedMsgInfo::Int(info) = &relaxed.info else {
@@ -406,7 +432,7 @@ impl Chain {
                 if mode.contains(SendMsgFlags::IGNORE_ERROR) {
                     continue;
                 }
-                failed = true;
+                failed = Some(ACTION_NO_FUNDS);
                 break;
             }
             account.balance -= value;
@@ -433,13 +459,15 @@ impl Chain {
                 value,
             });
         }
-        if failed {
+        if let Some(code) = failed {
             // The action phase failed: nothing of this transaction stands.
-            self.record(dest, lt, run.exit_code, run.gas_used, bounced, in_hash);
+            let (exit, gas) = (run.exit_code, run.gas_used);
+            self.record(dest, lt, exit, gas, bounced, in_hash, &[], Some(code));
             self.accounts.insert(dest, before);
             return;
         }
-        self.record(dest, lt, run.exit_code, run.gas_used, bounced, in_hash);
+        let (exit, gas) = (run.exit_code, run.gas_used);
+        self.record(dest, lt, exit, gas, bounced, in_hash, &sends, Some(0));
         self.accounts.insert(dest, account);
         queue.extend(sends);
     }
@@ -478,6 +506,7 @@ impl Chain {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
         account: HashBytes,
@@ -486,7 +515,23 @@ impl Chain {
         gas_used: u64,
         bounced: bool,
         in_msg_hash: HashBytes,
+        sent: &[Pending],
+        action_result: Option<i32>,
     ) {
+        let out_msgs = sent
+            .iter()
+            .filter_map(|p| {
+                let MsgInfo::Int(info) = &p.msg.info else {
+                    return None;
+                };
+                // The same cell `deliver` rebuilds and hashes as the receiver's inbound message.
+                let cell = CellBuilder::build_from(&p.msg).expect("a built message rebuilds");
+                Some(OutMsg {
+                    dst: hash_of(&info.dst),
+                    hash: *cell.repr_hash(),
+                })
+            })
+            .collect();
         self.history.push(Tx {
             account,
             lt,
@@ -494,6 +539,8 @@ impl Chain {
             gas_used,
             bounced,
             in_msg_hash,
+            out_msgs,
+            action_result,
         });
     }
 

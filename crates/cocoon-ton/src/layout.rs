@@ -32,6 +32,16 @@ pub mod op {
     /// Root `OpenProxy`: a registered proxy's wallet stakes and has the root deploy its proxy
     /// contract.
     pub const OPEN_PROXY: u32 = 0x636f_0006;
+    /// Root `ProposeOwner`: the owner names a new owner's wallet (first of two steps).
+    pub const PROPOSE_OWNER: u32 = 0x636f_0007;
+    /// Root `AcceptOwner`: the proposed owner's wallet takes over (second step).
+    pub const ACCEPT_OWNER: u32 = 0x636f_0008;
+    /// Root `RevokeModel`: the owner removes a model hash.
+    pub const REVOKE_MODEL: u32 = 0x636f_0009;
+    /// Root `UnregisterProxy`: the owner removes a proxy from the registry.
+    pub const UNREGISTER_PROXY: u32 = 0x636f_000a;
+    /// Proxy `ProxyAddStake`: the owner adds to the proxy contract's stake.
+    pub const PROXY_ADD_STAKE: u32 = 0x636f_0014;
     /// Proxy `ProxyWithdraw`: the owner withdraws earnings from the proxy contract.
     pub const PROXY_WITHDRAW: u32 = 0x636f_0010;
     /// Proxy `ProxyClose`: the owner starts closing the proxy contract (its close delay starts).
@@ -162,7 +172,11 @@ pub fn root(owner_wallet: &TonAddress, p: &NetworkParams) -> Result<Deployable> 
             .store_reference(&params(p)?)?
             .store_reference(&lists)?
             .store_bit(false)?
-            .store_reference(&codes)?,
+            .store_reference(&codes)?
+            .store_u64(64, 0)? // no owner proposed: 256 zero bits
+            .store_u64(64, 0)?
+            .store_u64(64, 0)?
+            .store_u64(64, 0)?,
     )?;
     Deployable::new(Contract::Root, data)
 }

@@ -1,8 +1,9 @@
 //! The TON [`Ledger`] backend: each operation becomes a message from the party's wallet to the
 //! contract that owns the rule (root, proxy, client or worker contract), signed with wallet v5
-//! by tonlib-core and sent through a toncenter-shaped API. `execute` returns once the wallet's
-//! seqno has moved and the target contract's transaction is seen: a refusal comes back as the
-//! contract's exit code, mapped to the same [`LedgerError`] the embedded ledger gives.
+//! by tonlib-core and sent through a toncenter-shaped API. `execute` returns once the target
+//! contract's transaction caused by that very message (found by message hash) is seen: a refusal
+//! comes back as the contract's exit code, mapped to the same [`LedgerError`] the embedded
+//! ledger gives.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use tonlib_core::cell::CellBuilder;
 
 use crate::error::TonError;
 use crate::layout::{self, coins, op};
-use crate::toncenter::Client;
+use crate::toncenter::{Client, Compute, TxInfo};
 use crate::wallet::{Outgoing, Wallet};
 
 /// TON attached to every message beyond the amount it books: gas for the chain of messages it
@@ -38,6 +39,10 @@ pub struct TonLedger {
     /// Contracts' account ids by (proxy, party): each is a few cells built and hashed, and
     /// the proxy names a client's and a worker's contract in every bill.
     names: parking_lot::Mutex<HashMap<(Role, PublicKey, PublicKey), Address>>,
+    /// The parameters each open proxy contract holds, as read from it: a proxy's client and
+    /// worker contracts are bound to these, which stay as they were when it opened, not to the
+    /// root's current ones. Read once per proxy (they never change).
+    terms: parking_lot::Mutex<HashMap<PublicKey, NetworkParams>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,6 +129,7 @@ impl TonLedger {
             confirm_timeout: Duration::from_secs(60),
             sending: tokio::sync::Mutex::new(()),
             names: parking_lot::Mutex::new(HashMap::new()),
+            terms: parking_lot::Mutex::new(HashMap::new()),
         };
         ledger.params = ledger.read_params().await?;
         Ok(ledger)
@@ -161,26 +167,58 @@ impl TonLedger {
             .run_get_method(&self.root, "get_params", &[])
             .await
             .map_err(unreachable)?;
-        if v.len() != 10 {
-            return Err(LedgerError::Unreachable(
-                "root get_params returned an unexpected stack".into(),
-            ));
-        }
-        let n = |i: usize| u128_of(&v[i]);
-        Ok(NetworkParams {
-            price_per_token: n(0),
-            worker_fee_per_token: n(1),
-            prompt_multiplier: n(2) as u64,
-            cached_multiplier: n(3) as u64,
-            completion_multiplier: n(4) as u64,
-            reasoning_multiplier: n(5) as u64,
-            min_client_stake: n(6),
-            min_proxy_stake: n(7),
-            client_close_delay: n(8) as u64,
-            proxy_close_delay: n(9) as u64,
+        params_of(&v).ok_or_else(|| {
+            LedgerError::Unreachable("root get_params returned an unexpected stack".into())
         })
     }
 
+    /// The parameters `proxy`'s contract was opened with, which its client and worker contracts
+    /// are bound to (a later `SetParams` at the root applies only to proxies opened after it).
+    async fn terms(&self, proxy: &PublicKey) -> Result<NetworkParams, LedgerError> {
+        if let Some(terms) = self.terms.lock().get(proxy) {
+            return Ok(terms.clone());
+        }
+        let at = self.proxy_contract(proxy)?;
+        // A contract that is not open has no parameters: its get-method fails.
+        let v = self
+            .api
+            .run_get_method(&at, "get_params", &[])
+            .await
+            .map_err(|e| {
+                LedgerError::Unreachable(format!(
+                    "reading the terms of proxy contract {} (is it open?): {e}",
+                    crate::toncenter::raw(&at)
+                ))
+            })?;
+        let terms = params_of(&v).ok_or_else(|| {
+            LedgerError::Unreachable("proxy get_params returned an unexpected stack".into())
+        })?;
+        self.terms.lock().insert(*proxy, terms.clone());
+        Ok(terms)
+    }
+}
+
+/// Network parameters as `get_params` returns them (the root's and each proxy contract's).
+fn params_of(v: &[BigInt]) -> Option<NetworkParams> {
+    if v.len() != 10 {
+        return None;
+    }
+    let n = |i: usize| u128_of(&v[i]);
+    Some(NetworkParams {
+        price_per_token: n(0),
+        worker_fee_per_token: n(1),
+        prompt_multiplier: n(2) as u64,
+        cached_multiplier: n(3) as u64,
+        completion_multiplier: n(4) as u64,
+        reasoning_multiplier: n(5) as u64,
+        min_client_stake: n(6),
+        min_proxy_stake: n(7),
+        client_close_delay: n(8) as u64,
+        proxy_close_delay: n(9) as u64,
+    })
+}
+
+impl TonLedger {
     /// The address of the contract the root deploys for the proxy with key `proxy` (whose wallet is
     /// the cocoon wallet for that key).
     pub fn proxy_contract(&self, proxy: &PublicKey) -> Result<TonAddress, LedgerError> {
@@ -188,24 +226,26 @@ impl TonLedger {
         layout::proxy_address(&self.root, &wallet, proxy).map_err(unreachable)
     }
 
-    /// `party`'s contract with `proxy`: its address and state init.
+    /// `party`'s contract with `proxy`, whose contract holds `terms`: its address and state
+    /// init.
     fn deployable(
         &self,
         role: Role,
         proxy: &PublicKey,
         party: &PublicKey,
+        terms: &NetworkParams,
     ) -> Result<layout::Deployable, LedgerError> {
         let wallet = layout::wallet(party).map_err(unreachable)?.address;
         let at = self.proxy_contract(proxy)?;
         match role {
-            Role::Client => layout::client(&at, &wallet, proxy, &self.params),
-            Role::Worker => layout::worker(&at, &wallet, proxy, &self.params),
+            Role::Client => layout::client(&at, &wallet, proxy, terms),
+            Role::Worker => layout::worker(&at, &wallet, proxy, terms),
         }
         .map_err(unreachable)
     }
 
     /// The account id of `party`'s contract with `proxy`, derived once.
-    fn name(
+    async fn name(
         &self,
         role: Role,
         proxy: &PublicKey,
@@ -215,19 +255,23 @@ impl TonLedger {
         if let Some(name) = self.names.lock().get(&key) {
             return Ok(*name);
         }
-        let name = layout::account_id(&self.deployable(role, proxy, party)?.address);
+        let terms = self.terms(proxy).await?;
+        let name = layout::account_id(&self.deployable(role, proxy, party, &terms)?.address);
         self.names.lock().insert(key, name);
         Ok(name)
     }
 
     /// Where `party`'s contract with `proxy` lives.
-    fn at(
+    async fn at(
         &self,
         role: Role,
         proxy: &PublicKey,
         party: &PublicKey,
     ) -> Result<TonAddress, LedgerError> {
-        Ok(TonAddress::new(0, self.name(role, proxy, party)?.0.into()))
+        Ok(TonAddress::new(
+            0,
+            self.name(role, proxy, party).await?.0.into(),
+        ))
     }
 
     /// A worker's contract: (tokens paid, balance), if deployed.
@@ -236,7 +280,7 @@ impl TonLedger {
         proxy: &PublicKey,
         worker: &PublicKey,
     ) -> Result<Option<(u64, u128)>, LedgerError> {
-        let at = self.at(Role::Worker, proxy, worker)?;
+        let at = self.at(Role::Worker, proxy, worker).await?;
         match self.api.run_get_method(&at, "get_worker", &[]).await {
             // (tokens paid, balance, claim in flight)
             Ok(v) if v.len() == 3 => Ok(Some((u128_of(&v[0]) as u64, u128_of(&v[1])))),
@@ -244,7 +288,9 @@ impl TonLedger {
         }
     }
 
-    fn message(&self, op: &Op) -> Result<Outgoing, LedgerError> {
+    /// The message that carries `op`; `terms` are the parameters of the proxy contract the
+    /// operation concerns (which name its client and worker contracts).
+    fn message(&self, op: &Op, terms: &NetworkParams) -> Result<Outgoing, LedgerError> {
         let e = unreachable;
         let to = |dest: TonAddress, value: u128, body| Outgoing {
             dest,
@@ -297,6 +343,38 @@ impl TonLedger {
                         .map_err(e)?,
                 )
             }
+            Op::RevokeModel { hash: h } => {
+                let h = hash(h)?;
+                to(
+                    root,
+                    GAS_ATTACHED,
+                    layout::body(op::REVOKE_MODEL, 0, |b| b.store_uint(256, &h).map(|_| ()))
+                        .map_err(e)?,
+                )
+            }
+            Op::UnregisterProxy { key } => to(
+                root,
+                GAS_ATTACHED,
+                layout::body(op::UNREGISTER_PROXY, 0, |b| b.store_slice(key).map(|_| ()))
+                    .map_err(e)?,
+            ),
+            Op::ProposeOwner { owner } => {
+                // The root names its owner by wallet: the cocoon wallet of that key.
+                let wallet = layout::wallet(owner).map_err(e)?.address;
+                to(
+                    root,
+                    GAS_ATTACHED,
+                    layout::body(op::PROPOSE_OWNER, 0, |b| {
+                        b.store_address(&wallet).map(|_| ())
+                    })
+                    .map_err(e)?,
+                )
+            }
+            Op::AcceptOwner => to(
+                root,
+                GAS_ATTACHED,
+                layout::body(op::ACCEPT_OWNER, 0, |_| Ok(())).map_err(e)?,
+            ),
             Op::RegisterProxy { key, address } => {
                 let wallet = layout::wallet(key).map_err(e)?.address;
                 let endpoint = std::sync::Arc::new(
@@ -329,6 +407,13 @@ impl TonLedger {
                 .map_err(e)?;
                 to(self.proxy_contract(&me)?, GAS_ATTACHED, body)
             }
+            Op::ProxyAddStake { amount } => {
+                let body = layout::body(op::PROXY_ADD_STAKE, 0, |b| {
+                    b.store_coins(&coins(*amount)).map(|_| ())
+                })
+                .map_err(e)?;
+                to(self.proxy_contract(&me)?, amount + GAS_ATTACHED, body)
+            }
             Op::ProxyClose | Op::ProxyFinishClose => {
                 let code = if matches!(op, Op::ProxyClose) {
                     op::PROXY_CLOSE
@@ -350,7 +435,7 @@ impl TonLedger {
                 to(self.proxy_contract(&me)?, GAS_ATTACHED, body)
             }
             Op::ClientDeposit { proxy, amount } => {
-                let k = self.deployable(Role::Client, proxy, &me)?;
+                let k = self.deployable(Role::Client, proxy, &me, terms)?;
                 let body = layout::body(op::CLIENT_DEPOSIT, 0, |b| {
                     b.store_coins(&coins(*amount)).map(|_| ())
                 })
@@ -370,7 +455,11 @@ impl TonLedger {
                 };
                 let body = layout::body(code, 0, |b| b.store_coins(&coins(*amount)).map(|_| ()))
                     .map_err(e)?;
-                to(self.at(Role::Client, proxy, &me)?, GAS_ATTACHED, body)
+                to(
+                    self.deployable(Role::Client, proxy, &me, terms)?.address,
+                    GAS_ATTACHED,
+                    body,
+                )
             }
             Op::ClientClose { proxy } | Op::ClientFinishClose { proxy } => {
                 let code = if matches!(op, Op::ClientClose { .. }) {
@@ -379,7 +468,7 @@ impl TonLedger {
                     op::CLIENT_FINISH_CLOSE
                 };
                 to(
-                    self.at(Role::Client, proxy, &me)?,
+                    self.deployable(Role::Client, proxy, &me, terms)?.address,
                     GAS_ATTACHED,
                     layout::body(code, 0, |_| Ok(())).map_err(e)?,
                 )
@@ -396,7 +485,7 @@ impl TonLedger {
             }
             Op::Payout { proxy, message } => {
                 message.verify(proxy)?;
-                let k = self.deployable(Role::Worker, proxy, &me)?;
+                let k = self.deployable(Role::Worker, proxy, &me, terms)?;
                 Outgoing {
                     dest: k.address,
                     value: GAS_ATTACHED,
@@ -405,7 +494,7 @@ impl TonLedger {
                 }
             }
             Op::WorkerWithdraw { proxy } => to(
-                self.at(Role::Worker, proxy, &me)?,
+                self.deployable(Role::Worker, proxy, &me, terms)?.address,
                 GAS_ATTACHED,
                 layout::body(op::WORKER_WITHDRAW, 0, |_| Ok(())).map_err(e)?,
             ),
@@ -417,8 +506,17 @@ impl TonLedger {
     }
 }
 
-/// Sends one message from `wallet` and waits for the destination's transaction; returns its
-/// exit code.
+/// Sends one message from `wallet` and waits for the transaction it causes at the destination;
+/// returns that transaction's exit code (a refusal when not 0 or 1).
+///
+/// The transaction is found by message hash, never by position: the wallet's transaction is the
+/// one whose inbound message is the external message sent, and the destination's the one whose
+/// inbound message is what that transaction sent there. Anything else landing on either account
+/// meanwhile (a top-up, another party's message) is passed over. The wallet's transaction must
+/// have sent the message (its action phase succeeded; with send mode 3 a wallet short of TON
+/// sends nothing), and the destination's must have run its code and had its action phase
+/// succeed: a skipped compute phase (no contract there) or a failed action phase (nothing the
+/// contract did stands) is an error, not a success.
 async fn send_and_confirm(
     api: &Client,
     wallet: &Wallet,
@@ -427,31 +525,103 @@ async fn send_and_confirm(
 ) -> Result<i32, LedgerError> {
     let seqno = api.seqno(wallet.address()).await.map_err(unreachable)?;
     let dest = out.dest.clone();
-    let before = api
-        .transactions(&dest, 0)
+    let from = api
+        .last_lt(wallet.address())
         .await
         .map_err(unreachable)?
-        .last()
-        .map_or(0, |t| t.lt);
+        .unwrap_or(0);
     let valid_until = (cocoon_ledger::unix_now() + timeout.as_secs().max(60)) as u32;
     let boc = wallet
         .request(seqno.unwrap_or(0), valid_until, &[out], seqno.is_none())
         .map_err(unreachable)?;
+    let external = message_hash(&boc)?;
     api.send_boc(&boc).await.map_err(unreachable)?;
     let deadline = tokio::time::Instant::now() + timeout;
+    let sent = find(
+        api,
+        wallet.address(),
+        from,
+        external,
+        deadline,
+        "the wallet's request",
+    )
+    .await?;
+    let wallet_at = crate::toncenter::raw(wallet.address());
+    match (sent.compute, sent.action_result) {
+        (Compute::Ran(0 | 1), Some(0)) => {}
+        (Compute::Ran(0 | 1), code) => {
+            return Err(LedgerError::BadTransaction(format!(
+                "the wallet {wallet_at}'s action phase failed (result code {}): nothing was sent",
+                code.unwrap_or(-1)
+            )));
+        }
+        (compute, _) => {
+            return Err(LedgerError::BadTransaction(format!(
+                "the wallet {wallet_at}'s compute phase did not succeed ({compute:?})"
+            )));
+        }
+    }
+    let dest_at = crate::toncenter::raw(&dest);
+    let Some(message) = sent
+        .out_msgs
+        .iter()
+        .find(|m| m.destination.as_ref() == Some(&dest))
+    else {
+        return Err(LedgerError::BadTransaction(format!(
+            "the wallet {wallet_at} sent nothing to {dest_at} (too little TON in the wallet?)"
+        )));
+    };
+    let landed = find(api, &dest, sent.lt, message.hash, deadline, "the message").await?;
+    match (landed.compute, landed.action_result) {
+        (Compute::Skipped, _) => Err(LedgerError::NoContract(layout::account_id(&dest))),
+        (Compute::Ran(code @ (0 | 1)), Some(0)) => Ok(code),
+        (Compute::Ran(0 | 1), code) => Err(LedgerError::BadTransaction(format!(
+            "the action phase on {dest_at} failed (result code {}): nothing the contract did stands",
+            code.unwrap_or(-1)
+        ))),
+        (Compute::Ran(code), _) => Ok(code),
+    }
+}
+
+/// The hash of the message at the root of `boc`: what v3 reports as the inbound message's hash
+/// of the transaction it causes.
+fn message_hash(boc: &[u8]) -> Result<[u8; 32], LedgerError> {
+    let root = tycho_types::boc::Boc::decode(boc)
+        .map_err(|e| LedgerError::BadTransaction(format!("the wallet's request: {e}")))?;
+    Ok(root.repr_hash().0)
+}
+
+/// Polls `account`'s transactions after logical time `after` for the one whose inbound message
+/// has hash `hash`, until `deadline`.
+async fn find(
+    api: &Client,
+    account: &TonAddress,
+    after: u64,
+    hash: [u8; 32],
+    deadline: tokio::time::Instant,
+    what: &str,
+) -> Result<TxInfo, LedgerError> {
+    let mut cursor = after;
     loop {
-        if let Some(tx) = api
-            .transactions(&dest, before)
+        let page = api
+            .transactions(account, cursor)
             .await
-            .map_err(unreachable)?
-            .first()
-        {
-            return Ok(tx.exit_code.unwrap_or(0));
+            .map_err(unreachable)?;
+        if let Some(tx) = page.iter().find(|t| t.in_msg_hash == Some(hash)) {
+            return Ok(tx.clone());
+        }
+        let full = page.len() >= crate::toncenter::PAGE;
+        if let Some(last) = page.last() {
+            cursor = cursor.max(last.lt);
+        }
+        if full {
+            continue;
         }
         if tokio::time::Instant::now() > deadline {
             return Err(unreachable(TonError::NotConfirmed(format!(
-                "no transaction on {} after {timeout:?}",
-                crate::toncenter::raw(&dest)
+                "{what} ({}) did not land on {} in time",
+                hex::encode(hash),
+                crate::toncenter::raw(account)
             ))));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -466,7 +636,11 @@ impl Ledger for TonLedger {
                 "the TON ledger signs only for its own wallet's key".into(),
             ));
         }
-        let out = self.message(&tx.op)?;
+        let terms = match tx.op.proxy() {
+            Some(proxy) => self.terms(proxy).await?,
+            None => self.params.clone(),
+        };
+        let out = self.message(&tx.op, &terms)?;
         let at = layout::account_id(&out.dest);
         let client_before = match &tx.op {
             Op::Charge { .. } => self.client_state(&out.dest).await,
@@ -487,7 +661,9 @@ impl Ledger for TonLedger {
         let mut receipt = Receipt::default();
         match &tx.op {
             Op::ClientDeposit { amount, .. } => receipt.deposited = *amount,
-            Op::ProxyOpen { stake } => receipt.deposited = *stake,
+            Op::ProxyOpen { stake } | Op::ProxyAddStake { amount: stake } => {
+                receipt.deposited = *stake
+            }
             Op::ClientWithdraw { amount, .. } | Op::ProxyWithdraw { amount } => {
                 receipt.paid_out = *amount
             }
@@ -519,20 +695,20 @@ impl Ledger for TonLedger {
         self.read_params().await
     }
 
-    fn client_address(
+    async fn client_address(
         &self,
         proxy: &PublicKey,
         client: &PublicKey,
     ) -> Result<Address, LedgerError> {
-        self.name(Role::Client, proxy, client)
+        self.name(Role::Client, proxy, client).await
     }
 
-    fn worker_address(
+    async fn worker_address(
         &self,
         proxy: &PublicKey,
         worker: &PublicKey,
     ) -> Result<Address, LedgerError> {
-        self.name(Role::Worker, proxy, worker)
+        self.name(Role::Worker, proxy, worker).await
     }
 
     async fn proxy_view(
@@ -563,13 +739,13 @@ impl Ledger for TonLedger {
         for client in clients {
             if let Some(contract) = self.client(proxy, *client).await? {
                 view.clients
-                    .insert(self.client_address(&proxy, client)?, contract);
+                    .insert(self.client_address(&proxy, client).await?, contract);
             }
         }
         for worker in workers {
             if let Some((tokens_paid, balance)) = self.worker(&proxy, worker).await? {
                 view.workers.insert(
-                    self.worker_address(&proxy, worker)?,
+                    self.worker_address(&proxy, worker).await?,
                     WorkerContract {
                         worker: *worker,
                         proxy,
@@ -587,7 +763,7 @@ impl Ledger for TonLedger {
         proxy: PublicKey,
         client: PublicKey,
     ) -> Result<Option<ClientContract>, LedgerError> {
-        let at = self.at(Role::Client, &proxy, &client)?;
+        let at = self.at(Role::Client, &proxy, &client).await?;
         let Some(v) = self.client_state(&at).await else {
             return Ok(None);
         };

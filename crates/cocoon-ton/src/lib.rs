@@ -19,4 +19,4 @@ pub mod wallet;
 
 pub use error::TonError;
 pub use ledger::{GAS_ATTACHED, TonLedger, refusal};
-pub use select::{LedgerSpec, Opener, open_ledger};
+pub use select::{API_KEY_VAR, LedgerSpec, Opener, open_ledger};

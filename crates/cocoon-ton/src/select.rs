@@ -15,6 +15,10 @@ use crate::ledger::TonLedger;
 use crate::toncenter::{self, Client};
 use crate::wallet::Wallet;
 
+/// The environment variable that holds the toncenter API key a `ton:` ledger sends (as
+/// `X-API-Key`); a key has no place in a config file that is shared or logged.
+pub const API_KEY_VAR: &str = "COCOON_TONCENTER_API_KEY";
+
 /// A parsed `ledger` setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LedgerSpec {
@@ -69,7 +73,8 @@ impl fmt::Display for LedgerSpec {
 impl LedgerSpec {
     /// Opens the ledger as the party whose key is `key_pkcs8` (`wallet` is the same key, for
     /// the embedded ledger's signed transactions). A TON ledger reads the root's parameters
-    /// first, so an unreachable chain or a wrong root fails here, not at the first payment.
+    /// first, so an unreachable chain or a wrong root fails here, not at the first payment; it
+    /// sends the API key in [`API_KEY_VAR`] when that is set.
     pub async fn open(
         &self,
         wallet: Arc<cocoon_ledger::Wallet>,
@@ -85,7 +90,15 @@ impl LedgerSpec {
                         "the TON wallet's key is not the party's key".into(),
                     ));
                 }
-                let ledger = TonLedger::connect(Client::new(api), ton_wallet, root.clone())
+                let mut client = Client::new(api);
+                if let Ok(key) = std::env::var(API_KEY_VAR)
+                    && !key.is_empty()
+                {
+                    client = client
+                        .with_api_key(&key)
+                        .map_err(|e| LedgerError::BadTransaction(format!("{API_KEY_VAR}: {e}")))?;
+                }
+                let ledger = TonLedger::connect(client, ton_wallet, root.clone())
                     .await?
                     .with_confirm_timeout(Duration::from_secs(60));
                 Ok(Arc::new(ledger))

@@ -87,18 +87,27 @@ impl PayoutStore {
         self
     }
 
-    fn contract(&self, proxy: &PublicKey) -> Result<Address, String> {
+    /// How payouts from `proxy` must name this worker's contract (on a chain, read from the
+    /// terms of the proxy's contract, hence async).
+    pub async fn contract(&self, proxy: &PublicKey) -> Result<Address, String> {
         match &self.ledger {
             Some(ledger) => ledger
                 .worker_address(proxy, &self.worker)
+                .await
                 .map_err(|e| e.to_string()),
             None => Ok(Address::worker(proxy, &self.worker)),
         }
     }
 
-    /// Accepts `payout` from the proxy whose key is `proxy` if it is genuine, for this worker,
-    /// and newer than the one kept; returns whether it replaced it.
-    pub fn offer(&self, proxy: &PublicKey, payout: Payout) -> Result<bool, String> {
+    /// Accepts `payout` from the proxy whose key is `proxy` if it is genuine, for this worker's
+    /// contract `contract` (from [`PayoutStore::contract`]), and newer than the one kept;
+    /// returns whether it replaced it.
+    pub fn offer(
+        &self,
+        proxy: &PublicKey,
+        payout: Payout,
+        contract_named: &Address,
+    ) -> Result<bool, String> {
         if decode_key(&payout.proxy)? != *proxy {
             return Err("the payout names another proxy than the one connected".into());
         }
@@ -112,7 +121,7 @@ impl PayoutStore {
         else {
             return Err("not a payout message".into());
         };
-        if contract != self.contract(proxy)? || tokens != payout.tokens {
+        if contract != *contract_named || tokens != payout.tokens {
             return Err("the payout is for another worker's contract".into());
         }
         let mut entries = self.entries.lock();
@@ -242,6 +251,17 @@ mod tests {
         }
     }
 
+    /// Offers `payout` as if it came from the proxy `from`, naming contracts as the embedded
+    /// ledger does.
+    fn offer(
+        store: &PayoutStore,
+        from: &cocoon_ledger::Wallet,
+        payout: Payout,
+    ) -> Result<bool, String> {
+        let contract = Address::worker(&from.public_key(), &store.worker);
+        store.offer(&from.public_key(), payout, &contract)
+    }
+
     #[test]
     fn only_genuine_newer_payouts_for_this_worker_are_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -249,41 +269,24 @@ mod tests {
         let (proxy, other_proxy) = (key(9), key(8));
         let me = [3u8; 32];
         let store = PayoutStore::open(&path, me).unwrap();
-        assert_eq!(
-            store.offer(&proxy.public_key(), payout(&proxy, me, 10)),
-            Ok(true)
-        );
+        assert_eq!(offer(&store, &proxy, payout(&proxy, me, 10)), Ok(true));
         // Older or equal counters change nothing.
-        assert_eq!(
-            store.offer(&proxy.public_key(), payout(&proxy, me, 10)),
-            Ok(false)
-        );
-        assert_eq!(
-            store.offer(&proxy.public_key(), payout(&proxy, me, 4)),
-            Ok(false)
-        );
+        assert_eq!(offer(&store, &proxy, payout(&proxy, me, 10)), Ok(false));
+        assert_eq!(offer(&store, &proxy, payout(&proxy, me, 4)), Ok(false));
         // Another worker's payout, a payout signed by another proxy, a claimed count that
         // differs from the signed one, garbage.
-        assert!(
-            store
-                .offer(&proxy.public_key(), payout(&proxy, [4; 32], 50))
-                .is_err()
-        );
+        assert!(offer(&store, &proxy, payout(&proxy, [4; 32], 50)).is_err());
         let mut forged = payout(&other_proxy, me, 50);
         forged.proxy = hex::encode(proxy.public_key());
-        assert!(store.offer(&proxy.public_key(), forged).is_err());
+        assert!(offer(&store, &proxy, forged).is_err());
         let mut inflated = payout(&proxy, me, 50);
         inflated.tokens = 500;
-        assert!(store.offer(&proxy.public_key(), inflated).is_err());
+        assert!(offer(&store, &proxy, inflated).is_err());
         let mut garbage = payout(&proxy, me, 50);
         garbage.message = "zz".into();
-        assert!(store.offer(&proxy.public_key(), garbage).is_err());
+        assert!(offer(&store, &proxy, garbage).is_err());
         // A payout from a proxy other than the connected one.
-        assert!(
-            store
-                .offer(&other_proxy.public_key(), payout(&proxy, me, 50))
-                .is_err()
-        );
+        assert!(offer(&store, &other_proxy, payout(&proxy, me, 50)).is_err());
         // What was kept survives a reopen.
         let reopened = PayoutStore::open(&path, me).unwrap();
         assert_eq!(reopened.owed()[&hex::encode(proxy.public_key())], 10);

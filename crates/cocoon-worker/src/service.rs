@@ -65,8 +65,13 @@ impl WorkerService {
         };
         let store = store.clone();
         let proxy = self.proxy;
+        let contract = match store.contract(&proxy).await {
+            Ok(c) => c,
+            Err(reason) => return error_response(&ProtocolError::internal(reason)),
+        };
         // The store fsyncs: off the async threads.
-        let kept = tokio::task::spawn_blocking(move || store.offer(&proxy, payout)).await;
+        let kept =
+            tokio::task::spawn_blocking(move || store.offer(&proxy, payout, &contract)).await;
         match kept {
             Ok(Ok(_)) => response(StatusCode::OK, json(&serde_json::json!({}))),
             Ok(Err(reason)) => {

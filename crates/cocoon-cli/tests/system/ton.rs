@@ -59,7 +59,7 @@ async fn answers_settle_on_the_ton_contracts() {
     );
     let price = dev_params().price_per_token;
     let chain = as_party(&net, "client.key").await;
-    let on_chain = chain.client_address(&proxy, &client).unwrap();
+    let on_chain = chain.client_address(&proxy, &client).await.unwrap();
     assert_ne!(on_chain, Address::client(&proxy, &client));
 
     let mut billed = 0;
@@ -98,7 +98,7 @@ async fn answers_settle_on_the_ton_contracts() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let earned = loop {
         let view = mine.proxy_view(proxy, &[], &[worker]).await.unwrap();
-        let at = mine.worker_address(&proxy, &worker).unwrap();
+        let at = mine.worker_address(&proxy, &worker).await.unwrap();
         // The claim is confirmed on the chain and marked in the worker's file: the CLI below
         // sends from the same wallet, so it must not race the claim for the seqno.
         let kept: Value = serde_json::from_slice(

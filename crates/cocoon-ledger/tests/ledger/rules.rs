@@ -275,3 +275,86 @@ fn the_workers_share_of_a_charge_is_held_for_them_not_withdrawable() {
     assert_eq!(r.paid_out, 100 * TON + 100_000);
     assert_eq!(s.held(), s.deposited - s.paid_out);
 }
+
+#[test]
+fn governance_hands_over_the_registry_in_two_steps_and_prunes_it() {
+    let (mut s, proxy) = with_proxy();
+    let p = public(&proxy);
+    let next = [7u8; 32];
+    // Only the owner proposes; only the proposed key accepts; until then the owner rules.
+    assert_eq!(
+        refused(&mut s, tx(next, Op::ProposeOwner { owner: next })),
+        LedgerError::NotOwner
+    );
+    ok(&mut s, tx(OWNER, Op::ProposeOwner { owner: [8; 32] }));
+    ok(&mut s, tx(OWNER, Op::ProposeOwner { owner: next }));
+    assert_eq!(
+        refused(&mut s, tx([8; 32], Op::AcceptOwner)),
+        LedgerError::NotOwner
+    );
+    ok(&mut s, tx(OWNER, Op::AllowModel { hash: "AB".into() }));
+    ok(&mut s, tx(next, Op::AcceptOwner));
+    assert_eq!(s.registry.owner, next);
+    assert_eq!(
+        refused(&mut s, tx(next, Op::AcceptOwner)),
+        LedgerError::NotOwner
+    );
+    assert_eq!(
+        refused(&mut s, tx(OWNER, Op::RevokeModel { hash: "ab".into() })),
+        LedgerError::NotOwner,
+        "the old owner no longer rules"
+    );
+    ok(&mut s, tx(next, Op::RevokeModel { hash: "ab".into() }));
+    assert!(s.registry.models.is_empty());
+
+    // A proxy adds stake while open; unregistered, its open contract keeps settling.
+    let at = Address::proxy(&p);
+    assert_eq!(
+        refused(&mut s, tx(p, Op::ProxyAddStake { amount: 0 })),
+        LedgerError::ZeroAmount
+    );
+    let r = ok(&mut s, tx(p, Op::ProxyAddStake { amount: 5 * TON }));
+    assert_eq!(r.deposited, 5 * TON);
+    assert_eq!(s.proxies[&at].stake, 105 * TON);
+    ok(&mut s, tx(next, Op::UnregisterProxy { key: p }));
+    assert_eq!(
+        refused(&mut s, tx(next, Op::UnregisterProxy { key: p })),
+        LedgerError::UnknownProxy
+    );
+    assert!(!s.registry.is_proxy(&p));
+    ok(&mut s, deposit(p, 20 * TON));
+    ok(&mut s, tx(p, charge(&proxy, CLIENT, 1_000)));
+    ok(&mut s, tx(p, Op::ProxyClose));
+    assert!(matches!(
+        refused(&mut s, tx(p, Op::ProxyAddStake { amount: TON })),
+        LedgerError::NotOpen(_)
+    ));
+    assert_eq!(s.held(), s.deposited - s.paid_out);
+}
+
+#[test]
+fn a_proxy_that_finished_closing_opens_again_under_the_parameters_in_force() {
+    let (mut s, proxy) = with_proxy();
+    let p = public(&proxy);
+    let at = Address::proxy(&p);
+    assert!(matches!(
+        refused(&mut s, tx(p, Op::ProxyOpen { stake: 100 * TON })),
+        LedgerError::AlreadyExists(_)
+    ));
+    ok(&mut s, tx(p, Op::ProxyClose));
+    assert!(matches!(
+        refused(&mut s, tx(p, Op::ProxyOpen { stake: 100 * TON })),
+        LedgerError::AlreadyExists(_)
+    ));
+    ok(
+        &mut s,
+        Tx {
+            now: 1_000 + 7_200,
+            ..tx(p, Op::ProxyFinishClose)
+        },
+    );
+    let r = ok(&mut s, tx(p, Op::ProxyOpen { stake: 100 * TON }));
+    assert_eq!(r.deposited, 100 * TON);
+    assert_eq!(s.proxies[&at].state, ContractState::Normal);
+    assert_eq!(s.held(), s.deposited - s.paid_out);
+}

@@ -399,12 +399,17 @@ impl Billing {
             contract: self
                 .ledger
                 .client_address(&proxy, &hold.client)
+                .await
                 .map_err(named)?,
             tokens,
         };
         let worker = Entry {
             party: worker,
-            contract: self.ledger.worker_address(&proxy, &worker).map_err(named)?,
+            contract: self
+                .ledger
+                .worker_address(&proxy, &worker)
+                .await
+                .map_err(named)?,
             tokens,
         };
         let billing = self.clone();

@@ -131,7 +131,7 @@ async fn operations_settle_on_the_emulated_chain() {
 
     // The proxy signs a cumulative charge naming the client's contract; anyone may deliver it.
     let signing = Ed25519KeyPair::from_seed_unchecked(&seeds[1]).unwrap();
-    let contract = proxy.client_address(&proxy_key, &client_key).unwrap();
+    let contract = proxy.client_address(&proxy_key, &client_key).await.unwrap();
     let charge = PaymentMessage::ChargeClient {
         query_id: 1,
         tokens_used: 5000,
@@ -189,7 +189,10 @@ async fn operations_settle_on_the_emulated_chain() {
     assert!(matches!(err, LedgerError::BadMessage(_)), "{err:?}");
 
     // The worker claims its pay with the proxy's payout message, then withdraws it.
-    let named = worker.worker_address(&proxy_key, &worker_key).unwrap();
+    let named = worker
+        .worker_address(&proxy_key, &worker_key)
+        .await
+        .unwrap();
     let payout = PaymentMessage::PayWorker {
         query_id: 1,
         tokens: 4000,
@@ -279,4 +282,253 @@ async fn operations_settle_on_the_emulated_chain() {
         .await
         .unwrap_err();
     assert!(matches!(err, LedgerError::BadTransaction(_)), "{err:?}");
+}
+
+/// The wallets' seeds: owner, proxy, client, worker.
+const SEEDS: [[u8; 32]; 4] = [[1; 32], [2; 32], [3; 32], [5; 32]];
+
+/// A local chain served in the toncenter shape, its wallets funded, a root deployed with the
+/// default parameters, and the proxy registered and opened with a 10 TON stake.
+struct Network {
+    api: Client,
+    root: tonlib_core::TonAddress,
+}
+
+impl Network {
+    async fn with_open_proxy() -> Self {
+        let chain = Arc::new(Mutex::new(Chain::new(cocoon_ledger::unix_now() as u32)));
+        for seed in SEEDS {
+            chain
+                .lock()
+                .fund(hash(&Wallet::from_seed(seed).unwrap()), 1000 * TON);
+        }
+        let api = Client::new(&serve(chain).await);
+        let owner = Wallet::from_seed(SEEDS[0]).unwrap();
+        let root = TonLedger::deploy_root(&api, &owner, &NetworkParams::default(), TIMEOUT)
+            .await
+            .unwrap();
+        let net = Self { api, root };
+        let [owner_key, proxy_key, ..] = net.keys();
+        net.connect(0)
+            .await
+            .execute(tx(
+                owner_key,
+                Op::RegisterProxy {
+                    key: proxy_key,
+                    address: "proxy.example:8443".into(),
+                },
+            ))
+            .await
+            .unwrap();
+        net.connect(1)
+            .await
+            .execute(tx(proxy_key, Op::ProxyOpen { stake: 10 * TON }))
+            .await
+            .unwrap();
+        net
+    }
+
+    fn keys(&self) -> [[u8; 32]; 4] {
+        SEEDS.map(|s| Wallet::from_seed(s).unwrap().public_key())
+    }
+
+    /// The TON ledger as the party with seed `SEEDS[i]` opens it.
+    async fn connect(&self, i: usize) -> TonLedger {
+        TonLedger::connect(
+            self.api.clone(),
+            Wallet::from_seed(SEEDS[i]).unwrap(),
+            self.root.clone(),
+        )
+        .await
+        .unwrap()
+        .with_confirm_timeout(TIMEOUT)
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client and worker contracts are bound to the parameters the proxy's contract was opened with.
+/// After the owner changes the root's parameters, a client and a worker that join later must
+/// still name (and deploy) their contracts from the proxy contract's terms, or every new
+/// client's charge would bounce and every payout would be refused.
+#[tokio::test]
+async fn contracts_are_named_from_the_proxy_contract_after_the_root_changes_parameters() {
+    let net = Network::with_open_proxy().await;
+    let params = NetworkParams::default();
+    let [owner_key, proxy_key, client_key, worker_key] = net.keys();
+    let (owner, proxy) = (net.connect(0).await, net.connect(1).await);
+    let changed = NetworkParams {
+        price_per_token: params.price_per_token * 2,
+        worker_fee_per_token: params.worker_fee_per_token * 2,
+        min_client_stake: params.min_client_stake / 2,
+        ..params.clone()
+    };
+    owner
+        .execute(tx(
+            owner_key,
+            Op::SetParams {
+                params: changed.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+
+    // Both join after the change: the root now says `changed`.
+    let client = net.connect(2).await;
+    let worker = net.connect(3).await;
+    assert_eq!(client.params().await.unwrap(), changed);
+    client
+        .execute(tx(
+            client_key,
+            Op::ClientDeposit {
+                proxy: proxy_key,
+                amount: 3 * TON,
+            },
+        ))
+        .await
+        .unwrap();
+    let contract = proxy.client_address(&proxy_key, &client_key).await.unwrap();
+    assert_eq!(
+        contract,
+        client
+            .client_address(&proxy_key, &client_key)
+            .await
+            .unwrap(),
+        "the proxy and the client name the same contract"
+    );
+    let signing = Ed25519KeyPair::from_seed_unchecked(&SEEDS[1]).unwrap();
+    let charge = PaymentMessage::ChargeClient {
+        query_id: 1,
+        tokens_used: 1000,
+        contract,
+    }
+    .sign(&signing);
+    let receipt = proxy
+        .execute(tx(
+            proxy_key,
+            Op::Charge {
+                proxy: proxy_key,
+                message: charge,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        receipt.charged,
+        1000 * params.price_per_token,
+        "charged at the proxy's terms"
+    );
+
+    let payout = PaymentMessage::PayWorker {
+        query_id: 1,
+        tokens: 1000,
+        contract: worker
+            .worker_address(&proxy_key, &worker_key)
+            .await
+            .unwrap(),
+    }
+    .sign(&signing);
+    worker
+        .execute(tx(
+            worker_key,
+            Op::Payout {
+                proxy: proxy_key,
+                message: payout,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        worker.worker(&proxy_key, &worker_key).await.unwrap(),
+        Some((1000, 1000 * params.worker_fee_per_token)),
+        "paid at the proxy's terms"
+    );
+}
+
+/// The governance operations through the TON backend: a two-step owner change, model removal,
+/// a proxy's stake top-up, and unregistering a proxy whose open contract keeps settling.
+#[tokio::test]
+async fn governance_operations_go_through_the_ton_backend() {
+    let net = Network::with_open_proxy().await;
+    let [owner_key, proxy_key, client_key, _] = net.keys();
+    let (owner, proxy, next) = (
+        net.connect(0).await,
+        net.connect(1).await,
+        net.connect(2).await,
+    );
+    owner
+        .execute(tx(owner_key, Op::ProposeOwner { owner: client_key }))
+        .await
+        .unwrap();
+    let err = proxy
+        .execute(tx(proxy_key, Op::AcceptOwner))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        LedgerError::NotOwner,
+        "only the proposed owner accepts"
+    );
+    next.execute(tx(client_key, Op::AcceptOwner)).await.unwrap();
+    let err = owner
+        .execute(tx(owner_key, Op::AllowModel { hash: "ab".into() }))
+        .await
+        .unwrap_err();
+    assert_eq!(err, LedgerError::NotOwner, "the old owner no longer rules");
+    next.execute(tx(client_key, Op::AllowModel { hash: "ab".into() }))
+        .await
+        .unwrap();
+    next.execute(tx(client_key, Op::RevokeModel { hash: "ab".into() }))
+        .await
+        .unwrap();
+
+    let receipt = proxy
+        .execute(tx(proxy_key, Op::ProxyAddStake { amount: 5 * TON }))
+        .await
+        .unwrap();
+    assert_eq!(receipt.deposited, 5 * TON);
+    let view = proxy.proxy_view(proxy_key, &[], &[]).await.unwrap();
+    assert_eq!(view.proxies.values().next().unwrap().stake, 15 * TON);
+    next.execute(tx(client_key, Op::UnregisterProxy { key: proxy_key }))
+        .await
+        .unwrap();
+    let err = next
+        .execute(tx(client_key, Op::UnregisterProxy { key: proxy_key }))
+        .await
+        .unwrap_err();
+    assert_eq!(err, LedgerError::UnknownProxy);
+    // Its open contract keeps settling: a client deposits and is charged.
+    let client = net.connect(3).await;
+    let [.., worker_key] = net.keys();
+    client
+        .execute(tx(
+            worker_key,
+            Op::ClientDeposit {
+                proxy: proxy_key,
+                amount: TON,
+            },
+        ))
+        .await
+        .unwrap();
+    let contract = proxy.client_address(&proxy_key, &worker_key).await.unwrap();
+    let charge = PaymentMessage::ChargeClient {
+        query_id: 1,
+        tokens_used: 10,
+        contract,
+    }
+    .sign(&Ed25519KeyPair::from_seed_unchecked(&SEEDS[1]).unwrap());
+    let receipt = proxy
+        .execute(tx(
+            proxy_key,
+            Op::Charge {
+                proxy: proxy_key,
+                message: charge,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        receipt.charged,
+        10 * NetworkParams::default().price_per_token
+    );
 }

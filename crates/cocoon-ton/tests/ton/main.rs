@@ -3,6 +3,8 @@
 //! One test binary for the crate (each module was its own): one link, one process start per
 //! test instead of one binary per file.
 
+mod confirm;
 mod ledger;
 mod money;
 mod scenarios;
+mod toncenter;

@@ -1,7 +1,7 @@
 //! The contracts under any order of messages, in tycho-vm: random sequences of charges, claims,
 //! deposits and withdrawals, some batched into one wallet request (so a refused claim bounces
 //! while a later one is in flight), some with too little value, some from strangers. After
-//! every step: no TON is created or lost on the chain, the client has paid exactly what the
+//! every step (the proxy may also add stake): no TON is created or lost on the chain, the client has paid exactly what the
 //! proxy contract received and never more than its counter's worth, the worker has been paid
 //! exactly its counter's worth (never twice, never short), no claim is left in flight, and no
 //! contract keeps more than its books and the storage reserve.
@@ -71,6 +71,11 @@ fn step() -> impl Strategy<Value = Value> {
             .prop_map(|a| json!({"do": "client_withdraw", "client": "client", "amount": a})),
         (0..2 * TON).prop_map(|a| json!({"do": "client_stake", "client": "client", "amount": a})),
         Just(open_proxy()),
+        (1..2 * TON, prop::bool::weighted(0.2)).prop_map(|(a, l)| low(
+            json!({"do": "proxy_add_stake", "amount": a}),
+            l,
+            a
+        )),
     ]
 }
 
@@ -103,7 +108,7 @@ proptest! {
             run.step(s);
         }
         let (mut deposited, mut client_withdrawn) = (5 * TON, 0i64);
-        let (mut proxy_withdrawn, mut worker_withdrawn) = (0i64, 0i64);
+        let (mut proxy_withdrawn, mut worker_withdrawn, mut staked) = (0i64, 0i64, 0i64);
         let mut worker_balance = 0i64;
         for step in &steps {
             let record = run.step(step);
@@ -112,6 +117,7 @@ proptest! {
                 "client_deposit" if ok => deposited += step["amount"].as_i64().unwrap(),
                 "client_withdraw" if ok => client_withdrawn += step["amount"].as_i64().unwrap(),
                 "proxy_withdraw" if ok => proxy_withdrawn += step["amount"].as_i64().unwrap(),
+                "proxy_add_stake" if ok => staked += step["amount"].as_i64().unwrap(),
                 "worker_withdraw" if ok => worker_withdrawn += worker_balance,
                 _ => {}
             }
@@ -126,7 +132,7 @@ proptest! {
             prop_assert_eq!(paid_to_worker, tokens_paid * fee, "worker paid other than its counter at {}", record);
             let client_paid = deposited - client_withdrawn - client_balance;
             let received = match figures(&record, "proxy") {
-                Some(p) => p[2] + p[3] + p[4] + proxy_withdrawn + paid_to_worker - STAKE,
+                Some(p) => p[2] + p[3] + p[4] + proxy_withdrawn + paid_to_worker - STAKE - staked,
                 None => 0,
             };
             prop_assert_eq!(client_paid, received, "the client paid other than the proxy received at {}", record);

@@ -45,6 +45,9 @@ struct Run {
     chain: Chain,
     parties: BTreeMap<&'static str, Party>,
     params: NetworkParams,
+    /// What the proxy contract holds (its get_params) once open: client and worker contracts
+    /// are bound to these, as the TON backend reads them; the scenario's parameters before.
+    terms: NetworkParams,
     root: Deployable,
     proxy: TonAddress,
 }
@@ -80,6 +83,7 @@ impl Run {
         Self {
             chain,
             parties,
+            terms: params.clone(),
             params,
             root,
             proxy,
@@ -92,7 +96,7 @@ impl Run {
             &self.proxy,
             self.parties[name].wallet.address(),
             &p.public_key(),
-            &self.params,
+            &self.terms,
         )
         .unwrap()
     }
@@ -103,9 +107,35 @@ impl Run {
             &self.proxy,
             self.parties[name].wallet.address(),
             &p.public_key(),
-            &self.params,
+            &self.terms,
         )
         .unwrap()
+    }
+
+    fn read_terms(&mut self) {
+        let names = [
+            "price_per_token",
+            "worker_fee_per_token",
+            "prompt_multiplier",
+            "cached_multiplier",
+            "completion_multiplier",
+            "reasoning_multiplier",
+            "min_client_stake",
+            "min_proxy_stake",
+            "client_close_delay",
+            "proxy_close_delay",
+        ];
+        self.terms = match self.chain.get(&hash(&self.proxy), "get_params", &[]) {
+            Ok(v) if v.len() == names.len() => {
+                let map: serde_json::Map<_, _> = names
+                    .iter()
+                    .zip(&v)
+                    .map(|(n, x)| ((*n).to_owned(), json!(u64::try_from(x).unwrap())))
+                    .collect();
+                serde_json::from_value(Value::Object(map)).unwrap()
+            }
+            _ => self.params.clone(),
+        };
     }
 
     fn send(&mut self, from: &str, messages: Vec<Outgoing>) -> Vec<cocoon_ton::emulator::Tx> {
@@ -147,10 +177,28 @@ impl Run {
             &self.parties["proxy"].wallet.public_key(),
         );
         if self.chain.is_active(&hash(&self.root.address)) {
-            out.insert(
-                "root".into(),
-                self.ints(&self.root.address, "proxy_status", &[key]),
-            );
+            // The proxy's status, whether model 33 is allowed, and who owns the root and who is
+            // proposed (as indexes into NAMES, -1 for nobody).
+            let mut root = self.ints(&self.root.address, "proxy_status", &[key]);
+            let model = self.ints(&self.root.address, "model_allowed", &[BigInt::from(0x33)]);
+            let owners = self
+                .chain
+                .get(&hash(&self.root.address), "get_owner", &[])
+                .unwrap();
+            let who = |h: &BigInt| {
+                NAMES
+                    .iter()
+                    .position(|n| {
+                        let w = hash(self.parties[n].wallet.address());
+                        BigInt::from_bytes_be(num_bigint::Sign::Plus, w.as_slice()) == *h
+                    })
+                    .map_or(-1, |i| i64::try_from(i).unwrap())
+            };
+            let figures = root.as_array_mut().unwrap();
+            figures.extend(model.as_array().unwrap().iter().cloned());
+            figures.push(json!(who(&owners[0])));
+            figures.push(json!(who(&owners[1])));
+            out.insert("root".into(), root);
         }
         // Each contract's figures, then what it holds beyond the ones it books (balance, stake,
         // owed), in milliton: only the storage reserve once every message's excess goes back.
@@ -256,6 +304,35 @@ fn message(run: &Run, step: &Value, qid: u64) -> (&'static str, Outgoing) {
             let body =
                 layout::body(op::ALLOW_MODEL, qid, |b| b.store_uint(256, &h).map(|_| ())).unwrap();
             out(s(step, "from"), &root, GAS, body, None)
+        }
+        kind @ ("propose_owner" | "accept_owner" | "revoke_model" | "unregister_proxy") => {
+            let body = match kind {
+                "propose_owner" => {
+                    let to = run.parties[s(step, "to")].wallet.address().clone();
+                    layout::body(op::PROPOSE_OWNER, qid, |b| b.store_address(&to).map(|_| ()))
+                }
+                "accept_owner" => layout::body(op::ACCEPT_OWNER, qid, |_| Ok(())),
+                "revoke_model" => {
+                    let h = hash256(s(step, "hash"));
+                    layout::body(op::REVOKE_MODEL, qid, |b| b.store_uint(256, &h).map(|_| ()))
+                }
+                _ => {
+                    let key = run.parties[s(step, "proxy")].wallet.public_key();
+                    layout::body(op::UNREGISTER_PROXY, qid, |b| {
+                        b.store_slice(&key).map(|_| ())
+                    })
+                }
+            }
+            .unwrap();
+            out(s(step, "from"), &root, GAS, body, None)
+        }
+        "proxy_add_stake" => {
+            let amount = u(step, "amount");
+            let body = layout::body(op::PROXY_ADD_STAKE, qid, |b| {
+                b.store_coins(&coins(amount)).map(|_| ())
+            })
+            .unwrap();
+            out("proxy", &proxy, amount + GAS, body, None)
         }
         "register_proxy" => {
             let p = &run.parties[s(step, "proxy")].wallet;
@@ -451,6 +528,7 @@ impl Scenario {
         let qid = self.steps;
         self.steps += 1;
         let run = &mut self.run;
+        run.read_terms();
         let txs = if s(step, "do") == "advance" {
             run.chain.now += step["seconds"].as_u64().unwrap() as u32;
             Vec::new()
@@ -483,6 +561,7 @@ impl Scenario {
             .as_str()
             .map(|l| format!(" ({l})"))
             .unwrap_or_default();
+        run.read_terms();
         json!({ "step": format!("{}{label}", s(step, "do")), "exits": exits, "state": run.state() })
     }
 
