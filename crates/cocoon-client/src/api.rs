@@ -129,7 +129,13 @@ impl Gateway {
             })?),
             None => None,
         };
-        let bills = Arc::new(BillRecord::new(params, config.payments.max_bad_bills));
+        // With a ledger the record is durable: bills name real money.
+        let record_at = ledger.is_some().then(|| config.payments.bill_file.clone());
+        let bills = Arc::new(BillRecord::open(
+            record_at,
+            params,
+            config.payments.max_bad_bills,
+        )?);
         let state = Arc::new(AppState {
             client_key,
             ledger,

@@ -9,9 +9,12 @@
 //!
 //! A bill that fails is still passed on (the answer was delivered), marked
 //! `bill_verified: false` with the reason, and logged at error level; after
-//! `max_bad_bills` of them a proxy gets no more requests from this gateway.
+//! `max_bad_bills` of them a proxy gets no more requests from this gateway. With a ledger the
+//! claimed ranges and the bad-bill counts are written durably (`[payments] bill_file`) before
+//! a verdict is given, so a restart forgets neither.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cocoon_ledger::{Address, NetworkParams, PaymentMessage, SignedMessage, TokenKind};
@@ -22,8 +25,9 @@ use parking_lot::Mutex;
 /// counts as claimed.
 const KEPT_RANGES: usize = 4096;
 
-/// The counter ranges one contract's bills claimed: `start → end`, disjoint.
-#[derive(Debug, Default)]
+/// The counter ranges one contract's bills claimed: `start → end`, disjoint; touching ranges
+/// merge, so bills that follow each other keep one range.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Claimed {
     ranges: BTreeMap<u64, u64>,
     /// Every counter at or below this was claimed (ranges folded away).
@@ -48,6 +52,16 @@ impl Claimed {
         {
             return Err(overlap((s, e)));
         }
+        let (mut start, mut end) = (start, end);
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back()
+            && e == start
+        {
+            self.ranges.remove(&s);
+            start = s;
+        }
+        if let Some(e) = self.ranges.remove(&end) {
+            end = e;
+        }
         self.ranges.insert(start, end);
         if self.ranges.len() > KEPT_RANGES
             && let Some((_, e)) = self.ranges.pop_first()
@@ -66,18 +80,74 @@ pub(crate) struct BillRecord {
     /// checked only for consistency).
     params: Option<NetworkParams>,
     max_bad_bills: u32,
-    claimed: Mutex<HashMap<Address, Claimed>>,
-    /// Bad bills per proxy key.
-    bad: Mutex<HashMap<[u8; 32], u32>>,
+    /// Where `kept` is written after every change; `None` keeps it in memory only.
+    path: Option<PathBuf>,
+    kept: Mutex<Kept>,
+}
+
+/// What the record keeps, as its file holds it.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Kept {
+    /// Claimed counter ranges per contract (hex account id).
+    claimed: HashMap<String, Claimed>,
+    /// Bad bills per proxy key (hex).
+    bad: HashMap<String, u32>,
+}
+
+impl Kept {
+    /// Writes the record to `path` atomically (a temporary file, fsynced, renamed, the
+    /// directory fsynced): a crash leaves the old record or the new one, never half of one.
+    fn write(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec(self).expect("the record serializes"))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 impl BillRecord {
+    #[cfg(test)]
     pub(crate) fn new(params: Option<NetworkParams>, max_bad_bills: u32) -> Self {
-        Self {
+        Self::open(None, params, max_bad_bills).expect("an in-memory record opens")
+    }
+
+    /// The record kept at `path` (empty if the file does not exist yet), or in memory only.
+    pub(crate) fn open(
+        path: Option<PathBuf>,
+        params: Option<NetworkParams>,
+        max_bad_bills: u32,
+    ) -> anyhow::Result<Self> {
+        let kept = match &path {
+            Some(p) => match std::fs::read(p) {
+                Ok(bytes) => serde_json::from_slice(&bytes)
+                    .map_err(|e| anyhow::anyhow!("bill record {}: {e}", p.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Kept::default(),
+                Err(e) => anyhow::bail!("bill record {}: {e}", p.display()),
+            },
+            None => Kept::default(),
+        };
+        Ok(Self {
             params,
             max_bad_bills: max_bad_bills.max(1),
-            claimed: Mutex::default(),
-            bad: Mutex::default(),
+            path,
+            kept: Mutex::new(kept),
+        })
+    }
+
+    /// Writes the record where it is kept. Synchronous on purpose: a verdict is given only
+    /// once what it claimed is durable, and the file stays small (touching ranges merge).
+    fn persist(&self, kept: &Kept) -> Result<(), String> {
+        match &self.path {
+            Some(path) => kept
+                .write(path)
+                .map_err(|e| format!("the bill record {} cannot be written: {e}", path.display())),
+            None => Ok(()),
         }
     }
 
@@ -88,15 +158,61 @@ impl BillRecord {
 
     /// Bad bills from the proxy with `key` so far.
     pub(crate) fn bad_bills(&self, key: &[u8; 32]) -> u32 {
-        self.bad.lock().get(key).copied().unwrap_or(0)
+        self.kept
+            .lock()
+            .bad
+            .get(&hex::encode(key))
+            .copied()
+            .unwrap_or(0)
     }
 
     fn bad_bill(&self, key: [u8; 32]) {
-        let mut bad = self.bad.lock();
-        let n = bad.entry(key).or_default();
+        let mut kept = self.kept.lock();
+        let n = kept.bad.entry(hex::encode(key)).or_default();
         *n += 1;
         if *n == self.max_bad_bills {
             tracing::error!(proxy = %hex::encode(key), bad_bills = *n, "this proxy sent too many bills that do not check out: no more requests go to it");
+        }
+        if let Err(e) = self.persist(&kept) {
+            tracing::error!(error = %e, "a bad bill was not recorded durably");
+        }
+    }
+
+    /// Claims `len` tokens ending at `end` for `contract`, durably before it answers.
+    fn claim(&self, contract: Address, end: u64, len: u64) -> Result<(), Fault> {
+        let mut kept = self.kept.lock();
+        let key = hex::encode(contract.0);
+        let before = kept.claimed.get(&key).cloned();
+        kept.claimed
+            .entry(key.clone())
+            .or_default()
+            .claim(end, len)
+            .map_err(Fault::Bad)?;
+        if let Err(e) = self.persist(&kept) {
+            // Not kept, not claimed: a restart must not find a claim the gateway never had.
+            match before {
+                Some(b) => kept.claimed.insert(key, b),
+                None => kept.claimed.remove(&key),
+            };
+            return Err(Fault::Unrecorded(e));
+        }
+        Ok(())
+    }
+}
+
+/// Why a bill is not verified: the proxy's fault, or the gateway's own (its record could not
+/// be written), which does not count against the proxy.
+#[derive(Debug)]
+enum Fault {
+    Bad(String),
+    Unrecorded(String),
+}
+
+impl Fault {
+    fn reason(self) -> String {
+        match self {
+            Fault::Bad(r) => r,
+            Fault::Unrecorded(r) => format!("the bill could not be recorded: {r}"),
         }
     }
 }
@@ -118,7 +234,19 @@ pub(crate) struct Parties {
 impl Parties {
     /// Checks `bill` for an answer of `usage`; the reason when it does not hold. A bill that
     /// holds claims its counter range.
+    #[cfg(test)]
     pub(crate) fn check(&self, bill: &Billing, usage: Usage) -> Result<(), String> {
+        self.check_bill(bill, usage).map_err(Fault::reason)
+    }
+
+    fn check_bill(&self, bill: &Billing, usage: Usage) -> Result<(), Fault> {
+        let contract = self.check_figures(bill, usage).map_err(Fault::Bad)?;
+        self.record
+            .claim(contract, bill.tokens_used, bill.billed_tokens)
+    }
+
+    /// Everything a bill must say, before its counter range is claimed; the contract it names.
+    fn check_figures(&self, bill: &Billing, usage: Usage) -> Result<Address, String> {
         let proxy = self.proxy.ok_or("the proxy's key is unknown")?;
         let bytes = hex::decode(&bill.charge).map_err(|_| "the charge is not hex".to_string())?;
         let message = SignedMessage(bytes)
@@ -191,34 +319,31 @@ impl Parties {
                 ));
             }
         }
-        self.record
-            .claimed
-            .lock()
-            .entry(contract)
-            .or_default()
-            .claim(bill.tokens_used, bill.billed_tokens)
+        Ok(contract)
     }
 
     /// The verdict on the bill (or its absence) of an answer of `usage`: `None` when there is
-    /// nothing to judge (no bill, none expected). A failure is logged at error level and
-    /// counted against the proxy.
+    /// nothing to judge (no bill, none expected). A failure is logged at error level and, if
+    /// it is the proxy's, counted against it.
     pub(crate) fn verdict(
         &self,
         bill: Option<&Billing>,
         usage: Usage,
     ) -> Option<Result<(), String>> {
         let verdict = match bill {
-            Some(bill) => self.check(bill, usage),
-            None if self.expects_bill => {
-                Err("the answer came without a bill, though this gateway pays for answers".into())
-            }
+            Some(bill) => self.check_bill(bill, usage),
+            None if self.expects_bill => Err(Fault::Bad(
+                "the answer came without a bill, though this gateway pays for answers".into(),
+            )),
             None => return None,
         };
-        Some(verdict.inspect_err(|reason| {
-            tracing::error!(%reason, "the proxy's bill does not check out");
-            if let Some(proxy) = self.proxy {
+        Some(verdict.map_err(|fault| {
+            if let (Fault::Bad(_), Some(proxy)) = (&fault, self.proxy) {
                 self.record.bad_bill(proxy);
             }
+            let reason = fault.reason();
+            tracing::error!(%reason, "the proxy's bill is not verified");
+            reason
         }))
     }
 }
@@ -411,5 +536,64 @@ mod tests {
             ..parties(&proxy, client, None)
         };
         assert_eq!(free.verdict(None, usage(10)), None);
+    }
+
+    #[test]
+    fn the_record_survives_a_restart_and_its_writes_are_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bills.json");
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let key = proxy.public_key();
+        let durable = || Parties {
+            record: Arc::new(BillRecord::open(Some(path.clone()), None, 2).unwrap()),
+            ..parties(&proxy, client, None)
+        };
+        let p = durable();
+        for end in [10, 20, 30] {
+            p.verdict(Some(&bill(&proxy, client, end, 10)), usage(10))
+                .unwrap()
+                .unwrap();
+        }
+        let mut bad = bill(&proxy, client, 40, 10);
+        bad.cost += 1;
+        assert!(p.verdict(Some(&bad), usage(10)).unwrap().is_err());
+        drop(p);
+        // Bills that follow each other keep one range.
+        let kept: Kept = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let ranges: Vec<_> = kept
+            .claimed
+            .values()
+            .flat_map(|c| c.ranges.clone())
+            .collect();
+        assert_eq!(ranges, vec![(0, 30)]);
+
+        // After a restart: a range billed before is still a double charge, and the proxy's bad
+        // bill still counts (one more and it is distrusted).
+        let p = durable();
+        let again = p
+            .verdict(Some(&bill(&proxy, client, 20, 10)), usage(10))
+            .unwrap()
+            .unwrap_err();
+        assert!(again.contains("billed before"), "{again}");
+        assert_eq!(p.record.bad_bills(&key), 2);
+        assert!(p.record.distrusts(&key));
+        p.verdict(Some(&bill(&proxy, client, 50, 10)), usage(10))
+            .unwrap()
+            .unwrap();
+
+        // A record that cannot be written: not verified, not claimed, not the proxy's fault.
+        let gone = dir.path().join("no-such-dir").join("bills.json");
+        let p = Parties {
+            record: Arc::new(BillRecord::open(Some(gone), None, 2).unwrap()),
+            ..parties(&proxy, client, None)
+        };
+        let unrecorded = p
+            .verdict(Some(&bill(&proxy, client, 10, 10)), usage(10))
+            .unwrap()
+            .unwrap_err();
+        assert!(unrecorded.contains("could not be recorded"), "{unrecorded}");
+        assert_eq!(p.record.bad_bills(&key), 0);
+        assert!(p.record.kept.lock().claimed.is_empty());
     }
 }

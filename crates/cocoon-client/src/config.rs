@@ -40,8 +40,12 @@ pub struct ClientPayments {
     /// The proxy's public key (hex). When unset, the registry's proxy at `proxy_addr`.
     pub proxy_key: Option<String>,
     /// Bills that do not check out after which a proxy gets no more requests from this
-    /// gateway (until it restarts). Each is still passed on, marked `bill_verified: false`.
+    /// gateway. Each is still passed on, marked `bill_verified: false`.
     pub max_bad_bills: u32,
+    /// Where the gateway keeps, durably, the counter ranges its contracts were billed and the
+    /// proxies' bad-bill counts (with a ledger only), so a restart neither accepts a range
+    /// billed twice nor forgets a proxy it stopped trusting.
+    pub bill_file: std::path::PathBuf,
 }
 
 impl Default for ClientPayments {
@@ -50,6 +54,7 @@ impl Default for ClientPayments {
             ledger: None,
             proxy_key: None,
             max_bad_bills: 3,
+            bill_file: "client-bills.json".into(),
         }
     }
 }

@@ -252,6 +252,7 @@ async fn role_by_role_setup_as_documented() {
         payments: cocoon_client::ClientPayments {
             ledger: Some(url.clone()),
             proxy_key: None,
+            bill_file: path("client-bills.json").into(),
             ..Default::default()
         },
         ..Default::default()

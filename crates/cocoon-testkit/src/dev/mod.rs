@@ -199,6 +199,7 @@ impl DevNetwork {
                 payments: ClientPayments {
                     ledger: ledger_url.clone(),
                     proxy_key: Some(hex::encode(proxy_key)),
+                    bill_file: dev_dir.path().join("client-bills.json"),
                     ..ClientPayments::default()
                 },
                 ..ClientConfig::default()
@@ -304,6 +305,7 @@ impl DevNetwork {
             payments: ClientPayments {
                 ledger: self.ledger_url().map(str::to_owned),
                 proxy_key: Some(hex::encode(self.proxy_key()?)),
+                bill_file: self.dev_dir.path().join("client-bills.json"),
                 ..ClientPayments::default()
             },
             ..ClientConfig::default()
