@@ -94,7 +94,7 @@ test("FINDING: a top-up to the proxy contract is not swept to whoever delivers t
 // owner, not to whoever delivered (and paid for) the charge. The proxy's backend attaches 0.1
 // TON to each charge; a deliverer that attaches more loses all of it. Safe outcome: the
 // deliverer loses only fees; the client gets back exactly the cost.
-test("FINDING: a bounced charge returns the deliverer's spare gas to the deliverer", { todo: "known limit: a bounce returns 256 bits, too few to name the deliverer; only a charge signed before the proxy contract opens bounces" }, async () => {
+test("FINDING: a bounced charge returns the deliverer's spare gas to the deliverer", { todo: "known limit: a bounce returns 256 bits, too few to name the deliverer; only a charge the proxy contract cannot take bounces (signed before it opened, or for a client bound to terms it no longer holds after re-opening)" }, async () => {
   const value = 2n * TON;
   const r = await runScenario([
     ...setup,
@@ -133,7 +133,7 @@ test("FINDING: a refund by the proxy returns the proxy's spare gas to the proxy"
 // start. Both charges were refused, none landed, yet the counter ends at 1000: the first range
 // can never be charged (the docs accept this only "if a later charge has landed on top").
 // Safe outcome: two refused charges leave the counter where it was (0).
-test("FINDING: two refused charges leave the client's counter where it was", { todo: "known limit: only charges signed before the proxy contract opens bounce; the lost range is the proxy's, never the client's" }, async () => {
+test("FINDING: two refused charges leave the client's counter where it was", { todo: "known limit: only a charge the proxy contract cannot take bounces (signed before it opened, or for a client bound to terms it no longer holds after re-opening); the lost range is the proxy's, never the client's" }, async () => {
   const r = await runScenario([
     ...setup,
     { do: "client_deposit", client: "client", amount: 5_000_000_000 },
@@ -157,7 +157,7 @@ test("FINDING: two refused charges leave the client's counter where it was", { t
 // bounce refunds the balance but not the stake. A client that staked everything and whose
 // charge bounced can withdraw everything at once, leaving the proxy no guarantee. Safe outcome:
 // a refused charge changes nothing: balance and stake are as before, the withdrawal is 110.
-test("FINDING: a refused charge restores the client's stake", { todo: "known limit: only charges signed before the proxy contract opens bounce; the proxy loses its stake guarantee, the client nothing" }, async () => {
+test("FINDING: a refused charge restores the client's stake", { todo: "known limit: only a charge the proxy contract cannot take bounces (signed before it opened, or for a client bound to terms it no longer holds after re-opening); the proxy loses its stake guarantee, the client nothing" }, async () => {
   const r = await runScenario([
     ...setup,
     { do: "client_deposit", client: "client", amount: 5_000_000_000 },

@@ -26,6 +26,9 @@ use crate::wallet::{Outgoing, Wallet};
 /// send back what the chain did not spend.
 pub const GAS_ATTACHED: u128 = 100_000_000;
 
+/// How long a proxy contract's terms, once read, are taken as they were (see `TonLedger::terms`).
+const TERMS_TTL: Duration = Duration::from_secs(60);
+
 /// The [`Ledger`] on TON: one party's wallet sending operations to the contracts under one root,
 /// through a toncenter-shaped API.
 pub struct TonLedger {
@@ -38,12 +41,17 @@ pub struct TonLedger {
     sending: tokio::sync::Mutex<()>,
     /// Contracts' account ids by (proxy, party): each is a few cells built and hashed, and
     /// the proxy names a client's and a worker's contract in every bill.
-    names: parking_lot::Mutex<HashMap<(Role, PublicKey, PublicKey), Address>>,
-    /// The parameters each open proxy contract holds, as read from it: a proxy's client and
-    /// worker contracts are bound to these, which stay as they were when it opened, not to the
-    /// root's current ones. Read once per proxy (they never change).
-    terms: parking_lot::Mutex<HashMap<PublicKey, NetworkParams>>,
+    /// Each name is kept with the terms it was derived from, and derived again if those change.
+    names: parking_lot::Mutex<HashMap<NameKey, (NetworkParams, Address)>>,
+    /// The parameters each open proxy contract holds, as read from it, and when: a proxy's
+    /// client and worker contracts are bound to these, not to the root's current ones. They
+    /// change only when the proxy closes and opens again (which takes its close delay), so they
+    /// are read again after [`TERMS_TTL`].
+    terms: parking_lot::Mutex<HashMap<PublicKey, (NetworkParams, tokio::time::Instant)>>,
 }
+
+/// Whose contract a name is for: (role, proxy, party).
+type NameKey = (Role, PublicKey, PublicKey);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Role {
@@ -175,7 +183,9 @@ impl TonLedger {
     /// The parameters `proxy`'s contract was opened with, which its client and worker contracts
     /// are bound to (a later `SetParams` at the root applies only to proxies opened after it).
     async fn terms(&self, proxy: &PublicKey) -> Result<NetworkParams, LedgerError> {
-        if let Some(terms) = self.terms.lock().get(proxy) {
+        if let Some((terms, read)) = self.terms.lock().get(proxy)
+            && read.elapsed() < TERMS_TTL
+        {
             return Ok(terms.clone());
         }
         let at = self.proxy_contract(proxy)?;
@@ -193,7 +203,9 @@ impl TonLedger {
         let terms = params_of(&v).ok_or_else(|| {
             LedgerError::Unreachable("proxy get_params returned an unexpected stack".into())
         })?;
-        self.terms.lock().insert(*proxy, terms.clone());
+        self.terms
+            .lock()
+            .insert(*proxy, (terms.clone(), tokio::time::Instant::now()));
         Ok(terms)
     }
 }
@@ -252,12 +264,14 @@ impl TonLedger {
         party: &PublicKey,
     ) -> Result<Address, LedgerError> {
         let key = (role, *proxy, *party);
-        if let Some(name) = self.names.lock().get(&key) {
+        let terms = self.terms(proxy).await?;
+        if let Some((of, name)) = self.names.lock().get(&key)
+            && *of == terms
+        {
             return Ok(*name);
         }
-        let terms = self.terms(proxy).await?;
         let name = layout::account_id(&self.deployable(role, proxy, party, &terms)?.address);
-        self.names.lock().insert(key, name);
+        self.names.lock().insert(key, (terms, name));
         Ok(name)
     }
 
@@ -535,9 +549,11 @@ async fn send_and_confirm(
         .request(seqno.unwrap_or(0), valid_until, &[out], seqno.is_none())
         .map_err(unreachable)?;
     let external = message_hash(&boc)?;
-    api.send_boc(&boc).await.map_err(unreachable)?;
     let deadline = tokio::time::Instant::now() + timeout;
-    let sent = find(
+    // A send whose reply was lost may still have landed: look for it before reporting the
+    // failure, or a caller's retry (with the next seqno) would do the operation twice.
+    let send_error = api.send_boc(&boc).await.err();
+    let sent = match find(
         api,
         wallet.address(),
         from,
@@ -545,7 +561,11 @@ async fn send_and_confirm(
         deadline,
         "the wallet's request",
     )
-    .await?;
+    .await
+    {
+        Ok(sent) => sent,
+        Err(not_found) => return Err(send_error.map_or(not_found, unreachable)),
+    };
     let wallet_at = crate::toncenter::raw(wallet.address());
     match (sent.compute, sent.action_result) {
         (Compute::Ran(0 | 1), Some(0)) => {}
@@ -572,15 +592,63 @@ async fn send_and_confirm(
         )));
     };
     let landed = find(api, &dest, sent.lt, message.hash, deadline, "the message").await?;
-    match (landed.compute, landed.action_result) {
-        (Compute::Skipped, _) => Err(LedgerError::NoContract(layout::account_id(&dest))),
-        (Compute::Ran(code @ (0 | 1)), Some(0)) => Ok(code),
-        (Compute::Ran(0 | 1), code) => Err(LedgerError::BadTransaction(format!(
-            "the action phase on {dest_at} failed (result code {}): nothing the contract did stands",
-            code.unwrap_or(-1)
-        ))),
-        (Compute::Ran(code), _) => Ok(code),
+    let code = match (landed.compute, landed.action_result) {
+        (Compute::Skipped, _) => return Err(LedgerError::NoContract(layout::account_id(&dest))),
+        (Compute::Ran(code @ (0 | 1)), Some(0)) => code,
+        (Compute::Ran(0 | 1), code) => {
+            return Err(LedgerError::BadTransaction(format!(
+                "the action phase on {dest_at} failed (result code {}): nothing the contract did stands",
+                code.unwrap_or(-1)
+            )));
+        }
+        (Compute::Ran(code), _) => return Ok(code),
+    };
+    follow(api, &landed, deadline).await?;
+    Ok(code)
+}
+
+/// How many messages deep an operation's chain is followed: a payout, the longest, is worker,
+/// proxy, worker, wallet.
+const TRACE_DEPTH: usize = 6;
+
+/// Follows the messages `first` sent, and theirs, to the transactions they caused: the first
+/// contract accepting is not the operation landing (a payout the proxy contract refuses, or a
+/// charge it does not take, bounces back after the first contract said yes). The first
+/// refusal anywhere in the chain is the operation's.
+async fn follow(
+    api: &Client,
+    first: &TxInfo,
+    deadline: tokio::time::Instant,
+) -> Result<(), LedgerError> {
+    let mut hop: Vec<TxInfo> = vec![first.clone()];
+    for _ in 0..TRACE_DEPTH {
+        let mut next = Vec::new();
+        for tx in &hop {
+            for m in &tx.out_msgs {
+                let Some(dest) = &m.destination else { continue };
+                let caused = find(api, dest, tx.lt, m.hash, deadline, "a message it sent").await?;
+                let at = layout::account_id(dest);
+                match (caused.compute, caused.action_result) {
+                    // A plain transfer to an account without code (a wallet not yet deployed).
+                    (Compute::Skipped, _) if caused.out_msgs.is_empty() => {}
+                    (Compute::Skipped, _) => return Err(LedgerError::NotOpen(at)),
+                    (Compute::Ran(0 | 1), Some(0) | None) => next.push(caused),
+                    (Compute::Ran(0 | 1), Some(code)) => {
+                        return Err(LedgerError::BadTransaction(format!(
+                            "the action phase on {} failed (result code {code})",
+                            crate::toncenter::raw(dest)
+                        )));
+                    }
+                    (Compute::Ran(code), _) => return Err(refusal(code, at)),
+                }
+            }
+        }
+        if next.is_empty() {
+            return Ok(());
+        }
+        hop = next;
     }
+    Ok(())
 }
 
 /// The hash of the message at the root of `boc`: what v3 reports as the inbound message's hash
@@ -657,6 +725,11 @@ impl Ledger for TonLedger {
         };
         if code != 0 && code != 1 {
             return Err(refusal(code, at));
+        }
+        if matches!(tx.op, Op::ProxyOpen { .. } | Op::ProxyFinishClose) {
+            // This proxy's own terms may have just changed: name its contracts afresh.
+            self.terms.lock().remove(&me);
+            self.names.lock().retain(|(_, proxy, _), _| *proxy != me);
         }
         let mut receipt = Receipt::default();
         match &tx.op {

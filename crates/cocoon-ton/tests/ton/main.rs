@@ -4,6 +4,7 @@
 //! test instead of one binary per file.
 
 mod confirm;
+mod governance_attacks;
 mod ledger;
 mod money;
 mod scenarios;
