@@ -123,6 +123,11 @@ async fn what_the_gateway_refuses_gets_an_openai_error_and_never_reaches_a_worke
     let huge = chat_body(&"x".repeat(5 << 20), json!({}));
     let response = raw(huge.to_string()).await.unwrap();
     assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.headers()["connection"],
+        "close",
+        "the unread body leaves the connection unusable"
+    );
 
     assert_eq!(b.served(), 0, "a refused request reached the worker");
     // And the gateway still serves.
