@@ -138,11 +138,11 @@ impl Gateway {
         };
         // With a ledger the record is durable: bills name real money.
         let record_at = ledger.is_some().then(|| config.payments.bill_file.clone());
-        let bills = Arc::new(BillRecord::open(
-            record_at,
-            params,
-            config.payments.max_bad_bills,
-        )?);
+        let mut record = BillRecord::open(record_at, params, config.payments.max_bad_bills)?;
+        if let Some(ledger) = &ledger {
+            record = record.with_ledger(ledger.clone());
+        }
+        let bills = Arc::new(record);
         let state = Arc::new(AppState {
             client_key,
             ledger,
@@ -415,7 +415,7 @@ async fn answer(
             None => return Err(ProtocolError::internal("the answer ended early").into()),
         }
     };
-    let verified = parties.verdict(billing.as_ref(), usage);
+    let verified = parties.verdict(billing.as_ref(), usage).await;
     let usage = OpenAiUsage::new(usage, billing, verified);
     let body = match endpoint {
         Endpoint::Chat => json!({

@@ -21,6 +21,10 @@ use cocoon_ledger::{Address, NetworkParams, PaymentMessage, SignedMessage, Token
 use cocoon_protocol::{Billing, Usage};
 use parking_lot::Mutex;
 
+/// How often, at most, the gateway reads the ledger's parameters again because a bill did not
+/// check out against them.
+const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Counter ranges kept per contract; older ones fold into a floor below which every counter
 /// counts as claimed.
 const KEPT_RANGES: usize = 4096;
@@ -74,15 +78,28 @@ impl Claimed {
 
 /// What the gateway keeps between bills: the network's prices as its ledger states them, the
 /// counter ranges each contract was billed, and the proxies that sent bad bills.
-#[derive(Debug)]
 pub(crate) struct BillRecord {
     /// The ledger's parameters; `None` without a ledger (the proxy's figures are then
     /// checked only for consistency).
-    params: Option<NetworkParams>,
+    params: parking_lot::RwLock<Option<NetworkParams>>,
+    /// Where the parameters are read again when a bill does not check out against them (the
+    /// owner may have changed them since): at most once per [`REFRESH_EVERY`].
+    ledger: Option<Arc<dyn cocoon_ledger::Ledger>>,
+    refreshed: Mutex<Option<std::time::Instant>>,
     max_bad_bills: u32,
     /// Where `kept` is written after every change; `None` keeps it in memory only.
     path: Option<PathBuf>,
     kept: Mutex<Kept>,
+}
+
+impl std::fmt::Debug for BillRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BillRecord")
+            .field("params", &self.params)
+            .field("path", &self.path)
+            .field("kept", &self.kept)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the record keeps, as its file holds it.
@@ -133,11 +150,51 @@ impl BillRecord {
             None => Kept::default(),
         };
         Ok(Self {
-            params,
+            params: parking_lot::RwLock::new(params),
+            ledger: None,
+            refreshed: Mutex::new(None),
             max_bad_bills: max_bad_bills.max(1),
             path,
             kept: Mutex::new(kept),
         })
+    }
+
+    /// Parameters are read again from `ledger` when a bill fails against them.
+    pub(crate) fn with_ledger(mut self, ledger: Arc<dyn cocoon_ledger::Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Reads the ledger's parameters again, if it has a ledger and did not in the last
+    /// [`REFRESH_EVERY`]; whether they changed.
+    async fn refresh(&self) -> bool {
+        let Some(ledger) = &self.ledger else {
+            return false;
+        };
+        {
+            let mut last = self.refreshed.lock();
+            if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+                return false;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match ledger.params().await {
+            Ok(fresh) => {
+                let mut params = self.params.write();
+                let changed = params.as_ref() != Some(&fresh);
+                if changed {
+                    tracing::info!(
+                        "the network's parameters changed: bills are checked against the new ones"
+                    );
+                    *params = Some(fresh);
+                }
+                changed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the network's parameters again");
+                false
+            }
+        }
     }
 
     /// Writes the record where it is kept. Synchronous on purpose: a verdict is given only
@@ -291,7 +348,7 @@ impl Parties {
                 bill.cost, bill.billed_tokens, bill.unit_price
             ));
         }
-        if let Some(params) = &self.record.params {
+        if let Some(params) = self.record.params.read().clone() {
             let floor = u64::try_from(params.price_per_token).unwrap_or(u64::MAX);
             if bill.unit_price != floor {
                 return Err(format!(
@@ -325,13 +382,18 @@ impl Parties {
     /// The verdict on the bill (or its absence) of an answer of `usage`: `None` when there is
     /// nothing to judge (no bill, none expected). A failure is logged at error level and, if
     /// it is the proxy's, counted against it.
-    pub(crate) fn verdict(
+    pub(crate) async fn verdict(
         &self,
         bill: Option<&Billing>,
         usage: Usage,
     ) -> Option<Result<(), String>> {
         let verdict = match bill {
-            Some(bill) => self.check_bill(bill, usage),
+            Some(bill) => match self.check_bill(bill, usage) {
+                // The owner may have changed the prices since they were read: an honest bill
+                // at the new ones must not count against the proxy.
+                Err(Fault::Bad(_)) if self.record.refresh().await => self.check_bill(bill, usage),
+                verdict => verdict,
+            },
             None if self.expects_bill => Err(Fault::Bad(
                 "the answer came without a bill, though this gateway pays for answers".into(),
             )),
@@ -512,8 +574,8 @@ mod tests {
             .unwrap();
     }
 
-    #[test]
-    fn a_proxy_is_distrusted_after_max_bad_bills() {
+    #[tokio::test]
+    async fn a_proxy_is_distrusted_after_max_bad_bills() {
         let proxy = Wallet::from_seed([9; 32]);
         let client = [2; 32];
         let p = parties(&proxy, client, None);
@@ -522,11 +584,11 @@ mod tests {
         b.cost += 1;
         for n in 1..=2 {
             assert!(!p.record.distrusts(&key));
-            assert!(p.verdict(Some(&b), usage(10)).unwrap().is_err());
+            assert!(p.verdict(Some(&b), usage(10)).await.unwrap().is_err());
             assert_eq!(p.record.bad_bills(&key), n);
         }
         // An answer without a bill, from a proxy that must bill, is a bad bill too.
-        let missing = p.verdict(None, usage(10)).unwrap().unwrap_err();
+        let missing = p.verdict(None, usage(10)).await.unwrap().unwrap_err();
         assert!(missing.contains("without a bill"), "{missing}");
         assert_eq!(p.record.bad_bills(&key), 3);
         assert!(p.record.distrusts(&key));
@@ -535,11 +597,11 @@ mod tests {
             expects_bill: false,
             ..parties(&proxy, client, None)
         };
-        assert_eq!(free.verdict(None, usage(10)), None);
+        assert_eq!(free.verdict(None, usage(10)).await, None);
     }
 
-    #[test]
-    fn the_record_survives_a_restart_and_its_writes_are_required() {
+    #[tokio::test]
+    async fn the_record_survives_a_restart_and_its_writes_are_required() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bills.json");
         let proxy = Wallet::from_seed([9; 32]);
@@ -552,12 +614,13 @@ mod tests {
         let p = durable();
         for end in [10, 20, 30] {
             p.verdict(Some(&bill(&proxy, client, end, 10)), usage(10))
+                .await
                 .unwrap()
                 .unwrap();
         }
         let mut bad = bill(&proxy, client, 40, 10);
         bad.cost += 1;
-        assert!(p.verdict(Some(&bad), usage(10)).unwrap().is_err());
+        assert!(p.verdict(Some(&bad), usage(10)).await.unwrap().is_err());
         drop(p);
         // Bills that follow each other keep one range.
         let kept: Kept = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -573,12 +636,14 @@ mod tests {
         let p = durable();
         let again = p
             .verdict(Some(&bill(&proxy, client, 20, 10)), usage(10))
+            .await
             .unwrap()
             .unwrap_err();
         assert!(again.contains("billed before"), "{again}");
         assert_eq!(p.record.bad_bills(&key), 2);
         assert!(p.record.distrusts(&key));
         p.verdict(Some(&bill(&proxy, client, 50, 10)), usage(10))
+            .await
             .unwrap()
             .unwrap();
 
@@ -590,10 +655,59 @@ mod tests {
         };
         let unrecorded = p
             .verdict(Some(&bill(&proxy, client, 10, 10)), usage(10))
+            .await
             .unwrap()
             .unwrap_err();
         assert!(unrecorded.contains("could not be recorded"), "{unrecorded}");
         assert_eq!(p.record.bad_bills(&key), 0);
         assert!(p.record.kept.lock().claimed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_the_owner_changes_the_prices_honest_bills_still_check_out() {
+        use cocoon_ledger::{EmbeddedLedger, Ledger, Op, Tx};
+        let dir = tempfile::tempdir().unwrap();
+        let owner = [1u8; 32];
+        let ledger =
+            Arc::new(EmbeddedLedger::open(&dir.path().join("ledger.redb"), owner).unwrap());
+        let before = ledger.params().await.unwrap();
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = Parties {
+            record: Arc::new(BillRecord::new(Some(before.clone()), 3).with_ledger(ledger.clone())),
+            max_price: None,
+            ..parties(&proxy, client, None)
+        };
+        let doubled = NetworkParams {
+            price_per_token: before.price_per_token * 2,
+            ..before.clone()
+        };
+        ledger
+            .execute(Tx {
+                sender: owner,
+                op: Op::SetParams { params: doubled },
+                now: 1,
+            })
+            .await
+            .unwrap();
+        // The proxy bills at the new floor, which the gateway has not read yet.
+        let at = |end: u64, price: u64| {
+            let mut b = bill(&proxy, client, end, 10);
+            (b.unit_price, b.price_per_token, b.cost) = (price, price, 10 * price);
+            b
+        };
+        p.verdict(Some(&at(10, 40)), usage(10))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.record.bad_bills(&proxy.public_key()), 0);
+        // A bill at the old price is now the bad one.
+        assert!(
+            p.verdict(Some(&at(20, 20)), usage(10))
+                .await
+                .unwrap()
+                .is_err()
+        );
+        assert_eq!(p.record.bad_bills(&proxy.public_key()), 1);
     }
 }

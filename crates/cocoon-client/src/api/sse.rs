@@ -66,7 +66,7 @@ impl StreamState {
                             Phase::Usage(usage, billing)
                         } else {
                             // Not shown to the app, but a bad bill is still logged.
-                            let _ = self.parties.verdict(billing.as_ref(), usage);
+                            let _ = self.parties.verdict(billing.as_ref(), usage).await;
                             Phase::Done
                         };
                         return Some(self.chunks.finish(finish_reason.as_str()));
@@ -80,7 +80,7 @@ impl StreamState {
                 },
                 Phase::Usage(usage, billing) => {
                     self.phase = Phase::Done;
-                    let verified = self.parties.verdict(billing.as_ref(), usage);
+                    let verified = self.parties.verdict(billing.as_ref(), usage).await;
                     let usage = serde_json::to_value(OpenAiUsage::new(usage, billing, verified))
                         .expect("serializable");
                     return Some(self.chunks.usage(usage));
