@@ -17,6 +17,7 @@ use bytes::Bytes;
 use cocoon_ledger::{Address, Ledger, LedgerOpener, Wallet};
 use cocoon_protocol::{
     Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
+    UsageBounds,
 };
 use cocoon_tls::Identity;
 use serde::de::DeserializeOwned;
@@ -384,6 +385,9 @@ async fn answer(
         proxy,
         contract,
         max_price: request.max_price,
+        // The model's context is the proxy's to know; max_tokens, when set, bounds the
+        // completion, and the prompt's bytes always bound the prompt.
+        bounds: Some(UsageBounds::new(&request, u32::MAX)),
         expects_bill: state.ledger.is_some(),
         record: state.bills.clone(),
     };

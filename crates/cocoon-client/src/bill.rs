@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cocoon_ledger::{Address, NetworkParams, PaymentMessage, SignedMessage, TokenKind};
-use cocoon_protocol::{Billing, Usage};
+use cocoon_protocol::{Billing, Relayed, Usage, UsageBounds};
 use parking_lot::Mutex;
 
 /// How often, at most, the gateway reads the ledger's parameters again because a bill did not
@@ -282,6 +282,9 @@ pub(crate) struct Parties {
     pub contract: Option<Address>,
     /// The request's price cap, if it set one.
     pub max_price: Option<u64>,
+    /// The most the request's answer may be counted as (from its prompt and `max_tokens`):
+    /// a bill for more is bad, whatever the proxy or its worker says was used.
+    pub bounds: Option<UsageBounds>,
     /// Whether a bill must come with the answer: this gateway pays through a ledger, so an
     /// answer without one is a proxy hiding what it charges.
     pub expects_bill: bool,
@@ -324,6 +327,13 @@ impl Parties {
             return Err(format!(
                 "the charge counts {tokens_used} tokens, the bill {} (this answer {})",
                 bill.tokens_used, bill.billed_tokens
+            ));
+        }
+        if let Some(bounds) = &self.bounds
+            && let Some(breach) = bounds.apply(usage, Relayed::default()).breach
+        {
+            return Err(format!(
+                "the usage is more than the request could use: {breach}"
             ));
         }
         if let Some(max) = self.max_price
@@ -438,6 +448,7 @@ mod tests {
             proxy: Some(proxy.public_key()),
             contract: Some(Address::client(&proxy.public_key(), &client)),
             max_price: Some(30),
+            bounds: None,
             expects_bill: true,
             record: Arc::new(BillRecord::new(params, 3)),
         }
@@ -709,5 +720,46 @@ mod tests {
                 .is_err()
         );
         assert_eq!(p.record.bad_bills(&proxy.public_key()), 1);
+    }
+
+    #[test]
+    fn a_bill_for_more_than_the_request_could_use_is_bad() {
+        use cocoon_protocol::{ChatMessage, GenerateRequest, Input, Role, SamplingParams};
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let request = GenerateRequest {
+            model: "m".into(),
+            input: Input::Chat {
+                messages: vec![ChatMessage {
+                    role: Role::User,
+                    content: "Hi".into(),
+                }],
+            },
+            params: SamplingParams {
+                max_tokens: Some(4),
+                ..SamplingParams::default()
+            },
+            max_price: None,
+        };
+        let p = Parties {
+            bounds: Some(UsageBounds::new(&request, u32::MAX)),
+            ..parties(&proxy, client, None)
+        };
+        // Consistent figures, but a 2-byte prompt cannot be 1,000 tokens, nor 4 max_tokens 10.
+        let inflated = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 4,
+        };
+        let err = p
+            .check(&bill(&proxy, client, 1004, 1004), inflated)
+            .unwrap_err();
+        assert!(err.contains("more than the request could use"), "{err}");
+        assert!(p.check(&bill(&proxy, client, 2000, 10), usage(10)).is_err());
+        // What the request could use passes.
+        let honest = Usage {
+            prompt_tokens: 9,
+            completion_tokens: 4,
+        };
+        p.check(&bill(&proxy, client, 13, 13), honest).unwrap();
     }
 }

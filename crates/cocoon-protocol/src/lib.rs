@@ -1,13 +1,16 @@
 //! The cocoon wire protocol: what clients, proxies and workers say to each other.
 //!
 //! This crate owns the message types, their validation, protocol versioning (ALPN names and
-//! request paths) and the frame codec used for streamed answers. It does no I/O, so every
+//! request paths), the frame codec used for streamed answers, and the bounds an answer's token
+//! counts must keep (which the proxy and the gateway both hold bills to). It does no I/O, so every
 //! other crate can depend on it. The full specification is `docs/protocol.md`.
 
+mod bounds;
 mod error;
 mod frame;
 mod messages;
 
+pub use bounds::{Bounded, Relayed, UsageBounds};
 pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{

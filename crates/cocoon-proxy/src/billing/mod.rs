@@ -9,7 +9,6 @@
 //! covers; when it would, it commits first and looks again.
 
 mod book;
-mod bounds;
 mod rollback;
 
 use std::collections::HashMap;
@@ -29,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use book::Entry;
 pub use book::{Book, BookError, ClientRecord, WorkerRecord};
-pub(crate) use bounds::{Bounded, Relayed, UsageBounds};
+pub(crate) use cocoon_protocol::{Bounded, Relayed, UsageBounds};
 
 /// How long a client's contract as read from the ledger is trusted before it is read again.
 /// A refusal always reads again first, so a fresh deposit is never missed.

@@ -1,7 +1,9 @@
-//! What a worker's token counts may say. The proxy bills what a worker reports, so a worker
+//! What an answer's token counts may say. The proxy bills what a worker reports, so a worker
 //! (or the upstream server behind it) that reports more than it could have used would take
-//! the client's money; each count is held to a bound the proxy computes itself, from the
-//! request and from what it relayed:
+//! the client's money; each count is held to a bound computed from the request and from what
+//! was relayed, by the proxy (which bills at the bound) and again by the client's gateway
+//! (which cannot be billed for more than the request could have used, whatever the proxy
+//! says):
 //!
 //! - prompt tokens: at most the prompt's bytes plus the template's overhead (a token of a
 //!   byte-level tokenizer covers at least one byte), as the reservation assumed;
@@ -14,10 +16,11 @@
 //! does not pass on yet; control tokens under `ignore_eos`), so such a bound would bar honest
 //! workers.
 //!
-//! A report over a bound is billed at the bound and is a breach: the worker loses reputation,
-//! and after repeated breaches it is disconnected.
+//! At the proxy a report over a bound is billed at the bound and is a breach: the worker
+//! loses reputation, and after repeated breaches it is disconnected. At the gateway a bill
+//! whose usage is over a bound is a bad bill.
 
-use cocoon_protocol::{GenerateRequest, Input, Usage};
+use crate::{GenerateRequest, Input, Usage};
 
 /// Template tokens a chat message may add beside its text (role markers, separators), and a
 /// text prompt beside its own (a begin-of-sequence token).
@@ -45,7 +48,7 @@ fn prompt_bound(input: &Input) -> u64 {
 
 /// The most a request's answer may be counted as, fixed when the request is admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct UsageBounds {
+pub struct UsageBounds {
     prompt: u64,
     completion: u64,
     /// Bytes of a stop sequence the engine matched and did not relay (its tokens count).
@@ -54,16 +57,16 @@ pub(crate) struct UsageBounds {
 
 /// What the proxy relayed of an answer: the tokens its deltas claimed and their text's bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Relayed {
+pub struct Relayed {
     /// Tokens the deltas said they carry.
-    pub(crate) tokens: u64,
+    pub tokens: u64,
     /// Bytes of the deltas' text.
-    pub(crate) bytes: u64,
+    pub bytes: u64,
 }
 
 impl Relayed {
     /// Adds one delta.
-    pub(crate) fn add(&mut self, tokens: u32, text: &str) {
+    pub fn add(&mut self, tokens: u32, text: &str) {
         self.tokens = self.tokens.saturating_add(u64::from(tokens));
         self.bytes = self.bytes.saturating_add(text.len() as u64);
     }
@@ -72,15 +75,17 @@ impl Relayed {
 /// A worker's report held to the bounds: what is billed and recorded, and the breach, if the
 /// report broke a bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Bounded {
-    pub(crate) usage: Usage,
-    pub(crate) breach: Option<String>,
+pub struct Bounded {
+    /// The usage held to the bounds: what is billed.
+    pub usage: Usage,
+    /// What the report claimed beyond a bound, if anything.
+    pub breach: Option<String>,
 }
 
 impl UsageBounds {
     /// The bounds of `request` on a model with `context_length` tokens of context (the
     /// completion's bound when the request sets no `max_tokens`).
-    pub(crate) fn new(request: &GenerateRequest, context_length: u32) -> Self {
+    pub fn new(request: &GenerateRequest, context_length: u32) -> Self {
         Self {
             prompt: prompt_bound(&request.input),
             completion: u64::from(request.params.max_tokens.unwrap_or(context_length)),
@@ -95,17 +100,17 @@ impl UsageBounds {
     }
 
     /// The most prompt tokens the request may be billed for.
-    pub(crate) fn prompt(&self) -> u64 {
+    pub fn prompt(&self) -> u64 {
         self.prompt
     }
 
     /// The most completion tokens the request may be billed for.
-    pub(crate) fn completion(&self) -> u64 {
+    pub fn completion(&self) -> u64 {
         self.completion
     }
 
     /// Holds a finished answer's `reported` usage to the bounds, given what was `relayed`.
-    pub(crate) fn apply(&self, reported: Usage, relayed: Relayed) -> Bounded {
+    pub fn apply(&self, reported: Usage, relayed: Relayed) -> Bounded {
         let mut breaches = Vec::new();
         let prompt = u64::from(reported.prompt_tokens);
         if prompt > self.prompt {
@@ -135,7 +140,7 @@ impl UsageBounds {
     /// The completion tokens a cut-off answer is billed for: what its deltas claimed, within
     /// the bounds and within the text they carried (plus a withheld stop sequence and a few
     /// tokens that leave no text).
-    pub(crate) fn cut_off(&self, relayed: Relayed) -> Bounded {
+    pub fn cut_off(&self, relayed: Relayed) -> Bounded {
         let by_text = relayed
             .bytes
             .saturating_add(self.withheld)
@@ -159,7 +164,7 @@ impl UsageBounds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cocoon_protocol::{ChatMessage, Role, SamplingParams};
+    use crate::{ChatMessage, Role, SamplingParams};
 
     fn request(prompt: &str, max_tokens: Option<u32>, stop: &[&str]) -> GenerateRequest {
         GenerateRequest {
