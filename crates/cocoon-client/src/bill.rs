@@ -112,19 +112,10 @@ struct Kept {
 }
 
 impl Kept {
-    /// Writes the record to `path` atomically (a temporary file, fsynced, renamed, the
-    /// directory fsynced): a crash leaves the old record or the new one, never half of one.
+    /// Writes the record to `path` atomically: a crash leaves the old record or the new one.
     fn write(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&serde_json::to_vec(self).expect("the record serializes"))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        let bytes = serde_json::to_vec(self).expect("the record serializes");
+        cocoon_ledger::write_atomically(path, &bytes)
     }
 }
 

@@ -20,6 +20,7 @@
 #[cfg(feature = "embedded")]
 mod embedded;
 mod error;
+mod file;
 mod ledger;
 mod message;
 mod opener;
@@ -35,6 +36,7 @@ mod wallet;
 #[cfg(feature = "embedded")]
 pub use embedded::EmbeddedLedger;
 pub use error::LedgerError;
+pub use file::write_atomically;
 pub use ledger::{ImageRole, Ledger, Op, Receipt, Tx, unix_now};
 pub use message::{MessageError, OP_CHARGE_CLIENT, OP_PAY_WORKER, PaymentMessage, SignedMessage};
 pub use opener::LedgerOpener;

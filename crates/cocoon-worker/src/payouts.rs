@@ -197,16 +197,8 @@ impl PayoutStore {
 }
 
 fn write_atomically(path: &Path, entries: &BTreeMap<String, Stored>) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&serde_json::to_vec_pretty(entries).expect("payouts serialize"))?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    let bytes = serde_json::to_vec_pretty(entries).expect("payouts serialize");
+    cocoon_ledger::write_atomically(path, &bytes)
 }
 
 /// Claims new payouts on `ledger` every `interval` until `shutdown`.

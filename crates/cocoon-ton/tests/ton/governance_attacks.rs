@@ -6,20 +6,13 @@
 //! terms after a minute and at once after its own close or open, and the root refuses a second
 //! open of an open contract.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use cocoon_ledger::{Ledger, NetworkParams, Op, PaymentMessage, Tx};
-use cocoon_ton::TonLedger;
-use cocoon_ton::emulator::Chain;
-use cocoon_ton::toncenter::{self, Client};
+
+use crate::ledger::Network;
 use cocoon_ton::wallet::Wallet;
-use parking_lot::Mutex;
 use ring::signature::Ed25519KeyPair;
-use tycho_types::cell::HashBytes;
 
 const TON: u128 = 1_000_000_000;
-const TIMEOUT: Duration = Duration::from_secs(10);
 /// owner, proxy, client, worker, a second client.
 const SEEDS: [[u8; 32]; 5] = [[41; 32], [42; 32], [43; 32], [44; 32], [45; 32]];
 
@@ -32,66 +25,6 @@ fn tx(i: usize, op: Op) -> Tx {
         sender: key(i),
         op,
         now: 0,
-    }
-}
-
-struct Net {
-    api: Client,
-    root: tonlib_core::TonAddress,
-}
-
-impl Net {
-    /// A root with `params`, the proxy registered and open with a 10 TON stake.
-    async fn new(params: NetworkParams) -> Self {
-        let chain = Arc::new(Mutex::new(Chain::new(cocoon_ledger::unix_now() as u32)));
-        for seed in SEEDS {
-            let w = Wallet::from_seed(seed).unwrap();
-            chain.lock().fund(
-                HashBytes(w.address().hash_part.as_slice().try_into().unwrap()),
-                1000 * TON,
-            );
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, toncenter::router(chain))
-                .await
-                .unwrap()
-        });
-        let api = Client::new(&format!("http://{addr}"));
-        let owner = Wallet::from_seed(SEEDS[0]).unwrap();
-        let root = TonLedger::deploy_root(&api, &owner, &params, TIMEOUT)
-            .await
-            .unwrap();
-        let net = Self { api, root };
-        net.ledger(0)
-            .await
-            .execute(tx(
-                0,
-                Op::RegisterProxy {
-                    key: key(1),
-                    address: "proxy.example:8443".into(),
-                },
-            ))
-            .await
-            .unwrap();
-        net.ledger(1)
-            .await
-            .execute(tx(1, Op::ProxyOpen { stake: 10 * TON }))
-            .await
-            .unwrap();
-        net
-    }
-
-    async fn ledger(&self, i: usize) -> TonLedger {
-        TonLedger::connect(
-            self.api.clone(),
-            Wallet::from_seed(SEEDS[i]).unwrap(),
-            self.root.clone(),
-        )
-        .await
-        .unwrap()
-        .with_confirm_timeout(TIMEOUT)
     }
 }
 
@@ -108,8 +41,8 @@ fn signing() -> Ed25519KeyPair {
 /// claims that payout again. Safe outcome: an error (the claim was refused).
 #[tokio::test]
 async fn finding_a_payout_the_proxy_contract_refuses_is_not_confirmed() {
-    let net = Net::new(NetworkParams::default()).await;
-    let worker = net.ledger(3).await;
+    let net = Network::open(&NetworkParams::default(), &SEEDS).await;
+    let worker = net.connect(3).await;
     let contract = worker.worker_address(&key(1), &key(3)).await.unwrap();
     // 1e9 tokens at 16 nanoton: 16 TON, more than the proxy contract's 10 TON stake.
     let message = PaymentMessage::PayWorker {
@@ -147,8 +80,8 @@ async fn finding_a_payout_the_proxy_contract_refuses_is_not_confirmed() {
 /// proxy contract until its final close. Safe outcome: an error, the stake not booked.
 #[tokio::test]
 async fn finding_an_open_the_proxy_contract_refuses_is_not_confirmed() {
-    let net = Net::new(NetworkParams::default()).await;
-    let (owner, proxy) = (net.ledger(0).await, net.ledger(1).await);
+    let net = Network::open(&NetworkParams::default(), &SEEDS).await;
+    let (owner, proxy) = (net.connect(0).await, net.connect(1).await);
     owner
         .execute(tx(0, Op::UnregisterProxy { key: key(1) }))
         .await
@@ -191,8 +124,8 @@ async fn finding_terms_cached_before_a_reopen_name_stale_contracts() {
         proxy_close_delay: 0,
         ..NetworkParams::default()
     };
-    let net = Net::new(params.clone()).await;
-    let (owner, proxy) = (net.ledger(0).await, net.ledger(1).await);
+    let net = Network::open(&params, &SEEDS).await;
+    let (owner, proxy) = (net.connect(0).await, net.connect(1).await);
     // The proxy's process names a worker's contract (it signs its payouts): terms cached.
     let before = proxy.worker_address(&key(1), &key(3)).await.unwrap();
     proxy.execute(tx(1, Op::ProxyClose)).await.unwrap();
@@ -215,7 +148,7 @@ async fn finding_terms_cached_before_a_reopen_name_stale_contracts() {
         .execute(tx(1, Op::ProxyOpen { stake: 10 * TON }))
         .await
         .unwrap();
-    let fresh = net.ledger(4).await;
+    let fresh = net.connect(4).await;
     let now_worker = fresh.worker_address(&key(1), &key(3)).await.unwrap();
     assert_ne!(
         before, now_worker,
@@ -247,8 +180,8 @@ async fn finding_a_charge_the_proxy_contract_refuses_is_not_confirmed() {
         proxy_close_delay: 0,
         ..NetworkParams::default()
     };
-    let net = Net::new(params.clone()).await;
-    let (owner, client) = (net.ledger(0).await, net.ledger(2).await);
+    let net = Network::open(&params, &SEEDS).await;
+    let (owner, client) = (net.connect(0).await, net.connect(2).await);
     client
         .execute(tx(
             2,
@@ -260,7 +193,7 @@ async fn finding_a_charge_the_proxy_contract_refuses_is_not_confirmed() {
         .await
         .unwrap();
     let contract = client.client_address(&key(1), &key(2)).await.unwrap();
-    let proxy = net.ledger(1).await;
+    let proxy = net.connect(1).await;
     proxy.execute(tx(1, Op::ProxyClose)).await.unwrap();
     proxy.execute(tx(1, Op::ProxyFinishClose)).await.unwrap();
     owner
@@ -286,7 +219,7 @@ async fn finding_a_charge_the_proxy_contract_refuses_is_not_confirmed() {
     }
     .sign(&signing());
     let got = net
-        .ledger(1)
+        .connect(1)
         .await
         .execute(tx(
             1,

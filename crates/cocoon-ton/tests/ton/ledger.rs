@@ -287,28 +287,38 @@ async fn operations_settle_on_the_emulated_chain() {
 /// The wallets' seeds: owner, proxy, client, worker.
 const SEEDS: [[u8; 32]; 4] = [[1; 32], [2; 32], [3; 32], [5; 32]];
 
-/// A local chain served in the toncenter shape, its wallets funded, a root deployed with the
-/// default parameters, and the proxy registered and opened with a 10 TON stake.
-struct Network {
+/// A local chain served in the toncenter shape, the wallets of `seeds` funded (the owner's
+/// first, the proxy's second), a root deployed, and the proxy registered and opened with a
+/// 10 TON stake.
+pub(crate) struct Network {
     api: Client,
     root: tonlib_core::TonAddress,
+    seeds: Vec<[u8; 32]>,
 }
 
 impl Network {
     async fn with_open_proxy() -> Self {
+        Self::open(&NetworkParams::default(), &SEEDS).await
+    }
+
+    pub(crate) async fn open(params: &NetworkParams, seeds: &[[u8; 32]]) -> Self {
         let chain = Arc::new(Mutex::new(Chain::new(cocoon_ledger::unix_now() as u32)));
-        for seed in SEEDS {
+        for seed in seeds {
             chain
                 .lock()
-                .fund(hash(&Wallet::from_seed(seed).unwrap()), 1000 * TON);
+                .fund(hash(&Wallet::from_seed(*seed).unwrap()), 1000 * TON);
         }
         let api = Client::new(&serve(chain).await);
-        let owner = Wallet::from_seed(SEEDS[0]).unwrap();
-        let root = TonLedger::deploy_root(&api, &owner, &NetworkParams::default(), TIMEOUT)
+        let owner = Wallet::from_seed(seeds[0]).unwrap();
+        let root = TonLedger::deploy_root(&api, &owner, params, TIMEOUT)
             .await
             .unwrap();
-        let net = Self { api, root };
-        let [owner_key, proxy_key, ..] = net.keys();
+        let net = Self {
+            api,
+            root,
+            seeds: seeds.to_vec(),
+        };
+        let (owner_key, proxy_key) = (net.key(0), net.key(1));
         net.connect(0)
             .await
             .execute(tx(
@@ -328,15 +338,19 @@ impl Network {
         net
     }
 
-    fn keys(&self) -> [[u8; 32]; 4] {
-        SEEDS.map(|s| Wallet::from_seed(s).unwrap().public_key())
+    fn key(&self, i: usize) -> [u8; 32] {
+        Wallet::from_seed(self.seeds[i]).unwrap().public_key()
     }
 
-    /// The TON ledger as the party with seed `SEEDS[i]` opens it.
-    async fn connect(&self, i: usize) -> TonLedger {
+    fn keys(&self) -> [[u8; 32]; 4] {
+        std::array::from_fn(|i| self.key(i))
+    }
+
+    /// The TON ledger as the party with the `i`th seed opens it.
+    pub(crate) async fn connect(&self, i: usize) -> TonLedger {
         TonLedger::connect(
             self.api.clone(),
-            Wallet::from_seed(SEEDS[i]).unwrap(),
+            Wallet::from_seed(self.seeds[i]).unwrap(),
             self.root.clone(),
         )
         .await
