@@ -157,15 +157,15 @@ impl BillRecord {
     }
 
     /// Reads the ledger's parameters again, if it has a ledger and did not in the last
-    /// [`REFRESH_EVERY`]; whether they changed.
-    async fn refresh(&self) -> bool {
+    /// [`REFRESH_EVERY`].
+    async fn refresh(&self) -> Refreshed {
         let Some(ledger) = &self.ledger else {
-            return false;
+            return Refreshed::Unchanged;
         };
         {
             let mut last = self.refreshed.lock();
             if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
-                return false;
+                return Refreshed::Skipped;
             }
             *last = Some(std::time::Instant::now());
         }
@@ -178,12 +178,13 @@ impl BillRecord {
                         "the network's parameters changed: bills are checked against the new ones"
                     );
                     *params = Some(fresh);
+                    return Refreshed::Changed;
                 }
-                changed
+                Refreshed::Unchanged
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the network's parameters again");
-                false
+                Refreshed::Skipped
             }
         }
     }
@@ -248,12 +249,25 @@ impl BillRecord {
     }
 }
 
+/// What reading the ledger's parameters again found.
+enum Refreshed {
+    Changed,
+    Unchanged,
+    /// Not read (read too recently, or the ledger did not answer): the parameters a bill
+    /// failed against may be stale.
+    Skipped,
+}
+
 /// Why a bill is not verified: the proxy's fault, or the gateway's own (its record could not
 /// be written), which does not count against the proxy.
 #[derive(Debug)]
 enum Fault {
     Bad(String),
     Unrecorded(String),
+    /// It failed against parameters that could not be confirmed as current: not counted
+    /// against the proxy (a price change must not get honest proxies barred), at most once per
+    /// refresh interval for a proxy that keeps failing.
+    Unconfirmed(String),
 }
 
 impl Fault {
@@ -261,6 +275,9 @@ impl Fault {
         match self {
             Fault::Bad(r) => r,
             Fault::Unrecorded(r) => format!("the bill could not be recorded: {r}"),
+            Fault::Unconfirmed(r) => format!(
+                "{r} (against the network's parameters as last read; they could not be read again yet)"
+            ),
         }
     }
 }
@@ -392,7 +409,11 @@ impl Parties {
             Some(bill) => match self.check_bill(bill, usage) {
                 // The owner may have changed the prices since they were read: an honest bill
                 // at the new ones must not count against the proxy.
-                Err(Fault::Bad(_)) if self.record.refresh().await => self.check_bill(bill, usage),
+                Err(Fault::Bad(reason)) => match self.record.refresh().await {
+                    Refreshed::Changed => self.check_bill(bill, usage),
+                    Refreshed::Unchanged => Err(Fault::Bad(reason)),
+                    Refreshed::Skipped => Err(Fault::Unconfirmed(reason)),
+                },
                 verdict => verdict,
             },
             None if self.expects_bill => Err(Fault::Bad(
@@ -703,14 +724,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(p.record.bad_bills(&proxy.public_key()), 0);
-        // A bill at the old price is now the bad one.
-        assert!(
-            p.verdict(Some(&at(20, 20)), usage(10))
-                .await
-                .unwrap()
-                .is_err()
-        );
-        assert_eq!(p.record.bad_bills(&proxy.public_key()), 1);
+        // A bill at the old price is now the one not verified. It is not counted yet: the
+        // parameters cannot be read again within the refresh interval, and a price change in
+        // that interval must not get an honest proxy counted.
+        let old = p
+            .verdict(Some(&at(20, 20)), usage(10))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(old.contains("could not be read again yet"), "{old}");
+        assert_eq!(p.record.bad_bills(&proxy.public_key()), 0);
     }
 
     #[test]
@@ -752,5 +775,130 @@ mod tests {
             completion_tokens: 4,
         };
         p.check(&bill(&proxy, client, 13, 13), honest).unwrap();
+    }
+
+    /// ATTACK: the ledger charges `tokens_used - stored counter`, so a bill whose counter jumps
+    /// far past its own short range is a charge for everything in between; the gateway only
+    /// claims `(end - billed, end]` and verifies it.
+    #[test]
+    #[ignore = "known gap: a counter the proxy skips is charged on the ledger but not checked here (next stop)"]
+    fn attack_a_counter_jump_is_an_overbill_that_verifies() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = parties(&proxy, client, Some(NetworkParams::default()));
+        p.check(&bill(&proxy, client, 10, 10), usage(10)).unwrap();
+        // Signed counter 1,000,000: the ledger takes 999,990 units for a 10-token answer.
+        let jump = p.check(&bill(&proxy, client, 1_000_000, 10), usage(10));
+        assert!(
+            jump.is_err(),
+            "a 999,990-unit charge for 10 tokens was verified"
+        );
+    }
+
+    /// ATTACK: without a `max_price` in the request (the API's default), nothing bounds
+    /// `price_per_token` from above even with the ledger's parameters: 10 tokens billed as
+    /// 10,000,000 units.
+    #[test]
+    #[ignore = "known gap: without the request's max_price the gateway sets no price cap (next stop)"]
+    fn attack_without_max_price_any_price_verifies() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = Parties {
+            max_price: None,
+            ..parties(&proxy, client, Some(NetworkParams::default()))
+        };
+        let units = 10_000_000;
+        let mut b = bill(&proxy, client, units, units);
+        (b.weighted_tokens, b.price_per_token) = (10, 20 * 1_000_000);
+        assert!(
+            p.check(&b, usage(10)).is_err(),
+            "10 tokens billed as {units} units verified"
+        );
+    }
+
+    /// ATTACK: the record is shared by all proxies and the refresh is rate-limited globally:
+    /// a dishonest proxy's bad bill spends the refresh, the owner then changes the prices, and
+    /// an honest proxy's bills at the new prices count against it (durably) for up to 10 s.
+    #[tokio::test]
+    async fn attack_one_proxys_bad_bill_makes_anothers_honest_bills_bad() {
+        use cocoon_ledger::{EmbeddedLedger, Ledger, Op, Tx};
+        let dir = tempfile::tempdir().unwrap();
+        let owner = [1u8; 32];
+        let ledger =
+            Arc::new(EmbeddedLedger::open(&dir.path().join("ledger.redb"), owner).unwrap());
+        let before = ledger.params().await.unwrap();
+        let record = Arc::new(BillRecord::new(Some(before.clone()), 3).with_ledger(ledger.clone()));
+        let client = [2; 32];
+        let evil = Wallet::from_seed([8; 32]);
+        let honest = Wallet::from_seed([9; 32]);
+        let e = Parties {
+            record: record.clone(),
+            max_price: None,
+            ..parties(&evil, client, None)
+        };
+        let h = Parties {
+            record: record.clone(),
+            max_price: None,
+            ..parties(&honest, client, None)
+        };
+        let mut junk = bill(&evil, client, 10, 10);
+        junk.cost += 1;
+        assert!(e.verdict(Some(&junk), usage(10)).await.unwrap().is_err());
+        ledger
+            .execute(Tx {
+                sender: owner,
+                op: Op::SetParams {
+                    params: NetworkParams {
+                        price_per_token: before.price_per_token * 2,
+                        ..before.clone()
+                    },
+                },
+                now: 1,
+            })
+            .await
+            .unwrap();
+        for end in [10, 20, 30] {
+            let mut b = bill(&honest, client, end, 10);
+            (b.unit_price, b.price_per_token, b.cost) = (40, 40, 400);
+            let _ = h.verdict(Some(&b), usage(10)).await;
+        }
+        assert_eq!(
+            record.bad_bills(&honest.public_key()),
+            0,
+            "honest bills at the owner's new prices were counted bad"
+        );
+    }
+
+    /// HELD: edges of the claimed ranges (u64::MAX, 0, out-of-order merges, the fold, len 0).
+    #[test]
+    fn held_len_zero_and_edges() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = parties(&proxy, client, None);
+        // Range at u64::MAX, then everything: the whole range overlaps.
+        let mut c = Claimed::default();
+        c.claim(u64::MAX, 5).unwrap();
+        assert!(c.claim(u64::MAX, u64::MAX).is_err());
+        assert!(c.claim(u64::MAX - 4, 1).is_err());
+        c.claim(u64::MAX - 5, u64::MAX - 5).unwrap();
+        assert_eq!(c.ranges.len(), 1);
+        assert!(c.claim(1, 1).is_err());
+        // Out-of-order merging both sides.
+        let mut c = Claimed::default();
+        c.claim(10, 5).unwrap();
+        c.claim(20, 5).unwrap();
+        c.claim(15, 5).unwrap();
+        assert_eq!(c.ranges.iter().collect::<Vec<_>>(), vec![(&5, &20)]);
+        assert!(c.claim(6, 1).is_err());
+        assert!(c.claim(21, 2).is_err());
+        // Fold: ranges below the floor stay claimed.
+        let mut c = Claimed::default();
+        for i in 0..=(KEPT_RANGES as u64) {
+            c.claim(i * 3 + 2, 1).unwrap();
+        }
+        assert!(c.claim(2, 1).is_err());
+        assert!(c.claim(2, 2).is_err());
+        // A zero bill claims nothing and costs nothing.
+        p.check(&bill(&proxy, client, 0, 0), usage(0)).unwrap();
     }
 }
