@@ -114,6 +114,10 @@ export async function runScenario(steps) {
     return out;
   }
 
+  // The network a charge or payout is signed for: the root's, unless the step names another
+  // network id or workchain (a message signed elsewhere, replayed here).
+  const signedFor = (s) => ({ networkId: s.network_id ?? c.NETWORK_ID, workchain: s.workchain ?? 0 });
+
   // The message a step sends: who sends it and what (an advance sends nothing).
   function message(s, qid) {
     const op = (code) => c.body.op(code, qid);
@@ -153,7 +157,7 @@ export async function runScenario(steps) {
       }
       case "charge": {
         const named = client(s.names ?? s.client).address;
-        const message = c.paymentMessage(c.PAY.chargeClient, s.tokens, s.tokens, named, p[s.signer ?? "proxy"]);
+        const message = c.paymentMessage(c.PAY.chargeClient, s.tokens, s.tokens, named, p[s.signer ?? "proxy"], signedFor(s));
         return m(s.from, client(s.client).address, GAS, c.body.signed(c.OP.charge, message));
       }
       case "fake_charged":
@@ -162,7 +166,7 @@ export async function runScenario(steps) {
       case "payout": {
         const k = worker(s.worker);
         const named = s.names ? client(s.names).address : k.address;
-        const message = c.paymentMessage(c.PAY.payWorker, s.tokens, s.tokens, named, p[s.signer ?? "proxy"]);
+        const message = c.paymentMessage(c.PAY.payWorker, s.tokens, s.tokens, named, p[s.signer ?? "proxy"], signedFor(s));
         return m(s.worker, k.address, GAS, c.body.signed(c.OP.payout, message), k.init);
       }
       case "worker_withdraw": return m(s.worker, worker(s.worker).address, GAS, op(c.OP.workerWithdraw).endCell());

@@ -141,7 +141,10 @@ impl Gateway {
         let record_at = ledger.is_some().then(|| config.payments.bill_file.clone());
         let mut record = BillRecord::open(record_at, params, config.payments.max_bad_bills)?;
         if let Some(ledger) = &ledger {
-            record = record.with_ledger(ledger.clone());
+            let network = ledger.network().await.map_err(|e| {
+                anyhow::anyhow!("cannot read the network's id from the ledger: {e}")
+            })?;
+            record = record.with_ledger(ledger.clone(), network);
         }
         let bills = Arc::new(record);
         let state = Arc::new(AppState {

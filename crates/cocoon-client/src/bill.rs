@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cocoon_ledger::{Address, NetworkParams, PaymentMessage, SignedMessage, TokenKind};
+use cocoon_ledger::{Address, Network, NetworkParams, PaymentMessage, SignedMessage, TokenKind};
 use cocoon_protocol::{Billing, Relayed, Usage, UsageBounds};
 use parking_lot::Mutex;
 
@@ -85,6 +85,9 @@ pub(crate) struct BillRecord {
     /// Where the parameters are read again when a bill does not check out against them (the
     /// owner may have changed them since): at most once per [`REFRESH_EVERY`].
     ledger: Option<Arc<dyn cocoon_ledger::Ledger>>,
+    /// The ledger's network, which every charge must be signed for; `None` without a ledger
+    /// (a charge is then checked on the network it names: it pays nothing here).
+    network: Option<Network>,
     refreshed: Mutex<Option<std::time::Instant>>,
     max_bad_bills: u32,
     /// Where `kept` is written after every change; `None` keeps it in memory only.
@@ -143,6 +146,7 @@ impl BillRecord {
         Ok(Self {
             params: parking_lot::RwLock::new(params),
             ledger: None,
+            network: None,
             refreshed: Mutex::new(None),
             max_bad_bills: max_bad_bills.max(1),
             path,
@@ -150,9 +154,15 @@ impl BillRecord {
         })
     }
 
-    /// Parameters are read again from `ledger` when a bill fails against them.
-    pub(crate) fn with_ledger(mut self, ledger: Arc<dyn cocoon_ledger::Ledger>) -> Self {
+    /// Charges must be signed for `network`, the network of `ledger`; parameters are read
+    /// again from `ledger` when a bill fails against them.
+    pub(crate) fn with_ledger(
+        mut self,
+        ledger: Arc<dyn cocoon_ledger::Ledger>,
+        network: Network,
+    ) -> Self {
         self.ledger = Some(ledger);
+        self.network = Some(network);
         self
     }
 
@@ -317,8 +327,14 @@ impl Parties {
     fn check_figures(&self, bill: &Billing, usage: Usage) -> Result<Address, String> {
         let proxy = self.proxy.ok_or("the proxy's key is unknown")?;
         let bytes = hex::decode(&bill.charge).map_err(|_| "the charge is not hex".to_string())?;
-        let message = SignedMessage(bytes)
-            .verify(&proxy)
+        let charge = SignedMessage(bytes);
+        let network = self
+            .record
+            .network
+            .or_else(|| charge.named_network())
+            .ok_or("the charge is not a payment message")?;
+        let message = charge
+            .verify(&proxy, network)
             .map_err(|e| format!("the charge is not the proxy's: {e}"))?;
         let PaymentMessage::ChargeClient {
             tokens_used,
@@ -437,13 +453,15 @@ mod tests {
     use super::*;
     use cocoon_ledger::Wallet;
 
+    const NET: Network = Network::basechain(7);
+
     fn bill(proxy: &Wallet, client: [u8; 32], tokens_used: u64, billed: u64) -> Billing {
         let charge = PaymentMessage::ChargeClient {
             query_id: tokens_used,
             tokens_used,
             contract: Address::client(&proxy.public_key(), &client),
         }
-        .sign(proxy.key_pair());
+        .sign(proxy.key_pair(), NET);
         Billing {
             price_per_token: 20,
             weighted_tokens: billed,
@@ -691,13 +709,16 @@ mod tests {
         use cocoon_ledger::{EmbeddedLedger, Ledger, Op, Tx};
         let dir = tempfile::tempdir().unwrap();
         let owner = [1u8; 32];
-        let ledger =
-            Arc::new(EmbeddedLedger::open(&dir.path().join("ledger.redb"), owner).unwrap());
+        let ledger = Arc::new(
+            EmbeddedLedger::open_network(&dir.path().join("ledger.redb"), owner, NET).unwrap(),
+        );
         let before = ledger.params().await.unwrap();
         let proxy = Wallet::from_seed([9; 32]);
         let client = [2; 32];
         let p = Parties {
-            record: Arc::new(BillRecord::new(Some(before.clone()), 3).with_ledger(ledger.clone())),
+            record: Arc::new(
+                BillRecord::new(Some(before.clone()), 3).with_ledger(ledger.clone(), NET),
+            ),
             max_price: None,
             ..parties(&proxy, client, None)
         };
@@ -824,10 +845,12 @@ mod tests {
         use cocoon_ledger::{EmbeddedLedger, Ledger, Op, Tx};
         let dir = tempfile::tempdir().unwrap();
         let owner = [1u8; 32];
-        let ledger =
-            Arc::new(EmbeddedLedger::open(&dir.path().join("ledger.redb"), owner).unwrap());
+        let ledger = Arc::new(
+            EmbeddedLedger::open_network(&dir.path().join("ledger.redb"), owner, NET).unwrap(),
+        );
         let before = ledger.params().await.unwrap();
-        let record = Arc::new(BillRecord::new(Some(before.clone()), 3).with_ledger(ledger.clone()));
+        let record =
+            Arc::new(BillRecord::new(Some(before.clone()), 3).with_ledger(ledger.clone(), NET));
         let client = [2; 32];
         let evil = Wallet::from_seed([8; 32]);
         let honest = Wallet::from_seed([9; 32]);
@@ -900,5 +923,37 @@ mod tests {
         assert!(c.claim(2, 2).is_err());
         // A zero bill claims nothing and costs nothing.
         p.check(&bill(&proxy, client, 0, 0), usage(0)).unwrap();
+    }
+
+    /// A genuine charge of this proxy for this contract, signed for another network (a test
+    /// ledger the same keys use): it pays nothing on this one, so the bill is bad.
+    #[tokio::test]
+    async fn a_charge_signed_for_another_network_is_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(
+            cocoon_ledger::EmbeddedLedger::open_network(
+                &dir.path().join("ledger.redb"),
+                [1; 32],
+                NET,
+            )
+            .unwrap(),
+        );
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = Parties {
+            record: Arc::new(BillRecord::new(None, 3).with_ledger(ledger, NET)),
+            ..parties(&proxy, client, None)
+        };
+        p.check(&bill(&proxy, client, 10, 10), usage(10)).unwrap();
+        let mut elsewhere = bill(&proxy, client, 20, 10);
+        let charge = PaymentMessage::ChargeClient {
+            query_id: 20,
+            tokens_used: 20,
+            contract: Address::client(&proxy.public_key(), &client),
+        }
+        .sign(proxy.key_pair(), Network::basechain(8));
+        elsewhere.charge = hex::encode(&charge.0);
+        let e = p.check(&elsewhere, usage(10)).unwrap_err();
+        assert!(e.contains("network 8"), "{e}");
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use cocoon_client::openai::{ChatRequest, CompletionRequest};
-use cocoon_ledger::{SignedMessage, SignedTx, Wallet};
+use cocoon_ledger::{Network, SignedMessage, SignedTx, Wallet};
 use cocoon_protocol::{FrameDecoder, GenerateEvent, MAX_FRAME_BYTES, encode_frame};
 use cocoon_tls::{PeerCertificate, PeerPolicy, PeerVerifier};
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -143,7 +143,14 @@ pub fn quote(data: &[u8]) {
 /// panic, and no forgery verifies (nobody here can sign with the proxy key below).
 pub fn payment_message(data: &[u8]) {
     let proxy = Wallet::from_seed([9; 32]).public_key();
-    assert!(SignedMessage(data.to_vec()).verify(&proxy).is_err());
+    let message = SignedMessage(data.to_vec());
+    // On the network it names, too: the network is signed, not a way around the signature.
+    for network in [message.named_network(), Some(Network::TON_MAINNET)]
+        .into_iter()
+        .flatten()
+    {
+        assert!(message.verify(&proxy, network).is_err());
+    }
     if let Ok(tx) = serde_json::from_slice::<SignedTx>(data)
         && let Ok(body) = tx.open()
     {

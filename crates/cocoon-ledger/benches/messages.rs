@@ -10,6 +10,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 const OWNER: [u8; 32] = [1; 32];
 const CLIENT: [u8; 32] = [2; 32];
 const TON: u128 = 1_000_000_000;
+const NET: cocoon_ledger::Network = cocoon_ledger::Network::basechain(7);
 
 fn setup_ops(p: [u8; 32]) -> Vec<Tx> {
     let tx = |sender, op| Tx { sender, op, now: 1 };
@@ -48,11 +49,11 @@ fn messages(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("payment_message");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("sign", |b| b.iter(|| msg(42).sign(&proxy)));
-    let signed = msg(42).sign(&proxy);
-    group.bench_function("verify", |b| b.iter(|| signed.verify(&p).unwrap()));
+    group.bench_function("sign", |b| b.iter(|| msg(42).sign(&proxy, NET)));
+    let signed = msg(42).sign(&proxy, NET);
+    group.bench_function("verify", |b| b.iter(|| signed.verify(&p, NET).unwrap()));
 
-    let mut state = LedgerState::new(OWNER);
+    let mut state = LedgerState::new(OWNER, NET);
     for t in setup_ops(p) {
         state.apply(&t).unwrap();
     }
@@ -62,7 +63,7 @@ fn messages(c: &mut Criterion) {
             n += 1;
             let op = Op::Charge {
                 proxy: p,
-                message: msg(n).sign(&proxy),
+                message: msg(n).sign(&proxy, NET),
             };
             state
                 .apply(&Tx {
@@ -88,7 +89,7 @@ fn messages(c: &mut Criterion) {
             n += 1;
             let op = Op::Charge {
                 proxy: p,
-                message: msg(n).sign(&proxy),
+                message: msg(n).sign(&proxy, NET),
             };
             rt.block_on(ledger.execute(Tx {
                 sender: p,

@@ -12,7 +12,7 @@ use crate::error::LedgerError;
 use crate::ledger::{Ledger, Receipt, Tx};
 use crate::registry::{NetworkParams, Registry};
 use crate::state::{LedgerState, Touched};
-use crate::types::{Address, ClientContract, Nanoton, PublicKey};
+use crate::types::{Address, ClientContract, Nanoton, Network, PublicKey};
 use crate::wallet::SignedTx;
 
 /// Contracts by `proxy/<address>`, `client/<address>`, `worker/<address>`; JSON values.
@@ -49,9 +49,27 @@ fn storage(e: impl std::fmt::Display) -> LedgerError {
 }
 
 impl EmbeddedLedger {
-    /// Opens the ledger at `path`, creating it with `owner` as registry owner if new. An
-    /// existing ledger must have the same owner.
+    /// Opens the ledger at `path`, creating it with `owner` as registry owner and a fresh
+    /// random [`Network`] id if new. An existing ledger must have the same owner.
     pub fn open(path: &Path, owner: PublicKey) -> Result<Self, LedgerError> {
+        Self::open_on(path, owner, None)
+    }
+
+    /// Opens the ledger at `path` as [`open`](Self::open) does, creating it on `network` if
+    /// new; an existing ledger must be on `network` already.
+    pub fn open_network(
+        path: &Path,
+        owner: PublicKey,
+        network: Network,
+    ) -> Result<Self, LedgerError> {
+        Self::open_on(path, owner, Some(network))
+    }
+
+    fn open_on(
+        path: &Path,
+        owner: PublicKey,
+        network: Option<Network>,
+    ) -> Result<Self, LedgerError> {
         let db = Database::create(path).map_err(storage)?;
         let committed = match load(&db)? {
             Some(Committed { state, nonces }) => {
@@ -61,10 +79,19 @@ impl EmbeddedLedger {
                         path.display()
                     )));
                 }
+                if let Some(network) = network
+                    && state.registry.network != network
+                {
+                    return Err(LedgerError::Storage(format!(
+                        "{} is a ledger of {}, not {network}",
+                        path.display(),
+                        state.registry.network
+                    )));
+                }
                 Committed { state, nonces }
             }
             None => {
-                let state = LedgerState::new(owner);
+                let state = LedgerState::new(owner, network.unwrap_or_else(Network::random));
                 persist(&db, &state, &[Touched::Registry, Touched::Totals], None)?;
                 Committed {
                     state,
@@ -83,6 +110,13 @@ impl EmbeddedLedger {
     /// refused transaction cannot be replayed later, when it might pass.
     pub fn execute_signed(&self, signed: &SignedTx, now: u64) -> Result<Receipt, LedgerError> {
         let body = signed.open()?;
+        let network = self.read(|s| s.registry.network)?;
+        if body.network != network {
+            return Err(LedgerError::BadTransaction(format!(
+                "signed for {}, this ledger is {network}",
+                body.network
+            )));
+        }
         let tx = Tx {
             sender: body.sender,
             op: body.op,
@@ -204,7 +238,7 @@ fn load(db: &Database) -> Result<Option<Committed>, LedgerError> {
         Some(v) => serde_json::from_slice(v.value()).map_err(storage)?,
         None => return Err(LedgerError::Storage("totals are missing".into())),
     };
-    let mut state = LedgerState::new(registry.owner);
+    let mut state = LedgerState::new(registry.owner, registry.network);
     state.registry = registry;
     state.deposited = totals.deposited;
     state.paid_out = totals.paid_out;
@@ -264,6 +298,10 @@ impl Ledger for EmbeddedLedger {
 
     async fn params(&self) -> Result<NetworkParams, LedgerError> {
         self.read(|s| s.registry.params.clone())
+    }
+
+    async fn network(&self) -> Result<Network, LedgerError> {
+        self.read(|s| s.registry.network)
     }
 
     async fn client(

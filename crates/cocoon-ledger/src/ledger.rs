@@ -6,7 +6,7 @@ use crate::error::LedgerError;
 use crate::message::SignedMessage;
 use crate::registry::NetworkParams;
 use crate::state::LedgerState;
-use crate::types::{Address, ClientContract, Nanoton, PublicKey, hex_32};
+use crate::types::{Address, ClientContract, Nanoton, Network, PublicKey, hex_32};
 
 /// Which role an image hash is allowed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +236,12 @@ pub trait Ledger: Send + Sync {
     /// The network's current prices and delays.
     async fn params(&self) -> Result<NetworkParams, LedgerError> {
         Ok(self.snapshot().await?.registry.params)
+    }
+
+    /// The network every payment message on this ledger must be signed for (it never changes
+    /// for a ledger, so callers may keep it).
+    async fn network(&self) -> Result<Network, LedgerError> {
+        Ok(self.snapshot().await?.registry.network)
     }
 
     /// How a proxy's charge messages name this client's contract with it. The embedded

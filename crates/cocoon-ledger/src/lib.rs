@@ -47,6 +47,7 @@ pub use registry::{NetworkParams, Registry, TokenKind};
 pub use remote::RemoteLedger;
 pub use state::{LedgerState, Touched};
 pub use types::{
-    Address, ClientContract, ContractState, Nanoton, ProxyContract, PublicKey, WorkerContract,
+    Address, ClientContract, ContractState, Nanoton, Network, ProxyContract, PublicKey,
+    WorkerContract,
 };
 pub use wallet::{SignedTx, TxBody, Wallet};

@@ -1,6 +1,8 @@
 //! The payment messages a proxy signs. Layout, after COCOON's contracts: `op: u32`,
-//! `query_id: u64`, then the payload (`tokens: u64`, the 32-byte address of the contract it is
-//! for), all big-endian. The Ed25519 signature (64 bytes) is over SHA-256 of those bytes.
+//! `query_id: u64`, then the payload (`tokens: u64`, then the full address of the contract it
+//! is for: network id `i32`, workchain `i8`, 32-byte account id), all big-endian. The Ed25519
+//! signature (64 bytes) is over SHA-256 of those 57 bytes. The network makes a message signed
+//! on a test network (or another embedded ledger) worthless everywhere else.
 //!
 //! Both messages are cumulative: "client C has used N tokens in total", "worker W has been paid
 //! for N tokens in total". A contract applies one only if N is above what it stored, so a
@@ -9,14 +11,14 @@
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Address, PublicKey};
+use crate::types::{Address, Network, PublicKey};
 
 /// The first field (`op`) of a charge message.
 pub const OP_CHARGE_CLIENT: u32 = 0x6368_7267; // "chrg"
 /// The first field (`op`) of a payout message.
 pub const OP_PAY_WORKER: u32 = 0x7061_7977; // "payw"
 
-const BODY_LEN: usize = 4 + 8 + 8 + 32;
+const BODY_LEN: usize = 4 + 8 + 8 + 4 + 1 + 32;
 const SIGNED_LEN: usize = BODY_LEN + 64;
 
 /// Why a signed payment message was rejected before any contract looked at it.
@@ -31,6 +33,14 @@ pub enum MessageError {
     /// The signature does not verify under the proxy's key: forged, altered or another proxy's.
     #[error("signature does not verify under the proxy's key")]
     BadSignature,
+    /// Genuinely signed, but for another network (or workchain) than the one checking it.
+    #[error("signed for {found}, not {expected}")]
+    WrongNetwork {
+        /// The network of the ledger that checked it.
+        expected: Network,
+        /// The network the message names.
+        found: Network,
+    },
 }
 
 /// What a proxy vouches for.
@@ -65,7 +75,7 @@ impl PaymentMessage {
         }
     }
 
-    fn encode(&self) -> [u8; BODY_LEN] {
+    fn encode(&self, network: Network) -> [u8; BODY_LEN] {
         let (op, query_id, tokens, contract) = match *self {
             Self::ChargeClient {
                 query_id,
@@ -82,32 +92,39 @@ impl PaymentMessage {
         out[..4].copy_from_slice(&op.to_be_bytes());
         out[4..12].copy_from_slice(&query_id.to_be_bytes());
         out[12..20].copy_from_slice(&tokens.to_be_bytes());
-        out[20..].copy_from_slice(&contract.0);
+        out[20..24].copy_from_slice(&network.id.to_be_bytes());
+        out[24] = network.workchain.to_be_bytes()[0];
+        out[25..].copy_from_slice(&contract.0);
         out
     }
 
-    fn decode(body: &[u8]) -> Result<Self, MessageError> {
+    fn decode(body: &[u8]) -> Result<(Self, Network), MessageError> {
         let u32_at = |at: usize| u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes"));
-        let contract = Address(body[20..52].try_into().expect("32 bytes"));
-        match u32_at(0) {
-            OP_CHARGE_CLIENT => Ok(Self::ChargeClient {
+        let network = Network {
+            id: u32_at(20) as i32,
+            workchain: body[24] as i8,
+        };
+        let contract = Address(body[25..57].try_into().expect("32 bytes"));
+        let message = match u32_at(0) {
+            OP_CHARGE_CLIENT => Self::ChargeClient {
                 query_id: u64_at(4),
                 tokens_used: u64_at(12),
                 contract,
-            }),
-            OP_PAY_WORKER => Ok(Self::PayWorker {
+            },
+            OP_PAY_WORKER => Self::PayWorker {
                 query_id: u64_at(4),
                 tokens: u64_at(12),
                 contract,
-            }),
-            op => Err(MessageError::UnknownOp(op)),
-        }
+            },
+            op => return Err(MessageError::UnknownOp(op)),
+        };
+        Ok((message, network))
     }
 
-    /// Signs with the proxy's key.
-    pub fn sign(&self, proxy_key: &Ed25519KeyPair) -> SignedMessage {
-        let body = self.encode();
+    /// Signs with the proxy's key, for contracts on `network`.
+    pub fn sign(&self, proxy_key: &Ed25519KeyPair, network: Network) -> SignedMessage {
+        let body = self.encode(network);
         let signature = proxy_key.sign(digest(&body).as_ref());
         let mut bytes = body.to_vec();
         bytes.extend_from_slice(signature.as_ref());
@@ -124,17 +141,39 @@ fn digest(body: &[u8]) -> ring::digest::Digest {
 pub struct SignedMessage(#[serde(with = "hex_bytes")] pub Vec<u8>);
 
 impl SignedMessage {
-    /// Parses and checks the signature against `proxy`'s key. Nothing else: whether the
-    /// counter moves forward and the address matches is the contract's decision.
-    pub fn verify(&self, proxy: &PublicKey) -> Result<PaymentMessage, MessageError> {
+    /// The network the message names, unchecked (its signature is not verified): for reading
+    /// a message where no ledger says which network to expect.
+    pub fn named_network(&self) -> Option<Network> {
+        if self.0.len() != SIGNED_LEN {
+            return None;
+        }
+        PaymentMessage::decode(&self.0[..BODY_LEN])
+            .ok()
+            .map(|(_, network)| network)
+    }
+
+    /// Parses, checks the signature against `proxy`'s key and that the message is for
+    /// `network`. Nothing else: whether the counter moves forward and the account matches is
+    /// the contract's decision.
+    pub fn verify(
+        &self,
+        proxy: &PublicKey,
+        network: Network,
+    ) -> Result<PaymentMessage, MessageError> {
         if self.0.len() != SIGNED_LEN {
             return Err(MessageError::Length(self.0.len()));
         }
         let (body, signature) = self.0.split_at(BODY_LEN);
-        let message = PaymentMessage::decode(body)?;
+        let (message, found) = PaymentMessage::decode(body)?;
         UnparsedPublicKey::new(&ED25519, proxy)
             .verify(digest(body).as_ref(), signature)
             .map_err(|_| MessageError::BadSignature)?;
+        if found != network {
+            return Err(MessageError::WrongNetwork {
+                expected: network,
+                found,
+            });
+        }
         Ok(message)
     }
 }
@@ -168,6 +207,8 @@ mod tests {
             .unwrap()
     }
 
+    const NET: Network = Network::TON_TESTNET;
+
     #[test]
     fn round_trip_and_forgeries() {
         let proxy = key();
@@ -176,32 +217,71 @@ mod tests {
             tokens_used: 1234,
             contract: Address([9; 32]),
         };
-        let signed = msg.sign(&proxy);
-        assert_eq!(signed.verify(&public(&proxy)), Ok(msg));
+        let signed = msg.sign(&proxy, NET);
+        assert_eq!(signed.verify(&public(&proxy), NET), Ok(msg));
         // Another key's signature.
         assert_eq!(
-            signed.verify(&public(&key())),
+            signed.verify(&public(&key()), NET),
             Err(MessageError::BadSignature)
         );
         // Any flipped bit, in body or signature.
         for i in 0..signed.0.len() {
             let mut forged = signed.clone();
             forged.0[i] ^= 0x10;
-            assert!(forged.verify(&public(&proxy)).is_err(), "byte {i}");
+            assert!(forged.verify(&public(&proxy), NET).is_err(), "byte {i}");
         }
         let mut short = signed.clone();
         short.0.pop();
         assert_eq!(
-            short.verify(&public(&proxy)),
+            short.verify(&public(&proxy), NET),
             Err(MessageError::Length(SIGNED_LEN - 1))
         );
+    }
+
+    /// The same proxy key, the same account id: a testnet message is refused on mainnet, on
+    /// another workchain and on an embedded ledger, and the other way round.
+    #[test]
+    fn a_message_for_one_network_is_refused_on_every_other() {
+        let proxy = key();
+        let msg = PaymentMessage::PayWorker {
+            query_id: 1,
+            tokens: 50,
+            contract: Address([4; 32]),
+        };
+        let networks = [
+            Network::TON_TESTNET,
+            Network::TON_MAINNET,
+            Network {
+                id: -239,
+                workchain: -1,
+            },
+            Network::UNNAMED,
+            Network::basechain(0x1234_5678),
+        ];
+        for signed_for in networks {
+            let signed = msg.sign(&proxy, signed_for);
+            for checked_on in networks {
+                let got = signed.verify(&public(&proxy), checked_on);
+                if signed_for == checked_on {
+                    assert_eq!(got, Ok(msg));
+                } else {
+                    assert_eq!(
+                        got,
+                        Err(MessageError::WrongNetwork {
+                            expected: checked_on,
+                            found: signed_for
+                        })
+                    );
+                }
+            }
+        }
     }
 
     proptest! {
         #[test]
         fn arbitrary_bytes_never_verify_or_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let proxy = key();
-            prop_assert!(SignedMessage(bytes).verify(&public(&proxy)).is_err());
+            prop_assert!(SignedMessage(bytes).verify(&public(&proxy), NET).is_err());
         }
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::LedgerError;
-use crate::types::{Nanoton, PublicKey, hex_32};
+use crate::types::{Nanoton, Network, PublicKey, hex_32};
 
 /// Multipliers are in basis points: 10 000 is ×1.
 pub(crate) const MULTIPLIER_ONE: u64 = 10_000;
@@ -114,12 +114,20 @@ impl NetworkParams {
     }
 }
 
+fn unnamed() -> Network {
+    Network::UNNAMED
+}
+
 /// The network's root of trust.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
     /// The only key that may change the registry.
     #[serde(with = "hex_32")]
     pub owner: PublicKey,
+    /// The network every signed payment message and transaction must name; fixed when the
+    /// ledger is created (a ledger written before networks had ids is [`Network::UNNAMED`]).
+    #[serde(default = "unnamed")]
+    pub network: Network,
     /// Image hashes (hex) allowed for workers and for proxies.
     pub worker_images: BTreeSet<String>,
     /// Image hashes (hex, lowercase) allowed for proxies.
@@ -136,10 +144,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry owned by `owner`, with the default network parameters.
-    pub fn new(owner: PublicKey) -> Self {
+    /// An empty registry of `network` owned by `owner`, with the default network parameters.
+    pub fn new(owner: PublicKey, network: Network) -> Self {
         Self {
             owner,
+            network,
             worker_images: BTreeSet::new(),
             proxy_images: BTreeSet::new(),
             models: BTreeSet::new(),

@@ -9,7 +9,7 @@ use crate::ledger::{Ledger, Receipt, Tx};
 use crate::registry::NetworkParams;
 use crate::service::{ErrorBody, paths};
 use crate::state::LedgerState;
-use crate::types::{ClientContract, PublicKey};
+use crate::types::{ClientContract, Network, PublicKey};
 use crate::wallet::Wallet;
 
 /// Longest wait for the ledger: a commit is an fsync, so seconds mean trouble.
@@ -20,6 +20,8 @@ pub struct RemoteLedger {
     http: reqwest::Client,
     base: String,
     wallet: Option<Arc<Wallet>>,
+    /// Read from the service once: a ledger's network never changes.
+    network: tokio::sync::OnceCell<Network>,
 }
 
 impl RemoteLedger {
@@ -33,6 +35,7 @@ impl RemoteLedger {
                 .expect("a default HTTP client builds"),
             base: url.trim_end_matches('/').to_owned(),
             wallet,
+            network: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -77,7 +80,7 @@ impl Ledger for RemoteLedger {
                 "the sender is not this wallet's key".into(),
             ));
         }
-        let signed = wallet.sign(tx.op);
+        let signed = wallet.sign(tx.op, self.network().await?);
         let response = self
             .http
             .post(format!("{}{}", self.base, paths::TX))
@@ -94,6 +97,14 @@ impl Ledger for RemoteLedger {
 
     async fn params(&self) -> Result<NetworkParams, LedgerError> {
         self.get(&format!("{}{}", self.base, paths::PARAMS)).await
+    }
+
+    async fn network(&self) -> Result<Network, LedgerError> {
+        let url = format!("{}{}", self.base, paths::NETWORK);
+        self.network
+            .get_or_try_init(|| self.get(&url))
+            .await
+            .copied()
     }
 
     async fn client(

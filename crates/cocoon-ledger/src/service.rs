@@ -28,6 +28,8 @@ pub mod paths {
     pub const STATE: &str = "/ledger/v1/state";
     /// GET the network's current [`NetworkParams`](crate::NetworkParams).
     pub const PARAMS: &str = "/ledger/v1/params";
+    /// GET the [`Network`](crate::Network) every signed message and transaction must name.
+    pub const NETWORK: &str = "/ledger/v1/network";
     /// GET this, then `/<proxy>/<client>` (hex keys): that client's contract, or `null`.
     pub const CLIENTS: &str = "/ledger/v1/clients";
 }
@@ -70,6 +72,7 @@ pub fn router(ledger: Arc<EmbeddedLedger>) -> Router {
         .route(paths::TX, post(execute))
         .route(paths::STATE, get(state))
         .route(paths::PARAMS, get(params))
+        .route(paths::NETWORK, get(network))
         .route(
             &format!("{}/{{proxy}}/{{client}}", paths::CLIENTS),
             get(client),
@@ -98,6 +101,11 @@ async fn state(State(ledger): State<Arc<EmbeddedLedger>>) -> Result<Response, Re
 async fn params(State(ledger): State<Arc<EmbeddedLedger>>) -> Result<Response, Refused> {
     let params = ledger.params().await.map_err(Refused)?;
     Ok(Json(params).into_response())
+}
+
+async fn network(State(ledger): State<Arc<EmbeddedLedger>>) -> Result<Response, Refused> {
+    let network = ledger.network().await.map_err(Refused)?;
+    Ok(Json(network).into_response())
 }
 
 fn key(hex_key: &str) -> Result<PublicKey, Refused> {

@@ -11,7 +11,8 @@ use crate::ledger::{ImageRole, Op, Receipt, Tx};
 use crate::message::PaymentMessage;
 use crate::registry::Registry;
 use crate::types::{
-    Address, ClientContract, ContractState, Nanoton, ProxyContract, PublicKey, WorkerContract,
+    Address, ClientContract, ContractState, Nanoton, Network, ProxyContract, PublicKey,
+    WorkerContract,
 };
 
 /// Everything a ledger holds.
@@ -96,10 +97,10 @@ fn moved_in(amount: Nanoton, to: Touched) -> (Receipt, Vec<Touched>) {
 }
 
 impl LedgerState {
-    /// An empty ledger whose registry is owned by `owner`.
-    pub fn new(owner: PublicKey) -> Self {
+    /// An empty ledger of `network` whose registry is owned by `owner`.
+    pub fn new(owner: PublicKey, network: Network) -> Self {
         Self {
-            registry: Registry::new(owner),
+            registry: Registry::new(owner, network),
             proxies: BTreeMap::new(),
             clients: BTreeMap::new(),
             workers: BTreeMap::new(),
@@ -213,11 +214,11 @@ impl LedgerState {
             Op::ClientClose { proxy } => self.client_close(sender, proxy, now),
             Op::ClientFinishClose { proxy } => self.client_finish_close(sender, proxy, now),
             Op::Charge { proxy, message } => {
-                let message = message.verify(proxy)?;
+                let message = message.verify(proxy, self.registry.network)?;
                 self.charge(proxy, message)
             }
             Op::Payout { proxy, message } => {
-                let message = message.verify(proxy)?;
+                let message = message.verify(proxy, self.registry.network)?;
                 self.payout(sender, proxy, message)
             }
             Op::WorkerWithdraw { proxy } => {

@@ -10,6 +10,50 @@ pub type Nanoton = u128;
 /// An Ed25519 public key: how clients, proxies, workers and the owner are known.
 pub type PublicKey = [u8; 32];
 
+/// The network a signed payment message or ledger transaction is for: its id (on TON the
+/// chain's global id, −239 on mainnet and −3 on testnet; an embedded ledger picks its own when
+/// it is created) and the workchain its contracts live in. With the 32-byte account id it makes
+/// a contract's full address, so a message signed for one network never applies on another,
+/// even where the same keys made contracts at the same account ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Network {
+    /// The network's id.
+    pub id: i32,
+    /// The workchain of its contracts (0, the basechain, for every cocoon network today).
+    pub workchain: i8,
+}
+
+impl Network {
+    /// TON mainnet's basechain.
+    pub const TON_MAINNET: Self = Self::basechain(-239);
+    /// TON testnet's basechain.
+    pub const TON_TESTNET: Self = Self::basechain(-3);
+    /// What an embedded ledger created before networks had ids is on: id 0.
+    pub const UNNAMED: Self = Self::basechain(0);
+
+    /// The basechain of the network with this id.
+    pub const fn basechain(id: i32) -> Self {
+        Self { id, workchain: 0 }
+    }
+
+    /// A fresh network id (for a new embedded ledger): random, so that two ledgers made with
+    /// the same keys do not accept each other's messages.
+    pub fn random() -> Self {
+        use ring::rand::SecureRandom;
+        let mut bytes = [0u8; 4];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .expect("the system's random source works");
+        Self::basechain(i32::from_be_bytes(bytes))
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "network {} (workchain {})", self.id, self.workchain)
+    }
+}
+
 /// A contract's address: derived from what the contract is and whom it binds, so that a signed
 /// message naming an address can only ever apply to that one contract (as TON derives an
 /// address from code and initial data).

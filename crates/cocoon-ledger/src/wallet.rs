@@ -1,6 +1,7 @@
 //! Signed transactions: how a party that does not share the ledger's process proves it sent an
 //! operation. As a TON wallet does with its seqno, every transaction carries a nonce that must
-//! exceed the sender's last one, so a captured transaction cannot be replayed.
+//! exceed the sender's last one, so a captured transaction cannot be replayed; and it names the
+//! network it is for, so it cannot be replayed on another ledger the same key uses either.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -9,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::LedgerError;
 use crate::ledger::Op;
-use crate::types::{PublicKey, hex_32};
+use crate::types::{Network, PublicKey, hex_32};
 
 /// What a sender signs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +22,8 @@ pub struct TxBody {
     pub op: Op,
     /// Must exceed the sender's previous nonce.
     pub nonce: u64,
+    /// The network of the ledger it is for; any other refuses it.
+    pub network: Network,
 }
 
 /// A transaction as it travels: the exact JSON text that was signed, and the signature over
@@ -104,7 +107,7 @@ impl Wallet {
     /// Signs `op` with a fresh nonce: microseconds since the epoch, or one more than the last
     /// nonce if the clock has not moved, so that several processes holding the same key (a
     /// proxy and its operator's CLI) rarely collide and never go backwards within one.
-    pub fn sign(&self, op: Op) -> SignedTx {
+    pub fn sign(&self, op: Op, network: Network) -> SignedTx {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
@@ -114,15 +117,16 @@ impl Wallet {
                 Some(now.max(last + 1))
             })
             .expect("the update never declines");
-        self.sign_with_nonce(op, now.max(prev + 1))
+        self.sign_with_nonce(op, now.max(prev + 1), network)
     }
 
     /// Signs `op` with the given nonce (tests use this to replay and reorder).
-    pub fn sign_with_nonce(&self, op: Op, nonce: u64) -> SignedTx {
+    pub fn sign_with_nonce(&self, op: Op, nonce: u64, network: Network) -> SignedTx {
         let body = serde_json::to_string(&TxBody {
             sender: self.public,
             op,
             nonce,
+            network,
         })
         .expect("transactions serialize");
         let signature = hex::encode(self.key.sign(digest(&body).as_ref()));
@@ -134,6 +138,8 @@ impl Wallet {
 mod tests {
     use super::*;
 
+    const NET: Network = Network::UNNAMED;
+
     fn wallet(seed: u8) -> Wallet {
         Wallet::new(Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap())
     }
@@ -141,7 +147,7 @@ mod tests {
     #[test]
     fn signed_tx_opens_only_untouched() {
         let w = wallet(1);
-        let tx = w.sign(Op::ProxyClose);
+        let tx = w.sign(Op::ProxyClose, NET);
         let body = tx.open().unwrap();
         assert_eq!(body.sender, w.public_key());
         assert_eq!(body.op, Op::ProxyClose);
@@ -167,9 +173,9 @@ mod tests {
     #[test]
     fn nonces_increase() {
         let w = wallet(1);
-        let a = w.sign(Op::ProxyClose).open().unwrap().nonce;
-        let b = w.sign(Op::ProxyClose).open().unwrap().nonce;
-        let c = w.sign(Op::ProxyClose).open().unwrap().nonce;
+        let a = w.sign(Op::ProxyClose, NET).open().unwrap().nonce;
+        let b = w.sign(Op::ProxyClose, NET).open().unwrap().nonce;
+        let c = w.sign(Op::ProxyClose, NET).open().unwrap().nonce;
         assert!(a < b && b < c, "{a} {b} {c}");
     }
 }

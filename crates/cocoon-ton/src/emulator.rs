@@ -571,10 +571,10 @@ impl Chain {
             0,
         );
         if run.exit_code != 0 && run.exit_code != 1 {
-            return Err(TonError::Api(format!(
-                "get-method {method} exited with {}",
-                run.exit_code
-            )));
+            return Err(TonError::GetMethod {
+                method: method.to_owned(),
+                exit_code: run.exit_code,
+            });
         }
         run.stack
             .iter()

@@ -10,6 +10,14 @@ pub enum TonError {
     /// something unexpected.
     #[error("TON API: {0}")]
     Api(String),
+    /// A get-method ran and exited with an error code (it refused: no such proxy, not open).
+    #[error("get-method {method} exited with {exit_code}")]
+    GetMethod {
+        /// The get-method's name.
+        method: String,
+        /// Its exit code.
+        exit_code: i32,
+    },
     /// A sent message produced no transaction on its destination within the confirmation
     /// timeout.
     #[error("not confirmed: {0}")]

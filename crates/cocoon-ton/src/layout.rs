@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cocoon_ledger::{NetworkParams, PaymentMessage, PublicKey};
+use cocoon_ledger::{Network, NetworkParams, PaymentMessage, PublicKey};
 use num_bigint::BigUint;
 use tonlib_core::TonAddress;
 use tonlib_core::cell::{ArcCell, Cell, CellBuilder};
@@ -40,6 +40,11 @@ pub mod op {
     pub const REVOKE_MODEL: u32 = 0x636f_0009;
     /// Root `UnregisterProxy`: the owner removes a proxy from the registry.
     pub const UNREGISTER_PROXY: u32 = 0x636f_000a;
+    /// Root `SetCodes`: the owner replaces the proxy, client and worker code that contracts
+    /// opened from then on get.
+    pub const SET_CODES: u32 = 0x636f_000b;
+    /// Root `UpgradeRoot`: the owner replaces the root's own code (its storage stays).
+    pub const UPGRADE_ROOT: u32 = 0x636f_000c;
     /// Proxy `ProxyAddStake`: the owner adds to the proxy contract's stake.
     pub const PROXY_ADD_STAKE: u32 = 0x636f_0014;
     /// Proxy `ProxyWithdraw`: the owner withdraws earnings from the proxy contract.
@@ -73,8 +78,15 @@ pub mod op {
     pub const CHARGED: u32 = 0x636f_0102;
 }
 
-/// The wallet id every cocoon wallet uses ("coco"), part of its address.
+/// What every cocoon wallet's id derives from ("coco"): the id is this XOR the network's id,
+/// so the same key has a different wallet (and address) on each network, and a request signed
+/// for a wallet on one network is refused by the same key's wallet on any other.
 pub const WALLET_ID: i32 = 0x636f_636f;
+
+/// The wallet id of cocoon wallets on `network`.
+pub fn wallet_id(network: Network) -> i32 {
+    WALLET_ID ^ network.id
+}
 
 /// The contract states the getters report (`STATE_*` in common.tolk).
 pub const STATE_NORMAL: u64 = 0;
@@ -121,13 +133,14 @@ impl Deployable {
     }
 }
 
-/// A party's wallet: the cocoon wallet with v5r1's data layout, for one Ed25519 key.
-pub fn wallet(key: &PublicKey) -> Result<Deployable> {
+/// A party's wallet on `network`: the cocoon wallet with v5r1's data layout, for one Ed25519
+/// key.
+pub fn wallet(key: &PublicKey, network: Network) -> Result<Deployable> {
     let data = build(
         CellBuilder::new()
             .store_bit(true)?
             .store_u32(32, 0)?
-            .store_i32(32, WALLET_ID)?
+            .store_i32(32, wallet_id(network))?
             .store_slice(key)?
             .store_bit(false)?,
     )?;
@@ -152,13 +165,23 @@ pub fn params(p: &NetworkParams) -> Result<ArcCell> {
     )
 }
 
-/// The root registry with no proxies, images or models yet.
-pub fn root(owner_wallet: &TonAddress, p: &NetworkParams) -> Result<Deployable> {
-    let codes = build(
+/// The root's `Codes` cell: the code it deploys proxy contracts with and hands them for client
+/// and worker contracts.
+pub fn codes(proxy: &ArcCell, client: &ArcCell, worker: &ArcCell) -> Result<ArcCell> {
+    build(
         CellBuilder::new()
-            .store_reference(&Contract::Proxy.code())?
-            .store_reference(&Contract::Client.code())?
-            .store_reference(&Contract::Worker.code())?,
+            .store_reference(proxy)?
+            .store_reference(client)?
+            .store_reference(worker)?,
+    )
+}
+
+/// The root registry of `network` with no proxies, images or models yet.
+pub fn root(owner_wallet: &TonAddress, p: &NetworkParams, network: Network) -> Result<Deployable> {
+    let codes = codes(
+        &Contract::Proxy.code(),
+        &Contract::Client.code(),
+        &Contract::Worker.code(),
     )?;
     let lists = build(
         CellBuilder::new()
@@ -176,7 +199,8 @@ pub fn root(owner_wallet: &TonAddress, p: &NetworkParams) -> Result<Deployable> 
             .store_u64(64, 0)? // no owner proposed: 256 zero bits
             .store_u64(64, 0)?
             .store_u64(64, 0)?
-            .store_u64(64, 0)?,
+            .store_u64(64, 0)?
+            .store_i32(32, network.id)?,
     )?;
     Deployable::new(Contract::Root, data)
 }
@@ -206,20 +230,27 @@ pub fn proxy_address(
     address_of(Contract::Proxy.code(), data)
 }
 
-fn binding(proxy: &TonAddress, owner: &TonAddress, proxy_key: &PublicKey) -> Result<ArcCell> {
+fn binding(
+    proxy: &TonAddress,
+    owner: &TonAddress,
+    proxy_key: &PublicKey,
+    network: Network,
+) -> Result<ArcCell> {
     build(
         CellBuilder::new()
             .store_address(proxy)?
             .store_address(owner)?
-            .store_slice(proxy_key)?,
+            .store_slice(proxy_key)?
+            .store_i32(32, network.id)?,
     )
 }
 
-/// A client's contract with a proxy (bound to the proxy's prices).
+/// A client's contract with a proxy (bound to the proxy's prices and network).
 pub fn client(
     proxy: &TonAddress,
     client_wallet: &TonAddress,
     proxy_key: &PublicKey,
+    network: Network,
     p: &NetworkParams,
 ) -> Result<Deployable> {
     let terms = build(
@@ -230,7 +261,7 @@ pub fn client(
     )?;
     let data = build(
         CellBuilder::new()
-            .store_reference(&binding(proxy, client_wallet, proxy_key)?)?
+            .store_reference(&binding(proxy, client_wallet, proxy_key, network)?)?
             .store_reference(&terms)?
             .store_u8(2, 0)?
             .store_u32(32, 0)?
@@ -246,11 +277,12 @@ pub fn worker(
     proxy: &TonAddress,
     worker_wallet: &TonAddress,
     proxy_key: &PublicKey,
+    network: Network,
     p: &NetworkParams,
 ) -> Result<Deployable> {
     let data = build(
         CellBuilder::new()
-            .store_reference(&binding(proxy, worker_wallet, proxy_key)?)?
+            .store_reference(&binding(proxy, worker_wallet, proxy_key, network)?)?
             .store_coins(&coins(p.worker_fee_per_token))?
             .store_u64(64, 0)?
             .store_coins(&coins(0))?
@@ -272,7 +304,7 @@ pub fn body(
 }
 
 /// A proxy-signed payment message wrapped for delivery (`Charge` or `Payout`): the op, then
-/// the message's 116 bytes.
+/// the message's 121 bytes.
 pub fn signed_payment(op: u32, signed: &[u8]) -> Result<ArcCell> {
     build(CellBuilder::new().store_u32(32, op)?.store_slice(signed)?)
 }

@@ -9,13 +9,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cocoon_ledger::{
-    Address, ClientContract, ContractState, ImageRole, Ledger, LedgerError, LedgerState,
+    Address, ClientContract, ContractState, ImageRole, Ledger, LedgerError, LedgerState, Network,
     NetworkParams, Op, ProxyContract, PublicKey, Receipt, Tx, WorkerContract,
 };
 use num_bigint::BigInt;
 use tonlib_core::TonAddress;
 use tonlib_core::cell::CellBuilder;
 
+use crate::code::Contract;
 use crate::error::TonError;
 use crate::layout::{self, coins, op};
 use crate::toncenter::{Client, Compute, TxInfo};
@@ -35,6 +36,8 @@ pub struct TonLedger {
     api: Client,
     wallet: Wallet,
     root: TonAddress,
+    /// The root's network id (set at its deploy) on the root's workchain.
+    network: Network,
     params: NetworkParams,
     confirm_timeout: Duration,
     /// One request at a time from the wallet: each takes the next seqno.
@@ -48,6 +51,10 @@ pub struct TonLedger {
     /// change only when the proxy closes and opens again (which takes its close delay), so they
     /// are read again after [`TERMS_TTL`].
     terms: parking_lot::Mutex<HashMap<PublicKey, (NetworkParams, tokio::time::Instant)>>,
+    /// Each proxy's contract address as the root reports it (the contract it opened, which the
+    /// root records because the proxy code may be upgraded while it runs), read again after
+    /// [`TERMS_TTL`] and whenever this party's own proxy opens or closes.
+    proxies: parking_lot::Mutex<HashMap<PublicKey, (TonAddress, tokio::time::Instant)>>,
 }
 
 /// Whose contract a name is for: (role, proxy, party).
@@ -61,6 +68,14 @@ enum Role {
 
 fn unreachable(e: TonError) -> LedgerError {
     LedgerError::Unreachable(e.to_string())
+}
+
+/// A code cell's hash as a get-method returns it.
+fn code_hash(contract: Contract) -> BigInt {
+    BigInt::from_bytes_be(
+        num_bigint::Sign::Plus,
+        contract.code().cell_hash().as_slice(),
+    )
 }
 
 fn u128_of(v: &BigInt) -> u128 {
@@ -118,29 +133,83 @@ pub fn refusal(code: i32, at: Address) -> LedgerError {
         121 => LedgerError::BadTransaction(
             "the worker contract's previous payout request has not come back yet; retry".into(),
         ),
+        122 => LedgerError::BadMessage("signed for another network or workchain".into()),
         other => LedgerError::BadTransaction(format!("contract exited with code {other}")),
     }
 }
 
 impl TonLedger {
-    /// Connects to the root at `root` and reads the network parameters from it.
+    /// Connects to the root at `root` and reads the network and its parameters from it.
+    /// `wallet` must be the party's wallet on that network (see [`TonLedger::network_of`]).
     pub async fn connect(
         api: Client,
         wallet: Wallet,
         root: TonAddress,
     ) -> Result<Self, LedgerError> {
+        let network = Self::network_of(&api, &root).await?;
+        if wallet.network() != network {
+            return Err(LedgerError::BadTransaction(format!(
+                "the wallet is for {}, the root {} is on {network}",
+                wallet.network(),
+                crate::toncenter::raw(&root)
+            )));
+        }
         let mut ledger = Self {
             api,
             wallet,
             root,
+            network,
             params: NetworkParams::default(),
             confirm_timeout: Duration::from_secs(60),
             sending: tokio::sync::Mutex::new(()),
             names: parking_lot::Mutex::new(HashMap::new()),
             terms: parking_lot::Mutex::new(HashMap::new()),
+            proxies: parking_lot::Mutex::new(HashMap::new()),
         };
         ledger.params = ledger.read_params().await?;
         Ok(ledger)
+    }
+
+    /// The network of the root at `root`: the id it was deployed with, on its workchain. Warns
+    /// when the root hands new proxies code this build does not know (after an upgrade): their
+    /// contracts are then refused here, with a clear error, until cocoon is upgraded too.
+    pub async fn network_of(api: &Client, root: &TonAddress) -> Result<Network, LedgerError> {
+        let v = api
+            .run_get_method(root, "get_network", &[])
+            .await
+            .map_err(unreachable)?;
+        let [id, proxy, client, worker] = v.as_slice() else {
+            return Err(LedgerError::Unreachable(
+                "root get_network returned an unexpected stack".into(),
+            ));
+        };
+        let id = i32::try_from(id).map_err(|_| {
+            LedgerError::Unreachable(format!("root get_network: network id {id} is not an int32"))
+        })?;
+        for (contract, held) in [
+            (Contract::Proxy, proxy),
+            (Contract::Client, client),
+            (Contract::Worker, worker),
+        ] {
+            if *held != code_hash(contract) {
+                tracing::warn!(
+                    contract = contract.name(),
+                    held = %format!("{held:x}"),
+                    "the root deploys {} code this build does not know: contracts opened with it \
+                     will be refused here until cocoon is upgraded",
+                    contract.name()
+                );
+            }
+        }
+        Ok(Network {
+            id,
+            workchain: root.workchain as i8,
+        })
+    }
+
+    /// The network this ledger's root is on.
+    pub fn network(&self) -> Network {
+        self.network
     }
 
     /// How long `execute` waits for the target contract's transaction before giving up (60 s by
@@ -158,7 +227,7 @@ impl TonLedger {
         params: &NetworkParams,
         timeout: Duration,
     ) -> Result<TonAddress, LedgerError> {
-        let root = layout::root(owner.address(), params).map_err(unreachable)?;
+        let root = layout::root(owner.address(), params, owner.network()).map_err(unreachable)?;
         let out = Outgoing {
             dest: root.address.clone(),
             value: 1_000_000_000,
@@ -188,7 +257,7 @@ impl TonLedger {
         {
             return Ok(terms.clone());
         }
-        let at = self.proxy_contract(proxy)?;
+        let at = self.proxy_contract(proxy).await?;
         // A contract that is not open has no parameters: its get-method fails.
         let v = self
             .api
@@ -203,10 +272,47 @@ impl TonLedger {
         let terms = params_of(&v).ok_or_else(|| {
             LedgerError::Unreachable("proxy get_params returned an unexpected stack".into())
         })?;
+        self.check_codes(&at).await?;
         self.terms
             .lock()
             .insert(*proxy, (terms.clone(), tokio::time::Instant::now()));
         Ok(terms)
+    }
+}
+
+impl TonLedger {
+    /// Refuses a proxy contract whose client or worker code is not this build's (it opened
+    /// after the root's code was upgraded) or that signs for another network: addresses
+    /// derived here would name no contract of it.
+    async fn check_codes(&self, at: &TonAddress) -> Result<(), LedgerError> {
+        let v = self
+            .api
+            .run_get_method(at, "get_terms", &[])
+            .await
+            .map_err(unreachable)?;
+        let [client, worker, network] = v.as_slice() else {
+            return Err(LedgerError::Unreachable(
+                "proxy get_terms returned an unexpected stack".into(),
+            ));
+        };
+        for (contract, held) in [(Contract::Client, client), (Contract::Worker, worker)] {
+            if *held != code_hash(contract) {
+                return Err(LedgerError::Unreachable(format!(
+                    "proxy contract {} holds {} code {held:x}, which this build does not know \
+                     (the root's code was upgraded): upgrade cocoon to use it",
+                    crate::toncenter::raw(at),
+                    contract.name()
+                )));
+            }
+        }
+        if *network != BigInt::from(self.network.id) {
+            return Err(LedgerError::Unreachable(format!(
+                "proxy contract {} signs for network {network}, this ledger is {}",
+                crate::toncenter::raw(at),
+                self.network
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -231,27 +337,68 @@ fn params_of(v: &[BigInt]) -> Option<NetworkParams> {
 }
 
 impl TonLedger {
-    /// The address of the contract the root deploys for the proxy with key `proxy` (whose wallet is
-    /// the cocoon wallet for that key).
-    pub fn proxy_contract(&self, proxy: &PublicKey) -> Result<TonAddress, LedgerError> {
-        let wallet = layout::wallet(proxy).map_err(unreachable)?.address;
-        layout::proxy_address(&self.root, &wallet, proxy).map_err(unreachable)
+    /// The address of the proxy contract of the key `proxy`, as the root reports it: the
+    /// contract that key opened, or where opening it would deploy one now. A key the root does
+    /// not know is [`LedgerError::UnknownProxy`].
+    pub async fn proxy_contract(&self, proxy: &PublicKey) -> Result<TonAddress, LedgerError> {
+        if let Some((at, read)) = self.proxies.lock().get(proxy)
+            && read.elapsed() < TERMS_TTL
+        {
+            return Ok(at.clone());
+        }
+        let key = BigInt::from_bytes_be(num_bigint::Sign::Plus, proxy);
+        let v = match self
+            .api
+            .run_get_method(&self.root, "proxy_account", &[key])
+            .await
+        {
+            Ok(v) => v,
+            Err(TonError::GetMethod { exit_code, .. }) => {
+                return Err(refusal(exit_code, layout::account_id(&self.root)));
+            }
+            Err(e) => return Err(unreachable(e)),
+        };
+        let [account] = v.as_slice() else {
+            return Err(LedgerError::Unreachable(
+                "root proxy_account returned an unexpected stack".into(),
+            ));
+        };
+        let (_, bytes) = account.to_bytes_be();
+        let mut id = [0u8; 32];
+        if bytes.len() > 32 {
+            return Err(LedgerError::Unreachable(
+                "root proxy_account is not an account id".into(),
+            ));
+        }
+        id[32 - bytes.len()..].copy_from_slice(&bytes);
+        let at = TonAddress::new(i32::from(self.network.workchain), id.into());
+        self.proxies
+            .lock()
+            .insert(*proxy, (at.clone(), tokio::time::Instant::now()));
+        Ok(at)
+    }
+
+    /// `party`'s wallet on this ledger's network.
+    fn wallet_of(&self, party: &PublicKey) -> Result<TonAddress, LedgerError> {
+        Ok(layout::wallet(party, self.network)
+            .map_err(unreachable)?
+            .address)
     }
 
     /// `party`'s contract with `proxy`, whose contract holds `terms`: its address and state
     /// init.
-    fn deployable(
+    async fn deployable(
         &self,
         role: Role,
         proxy: &PublicKey,
         party: &PublicKey,
         terms: &NetworkParams,
     ) -> Result<layout::Deployable, LedgerError> {
-        let wallet = layout::wallet(party).map_err(unreachable)?.address;
-        let at = self.proxy_contract(proxy)?;
+        let wallet = self.wallet_of(party)?;
+        let at = self.proxy_contract(proxy).await?;
         match role {
-            Role::Client => layout::client(&at, &wallet, proxy, terms),
-            Role::Worker => layout::worker(&at, &wallet, proxy, terms),
+            Role::Client => layout::client(&at, &wallet, proxy, self.network, terms),
+            Role::Worker => layout::worker(&at, &wallet, proxy, self.network, terms),
         }
         .map_err(unreachable)
     }
@@ -270,7 +417,7 @@ impl TonLedger {
         {
             return Ok(*name);
         }
-        let name = layout::account_id(&self.deployable(role, proxy, party, &terms)?.address);
+        let name = layout::account_id(&self.deployable(role, proxy, party, &terms).await?.address);
         self.names.lock().insert(key, (terms, name));
         Ok(name)
     }
@@ -283,7 +430,7 @@ impl TonLedger {
         party: &PublicKey,
     ) -> Result<TonAddress, LedgerError> {
         Ok(TonAddress::new(
-            0,
+            i32::from(self.network.workchain),
             self.name(role, proxy, party).await?.0.into(),
         ))
     }
@@ -304,7 +451,7 @@ impl TonLedger {
 
     /// The message that carries `op`; `terms` are the parameters of the proxy contract the
     /// operation concerns (which name its client and worker contracts).
-    fn message(&self, op: &Op, terms: &NetworkParams) -> Result<Outgoing, LedgerError> {
+    async fn message(&self, op: &Op, terms: &NetworkParams) -> Result<Outgoing, LedgerError> {
         let e = unreachable;
         let to = |dest: TonAddress, value: u128, body| Outgoing {
             dest,
@@ -374,7 +521,7 @@ impl TonLedger {
             ),
             Op::ProposeOwner { owner } => {
                 // The root names its owner by wallet: the cocoon wallet of that key.
-                let wallet = layout::wallet(owner).map_err(e)?.address;
+                let wallet = self.wallet_of(owner)?;
                 to(
                     root,
                     GAS_ATTACHED,
@@ -390,7 +537,7 @@ impl TonLedger {
                 layout::body(op::ACCEPT_OWNER, 0, |_| Ok(())).map_err(e)?,
             ),
             Op::RegisterProxy { key, address } => {
-                let wallet = layout::wallet(key).map_err(e)?.address;
+                let wallet = self.wallet_of(key)?;
                 let endpoint = std::sync::Arc::new(
                     CellBuilder::new()
                         .store_string(address)
@@ -419,14 +566,14 @@ impl TonLedger {
                     b.store_coins(&coins(*amount)).map(|_| ())
                 })
                 .map_err(e)?;
-                to(self.proxy_contract(&me)?, GAS_ATTACHED, body)
+                to(self.proxy_contract(&me).await?, GAS_ATTACHED, body)
             }
             Op::ProxyAddStake { amount } => {
                 let body = layout::body(op::PROXY_ADD_STAKE, 0, |b| {
                     b.store_coins(&coins(*amount)).map(|_| ())
                 })
                 .map_err(e)?;
-                to(self.proxy_contract(&me)?, amount + GAS_ATTACHED, body)
+                to(self.proxy_contract(&me).await?, amount + GAS_ATTACHED, body)
             }
             Op::ProxyClose | Op::ProxyFinishClose => {
                 let code = if matches!(op, Op::ProxyClose) {
@@ -435,21 +582,21 @@ impl TonLedger {
                     op::PROXY_FINISH_CLOSE
                 };
                 to(
-                    self.proxy_contract(&me)?,
+                    self.proxy_contract(&me).await?,
                     GAS_ATTACHED,
                     layout::body(code, 0, |_| Ok(())).map_err(e)?,
                 )
             }
             Op::ProxyRefundClient { client } => {
-                let wallet = layout::wallet(client).map_err(e)?.address;
+                let wallet = self.wallet_of(client)?;
                 let body = layout::body(op::PROXY_REFUND_CLIENT, 0, |b| {
                     b.store_address(&wallet).map(|_| ())
                 })
                 .map_err(e)?;
-                to(self.proxy_contract(&me)?, GAS_ATTACHED, body)
+                to(self.proxy_contract(&me).await?, GAS_ATTACHED, body)
             }
             Op::ClientDeposit { proxy, amount } => {
-                let k = self.deployable(Role::Client, proxy, &me, terms)?;
+                let k = self.deployable(Role::Client, proxy, &me, terms).await?;
                 let body = layout::body(op::CLIENT_DEPOSIT, 0, |b| {
                     b.store_coins(&coins(*amount)).map(|_| ())
                 })
@@ -470,7 +617,9 @@ impl TonLedger {
                 let body = layout::body(code, 0, |b| b.store_coins(&coins(*amount)).map(|_| ()))
                     .map_err(e)?;
                 to(
-                    self.deployable(Role::Client, proxy, &me, terms)?.address,
+                    self.deployable(Role::Client, proxy, &me, terms)
+                        .await?
+                        .address,
                     GAS_ATTACHED,
                     body,
                 )
@@ -482,15 +631,20 @@ impl TonLedger {
                     op::CLIENT_FINISH_CLOSE
                 };
                 to(
-                    self.deployable(Role::Client, proxy, &me, terms)?.address,
+                    self.deployable(Role::Client, proxy, &me, terms)
+                        .await?
+                        .address,
                     GAS_ATTACHED,
                     layout::body(code, 0, |_| Ok(())).map_err(e)?,
                 )
             }
             Op::Charge { proxy, message } => {
-                let parsed = message.verify(proxy)?;
+                let parsed = message.verify(proxy, self.network)?;
                 // Charges name the client contract by account id; anyone may deliver them.
-                let at = TonAddress::new(0, parsed.contract().0.into());
+                let at = TonAddress::new(
+                    i32::from(self.network.workchain),
+                    parsed.contract().0.into(),
+                );
                 to(
                     at,
                     GAS_ATTACHED,
@@ -498,8 +652,8 @@ impl TonLedger {
                 )
             }
             Op::Payout { proxy, message } => {
-                message.verify(proxy)?;
-                let k = self.deployable(Role::Worker, proxy, &me, terms)?;
+                message.verify(proxy, self.network)?;
+                let k = self.deployable(Role::Worker, proxy, &me, terms).await?;
                 Outgoing {
                     dest: k.address,
                     value: GAS_ATTACHED,
@@ -508,7 +662,9 @@ impl TonLedger {
                 }
             }
             Op::WorkerWithdraw { proxy } => to(
-                self.deployable(Role::Worker, proxy, &me, terms)?.address,
+                self.deployable(Role::Worker, proxy, &me, terms)
+                    .await?
+                    .address,
                 GAS_ATTACHED,
                 layout::body(op::WORKER_WITHDRAW, 0, |_| Ok(())).map_err(e)?,
             ),
@@ -708,7 +864,7 @@ impl Ledger for TonLedger {
             Some(proxy) => self.terms(proxy).await?,
             None => self.params.clone(),
         };
-        let out = self.message(&tx.op, &terms)?;
+        let out = self.message(&tx.op, &terms).await?;
         let at = layout::account_id(&out.dest);
         let client_before = match &tx.op {
             Op::Charge { .. } => self.client_state(&out.dest).await,
@@ -729,6 +885,7 @@ impl Ledger for TonLedger {
         if matches!(tx.op, Op::ProxyOpen { .. } | Op::ProxyFinishClose) {
             // This proxy's own terms may have just changed: name its contracts afresh.
             self.terms.lock().remove(&me);
+            self.proxies.lock().remove(&me);
             self.names.lock().retain(|(_, proxy, _), _| *proxy != me);
         }
         let mut receipt = Receipt::default();
@@ -741,7 +898,12 @@ impl Ledger for TonLedger {
                 receipt.paid_out = *amount
             }
             Op::Charge { .. } => {
-                let after = self.client_state(&TonAddress::new(0, at.0.into())).await;
+                let after = self
+                    .client_state(&TonAddress::new(
+                        i32::from(self.network.workchain),
+                        at.0.into(),
+                    ))
+                    .await;
                 if let (Some(b), Some(a)) = (client_before, after) {
                     receipt.charged = u128_of(&b[2]).saturating_sub(u128_of(&a[2]));
                 }
@@ -768,6 +930,10 @@ impl Ledger for TonLedger {
         self.read_params().await
     }
 
+    async fn network(&self) -> Result<Network, LedgerError> {
+        Ok(self.network)
+    }
+
     async fn client_address(
         &self,
         proxy: &PublicKey,
@@ -791,9 +957,9 @@ impl Ledger for TonLedger {
         workers: &[PublicKey],
     ) -> Result<LedgerState, LedgerError> {
         // Only the parameters of the registry are read: the view is about this proxy.
-        let mut view = LedgerState::new([0; 32]);
+        let mut view = LedgerState::new([0; 32], self.network);
         view.registry.params = self.params.clone();
-        let at = self.proxy_contract(&proxy)?;
+        let at = self.proxy_contract(&proxy).await?;
         let got = self.api.run_get_method(&at, "get_proxy", &[]).await;
         if let Ok(v) = got
             && v.len() == 5

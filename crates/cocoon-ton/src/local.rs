@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_ledger::{LedgerError, NetworkParams, PublicKey, unix_now};
+use cocoon_ledger::{LedgerError, Network, NetworkParams, PublicKey, unix_now};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tonlib_core::TonAddress;
@@ -21,6 +21,10 @@ use crate::{TonError, layout};
 
 /// What the root's owner is given to deploy it with.
 const OWNER_FUNDS: u128 = 1_000_000_000_000;
+
+/// The network a local chain's root is deployed for: neither mainnet's nor testnet's id, so
+/// nothing signed for a local chain applies on a public one.
+pub const LOCAL_NETWORK: Network = Network::basechain(0x636f_6c63); // "colc"
 
 /// A running local chain: the emulated chain, its toncenter-shaped API on loopback, the clock task,
 /// and the root deployed on it.
@@ -55,7 +59,7 @@ impl LocalChain {
                 }
             })
         };
-        let owner = Wallet::from_pkcs8(owner_pkcs8)
+        let owner = Wallet::from_pkcs8(owner_pkcs8, LOCAL_NETWORK)
             .map_err(|e| LedgerError::BadTransaction(e.to_string()))?;
         let mut local = Self {
             chain,
@@ -87,7 +91,7 @@ impl LocalChain {
 
     /// The faucet: gives the wallet bound to `key` `amount` nanoton (its gas money).
     pub fn fund(&self, key: &PublicKey, amount: u128) -> Result<(), TonError> {
-        let address = layout::wallet(key)?.address;
+        let address = layout::wallet(key, LOCAL_NETWORK)?.address;
         let hash = HashBytes(
             address
                 .hash_part

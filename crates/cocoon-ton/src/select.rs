@@ -83,13 +83,6 @@ impl LedgerSpec {
         match self {
             Self::Service(url) => Ok(Arc::new(RemoteLedger::new(url, Some(wallet)))),
             Self::Ton { root, api } => {
-                let ton_wallet = Wallet::from_pkcs8(key_pkcs8)
-                    .map_err(|e| LedgerError::BadTransaction(e.to_string()))?;
-                if ton_wallet.public_key() != wallet.public_key() {
-                    return Err(LedgerError::BadTransaction(
-                        "the TON wallet's key is not the party's key".into(),
-                    ));
-                }
                 let mut client = Client::new(api);
                 if let Ok(key) = std::env::var(API_KEY_VAR)
                     && !key.is_empty()
@@ -97,6 +90,15 @@ impl LedgerSpec {
                     client = client
                         .with_api_key(&key)
                         .map_err(|e| LedgerError::BadTransaction(format!("{API_KEY_VAR}: {e}")))?;
+                }
+                // The wallet's id, hence its address, depends on the network the root is on.
+                let network = TonLedger::network_of(&client, root).await?;
+                let ton_wallet = Wallet::from_pkcs8(key_pkcs8, network)
+                    .map_err(|e| LedgerError::BadTransaction(e.to_string()))?;
+                if ton_wallet.public_key() != wallet.public_key() {
+                    return Err(LedgerError::BadTransaction(
+                        "the TON wallet's key is not the party's key".into(),
+                    ));
                 }
                 let ledger = TonLedger::connect(client, ton_wallet, root.clone())
                     .await?

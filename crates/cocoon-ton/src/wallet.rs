@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cocoon_ledger::PublicKey;
+use cocoon_ledger::{Network, PublicKey};
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 use tonlib_core::TonAddress;
 use tonlib_core::cell::{ArcCell, CellBuilder};
@@ -13,7 +13,7 @@ use tonlib_core::wallet::wallet_version::WalletVersion;
 
 use crate::code::to_boc;
 use crate::error::TonError;
-use crate::layout::{self, Deployable, WALLET_ID, internal_message};
+use crate::layout::{self, Deployable, internal_message};
 
 /// One message for the wallet to send.
 pub struct Outgoing {
@@ -27,17 +27,18 @@ pub struct Outgoing {
     pub state_init: Option<ArcCell>,
 }
 
-/// A party's cocoon wallet: its Ed25519 key, which signs the wallet's external requests, and its
-/// address.
+/// A party's cocoon wallet on one network: its Ed25519 key, which signs the wallet's external
+/// requests, and its address (which the network's wallet id is part of).
 pub struct Wallet {
     signer: TonWallet,
     public: PublicKey,
+    network: Network,
     deployable: Deployable,
 }
 
 impl Wallet {
-    /// The wallet of the Ed25519 key with this 32-byte seed.
-    pub fn from_seed(seed: [u8; 32]) -> Result<Self, TonError> {
+    /// The wallet on `network` of the Ed25519 key with this 32-byte seed.
+    pub fn from_seed(seed: [u8; 32], network: Network) -> Result<Self, TonError> {
         let ring = Ed25519KeyPair::from_seed_unchecked(&seed)
             .map_err(|e| TonError::Cell(format!("bad Ed25519 seed: {e}")))?;
         let public: PublicKey = ring.public_key().as_ref().try_into().expect("32 bytes");
@@ -47,24 +48,30 @@ impl Wallet {
             public_key: public.to_vec(),
             secret_key: secret,
         };
-        let signer = TonWallet::new_with_params(WalletVersion::V5R1, key_pair, 0, WALLET_ID)?;
+        let signer = TonWallet::new_with_params(
+            WalletVersion::V5R1,
+            key_pair,
+            i32::from(network.workchain),
+            layout::wallet_id(network),
+        )?;
         Ok(Self {
             signer,
             public,
-            deployable: layout::wallet(&public)?,
+            network,
+            deployable: layout::wallet(&public, network)?,
         })
     }
 
-    /// Reads a ring PKCS#8 v2 Ed25519 key file (what every cocoon role already has); its seed is
-    /// the 32 bytes after the 16-byte header.
-    pub fn from_pkcs8(der: &[u8]) -> Result<Self, TonError> {
+    /// Reads a ring PKCS#8 v2 Ed25519 key file (what every cocoon role already has) for a
+    /// wallet on `network`; its seed is the 32 bytes after the 16-byte header.
+    pub fn from_pkcs8(der: &[u8], network: Network) -> Result<Self, TonError> {
         Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
             .map_err(|e| TonError::Cell(format!("not an Ed25519 key: {e}")))?;
         let seed: [u8; 32] = der
             .get(16..48)
             .and_then(|s| s.try_into().ok())
             .ok_or_else(|| TonError::Cell("PKCS#8 key too short".into()))?;
-        let wallet = Self::from_seed(seed)?;
+        let wallet = Self::from_seed(seed, network)?;
         let parsed = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).expect("checked above");
         if parsed.public_key().as_ref() != wallet.public {
             return Err(TonError::Cell("unexpected PKCS#8 layout".into()));
@@ -75,6 +82,11 @@ impl Wallet {
     /// The wallet's Ed25519 public key (the party's identity key).
     pub fn public_key(&self) -> PublicKey {
         self.public
+    }
+
+    /// The network the wallet is on.
+    pub fn network(&self) -> Network {
+        self.network
     }
 
     /// The wallet contract's address (not the standard v5r1's: the code is cocoon's).

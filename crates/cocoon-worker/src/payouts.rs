@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_ledger::{
-    Address, Ledger, LedgerError, Op, PaymentMessage, PublicKey, SignedMessage, Tx,
+    Address, Ledger, LedgerError, Network, Op, PaymentMessage, PublicKey, SignedMessage, Tx,
 };
 use cocoon_protocol::Payout;
 use parking_lot::Mutex;
@@ -87,16 +87,20 @@ impl PayoutStore {
         self
     }
 
-    /// How payouts from `proxy` must name this worker's contract (on a chain, read from the
-    /// terms of the proxy's contract, hence async).
-    pub async fn contract(&self, proxy: &PublicKey) -> Result<Address, String> {
-        match &self.ledger {
-            Some(ledger) => ledger
-                .worker_address(proxy, &self.worker)
-                .await
-                .map_err(|e| e.to_string()),
-            None => Ok(Address::worker(proxy, &self.worker)),
-        }
+    /// How payouts from `proxy` must name this worker's contract: the ledger's network and the
+    /// contract's account (on a chain, read from the terms of the proxy's contract, hence
+    /// async).
+    pub async fn contract(&self, proxy: &PublicKey) -> Result<(Network, Address), String> {
+        let ledger = self
+            .ledger
+            .as_ref()
+            .ok_or("this worker's payouts have no ledger to name its contract by")?;
+        let network = ledger.network().await.map_err(|e| e.to_string())?;
+        let address = ledger
+            .worker_address(proxy, &self.worker)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((network, address))
     }
 
     /// Accepts `payout` from the proxy whose key is `proxy` if it is genuine, for this worker's
@@ -106,14 +110,14 @@ impl PayoutStore {
         &self,
         proxy: &PublicKey,
         payout: Payout,
-        contract_named: &Address,
+        (network, contract_named): &(Network, Address),
     ) -> Result<bool, String> {
         if decode_key(&payout.proxy)? != *proxy {
             return Err("the payout names another proxy than the one connected".into());
         }
         let bytes = hex::decode(&payout.message).map_err(|_| "payout is not hex".to_string())?;
         let message = SignedMessage(bytes)
-            .verify(proxy)
+            .verify(proxy, *network)
             .map_err(|e| e.to_string())?;
         let PaymentMessage::PayWorker {
             tokens, contract, ..
@@ -225,6 +229,8 @@ pub async fn claim_loop(
 mod tests {
     use super::*;
 
+    const NET: Network = Network::basechain(7);
+
     fn key(seed: u8) -> cocoon_ledger::Wallet {
         cocoon_ledger::Wallet::from_seed([seed; 32])
     }
@@ -235,7 +241,7 @@ mod tests {
             tokens,
             contract: Address::worker(&proxy.public_key(), &worker),
         }
-        .sign(proxy.key_pair());
+        .sign(proxy.key_pair(), NET);
         Payout {
             proxy: hex::encode(proxy.public_key()),
             tokens,
@@ -251,7 +257,7 @@ mod tests {
         payout: Payout,
     ) -> Result<bool, String> {
         let contract = Address::worker(&from.public_key(), &store.worker);
-        store.offer(&from.public_key(), payout, &contract)
+        store.offer(&from.public_key(), payout, &(NET, contract))
     }
 
     #[test]
@@ -277,6 +283,20 @@ mod tests {
         let mut garbage = payout(&proxy, me, 50);
         garbage.message = "zz".into();
         assert!(offer(&store, &proxy, garbage).is_err());
+        // A genuine payout for this contract, signed for another network.
+        let message = PaymentMessage::PayWorker {
+            query_id: 60,
+            tokens: 60,
+            contract: Address::worker(&proxy.public_key(), &me),
+        }
+        .sign(proxy.key_pair(), Network::basechain(8));
+        let elsewhere = Payout {
+            proxy: hex::encode(proxy.public_key()),
+            tokens: 60,
+            message: hex::encode(&message.0),
+        };
+        let e = offer(&store, &proxy, elsewhere).unwrap_err();
+        assert!(e.contains("network 8"), "{e}");
         // A payout from a proxy other than the connected one.
         assert!(offer(&store, &other_proxy, payout(&proxy, me, 50)).is_err());
         // What was kept survives a reopen.

@@ -44,6 +44,7 @@ async fn answers_are_billed_committed_and_paid_out() {
     let proxy = net.proxy_key().unwrap();
     let client = net.client_key();
     let params = dev_params();
+    let network = net.ledger().unwrap().network().await.unwrap();
 
     let mut billed = 0u64;
     let mut last_counter = 0u64;
@@ -64,7 +65,7 @@ async fn answers_are_billed_committed_and_paid_out() {
             tokens_used,
             contract,
             ..
-        } = charge.verify(&proxy).unwrap()
+        } = charge.verify(&proxy, network).unwrap()
         else {
             panic!("not a charge message");
         };

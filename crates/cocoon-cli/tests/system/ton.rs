@@ -69,7 +69,10 @@ async fn answers_settle_on_the_ton_contracts() {
         billed += bill["billed_tokens"].as_u64().unwrap();
         assert_eq!(bill["tokens_used"], billed);
         let charge = SignedMessage(hex::decode(bill["charge"].as_str().unwrap()).unwrap());
-        let PaymentMessage::ChargeClient { contract, .. } = charge.verify(&proxy).unwrap() else {
+        let PaymentMessage::ChargeClient { contract, .. } = charge
+            .verify(&proxy, cocoon_ton::local::LOCAL_NETWORK)
+            .unwrap()
+        else {
             panic!("not a charge");
         };
         assert_eq!(contract, on_chain, "charges name the contract's account id");

@@ -55,9 +55,9 @@ async fn acknowledged_operations_survive_a_reopen_and_match_the_rules() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.redb");
     let proxy = keypair(9);
-    let mut expected = LedgerState::new(OWNER);
+    let mut expected = LedgerState::new(OWNER, NET);
     {
-        let ledger = EmbeddedLedger::open(&path, OWNER).unwrap();
+        let ledger = EmbeddedLedger::open_network(&path, OWNER, NET).unwrap();
         for t in script(&proxy) {
             let want = expected.apply(&t).map(|(r, _)| r);
             let got = ledger.execute(t).await;
@@ -65,7 +65,7 @@ async fn acknowledged_operations_survive_a_reopen_and_match_the_rules() {
         }
         assert_eq!(ledger.snapshot().await.unwrap(), expected);
     }
-    let reopened = EmbeddedLedger::open(&path, OWNER).unwrap();
+    let reopened = EmbeddedLedger::open_network(&path, OWNER, NET).unwrap();
     assert_eq!(reopened.snapshot().await.unwrap(), expected);
     let c = reopened
         .client(public(&proxy), CLIENT)
@@ -102,12 +102,13 @@ fn spent_nonces_survive_reopen() {
             hash: "ab".repeat(32),
         },
         5,
+        NET,
     );
     {
-        let ledger = EmbeddedLedger::open(&path, owner.public_key()).unwrap();
+        let ledger = EmbeddedLedger::open_network(&path, owner.public_key(), NET).unwrap();
         ledger.execute_signed(&allow, 1_000).unwrap();
     }
-    let ledger = EmbeddedLedger::open(&path, owner.public_key()).unwrap();
+    let ledger = EmbeddedLedger::open_network(&path, owner.public_key(), NET).unwrap();
     assert_eq!(
         ledger.execute_signed(&allow, 1_000),
         Err(LedgerError::StaleNonce { last: 5, got: 5 })

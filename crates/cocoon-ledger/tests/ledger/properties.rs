@@ -1,12 +1,13 @@
 //! Across any sequence of operations, valid or not: no TON is created or lost (what the
 //! contracts hold always equals what came in minus what went out), no counter goes back, no
 //! client pays twice for a token nor a worker is paid twice for one, and the workers' share of
-//! every charge stays out of the proxy's withdrawals.
+//! every charge stays out of the proxy's withdrawals. Charges and payouts the proxy signed for
+//! another network are refused, whatever else holds.
 
 use std::collections::BTreeMap;
 
 use crate::common::*;
-use cocoon_ledger::{LedgerState, Op, Touched, Tx};
+use cocoon_ledger::{LedgerState, Op, PaymentMessage, Touched, Tx};
 use proptest::prelude::*;
 
 const CLIENTS: [[u8; 32]; 3] = [[2; 32], [4; 32], [6; 32]];
@@ -22,6 +23,8 @@ enum Step {
     Refund(usize),
     Charge(usize, u64),
     Payout(usize, u64),
+    /// A charge (`true`) or payout the proxy signed for another network.
+    Elsewhere(bool, usize, u64),
     WorkerWithdraw(usize),
     ProxyWithdraw(u128),
     ProxyAddStake(u128),
@@ -43,7 +46,8 @@ fn step() -> impl Strategy<Value = Step> {
         who.clone().prop_map(Step::FinishClose),
         who.clone().prop_map(Step::Refund),
         (who, tokens.clone()).prop_map(|(c, t)| Step::Charge(c, t)),
-        (worker.clone(), tokens).prop_map(|(w, t)| Step::Payout(w, t)),
+        (worker.clone(), tokens.clone()).prop_map(|(w, t)| Step::Payout(w, t)),
+        (any::<bool>(), 0..WORKERS.len(), tokens).prop_map(|(c, i, t)| Step::Elsewhere(c, i, t)),
         worker.prop_map(Step::WorkerWithdraw),
         amount.clone().prop_map(Step::ProxyWithdraw),
         amount.prop_map(Step::ProxyAddStake),
@@ -87,6 +91,27 @@ proptest! {
                 Step::Refund(c) => (p, Op::ProxyRefundClient { client: CLIENTS[c] }),
                 Step::Charge(c, t) => (p, charge(&proxy, CLIENTS[c], t)),
                 Step::Payout(w, t) => (WORKERS[w], payout(&proxy, WORKERS[w], t)),
+                Step::Elsewhere(charge, i, t) => {
+                    let elsewhere = cocoon_ledger::Network::basechain(NET.id.wrapping_add(1));
+                    let (sender, message) = if charge {
+                        let contract = cocoon_ledger::Address::client(&p, &CLIENTS[i]);
+                        (p, PaymentMessage::ChargeClient { query_id: t, tokens_used: t, contract })
+                    } else {
+                        let contract = cocoon_ledger::Address::worker(&p, &WORKERS[i]);
+                        (WORKERS[i], PaymentMessage::PayWorker { query_id: t, tokens: t, contract })
+                    };
+                    let message = message.sign(&proxy, elsewhere);
+                    let op = if charge {
+                        Op::Charge { proxy: p, message }
+                    } else {
+                        Op::Payout { proxy: p, message }
+                    };
+                    let before = s.clone();
+                    let refused = s.apply(&Tx { sender, op, now });
+                    prop_assert!(refused.is_err(), "a message signed for another network applied");
+                    prop_assert_eq!(&s, &before);
+                    continue;
+                }
                 Step::WorkerWithdraw(w) => (WORKERS[w], Op::WorkerWithdraw { proxy: p }),
                 Step::ProxyWithdraw(amount) => (p, Op::ProxyWithdraw { amount }),
                 Step::ProxyAddStake(amount) => (p, Op::ProxyAddStake { amount }),

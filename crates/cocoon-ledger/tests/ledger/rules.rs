@@ -57,7 +57,7 @@ fn replayed_backwards_forged_and_misaddressed_messages_are_refused() {
             tokens_used: 5_000,
             contract: Address::client(&p, &CLIENT),
         }
-        .sign(&impostor),
+        .sign(&impostor, NET),
     };
     assert!(
         matches!(refused(&mut s, tx(p, forged)), LedgerError::BadMessage(m) if m.contains("signature"))

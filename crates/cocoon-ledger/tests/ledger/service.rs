@@ -14,7 +14,9 @@ struct Served {
 
 async fn serve(owner: PublicKey) -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Arc::new(EmbeddedLedger::open(&dir.path().join("ledger.redb"), owner).unwrap());
+    let ledger = Arc::new(
+        EmbeddedLedger::open_network(&dir.path().join("ledger.redb"), owner, NET).unwrap(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -107,6 +109,7 @@ async fn signed_operations_over_http() {
 
     let read_only = RemoteLedger::new(&served.url, None);
     assert_eq!(read_only.params().await.unwrap(), params());
+    assert_eq!(read_only.network().await.unwrap(), NET);
     let state = read_only.snapshot().await.unwrap();
     assert_eq!(state.held(), 120 * TON);
     assert_eq!(state.deposited - state.paid_out, state.held());
@@ -136,6 +139,7 @@ async fn replayed_forged_and_malformed_transactions_are_refused() {
                 hash: format!("{n:064x}"),
             },
             n,
+            NET,
         )
     };
     let first = serde_json::to_value(allow(10)).unwrap();
@@ -147,6 +151,22 @@ async fn replayed_forged_and_malformed_transactions_are_refused() {
     // An older nonce.
     let (_, body) = post(serde_json::to_value(allow(9)).unwrap()).await;
     assert_eq!(body["error"]["code"], "stale_nonce");
+    // The owner's genuine transaction, signed for another network (a test ledger the same key
+    // uses, say): refused, and it does not spend the nonce here.
+    let elsewhere = owner.sign_with_nonce(
+        Op::AllowModel {
+            hash: "cd".repeat(32),
+        },
+        20,
+        cocoon_ledger::Network::basechain(8),
+    );
+    let (status, body) = post(serde_json::to_value(&elsewhere).unwrap()).await;
+    assert_eq!(status, 409);
+    assert_eq!(body["error"]["code"], "bad_transaction", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("network 8"),
+        "{body}"
+    );
     // A signature over another body.
     let mut forged = serde_json::to_value(allow(11)).unwrap();
     forged["signature"] = serde_json::to_value(allow(12).signature).unwrap();
@@ -154,7 +174,7 @@ async fn replayed_forged_and_malformed_transactions_are_refused() {
     assert_eq!(body["error"]["code"], "bad_transaction", "{body}");
     // A refused operation still spends its nonce: it cannot be replayed later.
     let stranger = wallet(5);
-    let refused = stranger.sign_with_nonce(Op::ProxyOpen { stake: TON }, 7);
+    let refused = stranger.sign_with_nonce(Op::ProxyOpen { stake: TON }, 7, NET);
     let (_, body) = post(serde_json::to_value(&refused).unwrap()).await;
     assert_eq!(body["error"]["code"], "unknown_proxy");
     let (_, body) = post(serde_json::to_value(&refused).unwrap()).await;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use cocoon_ledger::{Address, PaymentMessage, PublicKey, SignedMessage};
+use cocoon_ledger::{Address, Network, PaymentMessage, PublicKey, SignedMessage};
 use redb::{Database, ReadableTable, TableDefinition};
 use ring::signature::Ed25519KeyPair;
 use serde::{Deserialize, Serialize};
@@ -183,6 +183,7 @@ impl Book {
     pub fn settle(
         &mut self,
         key: &Ed25519KeyPair,
+        network: Network,
         client: Entry,
         worker: Entry,
     ) -> Result<Settled, BookError> {
@@ -201,13 +202,13 @@ impl Book {
             tokens_used: c.charged,
             contract: client.contract,
         }
-        .sign(key);
+        .sign(key, network);
         let payout = PaymentMessage::PayWorker {
             query_id: w.owed,
             tokens: w.owed,
             contract: worker.contract,
         }
-        .sign(key);
+        .sign(key, network);
         let (client, worker) = (client.party, worker.party);
         c.latest = Some(charge.clone());
         w.latest = Some(payout.clone());
@@ -261,6 +262,8 @@ impl Book {
 mod tests {
     use super::*;
 
+    const NET: Network = Network::basechain(7);
+
     fn key(seed: u8) -> cocoon_ledger::Wallet {
         cocoon_ledger::Wallet::from_seed([seed; 32])
     }
@@ -292,7 +295,7 @@ mod tests {
         worker: (PublicKey, u64),
     ) -> Result<Settled, BookError> {
         let (c, w) = entries(proxy, client, worker);
-        book.settle(proxy.key_pair(), c, w)
+        book.settle(proxy.key_pair(), NET, c, w)
     }
 
     #[test]
@@ -311,7 +314,7 @@ mod tests {
                 tokens_used,
                 contract,
                 ..
-            } = b.charge.verify(&proxy.public_key()).unwrap()
+            } = b.charge.verify(&proxy.public_key(), NET).unwrap()
             else {
                 panic!("not a charge");
             };

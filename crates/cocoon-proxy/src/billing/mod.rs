@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cocoon_ledger::{
-    ClientContract, ContractState, Ledger, LedgerError, LedgerOpener, Nanoton, NetworkParams, Op,
-    PublicKey, TokenKind, Tx, Wallet, unix_now,
+    ClientContract, ContractState, Ledger, LedgerError, LedgerOpener, Nanoton, Network,
+    NetworkParams, Op, PublicKey, TokenKind, Tx, Wallet, unix_now,
 };
 use cocoon_protocol::{Billing as Bill, ErrorKind, Payout, ProtocolError, Refund, Usage};
 use parking_lot::{Mutex, RwLock};
@@ -89,6 +89,8 @@ struct ClientView {
 pub(crate) struct Billing {
     ledger: Arc<dyn Ledger>,
     ledger_url: String,
+    /// The network the signed counters are for, read from the ledger at start.
+    network: Network,
     wallet: Arc<Wallet>,
     /// `None` once closed at shutdown: the database is released for the next proxy.
     book: Mutex<Option<Book>>,
@@ -148,6 +150,10 @@ impl Billing {
             .open(url, wallet.clone(), key_pkcs8)
             .await
             .map_err(anyhow::Error::msg)?;
+        let network = ledger
+            .network()
+            .await
+            .map_err(|e| anyhow::anyhow!("[payments] ledger {url}: {e}"))?;
         let proxy = wallet.public_key();
         let path = config.book.clone();
         let book = tokio::task::spawn_blocking(move || Book::open(&path, proxy)).await??;
@@ -182,6 +188,7 @@ impl Billing {
         Ok(Arc::new(Self {
             ledger,
             ledger_url: url.to_owned(),
+            network,
             wallet,
             book: Mutex::new(Some(book)),
             params: RwLock::new(state.registry.params),
@@ -413,7 +420,9 @@ impl Billing {
         };
         let billing = self.clone();
         let settled = tokio::task::spawn_blocking(move || {
-            billing.with_book(|book| book.settle(billing.wallet.key_pair(), client, worker))
+            billing.with_book(|book| {
+                book.settle(billing.wallet.key_pair(), billing.network, client, worker)
+            })
         })
         .await
         .map_err(|e| ProtocolError::internal(e.to_string()))??

@@ -4,6 +4,7 @@
 //! destination between sending and confirming, or reports the destination's action phase as
 //! failed, which confirming by "the first transaction after" would have taken for success.
 
+use crate::NET;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ fn hash(a: &TonAddress) -> HashBytes {
 }
 
 fn key(seed: [u8; 32]) -> PublicKey {
-    Wallet::from_seed(seed).unwrap().public_key()
+    Wallet::from_seed(seed, NET).unwrap().public_key()
 }
 
 fn tx(seed: [u8; 32], op: Op) -> Tx {
@@ -118,7 +119,7 @@ impl Net {
             (STRANGER, 1000 * TON),
             (COURIER, GAS_SHORT),
         ] {
-            let w = Wallet::from_seed(seed).unwrap();
+            let w = Wallet::from_seed(seed, NET).unwrap();
             chain.lock().fund(hash(w.address()), amount);
         }
         let plain = listen(toncenter::router(chain.clone())).await;
@@ -138,7 +139,7 @@ impl Net {
         .await;
         let api = Client::new(&base);
         let timeout = Duration::from_secs(5);
-        let owner_wallet = Wallet::from_seed(OWNER).unwrap();
+        let owner_wallet = Wallet::from_seed(OWNER, NET).unwrap();
         let root = TonLedger::deploy_root(&api, &owner_wallet, &NetworkParams::default(), timeout)
             .await
             .unwrap();
@@ -179,10 +180,14 @@ impl Net {
     }
 
     async fn ledger(api: &Client, root: &TonAddress, seed: [u8; 32]) -> TonLedger {
-        TonLedger::connect(api.clone(), Wallet::from_seed(seed).unwrap(), root.clone())
-            .await
-            .unwrap()
-            .with_confirm_timeout(Duration::from_secs(5))
+        TonLedger::connect(
+            api.clone(),
+            Wallet::from_seed(seed, NET).unwrap(),
+            root.clone(),
+        )
+        .await
+        .unwrap()
+        .with_confirm_timeout(Duration::from_secs(5))
     }
 
     async fn connect(&self, seed: [u8; 32]) -> TonLedger {
@@ -200,7 +205,7 @@ impl Net {
 
     /// Makes the stranger's plain top-up of `to` land just before the next message sent.
     fn top_up_first(&self, to: &TonAddress) {
-        let stranger = Wallet::from_seed(STRANGER).unwrap();
+        let stranger = Wallet::from_seed(STRANGER, NET).unwrap();
         let out = Outgoing {
             dest: to.clone(),
             value: TON,
@@ -220,7 +225,7 @@ impl Net {
                 tokens_used,
                 contract,
             }
-            .sign(&signing),
+            .sign(&signing, NET),
         }
     }
 
@@ -314,7 +319,7 @@ async fn a_message_to_an_account_without_code_is_not_a_success() {
     // The emulator reports it as a chain would: skipped, no action phase, and the bounce it
     // sent is what the wallet's next transaction received.
     let chain = net.chain.lock();
-    let wallet = hash(Wallet::from_seed(STRANGER).unwrap().address());
+    let wallet = hash(Wallet::from_seed(STRANGER, NET).unwrap().address());
     let txs = chain.transactions();
     let skipped = txs
         .iter()
@@ -357,7 +362,7 @@ async fn a_failed_action_phase_at_the_destination_is_an_error() {
 #[tokio::test]
 async fn the_api_links_each_message_to_the_transaction_it_caused() {
     let net = Net::new().await;
-    let wallet = Wallet::from_seed(CLIENT).unwrap();
+    let wallet = Wallet::from_seed(CLIENT, NET).unwrap();
     let at = net.client_contract().await;
     let sent = net.api.transactions(wallet.address(), 0).await.unwrap();
     let landed = net.api.transactions(&at, 0).await.unwrap();

@@ -6,6 +6,7 @@
 //! terms after a minute and at once after its own close or open, and the root refuses a second
 //! open of an open contract.
 
+use crate::NET;
 use cocoon_ledger::{Ledger, NetworkParams, Op, PaymentMessage, Tx};
 
 use crate::ledger::Network;
@@ -17,7 +18,7 @@ const TON: u128 = 1_000_000_000;
 const SEEDS: [[u8; 32]; 5] = [[41; 32], [42; 32], [43; 32], [44; 32], [45; 32]];
 
 fn key(i: usize) -> [u8; 32] {
-    Wallet::from_seed(SEEDS[i]).unwrap().public_key()
+    Wallet::from_seed(SEEDS[i], NET).unwrap().public_key()
 }
 
 fn tx(i: usize, op: Op) -> Tx {
@@ -50,7 +51,7 @@ async fn finding_a_payout_the_proxy_contract_refuses_is_not_confirmed() {
         tokens: 1_000_000_000,
         contract,
     }
-    .sign(&signing());
+    .sign(&signing(), NET);
     let got = worker
         .execute(tx(
             3,
@@ -217,7 +218,7 @@ async fn finding_a_charge_the_proxy_contract_refuses_is_not_confirmed() {
         tokens_used: 1000,
         contract,
     }
-    .sign(&signing());
+    .sign(&signing(), NET);
     let got = net
         .connect(1)
         .await

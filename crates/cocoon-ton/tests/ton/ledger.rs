@@ -2,6 +2,7 @@
 //! shape: every operation goes out as a wallet v5 request over HTTP, is executed by the
 //! committed contracts in tycho-vm, and comes back confirmed or refused with the ledger's error.
 
+use crate::NET;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,14 +45,14 @@ async fn operations_settle_on_the_emulated_chain() {
     let chain = Arc::new(Mutex::new(Chain::new(cocoon_ledger::unix_now() as u32)));
     let seeds = [[1u8; 32], [2u8; 32], [3u8; 32], [5u8; 32]];
     for seed in seeds {
-        let w = Wallet::from_seed(seed).unwrap();
+        let w = Wallet::from_seed(seed, NET).unwrap();
         chain.lock().fund(hash(&w), 1000 * TON);
     }
     let base = serve(chain.clone()).await;
     let api = Client::new(&base);
     let timeout = Duration::from_secs(10);
     let params = NetworkParams::default();
-    let owner = Wallet::from_seed(seeds[0]).unwrap();
+    let owner = Wallet::from_seed(seeds[0], NET).unwrap();
     let root = TonLedger::deploy_root(&api, &owner, &params, timeout)
         .await
         .unwrap();
@@ -60,7 +61,7 @@ async fn operations_settle_on_the_emulated_chain() {
         let api = api.clone();
         let root = root.clone();
         async move {
-            TonLedger::connect(api, Wallet::from_seed(seed).unwrap(), root)
+            TonLedger::connect(api, Wallet::from_seed(seed, NET).unwrap(), root)
                 .await
                 .unwrap()
                 .with_confirm_timeout(timeout)
@@ -71,7 +72,7 @@ async fn operations_settle_on_the_emulated_chain() {
     let client = connect(seeds[2]).await;
     let worker = connect(seeds[3]).await;
     assert_eq!(owner.params().await.unwrap(), params);
-    let key = |s: [u8; 32]| Wallet::from_seed(s).unwrap().public_key();
+    let key = |s: [u8; 32]| Wallet::from_seed(s, NET).unwrap().public_key();
     let (owner_key, proxy_key, client_key, worker_key) =
         (key(seeds[0]), key(seeds[1]), key(seeds[2]), key(seeds[3]));
 
@@ -137,7 +138,7 @@ async fn operations_settle_on_the_emulated_chain() {
         tokens_used: 5000,
         contract,
     }
-    .sign(&signing);
+    .sign(&signing, NET);
     let receipt = proxy
         .execute(tx(
             proxy_key,
@@ -175,7 +176,10 @@ async fn operations_settle_on_the_emulated_chain() {
         tokens_used: 9000,
         contract,
     }
-    .sign(&Ed25519KeyPair::from_seed_unchecked(&seeds[3]).unwrap());
+    .sign(
+        &Ed25519KeyPair::from_seed_unchecked(&seeds[3]).unwrap(),
+        NET,
+    );
     let err = proxy
         .execute(tx(
             proxy_key,
@@ -198,7 +202,7 @@ async fn operations_settle_on_the_emulated_chain() {
         tokens: 4000,
         contract: named,
     }
-    .sign(&signing);
+    .sign(&signing, NET);
     worker
         .execute(tx(
             worker_key,
@@ -306,10 +310,10 @@ impl Network {
         for seed in seeds {
             chain
                 .lock()
-                .fund(hash(&Wallet::from_seed(*seed).unwrap()), 1000 * TON);
+                .fund(hash(&Wallet::from_seed(*seed, NET).unwrap()), 1000 * TON);
         }
         let api = Client::new(&serve(chain).await);
-        let owner = Wallet::from_seed(seeds[0]).unwrap();
+        let owner = Wallet::from_seed(seeds[0], NET).unwrap();
         let root = TonLedger::deploy_root(&api, &owner, params, TIMEOUT)
             .await
             .unwrap();
@@ -339,7 +343,7 @@ impl Network {
     }
 
     fn key(&self, i: usize) -> [u8; 32] {
-        Wallet::from_seed(self.seeds[i]).unwrap().public_key()
+        Wallet::from_seed(self.seeds[i], NET).unwrap().public_key()
     }
 
     fn keys(&self) -> [[u8; 32]; 4] {
@@ -350,7 +354,7 @@ impl Network {
     pub(crate) async fn connect(&self, i: usize) -> TonLedger {
         TonLedger::connect(
             self.api.clone(),
-            Wallet::from_seed(self.seeds[i]).unwrap(),
+            Wallet::from_seed(self.seeds[i], NET).unwrap(),
             self.root.clone(),
         )
         .await
@@ -416,7 +420,7 @@ async fn contracts_are_named_from_the_proxy_contract_after_the_root_changes_para
         tokens_used: 1000,
         contract,
     }
-    .sign(&signing);
+    .sign(&signing, NET);
     let receipt = proxy
         .execute(tx(
             proxy_key,
@@ -441,7 +445,7 @@ async fn contracts_are_named_from_the_proxy_contract_after_the_root_changes_para
             .await
             .unwrap(),
     }
-    .sign(&signing);
+    .sign(&signing, NET);
     worker
         .execute(tx(
             worker_key,
@@ -530,7 +534,10 @@ async fn governance_operations_go_through_the_ton_backend() {
         tokens_used: 10,
         contract,
     }
-    .sign(&Ed25519KeyPair::from_seed_unchecked(&SEEDS[1]).unwrap());
+    .sign(
+        &Ed25519KeyPair::from_seed_unchecked(&SEEDS[1]).unwrap(),
+        NET,
+    );
     let receipt = proxy
         .execute(tx(
             proxy_key,
@@ -544,5 +551,123 @@ async fn governance_operations_go_through_the_ton_backend() {
     assert_eq!(
         receipt.charged,
         10 * NetworkParams::default().price_per_token
+    );
+}
+
+impl Network {
+    /// Sends `body` to the root from the `i`th party's wallet, as a raw message (for root
+    /// operations no ledger `Op` stands for, such as the owner's code upgrades). The emulated
+    /// chain has executed it when this returns.
+    async fn send_to_root(&self, i: usize, body: tonlib_core::cell::ArcCell) {
+        let wallet = Wallet::from_seed(self.seeds[i], NET).unwrap();
+        let seqno = self.api.seqno(wallet.address()).await.unwrap();
+        let out = cocoon_ton::wallet::Outgoing {
+            dest: self.root.clone(),
+            value: cocoon_ton::GAS_ATTACHED,
+            body,
+            state_init: None,
+        };
+        let valid_until = cocoon_ledger::unix_now() as u32 + 60;
+        let boc = wallet
+            .request(seqno.unwrap_or(0), valid_until, &[out], seqno.is_none())
+            .unwrap();
+        self.api.send_boc(&boc).await.unwrap();
+    }
+}
+
+/// The same key has another wallet on each network (its id is part of the address), and a
+/// ledger refuses to connect with a wallet of another network than its root's.
+#[tokio::test]
+async fn a_wallet_of_another_network_cannot_connect() {
+    let net = Network::with_open_proxy().await;
+    let on = |network| Wallet::from_seed(SEEDS[2], network).unwrap();
+    assert_ne!(
+        on(NET).address(),
+        on(cocoon_ledger::Network::TON_MAINNET).address()
+    );
+    assert_eq!(
+        TonLedger::network_of(&net.api, &net.root).await.unwrap(),
+        NET
+    );
+    let refused = TonLedger::connect(
+        net.api.clone(),
+        on(cocoon_ledger::Network::TON_MAINNET),
+        net.root.clone(),
+    )
+    .await
+    .err()
+    .expect("a mainnet wallet connected to a local chain's root");
+    assert!(
+        matches!(&refused, LedgerError::BadTransaction(m) if m.contains("network -239")),
+        "{refused:?}"
+    );
+}
+
+/// After the owner upgrades the code the root hands new proxies, a proxy contract opened with
+/// code this build does not know is refused with a clear error (addresses derived from the
+/// committed code would name no contract of it), while a proxy opened before keeps working.
+#[tokio::test]
+async fn a_proxy_opened_with_code_this_build_does_not_know_is_refused_clearly() {
+    use cocoon_ton::code::Contract;
+    use cocoon_ton::layout;
+    // owner, proxy, client, worker, a second proxy.
+    let seeds = [[61; 32], [62; 32], [63; 32], [64; 32], [65; 32]];
+    let net = Network::open(&NetworkParams::default(), &seeds).await;
+    let [owner_key, proxy_key, client_key, ..] = net.keys();
+    let proxy2_key = net.key(4);
+    // Client code this build does not have (any cell will do: nothing deploys it here).
+    let codes = layout::codes(
+        &Contract::Proxy.code(),
+        &Contract::Wallet.code(),
+        &Contract::Worker.code(),
+    )
+    .unwrap();
+    let body = layout::body(layout::op::SET_CODES, 0, |b| {
+        b.store_reference(&codes).map(|_| ())
+    })
+    .unwrap();
+    net.send_to_root(0, body).await;
+    let owner = net.connect(0).await;
+    owner
+        .execute(tx(
+            owner_key,
+            Op::RegisterProxy {
+                key: proxy2_key,
+                address: "proxy2.example:8443".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    net.connect(4)
+        .await
+        .execute(tx(proxy2_key, Op::ProxyOpen { stake: 10 * TON }))
+        .await
+        .unwrap();
+
+    let client = net.connect(2).await;
+    let deposit = |proxy| {
+        tx(
+            client_key,
+            Op::ClientDeposit {
+                proxy,
+                amount: 2 * TON,
+            },
+        )
+    };
+    let refused = client.execute(deposit(proxy2_key)).await.unwrap_err();
+    assert!(
+        matches!(&refused, LedgerError::Unreachable(m) if m.contains("client code") && m.contains("does not know")),
+        "{refused:?}"
+    );
+    // The proxy opened before the upgrade holds the committed code: business as usual.
+    client.execute(deposit(proxy_key)).await.unwrap();
+    assert_eq!(
+        client
+            .client(proxy_key, client_key)
+            .await
+            .unwrap()
+            .unwrap()
+            .balance,
+        2 * TON
     );
 }

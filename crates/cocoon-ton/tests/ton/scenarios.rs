@@ -4,6 +4,7 @@
 //! contracts/test/expected.json, which the reference emulator (@ton/sandbox) produced and is
 //! held to as well.
 
+use crate::NET;
 use std::collections::{BTreeMap, HashSet};
 
 use cocoon_ledger::{NetworkParams, PaymentMessage};
@@ -60,7 +61,7 @@ impl Run {
             .enumerate()
             .map(|(i, n)| {
                 let seed = [i as u8 + 1; 32];
-                let wallet = Wallet::from_seed(seed).unwrap();
+                let wallet = Wallet::from_seed(seed, NET).unwrap();
                 chain.fund(hash(wallet.address()), 100_000 * 1_000_000_000);
                 (
                     *n,
@@ -72,7 +73,7 @@ impl Run {
                 )
             })
             .collect();
-        let root = layout::root(parties["owner"].wallet.address(), &params).unwrap();
+        let root = layout::root(parties["owner"].wallet.address(), &params, NET).unwrap();
         let proxy_party = &parties["proxy"].wallet;
         let proxy = layout::proxy_address(
             &root.address,
@@ -96,6 +97,7 @@ impl Run {
             &self.proxy,
             self.parties[name].wallet.address(),
             &p.public_key(),
+            NET,
             &self.terms,
         )
         .unwrap()
@@ -107,6 +109,7 @@ impl Run {
             &self.proxy,
             self.parties[name].wallet.address(),
             &p.public_key(),
+            NET,
             &self.terms,
         )
         .unwrap()
@@ -155,9 +158,18 @@ impl Run {
             .expect("the wallet accepts its own request")
     }
 
-    fn sign(&self, signer: &str, message: PaymentMessage) -> Vec<u8> {
+    /// Signs for the scenario's network, or for the network id or workchain the step names
+    /// (a message signed elsewhere, replayed here).
+    fn sign(&self, step: &Value, message: PaymentMessage) -> Vec<u8> {
+        let signer = step["signer"].as_str().unwrap_or("proxy");
         let key = Ed25519KeyPair::from_seed_unchecked(&self.parties[signer].seed).unwrap();
-        message.sign(&key).0
+        let network = cocoon_ledger::Network {
+            id: step["network_id"].as_i64().map_or(NET.id, |id| id as i32),
+            workchain: step["workchain"]
+                .as_i64()
+                .map_or(NET.workchain, |w| w as i8),
+        };
+        message.sign(&key, network).0
     }
 
     fn ints(&self, at: &TonAddress, method: &str, args: &[BigInt]) -> Value {
@@ -435,10 +447,7 @@ fn message(run: &Run, step: &Value, qid: u64) -> (&'static str, Outgoing) {
             let name = s(step, "client");
             let named = run.client(step["names"].as_str().unwrap_or(name)).address;
             let tokens = step["tokens"].as_u64().unwrap();
-            let message = run.sign(
-                step["signer"].as_str().unwrap_or("proxy"),
-                layout::charge_message(tokens, tokens, &named),
-            );
+            let message = run.sign(step, layout::charge_message(tokens, tokens, &named));
             let at = run.client(name).address;
             out(
                 s(step, "from"),
@@ -476,7 +485,7 @@ fn message(run: &Run, step: &Value, qid: u64) -> (&'static str, Outgoing) {
                 tokens,
                 contract: account_id(&named),
             };
-            let signed = run.sign(step["signer"].as_str().unwrap_or("proxy"), message);
+            let signed = run.sign(step, message);
             out(
                 name,
                 &k.address,

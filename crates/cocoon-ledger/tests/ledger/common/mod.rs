@@ -9,6 +9,8 @@ pub(crate) const OWNER: PublicKey = [1; 32];
 pub(crate) const CLIENT: PublicKey = [2; 32];
 pub(crate) const WORKER: PublicKey = [3; 32];
 pub(crate) const TON: u128 = 1_000_000_000;
+/// The network the test ledgers are on.
+pub(crate) const NET: cocoon_ledger::Network = cocoon_ledger::Network::basechain(7);
 
 pub(crate) fn keypair(seed: u8) -> Ed25519KeyPair {
     Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
@@ -41,7 +43,7 @@ pub(crate) fn tx(sender: PublicKey, op: Op) -> Tx {
 /// A state with the test params, one registered and opened proxy (key seed 9).
 pub(crate) fn with_proxy() -> (LedgerState, Ed25519KeyPair) {
     let proxy = keypair(9);
-    let mut s = LedgerState::new(OWNER);
+    let mut s = LedgerState::new(OWNER, NET);
     s.apply(&tx(OWNER, Op::SetParams { params: params() }))
         .unwrap();
     s.apply(&tx(
@@ -65,7 +67,7 @@ pub(crate) fn charge(proxy: &Ed25519KeyPair, client: PublicKey, tokens_used: u64
             tokens_used,
             contract: Address::client(&public(proxy), &client),
         }
-        .sign(proxy),
+        .sign(proxy, NET),
     }
 }
 
@@ -77,7 +79,7 @@ pub(crate) fn payout(proxy: &Ed25519KeyPair, worker: PublicKey, tokens: u64) -> 
             tokens,
             contract: Address::worker(&public(proxy), &worker),
         }
-        .sign(proxy),
+        .sign(proxy, NET),
     }
 }
 
