@@ -102,8 +102,8 @@ impl PaymentMessage {
         let u32_at = |at: usize| u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes"));
         let network = Network {
-            id: u32_at(20) as i32,
-            workchain: body[24] as i8,
+            id: i32::from_be_bytes(body[20..24].try_into().expect("4 bytes")),
+            workchain: i8::from_be_bytes([body[24]]),
         };
         let contract = Address(body[25..57].try_into().expect("32 bytes"));
         let message = match u32_at(0) {
