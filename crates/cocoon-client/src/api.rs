@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::bill::{BillRecord, Parties};
+use crate::bill::{self, BillRecord, Parties};
 use crate::config::ClientConfig;
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
 use crate::pool::ProxyPool;
@@ -47,6 +47,8 @@ struct AppState {
     attestation: &'static str,
     /// What the bills so far have claimed, and the network's prices they are held to.
     bills: Arc<BillRecord>,
+    /// `[payments] max_price_per_token`: the most paid per weighted token.
+    max_price_per_token: Option<u64>,
 }
 
 /// An error answered in OpenAI's shape.
@@ -85,6 +87,22 @@ impl IntoResponse for ApiError {
 
 impl AppState {
     /// This client's contract with `proxy`, as its ledger names it.
+    /// The ledger's counter of this gateway's contract with `proxy`: where a bill record that
+    /// never saw the contract starts counting (0 when unknown: every counter must then be
+    /// billed to this gateway).
+    async fn counter_with(&self, proxy: &[u8; 32]) -> u64 {
+        let Some(ledger) = &self.ledger else {
+            return 0;
+        };
+        match ledger.client(*proxy, self.client_key).await {
+            Ok(contract) => contract.map_or(0, |c| c.tokens_used),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read this gateway's counter from the ledger");
+                0
+            }
+        }
+    }
+
     async fn contract_with(&self, proxy: &[u8; 32]) -> Option<Address> {
         match &self.ledger {
             Some(ledger) => ledger
@@ -153,6 +171,7 @@ impl Gateway {
             proxies: ProxyPool::new(&config.proxies(), identity, proxy, bills.clone()),
             attestation,
             bills,
+            max_price_per_token: config.payments.max_price_per_token,
         });
         let router = Router::new()
             .route("/v1/models", get(list_models))
@@ -370,12 +389,32 @@ fn new_id(endpoint: Endpoint) -> String {
 
 async fn answer(
     state: &AppState,
-    request: GenerateRequest,
+    mut request: GenerateRequest,
     endpoint: Endpoint,
     stream: bool,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
     let model = request.model.clone();
+    // The gateway's own price cap goes out with the request, so proxies route within it.
+    if let Some(cap) = state.bills.price_cap(state.max_price_per_token) {
+        request.max_price = Some(request.max_price.map_or(cap, |m| m.min(cap)));
+    }
+    // The model's context is the proxy's to know; max_tokens, when set, bounds the completion,
+    // and the prompt's bytes always bound the prompt.
+    let bounds = UsageBounds::new(&request, u32::MAX);
+    // Taken before the request leaves: from then on a bill for it may arrive on any contract.
+    let ticket = state.ledger.is_some().then(|| {
+        let completion = request
+            .params
+            .max_tokens
+            .map_or(bill::UNBOUNDED_COMPLETION, u64::from);
+        let price = request.max_price.unwrap_or(0);
+        Arc::new(
+            state
+                .bills
+                .ticket(state.bills.allowance(bounds.prompt(), completion, price)),
+        )
+    });
     // Refusals (unknown model, prompt too long) come back here, before any byte of the answer,
     // so they keep their 4xx status even for streaming requests.
     let (events, link) = state.proxies.generate(&request).await?;
@@ -384,15 +423,23 @@ async fn answer(
         Some(p) => state.contract_with(&p).await,
         None => None,
     };
+    if let (Some(ticket), Some(contract), Some(proxy)) = (&ticket, contract, proxy) {
+        let baseline = match state.bills.knows(&contract) {
+            true => 0,
+            false => state.counter_with(&proxy).await,
+        };
+        ticket
+            .bind(contract, baseline)
+            .map_err(ProtocolError::internal)?;
+    }
     let parties = Parties {
         proxy,
         contract,
         max_price: request.max_price,
-        // The model's context is the proxy's to know; max_tokens, when set, bounds the
-        // completion, and the prompt's bytes always bound the prompt.
-        bounds: Some(UsageBounds::new(&request, u32::MAX)),
+        bounds: Some(bounds),
         expects_bill: state.ledger.is_some(),
         record: state.bills.clone(),
+        ticket,
     };
     let meta = sse::Meta {
         id: new_id(endpoint),

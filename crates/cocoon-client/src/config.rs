@@ -46,6 +46,10 @@ pub struct ClientPayments {
     /// proxies' bad-bill counts (with a ledger only), so a restart neither accepts a range
     /// billed twice nor forgets a proxy it stopped trusting.
     pub bill_file: std::path::PathBuf,
+    /// The most this gateway pays per weighted token, in nanoton: every request goes out with
+    /// a `max_price` no higher (the app's own, if lower), so proxies route within it and a bill
+    /// above it is bad. Unset: ten times the network's floor price, read from the ledger.
+    pub max_price_per_token: Option<u64>,
 }
 
 impl Default for ClientPayments {
@@ -55,6 +59,7 @@ impl Default for ClientPayments {
             proxy_key: None,
             max_bad_bills: 3,
             bill_file: "client-bills.json".into(),
+            max_price_per_token: None,
         }
     }
 }
