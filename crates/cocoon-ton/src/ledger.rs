@@ -40,12 +40,15 @@ pub struct TonLedger {
     network: Network,
     params: NetworkParams,
     confirm_timeout: Duration,
+    /// How long a proxy contract's terms and address, once read, are taken as they were.
+    terms_ttl: Duration,
     /// One request at a time from the wallet: each takes the next seqno.
     sending: tokio::sync::Mutex<()>,
     /// Contracts' account ids by (proxy, party): each is a few cells built and hashed, and
     /// the proxy names a client's and a worker's contract in every bill.
-    /// Each name is kept with the terms it was derived from, and derived again if those change.
-    names: parking_lot::Mutex<HashMap<NameKey, (NetworkParams, Address)>>,
+    /// Each name is kept with the terms and the proxy contract it was derived from, and derived
+    /// again if either changes.
+    names: parking_lot::Mutex<HashMap<NameKey, (NetworkParams, TonAddress, Address)>>,
     /// The parameters each open proxy contract holds, as read from it, and when: a proxy's
     /// client and worker contracts are bound to these, not to the root's current ones. They
     /// change only when the proxy closes and opens again (which takes its close delay), so they
@@ -161,6 +164,7 @@ impl TonLedger {
             network,
             params: NetworkParams::default(),
             confirm_timeout: Duration::from_secs(60),
+            terms_ttl: TERMS_TTL,
             sending: tokio::sync::Mutex::new(()),
             names: parking_lot::Mutex::new(HashMap::new()),
             terms: parking_lot::Mutex::new(HashMap::new()),
@@ -201,15 +205,21 @@ impl TonLedger {
                 );
             }
         }
-        Ok(Network {
-            id,
-            workchain: root.workchain as i8,
-        })
+        // The root deploys every proxy contract, and clients and workers theirs, on the
+        // basechain, wherever the root itself lives: that is the workchain messages name.
+        Ok(Network::basechain(id))
     }
 
     /// The network this ledger's root is on.
     pub fn network(&self) -> Network {
         self.network
+    }
+
+    /// How long a proxy contract's terms and address, once read, are taken as they were before
+    /// they are read again (a minute by default).
+    pub fn with_terms_ttl(mut self, ttl: Duration) -> Self {
+        self.terms_ttl = ttl;
+        self
     }
 
     /// How long `execute` waits for the target contract's transaction before giving up (60 s by
@@ -253,7 +263,7 @@ impl TonLedger {
     /// are bound to (a later `SetParams` at the root applies only to proxies opened after it).
     async fn terms(&self, proxy: &PublicKey) -> Result<NetworkParams, LedgerError> {
         if let Some((terms, read)) = self.terms.lock().get(proxy)
-            && read.elapsed() < TERMS_TTL
+            && read.elapsed() < self.terms_ttl
         {
             return Ok(terms.clone());
         }
@@ -342,7 +352,7 @@ impl TonLedger {
     /// not know is [`LedgerError::UnknownProxy`].
     pub async fn proxy_contract(&self, proxy: &PublicKey) -> Result<TonAddress, LedgerError> {
         if let Some((at, read)) = self.proxies.lock().get(proxy)
-            && read.elapsed() < TERMS_TTL
+            && read.elapsed() < self.terms_ttl
         {
             return Ok(at.clone());
         }
@@ -412,13 +422,17 @@ impl TonLedger {
     ) -> Result<Address, LedgerError> {
         let key = (role, *proxy, *party);
         let terms = self.terms(proxy).await?;
-        if let Some((of, name)) = self.names.lock().get(&key)
+        // A name holds for the terms and the proxy contract it was derived from: after a code
+        // upgrade a proxy re-opens at another address with the same terms.
+        let at = self.proxy_contract(proxy).await?;
+        if let Some((of, from, name)) = self.names.lock().get(&key)
             && *of == terms
+            && *from == at
         {
             return Ok(*name);
         }
         let name = layout::account_id(&self.deployable(role, proxy, party, &terms).await?.address);
-        self.names.lock().insert(key, (terms, name));
+        self.names.lock().insert(key, (terms, at, name));
         Ok(name)
     }
 

@@ -90,17 +90,18 @@ impl PayoutStore {
     /// How payouts from `proxy` must name this worker's contract: the ledger's network and the
     /// contract's account (on a chain, read from the terms of the proxy's contract, hence
     /// async).
-    pub async fn contract(&self, proxy: &PublicKey) -> Result<(Network, Address), String> {
-        let ledger = self
-            .ledger
-            .as_ref()
-            .ok_or("this worker's payouts have no ledger to name its contract by")?;
+    /// Without a ledger (payouts kept, not claimed) `None`: each payout is then checked on the
+    /// network it names, with the embedded ledger's contract names.
+    pub async fn contract(&self, proxy: &PublicKey) -> Result<Option<(Network, Address)>, String> {
+        let Some(ledger) = self.ledger.as_ref() else {
+            return Ok(None);
+        };
         let network = ledger.network().await.map_err(|e| e.to_string())?;
         let address = ledger
             .worker_address(proxy, &self.worker)
             .await
             .map_err(|e| e.to_string())?;
-        Ok((network, address))
+        Ok(Some((network, address)))
     }
 
     /// Accepts `payout` from the proxy whose key is `proxy` if it is genuine, for this worker's
@@ -110,35 +111,54 @@ impl PayoutStore {
         &self,
         proxy: &PublicKey,
         payout: Payout,
-        (network, contract_named): &(Network, Address),
+        named: &Option<(Network, Address)>,
     ) -> Result<bool, String> {
         if decode_key(&payout.proxy)? != *proxy {
             return Err("the payout names another proxy than the one connected".into());
         }
         let bytes = hex::decode(&payout.message).map_err(|_| "payout is not hex".to_string())?;
-        let message = SignedMessage(bytes)
-            .verify(proxy, *network)
-            .map_err(|e| e.to_string())?;
+        let signed = SignedMessage(bytes);
+        let (network, contract_named) = match named {
+            Some((network, address)) => (*network, *address),
+            None => (
+                signed
+                    .named_network()
+                    .ok_or("the payout is not a payment message")?,
+                Address::worker(proxy, &self.worker),
+            ),
+        };
+        let message = signed.verify(proxy, network).map_err(|e| e.to_string())?;
         let PaymentMessage::PayWorker {
             tokens, contract, ..
         } = message
         else {
             return Err("not a payout message".into());
         };
-        if contract != *contract_named || tokens != payout.tokens {
+        if contract != contract_named || tokens != payout.tokens {
             return Err("the payout is for another worker's contract".into());
         }
         let mut entries = self.entries.lock();
         let entry = entries.entry(payout.proxy.clone()).or_default();
-        if tokens <= entry.latest.tokens {
+        // A kept payout signed for another network (a file kept across a move of ledger) can
+        // never be claimed here: this network's payouts replace it, whatever its counter.
+        let kept_elsewhere = hex::decode(&entry.latest.message)
+            .ok()
+            .and_then(|b| SignedMessage(b).named_network())
+            .is_some_and(|n| n != network);
+        if !kept_elsewhere && tokens <= entry.latest.tokens {
             return Ok(false);
+        }
+        let was_claimed = entry.claimed;
+        if kept_elsewhere {
+            entry.claimed = 0;
         }
         let previous = std::mem::replace(&mut entry.latest, payout);
         if let Err(e) = write_atomically(&self.path, &entries) {
-            entries
+            let entry = entries
                 .get_mut(&hex::encode(proxy))
-                .expect("inserted above")
-                .latest = previous;
+                .expect("inserted above");
+            entry.latest = previous;
+            entry.claimed = was_claimed;
             return Err(format!("cannot keep the payout: {e}"));
         }
         Ok(true)
@@ -192,6 +212,16 @@ impl PayoutStore {
             match ledger.execute(tx).await {
                 Ok(_) => claimed += 1,
                 Err(LedgerError::CounterNotIncreasing { stored, .. }) if stored >= tokens => {}
+                // Refused for good (signed for another network, a proxy that closed): the
+                // payouts of other proxies are still claimed; this one is tried again later.
+                Err(
+                    e @ (LedgerError::BadMessage(_)
+                    | LedgerError::NotOpen(_)
+                    | LedgerError::WrongContract { .. }),
+                ) => {
+                    tracing::warn!(proxy = %hex::encode(proxy), error = %e, "a kept payout is refused by the ledger");
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
             self.mark_claimed(&proxy, tokens);
@@ -257,7 +287,7 @@ mod tests {
         payout: Payout,
     ) -> Result<bool, String> {
         let contract = Address::worker(&from.public_key(), &store.worker);
-        store.offer(&from.public_key(), payout, &(NET, contract))
+        store.offer(&from.public_key(), payout, &Some((NET, contract)))
     }
 
     #[test]
@@ -302,5 +332,119 @@ mod tests {
         // What was kept survives a reopen.
         let reopened = PayoutStore::open(&path, me).unwrap();
         assert_eq!(reopened.owed()[&hex::encode(proxy.public_key())], 10);
+    }
+
+    /// REVIEW, threat 1 (the payout store is not bound to a network): the file keeps the latest
+    /// payout per proxy key only. A payout kept from a ledger on another network (the worker
+    /// moved from testnet to mainnet, or its embedded ledger was created again with a new
+    /// random id, keeping `worker-payouts.json`) is never claimable here, yet (a) `claim` stops
+    /// at its refusal (`Err(e) => return Err(e)`), so the payouts of every proxy after it in the
+    /// file are never claimed, and (b) a genuine payout of the same proxy on this network with a
+    /// lower counter is not kept (`tokens <= entry.latest.tokens`). Safe outcome: the foreign
+    /// payout is skipped (or dropped) and the others are kept and claimed.
+    #[tokio::test]
+    async fn review_a_payout_kept_for_another_network_does_not_block_this_ones() {
+        use cocoon_ledger::{EmbeddedLedger, NetworkParams};
+        let dir = tempfile::tempdir().unwrap();
+        let owner = key(1);
+        let ledger =
+            EmbeddedLedger::open_network(&dir.path().join("ledger.redb"), owner.public_key(), NET)
+                .unwrap();
+        let me = [3u8; 32];
+        // `first` sorts before `second` in the file, so its claim is tried first.
+        let (first, second) = {
+            let (a, b) = (key(8), key(9));
+            if hex::encode(a.public_key()) < hex::encode(b.public_key()) {
+                (a, b)
+            } else {
+                (b, a)
+            }
+        };
+        let tx = |sender: PublicKey, op: Op| Tx { sender, op, now: 0 };
+        for proxy in [&first, &second] {
+            ledger
+                .execute(tx(
+                    owner.public_key(),
+                    Op::RegisterProxy {
+                        key: proxy.public_key(),
+                        address: "proxy.example:8443".into(),
+                    },
+                ))
+                .await
+                .unwrap();
+            ledger
+                .execute(tx(
+                    proxy.public_key(),
+                    Op::ProxyOpen {
+                        stake: NetworkParams::default().min_proxy_stake.max(1),
+                    },
+                ))
+                .await
+                .unwrap();
+        }
+        let store = PayoutStore::open(&dir.path().join("payouts.json"), me).unwrap();
+        // Kept while the worker used another network's ledger: `first` paid it 1000 tokens there.
+        let elsewhere = Network::basechain(8);
+        let old = PaymentMessage::PayWorker {
+            query_id: 1000,
+            tokens: 1000,
+            contract: Address::worker(&first.public_key(), &me),
+        }
+        .sign(first.key_pair(), elsewhere);
+        let kept = Payout {
+            proxy: hex::encode(first.public_key()),
+            tokens: 1000,
+            message: hex::encode(&old.0),
+        };
+        let named = (elsewhere, Address::worker(&first.public_key(), &me));
+        assert_eq!(
+            store.offer(&first.public_key(), kept, &Some(named)),
+            Ok(true)
+        );
+
+        // On this network: `second` pays 50 tokens, `first` 10.
+        assert_eq!(offer(&store, &second, payout(&second, me, 50)), Ok(true));
+        let first_here = offer(&store, &first, payout(&first, me, 10));
+        let claimed = store.claim(&ledger).await;
+        let state = ledger.snapshot().await.unwrap();
+        let paid = |proxy: &cocoon_ledger::Wallet| {
+            state
+                .workers
+                .get(&Address::worker(&proxy.public_key(), &me))
+                .map_or(0, |w| w.tokens_paid)
+        };
+        assert_eq!(
+            paid(&second),
+            50,
+            "the other proxy's genuine payout was not claimed (claim returned {claimed:?})"
+        );
+        assert_eq!(
+            first_here,
+            Ok(true),
+            "a genuine payout on this network was shadowed by one kept for another"
+        );
+        assert_eq!(paid(&first), 10);
+    }
+
+    /// REVIEW (regression of the network binding): `PayoutsConfig::ledger` says payouts "are
+    /// kept but not claimed when unset", and `cocoon worker` opens a store without a ledger in
+    /// that case (cocoon-cli money.rs `worker_payouts`). `contract` now errors without a ledger,
+    /// so such a worker answers every payout with an internal error and keeps none. Safe
+    /// outcome (as documented): a genuine payout is kept, to be claimed once a ledger is set.
+    #[tokio::test]
+    async fn review_without_a_ledger_payouts_are_still_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = key(9);
+        let me = [3u8; 32];
+        let store = PayoutStore::open(&dir.path().join("payouts.json"), me).unwrap();
+        let named = store.contract(&proxy.public_key()).await;
+        assert!(
+            named.is_ok(),
+            "no contract name without a ledger: {named:?}"
+        );
+        assert_eq!(
+            store.offer(&proxy.public_key(), payout(&proxy, me, 10), &named.unwrap()),
+            Ok(true)
+        );
     }
 }

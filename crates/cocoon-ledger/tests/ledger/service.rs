@@ -203,3 +203,104 @@ async fn replayed_forged_and_malformed_transactions_are_refused() {
         .unwrap();
     assert_eq!(state.registry.models.len(), 1);
 }
+
+/// REVIEW, threat 1 (replay between two embedded ledgers of one owner): the same keys make the
+/// same contract addresses on both (an embedded address has no network in it), so only the
+/// network id tells them apart. A charge the proxy signed for ledger A and a transaction the
+/// owner signed for A are refused on B, change nothing there, and do not spend B's nonce; each
+/// applies on A. A ledger file cannot be reopened as another network. (Holds.)
+#[tokio::test]
+async fn review_two_ledgers_of_one_owner_refuse_each_others_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = wallet(1);
+    let proxy = keypair(9);
+    let client = wallet(2);
+    let open =
+        |name: &str| EmbeddedLedger::open(&dir.path().join(name), owner.public_key()).unwrap();
+    let (a, b) = (open("a.redb"), open("b.redb"));
+    let (net_a, net_b) = (a.network().await.unwrap(), b.network().await.unwrap());
+    assert_ne!(net_a, net_b, "two ledgers picked the same random id");
+    for l in [&a, &b] {
+        l.execute(tx(owner.public_key(), Op::SetParams { params: params() }))
+            .await
+            .unwrap();
+        l.execute(tx(
+            owner.public_key(),
+            Op::RegisterProxy {
+                key: public(&proxy),
+                address: "127.0.0.1:10443".into(),
+            },
+        ))
+        .await
+        .unwrap();
+        l.execute(tx(public(&proxy), Op::ProxyOpen { stake: 100 * TON }))
+            .await
+            .unwrap();
+        l.execute(tx(
+            client.public_key(),
+            Op::ClientDeposit {
+                proxy: public(&proxy),
+                amount: 20 * TON,
+            },
+        ))
+        .await
+        .unwrap();
+        l.execute(tx(
+            client.public_key(),
+            Op::ClientStake {
+                proxy: public(&proxy),
+                amount: 10 * TON,
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    let contract = cocoon_ledger::Address::client(&public(&proxy), &client.public_key());
+    let charge = cocoon_ledger::PaymentMessage::ChargeClient {
+        query_id: 1,
+        tokens_used: 1000,
+        contract,
+    }
+    .sign(&proxy, net_a);
+    let deliver = Op::Charge {
+        proxy: public(&proxy),
+        message: charge,
+    };
+    let refused = b.execute(tx(public(&proxy), deliver.clone())).await;
+    assert!(
+        matches!(&refused, Err(LedgerError::BadMessage(m)) if m.contains("signed for")),
+        "{refused:?}"
+    );
+    let used = |s: &cocoon_ledger::LedgerState| s.clients[&contract].tokens_used;
+    assert_eq!(used(&b.snapshot().await.unwrap()), 0, "B charged nothing");
+    a.execute(tx(public(&proxy), deliver)).await.unwrap();
+    assert_eq!(used(&a.snapshot().await.unwrap()), 1000);
+
+    // The owner's transaction for A, nonce 5, replayed on B: refused, nonce 5 still free on B.
+    let allow = |n: u64, net| {
+        owner.sign_with_nonce(
+            Op::AllowModel {
+                hash: "ab".repeat(32),
+            },
+            n,
+            net,
+        )
+    };
+    let got = b.execute_signed(&allow(5, net_a), 1_000);
+    assert!(
+        matches!(got, Err(LedgerError::BadTransaction(_))),
+        "{got:?}"
+    );
+    assert!(b.snapshot().await.unwrap().registry.models.is_empty());
+    b.execute_signed(&allow(5, net_b), 1_000).unwrap();
+    a.execute_signed(&allow(5, net_a), 1_000).unwrap();
+    let again = a.execute_signed(&allow(5, net_a), 1_000);
+    assert!(
+        matches!(again, Err(LedgerError::StaleNonce { .. })),
+        "{again:?}"
+    );
+    drop(a);
+    let reopened =
+        EmbeddedLedger::open_network(&dir.path().join("a.redb"), owner.public_key(), net_b);
+    assert!(matches!(reopened, Err(LedgerError::Storage(_))));
+}

@@ -671,3 +671,113 @@ async fn a_proxy_opened_with_code_this_build_does_not_know_is_refused_clearly() 
         2 * TON
     );
 }
+
+/// REVIEW, threat 4 (stale names after a proxy moves under new code): `TonLedger::name` keeps a
+/// contract's account id for as long as the proxy contract's *terms* are unchanged, but since
+/// SetCodes a proxy that closes and opens again gets the new proxy code, hence a new address,
+/// hence new client and worker contracts, under the very same terms. After the one-minute
+/// caches of the proxy's address and terms expire, a long-running client's or worker's ledger
+/// re-reads both (the new address, the same terms) and still hands out the names derived from
+/// the old, closed contract: the worker's PayoutStore then refuses every genuine payout ("for
+/// another worker's contract") and the gateway every genuine bill ("for another contract") until
+/// the process restarts. Safe outcome: a long-running ledger names what a fresh one names.
+/// (Waits out a one-second cache.)
+#[tokio::test]
+async fn names_follow_a_proxy_that_reopened_under_new_code() {
+    use cocoon_ton::layout;
+    let params = NetworkParams {
+        proxy_close_delay: 0,
+        ..NetworkParams::default()
+    };
+    // owner, proxy, client, worker, a fresh observer.
+    let seeds = [[71; 32], [72; 32], [73; 32], [74; 32], [75; 32]];
+    let net = Network::open(&params, &seeds).await;
+    let [_, proxy_key, client_key, worker_key] = net.keys();
+    // Long-running ledgers whose caches last a second, not a minute (the test waits them out).
+    let ttl = Duration::from_secs(1);
+    let (client, worker) = (
+        net.connect(2).await.with_terms_ttl(ttl),
+        net.connect(3).await.with_terms_ttl(ttl),
+    );
+    let client_before = client
+        .client_address(&proxy_key, &client_key)
+        .await
+        .unwrap();
+    let worker_before = worker
+        .worker_address(&proxy_key, &worker_key)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+
+    // The owner upgrades the proxy code (the committed code plus a `version` getter; client and
+    // worker code unchanged, so this build knows every contract); the proxy closes and reopens.
+    let v2 = cocoon_ton::code::parse_boc(include_bytes!("review_proxy_v2.boc")).unwrap();
+    let codes = layout::codes(
+        &v2,
+        &cocoon_ton::code::Contract::Client.code(),
+        &cocoon_ton::code::Contract::Worker.code(),
+    )
+    .unwrap();
+    net.send_to_root(
+        0,
+        layout::body(layout::op::SET_CODES, 0, |b| {
+            b.store_reference(&codes).map(|_| ())
+        })
+        .unwrap(),
+    )
+    .await;
+    let proxy = net.connect(1).await;
+    let old_contract = proxy.proxy_contract(&proxy_key).await.unwrap();
+    proxy.execute(tx(proxy_key, Op::ProxyClose)).await.unwrap();
+    proxy
+        .execute(tx(proxy_key, Op::ProxyFinishClose))
+        .await
+        .unwrap();
+    proxy
+        .execute(tx(proxy_key, Op::ProxyOpen { stake: 10 * TON }))
+        .await
+        .unwrap();
+    let new_contract = proxy.proxy_contract(&proxy_key).await.unwrap();
+    assert_ne!(
+        old_contract, new_contract,
+        "the reopen deployed the new code"
+    );
+    let fresh = net.connect(4).await;
+    let client_now = fresh.client_address(&proxy_key, &client_key).await.unwrap();
+    let worker_now = fresh.worker_address(&proxy_key, &worker_key).await.unwrap();
+    assert_ne!(client_now, client_before);
+    assert_ne!(worker_now, worker_before);
+    assert_eq!(
+        proxy.client_address(&proxy_key, &client_key).await.unwrap(),
+        client_now,
+        "the proxy's own process names afresh after its open"
+    );
+
+    // Wait out the caches: the long-running ledgers re-read the proxy's address.
+    if let Some(left) = (ttl + Duration::from_millis(100)).checked_sub(started.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    assert_eq!(
+        client.proxy_contract(&proxy_key).await.unwrap(),
+        new_contract,
+        "the client's ledger re-read the proxy's address"
+    );
+    let (worker_named, client_named) = (
+        worker
+            .worker_address(&proxy_key, &worker_key)
+            .await
+            .unwrap(),
+        client
+            .client_address(&proxy_key, &client_key)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (worker_named, client_named),
+        (worker_now, client_now),
+        "the long-running worker's and client's ledgers still name their contracts with the \
+         closed proxy (the names from before the reopen: {}, {})",
+        worker_named == worker_before,
+        client_named == client_before
+    );
+}
