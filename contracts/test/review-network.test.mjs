@@ -2,93 +2,19 @@
 // in the reference emulator. Each test names the threat it tries; one is a known limit (`todo`).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import fs from "node:fs";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
 import { Blockchain } from "@ton/sandbox";
 import { Cell, beginCell, contractAddress, external, internal, storeOutList, toNano } from "@ton/core";
 import { sign } from "@ton/crypto";
-import { runTolkCompiler } from "@ton/tolk-js";
 import * as c from "./cocoon.mjs";
 import { spec } from "./run.mjs";
+import { GAS, STAKE, TON, compile, network as chain, upgraded } from "./root-harness.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const TON = 1_000_000_000n;
-const STAKE = 10n * TON;
-const GAS = toNano("0.1");
 const params = spec.params;
 
-// `name`.tolk with a `version` get-method appended (as upgrades.test.mjs): same behaviour,
-// another code hash.
-async function upgraded(name) {
-  const result = await runTolkCompiler({
-    entrypointFileName: `${name}.tolk`,
-    fsReadCallback: (p) => {
-      const text = fs.readFileSync(path.join(here, "..", "src", p), "utf-8");
-      return p === `${name}.tolk` ? `${text}\nget fun version(): int { return 2; }\n` : text;
-    },
-  });
-  assert.equal(result.status, "ok", result.message);
-  return Cell.fromBoc(Buffer.from(result.codeBoc64, "base64"))[0];
-}
-
 // A contract that refuses every message (what a mistaken SetCodes might hand new proxies).
-async function refusing() {
-  const result = await runTolkCompiler({
-    entrypointFileName: "refusing.tolk",
-    fsReadCallback: () => "fun onInternalMessage(in: InMessage) { throw 999; }\n",
-  });
-  assert.equal(result.status, "ok", result.message);
-  return Cell.fromBoc(Buffer.from(result.codeBoc64, "base64"))[0];
-}
+const refusing = () => compile("refusing.tolk", () => "fun onInternalMessage(in: InMessage) { throw 999; }\n");
 
-async function network() {
-  const chain = await Blockchain.create();
-  chain.now = 1700000000;
-  const names = ["owner", "proxy", "client", "worker", "stranger"];
-  const p = Object.fromEntries(names.map((n, i) => [n, c.party(i + 1)]));
-  const fund = await chain.treasury("fund");
-  for (const w of Object.values(p)) await fund.send({ to: w.address, value: toNano("1000"), bounce: false });
-  const root = c.rootInit(p.owner.address, params);
-  const wallets = Object.values(p);
-  // Sends one message from `from`'s wallet; the exit codes of the contracts' transactions
-  // (wallets' left out), in order, as [address, code].
-  async function sendAt(from, to, body, { value = GAS, init } = {}) {
-    const w = p[from];
-    const request = c.walletRequest(w, [{ to, value, body, init, bounce: true }], chain.now + 60);
-    const result = await chain.sendMessage(external({ to: w.address, init: w.seqno === 0 ? w.init : undefined, body: request }));
-    w.seqno += 1;
-    return result.transactions
-      .filter((t) => !wallets.some((x) => t.inMessage?.info?.dest?.equals?.(x.address)))
-      .map((t) => (t.description.computePhase.type === "vm" ? t.description.computePhase.exitCode : "skipped"));
-  }
-  const ints = async (at, method, args = []) =>
-    (await chain.runGetMethod(at, method, args)).stack.map((e) => BigInt(e.value));
-  const op = (code) => c.body.op(code, 0);
-  const balance = async (a) => (await chain.getContract(a)).balance;
-  const x = {
-    chain, p, root, send: sendAt, ints, balance,
-    deploy: () => sendAt("owner", root.address, beginCell().endCell(), { value: toNano("1"), init: root.init }),
-    register: (who, wallet = p[who].address) => sendAt("owner", root.address, op(c.OP.registerProxy).storeUint(p[who].key, 256).storeAddress(wallet)
-      .storeRef(beginCell().storeStringTail("proxy.example:8443").endCell()).endCell()),
-    unregister: (who) => sendAt("owner", root.address, op(c.OP.unregisterProxy).storeUint(p[who].key, 256).endCell()),
-    open: (who) => sendAt(who, root.address, op(c.OP.openProxy).storeUint(p[who].key, 256).storeCoins(STAKE).endCell(), { value: STAKE + GAS }),
-    setCodes: (from, codes) => sendAt(from, root.address, op(c.OP.setCodes).storeRef(codes).endCell()),
-    upgradeRoot: (from, code) => sendAt(from, root.address, op(c.OP.upgradeRoot).storeRef(code).endCell()),
-    proxyAt: async (who) => {
-      const [account] = await ints(root.address, "proxy_account", [{ type: "int", value: p[who].key }]);
-      return new (root.address.constructor)(0, Buffer.from(account.toString(16).padStart(64, "0"), "hex"));
-    },
-    status: async (who) => (await ints(root.address, "proxy_status", [{ type: "int", value: p[who].key }]))[0],
-    close: async (who, at) => {
-      const a = await sendAt(who, at, op(c.OP.proxyClose).endCell());
-      chain.now += params.proxy_close_delay;
-      const b = await sendAt(who, at, op(c.OP.proxyFinishClose).endCell());
-      return [...a, ...b];
-    },
-  };
-  return x;
-}
+const network = () => chain(["owner", "proxy", "client", "worker", "stranger"]);
 
 /// Threat 3 (forged ProxyClosed): a stranger deploys the genuine proxy code with crafted data
 /// (itself as owner, the victim's key, the real root, state CLOSING) and finishes its close, so
