@@ -1,6 +1,8 @@
 // Compiles every contract in src/ with the pinned Tolk compiler and writes build/NAME.boc
-// (the code cell) and build/hashes.json (code hashes and the compiler version). With --check it
-// writes nothing and fails if a recompile would change any committed file.
+// (the code cell) and build/hashes.json (code hashes and the compiler version), and the code
+// the upgrade tests install (build/fixtures/: the root and the proxy with a `version` getter
+// added, and a contract that refuses every message). With --check it writes nothing and fails
+// if a recompile would change any committed file.
 import { runTolkCompiler, getTolkCompilerVersion } from "@ton/tolk-js";
 import fs from "node:fs";
 import path from "node:path";
@@ -26,6 +28,30 @@ for (const name of contracts) {
   hashes.code[name] = result.codeHashHex.toLowerCase();
 }
 outputs["hashes.json"] = Buffer.from(JSON.stringify(hashes, null, 2) + "\n");
+
+// Test fixtures: not deployed by anything but the tests (scenarios `upgrades`, both TVMs).
+const fixtures = {
+  "root-v2": ["root.tolk", "\nget fun version(): int { return 2; }\n"],
+  "proxy-v2": ["proxy.tolk", "\nget fun version(): int { return 2; }\n"],
+  refusing: ["refusing.tolk", null],
+};
+if (!process.env.ONLY) {
+  for (const [name, [entry, suffix]] of Object.entries(fixtures)) {
+    const result = await runTolkCompiler({
+      entrypointFileName: entry,
+      fsReadCallback: (p) => {
+        if (suffix === null) return "fun onInternalMessage(in: InMessage) { throw 999; }\n";
+        const text = fs.readFileSync(path.join(root, "src", p), "utf-8");
+        return p === entry ? text + suffix : text;
+      },
+    });
+    if (result.status === "error") {
+      console.error(`fixture ${name}: ${result.message}`);
+      process.exit(1);
+    }
+    outputs[`fixtures/${name}.boc`] = Buffer.from(result.codeBoc64, "base64");
+  }
+}
 
 let stale = [];
 for (const [file, bytes] of Object.entries(outputs)) {

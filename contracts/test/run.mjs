@@ -9,7 +9,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Blockchain } from "@ton/sandbox";
-import { beginCell, external, toNano } from "@ton/core";
+import { Cell, beginCell, external, toNano } from "@ton/core";
 import * as c from "./cocoon.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -17,6 +17,14 @@ export const spec = JSON.parse(fs.readFileSync(path.join(here, "scenarios.json")
 const START = 1700000000;
 const GAS = toNano("0.1");
 const NAMES = ["owner", "proxy", "client", "client2", "worker", "stranger"];
+
+// Code a step installs: the committed contract, or a fixture the build writes (`v2`: the
+// committed source plus a `version` getter; `refusing`: refuses every message).
+function fixture(name, contract) {
+  if (name === "committed") return c.code[contract];
+  const file = name === "refusing" ? "refusing.boc" : `${contract}-${name}.boc`;
+  return Cell.fromBoc(fs.readFileSync(path.join(here, "..", "build", "fixtures", file)))[0];
+}
 
 export async function runScenario(steps) {
   const chain = await Blockchain.create();
@@ -28,7 +36,17 @@ export async function runScenario(steps) {
 
   const params = spec.params;
   const root = c.rootInit(p.owner.address, params);
-  const proxy = c.proxyAddress(root.address, p.proxy.address, p.proxy.key);
+  // Where the proxy's contract is, as the root reports it (`proxy_account`), as the TON backend
+  // reads it: after a code upgrade a proxy re-opens at another address.
+  let proxy = c.proxyAddress(root.address, p.proxy.address, p.proxy.key);
+  async function readProxy() {
+    try {
+      const [account] = (await chain.runGetMethod(root.address, "proxy_account", [{ type: "int", value: p.proxy.key }])).stack;
+      return new (root.address.constructor)(0, Buffer.from(BigInt(account.value).toString(16).padStart(64, "0"), "hex"));
+    } catch {
+      return proxy; // no root, or the key is not registered yet
+    }
+  }
   // Client and worker contracts are bound to the terms the proxy contract holds (its
   // get_params), which may differ from the root's after a SetParams and a re-open: read them as
   // the TON backend does, before each step.
@@ -56,6 +74,8 @@ export async function runScenario(steps) {
     return result.transactions;
   }
 
+  const answers = (a, method) => chain.runGetMethod(a, method, []).then(() => true, () => false);
+
   // What a contract holds beyond what its records book, in milliton: after every operation it
   // should be only the storage reserve (the excess of each message goes back to its sender).
   async function spare(a, booked) {
@@ -76,7 +96,9 @@ export async function runScenario(steps) {
       const who = (h) => NAMES.findIndex((n) => BigInt("0x" + p[n].address.hash.toString("hex")) === h);
       out.root = [...status, ...model, who(owners[0]), who(owners[1])];
     }
-    if (await active(proxy)) {
+    // A contract whose code has no get_proxy (one that refuses every message) is not a proxy
+    // contract to report.
+    if (await active(proxy) && await answers(proxy, "get_proxy")) {
       const v = await ints(proxy, "get_proxy");
       out.proxy = [...v, await spare(proxy, v[2] + v[3] + v[4])];
     }
@@ -109,7 +131,7 @@ export async function runScenario(steps) {
       if (await active(ca)) { out.clientOf[n] = await ints(ca, "get_client"); out.balance["client:" + n] = await bal(ca); }
       if (await active(wa)) { out.workerOf[n] = await ints(wa, "get_worker"); out.balance["worker:" + n] = await bal(wa); }
     }
-    if (await active(proxy)) { out.proxy = await ints(proxy, "get_proxy"); out.balance.proxy = await bal(proxy); }
+    if (await active(proxy) && await answers(proxy, "get_proxy")) { out.proxy = await ints(proxy, "get_proxy"); out.balance.proxy = await bal(proxy); }
     out.balance.root = await bal(root.address);
     return out;
   }
@@ -133,6 +155,9 @@ export async function runScenario(steps) {
       case "propose_owner": return m(s.from, root.address, GAS, op(c.OP.proposeOwner).storeAddress(p[s.to].address).endCell());
       case "accept_owner": return m(s.from, root.address, GAS, op(c.OP.acceptOwner).endCell());
       case "unregister_proxy": return m(s.from, root.address, GAS, op(c.OP.unregisterProxy).storeUint(p[s.proxy].key, 256).endCell());
+      case "set_codes":
+        return m(s.from, root.address, GAS, op(c.OP.setCodes).storeRef(c.codesCell(fixture(s.proxy_code ?? "committed", "proxy"))).endCell());
+      case "upgrade_root": return m(s.from, root.address, GAS, op(c.OP.upgradeRoot).storeRef(fixture(s.code, "root")).endCell());
       case "proxy_add_stake": return m("proxy", proxy, BigInt(s.amount) + GAS, op(c.OP.proxyAddStake).storeCoins(s.amount).endCell());
       case "register_proxy":
         return m(s.from, root.address, GAS, op(c.OP.registerProxy).storeUint(p[s.proxy].key, 256).storeAddress(p[s.proxy].address)
@@ -182,6 +207,7 @@ export async function runScenario(steps) {
 
   const results = [];
   for (const s of steps) {
+    proxy = await readProxy();
     terms = await readTerms();
     let txs = [];
     if (s.do === "advance") {
@@ -204,6 +230,7 @@ export async function runScenario(steps) {
       if (d.actionPhase && d.actionPhase.resultCode !== 0) code = `action ${d.actionPhase.resultCode}`;
       exits.push(code);
     }
+    proxy = await readProxy();
     terms = await readTerms();
     results.push({ step: s.do + (s.label ? ` (${s.label})` : ""), exits, state: await state(), fees: fees.toString(), view: await view(), txs });
   }

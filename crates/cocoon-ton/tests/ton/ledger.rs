@@ -711,7 +711,10 @@ async fn names_follow_a_proxy_that_reopened_under_new_code() {
 
     // The owner upgrades the proxy code (the committed code plus a `version` getter; client and
     // worker code unchanged, so this build knows every contract); the proxy closes and reopens.
-    let v2 = cocoon_ton::code::parse_boc(include_bytes!("review_proxy_v2.boc")).unwrap();
+    let v2 = cocoon_ton::code::parse_boc(include_bytes!(
+        "../../../../contracts/build/fixtures/proxy-v2.boc"
+    ))
+    .unwrap();
     let codes = layout::codes(
         &v2,
         &cocoon_ton::code::Contract::Client.code(),

@@ -115,6 +115,23 @@ impl Run {
         .unwrap()
     }
 
+    /// The proxy contract as the root reports it (`proxy_account`), as the TON backend reads
+    /// it: after a code upgrade a proxy re-opens at another address.
+    fn read_proxy(&mut self) {
+        let key = self.parties["proxy"].wallet.public_key();
+        let key = BigInt::from_bytes_be(num_bigint::Sign::Plus, &key);
+        if let Ok(v) = self
+            .chain
+            .get(&hash(&self.root.address), "proxy_account", &[key])
+            && let [account] = v.as_slice()
+        {
+            let (_, bytes) = account.to_bytes_be();
+            let mut id = [0u8; 32];
+            id[32 - bytes.len()..].copy_from_slice(&bytes);
+            self.proxy = TonAddress::new(0, id.into());
+        }
+    }
+
     fn read_terms(&mut self) {
         let names = [
             "price_per_token",
@@ -222,7 +239,11 @@ impl Run {
             figures.push(json!(((held - books) as f64 / 1e6).round() as i64));
             v
         };
-        if self.chain.is_active(&hash(&self.proxy)) {
+        // A contract whose code has no `get_proxy` (one that refuses every message) is not a
+        // proxy contract to report.
+        if self.chain.is_active(&hash(&self.proxy))
+            && self.chain.get(&hash(&self.proxy), "get_proxy", &[]).is_ok()
+        {
             out.insert(
                 "proxy".into(),
                 with_spare(&self.proxy, "get_proxy", &[2, 3, 4]),
@@ -256,6 +277,24 @@ fn s<'a>(step: &'a Value, key: &str) -> &'a str {
 
 fn hash256(hex: &str) -> num_bigint::BigUint {
     num_bigint::BigUint::parse_bytes(hex.as_bytes(), 16).unwrap()
+}
+
+/// Code a step installs: the committed `contract`, or a fixture the contracts' build writes
+/// (`v2`: the committed source plus a `version` getter; `refusing`: refuses every message).
+fn code(name: &str, contract: Contract) -> ArcCell {
+    match name {
+        "committed" => contract.code(),
+        "v2" => {
+            let file = format!("build/fixtures/{}-v2.boc", contract.name());
+            cocoon_ton::code::parse_boc(&std::fs::read(contracts_dir().join(file)).unwrap())
+                .unwrap()
+        }
+        "refusing" => cocoon_ton::code::parse_boc(
+            &std::fs::read(contracts_dir().join("build/fixtures/refusing.boc")).unwrap(),
+        )
+        .unwrap(),
+        other => panic!("no code named {other}"),
+    }
 }
 
 /// The message a step sends, and the party whose wallet sends it.
@@ -315,6 +354,30 @@ fn message(run: &Run, step: &Value, qid: u64) -> (&'static str, Outgoing) {
             let h = hash256(s(step, "hash"));
             let body =
                 layout::body(op::ALLOW_MODEL, qid, |b| b.store_uint(256, &h).map(|_| ())).unwrap();
+            out(s(step, "from"), &root, GAS, body, None)
+        }
+        "set_codes" => {
+            let codes = layout::codes(
+                &code(
+                    step["proxy_code"].as_str().unwrap_or("committed"),
+                    Contract::Proxy,
+                ),
+                &Contract::Client.code(),
+                &Contract::Worker.code(),
+            )
+            .unwrap();
+            let body = layout::body(op::SET_CODES, qid, |b| {
+                b.store_reference(&codes).map(|_| ())
+            })
+            .unwrap();
+            out(s(step, "from"), &root, GAS, body, None)
+        }
+        "upgrade_root" => {
+            let new = code(s(step, "code"), Contract::Root);
+            let body = layout::body(op::UPGRADE_ROOT, qid, |b| {
+                b.store_reference(&new).map(|_| ())
+            })
+            .unwrap();
             out(s(step, "from"), &root, GAS, body, None)
         }
         kind @ ("propose_owner" | "accept_owner" | "revoke_model" | "unregister_proxy") => {
@@ -537,6 +600,7 @@ impl Scenario {
         let qid = self.steps;
         self.steps += 1;
         let run = &mut self.run;
+        run.read_proxy();
         run.read_terms();
         let txs = if s(step, "do") == "advance" {
             run.chain.now += step["seconds"].as_u64().unwrap() as u32;
@@ -570,6 +634,7 @@ impl Scenario {
             .as_str()
             .map(|l| format!(" ({l})"))
             .unwrap_or_default();
+        run.read_proxy();
         run.read_terms();
         json!({ "step": format!("{}{label}", s(step, "do")), "exits": exits, "state": run.state() })
     }
