@@ -1,7 +1,7 @@
 // Compiles every contract in src/ with the pinned Tolk compiler and writes build/NAME.boc
 // (the code cell) and build/hashes.json (code hashes and the compiler version), and the code
-// the upgrade tests install (build/fixtures/: the root and the proxy with a `version` getter
-// added, and a contract that refuses every message). With --check it writes nothing and fails
+// the upgrade tests install (build/fixtures/: root, proxy, client and worker with a `version`
+// getter added, and a contract that refuses every message). With --check it writes nothing and fails
 // if a recompile would change any committed file.
 import { runTolkCompiler, getTolkCompilerVersion } from "@ton/tolk-js";
 import fs from "node:fs";
@@ -33,6 +33,8 @@ outputs["hashes.json"] = Buffer.from(JSON.stringify(hashes, null, 2) + "\n");
 const fixtures = {
   "root-v2": ["root.tolk", "\nget fun version(): int { return 2; }\n"],
   "proxy-v2": ["proxy.tolk", "\nget fun version(): int { return 2; }\n"],
+  "client-v2": ["client.tolk", "\nget fun version(): int { return 2; }\n"],
+  "worker-v2": ["worker.tolk", "\nget fun version(): int { return 2; }\n"],
   refusing: ["refusing.tolk", null],
 };
 if (!process.env.ONLY) {

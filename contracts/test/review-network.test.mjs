@@ -7,12 +7,10 @@ import { Cell, beginCell, contractAddress, external, internal, storeOutList, toN
 import { sign } from "@ton/crypto";
 import * as c from "./cocoon.mjs";
 import { spec } from "./run.mjs";
-import { GAS, STAKE, TON, compile, network as chain, upgraded } from "./root-harness.mjs";
+import { GAS, STAKE, TON, network as chain, refusing, upgraded } from "./root-harness.mjs";
 
 const params = spec.params;
 
-// A contract that refuses every message (what a mistaken SetCodes might hand new proxies).
-const refusing = () => compile("refusing.tolk", () => "fun onInternalMessage(in: InMessage) { throw 999; }\n");
 
 const network = () => chain(["owner", "proxy", "client", "worker", "stranger"]);
 

@@ -1,13 +1,12 @@
 // A small harness for tests of the root's governance and code upgrades in the reference
 // emulator: parties with funded wallets, the root's operations as one-message wallet requests,
-// and contracts compiled on the fly (the committed sources plus a `version` get-method).
-import assert from "node:assert/strict";
+// and the upgraded code the contracts' build writes (build/fixtures: the committed sources plus
+// a `version` get-method, and a contract that refuses every message).
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Blockchain } from "@ton/sandbox";
 import { Cell, beginCell, external, toNano } from "@ton/core";
-import { runTolkCompiler } from "@ton/tolk-js";
 import * as c from "./cocoon.mjs";
 import { spec } from "./run.mjs";
 
@@ -16,19 +15,16 @@ export const TON = 1_000_000_000n;
 export const STAKE = 10n * TON;
 export const GAS = toNano("0.1");
 
-// Compiles `entry` with `read` supplying the sources.
-export async function compile(entry, read) {
-  const result = await runTolkCompiler({ entrypointFileName: entry, fsReadCallback: read });
-  assert.equal(result.status, "ok", result.message);
-  return Cell.fromBoc(Buffer.from(result.codeBoc64, "base64"))[0];
-}
+const fixture = (file) => Cell.fromBoc(fs.readFileSync(path.join(here, "..", "build", "fixtures", file)))[0];
 
 // `name`.tolk with a `version` get-method appended: the same contract, told apart by code hash.
-export function upgraded(name) {
-  return compile(`${name}.tolk`, (p) => {
-    const text = fs.readFileSync(path.join(here, "..", "src", p), "utf-8");
-    return p === `${name}.tolk` ? `${text}\nget fun version(): int { return 2; }\n` : text;
-  });
+export async function upgraded(name) {
+  return fixture(`${name}-v2.boc`);
+}
+
+// A contract that refuses every message (what a mistaken SetCodes might hand new proxies).
+export async function refusing() {
+  return fixture("refusing.boc");
 }
 
 export const hashOf = (cell) => BigInt("0x" + cell.hash().toString("hex"));
