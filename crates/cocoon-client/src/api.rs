@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bill::{self, BillRecord, Parties};
 use crate::config::ClientConfig;
+use crate::guard::{self, Guard, KeyUse};
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
 use crate::pool::ProxyPool;
 
@@ -49,6 +50,8 @@ struct AppState {
     bills: Arc<BillRecord>,
     /// `[payments] max_price_per_token`: the most paid per weighted token.
     max_price_per_token: Option<u64>,
+    /// `max_answer_bytes`: the most text gathered for an answer that is not streamed.
+    max_answer_bytes: usize,
 }
 
 /// An error answered in OpenAI's shape.
@@ -172,7 +175,15 @@ impl Gateway {
             attestation,
             bills,
             max_price_per_token: config.payments.max_price_per_token,
+            max_answer_bytes: config.max_answer_bytes,
         });
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let guard = Arc::new(Guard::new(
+            &config.access,
+            listener.local_addr().map_err(anyhow::Error::from)?,
+        )?);
         let router = Router::new()
             .route("/v1/models", get(list_models))
             .route("/v1/models/{model}", get(get_model))
@@ -183,10 +194,8 @@ impl Gateway {
             .fallback(unknown_route)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .layer(axum::middleware::from_fn_with_state(guard, guard::check))
             .with_state(state);
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         Ok(Self { listener, router })
     }
 
@@ -362,13 +371,15 @@ impl EndpointRequest for CompletionRequest {
 
 async fn generation<R: EndpointRequest>(
     State(state): State<Arc<AppState>>,
+    key: Option<axum::Extension<Arc<KeyUse>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
         let req: R = parse_body(body)?;
         let (stream, include_usage) = (req.common().stream, req.common().include_usage());
         let generate = req.into_generate()?;
-        answer(&state, generate, R::ENDPOINT, stream, include_usage).await
+        let key = key.map(|axum::Extension(k)| k);
+        answer(&state, generate, R::ENDPOINT, stream, include_usage, key).await
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -393,6 +404,7 @@ async fn answer(
     endpoint: Endpoint,
     stream: bool,
     include_usage: bool,
+    key: Option<Arc<KeyUse>>,
 ) -> Result<Response, ApiError> {
     let model = request.model.clone();
     // The gateway's own price cap goes out with the request, so proxies route within it.
@@ -440,6 +452,7 @@ async fn answer(
         expects_bill: state.ledger.is_some(),
         record: state.bills.clone(),
         ticket,
+        key,
     };
     let meta = sse::Meta {
         id: new_id(endpoint),
@@ -454,7 +467,18 @@ async fn answer(
     let mut text = String::new();
     let (finish, usage, billing): (FinishReason, Usage, Option<Billing>) = loop {
         match events.next().await {
-            Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => text.push_str(&t),
+            Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => {
+                // A worker must not be able to fill the gateway's memory with one answer.
+                if text.len() + t.len() > state.max_answer_bytes {
+                    return Err(ProtocolError::internal(format!(
+                        "the answer is longer than this gateway gathers for a request without \
+                         streaming ({} bytes, max_answer_bytes): ask with \"stream\": true",
+                        state.max_answer_bytes
+                    ))
+                    .into());
+                }
+                text.push_str(&t)
+            }
             Some(Ok((
                 GenerateEvent::Done {
                     finish_reason,

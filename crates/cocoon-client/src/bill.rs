@@ -524,6 +524,8 @@ pub(crate) struct Parties {
     pub record: Arc<BillRecord>,
     /// The request's place among this contract's requests in flight (with a ledger).
     pub ticket: Option<Arc<Ticket>>,
+    /// The API key the request came with, whose daily use the answer counts to.
+    pub key: Option<Arc<crate::guard::KeyUse>>,
 }
 
 impl Parties {
@@ -642,6 +644,9 @@ impl Parties {
         bill: Option<&Billing>,
         usage: Usage,
     ) -> Option<Result<(), String>> {
+        if let Some(key) = &self.key {
+            key.spend(u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens));
+        }
         let verdict = match bill {
             Some(bill) => match self.check_bill(bill, usage) {
                 // The owner may have changed the prices since they were read: an honest bill
@@ -703,6 +708,7 @@ mod tests {
             expects_bill: true,
             record: Arc::new(BillRecord::new(params, 3)),
             ticket: None,
+            key: None,
         }
     }
 

@@ -19,6 +19,12 @@ pub struct ClientConfig {
     pub key_file: Option<PathBuf>,
     /// Largest request body accepted from apps, in bytes.
     pub max_body_bytes: usize,
+    /// Largest answer text gathered for a request without `stream` (a streamed answer is
+    /// passed on as it comes and holds nothing); a longer one ends in an error.
+    pub max_answer_bytes: usize,
+    /// Who may use the API: API keys and their daily limits, the host names and browser
+    /// origins it answers to.
+    pub access: crate::guard::AccessConfig,
     /// How this client proves what it runs, for proxies that require it.
     pub attester: AttesterConfig,
     /// Which proxies get prompts: a pinned key (the fingerprint `cocoon proxy` prints) and/or
@@ -81,6 +87,8 @@ impl Default for ClientConfig {
             fallback_proxies: Vec::new(),
             key_file: None,
             max_body_bytes: 4 << 20,
+            max_answer_bytes: 16 << 20,
+            access: crate::guard::AccessConfig::default(),
             attester: AttesterConfig::default(),
             proxy_policy: PeerPolicy::default(),
             payments: ClientPayments::default(),

@@ -11,11 +11,13 @@ mod api;
 mod bill;
 pub mod chunks;
 mod config;
+mod guard;
 mod link;
 pub mod openai;
 mod pool;
 
 pub use api::Gateway;
 pub use config::{ClientConfig, ClientPayments};
+pub use guard::{AccessConfig, ApiKey};
 pub use link::ProxyLink;
 pub use pool::{ProxyPool, ProxyState};

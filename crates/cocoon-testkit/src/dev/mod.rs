@@ -54,6 +54,11 @@ pub struct DevOptions {
     pub routing: RoutingConfig,
     /// The prices of worker `i` (the network's floor for those not listed).
     pub worker_prices: Vec<PriceConfig>,
+    /// Who may use the gateway: API keys, host names, browser origins (none of them by
+    /// default: a loopback gateway for the machine's own apps).
+    pub gateway_access: cocoon_client::AccessConfig,
+    /// The most answer text the gateway gathers for a request without streaming.
+    pub gateway_max_answer_bytes: usize,
 }
 
 impl Default for DevOptions {
@@ -68,6 +73,8 @@ impl Default for DevOptions {
             limits: LimitsConfig::default(),
             routing: RoutingConfig::default(),
             worker_prices: Vec::new(),
+            gateway_access: cocoon_client::AccessConfig::default(),
+            gateway_max_answer_bytes: ClientConfig::default().max_answer_bytes,
         }
     }
 }
@@ -202,6 +209,8 @@ impl DevNetwork {
                     bill_file: dev_dir.path().join("client-bills.json"),
                     ..ClientPayments::default()
                 },
+                access: options.gateway_access.clone(),
+                max_answer_bytes: options.gateway_max_answer_bytes,
                 ..ClientConfig::default()
             },
             keys::LEDGERS,
@@ -461,8 +470,19 @@ impl DevNetwork {
         let http = reqwest::Client::new();
         let url = format!("{}/models", self.gateway_url());
         let deadline = tokio::time::Instant::now() + timeout;
+        // A gateway with API keys answers its own network's tests with the first one.
+        let key = self
+            .options
+            .gateway_access
+            .keys
+            .first()
+            .and_then(|k| k.key.clone());
         loop {
-            if let Ok(r) = http.get(&url).send().await
+            let mut get = http.get(&url);
+            if let Some(key) = &key {
+                get = get.bearer_auth(key);
+            }
+            if let Ok(r) = get.send().await
                 && let Ok(v) = r.json::<serde_json::Value>().await
             {
                 let total: u64 = v["data"]
