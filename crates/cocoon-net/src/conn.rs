@@ -19,7 +19,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings on idle connections, so a vanished peer is noticed even without traffic.
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
+const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Cocoon's requests carry a handful of short headers; a peer sending more is up to no good.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 

@@ -32,7 +32,8 @@ pub struct LimitsConfig {
     /// Largest `max_tokens` a request may ask for. Unset, the model's context window is the
     /// bound (and a request beyond it gets the worker's `context_length_exceeded`).
     pub max_tokens: Option<u32>,
-    /// Open connections from one IP address.
+    /// Open connections from one IP address (an IPv4 address, or an IPv6 /64: one host
+    /// holds a whole /64, so per address its holder would have no limit).
     pub connections_per_ip: u32,
     /// A connection must finish its TLS handshake within this time (slow-loris, half-open).
     pub handshake_timeout_secs: u64,
@@ -42,6 +43,13 @@ pub struct LimitsConfig {
     pub body_timeout_secs: u64,
     /// A worker must start its answer, and send each next event, within this time.
     pub worker_timeout_secs: u64,
+    /// The largest context a worker may announce for a model, in tokens: a request without
+    /// `max_tokens` is reserved for the whole context, so an absurd announcement would turn
+    /// every such request into a refusal. An offer beyond it is refused when the worker joins.
+    pub max_context_length: u32,
+    /// The highest price a worker may announce, in multiples of the network's floor price;
+    /// an offer beyond it is refused when the worker joins (without payments: not checked).
+    pub max_price_floors: u64,
 }
 
 impl Default for LimitsConfig {
@@ -56,6 +64,8 @@ impl Default for LimitsConfig {
             idle_timeout_secs: 300,
             body_timeout_secs: 30,
             worker_timeout_secs: 120,
+            max_context_length: 1 << 20,
+            max_price_floors: 100,
         }
     }
 }
@@ -76,6 +86,8 @@ impl LimitsConfig {
             ("idle_timeout_secs", self.idle_timeout_secs),
             ("body_timeout_secs", self.body_timeout_secs),
             ("worker_timeout_secs", self.worker_timeout_secs),
+            ("max_context_length", u64::from(self.max_context_length)),
+            ("max_price_floors", self.max_price_floors),
         ] {
             anyhow::ensure!(value > 0, "[limits] {name} must be at least 1");
         }
@@ -129,6 +141,22 @@ pub(crate) struct Limiter {
     ips: Mutex<HashMap<IpAddr, u32>>,
 }
 
+/// The address connection caps count by: IPv4 addresses as they are (IPv4-mapped IPv6 too),
+/// IPv6 addresses by their /64.
+fn group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(octets.into())
+            }
+        },
+    }
+}
+
 impl Limiter {
     pub(crate) fn new(config: LimitsConfig) -> Arc<Self> {
         Arc::new(Self {
@@ -144,11 +172,18 @@ impl Limiter {
 
     /// Admits one generation request from `client`, or says when to try again. The permit
     /// counts the request as in flight until dropped.
+    #[cfg(test)]
     pub(crate) fn admit(
         self: &Arc<Self>,
         client: [u8; 32],
         request: &GenerateRequest,
     ) -> Result<RequestPermit, ProtocolError> {
+        self.check(request)?;
+        self.permit(client)
+    }
+
+    /// Refuses a request asking for more than this proxy allows.
+    pub(crate) fn check(&self, request: &GenerateRequest) -> Result<(), ProtocolError> {
         if let (Some(asked), Some(limit)) = (request.params.max_tokens, self.config.max_tokens)
             && asked > limit
         {
@@ -156,6 +191,16 @@ impl Limiter {
                 "max_tokens {asked} is above this proxy's limit of {limit}"
             )));
         }
+        Ok(())
+    }
+
+    /// Takes a request slot for `client` (its rate and its requests in flight), or says when to
+    /// try again; taken before the request's body is read, so a client over its limits costs
+    /// no body read. The permit counts the request as in flight until dropped.
+    pub(crate) fn permit(
+        self: &Arc<Self>,
+        client: [u8; 32],
+    ) -> Result<RequestPermit, ProtocolError> {
         let rate = self.config.requests_per_second;
         let burst = f64::from(self.config.burst);
         let now = Instant::now();
@@ -200,6 +245,7 @@ impl Limiter {
     /// Counts one more connection from `ip`, or refuses it when that address holds its
     /// share already.
     pub(crate) fn connect(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionPermit> {
+        let ip = group(ip);
         let mut ips = self.ips.lock();
         let open = ips.entry(ip).or_insert(0);
         if *open >= self.config.connections_per_ip {
@@ -210,6 +256,42 @@ impl Limiter {
             limiter: self.clone(),
             ip,
         })
+    }
+
+    /// What this proxy takes of a joining worker's `cards`: offers within `max_context_length`
+    /// and, with payments (`floor`, the network's floor price), within `max_price_floors`
+    /// floors; and why each other one is refused.
+    pub(crate) fn offers(
+        &self,
+        cards: &[cocoon_protocol::ModelCard],
+        floor: Option<u64>,
+    ) -> (Vec<crate::market::Offer>, Vec<String>) {
+        let max_price = floor.map(|f| f.saturating_mul(self.config.max_price_floors));
+        let mut refused = Vec::new();
+        let offers = cards
+            .iter()
+            .filter(|card| {
+                if card.context_length > self.config.max_context_length {
+                    refused.push(format!(
+                        "{}: a context of {} tokens is above [limits] max_context_length {}",
+                        card.id, card.context_length, self.config.max_context_length
+                    ));
+                    return false;
+                }
+                if let Some(max) = max_price
+                    && card.min_price > max
+                {
+                    refused.push(format!(
+                        "{}: the price {} is above [limits] max_price_floors ({max})",
+                        card.id, card.min_price
+                    ));
+                    return false;
+                }
+                true
+            })
+            .map(crate::market::Offer::from)
+            .collect();
+        (offers, refused)
     }
 
     #[cfg(test)]
@@ -257,6 +339,63 @@ mod tests {
     use cocoon_protocol::{ErrorKind, Input, SamplingParams};
 
     use super::*;
+
+    /// A worker's announcement is bounded: an absurd context or price would make every
+    /// request without max_tokens or max_price need more reservation than any client's cover.
+    #[test]
+    fn absurd_offers_are_refused_at_join() {
+        let limiter = Limiter::new(LimitsConfig::default());
+        let card = |id: &str, context_length: u32, min_price: u64| cocoon_protocol::ModelCard {
+            id: id.into(),
+            context_length,
+            min_price,
+        };
+        let cards = [
+            card("ok", 131_072, 40),
+            card("huge", u32::MAX, 20),
+            card("dear", 2048, 20 * 1000),
+        ];
+        let (kept, refused) = limiter.offers(&cards, Some(20));
+        assert_eq!(
+            kept.iter().map(|o| o.model.as_str()).collect::<Vec<_>>(),
+            ["ok"]
+        );
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused[0].contains("max_context_length"), "{refused:?}");
+        assert!(refused[1].contains("max_price_floors"), "{refused:?}");
+        // Without payments there is no floor: prices are not bounded, contexts still are.
+        let (kept, _) = limiter.offers(&cards, None);
+        assert_eq!(kept.len(), 2);
+    }
+
+    /// An IPv6 /64 is one holder's: its addresses share one connection cap, as an IPv4
+    /// address's connections do; another /64, or an IPv4 address, has its own.
+    #[test]
+    fn connections_are_capped_per_ipv4_address_and_per_ipv6_slash_64() {
+        let limiter = Limiter::new(LimitsConfig {
+            connections_per_ip: 2,
+            ..LimitsConfig::default()
+        });
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = limiter.connect(ip("2001:db8:1:2::1")).unwrap();
+        let _b = limiter
+            .connect(ip("2001:db8:1:2:ffff:ffff:ffff:fffe"))
+            .unwrap();
+        assert!(
+            limiter.connect(ip("2001:db8:1:2:dead:beef::7")).is_none(),
+            "a third address of the same /64 got in"
+        );
+        let _other = limiter.connect(ip("2001:db8:1:3::1")).unwrap();
+        let v4 = limiter.connect(ip("192.0.2.7")).unwrap();
+        let _v4b = limiter.connect(ip("192.0.2.7")).unwrap();
+        assert!(
+            limiter.connect(ip("::ffff:192.0.2.7")).is_none(),
+            "the IPv4-mapped form walked around the IPv4 cap"
+        );
+        drop((a, v4));
+        limiter.connect(ip("2001:db8:1:2::99")).unwrap();
+        limiter.connect(ip("::ffff:192.0.2.7")).unwrap();
+    }
 
     fn request(max_tokens: Option<u32>) -> GenerateRequest {
         GenerateRequest {

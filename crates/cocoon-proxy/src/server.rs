@@ -429,12 +429,17 @@ impl State {
             driver.abort();
             return;
         }
+        let floor = self.billing.as_ref().map(|b| b.floor());
+        let (offers, refused) = self.limiter.offers(&hello.models, floor);
+        for reason in &refused {
+            tracing::warn!(worker = %hello.name, %reason, "refused a worker's offer");
+        }
         let evict = CancellationToken::new();
         let entry = self.workers.add(
             public_key,
             hello.name.clone(),
             hello.capacity,
-            hello.models.iter().map(Offer::from).collect(),
+            offers,
             WorkerLink {
                 fingerprint,
                 attestation,

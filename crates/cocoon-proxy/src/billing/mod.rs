@@ -34,6 +34,19 @@ pub(crate) use cocoon_protocol::{Bounded, Relayed, UsageBounds};
 /// A refusal always reads again first, so a fresh deposit is never missed.
 const CONTRACT_TTL: Duration = Duration::from_secs(2);
 
+/// How long a key the ledger has no contract for is refused without asking the ledger again:
+/// keys cost nothing to make, and each refusal would otherwise cost two ledger reads.
+const ABSENT_TTL: Duration = Duration::from_secs(2);
+
+/// Keys remembered as having no contract; beyond it the oldest are forgotten (they are asked
+/// about again, which is all a forgotten entry costs).
+const ABSENT_KEPT: usize = 4096;
+
+/// The least time between two commits one client's requests force (a request over its cover
+/// commits what is unbilled, to free the stake): each costs the proxy a ledger transaction, on
+/// a chain its gas.
+const FORCED_COMMIT_EVERY: Duration = Duration::from_secs(2);
+
 /// `[payments]` in `proxy.toml`. Payments are off (everything is free) without a ledger.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -84,6 +97,28 @@ struct ClientView {
     reserved: Nanoton,
     /// A cooperative close is under way: no new request is admitted.
     closing: bool,
+    /// When a request over the cover last forced a commit of this client's charges.
+    forced_commit: Option<Instant>,
+}
+
+/// Keys the ledger had no contract for, and when it said so.
+#[derive(Default)]
+struct Absent(HashMap<PublicKey, Instant>);
+
+impl Absent {
+    fn recently(&self, key: &PublicKey) -> bool {
+        self.0.get(key).is_some_and(|at| at.elapsed() < ABSENT_TTL)
+    }
+
+    fn remember(&mut self, key: PublicKey) {
+        if self.0.len() >= ABSENT_KEPT {
+            self.0.retain(|_, at| at.elapsed() < ABSENT_TTL);
+            if self.0.len() >= ABSENT_KEPT {
+                self.0.clear();
+            }
+        }
+        self.0.insert(key, Instant::now());
+    }
 }
 
 pub(crate) struct Billing {
@@ -96,6 +131,8 @@ pub(crate) struct Billing {
     book: Mutex<Option<Book>>,
     params: RwLock<NetworkParams>,
     clients: Mutex<HashMap<PublicKey, ClientView>>,
+    /// Keys with no contract, refused for a moment without a ledger read.
+    absent: Mutex<Absent>,
     commits: AtomicU64,
     last_commit_error: Mutex<Option<String>>,
 }
@@ -193,6 +230,7 @@ impl Billing {
             book: Mutex::new(Some(book)),
             params: RwLock::new(state.registry.params),
             clients: Mutex::new(HashMap::new()),
+            absent: Mutex::default(),
             commits: AtomicU64::new(0),
             last_commit_error: Mutex::new(None),
         }))
@@ -280,6 +318,7 @@ impl Billing {
             fetched: Instant::now(),
             reserved: 0,
             closing: false,
+            forced_commit: None,
         });
         view.contract = contract.clone();
         view.fetched = Instant::now();
@@ -305,6 +344,16 @@ impl Billing {
         let need = params
             .cost(tokens)
             .map_err(|e| ProtocolError::invalid(e.to_string()))?;
+        let no_contract = || {
+            payment_required(format!(
+                "this client ({}) has no contract with this proxy: deposit and stake first \
+                 (`cocoon client deposit`, `cocoon client stake`)",
+                hex::encode(client)
+            ))
+        };
+        if self.absent.lock().recently(&client) {
+            return Err(no_contract());
+        }
         let mut fresh = false;
         loop {
             let contract = self.contract(client, fresh).await?;
@@ -318,11 +367,8 @@ impl Billing {
                 continue;
             }
             let Some(contract) = contract else {
-                return Err(payment_required(format!(
-                    "this client ({}) has no contract with this proxy: deposit and stake \
-                     first (`cocoon client deposit`, `cocoon client stake`)",
-                    hex::encode(client)
-                )));
+                self.absent.lock().remember(client);
+                return Err(no_contract());
             };
             if contract.state != ContractState::Normal {
                 return Err(payment_required(
@@ -365,8 +411,20 @@ impl Billing {
                 }
             }
             // Committing what is unbilled frees the stake for new work; a deposit may also
-            // have landed since the contract was read.
-            if unbilled > 0 {
+            // have landed since the contract was read. At most one such commit per client per
+            // FORCED_COMMIT_EVERY: each is a ledger transaction the proxy pays for.
+            let force = unbilled > 0 && {
+                let mut clients = self.clients.lock();
+                let view = clients.get_mut(&client).expect("read just above");
+                let due = view
+                    .forced_commit
+                    .is_none_or(|at| at.elapsed() >= FORCED_COMMIT_EVERY);
+                if due {
+                    view.forced_commit = Some(Instant::now());
+                }
+                due
+            };
+            if force {
                 self.commit_client(client).await;
             }
             fresh = true;
@@ -463,6 +521,7 @@ impl Billing {
                 fetched: Instant::now() - CONTRACT_TTL,
                 reserved: 0,
                 closing: false,
+                forced_commit: None,
             });
             if view.reserved > 0 {
                 return Err(ProtocolError::invalid(
@@ -606,5 +665,30 @@ impl Billing {
         }
         self.commit_all().await;
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key without a contract is remembered for a moment (so a flood of them costs no ledger
+    /// reads), and the memory stays bounded however many keys come.
+    #[test]
+    fn keys_without_a_contract_are_remembered_briefly_and_boundedly() {
+        let mut absent = Absent::default();
+        assert!(!absent.recently(&[1; 32]));
+        absent.remember([1; 32]);
+        assert!(absent.recently(&[1; 32]));
+        assert!(!absent.recently(&[2; 32]));
+        for i in 0..(ABSENT_KEPT as u32 * 3) {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            absent.remember(key);
+            assert!(absent.0.len() <= ABSENT_KEPT);
+        }
+        // An entry older than the TTL no longer refuses.
+        absent.0.insert([3; 32], Instant::now() - ABSENT_TTL);
+        assert!(!absent.recently(&[3; 32]));
     }
 }

@@ -4,12 +4,15 @@
 //! before the checks that follow so that a flood of bad requests is still rate limited.
 
 use std::future::Future;
+#[cfg(test)]
 use std::sync::Arc;
 
 use cocoon_protocol::{GenerateRequest, ProtocolError};
 
 use super::errors;
-use crate::limits::{Limiter, LimitsConfig, RequestPermit};
+#[cfg(test)]
+use crate::limits::RequestPermit;
+use crate::limits::{Limiter, LimitsConfig};
 use crate::market::Market;
 
 /// The request, once `read` (the body being read and parsed) has finished within the body
@@ -29,18 +32,31 @@ pub(super) async fn read(
 
 /// Admits `request` from `client`: the permit counts it as in flight until dropped.
 /// Refused here, before any reservation, when no worker could serve it at any rate.
+#[cfg(test)]
 pub(super) fn admit<T>(
     limiter: &Arc<Limiter>,
     market: &Market<T>,
     client: [u8; 32],
     request: &GenerateRequest,
 ) -> Result<RequestPermit, ProtocolError> {
-    let permit = limiter.admit(client, request)?;
+    let permit = limiter.permit(client)?;
+    check(limiter, market, request)?;
+    Ok(permit)
+}
+
+/// What the request itself must pass once read (its slot taken already): this proxy's
+/// limits, its validity, and some worker able to serve it at the client's price.
+pub(super) fn check<T>(
+    limiter: &Limiter,
+    market: &Market<T>,
+    request: &GenerateRequest,
+) -> Result<(), ProtocolError> {
+    limiter.check(request)?;
     request.validate()?;
     market
         .can_serve(&request.model, request.max_price)
         .map_err(|no| errors::no_pick(no, request))?;
-    Ok(permit)
+    Ok(())
 }
 
 #[cfg(test)]

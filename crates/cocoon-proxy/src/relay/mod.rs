@@ -44,9 +44,12 @@ async fn serve(
     client: [u8; 32],
     body: Incoming,
 ) -> Result<Response<Body>, ProtocolError> {
+    // The client's slot first: a client over its rate or its requests in flight costs no body
+    // read (bodies are up to max_request_bytes, on many streams at once).
+    let permit = state.limiter.permit(client)?;
     let read = cocoon_net::read_json(body, state.max_request_bytes);
     let request = admit::read(read, state.limiter.config()).await?;
-    let permit = admit::admit(&state.limiter, &state.workers, client, &request)?;
+    admit::check(&state.limiter, &state.workers, &request)?;
     // What the worker may bill is fixed now, from the request itself: the reservation covers
     // exactly that, and the worker's report is held to it.
     let context = state.workers.context_length(&request.model);

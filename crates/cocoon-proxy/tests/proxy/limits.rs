@@ -155,13 +155,26 @@ async fn expect_429(response: reqwest::Response) -> u64 {
 async fn over_rate_or_concurrency_a_client_gets_429_with_retry_after() {
     let s = setup(LimitsConfig {
         requests_per_second: 0.2,
-        burst: 2,
+        burst: 3,
         concurrent_requests: 1,
         max_tokens: Some(100),
         ..LimitsConfig::default()
     })
     .await;
     let net = &s.net;
+
+    // A completion longer than the proxy allows is a client error, not a rate matter; it is
+    // read only once the client's slot is taken, so it spends one of the burst's requests.
+    let long = chat(net, "hello", json!({"max_tokens": 101})).await;
+    assert_eq!(long.status(), 400);
+    let body: Value = long.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens 101 is above this proxy's limit of 100"),
+        "{body}"
+    );
 
     // One answer held open: a second request at once is over the concurrency limit.
     let first = tokio::spawn({
@@ -190,25 +203,14 @@ async fn over_rate_or_concurrency_a_client_gets_429_with_retry_after() {
     let first: Value = first.json().await.unwrap();
     assert_eq!(first["choices"][0]["message"]["content"], "ok");
 
-    // The burst of two is spent by the first answer and this one; the third is over the rate.
+    // The burst of three is spent by the long request, the first answer and this one; the
+    // next is over the rate.
     let second = chat(net, "hello", json!({"max_tokens": 5})).await;
     assert_eq!(second.status(), 200);
     let retry = expect_429(chat(net, "hello", json!({"max_tokens": 5})).await).await;
     assert!(
         (4..=5).contains(&retry),
         "one request per 5 s: retry in {retry}"
-    );
-
-    // A completion longer than the proxy allows is a client error, not a rate matter.
-    let long = chat(net, "hello", json!({"max_tokens": 101})).await;
-    assert_eq!(long.status(), 400);
-    let body: Value = long.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("max_tokens 101 is above this proxy's limit of 100"),
-        "{body}"
     );
 }
 
