@@ -88,7 +88,26 @@ where
     F: Fn(http::Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = http::Response<Body>> + Send + 'static,
 {
+    serve_h2_counting(io, idle_timeout, |_| true, handler).await
+}
+
+/// [`serve_h2`], where only the requests `counts` accepts are activity for the idle timeout:
+/// a peer that sends nothing but cheap requests (a status read every few minutes) does not
+/// hold its connection, and its slot, for ever.
+pub async fn serve_h2_counting<IO, C, F, Fut>(
+    io: IO,
+    idle_timeout: Option<Duration>,
+    counts: C,
+    handler: F,
+) -> Result<(), hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: Fn(&http::Request<Incoming>) -> bool + Send + Sync + 'static,
+    F: Fn(http::Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = http::Response<Body>> + Send + 'static,
+{
     let handler = Arc::new(handler);
+    let counts = Arc::new(counts);
     let activity = Arc::new(Activity::default());
     let service = {
         let activity = activity.clone();
@@ -96,7 +115,7 @@ where
             let handler = handler.clone();
             // Taken before the handler runs and released with the response body, so a long
             // stream counts as activity for as long as it lasts.
-            let busy = activity.begin();
+            let busy = counts(&req).then(|| activity.begin());
             async move {
                 let response = handler(req).await;
                 Ok::<_, Infallible>(response.map(|body| {

@@ -15,4 +15,6 @@ pub use body::{
     json, no_route, read_json, response, status_of,
 };
 pub use channel::Channel;
-pub use conn::{ClientTls, HANDSHAKE_TIMEOUT, ServerTls, accept_tls, connect_tls, serve_h2};
+pub use conn::{
+    ClientTls, HANDSHAKE_TIMEOUT, ServerTls, accept_tls, connect_tls, serve_h2, serve_h2_counting,
+};

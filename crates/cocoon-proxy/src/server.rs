@@ -381,9 +381,15 @@ impl State {
                 };
                 let state = self.clone();
                 let idle = Some(self.limiter.config().idle_timeout());
-                let _ = cocoon_net::serve_h2(tls, idle, move |req| {
-                    state.clone().client_request(client, req)
-                })
+                // Only what uses the network (generation and the other POSTs) keeps a client's
+                // connection: status and model reads every few minutes would hold a slot for
+                // ever.
+                let _ = cocoon_net::serve_h2_counting(
+                    tls,
+                    idle,
+                    |req| req.method() == Method::POST,
+                    move |req| state.clone().client_request(client, req),
+                )
                 .await;
             }
             Some(ALPN_WORKER) => {

@@ -353,6 +353,29 @@ async fn silent_idle_and_surplus_connections_are_closed() {
     )
     .await;
 
+    // Cheap reads do not keep a connection: one that only asks for the models, every 300 ms,
+    // is closed after the idle timeout all the same.
+    let conn = connect_as_client(net).await;
+    let (channel, driver) = cocoon_net::Channel::handshake(conn).await.unwrap();
+    tokio::spawn(driver);
+    let reads = Instant::now();
+    let mut answered = 0;
+    while !channel.is_closed() {
+        if channel
+            .get_json::<Value>(cocoon_protocol::paths::MODELS, Duration::from_secs(1))
+            .await
+            .is_ok()
+        {
+            answered += 1;
+        }
+        assert!(
+            reads.elapsed() < Duration::from_secs(5),
+            "a connection reading the models every 300 ms was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(answered >= 2, "the reads were answered ({answered})");
+
     // The gateway's own connection idles out the same way, and it reconnects unnoticed.
     for _ in 0..3 {
         let answer = chat(net, "hello", json!({"max_tokens": 5})).await;
