@@ -413,7 +413,25 @@ async fn answer(
     }
     // The model's context is the proxy's to know; max_tokens, when set, bounds the completion,
     // and the prompt's bytes always bound the prompt.
-    let bounds = UsageBounds::new(&request, u32::MAX);
+    let mut bounds = UsageBounds::new(&request, u32::MAX);
+    // An API key's daily limit holds what this request may use before it leaves; without
+    // max_tokens the request gets what is left of the day as its max_tokens.
+    let key = match key {
+        Some(key) => {
+            let (hold, cap) = key
+                .hold(bounds.prompt(), request.params.max_tokens)
+                .map_err(|why| ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    error: ProtocolError::new(ErrorKind::PaymentRequired, why),
+                })?;
+            if let Some(cap) = cap {
+                request.params.max_tokens = Some(cap);
+                bounds = UsageBounds::new(&request, u32::MAX);
+            }
+            Some(Arc::new(hold))
+        }
+        None => None,
+    };
     // Taken before the request leaves: from then on a bill for it may arrive on any contract.
     let ticket = state.ledger.is_some().then(|| {
         let completion = request

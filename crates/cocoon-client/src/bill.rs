@@ -524,8 +524,8 @@ pub(crate) struct Parties {
     pub record: Arc<BillRecord>,
     /// The request's place among this contract's requests in flight (with a ledger).
     pub ticket: Option<Arc<Ticket>>,
-    /// The API key the request came with, whose daily use the answer counts to.
-    pub key: Option<Arc<crate::guard::KeyUse>>,
+    /// What the request holds of its API key's day, which the answer's usage settles.
+    pub key: Option<Arc<crate::guard::KeyHold>>,
 }
 
 impl Parties {

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -62,8 +63,16 @@ pub struct ApiKey {
 pub(crate) struct KeyUse {
     name: String,
     tokens_per_day: Option<u64>,
-    /// (UTC day number, tokens used that day).
-    used: Mutex<(u64, u64)>,
+    day: Mutex<Day>,
+}
+
+/// One UTC day of a key: the tokens its finished answers used, and the most its requests in
+/// flight may still use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Day {
+    day: u64,
+    used: u64,
+    reserved: u64,
 }
 
 fn today() -> u64 {
@@ -71,25 +80,93 @@ fn today() -> u64 {
 }
 
 impl KeyUse {
-    /// Whether the key may start another request today.
-    fn allows(&self) -> bool {
-        let Some(limit) = self.tokens_per_day else {
-            return true;
-        };
-        let mut used = self.used.lock();
-        if used.0 != today() {
-            *used = (today(), 0);
+    /// Today's figures (a new day starts with nothing used; what is in flight stays held).
+    fn today(&self) -> parking_lot::MutexGuard<'_, Day> {
+        let mut day = self.day.lock();
+        if day.day != today() {
+            *day = Day {
+                day: today(),
+                used: 0,
+                reserved: day.reserved,
+            };
         }
-        used.1 < limit
+        day
     }
 
-    /// Counts `tokens` an answer used.
-    pub(crate) fn spend(&self, tokens: u64) {
-        let mut used = self.used.lock();
-        if used.0 != today() {
-            *used = (today(), 0);
+    /// Whether the key may start another request today.
+    fn allows(&self) -> bool {
+        self.tokens_per_day
+            .is_none_or(|limit| self.today().used < limit)
+    }
+
+    /// Holds what a request of at most `prompt` prompt tokens and `max_tokens` completion
+    /// tokens may use against the key's day, under one lock, so requests in flight together
+    /// cannot pass the limit. Without `max_tokens`, the completion gets what is left of the
+    /// day: the cap is returned, for the request to carry. The refusal says why.
+    pub(crate) fn hold(
+        self: &Arc<Self>,
+        prompt: u64,
+        max_tokens: Option<u32>,
+    ) -> Result<(KeyHold, Option<u32>), String> {
+        let Some(limit) = self.tokens_per_day else {
+            return Ok((self.held(0), None));
+        };
+        let mut day = self.today();
+        let left = limit.saturating_sub(day.used).saturating_sub(day.reserved);
+        let completion = match max_tokens {
+            Some(m) => u64::from(m),
+            None => left.saturating_sub(prompt),
+        };
+        let need = prompt.saturating_add(completion);
+        if completion == 0 || need > left {
+            return Err(format!(
+                "{} has {left} of its {limit} tokens for today (UTC) left, and this request may \
+                 use up to {need} (its prompt and max_tokens)",
+                self.name
+            ));
         }
-        used.1 = used.1.saturating_add(tokens);
+        day.reserved += need;
+        drop(day);
+        let cap = max_tokens
+            .is_none()
+            .then(|| u32::try_from(completion).unwrap_or(u32::MAX));
+        Ok((self.held(need), cap))
+    }
+
+    fn held(self: &Arc<Self>, amount: u64) -> KeyHold {
+        KeyHold {
+            key: self.clone(),
+            amount,
+            spent: AtomicBool::new(false),
+        }
+    }
+}
+
+/// What one request holds of its key's day until its answer ends.
+#[derive(Debug)]
+pub(crate) struct KeyHold {
+    key: Arc<KeyUse>,
+    amount: u64,
+    spent: AtomicBool,
+}
+
+impl KeyHold {
+    /// The answer ended with `tokens` used: they count, the rest of the hold is released.
+    pub(crate) fn spend(&self, tokens: u64) {
+        if self.spent.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut day = self.key.today();
+        day.reserved = day.reserved.saturating_sub(self.amount);
+        day.used = day.used.saturating_add(tokens);
+    }
+}
+
+impl Drop for KeyHold {
+    /// An answer that ended without its usage (an error, a cut-off, a disconnect) may still
+    /// have been billed for all it held: the whole hold counts.
+    fn drop(&mut self) {
+        self.spend(self.amount);
     }
 }
 
@@ -145,14 +222,21 @@ impl Guard {
             } else {
                 k.name.clone()
             };
-            keys.insert(
-                digest(&key),
-                Arc::new(KeyUse {
-                    name,
-                    tokens_per_day: k.tokens_per_day,
-                    used: Mutex::new((today(), 0)),
+            let fresh = Arc::new(KeyUse {
+                name,
+                tokens_per_day: k.tokens_per_day,
+                day: Mutex::new(Day {
+                    day: today(),
+                    used: 0,
+                    reserved: 0,
                 }),
-            );
+            });
+            if keys.insert(digest(&key), fresh).is_some() {
+                anyhow::bail!(
+                    "[[access.keys]] #{}: the same key is listed twice (each key has one limit)",
+                    i + 1
+                );
+            }
         }
         if keys.is_empty() && !listen.ip().is_loopback() {
             tracing::warn!(
@@ -182,7 +266,11 @@ impl Guard {
         }
         let (name, port) = match host.strip_prefix('[') {
             Some(v6) => match v6.split_once(']') {
-                Some((ip, tail)) => (ip, tail.strip_prefix(':')),
+                Some((ip, "")) => (ip, None),
+                Some((ip, tail)) => match tail.strip_prefix(':') {
+                    Some(port) => (ip, Some(port)),
+                    None => return false, // "[::1]evil.example"
+                },
                 None => return false,
             },
             None => match host.split_once(':') {
@@ -204,9 +292,11 @@ impl Guard {
     /// The key a request names, if it is one of ours.
     fn key(&self, headers: &HeaderMap) -> Option<Arc<KeyUse>> {
         let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let key = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))?;
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let (scheme, key) = value.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
         self.keys.get(&digest(key.trim())).cloned()
     }
 
@@ -217,6 +307,29 @@ impl Guard {
     }
 }
 
+/// The host a request names: its URI's authority (HTTP/2's `:authority`, an absolute-form
+/// request line) or its one `Host` header. Two that differ, or two `Host` headers, are
+/// refused: which one a server reads decides nothing here.
+fn named_host(request: &Request) -> Result<String, String> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has two Host headers".into());
+    }
+    let header = header
+        .map(|h| h.to_str().map(str::to_owned))
+        .transpose()
+        .map_err(|_| "the Host header is not text".to_string())?;
+    match (request.uri().authority().map(|a| a.to_string()), header) {
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(&h) => Err(format!(
+            "the request names two hosts ('{a}' and Host '{h}')"
+        )),
+        (Some(a), _) => Ok(a),
+        (None, Some(h)) => Ok(h),
+        (None, None) => Err("the request names no host".into()),
+    }
+}
+
 /// The middleware: refuses what the checks refuse, answers allowed origins' preflights, and
 /// hands the request's key (if any) to the handler as an extension.
 pub(crate) async fn check(
@@ -224,15 +337,9 @@ pub(crate) async fn check(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let headers = request.headers();
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()));
-    match host {
-        Some(h) if guard.host_allowed(&h) => {}
-        Some(h) => {
+    match named_host(&request) {
+        Ok(h) if guard.host_allowed(&h) => {}
+        Ok(h) => {
             return refuse(
                 StatusCode::MISDIRECTED_REQUEST,
                 "invalid_request_error",
@@ -242,16 +349,9 @@ pub(crate) async fn check(
                 ),
             );
         }
-        None => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                None,
-                "the request names no host".into(),
-            );
-        }
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, "invalid_request_error", None, why),
     }
-    let origin = headers.get(header::ORIGIN).cloned();
+    let origin = request.headers().get(header::ORIGIN).cloned();
     if let Some(o) = &origin {
         let allowed = o
             .to_str()
@@ -270,14 +370,20 @@ pub(crate) async fn check(
         if request.method() == Method::OPTIONS {
             let mut response = StatusCode::NO_CONTENT.into_response();
             guard.cors(&mut response, o);
+            let asked = request
+                .headers()
+                .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+                .cloned();
             let h = response.headers_mut();
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
                 HeaderValue::from_static("GET, POST"),
             );
+            // The origin is allowed: whatever headers its SDK sends are (the OpenAI JS SDK's
+            // x-stainless-* among them).
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type"),
+                asked.unwrap_or(HeaderValue::from_static("authorization, content-type")),
             );
             h.insert(
                 header::ACCESS_CONTROL_MAX_AGE,
@@ -286,55 +392,67 @@ pub(crate) async fn check(
             return response;
         }
     }
+    let mut response = match refusal(&guard, &mut request) {
+        None => next.run(request).await,
+        Some(refused) => refused,
+    };
+    // An allowed origin's app reads the refusals too (401, 415, 429), not only the answers.
+    if let Some(o) = &origin {
+        guard.cors(&mut response, o);
+    }
+    response
+}
+
+/// The checks past host and origin: a JSON body on POSTs, and the key when keys are set. The
+/// refusal, if any.
+fn refusal(guard: &Guard, request: &mut Request) -> Option<Response> {
     if request.method() == Method::POST {
-        let json = headers
+        let json = request
+            .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|c| c.to_str().ok())
             .and_then(|c| c.split(';').next())
             .is_some_and(|c| c.trim().eq_ignore_ascii_case("application/json"));
         if !json {
-            return refuse(
+            return Some(refuse(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",
                 None,
                 "the body must be JSON, sent with Content-Type: application/json".into(),
-            );
+            ));
         }
     }
     // The liveness probe needs no key: it spends nothing and says nothing.
-    if !guard.keys.is_empty() && request.uri().path() != "/health" {
-        let Some(key) = guard.key(request.headers()) else {
-            let message = if request.headers().contains_key(header::AUTHORIZATION) {
-                "Incorrect API key provided."
-            } else {
-                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`."
-            };
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-                message.into(),
-            );
+    if guard.keys.is_empty() || request.uri().path() == "/health" {
+        return None;
+    }
+    let Some(key) = guard.key(request.headers()) else {
+        let message = if request.headers().contains_key(header::AUTHORIZATION) {
+            "Incorrect API key provided."
+        } else {
+            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`."
         };
-        if !key.allows() {
-            return refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "insufficient_quota",
-                Some("insufficient_quota"),
-                format!(
-                    "{} has used its {} tokens for today (UTC)",
-                    key.name,
-                    key.tokens_per_day.unwrap_or(0)
-                ),
-            );
-        }
-        request.extensions_mut().insert(key);
+        return Some(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            message.into(),
+        ));
+    };
+    if !key.allows() {
+        return Some(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            Some("insufficient_quota"),
+            format!(
+                "{} has used its {} tokens for today (UTC)",
+                key.name,
+                key.tokens_per_day.unwrap_or(0)
+            ),
+        ));
     }
-    let mut response = next.run(request).await;
-    if let Some(o) = &origin {
-        guard.cors(&mut response, o);
-    }
-    response
+    request.extensions_mut().insert(key);
+    None
 }
 
 #[cfg(test)]
@@ -404,10 +522,21 @@ mod tests {
         );
         let key = g.key(&headers).expect("the key");
         assert!(key.allows());
-        key.spend(100);
+        // Requests in flight together hold their bounds: the second does not fit beside the
+        // first, whatever they end up using.
+        let (first, cap) = key.hold(30, Some(40)).unwrap();
+        assert_eq!(cap, None);
+        let refused = key.hold(30, Some(1)).unwrap_err();
+        assert!(refused.contains("30 of its 100 tokens"), "{refused}");
+        first.spend(50);
+        // Without max_tokens, a request gets what is left of the day.
+        let (rest, cap) = key.hold(10, None).unwrap();
+        assert_eq!(cap, Some(40));
+        // An answer that ended without its usage counts its whole hold.
+        drop(rest);
         assert!(!key.allows(), "100 of 100 used");
         // A new day.
-        key.used.lock().0 -= 1;
+        key.day.lock().day -= 1;
         assert!(key.allows());
         // Too short a key is refused at start.
         let short = Guard::new(
@@ -423,5 +552,199 @@ mod tests {
             "127.0.0.1:10000".parse().unwrap(),
         );
         assert!(short.is_err());
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    use super::*;
+
+    fn guard(hosts: &[&str]) -> Guard {
+        Guard::new(
+            &AccessConfig {
+                hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+                ..AccessConfig::default()
+            },
+            "127.0.0.1:10000".parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn key(key: Option<&str>, file: Option<std::path::PathBuf>, limit: Option<u64>) -> ApiKey {
+        ApiKey {
+            key: key.map(str::to_owned),
+            key_file: file,
+            name: String::new(),
+            tokens_per_day: limit,
+        }
+    }
+
+    fn keys(keys: Vec<ApiKey>) -> anyhow::Result<Guard> {
+        Guard::new(
+            &AccessConfig {
+                keys,
+                ..AccessConfig::default()
+            },
+            "127.0.0.1:10000".parse().unwrap(),
+        )
+    }
+
+    /// DNS rebinding (threat 2): names that only look like this gateway's, numeric spellings an
+    /// `IpAddr` parser does not take, and configured names with and without a port.
+    #[test]
+    fn review_host_spellings() {
+        let g = guard(&["gateway.internal", "Other.Internal:8080"]);
+        for ok in [
+            "[::1]:10000",
+            "[::1]",
+            "[::ffff:127.0.0.1]:10000",
+            "LOCALHOST:10000",
+            "Gateway.Internal:10000",
+            "other.internal:8080",
+        ] {
+            assert!(g.host_allowed(ok), "{ok} refused");
+        }
+        for bad in [
+            "127.0.0.1.nip.io:10000",
+            "localhost.evil.example:10000",
+            "evil.localhost:10000",
+            "localhost.:10000",
+            "localhost.",
+            "0x7f000001:10000",
+            "2130706433:10000",
+            "127.1:10000",
+            "evil@127.0.0.1:10000",
+            "127.0.0.1:10000@evil.example",
+            "[fe80::1%25lo]:10000",
+            "[::1]:10001",
+            "[::1:10000",
+            "::1:10000",
+            "gateway.internal.:10000",
+            "gateway.internal:10001",
+            "other.internal",
+            "other.internal:10000",
+            "",
+            ":10000",
+        ] {
+            assert!(!g.host_allowed(bad), "{bad} allowed");
+        }
+    }
+
+    /// Host parsing (threat 2, low): anything after an IPv6 literal's `]` that is not `:PORT`
+    /// is ignored, so `[::1]evil.example` and `[::1]:10000junk`-like tails pass as `[::1]`.
+    /// Not reachable from a browser (its Host is a URL's host), but the check accepts a Host
+    /// that names nothing.
+    #[test]
+    fn review_a_tail_after_an_ipv6_literal_is_refused() {
+        let g = guard(&[]);
+        for bad in ["[::1]evil.example", "[::1]x:10000", "[::1]@evil"] {
+            assert!(!g.host_allowed(bad), "{bad} allowed");
+        }
+    }
+
+    /// Key files (threat 3): a key file written on Windows (CRLF) or with trailing spaces and
+    /// a second line is read as its first line's key.
+    #[test]
+    fn review_a_key_file_with_crlf_is_its_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key.txt");
+        std::fs::write(&file, "  sk-file-0123456789abcdef \r\nsecond line\r\n").unwrap();
+        let g = keys(vec![key(None, Some(file), None)]).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            "Bearer sk-file-0123456789abcdef".parse().unwrap(),
+        );
+        assert!(g.key(&headers).is_some());
+        headers.insert(
+            header::AUTHORIZATION,
+            "Bearer sk-file-0123456789abcdef\r"
+                .parse()
+                .unwrap_or_else(|_| HeaderValue::from_static("Bearer sk-file-0123456789abcdef ")),
+        );
+        assert!(g.key(&headers).is_some());
+        // An empty key file, a key of 15 characters, and both key and key_file: refused.
+        let empty = dir.path().join("empty.txt");
+        std::fs::write(&empty, "\r\n").unwrap();
+        assert!(keys(vec![key(None, Some(empty), None)]).is_err());
+        assert!(keys(vec![key(Some("sk-0123456789ab"), None, None)]).is_err());
+        assert!(keys(vec![key(Some("   sk-0123456789ab   "), None, None)]).is_err());
+        assert!(
+            keys(vec![key(
+                Some("sk-0123456789abcdef"),
+                Some(dir.path().join("key.txt")),
+                None
+            )])
+            .is_err()
+        );
+        assert!(keys(vec![key(None, Some(dir.path().join("none.txt")), None)]).is_err());
+    }
+
+    /// Key lookup (threat 3): only `Bearer`/`bearer` and the exact key (trimmed) match.
+    #[test]
+    fn review_authorization_spellings() {
+        let g = keys(vec![key(Some("sk-local-0123456789"), None, None)]).unwrap();
+        let found = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            g.key(&h).is_some()
+        };
+        assert!(found("Bearer sk-local-0123456789"));
+        assert!(found("bearer sk-local-0123456789"));
+        assert!(found("Bearer \t sk-local-0123456789 \t"));
+        for bad in [
+            "sk-local-0123456789",
+            "Basic sk-local-0123456789",
+            "Bearersk-local-0123456789",
+            "Bearer sk-local-012345678",
+            "Bearer sk-local-01234567890",
+            "Bearer sk-local-0123456789, Bearer x",
+            "Bearer  Bearer sk-local-0123456789",
+        ] {
+            assert!(!found(bad), "{bad} found");
+        }
+    }
+
+    /// Keys (threat 3, low): the same key listed twice, once with a daily limit and once
+    /// without, is two entries of one hash: the later one silently wins and the limit is gone.
+    /// A config like that should be refused at start.
+    #[test]
+    fn review_a_key_listed_twice_is_refused_at_start() {
+        let twice = keys(vec![
+            key(Some("sk-local-0123456789"), None, Some(10)),
+            key(Some(" sk-local-0123456789 "), None, None),
+        ]);
+        assert!(
+            twice.is_err(),
+            "a key listed twice is accepted, its limit {:?}",
+            twice.unwrap().keys.values().next().unwrap().tokens_per_day
+        );
+    }
+
+    /// Day rollover (threat 4): use from a past day neither blocks today nor adds to it.
+    #[test]
+    fn review_day_rollover_resets_use_once() {
+        let g = keys(vec![key(Some("sk-local-0123456789"), None, Some(10))]).unwrap();
+        let k = g.keys.values().next().unwrap().clone();
+        k.day.lock().day = today() - 1;
+        k.day.lock().used = 1_000;
+        k.hold(0, Some(4)).unwrap().0.spend(4);
+        assert_eq!(
+            *k.day.lock(),
+            Day {
+                day: today(),
+                used: 4,
+                reserved: 0
+            }
+        );
+        assert!(k.allows());
+        k.hold(0, Some(6)).unwrap().0.spend(6);
+        assert!(!k.allows());
+        // A day from the future (a clock set back) starts again too.
+        k.day.lock().day = today() + 1;
+        assert!(k.allows());
+        // A limit of 0: nothing today.
+        let zero = keys(vec![key(Some("sk-local-0123456789"), None, Some(0))]).unwrap();
+        assert!(!zero.keys.values().next().unwrap().allows());
     }
 }

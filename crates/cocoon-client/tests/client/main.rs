@@ -4,3 +4,4 @@
 mod access;
 mod api;
 mod failover;
+mod review_access;
