@@ -34,8 +34,9 @@ pub(crate) use cocoon_protocol::{Bounded, Relayed, UsageBounds};
 /// A refusal always reads again first, so a fresh deposit is never missed.
 const CONTRACT_TTL: Duration = Duration::from_secs(2);
 
-/// How long a key the ledger has no contract for is refused without asking the ledger again:
-/// keys cost nothing to make, and each refusal would otherwise cost two ledger reads.
+/// How long a key the ledger had no contract for is asked about with one ledger read per
+/// request instead of two (the cached read, then a fresh one): never zero, or a client's
+/// deposit right after a refusal would not be seen.
 const ABSENT_TTL: Duration = Duration::from_secs(2);
 
 /// Keys remembered as having no contract; beyond it the oldest are forgotten (they are asked
@@ -131,7 +132,7 @@ pub(crate) struct Billing {
     book: Mutex<Option<Book>>,
     params: RwLock<NetworkParams>,
     clients: Mutex<HashMap<PublicKey, ClientView>>,
-    /// Keys with no contract, refused for a moment without a ledger read.
+    /// Keys with no contract lately: read fresh at once, skipping the cached read.
     absent: Mutex<Absent>,
     commits: AtomicU64,
     last_commit_error: Mutex<Option<String>>,
@@ -351,10 +352,9 @@ impl Billing {
                 hex::encode(client)
             ))
         };
-        if self.absent.lock().recently(&client) {
-            return Err(no_contract());
-        }
-        let mut fresh = false;
+        // A key that had no contract a moment ago is read fresh at once: one ledger read per
+        // request, not two, and a deposit made since is seen.
+        let mut fresh = self.absent.lock().recently(&client);
         loop {
             let contract = self.contract(client, fresh).await?;
             if contract
@@ -672,8 +672,8 @@ impl Billing {
 mod tests {
     use super::*;
 
-    /// A key without a contract is remembered for a moment (so a flood of them costs no ledger
-    /// reads), and the memory stays bounded however many keys come.
+    /// A key without a contract is remembered for a moment (so its requests cost one ledger
+    /// read each, not two), and the memory stays bounded however many keys come.
     #[test]
     fn keys_without_a_contract_are_remembered_briefly_and_boundedly() {
         let mut absent = Absent::default();
