@@ -459,7 +459,8 @@ fn refusal(guard: &Guard, request: &mut Request) -> Option<Response> {
 mod tests {
     use super::*;
 
-    fn guard(hosts: &[&str]) -> Guard {
+    /// A guard for a gateway on 127.0.0.1:10000 that also answers to `hosts`.
+    pub(super) fn guard(hosts: &[&str]) -> Guard {
         Guard::new(
             &AccessConfig {
                 hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
@@ -557,18 +558,8 @@ mod tests {
 
 #[cfg(test)]
 mod review_tests {
+    use super::tests::guard;
     use super::*;
-
-    fn guard(hosts: &[&str]) -> Guard {
-        Guard::new(
-            &AccessConfig {
-                hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
-                ..AccessConfig::default()
-            },
-            "127.0.0.1:10000".parse().unwrap(),
-        )
-        .unwrap()
-    }
 
     fn key(key: Option<&str>, file: Option<std::path::PathBuf>, limit: Option<u64>) -> ApiKey {
         ApiKey {

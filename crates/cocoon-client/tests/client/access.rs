@@ -4,26 +4,14 @@
 //! allowed origin gets CORS answers, and a worker cannot fill the gateway's memory with an
 //! answer that is not streamed.
 
-use std::time::Duration;
-
 use cocoon_client::{AccessConfig, ApiKey};
-use cocoon_testkit::backends::Scripted;
-use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
+use cocoon_testkit::dev::{DevOptions, test_options};
+
+use crate::scripted::start;
 use cocoon_testkit::http::chat_body;
 use serde_json::{Value, json};
 
 const KEY: &str = "sk-cocoon-test-0123456789";
-
-async fn start(options: DevOptions) -> (DevNetwork, std::sync::Arc<Scripted>) {
-    let b = Scripted::new(2048);
-    let net = DevNetwork::start(options, vec![b.clone()])
-        .await
-        .expect("the dev network starts");
-    net.wait_ready(1, Duration::from_secs(20))
-        .await
-        .expect("the worker joins");
-    (net, b)
-}
 
 fn chat(max_tokens: u32) -> String {
     chat_body("Hi", json!({ "max_tokens": max_tokens })).to_string()

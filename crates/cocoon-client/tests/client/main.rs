@@ -5,3 +5,4 @@ mod access;
 mod api;
 mod failover;
 mod review_access;
+mod scripted;

@@ -6,8 +6,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cocoon_client::{AccessConfig, ApiKey};
-use cocoon_testkit::backends::{Mode, Scripted};
-use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
+use cocoon_testkit::backends::Mode;
+use cocoon_testkit::dev::{DevOptions, test_options};
+
+use crate::scripted::start;
 use cocoon_testkit::http::chat_body;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,17 +17,6 @@ use tokio::net::TcpStream;
 
 const KEY: &str = "sk-cocoon-review-0123456789";
 const ORIGIN: &str = "http://localhost:3000";
-
-async fn start(options: DevOptions) -> (DevNetwork, std::sync::Arc<Scripted>) {
-    let b = Scripted::new(2048);
-    let net = DevNetwork::start(options, vec![b.clone()])
-        .await
-        .expect("the dev network starts");
-    net.wait_ready(1, Duration::from_secs(20))
-        .await
-        .expect("the worker joins");
-    (net, b)
-}
 
 fn keyed(tokens_per_day: Option<u64>) -> DevOptions {
     DevOptions {
