@@ -420,3 +420,36 @@ async fn a_request_body_that_trickles_in_is_cut_off() {
     assert_eq!(s.active.load(Ordering::SeqCst), 0);
     drop(body_tx);
 }
+
+/// A worker announcing an absurd context (here u32::MAX tokens) made every request without
+/// max_tokens need a reservation for that whole context, so every such client got 402. Its
+/// offer is now refused when it joins, and the honest worker serves those requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_offer_does_not_turn_other_clients_requests_into_402() {
+    use cocoon_testkit::backends::Scripted;
+    let (honest, absurd) = (Scripted::new(2048), Scripted::new(u32::MAX));
+    let net = DevNetwork::start(test_options(), vec![honest.clone(), absurd.clone()])
+        .await
+        .unwrap();
+    // Both connect; only the honest one's offer is listed.
+    wait_until("both workers to connect", Duration::from_secs(20), || {
+        net.proxy_status().workers.len() == 2
+    })
+    .await;
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let listed: Vec<_> = net
+        .proxy_status()
+        .workers
+        .iter()
+        .map(|w| w.offers.len())
+        .collect();
+    assert_eq!(
+        listed.iter().sum::<usize>(),
+        1,
+        "offers per worker: {listed:?}"
+    );
+    // No max_tokens: reserved for the honest worker's 2048-token context, and served.
+    let answer = chat(&net, "hello", json!({})).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!((honest.served(), absurd.served()), (1, 0));
+}
