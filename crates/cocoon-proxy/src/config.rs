@@ -17,7 +17,10 @@ pub struct ProxyConfig {
     pub key_file: Option<PathBuf>,
     /// Largest generation request accepted from a client, in bytes.
     pub max_request_bytes: usize,
-    /// Open connections at most; further ones wait to be accepted.
+    /// Open client connections at most (counted once their TLS handshake is done); a further
+    /// one is closed. Workers have their own share ([limits] worker_connections), and
+    /// connections still in their handshake theirs (handshaking_connections), so clients
+    /// filling theirs cannot keep a worker out.
     pub max_connections: usize,
     /// How this proxy proves what it runs (`tdx` inside a TDX guest).
     pub attester: AttesterConfig,

@@ -50,6 +50,11 @@ pub struct LimitsConfig {
     /// The highest price a worker may announce, in multiples of the network's floor price;
     /// an offer beyond it is refused when the worker joins (without payments: not checked).
     pub max_price_floors: u64,
+    /// Connections still in their TLS handshake at most (a further one is closed at once):
+    /// before its handshake a peer is neither client nor worker, and gets neither's share.
+    pub handshaking_connections: u32,
+    /// Open worker connections at most, apart from the clients' `max_connections`.
+    pub worker_connections: u32,
 }
 
 impl Default for LimitsConfig {
@@ -66,6 +71,8 @@ impl Default for LimitsConfig {
             worker_timeout_secs: 120,
             max_context_length: 1 << 20,
             max_price_floors: 100,
+            handshaking_connections: 256,
+            worker_connections: 1024,
         }
     }
 }
@@ -88,6 +95,11 @@ impl LimitsConfig {
             ("worker_timeout_secs", self.worker_timeout_secs),
             ("max_context_length", u64::from(self.max_context_length)),
             ("max_price_floors", self.max_price_floors),
+            (
+                "handshaking_connections",
+                u64::from(self.handshaking_connections),
+            ),
+            ("worker_connections", u64::from(self.worker_connections)),
         ] {
             anyhow::ensure!(value > 0, "[limits] {name} must be at least 1");
         }

@@ -38,7 +38,12 @@ pub(crate) struct State {
     pub(crate) max_request_bytes: usize,
     tls: Arc<rustls::ServerConfig>,
     fingerprint: Fingerprint,
+    /// Client connections (`max_connections`).
     connections: Arc<Semaphore>,
+    /// Connections still in their TLS handshake.
+    handshakes: Arc<Semaphore>,
+    /// Worker connections, apart from the clients'.
+    worker_slots: Arc<Semaphore>,
     pub(crate) admission: Admission,
     attestation: &'static str,
     pub(crate) billing: Option<Arc<Billing>>,
@@ -196,6 +201,10 @@ impl Proxy {
             tls,
             fingerprint: identity.fingerprint(),
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            handshakes: Arc::new(Semaphore::new(
+                config.limits.handshaking_connections as usize,
+            )),
+            worker_slots: Arc::new(Semaphore::new(config.limits.worker_connections as usize)),
             admission,
             attestation,
             billing,
@@ -232,10 +241,6 @@ impl Proxy {
             .map(|b| tokio::spawn(b.run_commits(self.state.commit_interval, shutdown.clone())));
         let housekeeping = tokio::spawn(self.state.clone().housekeeping(shutdown.clone()));
         loop {
-            let permit = tokio::select! {
-                p = self.state.connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
-                _ = shutdown.cancelled() => break,
-            };
             let (tcp, peer_addr) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(a) => a,
@@ -253,12 +258,17 @@ impl Proxy {
                 tracing::debug!(%peer_addr, "connection refused: too many from this address");
                 continue;
             };
+            // Handshakes have their own share: a peer is neither client nor worker before it.
+            let Ok(handshake) = self.state.handshakes.clone().try_acquire_owned() else {
+                tracing::debug!(%peer_addr, "connection refused: too many handshakes under way");
+                continue;
+            };
             let state = self.state.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let _permits = (permit, per_ip);
+                let _per_ip = per_ip;
                 tokio::select! {
-                    _ = state.connection(tcp, peer_addr) => {}
+                    _ = state.connection(tcp, peer_addr, handshake) => {}
                     _ = shutdown.cancelled() => {}
                 }
             });
@@ -350,14 +360,20 @@ impl State {
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: tokio::net::TcpStream, peer_addr: SocketAddr) {
-        let tls = match cocoon_net::accept_tls(
+    async fn connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        peer_addr: SocketAddr,
+        handshake: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let tls = cocoon_net::accept_tls(
             tcp,
             self.tls.clone(),
             self.limiter.config().handshake_timeout(),
         )
-        .await
-        {
+        .await;
+        drop(handshake);
+        let tls = match tls {
             Ok(tls) => tls,
             Err(e) => {
                 tracing::debug!(%peer_addr, error = %e, "TLS handshake failed");
@@ -379,6 +395,10 @@ impl State {
                 let Some(client) = ed25519_key(&peer.public_key) else {
                     return;
                 };
+                let Ok(_slot) = self.connections.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer_addr, "client connection refused: max_connections reached");
+                    return;
+                };
                 let state = self.clone();
                 let idle = Some(self.limiter.config().idle_timeout());
                 // Only what uses the network (generation and the other POSTs) keeps a client's
@@ -397,6 +417,10 @@ impl State {
                     return;
                 };
                 let Some(key) = ed25519_key(&peer.public_key) else {
+                    return;
+                };
+                let Ok(_slot) = self.worker_slots.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer_addr, "worker connection refused: [limits] worker_connections reached");
                     return;
                 };
                 self.worker_connection(tls, peer.fingerprint, key, verified, peer_addr)

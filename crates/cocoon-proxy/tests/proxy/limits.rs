@@ -453,3 +453,62 @@ async fn an_absurd_offer_does_not_turn_other_clients_requests_into_402() {
     assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
     assert_eq!((honest.served(), absurd.served()), (1, 0));
 }
+
+/// Clients filling every client slot (here 2: the gateway's and an idle connection of the
+/// test's) cannot keep a worker out: workers have their own share. A worker that drops and
+/// comes back joins and serves. (With one pool, the idle client took the slot the worker
+/// left, and the worker never got back in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_filling_their_slots_do_not_keep_a_worker_out() {
+    use cocoon_testkit::backends::Scripted;
+    let worker = Scripted::new(2048);
+    let mut net = DevNetwork::start(
+        DevOptions {
+            proxy_max_connections: 2,
+            ..test_options()
+        },
+        vec![worker.clone()],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        chat(&net, "hello", json!({"max_tokens": 2})).await.status(),
+        200
+    );
+    // An idle client takes the other client slot (and, with one pool, waits for any slot).
+    let idle = tokio::spawn({
+        let identity = Arc::new(
+            net.dev_attester()
+                .identity(None, "cocoon-client", "client")
+                .unwrap(),
+        );
+        let verifier = net.dev_policy().build("proxy_policy", "proxy").unwrap();
+        let tls = cocoon_tls::client_config(identity, verifier, &[ALPN_CLIENT]);
+        let proxy = net.proxy_addr.to_string();
+        async move {
+            let conn = cocoon_net::connect_tls(&proxy, tls).await.unwrap();
+            let (channel, driver) = cocoon_net::Channel::handshake(conn).await.unwrap();
+            tokio::spawn(driver);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(channel);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    net.stop_worker(0);
+    wait_until("the worker to leave", Duration::from_secs(10), || {
+        net.proxy_status().workers.is_empty()
+    })
+    .await;
+    net.start_worker(0);
+    wait_until("the worker to join again", Duration::from_secs(10), || {
+        net.proxy_status().workers.len() == 1
+    })
+    .await;
+    assert_eq!(
+        chat(&net, "hello", json!({"max_tokens": 2})).await.status(),
+        200
+    );
+    assert_eq!(worker.served(), 2);
+    idle.abort();
+}

@@ -59,6 +59,8 @@ pub struct DevOptions {
     pub gateway_access: cocoon_client::AccessConfig,
     /// The most answer text the gateway gathers for a request without streaming.
     pub gateway_max_answer_bytes: usize,
+    /// The proxy's `max_connections` (client connections).
+    pub proxy_max_connections: usize,
 }
 
 impl Default for DevOptions {
@@ -75,6 +77,7 @@ impl Default for DevOptions {
             worker_prices: Vec::new(),
             gateway_access: cocoon_client::AccessConfig::default(),
             gateway_max_answer_bytes: ClientConfig::default().max_answer_bytes,
+            proxy_max_connections: ProxyConfig::default().max_connections,
         }
     }
 }
@@ -556,6 +559,7 @@ async fn start_proxy(
             },
             limits: setup.options.limits.clone(),
             routing: setup.options.routing.clone(),
+            max_connections: setup.options.proxy_max_connections,
             ..ProxyConfig::default()
         },
         keys::LEDGERS,
