@@ -27,8 +27,14 @@ const MAX_SSE_LINE: usize = 1 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Base URL of the OpenAI API, e.g. `http://127.0.0.1:8000/v1`.
+    /// Base URL of the OpenAI API, e.g. `http://127.0.0.1:8000/v1` or `https://…`: an
+    /// https server's certificate is checked against the public web roots (webpki-roots, built
+    /// in) and `ca_file`.
     pub url: String,
+    /// A PEM file of CA certificates to trust beside the public roots, for an https upstream
+    /// with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Sent as `Authorization: Bearer` when set.
     #[serde(default)]
     pub api_key: Option<String>,
@@ -80,8 +86,27 @@ impl UpstreamBackend {
                 "upstream backend needs at least one model",
             ));
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(config.timeout_secs))
+            .https_only(false);
+        if let Some(file) = &config.ca_file {
+            let pem = std::fs::read(file).map_err(|e| {
+                ProtocolError::internal(format!("upstream ca_file {}: {e}", file.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ProtocolError::internal(format!("upstream ca_file {}: {e}", file.display()))
+            })?;
+            if certs.is_empty() {
+                return Err(ProtocolError::internal(format!(
+                    "upstream ca_file {} holds no certificate",
+                    file.display()
+                )));
+            }
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http
             .build()
             .map_err(|e| ProtocolError::internal(format!("http client: {e}")))?;
         Ok(Self {
@@ -420,6 +445,7 @@ mod tests {
         for piece in [1, 7, 64, 4096] {
             let backend = UpstreamBackend::new(UpstreamConfig {
                 url: split_server(piece).await,
+                ca_file: None,
                 api_key: None,
                 models: vec![UpstreamModel {
                     id: "m".into(),

@@ -125,6 +125,7 @@ fn body(max_tokens: u32) -> Value {
 fn upstream(server: &Synthetic) -> anyhow::Result<Arc<dyn Backend>> {
     Ok(Arc::new(UpstreamBackend::new(UpstreamConfig {
         url: server.url(),
+        ca_file: None,
         api_key: None,
         models: vec![UpstreamModel {
             id: synthetic::MODEL.into(),

@@ -311,6 +311,7 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
             },
             backends: vec![BackendConfig::Upstream(UpstreamConfig {
                 url: model_server.url(),
+                ca_file: None,
                 api_key: None,
                 models: vec![UpstreamModel {
                     id: SYNTHETIC.into(),

@@ -116,6 +116,7 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
     let relay: Arc<dyn Backend> = Arc::new(
         UpstreamBackend::new(UpstreamConfig {
             url: upstream.gateway_url(),
+            ca_file: None,
             api_key: Some("unused".into()),
             models: vec![
                 serde_json::from_value(
@@ -191,4 +192,124 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
         || relay.stats().cancelled == 1,
     )
     .await;
+}
+
+/// A TLS terminator on loopback in front of `to` (plain HTTP), with a certificate for
+/// 127.0.0.1 signed by a fresh private CA: an https upstream as a GPU owner runs one (vLLM
+/// behind a TLS proxy). Its address and the CA's PEM.
+async fn https_in_front_of(listener: tokio::net::TcpListener, to: std::net::SocketAddr) -> String {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    ca.pem()
+}
+
+/// The production path of an upstream backend: an https server with a private CA is served
+/// once its CA is given (`ca_file`), and refused without it (its certificate checks against
+/// the public roots only): reqwest was built without TLS, so every https upstream failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_with_a_private_ca_is_served_and_refused_without_it() {
+    use cocoon_testkit::backends::{MODEL, Scripted};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_addr = listener.local_addr().unwrap();
+    // The upstream: a cocoon gateway of its own, answering to the terminator's address.
+    let upstream = DevNetwork::start(
+        DevOptions {
+            gateway_access: cocoon_client::AccessConfig {
+                hosts: vec![tls_addr.to_string()],
+                ..Default::default()
+            },
+            ..cocoon_testkit::dev::test_options()
+        },
+        vec![Scripted::new(2048)],
+    )
+    .await
+    .unwrap();
+    upstream
+        .wait_ready(1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let ca = https_in_front_of(listener, upstream.gateway_addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let relay = |ca_file: Option<std::path::PathBuf>| -> Arc<dyn Backend> {
+        Arc::new(
+            UpstreamBackend::new(UpstreamConfig {
+                url: format!("https://{tls_addr}/v1"),
+                ca_file,
+                api_key: None,
+                models: vec![
+                    serde_json::from_value(
+                        json!({"id": "tls-upstream", "upstream_id": MODEL, "context_length": 2048}),
+                    )
+                    .unwrap(),
+                ],
+                parallel: 4,
+                timeout_secs: 10,
+            })
+            .unwrap(),
+        )
+    };
+    let http = reqwest::Client::new();
+    let body = json!({"model": "tls-upstream", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3});
+
+    let trusted = network(vec![relay(Some(ca_file))]).await;
+    let answer: Value = post_json(
+        &http,
+        format!("{}/chat/completions", trusted.gateway_url()),
+        &body,
+    )
+    .await;
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], "ttt",
+        "{answer}"
+    );
+    assert_eq!(answer["usage"]["completion_tokens"], 3);
+
+    let untrusted = network(vec![relay(None)]).await;
+    let refused = http
+        .post(format!("{}/chat/completions", untrusted.gateway_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(!refused.status().is_success(), "an unknown CA was trusted");
+    let error: Value = refused.json().await.unwrap();
+    let message = error["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!message.is_empty(), "{error}");
 }
