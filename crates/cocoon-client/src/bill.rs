@@ -431,7 +431,9 @@ impl BillRecord {
         let key = hex::encode(contract.0);
         let before = kept.claimed.get(&key).cloned();
         let claimed = kept.claimed.entry(key.clone()).or_default();
-        claimed.claim(end, len).map_err(Fault::Bad)?;
+        // A range billed before is no price change: no refresh can explain it, so it counts
+        // against the proxy even while the parameters cannot be read again.
+        claimed.claim(end, len).map_err(Fault::Overbilled)?;
         let (unexplained, unbilled) = (claimed.unexplained(), claimed.unbilled);
         if let Err(e) = self.persist(&kept) {
             // Not kept, not claimed: a restart must not find a claim the gateway never had.
@@ -484,9 +486,9 @@ enum Refreshed {
 #[derive(Debug)]
 enum Fault {
     Bad(String),
-    /// The charge's counter skips more than this gateway's unbilled requests could cost: the
-    /// proxy's fault, and not one a price change explains (no refresh, no re-check: the range
-    /// is claimed already).
+    /// The charge claims a range billed before, or its counter skips more than this gateway's
+    /// unbilled requests could cost: the proxy's fault, and not one a price change explains
+    /// (no refresh, no re-check).
     Overbilled(String),
     Unrecorded(String),
     /// It failed against parameters that could not be confirmed as current: not counted
@@ -1157,31 +1159,10 @@ mod tests {
     /// an honest proxy's bills at the new prices count against it (durably) for up to 10 s.
     #[tokio::test]
     async fn attack_one_proxys_bad_bill_makes_anothers_honest_bills_bad() {
-        use cocoon_ledger::{EmbeddedLedger, Ledger, Op, Tx};
-        let dir = tempfile::tempdir().unwrap();
-        let owner = [1u8; 32];
-        let ledger = Arc::new(
-            EmbeddedLedger::open_network(&dir.path().join("ledger.redb"), owner, NET).unwrap(),
-        );
+        use cocoon_ledger::{Ledger, Op, Tx};
+        let (_dir, ledger, record, [_, h]) = two_proxies_on_a_ledger().await;
+        let (owner, client, honest) = ([1u8; 32], [2; 32], Wallet::from_seed([9; 32]));
         let before = ledger.params().await.unwrap();
-        let record =
-            Arc::new(BillRecord::new(Some(before.clone()), 3).with_ledger(ledger.clone(), NET));
-        let client = [2; 32];
-        let evil = Wallet::from_seed([8; 32]);
-        let honest = Wallet::from_seed([9; 32]);
-        let e = Parties {
-            record: record.clone(),
-            max_price: None,
-            ..parties(&evil, client, None)
-        };
-        let h = Parties {
-            record: record.clone(),
-            max_price: None,
-            ..parties(&honest, client, None)
-        };
-        let mut junk = bill(&evil, client, 10, 10);
-        junk.cost += 1;
-        assert!(e.verdict(Some(&junk), usage(10)).await.unwrap().is_err());
         ledger
             .execute(Tx {
                 sender: owner,
@@ -1205,6 +1186,54 @@ mod tests {
             0,
             "honest bills at the owner's new prices were counted bad"
         );
+    }
+
+    /// A record on a real embedded ledger (owner `[1; 32]`) shared by two proxies' parties
+    /// for client `[2; 32]`: a dishonest one (seed 8) whose first bill was junk, which has just
+    /// spent the record's parameter refresh, and an honest one (seed 9).
+    async fn two_proxies_on_a_ledger() -> (
+        tempfile::TempDir,
+        Arc<cocoon_ledger::EmbeddedLedger>,
+        Arc<BillRecord>,
+        [Parties; 2],
+    ) {
+        use cocoon_ledger::{EmbeddedLedger, Ledger};
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(
+            EmbeddedLedger::open_network(&dir.path().join("ledger.redb"), [1; 32], NET).unwrap(),
+        );
+        let params = ledger.params().await.unwrap();
+        let record = Arc::new(BillRecord::new(Some(params), 3).with_ledger(ledger.clone(), NET));
+        let client = [2; 32];
+        let [evil, honest] = [8, 9].map(|seed| Wallet::from_seed([seed; 32]));
+        let on_record = |proxy: &Wallet| Parties {
+            record: record.clone(),
+            max_price: None,
+            ..parties(proxy, client, None)
+        };
+        let (e, h) = (on_record(&evil), on_record(&honest));
+        let mut junk = bill(&evil, client, 10, 10);
+        junk.cost += 1;
+        assert!(e.verdict(Some(&junk), usage(10)).await.unwrap().is_err());
+        (dir, ledger, record, [e, h])
+    }
+
+    /// ATTACK: a range billed twice failed as a plain bad bill, which a price change might
+    /// explain: while the parameters could not be read again (any proxy's bad bill spends the
+    /// refresh for 10 s), the double charge was reported but never counted against the proxy.
+    #[tokio::test]
+    async fn attack_a_double_charge_counts_while_the_refresh_is_spent() {
+        let (_dir, _ledger, record, [_, h]) = two_proxies_on_a_ledger().await;
+        let honest = Wallet::from_seed([9; 32]);
+        let once = bill(&honest, [2; 32], 10, 10);
+        h.verdict(Some(&once), usage(10)).await.unwrap().unwrap();
+        let twice = h
+            .verdict(Some(&once), usage(10))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(twice.contains("billed before"), "{twice}");
+        assert_eq!(record.bad_bills(&honest.public_key()), 1, "not counted");
     }
 
     /// HELD: edges of the claimed ranges (u64::MAX, 0, out-of-order merges, the fold, len 0).

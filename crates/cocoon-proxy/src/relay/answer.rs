@@ -163,8 +163,14 @@ impl Answer {
                     },
                     _,
                 ))) => {
-                    let usage = self.bounded(&worker, self.bounds.apply(usage, relayed));
-                    self.record_served(usage);
+                    let bounded = self.bounds.apply(usage, relayed);
+                    // Made-up counts never feed the speed record: an overreport is recorded as
+                    // one, and only an honest answer as served.
+                    let honest = bounded.breach.is_none();
+                    let usage = self.bounded(&worker, bounded);
+                    if honest {
+                        self.record_served(usage);
+                    }
                     // The client is shown the counts it is billed for, not the worker's claim.
                     let frame = match (self.state.billing.clone(), self.hold.take()) {
                         // The answer is acknowledged only once its bill is on disk.

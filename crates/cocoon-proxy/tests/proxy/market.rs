@@ -317,6 +317,24 @@ async fn a_worker_that_overstates_its_counts_is_billed_at_the_bound_then_barred(
                 .find(|w| w.fingerprint == liar_fingerprint)
                 .unwrap();
             assert!(worker.reputation.success_rate < 0.5, "{worker:?}");
+            // Its inflated counts bought it no speed: its time to first token and speed are
+            // still the priors a worker starts with, as the honest one's (not yet asked) are.
+            let honest = status
+                .workers
+                .iter()
+                .find(|w| w.fingerprint != liar_fingerprint)
+                .unwrap();
+            assert_eq!(
+                (
+                    worker.reputation.ttft_secs,
+                    worker.reputation.tokens_per_sec
+                ),
+                (
+                    honest.reputation.ttft_secs,
+                    honest.reputation.tokens_per_sec
+                ),
+                "{worker:?} {honest:?}"
+            );
         }
     }
     // Every charge signed is one of those bounded bills, nothing more.
