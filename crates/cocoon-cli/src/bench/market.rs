@@ -115,6 +115,7 @@ fn ask(max_price: Option<u64>) -> Ask<'static> {
         tokens: 128,
         exclude: &[],
         min_context: 0,
+        max_context: None,
     }
 }
 

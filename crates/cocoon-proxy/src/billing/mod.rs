@@ -146,6 +146,18 @@ fn ledger_unavailable(e: LedgerError) -> ProtocolError {
     ProtocolError::unavailable(format!("the ledger cannot be read: {e}"))
 }
 
+/// What a reservation at one price and bound would hold.
+struct Need {
+    /// Nanoton held.
+    amount: Nanoton,
+    /// Weighted tokens it is for.
+    weighted: u64,
+    /// Nanoton per weighted token.
+    price: u64,
+    /// Which of the narrower choices it is; `None`: the widest.
+    choice: Option<usize>,
+}
+
 /// Counter units for `weighted` tokens at `price` per token: the contract counts in units of
 /// the floor price, so a dearer request advances it proportionally more, rounded down (the
 /// client never pays above its price). Below the floor the floor applies.
@@ -326,25 +338,38 @@ impl Billing {
         Ok(contract)
     }
 
-    /// Holds the most a request within `bounds` could cost at `price` per token against the
-    /// client's contract, or refuses it.
+    /// Holds the most a request could cost against the client's contract, or refuses it: at
+    /// `widest` (its bounds and price per token) if the contract covers that, else at the
+    /// dearest of the `narrower` choices it covers (asked for only then; `Some(index)` of the
+    /// one held). A client that cannot cover the dearest worker is held to those it can cover,
+    /// instead of refused.
     pub(crate) async fn reserve(
         self: &Arc<Self>,
         client: PublicKey,
-        bounds: &UsageBounds,
-        price: u64,
-    ) -> Result<Hold, ProtocolError> {
+        widest: (&UsageBounds, u64),
+        narrower: impl FnOnce() -> Vec<(UsageBounds, u64)>,
+    ) -> Result<(Hold, Option<usize>), ProtocolError> {
         let params = self.params.read().clone();
-        let weighted = params
-            .weighted_tokens(&[
-                (TokenKind::Prompt, bounds.prompt()),
-                (TokenKind::Completion, bounds.completion()),
-            ])
-            .map_err(|e| ProtocolError::invalid(e.to_string()))?;
-        let tokens = units(&params, weighted, price);
-        let need = params
-            .cost(tokens)
-            .map_err(|e| ProtocolError::invalid(e.to_string()))?;
+        let need_of = |bounds: &UsageBounds, price: u64| -> Result<Need, ProtocolError> {
+            let weighted = params
+                .weighted_tokens(&[
+                    (TokenKind::Prompt, bounds.prompt()),
+                    (TokenKind::Completion, bounds.completion()),
+                ])
+                .map_err(|e| ProtocolError::invalid(e.to_string()))?;
+            let amount = params
+                .cost(units(&params, weighted, price))
+                .map_err(|e| ProtocolError::invalid(e.to_string()))?;
+            Ok(Need {
+                amount,
+                weighted,
+                price,
+                choice: None,
+            })
+        };
+        // Dearest first: the first the contract covers leaves the most workers to choose from.
+        let mut needs = vec![need_of(widest.0, widest.1)?];
+        let mut narrower = Some(narrower);
         let no_contract = || {
             payment_required(format!(
                 "this client ({}) has no contract with this proxy: deposit and stake first \
@@ -380,7 +405,7 @@ impl Billing {
                 .cost(charged.saturating_sub(contract.tokens_used))
                 .unwrap_or(Nanoton::MAX);
             let cover = contract.balance.min(contract.stake);
-            {
+            let committed_work = loop {
                 let mut clients = self.clients.lock();
                 let view = clients.get_mut(&client).expect("read just above");
                 if view.closing {
@@ -389,26 +414,48 @@ impl Billing {
                     ));
                 }
                 let committed_work = unbilled.saturating_add(view.reserved);
-                if committed_work.saturating_add(need) <= cover {
-                    view.reserved += need;
-                    return Ok(Hold {
+                if let Some(need) = needs
+                    .iter()
+                    .find(|n| committed_work.saturating_add(n.amount) <= cover)
+                {
+                    view.reserved += need.amount;
+                    let hold = Hold {
                         billing: self.clone(),
                         client,
-                        amount: need,
-                    });
+                        amount: need.amount,
+                    };
+                    return Ok((hold, need.choice));
                 }
-                if fresh {
-                    return Err(payment_required(format!(
-                        "this request may cost up to {need} nanoton ({weighted} tokens at up \
-                         to {} nanoton); the contract's balance is {} and its stake {}, which \
-                         must cover the {committed_work} nanoton of work already in flight or \
-                         not yet settled as well: deposit or raise the stake \
-                         (`cocoon client deposit`, `cocoon client stake`)",
-                        price.max(u64::try_from(params.price_per_token).unwrap_or(u64::MAX)),
-                        contract.balance,
-                        contract.stake
-                    )));
+                drop(clients);
+                match narrower.take() {
+                    Some(choices) => {
+                        for (i, (bounds, price)) in choices().iter().enumerate() {
+                            needs.push(Need {
+                                choice: Some(i),
+                                ..need_of(bounds, *price)?
+                            });
+                        }
+                        needs[1..].sort_by_key(|n| std::cmp::Reverse(n.amount));
+                    }
+                    None => break committed_work,
                 }
+            };
+            if fresh {
+                let least = needs.iter().min_by_key(|n| n.amount).expect("the widest");
+                return Err(payment_required(format!(
+                    "this request may cost up to {} nanoton ({} tokens at up to {} nanoton) \
+                     even on the cheapest worker that serves it; the contract's balance is {} \
+                     and its stake {}, which must cover the {committed_work} nanoton of work \
+                     already in flight or not yet settled as well: deposit or raise the stake \
+                     (`cocoon client deposit`, `cocoon client stake`)",
+                    least.amount,
+                    least.weighted,
+                    least
+                        .price
+                        .max(u64::try_from(params.price_per_token).unwrap_or(u64::MAX)),
+                    contract.balance,
+                    contract.stake
+                )));
             }
             // Committing what is unbilled frees the stake for new work; a deposit may also
             // have landed since the contract was read. At most one such commit per client per

@@ -180,6 +180,10 @@ pub struct Ask<'a> {
     /// Only workers offering at least this context (0: any). Set after a worker found the
     /// request too long for its context.
     pub min_context: u32,
+    /// Only workers offering at most this context (`None`: any): a request without
+    /// `max_tokens` is reserved for the context, so one whose client cannot cover the longest
+    /// is held to the workers its reservation covers.
+    pub max_context: Option<u32>,
 }
 
 /// Why no worker was picked.
@@ -413,6 +417,19 @@ impl<T> Market<T> {
         }
     }
 
+    /// What each worker serving `model` at or below `max_price` offers (health and load
+    /// aside): its price, the network's floor applied, and its context.
+    pub fn offers_within(&self, model: &str, max_price: Option<u64>) -> Vec<(u64, u32)> {
+        let index = self.index.read();
+        let Some(book) = index.books.get(model) else {
+            return Vec::new();
+        };
+        book.by_price[..self.affordable(book, max_price)]
+            .iter()
+            .filter_map(|(p, s)| Some((self.effective(*p), s.offer(model)?.context_length)))
+            .collect()
+    }
+
     /// The highest price a request for `model` capped at `max_price` can be served at: what a
     /// reservation must cover whichever worker ends up serving it.
     pub fn highest_price(&self, model: &str, max_price: Option<u64>) -> Option<u64> {
@@ -481,9 +498,10 @@ impl<T> Market<T> {
         let usable = |s: &Seller<T>| {
             s.healthy()
                 && !ask.exclude.contains(&s.id)
-                && (ask.min_context == 0
-                    || s.offer(ask.model)
-                        .is_some_and(|o| o.context_length >= ask.min_context))
+                && s.offer(ask.model).is_some_and(|o| {
+                    o.context_length >= ask.min_context
+                        && ask.max_context.is_none_or(|m| o.context_length <= m)
+                })
         };
         let now = self.now();
         // The prefix's previous worker, if it can take one more now.

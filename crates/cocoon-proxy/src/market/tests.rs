@@ -18,6 +18,7 @@ fn ask<'a>(model: &'a str, max_price: Option<u64>, exclude: &'a [u64]) -> Ask<'a
         tokens: 64,
         exclude,
         min_context: 0,
+        max_context: None,
     }
 }
 
@@ -111,7 +112,7 @@ fn long_answers_in_flight_weigh_more_than_short_ones() {
 }
 
 #[test]
-fn a_context_floor_keeps_short_contexts_out() {
+fn context_floors_and_ceilings_keep_workers_out() {
     let m = Market::<()>::new();
     let short = m.add([1; 32], "short".into(), 4, offer("m", 20), ());
     let mut long_offer = offer("m", 40);
@@ -128,6 +129,25 @@ fn a_context_floor_keeps_short_contexts_out() {
         ..ask("m", None, &[])
     };
     assert_eq!(m.pick(&too_much).unwrap_err(), NoPick::NoneAvailable);
+    // A ceiling keeps long contexts out (what a reservation for a shorter one covers).
+    let held = Ask {
+        max_context: Some(8191),
+        ..ask("m", None, &[])
+    };
+    for _ in 0..8 {
+        assert_eq!(m.pick(&held).unwrap().seller().id, short.id);
+    }
+    let between = Ask {
+        min_context: 2049,
+        ..held
+    };
+    assert_eq!(m.pick(&between).unwrap_err(), NoPick::NoneAvailable);
+    // What a reservation chooses from: each affordable worker's price and context.
+    let mut offers = m.offers_within("m", None);
+    offers.sort_unstable();
+    assert_eq!(offers, [(20, 2048), (40, 8192)]);
+    assert_eq!(m.offers_within("m", Some(30)), [(20, 2048)]);
+    assert!(m.offers_within("other", None).is_empty());
 }
 
 #[test]

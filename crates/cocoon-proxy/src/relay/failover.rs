@@ -42,11 +42,14 @@ fn context_of<T>(worker: &Seller<T>, request: &GenerateRequest) -> Option<u32> {
 /// too long for one worker's context is not: that says nothing about the worker). The
 /// error is either a worker's verdict on the request itself, returned as the worker gave
 /// it since any other would say the same, or, once the bounds are spent, the last reason
-/// with the count of workers tried.
+/// with the count of workers tried. Only workers at or below the request's `max_price` and,
+/// when `max_context` is set, with at most that context are asked: the ones its reservation
+/// covers.
 pub(super) async fn run<T, S, F, Fut>(
     market: &Market<T>,
     routing: &RoutingConfig,
     request: &GenerateRequest,
+    max_context: Option<u32>,
     mut attempt: F,
 ) -> Result<Begun<T, S>, ProtocolError>
 where
@@ -76,6 +79,7 @@ where
             tokens,
             exclude: &tried,
             min_context,
+            max_context,
         }) {
             Ok(load) => load,
             Err(no) => {
@@ -106,7 +110,10 @@ where
             // worker's fault.
             Ok(Err(e))
                 if e.kind == ErrorKind::ContextLengthExceeded
-                    && market.context_length(&request.model) > context_of(&worker, request) =>
+                    && market
+                        .context_length(&request.model)
+                        .min(max_context.or(Some(u32::MAX)))
+                        > context_of(&worker, request) =>
             {
                 tracing::debug!(worker = %worker.name, "request too long for this worker's context, trying a longer one");
                 let context = context_of(&worker, request).unwrap_or(0);
@@ -206,6 +213,7 @@ mod tests {
                 &self.market,
                 routing,
                 &request(),
+                None,
                 |worker: Arc<Seller<()>>| {
                     self.asked.borrow_mut().push(worker.name.clone());
                     let reply = self.replies[&worker.name].clone();

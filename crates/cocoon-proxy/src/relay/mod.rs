@@ -9,13 +9,14 @@
 //!
 //! A request goes through one step per module, each refusing with the error the client
 //! gets: [`admit`] (body, limits, validity, some worker able to serve it), the reservation
-//! here, [`failover`] (the attempts up to a first token), then [`answer`] (the stream, its
+//! here (over the workers the client's cover [`reach`]es), [`failover`] (the attempts up to a first token), then [`answer`] (the stream, its
 //! bill, the worker's record). [`errors`] words the refusals that are the proxy's own.
 
 mod admit;
 mod answer;
 mod errors;
 mod failover;
+mod reach;
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ use http::Response;
 use hyper::body::Incoming;
 
 pub(crate) use self::answer::send_payout;
+use self::reach::Reach;
 use crate::billing::{Hold, UsageBounds};
 use crate::server::State;
 
@@ -50,33 +52,59 @@ async fn serve(
     let read = cocoon_net::read_json(body, state.max_request_bytes);
     let request = admit::read(read, state.limiter.config()).await?;
     admit::check(&state.limiter, &state.workers, &request)?;
-    // What the worker may bill is fixed now, from the request itself: the reservation covers
-    // exactly that, and the worker's report is held to it.
-    let context = state.workers.context_length(&request.model);
-    let bounds = UsageBounds::new(&request, context.unwrap_or(u32::MAX));
-    let hold = reserve(state, client, &request, &bounds).await?;
-    let begun = failover::run(&state.workers, &state.routing, &request, |worker| {
-        answer::start(worker, &request)
-    })
+    // What the worker may bill is fixed now, from the request itself and the workers it may
+    // go to: the reservation covers exactly that, the routing keeps to those workers, and the
+    // worker's report is held to the bounds.
+    let (hold, reach) = reserve(state, client, &request).await?;
+    let (routed, max_context, bounds) = match &reach {
+        Some(reach) => (reach.routed(&request), reach.context, reach.bounds),
+        None => {
+            let context = state.workers.context_length(&request.model);
+            let bounds = UsageBounds::new(&request, context.unwrap_or(u32::MAX));
+            (request, None, bounds)
+        }
+    };
+    let begun = failover::run(
+        &state.workers,
+        &state.routing,
+        &routed,
+        max_context,
+        |worker| answer::start(worker, &routed),
+    )
     .await?;
     Ok(answer::stream(state.clone(), begun, permit, hold, bounds))
 }
 
-/// Reserves what the request may cost (nothing without payments). It must cover the
-/// dearest worker the request may end up on, since failover may move it to any of them.
+/// Reserves what the request may cost (nothing, and no reach, without payments). It must
+/// cover the dearest worker the request may end up on, since failover may move it to any of
+/// them: every worker within the client's `max_price` if the contract covers that, else the
+/// widest [`Reach`] it covers.
 async fn reserve(
     state: &State,
     client: [u8; 32],
     request: &GenerateRequest,
-    bounds: &UsageBounds,
-) -> Result<Option<Hold>, ProtocolError> {
-    match (
-        &state.billing,
-        state
-            .workers
-            .highest_price(&request.model, request.max_price),
-    ) {
-        (Some(billing), Some(price)) => billing.reserve(client, bounds, price).await.map(Some),
-        _ => Ok(None),
+) -> Result<(Option<Hold>, Option<Reach>), ProtocolError> {
+    let Some(billing) = &state.billing else {
+        return Ok((None, None));
+    };
+    // Admission found a worker; one that left since must not let the request through
+    // unreserved (it would be served unbilled).
+    let widest = Reach::widest(&state.workers, request).ok_or_else(|| {
+        ProtocolError::unavailable(format!(
+            "no worker serves model '{}' within the request's max_price any more",
+            request.model
+        ))
+    })?;
+    let mut narrower = Vec::new();
+    let (hold, choice) = billing
+        .reserve(client, (&widest.bounds, widest.price), || {
+            narrower = Reach::narrower(&state.workers, request);
+            narrower.iter().map(|r| (r.bounds, r.price)).collect()
+        })
+        .await?;
+    let reach = choice.map_or(widest, |i| narrower[i]);
+    if reach != widest {
+        tracing::debug!(price = reach.price, context = ?reach.context, "the client's cover reaches only some workers; routing among them");
     }
+    Ok((Some(hold), Some(reach)))
 }

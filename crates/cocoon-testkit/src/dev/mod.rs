@@ -61,6 +61,9 @@ pub struct DevOptions {
     pub gateway_max_answer_bytes: usize,
     /// The proxy's `max_connections` (client connections).
     pub proxy_max_connections: usize,
+    /// The most the gateway pays per weighted token (`[payments] max_price_per_token`);
+    /// `None`: ten floors.
+    pub gateway_max_price: Option<u64>,
 }
 
 impl Default for DevOptions {
@@ -78,6 +81,7 @@ impl Default for DevOptions {
             gateway_access: cocoon_client::AccessConfig::default(),
             gateway_max_answer_bytes: ClientConfig::default().max_answer_bytes,
             proxy_max_connections: ProxyConfig::default().max_connections,
+            gateway_max_price: None,
         }
     }
 }
@@ -210,6 +214,7 @@ impl DevNetwork {
                     ledger: ledger_url.clone(),
                     proxy_key: Some(hex::encode(proxy_key)),
                     bill_file: dev_dir.path().join("client-bills.json"),
+                    max_price_per_token: options.gateway_max_price,
                     ..ClientPayments::default()
                 },
                 access: options.gateway_access.clone(),

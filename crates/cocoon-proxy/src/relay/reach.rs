@@ -1,0 +1,95 @@
+//! Where a request may go, as its reservation sees it. A request is reserved for the most it
+//! could cost on the workers it may be routed to: their highest price and, without
+//! `max_tokens`, their longest context (the completion may run to it). One worker announcing
+//! a long context at a high price would make that worst case more than many clients' cover,
+//! so a client that cannot cover every worker is held to the workers it can cover: the
+//! widest reach (price and context ceilings) its cover allows, and the routing keeps to it.
+
+use cocoon_protocol::{GenerateRequest, UsageBounds};
+
+use crate::workers::WorkerSet;
+
+/// A ceiling on the workers a request may go to, and the bounds of its answer under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reach {
+    /// The highest price (nanoton per weighted token, the floor applied) of those workers.
+    pub(crate) price: u64,
+    /// The longest context of those workers; `None` when it does not matter (the request
+    /// sets `max_tokens`) or no worker serves the model.
+    pub(crate) context: Option<u32>,
+    /// The most the answer may be counted as under this reach.
+    pub(crate) bounds: UsageBounds,
+}
+
+impl Reach {
+    /// Every worker serving the request's model within its `max_price`: today's highest price
+    /// and longest context. `None` when no worker serves it within the price.
+    pub(crate) fn widest(workers: &WorkerSet, request: &GenerateRequest) -> Option<Self> {
+        let price = workers.highest_price(&request.model, request.max_price)?;
+        let context = workers.context_length(&request.model);
+        Some(Self::at(request, price, context))
+    }
+
+    /// One reach per worker serving the request's model within its `max_price`: its own
+    /// price and context as ceilings (it and every worker no dearer and no longer fit under
+    /// it). What a client that cannot cover the widest reach chooses from.
+    pub(crate) fn narrower(workers: &WorkerSet, request: &GenerateRequest) -> Vec<Self> {
+        workers
+            .offers_within(&request.model, request.max_price)
+            .into_iter()
+            .map(|(price, context)| Self::at(request, price, Some(context)))
+            .collect()
+    }
+
+    fn at(request: &GenerateRequest, price: u64, context: Option<u32>) -> Self {
+        // With max_tokens the context bounds nothing: no ceiling on it.
+        let context = context.filter(|_| request.params.max_tokens.is_none());
+        Self {
+            price,
+            context,
+            bounds: UsageBounds::new(request, context.unwrap_or(u32::MAX)),
+        }
+    }
+
+    /// The request as the routing sees it under this reach: at most this price.
+    pub(crate) fn routed(&self, request: &GenerateRequest) -> GenerateRequest {
+        GenerateRequest {
+            max_price: Some(request.max_price.map_or(self.price, |m| m.min(self.price))),
+            ..request.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cocoon_protocol::{Input, SamplingParams};
+
+    fn request(max_tokens: Option<u32>, max_price: Option<u64>) -> GenerateRequest {
+        GenerateRequest {
+            model: "m".into(),
+            input: Input::Text {
+                prompt: "hi".into(),
+            },
+            params: SamplingParams {
+                max_tokens,
+                ..SamplingParams::default()
+            },
+            max_price,
+        }
+    }
+
+    #[test]
+    fn the_context_is_a_ceiling_only_without_max_tokens() {
+        let open = Reach::at(&request(None, None), 40, Some(4096));
+        assert_eq!(open.context, Some(4096));
+        assert_eq!(open.bounds.completion(), 4096);
+        let capped = Reach::at(&request(Some(16), None), 40, Some(4096));
+        assert_eq!(capped.context, None);
+        assert_eq!(capped.bounds.completion(), 16);
+        // Routed under the reach: never above it, nor above the client's own cap.
+        assert_eq!(open.routed(&request(None, None)).max_price, Some(40));
+        assert_eq!(open.routed(&request(None, Some(30))).max_price, Some(30));
+        assert_eq!(open.routed(&request(None, Some(90))).max_price, Some(40));
+    }
+}
