@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use cocoon_tls::{AttesterConfig, PeerPolicy};
 
+use crate::admin::AdminConfig;
 pub(crate) use crate::billing::PaymentsConfig;
 pub use crate::limits::LimitsConfig;
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,9 @@ pub struct ProxyConfig {
     pub limits: LimitsConfig,
     /// Failover, health checks and the record of each worker's performance.
     pub routing: RoutingConfig,
+    /// The operator's listener: the whole status (every worker, refusal and the ledger),
+    /// which clients do not see. Off unless `[admin] listen` is set.
+    pub admin: AdminConfig,
 }
 
 /// `[routing]` in `proxy.toml`.
@@ -127,6 +131,7 @@ impl Default for ProxyConfig {
             payments: PaymentsConfig::default(),
             limits: LimitsConfig::default(),
             routing: RoutingConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }

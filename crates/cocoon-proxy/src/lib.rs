@@ -7,19 +7,23 @@
 //! fails over to another before the first token, and relays back event by event. This crate
 //! owns that routing, the worker registry and its health checks, who is admitted (attestation policies per role), what
 //! each request costs (reservation, settlement, the proxy's durable record, batched commits to
-//! the ledger), the abuse limits per client and address, and the proxy's configuration.
+//! the ledger), the abuse limits per client and address, the operator's `[admin]` listener (the whole status;
+//! clients see only aggregates), and the proxy's configuration.
 
+mod admin;
 mod admission;
 mod billing;
 mod config;
+mod handshakes;
 mod limits;
 pub mod market;
 mod relay;
 mod server;
 mod workers;
 
+pub use admin::AdminConfig;
 pub use admission::Refusal;
 pub use billing::{Book, BookError, ClientRecord, PaymentsConfig, PaymentsStatus, WorkerRecord};
 pub use config::{LimitsConfig, ProxyConfig, RoutingConfig};
-pub use server::{Proxy, ProxyStatus, StatusSource, WorkerStatus};
+pub use server::{LoadStatus, Proxy, ProxyStatus, PublicStatus, StatusSource, WorkerStatus};
 pub use workers::{WorkerEntry, WorkerSet};

@@ -50,8 +50,10 @@ pub struct LimitsConfig {
     /// The highest price a worker may announce, in multiples of the network's floor price;
     /// an offer beyond it is refused when the worker joins (without payments: not checked).
     pub max_price_floors: u64,
-    /// Connections still in their TLS handshake at most (a further one is closed at once):
-    /// before its handshake a peer is neither client nor worker, and gets neither's share.
+    /// Connections still in their TLS handshake at most: before its handshake a peer is
+    /// neither client nor worker, and gets neither's share. When they are all taken, a further
+    /// connection takes the place of the oldest handshake that has run 2 s (so stalled
+    /// handshakes cannot keep anyone out), or is closed at once if none has.
     pub handshaking_connections: u32,
     /// Open worker connections at most, apart from the clients' `max_connections`.
     pub worker_connections: u32,

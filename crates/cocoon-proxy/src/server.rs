@@ -15,9 +15,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::AdminListener;
 use crate::admission::{Admission, Refusal};
 use crate::billing::{Billing, PaymentsStatus};
 use crate::config::{ProxyConfig, RoutingConfig};
+use crate::handshakes::{Handshakes, Place};
 use crate::limits::Limiter;
 use crate::market::{Offer, Reputation};
 use crate::relay;
@@ -31,6 +33,7 @@ const SAVE_EVERY: Duration = Duration::from_secs(5);
 pub struct Proxy {
     listener: TcpListener,
     state: Arc<State>,
+    admin: Option<AdminListener>,
 }
 
 pub(crate) struct State {
@@ -41,7 +44,7 @@ pub(crate) struct State {
     /// Client connections (`max_connections`).
     connections: Arc<Semaphore>,
     /// Connections still in their TLS handshake.
-    handshakes: Arc<Semaphore>,
+    handshakes: Arc<Handshakes>,
     /// Worker connections, apart from the clients'.
     worker_slots: Arc<Semaphore>,
     pub(crate) admission: Admission,
@@ -52,7 +55,8 @@ pub(crate) struct State {
     commit_interval: Duration,
 }
 
-/// What `GET /cocoon/v1/status` answers.
+/// The proxy's whole status, as its operator sees it on the `[admin]` listener (`GET
+/// /status`); clients get only its [`PublicStatus`].
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ProxyStatus {
     /// The proxy's key fingerprint (hex): what clients and workers pin.
@@ -73,6 +77,62 @@ pub struct ProxyStatus {
     pub recent_refusals: Vec<Refusal>,
     /// Absent when the proxy takes no payments.
     pub payments: Option<PaymentsStatus>,
+}
+
+/// What `GET /cocoon/v1/status` shows a client: what it needs to choose a proxy and a price
+/// (the proxy's identity, the models with their prices, the load in aggregate), and nothing of
+/// the other peers: no worker's name, key, image or record, no refusal, no ledger. Those are
+/// the operator's, on the `[admin]` listener.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PublicStatus {
+    /// The proxy's key fingerprint (hex).
+    pub fingerprint: String,
+    /// The cocoon protocol version the proxy speaks.
+    pub protocol_version: u32,
+    /// How this proxy attests itself: `tdx`, `dev` (proves nothing) or `none`.
+    pub attestation: String,
+    /// Models served, with their context, price range and number of workers.
+    pub models: Vec<cocoon_protocol::ListedModel>,
+    /// The network's floor price per weighted token (nanoton); 0 without payments.
+    pub price_floor: u64,
+    /// The workers' load, all together.
+    pub load: LoadStatus,
+}
+
+/// The load of all connected workers together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LoadStatus {
+    /// Connected workers.
+    pub workers: usize,
+    /// Of them, those that answered their last health check.
+    pub healthy_workers: usize,
+    /// Requests they run at once, together.
+    pub capacity: u64,
+    /// Requests routed to them and not yet finished, together.
+    pub in_flight: u64,
+}
+
+impl ProxyStatus {
+    /// The part of the status a client may see.
+    pub fn public(&self) -> PublicStatus {
+        let load = self
+            .workers
+            .iter()
+            .fold(LoadStatus::default(), |l, w| LoadStatus {
+                workers: l.workers + 1,
+                healthy_workers: l.healthy_workers + usize::from(w.healthy),
+                capacity: l.capacity + u64::from(w.capacity),
+                in_flight: l.in_flight + u64::from(w.in_flight),
+            });
+        PublicStatus {
+            fingerprint: self.fingerprint.clone(),
+            protocol_version: self.protocol_version,
+            attestation: self.attestation.clone(),
+            models: self.models.clone(),
+            price_floor: self.price_floor,
+            load,
+        }
+    }
 }
 
 /// One connected worker, as the status shows it.
@@ -201,9 +261,7 @@ impl Proxy {
             tls,
             fingerprint: identity.fingerprint(),
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
-            handshakes: Arc::new(Semaphore::new(
-                config.limits.handshaking_connections as usize,
-            )),
+            handshakes: Handshakes::new(config.limits.handshaking_connections as usize),
             worker_slots: Arc::new(Semaphore::new(config.limits.worker_connections as usize)),
             admission,
             attestation,
@@ -211,7 +269,15 @@ impl Proxy {
             limiter: Limiter::new(config.limits.clone()),
             commit_interval: Duration::from_secs(config.payments.commit_interval_secs.max(1)),
         });
-        Ok(Self { listener, state })
+        let admin = config.admin.bind().await?;
+        if let Some(a) = &admin {
+            tracing::info!(addr = %a.local_addr(), "operator's status on the admin listener (GET /status)");
+        }
+        Ok(Self {
+            listener,
+            state,
+            admin,
+        })
     }
 
     /// The address the proxy listens on (with the port the system chose for port 0).
@@ -224,6 +290,11 @@ impl Proxy {
     /// The proxy's key fingerprint: what clients and workers pin.
     pub fn fingerprint(&self) -> Fingerprint {
         self.state.fingerprint
+    }
+
+    /// The operator's listener's address, when `[admin] listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminListener::local_addr)
     }
 
     /// A handle on the live worker set (for status pages and tests).
@@ -240,6 +311,9 @@ impl Proxy {
             .clone()
             .map(|b| tokio::spawn(b.run_commits(self.state.commit_interval, shutdown.clone())));
         let housekeeping = tokio::spawn(self.state.clone().housekeeping(shutdown.clone()));
+        if let Some(admin) = self.admin {
+            tokio::spawn(admin.serve(self.state.clone(), shutdown.clone()));
+        }
         loop {
             let (tcp, peer_addr) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -259,7 +333,7 @@ impl Proxy {
                 continue;
             };
             // Handshakes have their own share: a peer is neither client nor worker before it.
-            let Ok(handshake) = self.state.handshakes.clone().try_acquire_owned() else {
+            let Some(handshake) = self.state.handshakes.enter() else {
                 tracing::debug!(%peer_addr, "connection refused: too many handshakes under way");
                 continue;
             };
@@ -284,7 +358,7 @@ impl Proxy {
 
 /// Read access to the proxy's state from outside the crate.
 pub trait StatusSource: Send + Sync {
-    /// The status as of now: what `GET /cocoon/v1/status` answers.
+    /// The whole status as of now: what the operator's `GET /status` answers.
     fn status(&self) -> ProxyStatus;
 }
 
@@ -364,14 +438,19 @@ impl State {
         self: Arc<Self>,
         tcp: tokio::net::TcpStream,
         peer_addr: SocketAddr,
-        handshake: tokio::sync::OwnedSemaphorePermit,
+        handshake: Place,
     ) {
-        let tls = cocoon_net::accept_tls(
-            tcp,
-            self.tls.clone(),
-            self.limiter.config().handshake_timeout(),
-        )
-        .await;
+        let tls = tokio::select! {
+            tls = cocoon_net::accept_tls(
+                tcp,
+                self.tls.clone(),
+                self.limiter.config().handshake_timeout(),
+            ) => tls,
+            () = handshake.displaced() => {
+                tracing::debug!(%peer_addr, "TLS handshake given up: its place went to a newer one");
+                return;
+            }
+        };
         drop(handshake);
         let tls = match tls {
             Ok(tls) => tls,
@@ -401,13 +480,16 @@ impl State {
                 };
                 let state = self.clone();
                 let idle = Some(self.limiter.config().idle_timeout());
-                // Only what uses the network (generation and the other POSTs) keeps a client's
-                // connection: status and model reads every few minutes would hold a slot for
-                // ever.
+                // Only what uses the network (generating, closing the contract) keeps a
+                // client's connection: status and model reads, or POSTs to paths that do not
+                // exist, every few minutes would hold a slot for ever.
                 let _ = cocoon_net::serve_h2_counting(
                     tls,
                     idle,
-                    |req| req.method() == Method::POST,
+                    |req| {
+                        req.method() == Method::POST
+                            && matches!(req.uri().path(), paths::GENERATE | paths::CLOSE)
+                    },
                     move |req| state.clone().client_request(client, req),
                 )
                 .await;
@@ -509,7 +591,9 @@ impl State {
     ) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
-            (&Method::GET, paths::STATUS) => response(StatusCode::OK, json(&self.status())),
+            (&Method::GET, paths::STATUS) => {
+                response(StatusCode::OK, json(&self.status().public()))
+            }
             (&Method::POST, paths::GENERATE) => {
                 relay::generate(&self, client, req.into_body()).await
             }

@@ -22,7 +22,7 @@ use crate::common::netns::Lan;
 use crate::common::*;
 use cocoon_cli::bench::synthetic::{MODEL as SYNTHETIC, Synthetic};
 use cocoon_engine::{UpstreamConfig, UpstreamModel};
-use cocoon_proxy::{Book, LimitsConfig, PaymentsConfig, ProxyConfig, RoutingConfig};
+use cocoon_proxy::{AdminConfig, Book, LimitsConfig, PaymentsConfig, ProxyConfig, RoutingConfig};
 use cocoon_testkit::dev::ledger::key_wallet;
 use cocoon_worker::{BackendConfig, PayoutsConfig, PriceConfig, WorkerConfig};
 use serde_json::{Value, json};
@@ -172,10 +172,22 @@ async fn request_loop(load: Arc<Load>, url: String) {
     }
 }
 
-/// The workers the proxy lists (via the gateway's `GET /v1/network`), by name.
-async fn workers(http: &reqwest::Client, gateway: &str) -> HashMap<String, Value> {
-    let view = get_json(http, format!("{gateway}/network")).await;
-    view["network"]["workers"]
+/// The bearer token of the proxy's operator listener in this test.
+const ADMIN_TOKEN: &str = "lan-operator-token";
+
+/// The workers the proxy lists on its operator's listener (`GET /status`; clients see only
+/// aggregates), by name; none while the proxy is down.
+async fn workers(http: &reqwest::Client, admin: &str) -> HashMap<String, Value> {
+    let view: Value = match http
+        .get(format!("{admin}/status"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => Value::Null,
+    };
+    view["workers"]
         .as_array()
         .map(|ws| {
             ws.iter()
@@ -187,14 +199,14 @@ async fn workers(http: &reqwest::Client, gateway: &str) -> HashMap<String, Value
 
 async fn wait_for(
     http: &reqwest::Client,
-    gateway: &str,
+    admin: &str,
     what: &str,
     timeout: Duration,
     f: impl Fn(&HashMap<String, Value>) -> bool,
 ) -> Duration {
     let started = Instant::now();
     loop {
-        if f(&workers(http, gateway).await) {
+        if f(&workers(http, admin).await) {
             return started.elapsed();
         }
         assert!(started.elapsed() < timeout, "timed out waiting for {what}");
@@ -260,6 +272,8 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     dev.open_proxy(proxy_key, &proxy_addr).await.unwrap();
     let book = dir.join("lan-book.redb");
     let proxy_config = dir.join("lan-proxy.toml");
+    let admin_token = dir.join("lan-admin.token");
+    std::fs::write(&admin_token, format!("{ADMIN_TOKEN}\n")).unwrap();
     let config = ProxyConfig {
         listen: proxy_addr.clone(),
         key_file: Some(proxy_key_file),
@@ -282,9 +296,16 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
             evict_after_failed_checks: 2,
             ..RoutingConfig::default()
         },
+        // The operator's listener, on the proxy's host address: beyond loopback, so with a
+        // token.
+        admin: AdminConfig {
+            listen: Some(format!("{}:10444", lan.addr("proxy"))),
+            token_file: Some(admin_token.clone()),
+        },
         ..ProxyConfig::default()
     };
     std::fs::write(&proxy_config, toml::to_string(&config).unwrap()).unwrap();
+    let admin = format!("http://{}:10444", lan.addr("proxy"));
     let mut proxy = spawn(
         &lan,
         "proxy",
@@ -357,9 +378,13 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     )
     .await;
     let http = reqwest::Client::new();
-    wait_for(&http, &gw, "three workers", Duration::from_secs(30), |w| {
-        w.len() == 3
-    })
+    wait_for(
+        &http,
+        &admin,
+        "three workers",
+        Duration::from_secs(30),
+        |w| w.len() == 3,
+    )
     .await;
 
     let load = Arc::new(Load::default());
@@ -374,20 +399,20 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     // Warm: the cheapest worker takes the most.
     phase(0);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let s0 = workers(&http, &gw).await;
+    let s0 = workers(&http, &admin).await;
     assert!(served(&s0, "w0") > served(&s0, "w2"), "{s0:?}");
 
     // Kill w0: the others take over.
     phase(1);
     children[0].start_kill().unwrap();
     children[0].wait().await.unwrap();
-    let gone = wait_for(&http, &gw, "w0 to leave", Duration::from_secs(10), |w| {
+    let gone = wait_for(&http, &admin, "w0 to leave", Duration::from_secs(10), |w| {
         !w.contains_key("w0")
     })
     .await;
     eprintln!("killed worker gone from the proxy after {gone:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let s1 = workers(&http, &gw).await;
+    let s1 = workers(&http, &admin).await;
     let others = |s: &HashMap<String, Value>| served(s, "w1") + served(s, "w2");
     assert!(others(&s1) > others(&s0) + 5, "{s0:?} → {s1:?}");
     children[0] = spawn(
@@ -397,9 +422,13 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
         &worker_configs[0],
         dir.join("lan-w0-2.log"),
     );
-    wait_for(&http, &gw, "w0 to rejoin", Duration::from_secs(15), |w| {
-        w.contains_key("w0")
-    })
+    wait_for(
+        &http,
+        &admin,
+        "w0 to rejoin",
+        Duration::from_secs(15),
+        |w| w.contains_key("w0"),
+    )
     .await;
 
     // Cut w1's link: no reset, no answer; health checks find it and the proxy drops it.
@@ -407,16 +436,16 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     lan.cut("w1");
     let evicted = wait_for(
         &http,
-        &gw,
+        &admin,
         "w1 to be evicted",
         Duration::from_secs(15),
         |w| !w.contains_key("w1"),
     )
     .await;
     eprintln!("cut-off worker evicted after {evicted:?}");
-    let s2a = workers(&http, &gw).await;
+    let s2a = workers(&http, &admin).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let s2 = workers(&http, &gw).await;
+    let s2 = workers(&http, &admin).await;
     assert!(!s2.contains_key("w1"));
     assert!(
         served(&s2, "w0") + served(&s2, "w2") > served(&s2a, "w0") + served(&s2a, "w2"),
@@ -426,13 +455,13 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
 
     // Slow the link of the busiest worker (w0, the cheapest): its record shows it.
     phase(3);
-    let s3a = workers(&http, &gw).await;
+    let s3a = workers(&http, &admin).await;
     let how = lan.slow("w0", 300);
     eprintln!("w0's link slowed: {how}");
     tokio::time::sleep(Duration::from_secs(5)).await;
     // The records as they stand once the requests in flight are done.
     load.pause().await;
-    let s3 = workers(&http, &gw).await;
+    let s3 = workers(&http, &admin).await;
     lan.unslow("w0");
     let (before, after) = (expected_secs(&s3a, "w0"), expected_secs(&s3, "w0"));
     eprintln!("w0's expected answer time: {before:.3} s before the slow link, {after:.3} s after");
@@ -453,14 +482,14 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     );
     wait_for(
         &http,
-        &gw,
+        &admin,
         "w0 and w2 to rejoin",
         Duration::from_secs(20),
         |w| w.contains_key("w0") && w.contains_key("w2"),
     )
     .await;
     // Nothing was served since the records were read: the new proxy has them from disk.
-    let s4 = workers(&http, &gw).await;
+    let s4 = workers(&http, &admin).await;
     for (name, w) in &s4 {
         assert_eq!(w["served"], 0, "a fresh proxy: {s4:?}");
         let Some(then) = s3.get(name) else { continue };

@@ -2,6 +2,7 @@
 //! a client's whole contract life, and the refusals it can run into.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::common::*;
 use cocoon_testkit::dev::DevNetwork;
@@ -275,5 +276,58 @@ async fn role_by_role_setup_as_documented() {
             assert_eq!(r.json["stake_ton"], "1.000000000");
             assert_eq!(r.json["proxy"], proxy_key);
         }
+    }
+}
+
+/// A gateway is a wallet with an HTTP port: one listening beyond loopback without API keys
+/// says so loudly at start (anyone who reaches it spends the client's balance); one on
+/// loopback, or with keys, does not.
+#[tokio::test]
+async fn a_gateway_open_beyond_loopback_without_keys_warns_loudly() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    const WARNING: &str = "BEYOND LOOPBACK WITHOUT API KEYS";
+    let keys = "[[access.keys]]\nkey = \"sk-operator-test\"\n";
+    for (listen, extra, warns) in [
+        ("0.0.0.0:0", "", true),
+        ("127.0.0.1:0", "", false),
+        ("0.0.0.0:0", keys, false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("client.toml");
+        std::fs::write(
+            &config,
+            format!("listen = \"{listen}\"\nproxy_addr = \"127.0.0.1:1\"\n{extra}"),
+        )
+        .unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
+            .args(["client", "serve", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // The banner on stdout comes once the gateway is bound, after its start-up checks.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let banner = tokio::time::timeout(Duration::from_secs(20), stdout.next_line())
+            .await
+            .expect("the gateway started")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(banner.contains("OpenAI-compatible API"), "{banner}");
+        child.kill().await.unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .await
+            .unwrap();
+        assert_eq!(
+            stderr.contains(WARNING),
+            warns,
+            "listen {listen} {extra:?}: {stderr}"
+        );
     }
 }

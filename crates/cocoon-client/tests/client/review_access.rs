@@ -159,8 +159,8 @@ async fn review_rebinding_and_odd_hosts_get_exact_answers() {
 
 /// DNS rebinding / request smuggling (threat 2): two `Host` headers, the first this gateway's
 /// and the second another name. Whoever sits in front (a proxy, a cache) may act on the other
-/// one; RFC 9112 §3.2 says a server MUST answer 400 to more than one Host. The guard reads the
-/// first only and serves it.
+/// one; RFC 9112 §3.2 says a server MUST answer 400 to more than one Host. (The guard read
+/// the first only and served it.) Now 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_a_second_host_header_is_refused() {
     let (net, _b) = start(test_options()).await;
@@ -175,8 +175,9 @@ async fn review_a_second_host_header_is_refused() {
 }
 
 /// DNS rebinding (threat 2): an absolute-form request URI names the target; RFC 9112 §3.2.2
-/// says the server MUST ignore Host then. The guard checks Host and never the URI's authority
-/// when both are there, so `GET http://evil.example:PORT/...` with `Host: 127.0.0.1` is served.
+/// says the server MUST ignore Host then. (The guard checked Host and never the URI's authority
+/// when both were there, so `GET http://evil.example:PORT/...` with `Host: 127.0.0.1` was
+/// served.) Now the authority is checked, and two names that differ are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_an_absolute_form_uri_names_the_host_the_guard_checks() {
     let (net, _b) = start(test_options()).await;
@@ -528,7 +529,7 @@ async fn review_key_bypass_paths_and_spellings_are_refused() {
 /// race is made certain: four requests send their headers (all admitted at 0 used), then
 /// finish their bodies one at a time. Each may use 81 tokens (the prompt's bound, 74, and
 /// max_tokens 7) of a 100-token day and uses 12: two are served and the others get 429 (all
-/// four were).
+/// four were, when the limit was checked on `used` alone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_requests_in_flight_together_spend_past_the_daily_limit() {
     let (net, b) = start(keyed(Some(100))).await;
@@ -567,11 +568,13 @@ async fn review_requests_in_flight_together_spend_past_the_daily_limit() {
     assert_eq!(b.served(), 2);
 }
 
-/// Daily limit by one large request (threat 4): only `used < limit` is checked, so the first
-/// request of the day may ask for any number of tokens. A 12-token day serves 2005.
+/// Daily limit by one large request (threat 4): only `used < limit` was checked, so the first
+/// request of the day could ask for any number of tokens (a 12-token day served 2005). Now a
+/// request whose prompt bound and max_tokens exceed what is left of the day gets 429
+/// `insufficient_quota` and reaches no worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_one_request_spends_far_past_the_daily_limit() {
-    let (net, _b) = start(keyed(Some(100))).await;
+    let (net, b) = start(keyed(Some(100))).await;
     let http = reqwest::Client::new();
     let r = http
         .post(format!("{}/chat/completions", net.gateway_url()))
@@ -583,17 +586,16 @@ async fn review_one_request_spends_far_past_the_daily_limit() {
         .unwrap();
     let status = r.status().as_u16();
     let body: serde_json::Value = r.json().await.unwrap();
-    let total = body["usage"]["total_tokens"].as_u64().unwrap_or(0);
-    assert!(
-        status != 200 || total <= 12,
-        "a 100-token day answered {status} with {total} tokens"
-    );
+    assert_eq!(status, 429, "a 100-token day answered {status}: {body}");
+    assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+    assert_eq!(b.served(), 0, "the request reached the worker");
 }
 
 /// Daily limit by errors (threat 4): an answer the gateway cuts at `max_answer_bytes` was
 /// generated, relayed and billed by the proxy (for the tokens delivered), yet the key's use
-/// is counted only from a finished answer's usage, so it never grows: a 12-token key gets
-/// request after request of 100 tokens generated.
+/// was counted only from a finished answer's usage, so it never grew: a 12-token key got
+/// request after request of 100 tokens generated. Now an answer that ends without its usage
+/// counts all it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_answers_cut_at_max_answer_bytes_are_not_counted() {
     let (net, b) = start(DevOptions {
@@ -626,8 +628,9 @@ async fn review_answers_cut_at_max_answer_bytes_are_not_counted() {
 }
 
 /// Daily limit by streams that fail (threat 4): a stream whose worker breaks off after two
-/// tokens ends in an error event, and the proxy bills the tokens delivered; the key's use is
-/// counted only from a `Done`, so a 12-token key keeps getting tokens.
+/// tokens ends in an error event, and the proxy bills the tokens delivered; the key's use was
+/// counted only from a `Done`, so a 12-token key kept getting tokens. Now such a stream
+/// counts all it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_streams_ending_in_an_error_are_not_counted() {
     // Each stream holds 174 (prompt bound 74, max_tokens 100), all of which counts when it
@@ -693,8 +696,9 @@ async fn review_streams_without_usage_are_counted() {
 }
 
 /// An allowed origin wrongly refused (threat 1, the other side): the guard's own refusals
-/// (401, 415, 429) to a browser app on an allowed origin carry no CORS headers, so the app
-/// sees an opaque network error instead of OpenAI's `invalid_api_key` or `insufficient_quota`.
+/// (401, 415, 429) to a browser app on an allowed origin carried no CORS headers, so the app
+/// saw an opaque network error instead of OpenAI's `invalid_api_key` or `insufficient_quota`.
+/// Now they carry them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_refusals_to_an_allowed_origin_carry_cors_headers() {
     let mut options = keyed(Some(12));
@@ -729,8 +733,9 @@ async fn review_refusals_to_an_allowed_origin_carry_cors_headers() {
 }
 
 /// An allowed origin wrongly refused (threat 1, the other side): the OpenAI JS SDK in a
-/// browser sends `x-stainless-*` headers, so its preflight asks for them; the guard allows only
-/// `authorization, content-type`, and the browser blocks every request from that origin.
+/// browser sends `x-stainless-*` headers, so its preflight asks for them; the guard allowed
+/// only `authorization, content-type`, and the browser blocked every request from that origin.
+/// Now the preflight allows them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_preflight_allows_the_headers_the_openai_sdk_sends() {
     let (net, _b) = start(DevOptions {
@@ -804,8 +809,9 @@ async fn review_oversized_headers_and_bodies_are_refused() {
 }
 
 /// DNS rebinding over HTTP/2 (threat 2, low): `:authority` names another host than the Host
-/// header; RFC 9113 §8.3.1 says a server SHOULD treat that as malformed. The guard checks the
-/// Host header only, so `:authority: evil.example` with `Host: 127.0.0.1` is served.
+/// header; RFC 9113 §8.3.1 says a server SHOULD treat that as malformed. (The guard checked the
+/// Host header only, so `:authority: evil.example` with `Host: 127.0.0.1` was served.) Now
+/// 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_http2_authority_and_host_that_differ_are_refused() {
     let (net, _b) = start(test_options()).await;

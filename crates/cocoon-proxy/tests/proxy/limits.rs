@@ -353,13 +353,14 @@ async fn silent_idle_and_surplus_connections_are_closed() {
     )
     .await;
 
-    // Cheap reads do not keep a connection: one that only asks for the models, every 300 ms,
-    // is closed after the idle timeout all the same.
+    // Cheap reads and POSTs to paths that do not exist do not keep a connection: one that
+    // only asks for the models, or posts to nowhere, every 300 ms is closed after the idle
+    // timeout all the same.
     let conn = connect_as_client(net).await;
     let (channel, driver) = cocoon_net::Channel::handshake(conn).await.unwrap();
     tokio::spawn(driver);
     let reads = Instant::now();
-    let mut answered = 0;
+    let (mut answered, mut bogus) = (0, 0);
     while !channel.is_closed() {
         if channel
             .get_json::<Value>(cocoon_protocol::paths::MODELS, Duration::from_secs(1))
@@ -368,13 +369,22 @@ async fn silent_idle_and_surplus_connections_are_closed() {
         {
             answered += 1;
         }
+        if let Err(e) = channel
+            .post_json::<_, Value>("/cocoon/v1/nowhere", &json!({}), Duration::from_secs(1))
+            .await
+            && e.message.contains("no route")
+        {
+            bogus += 1;
+        }
         assert!(
             reads.elapsed() < Duration::from_secs(5),
-            "a connection reading the models every 300 ms was never closed"
+            "a connection reading the models and posting to nowhere every 300 ms was never \
+             closed"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(answered >= 2, "the reads were answered ({answered})");
+    assert!(bogus >= 1, "the bogus POSTs were refused ({bogus})");
 
     // The gateway's own connection idles out the same way, and it reconnects unnoticed.
     for _ in 0..3 {
@@ -452,6 +462,169 @@ async fn an_absurd_offer_does_not_turn_other_clients_requests_into_402() {
     let answer = chat(&net, "hello", json!({})).await;
     assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
     assert_eq!((honest.served(), absurd.served()), (1, 0));
+}
+
+/// ATTACK: stalled TLS handshakes from several addresses, each within its per-address cap,
+/// filled the handshake share, and a newcomer was closed at once: a worker that reconnected
+/// was kept out for as long as the flood held on (here up to the 60 s handshake timeout,
+/// renewable). A newcomer now takes the place of the oldest handshake that has run 2 s, so
+/// the worker joins and serves, and displaced flood connections are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_from_many_addresses_do_not_keep_a_worker_out() {
+    use cocoon_testkit::backends::Scripted;
+    let worker = Scripted::new(2048);
+    let mut net = DevNetwork::start(
+        DevOptions {
+            limits: LimitsConfig {
+                handshaking_connections: 8,
+                connections_per_ip: 4,
+                handshake_timeout_secs: 60,
+                ..LimitsConfig::default()
+            },
+            ..test_options()
+        },
+        vec![worker.clone()],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        chat(&net, "hello", json!({"max_tokens": 2})).await.status(),
+        200
+    );
+    net.stop_worker(0);
+    wait_until("the worker to leave", Duration::from_secs(10), || {
+        net.proxy_status().workers.is_empty()
+    })
+    .await;
+    // 8 loopback addresses, 2 silent connections each: the whole share, no address over its
+    // cap of 4.
+    let mut flood = Vec::new();
+    for host in 2..=9u8 {
+        for _ in 0..2 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))
+                .unwrap();
+            flood.push(socket.connect(net.proxy_addr).await.unwrap());
+        }
+    }
+    net.start_worker(0);
+    wait_until("the worker to join again", Duration::from_secs(15), || {
+        net.proxy_status().workers.len() == 1
+    })
+    .await;
+    assert_eq!(
+        chat(&net, "hello", json!({"max_tokens": 2})).await.status(),
+        200
+    );
+    assert_eq!(worker.served(), 2);
+    // The worker took a flood connection's place: that one was closed.
+    let mut closed = 0;
+    for conn in &mut flood {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(50), conn.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1, "no stalled handshake gave up its place");
+}
+
+/// A request over its client's cover forces a commit of that client's unbilled charges (to
+/// free its stake), and each commit is a ledger transaction the proxy pays for: a client at
+/// the edge of its cover could make the proxy commit on every request. At most one forced
+/// commit per client per 2 s; the requests between are refused with 402. (Here each answer
+/// costs about half of the client's 10 TON stake, and the periodic commit is an hour away.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_cover_force_at_most_one_commit_per_two_seconds() {
+    use cocoon_testkit::backends::Scripted;
+    use cocoon_worker::PriceConfig;
+    let price = 20 * 1_000_000;
+    let net = DevNetwork::start(
+        DevOptions {
+            commit_interval_secs: 3600,
+            limits: LimitsConfig {
+                max_price_floors: 1_000_000,
+                ..LimitsConfig::default()
+            },
+            worker_prices: vec![PriceConfig {
+                default: price,
+                ..PriceConfig::default()
+            }],
+            gateway_max_price: Some(price),
+            ..test_options()
+        },
+        vec![Scripted::new(2048)],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let answer = chat(&net, "hello", json!({"max_tokens": 223})).await;
+        statuses.push(answer.status().as_u16());
+    }
+    let elapsed = started.elapsed();
+    let commits = net.proxy_status().payments.unwrap().commits;
+    assert_eq!(statuses[..2], [200, 200], "{statuses:?}");
+    assert!(statuses.contains(&402), "{statuses:?}");
+    assert!(
+        commits >= 1,
+        "the second request's forced commit: {statuses:?}"
+    );
+    assert!(
+        commits <= 1 + elapsed.as_secs() / 2,
+        "{commits} forced commits in {elapsed:?}: {statuses:?}"
+    );
+}
+
+/// A worker may announce a long context at a high price within the proxy's bounds (here 1M
+/// tokens at 10,000 floors, with the bounds raised to allow it). A request without max_tokens
+/// was reserved for the longest context at the highest price, about 210 TON against the
+/// client's 10 TON of cover, so every such request got 402 though a cheap worker could serve
+/// it. The client is now held to the workers its cover reaches, and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_dear_offer_within_the_bounds_does_not_turn_requests_into_402() {
+    use cocoon_testkit::backends::Scripted;
+    use cocoon_worker::PriceConfig;
+    let floor = 20;
+    let (honest, dear) = (Scripted::new(2048), Scripted::new(1 << 20));
+    let net = DevNetwork::start(
+        DevOptions {
+            limits: LimitsConfig {
+                max_price_floors: 10_000,
+                ..LimitsConfig::default()
+            },
+            worker_prices: vec![
+                PriceConfig::default(),
+                PriceConfig {
+                    default: 10_000 * floor,
+                    ..PriceConfig::default()
+                },
+            ],
+            gateway_max_price: Some(10_000 * floor),
+            ..test_options()
+        },
+        vec![honest.clone(), dear.clone()],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(2, Duration::from_secs(20)).await.unwrap();
+    let offers: Vec<_> = net
+        .proxy_status()
+        .workers
+        .iter()
+        .flat_map(|w| w.offers.iter().map(|o| (o.price, o.context_length)))
+        .collect();
+    assert!(offers.contains(&(10_000 * floor, 1 << 20)), "{offers:?}");
+    for _ in 0..3 {
+        let answer = chat(&net, "hello", json!({})).await;
+        assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    }
+    assert_eq!((honest.served(), dear.served()), (3, 0));
 }
 
 /// Clients filling every client slot (here 2: the gateway's and an idle connection of the

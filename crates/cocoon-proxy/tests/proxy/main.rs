@@ -1,6 +1,7 @@
 //! The proxy's own end-to-end tests, on the testkit's in-process network with scripted
 //! workers (no model, no llama.cpp): the market (prices, failover, mid-stream deaths) and the
-//! abuse limits.
+//! abuse limits, and the operator's listener.
 
+mod admin;
 mod limits;
 mod market;

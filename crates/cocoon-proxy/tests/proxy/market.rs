@@ -126,7 +126,8 @@ async fn the_price_cap_routes_the_bill_follows_the_worker_and_the_network_shows_
         "{answer}"
     );
 
-    // The network as the gateway sees it: its proxy, the workers, their prices and records.
+    // The network as the gateway sees it: its proxy, the models, their prices and the load in
+    // aggregate; no other peer's name, key, record or refusal, and not the ledger.
     let view = get_json(
         &reqwest::Client::new(),
         format!("{}/network", net.gateway_url()),
@@ -137,21 +138,44 @@ async fn the_price_cap_routes_the_bill_follows_the_worker_and_the_network_shows_
     assert_eq!(network["price_floor"], 20, "{view}");
     assert_eq!(network["models"][0]["min_price"], 20);
     assert_eq!(network["models"][0]["max_price"], 30);
-    let workers = network["workers"].as_array().unwrap();
+    assert_eq!(network["load"]["workers"], 2, "{view}");
+    assert_eq!(network["load"]["healthy_workers"], 2, "{view}");
+    assert_eq!(network["load"]["in_flight"], 0, "{view}");
+    for hidden in [
+        "workers",
+        "recent_refusals",
+        "payments",
+        "worker_quote_cache",
+    ] {
+        assert!(
+            network.get(hidden).is_none(),
+            "{hidden} shown to a client: {view}"
+        );
+    }
+    let full = serde_json::to_string(&net.proxy_status()).unwrap();
+    let shown = view.to_string();
+    for w in net.proxy_status().workers {
+        assert!(full.contains(&w.fingerprint));
+        assert!(
+            !shown.contains(&w.fingerprint),
+            "a worker's key shown: {view}"
+        );
+    }
+    // The operator's status has the workers, their prices and records.
+    let workers = net.proxy_status().workers;
     assert_eq!(workers.len(), 2);
     let by_price = |p: u64| {
         workers
             .iter()
-            .find(|w| w["offers"][0]["price"] == p)
-            .unwrap_or_else(|| panic!("no worker asking {p}: {view}"))
+            .find(|w| w.offers[0].price == p)
+            .unwrap_or_else(|| panic!("no worker asking {p}: {workers:?}"))
     };
     let (dear, cheap) = (by_price(30), by_price(0));
-    assert_eq!(dear["served"], 1);
-    assert_eq!(dear["reputation"]["success_rate"], 1.0);
+    assert_eq!(dear.served, 1);
+    assert_eq!(dear.reputation.success_rate, 1.0);
     // One refusal against one success (and the prior a fresh worker starts with).
-    let rate = cheap["reputation"]["success_rate"].as_f64().unwrap();
-    assert!(rate < 0.7, "{cheap}");
-    assert_eq!(cheap["in_flight"], 0);
+    assert!(cheap.reputation.success_rate < 0.7, "{cheap:?}");
+    assert_eq!(cheap.in_flight, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
