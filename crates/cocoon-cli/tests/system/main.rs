@@ -9,6 +9,7 @@ mod bad_input;
 mod bench;
 mod common;
 mod crash;
+mod flood;
 mod hosts;
 mod openai_api;
 mod openai_sdk;

@@ -137,6 +137,76 @@ impl Lan {
         cmd
     }
 
+    /// Gives the LAN an IPv6 prefix, `fd00:cc:N::/64` (the root namespace is `::1` on it, host
+    /// i `::(10 + i)`), and makes `host` the holder of a whole /64 beside it, as an ISP's
+    /// customer is: an AnyIP route lets it send from any address of `fd00:cc:N:1::/64`, and
+    /// the root namespace routes that /64 to it. The root namespace's address and the held
+    /// /64's prefix (`fd00:cc:N:1::`, to which a host part is appended).
+    pub(crate) fn ipv6_slash_64(&self, host: &str) -> Result<(String, String), Unavailable> {
+        let net = format!("fd00:cc:{:x}", std::process::id() % 0xfff0 + 1);
+        let root = format!("{net}::1");
+        let i = self.index(host);
+        let ns = self.namespace(host);
+        let own = format!("{net}::{:x}", 10 + i);
+        let held = format!("{net}:1::");
+        let root_if = format!("{}r", self.tag);
+        // No duplicate address detection: the addresses are usable at once.
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{root}/64"),
+            "dev",
+            &root_if,
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{own}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "local",
+            &format!("{held}/64"),
+            "dev",
+            "lo",
+        ])?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.ip_nonlocal_bind=1",
+            ],
+        )?;
+        // Removed with the root namespace's LAN port when the LAN goes.
+        ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{held}/64"),
+            "via",
+            &own,
+            "dev",
+            &root_if,
+        ])?;
+        Ok((root, held))
+    }
+
     /// Cuts `host` off the LAN: its packets are dropped, nothing is reset.
     pub(crate) fn cut(&self, host: &str) {
         ip(&["-n", self.namespace(host), "link", "set", "eth0", "down"]).unwrap();
