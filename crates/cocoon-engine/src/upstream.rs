@@ -46,6 +46,15 @@ pub struct UpstreamConfig {
     /// Time allowed to connect and to receive the response headers.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Time allowed between two pieces of an answer once it has started. Never a deadline on
+    /// the whole answer: a long answer, or a model that thinks for minutes while it streams,
+    /// is never cut, only one that goes silent.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_idle_timeout() -> u64 {
+    120
 }
 
 fn default_parallel() -> u32 {
@@ -186,15 +195,15 @@ impl Backend for UpstreamBackend {
         };
         let upstream_model = model.upstream_id.as_deref().unwrap_or(&model.id);
         let (url, body) = self.request_body(upstream_model, &request);
-        let mut builder = self
-            .http
-            .post(url)
-            .json(&body)
-            .timeout(Duration::from_secs(self.config.timeout_secs));
+        let mut builder = self.http.post(url).json(&body);
         if let Some(key) = &self.config.api_key {
             builder = builder.bearer_auth(key);
         }
         let (tx, rx) = mpsc::channel(64);
+        let timeouts = Timeouts {
+            headers: Duration::from_secs(self.config.timeout_secs),
+            idle: Duration::from_secs(self.config.idle_timeout_secs),
+        };
         let permits = self.permits.clone();
         let stats = self.stats.clone();
         tokio::spawn(async move {
@@ -204,7 +213,7 @@ impl Backend for UpstreamBackend {
             };
             let mut guard = stats.start();
             tokio::select! {
-                result = relay(builder, &tx, &stats) => match result {
+                result = relay(builder, &tx, &stats, timeouts) => match result {
                     Ok(()) => guard.set_outcome(Outcome::Completed),
                     Err(error) => { let _ = tx.send(GenerateEvent::Error { error }).await; }
                 },
@@ -220,14 +229,28 @@ impl Backend for UpstreamBackend {
     }
 }
 
+/// How long the upstream server may take: to answer with its headers, and between two
+/// pieces of the answer after that.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    headers: Duration,
+    idle: Duration,
+}
+
 async fn relay(
     builder: reqwest::RequestBuilder,
     tx: &mpsc::Sender<GenerateEvent>,
     stats: &BackendStats,
+    timeouts: Timeouts,
 ) -> Result<(), ProtocolError> {
-    let response = builder
-        .send()
+    let response = tokio::time::timeout(timeouts.headers, builder.send())
         .await
+        .map_err(|_| {
+            ProtocolError::unavailable(format!(
+                "upstream server sent no answer within {} s (timeout_secs)",
+                timeouts.headers.as_secs()
+            ))
+        })?
         .map_err(|e| ProtocolError::unavailable(format!("upstream server unreachable: {e}")))?;
     let status = response.status();
     if !status.is_success() {
@@ -238,7 +261,16 @@ async fn relay(
     let mut line = Vec::new();
     let mut finish = None;
     let mut usage = None;
-    while let Some(chunk) = body.next().await {
+    loop {
+        let chunk = tokio::time::timeout(timeouts.idle, body.next())
+            .await
+            .map_err(|_| {
+                ProtocolError::unavailable(format!(
+                    "upstream server went silent for {} s mid-answer (idle_timeout_secs)",
+                    timeouts.idle.as_secs()
+                ))
+            })?;
+        let Some(chunk) = chunk else { break };
         let chunk =
             chunk.map_err(|e| ProtocolError::internal(format!("upstream stream broke: {e}")))?;
         let mut rest = &chunk[..];
@@ -440,6 +472,89 @@ mod tests {
         url
     }
 
+    /// An upstream server that streams one token after each of `gaps`, then its usage.
+    async fn paced_server(gaps: Vec<Duration>) -> String {
+        let router = axum::Router::new().route(
+            "/v1/completions",
+            axum::routing::post(move || {
+                let gaps = gaps.clone();
+                async move {
+                    let n = gaps.len();
+                    let tokens = futures_util::stream::iter(gaps).then(|gap| async move {
+                        tokio::time::sleep(gap).await;
+                        Ok::<_, std::io::Error>(
+                            "data: {\"choices\":[{\"text\":\"t\",\"finish_reason\":null}]}\n\n"
+                                .to_owned(),
+                        )
+                    });
+                    let end = format!(
+                        "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":{n}}}}}\n\ndata: [DONE]\n\n"
+                    );
+                    axum::body::Body::from_stream(
+                        tokens.chain(futures_util::stream::once(async move { Ok(end) })),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        url
+    }
+
+    fn paced_backend(url: String) -> UpstreamBackend {
+        UpstreamBackend::new(UpstreamConfig {
+            url,
+            ca_file: None,
+            api_key: None,
+            models: vec![UpstreamModel {
+                id: "m".into(),
+                upstream_id: None,
+                context_length: 100,
+            }],
+            parallel: 1,
+            timeout_secs: 1,
+            idle_timeout_secs: 1,
+        })
+        .unwrap()
+    }
+
+    fn text_request() -> GenerateRequest {
+        GenerateRequest {
+            max_price: None,
+            model: "m".into(),
+            input: Input::Text {
+                prompt: "hi".into(),
+            },
+            params: Default::default(),
+        }
+    }
+
+    /// The timeouts are between bytes, never on the whole answer: an answer that streams for
+    /// 3 s, a token every 0.5 s, passes timeouts of 1 s (the request's total deadline cut
+    /// every answer longer than `timeout_secs`); a silence of 2.5 s mid-answer is cut with an
+    /// error that says so.
+    #[tokio::test]
+    async fn a_long_paced_answer_passes_and_only_a_silence_is_cut() {
+        let paced = paced_backend(paced_server(vec![Duration::from_millis(500); 6]).await);
+        let events: Vec<_> = paced.generate(text_request()).collect().await;
+        assert!(
+            matches!(events.last(), Some(GenerateEvent::Done { usage, .. }) if usage.completion_tokens == 6),
+            "{events:?}"
+        );
+        let gaps = vec![Duration::ZERO, Duration::from_millis(2500), Duration::ZERO];
+        let stalled = paced_backend(paced_server(gaps).await);
+        let events: Vec<_> = stalled.generate(text_request()).collect().await;
+        assert!(
+            matches!(&events[0], GenerateEvent::Delta { text, .. } if text == "t"),
+            "{events:?}"
+        );
+        assert!(
+            matches!(events.last(), Some(GenerateEvent::Error { error }) if error.message.contains("went silent for 1 s")),
+            "{events:?}"
+        );
+    }
+
     #[tokio::test]
     async fn lines_split_across_reads_relay_whole() {
         for piece in [1, 7, 64, 4096] {
@@ -454,6 +569,7 @@ mod tests {
                 }],
                 parallel: 1,
                 timeout_secs: 10,
+                idle_timeout_secs: 120,
             })
             .unwrap();
             let request = GenerateRequest {
