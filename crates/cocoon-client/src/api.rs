@@ -52,6 +52,8 @@ struct AppState {
     max_price_per_token: Option<u64>,
     /// `max_answer_bytes`: the most text gathered for an answer that is not streamed.
     max_answer_bytes: usize,
+    /// `stream_keep_alive_secs`: the longest a streamed answer goes without a byte to the app.
+    stream_keep_alive: Option<std::time::Duration>,
 }
 
 /// An error answered in OpenAI's shape.
@@ -176,6 +178,8 @@ impl Gateway {
             bills,
             max_price_per_token: config.payments.max_price_per_token,
             max_answer_bytes: config.max_answer_bytes,
+            stream_keep_alive: (config.stream_keep_alive_secs > 0)
+                .then(|| std::time::Duration::from_secs(config.stream_keep_alive_secs)),
         });
         let listener = TcpListener::bind(&config.listen)
             .await
@@ -479,7 +483,13 @@ async fn answer(
         endpoint,
     };
     if stream {
-        return Ok(sse::response(events, meta, include_usage, parties));
+        return Ok(sse::response(
+            events,
+            meta,
+            include_usage,
+            parties,
+            state.stream_keep_alive,
+        ));
     }
     let mut events = events;
     let mut text = String::new();

@@ -22,6 +22,12 @@ pub struct ClientConfig {
     /// Largest answer text gathered for a request without `stream` (a streamed answer is
     /// passed on as it comes and holds nothing); a longer one ends in an error.
     pub max_answer_bytes: usize,
+    /// Seconds a streamed answer may go without a byte to the app before an SSE comment
+    /// (`: keep-alive`) is sent, so that a reverse proxy or load balancer in front does not
+    /// take a model that thinks for a while for a dead connection; 0: never. (Before the first
+    /// token the app gets nothing, not even headers: a refusal must still be able to be an
+    /// HTTP error.)
+    pub stream_keep_alive_secs: u64,
     /// Who may use the API: API keys and their daily limits, the host names and browser
     /// origins it answers to.
     pub access: crate::guard::AccessConfig,
@@ -88,6 +94,7 @@ impl Default for ClientConfig {
             key_file: None,
             max_body_bytes: 4 << 20,
             max_answer_bytes: 16 << 20,
+            stream_keep_alive_secs: 15,
             access: crate::guard::AccessConfig::default(),
             attester: AttesterConfig::default(),
             proxy_policy: PeerPolicy::default(),

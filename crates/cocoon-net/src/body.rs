@@ -67,6 +67,10 @@ pub struct EventReader {
     finished: bool,
     /// How long the peer may send nothing before the stream counts as broken.
     silence_limit: Option<std::time::Duration>,
+    /// When the peer last sent something: the silence is measured from here, not from the
+    /// call to [`Self::next`], so a caller may give up on a `next` (to send a keep-alive, say)
+    /// and call again without resetting it.
+    heard: tokio::time::Instant,
 }
 
 impl EventReader {
@@ -77,6 +81,7 @@ impl EventReader {
             decoder: FrameDecoder::new(),
             finished: false,
             silence_limit: None,
+            heard: tokio::time::Instant::now(),
         }
     }
 
@@ -120,18 +125,21 @@ impl EventReader {
                 }
             }
             let frame = match self.silence_limit {
-                Some(limit) => match tokio::time::timeout(limit, self.body.frame()).await {
-                    Ok(frame) => frame,
-                    Err(_) => {
-                        self.finished = true;
-                        return Some(Err(ProtocolError::unavailable(format!(
-                            "the peer sent nothing for {} s and was cut off",
-                            limit.as_secs()
-                        ))));
+                Some(limit) => {
+                    match tokio::time::timeout_at(self.heard + limit, self.body.frame()).await {
+                        Ok(frame) => frame,
+                        Err(_) => {
+                            self.finished = true;
+                            return Some(Err(ProtocolError::unavailable(format!(
+                                "the peer sent nothing for {} s and was cut off",
+                                limit.as_secs()
+                            ))));
+                        }
                     }
-                },
+                }
                 None => self.body.frame().await,
             };
+            self.heard = tokio::time::Instant::now();
             match frame {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {

@@ -8,6 +8,7 @@ use cocoon_engine::{Backend, EventStream, StatsSnapshot};
 use cocoon_protocol::{
     ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ModelCard, ProtocolError, Usage,
 };
+use futures_util::StreamExt;
 
 /// The model id the doubles serve (the same id as the default real model, so requests written
 /// for one serve the other).
@@ -65,6 +66,8 @@ pub struct Scripted {
     mode: AtomicU8,
     served: AtomicU64,
     context: u32,
+    /// Milliseconds between the events of an answer after its first (0: all at once).
+    pace_ms: AtomicU64,
 }
 
 impl Scripted {
@@ -74,12 +77,20 @@ impl Scripted {
             mode: AtomicU8::new(Mode::Serve as u8),
             served: AtomicU64::new(0),
             context,
+            pace_ms: AtomicU64::new(0),
         })
     }
 
     /// Switches what the next requests get.
     pub fn set(&self, mode: Mode) {
         self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// Spaces an answer's events after the first by `gap` (a slow model, or one that pauses
+    /// to think); zero sends them all at once.
+    pub fn pace(&self, gap: std::time::Duration) {
+        let ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+        self.pace_ms.store(ms, Ordering::SeqCst);
     }
 
     /// How many requests it answered in full.
@@ -143,7 +154,20 @@ impl Backend for Scripted {
                     },
                     billing: None,
                 });
-                Box::pin(futures_util::stream::iter(events))
+                let gap = std::time::Duration::from_millis(self.pace_ms.load(Ordering::SeqCst));
+                if gap.is_zero() {
+                    return Box::pin(futures_util::stream::iter(events));
+                }
+                Box::pin(
+                    futures_util::stream::iter(events.into_iter().enumerate()).then(
+                        move |(i, event)| async move {
+                            if i > 0 {
+                                tokio::time::sleep(gap).await;
+                            }
+                            event
+                        },
+                    ),
+                )
             }
         }
     }

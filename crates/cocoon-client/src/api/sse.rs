@@ -1,13 +1,14 @@
 //! Streaming answers as OpenAI server-sent events.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cocoon_net::EventReader;
-use cocoon_protocol::{Billing, GenerateEvent, Usage};
+use cocoon_protocol::{Billing, GenerateEvent, ProtocolError, Usage};
 
 use super::Endpoint;
 use crate::bill::Parties;
@@ -34,6 +35,21 @@ struct StreamState {
     chunks: ChunkEncoder,
     parties: Parties,
     phase: Phase,
+    /// After this long without an event, a comment line goes to the app: a model thinking
+    /// or a slow upstream must not look like a dead connection to whatever sits between the
+    /// app and the gateway (a reverse proxy's read timeout, a load balancer's idle timeout).
+    keep_alive: Option<Duration>,
+}
+
+/// An SSE comment: apps and SDKs skip it.
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// What the proxy's stream gave within the keep-alive interval.
+enum Heard {
+    /// An event, or the end of the stream.
+    Event(Option<Result<(GenerateEvent, Bytes), ProtocolError>>),
+    /// Nothing yet.
+    Quiet,
 }
 
 impl StreamState {
@@ -47,36 +63,42 @@ impl StreamState {
                         return Some(self.chunks.role());
                     }
                 }
-                Phase::Events => match self.events.next().await {
-                    Some(Ok((GenerateEvent::Delta { text, .. }, _))) => {
+                Phase::Events => match self.listen().await {
+                    Heard::Quiet => {
                         self.phase = Phase::Events;
-                        if !text.is_empty() {
-                            return Some(self.chunks.delta(&text));
+                        return Some(Bytes::from_static(KEEP_ALIVE));
+                    }
+                    Heard::Event(event) => match event {
+                        Some(Ok((GenerateEvent::Delta { text, .. }, _))) => {
+                            self.phase = Phase::Events;
+                            if !text.is_empty() {
+                                return Some(self.chunks.delta(&text));
+                            }
                         }
-                    }
-                    Some(Ok((
-                        GenerateEvent::Done {
-                            finish_reason,
-                            usage,
-                            billing,
-                        },
-                        _,
-                    ))) => {
-                        self.phase = if self.chunks.include_usage {
-                            Phase::Usage(usage, billing)
-                        } else {
-                            // Not shown to the app, but a bad bill is still logged.
-                            let _ = self.parties.verdict(billing.as_ref(), usage).await;
-                            Phase::Done
-                        };
-                        return Some(self.chunks.finish(finish_reason.as_str()));
-                    }
-                    // The SDKs raise an APIError on an `error` event; there is no [DONE] after it.
-                    Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
-                        tracing::warn!(%error, "stream ended with an error");
-                        return Some(error_event(&error_body(&error)));
-                    }
-                    None => return None,
+                        Some(Ok((
+                            GenerateEvent::Done {
+                                finish_reason,
+                                usage,
+                                billing,
+                            },
+                            _,
+                        ))) => {
+                            self.phase = if self.chunks.include_usage {
+                                Phase::Usage(usage, billing)
+                            } else {
+                                // Not shown to the app, but a bad bill is still logged.
+                                let _ = self.parties.verdict(billing.as_ref(), usage).await;
+                                Phase::Done
+                            };
+                            return Some(self.chunks.finish(finish_reason.as_str()));
+                        }
+                        // The SDKs raise an APIError on an `error` event; there is no [DONE] after it.
+                        Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
+                            tracing::warn!(%error, "stream ended with an error");
+                            return Some(error_event(&error_body(&error)));
+                        }
+                        None => return None,
+                    },
                 },
                 Phase::Usage(usage, billing) => {
                     self.phase = Phase::Done;
@@ -92,6 +114,21 @@ impl StreamState {
     }
 }
 
+impl StreamState {
+    /// The proxy's next event, or [`Heard::Quiet`] when none came within the keep-alive
+    /// interval (the reader's silence limit runs from the last frame it got, so giving up on
+    /// a read here does not reset it).
+    async fn listen(&mut self) -> Heard {
+        match self.keep_alive {
+            None => Heard::Event(self.events.next().await),
+            Some(every) => match tokio::time::timeout(every, self.events.next()).await {
+                Ok(event) => Heard::Event(event),
+                Err(_) => Heard::Quiet,
+            },
+        }
+    }
+}
+
 /// The streaming response. If the app disconnects, the body is dropped with the proxy stream
 /// inside it, which cancels the generation all the way to the worker.
 pub(crate) fn response(
@@ -99,6 +136,7 @@ pub(crate) fn response(
     meta: Meta,
     include_usage: bool,
     parties: Parties,
+    keep_alive: Option<Duration>,
 ) -> Response {
     let state = StreamState {
         events,
@@ -111,6 +149,7 @@ pub(crate) fn response(
         },
         parties,
         phase: Phase::Start,
+        keep_alive,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         st.next().await.map(|b| (Ok::<_, Infallible>(b), st))

@@ -134,3 +134,42 @@ async fn what_the_gateway_refuses_gets_an_openai_error_and_never_reaches_a_worke
     let answer = post_json(&http, &chat, &chat_body("Hi", json!({"max_tokens": 1}))).await;
     assert_eq!(answer["choices"][0]["message"]["content"], "t", "{answer}");
 }
+
+/// A streamed answer that pauses between tokens (a model thinking, a slow upstream) keeps the
+/// app's connection visibly alive: SSE comments, which apps and SDKs skip, come while no token
+/// does, and the answer's chunks are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pausing_stream_sends_keep_alive_comments_between_tokens() {
+    let (net, b) = crate::scripted::start(cocoon_testkit::dev::DevOptions {
+        gateway_keep_alive_secs: 1,
+        ..cocoon_testkit::dev::test_options()
+    })
+    .await;
+    b.pace(std::time::Duration::from_millis(1400));
+    let body = reqwest::Client::new()
+        .post(format!("{}/chat/completions", net.gateway_url()))
+        .json(&chat_body("Hi", json!({"max_tokens": 3, "stream": true})))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Three pauses of 1.4 s (before the second and third token, and the end): a comment in
+    // each.
+    let comments = body.lines().filter(|l| *l == ": keep-alive").count();
+    assert!(comments >= 3, "{comments} keep-alives in {body}");
+    let text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "ttt", "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+}

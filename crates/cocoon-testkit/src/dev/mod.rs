@@ -64,6 +64,8 @@ pub struct DevOptions {
     /// The most the gateway pays per weighted token (`[payments] max_price_per_token`);
     /// `None`: ten floors.
     pub gateway_max_price: Option<u64>,
+    /// The gateway's `stream_keep_alive_secs`.
+    pub gateway_keep_alive_secs: u64,
 }
 
 impl Default for DevOptions {
@@ -82,6 +84,7 @@ impl Default for DevOptions {
             gateway_max_answer_bytes: ClientConfig::default().max_answer_bytes,
             proxy_max_connections: ProxyConfig::default().max_connections,
             gateway_max_price: None,
+            gateway_keep_alive_secs: ClientConfig::default().stream_keep_alive_secs,
         }
     }
 }
@@ -219,6 +222,7 @@ impl DevNetwork {
                 },
                 access: options.gateway_access.clone(),
                 max_answer_bytes: options.gateway_max_answer_bytes,
+                stream_keep_alive_secs: options.gateway_keep_alive_secs,
                 ..ClientConfig::default()
             },
             keys::LEDGERS,
