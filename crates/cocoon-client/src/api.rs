@@ -493,6 +493,7 @@ async fn answer(
     }
     let mut events = events;
     let mut text = String::new();
+    let mut reasoning = String::new();
     let (finish, usage, billing): (FinishReason, Usage, Option<Billing>) = loop {
         match events.next().await {
             Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => {
@@ -506,6 +507,18 @@ async fn answer(
                     .into());
                 }
                 text.push_str(&t)
+            }
+            Some(Ok((GenerateEvent::Reasoning { text: t, .. }, _))) => {
+                if text.len() + reasoning.len() + t.len() > state.max_answer_bytes {
+                    return Err(ProtocolError::internal(format!(
+                        "the answer's reasoning is longer than this gateway gathers for a \
+                         request without streaming ({} bytes, max_answer_bytes): ask with \
+                         \"stream\": true",
+                        state.max_answer_bytes
+                    ))
+                    .into());
+                }
+                reasoning.push_str(&t)
             }
             Some(Ok((
                 GenerateEvent::Done {
@@ -524,11 +537,18 @@ async fn answer(
     let verified = parties.verdict(billing.as_ref(), usage).await;
     let usage = OpenAiUsage::new(usage, billing, verified);
     let body = match endpoint {
-        Endpoint::Chat => json!({
-            "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish.as_str()}],
-            "usage": usage,
-        }),
+        Endpoint::Chat => {
+            let mut message = json!({"role": "assistant", "content": text});
+            // As OpenAI-compatible servers put a reasoning model's thinking.
+            if !reasoning.is_empty() {
+                message["reasoning_content"] = json!(reasoning);
+            }
+            json!({
+                "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+                "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish.as_str()}],
+                "usage": usage,
+            })
+        }
         Endpoint::Completion => json!({
             "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
             "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str()}],

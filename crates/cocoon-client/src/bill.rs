@@ -305,10 +305,7 @@ impl BillRecord {
         let Some(params) = self.params.read().clone() else {
             return 0;
         };
-        let Ok(weighted) = params.weighted_tokens(&[
-            (TokenKind::Prompt, prompt),
-            (TokenKind::Completion, completion),
-        ]) else {
+        let Ok(weighted) = params.weighted_bound(prompt, completion) else {
             return u64::MAX;
         };
         let floor = u64::try_from(params.price_per_token)
@@ -621,17 +618,24 @@ impl Parties {
                     bill.price_per_token
                 ));
             }
+            let p = usage.priced();
             let weighted = params
                 .weighted_tokens(&[
-                    (TokenKind::Prompt, u64::from(usage.prompt_tokens)),
-                    (TokenKind::Completion, u64::from(usage.completion_tokens)),
+                    (TokenKind::Prompt, p.prompt),
+                    (TokenKind::Cached, p.cached),
+                    (TokenKind::Completion, p.completion),
+                    (TokenKind::Reasoning, p.reasoning),
                 ])
                 .map_err(|e| e.to_string())?;
             if bill.weighted_tokens != weighted {
                 return Err(format!(
-                    "{} weighted tokens billed for {} prompt and {} completion tokens, which \
-                     weigh {weighted}",
-                    bill.weighted_tokens, usage.prompt_tokens, usage.completion_tokens
+                    "{} weighted tokens billed for {} prompt ({} cached) and {} completion ({} \
+                     reasoning) tokens, which weigh {weighted}",
+                    bill.weighted_tokens,
+                    usage.prompt_tokens,
+                    usage.cached_tokens,
+                    usage.completion_tokens,
+                    usage.reasoning_tokens
                 ));
             }
         }
@@ -716,10 +720,7 @@ mod tests {
 
     /// `billed` tokens of completion (weight 1 at the default multipliers).
     fn usage(billed: u64) -> Usage {
-        Usage {
-            prompt_tokens: 0,
-            completion_tokens: u32::try_from(billed).unwrap(),
-        }
+        Usage::new(0, u32::try_from(billed).unwrap())
     }
 
     #[test]
@@ -836,13 +837,44 @@ mod tests {
                 .contains("network's 20")
         );
         // At the default multipliers a prompt token and a completion token weigh one each.
-        let prompt = Usage {
-            prompt_tokens: 7,
-            completion_tokens: 3,
-        };
+        let prompt = Usage::new(7, 3);
         fresh()
             .check(&bill(&proxy, client, 100, 10), prompt)
             .unwrap();
+    }
+
+    /// Each kind of token weighs the network's multiplier for it: cached prompt tokens and
+    /// reasoning tokens too. A bill that prices them as plain prompt or answer tokens is bad.
+    #[test]
+    fn cached_and_reasoning_tokens_weigh_their_own_multipliers() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        // The prompt's multiplier is the weight of one.
+        let one = NetworkParams::default().prompt_multiplier;
+        let params = NetworkParams {
+            reasoning_multiplier: 2 * one,
+            ..NetworkParams::default()
+        };
+        assert_eq!(params.cached_multiplier, one / 10);
+        let fresh = || parties(&proxy, client, Some(params.clone()));
+        // 10 fresh prompt tokens, 30 cached at 0.1, 2 of answer, 3 of thinking at 2: 21.
+        let usage = Usage {
+            cached_tokens: 30,
+            reasoning_tokens: 3,
+            ..Usage::new(40, 5)
+        };
+        fresh()
+            .check(&bill(&proxy, client, 100, 21), usage)
+            .unwrap();
+        // The thinking priced as answer (18), the cache ignored (48): both bad.
+        for weighed in [18, 48] {
+            let e = fresh()
+                .check(&bill(&proxy, client, 100, weighed), usage)
+                .unwrap_err();
+            assert!(e.contains("weigh 21"), "{e}");
+        }
+        // What a request may be billed at most covers either split of its counts.
+        assert_eq!(params.weighted_bound(40, 5).unwrap(), 40 + 10);
     }
 
     #[tokio::test]
@@ -1011,20 +1043,14 @@ mod tests {
             ..parties(&proxy, client, None)
         };
         // Consistent figures, but a 2-byte prompt cannot be 1,000 tokens, nor 4 max_tokens 10.
-        let inflated = Usage {
-            prompt_tokens: 1000,
-            completion_tokens: 4,
-        };
+        let inflated = Usage::new(1000, 4);
         let err = p
             .check(&bill(&proxy, client, 1004, 1004), inflated)
             .unwrap_err();
         assert!(err.contains("more than the request could use"), "{err}");
         assert!(p.check(&bill(&proxy, client, 2000, 10), usage(10)).is_err());
         // What the request could use passes.
-        let honest = Usage {
-            prompt_tokens: 9,
-            completion_tokens: 4,
-        };
+        let honest = Usage::new(9, 4);
         p.check(&bill(&proxy, client, 13, 13), honest).unwrap();
     }
 

@@ -53,6 +53,10 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    /// The model's thinking, under the name vLLM, SGLang, DeepSeek and llama.cpp's server use
+    /// (the OpenAI SDKs pass unknown delta fields through to the app).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
 }
 
 fn event<T: Serialize>(value: &T, size_hint: usize) -> Bytes {
@@ -93,6 +97,7 @@ impl ChunkEncoder {
                 Some(Delta {
                     role,
                     content: text,
+                    reasoning_content: None,
                 }),
                 None,
             ),
@@ -115,6 +120,26 @@ impl ChunkEncoder {
     /// A piece of the answer's text.
     pub fn delta(&self, text: &str) -> Bytes {
         self.chunk(&[self.choice(None, Some(text), None)], None, text.len())
+    }
+
+    /// A piece of the model's reasoning, for a chat stream (`delta.reasoning_content`); `None`
+    /// for a legacy completion, which has no place for it.
+    pub fn reasoning(&self, text: &str) -> Option<Bytes> {
+        if !self.chat {
+            return None;
+        }
+        let choice = Choice {
+            index: 0,
+            delta: Some(Delta {
+                role: None,
+                content: None,
+                reasoning_content: Some(text),
+            }),
+            text: None,
+            logprobs: (),
+            finish_reason: None,
+        };
+        Some(self.chunk(&[choice], None, text.len()))
     }
 
     /// The chunk that says why the answer ended.

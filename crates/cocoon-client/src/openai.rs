@@ -264,6 +264,10 @@ pub struct OpenAiUsage {
     pub completion_tokens: u32,
     /// Prompt plus completion tokens.
     pub total_tokens: u32,
+    /// Of the prompt's tokens, those served from a cache (`cached_tokens`), as OpenAI reports.
+    pub prompt_tokens_details: PromptDetails,
+    /// Of the generated tokens, those of reasoning (`reasoning_tokens`), as OpenAI reports.
+    pub completion_tokens_details: CompletionDetails,
     /// Nanoton charged for this request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost: Option<u64>,
@@ -280,6 +284,20 @@ pub struct OpenAiUsage {
     pub bill_error: Option<String>,
 }
 
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptDetails {
+    /// Prompt tokens served from a cache.
+    pub cached_tokens: u32,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CompletionDetails {
+    /// Generated tokens of reasoning.
+    pub reasoning_tokens: u32,
+}
+
 impl OpenAiUsage {
     /// The usage of an answer, its bill, and the gateway's verdict on the bill.
     pub fn new(u: Usage, billing: Option<Billing>, verdict: Option<Result<(), String>>) -> Self {
@@ -287,6 +305,12 @@ impl OpenAiUsage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.total_tokens(),
+            prompt_tokens_details: PromptDetails {
+                cached_tokens: u.cached_tokens,
+            },
+            completion_tokens_details: CompletionDetails {
+                reasoning_tokens: u.reasoning_tokens,
+            },
             cost: billing.as_ref().map(|b| b.cost),
             billing,
             bill_verified: verdict.as_ref().map(Result::is_ok),

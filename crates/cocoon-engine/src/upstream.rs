@@ -295,6 +295,18 @@ async fn relay(
             if parsed.usage.is_some() {
                 usage = parsed.usage;
             }
+            if let Some(text) = parsed.reasoning {
+                // Thinking is part of the answer: relayed as it comes (it is also what keeps
+                // a thinking model from looking silent), counted a token a chunk as text is.
+                let tokens = u32::from(!text.is_empty());
+                if tx
+                    .send(GenerateEvent::Reasoning { text, tokens })
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
             if let Some(text) = parsed.text {
                 // Upstream servers do not say how many tokens a chunk holds; vLLM, SGLang and
                 // llama.cpp's server stream one token a chunk, so a chunk counts as one (what a
@@ -335,6 +347,8 @@ async fn relay(
 pub struct SseChunk {
     /// Non-empty text of the first choice.
     pub text: Option<String>,
+    /// Non-empty reasoning text of the first choice (`reasoning_content` or `reasoning`).
+    pub reasoning: Option<String>,
     /// The first choice's `finish_reason`, when the server sent one.
     pub finish: Option<FinishReason>,
     /// Token counts, present in the final chunk when `stream_options.include_usage` is honoured.
@@ -366,12 +380,32 @@ struct WireChoice<'a> {
 struct WireDelta<'a> {
     #[serde(default, borrow)]
     content: Option<Cow<'a, str>>,
+    /// vLLM's, SGLang's, DeepSeek's and llama.cpp's name for the thinking text.
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    /// Newer vLLM's and OpenRouter's name for it.
+    #[serde(default, borrow)]
+    reasoning: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 struct WireUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<WireDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<WireDetails>,
+}
+
+/// OpenAI's `prompt_tokens_details` / `completion_tokens_details` (servers send `null` or
+/// leave fields out when they do not count them).
+#[derive(Deserialize)]
+struct WireDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
 }
 
 /// Reads the JSON of one `data:` line (without the prefix). This runs once per token of
@@ -390,8 +424,15 @@ pub fn parse_sse_chunk(data: &[u8]) -> Result<SseChunk, ProtocolError> {
     let Some(choice) = event.choices.into_iter().next() else {
         return Ok(chunk);
     };
-    let text = choice.delta.and_then(|d| d.content).or(choice.text);
-    chunk.text = text.filter(|t| !t.is_empty()).map(Cow::into_owned);
+    let (content, reasoning) = match choice.delta {
+        Some(d) => (d.content, d.reasoning_content.or(d.reasoning)),
+        None => (None, None),
+    };
+    chunk.text = content
+        .or(choice.text)
+        .filter(|t| !t.is_empty())
+        .map(Cow::into_owned);
+    chunk.reasoning = reasoning.filter(|t| !t.is_empty()).map(Cow::into_owned);
     chunk.finish = match choice.finish_reason.as_deref() {
         Some("length") => Some(FinishReason::Length),
         Some(_) => Some(FinishReason::Stop),
@@ -405,9 +446,18 @@ fn parse_usage(u: &WireUsage) -> Result<Usage, ProtocolError> {
         v.and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| ProtocolError::internal(format!("upstream usage lacks {name}")))
     };
+    // A detail the server does not count is 0; one that does not fit is the whole count.
+    let detail = |details: &Option<WireDetails>, pick: fn(&WireDetails) -> Option<u64>| {
+        details
+            .as_ref()
+            .and_then(pick)
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+    };
     Ok(Usage {
         prompt_tokens: field("prompt_tokens", u.prompt_tokens)?,
         completion_tokens: field("completion_tokens", u.completion_tokens)?,
+        cached_tokens: detail(&u.prompt_tokens_details, |d| d.cached_tokens),
+        reasoning_tokens: detail(&u.completion_tokens_details, |d| d.reasoning_tokens),
     })
 }
 
@@ -593,7 +643,7 @@ mod tests {
                 matches!(
                     events.last(),
                     Some(GenerateEvent::Done { finish_reason: FinishReason::Length, usage, .. })
-                        if *usage == Usage { prompt_tokens: 2, completion_tokens: 4 }
+                        if *usage == Usage::new(2, 4)
                 ),
                 "{:?}",
                 events.last()
@@ -608,6 +658,7 @@ mod tests {
             c,
             SseChunk {
                 text: Some(" a\"b".into()),
+                reasoning: None,
                 finish: None,
                 usage: None
             }
@@ -624,13 +675,7 @@ mod tests {
         let c =
             parse_sse_chunk(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#)
                 .unwrap();
-        assert_eq!(
-            c.usage,
-            Some(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 5
-            })
-        );
+        assert_eq!(c.usage, Some(Usage::new(3, 5)));
         assert!(
             parse_sse_chunk(br#"{"usage":{"prompt_tokens":3}}"#)
                 .unwrap_err()
@@ -644,6 +689,30 @@ mod tests {
                 .contains("boom")
         );
         assert!(parse_sse_chunk(b"{not json").is_err());
+        // A reasoning model's thinking, under either name servers use, and the usage's
+        // details (null where a server does not count them).
+        for name in ["reasoning_content", "reasoning"] {
+            let line = format!(r#"{{"choices":[{{"delta":{{"{name}":"hmm"}}}}]}}"#);
+            let c = parse_sse_chunk(line.as_bytes()).unwrap();
+            assert_eq!((c.reasoning.as_deref(), c.text), (Some("hmm"), None));
+        }
+        let c = parse_sse_chunk(
+            br#"{"choices":[],"usage":{"prompt_tokens":30,"completion_tokens":9,"prompt_tokens_details":{"cached_tokens":20},"completion_tokens_details":{"reasoning_tokens":6}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.usage,
+            Some(Usage {
+                cached_tokens: 20,
+                reasoning_tokens: 6,
+                ..Usage::new(30, 9)
+            })
+        );
+        let c = parse_sse_chunk(
+            br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"prompt_tokens_details":null,"completion_tokens_details":{"reasoning_tokens":null}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.usage, Some(Usage::new(3, 5)));
     }
 
     #[test]

@@ -99,6 +99,26 @@ impl NetworkParams {
         u64::try_from(total.div_ceil(u128::from(MULTIPLIER_ONE))).map_err(|_| LedgerError::Overflow)
     }
 
+    /// The most a request of at most `prompt` prompt tokens and `completion` generated tokens
+    /// may weigh, however its counts turn out to split into cached and reasoning tokens (each
+    /// side at the heavier of its two multipliers): what a reservation must cover.
+    pub fn weighted_bound(&self, prompt: u64, completion: u64) -> Result<u64, LedgerError> {
+        let heavier = |a, b| {
+            if self.multiplier(a) >= self.multiplier(b) {
+                a
+            } else {
+                b
+            }
+        };
+        self.weighted_tokens(&[
+            (heavier(TokenKind::Prompt, TokenKind::Cached), prompt),
+            (
+                heavier(TokenKind::Completion, TokenKind::Reasoning),
+                completion,
+            ),
+        ])
+    }
+
     /// What `tokens` weighted tokens cost the client.
     pub fn cost(&self, tokens: u64) -> Result<Nanoton, LedgerError> {
         u128::from(tokens)

@@ -158,10 +158,7 @@ impl<'a> Sequence<'a> {
                 }
             }
         }
-        let usage = Usage {
-            prompt_tokens: self.prompt_tokens(),
-            completion_tokens: self.completion_tokens,
-        };
+        let usage = Usage::new(self.prompt_tokens(), self.completion_tokens);
         let done = GenerateEvent::Done {
             finish_reason,
             usage,

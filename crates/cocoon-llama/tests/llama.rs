@@ -70,6 +70,7 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
                 ..
             } => c.done = Some((finish_reason, usage)),
             GenerateEvent::Error { error } => c.error = Some(error),
+            GenerateEvent::Reasoning { .. } => panic!("this model does not reason"),
         }
     }
     c

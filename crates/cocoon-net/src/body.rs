@@ -111,7 +111,10 @@ impl EventReader {
                             ))));
                         }
                     };
-                    if !matches!(event, GenerateEvent::Delta { .. }) {
+                    if !matches!(
+                        event,
+                        GenerateEvent::Delta { .. } | GenerateEvent::Reasoning { .. }
+                    ) {
                         self.finished = true;
                     }
                     return Some(Ok((event, frame)));

@@ -58,17 +58,25 @@ pub struct UsageBounds {
 /// What the proxy relayed of an answer: the tokens its deltas claimed and their text's bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Relayed {
-    /// Tokens the deltas said they carry.
+    /// Tokens the deltas (answer and reasoning) said they carry.
     pub tokens: u64,
     /// Bytes of the deltas' text.
     pub bytes: u64,
+    /// Of `tokens`, those the reasoning deltas claimed.
+    pub reasoning: u64,
 }
 
 impl Relayed {
-    /// Adds one delta.
+    /// Adds one delta of the answer.
     pub fn add(&mut self, tokens: u32, text: &str) {
         self.tokens = self.tokens.saturating_add(u64::from(tokens));
         self.bytes = self.bytes.saturating_add(text.len() as u64);
+    }
+
+    /// Adds one delta of reasoning.
+    pub fn add_reasoning(&mut self, tokens: u32, text: &str) {
+        self.add(tokens, text);
+        self.reasoning = self.reasoning.saturating_add(u64::from(tokens));
     }
 }
 
@@ -127,11 +135,29 @@ impl UsageBounds {
                 self.completion, relayed.tokens, relayed.bytes
             ));
         }
+        // Parts of a count cannot exceed it: a report that says otherwise is inconsistent,
+        // whichever way it would tip the price.
+        if reported.cached_tokens > reported.prompt_tokens {
+            breaches.push(format!(
+                "{} cached of {} prompt tokens",
+                reported.cached_tokens, reported.prompt_tokens
+            ));
+        }
+        if reported.reasoning_tokens > reported.completion_tokens {
+            breaches.push(format!(
+                "{} reasoning of {} completion tokens",
+                reported.reasoning_tokens, reported.completion_tokens
+            ));
+        }
         let clamp = |v: u64, cap: u64| u32::try_from(v.min(cap)).unwrap_or(u32::MAX);
+        let prompt_tokens = clamp(prompt, self.prompt);
+        let completion_tokens = clamp(completion, self.completion);
         Bounded {
             usage: Usage {
-                prompt_tokens: clamp(prompt, self.prompt),
-                completion_tokens: clamp(completion, self.completion),
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens: reported.cached_tokens.min(prompt_tokens),
+                reasoning_tokens: reported.reasoning_tokens.min(completion_tokens),
             },
             breach: (!breaches.is_empty()).then(|| breaches.join("; ")),
         }
@@ -146,10 +172,15 @@ impl UsageBounds {
             .saturating_add(self.withheld)
             .saturating_add(SILENT_TOKENS);
         let cap = self.completion.min(by_text);
+        let completion_tokens = u32::try_from(relayed.tokens.min(cap)).unwrap_or(u32::MAX);
         Bounded {
             usage: Usage {
                 prompt_tokens: 0,
-                completion_tokens: u32::try_from(relayed.tokens.min(cap)).unwrap_or(u32::MAX),
+                completion_tokens,
+                cached_tokens: 0,
+                reasoning_tokens: u32::try_from(relayed.reasoning)
+                    .unwrap_or(u32::MAX)
+                    .min(completion_tokens),
             },
             breach: (relayed.tokens > cap).then(|| {
                 format!(
@@ -185,14 +216,15 @@ mod tests {
     }
 
     fn usage(prompt_tokens: u32, completion_tokens: u32) -> Usage {
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-        }
+        Usage::new(prompt_tokens, completion_tokens)
     }
 
     fn relayed(tokens: u64, bytes: u64) -> Relayed {
-        Relayed { tokens, bytes }
+        Relayed {
+            tokens,
+            bytes,
+            reasoning: 0,
+        }
     }
 
     #[test]
@@ -238,6 +270,56 @@ mod tests {
                 usage: usage(0, 3),
                 breach: None
             }
+        );
+    }
+
+    /// Cached and reasoning tokens are parts of the prompt's and the completion's counts: held
+    /// to them, and a report whose parts exceed its whole is a breach. A cut-off answer's
+    /// reasoning is what its reasoning deltas claimed.
+    #[test]
+    fn cached_and_reasoning_tokens_are_parts_of_their_counts() {
+        let b = UsageBounds::new(&request("Hello there", Some(16), &[]), 2048);
+        let honest = Usage {
+            cached_tokens: 60,
+            reasoning_tokens: 10,
+            ..usage(80, 16)
+        };
+        assert_eq!(b.apply(honest, relayed(16, 40)).usage, honest);
+        assert_eq!(
+            honest.priced(),
+            crate::PricedTokens {
+                prompt: 20,
+                cached: 60,
+                completion: 6,
+                reasoning: 10
+            }
+        );
+        let odd = Usage {
+            cached_tokens: 81,
+            reasoning_tokens: 17,
+            ..usage(80, 16)
+        };
+        let held = b.apply(odd, relayed(16, 40));
+        assert_eq!(
+            (held.usage.cached_tokens, held.usage.reasoning_tokens),
+            (80, 16)
+        );
+        let breach = held.breach.unwrap();
+        assert!(breach.contains("81 cached of 80"), "{breach}");
+        assert!(breach.contains("17 reasoning of 16"), "{breach}");
+        // Over the prompt's bound, the cached part is held to the bounded prompt.
+        let over = Usage {
+            cached_tokens: 5000,
+            ..usage(5000, 4)
+        };
+        assert_eq!(b.apply(over, relayed(4, 4)).usage.cached_tokens, 83);
+        let mut thought = relayed(0, 0);
+        thought.add_reasoning(5, "hmmmm");
+        thought.add(2, "ok");
+        let cut = b.cut_off(thought);
+        assert_eq!(
+            (cut.usage.completion_tokens, cut.usage.reasoning_tokens),
+            (7, 5)
         );
     }
 

@@ -97,10 +97,7 @@ mod tests {
             },
             GenerateEvent::Done {
                 finish_reason: FinishReason::Length,
-                usage: Usage {
-                    prompt_tokens: 7,
-                    completion_tokens: 3,
-                },
+                usage: Usage::new(7, 3),
                 billing: None,
             },
         ]

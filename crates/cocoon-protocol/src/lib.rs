@@ -15,11 +15,11 @@ pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
     Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, ListedModel,
-    ModelCard, ModelList, Payout, Refund, Role, SamplingParams, Usage, WorkerHello,
+    ModelCard, ModelList, Payout, PricedTokens, Refund, Role, SamplingParams, Usage, WorkerHello,
 };
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN name a client gateway offers when it connects to a proxy.
 pub const ALPN_CLIENT: &[u8] = b"cocoon/1/client";

@@ -158,19 +158,69 @@ impl GenerateRequest {
     }
 }
 
-/// Token counts of one completion, as counted by the serving model's tokenizer.
+/// Token counts of one completion, as counted by the serving model's tokenizer. As in
+/// OpenAI's `usage`, cached tokens are part of the prompt's and reasoning tokens part of the
+/// completion's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
     /// Tokens generated.
     pub completion_tokens: u32,
+    /// Of the prompt's tokens, those served from a cache of an earlier prompt rather than
+    /// computed (priced at the network's cached multiplier).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub cached_tokens: u32,
+    /// Of the generated tokens, those of the model's reasoning (priced at the network's
+    /// reasoning multiplier).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub reasoning_tokens: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A usage's tokens by how each is priced; the parts add up to the usage's total (cached and
+/// reasoning tokens held to the prompt's and completion's counts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PricedTokens {
+    /// Prompt tokens computed afresh.
+    pub prompt: u64,
+    /// Prompt tokens served from a cache.
+    pub cached: u64,
+    /// Generated tokens of the answer.
+    pub completion: u64,
+    /// Generated tokens of reasoning.
+    pub reasoning: u64,
 }
 
 impl Usage {
+    /// The usage of an answer with `prompt_tokens` and `completion_tokens`, none of them
+    /// cached or reasoning.
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            ..Self::default()
+        }
+    }
+
     /// Prompt plus completion tokens (saturating).
     pub fn total_tokens(&self) -> u32 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+
+    /// The tokens by how each is priced.
+    pub fn priced(&self) -> PricedTokens {
+        let cached = self.cached_tokens.min(self.prompt_tokens);
+        let reasoning = self.reasoning_tokens.min(self.completion_tokens);
+        PricedTokens {
+            prompt: u64::from(self.prompt_tokens - cached),
+            cached: u64::from(cached),
+            completion: u64::from(self.completion_tokens - reasoning),
+            reasoning: u64::from(reasoning),
+        }
     }
 }
 
@@ -250,6 +300,16 @@ pub enum GenerateEvent {
     /// New text, and how many generated tokens it accounts for.
     Delta {
         /// The text generated since the previous delta.
+        text: String,
+        /// How many generated tokens `text` accounts for.
+        tokens: u32,
+    },
+    /// New text of the model's reasoning (what OpenAI-compatible servers stream as
+    /// `reasoning_content`), and how many generated tokens it accounts for: part of the
+    /// answer, relayed and billed like a [`GenerateEvent::Delta`], shown to the app apart from
+    /// its content.
+    Reasoning {
+        /// The reasoning generated since the previous event.
         text: String,
         /// How many generated tokens `text` accounts for.
         tokens: u32,

@@ -148,10 +148,7 @@ impl Backend for Scripted {
                 };
                 events.push(GenerateEvent::Done {
                     finish_reason: FinishReason::Length,
-                    usage: Usage {
-                        prompt_tokens,
-                        completion_tokens,
-                    },
+                    usage: Usage::new(prompt_tokens, completion_tokens),
                     billing: None,
                 });
                 let gap = std::time::Duration::from_millis(self.pace_ms.load(Ordering::SeqCst));

@@ -158,7 +158,9 @@ pub async fn direct(backend: &Arc<dyn Backend>, req: GenerateRequest) -> anyhow:
     let mut events = backend.generate(req);
     while let Some(ev) = events.next().await {
         match ev {
-            GenerateEvent::Delta { text, .. } => chunks.push((Instant::now(), text)),
+            GenerateEvent::Delta { text, .. } | GenerateEvent::Reasoning { text, .. } => {
+                chunks.push((Instant::now(), text))
+            }
             GenerateEvent::Done { usage, .. } => {
                 let latency = start.elapsed();
                 return Ok(Answer {

@@ -19,3 +19,4 @@ mod resilience;
 mod security;
 mod soak;
 mod ton;
+mod upstream;

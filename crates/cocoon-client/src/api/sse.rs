@@ -75,6 +75,12 @@ impl StreamState {
                                 return Some(self.chunks.delta(&text));
                             }
                         }
+                        Some(Ok((GenerateEvent::Reasoning { text, .. }, _))) => {
+                            self.phase = Phase::Events;
+                            if let Some(chunk) = self.chunks.reasoning(&text) {
+                                return Some(chunk);
+                            }
+                        }
                         Some(Ok((
                             GenerateEvent::Done {
                                 finish_reason,

@@ -158,6 +158,18 @@ struct Need {
     choice: Option<usize>,
 }
 
+/// The weighted tokens of an answer's `usage`: each kind of token (prompt computed or cached,
+/// answer or reasoning) at the network's multiplier for it.
+fn weigh(params: &NetworkParams, usage: Usage) -> Result<u64, LedgerError> {
+    let p = usage.priced();
+    params.weighted_tokens(&[
+        (TokenKind::Prompt, p.prompt),
+        (TokenKind::Cached, p.cached),
+        (TokenKind::Completion, p.completion),
+        (TokenKind::Reasoning, p.reasoning),
+    ])
+}
+
 /// Counter units for `weighted` tokens at `price` per token: the contract counts in units of
 /// the floor price, so a dearer request advances it proportionally more, rounded down (the
 /// client never pays above its price). Below the floor the floor applies.
@@ -352,10 +364,7 @@ impl Billing {
         let params = self.params.read().clone();
         let need_of = |bounds: &UsageBounds, price: u64| -> Result<Need, ProtocolError> {
             let weighted = params
-                .weighted_tokens(&[
-                    (TokenKind::Prompt, bounds.prompt()),
-                    (TokenKind::Completion, bounds.completion()),
-                ])
+                .weighted_bound(bounds.prompt(), bounds.completion())
                 .map_err(|e| ProtocolError::invalid(e.to_string()))?;
             let amount = params
                 .cost(units(&params, weighted, price))
@@ -489,12 +498,7 @@ impl Billing {
     ) -> Result<(Bill, Payout), ProtocolError> {
         let params = self.params.read().clone();
         let price = price.max(u64::try_from(params.price_per_token).unwrap_or(u64::MAX));
-        let weighted = params
-            .weighted_tokens(&[
-                (TokenKind::Prompt, u64::from(usage.prompt_tokens)),
-                (TokenKind::Completion, u64::from(usage.completion_tokens)),
-            ])
-            .map_err(|e| ProtocolError::internal(e.to_string()))?;
+        let weighted = weigh(&params, usage).map_err(|e| ProtocolError::internal(e.to_string()))?;
         let mut tokens = units(&params, weighted, price);
         // A bill never exceeds its reservation. Usage within the bounds cannot, so this holds
         // only if a bound and the reservation ever disagreed; the client pays what it agreed to.

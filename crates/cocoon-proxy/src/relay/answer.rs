@@ -205,6 +205,14 @@ impl Answer {
                         break End::ClientLeft;
                     }
                 }
+                // Thinking is part of the answer: relayed, and counted (apart, for its price)
+                // towards what a cut-off answer is billed.
+                Some(Ok((GenerateEvent::Reasoning { tokens, text }, frame))) => {
+                    relayed.add_reasoning(tokens, &text);
+                    if tx.send(frame).await.is_err() {
+                        break End::ClientLeft;
+                    }
+                }
                 Some(Ok((GenerateEvent::Error { error }, _))) => {
                     break End::WorkerFailed {
                         error,

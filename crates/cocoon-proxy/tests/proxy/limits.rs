@@ -77,10 +77,7 @@ impl Backend for GatedBackend {
                         let _ = gate.wait_for(|open| *open).await;
                         let done = GenerateEvent::Done {
                             finish_reason: FinishReason::Stop,
-                            usage: Usage {
-                                prompt_tokens: 3,
-                                completion_tokens: 1,
-                            },
+                            usage: Usage::new(3, 1),
                             billing: None,
                         };
                         Some((done, (2, gate, active)))

@@ -1,0 +1,121 @@
+//! A worker relaying to an OpenAI-compatible server that serves a reasoning model with a
+//! prompt cache, as vLLM and SGLang do: its thinking (`reasoning_content`) and its usage
+//! details (`cached_tokens`, `reasoning_tokens`) pass through the whole network to the app,
+//! and the bill weighs each kind of token at the network's multiplier for it.
+
+use std::sync::Arc;
+
+use crate::common::*;
+use cocoon_engine::{Backend, UpstreamBackend, UpstreamConfig};
+use serde_json::{Value, json};
+
+/// The scripted server's answer: three chunks of thinking, two of content, then the usage of
+/// a 40-token prompt (30 of them from its prompt cache) and 5 generated tokens (3 of them
+/// thinking).
+const REASONING_SSE: &str = concat!(
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"Let\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\" me\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\" think\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"4\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"2\"},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":40,\"completion_tokens\":5,",
+    "\"prompt_tokens_details\":{\"cached_tokens\":30},",
+    "\"completion_tokens_details\":{\"reasoning_tokens\":3}}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+async fn reasoning_server() -> String {
+    let router = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async { REASONING_SSE }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+/// The usage an app gets, checked to the token, and the bill it comes with: 10 fresh prompt
+/// tokens, 30 cached at 0.1, 2 of answer and 3 of thinking weigh 18 at the default
+/// multipliers, verified by the gateway against the ledger's.
+fn assert_usage_and_bill(usage: &Value) {
+    assert_eq!(usage["prompt_tokens"], 40, "{usage}");
+    assert_eq!(usage["completion_tokens"], 5, "{usage}");
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], 30,
+        "{usage}"
+    );
+    assert_eq!(
+        usage["completion_tokens_details"]["reasoning_tokens"], 3,
+        "{usage}"
+    );
+    assert_eq!(usage["billing"]["weighted_tokens"], 18, "{usage}");
+    assert_eq!(usage["bill_verified"], true, "{usage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reasoning_models_thinking_and_cached_tokens_pass_through_and_are_billed_by_kind() {
+    let relay: Arc<dyn Backend> = Arc::new(
+        UpstreamBackend::new(UpstreamConfig {
+            url: reasoning_server().await,
+            ca_file: None,
+            api_key: None,
+            models: vec![
+                serde_json::from_value(json!({"id": "thinker", "context_length": 4096})).unwrap(),
+            ],
+            parallel: 4,
+            timeout_secs: 10,
+            idle_timeout_secs: 10,
+        })
+        .unwrap(),
+    );
+    let net = network(vec![relay]).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "thinker", "messages": [{"role": "user", "content": "Six times seven?"}], "max_tokens": 16});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+
+    let answer: Value = post_json(&http, &url, &ask(json!({}))).await;
+    let message = &answer["choices"][0]["message"];
+    assert_eq!(message["content"], "42", "{answer}");
+    assert_eq!(message["reasoning_content"], "Let me think", "{answer}");
+    assert_usage_and_bill(&answer["usage"]);
+
+    let streamed = http
+        .post(&url)
+        .json(&ask(
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let chunks: Vec<Value> = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let delta = |field: &str| -> String {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][field].as_str())
+            .collect()
+    };
+    assert_eq!(delta("reasoning_content"), "Let me think", "{streamed}");
+    assert_eq!(delta("content"), "42", "{streamed}");
+    // The thinking comes first, as the model produced it.
+    let first_thought = streamed.find("reasoning_content").unwrap();
+    let first_answer = streamed.find("\"content\":\"4\"").unwrap();
+    assert!(first_thought < first_answer, "{streamed}");
+    let usage = chunks.last().map(|c| &c["usage"]).unwrap();
+    assert_usage_and_bill(usage);
+}
