@@ -91,9 +91,10 @@ where
     serve_h2_counting(io, idle_timeout, |_| true, handler).await
 }
 
-/// [`serve_h2`], where only the requests `counts` accepts are activity for the idle timeout:
-/// a peer that sends nothing but cheap requests (a status read every few minutes) does not
-/// hold its connection, and its slot, for ever.
+/// [`serve_h2`], where only the requests `counts` accepts, and that succeed (a 2xx answer),
+/// are activity for the idle timeout: a peer that sends nothing but cheap requests (a status
+/// read every few minutes), or requests that are refused at once, does not hold its
+/// connection, and its slot, for ever.
 pub async fn serve_h2_counting<IO, C, F, Fut>(
     io: IO,
     idle_timeout: Option<Duration>,
@@ -115,9 +116,14 @@ where
             let handler = handler.clone();
             // Taken before the handler runs and released with the response body, so a long
             // stream counts as activity for as long as it lasts.
-            let busy = counts(&req).then(|| activity.begin());
+            let mut busy = counts(&req).then(|| activity.begin());
             async move {
                 let response = handler(req).await;
+                if !response.status().is_success()
+                    && let Some(busy) = busy.as_mut()
+                {
+                    busy.refreshes = false;
+                }
                 Ok::<_, Infallible>(response.map(|body| {
                     body.map_frame(move |frame| {
                         let _ = &busy;
@@ -173,7 +179,10 @@ impl Default for Activity {
 impl Activity {
     fn begin(self: &Arc<Self>) -> Busy {
         self.open.fetch_add(1, Ordering::SeqCst);
-        Busy(self.clone())
+        Busy {
+            activity: self.clone(),
+            refreshes: true,
+        }
     }
 
     /// How long the connection has had no request open; `None` while one is.
@@ -183,13 +192,19 @@ impl Activity {
     }
 }
 
-/// One open request; its end is recorded when dropped.
-struct Busy(Arc<Activity>);
+/// One open request; its end is recorded when dropped, unless it was refused.
+struct Busy {
+    activity: Arc<Activity>,
+    /// Whether its end counts as activity (not for a refused request).
+    refreshes: bool,
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.last_end.lock().expect("never poisoned") = Instant::now();
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        if self.refreshes {
+            *self.activity.last_end.lock().expect("never poisoned") = Instant::now();
+        }
+        self.activity.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

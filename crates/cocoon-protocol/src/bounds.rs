@@ -51,6 +51,8 @@ fn prompt_bound(input: &Input) -> u64 {
 pub struct UsageBounds {
     prompt: u64,
     completion: u64,
+    /// The request's `max_tokens`: what bounds the completion whatever the context.
+    max_tokens: Option<u32>,
     /// Bytes of a stop sequence the engine matched and did not relay (its tokens count).
     withheld: u64,
 }
@@ -97,6 +99,7 @@ impl UsageBounds {
         Self {
             prompt: prompt_bound(&request.input),
             completion: u64::from(request.params.max_tokens.unwrap_or(context_length)),
+            max_tokens: request.params.max_tokens,
             withheld: request
                 .params
                 .stop
@@ -104,6 +107,16 @@ impl UsageBounds {
                 .map(|s| s.len() as u64)
                 .max()
                 .unwrap_or(0),
+        }
+    }
+
+    /// The same request's bounds on a model with `context_length` tokens of context, without
+    /// reading the request again (the prompt's bound is kept): what a reservation weighs for
+    /// each worker it may go to.
+    pub fn within(&self, context_length: u32) -> Self {
+        Self {
+            completion: u64::from(self.max_tokens.unwrap_or(context_length)),
+            ..*self
         }
     }
 

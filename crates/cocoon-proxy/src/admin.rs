@@ -9,17 +9,30 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::StatusSource;
+
+/// Connections the admin listener serves at once: a scraper and an operator or two.
+const MAX_CONNECTIONS: usize = 16;
+
+/// The most a connection may take to send its request's headers.
+const HEADER_TIME: Duration = Duration::from_secs(5);
+
+/// The most one connection may take, its request read and its answer written.
+const CONNECTION_TIME: Duration = Duration::from_secs(10);
 
 /// `[admin]` in `proxy.toml`: the operator's listener. Off unless `listen` is set.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -80,7 +93,10 @@ impl AdminListener {
             .expect("bound socket has an address")
     }
 
-    /// Serves `/status` and `/healthz` until `shutdown` is cancelled.
+    /// Serves `/status` and `/healthz` until `shutdown` is cancelled: one request per
+    /// connection, at most [`MAX_CONNECTIONS`] at once, its headers within [`HEADER_TIME`] and
+    /// all of it within [`CONNECTION_TIME`], so that whoever reaches the port (the token is checked only once a
+    /// request arrives) cannot hold sockets the public port needs.
     pub(crate) async fn serve(self, status: Arc<dyn StatusSource>, shutdown: CancellationToken) {
         let app = Router::new()
             .route("/status", get(full_status))
@@ -89,10 +105,33 @@ impl AdminListener {
                 status,
                 token: self.token,
             });
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await });
-        if let Err(e) = served.await {
-            tracing::error!(error = %e, "the admin listener failed");
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let tcp = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = shutdown.cancelled() => return,
+            };
+            // Over the cap the connection is closed at once.
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            let service = TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIME)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(tcp), service);
+                let _ = tokio::time::timeout(CONNECTION_TIME, connection).await;
+                drop(slot);
+            });
         }
     }
 }

@@ -112,25 +112,30 @@ pub struct LoadStatus {
     pub in_flight: u64,
 }
 
+impl LoadStatus {
+    /// Adds one worker's share.
+    fn add(self, healthy: bool, capacity: u32, in_flight: u32) -> Self {
+        Self {
+            workers: self.workers + 1,
+            healthy_workers: self.healthy_workers + usize::from(healthy),
+            capacity: self.capacity + u64::from(capacity),
+            in_flight: self.in_flight + u64::from(in_flight),
+        }
+    }
+}
+
 impl ProxyStatus {
     /// The part of the status a client may see.
     pub fn public(&self) -> PublicStatus {
-        let load = self
-            .workers
-            .iter()
-            .fold(LoadStatus::default(), |l, w| LoadStatus {
-                workers: l.workers + 1,
-                healthy_workers: l.healthy_workers + usize::from(w.healthy),
-                capacity: l.capacity + u64::from(w.capacity),
-                in_flight: l.in_flight + u64::from(w.in_flight),
-            });
         PublicStatus {
             fingerprint: self.fingerprint.clone(),
             protocol_version: self.protocol_version,
             attestation: self.attestation.clone(),
             models: self.models.clone(),
             price_floor: self.price_floor,
-            load,
+            load: self.workers.iter().fold(LoadStatus::default(), |l, w| {
+                l.add(w.healthy, w.capacity, w.in_flight)
+            }),
         }
     }
 }
@@ -591,23 +596,48 @@ impl State {
     ) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
-            (&Method::GET, paths::STATUS) => {
-                response(StatusCode::OK, json(&self.status().public()))
-            }
+            (&Method::GET, paths::STATUS) => response(StatusCode::OK, json(&self.public_status())),
             (&Method::POST, paths::GENERATE) => {
                 relay::generate(&self, client, req.into_body()).await
             }
-            (&Method::POST, paths::CLOSE) => match &self.billing {
-                Some(billing) => match billing.refund(client).await {
-                    Ok(refund) => response(StatusCode::OK, json(&refund)),
-                    Err(e) => error_response(&e),
-                },
-                None => error_response(&ProtocolError::invalid(
-                    "this proxy takes no payments: there is no contract to close",
-                )),
+            (&Method::POST, paths::CLOSE) => match self.close(client).await {
+                Ok(refund) => response(StatusCode::OK, json(&refund)),
+                Err(e) => error_response(&e),
             },
             (method, path) => no_route(method, path),
         }
+    }
+
+    /// What a client may see, built without what only the operator's status needs (the
+    /// book's figures, every worker's record): clients may ask often.
+    fn public_status(&self) -> PublicStatus {
+        PublicStatus {
+            fingerprint: self.fingerprint.to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            attestation: self.attestation.to_owned(),
+            models: self.workers.models().models,
+            price_floor: self.workers.floor(),
+            load: self
+                .workers
+                .snapshot()
+                .iter()
+                .fold(LoadStatus::default(), |l, w| {
+                    l.add(w.healthy(), w.capacity, w.in_flight())
+                }),
+        }
+    }
+
+    /// Closes `client`'s contract with the proxy's cooperation. A close counts against the
+    /// client's rate and requests in flight like a generation: each may cost the proxy a
+    /// ledger read, and a transaction.
+    async fn close(&self, client: [u8; 32]) -> Result<cocoon_protocol::Refund, ProtocolError> {
+        let Some(billing) = &self.billing else {
+            return Err(ProtocolError::invalid(
+                "this proxy takes no payments: there is no contract to close",
+            ));
+        };
+        let _permit = self.limiter.permit(client)?;
+        billing.refund(client).await
     }
 }
 

@@ -565,6 +565,22 @@ impl Billing {
         self: &Arc<Self>,
         client: PublicKey,
     ) -> Result<Refund, ProtocolError> {
+        // A key with no open contract has nothing to close: refused from a read of it, never
+        // with a refund transaction the proxy would send (and, on a chain, pay for).
+        match self.contract(client, true).await? {
+            Some(c) if c.state == ContractState::Normal => {}
+            Some(_) => {
+                return Err(payment_required(
+                    "this client's contract with the proxy is closing or closed".into(),
+                ));
+            }
+            None => {
+                return Err(payment_required(format!(
+                    "this client ({}) has no contract with this proxy: there is nothing to close",
+                    hex::encode(client)
+                )));
+            }
+        }
         {
             let mut clients = self.clients.lock();
             let view = clients.entry(client).or_insert(ClientView {

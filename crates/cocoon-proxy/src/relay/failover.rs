@@ -126,8 +126,9 @@ where
                 tracing::warn!(worker = %worker.name, secs = wait.as_secs_f64(), "worker sent no first token in time, trying another");
                 market.record(&worker, Outcome::Stalled);
                 last_error = Some(ProtocolError::unavailable(format!(
-                    "worker '{}' sent no first token within {:.1} s",
-                    worker.name,
+                    // Which worker is the operator's to know (the log names it), not the
+                    // client's.
+                    "a worker sent no first token within {:.1} s",
                     wait.as_secs_f64()
                 )));
             }
@@ -363,7 +364,7 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::Unavailable);
         assert_eq!(
             error.message,
-            "worker 'b' sent no first token within 15.0 s (workers tried: 2)"
+            "a worker sent no first token within 15.0 s (workers tried: 2)"
         );
         assert_eq!(error.retry_after_secs, Some(1));
         assert!(close(fake.samples("b"), 3.0));
@@ -459,7 +460,7 @@ mod tests {
         assert_eq!(fake.asked(), ["a", "b"]);
         assert_eq!(
             error.message,
-            "worker 'b' sent no first token within 30.0 s (workers tried: 2)"
+            "a worker sent no first token within 30.0 s (workers tried: 2)"
         );
         assert_eq!(error.retry_after_secs, Some(1));
     }

@@ -98,7 +98,7 @@ async fn reserve(
     let mut narrower = Vec::new();
     let (hold, choice) = billing
         .reserve(client, (&widest.bounds, widest.price), || {
-            narrower = Reach::narrower(&state.workers, request);
+            narrower = Reach::narrower(&state.workers, request, &widest);
             narrower.iter().map(|r| (r.bounds, r.price)).collect()
         })
         .await?;

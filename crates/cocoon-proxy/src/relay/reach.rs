@@ -4,6 +4,8 @@
 //! a long context at a high price would make that worst case more than many clients' cover,
 //! so a client that cannot cover every worker is held to the workers it can cover: the
 //! widest reach (price and context ceilings) its cover allows, and the routing keeps to it.
+//! The reaches it chooses from grow worker by worker, cheapest worst case first, so a covered
+//! reach holds every cheaper worker too (a refusal there still has somewhere to go).
 
 use cocoon_protocol::{GenerateRequest, UsageBounds};
 
@@ -30,15 +32,40 @@ impl Reach {
         Some(Self::at(request, price, context))
     }
 
-    /// One reach per worker serving the request's model within its `max_price`: its own
-    /// price and context as ceilings (it and every worker no dearer and no longer fit under
-    /// it). What a client that cannot cover the widest reach chooses from.
-    pub(crate) fn narrower(workers: &WorkerSet, request: &GenerateRequest) -> Vec<Self> {
-        workers
-            .offers_within(&request.model, request.max_price)
-            .into_iter()
-            .map(|(price, context)| Self::at(request, price, Some(context)))
-            .collect()
+    /// What a client that cannot cover the widest reach chooses from: the workers serving the
+    /// request's model within its `max_price`, cheapest worst case first, and for each one
+    /// the reach of it and all before it (their highest price and longest context). The
+    /// dearest of these the client covers leaves it the most workers (several reaches may
+    /// share one ceiling: they come once). `widest`'s bounds are reused, so the prompt is not
+    /// read again per worker.
+    pub(crate) fn narrower(
+        workers: &WorkerSet,
+        request: &GenerateRequest,
+        widest: &Reach,
+    ) -> Vec<Self> {
+        let mut offers = workers.offers_within(&request.model, request.max_price);
+        let open = request.params.max_tokens.is_none();
+        let prompt = u128::from(widest.bounds.prompt());
+        // The worst case's order without the network's multipliers: what a worker's own
+        // reservation grows with, its price times its tokens.
+        offers.sort_by_key(|&(price, context)| {
+            u128::from(price) * (prompt + u128::from(widest.bounds.within(context).completion()))
+        });
+        let mut reaches: Vec<Self> = Vec::with_capacity(offers.len());
+        let (mut price, mut context) = (0, 0);
+        for (p, c) in offers {
+            price = price.max(p);
+            context = context.max(c);
+            let reach = Self {
+                price,
+                context: open.then_some(context),
+                bounds: widest.bounds.within(context),
+            };
+            if reaches.last() != Some(&reach) {
+                reaches.push(reach);
+            }
+        }
+        reaches
     }
 
     fn at(request: &GenerateRequest, price: u64, context: Option<u32>) -> Self {

@@ -682,3 +682,138 @@ async fn clients_filling_their_slots_do_not_keep_a_worker_out() {
     assert_eq!(worker.served(), 2);
     idle.abort();
 }
+
+/// REVIEW ATTACK: only POSTs to the generation and close paths reset a client connection's
+/// idle timer, but a generation POST the proxy refused at once (here `{}`, a 400 before any
+/// reservation or worker) still did. A client holds a connection slot for ever by
+/// posting a bogus generation once per idle timeout (every 299 s at the default 300):
+/// nothing is served, nothing billed, and it is far below any rate limit, so a few addresses
+/// at their per-address cap hold every client slot for free.
+///
+/// Now: a request the proxy refuses (any answer but 2xx) is no activity; only an admitted
+/// generation (or a close the proxy carried out) keeps the connection. Here a
+/// connection posting `{}` to the generation path every 300 ms must still be closed after the
+/// 1 s idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_refused_generation_posts_do_not_keep_a_connection() {
+    let s = setup(LimitsConfig {
+        idle_timeout_secs: 1,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let conn = connect_as_client(&s.net).await;
+    let (channel, driver) = cocoon_net::Channel::handshake(conn).await.unwrap();
+    tokio::spawn(driver);
+    let started = Instant::now();
+    let mut refused = 0;
+    while !channel.is_closed() {
+        if channel
+            .post_json::<_, Value>(
+                cocoon_protocol::paths::GENERATE,
+                &json!({}),
+                Duration::from_secs(1),
+            )
+            .await
+            .is_err()
+            && !channel.is_closed()
+        {
+            refused += 1;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a connection posting a refused generation every 300 ms was never closed \
+             ({refused} refusals, none of them served)"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Nothing of it reached the worker.
+    assert_eq!(s.active.load(Ordering::SeqCst), 0);
+}
+
+/// REVIEW ATTACK: `POST /cocoon/v1/close` from a key that has no contract with the proxy (keys
+/// cost nothing to make) went straight to the ledger: the proxy commits nothing, finds nothing
+/// owed, and executes `ProxyRefundClient` for the key, which the ledger refuses. On TON that
+/// is a real message from the proxy's wallet with gas attached, sent under the lock every
+/// other send of the proxy (its charges) waits for, and awaited until confirmed; nothing rate
+/// limits closes, and each one now also keeps the connection open (the close path resets the
+/// idle timer). A client floods closes and the proxy pays gas for each and commits nothing
+/// else meanwhile.
+///
+/// Now: a close from a key without an open contract is refused from a read of the contract,
+/// before any transaction, and closes count against the client's rate like generations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_close_from_a_key_without_a_contract_sends_no_ledger_transaction() {
+    let s = setup(LimitsConfig::default()).await;
+    // A fresh key: the dev network funded only the gateway's.
+    let conn = connect_as_client(&s.net).await;
+    let (channel, driver) = cocoon_net::Channel::handshake(conn).await.unwrap();
+    tokio::spawn(driver);
+    for _ in 0..3 {
+        let error = channel
+            .post_json::<_, Value>(
+                cocoon_protocol::paths::CLOSE,
+                &json!({}),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect_err("a key without a contract has nothing to close");
+        assert!(
+            !error.message.contains("the ledger refused the close")
+                && !error.message.contains("the ledger cannot be read"),
+            "the proxy sent the ledger a refund for a key it has no contract with: {}",
+            error.message
+        );
+    }
+}
+
+/// REVIEW ATTACK (availability): a client that cannot cover the dearest worker was held to one
+/// reach, the dearest single worker's it covered (a price and a context ceiling), not to the
+/// workers it covered. Here: `cheap` (the floor, 8192 tokens), `mid` (5 floors, 2048 tokens)
+/// and `dear` (10,000 floors, 1M tokens, beyond the client's 10 TON cover). Without
+/// max_tokens `mid`'s reach (~212,500 nanoton) is dearer than `cheap`'s (~165,380), so it is
+/// chosen, and its context ceiling of 2048 shuts out `cheap`. When `mid` refuses (or is
+/// down, busy, or too short for the prompt), failover has nowhere to go and the client gets
+/// 503, though its cover reaches `cheap` and the hold taken covers `cheap`'s worst case.
+///
+/// Now: the reaches grow worker by worker, cheapest worst case first, so the covered reach
+/// holds `cheap` and `mid` both, and `cheap` serves the request after `mid` refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_covered_worker_outside_the_chosen_reach_still_serves() {
+    use cocoon_testkit::backends::{Mode, Scripted};
+    use cocoon_worker::PriceConfig;
+    let floor = 20;
+    let (cheap, mid, dear) = (
+        Scripted::new(8192),
+        Scripted::new(2048),
+        Scripted::new(1 << 20),
+    );
+    let net = DevNetwork::start(
+        DevOptions {
+            limits: LimitsConfig {
+                max_price_floors: 10_000,
+                ..LimitsConfig::default()
+            },
+            worker_prices: vec![
+                PriceConfig::default(),
+                PriceConfig {
+                    default: 5 * floor,
+                    ..PriceConfig::default()
+                },
+                PriceConfig {
+                    default: 10_000 * floor,
+                    ..PriceConfig::default()
+                },
+            ],
+            gateway_max_price: Some(10_000 * floor),
+            ..test_options()
+        },
+        vec![cheap.clone(), mid.clone(), dear.clone()],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(3, Duration::from_secs(20)).await.unwrap();
+    mid.set(Mode::Refuse);
+    let answer = chat(&net, "hello", json!({})).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!((cheap.served(), dear.served()), (1, 0));
+}
