@@ -56,6 +56,52 @@ pub struct Common {
     /// cocoon's extension: the most this request may cost per weighted token, in nanoton
     /// (OpenAI SDKs send it with `extra_body`). Only workers at or below it serve it.
     pub max_price: Option<u64>,
+    /// -2 to 2: penalises tokens by how often the answer used them already.
+    pub frequency_penalty: Option<f32>,
+    /// -2 to 2: penalises tokens the answer used at all.
+    pub presence_penalty: Option<f32>,
+    /// Extension shared with vLLM and llama.cpp's server: divides the logits of tokens used
+    /// already; 1 is off.
+    pub repetition_penalty: Option<f32>,
+    /// Extension shared with vLLM and llama.cpp's server: the most likely tokens sampled
+    /// among; 0 or -1 is off.
+    pub top_k: Option<i64>,
+    /// Extension shared with vLLM and llama.cpp's server: tokens at least this likely relative
+    /// to the most likely one; 0 is off.
+    pub min_p: Option<f32>,
+}
+
+/// Fields taken and ignored because ignoring them changes nothing about the answer (who the
+/// end user is, what to tag or keep at OpenAI, a cache hint: OpenAI's `prompt_cache_key`,
+/// llama.cpp's `cache_prompt`). Every other field this gateway does not serve is refused by
+/// name: an app must not believe it got what it asked for.
+const HARMLESS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "cache_prompt",
+    "safety_identifier",
+    "parallel_tool_calls",
+];
+
+/// Refuses the request's fields this gateway neither serves nor may ignore.
+fn refuse_unknown(other: &serde_json::Map<String, Value>) -> Result<(), ProtocolError> {
+    let mut refused: Vec<&str> = other
+        .iter()
+        .filter(|(name, value)| !value.is_null() && !HARMLESS.contains(&name.as_str()))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    refused.sort_unstable();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(ProtocolError::invalid(format!(
+        "{} {} not supported by this gateway; it refuses what it would otherwise ignore",
+        refused.join(", "),
+        if refused.len() == 1 { "is" } else { "are" }
+    )))
 }
 
 /// The body of `POST /v1/chat/completions`.
@@ -71,6 +117,9 @@ pub struct ChatRequest {
     /// Not supported: refused unless absent or `null`.
     #[serde(default)]
     pub tools: Option<Value>,
+    /// Every other field: refused by name unless harmless.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
 }
 
 /// One message of a chat.
@@ -109,6 +158,9 @@ pub struct CompletionRequest {
     /// Not supported: refused when set.
     #[serde(default)]
     pub suffix: Option<String>,
+    /// Every other field: refused by name unless harmless.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
 }
 
 /// `prompt`: one string, or a list of exactly one.
@@ -152,6 +204,19 @@ impl Common {
                 Some(Stop::Many(v)) => v.clone(),
             },
             ignore_eos: self.ignore_eos,
+            frequency_penalty: self.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
+            // vLLM's "off" is -1.
+            top_k: match self.top_k {
+                None | Some(-1) => defaults.top_k,
+                Some(k) => u32::try_from(k).map_err(|_| {
+                    ProtocolError::invalid(format!("top_k must be -1 (off) or at least 0, got {k}"))
+                })?,
+            },
+            min_p: self.min_p.unwrap_or(defaults.min_p),
         };
         params.validate()?;
         Ok(params)
@@ -165,6 +230,7 @@ impl ChatRequest {
         if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
             return Err(ProtocolError::invalid("tools are not supported"));
         }
+        refuse_unknown(&self.other)?;
         let messages = self
             .messages
             .into_iter()
@@ -226,6 +292,7 @@ impl CompletionRequest {
     /// The cocoon request for this completion, or an `invalid` error naming what is
     /// unsupported or out of range.
     pub fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
+        refuse_unknown(&self.other)?;
         if self.echo {
             return Err(ProtocolError::invalid("echo is not supported"));
         }
@@ -381,10 +448,58 @@ mod tests {
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
                 "temperature",
             ),
+            // Fields that were silently ignored: refused by name, every one at once.
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"},"logit_bias":{"1":5}}"#,
+                "logit_bias, response_format are not supported",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"auto"}"#,
+                "tool_choice is not supported",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"frequency_penalty":2.5}"#,
+                "frequency_penalty must be between -2 and 2",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_k":-3}"#,
+                "top_k must be -1",
+            ),
         ] {
             let err = chat(json).unwrap_err();
             assert!(err.message.contains(needle), "{json}: {}", err.message);
         }
+    }
+
+    /// What apps send that changes nothing is taken; the penalties and the samplers' vLLM
+    /// extensions reach the request.
+    #[test]
+    fn harmless_fields_pass_and_penalties_arrive() {
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"user":"u1","store":false,"metadata":{"a":"b"},"response_format":null,"frequency_penalty":0.5,"presence_penalty":-0.5,"repetition_penalty":1.1,"top_k":40,"min_p":0.05}"#,
+        )
+        .unwrap();
+        let p = r.params;
+        assert_eq!(
+            (
+                p.frequency_penalty,
+                p.presence_penalty,
+                p.repetition_penalty
+            ),
+            (0.5, -0.5, 1.1)
+        );
+        assert_eq!((p.top_k, p.min_p), (40, 0.05));
+        let r =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_k":-1}"#).unwrap();
+        assert_eq!(r.params.top_k, 0);
+        let r: CompletionRequest =
+            serde_json::from_str(r#"{"model":"m","prompt":"hi","seed":1,"best_of":2}"#).unwrap();
+        assert!(
+            r.into_generate()
+                .unwrap_err()
+                .message
+                .contains("best_of is not supported")
+        );
     }
 
     #[test]

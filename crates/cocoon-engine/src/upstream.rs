@@ -147,6 +147,23 @@ impl UpstreamBackend {
         if p.ignore_eos {
             body["ignore_eos"] = json!(true);
         }
+        // OpenAI's penalties, and the extensions vLLM, SGLang and llama.cpp's server share:
+        // passed on only when set, so a server without the extensions is not sent them.
+        if p.frequency_penalty != 0.0 {
+            body["frequency_penalty"] = json!(p.frequency_penalty);
+        }
+        if p.presence_penalty != 0.0 {
+            body["presence_penalty"] = json!(p.presence_penalty);
+        }
+        if p.repetition_penalty != 1.0 {
+            body["repetition_penalty"] = json!(p.repetition_penalty);
+        }
+        if p.top_k > 0 {
+            body["top_k"] = json!(p.top_k);
+        }
+        if p.min_p > 0.0 {
+            body["min_p"] = json!(p.min_p);
+        }
         let base = self.config.url.trim_end_matches('/');
         match &request.input {
             Input::Chat { messages } => {

@@ -190,7 +190,8 @@ impl<'a> Scheduler<'a> {
             } = self.waiting.pop_front().expect("front exists");
             let id = self.free_ids.pop().expect("checked above");
             let guard = self.shared.stats.start();
-            let seq = Sequence::new(id, &job.request, prompt, max_tokens, job.tx, guard);
+            let n_vocab = self.shared.model.n_vocab();
+            let seq = Sequence::new(id, &job.request, prompt, max_tokens, n_vocab, job.tx, guard);
             self.reserved += seq.reserved;
             self.running.push(seq);
         }

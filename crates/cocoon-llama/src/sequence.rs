@@ -1,6 +1,8 @@
 //! One request inside the batch: its prompt, position, sampler and the text it has sent.
 
-use cocoon_protocol::{FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage};
+use cocoon_protocol::{
+    FinishReason, GenerateEvent, GenerateRequest, ProtocolError, SamplingParams, Usage,
+};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
@@ -45,27 +47,59 @@ pub(super) struct Sequence<'a> {
     guard: ActiveGuard<'a>,
 }
 
+/// The sampler chain `params` ask for: penalties on what this answer generated so far (the
+/// sampler sees each token it picks), then greedy choice, or the candidate filters, the
+/// temperature and a seeded draw.
+fn sampler(params: &SamplingParams, max_tokens: u32, n_vocab: i32) -> LlamaSampler {
+    let mut chain = Vec::new();
+    if params.frequency_penalty != 0.0
+        || params.presence_penalty != 0.0
+        || params.repetition_penalty != 1.0
+    {
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            i32::try_from(max_tokens).unwrap_or(i32::MAX),
+            params.repetition_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        ));
+    }
+    if params.temperature == 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if params.top_k > 0 {
+            chain.push(LlamaSampler::top_k(
+                i32::try_from(params.top_k).unwrap_or(i32::MAX),
+            ));
+        }
+        chain.push(LlamaSampler::top_p(params.top_p, 1));
+        if params.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(params.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(params.temperature));
+        // OpenAI takes a 64-bit seed, llama.cpp a 32-bit one: use its low bits.
+        let seed = params.seed.map_or_else(rand::random::<u32>, |s| s as u32);
+        chain.push(LlamaSampler::dist(seed));
+    }
+    if chain.len() == 1 {
+        chain.pop().expect("one sampler")
+    } else {
+        LlamaSampler::chain_simple(chain)
+    }
+}
+
 impl<'a> Sequence<'a> {
     pub(crate) fn new(
         id: i32,
         request: &GenerateRequest,
         prompt: Vec<LlamaToken>,
         max_tokens: u32,
+        n_vocab: i32,
         tx: mpsc::UnboundedSender<GenerateEvent>,
         guard: ActiveGuard<'a>,
     ) -> Self {
         let params = &request.params;
-        let sampler = if params.temperature == 0.0 {
-            LlamaSampler::greedy()
-        } else {
-            // OpenAI takes a 64-bit seed, llama.cpp a 32-bit one: use its low bits.
-            let seed = params.seed.map_or_else(rand::random::<u32>, |s| s as u32);
-            LlamaSampler::chain_simple([
-                LlamaSampler::top_p(params.top_p, 1),
-                LlamaSampler::temp(params.temperature),
-                LlamaSampler::dist(seed),
-            ])
-        };
+        let sampler = sampler(params, max_tokens, n_vocab);
         Self {
             id,
             tx,

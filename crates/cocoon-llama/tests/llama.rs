@@ -385,3 +385,66 @@ async fn one_stream_leaving_does_not_disturb_the_others() {
     let stats = b.stats();
     assert_eq!((stats.cancelled, stats.completed, stats.active), (1, 3, 0));
 }
+
+/// Each penalty takes effect: greedy decoding of a prompt that invites repetition gives
+/// another answer under a frequency, a presence or a repetition penalty than without one (the
+/// sampler sees each token it picks), and the same answer again with none. top_k and min_p
+/// keep a seeded draw reproducible.
+#[tokio::test]
+async fn penalties_change_greedy_answers_and_samplers_stay_reproducible() {
+    let b = backend();
+    let prompt = "Write the word banana twenty times, separated by spaces.";
+    let greedy = |params: SamplingParams| SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(40),
+        ignore_eos: true,
+        ..params
+    };
+    let plain = collect(&b, chat(prompt, greedy(SamplingParams::default()))).await;
+    assert!(plain.error.is_none(), "{:?}", plain.error);
+    let again = collect(&b, chat(prompt, greedy(SamplingParams::default()))).await;
+    assert_eq!(plain.text, again.text, "greedy decoding is deterministic");
+    for (name, params) in [
+        (
+            "frequency_penalty",
+            SamplingParams {
+                frequency_penalty: 2.0,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "presence_penalty",
+            SamplingParams {
+                presence_penalty: 2.0,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "repetition_penalty",
+            SamplingParams {
+                repetition_penalty: 1.8,
+                ..SamplingParams::default()
+            },
+        ),
+    ] {
+        let penalised = collect(&b, chat(prompt, greedy(params))).await;
+        assert!(penalised.error.is_none(), "{name}: {:?}", penalised.error);
+        assert_ne!(
+            penalised.text, plain.text,
+            "{name} did not change the answer: {}",
+            plain.text
+        );
+    }
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 20,
+        min_p: 0.05,
+        seed: Some(7),
+        max_tokens: Some(12),
+        ..SamplingParams::default()
+    };
+    let one = collect(&b, chat(prompt, sampled.clone())).await;
+    let two = collect(&b, chat(prompt, sampled)).await;
+    assert!(one.error.is_none(), "{:?}", one.error);
+    assert_eq!(one.text, two.text);
+}

@@ -73,6 +73,33 @@ pub struct SamplingParams {
     /// Keep generating past end-of-generation tokens (an extension vLLM and llama.cpp share;
     /// benchmarks use it to get a fixed number of tokens).
     pub ignore_eos: bool,
+    /// OpenAI's: lowers (positive) or raises (negative) a token's logit by this much for each
+    /// time it was generated already; -2 to 2, 0 is off.
+    #[serde(skip_serializing_if = "is_zero_f32")]
+    pub frequency_penalty: f32,
+    /// OpenAI's: lowers (positive) or raises (negative) a token's logit by this much once it
+    /// was generated at all; -2 to 2, 0 is off.
+    #[serde(skip_serializing_if = "is_zero_f32")]
+    pub presence_penalty: f32,
+    /// vLLM's and llama.cpp's: divides the logit of every token generated already by this
+    /// (multiplies a negative one); above 0, 1 is off.
+    #[serde(skip_serializing_if = "is_one_f32")]
+    pub repetition_penalty: f32,
+    /// Sample only among this many most likely tokens; 0 is off (vLLM's -1 too).
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub top_k: u32,
+    /// Sample only among tokens at least this likely relative to the most likely one; 0 to
+    /// 1, 0 is off.
+    #[serde(skip_serializing_if = "is_zero_f32")]
+    pub min_p: f32,
+}
+
+fn is_zero_f32(v: &f32) -> bool {
+    *v == 0.0
+}
+
+fn is_one_f32(v: &f32) -> bool {
+    *v == 1.0
 }
 
 impl Default for SamplingParams {
@@ -84,6 +111,11 @@ impl Default for SamplingParams {
             seed: None,
             stop: Vec::new(),
             ignore_eos: false,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repetition_penalty: 1.0,
+            top_k: 0,
+            min_p: 0.0,
         }
     }
 }
@@ -102,6 +134,28 @@ impl SamplingParams {
             return Err(ProtocolError::invalid(format!(
                 "top_p must be in (0, 1], got {}",
                 self.top_p
+            )));
+        }
+        for (name, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(ProtocolError::invalid(format!(
+                    "{name} must be between -2 and 2, got {value}"
+                )));
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 2.0) {
+            return Err(ProtocolError::invalid(format!(
+                "repetition_penalty must be in (0, 2], got {}",
+                self.repetition_penalty
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(ProtocolError::invalid(format!(
+                "min_p must be between 0 and 1, got {}",
+                self.min_p
             )));
         }
         if self.max_tokens == Some(0) {

@@ -571,7 +571,7 @@ impl Billing {
             Some(c) if c.state == ContractState::Normal => {}
             Some(_) => {
                 return Err(payment_required(
-                    "this client's contract with the proxy is closing or closed".into(),
+                    "this client's contract with the proxy is already closing or closed".into(),
                 ));
             }
             None => {
