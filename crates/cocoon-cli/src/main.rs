@@ -229,6 +229,25 @@ enum LedgerCommand {
         key_file: PathBuf,
         op: String,
     },
+    /// The root owner's code upgrades on TON (docs/contracts.md): `SetCodes` when any of the
+    /// contract codes is given (the others stay this build's committed code), `UpgradeRoot`
+    /// with `--root-code`. Codes are BOC files, as contracts/build holds them.
+    Upgrade {
+        /// `ton:<root address>@<toncenter API URL>`.
+        #[arg(long)]
+        ledger: String,
+        /// The root owner's key.
+        #[arg(long)]
+        key_file: PathBuf,
+        #[arg(long)]
+        proxy_code: Option<PathBuf>,
+        #[arg(long)]
+        client_code: Option<PathBuf>,
+        #[arg(long)]
+        worker_code: Option<PathBuf>,
+        #[arg(long)]
+        root_code: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -553,6 +572,28 @@ async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
         } => {
             let receipt = money::exec(&ledger, &key_file, &op).await?;
             println!("{}", serde_json::to_string_pretty(&receipt)?);
+            Ok(())
+        }
+        LedgerCommand::Upgrade {
+            ledger,
+            key_file,
+            proxy_code,
+            client_code,
+            worker_code,
+            root_code,
+        } => {
+            let done = money::upgrade(
+                &ledger,
+                &key_file,
+                money::Codes {
+                    proxy: proxy_code,
+                    client: client_code,
+                    worker: worker_code,
+                    root: root_code,
+                },
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&done)?);
             Ok(())
         }
     }

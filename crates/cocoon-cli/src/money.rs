@@ -106,6 +106,64 @@ pub async fn exec(url: &str, key_file: &Path, op: &str) -> anyhow::Result<Value>
     Ok(serde_json::to_value(receipt)?)
 }
 
+/// The code files of `cocoon ledger upgrade`; `None`: this build's committed code.
+#[derive(Debug, Default)]
+pub struct Codes {
+    /// New proxy contracts' code.
+    pub proxy: Option<PathBuf>,
+    /// New client contracts' code.
+    pub client: Option<PathBuf>,
+    /// New worker contracts' code.
+    pub worker: Option<PathBuf>,
+    /// The root's own code.
+    pub root: Option<PathBuf>,
+}
+
+/// The root owner's code upgrades on the TON root `spec` names: `SetCodes` when any contract
+/// code is given, then `UpgradeRoot` when the root's is. What was done, with each code's hash.
+pub async fn upgrade(spec: &str, key_file: &Path, codes: Codes) -> anyhow::Result<Value> {
+    use cocoon_ton::code::{Contract, parse_boc};
+    let read = |file: &Path| -> anyhow::Result<tonlib_core::cell::ArcCell> {
+        let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        parse_boc(&bytes).map_err(|e| anyhow::anyhow!("{}: not a code BOC: {e}", file.display()))
+    };
+    let code_or = |file: &Option<PathBuf>, committed: Contract| match file {
+        Some(f) => read(f),
+        None => Ok(committed.code()),
+    };
+    anyhow::ensure!(
+        codes.proxy.is_some()
+            || codes.client.is_some()
+            || codes.worker.is_some()
+            || codes.root.is_some(),
+        "nothing to upgrade: give --proxy-code, --client-code, --worker-code or --root-code"
+    );
+    let parsed: cocoon_ton::LedgerSpec = spec.parse().map_err(anyhow::Error::msg)?;
+    let (_, key) = party(key_file)?;
+    let ledger = parsed.open_ton(&key).await?;
+    let hash = |c: &tonlib_core::cell::ArcCell| c.cell_hash().to_hex();
+    let mut done = serde_json::Map::new();
+    if codes.proxy.is_some() || codes.client.is_some() || codes.worker.is_some() {
+        let proxy = code_or(&codes.proxy, Contract::Proxy)?;
+        let client = code_or(&codes.client, Contract::Client)?;
+        let worker = code_or(&codes.worker, Contract::Worker)?;
+        ledger.set_codes(&proxy, &client, &worker).await?;
+        done.insert(
+            "set_codes".into(),
+            serde_json::json!({"proxy": hash(&proxy), "client": hash(&client), "worker": hash(&worker)}),
+        );
+    }
+    if let Some(file) = &codes.root {
+        let root = read(file)?;
+        ledger.upgrade_root(&root).await?;
+        done.insert(
+            "upgrade_root".into(),
+            serde_json::json!({"root": hash(&root)}),
+        );
+    }
+    Ok(Value::Object(done))
+}
+
 /// What the client commands act on.
 pub struct ClientAccount {
     ledger: Arc<dyn Ledger>,

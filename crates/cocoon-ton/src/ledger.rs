@@ -14,7 +14,7 @@ use cocoon_ledger::{
 };
 use num_bigint::BigInt;
 use tonlib_core::TonAddress;
-use tonlib_core::cell::CellBuilder;
+use tonlib_core::cell::{ArcCell, CellBuilder};
 
 use crate::code::Contract;
 use crate::error::TonError;
@@ -863,6 +863,59 @@ async fn find(
             ))));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The root owner's code upgrades: operations of the chain alone (the embedded ledger has no
+/// code), so not [`Op`]s. Each goes out from this ledger's wallet, which must be the root's
+/// owner's (the root refuses anyone else, `100`), and is confirmed down its whole chain.
+impl TonLedger {
+    /// The key of the wallet this ledger sends from.
+    pub fn wallet_key(&self) -> PublicKey {
+        self.wallet.public_key()
+    }
+
+    /// `SetCodes`: proxy contracts opened from now on get `proxy`'s code, and their clients' and
+    /// workers' contracts `client`'s and `worker`'s. Contracts already open keep the code they
+    /// opened with, so nobody's terms change under them.
+    pub async fn set_codes(
+        &self,
+        proxy: &ArcCell,
+        client: &ArcCell,
+        worker: &ArcCell,
+    ) -> Result<(), LedgerError> {
+        let codes = layout::codes(proxy, client, worker).map_err(unreachable)?;
+        let body = layout::body(op::SET_CODES, 0, |b| b.store_reference(&codes).map(|_| ()))
+            .map_err(unreachable)?;
+        self.send_to_root(body).await
+    }
+
+    /// `UpgradeRoot`: the root runs `code` from its next message on, over the same storage
+    /// (the new code must read it, or migrate it).
+    pub async fn upgrade_root(&self, code: &ArcCell) -> Result<(), LedgerError> {
+        let body = layout::body(op::UPGRADE_ROOT, 0, |b| b.store_reference(code).map(|_| ()))
+            .map_err(unreachable)?;
+        self.send_to_root(body).await
+    }
+
+    async fn send_to_root(&self, body: ArcCell) -> Result<(), LedgerError> {
+        let out = Outgoing {
+            dest: self.root.clone(),
+            value: GAS_ATTACHED,
+            body,
+            state_init: None,
+        };
+        let code = {
+            let _one = self.sending.lock().await;
+            send_and_confirm(&self.api, &self.wallet, out, self.confirm_timeout).await?
+        };
+        if code != 0 && code != 1 {
+            return Err(refusal(code, layout::account_id(&self.root)));
+        }
+        // New proxies are named from the new code: forget the names derived before.
+        self.proxies.lock().clear();
+        self.terms.lock().clear();
+        Ok(())
     }
 }
 

@@ -82,30 +82,42 @@ impl LedgerSpec {
     ) -> Result<Arc<dyn Ledger>, LedgerError> {
         match self {
             Self::Service(url) => Ok(Arc::new(RemoteLedger::new(url, Some(wallet)))),
-            Self::Ton { root, api } => {
-                let mut client = Client::new(api);
-                if let Ok(key) = std::env::var(API_KEY_VAR)
-                    && !key.is_empty()
-                {
-                    client = client
-                        .with_api_key(&key)
-                        .map_err(|e| LedgerError::BadTransaction(format!("{API_KEY_VAR}: {e}")))?;
-                }
-                // The wallet's id, hence its address, depends on the network the root is on.
-                let network = TonLedger::network_of(&client, root).await?;
-                let ton_wallet = Wallet::from_pkcs8(key_pkcs8, network)
-                    .map_err(|e| LedgerError::BadTransaction(e.to_string()))?;
-                if ton_wallet.public_key() != wallet.public_key() {
+            Self::Ton { .. } => {
+                let ledger = self.open_ton(key_pkcs8).await?;
+                if ledger.wallet_key() != wallet.public_key() {
                     return Err(LedgerError::BadTransaction(
                         "the TON wallet's key is not the party's key".into(),
                     ));
                 }
-                let ledger = TonLedger::connect(client, ton_wallet, root.clone())
-                    .await?
-                    .with_confirm_timeout(Duration::from_secs(60));
                 Ok(Arc::new(ledger))
             }
         }
+    }
+
+    /// Opens a TON root as the party whose key is `key_pkcs8`, as the concrete [`TonLedger`]
+    /// (for what only a chain does, such as the owner's code upgrades); an error for the
+    /// embedded ledger's service.
+    pub async fn open_ton(&self, key_pkcs8: &[u8]) -> Result<TonLedger, LedgerError> {
+        let Self::Ton { root, api } = self else {
+            return Err(LedgerError::BadTransaction(format!(
+                "{self} is the embedded ledger's service, not a TON root"
+            )));
+        };
+        let mut client = Client::new(api);
+        if let Ok(key) = std::env::var(API_KEY_VAR)
+            && !key.is_empty()
+        {
+            client = client
+                .with_api_key(&key)
+                .map_err(|e| LedgerError::BadTransaction(format!("{API_KEY_VAR}: {e}")))?;
+        }
+        // The wallet's id, hence its address, depends on the network the root is on.
+        let network = TonLedger::network_of(&client, root).await?;
+        let ton_wallet = Wallet::from_pkcs8(key_pkcs8, network)
+            .map_err(|e| LedgerError::BadTransaction(e.to_string()))?;
+        Ok(TonLedger::connect(client, ton_wallet, root.clone())
+            .await?
+            .with_confirm_timeout(Duration::from_secs(60)))
     }
 }
 

@@ -609,25 +609,33 @@ async fn a_wallet_of_another_network_cannot_connect() {
 #[tokio::test]
 async fn a_proxy_opened_with_code_this_build_does_not_know_is_refused_clearly() {
     use cocoon_ton::code::Contract;
-    use cocoon_ton::layout;
     // owner, proxy, client, worker, a second proxy.
     let seeds = [[61; 32], [62; 32], [63; 32], [64; 32], [65; 32]];
     let net = Network::open(&NetworkParams::default(), &seeds).await;
     let [owner_key, proxy_key, client_key, ..] = net.keys();
     let proxy2_key = net.key(4);
-    // Client code this build does not have (any cell will do: nothing deploys it here).
-    let codes = layout::codes(
-        &Contract::Proxy.code(),
-        &Contract::Wallet.code(),
-        &Contract::Worker.code(),
-    )
-    .unwrap();
-    let body = layout::body(layout::op::SET_CODES, 0, |b| {
-        b.store_reference(&codes).map(|_| ())
-    })
-    .unwrap();
-    net.send_to_root(0, body).await;
+    // Client code this build does not have (any cell will do: nothing deploys it here), set
+    // through the TON backend's own SetCodes (what `cocoon ledger upgrade` sends). Only the
+    // root's owner may: a proxy's wallet is refused, and nothing changes.
+    let (proxy_code, unknown, worker_code) = (
+        Contract::Proxy.code(),
+        Contract::Wallet.code(),
+        Contract::Worker.code(),
+    );
+    let stranger = net.connect(1).await;
+    let refused = stranger
+        .set_codes(&proxy_code, &unknown, &worker_code)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("only the registry owner"),
+        "{refused}"
+    );
     let owner = net.connect(0).await;
+    owner
+        .set_codes(&proxy_code, &unknown, &worker_code)
+        .await
+        .unwrap();
     owner
         .execute(tx(
             owner_key,
@@ -670,6 +678,48 @@ async fn a_proxy_opened_with_code_this_build_does_not_know_is_refused_clearly() 
             .balance,
         2 * TON
     );
+}
+
+/// The owner's `UpgradeRoot` through the TON backend: anyone else is refused; the owner's
+/// upgrade (here to the committed code again) lands, and the root keeps its registry and
+/// serves on.
+#[tokio::test]
+async fn only_the_owner_upgrades_the_root_and_the_registry_stays() {
+    use cocoon_ton::code::Contract;
+    let seeds = [[71; 32], [72; 32], [73; 32], [74; 32]];
+    let net = Network::open(&NetworkParams::default(), &seeds).await;
+    let [owner_key, proxy_key, client_key, _] = net.keys();
+    let root_code = Contract::Root.code();
+    let refused = net
+        .connect(2)
+        .await
+        .upgrade_root(&root_code)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("only the registry owner"),
+        "{refused}"
+    );
+    let owner = net.connect(0).await;
+    let before = owner.params().await.unwrap();
+    owner.upgrade_root(&root_code).await.unwrap();
+    assert_eq!(owner.params().await.unwrap(), before);
+    owner
+        .execute(tx(owner_key, Op::AllowModel { hash: "ab".into() }))
+        .await
+        .unwrap();
+    // The registered proxy's contract still takes deposits.
+    net.connect(2)
+        .await
+        .execute(tx(
+            client_key,
+            Op::ClientDeposit {
+                proxy: proxy_key,
+                amount: TON,
+            },
+        ))
+        .await
+        .unwrap();
 }
 
 /// REVIEW, threat 4 (stale names after a proxy moves under new code): `TonLedger::name` keeps a
