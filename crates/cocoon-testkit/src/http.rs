@@ -58,6 +58,16 @@ pub async fn post_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, body:
         .unwrap()
 }
 
+/// The JSON of each `data:` line of a server-sent-events body, `[DONE]` left out (comments
+/// and blank lines too).
+pub fn sse_data(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect()
+}
+
 /// GETs `url` and parses the JSON answer.
 pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()

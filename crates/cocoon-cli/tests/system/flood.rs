@@ -61,15 +61,8 @@ time.sleep(hold)
 /// The honest worker, restarted during the flood, joins and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_slash_64_flood_counts_as_one_address() {
-    let lan = match Lan::new(&["flood"]) {
-        Ok(lan) => lan,
-        Err(why) => {
-            eprintln!(
-                "SKIPPED: network namespaces cannot be made here ({why}); this test needs root \
-                 and iproute2"
-            );
-            return;
-        }
+    let Some(lan) = Lan::new_or_skip(&["flood"]) else {
+        return;
     };
     let (proxy_v6, held) = lan
         .ipv6_slash_64("flood")
@@ -119,16 +112,9 @@ async fn an_ipv6_slash_64_flood_counts_as_one_address() {
     );
 
     // While the flood holds its share, the honest worker comes back and serves.
-    net.stop_worker(0);
-    wait_until("the worker to leave", Duration::from_secs(10), || {
-        net.proxy_status().workers.is_empty()
-    })
-    .await;
-    net.start_worker(0);
-    wait_until("the worker to join again", Duration::from_secs(10), || {
-        net.proxy_status().workers.len() == 1
-    })
-    .await;
+    net.stop_worker_until_gone(0).await;
+    net.start_worker_until_joined(0, Duration::from_secs(10))
+        .await;
     let answer = reqwest::Client::new()
         .post(format!("{}/chat/completions", net.gateway_url()))
         .json(&chat_body("hello", json!({"max_tokens": 2})))

@@ -235,15 +235,8 @@ fn spawn(lan: &Lan, host: &str, role: &str, config: &Path, log: PathBuf) -> Chil
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_once() {
     let hosts = ["proxy", WORKERS[0], WORKERS[1], WORKERS[2]];
-    let lan = match Lan::new(&hosts) {
-        Ok(lan) => lan,
-        Err(why) => {
-            eprintln!(
-                "SKIPPED: network namespaces cannot be made here ({why}); this test needs root \
-                 and iproute2"
-            );
-            return;
-        }
+    let Some(lan) = Lan::new_or_skip(&hosts) else {
+        return;
     };
     let net = network(vec![]).await;
     let dir = net.dir().to_owned();

@@ -98,12 +98,7 @@ async fn a_reasoning_models_thinking_and_cached_tokens_pass_through_and_are_bill
         .text()
         .await
         .unwrap();
-    let chunks: Vec<Value> = streamed
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_data(&streamed);
     let delta = |field: &str| -> String {
         chunks
             .iter()

@@ -159,16 +159,9 @@ async fn a_pausing_stream_sends_keep_alive_comments_between_tokens() {
     // each.
     let comments = body.lines().filter(|l| *l == ": keep-alive").count();
     assert!(comments >= 3, "{comments} keep-alives in {body}");
-    let text: String = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
+    let text: String = sse_data(&body)
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(text, "ttt", "{body}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");

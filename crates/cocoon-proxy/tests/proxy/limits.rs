@@ -489,11 +489,7 @@ async fn stalled_handshakes_from_many_addresses_do_not_keep_a_worker_out() {
         chat(&net, "hello", json!({"max_tokens": 2})).await.status(),
         200
     );
-    net.stop_worker(0);
-    wait_until("the worker to leave", Duration::from_secs(10), || {
-        net.proxy_status().workers.is_empty()
-    })
-    .await;
+    net.stop_worker_until_gone(0).await;
     // 8 loopback addresses, 2 silent connections each: the whole share, no address over its
     // cap of 4.
     let mut flood = Vec::new();
@@ -506,11 +502,8 @@ async fn stalled_handshakes_from_many_addresses_do_not_keep_a_worker_out() {
             flood.push(socket.connect(net.proxy_addr).await.unwrap());
         }
     }
-    net.start_worker(0);
-    wait_until("the worker to join again", Duration::from_secs(15), || {
-        net.proxy_status().workers.len() == 1
-    })
-    .await;
+    net.start_worker_until_joined(0, Duration::from_secs(15))
+        .await;
     assert_eq!(
         chat(&net, "hello", json!({"max_tokens": 2})).await.status(),
         200
@@ -665,16 +658,9 @@ async fn clients_filling_their_slots_do_not_keep_a_worker_out() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    net.stop_worker(0);
-    wait_until("the worker to leave", Duration::from_secs(10), || {
-        net.proxy_status().workers.is_empty()
-    })
-    .await;
-    net.start_worker(0);
-    wait_until("the worker to join again", Duration::from_secs(10), || {
-        net.proxy_status().workers.len() == 1
-    })
-    .await;
+    net.stop_worker_until_gone(0).await;
+    net.start_worker_until_joined(0, Duration::from_secs(10))
+        .await;
     assert_eq!(
         chat(&net, "hello", json!({"max_tokens": 2})).await.status(),
         200

@@ -436,6 +436,27 @@ impl DevNetwork {
         }
     }
 
+    /// Stops worker `i` and waits until the proxy lists one worker fewer.
+    pub async fn stop_worker_until_gone(&mut self, i: usize) {
+        let before = self.proxy_status().workers.len();
+        self.stop_worker(i);
+        crate::http::wait_until("the worker to leave", Duration::from_secs(10), || {
+            self.proxy_status().workers.len() < before
+        })
+        .await;
+    }
+
+    /// Starts worker `i` again and waits, up to `timeout`, until the proxy lists one worker
+    /// more.
+    pub async fn start_worker_until_joined(&mut self, i: usize, timeout: Duration) {
+        let before = self.proxy_status().workers.len();
+        self.start_worker(i);
+        crate::http::wait_until("the worker to join", timeout, || {
+            self.proxy_status().workers.len() > before
+        })
+        .await;
+    }
+
     /// Whether worker `i` is connected to the proxy now.
     pub fn worker_connected(&self, i: usize) -> bool {
         self.workers[i].connected.load(Ordering::SeqCst)

@@ -55,6 +55,21 @@ impl Lan {
         Ok(lan)
     }
 
+    /// [`Lan::new`], or `None` where namespaces cannot be made (not root, no iproute2), said
+    /// on stderr as the test's skip.
+    pub(crate) fn new_or_skip(hosts: &[&str]) -> Option<Self> {
+        match Self::new(hosts) {
+            Ok(lan) => Some(lan),
+            Err(why) => {
+                eprintln!(
+                    "SKIPPED: network namespaces cannot be made here ({why}); this test needs \
+                     root and iproute2"
+                );
+                None
+            }
+        }
+    }
+
     fn build(&self) -> Result<(), String> {
         let lan = self.lan_ns.as_str();
         ip(&["netns", "add", lan])?;
