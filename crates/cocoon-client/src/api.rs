@@ -497,8 +497,9 @@ async fn answer(
     let (finish, usage, billing): (FinishReason, Usage, Option<Billing>) = loop {
         match events.next().await {
             Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => {
-                // A worker must not be able to fill the gateway's memory with one answer.
-                if text.len() + t.len() > state.max_answer_bytes {
+                // A worker must not be able to fill the gateway's memory with one answer (its
+                // reasoning and its text together).
+                if text.len() + reasoning.len() + t.len() > state.max_answer_bytes {
                     return Err(ProtocolError::internal(format!(
                         "the answer is longer than this gateway gathers for a request without \
                          streaming ({} bytes, max_answer_bytes): ask with \"stream\": true",

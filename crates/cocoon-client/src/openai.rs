@@ -86,11 +86,22 @@ const HARMLESS: &[&str] = &[
     "parallel_tool_calls",
 ];
 
+/// Whether a field's value asks for nothing: `null`, or an empty object or list (LangChain,
+/// for one, sends `"logit_bias": {}` with every request).
+fn asks_nothing(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Object(o) => o.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
 /// Refuses the request's fields this gateway neither serves nor may ignore.
 fn refuse_unknown(other: &serde_json::Map<String, Value>) -> Result<(), ProtocolError> {
     let mut refused: Vec<&str> = other
         .iter()
-        .filter(|(name, value)| !value.is_null() && !HARMLESS.contains(&name.as_str()))
+        .filter(|(name, value)| !asks_nothing(value) && !HARMLESS.contains(&name.as_str()))
         .map(|(name, _)| name.as_str())
         .collect();
     refused.sort_unstable();
@@ -499,6 +510,36 @@ mod tests {
                 .unwrap_err()
                 .message
                 .contains("best_of is not supported")
+        );
+    }
+
+    /// Compatibility break: LangChain's `OpenAI` completions class (langchain-openai's
+    /// `BaseOpenAI`, whose `logit_bias` defaults to `{}` and goes out in every request's
+    /// `_default_params`) sends exactly this body for `llm.invoke("hi")`, and the gateway
+    /// refused it with "logit_bias is not supported". An empty bias asks for nothing this
+    /// gateway does not do already, so ignoring it hides nothing from the app. Now: a
+    /// refused field whose value is a no-op (`logit_bias: {}`) is taken like `null`; a
+    /// bias that would change the answer is still refused.
+    #[test]
+    fn review_an_empty_logit_bias_from_langchain_is_taken() {
+        let r: CompletionRequest = serde_json::from_str(
+            r#"{"model":"m","prompt":["hi"],"temperature":0.7,"top_p":1,"frequency_penalty":0,"presence_penalty":0,"n":1,"logit_bias":{},"seed":null,"logprobs":null,"max_tokens":256}"#,
+        )
+        .unwrap();
+        let generate = r.into_generate().map_err(|e| e.message);
+        assert_eq!(
+            generate.as_ref().map(|g| g.params.max_tokens),
+            Ok(Some(256)),
+            "{generate:?}"
+        );
+        let r: CompletionRequest =
+            serde_json::from_str(r#"{"model":"m","prompt":"hi","logit_bias":{"50256":-100}}"#)
+                .unwrap();
+        assert!(
+            r.into_generate()
+                .unwrap_err()
+                .message
+                .contains("logit_bias is not supported")
         );
     }
 

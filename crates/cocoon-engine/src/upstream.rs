@@ -156,7 +156,9 @@ impl UpstreamBackend {
             body["presence_penalty"] = json!(p.presence_penalty);
         }
         if p.repetition_penalty != 1.0 {
+            // vLLM's and SGLang's name, and llama.cpp's server's: each ignores the other's.
             body["repetition_penalty"] = json!(p.repetition_penalty);
+            body["repeat_penalty"] = json!(p.repetition_penalty);
         }
         if p.top_k > 0 {
             body["top_k"] = json!(p.top_k);
@@ -278,6 +280,8 @@ async fn relay(
     let mut line = Vec::new();
     let mut finish = None;
     let mut usage = None;
+    // Chunks of thinking relayed: the reasoning count where the server gives none.
+    let mut reasoning_chunks: u32 = 0;
     loop {
         let chunk = tokio::time::timeout(timeouts.idle, body.next())
             .await
@@ -316,6 +320,7 @@ async fn relay(
                 // Thinking is part of the answer: relayed as it comes (it is also what keeps
                 // a thinking model from looking silent), counted a token a chunk as text is.
                 let tokens = u32::from(!text.is_empty());
+                reasoning_chunks = reasoning_chunks.saturating_add(tokens);
                 if tx
                     .send(GenerateEvent::Reasoning { text, tokens })
                     .await
@@ -343,11 +348,16 @@ async fn relay(
         }
         line.extend_from_slice(rest);
     }
-    let usage = usage.ok_or_else(|| {
+    let mut usage: Usage = usage.ok_or_else(|| {
         ProtocolError::internal(
             "upstream server did not report token usage (it must support stream_options.include_usage)",
         )
     })?;
+    // vLLM and llama.cpp's server stream the thinking but do not count it apart: counted by
+    // its chunks, a token a chunk as every delta is, within the completion's count.
+    if usage.reasoning_tokens == 0 {
+        usage.reasoning_tokens = reasoning_chunks.min(usage.completion_tokens);
+    }
     stats.add_prompt_tokens(u64::from(usage.prompt_tokens));
     stats.add_generated_tokens(u64::from(usage.completion_tokens));
     let done = GenerateEvent::Done {
@@ -730,6 +740,83 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.usage, Some(Usage::new(3, 5)));
+    }
+
+    /// A reasoning model's answer as vLLM streams it: its `UsageInfo` has no
+    /// `completion_tokens_details` at all (only `prompt_tokens_details`), so the thinking's
+    /// count never comes in the usage.
+    const VLLM_REASONING_SSE: &str = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"Let\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\" me\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\" think\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"4\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"2\"},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":40,\"total_tokens\":45,\"completion_tokens\":5,\"prompt_tokens_details\":null}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    /// Billing gap: vLLM (and llama.cpp's server) stream the thinking as `reasoning_content`
+    /// but never report `completion_tokens_details.reasoning_tokens`, so a finished answer's
+    /// thinking was billed at the completion multiplier, while the same thinking in an answer
+    /// cut off mid-way is billed at the reasoning multiplier (the proxy's `cut_off` counts the
+    /// reasoning deltas). Where the two multipliers differ, the client pays (or the worker
+    /// earns) a price the network never set for those tokens, and which one depends on
+    /// whether the answer finished. Now: when the server does not count reasoning, the
+    /// worker counts the reasoning chunks it relayed (a token a chunk, as it counts every
+    /// delta), held to `completion_tokens`.
+    #[tokio::test]
+    async fn review_thinking_counted_by_chunks_when_the_server_reports_no_details() {
+        let router = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(|| async { VLLM_REASONING_SSE }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let request = GenerateRequest {
+            input: Input::Chat {
+                messages: vec![cocoon_protocol::ChatMessage {
+                    role: cocoon_protocol::Role::User,
+                    content: "Six times seven?".into(),
+                }],
+            },
+            ..text_request()
+        };
+        let events: Vec<_> = paced_backend(url).generate(request).collect().await;
+        let thought: String = events
+            .iter()
+            .filter_map(|e| match e {
+                GenerateEvent::Reasoning { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(thought, "Let me think", "{events:?}");
+        assert!(
+            matches!(
+                events.last(),
+                Some(GenerateEvent::Done { usage, .. })
+                    if usage.completion_tokens == 5 && usage.reasoning_tokens == 3
+            ),
+            "three chunks of thinking relayed, none of them counted as reasoning: {:?}",
+            events.last()
+        );
+    }
+
+    /// Silently ignored: `repetition_penalty` was taken by the gateway and passed upstream
+    /// under vLLM's name only, but llama.cpp's server, one of the servers this backend names,
+    /// reads only `repeat_penalty` (tools/server/server-task.cpp, `params_from_json_cmpl`), so
+    /// the app's penalty did nothing there and nobody said so. Now: the penalty goes out under both names (vLLM's and SGLang's
+    /// `repetition_penalty`, llama.cpp's `repeat_penalty`), as servers ignore keys they do
+    /// not know.
+    #[test]
+    fn review_repetition_penalty_reaches_llama_cpp_server_too() {
+        let backend = paced_backend("http://127.0.0.1:9/v1".into());
+        let mut request = text_request();
+        request.params.repetition_penalty = 1.3;
+        let (_, body) = backend.request_body("m", &request);
+        assert_eq!(body["repetition_penalty"], json!(1.3f32), "{body}");
+        assert_eq!(body["repeat_penalty"], json!(1.3f32), "{body}");
     }
 
     #[test]

@@ -165,12 +165,32 @@ impl UsageBounds {
         let clamp = |v: u64, cap: u64| u32::try_from(v.min(cap)).unwrap_or(u32::MAX);
         let prompt_tokens = clamp(prompt, self.prompt);
         let completion_tokens = clamp(completion, self.completion);
+        // The answer deltas' own claims are answer tokens: reasoning fills only the room they
+        // leave (thinking a server counted but did not stream still fits), a few silent tokens
+        // aside. Relabelling answer tokens as reasoning, priced apart, is a breach.
+        let answered = relayed.tokens.saturating_sub(relayed.reasoning);
+        let room = u64::from(completion_tokens)
+            .saturating_sub(answered)
+            .saturating_add(SILENT_TOKENS);
+        if u64::from(reported.reasoning_tokens) > room
+            && reported.reasoning_tokens <= reported.completion_tokens
+        {
+            breaches.push(format!(
+                "{} reasoning tokens where the {answered} tokens of answer relayed leave room \
+                 for {room}",
+                reported.reasoning_tokens
+            ));
+        }
+        let reasoning_tokens = u32::try_from(room)
+            .unwrap_or(u32::MAX)
+            .min(reported.reasoning_tokens)
+            .min(completion_tokens);
         Bounded {
             usage: Usage {
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens: reported.cached_tokens.min(prompt_tokens),
-                reasoning_tokens: reported.reasoning_tokens.min(completion_tokens),
+                reasoning_tokens,
             },
             breach: (!breaches.is_empty()).then(|| breaches.join("; ")),
         }
@@ -297,7 +317,21 @@ mod tests {
             reasoning_tokens: 10,
             ..usage(80, 16)
         };
-        assert_eq!(b.apply(honest, relayed(16, 40)).usage, honest);
+        // 10 reasoning deltas and 6 answer deltas relayed.
+        let mut thought_then_answered = relayed(0, 0);
+        for _ in 0..10 {
+            thought_then_answered.add_reasoning(1, "hm");
+        }
+        for _ in 0..6 {
+            thought_then_answered.add(1, "ok");
+        }
+        assert_eq!(
+            b.apply(honest, thought_then_answered),
+            Bounded {
+                usage: honest,
+                breach: None
+            }
+        );
         assert_eq!(
             honest.priced(),
             crate::PricedTokens {
@@ -312,7 +346,7 @@ mod tests {
             reasoning_tokens: 17,
             ..usage(80, 16)
         };
-        let held = b.apply(odd, relayed(16, 40));
+        let held = b.apply(odd, relayed(0, 0));
         assert_eq!(
             (held.usage.cached_tokens, held.usage.reasoning_tokens),
             (80, 16)
@@ -333,6 +367,54 @@ mod tests {
         assert_eq!(
             (cut.usage.completion_tokens, cut.usage.reasoning_tokens),
             (7, 5)
+        );
+    }
+
+    /// Attack: where the network prices reasoning above the answer (`reasoning_multiplier` >
+    /// `completion_multiplier`), a worker (or the upstream server behind it) streams its whole
+    /// answer as answer deltas, no thinking at all, then reports every generated token as
+    /// reasoning, and is paid (and the client billed) at the dearer multiplier. Only
+    /// `reasoning_tokens <= completion_tokens` was checked, so the relabelling passed.
+    /// Now: the answer deltas' own claims are answer tokens; reasoning may fill only the
+    /// room they leave in the completion (which still lets a server count thinking it did not
+    /// stream), a few silent tokens aside. A report beyond that is a breach, held to the room.
+    #[test]
+    fn review_reasoning_label_is_held_to_the_room_the_answer_deltas_leave() {
+        let b = UsageBounds::new(&request("Hello there", Some(64), &[]), 2048);
+        let mut answered = relayed(0, 0);
+        for _ in 0..64 {
+            answered.add(1, "ab");
+        }
+        assert_eq!(answered.reasoning, 0);
+        let relabelled = Usage {
+            reasoning_tokens: 64,
+            ..usage(9, 64)
+        };
+        let held = b.apply(relabelled, answered);
+        assert!(
+            held.breach.is_some(),
+            "64 answer deltas relayed, yet all 64 tokens billed as reasoning: {held:?}"
+        );
+        assert!(
+            u64::from(held.usage.reasoning_tokens) <= SILENT_TOKENS,
+            "{held:?}"
+        );
+        // Thinking the server counted but did not stream still fits the room the answer
+        // deltas leave: 10 answer deltas, 54 reasoning tokens of 64.
+        let mut short = relayed(0, 0);
+        for _ in 0..10 {
+            short.add(1, "ab");
+        }
+        let hidden = Usage {
+            reasoning_tokens: 54,
+            ..usage(9, 64)
+        };
+        assert_eq!(
+            b.apply(hidden, short),
+            Bounded {
+                usage: hidden,
+                breach: None
+            }
         );
     }
 

@@ -803,3 +803,77 @@ async fn review_a_covered_worker_outside_the_chosen_reach_still_serves() {
     assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
     assert_eq!((cheap.served(), dear.served()), (1, 0));
 }
+
+/// Thinks `REASONING` bytes, then answers `ANSWER` bytes: each part alone within the gateway's
+/// `max_answer_bytes` of 8, together over it.
+struct ThinkingBackend;
+
+const REASONING: &str = "rrrrrr";
+const ANSWER: &str = "tttttt";
+
+impl Backend for ThinkingBackend {
+    fn models(&self) -> Vec<ModelCard> {
+        model_card(2048)
+    }
+
+    fn capacity(&self) -> u32 {
+        4
+    }
+
+    fn generate(&self, _request: GenerateRequest) -> EventStream {
+        Box::pin(futures_util::stream::iter([
+            GenerateEvent::Reasoning {
+                text: REASONING.into(),
+                tokens: 1,
+            },
+            GenerateEvent::Delta {
+                text: ANSWER.into(),
+                tokens: 1,
+            },
+            GenerateEvent::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage {
+                    reasoning_tokens: 1,
+                    ..Usage::new(3, 2)
+                },
+                billing: None,
+            },
+        ]))
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::default()
+    }
+}
+
+/// Attack: a worker fills the gateway's memory past `max_answer_bytes` with an answer that is
+/// not streamed, by thinking first. The reasoning branch counted answer and reasoning together,
+/// but the answer branch only the answer, so reasoning up to the limit followed by an answer up
+/// to the limit was gathered whole: twice what the gateway promises to hold.
+/// Now: what is gathered (reasoning and answer together) is held to `max_answer_bytes`,
+/// whichever comes first; 6 + 6 bytes against 8 end in the same clear 502 as 12 bytes of
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_reasoning_then_answer_are_held_to_max_answer_bytes_together() {
+    let net = DevNetwork::start(
+        DevOptions {
+            gateway_max_answer_bytes: 8,
+            ..test_options()
+        },
+        vec![Arc::new(ThinkingBackend)],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let gathered = chat(&net, "hello", json!({"max_tokens": 4})).await;
+    let status = gathered.status().as_u16();
+    let body: Value = gathered.json().await.unwrap();
+    assert_eq!(status, 502, "12 bytes gathered under a limit of 8: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_answer_bytes"),
+        "{body}"
+    );
+}
