@@ -25,6 +25,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::key_usage::UsageFile;
+
 /// `[access]` in `client.toml`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,6 +40,11 @@ pub struct AccessConfig {
     /// Browser origins allowed to call the API (exactly as browsers send them, e.g.
     /// `http://localhost:3000`); they get CORS answers. None by default.
     pub origins: Vec<String>,
+    /// Where each key's use today is kept, so a restart does not start the day afresh (keys
+    /// named by their SHA-256); unset: in memory only, and a gateway whose keys have daily
+    /// limits says so at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_file: Option<std::path::PathBuf>,
 }
 
 /// One API key.
@@ -64,6 +71,10 @@ pub(crate) struct KeyUse {
     name: String,
     tokens_per_day: Option<u64>,
     day: Mutex<Day>,
+    /// The key's SHA-256: how the usage file names it.
+    digest: [u8; 32],
+    /// Where its use today is kept across restarts, if anywhere.
+    file: Option<Arc<UsageFile>>,
 }
 
 /// One UTC day of a key: the tokens its finished answers used, and the most its requests in
@@ -156,9 +167,18 @@ impl KeyHold {
         if self.spent.swap(true, Ordering::SeqCst) {
             return;
         }
-        let mut day = self.key.today();
-        day.reserved = day.reserved.saturating_sub(self.amount);
-        day.used = day.used.saturating_add(tokens);
+        let (today, used) = {
+            let mut day = self.key.today();
+            day.reserved = day.reserved.saturating_sub(self.amount);
+            day.used = day.used.saturating_add(tokens);
+            (day.day, day.used)
+        };
+        if let Some(file) = &self.key.file
+            && self.key.tokens_per_day.is_some()
+            && let Err(e) = file.record(&self.key.digest, today, used)
+        {
+            tracing::error!(key = %self.key.name, error = %e, "a key's use today could not be kept: a restart would forget it");
+        }
     }
 }
 
@@ -198,6 +218,18 @@ fn refuse(status: StatusCode, kind: &str, code: Option<&str>, message: String) -
 impl Guard {
     /// The checks for a gateway listening on `listen`; fails on a key that cannot be read.
     pub(crate) fn new(config: &AccessConfig, listen: SocketAddr) -> anyhow::Result<Self> {
+        let limited = config.keys.iter().any(|k| k.tokens_per_day.is_some());
+        let file = match &config.usage_file {
+            Some(path) if limited => Some(Arc::new(UsageFile::open(path.clone())?)),
+            None if limited => {
+                tracing::warn!(
+                    "keys' daily limits are kept in memory only: a restart starts their day \
+                     afresh; set [access] usage_file"
+                );
+                None
+            }
+            _ => None,
+        };
         let mut keys = HashMap::new();
         for (i, k) in config.keys.iter().enumerate() {
             let key = match (&k.key, &k.key_file) {
@@ -222,16 +254,19 @@ impl Guard {
             } else {
                 k.name.clone()
             };
+            let digest = digest(&key);
             let fresh = Arc::new(KeyUse {
                 name,
                 tokens_per_day: k.tokens_per_day,
                 day: Mutex::new(Day {
                     day: today(),
-                    used: 0,
+                    used: file.as_ref().map_or(0, |f| f.used(&digest, today())),
                     reserved: 0,
                 }),
+                digest,
+                file: file.clone(),
             });
-            if keys.insert(digest(&key), fresh).is_some() {
+            if keys.insert(digest, fresh).is_some() {
                 anyhow::bail!(
                     "[[access.keys]] #{}: the same key is listed twice (each key has one limit)",
                     i + 1
@@ -496,6 +531,54 @@ mod tests {
         ] {
             assert!(!g.host_allowed(bad), "{bad} allowed");
         }
+    }
+
+    /// A key's use today is kept in `usage_file`: a gateway started again on the same file
+    /// refuses what the day no longer covers (a restart started the day afresh), another day
+    /// starts at nothing, and a file that cannot be read stops the start.
+    #[test]
+    fn a_keys_day_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AccessConfig {
+            keys: vec![ApiKey {
+                key: Some("sk-local-0123456789".into()),
+                key_file: None,
+                name: "ci".into(),
+                tokens_per_day: Some(100),
+            }],
+            usage_file: Some(dir.path().join("usage.json")),
+            ..AccessConfig::default()
+        };
+        let listen = "127.0.0.1:10000".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            "Bearer sk-local-0123456789".parse().unwrap(),
+        );
+        {
+            let g = Guard::new(&config, listen).unwrap();
+            let (hold, _) = g.key(&headers).unwrap().hold(10, Some(60)).unwrap();
+            hold.spend(70);
+        }
+        let kept = std::fs::read_to_string(dir.path().join("usage.json")).unwrap();
+        assert!(
+            !kept.contains("sk-local"),
+            "the key itself was written: {kept}"
+        );
+        let again = Guard::new(&config, listen).unwrap();
+        let key = again.key(&headers).unwrap();
+        let refused = key.hold(10, Some(30)).unwrap_err();
+        assert!(refused.contains("30 of its 100 tokens"), "{refused}");
+        key.hold(10, Some(20)).unwrap();
+        // Kept for another day: today starts at nothing.
+        let mut old: serde_json::Value = serde_json::from_str(&kept).unwrap();
+        old["day"] = json!(today() - 1);
+        std::fs::write(dir.path().join("usage.json"), old.to_string()).unwrap();
+        let next_day = Guard::new(&config, listen).unwrap();
+        next_day.key(&headers).unwrap().hold(10, Some(90)).unwrap();
+        std::fs::write(dir.path().join("usage.json"), "not json").unwrap();
+        let error = Guard::new(&config, listen).unwrap_err().to_string();
+        assert!(error.contains("usage_file"), "{error}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod bill;
 pub mod chunks;
 mod config;
 mod guard;
+mod key_usage;
 mod link;
 pub mod openai;
 mod pool;
