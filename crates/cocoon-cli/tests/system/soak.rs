@@ -33,6 +33,20 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const CLIENTS: usize = 2;
+
+/// Every answered request's bill the gateway did not verify, with its reason: an honest proxy's
+/// bills must all verify, through kills and restarts.
+static BAD_BILLS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Keeps `usage`'s bill verdict when it is not a verified one.
+fn note_verdict(usage: &Value) {
+    if usage["bill_verified"] != json!(true) {
+        BAD_BILLS.lock().unwrap().push(format!(
+            "{}: {}",
+            usage["bill_verified"], usage["bill_error"]
+        ));
+    }
+}
 const WORKERS: usize = 2;
 /// Request loops per client.
 const LOOPS: usize = 2;
@@ -129,12 +143,15 @@ async fn request(http: &reqwest::Client, gateway: &str, rng: &mut StdRng) -> Out
             answer["usage"]["billing"]["billed_tokens"].as_u64(),
             answer["usage"]["billing"]["tokens_used"].as_u64(),
         ) {
-            (Some(billed), Some(counter)) => Outcome::Acked {
-                key,
-                billed,
-                counter,
-                content: content.as_str().unwrap_or_default().to_owned(),
-            },
+            (Some(billed), Some(counter)) => {
+                note_verdict(&answer["usage"]);
+                Outcome::Acked {
+                    key,
+                    billed,
+                    counter,
+                    content: content.as_str().unwrap_or_default().to_owned(),
+                }
+            }
             _ => Outcome::Interrupted { key, content: None },
         };
     }
@@ -160,6 +177,7 @@ async fn request(http: &reqwest::Client, gateway: &str, rng: &mut StdRng) -> Out
             chunk["usage"]["billing"]["billed_tokens"].as_u64(),
             chunk["usage"]["billing"]["tokens_used"].as_u64(),
         ) {
+            note_verdict(&chunk["usage"]);
             bill = Some((billed, counter));
         }
     }
@@ -201,6 +219,7 @@ async fn probe(http: &reqwest::Client, gateway: &str, tally: &Shared) -> bool {
         return false;
     }
     let answer: Value = answer.json().await.unwrap();
+    note_verdict(&answer["usage"]);
     let bill = &answer["usage"]["billing"];
     let acked = Outcome::Acked {
         key: Key {
@@ -577,6 +596,12 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
     );
     let state = net.ledger().unwrap().snapshot().await.unwrap();
     assert_eq!(state.held(), state.deposited - state.paid_out);
+    let bad = BAD_BILLS.lock().unwrap();
+    assert!(
+        bad.is_empty(),
+        "{} answers' bills were not verified by the gateway: {bad:?}",
+        bad.len()
+    );
     eprintln!(
         "{proxy_kills} proxy kills, {worker_kills} worker kills in {secs} s; {total_charged} tokens charged and earned"
     );
