@@ -56,7 +56,7 @@ pub(crate) struct State {
 }
 
 /// The proxy's whole status, as its operator sees it on the `[admin]` listener (`GET
-/// /status`); clients get only its [`PublicStatus`].
+/// /status`); clients get only a [`PublicStatus`].
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ProxyStatus {
     /// The proxy's key fingerprint (hex): what clients and workers pin.
@@ -120,22 +120,6 @@ impl LoadStatus {
             healthy_workers: self.healthy_workers + usize::from(healthy),
             capacity: self.capacity + u64::from(capacity),
             in_flight: self.in_flight + u64::from(in_flight),
-        }
-    }
-}
-
-impl ProxyStatus {
-    /// The part of the status a client may see.
-    pub fn public(&self) -> PublicStatus {
-        PublicStatus {
-            fingerprint: self.fingerprint.clone(),
-            protocol_version: self.protocol_version,
-            attestation: self.attestation.clone(),
-            models: self.models.clone(),
-            price_floor: self.price_floor,
-            load: self.workers.iter().fold(LoadStatus::default(), |l, w| {
-                l.add(w.healthy, w.capacity, w.in_flight)
-            }),
         }
     }
 }
