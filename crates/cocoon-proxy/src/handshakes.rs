@@ -1,13 +1,19 @@
 //! The share of connections still in their TLS handshake. Before its handshake a peer is
 //! neither client nor worker, so it gets neither's share; this one keeps half-open and slow
-//! peers from holding every socket. When it is full, a newcomer takes the place of the
-//! oldest handshake that has run at least [`MIN_AGE`]: a flood of stalled handshakes cannot
-//! keep a worker (or anyone) out, since an honest handshake takes milliseconds to a round
-//! trip or two, and holding a place costs a flooder a fresh connection every `MIN_AGE`.
+//! peers from holding every socket. When it is full, a newcomer takes a place:
+//!
+//! - at once from an address group (an IPv4 address, an IPv6 /64) holding at least two places
+//!   more than the newcomer's own: no few addresses can hold the share against everyone else,
+//!   however fast they renew their stalled connections;
+//! - else from the oldest handshake, once it has run at least [`MIN_AGE`]: an honest handshake
+//!   takes milliseconds to a round trip or two, so holding a place costs a flooder with many
+//!   addresses a fresh connection every `MIN_AGE`.
+//!
 //! (Refusing the newcomer instead let a few addresses, each within its own cap, hold the whole
 //! share for as long as they renewed their stalled connections.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +36,54 @@ pub(crate) struct Handshakes {
 struct Inner {
     next: u64,
     /// By order of arrival (ids only grow): the oldest first.
-    pending: BTreeMap<u64, (Instant, CancellationToken)>,
+    pending: BTreeMap<u64, Pending>,
+    /// Places held per address group; a group holding none has no entry.
+    held: HashMap<IpAddr, usize>,
+}
+
+struct Pending {
+    since: Instant,
+    group: IpAddr,
+    displaced: CancellationToken,
+}
+
+impl Inner {
+    /// Frees place `id`, telling its handshake to give up when `displace`.
+    fn free(&mut self, id: u64, displace: bool) {
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        if displace {
+            p.displaced.cancel();
+        }
+        if let Some(n) = self.held.get_mut(&p.group) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&p.group);
+            }
+        }
+    }
+
+    /// The place a newcomer from `group` may take in a full share, if any: the oldest of a
+    /// group holding two more than `group`, else the oldest of all once it has run
+    /// `MIN_AGE`.
+    fn to_displace(&self, group: IpAddr) -> Option<u64> {
+        let mine = self.held.get(&group).copied().unwrap_or(0);
+        if let Some((&hog, _)) = self
+            .held
+            .iter()
+            .filter(|&(_, &n)| n >= mine + 2)
+            .max_by_key(|&(_, &n)| n)
+        {
+            return self
+                .pending
+                .iter()
+                .find(|(_, p)| p.group == hog)
+                .map(|(&id, _)| id);
+        }
+        let (&id, oldest) = self.pending.first_key_value()?;
+        (oldest.since.elapsed() >= MIN_AGE).then_some(id)
+    }
 }
 
 /// One handshake's place in the share; dropping it frees the place.
@@ -48,25 +101,26 @@ impl Handshakes {
         })
     }
 
-    /// A place for a new handshake: a free one, or the oldest's if it has run `MIN_AGE`
-    /// (that one is told to give up); `None` when every place is younger.
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<Place> {
+    /// A place for a new handshake from address group `group`: a free one, or one taken from
+    /// another handshake (told to give up) as the module says; `None` when none may be taken.
+    pub(crate) fn enter(self: &Arc<Self>, group: IpAddr) -> Option<Place> {
         let mut inner = self.inner.lock();
         if inner.pending.len() >= self.limit {
-            let (_, (since, _)) = inner.pending.first_key_value()?;
-            if since.elapsed() < MIN_AGE {
-                return None;
-            }
-            if let Some((_, (_, oldest))) = inner.pending.pop_first() {
-                oldest.cancel();
-            }
+            let id = inner.to_displace(group)?;
+            inner.free(id, true);
         }
         let id = inner.next;
         inner.next += 1;
         let displaced = CancellationToken::new();
-        inner
-            .pending
-            .insert(id, (Instant::now(), displaced.clone()));
+        inner.pending.insert(
+            id,
+            Pending {
+                since: Instant::now(),
+                group,
+                displaced: displaced.clone(),
+            },
+        );
+        *inner.held.entry(group).or_default() += 1;
         Some(Place {
             id,
             share: self.clone(),
@@ -90,7 +144,7 @@ impl Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.share.inner.lock().pending.remove(&self.id);
+        self.share.inner.lock().free(self.id, false);
     }
 }
 
@@ -98,22 +152,27 @@ impl Drop for Place {
 mod tests {
     use super::*;
 
+    fn at(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_full_share_gives_the_oldest_place_to_a_newcomer_after_min_age() {
+        // One place per address: no group holds more than another.
         let share = Handshakes::new(2);
-        let first = share.enter().unwrap();
-        let second = share.enter().unwrap();
+        let first = share.enter(at(1)).unwrap();
+        let second = share.enter(at(2)).unwrap();
         // Full, and nobody has run MIN_AGE: the newcomer is refused.
-        assert!(share.enter().is_none());
+        assert!(share.enter(at(3)).is_none());
         tokio::time::advance(MIN_AGE / 2).await;
-        assert!(share.enter().is_none());
+        assert!(share.enter(at(3)).is_none());
         drop(second);
-        let third = share.enter().expect("a freed place");
+        let third = share.enter(at(3)).expect("a freed place");
         assert_eq!(share.len(), 2);
         // The oldest has now run MIN_AGE (the third only half of it): a newcomer displaces it.
         let first_displaced = first.displaced();
         tokio::time::advance(MIN_AGE / 2).await;
-        let fourth = share.enter().expect("the oldest's place");
+        let fourth = share.enter(at(4)).expect("the oldest's place");
         first_displaced.await;
         assert_eq!(share.len(), 2);
         // The displaced place, dropped late, frees nothing of the others'.
@@ -121,5 +180,33 @@ mod tests {
         assert_eq!(share.len(), 2);
         drop((third, fourth));
         assert_eq!(share.len(), 0);
+    }
+
+    /// A flooder renewing its stalled handshakes faster than MIN_AGE kept every place young,
+    /// and a newcomer from elsewhere never got one. A group holding two places more than the
+    /// newcomer's yields its oldest at once; one holding no more waits for the age rule.
+    #[tokio::test(start_paused = true)]
+    async fn a_group_holding_more_yields_to_a_newcomer_at_once() {
+        let share = Handshakes::new(4);
+        let hog: Vec<_> = (0..3).map(|_| share.enter(at(9)).unwrap()).collect();
+        let other = share.enter(at(1)).unwrap();
+        let oldest = hog[0].displaced();
+        // Young places all, but the hog holds 3 against the newcomer's 0.
+        let newcomer = share.enter(at(2)).expect("the hog's oldest place");
+        oldest.await;
+        assert_eq!(share.len(), 4);
+        // Now the hog holds 2, the others 1 each: a newcomer from one of them (1 + 2 > 2)
+        // waits, one from a fresh address (0 + 2 <= 2) takes the hog's next.
+        assert!(share.enter(at(1)).is_none());
+        let next = hog[1].displaced();
+        let fresh = share.enter(at(3)).expect("the hog's next place");
+        next.await;
+        // One each: only age displaces now, and the hog itself never takes another's place
+        // early.
+        assert!(share.enter(at(9)).is_none());
+        assert!(share.enter(at(4)).is_none());
+        drop((hog, other, newcomer, fresh));
+        assert_eq!(share.len(), 0);
+        assert!(share.inner.lock().held.is_empty());
     }
 }

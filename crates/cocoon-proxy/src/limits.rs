@@ -157,7 +157,7 @@ pub(crate) struct Limiter {
 
 /// The address connection caps count by: IPv4 addresses as they are (IPv4-mapped IPv6 too),
 /// IPv6 addresses by their /64.
-fn group(ip: IpAddr) -> IpAddr {
+pub(crate) fn group(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -20,7 +20,7 @@ use crate::admission::{Admission, Refusal};
 use crate::billing::{Billing, PaymentsStatus};
 use crate::config::{ProxyConfig, RoutingConfig};
 use crate::handshakes::{Handshakes, Place};
-use crate::limits::Limiter;
+use crate::limits::{self, Limiter};
 use crate::market::{Offer, Reputation};
 use crate::relay;
 use crate::workers::{WorkerLink, WorkerSet};
@@ -322,7 +322,7 @@ impl Proxy {
                 continue;
             };
             // Handshakes have their own share: a peer is neither client nor worker before it.
-            let Some(handshake) = self.state.handshakes.enter() else {
+            let Some(handshake) = self.state.handshakes.enter(limits::group(peer_addr.ip())) else {
                 tracing::debug!(%peer_addr, "connection refused: too many handshakes under way");
                 continue;
             };
