@@ -394,6 +394,25 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Adds `piece` to what is gathered in `into` for an answer that is not streamed, or fails
+/// once it and the `other` part gathered beside it (text or reasoning) would pass
+/// `max_answer_bytes`: a worker must not be able to fill the gateway's memory with one answer.
+fn gather(
+    into: &mut String,
+    piece: &str,
+    other: usize,
+    max_answer_bytes: usize,
+) -> Result<(), ProtocolError> {
+    if into.len() + other + piece.len() > max_answer_bytes {
+        return Err(ProtocolError::internal(format!(
+            "the answer is longer than this gateway gathers for a request without streaming \
+             ({max_answer_bytes} bytes, max_answer_bytes): ask with \"stream\": true"
+        )));
+    }
+    into.push_str(piece);
+    Ok(())
+}
+
 fn new_id(endpoint: Endpoint) -> String {
     let prefix = match endpoint {
         Endpoint::Chat => "chatcmpl",
@@ -497,29 +516,10 @@ async fn answer(
     let (finish, usage, billing): (FinishReason, Usage, Option<Billing>) = loop {
         match events.next().await {
             Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => {
-                // A worker must not be able to fill the gateway's memory with one answer (its
-                // reasoning and its text together).
-                if text.len() + reasoning.len() + t.len() > state.max_answer_bytes {
-                    return Err(ProtocolError::internal(format!(
-                        "the answer is longer than this gateway gathers for a request without \
-                         streaming ({} bytes, max_answer_bytes): ask with \"stream\": true",
-                        state.max_answer_bytes
-                    ))
-                    .into());
-                }
-                text.push_str(&t)
+                gather(&mut text, &t, reasoning.len(), state.max_answer_bytes)?
             }
             Some(Ok((GenerateEvent::Reasoning { text: t, .. }, _))) => {
-                if text.len() + reasoning.len() + t.len() > state.max_answer_bytes {
-                    return Err(ProtocolError::internal(format!(
-                        "the answer's reasoning is longer than this gateway gathers for a \
-                         request without streaming ({} bytes, max_answer_bytes): ask with \
-                         \"stream\": true",
-                        state.max_answer_bytes
-                    ))
-                    .into());
-                }
-                reasoning.push_str(&t)
+                gather(&mut reasoning, &t, text.len(), state.max_answer_bytes)?
             }
             Some(Ok((
                 GenerateEvent::Done {

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cocoon_ledger::{Address, Network, NetworkParams, PaymentMessage, SignedMessage, TokenKind};
+use cocoon_ledger::{Address, Network, NetworkParams, PaymentMessage, SignedMessage};
 use cocoon_protocol::{Billing, Relayed, Usage, UsageBounds};
 use parking_lot::Mutex;
 
@@ -620,12 +620,7 @@ impl Parties {
             }
             let p = usage.priced();
             let weighted = params
-                .weighted_tokens(&[
-                    (TokenKind::Prompt, p.prompt),
-                    (TokenKind::Cached, p.cached),
-                    (TokenKind::Completion, p.completion),
-                    (TokenKind::Reasoning, p.reasoning),
-                ])
+                .weighted_answer(p.prompt, p.cached, p.completion, p.reasoning)
                 .map_err(|e| e.to_string())?;
             if bill.weighted_tokens != weighted {
                 return Err(format!(

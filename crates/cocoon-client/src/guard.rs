@@ -73,7 +73,7 @@ pub(crate) struct KeyUse {
     day: Mutex<Day>,
     /// The key's SHA-256: how the usage file names it.
     digest: [u8; 32],
-    /// Where its use today is kept across restarts, if anywhere.
+    /// Where its use today is kept across restarts: a limited key's, when `usage_file` is set.
     file: Option<Arc<UsageFile>>,
 }
 
@@ -174,7 +174,6 @@ impl KeyHold {
             (day.day, day.used)
         };
         if let Some(file) = &self.key.file
-            && self.key.tokens_per_day.is_some()
             && let Err(e) = file.record(&self.key.digest, today, used)
         {
             tracing::error!(key = %self.key.name, error = %e, "a key's use today could not be kept: a restart would forget it");
@@ -264,7 +263,7 @@ impl Guard {
                     reserved: 0,
                 }),
                 digest,
-                file: file.clone(),
+                file: k.tokens_per_day.and(file.clone()),
             });
             if keys.insert(digest, fresh).is_some() {
                 anyhow::bail!(

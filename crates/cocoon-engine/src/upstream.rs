@@ -95,21 +95,16 @@ impl UpstreamBackend {
                 "upstream backend needs at least one model",
             ));
         }
-        let mut http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(config.timeout_secs))
-            .https_only(false);
+        let mut http =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(config.timeout_secs));
         if let Some(file) = &config.ca_file {
-            let pem = std::fs::read(file).map_err(|e| {
+            let bad = |e: &dyn std::fmt::Display| {
                 ProtocolError::internal(format!("upstream ca_file {}: {e}", file.display()))
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                ProtocolError::internal(format!("upstream ca_file {}: {e}", file.display()))
-            })?;
+            };
+            let pem = std::fs::read(file).map_err(|e| bad(&e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&e))?;
             if certs.is_empty() {
-                return Err(ProtocolError::internal(format!(
-                    "upstream ca_file {} holds no certificate",
-                    file.display()
-                )));
+                return Err(bad(&"holds no certificate"));
             }
             for cert in certs {
                 http = http.add_root_certificate(cert);
@@ -523,6 +518,14 @@ fn upstream_error(status: u16, body: &str) -> ProtocolError {
 mod tests {
     use super::*;
 
+    /// Serves `router` on a loopback port; the OpenAI API's base URL there.
+    async fn serve(router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        url
+    }
+
     /// An upstream server whose stream arrives in `piece`-byte bits, splitting lines anywhere.
     async fn split_server(piece: usize) -> String {
         let mut sse = String::new();
@@ -543,10 +546,7 @@ mod tests {
                 async move { axum::body::Body::from_stream(futures_util::stream::iter(pieces)) }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/v1", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        url
+        serve(router).await
     }
 
     /// An upstream server that streams one token after each of `gaps`, then its usage.
@@ -573,13 +573,11 @@ mod tests {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/v1", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        url
+        serve(router).await
     }
 
-    fn paced_backend(url: String) -> UpstreamBackend {
+    /// The backend of model `m` on the server at `url`, with timeouts of 1 s.
+    fn backend(url: String) -> UpstreamBackend {
         UpstreamBackend::new(UpstreamConfig {
             url,
             ca_file: None,
@@ -613,14 +611,14 @@ mod tests {
     /// error that says so.
     #[tokio::test]
     async fn a_long_paced_answer_passes_and_only_a_silence_is_cut() {
-        let paced = paced_backend(paced_server(vec![Duration::from_millis(500); 6]).await);
+        let paced = backend(paced_server(vec![Duration::from_millis(500); 6]).await);
         let events: Vec<_> = paced.generate(text_request()).collect().await;
         assert!(
             matches!(events.last(), Some(GenerateEvent::Done { usage, .. }) if usage.completion_tokens == 6),
             "{events:?}"
         );
         let gaps = vec![Duration::ZERO, Duration::from_millis(2500), Duration::ZERO];
-        let stalled = paced_backend(paced_server(gaps).await);
+        let stalled = backend(paced_server(gaps).await);
         let events: Vec<_> = stalled.generate(text_request()).collect().await;
         assert!(
             matches!(&events[0], GenerateEvent::Delta { text, .. } if text == "t"),
@@ -635,28 +633,8 @@ mod tests {
     #[tokio::test]
     async fn lines_split_across_reads_relay_whole() {
         for piece in [1, 7, 64, 4096] {
-            let backend = UpstreamBackend::new(UpstreamConfig {
-                url: split_server(piece).await,
-                ca_file: None,
-                api_key: None,
-                models: vec![UpstreamModel {
-                    id: "m".into(),
-                    upstream_id: None,
-                    context_length: 100,
-                }],
-                parallel: 1,
-                timeout_secs: 10,
-                idle_timeout_secs: 120,
-            })
-            .unwrap();
-            let request = GenerateRequest {
-                max_price: None,
-                model: "m".into(),
-                input: Input::Text {
-                    prompt: "hi".into(),
-                },
-                params: Default::default(),
-            };
+            let backend = backend(split_server(piece).await);
+            let request = text_request();
             let events: Vec<_> = backend.generate(request).collect().await;
             let text: String = events
                 .iter()
@@ -771,9 +749,7 @@ mod tests {
             "/v1/chat/completions",
             axum::routing::post(|| async { VLLM_REASONING_SSE }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/v1", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        let url = serve(router).await;
         let request = GenerateRequest {
             input: Input::Chat {
                 messages: vec![cocoon_protocol::ChatMessage {
@@ -783,7 +759,7 @@ mod tests {
             },
             ..text_request()
         };
-        let events: Vec<_> = paced_backend(url).generate(request).collect().await;
+        let events: Vec<_> = backend(url).generate(request).collect().await;
         let thought: String = events
             .iter()
             .filter_map(|e| match e {
@@ -811,7 +787,7 @@ mod tests {
     /// not know.
     #[test]
     fn review_repetition_penalty_reaches_llama_cpp_server_too() {
-        let backend = paced_backend("http://127.0.0.1:9/v1".into());
+        let backend = backend("http://127.0.0.1:9/v1".into());
         let mut request = text_request();
         request.params.repetition_penalty = 1.3;
         let (_, body) = backend.request_body("m", &request);

@@ -99,6 +99,23 @@ impl NetworkParams {
         u64::try_from(total.div_ceil(u128::from(MULTIPLIER_ONE))).map_err(|_| LedgerError::Overflow)
     }
 
+    /// Weighted tokens of an answer whose tokens split into `prompt` computed and `cached`
+    /// prompt tokens, and `completion` answer and `reasoning` tokens: each at its multiplier.
+    pub fn weighted_answer(
+        &self,
+        prompt: u64,
+        cached: u64,
+        completion: u64,
+        reasoning: u64,
+    ) -> Result<u64, LedgerError> {
+        self.weighted_tokens(&[
+            (TokenKind::Prompt, prompt),
+            (TokenKind::Cached, cached),
+            (TokenKind::Completion, completion),
+            (TokenKind::Reasoning, reasoning),
+        ])
+    }
+
     /// The most a request of at most `prompt` prompt tokens and `completion` generated tokens
     /// may weigh, however its counts turn out to split into cached and reasoning tokens (each
     /// side at the heavier of its two multipliers): what a reservation must cover.

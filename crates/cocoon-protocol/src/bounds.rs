@@ -98,7 +98,7 @@ impl UsageBounds {
     pub fn new(request: &GenerateRequest, context_length: u32) -> Self {
         Self {
             prompt: prompt_bound(&request.input),
-            completion: u64::from(request.params.max_tokens.unwrap_or(context_length)),
+            completion: 0,
             max_tokens: request.params.max_tokens,
             withheld: request
                 .params
@@ -108,6 +108,7 @@ impl UsageBounds {
                 .max()
                 .unwrap_or(0),
         }
+        .within(context_length)
     }
 
     /// The same request's bounds on a model with `context_length` tokens of context, without

@@ -469,16 +469,14 @@ impl State {
                 };
                 let state = self.clone();
                 let idle = Some(self.limiter.config().idle_timeout());
-                // Only what uses the network (generating, closing the contract) keeps a
-                // client's connection: status and model reads, or POSTs to paths that do not
-                // exist, every few minutes would hold a slot for ever.
+                // Only what uses the network keeps a client's connection: a POST the proxy
+                // carries out (generating, closing the contract; a refused one or one to a path
+                // that does not exist is no activity). Status and model reads every few minutes
+                // would hold a slot for ever.
                 let _ = cocoon_net::serve_h2_counting(
                     tls,
                     idle,
-                    |req| {
-                        req.method() == Method::POST
-                            && matches!(req.uri().path(), paths::GENERATE | paths::CLOSE)
-                    },
+                    |req| req.method() == Method::POST,
                     move |req| state.clone().client_request(client, req),
                 )
                 .await;

@@ -870,6 +870,20 @@ async fn find(
 /// code), so not [`Op`]s. Each goes out from this ledger's wallet, which must be the root's
 /// owner's (the root refuses anyone else, `100`), and is confirmed down its whole chain.
 impl TonLedger {
+    /// Sends `out` from this ledger's wallet, one request at a time, and confirms it down its
+    /// whole chain; a refusal anywhere in it is the error.
+    async fn send(&self, out: Outgoing) -> Result<(), LedgerError> {
+        let at = layout::account_id(&out.dest);
+        let code = {
+            let _one = self.sending.lock().await;
+            send_and_confirm(&self.api, &self.wallet, out, self.confirm_timeout).await?
+        };
+        if code != 0 && code != 1 {
+            return Err(refusal(code, at));
+        }
+        Ok(())
+    }
+
     /// The key of the wallet this ledger sends from.
     pub fn wallet_key(&self) -> PublicKey {
         self.wallet.public_key()
@@ -899,19 +913,13 @@ impl TonLedger {
     }
 
     async fn send_to_root(&self, body: ArcCell) -> Result<(), LedgerError> {
-        let out = Outgoing {
+        self.send(Outgoing {
             dest: self.root.clone(),
             value: GAS_ATTACHED,
             body,
             state_init: None,
-        };
-        let code = {
-            let _one = self.sending.lock().await;
-            send_and_confirm(&self.api, &self.wallet, out, self.confirm_timeout).await?
-        };
-        if code != 0 && code != 1 {
-            return Err(refusal(code, layout::account_id(&self.root)));
-        }
+        })
+        .await?;
         // New proxies are named from the new code: forget the names derived before.
         self.proxies.lock().clear();
         self.terms.lock().clear();
@@ -942,13 +950,7 @@ impl Ledger for TonLedger {
             Op::WorkerWithdraw { proxy } => self.worker(proxy, &me).await?,
             _ => None,
         };
-        let code = {
-            let _one = self.sending.lock().await;
-            send_and_confirm(&self.api, &self.wallet, out, self.confirm_timeout).await?
-        };
-        if code != 0 && code != 1 {
-            return Err(refusal(code, at));
-        }
+        self.send(out).await?;
         if matches!(tx.op, Op::ProxyOpen { .. } | Op::ProxyFinishClose) {
             // This proxy's own terms may have just changed: name its contracts afresh.
             self.terms.lock().remove(&me);

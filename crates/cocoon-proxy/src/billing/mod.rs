@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use cocoon_ledger::{
     ClientContract, ContractState, Ledger, LedgerError, LedgerOpener, Nanoton, Network,
-    NetworkParams, Op, PublicKey, TokenKind, Tx, Wallet, unix_now,
+    NetworkParams, Op, PublicKey, Tx, Wallet, unix_now,
 };
 use cocoon_protocol::{Billing as Bill, ErrorKind, Payout, ProtocolError, Refund, Usage};
 use parking_lot::{Mutex, RwLock};
@@ -156,18 +156,6 @@ struct Need {
     price: u64,
     /// Which of the narrower choices it is; `None`: the widest.
     choice: Option<usize>,
-}
-
-/// The weighted tokens of an answer's `usage`: each kind of token (prompt computed or cached,
-/// answer or reasoning) at the network's multiplier for it.
-fn weigh(params: &NetworkParams, usage: Usage) -> Result<u64, LedgerError> {
-    let p = usage.priced();
-    params.weighted_tokens(&[
-        (TokenKind::Prompt, p.prompt),
-        (TokenKind::Cached, p.cached),
-        (TokenKind::Completion, p.completion),
-        (TokenKind::Reasoning, p.reasoning),
-    ])
 }
 
 /// Counter units for `weighted` tokens at `price` per token: the contract counts in units of
@@ -498,7 +486,10 @@ impl Billing {
     ) -> Result<(Bill, Payout), ProtocolError> {
         let params = self.params.read().clone();
         let price = price.max(u64::try_from(params.price_per_token).unwrap_or(u64::MAX));
-        let weighted = weigh(&params, usage).map_err(|e| ProtocolError::internal(e.to_string()))?;
+        let p = usage.priced();
+        let weighted = params
+            .weighted_answer(p.prompt, p.cached, p.completion, p.reasoning)
+            .map_err(|e| ProtocolError::internal(e.to_string()))?;
         let mut tokens = units(&params, weighted, price);
         // A bill never exceeds its reservation. Usage within the bounds cannot, so this holds
         // only if a bound and the reservation ever disagreed; the client pays what it agreed to.

@@ -16,6 +16,7 @@ use cocoon_protocol::{ErrorKind, GenerateRequest, ProtocolError};
 use tokio::time::Instant;
 
 use super::errors;
+use super::reach::Ceiling;
 use crate::config::RoutingConfig;
 use crate::market::{Ask, LoadGuard, Market, Outcome, Seller, affinity};
 
@@ -42,14 +43,13 @@ fn context_of<T>(worker: &Seller<T>, request: &GenerateRequest) -> Option<u32> {
 /// too long for one worker's context is not: that says nothing about the worker). The
 /// error is either a worker's verdict on the request itself, returned as the worker gave
 /// it since any other would say the same, or, once the bounds are spent, the last reason
-/// with the count of workers tried. Only workers at or below the request's `max_price` and,
-/// when `max_context` is set, with at most that context are asked: the ones its reservation
-/// covers.
+/// with the count of workers tried. Only workers under the `ceiling` are asked: the ones the
+/// request's reservation covers.
 pub(super) async fn run<T, S, F, Fut>(
     market: &Market<T>,
     routing: &RoutingConfig,
     request: &GenerateRequest,
-    max_context: Option<u32>,
+    ceiling: Ceiling,
     mut attempt: F,
 ) -> Result<Begun<T, S>, ProtocolError>
 where
@@ -74,12 +74,12 @@ where
         }
         let load = match market.pick(&Ask {
             model: &request.model,
-            max_price: request.max_price,
+            max_price: ceiling.max_price,
             prefix,
             tokens,
             exclude: &tried,
             min_context,
-            max_context,
+            max_context: ceiling.max_context,
         }) {
             Ok(load) => load,
             Err(no) => {
@@ -112,7 +112,7 @@ where
                 if e.kind == ErrorKind::ContextLengthExceeded
                     && market
                         .context_length(&request.model)
-                        .min(max_context.or(Some(u32::MAX)))
+                        .min(ceiling.max_context.or(Some(u32::MAX)))
                         > context_of(&worker, request) =>
             {
                 tracing::debug!(worker = %worker.name, "request too long for this worker's context, trying a longer one");
@@ -214,7 +214,7 @@ mod tests {
                 &self.market,
                 routing,
                 &request(),
-                None,
+                Ceiling::of(&request()),
                 |worker: Arc<Seller<()>>| {
                     self.asked.borrow_mut().push(worker.name.clone());
                     let reply = self.replies[&worker.name].clone();

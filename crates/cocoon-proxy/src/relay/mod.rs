@@ -26,7 +26,7 @@ use http::Response;
 use hyper::body::Incoming;
 
 pub(crate) use self::answer::send_payout;
-use self::reach::Reach;
+use self::reach::{Ceiling, Reach};
 use crate::billing::{Hold, UsageBounds};
 use crate::server::State;
 
@@ -56,20 +56,20 @@ async fn serve(
     // go to: the reservation covers exactly that, the routing keeps to those workers, and the
     // worker's report is held to the bounds.
     let (hold, reach) = reserve(state, client, &request).await?;
-    let (routed, max_context, bounds) = match &reach {
-        Some(reach) => (reach.routed(&request), reach.context, reach.bounds),
+    let (ceiling, bounds) = match &reach {
+        Some(reach) => (reach.ceiling(&request), reach.bounds),
         None => {
             let context = state.workers.context_length(&request.model);
             let bounds = UsageBounds::new(&request, context.unwrap_or(u32::MAX));
-            (request, None, bounds)
+            (Ceiling::of(&request), bounds)
         }
     };
     let begun = failover::run(
         &state.workers,
         &state.routing,
-        &routed,
-        max_context,
-        |worker| answer::start(worker, &routed),
+        &request,
+        ceiling,
+        |worker| answer::start(worker, &request),
     )
     .await?;
     Ok(answer::stream(state.clone(), begun, permit, hold, bounds))

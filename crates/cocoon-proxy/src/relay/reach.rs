@@ -78,11 +78,30 @@ impl Reach {
         }
     }
 
-    /// The request as the routing sees it under this reach: at most this price.
-    pub(crate) fn routed(&self, request: &GenerateRequest) -> GenerateRequest {
-        GenerateRequest {
+    /// What the routing keeps to under this reach: at most this price (and the client's own
+    /// cap), at most this context.
+    pub(crate) fn ceiling(&self, request: &GenerateRequest) -> Ceiling {
+        Ceiling {
             max_price: Some(request.max_price.map_or(self.price, |m| m.min(self.price))),
-            ..request.clone()
+            max_context: self.context,
+        }
+    }
+}
+
+/// The workers a request may be routed to: at most this price and context (`None`: any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ceiling {
+    pub(crate) max_price: Option<u64>,
+    pub(crate) max_context: Option<u32>,
+}
+
+impl Ceiling {
+    /// The request's own: its `max_price`, any context (without payments, nothing is reserved
+    /// to keep to).
+    pub(crate) fn of(request: &GenerateRequest) -> Self {
+        Self {
+            max_price: request.max_price,
+            max_context: None,
         }
     }
 }
@@ -115,8 +134,9 @@ mod tests {
         assert_eq!(capped.context, None);
         assert_eq!(capped.bounds.completion(), 16);
         // Routed under the reach: never above it, nor above the client's own cap.
-        assert_eq!(open.routed(&request(None, None)).max_price, Some(40));
-        assert_eq!(open.routed(&request(None, Some(30))).max_price, Some(30));
-        assert_eq!(open.routed(&request(None, Some(90))).max_price, Some(40));
+        assert_eq!(open.ceiling(&request(None, None)).max_price, Some(40));
+        assert_eq!(open.ceiling(&request(None, Some(30))).max_price, Some(30));
+        assert_eq!(open.ceiling(&request(None, Some(90))).max_price, Some(40));
+        assert_eq!(open.ceiling(&request(None, None)).max_context, Some(4096));
     }
 }
