@@ -52,6 +52,11 @@ impl UsageFile {
     /// durably). A day's use only grows: an older figure written late changes nothing.
     pub(crate) fn record(&self, digest: &[u8; 32], day: u64, used: u64) -> std::io::Result<()> {
         let mut kept = self.kept.lock();
+        // A late record of a day gone by (an answer that ended just before midnight, written
+        // after one of the new day's) must not wipe the new day's.
+        if day < kept.day {
+            return Ok(());
+        }
         if kept.day != day {
             *kept = Kept {
                 day,
@@ -62,5 +67,29 @@ impl UsageFile {
         *entry = (*entry).max(used);
         let json = serde_json::to_vec(&*kept).expect("plain data serializes");
         cocoon_ledger::write_atomically(&self.path, &json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ATTACK (a race at midnight UTC, no attacker needed): `KeyHold::spend` reads its day
+    /// under the key's lock and records it after, so key A's spend stamped day D can reach
+    /// the file after key B's first spend of day D+1. `record` then started the file over at
+    /// day D, dropping B's use of D+1: a restart before B spent again handed B a fresh day.
+    /// Now: a record for a day older than the file's changes nothing ("an older figure
+    /// written late changes nothing" holds for days too).
+    #[test]
+    fn review_a_late_record_of_yesterday_keeps_today() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let file = UsageFile::open(path.clone()).unwrap();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        file.record(&b, 20_001, 90).unwrap();
+        file.record(&a, 20_000, 70).unwrap();
+        assert_eq!(file.used(&b, 20_001), 90);
+        let restarted = UsageFile::open(path).unwrap();
+        assert_eq!(restarted.used(&b, 20_001), 90, "B's day was forgotten");
     }
 }

@@ -2,9 +2,10 @@
 //! neither client nor worker, so it gets neither's share; this one keeps half-open and slow
 //! peers from holding every socket. When it is full, a newcomer takes a place:
 //!
-//! - at once from an address group (an IPv4 address, an IPv6 /64) holding at least two places
-//!   more than the newcomer's own: no few addresses can hold the share against everyone else,
-//!   however fast they renew their stalled connections;
+//! - from an address group (an IPv4 address, an IPv6 /64) holding at least two places more
+//!   than the newcomer's own, once that place has run [`GRACE`] (half a second): no few
+//!   addresses can hold the share against everyone else, however fast they renew their
+//!   stalled connections;
 //! - else from the oldest handshake, once it has run at least [`MIN_AGE`]: an honest handshake
 //!   takes milliseconds to a round trip or two, so holding a place costs a flooder with many
 //!   addresses a fresh connection every `MIN_AGE`.
@@ -25,6 +26,12 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 /// How long a handshake is sure of its place: a slower one may be displaced by a newcomer
 /// while the share is full.
 pub(crate) const MIN_AGE: Duration = Duration::from_secs(2);
+
+/// How long every handshake is sure of its place, even in a group holding more than a
+/// newcomer's: long enough for an honest handshake (a round trip or two), so a flooder with
+/// many addresses cannot evict the young handshakes of an address many honest peers share
+/// (a NAT, a worker pool) one connection at a time.
+pub(crate) const GRACE: Duration = Duration::from_millis(500);
 
 /// Handshakes under way, at most `limit` of them.
 pub(crate) struct Handshakes {
@@ -65,8 +72,8 @@ impl Inner {
     }
 
     /// The place a newcomer from `group` may take in a full share, if any: the oldest of a
-    /// group holding two more than `group`, else the oldest of all once it has run
-    /// `MIN_AGE`.
+    /// group holding two more than `group` once it has run `GRACE`, else the oldest of all
+    /// once it has run `MIN_AGE`.
     fn to_displace(&self, group: IpAddr) -> Option<u64> {
         let mine = self.held.get(&group).copied().unwrap_or(0);
         if let Some((&hog, _)) = self
@@ -74,12 +81,12 @@ impl Inner {
             .iter()
             .filter(|&(_, &n)| n >= mine + 2)
             .max_by_key(|&(_, &n)| n)
-        {
-            return self
+            && let Some((&id, _)) = self
                 .pending
                 .iter()
-                .find(|(_, p)| p.group == hog)
-                .map(|(&id, _)| id);
+                .find(|(_, p)| p.group == hog && p.since.elapsed() >= GRACE)
+        {
+            return Some(id);
         }
         let (&id, oldest) = self.pending.first_key_value()?;
         (oldest.since.elapsed() >= MIN_AGE).then_some(id)
@@ -190,8 +197,11 @@ mod tests {
         let share = Handshakes::new(4);
         let hog: Vec<_> = (0..3).map(|_| share.enter(at(9)).unwrap()).collect();
         let other = share.enter(at(1)).unwrap();
+        // Within GRACE every place is safe.
+        assert!(share.enter(at(2)).is_none());
+        tokio::time::advance(GRACE).await;
         let oldest = hog[0].displaced();
-        // Young places all, but the hog holds 3 against the newcomer's 0.
+        // Past GRACE, the hog holding 3 against the newcomer's 0 yields its oldest at once.
         let newcomer = share.enter(at(2)).expect("the hog's oldest place");
         oldest.await;
         assert_eq!(share.len(), 4);
@@ -208,5 +218,31 @@ mod tests {
         drop((hog, other, newcomer, fresh));
         assert_eq!(share.len(), 0);
         assert!(share.inner.lock().held.is_empty());
+    }
+
+    /// ATTACK: an honest site behind one IPv4 address (a NAT, a worker pool) has two handshakes
+    /// under way, a few milliseconds old, while a flooder holds the rest of the full share with
+    /// one stalled connection per address. Any fresh flooder address took the site's
+    /// oldest place at once (2 >= 0 + 2), younger than an honest handshake needs, so a blind
+    /// flooder with many addresses (an IPv6 /48 is 65,536 groups) cuts such a site to one
+    /// handshake at a time, each connection evicting one, where before every place was sure of
+    /// itself for MIN_AGE. Now: a place is sure of itself for GRACE, as long as an honest
+    /// handshake takes; only past it does a group holding more yield to a newcomer.
+    #[tokio::test(start_paused = true)]
+    async fn review_a_shared_address_keeps_its_young_handshakes() {
+        let share = Handshakes::new(4);
+        let flood: Vec<_> = [2u8, 3]
+            .iter()
+            .map(|&a| share.enter(at(a)).unwrap())
+            .collect();
+        let site: Vec<_> = (0..2).map(|_| share.enter(at(1)).unwrap()).collect();
+        tokio::time::advance(MIN_AGE / 400).await;
+        // A fresh flooder address, 5 ms into the site's handshakes.
+        assert!(
+            share.enter(at(4)).is_none(),
+            "a 5 ms old honest handshake was displaced"
+        );
+        assert_eq!(share.inner.lock().held.get(&at(1)).copied(), Some(2));
+        drop((flood, site));
     }
 }
