@@ -35,10 +35,13 @@ use crate::pool::ProxyPool;
 pub struct Gateway {
     listener: TcpListener,
     router: Router,
+    /// With a ledger: the record and the proxies to ask for the bills of answers that ended
+    /// without one.
+    late_bills: Option<(Arc<BillRecord>, Arc<ProxyPool>)>,
 }
 
 struct AppState {
-    proxies: ProxyPool,
+    proxies: Arc<ProxyPool>,
     /// This gateway's key: the client of its contract with the proxy.
     client_key: [u8; 32],
     /// The ledger its contracts are on, when configured: it names them (a chain by account
@@ -170,10 +173,17 @@ impl Gateway {
             record = record.with_ledger(ledger.clone(), network);
         }
         let bills = Arc::new(record);
+        let proxies = Arc::new(ProxyPool::new(
+            &config.proxies(),
+            identity,
+            proxy,
+            bills.clone(),
+        ));
+        let late_bills = ledger.is_some().then(|| (bills.clone(), proxies.clone()));
         let state = Arc::new(AppState {
             client_key,
             ledger,
-            proxies: ProxyPool::new(&config.proxies(), identity, proxy, bills.clone()),
+            proxies,
             attestation,
             bills,
             max_price_per_token: config.payments.max_price_per_token,
@@ -200,7 +210,11 @@ impl Gateway {
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
             .layer(axum::middleware::from_fn_with_state(guard, guard::check))
             .with_state(state);
-        Ok(Self { listener, router })
+        Ok(Self {
+            listener,
+            router,
+            late_bills,
+        })
     }
 
     /// The address the API listens on (with the port the system chose for port 0).
@@ -214,6 +228,10 @@ impl Gateway {
     /// finish; an error only if serving itself failed.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "OpenAI-compatible API listening");
+        // Requests left without a bill by a gateway that stopped are asked about at once.
+        let late = self
+            .late_bills
+            .map(|(record, pool)| tokio::spawn(bill::ask_for_late_bills(record, pool)));
         // Without TCP_NODELAY the last small SSE writes of an answer wait for the app's
         // delayed ACK (about 40 ms on Linux): measured by `cocoon bench`, docs/performance.md.
         let listener = self.listener.tap_io(|tcp| {
@@ -221,9 +239,13 @@ impl Gateway {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
-        axum::serve(listener, self.router)
+        let served = axum::serve(listener, self.router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+            .await;
+        if let Some(late) = late {
+            late.abort();
+        }
+        served
     }
 }
 
@@ -462,15 +484,13 @@ async fn answer(
             .max_tokens
             .map_or(bill::UNBOUNDED_COMPLETION, u64::from);
         let price = request.max_price.unwrap_or(0);
-        Arc::new(
-            state
-                .bills
-                .ticket(state.bills.allowance(bounds.prompt(), completion, price)),
-        )
+        let allowance = state.bills.allowance(bounds.prompt(), completion, price);
+        Arc::new(state.bills.ticket_for(allowance, request.max_price, bounds))
     });
     // Refusals (unknown model, prompt too long) come back here, before any byte of the answer,
     // so they keep their 4xx status even for streaming requests.
-    let (events, link) = state.proxies.generate(&request).await?;
+    let id = ticket.as_ref().map(|t| t.id);
+    let (events, link) = state.proxies.generate(&request, id).await?;
     let proxy = link.proxy_key();
     let contract = match proxy {
         Some(p) => state.contract_with(&p).await,
@@ -482,7 +502,7 @@ async fn answer(
             false => state.counter_with(&proxy).await,
         };
         ticket
-            .bind(contract, baseline)
+            .bind(contract, proxy, baseline)
             .map_err(ProtocolError::internal)?;
     }
     let parties = Parties {
@@ -494,6 +514,7 @@ async fn answer(
         record: state.bills.clone(),
         ticket,
         key,
+        late: None,
     };
     let meta = sse::Meta {
         id: new_id(endpoint),

@@ -11,9 +11,9 @@
 //! charged too. A proxy may skip none beyond what this gateway's unbilled requests could have
 //! cost: each request sent holds an allowance (its prompt bound and `max_tokens`, or
 //! [`UNBOUNDED_COMPLETION`] without one, weighted at its price cap); a request whose answer
-//! ended without a bill (a disconnect) leaves its allowance to explain a gap, and a gap the
-//! bills of requests still in flight may fill is left to the next bill to judge (this bill's
-//! own figures hold: the gap is theirs).
+//! ended without a bill (a disconnect) explains a gap by its allowance only until its proxy
+//! says what it billed for it ([`late`]), and a gap the bills of requests still in flight may
+//! fill is left to the next bill to judge (this bill's own figures hold: the gap is theirs).
 //! A contract the record has not seen starts where the ledger's counter stands.
 //!
 //! A bill that fails is still passed on (the answer was delivered), marked
@@ -28,8 +28,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use cocoon_ledger::{Address, Network, NetworkParams, PaymentMessage, SignedMessage};
-use cocoon_protocol::{Billing, Relayed, Usage, UsageBounds};
+use cocoon_protocol::{Billing, Relayed, RequestId, Usage, UsageBounds};
 use parking_lot::Mutex;
+
+mod late;
+pub(crate) use late::run as ask_for_late_bills;
 
 /// How often, at most, the gateway reads the ledger's parameters again because a bill did not
 /// check out against them.
@@ -56,10 +59,28 @@ struct Claimed {
     /// Every counter at or below this was claimed (ranges folded away, or charged before
     /// the record first saw the contract).
     floor: u64,
-    /// Allowances of requests whose answers ended without a bill: the counters a proxy may
-    /// have charged for them without this gateway seeing it.
+    /// Allowances of requests whose answers ended without a bill that the proxy could no
+    /// longer be asked about (see [`late`]): the counters it may have charged for them.
     #[serde(default)]
     unbilled: u64,
+    /// Requests whose answers ended without a bill, until the proxy says what it billed.
+    #[serde(default)]
+    unsettled: Vec<Unsettled>,
+}
+
+/// A request whose answer ended without its bill (cut off, its connection lost), until its
+/// proxy says what it billed: its allowance explains counter gaps meanwhile, and whatever
+/// the proxy says is held to what the request could cost.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Unsettled {
+    pub id: RequestId,
+    /// The proxy's key (hex).
+    pub proxy: String,
+    pub allowance: u64,
+    pub max_price: Option<u64>,
+    pub bounds: Option<UsageBounds>,
+    /// When the answer ended (unix seconds).
+    pub since: u64,
 }
 
 impl Claimed {
@@ -99,6 +120,14 @@ impl Claimed {
         Ok(())
     }
 
+    /// The counters this contract's requests without a bill may explain: the allowances of
+    /// those still unsettled and of those that can no longer be.
+    fn credit(&self) -> u64 {
+        self.unsettled
+            .iter()
+            .fold(self.unbilled, |sum, u| sum.saturating_add(u.allowance))
+    }
+
     /// Counters below the highest claimed that no bill claimed: what the ledger charges beyond
     /// the bills this gateway verified.
     fn unexplained(&self) -> u64 {
@@ -124,8 +153,14 @@ struct InFlight {
 #[derive(Debug)]
 pub(crate) struct Ticket {
     record: Arc<BillRecord>,
+    /// The request's id, which its proxy keeps the bill under.
+    pub id: RequestId,
+    /// The contract and the proxy's key, once bound.
     contract: Mutex<Option<Address>>,
+    proxy: Mutex<Option<[u8; 32]>>,
     allowance: u64,
+    max_price: Option<u64>,
+    bounds: Option<UsageBounds>,
     billed: AtomicBool,
 }
 
@@ -147,9 +182,15 @@ fn leave(flying: &mut HashMap<Option<Address>, InFlight>, at: Option<Address>, a
 }
 
 impl Ticket {
-    /// The request went to `contract`'s proxy; a contract the record has not seen starts at
-    /// `baseline` (the ledger's counter), durably.
-    pub(crate) fn bind(&self, contract: Address, baseline: u64) -> Result<(), String> {
+    /// The request went to `contract`'s proxy, the one with key `proxy`; a contract the
+    /// record has not seen starts at `baseline` (the ledger's counter), durably.
+    pub(crate) fn bind(
+        &self,
+        contract: Address,
+        proxy: [u8; 32],
+        baseline: u64,
+    ) -> Result<(), String> {
+        *self.proxy.lock() = Some(proxy);
         {
             let mut kept = self.record.kept.lock();
             let key = hex::encode(contract.0);
@@ -189,12 +230,22 @@ impl Drop for Ticket {
         if self.billed.load(Ordering::SeqCst) || self.allowance == 0 {
             return;
         }
+        let proxy = self.proxy.lock().map(hex::encode).unwrap_or_default();
         let mut kept = self.record.kept.lock();
         let claimed = kept.claimed.entry(hex::encode(contract.0)).or_default();
-        claimed.unbilled = claimed.unbilled.saturating_add(self.allowance);
+        claimed.unsettled.push(Unsettled {
+            id: self.id,
+            proxy,
+            allowance: self.allowance,
+            max_price: self.max_price,
+            bounds: self.bounds,
+            since: cocoon_ledger::unix_now(),
+        });
         if let Err(e) = self.record.persist(&kept) {
-            tracing::error!(error = %e, "an unbilled request's allowance was not recorded durably");
+            tracing::error!(error = %e, "a request without a bill was not recorded durably");
         }
+        drop(kept);
+        self.record.late.notify_one();
     }
 }
 
@@ -218,6 +269,8 @@ pub(crate) struct BillRecord {
     /// Requests in flight, per contract, and (`None`) those whose proxy is being chosen
     /// (memory only: after a restart none is).
     in_flight: Mutex<HashMap<Option<Address>, InFlight>>,
+    /// Woken when a request ends without its bill: its proxy is to be asked for it.
+    late: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for BillRecord {
@@ -277,6 +330,7 @@ impl BillRecord {
             path,
             kept: Mutex::new(kept),
             in_flight: Mutex::new(HashMap::new()),
+            late: tokio::sync::Notify::new(),
         })
     }
 
@@ -315,8 +369,8 @@ impl BillRecord {
             .unwrap_or(u64::MAX)
     }
 
-    /// A request about to be sent, allowed `allowance` units; [`Ticket::bind`] it to the
-    /// contract once its proxy is chosen.
+    /// A request about to be sent, allowed `allowance` units, with a fresh id; [`Ticket::bind`]
+    /// it to the contract once its proxy is chosen.
     pub(crate) fn ticket(self: &Arc<Self>, allowance: u64) -> Ticket {
         self.in_flight
             .lock()
@@ -325,10 +379,27 @@ impl BillRecord {
             .add(allowance);
         Ticket {
             record: self.clone(),
+            id: RequestId(rand::random()),
             contract: Mutex::new(None),
+            proxy: Mutex::new(None),
             allowance,
+            max_price: None,
+            bounds: None,
             billed: AtomicBool::new(false),
         }
+    }
+
+    /// A [`Self::ticket`] for a request with the price cap `max_price` and `bounds`, which a
+    /// bill the proxy gives later for it is held to.
+    pub(crate) fn ticket_for(
+        self: &Arc<Self>,
+        allowance: u64,
+        max_price: Option<u64>,
+        bounds: UsageBounds,
+    ) -> Ticket {
+        let mut ticket = self.ticket(allowance);
+        (ticket.max_price, ticket.bounds) = (max_price, Some(bounds));
+        ticket
     }
 
     /// Charges must be signed for `network`, the network of `ledger`; parameters are read
@@ -415,14 +486,15 @@ impl BillRecord {
     }
 
     /// Claims `len` tokens ending at `end` for `contract`, durably before it answers; with
-    /// the request's `ticket`, then holds the counters no bill claimed to the allowances of
-    /// unbilled requests (the claim stands either way: the ledger will charge it).
+    /// the request's `ticket`, or as the late bill of the unsettled request `late`, then holds
+    /// the counters no bill claimed to what requests without a bill may explain (the claim
+    /// stands either way: the ledger will charge it).
     fn claim(
         &self,
         contract: Address,
-        end: u64,
-        len: u64,
+        (end, len): (u64, u64),
         ticket: Option<&Ticket>,
+        late: Option<RequestId>,
     ) -> Result<(), Fault> {
         let mut kept = self.kept.lock();
         let key = hex::encode(contract.0);
@@ -431,7 +503,11 @@ impl BillRecord {
         // A range billed before is no price change: no refresh can explain it, so it counts
         // against the proxy even while the parameters cannot be read again.
         claimed.claim(end, len).map_err(Fault::Overbilled)?;
-        let (unexplained, unbilled) = (claimed.unexplained(), claimed.unbilled);
+        // Settled in the claim's own write: a crash between the two would have the proxy
+        // asked again, and its bill then look like a double charge.
+        if let Some(id) = late {
+            claimed.unsettled.retain(|u| u.id != id);
+        }
         if let Err(e) = self.persist(&kept) {
             // Not kept, not claimed: a restart must not find a claim the gateway never had.
             match before {
@@ -441,25 +517,45 @@ impl BillRecord {
             return Err(Fault::Unrecorded(e));
         }
         drop(kept);
-        let Some(ticket) = ticket else {
-            return Ok(());
+        match (ticket, late) {
+            (Some(ticket), _) => {
+                ticket.billed.store(true, Ordering::SeqCst);
+                self.judge(contract, ticket.allowance, Some(end))
+            }
+            (None, Some(_)) => self.judge(contract, 0, Some(end)),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// Holds the counters of `contract` no bill claimed to what its requests without a bill
+    /// may explain. `own`: the allowance of the request judging (not one that may still
+    /// fill the gap); `end`: the counter it claimed, if any.
+    fn judge(&self, contract: Address, own: u64, end: Option<u64>) -> Result<(), Fault> {
+        let (unexplained, credit) = {
+            let kept = self.kept.lock();
+            match kept.claimed.get(&hex::encode(contract.0)) {
+                Some(c) => (c.unexplained(), c.credit()),
+                None => return Ok(()),
+            }
         };
-        ticket.billed.store(true, Ordering::SeqCst);
-        if unexplained <= unbilled {
+        if unexplained <= credit {
             return Ok(());
         }
         let others = {
             let flying = self.in_flight.lock();
             let here = flying
                 .get(&Some(contract))
-                .map_or(0, |f| f.allowance.saturating_sub(ticket.allowance));
+                .map_or(0, |f| f.allowance.saturating_sub(own));
             here.saturating_add(flying.get(&None).map_or(0, |f| f.allowance))
         };
+        let at = end.map_or(String::new(), |end| {
+            format!("the charge's counter {end} leaves ")
+        });
         let reason = format!(
-            "the charge's counter {end} leaves {unexplained} units that no bill of this gateway \
-             claimed, beyond the {unbilled} its unbilled requests allow"
+            "{at}{unexplained} units that no bill of this gateway claimed, beyond the {credit} \
+             its requests without a bill allow"
         );
-        if others > 0 && unexplained <= unbilled.saturating_add(others) {
+        if others > 0 && unexplained <= credit.saturating_add(others) {
             // Bills of requests still in flight may fill the gap (concurrent answers' bills
             // arrive in any order): the next bill after them judges it.
             tracing::debug!(%reason, "a counter gap waits for the bills of requests in flight");
@@ -495,9 +591,9 @@ enum Fault {
 }
 
 impl Fault {
-    fn reason(self) -> String {
+    fn reason(&self) -> String {
         match self {
-            Fault::Bad(r) | Fault::Overbilled(r) => r,
+            Fault::Bad(r) | Fault::Overbilled(r) => r.clone(),
             Fault::Unrecorded(r) => format!("the bill could not be recorded: {r}"),
             Fault::Unconfirmed(r) => format!(
                 "{r} (against the network's parameters as last read; they could not be read again yet)"
@@ -525,6 +621,8 @@ pub(crate) struct Parties {
     pub ticket: Option<Arc<Ticket>>,
     /// What the request holds of its API key's day, which the answer's usage settles.
     pub key: Option<Arc<crate::guard::KeyHold>>,
+    /// The unsettled request this is the late bill of, which its claim settles.
+    pub late: Option<RequestId>,
 }
 
 impl Parties {
@@ -532,16 +630,16 @@ impl Parties {
     /// holds claims its counter range.
     #[cfg(test)]
     pub(crate) fn check(&self, bill: &Billing, usage: Usage) -> Result<(), String> {
-        self.check_bill(bill, usage).map_err(Fault::reason)
+        self.check_bill(bill, usage).map_err(|f| f.reason())
     }
 
     fn check_bill(&self, bill: &Billing, usage: Usage) -> Result<(), Fault> {
         let contract = self.check_figures(bill, usage).map_err(Fault::Bad)?;
         self.record.claim(
             contract,
-            bill.tokens_used,
-            bill.billed_tokens,
+            (bill.tokens_used, bill.billed_tokens),
             self.ticket.as_deref(),
+            self.late,
         )
     }
 
@@ -649,29 +747,37 @@ impl Parties {
             key.spend(u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens));
         }
         let verdict = match bill {
-            Some(bill) => match self.check_bill(bill, usage) {
-                // The owner may have changed the prices since they were read: an honest bill
-                // at the new ones must not count against the proxy.
-                Err(Fault::Bad(reason)) => match self.record.refresh().await {
-                    Refreshed::Changed => self.check_bill(bill, usage),
-                    Refreshed::Unchanged => Err(Fault::Bad(reason)),
-                    Refreshed::Skipped => Err(Fault::Unconfirmed(reason)),
-                },
-                verdict => verdict,
-            },
-            None if self.expects_bill => Err(Fault::Bad(
+            Some(bill) => self.judged(bill, usage).await,
+            None if self.expects_bill => Err(self.count(Fault::Bad(
                 "the answer came without a bill, though this gateway pays for answers".into(),
-            )),
+            ))),
             None => return None,
         };
-        Some(verdict.map_err(|fault| {
-            if let (Fault::Bad(_) | Fault::Overbilled(_), Some(proxy)) = (&fault, self.proxy) {
-                self.record.bad_bill(proxy);
-            }
-            let reason = fault.reason();
-            tracing::error!(%reason, "the proxy's bill is not verified");
-            reason
-        }))
+        Some(verdict.map_err(|fault| fault.reason()))
+    }
+
+    /// [`Self::check_bill`], again after reading the ledger's prices if it failed against
+    /// them; a failure logged and, if it is the proxy's, counted against it.
+    async fn judged(&self, bill: &Billing, usage: Usage) -> Result<(), Fault> {
+        let verdict = match self.check_bill(bill, usage) {
+            // The owner may have changed the prices since they were read: an honest bill at
+            // the new ones must not count against the proxy.
+            Err(Fault::Bad(reason)) => match self.record.refresh().await {
+                Refreshed::Changed => self.check_bill(bill, usage),
+                Refreshed::Unchanged => Err(Fault::Bad(reason)),
+                Refreshed::Skipped => Err(Fault::Unconfirmed(reason)),
+            },
+            verdict => verdict,
+        };
+        verdict.map_err(|fault| self.count(fault))
+    }
+
+    fn count(&self, fault: Fault) -> Fault {
+        if let (Fault::Bad(_) | Fault::Overbilled(_), Some(proxy)) = (&fault, self.proxy) {
+            self.record.bad_bill(proxy);
+        }
+        tracing::error!(reason = %fault.reason(), "the proxy's bill is not verified");
+        fault
     }
 }
 
@@ -680,9 +786,9 @@ mod tests {
     use super::*;
     use cocoon_ledger::Wallet;
 
-    const NET: Network = Network::basechain(7);
+    pub(super) const NET: Network = Network::basechain(7);
 
-    fn bill(proxy: &Wallet, client: [u8; 32], tokens_used: u64, billed: u64) -> Billing {
+    pub(super) fn bill(proxy: &Wallet, client: [u8; 32], tokens_used: u64, billed: u64) -> Billing {
         let charge = PaymentMessage::ChargeClient {
             query_id: tokens_used,
             tokens_used,
@@ -710,11 +816,12 @@ mod tests {
             record: Arc::new(BillRecord::new(params, 3)),
             ticket: None,
             key: None,
+            late: None,
         }
     }
 
     /// `billed` tokens of completion (weight 1 at the default multipliers).
-    fn usage(billed: u64) -> Usage {
+    pub(super) fn usage(billed: u64) -> Usage {
         Usage::new(0, u32::try_from(billed).unwrap())
     }
 
@@ -1051,7 +1158,7 @@ mod tests {
 
     /// Parties for one request on `record`, holding a ticket of `allowance` units bound to the
     /// client's contract (which starts at `baseline` if the record has not seen it).
-    fn on(
+    pub(super) fn on(
         record: &Arc<BillRecord>,
         proxy: &Wallet,
         client: [u8; 32],
@@ -1060,7 +1167,7 @@ mod tests {
     ) -> Parties {
         let ticket = Arc::new(record.ticket(allowance));
         let contract = Address::client(&proxy.public_key(), &client);
-        ticket.bind(contract, baseline).unwrap();
+        ticket.bind(contract, proxy.public_key(), baseline).unwrap();
         Parties {
             record: record.clone(),
             ticket: Some(ticket),

@@ -3,7 +3,8 @@ use std::time::Duration;
 
 use cocoon_net::{Channel, EventReader};
 use cocoon_protocol::{
-    ALPN_CLIENT, ErrorKind, GenerateRequest, ModelList, ProtocolError, Refund, paths,
+    ALPN_CLIENT, BillQuery, ErrorKind, GenerateRequest, LateBill, ModelList, ProtocolError, Refund,
+    RequestId, paths,
 };
 use cocoon_tls::{Identity, PeerVerifier, Verified};
 use tokio::sync::Mutex;
@@ -105,10 +106,28 @@ impl ProxyLink {
             .clone()
     }
 
-    /// Starts a generation through the proxy; an answer that does not start, or stalls, within
-    /// `PROXY_SILENCE` fails instead of hanging the app.
-    pub async fn generate(&self, request: &GenerateRequest) -> Result<EventReader, ProtocolError> {
-        tokio::time::timeout(PROXY_SILENCE, self.start(request))
+    /// Connects, if not connected: the proxy's key is known from then on.
+    pub(crate) async fn connect(&self) -> Result<(), ProtocolError> {
+        self.channel().await.map(drop)
+    }
+
+    /// What the proxy billed this client's request `id`, whose answer ended without its bill.
+    pub(crate) async fn late_bill(&self, id: RequestId) -> Result<LateBill, ProtocolError> {
+        self.channel()
+            .await?
+            .post_json(paths::BILL, &BillQuery { id }, MODELS_TIMEOUT)
+            .await
+    }
+
+    /// Starts a generation through the proxy, under the client's `id` for it if it has one;
+    /// an answer that does not start, or stalls, within `PROXY_SILENCE` fails instead of
+    /// hanging the app.
+    pub async fn generate(
+        &self,
+        request: &GenerateRequest,
+        id: Option<RequestId>,
+    ) -> Result<EventReader, ProtocolError> {
+        tokio::time::timeout(PROXY_SILENCE, self.start(request, id))
             .await
             .map_err(|_| {
                 ProtocolError::unavailable(format!(
@@ -119,16 +138,20 @@ impl ProxyLink {
             .map(|events| events.with_silence_limit(PROXY_SILENCE))
     }
 
-    async fn start(&self, request: &GenerateRequest) -> Result<EventReader, ProtocolError> {
+    async fn start(
+        &self,
+        request: &GenerateRequest,
+        id: Option<RequestId>,
+    ) -> Result<EventReader, ProtocolError> {
         let channel = self.channel().await?;
-        match channel.generate(request).await {
+        match channel.generate(request, id).await {
             // The proxy closes a connection that has been idle a while (its `idle_timeout`),
             // and a request can cross that close on the wire. The proxy only closes once no
             // request is open, so this one never started there: it is safe to send again on a
             // fresh connection.
             Err(e) if e.kind == ErrorKind::Unavailable && channel.is_closed() => {
                 tracing::debug!(error = %e, "proxy connection closed under a request; reconnecting");
-                self.channel().await?.generate(request).await
+                self.channel().await?.generate(request, id).await
             }
             answer => answer,
         }

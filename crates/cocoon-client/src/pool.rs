@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cocoon_net::EventReader;
-use cocoon_protocol::{ErrorKind, GenerateRequest, ModelList, ProtocolError};
+use cocoon_protocol::{ErrorKind, GenerateRequest, ModelList, ProtocolError, RequestId};
 use cocoon_tls::{Identity, PeerVerifier};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -47,6 +47,8 @@ pub struct ProxyState {
     pub answers: u64,
     /// How it attested itself when last connected.
     pub attestation: Option<String>,
+    /// Requests whose answers ended without their bill, which it is still to be asked for.
+    pub unsettled_bills: usize,
 }
 
 /// The gateway's proxies, in the configured order, each with its standing: where requests go,
@@ -151,14 +153,31 @@ impl ProxyPool {
         }))
     }
 
-    /// Starts a generation on the first proxy that takes it; the link that did, for its key.
+    /// Starts a generation on the first proxy that takes it, under the client's `id` for it if
+    /// it has one; the link that did, for its key.
     pub async fn generate(
         &self,
         request: &GenerateRequest,
+        id: Option<RequestId>,
     ) -> Result<(EventReader, &ProxyLink), ProtocolError> {
-        let (events, i) = self.first(|link| link.generate(request)).await?;
+        let (events, i) = self.first(|link| link.generate(request, id)).await?;
         self.links[i].1.lock().answers += 1;
         Ok((events, &self.links[i].0))
+    }
+
+    /// The link to the proxy whose key is `key` (hex), connecting the links not connected
+    /// yet to learn theirs; `None` if no proxy of this gateway has it now.
+    pub(crate) async fn link_for(&self, key: &str) -> Option<&ProxyLink> {
+        let has = |link: &ProxyLink| link.proxy_key().is_some_and(|k| hex::encode(k) == key);
+        if let Some((link, _)) = self.links.iter().find(|(l, _)| has(l)) {
+            return Some(link);
+        }
+        for (link, _) in self.links.iter().filter(|(l, _)| l.proxy_key().is_none()) {
+            if link.connect().await.is_ok() && has(link) {
+                return Some(link);
+            }
+        }
+        None
     }
 
     /// The models of the first proxy that answers.
@@ -203,6 +222,7 @@ impl ProxyPool {
                     last_error: s.last_error.clone(),
                     answers: s.answers,
                     attestation: link.proxy_attestation().map(|v| v.mode().to_owned()),
+                    unsettled_bills: key.map_or(0, |k| self.bills.unsettled_of(&k)),
                 }
             })
             .collect()

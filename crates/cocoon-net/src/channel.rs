@@ -1,6 +1,8 @@
 use std::time::Duration;
 
-use cocoon_protocol::{ErrorKind, GenerateRequest, ProtocolError, paths};
+use cocoon_protocol::{
+    ErrorKind, GenerateRequest, ProtocolError, REQUEST_ID_HEADER, RequestId, paths,
+};
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::client::conn::http2::SendRequest;
@@ -50,12 +52,21 @@ impl Channel {
     }
 
     /// Starts a generation on the peer and returns its event stream once the peer has accepted
-    /// the request. A refusal arrives as an error with the peer's verdict.
-    pub async fn generate(&self, request: &GenerateRequest) -> Result<EventReader, ProtocolError> {
-        let req = Request::builder()
+    /// the request. A refusal arrives as an error with the peer's verdict. With `id`, the
+    /// request carries it ([`REQUEST_ID_HEADER`]): a proxy keeps its bill under it.
+    pub async fn generate(
+        &self,
+        request: &GenerateRequest,
+        id: Option<RequestId>,
+    ) -> Result<EventReader, ProtocolError> {
+        let mut req = Request::builder()
             .method(Method::POST)
             .uri(paths::GENERATE)
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(id) = id {
+            req = req.header(REQUEST_ID_HEADER, id.to_string());
+        }
+        let req = req
             .body(json(request))
             .expect("static request parts are valid");
         let response = self.send(req).await?;

@@ -47,7 +47,7 @@ fn prompt_bound(input: &Input) -> u64 {
 }
 
 /// The most a request's answer may be counted as, fixed when the request is admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UsageBounds {
     prompt: u64,
     completion: u64,

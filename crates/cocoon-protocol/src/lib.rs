@@ -14,8 +14,9 @@ pub use bounds::{Bounded, Relayed, UsageBounds};
 pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
-    Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, ListedModel,
-    ModelCard, ModelList, Payout, PricedTokens, Refund, Role, SamplingParams, Usage, WorkerHello,
+    BillQuery, Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, LateBill,
+    ListedModel, ModelCard, ModelList, Payout, PricedTokens, Refund, RequestId, Role,
+    SamplingParams, Usage, WorkerHello,
 };
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
@@ -42,7 +43,20 @@ pub mod paths {
     pub const CLOSE: &str = "/cocoon/v1/close";
     /// `POST` (proxy to worker): the latest [`Payout`](crate::Payout) for this worker.
     pub const PAYOUT: &str = "/cocoon/v1/payout";
+    /// `POST` (client to proxy): a [`BillQuery`](crate::BillQuery) for the bill of one of the
+    /// client's requests whose answer ended without one; answered by a
+    /// [`LateBill`](crate::LateBill).
+    pub const BILL: &str = "/cocoon/v1/bill";
 }
+
+/// Header of a client's [`paths::GENERATE`] request: the client's id for the request (32 hex
+/// digits), under which the proxy keeps the request's bill for [`paths::BILL`]. The proxy
+/// does not pass it on to the worker.
+pub const REQUEST_ID_HEADER: &str = "cocoon-request-id";
+
+/// How long a proxy keeps a request's bill for [`paths::BILL`], in seconds; a client asks
+/// within this (its asks are answered `not_billed` after it).
+pub const BILL_RETENTION_SECS: u64 = 3600;
 
 /// Content type of a streamed answer: newline-delimited JSON frames.
 pub const CONTENT_TYPE_FRAMES: &str = "application/x-ndjson";

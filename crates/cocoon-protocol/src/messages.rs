@@ -305,6 +305,70 @@ pub struct Billing {
     pub charge: String,
 }
 
+/// A client's id for one request ([`REQUEST_ID_HEADER`](crate::REQUEST_ID_HEADER)): 16
+/// random bytes, written as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub [u8; 16]);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl std::str::FromStr for RequestId {
+    type Err = ProtocolError;
+
+    fn from_str(s: &str) -> Result<Self, ProtocolError> {
+        let mut id = [0; 16];
+        hex::decode_to_slice(s, &mut id)
+            .map_err(|_| ProtocolError::invalid("a request id is 32 hex digits"))?;
+        Ok(Self(id))
+    }
+}
+
+impl Serialize for RequestId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A client's ask for the bill of one of its requests ([`paths::BILL`](crate::paths::BILL)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillQuery {
+    /// The id the request was sent with.
+    pub id: RequestId,
+}
+
+/// What a proxy settled for one request of the asking client: the answer to a [`BillQuery`].
+/// A client whose answer ended without its bill (cut off, or its connection lost) learns
+/// here what the proxy charged for it, so that every counter the ledger charges is claimed by
+/// a bill the client checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum LateBill {
+    /// The request was settled: its bill, and the usage billed (for a cut-off answer, the
+    /// completion tokens relayed and no prompt).
+    Billed {
+        /// The bill, as the answer's end would have carried it.
+        billing: Billing,
+        /// The token counts billed.
+        usage: Usage,
+    },
+    /// The request is still being answered or settled: ask again.
+    Pending,
+    /// No settlement names the id for this client: nothing was charged for it (or it was
+    /// more than [`BILL_RETENTION_SECS`](crate::BILL_RETENTION_SECS) ago).
+    NotBilled,
+}
+
 /// The proxy's signed promise to pay a worker (`POST` [`paths::PAYOUT`](crate::paths::PAYOUT)).
 /// Cumulative: the latest one is all the worker needs to claim everything owed so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

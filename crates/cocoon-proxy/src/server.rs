@@ -26,6 +26,8 @@ use crate::relay;
 use crate::workers::{WorkerLink, WorkerSet};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest body of a client's ask for a bill: one request id.
+const LATE_BILL_QUERY_BYTES: usize = 256;
 /// How often changed reputation records are written (penalties are written at once).
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -579,9 +581,11 @@ impl State {
         match (req.method(), req.uri().path()) {
             (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
             (&Method::GET, paths::STATUS) => response(StatusCode::OK, json(&self.public_status())),
-            (&Method::POST, paths::GENERATE) => {
-                relay::generate(&self, client, req.into_body()).await
-            }
+            (&Method::POST, paths::GENERATE) => relay::generate(&self, client, req).await,
+            (&Method::POST, paths::BILL) => match self.late_bill(client, req.into_body()).await {
+                Ok(bill) => response(StatusCode::OK, json(&bill)),
+                Err(e) => error_response(&e),
+            },
             (&Method::POST, paths::CLOSE) => match self.close(client).await {
                 Ok(refund) => response(StatusCode::OK, json(&refund)),
                 Err(e) => error_response(&e),
@@ -607,6 +611,24 @@ impl State {
                     l.add(w.healthy(), w.capacity, w.in_flight())
                 }),
         }
+    }
+
+    /// The bill of one of `client`'s requests, which it asks for by the request's id. Counts
+    /// against the client's rate and requests in flight: each ask reads the book.
+    async fn late_bill(
+        &self,
+        client: [u8; 32],
+        body: Incoming,
+    ) -> Result<cocoon_protocol::LateBill, ProtocolError> {
+        let Some(billing) = &self.billing else {
+            return Err(ProtocolError::invalid(
+                "this proxy takes no payments: it bills nothing",
+            ));
+        };
+        let _permit = self.limiter.permit(client)?;
+        let query: cocoon_protocol::BillQuery =
+            cocoon_net::read_json(body, LATE_BILL_QUERY_BYTES).await?;
+        billing.late_bill(client, query.id).await
     }
 
     /// Closes `client`'s contract with the proxy's cooperation. A close counts against the

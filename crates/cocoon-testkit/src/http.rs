@@ -46,6 +46,22 @@ pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
     }
 }
 
+/// Polls the asynchronous `f` until it holds; fails the test with `what` after 60 s.
+pub async fn wait_until_async<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// POSTs `body` as JSON and parses the JSON answer, whatever its status.
 pub async fn post_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, body: &Value) -> Value {
     http.post(url)

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
-use cocoon_client::{ClientConfig, Gateway};
+use cocoon_client::{ClientConfig, ClientPayments, Gateway};
 use cocoon_engine::LlamaConfig;
 use cocoon_ledger::{Address, Ledger, PublicKey};
 use cocoon_proxy::Book;
@@ -456,6 +456,13 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
                 key_file: Some(key_file),
                 attester: net.dev_attester(),
                 proxy_policy: net.dev_policy(),
+                // On the ledger, as a paying gateway runs: every bill is held to the counters
+                // its bills claimed, across every kill.
+                payments: ClientPayments {
+                    ledger: Some(net.ledger_url().unwrap().to_owned()),
+                    bill_file: dir.join(format!("soak-client-{c}-bills.json")),
+                    ..ClientPayments::default()
+                },
                 ..ClientConfig::default()
             },
             cocoon_cli::money::LEDGERS,
@@ -536,6 +543,29 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
     for l in loops {
         l.await.unwrap();
     }
+    // Every answer that ended without its bill (cut off by a kill) had it asked for, from the
+    // proxy that came back, and it checked out: no request is left explaining counter gaps.
+    for g in &gateways {
+        wait_until_async("the late bills to be settled", || async {
+            let network: serde_json::Value = http
+                .get(format!("{g}/network"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let proxy = &network["proxies"][0];
+            assert_eq!(proxy["bad_bills"], 0, "{network}");
+            proxy["unsettled_bills"] == 0
+        })
+        .await;
+    }
+    // With nothing in flight, a bill is judged against every counter below it: any the late
+    // bills left unclaimed would fail it.
+    for (g, tally) in gateways.iter().zip(&tallies) {
+        wait_until_async("a quiet answer", || probe(&http, g, tally)).await;
+    }
     // Payouts reach rejoined workers; then a graceful stop commits what is left.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop_gracefully(&mut proxy_child).await;
@@ -606,20 +636,4 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
         "{proxy_kills} proxy kills, {worker_kills} worker kills in {secs} s; {total_charged} tokens charged and earned"
     );
     stop.cancel();
-}
-
-/// Polls `f` until it holds (for up to 60 s).
-async fn wait_until_async<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -8,13 +8,38 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use cocoon_ledger::{Address, Network, PaymentMessage, PublicKey, SignedMessage};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ring::signature::Ed25519KeyPair;
 use serde::{Deserialize, Serialize};
 
 const CLIENTS: TableDefinition<'static, &[u8; 32], &[u8]> = TableDefinition::new("clients");
 const WORKERS: TableDefinition<'static, &[u8; 32], &[u8]> = TableDefinition::new("workers");
 const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
+/// What each settlement of a request with a client's id billed, for the client's late ask:
+/// client key ‖ request id → the answer to that ask.
+const RECEIPTS: TableDefinition<'static, &[u8; 48], &[u8]> = TableDefinition::new("receipts");
+/// The same receipts by when they were written: unix seconds (big-endian) ‖ client key ‖
+/// request id, so that the old ones are pruned by a range.
+const RECEIPTS_BY_TIME: TableDefinition<'static, &[u8; 56], ()> =
+    TableDefinition::new("receipts_by_time");
+
+/// A settlement's receipt, written in the settlement's transaction: what the client that sent
+/// request `id` is told when it asks for the bill later.
+pub struct Receipt<'a> {
+    /// The client's id for the request.
+    pub id: [u8; 16],
+    /// When it was settled (unix seconds).
+    pub at: u64,
+    /// The receipt's bytes, made from what the settlement signed.
+    pub make: &'a dyn Fn(&Settled) -> Vec<u8>,
+}
+
+fn receipt_key(client: &PublicKey, id: &[u8; 16]) -> [u8; 48] {
+    let mut key = [0; 48];
+    key[..32].copy_from_slice(client);
+    key[32..].copy_from_slice(id);
+    key
+}
 
 /// What the proxy has charged one client, by the client's key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,14 +203,15 @@ impl Book {
     }
 
     /// Adds the client's tokens to its charge and the worker's to its due, signs both new
-    /// counters and commits them in one transaction. Memory changes only once the commit
-    /// succeeded.
+    /// counters and commits them in one transaction, with the request's receipt if it has
+    /// one. Memory changes only once the commit succeeded.
     pub fn settle(
         &mut self,
         key: &Ed25519KeyPair,
         network: Network,
         client: Entry,
         worker: Entry,
+        receipt: Option<Receipt<'_>>,
     ) -> Result<Settled, BookError> {
         let mut c = self.client(&client.party);
         let mut w = self.worker(&worker.party);
@@ -212,13 +238,17 @@ impl Book {
         let (client, worker) = (client.party, worker.party);
         c.latest = Some(charge.clone());
         w.latest = Some(payout.clone());
-        self.write(Some((&client, &c)), Some((&worker, &w)))?;
         let settled = Settled {
             tokens_used: c.charged,
             charge,
             worker_owed: w.owed,
             payout,
         };
+        let receipt = receipt.map(|r| (r.id, r.at, (r.make)(&settled)));
+        let receipt = receipt
+            .as_ref()
+            .map(|(id, at, bytes)| (*id, *at, bytes.as_slice()));
+        self.write(Some((&client, &c)), Some((&worker, &w)), receipt)?;
         self.clients.insert(client, c);
         self.workers.insert(worker, w);
         Ok(settled)
@@ -231,18 +261,70 @@ impl Book {
             return Ok(());
         }
         c.committed = tokens;
-        self.write(Some((&client, &c)), None)?;
+        self.write(Some((&client, &c)), None, None)?;
         self.clients.insert(client, c);
         Ok(())
+    }
+
+    /// The receipt of the client's request `id`, if a settlement wrote one.
+    pub fn receipt(&self, client: &PublicKey, id: &[u8; 16]) -> Result<Option<Vec<u8>>, BookError> {
+        let txn = self.db.begin_read().map_err(|e| self.storage(e))?;
+        let table = match txn.open_table(RECEIPTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.storage(e)),
+        };
+        let found = table
+            .get(&receipt_key(client, id))
+            .map_err(|e| self.storage(e))?;
+        Ok(found.map(|v| v.value().to_vec()))
+    }
+
+    /// Removes the receipts written before `before` (unix seconds); how many.
+    pub fn prune_receipts(&self, before: u64) -> Result<usize, BookError> {
+        let txn = self.db.begin_write().map_err(|e| self.storage(e))?;
+        let mut pruned = 0;
+        {
+            let mut by_time = txn
+                .open_table(RECEIPTS_BY_TIME)
+                .map_err(|e| self.storage(e))?;
+            let mut receipts = txn.open_table(RECEIPTS).map_err(|e| self.storage(e))?;
+            let mut end = [0; 56];
+            end[..8].copy_from_slice(&before.to_be_bytes());
+            let old = by_time
+                .extract_from_if::<&[u8; 56], _>(..&end, |_, _| true)
+                .map_err(|e| self.storage(e))?;
+            for entry in old {
+                let (k, _) = entry.map_err(|e| self.storage(e))?;
+                let key: [u8; 48] = k.value()[8..].try_into().expect("56 - 8 bytes");
+                receipts.remove(&key).map_err(|e| self.storage(e))?;
+                pruned += 1;
+            }
+        }
+        txn.commit().map_err(|e| self.storage(e))?;
+        Ok(pruned)
     }
 
     fn write(
         &self,
         client: Option<(&PublicKey, &ClientRecord)>,
         worker: Option<(&PublicKey, &WorkerRecord)>,
+        receipt: Option<([u8; 16], u64, &[u8])>,
     ) -> Result<(), BookError> {
         let txn = self.db.begin_write().map_err(|e| self.storage(e))?;
         {
+            if let (Some((k, _)), Some((id, at, bytes))) = (client, receipt) {
+                let key = receipt_key(k, &id);
+                let mut t = txn.open_table(RECEIPTS).map_err(|e| self.storage(e))?;
+                t.insert(&key, bytes).map_err(|e| self.storage(e))?;
+                let mut timed = [0; 56];
+                timed[..8].copy_from_slice(&at.to_be_bytes());
+                timed[8..].copy_from_slice(&key);
+                let mut t = txn
+                    .open_table(RECEIPTS_BY_TIME)
+                    .map_err(|e| self.storage(e))?;
+                t.insert(&timed, ()).map_err(|e| self.storage(e))?;
+            }
             if let Some((k, record)) = client {
                 let mut t = txn.open_table(CLIENTS).map_err(|e| self.storage(e))?;
                 let v = serde_json::to_vec(record).expect("records serialize");
@@ -295,7 +377,53 @@ mod tests {
         worker: (PublicKey, u64),
     ) -> Result<Settled, BookError> {
         let (c, w) = entries(proxy, client, worker);
-        book.settle(proxy.key_pair(), NET, c, w)
+        book.settle(proxy.key_pair(), NET, c, w, None)
+    }
+
+    /// A settlement's receipt is written with it, read back only by the client that sent the
+    /// request, survives a reopen (a client asks after a crash too), and is pruned by age.
+    #[test]
+    fn receipts_are_kept_per_client_durably_and_pruned_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("book.redb");
+        let proxy = key(9);
+        let (client, other, worker) = ([2u8; 32], [4u8; 32], [3u8; 32]);
+        let id = [7u8; 16];
+        {
+            let mut book = Book::open(&path, proxy.public_key()).unwrap();
+            let (c, w) = entries(&proxy, (client, 10), (worker, 8));
+            let make = |s: &Settled| s.tokens_used.to_be_bytes().to_vec();
+            let receipt = Receipt {
+                id,
+                at: 100,
+                make: &make,
+            };
+            book.settle(proxy.key_pair(), NET, c, w, Some(receipt))
+                .unwrap();
+            let (c, w) = entries(&proxy, (other, 5), (worker, 4));
+            let receipt = Receipt {
+                id: [8; 16],
+                at: 200,
+                make: &make,
+            };
+            book.settle(proxy.key_pair(), NET, c, w, Some(receipt))
+                .unwrap();
+        }
+        let book = Book::open(&path, proxy.public_key()).unwrap();
+        assert_eq!(
+            book.receipt(&client, &id).unwrap(),
+            Some(10u64.to_be_bytes().to_vec())
+        );
+        assert_eq!(
+            book.receipt(&other, &id).unwrap(),
+            None,
+            "another client's id"
+        );
+        assert_eq!(book.receipt(&client, &[9; 16]).unwrap(), None);
+        assert_eq!(book.prune_receipts(150).unwrap(), 1);
+        assert_eq!(book.receipt(&client, &id).unwrap(), None);
+        assert!(book.receipt(&other, &[8; 16]).unwrap().is_some());
+        assert_eq!(book.prune_receipts(150).unwrap(), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! covers; when it would, it commits first and looks again.
 
 mod book;
+mod receipts;
 mod rollback;
 
 use std::collections::HashMap;
@@ -21,7 +22,9 @@ use cocoon_ledger::{
     ClientContract, ContractState, Ledger, LedgerError, LedgerOpener, Nanoton, Network,
     NetworkParams, Op, PublicKey, Tx, Wallet, unix_now,
 };
-use cocoon_protocol::{Billing as Bill, ErrorKind, Payout, ProtocolError, Refund, Usage};
+use cocoon_protocol::{
+    Billing as Bill, ErrorKind, LateBill, Payout, ProtocolError, Refund, RequestId, Usage,
+};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) use book::Entry;
 pub use book::{Book, BookError, ClientRecord, WorkerRecord};
 pub(crate) use cocoon_protocol::{Bounded, Relayed, UsageBounds};
+pub(crate) use receipts::Opened;
 
 /// How long a client's contract as read from the ledger is trusted before it is read again.
 /// A refusal always reads again first, so a fresh deposit is never missed.
@@ -136,6 +140,9 @@ pub(crate) struct Billing {
     absent: Mutex<Absent>,
     commits: AtomicU64,
     last_commit_error: Mutex<Option<String>>,
+    /// Requests with a client's id being answered or settled: asked for, their bill is
+    /// pending, not absent.
+    open: Mutex<std::collections::HashSet<(PublicKey, RequestId)>>,
 }
 
 fn payment_required(message: String) -> ProtocolError {
@@ -246,6 +253,7 @@ impl Billing {
             absent: Mutex::default(),
             commits: AtomicU64::new(0),
             last_commit_error: Mutex::new(None),
+            open: Mutex::default(),
         }))
     }
 
@@ -476,10 +484,12 @@ impl Billing {
     }
 
     /// Bills the request held by `hold` for `usage` at `price` per weighted token, signs the
-    /// client's charge and the worker's payout, and writes both to the book before returning.
+    /// client's charge and the worker's payout, and writes both to the book before returning,
+    /// with the bill under the client's request `id` if it has one (for its late ask).
     pub(crate) async fn settle(
         self: &Arc<Self>,
         hold: Hold,
+        id: Option<RequestId>,
         worker: PublicKey,
         usage: Usage,
         price: u64,
@@ -518,21 +528,8 @@ impl Billing {
                 .map_err(named)?,
             tokens,
         };
-        let billing = self.clone();
-        let settled = tokio::task::spawn_blocking(move || {
-            billing.with_book(|book| {
-                book.settle(billing.wallet.key_pair(), billing.network, client, worker)
-            })
-        })
-        .await
-        .map_err(|e| ProtocolError::internal(e.to_string()))??
-        .map_err(|e| {
-            ProtocolError::internal(format!("the proxy could not record the charge: {e}"))
-        })?;
-        // Released only now: until the book had it, the reservation covered this work.
-        drop(hold);
         let cost = params.cost(tokens).unwrap_or(Nanoton::MAX);
-        let bill = Bill {
+        let bill = move |settled: &book::Settled| Bill {
             price_per_token: price,
             weighted_tokens: weighted,
             unit_price: u64::try_from(params.price_per_token).unwrap_or(u64::MAX),
@@ -541,6 +538,40 @@ impl Billing {
             tokens_used: settled.tokens_used,
             charge: hex::encode(&settled.charge.0),
         };
+        let billing = self.clone();
+        let (settled, bill) = tokio::task::spawn_blocking(move || {
+            let receipt = |settled: &book::Settled| {
+                let late = LateBill::Billed {
+                    billing: bill(settled),
+                    usage,
+                };
+                serde_json::to_vec(&late).expect("a bill serializes")
+            };
+            let receipt = id.map(|id| book::Receipt {
+                id: id.0,
+                at: unix_now(),
+                make: &receipt,
+            });
+            billing
+                .with_book(|book| {
+                    book.settle(
+                        billing.wallet.key_pair(),
+                        billing.network,
+                        client,
+                        worker,
+                        receipt,
+                    )
+                })
+                .map(|settled| settled.map(|s| (bill(&s), s)))
+        })
+        .await
+        .map_err(|e| ProtocolError::internal(e.to_string()))??
+        .map(|(bill, settled)| (settled, bill))
+        .map_err(|e| {
+            ProtocolError::internal(format!("the proxy could not record the charge: {e}"))
+        })?;
+        // Released only now: until the book had it, the reservation covered this work.
+        drop(hold);
         let payout = Payout {
             proxy: hex::encode(self.proxy()),
             tokens: settled.worker_owed,
@@ -717,7 +748,10 @@ impl Billing {
     ) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => self.commit_all().await,
+                _ = tokio::time::sleep(interval) => {
+                    self.commit_all().await;
+                    self.prune_receipts().await;
+                }
                 _ = shutdown.cancelled() => break,
             }
         }

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cocoon_net::{Body, EventReader, event_stream_response};
 use cocoon_protocol::{
-    GenerateEvent, GenerateRequest, Payout, ProtocolError, Usage, encode_frame, paths,
+    GenerateEvent, GenerateRequest, Payout, ProtocolError, RequestId, Usage, encode_frame, paths,
 };
 use http::Response;
 use tokio::sync::mpsc;
 
 use super::failover::Begun;
-use crate::billing::{Billing, Bounded, Hold, Relayed, UsageBounds};
+use crate::billing::{Billing, Bounded, Hold, Opened, Relayed, UsageBounds};
 use crate::limits::RequestPermit;
 use crate::market::{LoadGuard, Outcome};
 use crate::server::State;
@@ -42,15 +42,23 @@ pub(crate) fn send_payout(worker: &Arc<WorkerEntry>, payout: Payout) {
     });
 }
 
+/// What a request is billed through: its reservation, and the client's id for it, under
+/// which its bill is kept for the client's late ask (open until the answer ends).
+pub(super) struct BillTo {
+    pub hold: Option<Hold>,
+    pub id: Option<RequestId>,
+    pub opened: Option<Opened>,
+}
+
 /// Settles a request with the proxy's book and hands the worker its payout.
 async fn settle(
     billing: &Arc<Billing>,
-    hold: Hold,
+    (hold, id): (Hold, Option<RequestId>),
     worker: &Arc<WorkerEntry>,
     usage: Usage,
     price: u64,
 ) -> Result<cocoon_protocol::Billing, ProtocolError> {
-    let (bill, payout) = billing.settle(hold, worker.key, usage, price).await?;
+    let (bill, payout) = billing.settle(hold, id, worker.key, usage, price).await?;
     send_payout(worker, payout);
     Ok(bill)
 }
@@ -67,7 +75,7 @@ pub(super) async fn start(
     worker: Arc<WorkerEntry>,
     request: &GenerateRequest,
 ) -> Result<Started, ProtocolError> {
-    let mut events = worker.link.channel.generate(request).await?;
+    let mut events = worker.link.channel.generate(request, None).await?;
     match events.next().await {
         Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => Err(error),
         Some(Ok(first)) => Ok(Started { events, first }),
@@ -84,7 +92,7 @@ pub(super) fn stream(
     state: Arc<State>,
     begun: Begun<WorkerLink, Started>,
     permit: RequestPermit,
-    hold: Option<Hold>,
+    bill: BillTo,
     bounds: UsageBounds,
 ) -> Response<Body> {
     let Begun {
@@ -97,7 +105,9 @@ pub(super) fn stream(
         state,
         load,
         _permit: permit,
-        hold,
+        hold: bill.hold,
+        id: bill.id,
+        _opened: bill.opened,
         bounds,
         asked,
         first_at,
@@ -114,6 +124,10 @@ struct Answer {
     load: LoadGuard<WorkerLink>,
     _permit: RequestPermit,
     hold: Option<Hold>,
+    /// The client's id for the request, which its bill is kept under.
+    id: Option<RequestId>,
+    /// Dropped last (after the bill is written): until then an ask for the bill is pending.
+    _opened: Option<Opened>,
     /// The most the worker's counts may say.
     bounds: UsageBounds,
     /// On tokio's clock, as failover measures them.
@@ -175,7 +189,8 @@ impl Answer {
                     let frame = match (self.state.billing.clone(), self.hold.take()) {
                         // The answer is acknowledged only once its bill is on disk.
                         (Some(b), Some(h)) => {
-                            match settle(&b, h, &worker, usage, self.load.price).await {
+                            let price = self.load.price;
+                            match settle(&b, (h, self.id), &worker, usage, price).await {
                                 Ok(bill) => encode_frame(&GenerateEvent::Done {
                                     finish_reason,
                                     usage,
@@ -313,7 +328,7 @@ impl Answer {
         }
         let usage = self.bounded(worker, self.bounds.cut_off(relayed));
         let (billing, hold) = (self.state.billing.clone()?, self.hold.take()?);
-        match settle(&billing, hold, worker, usage, self.load.price).await {
+        match settle(&billing, (hold, self.id), worker, usage, self.load.price).await {
             Ok(bill) => Some((bill, usage.completion_tokens)),
             Err(error) => {
                 tracing::error!(%error, "settlement of a cut-off answer failed");

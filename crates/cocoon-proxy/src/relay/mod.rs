@@ -21,7 +21,7 @@ mod reach;
 use std::sync::Arc;
 
 use cocoon_net::{Body, error_response};
-use cocoon_protocol::{GenerateRequest, ProtocolError};
+use cocoon_protocol::{GenerateRequest, ProtocolError, REQUEST_ID_HEADER, RequestId};
 use http::Response;
 use hyper::body::Incoming;
 
@@ -33,9 +33,9 @@ use crate::server::State;
 pub(crate) async fn generate(
     state: &Arc<State>,
     client: [u8; 32],
-    body: Incoming,
+    request: http::Request<Incoming>,
 ) -> Response<Body> {
-    match serve(state, client, body).await {
+    match serve(state, client, request).await {
         Ok(response) => response,
         Err(error) => error_response(&error),
     }
@@ -44,12 +44,19 @@ pub(crate) async fn generate(
 async fn serve(
     state: &Arc<State>,
     client: [u8; 32],
-    body: Incoming,
+    request: http::Request<Incoming>,
 ) -> Result<Response<Body>, ProtocolError> {
     // The client's slot first: a client over its rate or its requests in flight costs no body
     // read (bodies are up to max_request_bytes, on many streams at once).
     let permit = state.limiter.permit(client)?;
-    let read = cocoon_net::read_json(body, state.max_request_bytes);
+    let id = request_id(&request)?;
+    // Open before anything can bill it: the client may ask for the bill of a request whose
+    // answer it lost, and must not be told there is none while one is yet to be written.
+    let opened = match (&state.billing, id) {
+        (Some(billing), Some(id)) => Some(billing.opening(client, id)?),
+        _ => None,
+    };
+    let read = cocoon_net::read_json(request.into_body(), state.max_request_bytes);
     let request = admit::read(read, state.limiter.config()).await?;
     admit::check(&state.limiter, &state.workers, &request)?;
     // What the worker may bill is fixed now, from the request itself and the workers it may
@@ -72,7 +79,21 @@ async fn serve(
         |worker| answer::start(worker, &request),
     )
     .await?;
-    Ok(answer::stream(state.clone(), begun, permit, hold, bounds))
+    let bill = answer::BillTo { hold, id, opened };
+    Ok(answer::stream(state.clone(), begun, permit, bill, bounds))
+}
+
+/// The client's id for the request, if it sent one.
+fn request_id(request: &http::Request<Incoming>) -> Result<Option<RequestId>, ProtocolError> {
+    request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ProtocolError::invalid("a request id is 32 hex digits"))?
+                .parse()
+        })
+        .transpose()
 }
 
 /// Reserves what the request may cost (nothing, and no reach, without payments). It must

@@ -1,0 +1,376 @@
+//! Bills of requests whose answers ended without them. An answer cut off (the app left, the
+//! worker failed) or a connection lost before the answer's end leaves the gateway without
+//! the bill, while the proxy may have charged for the request. Rather than let such requests
+//! explain counter gaps forever (a proxy breaking streams on purpose would earn room to skip
+//! counters), the gateway asks the proxy for each one's bill by the request's id
+//! ([`paths::BILL`](cocoon_protocol::paths::BILL)) and checks it like any other: signed by
+//! the proxy, for this contract, within the request's bounds and price cap, a range no bill
+//! claimed. A proxy that says it billed nothing leaves the gap (if any) unexplained, which
+//! counts against it. Only a request the proxy can no longer be asked about (older than
+//! [`BILL_RETENTION_SECS`]) keeps explaining gaps by its allowance.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cocoon_ledger::{Address, unix_now};
+use cocoon_protocol::{BILL_RETENTION_SECS, LateBill, RequestId};
+
+use super::{BillRecord, Fault, Parties, Unsettled};
+use crate::pool::ProxyPool;
+
+/// How long before the proxy forgets a bill the gateway stops asking for it: a proxy's clock
+/// may run ahead of this one.
+const RETENTION_MARGIN_SECS: u64 = 600;
+
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// What became of one ask.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Asked {
+    /// The request is settled (its bill claimed, checked bad, or none owed).
+    Settled,
+    /// Ask again later.
+    Again,
+}
+
+impl BillRecord {
+    /// Requests whose answers ended without a bill, with their contracts.
+    pub(crate) fn unsettled(&self) -> Vec<(Address, Unsettled)> {
+        let kept = self.kept.lock();
+        kept.claimed
+            .iter()
+            .filter_map(|(k, c)| Some((contract(k)?, c)))
+            .flat_map(|(a, c)| c.unsettled.iter().map(move |u| (a, u.clone())))
+            .collect()
+    }
+
+    /// Requests of the proxy with `key` waiting for its bill.
+    pub(crate) fn unsettled_of(&self, key: &[u8; 32]) -> usize {
+        let key = hex::encode(key);
+        let kept = self.kept.lock();
+        kept.claimed
+            .values()
+            .flat_map(|c| &c.unsettled)
+            .filter(|u| u.proxy == key)
+            .count()
+    }
+
+    /// Settles the unsettled request `u` of `contract` by the proxy's answer about it.
+    pub(crate) async fn settle_late(
+        self: &Arc<Self>,
+        contract: Address,
+        u: &Unsettled,
+        answer: LateBill,
+    ) -> Asked {
+        let proxy = hex::decode(&u.proxy)
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok());
+        match answer {
+            LateBill::Pending => Asked::Again,
+            LateBill::Billed { billing, usage } => {
+                let parties = Parties {
+                    proxy,
+                    contract: Some(contract),
+                    max_price: u.max_price,
+                    bounds: u.bounds,
+                    expects_bill: true,
+                    record: self.clone(),
+                    ticket: None,
+                    key: None,
+                    late: Some(u.id),
+                };
+                match parties.judged(&billing, usage).await {
+                    // A claim not written, or prices not confirmed: ask again.
+                    Err(Fault::Unrecorded(_) | Fault::Unconfirmed(_)) => Asked::Again,
+                    Ok(()) => Asked::Settled,
+                    Err(_) => {
+                        // Counted once; the gap it leaves counts against the proxy's next bill.
+                        self.forget(contract, u.id, 0);
+                        Asked::Settled
+                    }
+                }
+            }
+            LateBill::NotBilled => {
+                if !self.forget(contract, u.id, 0) {
+                    return Asked::Again;
+                }
+                if let Err(fault) = self.judge(contract, 0, None) {
+                    let reason = format!(
+                        "the proxy says request {} was not billed, but {}",
+                        u.id,
+                        fault.reason()
+                    );
+                    tracing::error!(%reason, "the proxy's bill is not verified");
+                    if let Some(proxy) = proxy {
+                        self.bad_bill(proxy);
+                    }
+                }
+                Asked::Settled
+            }
+        }
+    }
+
+    /// Removes the unsettled request `id` of `contract`, adding `credit` to what may explain
+    /// its gaps; whether that is durable.
+    fn forget(&self, contract: Address, id: RequestId, credit: u64) -> bool {
+        let mut kept = self.kept.lock();
+        let Some(claimed) = kept.claimed.get_mut(&hex::encode(contract.0)) else {
+            return true;
+        };
+        claimed.unsettled.retain(|u| u.id != id);
+        claimed.unbilled = claimed.unbilled.saturating_add(credit);
+        match self.persist(&kept) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "a settled request was not recorded durably");
+                false
+            }
+        }
+    }
+
+    /// Requests the proxy can no longer be asked about keep their allowance as credit.
+    fn expire(&self, now: u64) {
+        let horizon = BILL_RETENTION_SECS.saturating_sub(RETENTION_MARGIN_SECS);
+        for (contract, u) in self.unsettled() {
+            if now.saturating_sub(u.since) > horizon {
+                tracing::warn!(request = %u.id, proxy = %u.proxy, "the proxy was not reached about a request without a bill in time; its allowance stays as credit");
+                self.forget(contract, u.id, u.allowance);
+            }
+        }
+    }
+}
+
+fn contract(hex_id: &str) -> Option<Address> {
+    let bytes = hex::decode(hex_id).ok()?;
+    Some(Address(bytes.try_into().ok()?))
+}
+
+/// Asks the proxies for the bills of requests whose answers ended without them, as long as
+/// the gateway runs: at once when one ends so, and again after a pause that doubles (up to a
+/// minute) while a proxy cannot be reached or its request is still being settled.
+pub(crate) async fn run(record: Arc<BillRecord>, pool: Arc<ProxyPool>) {
+    let mut retry: HashMap<RequestId, (Instant, Duration)> = HashMap::new();
+    loop {
+        record.expire(unix_now());
+        let unsettled = record.unsettled();
+        retry.retain(|id, _| unsettled.iter().any(|(_, u)| u.id == *id));
+        for (contract, u) in unsettled {
+            if retry.get(&u.id).is_some_and(|(at, _)| *at > Instant::now()) {
+                continue;
+            }
+            let answer = match pool.link_for(&u.proxy).await {
+                Some(link) => link.late_bill(u.id).await,
+                None => Err(cocoon_protocol::ProtocolError::unavailable(
+                    "no proxy of this gateway has that key now",
+                )),
+            };
+            let asked = match answer {
+                Ok(answer) => record.settle_late(contract, &u, answer).await,
+                Err(e) => {
+                    tracing::debug!(request = %u.id, error = %e, "cannot ask the proxy for a bill yet");
+                    Asked::Again
+                }
+            };
+            if asked == Asked::Again {
+                let pause = retry
+                    .get(&u.id)
+                    .map_or(FIRST_RETRY, |(_, p)| (*p * 2).min(MAX_RETRY));
+                retry.insert(u.id, (Instant::now() + pause, pause));
+            }
+        }
+        let next = retry.values().map(|(at, _)| *at).min();
+        tokio::select! {
+            _ = record.late.notified() => {}
+            _ = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{bill, on, usage};
+    use super::*;
+    use cocoon_ledger::{NetworkParams, Wallet};
+    use cocoon_protocol::{ChatMessage, GenerateRequest, Input, Role, SamplingParams, UsageBounds};
+
+    const CLIENT: [u8; 32] = [2; 32];
+
+    fn record() -> Arc<BillRecord> {
+        Arc::new(BillRecord::new(Some(NetworkParams::default()), 3))
+    }
+
+    /// A first bill at counter 10, then a request of `allowance` cut off before its bill: the
+    /// record's one unsettled request.
+    async fn cut_off(record: &Arc<BillRecord>, proxy: &Wallet, allowance: u64) -> Unsettled {
+        let first = on(record, proxy, CLIENT, 100, 0);
+        first
+            .verdict(Some(&bill(proxy, CLIENT, 10, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(first);
+        drop(on(record, proxy, CLIENT, allowance, 0));
+        only(record)
+    }
+
+    fn only(record: &BillRecord) -> Unsettled {
+        let unsettled = record.unsettled();
+        assert_eq!(unsettled.len(), 1, "{unsettled:?}");
+        unsettled[0].1.clone()
+    }
+
+    fn contract(proxy: &Wallet) -> Address {
+        Address::client(&proxy.public_key(), &CLIENT)
+    }
+
+    /// ATTACK: an answer the proxy breaks off ends without a bill, and its whole allowance
+    /// used to explain counter gaps for good: a proxy breaking streams on purpose earned room
+    /// to skip counters it never served. The proxy is now asked what it billed; one that says
+    /// "nothing" has no room, and a skip after it counts against it.
+    #[tokio::test]
+    async fn attack_a_proxy_breaking_streams_earns_no_room_to_skip() {
+        let (record, proxy) = (record(), Wallet::from_seed([9; 32]));
+        let u = cut_off(&record, &proxy, 1000).await;
+        let settled = record
+            .settle_late(contract(&proxy), &u, LateBill::NotBilled)
+            .await;
+        assert_eq!(settled, Asked::Settled);
+        assert!(record.unsettled().is_empty());
+        let next = on(&record, &proxy, CLIENT, 100, 0);
+        let e = next
+            .verdict(Some(&bill(&proxy, CLIENT, 520, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("500 units that no bill"), "{e}");
+        assert_eq!(record.bad_bills(&proxy.public_key()), 1);
+    }
+
+    /// An honest cut-off: the proxy billed 30 units the gateway never saw. A bill after it is
+    /// not held against the proxy while the cut-off one is unsettled; the late bill then
+    /// claims its range, and nothing is left to explain a skip.
+    #[tokio::test]
+    async fn a_late_bill_claims_the_range_an_honest_cut_off_was_billed() {
+        let (record, proxy) = (record(), Wallet::from_seed([9; 32]));
+        let u = cut_off(&record, &proxy, 100).await;
+        let next = on(&record, &proxy, CLIENT, 100, 0);
+        next.verdict(Some(&bill(&proxy, CLIENT, 50, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(next);
+        let late = LateBill::Billed {
+            billing: bill(&proxy, CLIENT, 40, 30),
+            usage: usage(30),
+        };
+        assert_eq!(
+            record.settle_late(contract(&proxy), &u, late).await,
+            Asked::Settled
+        );
+        assert!(record.unsettled().is_empty());
+        assert_eq!(record.bad_bills(&proxy.public_key()), 0);
+        let skip = on(&record, &proxy, CLIENT, 100, 0);
+        let e = skip
+            .verdict(Some(&bill(&proxy, CLIENT, 61, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("1 units that no bill"), "{e}");
+    }
+
+    /// ATTACK: a proxy that says it billed nothing for a request whose range a later bill
+    /// skipped is caught at once, not at some later bill.
+    #[tokio::test]
+    async fn attack_not_billed_for_a_skipped_range_counts_at_once() {
+        let (record, proxy) = (record(), Wallet::from_seed([9; 32]));
+        let u = cut_off(&record, &proxy, 100).await;
+        let next = on(&record, &proxy, CLIENT, 100, 0);
+        next.verdict(Some(&bill(&proxy, CLIENT, 50, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(next);
+        record
+            .settle_late(contract(&proxy), &u, LateBill::NotBilled)
+            .await;
+        assert_eq!(record.bad_bills(&proxy.public_key()), 1);
+    }
+
+    /// ATTACK: a late bill is held to the request's bounds and price cap like any other.
+    #[tokio::test]
+    async fn attack_a_late_bill_beyond_the_request_is_bad() {
+        let (record, proxy) = (record(), Wallet::from_seed([9; 32]));
+        let request = GenerateRequest {
+            model: "m".into(),
+            input: Input::Chat {
+                messages: vec![ChatMessage {
+                    role: Role::User,
+                    content: "Hi".into(),
+                }],
+            },
+            params: SamplingParams {
+                max_tokens: Some(4),
+                ..SamplingParams::default()
+            },
+            max_price: None,
+        };
+        let ticket = record.ticket_for(100, Some(30), UsageBounds::new(&request, u32::MAX));
+        ticket
+            .bind(contract(&proxy), proxy.public_key(), 0)
+            .unwrap();
+        drop(ticket);
+        let u = only(&record);
+        let late = LateBill::Billed {
+            billing: bill(&proxy, CLIENT, 50, 50),
+            usage: usage(50),
+        };
+        assert_eq!(
+            record.settle_late(contract(&proxy), &u, late).await,
+            Asked::Settled
+        );
+        assert_eq!(record.bad_bills(&proxy.public_key()), 1);
+        assert!(record.unsettled().is_empty());
+    }
+
+    /// A request still being settled is asked about again; requests without a bill survive a
+    /// restart of the gateway, and one the proxy can no longer be asked about keeps its
+    /// allowance as credit.
+    #[tokio::test]
+    async fn unsettled_requests_are_durable_retried_and_expire_into_credit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bills.json");
+        let open = || {
+            Arc::new(
+                BillRecord::open(Some(path.clone()), Some(NetworkParams::default()), 3).unwrap(),
+            )
+        };
+        let proxy = Wallet::from_seed([9; 32]);
+        let record = open();
+        let u = cut_off(&record, &proxy, 100).await;
+        assert_eq!(
+            record
+                .settle_late(contract(&proxy), &u, LateBill::Pending)
+                .await,
+            Asked::Again
+        );
+        drop(record);
+        let record = open();
+        assert_eq!(only(&record).id, u.id);
+        record.expire(u.since + BILL_RETENTION_SECS);
+        assert!(record.unsettled().is_empty());
+        let next = on(&record, &proxy, CLIENT, 1, 0);
+        next.verdict(Some(&bill(&proxy, CLIENT, 110, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(record);
+        assert!(open().unsettled().is_empty());
+    }
+}
