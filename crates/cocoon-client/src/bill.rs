@@ -140,21 +140,20 @@ impl Claimed {
     }
 }
 
-/// Requests in flight to one contract: how many, and their allowances' sum.
-#[derive(Debug, Default, Clone, Copy)]
-struct InFlight {
-    requests: usize,
-    allowance: u64,
-}
+/// Requests in flight to one contract: each one's allowance, by its ticket's number (tickets
+/// are numbered in the order they are taken).
+type InFlight = BTreeMap<u64, u64>;
 
 /// One request, from before it is sent until its answer ends: its allowance counts for gaps
 /// while it is in flight (on no contract yet while the proxy is being chosen: its bill may land
-/// on any), and stays in the record (`unbilled`) if its answer ends without a bill.
+/// on any), and while it is unsettled if its answer ends without a bill.
 #[derive(Debug)]
 pub(crate) struct Ticket {
     record: Arc<BillRecord>,
     /// The request's id, which its proxy keeps the bill under.
     pub id: RequestId,
+    /// Its number among this gateway's tickets.
+    seq: u64,
     /// The contract and the proxy's key, once bound.
     contract: Mutex<Option<Address>>,
     proxy: Mutex<Option<[u8; 32]>>,
@@ -164,18 +163,10 @@ pub(crate) struct Ticket {
     billed: AtomicBool,
 }
 
-impl InFlight {
-    fn add(&mut self, allowance: u64) {
-        self.requests += 1;
-        self.allowance = self.allowance.saturating_add(allowance);
-    }
-}
-
-fn leave(flying: &mut HashMap<Option<Address>, InFlight>, at: Option<Address>, allowance: u64) {
+fn leave(flying: &mut HashMap<Option<Address>, InFlight>, at: Option<Address>, seq: u64) {
     if let Some(f) = flying.get_mut(&at) {
-        f.requests = f.requests.saturating_sub(1);
-        f.allowance = f.allowance.saturating_sub(allowance);
-        if f.requests == 0 {
+        f.remove(&seq);
+        if f.is_empty() {
             flying.remove(&at);
         }
     }
@@ -210,11 +201,11 @@ impl Ticket {
         }
         let mut bound = self.contract.lock();
         let mut flying = self.record.in_flight.lock();
-        leave(&mut flying, *bound, self.allowance);
+        leave(&mut flying, *bound, self.seq);
         flying
             .entry(Some(contract))
             .or_default()
-            .add(self.allowance);
+            .insert(self.seq, self.allowance);
         *bound = Some(contract);
         Ok(())
     }
@@ -223,7 +214,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let bound = *self.contract.lock();
-        leave(&mut self.record.in_flight.lock(), bound, self.allowance);
+        leave(&mut self.record.in_flight.lock(), bound, self.seq);
         let Some(contract) = bound else {
             return; // never sent to a proxy: nothing can be billed for it
         };
@@ -271,6 +262,13 @@ pub(crate) struct BillRecord {
     in_flight: Mutex<HashMap<Option<Address>, InFlight>>,
     /// Woken when a request ends without its bill: its proxy is to be asked for it.
     late: tokio::sync::Notify,
+    /// Tickets taken so far: the next one's number.
+    tickets: std::sync::atomic::AtomicU64,
+    /// Per contract, the counters no bill claimed beyond the credit when last judged, and
+    /// the tickets taken when that excess last grew: only requests whose tickets were taken
+    /// by then can have been settled below the counters already claimed, so only they may
+    /// fill it (memory only: after a restart no request is in flight).
+    gaps: Mutex<HashMap<Address, (u64, u64)>>,
 }
 
 impl std::fmt::Debug for BillRecord {
@@ -331,6 +329,8 @@ impl BillRecord {
             kept: Mutex::new(kept),
             in_flight: Mutex::new(HashMap::new()),
             late: tokio::sync::Notify::new(),
+            tickets: std::sync::atomic::AtomicU64::new(0),
+            gaps: Mutex::new(HashMap::new()),
         })
     }
 
@@ -372,14 +372,16 @@ impl BillRecord {
     /// A request about to be sent, allowed `allowance` units, with a fresh id; [`Ticket::bind`]
     /// it to the contract once its proxy is chosen.
     pub(crate) fn ticket(self: &Arc<Self>, allowance: u64) -> Ticket {
+        let seq = self.tickets.fetch_add(1, Ordering::SeqCst);
         self.in_flight
             .lock()
             .entry(None)
             .or_default()
-            .add(allowance);
+            .insert(seq, allowance);
         Ticket {
             record: self.clone(),
             id: RequestId(rand::random()),
+            seq,
             contract: Mutex::new(None),
             proxy: Mutex::new(None),
             allowance,
@@ -520,17 +522,17 @@ impl BillRecord {
         match (ticket, late) {
             (Some(ticket), _) => {
                 ticket.billed.store(true, Ordering::SeqCst);
-                self.judge(contract, ticket.allowance, Some(end))
+                self.judge(contract, Some(ticket.seq), Some(end))
             }
-            (None, Some(_)) => self.judge(contract, 0, Some(end)),
+            (None, Some(_)) => self.judge(contract, None, Some(end)),
             (None, None) => Ok(()),
         }
     }
 
     /// Holds the counters of `contract` no bill claimed to what its requests without a bill
-    /// may explain. `own`: the allowance of the request judging (not one that may still
-    /// fill the gap); `end`: the counter it claimed, if any.
-    fn judge(&self, contract: Address, own: u64, end: Option<u64>) -> Result<(), Fault> {
+    /// may explain. `own`: the ticket of the request judging (not one that may still fill
+    /// the gap); `end`: the counter it claimed, if any.
+    fn judge(&self, contract: Address, own: Option<u64>, end: Option<u64>) -> Result<(), Fault> {
         let (unexplained, credit) = {
             let kept = self.kept.lock();
             match kept.claimed.get(&hex::encode(contract.0)) {
@@ -538,15 +540,31 @@ impl BillRecord {
                 None => return Ok(()),
             }
         };
-        if unexplained <= credit {
-            return Ok(());
-        }
+        let excess = unexplained.saturating_sub(credit);
+        let taken = {
+            let mut gaps = self.gaps.lock();
+            if excess == 0 {
+                gaps.remove(&contract);
+                return Ok(());
+            }
+            let gap = gaps.entry(contract).or_insert((0, 0));
+            if excess > gap.0 {
+                gap.1 = self.tickets.load(Ordering::SeqCst);
+            }
+            gap.0 = excess;
+            gap.1
+        };
+        // Bills of requests still in flight may fill the gap (concurrent answers' bills
+        // arrive in any order), but only of those sent before it was seen: a request sent
+        // after is settled above the counters already claimed.
         let others = {
             let flying = self.in_flight.lock();
-            let here = flying
-                .get(&Some(contract))
-                .map_or(0, |f| f.allowance.saturating_sub(own));
-            here.saturating_add(flying.get(&None).map_or(0, |f| f.allowance))
+            [Some(contract), None]
+                .iter()
+                .filter_map(|at| flying.get(at))
+                .flat_map(|f| f.range(..taken))
+                .filter(|(seq, _)| Some(**seq) != own)
+                .fold(0u64, |sum, (_, a)| sum.saturating_add(*a))
         };
         let at = end.map_or(String::new(), |end| {
             format!("the charge's counter {end} leaves ")
@@ -555,9 +573,7 @@ impl BillRecord {
             "{at}{unexplained} units that no bill of this gateway claimed, beyond the {credit} \
              its requests without a bill allow"
         );
-        if others > 0 && unexplained <= credit.saturating_add(others) {
-            // Bills of requests still in flight may fill the gap (concurrent answers' bills
-            // arrive in any order): the next bill after them judges it.
+        if others > 0 && excess <= others {
             tracing::debug!(%reason, "a counter gap waits for the bills of requests in flight");
             return Ok(());
         }
@@ -1244,6 +1260,42 @@ mod tests {
             .unwrap_err();
         assert!(skipped.contains("beyond the 40"), "{skipped}");
         assert_eq!(record.bad_bills(&proxy.public_key()), 1);
+    }
+
+    /// ATTACK: a gap was forgiven whenever requests were in flight, so under steady load (some
+    /// request always in flight) a proxy kept a skip up to their allowances for good. Only
+    /// requests sent before the gap was seen can fill it: once they have ended, it is judged.
+    #[tokio::test]
+    async fn a_gap_is_judged_once_the_requests_that_could_fill_it_have_ended() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let record = Arc::new(BillRecord::new(Some(NetworkParams::default()), 3));
+        let first = on(&record, &proxy, client, 100, 0);
+        first
+            .verdict(Some(&bill(&proxy, client, 10, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(first);
+        // A is in flight when B's bill shows 40 unclaimed counters: A's bill may fill them.
+        let a = on(&record, &proxy, client, 100, 0);
+        let b = on(&record, &proxy, client, 100, 0);
+        b.verdict(Some(&bill(&proxy, client, 60, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(b);
+        // C is sent after the gap was seen: its bill will land above it, it cannot fill it.
+        // A's bill fills 10 of the 40, and with A ended, nothing sent before the gap is left
+        // in flight to fill the 30 others: judged now, though C is in flight.
+        let c = on(&record, &proxy, client, 100, 0);
+        let e = a
+            .verdict(Some(&bill(&proxy, client, 30, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("30 units that no bill"), "{e}");
+        drop((a, c));
     }
 
     /// A request is allowed its prompt bound and max_tokens, weighted, at its price cap, in

@@ -96,7 +96,7 @@ impl BillRecord {
                 if !self.forget(contract, u.id, 0) {
                     return Asked::Again;
                 }
-                if let Err(fault) = self.judge(contract, 0, None) {
+                if let Err(fault) = self.judge(contract, None, None) {
                     let reason = format!(
                         "the proxy says request {} was not billed, but {}",
                         u.id,
