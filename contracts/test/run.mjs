@@ -63,8 +63,24 @@ export async function runScenario(steps) {
       return params; // not open: no terms yet
     }
   }
-  const client = (n) => c.clientInit(proxy, p[n].address, p.proxy.key, terms);
-  const worker = (n) => c.workerInit(proxy, p[n].address, p.proxy.key, terms);
+  // And to the client and worker code the proxy contract was opened with (its get_terms
+  // hashes), the committed code or an upgrade's.
+  let codes = { client: c.code.client, worker: c.code.worker };
+  async function readCodes() {
+    if ((await chain.getContract(proxy)).accountState?.type !== "active") return codes;
+    try {
+      const [client, worker] = (await chain.runGetMethod(proxy, "get_terms", [])).stack.map((e) => BigInt(e.value));
+      const known = (contract, hash) => ["committed", "v2"].map((n) => fixture(n, contract))
+        .find((k) => BigInt("0x" + k.hash().toString("hex")) === hash) ?? codes[contract];
+      return { client: known("client", client), worker: known("worker", worker) };
+    } catch {
+      return codes; // no get_terms: not a proxy contract of ours
+    }
+  }
+  const client = (n) => c.clientInit(proxy, p[n].address, p.proxy.key, terms, { clientCode: codes.client });
+  const worker = (n) => c.workerInit(proxy, p[n].address, p.proxy.key, terms, { workerCode: codes.worker });
+  // A contract of upgraded code answers `version`: its figures end with the version.
+  const version = async (a) => (await answers(a, "version")) ? [Number((await chain.runGetMethod(a, "version", [])).stack[0].value)] : [];
 
   async function send(from, messages) {
     const w = p[from];
@@ -106,13 +122,13 @@ export async function runScenario(steps) {
       const a = client(n).address;
       if (await active(a)) {
         const v = await ints(a, "get_client");
-        out[n] = [...v, await spare(a, v[2])];
+        out[n] = [...v, await spare(a, v[2]), ...(await version(a))];
       }
     }
     const wa = worker("worker").address;
     if (await active(wa)) {
       const v = await ints(wa, "get_worker");
-      out.worker = [...v, await spare(wa, v[1])];
+      out.worker = [...v, await spare(wa, v[1]), ...(await version(wa))];
     }
     return out;
   }
@@ -156,7 +172,8 @@ export async function runScenario(steps) {
       case "accept_owner": return m(s.from, root.address, GAS, op(c.OP.acceptOwner).endCell());
       case "unregister_proxy": return m(s.from, root.address, GAS, op(c.OP.unregisterProxy).storeUint(p[s.proxy].key, 256).endCell());
       case "set_codes":
-        return m(s.from, root.address, GAS, op(c.OP.setCodes).storeRef(c.codesCell(fixture(s.proxy_code ?? "committed", "proxy"))).endCell());
+        return m(s.from, root.address, GAS, op(c.OP.setCodes).storeRef(c.codesCell(fixture(s.proxy_code ?? "committed", "proxy"),
+          fixture(s.client_code ?? "committed", "client"), fixture(s.worker_code ?? "committed", "worker"))).endCell());
       case "upgrade_root": return m(s.from, root.address, GAS, op(c.OP.upgradeRoot).storeRef(fixture(s.code, "root")).endCell());
       case "proxy_add_stake": return m("proxy", proxy, BigInt(s.amount) + GAS, op(c.OP.proxyAddStake).storeCoins(s.amount).endCell());
       case "register_proxy":
@@ -209,6 +226,7 @@ export async function runScenario(steps) {
   for (const s of steps) {
     proxy = await readProxy();
     terms = await readTerms();
+    codes = await readCodes();
     let txs = [];
     if (s.do === "advance") {
       chain.now += s.seconds;
@@ -232,6 +250,7 @@ export async function runScenario(steps) {
     }
     proxy = await readProxy();
     terms = await readTerms();
+    codes = await readCodes();
     results.push({ step: s.do + (s.label ? ` (${s.label})` : ""), exits, state: await state(), fees: fees.toString(), view: await view(), txs });
   }
   return results;

@@ -125,7 +125,10 @@ pub struct Deployable {
 
 impl Deployable {
     fn new(contract: Contract, data: ArcCell) -> Result<Self> {
-        let code = contract.code();
+        Self::with_code(contract.code(), data)
+    }
+
+    fn with_code(code: ArcCell, data: ArcCell) -> Result<Self> {
         Ok(Self {
             address: address_of(code.clone(), data.clone())?,
             state_init: state_init(code, data)?,
@@ -253,6 +256,26 @@ pub fn client(
     network: Network,
     p: &NetworkParams,
 ) -> Result<Deployable> {
+    client_of(
+        Contract::Client.code(),
+        proxy,
+        client_wallet,
+        proxy_key,
+        network,
+        p,
+    )
+}
+
+/// [`client`] under `code`: the client code the proxy contract was opened with, which an
+/// upgrade of the root may have made another than this build's.
+pub fn client_of(
+    code: ArcCell,
+    proxy: &TonAddress,
+    client_wallet: &TonAddress,
+    proxy_key: &PublicKey,
+    network: Network,
+    p: &NetworkParams,
+) -> Result<Deployable> {
     let terms = build(
         CellBuilder::new()
             .store_coins(&coins(p.price_per_token))?
@@ -269,11 +292,30 @@ pub fn client(
             .store_coins(&coins(0))?
             .store_u64(64, 0)?,
     )?;
-    Deployable::new(Contract::Client, data)
+    Deployable::with_code(code, data)
 }
 
 /// A worker's contract with a proxy.
 pub fn worker(
+    proxy: &TonAddress,
+    worker_wallet: &TonAddress,
+    proxy_key: &PublicKey,
+    network: Network,
+    p: &NetworkParams,
+) -> Result<Deployable> {
+    worker_of(
+        Contract::Worker.code(),
+        proxy,
+        worker_wallet,
+        proxy_key,
+        network,
+        p,
+    )
+}
+
+/// [`worker`] under `code`, as [`client_of`].
+pub fn worker_of(
+    code: ArcCell,
     proxy: &TonAddress,
     worker_wallet: &TonAddress,
     proxy_key: &PublicKey,
@@ -288,7 +330,7 @@ pub fn worker(
             .store_coins(&coins(0))?
             .store_bit(false)?, // no claim in flight
     )?;
-    Deployable::new(Contract::Worker, data)
+    Deployable::with_code(code, data)
 }
 
 /// A message body: the op and query id, then what `fill` stores.

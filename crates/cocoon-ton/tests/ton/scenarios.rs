@@ -51,6 +51,10 @@ struct Run {
     terms: NetworkParams,
     root: Deployable,
     proxy: TonAddress,
+    /// The client and worker code the proxy contract was opened with (its get_terms hashes):
+    /// the committed code, or an upgrade's.
+    client_code: ArcCell,
+    worker_code: ArcCell,
 }
 
 impl Run {
@@ -88,12 +92,15 @@ impl Run {
             params,
             root,
             proxy,
+            client_code: Contract::Client.code(),
+            worker_code: Contract::Worker.code(),
         }
     }
 
     fn client(&self, name: &str) -> Deployable {
         let p = &self.parties["proxy"].wallet;
-        layout::client(
+        layout::client_of(
+            self.client_code.clone(),
             &self.proxy,
             self.parties[name].wallet.address(),
             &p.public_key(),
@@ -105,7 +112,8 @@ impl Run {
 
     fn worker(&self, name: &str) -> Deployable {
         let p = &self.parties["proxy"].wallet;
-        layout::worker(
+        layout::worker_of(
+            self.worker_code.clone(),
             &self.proxy,
             self.parties[name].wallet.address(),
             &p.public_key(),
@@ -156,6 +164,23 @@ impl Run {
             }
             _ => self.params.clone(),
         };
+    }
+
+    fn read_codes(&mut self) {
+        let Ok(v) = self.chain.get(&hash(&self.proxy), "get_terms", &[]) else {
+            return; // not open, or not a proxy contract of ours
+        };
+        let known = |contract: Contract, held: &BigInt, now: &ArcCell| {
+            ["committed", "v2"]
+                .into_iter()
+                .map(|n| code(n, contract))
+                .find(|c| {
+                    BigInt::from_bytes_be(num_bigint::Sign::Plus, c.cell_hash().as_slice()) == *held
+                })
+                .unwrap_or_else(|| now.clone())
+        };
+        self.client_code = known(Contract::Client, &v[0], &self.client_code);
+        self.worker_code = known(Contract::Worker, &v[1], &self.worker_code);
     }
 
     fn send(&mut self, from: &str, messages: Vec<Outgoing>) -> Vec<cocoon_ton::emulator::Tx> {
@@ -249,15 +274,26 @@ impl Run {
                 with_spare(&self.proxy, "get_proxy", &[2, 3, 4]),
             );
         }
+        // A contract of upgraded code answers `version`: its figures end with the version.
+        let versioned = |at: &TonAddress, mut v: Value| {
+            if let Ok(version) = self.chain.get(&hash(at), "version", &[]) {
+                let version = i64::try_from(&version[0]).unwrap();
+                v.as_array_mut().unwrap().push(json!(version));
+            }
+            v
+        };
         for n in ["client", "client2"] {
             let c = self.client(n).address;
             if self.chain.is_active(&hash(&c)) {
-                out.insert(n.into(), with_spare(&c, "get_client", &[2]));
+                out.insert(n.into(), versioned(&c, with_spare(&c, "get_client", &[2])));
             }
         }
         let w = self.worker("worker").address;
         if self.chain.is_active(&hash(&w)) {
-            out.insert("worker".into(), with_spare(&w, "get_worker", &[1]));
+            out.insert(
+                "worker".into(),
+                versioned(&w, with_spare(&w, "get_worker", &[1])),
+            );
         }
         Value::Object(out)
     }
@@ -362,8 +398,14 @@ fn message(run: &Run, step: &Value, qid: u64) -> (&'static str, Outgoing) {
                     step["proxy_code"].as_str().unwrap_or("committed"),
                     Contract::Proxy,
                 ),
-                &Contract::Client.code(),
-                &Contract::Worker.code(),
+                &code(
+                    step["client_code"].as_str().unwrap_or("committed"),
+                    Contract::Client,
+                ),
+                &code(
+                    step["worker_code"].as_str().unwrap_or("committed"),
+                    Contract::Worker,
+                ),
             )
             .unwrap();
             let body = layout::body(op::SET_CODES, qid, |b| {
@@ -602,6 +644,7 @@ impl Scenario {
         let run = &mut self.run;
         run.read_proxy();
         run.read_terms();
+        run.read_codes();
         let txs = if s(step, "do") == "advance" {
             run.chain.now += step["seconds"].as_u64().unwrap() as u32;
             Vec::new()
@@ -636,6 +679,7 @@ impl Scenario {
             .unwrap_or_default();
         run.read_proxy();
         run.read_terms();
+        run.read_codes();
         json!({ "step": format!("{}{label}", s(step, "do")), "exits": exits, "state": run.state() })
     }
 
