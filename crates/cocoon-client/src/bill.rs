@@ -81,12 +81,22 @@ pub(crate) struct Unsettled {
     pub bounds: Option<UsageBounds>,
     /// When the answer ended (unix seconds).
     pub since: u64,
+    /// The proxy was reached about it (answered `pending`, or served answers while it would
+    /// not answer the ask): if it never names a bill, none is owed.
+    #[serde(default)]
+    pub reached: bool,
 }
 
 impl Claimed {
     /// Claims `(end - len, end]`, or says which earlier claim it overlaps.
     fn claim(&mut self, end: u64, len: u64) -> Result<(), String> {
         if len == 0 {
+            // Claims nothing, but its charge still moves the ledger's counter to `end`, and
+            // the counters below it no bill claimed are charged too: it marks where the
+            // counter stands (an honest one re-signs the counter as it is).
+            if end > self.top() {
+                self.ranges.insert(end, end);
+            }
             return Ok(());
         }
         let start = end
@@ -120,6 +130,13 @@ impl Claimed {
         Ok(())
     }
 
+    /// The highest counter a charge of this contract stood at.
+    fn top(&self) -> u64 {
+        self.ranges
+            .last_key_value()
+            .map_or(self.floor, |(_, &e)| e.max(self.floor))
+    }
+
     /// The counters this contract's requests without a bill may explain: the allowances of
     /// those still unsettled and of those that can no longer be.
     fn credit(&self) -> u64 {
@@ -131,10 +148,7 @@ impl Claimed {
     /// Counters below the highest claimed that no bill claimed: what the ledger charges beyond
     /// the bills this gateway verified.
     fn unexplained(&self) -> u64 {
-        let top = self
-            .ranges
-            .last_key_value()
-            .map_or(self.floor, |(_, &e)| e.max(self.floor));
+        let top = self.top();
         let claimed: u64 = self.ranges.iter().map(|(s, e)| e - s).sum();
         top.saturating_sub(self.floor).saturating_sub(claimed)
     }
@@ -231,6 +245,7 @@ impl Drop for Ticket {
             max_price: self.max_price,
             bounds: self.bounds,
             since: cocoon_ledger::unix_now(),
+            reached: false,
         });
         if let Err(e) = self.record.persist(&kept) {
             tracing::error!(error = %e, "a request without a bill was not recorded durably");
@@ -789,6 +804,13 @@ impl Parties {
     }
 
     fn count(&self, fault: Fault) -> Fault {
+        if let Fault::Bad(_) | Fault::Overbilled(_) = &fault
+            && let Some(ticket) = &self.ticket
+        {
+            // Judged and counted: its proxy is not asked for it again (its receipt is this
+            // very bill). A bill not recorded, or judged on stale prices, is asked again.
+            ticket.billed.store(true, Ordering::SeqCst);
+        }
         if let (Fault::Bad(_) | Fault::Overbilled(_), Some(proxy)) = (&fault, self.proxy) {
             self.record.bad_bill(proxy);
         }
@@ -1216,6 +1238,39 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("999980 units that no bill"), "{e}");
         assert_eq!(record.bad_bills(&proxy.public_key()), 1, "counted");
+    }
+
+    /// REVIEW: the counter jump of `attack_a_counter_jump_is_an_overbill`, in a bill of 0
+    /// units, passed and left no trace (`Claimed::claim` returned before looking at the
+    /// counter when `len == 0`); the proxy then billed on from the counter the gateway
+    /// believed, holding 999,990 units. A zero bill now marks where its charge puts the
+    /// counter.
+    #[tokio::test]
+    async fn review_a_zero_bill_jumps_the_counter_unseen() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let record = Arc::new(BillRecord::new(Some(NetworkParams::default()), 3));
+        let first = on(&record, &proxy, client, 100, 0);
+        first
+            .verdict(Some(&bill(&proxy, client, 10, 10)), usage(10))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(first);
+        let zero = on(&record, &proxy, client, 100, 0);
+        let _ = zero
+            .verdict(Some(&bill(&proxy, client, 1_000_000, 0)), usage(0))
+            .await;
+        drop(zero);
+        let next = on(&record, &proxy, client, 100, 0);
+        let _ = next
+            .verdict(Some(&bill(&proxy, client, 20, 10)), usage(10))
+            .await;
+        drop(next);
+        assert!(
+            record.bad_bills(&proxy.public_key()) >= 1,
+            "a charge signed at counter 1,000,000 in a 0-unit bill went unnoticed"
+        );
     }
 
     /// Honest proxies, real traffic: bills of concurrent requests arrive in any order, an

@@ -180,6 +180,15 @@ impl ProxyPool {
         None
     }
 
+    /// Answers started through the proxy whose key is `key` (hex) since the gateway started.
+    pub(crate) fn answers_of(&self, key: &str) -> u64 {
+        self.links
+            .iter()
+            .filter(|(l, _)| l.proxy_key().is_some_and(|k| hex::encode(k) == key))
+            .map(|(_, s)| s.lock().answers)
+            .sum()
+    }
+
     /// The models of the first proxy that answers.
     pub async fn models(&self) -> Result<ModelList, ProtocolError> {
         Ok(self.first(|link| link.models()).await?.0)
