@@ -1159,11 +1159,9 @@ mod tests {
         assert_eq!(p.record.bad_bills(&proxy.public_key()), 0);
     }
 
-    #[test]
-    fn a_bill_for_more_than_the_request_could_use_is_bad() {
+    /// The bounds of a 2-byte chat prompt ("Hi") with `max_tokens` 4.
+    pub(super) fn hi_in_four() -> UsageBounds {
         use cocoon_protocol::{ChatMessage, GenerateRequest, Input, Role, SamplingParams};
-        let proxy = Wallet::from_seed([9; 32]);
-        let client = [2; 32];
         let request = GenerateRequest {
             model: "m".into(),
             input: Input::Chat {
@@ -1178,8 +1176,15 @@ mod tests {
             },
             max_price: None,
         };
+        UsageBounds::new(&request, u32::MAX)
+    }
+
+    #[test]
+    fn a_bill_for_more_than_the_request_could_use_is_bad() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
         let p = Parties {
-            bounds: Some(UsageBounds::new(&request, u32::MAX)),
+            bounds: Some(hi_in_four()),
             ..parties(&proxy, client, None)
         };
         // Consistent figures, but a 2-byte prompt cannot be 1,000 tokens, nor 4 max_tokens 10.
@@ -1192,6 +1197,22 @@ mod tests {
         // What the request could use passes.
         let honest = Usage::new(9, 4);
         p.check(&bill(&proxy, client, 13, 13), honest).unwrap();
+    }
+
+    /// One request (allowance 100) on `record`, billed `len` units up to `end`, then ended:
+    /// the verdict on its bill.
+    pub(super) async fn billed(
+        record: &Arc<BillRecord>,
+        proxy: &Wallet,
+        client: [u8; 32],
+        (end, len): (u64, u64),
+    ) -> Result<(), String> {
+        let p = on(record, proxy, client, 100, 0);
+        let verdict = p
+            .verdict(Some(&bill(proxy, client, end, len)), usage(len))
+            .await;
+        drop(p);
+        verdict.expect("a bill is judged")
     }
 
     /// Parties for one request on `record`, holding a ticket of `allowance` units bound to the
@@ -1221,13 +1242,7 @@ mod tests {
         let proxy = Wallet::from_seed([9; 32]);
         let client = [2; 32];
         let record = Arc::new(BillRecord::new(Some(NetworkParams::default()), 3));
-        let first = on(&record, &proxy, client, 100, 0);
-        first
-            .verdict(Some(&bill(&proxy, client, 10, 10)), usage(10))
-            .await
-            .unwrap()
-            .unwrap();
-        drop(first);
+        billed(&record, &proxy, client, (10, 10)).await.unwrap();
         // Signed counter 1,000,000: the ledger would take 999,990 units for a 10-token answer
         // (999,980 of them claimed by no bill).
         let jump = on(&record, &proxy, client, 100, 0);
@@ -1250,23 +1265,9 @@ mod tests {
         let proxy = Wallet::from_seed([9; 32]);
         let client = [2; 32];
         let record = Arc::new(BillRecord::new(Some(NetworkParams::default()), 3));
-        let first = on(&record, &proxy, client, 100, 0);
-        first
-            .verdict(Some(&bill(&proxy, client, 10, 10)), usage(10))
-            .await
-            .unwrap()
-            .unwrap();
-        drop(first);
-        let zero = on(&record, &proxy, client, 100, 0);
-        let _ = zero
-            .verdict(Some(&bill(&proxy, client, 1_000_000, 0)), usage(0))
-            .await;
-        drop(zero);
-        let next = on(&record, &proxy, client, 100, 0);
-        let _ = next
-            .verdict(Some(&bill(&proxy, client, 20, 10)), usage(10))
-            .await;
-        drop(next);
+        billed(&record, &proxy, client, (10, 10)).await.unwrap();
+        let _ = billed(&record, &proxy, client, (1_000_000, 0)).await;
+        let _ = billed(&record, &proxy, client, (20, 10)).await;
         assert!(
             record.bad_bills(&proxy.public_key()) >= 1,
             "a charge signed at counter 1,000,000 in a 0-unit bill went unnoticed"
@@ -1325,21 +1326,10 @@ mod tests {
         let proxy = Wallet::from_seed([9; 32]);
         let client = [2; 32];
         let record = Arc::new(BillRecord::new(Some(NetworkParams::default()), 3));
-        let first = on(&record, &proxy, client, 100, 0);
-        first
-            .verdict(Some(&bill(&proxy, client, 10, 10)), usage(10))
-            .await
-            .unwrap()
-            .unwrap();
-        drop(first);
+        billed(&record, &proxy, client, (10, 10)).await.unwrap();
         // A is in flight when B's bill shows 40 unclaimed counters: A's bill may fill them.
         let a = on(&record, &proxy, client, 100, 0);
-        let b = on(&record, &proxy, client, 100, 0);
-        b.verdict(Some(&bill(&proxy, client, 60, 10)), usage(10))
-            .await
-            .unwrap()
-            .unwrap();
-        drop(b);
+        billed(&record, &proxy, client, (60, 10)).await.unwrap();
         // C is sent after the gap was seen: its bill will land above it, it cannot fill it.
         // A's bill fills 10 of the 40, and with A ended, nothing sent before the gap is left
         // in flight to fill the 30 others: judged now, though C is in flight.

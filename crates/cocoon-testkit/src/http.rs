@@ -62,6 +62,16 @@ where
     }
 }
 
+/// Whether the gateway at `gateway` (its `/v1` URL) has settled every request whose answer
+/// ended without its bill, with its first proxy; fails the test if one of that proxy's bills
+/// did not check out.
+pub async fn late_bills_settled(http: &reqwest::Client, gateway: &str) -> bool {
+    let network: Value = get_json(http, format!("{gateway}/network")).await;
+    let proxy = &network["proxies"][0];
+    assert_eq!(proxy["bad_bills"], 0, "{network}");
+    proxy["unsettled_bills"] == 0
+}
+
 /// POSTs `body` as JSON and parses the JSON answer, whatever its status.
 pub async fn post_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, body: &Value) -> Value {
     http.post(url)

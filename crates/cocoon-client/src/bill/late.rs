@@ -241,10 +241,9 @@ pub(crate) async fn run(record: Arc<BillRecord>, pool: Arc<ProxyPool>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{bill, on, usage};
+    use super::super::tests::{bill, billed, hi_in_four, on, usage};
     use super::*;
     use cocoon_ledger::{NetworkParams, Wallet};
-    use cocoon_protocol::{ChatMessage, GenerateRequest, Input, Role, SamplingParams, UsageBounds};
 
     const CLIENT: [u8; 32] = [2; 32];
 
@@ -289,11 +288,8 @@ mod tests {
             .await;
         assert_eq!(settled, Asked::Settled);
         assert!(record.unsettled().is_empty());
-        let next = on(&record, &proxy, CLIENT, 100, 0);
-        let e = next
-            .verdict(Some(&bill(&proxy, CLIENT, 520, 10)), usage(10))
+        let e = billed(&record, &proxy, CLIENT, (520, 10))
             .await
-            .unwrap()
             .unwrap_err();
         assert!(e.contains("500 units that no bill"), "{e}");
         assert_eq!(record.bad_bills(&proxy.public_key()), 1);
@@ -306,12 +302,7 @@ mod tests {
     async fn a_late_bill_claims_the_range_an_honest_cut_off_was_billed() {
         let (record, proxy) = (record(), Wallet::from_seed([9; 32]));
         let u = cut_off(&record, &proxy, 100).await;
-        let next = on(&record, &proxy, CLIENT, 100, 0);
-        next.verdict(Some(&bill(&proxy, CLIENT, 50, 10)), usage(10))
-            .await
-            .unwrap()
-            .unwrap();
-        drop(next);
+        billed(&record, &proxy, CLIENT, (50, 10)).await.unwrap();
         let late = LateBill::Billed {
             billing: bill(&proxy, CLIENT, 40, 30),
             usage: usage(30),
@@ -322,12 +313,7 @@ mod tests {
         );
         assert!(record.unsettled().is_empty());
         assert_eq!(record.bad_bills(&proxy.public_key()), 0);
-        let skip = on(&record, &proxy, CLIENT, 100, 0);
-        let e = skip
-            .verdict(Some(&bill(&proxy, CLIENT, 61, 10)), usage(10))
-            .await
-            .unwrap()
-            .unwrap_err();
+        let e = billed(&record, &proxy, CLIENT, (61, 10)).await.unwrap_err();
         assert!(e.contains("1 units that no bill"), "{e}");
     }
 
@@ -337,12 +323,7 @@ mod tests {
     async fn attack_not_billed_for_a_skipped_range_counts_at_once() {
         let (record, proxy) = (record(), Wallet::from_seed([9; 32]));
         let u = cut_off(&record, &proxy, 100).await;
-        let next = on(&record, &proxy, CLIENT, 100, 0);
-        next.verdict(Some(&bill(&proxy, CLIENT, 50, 10)), usage(10))
-            .await
-            .unwrap()
-            .unwrap();
-        drop(next);
+        billed(&record, &proxy, CLIENT, (50, 10)).await.unwrap();
         record
             .settle_late(contract(&proxy), &u, LateBill::NotBilled)
             .await;
@@ -353,21 +334,7 @@ mod tests {
     #[tokio::test]
     async fn attack_a_late_bill_beyond_the_request_is_bad() {
         let (record, proxy) = (record(), Wallet::from_seed([9; 32]));
-        let request = GenerateRequest {
-            model: "m".into(),
-            input: Input::Chat {
-                messages: vec![ChatMessage {
-                    role: Role::User,
-                    content: "Hi".into(),
-                }],
-            },
-            params: SamplingParams {
-                max_tokens: Some(4),
-                ..SamplingParams::default()
-            },
-            max_price: None,
-        };
-        let ticket = record.ticket_for(100, Some(30), UsageBounds::new(&request, u32::MAX));
+        let ticket = record.ticket_for(100, Some(30), hi_in_four());
         ticket
             .bind(contract(&proxy), proxy.public_key(), 0)
             .unwrap();
@@ -437,12 +404,7 @@ mod tests {
         let (record, proxy) = (record(), Wallet::from_seed([9; 32]));
         let u = cut_off(&record, &proxy, 1000).await;
         // 1000 counters it never served, explained for now by the unsettled request.
-        let skip = on(&record, &proxy, CLIENT, 100, 0);
-        skip.verdict(Some(&bill(&proxy, CLIENT, 1020, 10)), usage(10))
-            .await
-            .unwrap()
-            .unwrap();
-        drop(skip);
+        billed(&record, &proxy, CLIENT, (1020, 10)).await.unwrap();
         // Every ask for 50 minutes: "still being answered".
         for _ in 0..20 {
             assert_eq!(
@@ -453,11 +415,7 @@ mod tests {
             );
         }
         record.expire(u.since + BILL_RETENTION_SECS);
-        let next = on(&record, &proxy, CLIENT, 100, 0);
-        let _ = next
-            .verdict(Some(&bill(&proxy, CLIENT, 1030, 10)), usage(10))
-            .await;
-        drop(next);
+        let _ = billed(&record, &proxy, CLIENT, (1030, 10)).await;
         assert!(
             record.bad_bills(&proxy.public_key()) >= 1,
             "a proxy that answered `pending` until expiry kept 1000 units of credit for \
@@ -477,11 +435,7 @@ mod tests {
             usage: usage(0),
         };
         let _ = record.settle_late(contract(&proxy), &u, late).await;
-        let next = on(&record, &proxy, CLIENT, 100, 0);
-        let _ = next
-            .verdict(Some(&bill(&proxy, CLIENT, 20, 10)), usage(10))
-            .await;
-        drop(next);
+        let _ = billed(&record, &proxy, CLIENT, (20, 10)).await;
         assert!(
             record.bad_bills(&proxy.public_key()) >= 1,
             "a charge signed at counter 1,000,000 for a 0-unit late bill went unnoticed"
