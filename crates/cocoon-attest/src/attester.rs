@@ -11,7 +11,7 @@ use crate::quote::AttestError;
 pub const TSM_REPORT_ROOT: &str = "/sys/kernel/config/tsm/report";
 
 /// Magic that starts every development quote, so one can never be mistaken for a DCAP quote.
-pub const DEV_QUOTE_MAGIC: &[u8; 24] = b"COCOON-DEV-QUOTE-INSECUR";
+pub const DEV_QUOTE_MAGIC: &[u8; 24] = b"COCOON-DEV2-QUOTE-UNSAFE";
 
 /// Which kind of evidence an attester produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,7 +114,8 @@ fn rand_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// DEVELOPMENT ONLY. Signs a structure with the same fields as a TD quote (MRTD, RTMR0-3,
+/// DEVELOPMENT ONLY. Signs a structure with the same fields as a TD quote (MRTD, MRCONFIGID,
+/// MROWNER, MROWNERCONFIG, RTMR0-3,
 /// report data, TD attributes) with a local Ed25519 key. It proves nothing about the machine;
 /// policies refuse it unless they name its key explicitly.
 pub struct DevAttester {
@@ -161,14 +162,13 @@ pub fn dev_image() -> Measurements {
     );
     Measurements {
         mrtd,
-        rtmr: [[0; 48]; 4],
-        report_data: [0; 64],
-        td_attributes: [0; 8],
+        ..Measurements::default()
     }
 }
 
-/// Layout: magic(24) mrtd(48) rtmr0..3(4*48) report_data(64) td_attributes(8) signature(64).
-const DEV_BODY: usize = 24 + 48 + 4 * 48 + 64 + 8;
+/// Layout: magic(24) mrtd, mrconfigid, mrowner, mrownerconfig, rtmr0..3 (8*48)
+/// report_data(64) td_attributes(8) signature(64).
+const DEV_BODY: usize = 24 + 8 * 48 + 64 + 8;
 pub(crate) const DEV_QUOTE_LEN: usize = DEV_BODY + 64;
 
 impl Attester for DevAttester {
@@ -180,7 +180,9 @@ impl Attester for DevAttester {
         let m = &self.measurements;
         let mut out = Vec::with_capacity(DEV_QUOTE_LEN);
         out.extend_from_slice(DEV_QUOTE_MAGIC);
-        out.extend_from_slice(&m.mrtd);
+        for r in [&m.mrtd, &m.mr_config_id, &m.mr_owner, &m.mr_owner_config] {
+            out.extend_from_slice(r);
+        }
         for r in &m.rtmr {
             out.extend_from_slice(r);
         }
@@ -219,18 +221,24 @@ pub(crate) fn read_dev_quote(raw: &[u8]) -> Result<Measurements, AttestError> {
     if raw.len() != DEV_QUOTE_LEN || !raw.starts_with(DEV_QUOTE_MAGIC) {
         return Err(AttestError::Verification("not a development quote".into()));
     }
-    let field = |at: usize, len: usize| &raw[at..at + len];
-    let mut m = Measurements {
-        mrtd: [0; 48],
-        rtmr: [[0; 48]; 4],
-        report_data: [0; 64],
-        td_attributes: [0; 8],
+    let mut registers = raw[24..24 + 8 * 48].chunks_exact(48);
+    let mut next = || -> [u8; 48] {
+        registers
+            .next()
+            .expect("eight registers")
+            .try_into()
+            .expect("48 bytes")
     };
-    m.mrtd.copy_from_slice(field(24, 48));
-    for (i, r) in m.rtmr.iter_mut().enumerate() {
-        r.copy_from_slice(field(72 + 48 * i, 48));
-    }
-    m.report_data.copy_from_slice(field(264, 64));
-    m.td_attributes.copy_from_slice(field(328, 8));
+    let mut m = Measurements {
+        mrtd: next(),
+        mr_config_id: next(),
+        mr_owner: next(),
+        mr_owner_config: next(),
+        rtmr: [next(), next(), next(), next()],
+        ..Measurements::default()
+    };
+    let at = 24 + 8 * 48;
+    m.report_data.copy_from_slice(&raw[at..at + 64]);
+    m.td_attributes.copy_from_slice(&raw[at + 64..at + 72]);
     Ok(m)
 }

@@ -1,9 +1,11 @@
 use std::fmt;
 
-/// SHA-256 over the registers that describe a TD's image: MRTD (the initial TD memory: firmware)
-/// and RTMR0..2 (firmware configuration, kernel and command line, as measured at boot). RTMR3
-/// is left out on purpose: it is extended at run time by the guest itself, so it describes what
-/// the guest did after boot, not what was booted.
+/// A TD's image hash as COCOON defines it: SHA-256 over the TD's attestation data with the
+/// report data zeroed, `MRTD ‖ MRCONFIGID ‖ MROWNER ‖ MROWNERCONFIG ‖ RTMR0 ‖ RTMR1 ‖ RTMR2 ‖
+/// RTMR3 ‖ 64 zero bytes`. It covers the firmware (MRTD), the host-chosen configuration ids,
+/// the boot chain (RTMR0..2: firmware configuration, kernel, command line) and RTMR3, which
+/// the guest extends with what it was told to do: so a registry listing it names one image
+/// run one way, as a COCOON registry does.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ImageHash(pub [u8; 32]);
 
@@ -33,6 +35,12 @@ impl fmt::Debug for ImageHash {
 pub struct Measurements {
     /// MRTD: SHA-384 of the TD's initial memory (the firmware) as built by the TDX module.
     pub mrtd: [u8; 48],
+    /// MRCONFIGID: set by the host when the TD is created (e.g. a hash of its configuration).
+    pub mr_config_id: [u8; 48],
+    /// MROWNER: set by the host at creation; the TD's owner.
+    pub mr_owner: [u8; 48],
+    /// MROWNERCONFIG: set by the host at creation; owner-defined configuration.
+    pub mr_owner_config: [u8; 48],
     /// RTMR0..3: runtime measurement registers (firmware config, kernel, command line; RTMR3 for
     /// the guest's own use).
     pub rtmr: [[u8; 48]; 4],
@@ -42,19 +50,42 @@ pub struct Measurements {
     pub td_attributes: [u8; 8],
 }
 
+impl Default for Measurements {
+    /// Every register zero.
+    fn default() -> Self {
+        Self {
+            mrtd: [0; 48],
+            mr_config_id: [0; 48],
+            mr_owner: [0; 48],
+            mr_owner_config: [0; 48],
+            rtmr: [[0; 48]; 4],
+            report_data: [0; 64],
+            td_attributes: [0; 8],
+        }
+    }
+}
+
 impl Measurements {
     /// TDATTRIBUTES bit 0: the TD runs in debug mode, so the host can read and change its memory.
     pub fn is_debug(&self) -> bool {
         self.td_attributes[0] & 0x01 != 0
     }
 
-    /// The [`ImageHash`] of these registers: SHA-256 of MRTD and RTMR0..2.
+    /// The [`ImageHash`] of these registers.
     pub fn image_hash(&self) -> ImageHash {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(&self.mrtd);
-        for r in &self.rtmr[..3] {
+        for r in [
+            &self.mrtd,
+            &self.mr_config_id,
+            &self.mr_owner,
+            &self.mr_owner_config,
+        ] {
             ctx.update(r);
         }
+        for r in &self.rtmr {
+            ctx.update(r);
+        }
+        ctx.update(&[0; 64]);
         ImageHash(
             ctx.finish()
                 .as_ref()
@@ -68,6 +99,9 @@ impl fmt::Debug for Measurements {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Measurements")
             .field("mrtd", &hex::encode(self.mrtd))
+            .field("mr_config_id", &hex::encode(self.mr_config_id))
+            .field("mr_owner", &hex::encode(self.mr_owner))
+            .field("mr_owner_config", &hex::encode(self.mr_owner_config))
             .field("rtmr0", &hex::encode(self.rtmr[0]))
             .field("rtmr1", &hex::encode(self.rtmr[1]))
             .field("rtmr2", &hex::encode(self.rtmr[2]))

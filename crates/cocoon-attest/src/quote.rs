@@ -51,6 +51,9 @@ pub fn read_measurements(raw: &[u8]) -> Result<(crate::AttesterKind, Measurement
 fn measurements_of(td: &dcap_qvl::quote::TDReport10) -> Measurements {
     Measurements {
         mrtd: td.mr_td,
+        mr_config_id: td.mr_config_id,
+        mr_owner: td.mr_owner,
+        mr_owner_config: td.mr_owner_config,
         rtmr: [td.rt_mr0, td.rt_mr1, td.rt_mr2, td.rt_mr3],
         report_data: td.report_data,
         td_attributes: td.td_attributes,

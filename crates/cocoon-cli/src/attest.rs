@@ -62,6 +62,9 @@ fn measurements_json(kind: AttesterKind, m: &Measurements) -> Value {
     json!({
         "kind": kind.as_str(),
         "mrtd": hex::encode(m.mrtd),
+        "mrconfigid": hex::encode(m.mr_config_id),
+        "mrowner": hex::encode(m.mr_owner),
+        "mrownerconfig": hex::encode(m.mr_owner_config),
         "rtmr0": hex::encode(m.rtmr[0]),
         "rtmr1": hex::encode(m.rtmr[1]),
         "rtmr2": hex::encode(m.rtmr[2]),

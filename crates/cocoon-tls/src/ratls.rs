@@ -35,6 +35,8 @@ pub struct RaTlsVerifier {
     dev_keys: Vec<[u8; 32]>,
     /// Verification time for tests against recorded collateral; `None` is the clock.
     fixed_now: Option<u64>,
+    /// The role the peer's claims must name; `None`: any.
+    role: Option<String>,
     cache: QuoteCache,
 }
 
@@ -102,6 +104,7 @@ impl RaTlsVerifier {
             collateral,
             dev_keys: Vec::new(),
             fixed_now: None,
+            role: None,
             cache: QuoteCache {
                 ttl: DEFAULT_CACHE_TTL,
                 entries: Mutex::default(),
@@ -117,6 +120,14 @@ impl RaTlsVerifier {
             "RA-TLS verifier accepts DEVELOPMENT quotes: peers prove nothing about their machines"
         );
         self.dev_keys.push(key);
+        self
+    }
+
+    /// Admit only peers whose attested claims name `role` (`worker`, `proxy`, `client`): the
+    /// role a peer attests is the one its image was told to play, and must be the one it asks
+    /// for (by ALPN) where this verifier is used.
+    pub fn expect_role(mut self, role: &str) -> Self {
+        self.role = Some(role.to_owned());
         self
     }
 
@@ -223,8 +234,16 @@ impl PeerVerifier for RaTlsVerifier {
             .extension(OID_CLAIMS_STR)
             .ok_or_else(|| VerifyError::Policy("certificate carries no claims".into()))?;
         let (attested, measurements) = self.cached(quote)?;
-        check_binding(&measurements, claims, &peer.public_key)
+        let claims = check_binding(&measurements, claims, &peer.public_key)
             .map_err(|e| VerifyError::Policy(e.to_string()))?;
+        if let Some(role) = &self.role
+            && claims.role != *role
+        {
+            return Err(VerifyError::Policy(format!(
+                "the peer is attested as a {:?}, not a {role:?}",
+                claims.role
+            )));
+        }
         Ok(Verified {
             attestation: Some(attested),
         })

@@ -146,7 +146,8 @@ pub struct PeerPolicy {
     /// Require an RA-TLS certificate: a quote that verifies, bound to the peer's key, of an
     /// image listed below.
     pub require_attestation: bool,
-    /// Allowed images: hex SHA-256 of MRTD, RTMR0, RTMR1, RTMR2 (`cocoon attest show`).
+    /// Allowed images: COCOON's image hash, hex (`cocoon attest show`; see
+    /// [`cocoon_attest::ImageHash`]).
     pub image_hashes: Vec<String>,
     /// Intel TCB statuses accepted.
     pub tcb_statuses: Vec<String>,
@@ -157,9 +158,22 @@ pub struct PeerPolicy {
     pub collateral_files: Vec<PathBuf>,
     /// Public keys (hex) of development attesters whose quotes are accepted. Development only.
     pub dev_attester_keys: Vec<String>,
-    /// Seconds a verified quote is reused without verifying it again (0: verify every time).
+    /// Seconds a verified quote is reused without verifying it again (0: verify every time;
+    /// at most [`MAX_CACHE_SECS`]).
     pub cache_secs: u64,
+    /// Admit any proxy or worker, with neither pinned keys nor attestation. A proxy or worker
+    /// policy without either is refused at start unless this is set (development only; logged
+    /// loudly). Clients are admitted by key anyway: `[client_policy]` does not need it.
+    pub insecure_accept_any_peer: bool,
+    /// Accept development attester keys in a policy that also verifies real TDX quotes
+    /// (collateral files). Refused otherwise: a dev key beside Intel's collateral lets anyone
+    /// holding it pass as attested in production.
+    pub allow_dev_keys_with_tdx: bool,
 }
+
+/// The most `cache_secs` may be: a verified quote is not reused for longer than an hour, so a
+/// change of policy or collateral takes effect within it.
+pub const MAX_CACHE_SECS: u64 = 3600;
 
 impl Default for PeerPolicy {
     fn default() -> Self {
@@ -172,6 +186,8 @@ impl Default for PeerPolicy {
             collateral_files: Vec::new(),
             dev_attester_keys: Vec::new(),
             cache_secs: DEFAULT_CACHE_TTL.as_secs(),
+            insecure_accept_any_peer: false,
+            allow_dev_keys_with_tdx: false,
         }
     }
 }
@@ -197,7 +213,7 @@ impl PeerPolicy {
             parts.push(Arc::new(PinnedPeers::new(pins)));
         }
         if self.require_attestation {
-            parts.push(Arc::new(self.ratls(section)?));
+            parts.push(Arc::new(self.ratls(section)?.expect_role(what)));
         } else if !self.image_hashes.is_empty()
             || !self.collateral_files.is_empty()
             || !self.dev_attester_keys.is_empty()
@@ -207,16 +223,32 @@ impl PeerPolicy {
                 "attestation settings are given but require_attestation is false",
             ));
         }
+        if self.insecure_accept_any_peer && !parts.is_empty() {
+            return Err(config_error(
+                section,
+                "insecure_accept_any_peer is set beside pinned keys or attestation: remove it",
+            ));
+        }
         match parts.len() {
             0 => {
                 // Clients are known by their key and pay from contracts bound to it, so
-                // admitting any client is the normal setting; any worker or proxy is not.
+                // admitting any client is the normal setting; any worker or proxy is not,
+                // unless the config says so in as many words.
                 if what == "client" {
                     tracing::info!("[{section}] admits any {what} key");
-                } else {
+                } else if self.insecure_accept_any_peer {
                     tracing::warn!(
-                        "[{section}] pins no key and requires no attestation: ANY {what} is trusted (development only)"
+                        "[{section}] insecure_accept_any_peer: ANY {what} is trusted, attested or not (development only)"
                     );
+                } else {
+                    return Err(config_error(
+                        section,
+                        format!(
+                            "pins no {what} key (fingerprints) and requires no attestation \
+                             (require_attestation): any {what} could connect. Configure one, or \
+                             set insecure_accept_any_peer = true for development"
+                        ),
+                    ));
                 }
                 Ok(Arc::new(AnyPeer))
             }
@@ -264,6 +296,23 @@ impl PeerPolicy {
         }
         if self.allow_debug {
             tracing::warn!("[{section}] admits DEBUG TDs: their memory is readable by the host");
+        }
+        if self.cache_secs > MAX_CACHE_SECS {
+            return Err(config_error(
+                section,
+                format!("cache_secs is at most {MAX_CACHE_SECS}"),
+            ));
+        }
+        if !self.collateral_files.is_empty() && !self.dev_attester_keys.is_empty() {
+            if !self.allow_dev_keys_with_tdx {
+                return Err(config_error(
+                    section,
+                    "dev_attester_keys beside collateral_files: anyone holding a development \
+                     key would pass as attested where real TDX quotes are required. Remove the \
+                     dev keys, or set allow_dev_keys_with_tdx = true for a test network",
+                ));
+            }
+            tracing::warn!("[{section}] accepts DEVELOPMENT attester keys beside real TDX quotes");
         }
         let collateral = self
             .collateral_files
@@ -343,6 +392,57 @@ mod tests {
             ..PeerPolicy::default()
         };
         assert!(err(&bad_pin).starts_with("[worker_policy] bad fingerprint"));
+    }
+
+    /// Fail closed: a proxy or worker policy that pins nothing and requires no attestation
+    /// is refused unless it says insecure_accept_any_peer (and then only alone); clients are
+    /// admitted by key anyway. Dev keys beside Intel collateral need their own opt-in, and a
+    /// verified quote is not cached beyond an hour.
+    #[test]
+    fn policies_fail_closed() {
+        let open = PeerPolicy::default();
+        let e = err(&open);
+        assert!(e.contains("set insecure_accept_any_peer = true"), "{e}");
+        let e = open.build("proxy_policy", "proxy").unwrap_err().to_string();
+        assert!(e.starts_with("[proxy_policy] pins no proxy key"), "{e}");
+        open.build("client_policy", "client").unwrap();
+        let insecure = PeerPolicy {
+            insecure_accept_any_peer: true,
+            ..PeerPolicy::default()
+        };
+        insecure.build("worker_policy", "worker").unwrap();
+        let both = PeerPolicy {
+            fingerprints: vec!["ab".repeat(32)],
+            ..insecure.clone()
+        };
+        assert!(err(&both).contains("insecure_accept_any_peer is set beside"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let collateral = dir.path().join("collateral.json");
+        std::fs::write(&collateral, cocoon_testdata::TDX.collateral).unwrap();
+        let tdx = PeerPolicy {
+            require_attestation: true,
+            image_hashes: vec![dev_image().image_hash().to_string()],
+            collateral_files: vec![collateral],
+            ..PeerPolicy::default()
+        };
+        tdx.build("worker_policy", "worker").unwrap();
+        let mixed = PeerPolicy {
+            dev_attester_keys: vec!["11".repeat(32)],
+            ..tdx.clone()
+        };
+        assert!(err(&mixed).contains("allow_dev_keys_with_tdx"));
+        PeerPolicy {
+            allow_dev_keys_with_tdx: true,
+            ..mixed
+        }
+        .build("worker_policy", "worker")
+        .unwrap();
+        let long_cache = PeerPolicy {
+            cache_secs: MAX_CACHE_SECS + 1,
+            ..tdx
+        };
+        assert!(err(&long_cache).contains("cache_secs is at most 3600"));
     }
 
     #[test]

@@ -166,7 +166,7 @@ pub struct Verified {
 pub struct Attested {
     /// Which kind of quote the peer presented: TDX or development.
     pub kind: cocoon_attest::AttesterKind,
-    /// Hash of the peer's image registers (MRTD and RTMR0..2) from its quote.
+    /// The peer's image hash (COCOON's: MRTD, the config ids and RTMR0..3) from its quote.
     pub image_hash: cocoon_attest::ImageHash,
     /// Intel's TCB status of the platform; `None` for development quotes.
     pub tcb_status: Option<String>,

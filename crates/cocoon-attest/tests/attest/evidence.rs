@@ -8,9 +8,11 @@ use cocoon_attest::{
 fn measurements() -> Measurements {
     Measurements {
         mrtd: [7; 48],
-        rtmr: [[1; 48], [2; 48], [3; 48], [0; 48]],
-        report_data: [0; 64],
-        td_attributes: [0; 8],
+        mr_config_id: [4; 48],
+        mr_owner: [5; 48],
+        mr_owner_config: [6; 48],
+        rtmr: [[1; 48], [2; 48], [3; 48], [8; 48]],
+        ..Measurements::default()
     }
 }
 

@@ -119,3 +119,34 @@ fn policy_admits_only_listed_images_statuses_and_no_debug() {
     };
     lax.check(&debug).unwrap();
 }
+
+/// The image hash is COCOON's: SHA-256 over the TD report's MRTD through RTMR3 (384 bytes,
+/// contiguous in the quote) and 64 zero bytes in place of the report data. Computed here from
+/// the quote's own bytes, at the offsets of the quote formats (v4: a 48-byte header; v5: the
+/// header and a 6-byte body descriptor; then 136 bytes of TEE TCB and TD attributes before
+/// MRTD), and pinned.
+#[test]
+fn image_hashes_are_cocoons_over_the_quotes_own_bytes() {
+    for (v, mrtd_at, pinned) in [
+        (
+            TDX,
+            48 + 136,
+            "b260fa9168ca9f28e7f15f128a45ac31c419705b31a60feac30b322ee06bc752",
+        ),
+        (
+            TDX15,
+            48 + 6 + 136,
+            "828898d0193ff4cbc40f8a6510c9c70136035d828c8525de40ec3ed71b52ca4f",
+        ),
+    ] {
+        let (q, c) = load(v);
+        let verified = verify_quote(&q, &c, v.at).unwrap();
+        let mut attestation = q[mrtd_at..mrtd_at + 8 * 48].to_vec();
+        assert_eq!(attestation[..48], verified.measurements.mrtd);
+        attestation.extend_from_slice(&[0; 64]);
+        let expected = ring::digest::digest(&ring::digest::SHA256, &attestation);
+        let image = verified.measurements.image_hash();
+        assert_eq!(image.0, expected.as_ref());
+        assert_eq!(image, ImageHash::from_hex(pinned).unwrap(), "{image}");
+    }
+}

@@ -6,7 +6,7 @@ use std::process::Command;
 use serde_json::Value;
 
 const TDX_TIME: &str = "1750332747";
-const TDX_IMAGE: &str = "345469a462dafe286b728237091da824ce7508ebf14b390a47b1766c9c22cd65";
+const TDX_IMAGE: &str = "b260fa9168ca9f28e7f15f128a45ac31c419705b31a60feac30b322ee06bc752";
 
 fn vectors() -> PathBuf {
     cocoon_testdata::tdx_dir()

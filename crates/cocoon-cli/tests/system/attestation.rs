@@ -214,6 +214,10 @@ async fn proxy_requiring_attested_clients_admits_only_them() {
             listen: "127.0.0.1:0".into(),
             attester: attester.clone(),
             client_policy: policy.clone(),
+            worker_policy: PeerPolicy {
+                insecure_accept_any_peer: true,
+                ..PeerPolicy::default()
+            },
             ..ProxyConfig::default()
         },
         cocoon_cli::money::LEDGERS,

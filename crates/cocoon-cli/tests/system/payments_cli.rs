@@ -218,6 +218,11 @@ async fn role_by_role_setup_as_documented() {
             book: path("proxy-book.redb").into(),
             commit_interval_secs: 1,
         },
+        // No worker joins in this test; a real proxy pins its workers or requires attestation.
+        worker_policy: cocoon_tls::PeerPolicy {
+            insecure_accept_any_peer: true,
+            ..Default::default()
+        },
         ..Default::default()
     };
     std::fs::write(path("proxy.toml"), toml::to_string(&proxy_config).unwrap()).unwrap();
@@ -254,6 +259,10 @@ async fn role_by_role_setup_as_documented() {
             ledger: Some(url.clone()),
             proxy_key: None,
             bill_file: path("client-bills.json").into(),
+            ..Default::default()
+        },
+        proxy_policy: cocoon_tls::PeerPolicy {
+            insecure_accept_any_peer: true,
             ..Default::default()
         },
         ..Default::default()
@@ -296,7 +305,10 @@ async fn a_gateway_open_beyond_loopback_without_keys_warns_loudly() {
         let config = dir.path().join("client.toml");
         std::fs::write(
             &config,
-            format!("listen = \"{listen}\"\nproxy_addr = \"127.0.0.1:1\"\n{extra}"),
+            format!(
+                "listen = \"{listen}\"\nproxy_addr = \"127.0.0.1:1\"\n{extra}\n\
+                 [proxy_policy]\ninsecure_accept_any_peer = true\n"
+            ),
         )
         .unwrap();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))

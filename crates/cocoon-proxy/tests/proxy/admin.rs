@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use cocoon_proxy::{AdminConfig, LimitsConfig, Proxy, ProxyConfig};
 use cocoon_testkit::dev::keys::LEDGERS;
+use cocoon_tls::PeerPolicy;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +13,10 @@ fn config(admin: AdminConfig) -> ProxyConfig {
     ProxyConfig {
         listen: "127.0.0.1:0".into(),
         admin,
+        worker_policy: PeerPolicy {
+            insecure_accept_any_peer: true,
+            ..PeerPolicy::default()
+        },
         ..ProxyConfig::default()
     }
 }

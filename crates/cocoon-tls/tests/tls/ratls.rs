@@ -11,8 +11,7 @@ fn image(mrtd: u8) -> Measurements {
     Measurements {
         mrtd: [mrtd; 48],
         rtmr: [[1; 48], [2; 48], [3; 48], [0; 48]],
-        report_data: [0; 64],
-        td_attributes: [0; 8],
+        ..Measurements::default()
     }
 }
 
@@ -276,4 +275,32 @@ async fn an_expired_attested_certificate_is_refused_in_the_handshake() {
     let expired = serve_handmade_cert(&wa, now - 3 * day, now - day).await;
     let err = connect_to(expired, verifier).await.unwrap_err();
     assert_eq!(err, "invalid peer certificate: Expired");
+}
+
+/// The role a peer attests is the role its image was told to play: a node attested as a
+/// client is refused where a worker is expected (a proxy's worker ALPN), though its image,
+/// key binding and attester all check out.
+#[test]
+fn a_peer_attested_for_another_role_is_refused() {
+    let a = dev(7);
+    let as_client = Identity::ephemeral("client")
+        .unwrap()
+        .with_attester("client", a.clone())
+        .unwrap();
+    let workers_only = RaTlsVerifier::new(policy_for(7), vec![])
+        .allow_dev_key(a.public_key())
+        .expect_role("worker");
+    let err = workers_only
+        .verify(&cert_of(&as_client))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("attested as a \"client\", not a \"worker\""),
+        "{err}"
+    );
+    let as_worker = Identity::ephemeral("worker")
+        .unwrap()
+        .with_attester("worker", a)
+        .unwrap();
+    workers_only.verify(&cert_of(&as_worker)).unwrap();
 }
