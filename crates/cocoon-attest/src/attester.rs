@@ -44,12 +44,17 @@ pub trait Attester: Send + Sync {
     fn kind(&self) -> AttesterKind;
     /// A quote whose report data is exactly `report_data`.
     fn quote(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError>;
+    /// Extends RTMR3 with `event`'s digest: later quotes carry the new value. Fails where
+    /// RTMR3 cannot be extended, or was extended before by something whose events are not
+    /// known (a verifier could not replay it).
+    fn measure(&self, event: &crate::MeasuredEvent) -> Result<(), AttestError>;
 }
 
 /// Real TDX quotes through configfs-tsm: create a report entry, write the report data to
 /// `inblob`, read the quote from `outblob`, remove the entry.
 pub struct TdxAttester {
     root: PathBuf,
+    rtmr3: PathBuf,
 }
 
 impl TdxAttester {
@@ -68,7 +73,14 @@ impl TdxAttester {
         }
         Ok(Self {
             root: root.to_owned(),
+            rtmr3: PathBuf::from(crate::RTMR3_SYSFS),
         })
+    }
+
+    /// Extends RTMR3 through the file at `path` instead of the kernel's (for tests).
+    pub fn with_rtmr3(mut self, path: &Path) -> Self {
+        self.rtmr3 = path.to_owned();
+        self
     }
 }
 
@@ -105,6 +117,25 @@ impl Attester for TdxAttester {
         let _ = std::fs::remove_dir(&entry);
         result
     }
+
+    fn measure(&self, event: &crate::MeasuredEvent) -> Result<(), AttestError> {
+        let shown = self.rtmr3.display();
+        let now = std::fs::read(&self.rtmr3).map_err(|e| {
+            AttestError::NoTee(format!(
+                "cannot read RTMR3 at {shown}: {e} (measuring the configuration needs a TDX \
+                 guest kernel with the measurement interface, Linux 6.16+)"
+            ))
+        })?;
+        if now.iter().any(|b| *b != 0) {
+            return Err(AttestError::NoTee(format!(
+                "RTMR3 ({shown}) was extended since the TD booted, by something whose events \
+                 this node does not know, so peers could not replay it: start cocoon in a \
+                 freshly booted TD"
+            )));
+        }
+        std::fs::write(&self.rtmr3, event.digest())
+            .map_err(|e| AttestError::NoTee(format!("cannot extend RTMR3 at {shown}: {e}")))
+    }
 }
 
 fn rand_u64() -> u64 {
@@ -120,7 +151,8 @@ fn rand_u64() -> u64 {
 /// policies refuse it unless they name its key explicitly.
 pub struct DevAttester {
     key: Ed25519KeyPair,
-    measurements: Measurements,
+    /// RTMR3 moves as events are measured, as a TD's would.
+    measurements: std::sync::Mutex<Measurements>,
 }
 
 impl DevAttester {
@@ -129,7 +161,10 @@ impl DevAttester {
     pub fn new(pkcs8: &[u8], measurements: Measurements) -> Result<Self, AttestError> {
         let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
             .map_err(|e| AttestError::NoTee(format!("dev attester key: {e}")))?;
-        Ok(Self { key, measurements })
+        Ok(Self {
+            key,
+            measurements: std::sync::Mutex::new(measurements),
+        })
     }
 
     /// A fresh key; returns its PKCS#8 too so it can be saved.
@@ -177,7 +212,11 @@ impl Attester for DevAttester {
     }
 
     fn quote(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError> {
-        let m = &self.measurements;
+        let m = self
+            .measurements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut out = Vec::with_capacity(DEV_QUOTE_LEN);
         out.extend_from_slice(DEV_QUOTE_MAGIC);
         for r in [&m.mrtd, &m.mr_config_id, &m.mr_owner, &m.mr_owner_config] {
@@ -191,6 +230,12 @@ impl Attester for DevAttester {
         let sig = self.key.sign(&out);
         out.extend_from_slice(sig.as_ref());
         Ok(out)
+    }
+
+    fn measure(&self, event: &crate::MeasuredEvent) -> Result<(), AttestError> {
+        let mut m = self.measurements.lock().unwrap_or_else(|e| e.into_inner());
+        m.rtmr[3] = crate::extend(&m.rtmr[3], &event.digest());
+        Ok(())
     }
 }
 

@@ -13,6 +13,10 @@ pub struct Claims {
     pub public_key: String,
     /// `worker`, `proxy` or `client`.
     pub role: String,
+    /// What the node measured into RTMR3 since boot, in order: a verifier replays it to the
+    /// quote's RTMR3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub measured: Vec<crate::MeasuredEvent>,
 }
 
 impl Claims {

@@ -6,12 +6,14 @@
 //! Putting quotes into certificates and producing them inside a TD (the `Attester` side) build
 //! on this crate.
 
+mod measured;
 mod measurements;
 mod policy;
 mod quote;
 
+pub use measured::{CONFIG_EVENT, MeasuredEvent, RTMR3_SYSFS, config_hash, extend, replay};
 pub use measurements::{ImageHash, Measurements};
-pub use policy::{Policy, PolicyError};
+pub use policy::{Policy, PolicyError, RegisterRule};
 pub use quote::{
     AttestError, Collateral, VerifiedQuote, parse_collateral, read_measurements, verify_quote,
 };

@@ -3,11 +3,39 @@ use std::collections::HashSet;
 use crate::measurements::ImageHash;
 use crate::quote::VerifiedQuote;
 
+/// Registers a quote must hold, as an alternative to a listed image hash: for operators who
+/// build their own images and allow them by MRTD and boot registers, leaving RTMR3 (the
+/// measured configuration) to `config_hashes`. Every register given must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterRule {
+    /// MRTD; every rule fixes it (a rule fixing nothing would admit any image).
+    pub mrtd: [u8; 48],
+    /// RTMR0..3, each fixed when given.
+    pub rtmr: [Option<[u8; 48]>; 4],
+}
+
+impl RegisterRule {
+    /// Whether `m` holds every register this rule fixes.
+    pub fn matches(&self, m: &crate::Measurements) -> bool {
+        self.mrtd == m.mrtd
+            && self
+                .rtmr
+                .iter()
+                .zip(&m.rtmr)
+                .all(|(want, have)| want.is_none_or(|w| w == *have))
+    }
+}
+
 /// Which attested machines may join: allowed images, acceptable TCB statuses, no debug TDs.
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// Images allowed to run (later: read from the root registry).
     pub image_hashes: HashSet<ImageHash>,
+    /// Register rules an image may match instead of a listed hash.
+    pub registers: Vec<RegisterRule>,
+    /// Configuration hashes ([`crate::MeasuredEvent::config_hash`]) allowed; empty: any
+    /// configuration (RTMR3 is still replayed from the events the peer names).
+    pub config_hashes: HashSet<String>,
     /// Intel TCB statuses accepted. Default: `UpToDate` only.
     pub tcb_statuses: Vec<String>,
     /// Debug TDs expose their memory to the host; only for local experiments.
@@ -18,6 +46,8 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             image_hashes: HashSet::new(),
+            registers: Vec::new(),
+            config_hashes: HashSet::new(),
             tcb_statuses: vec!["UpToDate".into()],
             allow_debug: false,
         }
@@ -36,6 +66,15 @@ pub enum PolicyError {
     /// The image hash is not in the allowed set; carries the image hash and the MRTD in hex.
     #[error("image {0} is not allowed (MRTD {1})")]
     ImageNotAllowed(ImageHash, String),
+    /// RTMR3 is not what replaying the events the peer names gives.
+    #[error("RTMR3 does not replay from the measured events the certificate names")]
+    MeasurementMismatch,
+    /// The measured configuration is not in the allowed set.
+    #[error("configuration {0} is not allowed")]
+    ConfigNotAllowed(String),
+    /// Configuration hashes are required, and the peer measured none.
+    #[error("the peer measured no configuration, and this policy allows only listed ones")]
+    NoConfig,
 }
 
 impl Policy {
@@ -57,9 +96,93 @@ impl Policy {
             return Err(PolicyError::DebugTd);
         }
         let image = m.image_hash();
-        if !self.image_hashes.contains(&image) {
+        if !self.image_hashes.contains(&image) && !self.registers.iter().any(|r| r.matches(m)) {
             return Err(PolicyError::ImageNotAllowed(image, hex::encode(m.mrtd)));
         }
         Ok(())
+    }
+
+    /// Checks the events a peer's claims name against its quote's RTMR3 and the allowed
+    /// configurations; the configuration hash it measured, if any.
+    pub fn check_measured(
+        &self,
+        m: &crate::Measurements,
+        events: &[crate::MeasuredEvent],
+    ) -> Result<Option<String>, PolicyError> {
+        // Without events RTMR3 is covered by the image hash alone; with them, it must be
+        // exactly what they give.
+        if !events.is_empty() && crate::replay(events) != m.rtmr[3] {
+            return Err(PolicyError::MeasurementMismatch);
+        }
+        let config = crate::config_hash(events);
+        if !self.config_hashes.is_empty() {
+            match &config {
+                None => return Err(PolicyError::NoConfig),
+                Some(h) if !self.config_hashes.contains(h) => {
+                    return Err(PolicyError::ConfigNotAllowed(h.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MeasuredEvent, Measurements, replay};
+
+    /// RTMR3 must be what the named events replay to; configuration hashes, when listed, must
+    /// include the one measured; register rules admit an image by the registers they fix.
+    #[test]
+    fn measured_events_replay_and_configs_are_allowed_by_hash() {
+        let config = MeasuredEvent::config("{\"role\":\"worker\"}".into());
+        let m = Measurements {
+            rtmr: [
+                [0; 48],
+                [0; 48],
+                [0; 48],
+                replay(std::slice::from_ref(&config)),
+            ],
+            ..Measurements::default()
+        };
+        let any = Policy::default();
+        assert_eq!(
+            any.check_measured(&m, std::slice::from_ref(&config)),
+            Ok(Some(config.config_hash()))
+        );
+        let other = MeasuredEvent::config("{\"role\":\"proxy\"}".into());
+        assert_eq!(
+            any.check_measured(&m, std::slice::from_ref(&other)),
+            Err(PolicyError::MeasurementMismatch)
+        );
+        // No events: RTMR3 is covered by the image hash alone.
+        assert_eq!(any.check_measured(&m, &[]), Ok(None));
+        let listed = Policy {
+            config_hashes: [other.config_hash()].into(),
+            ..Policy::default()
+        };
+        assert_eq!(
+            listed.check_measured(&m, std::slice::from_ref(&config)),
+            Err(PolicyError::ConfigNotAllowed(config.config_hash()))
+        );
+        assert_eq!(listed.check_measured(&m, &[]), Err(PolicyError::NoConfig));
+
+        let rule = RegisterRule {
+            mrtd: [0; 48],
+            rtmr: [Some([0; 48]), None, None, None],
+        };
+        let by_registers = Policy {
+            registers: vec![rule],
+            ..Policy::default()
+        };
+        by_registers.check_measurements(&m).unwrap();
+        let mut moved = m.clone();
+        moved.rtmr[0] = [1; 48];
+        assert!(matches!(
+            by_registers.check_measurements(&moved),
+            Err(PolicyError::ImageNotAllowed(..))
+        ));
     }
 }

@@ -102,8 +102,16 @@ pub fn show(evidence: &Evidence) -> anyhow::Result<Value> {
                         .unwrap_or_else(|_| json!(String::from_utf8_lossy(claims)));
                     out["quote"] = measurements_json(kind, &m);
                     out["bound_to_key"] = json!(binding.is_ok());
-                    if let Err(e) = binding {
-                        out["binding_error"] = json!(e.to_string());
+                    match binding {
+                        // What the node measured into RTMR3, and whether it replays there.
+                        Ok(claims) if !claims.measured.is_empty() => {
+                            out["config_hash"] =
+                                json!(cocoon_attest::config_hash(&claims.measured));
+                            out["rtmr3_replays"] =
+                                json!(cocoon_attest::replay(&claims.measured) == m.rtmr[3]);
+                        }
+                        Ok(_) => {}
+                        Err(e) => out["binding_error"] = json!(e.to_string()),
                     }
                 }
             }
@@ -218,7 +226,7 @@ pub fn make_certificate(
     key_file: &Path,
     role: &str,
 ) -> anyhow::Result<(String, cocoon_tls::Fingerprint)> {
-    let identity = attester.identity(Some(key_file), &format!("cocoon-{role}"), role)?;
+    let identity = attester.identity(Some(key_file), &format!("cocoon-{role}"), role, None)?;
     let der = identity.certified_key().cert[0].to_vec();
     Ok((
         pem::encode(&pem::Pem::new("CERTIFICATE", der)),

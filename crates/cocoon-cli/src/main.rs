@@ -131,6 +131,13 @@ enum AttestCommand {
     /// Create (if missing) a development attester key and print its public key and the image
     /// hash it attests.
     DevKey { key_file: PathBuf },
+    /// Print the configuration a node of ROLE (`worker`, `proxy`, `client`) with this config
+    /// file measures into RTMR3, and its hash: what peers list in `config_hashes`.
+    ConfigHash {
+        role: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Write the certificate a node with this key and attester presents, as PEM.
     Cert {
         /// The node's key (created if missing).
@@ -370,6 +377,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 cfg.key_file.as_deref(),
                 "cocoon-worker",
                 "worker",
+                Some(cfg.measured()),
             )?);
             println!("worker key fingerprint: {}", identity.fingerprint());
             let proxy = cfg.proxy_policy.build("proxy_policy", "proxy")?;
@@ -606,6 +614,20 @@ fn attest(command: AttestCommand) -> anyhow::Result<()> {
             attest_cmd::verify(&Evidence::read(&file)?, &options)?
         }
         AttestCommand::DevKey { key_file } => attest_cmd::dev_key(&key_file)?,
+        AttestCommand::ConfigHash { role, config } => {
+            let path = Some(config.as_path());
+            let measured = match role.as_str() {
+                "worker" => config::load::<WorkerConfig>(path)?.measured(),
+                "proxy" => config::load::<cocoon_proxy::ProxyConfig>(path)?.measured(),
+                "client" => config::load::<cocoon_client::ClientConfig>(path)?.measured(),
+                other => anyhow::bail!("unknown role {other:?}: worker, proxy or client"),
+            };
+            serde_json::json!({
+                "role": role,
+                "config_hash": measured.config_hash(),
+                "measured": measured.content,
+            })
+        }
         AttestCommand::Cert {
             key_file,
             role,

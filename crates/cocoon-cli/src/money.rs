@@ -273,6 +273,7 @@ impl ClientAccount {
             Some(&self.key_file),
             "cocoon-client",
             "client",
+            None,
         )?);
         let policy = self.config.proxy_policy.build("proxy_policy", "proxy")?;
         let link = cocoon_client::ProxyLink::new(self.config.proxy_addr.clone(), identity, policy);

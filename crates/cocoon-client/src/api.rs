@@ -145,6 +145,7 @@ impl Gateway {
             config.key_file.as_deref(),
             "cocoon-client",
             "client",
+            Some(config.measured()),
         )?);
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
         let proxy = config.proxy_policy.build("proxy_policy", "proxy")?;
@@ -315,6 +316,7 @@ fn attestation_json(state: &AppState) -> Value {
         "client": state.attestation,
         "proxy": proxy_mode,
         "proxy_image_hash": attested.map(|a| a.image_hash.to_string()),
+        "proxy_config_hash": attested.and_then(|a| a.config_hash.clone()),
         "proxy_tcb_status": attested.and_then(|a| a.tcb_status.clone()),
         "development": development,
     });

@@ -83,6 +83,20 @@ impl ClientConfig {
             .chain(self.fallback_proxies.iter().cloned())
             .collect()
     }
+
+    /// What of this configuration decides where prompts go, as the gateway measures it into
+    /// RTMR3 before it serves (no secrets: it travels in the gateway's certificates).
+    pub fn measured(&self) -> cocoon_tls::MeasuredEvent {
+        cocoon_tls::MeasuredEvent::config(
+            serde_json::json!({
+                "role": "client",
+                "proxies": self.proxies(),
+                "proxy_policy": self.proxy_policy.measured(),
+                "ledger": self.payments.ledger,
+            })
+            .to_string(),
+        )
+    }
 }
 
 impl Default for ClientConfig {

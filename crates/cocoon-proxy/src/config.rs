@@ -135,3 +135,19 @@ impl Default for ProxyConfig {
         }
     }
 }
+
+impl ProxyConfig {
+    /// What of this configuration decides where prompts go, as the proxy measures it into
+    /// RTMR3 before it serves (no secrets: it travels in the proxy's certificates).
+    pub fn measured(&self) -> cocoon_tls::MeasuredEvent {
+        cocoon_tls::MeasuredEvent::config(
+            serde_json::json!({
+                "role": "proxy",
+                "worker_policy": self.worker_policy.measured(),
+                "client_policy": self.client_policy.measured(),
+                "ledger": self.payments.ledger,
+            })
+            .to_string(),
+        )
+    }
+}

@@ -153,6 +153,9 @@ pub struct WorkerStatus {
     pub attestation: String,
     /// The worker's verified image hash, when attested.
     pub image_hash: Option<String>,
+    /// The configuration it measured into RTMR3 (hex SHA-256), when it did.
+    #[serde(default)]
+    pub config_hash: Option<String>,
 }
 
 /// What a worker offers for one model, as the status shows it.
@@ -184,6 +187,7 @@ impl Proxy {
             config.key_file.as_deref(),
             "cocoon-proxy",
             "proxy",
+            Some(config.measured()),
         )?);
         config.limits.check()?;
         config.routing.check()?;
@@ -386,6 +390,12 @@ impl StatusSource for State {
                         .attestation
                         .as_ref()
                         .map(|a| a.image_hash.to_string()),
+                    config_hash: w
+                        .link
+                        .attestation
+                        .attestation
+                        .as_ref()
+                        .and_then(|a| a.config_hash.clone()),
                 })
                 .collect(),
         }

@@ -94,6 +94,8 @@ pub struct Identity {
 struct Attestation {
     attester: Arc<dyn cocoon_attest::Attester>,
     role: String,
+    /// What this node measured into RTMR3, named in every certificate's claims.
+    measured: Vec<cocoon_attest::MeasuredEvent>,
 }
 
 struct Issued {
@@ -159,10 +161,26 @@ impl Identity {
     /// Makes every certificate of this identity an RA-TLS certificate: it carries a quote from
     /// `attester` whose report data is SHA-512 of claims naming this key and `role`.
     pub fn with_attester(
-        mut self,
+        self,
         role: &str,
         attester: Arc<dyn cocoon_attest::Attester>,
     ) -> Result<Self, IdentityError> {
+        self.with_measured_attester(role, attester, Vec::new())
+    }
+
+    /// [`Self::with_attester`], after measuring `measured` into RTMR3 (in order) through the
+    /// attester: every certificate's claims name the events, so peers can replay RTMR3.
+    pub fn with_measured_attester(
+        mut self,
+        role: &str,
+        attester: Arc<dyn cocoon_attest::Attester>,
+        measured: Vec<cocoon_attest::MeasuredEvent>,
+    ) -> Result<Self, IdentityError> {
+        for event in &measured {
+            attester
+                .measure(event)
+                .map_err(IdentityError::Attestation)?;
+        }
         if attester.kind() == cocoon_attest::AttesterKind::Dev {
             tracing::warn!(
                 "DEVELOPMENT ATTESTATION: certificates carry a dev quote that proves nothing about this machine"
@@ -171,6 +189,7 @@ impl Identity {
         let attestation = Attestation {
             attester,
             role: role.to_owned(),
+            measured,
         };
         let issued = issue(&self.key_pair, &self.name, Some(&attestation))?;
         self.attestation = Some(attestation);
@@ -267,6 +286,7 @@ fn issue(
         let claims = cocoon_attest::Claims {
             public_key: hex::encode(key_pair.public_key_raw()),
             role: a.role.clone(),
+            measured: a.measured.clone(),
         }
         .to_bytes();
         let quote = a

@@ -12,11 +12,12 @@ mod ratls;
 mod trust;
 mod verify;
 
+pub use cocoon_attest::MeasuredEvent;
 pub use config::{client_config, peer_identity, server_config, verified_peer};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use ratls::{CacheStats, DEFAULT_CACHE_TTL, RaTlsVerifier, attestation_extensions};
 pub use trust::{
-    AttesterChoice, AttesterConfig, MAX_CACHE_SECS, PeerPolicy, TrustError, dev_attester,
+    AttesterChoice, AttesterConfig, MAX_CACHE_SECS, PeerPolicy, Registers, TrustError, dev_attester,
 };
 pub use verify::{
     AllOf, AnyOf, AnyPeer, Attested, PeerCertificate, PeerVerifier, PinnedPeers, Verified,

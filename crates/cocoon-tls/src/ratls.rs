@@ -188,6 +188,7 @@ impl RaTlsVerifier {
                 kind: AttesterKind::Dev,
                 image_hash: m.image_hash(),
                 tcb_status: None,
+                config_hash: None,
             };
             return Ok((attested, m));
         }
@@ -207,6 +208,7 @@ impl RaTlsVerifier {
                         kind: AttesterKind::Tdx,
                         image_hash: v.measurements.image_hash(),
                         tcb_status: Some(v.tcb_status),
+                        config_hash: None,
                     };
                     return Ok((attested, v.measurements));
                 }
@@ -244,8 +246,15 @@ impl PeerVerifier for RaTlsVerifier {
                 claims.role
             )));
         }
+        let config_hash = self
+            .policy
+            .check_measured(&measurements, &claims.measured)
+            .map_err(|e| VerifyError::Policy(e.to_string()))?;
         Ok(Verified {
-            attestation: Some(attested),
+            attestation: Some(Attested {
+                config_hash,
+                ..attested
+            }),
         })
     }
 

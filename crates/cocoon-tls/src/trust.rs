@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_attest::{Attester, DevAttester, ImageHash, Policy, TdxAttester, dev_image};
+use cocoon_attest::{
+    Attester, DevAttester, ImageHash, MeasuredEvent, Policy, TdxAttester, dev_image,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{Fingerprint, Identity, IdentityError, load_or_create_key};
@@ -112,16 +114,23 @@ impl AttesterConfig {
     }
 
     /// This node's identity: the key in `key_file` (fresh when unset) with certificates that
-    /// carry the configured attestation for `role`.
+    /// carry the configured attestation for `role`, after `measured` (the node's configuration,
+    /// if given) is measured into RTMR3.
     pub fn identity(
         &self,
         key_file: Option<&Path>,
         name: &str,
         role: &str,
+        measured: Option<MeasuredEvent>,
     ) -> Result<Identity, TrustError> {
         let identity = Identity::from_key_file(key_file, name)?;
         Ok(match self.build()? {
-            Some(attester) => identity.with_attester(role, attester)?,
+            Some(attester) => {
+                if let Some(config) = &measured {
+                    tracing::info!(config_hash = %config.config_hash(), "measuring this node's configuration into RTMR3");
+                }
+                identity.with_measured_attester(role, attester, measured.into_iter().collect())?
+            }
             None => identity,
         })
     }
@@ -149,6 +158,13 @@ pub struct PeerPolicy {
     /// Allowed images: COCOON's image hash, hex (`cocoon attest show`; see
     /// [`cocoon_attest::ImageHash`]).
     pub image_hashes: Vec<String>,
+    /// Images allowed by their registers instead: `[[*_policy.registers]]` tables, each with
+    /// `mrtd` and any of `rtmr0`..`rtmr3` (96 hex digits each) that must match. For operators
+    /// who build their own images; RTMR3 is then usually left to `config_hashes`.
+    pub registers: Vec<Registers>,
+    /// Allowed measured configurations (hex SHA-256, as `cocoon attest show` prints it);
+    /// empty: any configuration (RTMR3 is still replayed from the events the peer names).
+    pub config_hashes: Vec<String>,
     /// Intel TCB statuses accepted.
     pub tcb_statuses: Vec<String>,
     /// Admit debug TDs, whose memory the host can read. Never in production.
@@ -171,6 +187,60 @@ pub struct PeerPolicy {
     pub allow_dev_keys_with_tdx: bool,
 }
 
+/// One `[[*_policy.registers]]` rule: registers an allowed image holds (hex, 96 digits each).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Registers {
+    /// MRTD, required: a rule that fixes nothing would admit any image.
+    pub mrtd: String,
+    /// RTMR0, if fixed.
+    pub rtmr0: Option<String>,
+    /// RTMR1, if fixed.
+    pub rtmr1: Option<String>,
+    /// RTMR2, if fixed.
+    pub rtmr2: Option<String>,
+    /// RTMR3, if fixed.
+    pub rtmr3: Option<String>,
+}
+
+impl Registers {
+    fn rule(&self, section: &str) -> Result<cocoon_attest::RegisterRule, TrustError> {
+        let register = |name: &str, hex_value: &str| -> Result<[u8; 48], TrustError> {
+            hex::decode(hex_value.trim())
+                .ok()
+                .and_then(|b| <[u8; 48]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    config_error(
+                        section,
+                        format!("registers: {name} must be 96 hex digits, not {hex_value:?}"),
+                    )
+                })
+        };
+        let optional =
+            |name: &str, v: &Option<String>| v.as_deref().map(|h| register(name, h)).transpose();
+        Ok(cocoon_attest::RegisterRule {
+            mrtd: register("mrtd", &self.mrtd)?,
+            rtmr: [
+                optional("rtmr0", &self.rtmr0)?,
+                optional("rtmr1", &self.rtmr1)?,
+                optional("rtmr2", &self.rtmr2)?,
+                optional("rtmr3", &self.rtmr3)?,
+            ],
+        })
+    }
+
+    /// A rule for the registers of `m`: MRTD and RTMR0..2 (the boot chain), RTMR3 left open.
+    pub fn boot_of(m: &cocoon_attest::Measurements) -> Self {
+        Self {
+            mrtd: hex::encode(m.mrtd),
+            rtmr0: Some(hex::encode(m.rtmr[0])),
+            rtmr1: Some(hex::encode(m.rtmr[1])),
+            rtmr2: Some(hex::encode(m.rtmr[2])),
+            rtmr3: None,
+        }
+    }
+}
+
 /// The most `cache_secs` may be: a verified quote is not reused for longer than an hour, so a
 /// change of policy or collateral takes effect within it.
 pub const MAX_CACHE_SECS: u64 = 3600;
@@ -181,6 +251,8 @@ impl Default for PeerPolicy {
             fingerprints: Vec::new(),
             require_attestation: false,
             image_hashes: Vec::new(),
+            registers: Vec::new(),
+            config_hashes: Vec::new(),
             tcb_statuses: vec!["UpToDate".into()],
             allow_debug: false,
             collateral_files: Vec::new(),
@@ -193,6 +265,24 @@ impl Default for PeerPolicy {
 }
 
 impl PeerPolicy {
+    /// What of this policy decides which peers get prompts, as a node measures it into its
+    /// configuration: everything but where collateral files lie and how long quotes are
+    /// cached.
+    pub fn measured(&self) -> serde_json::Value {
+        serde_json::json!({
+            "fingerprints": self.fingerprints,
+            "require_attestation": self.require_attestation,
+            "image_hashes": self.image_hashes,
+            "registers": self.registers,
+            "config_hashes": self.config_hashes,
+            "tcb_statuses": self.tcb_statuses,
+            "allow_debug": self.allow_debug,
+            "dev_attester_keys": self.dev_attester_keys,
+            "insecure_accept_any_peer": self.insecure_accept_any_peer,
+            "allow_dev_keys_with_tdx": self.allow_dev_keys_with_tdx,
+        })
+    }
+
     /// The verifier for peers of kind `what` (`worker`, `proxy`, `client`), configured under
     /// `[section]`.
     pub fn build(&self, section: &str, what: &str) -> Result<Arc<dyn PeerVerifier>, TrustError> {
@@ -215,6 +305,8 @@ impl PeerPolicy {
         if self.require_attestation {
             parts.push(Arc::new(self.ratls(section)?.expect_role(what)));
         } else if !self.image_hashes.is_empty()
+            || !self.registers.is_empty()
+            || !self.config_hashes.is_empty()
             || !self.collateral_files.is_empty()
             || !self.dev_attester_keys.is_empty()
         {
@@ -270,15 +362,37 @@ impl PeerPolicy {
                 })
             })
             .collect::<Result<_, _>>()?;
+        let registers = self
+            .registers
+            .iter()
+            .map(|r| r.rule(section))
+            .collect::<Result<_, _>>()?;
+        let config_hashes = self
+            .config_hashes
+            .iter()
+            .map(|h| {
+                let h = h.trim().to_ascii_lowercase();
+                match hex::decode(&h).map(|b| b.len()) {
+                    Ok(32) => Ok(h),
+                    _ => Err(config_error(
+                        section,
+                        format!("bad config hash {h:?}: expected 64 hex digits"),
+                    )),
+                }
+            })
+            .collect::<Result<_, _>>()?;
         let policy = Policy {
             image_hashes,
+            registers,
+            config_hashes,
             tcb_statuses: self.tcb_statuses.clone(),
             allow_debug: self.allow_debug,
         };
-        if policy.image_hashes.is_empty() {
+        if policy.image_hashes.is_empty() && policy.registers.is_empty() {
             return Err(config_error(
                 section,
-                "require_attestation is set but image_hashes is empty: no peer could connect",
+                "require_attestation is set but neither image_hashes nor registers are given: \
+                 no peer could connect",
             ));
         }
         if self.collateral_files.is_empty() && self.dev_attester_keys.is_empty() {
@@ -361,7 +475,7 @@ mod tests {
             dev_attester_keys: vec![dev_key.clone()],
             ..PeerPolicy::default()
         };
-        assert!(err(&no_images).contains("image_hashes is empty"));
+        assert!(err(&no_images).contains("neither image_hashes nor registers"));
         let nothing_verifies = PeerPolicy {
             require_attestation: true,
             image_hashes: vec![image.clone()],

@@ -170,6 +170,8 @@ pub struct Attested {
     pub image_hash: cocoon_attest::ImageHash,
     /// Intel's TCB status of the platform; `None` for development quotes.
     pub tcb_status: Option<String>,
+    /// The configuration the peer measured into RTMR3 (hex SHA-256 of it), if it did.
+    pub config_hash: Option<String>,
 }
 
 impl Verified {

@@ -80,9 +80,81 @@ pub enum BackendConfig {
     Upstream(UpstreamConfig),
 }
 
+impl WorkerConfig {
+    /// What of this configuration decides where prompts go, as the worker measures it into
+    /// RTMR3 before it serves: the proxies it serves, and where each backend runs or sends
+    /// prompts. No secrets (it travels in the worker's certificates): an upstream's API key is
+    /// left out, and so are credentials and a query in its URL.
+    pub fn measured(&self) -> cocoon_tls::MeasuredEvent {
+        let backends: Vec<serde_json::Value> = self
+            .backends
+            .iter()
+            .map(|b| match b {
+                BackendConfig::Llama(l) => serde_json::json!({
+                    "kind": "llama",
+                    "model_id": l.model_id,
+                    "model_file": l.model_path.file_name().map(|f| f.to_string_lossy()),
+                }),
+                BackendConfig::Upstream(u) => serde_json::json!({
+                    "kind": "upstream",
+                    "url": without_secrets(&u.url),
+                    "models": u.models.iter().map(|m| &m.id).collect::<Vec<_>>(),
+                }),
+            })
+            .collect();
+        cocoon_tls::MeasuredEvent::config(
+            serde_json::json!({
+                "role": "worker",
+                "proxy_addr": self.proxy_addr,
+                "proxy_policy": self.proxy_policy.measured(),
+                "backends": backends,
+                "ledger": self.payments.ledger,
+            })
+            .to_string(),
+        )
+    }
+}
+
+/// `url` without user info, query and fragment: where prompts go, not the keys to get there.
+fn without_secrets(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    match scheme {
+        "" => format!("{host}{path}"),
+        _ => format!("{scheme}://{host}{path}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The measured configuration names where prompts go, never the keys to get there.
+    #[test]
+    fn measured_upstream_urls_carry_no_secrets() {
+        assert_eq!(
+            without_secrets("https://user:pw@api.example:8443/v1?key=s3cret#x"),
+            "https://api.example:8443/v1"
+        );
+        assert_eq!(
+            without_secrets("http://127.0.0.1:8000"),
+            "http://127.0.0.1:8000"
+        );
+        let json = r#"{"name":"w","proxy_addr":"proxy:8443","backend":[{"kind":"upstream",
+            "url":"https://k:v@vllm.local/v1?token=t","api_key":"sk-secret",
+            "models":[{"id":"m","context_length":4096}]}]}"#;
+        let config: WorkerConfig = serde_json::from_str(json).unwrap();
+        let measured = config.measured();
+        assert!(
+            measured.content.contains("https://vllm.local/v1"),
+            "{measured:?}"
+        );
+        for secret in ["sk-secret", "token", "k:v"] {
+            assert!(!measured.content.contains(secret), "{measured:?}");
+        }
+    }
 
     #[test]
     fn upstream_backend_parses() {

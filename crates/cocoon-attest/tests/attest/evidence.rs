@@ -20,6 +20,7 @@ fn claims_for(key: &[u8]) -> Claims {
     Claims {
         public_key: hex::encode(key),
         role: "worker".into(),
+        measured: Vec::new(),
     }
 }
 
@@ -120,4 +121,42 @@ fn tdx_attester_speaks_the_configfs_protocol() {
         std::fs::read(entries[0].join("inblob")).unwrap(),
         vec![5u8; 64]
     );
+}
+
+/// The TDX attester measures into RTMR3 through the kernel's interface: it writes the event's
+/// digest there. Where the interface is missing, or RTMR3 was extended by something whose events
+/// are unknown (peers could not replay it), it fails with a clear error, never silently.
+#[test]
+fn tdx_measures_into_rtmr3_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsm = dir.path().join("tsm");
+    std::fs::create_dir(&tsm).unwrap();
+    let rtmr3 = dir.path().join("rtmr3:sha384");
+    let event = cocoon_attest::MeasuredEvent::config("{\"role\":\"worker\"}".into());
+    let attester = TdxAttester::with_root(&tsm).unwrap().with_rtmr3(&rtmr3);
+    let missing = attester.measure(&event).unwrap_err().to_string();
+    assert!(missing.contains("Linux 6.16+"), "{missing}");
+    std::fs::write(&rtmr3, [0u8; 48]).unwrap();
+    attester.measure(&event).unwrap();
+    assert_eq!(std::fs::read(&rtmr3).unwrap(), event.digest());
+    // Now non-zero, as after an earlier run: its events are unknown here.
+    let again = attester.measure(&event).unwrap_err().to_string();
+    assert!(again.contains("extended since the TD booted"), "{again}");
+}
+
+/// The development attester's RTMR3 moves as a TD's would, and a quote after measuring carries
+/// it: replaying the events gives the quote's RTMR3.
+#[test]
+fn dev_attester_extends_rtmr3_as_a_td_does() {
+    let (attester, _) = DevAttester::generate(Measurements::default()).unwrap();
+    let events = [
+        cocoon_attest::MeasuredEvent::config("a".into()),
+        cocoon_attest::MeasuredEvent::config("b".into()),
+    ];
+    for e in &events {
+        attester.measure(e).unwrap();
+    }
+    let quote = attester.quote(&[0; 64]).unwrap();
+    let m = verify_dev_quote(&quote, &[attester.public_key()]).unwrap();
+    assert_eq!(m.rtmr[3], cocoon_attest::replay(&events));
 }

@@ -137,3 +137,28 @@ fn dev_certificate_round_trip() {
     let err = attest(&["show", path(&garbage)]).unwrap_err();
     assert!(err.contains("not valid DER X.509"), "{err}");
 }
+
+/// `cocoon attest config-hash` prints what a node measures into RTMR3 and its hash, the
+/// value peers list in `config_hashes`: the same the library measures at start, with no
+/// upstream API key in it.
+#[test]
+fn config_hash_prints_what_a_worker_measures() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("worker.toml");
+    std::fs::write(
+        &file,
+        "proxy_addr = \"proxy.example:8443\"\n\
+         [[backend]]\nkind = \"upstream\"\nurl = \"https://vllm.local/v1\"\napi_key = \"sk-secret\"\n\
+         [[backend.models]]\nid = \"m\"\ncontext_length = 4096\n",
+    )
+    .unwrap();
+    let shown = attest(&["config-hash", "worker", "--config", path(&file)]).unwrap();
+    let config: cocoon_worker::WorkerConfig =
+        toml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let measured = config.measured();
+    assert_eq!(shown["config_hash"], measured.config_hash());
+    assert_eq!(shown["measured"], measured.content);
+    assert!(!measured.content.contains("sk-secret"));
+    let err = attest(&["config-hash", "gateway", "--config", path(&file)]).unwrap_err();
+    assert!(err.contains("unknown role"), "{err}");
+}

@@ -24,7 +24,11 @@ async fn every_hop_is_dev_attested_and_says_so() {
     let att = &models["cocoon"]["attestation"];
     assert_eq!(att["client"], "dev");
     assert_eq!(att["proxy"], "dev");
-    assert_eq!(att["proxy_image_hash"], dev_image_hash().as_str());
+    // The proxy measured its configuration into RTMR3: its image hash is the dev image's
+    // with that RTMR3, and the configuration it measured is named.
+    let config = att["proxy_config_hash"].as_str().unwrap();
+    assert_eq!(config.len(), 64, "{att}");
+    assert_ne!(att["proxy_image_hash"], dev_image_hash().as_str());
     assert_eq!(att["development"], true);
     assert!(
         att["warning"]
@@ -159,6 +163,7 @@ async fn gateway_refuses_a_proxy_outside_its_policy_before_sending_the_prompt() 
             attester: net.dev_attester(),
             proxy_policy: PeerPolicy {
                 image_hashes: vec!["00".repeat(32)],
+                registers: Vec::new(),
                 ..net.dev_policy()
             },
             ..ClientConfig::default()
@@ -205,7 +210,7 @@ async fn proxy_requiring_attested_clients_admits_only_them() {
     );
     let policy = PeerPolicy {
         require_attestation: true,
-        image_hashes: vec![dev_image_hash()],
+        registers: vec![cocoon_tls::Registers::boot_of(&cocoon_attest::dev_image())],
         dev_attester_keys: vec![dev_key],
         ..PeerPolicy::default()
     };
@@ -260,4 +265,76 @@ async fn proxy_requiring_attested_clients_admits_only_them() {
         "{refusals:?}"
     );
     stop.cancel();
+}
+
+/// What a worker was told to do is part of what it proves: each worker measures its
+/// configuration (where its backends send prompts, which proxies it serves) into RTMR3, the
+/// proxy replays it and admits only listed configurations. A worker whose upstream sends
+/// prompts elsewhere, or that measured nothing, is refused with the reason in the status; the
+/// allowed one joins, its configuration named in the status.
+#[tokio::test]
+async fn only_workers_measuring_an_allowed_configuration_join() {
+    let worker_config = |url: &str| -> cocoon_worker::WorkerConfig {
+        serde_json::from_value(json!({
+            "name": "w",
+            "backend": [{"kind": "upstream", "url": url,
+                         "models": [{"id": MODEL, "context_length": 2048}]}],
+        }))
+        .unwrap()
+    };
+    let allowed = worker_config("https://vllm.inside.example/v1").measured();
+    let elsewhere = worker_config("https://collector.example/v1").measured();
+    let options = cocoon_testkit::dev::DevOptions {
+        worker_config_hashes: vec![allowed.config_hash()],
+        ..cocoon_testkit::dev::test_options()
+    };
+    let mut net = cocoon_testkit::dev::DevNetwork::start(options, vec![])
+        .await
+        .unwrap();
+    let backend: Arc<dyn Backend> = llama();
+    let attester = net.dev_attester();
+    let cases = [
+        ("elsewhere", Some(elsewhere), "is not allowed"),
+        ("unmeasured", None, "measured no configuration"),
+    ];
+    let mut refused = Vec::new();
+    for (name, measured, reason) in cases {
+        let i = net
+            .add_measured_worker(name, backend.clone(), &attester, measured)
+            .await
+            .unwrap();
+        refused.push((net.worker_fingerprint(i).to_string(), reason));
+    }
+    wait_until("a refusal of each", Duration::from_secs(20), || {
+        let status = net.proxy_status();
+        refused.iter().all(|(fp, reason)| {
+            status
+                .recent_refusals
+                .iter()
+                .any(|r| &r.fingerprint == fp && r.reason.contains(reason))
+        })
+    })
+    .await;
+    let i = net
+        .add_measured_worker("allowed", backend, &attester, Some(allowed.clone()))
+        .await
+        .unwrap();
+    let fp = net.worker_fingerprint(i).to_string();
+    wait_until(
+        "the allowed worker to join",
+        Duration::from_secs(20),
+        || {
+            net.proxy_status()
+                .workers
+                .iter()
+                .any(|w| w.fingerprint == fp)
+        },
+    )
+    .await;
+    let status = net.proxy_status();
+    assert_eq!(status.workers.len(), 1, "{status:?}");
+    assert_eq!(
+        status.workers[0].config_hash.as_deref(),
+        Some(allowed.config_hash().as_str())
+    );
 }

@@ -78,6 +78,7 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
                 Some(&dir.join("crash-worker.key")),
                 "cocoon-worker",
                 "worker",
+                None,
             )
             .unwrap(),
     );

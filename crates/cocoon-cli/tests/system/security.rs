@@ -96,7 +96,7 @@ async fn an_impostor_proxy_gets_no_prompt_and_no_worker() {
     // A worker pinned the same way does not join the impostor.
     let identity = Arc::new(
         net.dev_attester()
-            .identity(None, "cocoon-worker", "worker")
+            .identity(None, "cocoon-worker", "worker", None)
             .unwrap(),
     );
     let worker = Worker::new(
@@ -180,7 +180,7 @@ async fn a_client_cannot_spend_close_or_read_another_clients_contract() {
     // Asking the proxy to close "its" contract acts on its own key only.
     let identity = Arc::new(
         net.dev_attester()
-            .identity(Some(&key_file), "cocoon-client", "client")
+            .identity(Some(&key_file), "cocoon-client", "client", None)
             .unwrap(),
     );
     let link = ProxyLink::new(

@@ -271,7 +271,7 @@ async fn a_silent_worker_is_cut_off_and_only_what_it_delivered_is_charged() {
 async fn connect_as_client(net: &DevNetwork) -> cocoon_net::ClientTls {
     let identity = Arc::new(
         net.dev_attester()
-            .identity(None, "cocoon-client", "client")
+            .identity(None, "cocoon-client", "client", None)
             .unwrap(),
     );
     let verifier = net.dev_policy().build("proxy_policy", "proxy").unwrap();
@@ -643,7 +643,7 @@ async fn clients_filling_their_slots_do_not_keep_a_worker_out() {
     let idle = tokio::spawn({
         let identity = Arc::new(
             net.dev_attester()
-                .identity(None, "cocoon-client", "client")
+                .identity(None, "cocoon-client", "client", None)
                 .unwrap(),
         );
         let verifier = net.dev_policy().build("proxy_policy", "proxy").unwrap();

@@ -66,6 +66,9 @@ pub struct DevOptions {
     pub gateway_max_price: Option<u64>,
     /// The gateway's `stream_keep_alive_secs`.
     pub gateway_keep_alive_secs: u64,
+    /// The measured worker configurations the proxy admits (`[worker_policy] config_hashes`);
+    /// empty: any.
+    pub worker_config_hashes: Vec<String>,
 }
 
 impl Default for DevOptions {
@@ -85,6 +88,7 @@ impl Default for DevOptions {
             proxy_max_connections: ProxyConfig::default().max_connections,
             gateway_max_price: None,
             gateway_keep_alive_secs: ClientConfig::default().stream_keep_alive_secs,
+            worker_config_hashes: Vec::new(),
         }
     }
 }
@@ -170,7 +174,7 @@ impl DevNetwork {
                 chain: chain.as_ref(),
                 shutdown: &shutdown,
             }
-            .slot(format!("dev-worker-{i}"), backend)
+            .slot(format!("dev-worker-{i}"), backend, None)
             .await?;
             workers.push(slot);
         }
@@ -381,6 +385,19 @@ impl DevNetwork {
         backend: Arc<dyn Backend>,
         attester: &AttesterConfig,
     ) -> anyhow::Result<usize> {
+        self.add_measured_worker(name, backend, attester, None)
+            .await
+    }
+
+    /// [`Self::add_worker`], the worker having measured `measured` (its configuration) into
+    /// RTMR3 first, as `cocoon worker` does.
+    pub async fn add_measured_worker(
+        &mut self,
+        name: &str,
+        backend: Arc<dyn Backend>,
+        attester: &AttesterConfig,
+        measured: Option<cocoon_tls::MeasuredEvent>,
+    ) -> anyhow::Result<usize> {
         let slot = WorkerSetup {
             attester,
             dir: self.dev_dir.path(),
@@ -388,7 +405,7 @@ impl DevNetwork {
             chain: self.chain.as_ref(),
             shutdown: &self.shutdown,
         }
-        .slot(name.to_owned(), backend)
+        .slot(name.to_owned(), backend, measured)
         .await?;
         self.workers.push(slot);
         let i = self.workers.len() - 1;
@@ -581,7 +598,10 @@ async fn start_proxy(
             listen: listen.to_owned(),
             key_file: Some(setup.key_file.to_owned()),
             attester: attester_in(setup.dev_dir),
-            worker_policy: dev_policy(setup.dev_key),
+            worker_policy: PeerPolicy {
+                config_hashes: setup.options.worker_config_hashes.clone(),
+                ..dev_policy(setup.dev_key)
+            },
             payments: PaymentsConfig {
                 ledger: setup.ledger_url.map(str::to_owned),
                 book: setup.dev_dir.join("proxy-book.redb"),
@@ -613,12 +633,18 @@ struct WorkerSetup<'a> {
 
 impl WorkerSetup<'_> {
     /// A worker with its own key file and, with a ledger, a payout store it claims from.
-    async fn slot(&self, name: String, backend: Arc<dyn Backend>) -> anyhow::Result<WorkerSlot> {
+    async fn slot(
+        &self,
+        name: String,
+        backend: Arc<dyn Backend>,
+        measured: Option<cocoon_tls::MeasuredEvent>,
+    ) -> anyhow::Result<WorkerSlot> {
         let key_file = self.dir.join(format!("{name}.key"));
         let identity = Arc::new(self.attester.identity(
             Some(&key_file),
             "cocoon-worker",
             "worker",
+            measured,
         )?);
         if let Some(chain) = self.chain {
             chain.enrol(&key_file)?;
@@ -667,10 +693,12 @@ fn attester_in(dir: &Path) -> AttesterConfig {
     }
 }
 
+/// The development image's boot registers (MRTD, RTMR0..2), its RTMR3 left to what each node
+/// measures: every node of the network measures its own configuration there.
 fn dev_policy(dev_key: &str) -> PeerPolicy {
     PeerPolicy {
         require_attestation: true,
-        image_hashes: vec![cocoon_attest::dev_image().image_hash().to_string()],
+        registers: vec![cocoon_tls::Registers::boot_of(&cocoon_attest::dev_image())],
         dev_attester_keys: vec![dev_key.to_owned()],
         ..PeerPolicy::default()
     }

@@ -125,6 +125,14 @@ impl Attester for Recorded {
     fn quote(&self, _report_data: &[u8; 64]) -> Result<Vec<u8>, cocoon_attest::AttestError> {
         Ok(self.0.clone())
     }
+    fn measure(
+        &self,
+        _event: &cocoon_attest::MeasuredEvent,
+    ) -> Result<(), cocoon_attest::AttestError> {
+        Err(cocoon_attest::AttestError::NoTee(
+            "a recorded quote cannot change".into(),
+        ))
+    }
 }
 
 #[test]
@@ -194,6 +202,7 @@ async fn serve_handmade_cert(
     let claims = cocoon_attest::Claims {
         public_key: hex::encode(key.public_key_raw()),
         role: "proxy".into(),
+        measured: Vec::new(),
     }
     .to_bytes();
     let quote = attester
@@ -303,4 +312,79 @@ fn a_peer_attested_for_another_role_is_refused() {
         .with_attester("worker", a)
         .unwrap();
     workers_only.verify(&cert_of(&as_worker)).unwrap();
+}
+
+/// A certificate made by hand: `attester`'s genuine quote over claims naming the key, `role`
+/// and the events `named` (whatever the attester really measured).
+fn claiming(
+    attester: &DevAttester,
+    role: &str,
+    named: Vec<cocoon_attest::MeasuredEvent>,
+) -> PeerCertificate {
+    use rcgen::{CertificateParams, CustomExtension, KeyPair, PKCS_ED25519};
+    let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+    let claims = cocoon_attest::Claims {
+        public_key: hex::encode(key.public_key_raw()),
+        role: role.into(),
+        measured: named,
+    }
+    .to_bytes();
+    let quote = attester
+        .quote(&cocoon_attest::Claims::report_data(&claims))
+        .unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    for (oid, content) in [
+        (&[1, 3, 6, 1, 4, 1, 12345, 1][..], quote),
+        (&[1, 3, 6, 1, 4, 1, 12345, 2][..], claims),
+    ] {
+        let mut ext = CustomExtension::from_oid_content(oid, content);
+        ext.set_criticality(true);
+        params.custom_extensions.push(ext);
+    }
+    let cert = params.self_signed(&key).unwrap();
+    PeerCertificate::parse(cert.der(), UnixTime::now()).unwrap()
+}
+
+/// A node measures its configuration into RTMR3 and names it in its claims: a verifier
+/// admits only listed configurations, and a certificate naming another configuration than the
+/// one measured (RTMR3 does not replay) is refused, though its quote and binding hold.
+#[test]
+fn measured_configurations_replay_and_must_be_listed() {
+    let a = dev(7);
+    let mine = cocoon_attest::MeasuredEvent::config("{\"role\":\"worker\",\"url\":\"a\"}".into());
+    let other = cocoon_attest::MeasuredEvent::config("{\"role\":\"worker\",\"url\":\"b\"}".into());
+    let node = Identity::ephemeral("worker")
+        .unwrap()
+        .with_measured_attester("worker", a.clone(), vec![mine.clone()])
+        .unwrap();
+    let boot = cocoon_attest::RegisterRule {
+        mrtd: image(7).mrtd,
+        rtmr: [None; 4],
+    };
+    let listing = |hashes: &[String]| {
+        let mut p = Policy::default();
+        p.registers.push(boot.clone());
+        p.config_hashes = hashes.iter().cloned().collect();
+        RaTlsVerifier::new(p, vec![])
+            .allow_dev_key(a.public_key())
+            .expect_role("worker")
+    };
+    let verified = listing(&[mine.config_hash()])
+        .verify(&cert_of(&node))
+        .unwrap();
+    assert_eq!(
+        verified.attestation.unwrap().config_hash,
+        Some(mine.config_hash())
+    );
+    let err = listing(&[other.config_hash()])
+        .verify(&cert_of(&node))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not allowed"), "{err}");
+    // The attester measured `mine`; a certificate naming `other` does not replay to RTMR3.
+    let err = listing(&[other.config_hash()])
+        .verify(&claiming(&a, "worker", vec![other]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not replay"), "{err}");
 }
