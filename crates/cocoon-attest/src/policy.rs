@@ -109,9 +109,17 @@ impl Policy {
         m: &crate::Measurements,
         events: &[crate::MeasuredEvent],
     ) -> Result<Option<String>, PolicyError> {
-        // Without events RTMR3 is covered by the image hash alone; with them, it must be
-        // exactly what they give.
-        if !events.is_empty() && crate::replay(events) != m.rtmr[3] {
+        // Always: a peer admitted by its boot registers, RTMR3 open, must not hide what it
+        // measured by naming nothing (zero replays from no events).
+        if crate::replay(events) != m.rtmr[3] {
+            return Err(PolicyError::MeasurementMismatch);
+        }
+        if events
+            .iter()
+            .filter(|e| e.label == crate::CONFIG_EVENT)
+            .count()
+            > 1
+        {
             return Err(PolicyError::MeasurementMismatch);
         }
         let config = crate::config_hash(events);
@@ -157,8 +165,22 @@ mod tests {
             any.check_measured(&m, std::slice::from_ref(&other)),
             Err(PolicyError::MeasurementMismatch)
         );
-        // No events: RTMR3 is covered by the image hash alone.
-        assert_eq!(any.check_measured(&m, &[]), Ok(None));
+        // Naming no events hides nothing: RTMR3 must then be zero.
+        assert_eq!(
+            any.check_measured(&m, &[]),
+            Err(PolicyError::MeasurementMismatch)
+        );
+        assert_eq!(any.check_measured(&Measurements::default(), &[]), Ok(None));
+        // Two configurations are one too many.
+        let twice = [config.clone(), config.clone()];
+        let m2 = Measurements {
+            rtmr: [[0; 48], [0; 48], [0; 48], replay(&twice)],
+            ..Measurements::default()
+        };
+        assert_eq!(
+            any.check_measured(&m2, &twice),
+            Err(PolicyError::MeasurementMismatch)
+        );
         let listed = Policy {
             config_hashes: [other.config_hash()].into(),
             ..Policy::default()
@@ -167,7 +189,10 @@ mod tests {
             listed.check_measured(&m, std::slice::from_ref(&config)),
             Err(PolicyError::ConfigNotAllowed(config.config_hash()))
         );
-        assert_eq!(listed.check_measured(&m, &[]), Err(PolicyError::NoConfig));
+        assert_eq!(
+            listed.check_measured(&Measurements::default(), &[]),
+            Err(PolicyError::NoConfig)
+        );
 
         let rule = RegisterRule {
             mrtd: [0; 48],
@@ -184,5 +209,40 @@ mod tests {
             by_registers.check_measurements(&moved),
             Err(PolicyError::ImageNotAllowed(..))
         ));
+    }
+
+    /// REVIEW, fixed: a peer admitted by a register rule that leaves RTMR3 open (as `cocoon dev` and
+    /// the docs suggest) can name no events at all, and then RTMR3 is not checked against
+    /// anything: it may hold a configuration this verifier never sees (here, one that sends
+    /// prompts elsewhere). "Without events RTMR3 is covered by the image hash alone" holds for
+    /// a listed image hash, not for a rule that does not fix RTMR3; docs/attestation.md says
+    /// the verifier "refuses a certificate whose quote's RTMR3 differs" from the replay, and
+    /// replaying no events gives zero.
+    #[test]
+    fn review_no_events_do_not_leave_an_open_rtmr3_unchecked() {
+        let elsewhere =
+            MeasuredEvent::config("{\"role\":\"worker\",\"url\":\"https://elsewhere\"}".into());
+        let m = Measurements {
+            mrtd: [7; 48],
+            rtmr: [
+                [1; 48],
+                [2; 48],
+                [3; 48],
+                replay(std::slice::from_ref(&elsewhere)),
+            ],
+            ..Measurements::default()
+        };
+        let boot = Policy {
+            registers: vec![RegisterRule {
+                mrtd: m.mrtd,
+                rtmr: [Some(m.rtmr[0]), Some(m.rtmr[1]), Some(m.rtmr[2]), None],
+            }],
+            ..Policy::default()
+        };
+        boot.check_measurements(&m).unwrap();
+        assert_eq!(
+            boot.check_measured(&m, &[]),
+            Err(PolicyError::MeasurementMismatch)
+        );
     }
 }

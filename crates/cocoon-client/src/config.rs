@@ -92,7 +92,7 @@ impl ClientConfig {
                 "role": "client",
                 "proxies": self.proxies(),
                 "proxy_policy": self.proxy_policy.measured(),
-                "ledger": self.payments.ledger,
+                "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
             })
             .to_string(),
         )

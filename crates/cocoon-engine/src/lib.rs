@@ -9,6 +9,7 @@
 //! here so worker configurations parse without it.
 
 mod llama_config;
+mod model_hash;
 mod stats;
 mod text;
 mod upstream;
@@ -19,6 +20,7 @@ use cocoon_protocol::{GenerateEvent, GenerateRequest, ModelCard};
 use futures_util::Stream;
 
 pub use llama_config::LlamaConfig;
+pub use model_hash::{is_model_hash, model_file_hash};
 pub use stats::{ActiveGuard, BackendStats, Outcome, StatsSnapshot};
 pub use text::{StopMatcher, Utf8Accumulator};
 pub use upstream::{SseChunk, UpstreamBackend, UpstreamConfig, UpstreamModel, parse_sse_chunk};

@@ -76,6 +76,11 @@ pub struct UpstreamModel {
     pub upstream_id: Option<String>,
     /// Context window of the model, in tokens, as announced to the network.
     pub context_length: u32,
+    /// SHA-256 (hex) of the weights the upstream server runs, as the operator declares it:
+    /// announced and measured, but not proven (the worker cannot hash weights another server
+    /// loaded). A proxy on a ledger admits the model only if the registry allows the hash.
+    #[serde(default)]
+    pub model_hash: Option<String>,
 }
 
 /// A [`Backend`] that relays generations to an OpenAI-compatible server over its streaming
@@ -94,6 +99,16 @@ impl UpstreamBackend {
             return Err(ProtocolError::internal(
                 "upstream backend needs at least one model",
             ));
+        }
+        if let Some(m) = config.models.iter().find(|m| {
+            m.model_hash
+                .as_deref()
+                .is_some_and(|h| !crate::is_model_hash(h))
+        }) {
+            return Err(ProtocolError::internal(format!(
+                "upstream model {}: model_hash must be 64 lowercase hex digits (SHA-256)",
+                m.id
+            )));
         }
         let mut http =
             reqwest::Client::builder().connect_timeout(Duration::from_secs(config.timeout_secs));
@@ -189,6 +204,7 @@ impl Backend for UpstreamBackend {
                 id: m.id.clone(),
                 context_length: m.context_length,
                 min_price: 0,
+                model_hash: m.model_hash.clone(),
             })
             .collect()
     }
@@ -586,6 +602,7 @@ mod tests {
                 id: "m".into(),
                 upstream_id: None,
                 context_length: 100,
+                model_hash: None,
             }],
             parallel: 1,
             timeout_secs: 1,

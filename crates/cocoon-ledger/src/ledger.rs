@@ -238,6 +238,12 @@ pub trait Ledger: Send + Sync {
         Ok(self.snapshot().await?.registry.params)
     }
 
+    /// Whether the registry allows workers to serve the model whose weights hash to `hash`
+    /// (hex SHA-256).
+    async fn model_allowed(&self, hash: &str) -> Result<bool, LedgerError> {
+        Ok(self.snapshot().await?.registry.models.contains(hash))
+    }
+
     /// The network every payment message on this ledger must be signed for (it never changes
     /// for a ledger, so callers may keep it).
     async fn network(&self) -> Result<Network, LedgerError> {

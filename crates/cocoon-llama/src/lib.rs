@@ -75,6 +75,9 @@ impl LlamaBackend {
                 path.display()
             )));
         }
+        let model_hash = cocoon_engine::model_file_hash(path).map_err(|e| {
+            ProtocolError::internal(format!("cannot hash model {}: {e}", path.display()))
+        })?;
         let runtime = runtime()?;
         let model = LlamaModel::load_from_file(runtime, path, &LlamaModelParams::default())
             .map_err(|e| {
@@ -112,6 +115,7 @@ impl LlamaBackend {
                 id,
                 context_length,
                 min_price: 0,
+                model_hash: Some(model_hash),
             },
             threads,
             parallel,

@@ -460,6 +460,11 @@ pub struct ModelCard {
     /// Backends leave it 0; the worker's `[prices]` set it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub min_price: u64,
+    /// SHA-256 (hex) of the model's weights as the worker serves them: of the GGUF file the
+    /// embedded engine loaded, or the hash an upstream backend's config declares. A proxy on a
+    /// ledger admits the model only if the registry allows this hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_hash: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

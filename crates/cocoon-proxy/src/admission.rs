@@ -87,8 +87,20 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// Records that an admitted worker's offer was refused after its handshake (its model is
+    /// not allowed, say), for the operator's status.
+    pub(crate) fn refused_offer(&self, fingerprint: &Fingerprint, reason: String) {
+        push(&self.refusals, "worker", fingerprint, reason);
+    }
+}
+
 fn record(log: &Mutex<VecDeque<Refusal>>, role: &str, peer: &PeerCertificate, e: &VerifyError) {
     tracing::warn!(role, peer = %peer.fingerprint, error = %e, "peer refused");
+    push(log, role, &peer.fingerprint, e.to_string());
+}
+
+fn push(log: &Mutex<VecDeque<Refusal>>, role: &str, fingerprint: &Fingerprint, reason: String) {
     let mut log = log.lock();
     if log.len() == KEPT {
         log.pop_front();
@@ -98,8 +110,8 @@ fn record(log: &Mutex<VecDeque<Refusal>>, role: &str, peer: &PeerCertificate, e:
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         role: role.to_owned(),
-        fingerprint: peer.fingerprint.to_string(),
-        reason: e.to_string(),
+        fingerprint: fingerprint.to_string(),
+        reason,
     });
 }
 

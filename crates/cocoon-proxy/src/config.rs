@@ -145,7 +145,7 @@ impl ProxyConfig {
                 "role": "proxy",
                 "worker_policy": self.worker_policy.measured(),
                 "client_policy": self.client_policy.measured(),
-                "ledger": self.payments.ledger,
+                "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
             })
             .to_string(),
         )

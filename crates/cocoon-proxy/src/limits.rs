@@ -363,6 +363,7 @@ mod tests {
             id: id.into(),
             context_length,
             min_price,
+            model_hash: None,
         };
         let cards = [
             card("ok", 131_072, 40),

@@ -540,8 +540,14 @@ impl State {
             driver.abort();
             return;
         }
+        let models = self.allowed_models(&hello, &fingerprint).await;
+        if models.is_empty() && !hello.models.is_empty() {
+            tracing::warn!(worker = %hello.name, "no model the worker serves is allowed by the registry");
+            driver.abort();
+            return;
+        }
         let floor = self.billing.as_ref().map(|b| b.floor());
-        let (offers, refused) = self.limiter.offers(&hello.models, floor);
+        let (offers, refused) = self.limiter.offers(&models, floor);
         for reason in &refused {
             tracing::warn!(worker = %hello.name, %reason, "refused a worker's offer");
         }
@@ -602,6 +608,39 @@ impl State {
             },
             (method, path) => no_route(method, path),
         }
+    }
+
+    /// The models of `hello` the network allows: on a ledger, only those whose weights' hash
+    /// the registry lists (a model without a hash, or one the ledger cannot confirm, is not
+    /// served: prompts go only to allowed weights). Each refusal is in the operator's status.
+    async fn allowed_models(
+        &self,
+        hello: &WorkerHello,
+        fingerprint: &Fingerprint,
+    ) -> Vec<cocoon_protocol::ModelCard> {
+        let Some(billing) = &self.billing else {
+            return hello.models.clone();
+        };
+        let mut allowed = Vec::new();
+        for card in &hello.models {
+            let verdict = match &card.model_hash {
+                None => Err("announces no model hash".to_owned()),
+                Some(hash) => match billing.model_allowed(hash).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(format!("model hash {hash} is not allowed by the registry")),
+                    Err(e) => Err(format!("model hash {hash} could not be checked: {e}")),
+                },
+            };
+            match verdict {
+                Ok(()) => allowed.push(card.clone()),
+                Err(why) => {
+                    let reason = format!("model {}: {why}", card.id);
+                    tracing::warn!(worker = %hello.name, %reason, "refused a worker's model");
+                    self.admission.refused_offer(fingerprint, reason);
+                }
+            }
+        }
+        allowed
     }
 
     /// What a client may see, built without what only the operator's status needs (the

@@ -17,12 +17,22 @@ pub const MODEL: &str = "SmolLM2-135M-Instruct";
 /// Every prompt costs this many tokens on a [`Scripted`] backend.
 pub const PROMPT_TOKENS: u32 = 5;
 
+/// The hash the doubles announce for their model (they have no weights): SHA-256 of a label,
+/// which dev networks allow in their registry like a real model's.
+pub fn scripted_model_hash() -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        b"cocoon scripted test model",
+    ))
+}
+
 /// The one model the doubles serve, with a context of `context_length`.
 pub fn model_card(context_length: u32) -> Vec<ModelCard> {
     vec![ModelCard {
         id: MODEL.into(),
         context_length,
         min_price: 0,
+        model_hash: Some(scripted_model_hash()),
     }]
 }
 

@@ -8,6 +8,7 @@
 
 mod config;
 mod identity;
+mod measure;
 mod ratls;
 mod trust;
 mod verify;
@@ -15,6 +16,7 @@ mod verify;
 pub use cocoon_attest::MeasuredEvent;
 pub use config::{client_config, peer_identity, server_config, verified_peer};
 pub use identity::{Fingerprint, Identity, IdentityError};
+pub use measure::{ledger_for_measurement, url_for_measurement};
 pub use ratls::{CacheStats, DEFAULT_CACHE_TTL, RaTlsVerifier, attestation_extensions};
 pub use trust::{
     AttesterChoice, AttesterConfig, MAX_CACHE_SECS, PeerPolicy, Registers, TrustError, dev_attester,

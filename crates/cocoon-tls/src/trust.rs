@@ -159,8 +159,9 @@ pub struct PeerPolicy {
     /// [`cocoon_attest::ImageHash`]).
     pub image_hashes: Vec<String>,
     /// Images allowed by their registers instead: `[[*_policy.registers]]` tables, each with
-    /// `mrtd` and any of `rtmr0`..`rtmr3` (96 hex digits each) that must match. For operators
-    /// who build their own images; RTMR3 is then usually left to `config_hashes`.
+    /// the boot chain `mrtd`, `rtmr0`, `rtmr1`, `rtmr2` and optionally `rtmr3` (96 hex digits
+    /// each). For operators who build their own images; RTMR3 is then usually left to
+    /// `config_hashes`.
     pub registers: Vec<Registers>,
     /// Allowed measured configurations (hex SHA-256, as `cocoon attest show` prints it);
     /// empty: any configuration (RTMR3 is still replayed from the events the peer names).
@@ -218,12 +219,27 @@ impl Registers {
         };
         let optional =
             |name: &str, v: &Option<String>| v.as_deref().map(|h| register(name, h)).transpose();
+        // MRTD is only the firmware, which every TD built with it shares; the kernel and its
+        // command line are in RTMR1 and RTMR2. A rule must fix the whole boot chain, or any
+        // software on that firmware could join (and measure whatever configuration it likes).
+        let boot = |name: &str, v: &Option<String>| -> Result<[u8; 48], TrustError> {
+            let v = v.as_deref().ok_or_else(|| {
+                config_error(
+                    section,
+                    format!(
+                        "registers: a rule must fix mrtd, rtmr0, rtmr1 and rtmr2 (the boot \
+                         chain); {name} is missing"
+                    ),
+                )
+            })?;
+            register(name, v)
+        };
         Ok(cocoon_attest::RegisterRule {
             mrtd: register("mrtd", &self.mrtd)?,
             rtmr: [
-                optional("rtmr0", &self.rtmr0)?,
-                optional("rtmr1", &self.rtmr1)?,
-                optional("rtmr2", &self.rtmr2)?,
+                Some(boot("rtmr0", &self.rtmr0)?),
+                Some(boot("rtmr1", &self.rtmr1)?),
+                Some(boot("rtmr2", &self.rtmr2)?),
                 optional("rtmr3", &self.rtmr3)?,
             ],
         })

@@ -999,6 +999,25 @@ impl Ledger for TonLedger {
         self.read_params().await
     }
 
+    async fn model_allowed(&self, hash: &str) -> Result<bool, LedgerError> {
+        let bytes = hex::decode(hash)
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| LedgerError::BadTransaction(format!("bad model hash {hash:?}")))?;
+        let key = BigInt::from_bytes_be(num_bigint::Sign::Plus, &bytes);
+        let v = self
+            .api
+            .run_get_method(&self.root, "model_allowed", &[key])
+            .await
+            .map_err(unreachable)?;
+        match v.as_slice() {
+            [allowed] => Ok(*allowed != BigInt::from(0)),
+            _ => Err(LedgerError::Unreachable(
+                "root model_allowed returned an unexpected stack".into(),
+            )),
+        }
+    }
+
     async fn network(&self) -> Result<Network, LedgerError> {
         Ok(self.network)
     }

@@ -82,10 +82,20 @@ pub enum BackendConfig {
 
 impl WorkerConfig {
     /// What of this configuration decides where prompts go, as the worker measures it into
-    /// RTMR3 before it serves: the proxies it serves, and where each backend runs or sends
-    /// prompts. No secrets (it travels in the worker's certificates): an upstream's API key is
-    /// left out, and so are credentials and a query in its URL.
+    /// RTMR3 before it serves: the proxies it serves, and for each backend the weights it runs
+    /// (the embedded engine's GGUF by its SHA-256) or where it sends prompts (an upstream's
+    /// URL as the client reaches it, the CAs it trusts there by their SHA-256, the models and
+    /// the weights' hashes it declares). No secrets: it travels in the worker's certificates, so
+    /// an upstream's API key, and credentials or a query in any URL, are left out.
     pub fn measured(&self) -> cocoon_tls::MeasuredEvent {
+        let file_hash = |path: &std::path::Path| {
+            cocoon_engine::model_file_hash(path).unwrap_or_else(|e| format!("unreadable: {e}"))
+        };
+        // Read each time (it is small): what is trusted is the file's certificates now.
+        let ca_hash = |path: &std::path::Path| match std::fs::read(path) {
+            Ok(pem) => hex::encode(ring::digest::digest(&ring::digest::SHA256, &pem)),
+            Err(e) => format!("unreadable: {e}"),
+        };
         let backends: Vec<serde_json::Value> = self
             .backends
             .iter()
@@ -94,11 +104,17 @@ impl WorkerConfig {
                     "kind": "llama",
                     "model_id": l.model_id,
                     "model_file": l.model_path.file_name().map(|f| f.to_string_lossy()),
+                    "model_hash": file_hash(&l.model_path),
                 }),
                 BackendConfig::Upstream(u) => serde_json::json!({
                     "kind": "upstream",
-                    "url": without_secrets(&u.url),
-                    "models": u.models.iter().map(|m| &m.id).collect::<Vec<_>>(),
+                    "url": cocoon_tls::url_for_measurement(&u.url),
+                    "ca_file_sha256": u.ca_file.as_deref().map(ca_hash),
+                    "models": u.models.iter().map(|m| serde_json::json!({
+                        "id": m.id,
+                        "upstream_id": m.upstream_id,
+                        "model_hash": m.model_hash,
+                    })).collect::<Vec<_>>(),
                 }),
             })
             .collect();
@@ -108,40 +124,105 @@ impl WorkerConfig {
                 "proxy_addr": self.proxy_addr,
                 "proxy_policy": self.proxy_policy.measured(),
                 "backends": backends,
-                "ledger": self.payments.ledger,
+                "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
             })
             .to_string(),
         )
     }
 }
 
-/// `url` without user info, query and fragment: where prompts go, not the keys to get there.
-fn without_secrets(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or_default();
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit('@').next().unwrap_or(authority);
-    match scheme {
-        "" => format!("{host}{path}"),
-        _ => format!("{scheme}://{host}{path}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    /// A worker with one upstream backend at `url` (model `m`), trusting `ca_file` beside the
+    /// public roots when given; everything else default.
+    fn review_upstream_worker(url: &str, ca_file: Option<&std::path::Path>) -> WorkerConfig {
+        let mut backend = serde_json::json!({
+            "kind": "upstream",
+            "url": url,
+            "models": [{"id": "m", "context_length": 4096}],
+        });
+        if let Some(ca) = ca_file {
+            backend["ca_file"] = serde_json::json!(ca);
+        }
+        serde_json::from_value(serde_json::json!({ "backend": [backend] })).unwrap()
+    }
+
+    /// REVIEW, fixed: the measured URL must name the host prompts really go to. reqwest (url crate,
+    /// WHATWG) ends the authority of a special scheme at `\`, so
+    /// `https://evil.example\@api.openai.com/v1` sends prompts to evil.example; without_secrets
+    /// splits at the first `/` and keeps what follows the last `@`, measuring
+    /// `https://api.openai.com/v1`: the same config_hash as the honest configuration, so a
+    /// proxy listing that hash admits a worker that sends every prompt to evil.example.
+    #[test]
+    fn review_measured_upstream_host_is_where_prompts_go() {
+        let evil = r"https://evil.example\@api.openai.com/v1";
+        // Where UpstreamBackend::request_body's URL really leads.
+        let runtime = reqwest::Url::parse(&format!("{evil}/chat/completions")).unwrap();
+        assert_eq!(runtime.host_str(), Some("evil.example"));
+        let honest = review_upstream_worker("https://api.openai.com/v1", None).measured();
+        let measured = review_upstream_worker(evil, None).measured();
+        assert_ne!(
+            measured, honest,
+            "a worker sending prompts to evil.example measures as one sending them to \
+             api.openai.com"
+        );
+        assert!(measured.content.contains("evil.example"), "{measured:?}");
+    }
+
+    /// REVIEW, fixed: `ca_file` decides who can terminate the TLS connection that carries every
+    /// prompt to an https upstream, yet it is not measured. An operator (who controls the
+    /// host's network and DNS) adds its own CA and intercepts the prompts, while the worker
+    /// measures exactly the configuration the proxy allowed.
+    #[test]
+    fn review_measured_upstream_names_the_cas_it_trusts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let url = "https://api.openai.com/v1";
+        let public_roots = review_upstream_worker(url, None).measured();
+        let with_ca = review_upstream_worker(url, Some(ca.as_path())).measured();
+        assert_ne!(
+            with_ca, public_roots,
+            "trusting an extra CA for the upstream measures the same as the public roots only"
+        );
+        // What is trusted is the file's certificates, not its path.
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let other_ca = review_upstream_worker(url, Some(ca.as_path())).measured();
+        assert_ne!(
+            other_ca, with_ca,
+            "another CA in the same file measures the same"
+        );
+    }
+
+    /// REVIEW, fixed: the ledger is measured verbatim, so its credentials travel in every certificate
+    /// (the proxy's is shown to anyone who connects). reqwest sends a URL's user info as basic
+    /// auth, so `https://user:password@ledger…` is a working, secret-bearing setting; the
+    /// upstream URL has its credentials stripped, the ledger does not.
+    #[test]
+    fn review_measured_ledger_carries_no_credentials() {
+        for ledger in [
+            "https://cocoon:s3cret-ledger@ledger.example:9100",
+            "ton:0:0000000000000000000000000000000000000000000000000000000000000000@https://cocoon:s3cret-ledger@toncenter.example",
+        ] {
+            let mut config = WorkerConfig::default();
+            config.payments.ledger = Some(ledger.into());
+            let measured = config.measured();
+            assert!(!measured.content.contains("s3cret"), "{measured:?}");
+        }
+    }
 
     /// The measured configuration names where prompts go, never the keys to get there.
     #[test]
     fn measured_upstream_urls_carry_no_secrets() {
-        assert_eq!(
-            without_secrets("https://user:pw@api.example:8443/v1?key=s3cret#x"),
-            "https://api.example:8443/v1"
-        );
-        assert_eq!(
-            without_secrets("http://127.0.0.1:8000"),
-            "http://127.0.0.1:8000"
-        );
         let json = r#"{"name":"w","proxy_addr":"proxy:8443","backend":[{"kind":"upstream",
             "url":"https://k:v@vllm.local/v1?token=t","api_key":"sk-secret",
             "models":[{"id":"m","context_length":4096}]}]}"#;

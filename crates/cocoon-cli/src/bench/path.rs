@@ -131,6 +131,7 @@ fn upstream(server: &Synthetic) -> anyhow::Result<Arc<dyn Backend>> {
             id: synthetic::MODEL.into(),
             upstream_id: None,
             context_length: 1 << 20,
+            model_hash: None,
         }],
         parallel: 1024,
         timeout_secs: 60,

@@ -62,6 +62,7 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
     let net = network(vec![]).await;
     let dir: PathBuf = net.dir().to_owned();
     let dev = net.dev_ledger().unwrap();
+    allow_the_model(dev).await;
     let own = own_proxy(&net, "crash").await;
     let (proxy, addr, book) = (own.key, own.addr.clone(), own.book.clone());
     let client_key_file = dir.join("crash-client.key");

@@ -241,6 +241,9 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     let net = network(vec![]).await;
     let dir = net.dir().to_owned();
     let dev = net.dev_ledger().unwrap();
+    dev.allow_model(&cocoon_testkit::backends::scripted_model_hash())
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
 
     // The ledger and the model server, on the test's own address on the LAN.
@@ -331,6 +334,7 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
                     id: SYNTHETIC.into(),
                     upstream_id: None,
                     context_length: 4096,
+                    model_hash: Some(cocoon_testkit::backends::scripted_model_hash()),
                 }],
                 parallel: 8,
                 timeout_secs: 10,

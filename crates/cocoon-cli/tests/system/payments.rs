@@ -3,6 +3,7 @@
 //! what they are owed, clients without cover get 402, and a rolled-back record stops the proxy.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
@@ -244,4 +245,62 @@ async fn a_rolled_back_record_stops_the_proxy() {
     let message = format!("{e:#}");
     assert!(message.contains("refusing to serve"), "{message}");
     assert!(message.contains("rolled back"), "{message}");
+}
+
+/// A proxy on a ledger relays prompts only to weights the registry allows: a worker whose
+/// model announces no hash is refused, and once the owner revokes a model's hash, a worker
+/// joining with it is refused too; each refusal is in the operator's status with its reason.
+#[tokio::test]
+async fn the_proxy_serves_only_models_the_registry_allows() {
+    use cocoon_engine::{UpstreamBackend, UpstreamConfig};
+    use cocoon_testkit::backends::{Scripted, scripted_model_hash};
+    let mut net = network(vec![Scripted::new(2048)]).await;
+    let served = net.worker_fingerprint(0).to_string();
+    let unhashed: Arc<dyn cocoon_engine::Backend> = Arc::new(
+        UpstreamBackend::new(UpstreamConfig {
+            url: "http://127.0.0.1:9/v1".into(),
+            ca_file: None,
+            api_key: None,
+            models: vec![
+                serde_json::from_value(json!({"id": MODEL, "context_length": 2048})).unwrap(),
+            ],
+            parallel: 1,
+            timeout_secs: 1,
+            idle_timeout_secs: 1,
+        })
+        .unwrap(),
+    );
+    let attester = net.dev_attester();
+    let i = net
+        .add_worker("unhashed", unhashed, &attester)
+        .await
+        .unwrap();
+    let unhashed = net.worker_fingerprint(i).to_string();
+    // The owner revokes the served model; the worker serving it comes back and is refused.
+    net.stop_worker_until_gone(0).await;
+    let owner = cocoon_testkit::dev::ledger::key_wallet(&net.dir().join("owner.key"))
+        .unwrap()
+        .public_key();
+    let dev = net.dev_ledger().unwrap();
+    dev.exec(
+        owner,
+        Op::RevokeModel {
+            hash: scripted_model_hash(),
+        },
+    )
+    .await
+    .unwrap();
+    net.start_worker(0);
+    let refused = |fp: &str, why: &str| {
+        net.proxy_status()
+            .recent_refusals
+            .iter()
+            .any(|r| r.fingerprint == fp && r.reason.contains(why))
+    };
+    wait_until("both refusals", Duration::from_secs(20), || {
+        refused(&unhashed, "announces no model hash")
+            && refused(&served, "is not allowed by the registry")
+    })
+    .await;
+    assert!(net.proxy_status().workers.is_empty());
 }

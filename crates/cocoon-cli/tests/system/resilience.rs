@@ -141,7 +141,7 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
             api_key: Some("unused".into()),
             models: vec![
                 serde_json::from_value(
-                    json!({"id": "smol-upstream", "upstream_id": MODEL, "context_length": 4096}),
+                    json!({"model_hash": cocoon_testkit::backends::scripted_model_hash(), "id": "smol-upstream", "upstream_id": MODEL, "context_length": 4096}),
                 )
                 .unwrap(),
             ],
@@ -294,7 +294,7 @@ async fn an_https_upstream_with_a_private_ca_is_served_and_refused_without_it() 
                 api_key: None,
                 models: vec![
                     serde_json::from_value(
-                        json!({"id": "tls-upstream", "upstream_id": MODEL, "context_length": 2048}),
+                        json!({"model_hash": cocoon_testkit::backends::scripted_model_hash(), "id": "tls-upstream", "upstream_id": MODEL, "context_length": 2048}),
                     )
                     .unwrap(),
                 ],

@@ -404,6 +404,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
     let net = network(vec![]).await;
     let dir: PathBuf = net.dir().to_owned();
     let dev = net.dev_ledger().unwrap();
+    allow_the_model(dev).await;
     let own = own_proxy(&net, "soak").await;
     let (proxy, addr, book, proxy_config) = (own.key, own.addr, own.book, own.config);
     let mut proxy_runs = 1;

@@ -62,7 +62,7 @@ async fn a_reasoning_models_thinking_and_cached_tokens_pass_through_and_are_bill
             ca_file: None,
             api_key: None,
             models: vec![
-                serde_json::from_value(json!({"id": "thinker", "context_length": 4096})).unwrap(),
+                serde_json::from_value(json!({"model_hash": cocoon_testkit::backends::scripted_model_hash(), "id": "thinker", "context_length": 4096})).unwrap(),
             ],
             parallel: 4,
             timeout_secs: 10,

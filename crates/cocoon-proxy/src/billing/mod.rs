@@ -261,6 +261,11 @@ impl Billing {
         self.wallet.public_key()
     }
 
+    /// Whether the registry allows the model whose weights hash to `hash`.
+    pub(crate) async fn model_allowed(&self, hash: &str) -> Result<bool, LedgerError> {
+        self.ledger.model_allowed(hash).await
+    }
+
     /// The network's floor price per weighted token, as last read from the ledger.
     pub(crate) fn floor(&self) -> u64 {
         u64::try_from(self.params.read().price_per_token).unwrap_or(u64::MAX)

@@ -656,6 +656,8 @@ impl<T> Market<T> {
                         .max()
                         .unwrap_or(0),
                     min_price: self.effective(book.by_price[0].0),
+                    // Workers of one model may run weights of different allowed hashes.
+                    model_hash: None,
                 },
                 workers: book.by_price.len() as u32,
                 max_price: self.effective(book.by_price[book.by_price.len() - 1].0),

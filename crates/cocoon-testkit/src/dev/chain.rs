@@ -60,6 +60,13 @@ impl DevChain {
         Ok(())
     }
 
+    /// The owner allows workers to serve the model whose weights hash to `hash`.
+    pub async fn allow_model(&self, hash: &str) -> anyhow::Result<()> {
+        self.enrol(&self.owner_key_file)?;
+        self.exec(&self.owner_key_file, Op::AllowModel { hash: hash.into() })
+            .await
+    }
+
     /// Registers the proxy of `proxy_key_file` at `address` and opens its contract.
     pub async fn open_proxy(&self, proxy_key_file: &Path, address: &str) -> anyhow::Result<()> {
         self.enrol(&self.owner_key_file)?;

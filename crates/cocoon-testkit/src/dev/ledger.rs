@@ -73,6 +73,12 @@ impl DevLedger {
         Ok(())
     }
 
+    /// The owner allows workers to serve the model whose weights hash to `hash`.
+    pub async fn allow_model(&self, hash: &str) -> anyhow::Result<()> {
+        self.exec(self.owner, Op::AllowModel { hash: hash.into() })
+            .await
+    }
+
     /// Registers the proxy at `address` and opens its contract with its stake.
     pub async fn open_proxy(&self, proxy: PublicKey, address: &str) -> anyhow::Result<()> {
         self.exec(

@@ -165,6 +165,10 @@ impl DevNetwork {
             (_, Some(c)) => Some(c.spec.clone()),
             _ => None,
         };
+        // The registry allows what the network's workers serve, as its owner would.
+        for backend in &backends {
+            allow_models(ledger.as_ref(), chain.as_ref(), &**backend).await?;
+        }
         let mut workers = Vec::new();
         for (i, backend) in backends.into_iter().enumerate() {
             let slot = WorkerSetup {
@@ -398,6 +402,7 @@ impl DevNetwork {
         attester: &AttesterConfig,
         measured: Option<cocoon_tls::MeasuredEvent>,
     ) -> anyhow::Result<usize> {
+        allow_models(self.ledger.as_ref(), self.chain.as_ref(), &*backend).await?;
         let slot = WorkerSetup {
             attester,
             dir: self.dev_dir.path(),
@@ -691,6 +696,23 @@ fn attester_in(dir: &Path) -> AttesterConfig {
         dev_key_file: Some(dir.join("dev-attester.key")),
         dev_mrtd: None,
     }
+}
+
+/// Allows the models `backend` serves in the dev network's registry (with payments).
+async fn allow_models(
+    ledger: Option<&DevLedger>,
+    chain: Option<&DevChain>,
+    backend: &dyn Backend,
+) -> anyhow::Result<()> {
+    for hash in backend.models().into_iter().filter_map(|c| c.model_hash) {
+        if let Some(ledger) = ledger {
+            ledger.allow_model(&hash).await?;
+        }
+        if let Some(chain) = chain {
+            chain.allow_model(&hash).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The development image's boot registers (MRTD, RTMR0..2), its RTMR3 left to what each node

@@ -388,3 +388,61 @@ fn measured_configurations_replay_and_must_be_listed() {
         .to_string();
     assert!(err.contains("does not replay"), "{err}");
 }
+
+/// REVIEW, fixed: a certificate that names no events passes a register rule leaving RTMR3 open,
+/// whatever its RTMR3 holds. The attester here measured a configuration (into its RTMR3); the
+/// certificate, with a genuine quote and binding, names none, and the verifier neither replays
+/// nor refuses: the node's measured configuration goes unseen, and the docs' "refuses a
+/// certificate whose quote's RTMR3 differs" from the replay does not hold.
+#[test]
+fn review_a_certificate_naming_no_events_cannot_hide_its_rtmr3() {
+    let a = dev(7);
+    let elsewhere =
+        cocoon_attest::MeasuredEvent::config("{\"role\":\"worker\",\"url\":\"elsewhere\"}".into());
+    a.measure(&elsewhere).unwrap();
+    let boot = image(7);
+    let mut p = Policy::default();
+    p.registers.push(cocoon_attest::RegisterRule {
+        mrtd: boot.mrtd,
+        rtmr: [
+            Some(boot.rtmr[0]),
+            Some(boot.rtmr[1]),
+            Some(boot.rtmr[2]),
+            None,
+        ],
+    });
+    let verifier = RaTlsVerifier::new(p, vec![])
+        .allow_dev_key(a.public_key())
+        .expect_role("worker");
+    let err = verifier
+        .verify(&claiming(&a, "worker", vec![]))
+        .map(|v| v.attestation.and_then(|a| a.config_hash))
+        .expect_err("RTMR3 holds a measurement the certificate does not name");
+    assert!(err.to_string().contains("does not replay"), "{err}");
+}
+
+/// REVIEW, fixed: a `[[*_policy.registers]]` rule may fix MRTD alone. MRTD measures only the TD's
+/// firmware (TDVF), shared by every TD booted with that firmware build; the kernel, initrd and
+/// command line (hence the software that writes the claims and measures RTMR3) are in
+/// RTMR1..2. An MRTD-only rule therefore admits any software, which can name an allowed
+/// configuration and extend RTMR3 with its digest while running another: config_hashes mean
+/// nothing under it. The rule's own doc says "a rule fixing nothing would admit any image";
+/// fixing MRTD alone is no better, and the policy should refuse it at start.
+#[test]
+fn review_a_register_rule_fixing_only_the_firmware_is_refused() {
+    let a = dev(7);
+    let firmware_only = cocoon_tls::PeerPolicy {
+        require_attestation: true,
+        registers: vec![cocoon_tls::Registers {
+            mrtd: hex::encode(image(7).mrtd),
+            ..cocoon_tls::Registers::default()
+        }],
+        config_hashes: vec![hex::encode([0u8; 32])],
+        dev_attester_keys: vec![hex::encode(a.public_key())],
+        ..cocoon_tls::PeerPolicy::default()
+    };
+    assert!(
+        firmware_only.build("worker_policy", "worker").is_err(),
+        "a register rule fixing only MRTD (any kernel, any software) is accepted"
+    );
+}

@@ -15,6 +15,13 @@ use cocoon_llama::LlamaBackend;
 use cocoon_testkit::dev::DevNetwork;
 use serde_json::{Value, json};
 
+/// The dev ledger's owner allows the real model's weights, which the worker processes a test
+/// spawns serve (the proxy admits only models the registry allows).
+pub(crate) async fn allow_the_model(dev: &cocoon_testkit::dev::ledger::DevLedger) {
+    let hash = cocoon_engine::model_file_hash(&model_path()).unwrap();
+    dev.allow_model(&hash).await.unwrap();
+}
+
 pub(crate) fn model_path() -> PathBuf {
     std::env::var_os("COCOON_MODEL")
         .map(PathBuf::from)
