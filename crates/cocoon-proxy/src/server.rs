@@ -55,6 +55,8 @@ pub(crate) struct State {
     pub(crate) limiter: Arc<Limiter>,
     pub(crate) routing: RoutingConfig,
     commit_interval: Duration,
+    /// How often the registry is asked whether connected workers' models are still allowed.
+    registry_refresh: Duration,
 }
 
 /// The proxy's whole status, as its operator sees it on the `[admin]` listener (`GET
@@ -263,6 +265,7 @@ impl Proxy {
             billing,
             limiter: Limiter::new(config.limits.clone()),
             commit_interval: Duration::from_secs(config.payments.commit_interval_secs.max(1)),
+            registry_refresh: Duration::from_secs(config.payments.registry_refresh_secs),
         });
         let admin = config.admin.bind().await?;
         if let Some(a) = &admin {
@@ -306,6 +309,7 @@ impl Proxy {
             .clone()
             .map(|b| tokio::spawn(b.run_commits(self.state.commit_interval, shutdown.clone())));
         let housekeeping = tokio::spawn(self.state.clone().housekeeping(shutdown.clone()));
+        let registry = tokio::spawn(self.state.clone().watch_registry(shutdown.clone()));
         if let Some(admin) = self.admin {
             tokio::spawn(admin.serve(self.state.clone(), shutdown.clone()));
         }
@@ -347,6 +351,7 @@ impl Proxy {
             let _ = commits.await;
         }
         let _ = housekeeping.await;
+        registry.abort();
         tracing::info!("proxy stopped");
     }
 }
@@ -403,6 +408,44 @@ impl StatusSource for State {
 }
 
 impl State {
+    /// Asks the registry again, every `[payments] registry_refresh_secs`, whether the models
+    /// each connected worker serves are still allowed, and disconnects a worker whose model
+    /// was revoked (its requests go to the others): no restart needed. A ledger that cannot
+    /// be read leaves things as they are until the next round.
+    async fn watch_registry(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(billing) = self.billing.clone() else {
+            return;
+        };
+        let every = self.registry_refresh;
+        if every.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            for worker in self.workers.snapshot() {
+                for hash in &worker.link.model_hashes {
+                    match billing.model_allowed(hash).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let reason = format!("model hash {hash} was revoked by the registry");
+                            tracing::warn!(worker = %worker.name, %reason, "disconnecting a worker");
+                            self.admission
+                                .refused_offer(&worker.link.fingerprint, reason);
+                            worker.link.evict.cancel();
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the registry's models");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Keeps the market's floor price in step with the ledger's and writes reputation
     /// changes, at once after a penalty and otherwise every few seconds; once more at
     /// shutdown.
@@ -563,6 +606,7 @@ impl State {
                 channel,
                 evict: evict.clone(),
                 overreports: Default::default(),
+                model_hashes: models.iter().filter_map(|m| m.model_hash.clone()).collect(),
             },
         );
         if entry.link.attestation.is_development() {

@@ -24,6 +24,9 @@ pub struct WorkerLink {
     pub(crate) evict: CancellationToken,
     /// Answers on this connection whose counts broke the proxy's bounds.
     pub(crate) overreports: AtomicU32,
+    /// The weights' hashes of the models admitted at join, which the registry is asked about
+    /// again every `[payments] registry_refresh_secs`.
+    pub(crate) model_hashes: Vec<String>,
 }
 
 /// The live set of workers.

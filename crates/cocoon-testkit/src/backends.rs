@@ -78,6 +78,8 @@ pub struct Scripted {
     context: u32,
     /// Milliseconds between the events of an answer after its first (0: all at once).
     pace_ms: AtomicU64,
+    /// The hash its model announces: [`scripted_model_hash`] unless told otherwise.
+    model_hash: String,
 }
 
 impl Scripted {
@@ -88,7 +90,24 @@ impl Scripted {
             served: AtomicU64::new(0),
             context,
             pace_ms: AtomicU64::new(0),
+            model_hash: scripted_model_hash(),
         })
+    }
+
+    /// [`Self::new`], announcing other weights: SHA-256 of `label` as its model hash (a second
+    /// version of the model, say, that a registry may allow or revoke apart).
+    pub fn weights(context: u32, label: &str) -> Arc<Self> {
+        let mut this = Arc::into_inner(Self::new(context)).expect("just made");
+        this.model_hash = hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            label.as_bytes(),
+        ));
+        Arc::new(this)
+    }
+
+    /// The hash its model announces.
+    pub fn model_hash(&self) -> &str {
+        &self.model_hash
     }
 
     /// Switches what the next requests get.
@@ -111,7 +130,9 @@ impl Scripted {
 
 impl Backend for Scripted {
     fn models(&self) -> Vec<ModelCard> {
-        model_card(self.context)
+        let mut cards = model_card(self.context);
+        cards[0].model_hash = Some(self.model_hash.clone());
+        cards
     }
 
     fn capacity(&self) -> u32 {

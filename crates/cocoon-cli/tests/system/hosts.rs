@@ -279,6 +279,7 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
             ledger: Some(ledger_url.clone()),
             book: book.clone(),
             commit_interval_secs: 1,
+            ..Default::default()
         },
         limits: LimitsConfig {
             worker_timeout_secs: 4,

@@ -304,3 +304,69 @@ async fn the_proxy_serves_only_models_the_registry_allows() {
     .await;
     assert!(net.proxy_status().workers.is_empty());
 }
+
+/// When the registry's owner revokes a model's weights mid-run, the proxy disconnects the
+/// workers serving them at its next reading of the registry, with no restart: requests go to
+/// the workers serving allowed weights, and none fails meanwhile.
+#[tokio::test]
+async fn a_model_revoked_mid_run_is_dropped_and_requests_go_elsewhere() {
+    use cocoon_testkit::backends::Scripted;
+    let (old, new) = (
+        Scripted::weights(2048, "weights v1"),
+        Scripted::weights(2048, "weights v2"),
+    );
+    let options = cocoon_testkit::dev::DevOptions {
+        registry_refresh_secs: 1,
+        ..test_options()
+    };
+    let backends: Vec<Arc<dyn cocoon_engine::Backend>> = vec![old.clone(), new.clone()];
+    let net = DevNetwork::start(options, backends).await.unwrap();
+    net.wait_ready(2, Duration::from_secs(20)).await.unwrap();
+    let revoked = net.worker_fingerprint(0).to_string();
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let ask = || async {
+        http.post(&url)
+            .json(&chat_body("Hi", json!({"max_tokens": 1})))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    let owner = cocoon_testkit::dev::ledger::key_wallet(&net.dir().join("owner.key"))
+        .unwrap()
+        .public_key();
+    net.dev_ledger()
+        .unwrap()
+        .exec(
+            owner,
+            Op::RevokeModel {
+                hash: old.model_hash().to_owned(),
+            },
+        )
+        .await
+        .unwrap();
+    // Requests keep coming while the proxy notices; every one is answered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while net.proxy_status().workers.len() > 1 {
+        assert_eq!(ask().await, 200);
+        assert!(tokio::time::Instant::now() < deadline, "never dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = net.proxy_status();
+    assert!(
+        status.recent_refusals.iter().any(|r| {
+            r.fingerprint == revoked && r.reason.contains("was revoked by the registry")
+        })
+    );
+    let (old_before, new_before) = (old.served(), new.served());
+    for _ in 0..5 {
+        assert_eq!(ask().await, 200);
+    }
+    assert_eq!(
+        old.served(),
+        old_before,
+        "the revoked weights serve no more"
+    );
+    assert_eq!(new.served(), new_before + 5);
+}

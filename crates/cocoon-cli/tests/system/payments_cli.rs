@@ -217,6 +217,7 @@ async fn role_by_role_setup_as_documented() {
             ledger: Some(url.clone()),
             book: path("proxy-book.redb").into(),
             commit_interval_secs: 1,
+            ..Default::default()
         },
         // No worker joins in this test; a real proxy pins its workers or requires attestation.
         worker_policy: cocoon_tls::PeerPolicy {

@@ -64,6 +64,9 @@ pub struct PaymentsConfig {
     pub book: PathBuf,
     /// Seconds between batched commits of signed charges to the ledger.
     pub commit_interval_secs: u64,
+    /// Seconds between two readings of the registry's allowed models: a connected worker
+    /// whose model was revoked is disconnected at the next one (0: never read again).
+    pub registry_refresh_secs: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -72,6 +75,7 @@ impl Default for PaymentsConfig {
             ledger: None,
             book: "proxy-book.redb".into(),
             commit_interval_secs: 10,
+            registry_refresh_secs: 60,
         }
     }
 }

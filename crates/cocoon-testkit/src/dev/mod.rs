@@ -69,6 +69,8 @@ pub struct DevOptions {
     /// The measured worker configurations the proxy admits (`[worker_policy] config_hashes`);
     /// empty: any.
     pub worker_config_hashes: Vec<String>,
+    /// Seconds between the proxy's readings of the registry's allowed models.
+    pub registry_refresh_secs: u64,
 }
 
 impl Default for DevOptions {
@@ -89,6 +91,7 @@ impl Default for DevOptions {
             gateway_max_price: None,
             gateway_keep_alive_secs: ClientConfig::default().stream_keep_alive_secs,
             worker_config_hashes: Vec::new(),
+            registry_refresh_secs: 60,
         }
     }
 }
@@ -611,6 +614,7 @@ async fn start_proxy(
                 ledger: setup.ledger_url.map(str::to_owned),
                 book: setup.dev_dir.join("proxy-book.redb"),
                 commit_interval_secs: setup.options.commit_interval_secs,
+                registry_refresh_secs: setup.options.registry_refresh_secs,
             },
             limits: setup.options.limits.clone(),
             routing: setup.options.routing.clone(),

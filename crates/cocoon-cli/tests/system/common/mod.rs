@@ -149,6 +149,7 @@ pub(crate) async fn own_proxy(net: &DevNetwork, name: &str) -> OwnProxy {
             ledger: Some(net.ledger_url().unwrap().to_owned()),
             book: book.clone(),
             commit_interval_secs: 1,
+            ..Default::default()
         },
         ..cocoon_proxy::ProxyConfig::default()
     };
