@@ -841,6 +841,7 @@ mod tests {
             cost: billed * 20,
             tokens_used,
             charge: hex::encode(&charge.0),
+            model_hash: None,
         }
     }
 

@@ -303,6 +303,10 @@ pub struct Billing {
     /// The proxy's signed "charge this client up to `tokens_used`" message (hex), which the
     /// client can check against the proxy's key and keep.
     pub charge: String,
+    /// SHA-256 (hex) of the weights that served the answer, as the serving worker announced
+    /// them and the registry allowed them (the proxy's word: the charge does not sign it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_hash: Option<String>,
 }
 
 /// A client's id for one request ([`REQUEST_ID_HEADER`](crate::REQUEST_ID_HEADER)): 16

@@ -426,7 +426,7 @@ impl State {
                 _ = shutdown.cancelled() => return,
             }
             for worker in self.workers.snapshot() {
-                for hash in &worker.link.model_hashes {
+                for (_, hash) in &worker.link.model_hashes {
                     match billing.model_allowed(hash).await {
                         Ok(true) => {}
                         Ok(false) => {
@@ -606,7 +606,10 @@ impl State {
                 channel,
                 evict: evict.clone(),
                 overreports: Default::default(),
-                model_hashes: models.iter().filter_map(|m| m.model_hash.clone()).collect(),
+                model_hashes: models
+                    .iter()
+                    .filter_map(|m| Some((m.id.clone(), m.model_hash.clone()?)))
+                    .collect(),
             },
         );
         if entry.link.attestation.is_development() {

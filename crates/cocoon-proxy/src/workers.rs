@@ -24,9 +24,19 @@ pub struct WorkerLink {
     pub(crate) evict: CancellationToken,
     /// Answers on this connection whose counts broke the proxy's bounds.
     pub(crate) overreports: AtomicU32,
-    /// The weights' hashes of the models admitted at join, which the registry is asked about
-    /// again every `[payments] registry_refresh_secs`.
-    pub(crate) model_hashes: Vec<String>,
+    /// The models admitted at join and their weights' hashes, which the registry is asked
+    /// about again every `[payments] registry_refresh_secs`.
+    pub(crate) model_hashes: Vec<(String, String)>,
+}
+
+impl WorkerLink {
+    /// The hash of the weights this worker serves `model` with, if it announced one.
+    pub(crate) fn model_hash(&self, model: &str) -> Option<String> {
+        self.model_hashes
+            .iter()
+            .find(|(id, _)| id == model)
+            .map(|(_, h)| h.clone())
+    }
 }
 
 /// The live set of workers.

@@ -60,6 +60,9 @@ async fn answers_are_billed_committed_and_paid_out() {
         assert_eq!(usage["cost"], total * params.price_per_token as u64);
         billed += total;
         assert_eq!(bill["tokens_used"], billed, "the counter is cumulative");
+        // The bill names the weights that served the answer: the GGUF the worker loaded.
+        let weights = cocoon_engine::model_file_hash(&model_path()).unwrap();
+        assert_eq!(bill["model_hash"], weights.as_str(), "{bill}");
         // The charge is the proxy's signature over this very counter and contract.
         let charge = SignedMessage(hex::decode(bill["charge"].as_str().unwrap()).unwrap());
         let PaymentMessage::ChargeClient {

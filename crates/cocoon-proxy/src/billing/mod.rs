@@ -492,16 +492,17 @@ impl Billing {
         }
     }
 
-    /// Bills the request held by `hold` for `usage` at `price` per weighted token, signs the
-    /// client's charge and the worker's payout, and writes both to the book before returning,
-    /// with the bill under the client's request `id` if it has one (for its late ask).
+    /// Bills the request held by `hold` for `usage` at `price` per weighted token, on the
+    /// weights hashing to `model_hash`, signs the client's charge and the worker's payout, and
+    /// writes both to the book before returning, with the bill under the client's request `id`
+    /// if it has one (for its late ask).
     pub(crate) async fn settle(
         self: &Arc<Self>,
         hold: Hold,
         id: Option<RequestId>,
         worker: PublicKey,
         usage: Usage,
-        price: u64,
+        (price, model_hash): (u64, Option<String>),
     ) -> Result<(Bill, Payout), ProtocolError> {
         let params = self.params.read().clone();
         let price = price.max(u64::try_from(params.price_per_token).unwrap_or(u64::MAX));
@@ -546,6 +547,7 @@ impl Billing {
             cost: u64::try_from(cost).unwrap_or(u64::MAX),
             tokens_used: settled.tokens_used,
             charge: hex::encode(&settled.charge.0),
+            model_hash: model_hash.clone(),
         };
         let billing = self.clone();
         let (settled, bill) = tokio::task::spawn_blocking(move || {

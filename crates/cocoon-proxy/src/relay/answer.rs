@@ -48,17 +48,22 @@ pub(super) struct BillTo {
     pub hold: Option<Hold>,
     pub id: Option<RequestId>,
     pub opened: Option<Opened>,
+    /// The model asked for: its bill names the weights that served it.
+    pub model: String,
 }
 
 /// Settles a request with the proxy's book and hands the worker its payout.
 async fn settle(
     billing: &Arc<Billing>,
-    (hold, id): (Hold, Option<RequestId>),
+    (hold, id, model): (Hold, Option<RequestId>, &str),
     worker: &Arc<WorkerEntry>,
     usage: Usage,
     price: u64,
 ) -> Result<cocoon_protocol::Billing, ProtocolError> {
-    let (bill, payout) = billing.settle(hold, id, worker.key, usage, price).await?;
+    let weights = worker.link.model_hash(model);
+    let (bill, payout) = billing
+        .settle(hold, id, worker.key, usage, (price, weights))
+        .await?;
     send_payout(worker, payout);
     Ok(bill)
 }
@@ -108,6 +113,7 @@ pub(super) fn stream(
         hold: bill.hold,
         id: bill.id,
         _opened: bill.opened,
+        model: bill.model,
         bounds,
         asked,
         first_at,
@@ -128,6 +134,8 @@ struct Answer {
     id: Option<RequestId>,
     /// Dropped last (after the bill is written): until then an ask for the bill is pending.
     _opened: Option<Opened>,
+    /// The model asked for.
+    model: String,
     /// The most the worker's counts may say.
     bounds: UsageBounds,
     /// On tokio's clock, as failover measures them.
@@ -190,7 +198,8 @@ impl Answer {
                         // The answer is acknowledged only once its bill is on disk.
                         (Some(b), Some(h)) => {
                             let price = self.load.price;
-                            match settle(&b, (h, self.id), &worker, usage, price).await {
+                            let to = (h, self.id, self.model.as_str());
+                            match settle(&b, to, &worker, usage, price).await {
                                 Ok(bill) => encode_frame(&GenerateEvent::Done {
                                     finish_reason,
                                     usage,
@@ -328,7 +337,8 @@ impl Answer {
         }
         let usage = self.bounded(worker, self.bounds.cut_off(relayed));
         let (billing, hold) = (self.state.billing.clone()?, self.hold.take()?);
-        match settle(&billing, (hold, self.id), worker, usage, self.load.price).await {
+        let to = (hold, self.id, self.model.as_str());
+        match settle(&billing, to, worker, usage, self.load.price).await {
             Ok(bill) => Some((bill, usage.completion_tokens)),
             Err(error) => {
                 tracing::error!(%error, "settlement of a cut-off answer failed");

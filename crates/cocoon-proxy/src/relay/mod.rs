@@ -79,7 +79,12 @@ async fn serve(
         |worker| answer::start(worker, &request),
     )
     .await?;
-    let bill = answer::BillTo { hold, id, opened };
+    let bill = answer::BillTo {
+        hold,
+        id,
+        opened,
+        model: request.model.clone(),
+    };
     Ok(answer::stream(state.clone(), begun, permit, bill, bounds))
 }
 
