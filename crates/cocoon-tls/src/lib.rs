@@ -19,11 +19,12 @@ pub use identity::{Fingerprint, Identity, IdentityError};
 pub use measure::{ledger_for_measurement, url_for_measurement};
 pub use ratls::{CacheStats, DEFAULT_CACHE_TTL, RaTlsVerifier, attestation_extensions};
 pub use trust::{
-    AttesterChoice, AttesterConfig, MAX_CACHE_SECS, PeerPolicy, Registers, TrustError, dev_attester,
+    AttesterChoice, AttesterConfig, MAX_CACHE_SECS, MIN_CERT_AGE_HOURS, PeerPolicy, Registers,
+    TrustError, dev_attester,
 };
 pub use verify::{
-    AllOf, AnyOf, AnyPeer, Attested, PeerCertificate, PeerVerifier, PinnedPeers, Verified,
-    VerifyError,
+    AllOf, AnyOf, AnyPeer, Attested, FreshCertificates, PeerCertificate, PeerVerifier, PinnedPeers,
+    Verified, VerifyError,
 };
 
 /// Name the client side puts in SNI. Peers are identified by key, never by name.

@@ -182,6 +182,10 @@ pub struct PeerPolicy {
     /// policy without either is refused at start unless this is set (development only; logged
     /// loudly). Clients are admitted by key anyway: `[client_policy]` does not need it.
     pub insecure_accept_any_peer: bool,
+    /// The oldest a peer's attested certificate may be, in hours (its quote is taken when it is
+    /// issued); 0: any age within its validity. At least [`MIN_CERT_AGE_HOURS`]: nodes renew
+    /// their 24 h certificates 6 h before they expire.
+    pub max_cert_age_hours: u64,
     /// Accept development attester keys in a policy that also verifies real TDX quotes
     /// (collateral files). Refused otherwise: a dev key beside Intel's collateral lets anyone
     /// holding it pass as attested in production.
@@ -257,6 +261,10 @@ impl Registers {
     }
 }
 
+/// The least `max_cert_age_hours` may be (other than 0): a node's certificate is renewed
+/// 18 h after it is issued (5 minutes' clock skew included in its start).
+pub const MIN_CERT_AGE_HOURS: u64 = 19;
+
 /// The most `cache_secs` may be: a verified quote is not reused for longer than an hour, so a
 /// change of policy or collateral takes effect within it.
 pub const MAX_CACHE_SECS: u64 = 3600;
@@ -275,6 +283,7 @@ impl Default for PeerPolicy {
             dev_attester_keys: Vec::new(),
             cache_secs: DEFAULT_CACHE_TTL.as_secs(),
             insecure_accept_any_peer: false,
+            max_cert_age_hours: 0,
             allow_dev_keys_with_tdx: false,
         }
     }
@@ -295,6 +304,7 @@ impl PeerPolicy {
             "allow_debug": self.allow_debug,
             "dev_attester_keys": self.dev_attester_keys,
             "insecure_accept_any_peer": self.insecure_accept_any_peer,
+            "max_cert_age_hours": self.max_cert_age_hours,
             "allow_dev_keys_with_tdx": self.allow_dev_keys_with_tdx,
         })
     }
@@ -320,6 +330,20 @@ impl PeerPolicy {
         }
         if self.require_attestation {
             parts.push(Arc::new(self.ratls(section)?.expect_role(what)));
+            if self.max_cert_age_hours > 0 {
+                if self.max_cert_age_hours < MIN_CERT_AGE_HOURS {
+                    return Err(config_error(
+                        section,
+                        format!(
+                            "max_cert_age_hours is at least {MIN_CERT_AGE_HOURS}: nodes renew \
+                             their certificates 18 h after issuing them"
+                        ),
+                    ));
+                }
+                parts.push(Arc::new(crate::verify::FreshCertificates {
+                    max_age: Duration::from_secs(self.max_cert_age_hours * 3600),
+                }));
+            }
         } else if !self.image_hashes.is_empty()
             || !self.registers.is_empty()
             || !self.config_hashes.is_empty()
@@ -570,9 +594,20 @@ mod tests {
         .unwrap();
         let long_cache = PeerPolicy {
             cache_secs: MAX_CACHE_SECS + 1,
-            ..tdx
+            ..tdx.clone()
         };
         assert!(err(&long_cache).contains("cache_secs is at most 3600"));
+        let too_fresh = PeerPolicy {
+            max_cert_age_hours: MIN_CERT_AGE_HOURS - 1,
+            ..tdx.clone()
+        };
+        assert!(err(&too_fresh).contains("max_cert_age_hours is at least 19"));
+        PeerPolicy {
+            max_cert_age_hours: 24,
+            ..tdx
+        }
+        .build("worker_policy", "worker")
+        .unwrap();
     }
 
     #[test]

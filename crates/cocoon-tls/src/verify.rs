@@ -243,6 +243,33 @@ impl PeerVerifier for PinnedPeers {
 #[derive(Debug)]
 pub struct AllOf(pub Vec<Arc<dyn PeerVerifier>>);
 
+/// Admits only certificates issued within `max_age`: a verifier's demand that a peer's quote
+/// be fresh (it was taken when the certificate was issued), so that a change of the peer's
+/// TCB or collateral since shows within that time.
+#[derive(Debug)]
+pub struct FreshCertificates {
+    /// The oldest a certificate may be.
+    pub max_age: std::time::Duration,
+}
+
+impl PeerVerifier for FreshCertificates {
+    fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let age = now.saturating_sub(peer.not_before);
+        let max = i64::try_from(self.max_age.as_secs()).unwrap_or(i64::MAX);
+        if age > max {
+            return Err(VerifyError::Policy(format!(
+                "the certificate (and its quote) is {} h old; this policy takes at most {} h",
+                age / 3600,
+                max / 3600
+            )));
+        }
+        Ok(Verified::default())
+    }
+}
+
 impl PeerVerifier for AllOf {
     fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
         let mut verified = Verified::default();

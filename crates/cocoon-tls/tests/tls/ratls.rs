@@ -446,3 +446,26 @@ fn review_a_register_rule_fixing_only_the_firmware_is_refused() {
         "a register rule fixing only MRTD (any kernel, any software) is accepted"
     );
 }
+
+/// A verifier may demand fresh quotes: a certificate (whose quote was taken when it was
+/// issued) older than the policy's age is refused, a young one passes.
+#[test]
+fn certificates_older_than_the_policy_allows_are_refused() {
+    use cocoon_tls::FreshCertificates;
+    let a = dev(7);
+    let node = Identity::ephemeral("worker")
+        .unwrap()
+        .with_attester("worker", a)
+        .unwrap();
+    let fresh = FreshCertificates {
+        max_age: std::time::Duration::from_secs(19 * 3600),
+    };
+    let mut cert = cert_of(&node);
+    fresh.verify(&cert).unwrap();
+    cert.not_before -= 20 * 3600;
+    let err = fresh.verify(&cert).unwrap_err().to_string();
+    assert!(
+        err.contains("20 h old; this policy takes at most 19 h"),
+        "{err}"
+    );
+}
