@@ -114,17 +114,18 @@ async fn proxy_refuses_workers_its_policy_does_not_admit() {
     // The same proxy admits a worker that attests the allowed image with the trusted key.
     let good = net.dev_attester();
     let i = net.add_worker("good", backend, &good).await.unwrap();
+    until_joined(&net, i).await;
+}
+
+/// Waits until worker `i` of `net` is among the proxy's workers.
+async fn until_joined(net: &cocoon_testkit::dev::DevNetwork, i: usize) {
     let fp = net.worker_fingerprint(i).to_string();
-    wait_until(
-        "the attested worker to join",
-        Duration::from_secs(20),
-        || {
-            net.proxy_status()
-                .workers
-                .iter()
-                .any(|w| w.fingerprint == fp)
-        },
-    )
+    wait_until("the worker to join", Duration::from_secs(20), || {
+        net.proxy_status()
+            .workers
+            .iter()
+            .any(|w| w.fingerprint == fp)
+    })
     .await;
 }
 
@@ -319,18 +320,7 @@ async fn only_workers_measuring_an_allowed_configuration_join() {
         .add_measured_worker("allowed", backend, &attester, Some(allowed.clone()))
         .await
         .unwrap();
-    let fp = net.worker_fingerprint(i).to_string();
-    wait_until(
-        "the allowed worker to join",
-        Duration::from_secs(20),
-        || {
-            net.proxy_status()
-                .workers
-                .iter()
-                .any(|w| w.fingerprint == fp)
-        },
-    )
-    .await;
+    until_joined(&net, i).await;
     let status = net.proxy_status();
     assert_eq!(status.workers.len(), 1, "{status:?}");
     assert_eq!(
