@@ -238,6 +238,16 @@ pub trait Ledger: Send + Sync {
         Ok(self.snapshot().await?.registry.params)
     }
 
+    /// Whether the registry allows the image `hash` (hex) for `role`.
+    async fn image_allowed(&self, role: ImageRole, hash: &str) -> Result<bool, LedgerError> {
+        let registry = self.snapshot().await?.registry;
+        let set = match role {
+            ImageRole::Worker => registry.worker_images,
+            ImageRole::Proxy => registry.proxy_images,
+        };
+        Ok(set.contains(&hash.to_ascii_lowercase()))
+    }
+
     /// Whether the registry allows workers to serve the model whose weights hash to `hash`
     /// (hex SHA-256).
     async fn model_allowed(&self, hash: &str) -> Result<bool, LedgerError> {

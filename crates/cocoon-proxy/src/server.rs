@@ -57,6 +57,8 @@ pub(crate) struct State {
     commit_interval: Duration,
     /// How often the registry is asked whether connected workers' models are still allowed.
     registry_refresh: Duration,
+    /// Whether workers' attested images must be in the registry too.
+    registry_images: bool,
 }
 
 /// The proxy's whole status, as its operator sees it on the `[admin]` listener (`GET
@@ -185,6 +187,11 @@ impl Proxy {
     /// Binds the listening socket and loads (or creates) the proxy's key. With `[payments]`,
     /// `ledgers` opens the ledger it names: the binary decides which ledgers there are.
     pub async fn bind(config: &ProxyConfig, ledgers: &dyn LedgerOpener) -> anyhow::Result<Self> {
+        if config.payments.worker_images_from_registry && config.payments.ledger.is_none() {
+            anyhow::bail!(
+                "[payments] worker_images_from_registry needs a ledger: it reads the registry"
+            );
+        }
         let identity = Arc::new(config.attester.identity(
             config.key_file.as_deref(),
             "cocoon-proxy",
@@ -266,6 +273,7 @@ impl Proxy {
             limiter: Limiter::new(config.limits.clone()),
             commit_interval: Duration::from_secs(config.payments.commit_interval_secs.max(1)),
             registry_refresh: Duration::from_secs(config.payments.registry_refresh_secs),
+            registry_images: config.payments.worker_images_from_registry,
         });
         let admin = config.admin.bind().await?;
         if let Some(a) = &admin {
@@ -426,6 +434,16 @@ impl State {
                 _ = shutdown.cancelled() => return,
             }
             for worker in self.workers.snapshot() {
+                let image = self.image_in_registry(&worker.link.attestation).await;
+                if let Err(reason) = image.as_ref()
+                    && !reason.contains("could not be checked")
+                {
+                    tracing::warn!(worker = %worker.name, %reason, "disconnecting a worker");
+                    self.admission
+                        .refused_offer(&worker.link.fingerprint, reason.clone());
+                    worker.link.evict.cancel();
+                    continue;
+                }
                 for (_, hash) in &worker.link.model_hashes {
                     match billing.model_allowed(hash).await {
                         Ok(true) => {}
@@ -583,6 +601,12 @@ impl State {
             driver.abort();
             return;
         }
+        if let Err(reason) = self.image_in_registry(&attestation).await {
+            tracing::warn!(worker = %hello.name, %reason, "refused a worker");
+            self.admission.refused_offer(&fingerprint, reason);
+            driver.abort();
+            return;
+        }
         let models = self.allowed_models(&hello, &fingerprint).await;
         if models.is_empty() && !hello.models.is_empty() {
             tracing::warn!(worker = %hello.name, "no model the worker serves is allowed by the registry");
@@ -654,6 +678,22 @@ impl State {
                 Err(e) => error_response(&e),
             },
             (method, path) => no_route(method, path),
+        }
+    }
+
+    /// With `worker_images_from_registry`: the worker's attested image must be one the
+    /// registry allows (an unattested worker has none); the reason when it is not.
+    async fn image_in_registry(&self, attestation: &Verified) -> Result<(), String> {
+        let (Some(billing), true) = (&self.billing, self.registry_images) else {
+            return Ok(());
+        };
+        let Some(image) = attestation.attestation.as_ref().map(|a| a.image_hash) else {
+            return Err("not attested, and the registry allows images only".into());
+        };
+        match billing.worker_image_allowed(&image.to_string()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("image {image} is not allowed by the registry")),
+            Err(e) => Err(format!("image {image} could not be checked: {e}")),
         }
     }
 

@@ -999,6 +999,29 @@ impl Ledger for TonLedger {
         self.read_params().await
     }
 
+    async fn image_allowed(&self, role: ImageRole, hash: &str) -> Result<bool, LedgerError> {
+        let bytes = hex::decode(hash)
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| LedgerError::BadTransaction(format!("bad image hash {hash:?}")))?;
+        let role = BigInt::from(match role {
+            ImageRole::Worker => 0u8,
+            ImageRole::Proxy => 1u8,
+        });
+        let key = BigInt::from_bytes_be(num_bigint::Sign::Plus, &bytes);
+        let v = self
+            .api
+            .run_get_method(&self.root, "image_allowed", &[role, key])
+            .await
+            .map_err(unreachable)?;
+        match v.as_slice() {
+            [allowed] => Ok(*allowed != BigInt::from(0)),
+            _ => Err(LedgerError::Unreachable(
+                "root image_allowed returned an unexpected stack".into(),
+            )),
+        }
+    }
+
     async fn model_allowed(&self, hash: &str) -> Result<bool, LedgerError> {
         let bytes = hex::decode(hash)
             .ok()

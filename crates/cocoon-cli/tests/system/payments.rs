@@ -373,3 +373,108 @@ async fn a_model_revoked_mid_run_is_dropped_and_requests_go_elsewhere() {
     );
     assert_eq!(new.served(), new_before + 5);
 }
+
+/// With `worker_images_from_registry`, the registry's owner decides which images serve: a
+/// worker whose image it does not list is refused at join, and one whose image it revokes
+/// mid-run is disconnected at the proxy's next reading, with no restart; requests go to the
+/// other worker, and none fails meanwhile.
+#[tokio::test]
+async fn images_the_registry_revokes_are_dropped_mid_run() {
+    use cocoon_ledger::ImageRole;
+    use cocoon_testkit::backends::Scripted;
+    use cocoon_tls::MeasuredEvent;
+    let options = cocoon_testkit::dev::DevOptions {
+        registry_refresh_secs: 1,
+        worker_images_from_registry: true,
+        ..test_options()
+    };
+    let mut net = DevNetwork::start(options, vec![]).await.unwrap();
+    // Three images of the dev firmware, told three things (RTMR3 is in the image hash).
+    let told = |what: &str| MeasuredEvent::config(format!("{{\"worker\":\"{what}\"}}"));
+    let image = |e: &MeasuredEvent| {
+        let mut m = cocoon_attest::dev_image();
+        m.rtmr[3] = cocoon_attest::replay(std::slice::from_ref(e));
+        m.image_hash().to_string()
+    };
+    let owner = cocoon_testkit::dev::ledger::key_wallet(&net.dir().join("owner.key"))
+        .unwrap()
+        .public_key();
+    let (a, b, c) = (told("a"), told("b"), told("c"));
+    for allowed in [&a, &b] {
+        net.dev_ledger()
+            .unwrap()
+            .exec(
+                owner,
+                Op::AllowImage {
+                    role: ImageRole::Worker,
+                    hash: image(allowed),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let attester = net.dev_attester();
+    let (old, new) = (Scripted::new(2048), Scripted::new(2048));
+    let first = net
+        .add_measured_worker("a", old.clone(), &attester, Some(a.clone()))
+        .await
+        .unwrap();
+    net.add_measured_worker("b", new.clone(), &attester, Some(b))
+        .await
+        .unwrap();
+    let unlisted = net
+        .add_measured_worker("c", Scripted::new(2048), &attester, Some(c))
+        .await
+        .unwrap();
+    net.wait_ready(2, Duration::from_secs(20)).await.unwrap();
+    let (revoked, unlisted) = (
+        net.worker_fingerprint(first).to_string(),
+        net.worker_fingerprint(unlisted).to_string(),
+    );
+    let refused = |fp: &str| {
+        net.proxy_status()
+            .recent_refusals
+            .iter()
+            .any(|r| r.fingerprint == fp && r.reason.contains("is not allowed by the registry"))
+    };
+    wait_until(
+        "the unlisted image's refusal",
+        Duration::from_secs(20),
+        || refused(&unlisted),
+    )
+    .await;
+    net.dev_ledger()
+        .unwrap()
+        .exec(
+            owner,
+            Op::RevokeImage {
+                role: ImageRole::Worker,
+                hash: image(&a),
+            },
+        )
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while net.proxy_status().workers.len() > 1 {
+        let status = http
+            .post(&url)
+            .json(&chat_body("Hi", json!({"max_tokens": 1})))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+        assert!(tokio::time::Instant::now() < deadline, "never dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused(&revoked));
+    let before = old.served();
+    for _ in 0..3 {
+        let answer = post_json(&http, &url, &chat_body("Hi", json!({"max_tokens": 1}))).await;
+        assert!(answer["choices"].is_array(), "{answer}");
+    }
+    assert_eq!(old.served(), before, "the revoked image serves no more");
+    assert!(new.served() >= 3);
+}

@@ -64,9 +64,14 @@ pub struct PaymentsConfig {
     pub book: PathBuf,
     /// Seconds between batched commits of signed charges to the ledger.
     pub commit_interval_secs: u64,
-    /// Seconds between two readings of the registry's allowed models: a connected worker
-    /// whose model was revoked is disconnected at the next one (0: never read again).
+    /// Seconds between two readings of the registry's allowed models (and, with
+    /// `worker_images_from_registry`, images): a connected worker whose model or image was
+    /// revoked is disconnected at the next one (0: never read again).
     pub registry_refresh_secs: u64,
+    /// Also require the registry to allow each worker's attested image hash (its worker
+    /// images), at join and at every reading: trust the owner's list, not only this file's
+    /// `[worker_policy]`.
+    pub worker_images_from_registry: bool,
 }
 
 impl Default for PaymentsConfig {
@@ -76,6 +81,7 @@ impl Default for PaymentsConfig {
             book: "proxy-book.redb".into(),
             commit_interval_secs: 10,
             registry_refresh_secs: 60,
+            worker_images_from_registry: false,
         }
     }
 }
@@ -263,6 +269,13 @@ impl Billing {
 
     fn proxy(&self) -> PublicKey {
         self.wallet.public_key()
+    }
+
+    /// Whether the registry allows the worker image `hash`.
+    pub(crate) async fn worker_image_allowed(&self, hash: &str) -> Result<bool, LedgerError> {
+        self.ledger
+            .image_allowed(cocoon_ledger::ImageRole::Worker, hash)
+            .await
     }
 
     /// Whether the registry allows the model whose weights hash to `hash`.

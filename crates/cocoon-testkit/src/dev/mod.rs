@@ -71,6 +71,8 @@ pub struct DevOptions {
     pub worker_config_hashes: Vec<String>,
     /// Seconds between the proxy's readings of the registry's allowed models.
     pub registry_refresh_secs: u64,
+    /// Whether the proxy also requires the registry to allow workers' images.
+    pub worker_images_from_registry: bool,
 }
 
 impl Default for DevOptions {
@@ -92,6 +94,7 @@ impl Default for DevOptions {
             gateway_keep_alive_secs: ClientConfig::default().stream_keep_alive_secs,
             worker_config_hashes: Vec::new(),
             registry_refresh_secs: 60,
+            worker_images_from_registry: false,
         }
     }
 }
@@ -615,6 +618,7 @@ async fn start_proxy(
                 book: setup.dev_dir.join("proxy-book.redb"),
                 commit_interval_secs: setup.options.commit_interval_secs,
                 registry_refresh_secs: setup.options.registry_refresh_secs,
+                worker_images_from_registry: setup.options.worker_images_from_registry,
             },
             limits: setup.options.limits.clone(),
             routing: setup.options.routing.clone(),
