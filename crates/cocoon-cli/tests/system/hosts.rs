@@ -24,6 +24,7 @@ use cocoon_cli::bench::synthetic::{MODEL as SYNTHETIC, Synthetic};
 use cocoon_engine::{UpstreamConfig, UpstreamModel};
 use cocoon_proxy::{AdminConfig, Book, LimitsConfig, PaymentsConfig, ProxyConfig, RoutingConfig};
 use cocoon_testkit::dev::ledger::key_wallet;
+use cocoon_tls::PeerPolicy;
 use cocoon_worker::{BackendConfig, PayoutsConfig, PriceConfig, WorkerConfig};
 use serde_json::{Value, json};
 use tokio::process::Child;
@@ -270,11 +271,59 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     let proxy_config = dir.join("lan-proxy.toml");
     let admin_token = dir.join("lan-admin.token");
     std::fs::write(&admin_token, format!("{ADMIN_TOKEN}\n")).unwrap();
+    // The workers' configurations, written first: the proxy admits exactly these, by the
+    // hash of what each measures into RTMR3 (the `cocoon worker` binary measures its config).
+    let mut worker_configs = Vec::new();
+    let mut config_hashes = Vec::new();
+    let mut worker_keys = Vec::new();
+    for (i, name) in WORKERS.iter().enumerate() {
+        let key_file = dir.join(format!("lan-{name}.key"));
+        worker_keys.push(key_wallet(&key_file).unwrap().public_key());
+        let config = WorkerConfig {
+            name: (*name).into(),
+            proxy_addr: proxy_addr.clone(),
+            key_file: Some(key_file),
+            max_reconnect_secs: 1,
+            attester: net.dev_attester(),
+            proxy_policy: net.dev_policy(),
+            prices: PriceConfig {
+                default: PRICES[i],
+                ..PriceConfig::default()
+            },
+            backends: vec![BackendConfig::Upstream(UpstreamConfig {
+                url: model_server.url(),
+                ca_file: None,
+                api_key: None,
+                models: vec![UpstreamModel {
+                    id: SYNTHETIC.into(),
+                    upstream_id: None,
+                    context_length: 4096,
+                    model_hash: Some(cocoon_testkit::backends::scripted_model_hash()),
+                }],
+                parallel: 8,
+                timeout_secs: 10,
+                idle_timeout_secs: 120,
+            })],
+            payments: PayoutsConfig {
+                ledger: Some(ledger_url.clone()),
+                payout_file: dir.join(format!("lan-{name}-payouts.json")),
+                claim_interval_secs: 1,
+            },
+        };
+        config_hashes.push(config.measured().config_hash());
+        let path = dir.join(format!("lan-{name}.toml"));
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        worker_configs.push(path);
+    }
+
     let config = ProxyConfig {
         listen: proxy_addr.clone(),
         key_file: Some(proxy_key_file),
         attester: net.dev_attester(),
-        worker_policy: net.dev_policy(),
+        worker_policy: PeerPolicy {
+            config_hashes: config_hashes.clone(),
+            ..net.dev_policy()
+        },
         payments: PaymentsConfig {
             ledger: Some(ledger_url.clone()),
             book: book.clone(),
@@ -311,46 +360,6 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
         dir.join("lan-proxy-1.log"),
     );
 
-    let mut worker_configs = Vec::new();
-    let mut worker_keys = Vec::new();
-    for (i, name) in WORKERS.iter().enumerate() {
-        let key_file = dir.join(format!("lan-{name}.key"));
-        worker_keys.push(key_wallet(&key_file).unwrap().public_key());
-        let config = WorkerConfig {
-            name: (*name).into(),
-            proxy_addr: proxy_addr.clone(),
-            key_file: Some(key_file),
-            max_reconnect_secs: 1,
-            attester: net.dev_attester(),
-            proxy_policy: net.dev_policy(),
-            prices: PriceConfig {
-                default: PRICES[i],
-                ..PriceConfig::default()
-            },
-            backends: vec![BackendConfig::Upstream(UpstreamConfig {
-                url: model_server.url(),
-                ca_file: None,
-                api_key: None,
-                models: vec![UpstreamModel {
-                    id: SYNTHETIC.into(),
-                    upstream_id: None,
-                    context_length: 4096,
-                    model_hash: Some(cocoon_testkit::backends::scripted_model_hash()),
-                }],
-                parallel: 8,
-                timeout_secs: 10,
-                idle_timeout_secs: 120,
-            })],
-            payments: PayoutsConfig {
-                ledger: Some(ledger_url.clone()),
-                payout_file: dir.join(format!("lan-{name}-payouts.json")),
-                claim_interval_secs: 1,
-            },
-        };
-        let path = dir.join(format!("lan-{name}.toml"));
-        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-        worker_configs.push(path);
-    }
     let mut children: Vec<Child> = WORKERS
         .iter()
         .zip(&worker_configs)
@@ -400,6 +409,15 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
     tokio::time::sleep(Duration::from_secs(3)).await;
     let s0 = workers(&http, &admin).await;
     assert!(served(&s0, "w0") > served(&s0, "w2"), "{s0:?}");
+    // Each worker process measured its configuration into RTMR3, and the proxy across the
+    // LAN admitted it by that hash.
+    for (i, name) in WORKERS.iter().enumerate() {
+        assert_eq!(
+            s0[*name]["config_hash"],
+            config_hashes[i].as_str(),
+            "{s0:?}"
+        );
+    }
 
     // Kill w0: the others take over.
     phase(1);
