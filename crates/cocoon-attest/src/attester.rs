@@ -44,17 +44,48 @@ pub trait Attester: Send + Sync {
     fn kind(&self) -> AttesterKind;
     /// A quote whose report data is exactly `report_data`.
     fn quote(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError>;
-    /// Extends RTMR3 with `event`'s digest: later quotes carry the new value. Fails where
-    /// RTMR3 cannot be extended, or was extended before by something whose events are not
-    /// known (a verifier could not replay it).
-    fn measure(&self, event: &crate::MeasuredEvent) -> Result<(), AttestError>;
+    /// Extends RTMR3 with `event`'s digest: later quotes carry the new value. Returns every
+    /// event measured since the TD booted, ending with `event`: what certificates name. A
+    /// node restarted in the same TD finds its configuration measured already and measures
+    /// nothing; another configuration is refused (the TD would then hold two). Fails where
+    /// RTMR3 cannot be extended, or was extended by something whose events are not known (a
+    /// verifier could not replay it).
+    fn measure(
+        &self,
+        event: &crate::MeasuredEvent,
+    ) -> Result<Vec<crate::MeasuredEvent>, AttestError>;
 }
+
+/// What `measure` does with the events measured since boot (`log`): `Ok(None)` when `event`
+/// is the configuration already measured (nothing to extend), `Ok(Some(log + event))` to
+/// extend, or the refusal of a second configuration.
+fn next_log(
+    log: &[crate::MeasuredEvent],
+    event: &crate::MeasuredEvent,
+) -> Result<Option<Vec<crate::MeasuredEvent>>, AttestError> {
+    let config = |e: &&crate::MeasuredEvent| e.label == crate::CONFIG_EVENT;
+    match log.iter().rev().find(config) {
+        Some(measured) if measured == event => Ok(None),
+        Some(measured) if event.label == crate::CONFIG_EVENT => Err(AttestError::NoTee(format!(
+            "this TD measured another configuration ({}) since it booted; a TD serves one \
+             configuration: restart the TD to change it (this one is {})",
+            measured.config_hash(),
+            event.config_hash()
+        ))),
+        _ => Ok(Some(log.iter().cloned().chain([event.clone()]).collect())),
+    }
+}
+
+/// Where a TDX node keeps the events it measured into RTMR3 since boot: the TD's own memory
+/// (tmpfs), cleared when it boots again as RTMR3 is. Only a hint: verifiers replay it to RTMR3.
+pub const RTMR3_EVENT_LOG: &str = "/run/cocoon/rtmr3-events.json";
 
 /// Real TDX quotes through configfs-tsm: create a report entry, write the report data to
 /// `inblob`, read the quote from `outblob`, remove the entry.
 pub struct TdxAttester {
     root: PathBuf,
     rtmr3: PathBuf,
+    log: PathBuf,
 }
 
 impl TdxAttester {
@@ -74,12 +105,15 @@ impl TdxAttester {
         Ok(Self {
             root: root.to_owned(),
             rtmr3: PathBuf::from(crate::RTMR3_SYSFS),
+            log: PathBuf::from(RTMR3_EVENT_LOG),
         })
     }
 
-    /// Extends RTMR3 through the file at `path` instead of the kernel's (for tests).
-    pub fn with_rtmr3(mut self, path: &Path) -> Self {
+    /// Extends RTMR3 through the file at `path` instead of the kernel's, keeping the event log
+    /// at `log` (for tests).
+    pub fn with_rtmr3(mut self, path: &Path, log: &Path) -> Self {
         self.rtmr3 = path.to_owned();
+        self.log = log.to_owned();
         self
     }
 }
@@ -118,7 +152,10 @@ impl Attester for TdxAttester {
         result
     }
 
-    fn measure(&self, event: &crate::MeasuredEvent) -> Result<(), AttestError> {
+    fn measure(
+        &self,
+        event: &crate::MeasuredEvent,
+    ) -> Result<Vec<crate::MeasuredEvent>, AttestError> {
         let shown = self.rtmr3.display();
         let now = std::fs::read(&self.rtmr3).map_err(|e| {
             AttestError::NoTee(format!(
@@ -126,15 +163,36 @@ impl Attester for TdxAttester {
                  guest kernel with the measurement interface, Linux 6.16+)"
             ))
         })?;
-        if now.iter().any(|b| *b != 0) {
+        let log: Vec<crate::MeasuredEvent> = match std::fs::read(&self.log) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        if now.as_slice() != crate::replay(&log) {
             return Err(AttestError::NoTee(format!(
-                "RTMR3 ({shown}) was extended since the TD booted, by something whose events \
-                 this node does not know, so peers could not replay it: start cocoon in a \
-                 freshly booted TD"
+                "RTMR3 ({shown}) was extended since the TD booted by something whose events \
+                 this node does not know (its log {} does not replay to it), so peers could \
+                 not replay it: start cocoon in a freshly booted TD",
+                self.log.display()
             )));
         }
+        let Some(next) = next_log(&log, event)? else {
+            return Ok(log);
+        };
+        // The log first: a crash between the two leaves a log ahead of RTMR3, which the next
+        // start refuses clearly, never an RTMR3 no log explains.
+        if let Some(dir) = self.log.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let bytes = serde_json::to_vec(&next).expect("events serialize");
+        std::fs::write(&self.log, bytes).map_err(|e| {
+            AttestError::NoTee(format!(
+                "cannot keep the RTMR3 event log {}: {e}",
+                self.log.display()
+            ))
+        })?;
         std::fs::write(&self.rtmr3, event.digest())
-            .map_err(|e| AttestError::NoTee(format!("cannot extend RTMR3 at {shown}: {e}")))
+            .map_err(|e| AttestError::NoTee(format!("cannot extend RTMR3 at {shown}: {e}")))?;
+        Ok(next)
     }
 }
 
@@ -153,6 +211,8 @@ pub struct DevAttester {
     key: Ed25519KeyPair,
     /// RTMR3 moves as events are measured, as a TD's would.
     measurements: std::sync::Mutex<Measurements>,
+    /// The events measured, as a TD's log would keep them.
+    log: std::sync::Mutex<Vec<crate::MeasuredEvent>>,
 }
 
 impl DevAttester {
@@ -164,6 +224,7 @@ impl DevAttester {
         Ok(Self {
             key,
             measurements: std::sync::Mutex::new(measurements),
+            log: std::sync::Mutex::default(),
         })
     }
 
@@ -232,10 +293,17 @@ impl Attester for DevAttester {
         Ok(out)
     }
 
-    fn measure(&self, event: &crate::MeasuredEvent) -> Result<(), AttestError> {
-        let mut m = self.measurements.lock().unwrap_or_else(|e| e.into_inner());
-        m.rtmr[3] = crate::extend(&m.rtmr[3], &event.digest());
-        Ok(())
+    fn measure(
+        &self,
+        event: &crate::MeasuredEvent,
+    ) -> Result<Vec<crate::MeasuredEvent>, AttestError> {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(next) = next_log(&log, event)? {
+            let mut m = self.measurements.lock().unwrap_or_else(|e| e.into_inner());
+            m.rtmr[3] = crate::extend(&m.rtmr[3], &event.digest());
+            *log = next;
+        }
+        Ok(log.clone())
     }
 }
 

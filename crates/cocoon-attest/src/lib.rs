@@ -22,7 +22,7 @@ mod attester;
 mod binding;
 
 pub use attester::{
-    Attester, AttesterKind, DEV_QUOTE_MAGIC, DevAttester, TSM_REPORT_ROOT, TdxAttester, dev_image,
-    verify_dev_quote,
+    Attester, AttesterKind, DEV_QUOTE_MAGIC, DevAttester, RTMR3_EVENT_LOG, TSM_REPORT_ROOT,
+    TdxAttester, dev_image, verify_dev_quote,
 };
 pub use binding::{BindingError, Claims, check_binding};

@@ -115,7 +115,10 @@ impl Attester for Recorded {
     fn quote(&self, _report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError> {
         Ok(self.0.clone())
     }
-    fn measure(&self, _event: &cocoon_attest::MeasuredEvent) -> Result<(), AttestError> {
+    fn measure(
+        &self,
+        _event: &cocoon_attest::MeasuredEvent,
+    ) -> Result<Vec<cocoon_attest::MeasuredEvent>, AttestError> {
         Err(AttestError::NoTee("a recorded quote cannot change".into()))
     }
 }

@@ -176,11 +176,13 @@ impl Identity {
         attester: Arc<dyn cocoon_attest::Attester>,
         measured: Vec<cocoon_attest::MeasuredEvent>,
     ) -> Result<Self, IdentityError> {
+        let mut log = Vec::new();
         for event in &measured {
-            attester
+            log = attester
                 .measure(event)
                 .map_err(IdentityError::Attestation)?;
         }
+        let measured = if measured.is_empty() { measured } else { log };
         if attester.kind() == cocoon_attest::AttesterKind::Dev {
             tracing::warn!(
                 "DEVELOPMENT ATTESTATION: certificates carry a dev quote that proves nothing about this machine"

@@ -124,24 +124,40 @@ fn tdx_attester_speaks_the_configfs_protocol() {
 }
 
 /// The TDX attester measures into RTMR3 through the kernel's interface: it writes the event's
-/// digest there. Where the interface is missing, or RTMR3 was extended by something whose events
-/// are unknown (peers could not replay it), it fails with a clear error, never silently.
+/// digest there and keeps the events in a log in the TD's memory. Restarted in the same TD with
+/// the same configuration it measures nothing and names the log; another configuration is
+/// refused (a TD serves one), and so is an RTMR3 the log does not replay to. Where the
+/// interface is missing it fails with a clear error, never silently.
 #[test]
 fn tdx_measures_into_rtmr3_or_says_why_not() {
     let dir = tempfile::tempdir().unwrap();
     let tsm = dir.path().join("tsm");
     std::fs::create_dir(&tsm).unwrap();
     let rtmr3 = dir.path().join("rtmr3:sha384");
+    let log = dir.path().join("run/rtmr3-events.json");
     let event = cocoon_attest::MeasuredEvent::config("{\"role\":\"worker\"}".into());
-    let attester = TdxAttester::with_root(&tsm).unwrap().with_rtmr3(&rtmr3);
+    let attester = TdxAttester::with_root(&tsm)
+        .unwrap()
+        .with_rtmr3(&rtmr3, &log);
     let missing = attester.measure(&event).unwrap_err().to_string();
     assert!(missing.contains("Linux 6.16+"), "{missing}");
     std::fs::write(&rtmr3, [0u8; 48]).unwrap();
-    attester.measure(&event).unwrap();
+    assert_eq!(attester.measure(&event).unwrap(), vec![event.clone()]);
     assert_eq!(std::fs::read(&rtmr3).unwrap(), event.digest());
-    // Now non-zero, as after an earlier run: its events are unknown here.
-    let again = attester.measure(&event).unwrap_err().to_string();
-    assert!(again.contains("extended since the TD booted"), "{again}");
+    // What the kernel holds after that extend.
+    std::fs::write(&rtmr3, cocoon_attest::replay(std::slice::from_ref(&event))).unwrap();
+    // Restarted with the same configuration: nothing to extend, the log is named.
+    assert_eq!(attester.measure(&event).unwrap(), vec![event.clone()]);
+    let other = cocoon_attest::MeasuredEvent::config("{\"role\":\"proxy\"}".into());
+    let refused = attester.measure(&other).unwrap_err().to_string();
+    assert!(
+        refused.contains("measured another configuration"),
+        "{refused}"
+    );
+    // An RTMR3 the log does not explain.
+    std::fs::write(&rtmr3, [7u8; 48]).unwrap();
+    let unknown = attester.measure(&event).unwrap_err().to_string();
+    assert!(unknown.contains("does not replay"), "{unknown}");
 }
 
 /// The development attester's RTMR3 moves as a TD's would, and a quote after measuring carries
@@ -150,12 +166,19 @@ fn tdx_measures_into_rtmr3_or_says_why_not() {
 fn dev_attester_extends_rtmr3_as_a_td_does() {
     let (attester, _) = DevAttester::generate(Measurements::default()).unwrap();
     let events = [
-        cocoon_attest::MeasuredEvent::config("a".into()),
+        cocoon_attest::MeasuredEvent {
+            label: "boot-step".into(),
+            content: "a".into(),
+        },
         cocoon_attest::MeasuredEvent::config("b".into()),
     ];
     for e in &events {
         attester.measure(e).unwrap();
     }
+    // The same configuration again (a restart) changes nothing; another is refused.
+    assert_eq!(attester.measure(&events[1]).unwrap(), events.to_vec());
+    let other = cocoon_attest::MeasuredEvent::config("c".into());
+    assert!(attester.measure(&other).is_err());
     let quote = attester.quote(&[0; 64]).unwrap();
     let m = verify_dev_quote(&quote, &[attester.public_key()]).unwrap();
     assert_eq!(m.rtmr[3], cocoon_attest::replay(&events));

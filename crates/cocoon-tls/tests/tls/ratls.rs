@@ -128,7 +128,7 @@ impl Attester for Recorded {
     fn measure(
         &self,
         _event: &cocoon_attest::MeasuredEvent,
-    ) -> Result<(), cocoon_attest::AttestError> {
+    ) -> Result<Vec<cocoon_attest::MeasuredEvent>, cocoon_attest::AttestError> {
         Err(cocoon_attest::AttestError::NoTee(
             "a recorded quote cannot change".into(),
         ))
