@@ -251,7 +251,12 @@ pub trait Ledger: Send + Sync {
     /// Whether the registry allows workers to serve the model whose weights hash to `hash`
     /// (hex SHA-256).
     async fn model_allowed(&self, hash: &str) -> Result<bool, LedgerError> {
-        Ok(self.snapshot().await?.registry.models.contains(hash))
+        Ok(self
+            .snapshot()
+            .await?
+            .registry
+            .models
+            .contains(&hash.to_ascii_lowercase()))
     }
 
     /// The network every payment message on this ledger must be signed for (it never changes

@@ -16,7 +16,7 @@ pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
     BillQuery, Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, LateBill,
     ListedModel, ModelCard, ModelList, Payout, PricedTokens, Refund, RequestId, Role,
-    SamplingParams, Usage, WorkerHello,
+    SamplingParams, Usage, WorkerHello, is_model_hash,
 };
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.

@@ -471,6 +471,12 @@ pub struct ModelCard {
     pub model_hash: Option<String>,
 }
 
+/// Whether `hash` is a model hash as the network names them ([`ModelCard::model_hash`]): 64
+/// lowercase hex digits, SHA-256.
+pub fn is_model_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

@@ -146,6 +146,8 @@ impl ProxyConfig {
                 "worker_policy": self.worker_policy.measured(),
                 "client_policy": self.client_policy.measured(),
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
+                "registry_refresh_secs": self.payments.registry_refresh_secs,
+                "worker_images_from_registry": self.payments.worker_images_from_registry,
             })
             .to_string(),
         )

@@ -712,6 +712,10 @@ impl State {
         for card in &hello.models {
             let verdict = match &card.model_hash {
                 None => Err("announces no model hash".to_owned()),
+                // As the registry and bills name them, whatever a ledger would accept.
+                Some(hash) if !cocoon_protocol::is_model_hash(hash) => Err(format!(
+                    "model hash {hash:?} is not 64 lowercase hex digits"
+                )),
                 Some(hash) => match billing.model_allowed(hash).await {
                     Ok(true) => Ok(()),
                     Ok(false) => Err(format!("model hash {hash} is not allowed by the registry")),

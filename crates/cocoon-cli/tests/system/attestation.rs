@@ -328,3 +328,46 @@ async fn only_workers_measuring_an_allowed_configuration_join() {
         Some(allowed.config_hash().as_str())
     );
 }
+
+/// A proxy on a ledger, told `worker_images_from_registry` and `registry_refresh_secs`;
+/// what it measures into RTMR3.
+fn review_proxy_measured(images: bool, refresh_secs: u64) -> cocoon_tls::MeasuredEvent {
+    ProxyConfig {
+        payments: cocoon_proxy::PaymentsConfig {
+            ledger: Some("http://127.0.0.1:9100".into()),
+            worker_images_from_registry: images,
+            registry_refresh_secs: refresh_secs,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .measured()
+}
+
+/// REVIEW, fixed: `[payments] worker_images_from_registry` decides which workers the proxy sends
+/// prompts to (only images the registry's owner allows, revoked ones dropped mid-run), yet
+/// `ProxyConfig::measured` names only the policies and the ledger. A proxy started without it
+/// has the same RTMR3, image hash and config hash as one started with it, so a gateway whose
+/// `[proxy_policy]` pins the strict proxy's `config_hashes` (or image hash) is served by a
+/// proxy that relays to any image its file's `[worker_policy]` admits.
+#[test]
+fn review_the_proxy_measures_whether_it_takes_worker_images_from_the_registry() {
+    assert_ne!(
+        review_proxy_measured(true, 60),
+        review_proxy_measured(false, 60),
+        "a proxy ignoring the registry's images proves the same configuration"
+    );
+}
+
+/// REVIEW, fixed: `registry_refresh_secs = 0` turns revocation off (the registry is read again
+/// never): weights or images the owner revokes keep receiving prompts until the proxy
+/// restarts. That is not measured either, so a client cannot tell such a proxy from one
+/// that drops revoked workers within a minute.
+#[test]
+fn review_the_proxy_measures_whether_it_rereads_the_registry() {
+    assert_ne!(
+        review_proxy_measured(true, 60),
+        review_proxy_measured(true, 0),
+        "a proxy that never drops revoked weights proves the same configuration"
+    );
+}

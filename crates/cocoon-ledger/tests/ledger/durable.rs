@@ -114,3 +114,42 @@ fn spent_nonces_survive_reopen() {
         Err(LedgerError::StaleNonce { last: 5, got: 5 })
     );
 }
+
+/// REVIEW (low: it refuses, never admits): the registry treats hashes without regard to case
+/// (`AllowModel "AB.."` then `RevokeModel "ab.."` removes it; both are stored lowercase),
+/// `image_allowed` lowercases what it is asked, and the TON ledger decodes the hex, so on TON
+/// a worker announcing an allowed hash in capitals is admitted (and its bills carry the
+/// capitals). `Ledger::model_allowed` compares the string as given, so on the embedded
+/// ledger the same worker is refused: the same registry answers two ways.
+#[tokio::test]
+async fn review_model_allowed_reads_hashes_as_the_registry_stores_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = EmbeddedLedger::open_network(&dir.path().join("ledger.redb"), OWNER, NET).unwrap();
+    let hash = "ab".repeat(32);
+    ledger
+        .execute(tx(OWNER, Op::AllowModel { hash: hash.clone() }))
+        .await
+        .unwrap();
+    ledger
+        .execute(tx(
+            OWNER,
+            Op::AllowImage {
+                role: cocoon_ledger::ImageRole::Worker,
+                hash: hash.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let upper = hash.to_uppercase();
+    assert!(ledger.model_allowed(&hash).await.unwrap());
+    assert!(
+        ledger
+            .image_allowed(cocoon_ledger::ImageRole::Worker, &upper)
+            .await
+            .unwrap()
+    );
+    assert!(
+        ledger.model_allowed(&upper).await.unwrap(),
+        "the registry allows {hash} but not {upper}, which it stores as the same hash"
+    );
+}
