@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -417,9 +418,10 @@ impl StatusSource for State {
 
 impl State {
     /// Asks the registry again, every `[payments] registry_refresh_secs`, whether the models
-    /// each connected worker serves are still allowed, and disconnects a worker whose model
-    /// was revoked (its requests go to the others): no restart needed. A ledger that cannot
-    /// be read leaves things as they are until the next round.
+    /// (and, with `worker_images_from_registry`, the image) of each connected worker are still
+    /// allowed, and disconnects a worker whose were revoked (its requests go to the others):
+    /// no restart needed. What the ledger cannot answer leaves things as they are until the
+    /// next round.
     async fn watch_registry(self: Arc<Self>, shutdown: CancellationToken) {
         let Some(billing) = self.billing.clone() else {
             return;
@@ -433,32 +435,34 @@ impl State {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.cancelled() => return,
             }
+            // Workers serving the same weights ask the ledger once per round.
+            let mut models: HashMap<String, Listed> = HashMap::new();
             for worker in self.workers.snapshot() {
-                let image = self.image_in_registry(&worker.link.attestation).await;
-                if let Err(reason) = image.as_ref()
-                    && !reason.contains("could not be checked")
-                {
+                let mut verdicts = vec![self.image_listed(&worker.link.attestation).await];
+                for (_, hash) in &worker.link.model_hashes {
+                    if !models.contains_key(hash) {
+                        models.insert(hash.clone(), model_listed(&billing, hash).await);
+                    }
+                    verdicts.push(models[hash].clone());
+                }
+                for verdict in verdicts {
+                    let reason = match verdict {
+                        Listed::Yes => continue,
+                        Listed::Unknown(why) => {
+                            tracing::warn!(worker = %worker.name, %why, "cannot read the registry");
+                            continue;
+                        }
+                        Listed::Revoked(what) => format!(
+                            "{what} was revoked by the registry while the worker served: it is \
+                             not allowed by the registry now"
+                        ),
+                        Listed::Bad(why) => why,
+                    };
                     tracing::warn!(worker = %worker.name, %reason, "disconnecting a worker");
                     self.admission
-                        .refused_offer(&worker.link.fingerprint, reason.clone());
+                        .refused_offer(&worker.link.fingerprint, reason);
                     worker.link.evict.cancel();
-                    continue;
-                }
-                for (_, hash) in &worker.link.model_hashes {
-                    match billing.model_allowed(hash).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            let reason = format!("model hash {hash} was revoked by the registry");
-                            tracing::warn!(worker = %worker.name, %reason, "disconnecting a worker");
-                            self.admission
-                                .refused_offer(&worker.link.fingerprint, reason);
-                            worker.link.evict.cancel();
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot read the registry's models");
-                        }
-                    }
+                    break;
                 }
             }
         }
@@ -601,7 +605,7 @@ impl State {
             driver.abort();
             return;
         }
-        if let Err(reason) = self.image_in_registry(&attestation).await {
+        if let Some(reason) = self.image_listed(&attestation).await.refusal() {
             tracing::warn!(worker = %hello.name, %reason, "refused a worker");
             self.admission.refused_offer(&fingerprint, reason);
             driver.abort();
@@ -681,20 +685,19 @@ impl State {
         }
     }
 
-    /// With `worker_images_from_registry`: the worker's attested image must be one the
-    /// registry allows (an unattested worker has none); the reason when it is not.
-    async fn image_in_registry(&self, attestation: &Verified) -> Result<(), String> {
+    /// With `worker_images_from_registry`, what the registry says of the worker's attested
+    /// image (an unattested worker has none); [`Listed::Yes`] without it.
+    async fn image_listed(&self, attestation: &Verified) -> Listed {
         let (Some(billing), true) = (&self.billing, self.registry_images) else {
-            return Ok(());
+            return Listed::Yes;
         };
         let Some(image) = attestation.attestation.as_ref().map(|a| a.image_hash) else {
-            return Err("not attested, and the registry allows images only".into());
+            return Listed::Bad("not attested, and the registry allows images only".into());
         };
-        match billing.worker_image_allowed(&image.to_string()).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(format!("image {image} is not allowed by the registry")),
-            Err(e) => Err(format!("image {image} could not be checked: {e}")),
-        }
+        Listed::of(
+            billing.worker_image_allowed(&image.to_string()).await,
+            &format!("image {image}"),
+        )
     }
 
     /// The models of `hello` the network allows: on a ledger, only those whose weights' hash
@@ -711,20 +714,12 @@ impl State {
         let mut allowed = Vec::new();
         for card in &hello.models {
             let verdict = match &card.model_hash {
-                None => Err("announces no model hash".to_owned()),
-                // As the registry and bills name them, whatever a ledger would accept.
-                Some(hash) if !cocoon_protocol::is_model_hash(hash) => Err(format!(
-                    "model hash {hash:?} is not 64 lowercase hex digits"
-                )),
-                Some(hash) => match billing.model_allowed(hash).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(format!("model hash {hash} is not allowed by the registry")),
-                    Err(e) => Err(format!("model hash {hash} could not be checked: {e}")),
-                },
+                None => Listed::Bad("announces no model hash".to_owned()),
+                Some(hash) => model_listed(billing, hash).await,
             };
-            match verdict {
-                Ok(()) => allowed.push(card.clone()),
-                Err(why) => {
+            match verdict.refusal() {
+                None => allowed.push(card.clone()),
+                Some(why) => {
                     let reason = format!("model {}: {why}", card.id);
                     tracing::warn!(worker = %hello.name, %reason, "refused a worker's model");
                     self.admission.refused_offer(fingerprint, reason);
@@ -788,4 +783,50 @@ impl State {
 /// Every cocoon key is Ed25519 (the verifier refuses others), 32 bytes raw.
 fn ed25519_key(raw: &[u8]) -> Option<[u8; 32]> {
     raw.try_into().ok()
+}
+
+/// What the registry says of one hash a worker serves with.
+#[derive(Debug, Clone)]
+enum Listed {
+    Yes,
+    /// Not listed (or no longer): what.
+    Revoked(String),
+    /// Nothing the registry could list, and why.
+    Bad(String),
+    /// The ledger could not say (a worker joining is refused; one serving keeps serving).
+    Unknown(String),
+}
+
+impl Listed {
+    /// The ledger's answer about `what`.
+    fn of(answer: Result<bool, cocoon_ledger::LedgerError>, what: &str) -> Self {
+        match answer {
+            Ok(true) => Listed::Yes,
+            Ok(false) => Listed::Revoked(what.to_owned()),
+            Err(e) => Listed::Unknown(format!("{what} could not be checked: {e}")),
+        }
+    }
+
+    /// Why a worker joining is refused, if it is.
+    fn refusal(self) -> Option<String> {
+        match self {
+            Listed::Yes => None,
+            Listed::Revoked(what) => Some(format!("{what} is not allowed by the registry")),
+            Listed::Bad(why) | Listed::Unknown(why) => Some(why),
+        }
+    }
+}
+
+/// What the registry says of the model weights hashing to `hash`: named as the registry and
+/// bills name them (64 lowercase hex digits), whatever a ledger would accept.
+async fn model_listed(billing: &Billing, hash: &str) -> Listed {
+    if !cocoon_protocol::is_model_hash(hash) {
+        return Listed::Bad(format!(
+            "model hash {hash:?} is not 64 lowercase hex digits"
+        ));
+    }
+    Listed::of(
+        billing.model_allowed(hash).await,
+        &format!("model hash {hash}"),
+    )
 }

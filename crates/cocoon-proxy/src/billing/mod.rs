@@ -563,7 +563,7 @@ impl Billing {
             model_hash: model_hash.clone(),
         };
         let billing = self.clone();
-        let (settled, bill) = tokio::task::spawn_blocking(move || {
+        let (bill, settled) = tokio::task::spawn_blocking(move || {
             let receipt = |settled: &book::Settled| {
                 let late = LateBill::Billed {
                     billing: bill(settled),
@@ -590,7 +590,6 @@ impl Billing {
         })
         .await
         .map_err(|e| ProtocolError::internal(e.to_string()))??
-        .map(|(bill, settled)| (settled, bill))
         .map_err(|e| {
             ProtocolError::internal(format!("the proxy could not record the charge: {e}"))
         })?;
