@@ -347,6 +347,7 @@ impl PeerPolicy {
         } else if !self.image_hashes.is_empty()
             || !self.registers.is_empty()
             || !self.config_hashes.is_empty()
+            || self.max_cert_age_hours > 0
             || !self.collateral_files.is_empty()
             || !self.dev_attester_keys.is_empty()
         {
@@ -527,6 +528,12 @@ mod tests {
             ..PeerPolicy::default()
         };
         assert!(err(&ignored).contains("require_attestation is false"));
+        // A freshness demand on quotes that are not required would be silently ignored.
+        let fresh_without_quotes = PeerPolicy {
+            max_cert_age_hours: 24,
+            ..PeerPolicy::default()
+        };
+        assert!(err(&fresh_without_quotes).contains("require_attestation is false"));
         let bad_hash = PeerPolicy {
             require_attestation: true,
             image_hashes: vec!["xyz".into()],
