@@ -2,15 +2,21 @@
 //! registers out of them, and deciding by policy whether a measured image may join.
 //!
 //! Verification uses `dcap-qvl` (pinned) with collateral supplied by the caller and the time
-//! passed in, so the verifier never reaches the network and its result is reproducible.
+//! passed in, so the verifier never reaches the network and its result is reproducible. The
+//! [`CollateralStore`] holds a node's collateral per platform and says in words when a piece
+//! has expired; fetching it from a PCCS is the node's business (`cocoon-collateral`).
 //! Putting quotes into certificates and producing them inside a TD (the `Attester` side) build
 //! on this crate.
 
+mod collateral;
 mod measured;
 mod measurements;
 mod policy;
 mod quote;
 
+pub use collateral::{
+    CollateralStore, Dates, Described, Offered, Piece, Platform, date, quote_platform,
+};
 pub use measured::{CONFIG_EVENT, MeasuredEvent, RTMR3_SYSFS, config_hash, extend, replay};
 pub use measurements::{ImageHash, Measurements};
 pub use policy::{Policy, PolicyError, RegisterRule};

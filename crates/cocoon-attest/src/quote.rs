@@ -19,6 +19,17 @@ pub enum AttestError {
     /// The quote is an SGX enclave quote, not a TD quote.
     #[error("quote is an SGX enclave quote, not a TDX quote")]
     NotTdx,
+    /// No collateral is held for the quote's platform; says where it may come from.
+    #[error("{0}")]
+    NoCollateral(String),
+    /// A piece of the collateral has expired or is not yet in force; says which, when, and what
+    /// to do.
+    #[error("{0}")]
+    StaleCollateral(String),
+    /// Collateral older than the collateral held for its platform: kept out, since going back
+    /// could hide a TCB update Intel has published since.
+    #[error("{0}")]
+    OlderCollateral(String),
     /// No TEE to attest with, or it failed (configfs-tsm missing or broken, bad dev key).
     #[error("cannot attest: {0}")]
     NoTee(String),

@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use cocoon_attest::{
-    AttesterKind, Collateral, DEV_QUOTE_MAGIC, Measurements, Policy, check_binding,
-    verify_dev_quote, verify_quote,
+    AttesterKind, Collateral, CollateralStore, DEV_QUOTE_MAGIC, Measurements, Policy,
+    check_binding, verify_dev_quote,
 };
 use parking_lot::Mutex;
 
@@ -29,8 +31,9 @@ const CACHE_CAPACITY: usize = 4096;
 #[derive(Debug)]
 pub struct RaTlsVerifier {
     policy: Policy,
-    /// Intel collateral for the platforms expected (supplied by config; never fetched).
-    collateral: Vec<Collateral>,
+    /// Intel collateral by platform: from files, or kept fresh by a fetcher the node runs
+    /// (the verifier itself never reaches the network).
+    collateral: Arc<CollateralStore>,
     /// Development attester keys this verifier opts into. Empty: dev quotes are refused.
     dev_keys: Vec<[u8; 32]>,
     /// Verification time for tests against recorded collateral; `None` is the clock.
@@ -98,7 +101,20 @@ impl QuoteCache {
 impl RaTlsVerifier {
     /// A verifier that applies `policy` to TDX quotes checked against `collateral`; it accepts no
     /// development quotes and caches verified quotes for [`DEFAULT_CACHE_TTL`].
+    ///
+    /// # Panics
+    /// If a piece of `collateral` cannot be read (its dates, its platform): use
+    /// [`with_store`](Self::with_store) for collateral that is not known to be good.
     pub fn new(policy: Policy, collateral: Vec<Collateral>) -> Self {
+        Self::with_store(
+            policy,
+            CollateralStore::with(collateral).expect("readable collateral"),
+        )
+    }
+
+    /// A verifier that applies `policy` to TDX quotes checked against the collateral `store`
+    /// holds when they arrive (a store a fetcher keeps fresh, shared by a node's verifiers).
+    pub fn with_store(policy: Policy, collateral: Arc<CollateralStore>) -> Self {
         Self {
             policy,
             collateral,
@@ -197,25 +213,20 @@ impl RaTlsVerifier {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs())
         });
-        let mut last = VerifyError::Policy("no collateral configured for TDX quotes".into());
-        for c in &self.collateral {
-            match verify_quote(quote, c, now) {
-                Ok(v) => {
-                    self.policy
-                        .check(&v)
-                        .map_err(|e| VerifyError::Policy(e.to_string()))?;
-                    let attested = Attested {
-                        kind: AttesterKind::Tdx,
-                        image_hash: v.measurements.image_hash(),
-                        tcb_status: Some(v.tcb_status),
-                        config_hash: None,
-                    };
-                    return Ok((attested, v.measurements));
-                }
-                Err(e) => last = VerifyError::Policy(e.to_string()),
-            }
-        }
-        Err(last)
+        let v = self
+            .collateral
+            .verify(quote, now)
+            .map_err(|e| VerifyError::Policy(e.to_string()))?;
+        self.policy
+            .check(&v)
+            .map_err(|e| VerifyError::Policy(e.to_string()))?;
+        let attested = Attested {
+            kind: AttesterKind::Tdx,
+            image_hash: v.measurements.image_hash(),
+            tcb_status: Some(v.tcb_status),
+            config_hash: None,
+        };
+        Ok((attested, v.measurements))
     }
 }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_attest::{
-    Attester, DevAttester, ImageHash, MeasuredEvent, Policy, TdxAttester, dev_image,
+    Attester, CollateralStore, DevAttester, ImageHash, MeasuredEvent, Policy, TdxAttester,
+    dev_image,
 };
 use serde::{Deserialize, Serialize};
 
@@ -310,8 +311,19 @@ impl PeerPolicy {
     }
 
     /// The verifier for peers of kind `what` (`worker`, `proxy`, `client`), configured under
-    /// `[section]`.
+    /// `[section]`, with only the policy's `collateral_files` for TDX quotes.
     pub fn build(&self, section: &str, what: &str) -> Result<Arc<dyn PeerVerifier>, TrustError> {
+        self.build_with(section, what, &CollateralStore::new())
+    }
+
+    /// [`build`](Self::build), verifying TDX quotes with the collateral `store` holds (the node's,
+    /// kept fresh by its fetcher); the policy's `collateral_files` are added to it.
+    pub fn build_with(
+        &self,
+        section: &str,
+        what: &str,
+        store: &Arc<CollateralStore>,
+    ) -> Result<Arc<dyn PeerVerifier>, TrustError> {
         let mut parts: Vec<Arc<dyn PeerVerifier>> = Vec::new();
         if !self.fingerprints.is_empty() {
             let pins = self
@@ -329,7 +341,7 @@ impl PeerPolicy {
             parts.push(Arc::new(PinnedPeers::new(pins)));
         }
         if self.require_attestation {
-            parts.push(Arc::new(self.ratls(section)?.expect_role(what)));
+            parts.push(Arc::new(self.ratls(section, store)?.expect_role(what)));
             if self.max_cert_age_hours > 0 {
                 if self.max_cert_age_hours < MIN_CERT_AGE_HOURS {
                     return Err(config_error(
@@ -390,7 +402,13 @@ impl PeerPolicy {
         }
     }
 
-    fn ratls(&self, section: &str) -> Result<RaTlsVerifier, TrustError> {
+    fn ratls(
+        &self,
+        section: &str,
+        store: &Arc<CollateralStore>,
+    ) -> Result<RaTlsVerifier, TrustError> {
+        // Real TDX quotes are expected: collateral is given, or fetched for the node.
+        let tdx = !self.collateral_files.is_empty() || store.fetches();
         let image_hashes = self
             .image_hashes
             .iter()
@@ -436,14 +454,15 @@ impl PeerPolicy {
                  no peer could connect",
             ));
         }
-        if self.collateral_files.is_empty() && self.dev_attester_keys.is_empty() {
+        if !tdx && self.dev_attester_keys.is_empty() {
             return Err(config_error(
                 section,
-                "require_attestation is set but there are neither collateral_files (for TDX \
-                 quotes) nor dev_attester_keys: no quote could verify",
+                "require_attestation is set but there are neither collateral_files nor a \
+                 [collateral] pccs_url (for TDX quotes) nor dev_attester_keys: no quote could \
+                 verify",
             ));
         }
-        if self.tcb_statuses.is_empty() && !self.collateral_files.is_empty() {
+        if self.tcb_statuses.is_empty() && tdx {
             return Err(config_error(
                 section,
                 "tcb_statuses is empty: no TDX platform could connect",
@@ -458,31 +477,39 @@ impl PeerPolicy {
                 format!("cache_secs is at most {MAX_CACHE_SECS}"),
             ));
         }
-        if !self.collateral_files.is_empty() && !self.dev_attester_keys.is_empty() {
+        if tdx && !self.dev_attester_keys.is_empty() {
             if !self.allow_dev_keys_with_tdx {
                 return Err(config_error(
                     section,
-                    "dev_attester_keys beside collateral_files: anyone holding a development \
+                    "dev_attester_keys beside Intel collateral (collateral_files or a [collateral] \
+                     pccs_url): anyone holding a development \
                      key would pass as attested where real TDX quotes are required. Remove the \
                      dev keys, or set allow_dev_keys_with_tdx = true for a test network",
                 ));
             }
             tracing::warn!("[{section}] accepts DEVELOPMENT attester keys beside real TDX quotes");
         }
-        let collateral = self
-            .collateral_files
-            .iter()
-            .map(|path| {
-                let bytes = std::fs::read(path).map_err(|e| {
-                    config_error(section, format!("collateral {}: {e}", path.display()))
-                })?;
-                cocoon_attest::parse_collateral(&bytes).map_err(|e| {
-                    config_error(section, format!("collateral {}: {e}", path.display()))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut verifier =
-            RaTlsVerifier::new(policy, collateral).cache_ttl(Duration::from_secs(self.cache_secs));
+        for path in &self.collateral_files {
+            let bytes = std::fs::read(path).map_err(|e| {
+                config_error(section, format!("collateral {}: {e}", path.display()))
+            })?;
+            match cocoon_attest::parse_collateral(&bytes).and_then(|c| store.offer(c)) {
+                Ok(_) => {}
+                // Fresher collateral for the platform is already held (fetched, or another
+                // file): keep it.
+                Err(cocoon_attest::AttestError::OlderCollateral(e)) => {
+                    tracing::info!("[{section}] collateral {}: {e}", path.display());
+                }
+                Err(e) => {
+                    return Err(config_error(
+                        section,
+                        format!("collateral {}: {e}", path.display()),
+                    ));
+                }
+            }
+        }
+        let mut verifier = RaTlsVerifier::with_store(policy, store.clone())
+            .cache_ttl(Duration::from_secs(self.cache_secs));
         for key in &self.dev_attester_keys {
             let bytes = hex::decode(key.trim())
                 .ok()

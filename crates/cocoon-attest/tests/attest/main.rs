@@ -3,5 +3,6 @@
 //! One test binary for the crate (each module was its own): one link, one process start per
 //! test instead of one binary per file.
 
+mod collateral;
 mod evidence;
 mod vectors;
