@@ -48,7 +48,8 @@ impl Evidence {
         Ok(Self::Quote(bytes.to_vec()))
     }
 
-    fn quote(&self) -> anyhow::Result<&[u8]> {
+    /// The quote: the file itself, or the one the certificate carries.
+    pub fn quote(&self) -> anyhow::Result<&[u8]> {
         match self {
             Self::Quote(q) => Ok(q),
             Self::Certificate(c) => attestation_extensions(c)
@@ -56,6 +57,19 @@ impl Evidence {
                 .ok_or_else(|| anyhow::anyhow!("the certificate carries no attestation")),
         }
     }
+}
+
+fn quote_json(raw: &[u8]) -> anyhow::Result<Value> {
+    let (kind, m) = read_measurements(raw)?;
+    let mut out = measurements_json(kind, &m);
+    // What `[collateral] platforms` and `cocoon attest collateral fetch --platform` take.
+    if kind == AttesterKind::Tdx {
+        out["platform"] = match cocoon_attest::quote_platform(raw) {
+            Ok(p) => json!(format!("{}:{}", p.fmspc, p.ca)),
+            Err(e) => json!(format!("unreadable: {e}")),
+        };
+    }
+    Ok(out)
 }
 
 fn measurements_json(kind: AttesterKind, m: &Measurements) -> Value {
@@ -79,10 +93,7 @@ fn measurements_json(kind: AttesterKind, m: &Measurements) -> Value {
 /// What a certificate or quote claims, read without verifying the quote (`verify` does that).
 pub fn show(evidence: &Evidence) -> anyhow::Result<Value> {
     match evidence {
-        Evidence::Quote(raw) => {
-            let (kind, m) = read_measurements(raw)?;
-            Ok(json!({"quote": measurements_json(kind, &m), "verified": false}))
-        }
+        Evidence::Quote(raw) => Ok(json!({"quote": quote_json(raw)?, "verified": false})),
         Evidence::Certificate(cert) => {
             let mut out = json!({
                 "certificate": {
@@ -96,11 +107,11 @@ pub fn show(evidence: &Evidence) -> anyhow::Result<Value> {
             match attestation_extensions(cert) {
                 None => out["attestation"] = Value::Null,
                 Some((quote, claims)) => {
-                    let (kind, m) = read_measurements(quote)?;
+                    let (_, m) = read_measurements(quote)?;
                     let binding = check_binding(&m, claims, &cert.public_key);
                     out["claims"] = serde_json::from_slice(claims)
                         .unwrap_or_else(|_| json!(String::from_utf8_lossy(claims)));
-                    out["quote"] = measurements_json(kind, &m);
+                    out["quote"] = quote_json(quote)?;
                     out["bound_to_key"] = json!(binding.is_ok());
                     match binding {
                         // What the node measured into RTMR3, and whether it replays there.
@@ -123,7 +134,8 @@ pub fn show(evidence: &Evidence) -> anyhow::Result<Value> {
 /// The policy `verify` checks against.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct VerifyOptions {
-    /// Intel collateral JSON (as a PCCS serves it); repeat for several platforms.
+    /// Intel collateral JSON (as a PCCS serves it), or a folder of it (a node's cache_dir, what
+    /// `cocoon attest collateral fetch` writes); repeat for several.
     #[arg(long)]
     pub collateral: Vec<PathBuf>,
     /// Verify as if the clock read this (seconds since the Unix epoch). Default: now.
@@ -167,8 +179,7 @@ pub fn verify(evidence: &Evidence, options: &VerifyOptions) -> anyhow::Result<Va
         // Only the quote itself is being checked; its own image passes, and says so below.
         policy.image_hashes.insert(claimed.image_hash());
     }
-    let collateral = options
-        .collateral
+    let collateral = crate::collateral::files(&options.collateral)?
         .iter()
         .map(|p| {
             let bytes = std::fs::read(p)
@@ -177,12 +188,13 @@ pub fn verify(evidence: &Evidence, options: &VerifyOptions) -> anyhow::Result<Va
                 .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let store = cocoon_attest::CollateralStore::with(collateral)?;
     let now = options.at.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     });
-    let mut verifier = RaTlsVerifier::new(policy, collateral).at_time(now);
+    let mut verifier = RaTlsVerifier::with_store(policy, store).at_time(now);
     for key in &options.dev_keys {
         let key: [u8; 32] = hex::decode(key.trim())
             .ok()

@@ -128,6 +128,12 @@ enum AttestCommand {
         #[command(flatten)]
         options: VerifyOptions,
     },
+    /// Intel's collateral, which TDX quotes are verified with: fetch it from a PCCS, or show
+    /// what a file covers and until when.
+    Collateral {
+        #[command(subcommand)]
+        command: CollateralCommand,
+    },
     /// Create (if missing) a development attester key and print its public key and the image
     /// hash it attests.
     DevKey { key_file: PathBuf },
@@ -155,6 +161,21 @@ enum AttestCommand {
         /// Where to write the PEM; standard output when unset.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CollateralCommand {
+    /// Fetch the collateral for platforms (named, or read from quotes or certificates) from a
+    /// PCCS or Intel's PCS into a folder: a node's `[collateral] cache_dir`, or files for
+    /// `collateral_files`. Collateral older than what the folder holds is refused.
+    Fetch(cocoon_cli::collateral::FetchOptions),
+    /// Show the platform, the pieces and their dates of a collateral file or of each in a
+    /// folder, and whether it is in force now (or `--at`).
+    Show {
+        path: PathBuf,
+        #[arg(long)]
+        at: Option<u64>,
     },
 }
 
@@ -380,7 +401,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(cfg.measured()),
             )?);
             println!("worker key fingerprint: {}", identity.fingerprint());
-            let proxy = cfg.proxy_policy.build("proxy_policy", "proxy")?;
+            let store = cocoon_collateral::CollateralStore::new();
+            let fetcher = cocoon_collateral::prepare(&cfg.collateral, &store)?;
+            let proxy = cfg
+                .proxy_policy
+                .build_with("proxy_policy", "proxy", &store)?;
+            // Kept until the worker stops: it keeps the proxy policy's collateral current.
+            let _collateral = match &fetcher {
+                Some(f) => Some(f.start().await),
+                None => None,
+            };
             let shutdown = shutdown_on_signal();
             let payouts = money::worker_payouts(&cfg, &identity, shutdown.clone()).await?;
             let mut worker = Worker::new(
@@ -423,7 +453,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Client { command } => client_account(command).await,
         Command::Ledger { command } => ledger(command).await,
-        Command::Attest { command } => attest(command),
+        Command::Attest { command } => attest(command).await,
         Command::Config { role } => {
             let text = match role.as_str() {
                 "worker" => config::print_defaults::<WorkerConfig>()?,
@@ -607,12 +637,18 @@ async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
     }
 }
 
-fn attest(command: AttestCommand) -> anyhow::Result<()> {
+async fn attest(command: AttestCommand) -> anyhow::Result<()> {
     let report = match command {
         AttestCommand::Show { file } => attest_cmd::show(&Evidence::read(&file)?)?,
         AttestCommand::Verify { file, options } => {
             attest_cmd::verify(&Evidence::read(&file)?, &options)?
         }
+        AttestCommand::Collateral {
+            command: CollateralCommand::Fetch(options),
+        } => cocoon_cli::collateral::fetch(&options).await?,
+        AttestCommand::Collateral {
+            command: CollateralCommand::Show { path, at },
+        } => cocoon_cli::collateral::show(&path, at)?,
         AttestCommand::DevKey { key_file } => attest_cmd::dev_key(&key_file)?,
         AttestCommand::ConfigHash { role, config } => {
             let path = Some(config.as_path());

@@ -275,7 +275,16 @@ impl ClientAccount {
             "client",
             None,
         )?);
-        let policy = self.config.proxy_policy.build("proxy_policy", "proxy")?;
+        let store = cocoon_collateral::CollateralStore::new();
+        let fetcher = cocoon_collateral::prepare(&self.config.collateral, &store)?;
+        let policy = self
+            .config
+            .proxy_policy
+            .build_with("proxy_policy", "proxy", &store)?;
+        let _collateral = match &fetcher {
+            Some(f) => Some(f.start().await),
+            None => None,
+        };
         let link = cocoon_client::ProxyLink::new(self.config.proxy_addr.clone(), identity, policy);
         link.close_contract().await.map_err(|e| {
             anyhow::anyhow!(

@@ -42,6 +42,8 @@ pub struct Gateway {
 
 struct AppState {
     proxies: Arc<ProxyPool>,
+    /// The `[collateral]` fetcher keeping the proxy policy's Intel collateral current, if any.
+    collateral: Option<cocoon_collateral::Running>,
     /// This gateway's key: the client of its contract with the proxy.
     client_key: [u8; 32],
     /// The ledger its contracts are on, when configured: it names them (a chain by account
@@ -148,7 +150,15 @@ impl Gateway {
             Some(config.measured()),
         )?);
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
-        let proxy = config.proxy_policy.build("proxy_policy", "proxy")?;
+        let store = cocoon_collateral::CollateralStore::new();
+        let fetcher = cocoon_collateral::prepare(&config.collateral, &store)?;
+        let proxy = config
+            .proxy_policy
+            .build_with("proxy_policy", "proxy", &store)?;
+        let collateral = match &fetcher {
+            Some(f) => Some(f.start().await),
+            None => None,
+        };
         let client_key = identity
             .public_key()
             .try_into()
@@ -182,6 +192,7 @@ impl Gateway {
         ));
         let late_bills = ledger.is_some().then(|| (bills.clone(), proxies.clone()));
         let state = Arc::new(AppState {
+            collateral,
             client_key,
             ledger,
             proxies,
@@ -292,6 +303,7 @@ async fn network(State(state): State<Arc<AppState>>) -> Json<Value> {
         "via": via,
         "network": network,
         "error": error,
+        "collateral": state.collateral.as_ref().map(|c| c.fetcher.status()),
     }))
 }
 

@@ -33,6 +33,9 @@ pub struct ClientConfig {
     pub access: crate::guard::AccessConfig,
     /// How this client proves what it runs, for proxies that require it.
     pub attester: AttesterConfig,
+    /// Where Intel's collateral for verifying peers' TDX quotes comes from (`[collateral]`): a
+    /// PCCS or Intel's PCS, and a cache on disk.
+    pub collateral: cocoon_collateral::CollateralConfig,
     /// Which proxies get prompts: a pinned key (the fingerprint `cocoon proxy` prints) and/or
     /// an attested image. Checked before a byte of a prompt is sent.
     pub proxy_policy: PeerPolicy,
@@ -111,6 +114,7 @@ impl Default for ClientConfig {
             stream_keep_alive_secs: 15,
             access: crate::guard::AccessConfig::default(),
             attester: AttesterConfig::default(),
+            collateral: cocoon_collateral::CollateralConfig::default(),
             proxy_policy: PeerPolicy::default(),
             payments: ClientPayments::default(),
         }

@@ -25,6 +25,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// How this proxy proves what it runs (`tdx` inside a TDX guest).
     pub attester: AttesterConfig,
+    /// Where Intel's collateral for verifying peers' TDX quotes comes from (`[collateral]`): a
+    /// PCCS or Intel's PCS, and a cache on disk.
+    pub collateral: cocoon_collateral::CollateralConfig,
     /// Which workers may serve: pinned keys and/or attested images. Prompts go only to them.
     pub worker_policy: PeerPolicy,
     /// Which clients may connect. Default: any key (clients are known by key and pay from
@@ -126,6 +129,7 @@ impl Default for ProxyConfig {
             max_request_bytes: 8 << 20,
             max_connections: 4096,
             attester: AttesterConfig::default(),
+            collateral: cocoon_collateral::CollateralConfig::default(),
             worker_policy: PeerPolicy::default(),
             client_policy: PeerPolicy::default(),
             payments: PaymentsConfig::default(),

@@ -60,6 +60,8 @@ pub(crate) struct State {
     registry_refresh: Duration,
     /// Whether workers' attested images must be in the registry too.
     registry_images: bool,
+    /// The `[collateral]` fetcher keeping the policies' Intel collateral current, if any.
+    collateral: Option<cocoon_collateral::Running>,
 }
 
 /// The proxy's whole status, as its operator sees it on the `[admin]` listener (`GET
@@ -74,6 +76,10 @@ pub struct ProxyStatus {
     pub attestation: String,
     /// Counters of the quote cache of the worker policy, when it requires attestation.
     pub worker_quote_cache: Option<CacheStats>,
+    /// Intel collateral by platform, when `[collateral]` is set: until when it is in force,
+    /// when it is next fetched, the last fetch's error.
+    #[serde(default)]
+    pub collateral: Vec<cocoon_collateral::PlatformStatus>,
     /// The connected workers, in the order they joined.
     pub workers: Vec<WorkerStatus>,
     /// Models served, with their context, price range and number of workers.
@@ -202,10 +208,20 @@ impl Proxy {
         config.limits.check()?;
         config.routing.check()?;
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
+        let store = cocoon_collateral::CollateralStore::new();
+        let fetcher = cocoon_collateral::prepare(&config.collateral, &store)?;
         let admission = Admission::new(
-            config.worker_policy.build("worker_policy", "worker")?,
-            config.client_policy.build("client_policy", "client")?,
+            config
+                .worker_policy
+                .build_with("worker_policy", "worker", &store)?,
+            config
+                .client_policy
+                .build_with("client_policy", "client", &store)?,
         );
+        let collateral = match &fetcher {
+            Some(f) => Some(f.start().await),
+            None => None,
+        };
         // The handshake cannot know yet (ALPN is settled with it) whether the peer is a client
         // or a worker: it admits a peer that either policy accepts, and the policy of the role
         // the peer asks for is applied right after. Quote verification is cached, so this
@@ -275,6 +291,7 @@ impl Proxy {
             commit_interval: Duration::from_secs(config.payments.commit_interval_secs.max(1)),
             registry_refresh: Duration::from_secs(config.payments.registry_refresh_secs),
             registry_images: config.payments.worker_images_from_registry,
+            collateral,
         });
         let admin = config.admin.bind().await?;
         if let Some(a) = &admin {
@@ -378,6 +395,11 @@ impl StatusSource for State {
             protocol_version: PROTOCOL_VERSION,
             attestation: self.attestation.to_owned(),
             worker_quote_cache: self.admission.workers.cache_stats(),
+            collateral: self
+                .collateral
+                .as_ref()
+                .map(|c| c.fetcher.status())
+                .unwrap_or_default(),
             recent_refusals: self.admission.recent_refusals(),
             payments: self.billing.as_ref().map(|b| b.status()),
             models: self.workers.models().models,

@@ -8,7 +8,10 @@
 //! - [`backends`]: [`Backend`](cocoon_engine::Backend)s whose behaviour a test scripts
 //!   (serve, refuse, stall, break off mid-stream), with exact token counts.
 //! - [`http`]: the few HTTP and polling helpers every end-to-end test needs.
+//! - [`pccs`]: a server shaped like a PCCS (Intel's v4 API) that serves recorded collateral,
+//!   goes down and comes back, for tests of collateral fetching.
 
 pub mod backends;
 pub mod dev;
 pub mod http;
+pub mod pccs;

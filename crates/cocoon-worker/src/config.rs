@@ -21,6 +21,9 @@ pub struct WorkerConfig {
     pub max_reconnect_secs: u64,
     /// How this worker proves what it runs (`tdx` inside a TDX guest).
     pub attester: AttesterConfig,
+    /// Where Intel's collateral for verifying peers' TDX quotes comes from (`[collateral]`): a
+    /// PCCS or Intel's PCS, and a cache on disk.
+    pub collateral: cocoon_collateral::CollateralConfig,
     /// Which proxies this worker serves: a pinned key (the fingerprint `cocoon proxy` prints)
     /// and/or an attested image.
     pub proxy_policy: PeerPolicy,
@@ -60,6 +63,7 @@ impl Default for WorkerConfig {
             proxy_addr: "127.0.0.1:10443".into(),
             key_file: None,
             attester: AttesterConfig::default(),
+            collateral: cocoon_collateral::CollateralConfig::default(),
             proxy_policy: PeerPolicy::default(),
             max_reconnect_secs: 5,
             backends: vec![BackendConfig::Llama(LlamaConfig::default())],

@@ -7,6 +7,7 @@ mod attest_cli;
 mod attestation;
 mod bad_input;
 mod bench;
+mod collateral;
 mod common;
 mod crash;
 mod flood;
