@@ -413,6 +413,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let shutdown = shutdown_on_signal();
             let payouts = money::worker_payouts(&cfg, &identity, shutdown.clone()).await?;
+            let registry = money::worker_registry(&cfg, &identity).await?.map(|l| {
+                (
+                    l,
+                    Duration::from_secs(cfg.payments.registry_refresh_secs.max(1)),
+                )
+            });
             let mut worker = Worker::new(
                 cfg.name,
                 cfg.proxy_addr,
@@ -424,6 +430,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .with_prices(cfg.prices.clone());
             if let Some(store) = payouts {
                 worker = worker.with_payouts(store);
+            }
+            if let Some((ledger, every)) = registry {
+                worker = worker.with_registry(ledger, every);
             }
             worker.run(shutdown).await;
             Ok(())

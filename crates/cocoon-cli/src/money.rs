@@ -386,6 +386,24 @@ pub async fn worker_payouts(
     Ok(Some(store))
 }
 
+/// The ledger a worker reads the registry's proxy images from, with `[payments]
+/// proxy_images_from_registry`; `None` without it.
+pub async fn worker_registry(
+    config: &cocoon_worker::WorkerConfig,
+    identity: &cocoon_tls::Identity,
+) -> anyhow::Result<Option<Arc<dyn cocoon_ledger::Ledger>>> {
+    if !config.payments.proxy_images_from_registry {
+        return Ok(None);
+    }
+    let url = config.payments.ledger.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "[payments] proxy_images_from_registry needs a ledger: it reads the registry"
+        )
+    })?;
+    let wallet = Arc::new(Wallet::new(identity.signing_key()));
+    Ok(Some(open_ledger(url, wallet, &identity.key_pkcs8()).await?))
+}
+
 /// `cocoon worker withdraw`: claims the kept payouts, then withdraws the earnings held by each
 /// proxy's worker contract.
 pub async fn worker_withdraw(config: &cocoon_worker::WorkerConfig) -> anyhow::Result<Value> {

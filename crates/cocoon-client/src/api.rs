@@ -4,7 +4,7 @@ mod sse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -38,6 +38,9 @@ pub struct Gateway {
     /// With a ledger: the record and the proxies to ask for the bills of answers that ended
     /// without one.
     late_bills: Option<(Arc<BillRecord>, Arc<ProxyPool>)>,
+    /// With `proxy_images_from_registry`: the proxies whose images the registry is asked
+    /// about again, and how often.
+    registry_watch: Option<(Arc<ProxyPool>, Duration)>,
 }
 
 struct AppState {
@@ -184,12 +187,26 @@ impl Gateway {
             record = record.with_ledger(ledger.clone(), network);
         }
         let bills = Arc::new(record);
+        let registry = match (&ledger, config.payments.proxy_images_from_registry) {
+            (Some(ledger), true) => Some(ledger.clone()),
+            (None, true) => anyhow::bail!(
+                "[payments] proxy_images_from_registry needs a ledger: it reads the registry"
+            ),
+            (_, false) => None,
+        };
         let proxies = Arc::new(ProxyPool::new(
             &config.proxies(),
             identity,
             proxy,
             bills.clone(),
+            registry.clone(),
         ));
+        let registry_watch = registry.map(|_| {
+            (
+                proxies.clone(),
+                Duration::from_secs(config.payments.registry_refresh_secs.max(1)),
+            )
+        });
         let late_bills = ledger.is_some().then(|| (bills.clone(), proxies.clone()));
         let state = Arc::new(AppState {
             collateral,
@@ -226,6 +243,7 @@ impl Gateway {
             listener,
             router,
             late_bills,
+            registry_watch,
         })
     }
 
@@ -244,6 +262,9 @@ impl Gateway {
         let late = self
             .late_bills
             .map(|(record, pool)| tokio::spawn(bill::ask_for_late_bills(record, pool)));
+        let registry = self
+            .registry_watch
+            .map(|(pool, every)| tokio::spawn(pool.watch_registry(every)));
         // Without TCP_NODELAY the last small SSE writes of an answer wait for the app's
         // delayed ACK (about 40 ms on Linux): measured by `cocoon bench`, docs/performance.md.
         let listener = self.listener.tap_io(|tcp| {
@@ -254,8 +275,8 @@ impl Gateway {
         let served = axum::serve(listener, self.router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
-        if let Some(late) = late {
-            late.abort();
+        for task in [late, registry].into_iter().flatten() {
+            task.abort();
         }
         served
     }

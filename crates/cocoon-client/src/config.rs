@@ -65,6 +65,13 @@ pub struct ClientPayments {
     /// a `max_price` no higher (the app's own, if lower), so proxies route within it and a bill
     /// above it is bad. Unset: ten times the network's floor price, read from the ledger.
     pub max_price_per_token: Option<u64>,
+    /// Also require the ledger's registry to list each proxy's attested image (its proxy
+    /// images), on top of `[proxy_policy]`: checked before a prompt is sent to a proxy, and
+    /// again every `registry_refresh_secs`; a proxy whose image the owner revokes gets no more
+    /// requests, with no restart. Needs `ledger` and an attested proxy.
+    pub proxy_images_from_registry: bool,
+    /// Seconds between readings of the registry for `proxy_images_from_registry`.
+    pub registry_refresh_secs: u64,
 }
 
 impl Default for ClientPayments {
@@ -75,6 +82,8 @@ impl Default for ClientPayments {
             max_bad_bills: 3,
             bill_file: "client-bills.json".into(),
             max_price_per_token: None,
+            proxy_images_from_registry: false,
+            registry_refresh_secs: 60,
         }
     }
 }
@@ -96,6 +105,7 @@ impl ClientConfig {
                 "proxies": self.proxies(),
                 "proxy_policy": self.proxy_policy.measured(),
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
+                "proxy_images_from_registry": self.payments.proxy_images_from_registry,
             })
             .to_string(),
         )

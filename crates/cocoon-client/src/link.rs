@@ -1,6 +1,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cocoon_ledger::{ImageRole, Ledger};
 use cocoon_net::{Channel, EventReader};
 use cocoon_protocol::{
     ALPN_CLIENT, BillQuery, ErrorKind, GenerateRequest, LateBill, ModelList, ProtocolError, Refund,
@@ -27,6 +28,9 @@ pub struct ProxyLink {
     proxy_attestation: std::sync::Mutex<Option<Verified>>,
     /// The current proxy's key: its bills must be signed with it.
     proxy_key: std::sync::Mutex<Option<[u8; 32]>>,
+    /// The ledger whose registry must list the proxy's attested image, when the gateway
+    /// takes proxy images from it.
+    registry: Option<Arc<dyn Ledger>>,
 }
 
 impl ProxyLink {
@@ -44,7 +48,58 @@ impl ProxyLink {
             channel: Mutex::new(None),
             proxy_attestation: std::sync::Mutex::new(None),
             proxy_key: std::sync::Mutex::new(None),
+            registry: None,
         }
+    }
+
+    /// Also requires `ledger`'s registry to list the proxy's attested image, before a
+    /// prompt is sent and at every [`recheck_registry`](Self::recheck_registry).
+    pub fn with_registry(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.registry = Some(ledger);
+        self
+    }
+
+    /// Whether the registry (when one is required) lists the image `verified` attests. Fails
+    /// closed: a proxy with no attested image, or a registry that cannot be read, is refused.
+    async fn registry_allows(&self, verified: &Verified) -> Result<(), ProtocolError> {
+        let Some(ledger) = &self.registry else {
+            return Ok(());
+        };
+        let Some(image) = verified.attestation.as_ref().map(|a| a.image_hash) else {
+            return Err(ProtocolError::unavailable(format!(
+                "proxy {} refused: it is not attested, so the registry cannot vouch for its image",
+                self.addr
+            )));
+        };
+        match ledger
+            .image_allowed(ImageRole::Proxy, &image.to_string())
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ProtocolError::unavailable(format!(
+                "proxy {} refused: its image {image} is not among the registry's proxy images",
+                self.addr
+            ))),
+            Err(e) => Err(ProtocolError::unavailable(format!(
+                "proxy {} refused: the registry could not be read to check its image: {e}",
+                self.addr
+            ))),
+        }
+    }
+
+    /// Asks the registry again about the connected proxy's image; if it is no longer listed,
+    /// the connection is let go (answers under way finish on it; nothing new is sent) and the
+    /// reason is returned. `None` when there is nothing to check or the image is still listed.
+    pub(crate) async fn recheck_registry(&self) -> Option<ProtocolError> {
+        self.registry.as_ref()?;
+        let verified = self.proxy_attestation()?;
+        if self.channel.lock().await.is_none() {
+            return None;
+        }
+        let refused = self.registry_allows(&verified).await.err()?;
+        *self.channel.lock().await = None;
+        tracing::warn!(proxy = %self.addr, reason = %refused.message, "proxy dropped");
+        Some(refused)
     }
 
     async fn channel(&self) -> Result<Channel, ProtocolError> {
@@ -62,6 +117,8 @@ impl ProxyLink {
             .map_err(|e| ProtocolError::unavailable(format!("proxy refused: {e}")))?;
         *self.proxy_key.lock().unwrap_or_else(|e| e.into_inner()) =
             cocoon_tls::peer_identity(certs).and_then(|p| p.public_key.as_slice().try_into().ok());
+        // Before a byte of a request: the registry must list the proxy's image, if asked.
+        self.registry_allows(&verified).await?;
         let (channel, driver) = Channel::handshake(tls)
             .await
             .map_err(|e| ProtocolError::unavailable(format!("proxy {}: {e}", self.addr)))?;

@@ -63,21 +63,42 @@ fn retryable(e: &ProtocolError) -> bool {
 }
 
 impl ProxyPool {
+    /// The proxies at `addrs`, admitted by `policy` and, with `registry`, only while the
+    /// ledger's registry lists their attested images.
     pub(crate) fn new(
         addrs: &[String],
         identity: Arc<Identity>,
         policy: Arc<dyn PeerVerifier>,
         bills: Arc<BillRecord>,
+        registry: Option<Arc<dyn cocoon_ledger::Ledger>>,
     ) -> Self {
         Self {
             bills,
             links: addrs
                 .iter()
                 .map(|a| {
-                    let link = ProxyLink::new(a.clone(), identity.clone(), policy.clone());
+                    let mut link = ProxyLink::new(a.clone(), identity.clone(), policy.clone());
+                    if let Some(ledger) = &registry {
+                        link = link.with_registry(ledger.clone());
+                    }
                     (link, Mutex::new(Standing::default()))
                 })
                 .collect(),
+        }
+    }
+
+    /// Every `every`, asks the registry again about each connected proxy's image; a proxy
+    /// whose image was revoked is let go and passed over like one that failed, so requests go
+    /// to the others, and it is refused at its next connection until the image is listed
+    /// again.
+    pub(crate) async fn watch_registry(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            for (i, (link, _)) in self.links.iter().enumerate() {
+                if let Some(refused) = link.recheck_registry().await {
+                    self.failed(i, &refused);
+                }
+            }
         }
     }
 

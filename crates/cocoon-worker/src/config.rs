@@ -129,6 +129,7 @@ impl WorkerConfig {
                 "proxy_policy": self.proxy_policy.measured(),
                 "backends": backends,
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
+                "proxy_images_from_registry": self.payments.proxy_images_from_registry,
             })
             .to_string(),
         )

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use cocoon_engine::Backend;
 use cocoon_protocol::ALPN_WORKER;
-use cocoon_tls::{Identity, PeerVerifier};
+use cocoon_tls::{Identity, PeerVerifier, Verified};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{BackendConfig, PriceConfig, WorkerConfig};
@@ -42,6 +42,9 @@ pub struct Worker {
     connected: Arc<AtomicBool>,
     payouts: Option<Arc<PayoutStore>>,
     prices: PriceConfig,
+    /// The ledger whose registry must list the proxy's attested image, and how often it is
+    /// read again while connected.
+    registry: Option<(Arc<dyn cocoon_ledger::Ledger>, Duration)>,
 }
 
 impl Worker {
@@ -65,6 +68,60 @@ impl Worker {
             connected: Arc::default(),
             payouts: None,
             prices: PriceConfig::default(),
+            registry: None,
+        }
+    }
+
+    /// Serves a proxy only while `ledger`'s registry lists its attested image: checked before
+    /// serving and every `every` while connected.
+    pub fn with_registry(
+        mut self,
+        ledger: Arc<dyn cocoon_ledger::Ledger>,
+        every: Duration,
+    ) -> Self {
+        self.registry = Some((ledger, every));
+        self
+    }
+
+    /// Whether the registry (when one is required) lists the image `verified` attests; fails
+    /// closed when the proxy is not attested or the registry cannot be read.
+    async fn registry_allows(&self, verified: &Verified) -> std::io::Result<()> {
+        let Some((ledger, _)) = &self.registry else {
+            return Ok(());
+        };
+        let refused = |why: String| {
+            std::io::Error::other(format!("proxy {} refused: {why}", self.proxy_addr))
+        };
+        let Some(image) = verified.attestation.as_ref().map(|a| a.image_hash) else {
+            return Err(refused(
+                "it is not attested, so the registry cannot vouch for its image".into(),
+            ));
+        };
+        match ledger
+            .image_allowed(cocoon_ledger::ImageRole::Proxy, &image.to_string())
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(refused(format!(
+                "its image {image} is not among the registry's proxy images"
+            ))),
+            Err(e) => Err(refused(format!(
+                "the registry could not be read to check its image: {e}"
+            ))),
+        }
+    }
+
+    /// Resolves, with the reason, once the registry no longer lists the proxy's image; never
+    /// without a registry to read.
+    async fn revoked(&self, verified: &Verified) -> std::io::Error {
+        let Some((_, every)) = &self.registry else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(*every).await;
+            if let Err(e) = self.registry_allows(verified).await {
+                return e;
+            }
         }
     }
 
@@ -103,18 +160,27 @@ impl Worker {
             let attempt = async {
                 let tls = cocoon_net::connect_tls(&self.proxy_addr, self.tls.clone()).await?;
                 let certs = tls.get_ref().1.peer_certificates();
-                let mode = cocoon_tls::verified_peer(certs, &*self.proxy_policy)
-                    .map_or("none", |v| v.mode());
+                let verified = cocoon_tls::verified_peer(certs, &*self.proxy_policy)
+                    .map_err(|e| std::io::Error::other(format!("proxy refused: {e}")))?;
                 let proxy_key = cocoon_tls::peer_identity(certs)
                     .and_then(|p| <[u8; 32]>::try_from(p.public_key.as_slice()).ok())
                     .ok_or_else(|| std::io::Error::other("the proxy has no Ed25519 key"))?;
-                tracing::info!(proxy = %self.proxy_addr, attestation = mode, "connected to proxy");
+                // Before serving a single request: the registry must list the proxy's image,
+                // if asked.
+                self.registry_allows(&verified).await?;
+                tracing::info!(proxy = %self.proxy_addr, attestation = verified.mode(), "connected to proxy");
                 self.connected.store(true, Ordering::SeqCst);
                 let service = service.for_proxy(proxy_key);
-                let result =
-                    cocoon_net::serve_h2(tls, None, move |req| service.clone().handle(req)).await;
+                let result = tokio::select! {
+                    served = cocoon_net::serve_h2(tls, None, move |req| service.clone().handle(req)) => {
+                        served.map_err(std::io::Error::other)
+                    }
+                    // Revoked while connected: the connection is closed (requests under way
+                    // end with it), and the next one is refused until the image is listed.
+                    revoked = self.revoked(&verified) => Err(revoked),
+                };
                 self.connected.store(false, Ordering::SeqCst);
-                result.map_err(std::io::Error::other)
+                result
             };
             let started = tokio::time::Instant::now();
             tokio::select! {

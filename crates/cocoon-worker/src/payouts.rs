@@ -28,6 +28,13 @@ pub struct PayoutsConfig {
     pub payout_file: PathBuf,
     /// Seconds between claims of new payouts.
     pub claim_interval_secs: u64,
+    /// Serve a proxy only while the ledger's registry lists its attested image (its proxy
+    /// images), on top of `[proxy_policy]`: checked at each connection and every
+    /// `registry_refresh_secs`; the connection to a proxy whose image the owner revokes is
+    /// closed, with no restart. Needs `ledger` and an attested proxy.
+    pub proxy_images_from_registry: bool,
+    /// Seconds between readings of the registry for `proxy_images_from_registry`.
+    pub registry_refresh_secs: u64,
 }
 
 impl Default for PayoutsConfig {
@@ -36,6 +43,8 @@ impl Default for PayoutsConfig {
             ledger: None,
             payout_file: "worker-payouts.json".into(),
             claim_interval_secs: 60,
+            proxy_images_from_registry: false,
+            registry_refresh_secs: 60,
         }
     }
 }

@@ -309,6 +309,10 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
                 ledger: Some(ledger_url.clone()),
                 payout_file: dir.join(format!("lan-{name}-payouts.json")),
                 claim_interval_secs: 1,
+                // The real path of trust read from the registry: each worker process serves
+                // the proxy only while the registry lists the proxy's image.
+                proxy_images_from_registry: true,
+                registry_refresh_secs: 1,
             },
         };
         config_hashes.push(config.measured().config_hash());
@@ -352,6 +356,23 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
         ..ProxyConfig::default()
     };
     std::fs::write(&proxy_config, toml::to_string(&config).unwrap()).unwrap();
+    // The proxy's image (the dev firmware, its configuration in RTMR3) goes into the
+    // registry, which the workers read before serving it.
+    let proxy_image = {
+        let mut m = cocoon_attest::dev_image();
+        m.rtmr[3] = cocoon_attest::replay(&[config.measured()]);
+        m.image_hash().to_string()
+    };
+    let owner = key_wallet(&dir.join("owner.key")).unwrap().public_key();
+    dev.exec(
+        owner,
+        cocoon_ledger::Op::AllowImage {
+            role: cocoon_ledger::ImageRole::Proxy,
+            hash: proxy_image,
+        },
+    )
+    .await
+    .unwrap();
     let admin = format!("http://{}:10444", lan.addr("proxy"));
     let mut proxy = spawn(
         &lan,

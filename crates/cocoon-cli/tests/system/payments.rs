@@ -478,3 +478,180 @@ async fn images_the_registry_revokes_are_dropped_mid_run() {
     assert_eq!(old.served(), before, "the revoked image serves no more");
     assert!(new.served() >= 3);
 }
+
+/// A gateway with `proxy_images_from_registry` sends a prompt only to a proxy whose attested
+/// image the registry lists: refused before it is listed, served once it is, and dropped,
+/// with no restart, at the first reading of the registry after the owner revokes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_sends_prompts_only_to_proxies_whose_image_the_registry_lists() {
+    use cocoon_ledger::ImageRole;
+    use cocoon_testkit::backends::Scripted;
+    let net = DevNetwork::start(test_options(), vec![Scripted::new(2048)])
+        .await
+        .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let http = reqwest::Client::new();
+    // The proxy's image, as the network's own gateway (no registry check) sees it.
+    let models: Value = http
+        .get(format!("{}/models", net.gateway_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let image = models["cocoon"]["attestation"]["proxy_image_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let owner = cocoon_testkit::dev::ledger::key_wallet(&net.dir().join("owner.key"))
+        .unwrap()
+        .public_key();
+    let registry = |op: Op| async {
+        net.dev_ledger().unwrap().exec(owner, op).await.unwrap();
+    };
+
+    let mut config: ClientConfig =
+        toml::from_str(&std::fs::read_to_string(net.write_client_config().unwrap()).unwrap())
+            .unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.payments.bill_file = net.dir().join("registry-gateway-bills.json");
+    config.payments.proxy_images_from_registry = true;
+    config.payments.registry_refresh_secs = 1;
+    let gateway = Gateway::bind(&config, cocoon_cli::money::LEDGERS)
+        .await
+        .unwrap();
+    let url = format!("http://{}/v1/chat/completions", gateway.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(gateway.run(stop.clone()));
+    let ask = || async {
+        let response = http
+            .post(&url)
+            .json(&chat_body("Hi", json!({"max_tokens": 1})))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    };
+    let served_by_proxy = || -> u64 { net.proxy_status().workers.iter().map(|w| w.served).sum() };
+
+    // Not listed: refused with the reason, and the proxy was sent nothing.
+    let (status, body) = ask().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!(
+            "its image {image} is not among the registry's proxy images"
+        )),
+        "{body}"
+    );
+    assert_eq!(served_by_proxy(), 0);
+
+    // Listed: served.
+    registry(Op::AllowImage {
+        role: ImageRole::Proxy,
+        hash: image.clone(),
+    })
+    .await;
+    let (status, body) = ask().await;
+    assert_eq!(status, 200, "{body}");
+
+    // Revoked while requests come: within a reading or two of the registry they are refused,
+    // and from then on the proxy gets nothing more from this gateway.
+    registry(Op::RevokeImage {
+        role: ImageRole::Proxy,
+        hash: image.clone(),
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = ask().await;
+        if status == 503 {
+            assert!(
+                body.contains("is not among the registry's proxy images"),
+                "{body}"
+            );
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "never dropped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = served_by_proxy();
+    for _ in 0..3 {
+        assert_eq!(ask().await.0, 503);
+    }
+    assert_eq!(
+        served_by_proxy(),
+        served,
+        "a revoked proxy was sent a prompt"
+    );
+    stop.cancel();
+}
+
+/// A worker with `proxy_images_from_registry` serves its proxy only while the registry lists
+/// the proxy's attested image: it joins once the image is listed, leaves at the first reading
+/// of the registry after the owner revokes it (no restart), and comes back when it is listed
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_serve_only_a_proxy_whose_image_the_registry_lists() {
+    use cocoon_ledger::ImageRole;
+    use cocoon_testkit::backends::Scripted;
+    let options = cocoon_testkit::dev::DevOptions {
+        registry_refresh_secs: 1,
+        proxy_images_from_registry: true,
+        ..test_options()
+    };
+    let net = DevNetwork::start(options, vec![Scripted::new(2048)])
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let models: Value = http
+        .get(format!("{}/models", net.gateway_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let image = models["cocoon"]["attestation"]["proxy_image_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let owner = cocoon_testkit::dev::ledger::key_wallet(&net.dir().join("owner.key"))
+        .unwrap()
+        .public_key();
+    let registry = |op: Op| async {
+        net.dev_ledger().unwrap().exec(owner, op).await.unwrap();
+    };
+    let workers = || net.proxy_status().workers.len();
+    // Not listed: the worker does not serve the proxy.
+    assert_eq!(workers(), 0);
+    let allow = || Op::AllowImage {
+        role: ImageRole::Proxy,
+        hash: image.clone(),
+    };
+    registry(allow()).await;
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let answer = post_json(
+        &http,
+        &format!("{}/chat/completions", net.gateway_url()),
+        &chat_body("Hi", json!({"max_tokens": 1})),
+    )
+    .await;
+    assert!(answer["choices"].is_array(), "{answer}");
+
+    registry(Op::RevokeImage {
+        role: ImageRole::Proxy,
+        hash: image.clone(),
+    })
+    .await;
+    wait_until(
+        "the worker leaves the revoked proxy",
+        Duration::from_secs(10),
+        || workers() == 0,
+    )
+    .await;
+    registry(allow()).await;
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+}

@@ -435,6 +435,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
                 ledger: Some(net.ledger_url().unwrap().to_owned()),
                 payout_file: dir.join(format!("soak-worker-{i}-payouts.json")),
                 claim_interval_secs: 1,
+                ..Default::default()
             },
         };
         let path = dir.join(format!("soak-worker-{i}.toml"));

@@ -73,6 +73,9 @@ pub struct DevOptions {
     pub registry_refresh_secs: u64,
     /// Whether the proxy also requires the registry to allow workers' images.
     pub worker_images_from_registry: bool,
+    /// Whether workers serve the proxy only while the registry allows its image (read every
+    /// `registry_refresh_secs`).
+    pub proxy_images_from_registry: bool,
 }
 
 impl Default for DevOptions {
@@ -95,6 +98,7 @@ impl Default for DevOptions {
             worker_config_hashes: Vec::new(),
             registry_refresh_secs: 60,
             worker_images_from_registry: false,
+            proxy_images_from_registry: false,
         }
     }
 }
@@ -116,6 +120,8 @@ struct WorkerSlot {
     stop: Option<CancellationToken>,
     connected: Arc<AtomicBool>,
     payouts: Option<Arc<PayoutStore>>,
+    /// The ledger as this worker opened it (with payments on).
+    ledger: Option<Arc<dyn cocoon_ledger::Ledger>>,
 }
 
 /// A running network.
@@ -452,6 +458,16 @@ impl DevNetwork {
         if let Some(store) = &slot.payouts {
             worker = worker.with_payouts(store.clone());
         }
+        if self.options.proxy_images_from_registry {
+            let ledger = slot
+                .ledger
+                .clone()
+                .expect("proxy_images_from_registry needs payments on");
+            worker = worker.with_registry(
+                ledger,
+                Duration::from_secs(self.options.registry_refresh_secs.max(1)),
+            );
+        }
         slot.connected = worker.connected_flag();
         slot.stop = Some(stop.clone());
         tokio::spawn(worker.run(stop));
@@ -662,6 +678,7 @@ impl WorkerSetup<'_> {
         if let Some(chain) = self.chain {
             chain.enrol(&key_file)?;
         }
+        let mut opened = None;
         let payouts = match self.ledger_url {
             Some(url) => {
                 let wallet = Arc::new(cocoon_ledger::Wallet::new(identity.signing_key()));
@@ -673,6 +690,7 @@ impl WorkerSetup<'_> {
                     )?
                     .with_ledger(ledger.clone()),
                 );
+                opened = Some(ledger.clone());
                 tokio::spawn(cocoon_worker::claim_loop(
                     store.clone(),
                     ledger,
@@ -690,6 +708,7 @@ impl WorkerSetup<'_> {
             stop: None,
             connected: Arc::default(),
             payouts,
+            ledger: opened,
         })
     }
 }

@@ -78,6 +78,7 @@ pub(crate) fn dev_worker_config(net: &DevNetwork, ledger: &str) -> PathBuf {
             ledger: Some(ledger.to_owned()),
             payout_file: net.dir().join("dev-worker-0-payouts.json"),
             claim_interval_secs: 60,
+            ..Default::default()
         },
         ..Default::default()
     };
