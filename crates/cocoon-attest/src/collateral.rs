@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::quote::{AttestError, Collateral, VerifiedQuote, verify_quote};
@@ -105,6 +106,9 @@ pub struct Dates {
     pub issued: i64,
     /// When it expires.
     pub next_update: i64,
+    /// Intel's TCB evaluation data number (TCB info, QE identity): the counter that says which
+    /// is newer, since Intel signs every evaluation it still supports afresh, with today's date.
+    pub evaluation: Option<u64>,
 }
 
 /// Collateral read for what matters in keeping it: the platform it is for and its dates.
@@ -121,8 +125,11 @@ pub struct Described {
 impl Described {
     /// Reads `collateral`'s platform and dates; fails if they cannot be read, or if a piece is
     /// not signed by Intel.
-    pub fn new(collateral: Collateral) -> Result<Self, AttestError> {
+    pub fn new(mut collateral: Collateral) -> Result<Self, AttestError> {
         check_signatures(&collateral)?;
+        // One machine's PCK chain, which dcap-qvl would use instead of the quote's own: the
+        // collateral is the platform's, for every machine of it.
+        collateral.pck_certificate_chain = None;
         let (tcb_fmspc, tcb_dates) = signed_json_dates(&collateral.tcb_info, Piece::TcbInfo)?;
         let fmspc = tcb_fmspc
             .ok_or_else(|| AttestError::BadCollateral("the TCB info names no fmspc".into()))?
@@ -159,12 +166,13 @@ impl Described {
             .unwrap_or(i64::MIN)
     }
 
-    /// The latest issue date of any piece: newer collateral has a later one.
-    fn issued(&self, piece: Piece) -> i64 {
+    /// How new `piece` is: by Intel's TCB evaluation number first (where it has one), then by
+    /// its issue date.
+    fn rank(&self, piece: Piece) -> (u64, i64) {
         self.dates
             .iter()
             .find(|d| d.piece == piece)
-            .map_or(i64::MIN, |d| d.issued)
+            .map_or((0, i64::MIN), |d| (d.evaluation.unwrap_or(0), d.issued))
     }
 
     /// Whether every piece is in force at `now`; the error says which one is not, when, and what
@@ -199,8 +207,11 @@ impl Described {
         Ok(())
     }
 
-    /// Whether this collateral is older than `held` in any piece Intel dates: replacing collateral
-    /// with an older one, though still in force, could hide a TCB downgrade since published.
+    /// The first piece in which this collateral is older than `held` (a lower TCB evaluation,
+    /// or an earlier issue), among the pieces the two share: the QE identity and the root CA's
+    /// CRL always, the TCB info for the same FMSPC, the PCK CRL for the same CA. Taking an older
+    /// piece, though still in force, could hide a TCB recovery or a revocation Intel has
+    /// published since.
     pub fn older_than(&self, held: &Described) -> Option<Piece> {
         [
             Piece::TcbInfo,
@@ -209,7 +220,12 @@ impl Described {
             Piece::RootCaCrl,
         ]
         .into_iter()
-        .find(|&p| self.issued(p) < held.issued(p))
+        .filter(|p| match p {
+            Piece::TcbInfo => self.platform.fmspc == held.platform.fmspc,
+            Piece::PckCrl => self.platform.ca == held.platform.ca,
+            Piece::QeIdentity | Piece::RootCaCrl => true,
+        })
+        .find(|&p| self.rank(p) < held.rank(p))
     }
 }
 
@@ -276,6 +292,32 @@ fn check_signatures(c: &Collateral) -> Result<(), AttestError> {
         .map_err(|_| bad("Intel's PCK CRL"))
 }
 
+/// Intel's SGX root CA certificate (DER), which all collateral and every PCK chain lead to.
+pub fn intel_root_ca() -> &'static [u8] {
+    INTEL_ROOT_CA
+}
+
+/// Checks that the quote's PCK certificate is signed by a CA that Intel's root signed: the
+/// platform the quote names is then one Intel certified.
+fn check_pck_chain(raw: &[u8]) -> Result<(), AttestError> {
+    use x509_parser::prelude::FromDer;
+    let bad =
+        || AttestError::Verification("the quote's PCK certificate chain is not Intel's".into());
+    let quote = dcap_qvl::quote::Quote::parse(raw).map_err(|_| bad())?;
+    let chain = dcap_qvl::intel::extract_cert_chain(&quote).map_err(|_| bad())?;
+    let (_, root) =
+        x509_parser::certificate::X509Certificate::from_der(INTEL_ROOT_CA).map_err(|_| bad())?;
+    let [leaf, ca, ..] = chain.as_slice() else {
+        return Err(bad());
+    };
+    let (_, ca) = x509_parser::certificate::X509Certificate::from_der(ca).map_err(|_| bad())?;
+    ca.verify_signature(Some(root.public_key()))
+        .map_err(|_| bad())?;
+    let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(leaf).map_err(|_| bad())?;
+    leaf.verify_signature(Some(ca.public_key()))
+        .map_err(|_| bad())
+}
+
 /// A date as people read it: `2026-04-03 11:21:57 UTC`.
 pub fn date(unix: i64) -> String {
     let format =
@@ -292,23 +334,40 @@ fn rfc3339(s: &str, what: &str) -> Result<i64, AttestError> {
         .map_err(|e| AttestError::BadCollateral(format!("{what} {s:?}: {e}")))
 }
 
-/// The `fmspc` (TCB info only) and dates of a signed JSON body (TCB info, QE identity).
+/// The `fmspc` (TCB info only) and dates of a signed JSON body (TCB info, QE identity), which
+/// must be the TDX one: Intel signs SGX's with the same key, and those verify no TD quote.
 fn signed_json_dates(json: &str, piece: Piece) -> Result<(Option<String>, Dates), AttestError> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Body {
+        id: Option<String>,
+        version: Option<u64>,
         issue_date: String,
         next_update: String,
         fmspc: Option<String>,
+        tcb_evaluation_data_number: Option<u64>,
     }
     let body: Body = serde_json::from_str(json)
         .map_err(|e| AttestError::BadCollateral(format!("{piece}: {e}")))?;
+    // What dcap-qvl accepts for TDX: TCB info v3 with id TDX, QE identity v2 with id TD_QE.
+    let (id, version) = match piece {
+        Piece::TcbInfo => ("TDX", 3),
+        _ => ("TD_QE", 2),
+    };
+    if body.id.as_deref() != Some(id) || body.version != Some(version) {
+        return Err(AttestError::BadCollateral(format!(
+            "{piece} is {:?} version {:?}, not the TDX one ({id:?} version {version})",
+            body.id.unwrap_or_default(),
+            body.version
+        )));
+    }
     Ok((
         body.fmspc,
         Dates {
             piece,
             issued: rfc3339(&body.issue_date, "issueDate")?,
             next_update: rfc3339(&body.next_update, "nextUpdate")?,
+            evaluation: body.tcb_evaluation_data_number,
         },
     ))
 }
@@ -334,6 +393,7 @@ fn crl_dates(der: &[u8], piece: Piece) -> Result<(String, Dates), AttestError> {
             piece,
             issued: crl.last_update().timestamp(),
             next_update: next_update.timestamp(),
+            evaluation: None,
         },
     ))
 }
@@ -348,6 +408,8 @@ pub struct CollateralStore {
     source: RwLock<Option<String>>,
     /// Told of a quote from a platform the store has nothing for, so it can be fetched.
     on_missing: Mutex<Option<MissingHook>>,
+    /// Incremented whenever collateral is stored.
+    generation: AtomicU64,
 }
 
 impl fmt::Debug for CollateralStore {
@@ -378,16 +440,27 @@ impl CollateralStore {
             entries: RwLock::default(),
             source: RwLock::default(),
             on_missing: Mutex::default(),
+            generation: AtomicU64::new(0),
         })
     }
 
-    /// A store holding `collateral`; a later piece for the same platform replaces an earlier.
+    /// A store holding the newest of `collateral` for each platform; fails if a piece cannot
+    /// be read or is not Intel's.
     pub fn with(collateral: Vec<Collateral>) -> Result<Arc<Self>, AttestError> {
         let store = Self::new();
         for c in collateral {
-            store.offer(c)?;
+            match store.offer(c) {
+                Ok(_) | Err(AttestError::OlderCollateral(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(store)
+    }
+
+    /// Counts the times collateral was stored: a verdict reached before it changed may not
+    /// hold after.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Adds `collateral` unless what is held for its platform is newer; refuses collateral whose
@@ -396,18 +469,26 @@ impl CollateralStore {
         let described = Described::new(collateral)?;
         let platform = described.platform.clone();
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = entries.get(&platform) {
-            if *held.collateral == *described.collateral {
-                return Ok(Offered::Unchanged(platform));
-            }
+        if entries
+            .get(&platform)
+            .is_some_and(|held| *held.collateral == *described.collateral)
+        {
+            return Ok(Offered::Unchanged(platform));
+        }
+        // Pieces are shared between platforms (the TCB info by FMSPC, the PCK CRL by CA, the
+        // rest by all): none may go back, whichever platform's collateral brings it.
+        for held in entries.values() {
             if let Some(piece) = described.older_than(held) {
                 return Err(AttestError::OlderCollateral(format!(
-                    "{piece} offered for {platform} is older than the one held: refused, since \
-                     going back could hide a TCB update Intel has published"
+                    "{piece} offered for {platform} is older than the one held for {}: refused, \
+                     since going back could hide a TCB update or a revocation Intel has \
+                     published",
+                    held.platform
                 )));
             }
         }
         entries.insert(platform.clone(), described);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(Offered::Stored(platform))
     }
 
@@ -457,6 +538,9 @@ impl CollateralStore {
     pub fn verify(&self, raw: &[u8], now: u64) -> Result<VerifiedQuote, AttestError> {
         let platform = quote_platform(raw)?;
         let Some(held) = self.get(&platform) else {
+            // Only a platform Intel certified is worth fetching for: anyone can write any
+            // FMSPC into a certificate that nothing has checked yet.
+            check_pck_chain(raw)?;
             let source = self
                 .source
                 .read()
@@ -477,6 +561,8 @@ impl CollateralStore {
             }));
         };
         held.check_current(now)?;
-        verify_quote(raw, &held.collateral, now)
+        let mut verified = verify_quote(raw, &held.collateral, now)?;
+        verified.collateral_next_update = Some(held.next_update());
+        Ok(verified)
     }
 }

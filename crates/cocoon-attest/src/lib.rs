@@ -15,7 +15,8 @@ mod policy;
 mod quote;
 
 pub use collateral::{
-    CollateralStore, Dates, Described, Offered, Piece, Platform, date, quote_platform,
+    CollateralStore, Dates, Described, Offered, Piece, Platform, date, intel_root_ca,
+    quote_platform,
 };
 pub use measured::{CONFIG_EVENT, MeasuredEvent, RTMR3_SYSFS, config_hash, extend, replay};
 pub use measurements::{ImageHash, Measurements};

@@ -44,6 +44,9 @@ pub struct VerifiedQuote {
     pub advisory_ids: Vec<String>,
     /// The TD's measured registers and report data, from the verified quote.
     pub measurements: Measurements,
+    /// When the collateral it was verified with expires (Unix seconds), where a store knew: a
+    /// verdict kept for later holds no longer than that.
+    pub collateral_next_update: Option<i64>,
 }
 
 /// The measurements a quote claims, read WITHOUT verifying anything: for showing a quote to a
@@ -90,5 +93,6 @@ pub fn verify_quote(
         tcb_status: verified.status,
         advisory_ids: verified.advisory_ids,
         measurements: measurements_of(td),
+        collateral_next_update: None,
     })
 }

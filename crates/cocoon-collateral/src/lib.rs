@@ -63,6 +63,9 @@ impl Default for CollateralConfig {
 pub const MAX_REFRESH_HOURS: u64 = 24 * 7;
 /// The shortest pause between two fetches of one platform, so a PCCS is never hammered.
 const MIN_RETRY_SECS: u64 = 60;
+/// Platforms waiting for a first fetch, at most: each is one Intel certified (the store checks
+/// a quote's PCK chain before asking), so this bounds only a flood of distinct real platforms.
+const MAX_PENDING_PLATFORMS: usize = 32;
 /// Fetch failures are warned about loudly once the collateral held expires within this.
 const EXPIRY_WARNING_SECS: i64 = 3 * 24 * 3600;
 
@@ -227,6 +230,19 @@ impl Fetcher {
     pub fn want(&self, platform: &Platform) {
         let now = (self.clock)();
         let mut tracks = self.tracks();
+        if !tracks.contains_key(platform) {
+            let pending = tracks
+                .keys()
+                .filter(|p| self.store.get(p).is_none())
+                .count();
+            if pending >= MAX_PENDING_PLATFORMS {
+                tracing::warn!(
+                    "collateral for {platform} not fetched: {pending} platforms already wait for \
+                     their first fetch"
+                );
+                return;
+            }
+        }
         let track = tracks.entry(platform.clone()).or_insert_with(|| Track {
             next_fetch: now,
             ..Track::default()
@@ -559,5 +575,123 @@ mod tests {
             ..CollateralConfig::default()
         });
         assert!(e.contains("platforms"), "{e}");
+    }
+
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    fn b64_decode(text: &[u8]) -> Vec<u8> {
+        let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0u32);
+        for c in text {
+            let Some(v) = B64.iter().position(|b| b == c) else {
+                continue;
+            };
+            acc = ((acc << 6) | u32::try_from(v).unwrap()) & 0xffff;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push(((acc >> bits) & 0xff) as u8);
+            }
+        }
+        out
+    }
+
+    fn b64_encode(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in data.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+            for i in 0..4usize {
+                out.push(if i <= chunk.len() {
+                    B64[((n >> (18 - 6 * i)) & 63) as usize]
+                } else {
+                    b'='
+                });
+            }
+        }
+        out
+    }
+
+    fn find(hay: &[u8], needle: &[u8], from: usize) -> usize {
+        from + hay[from..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("found")
+    }
+
+    /// `quote` with the FMSPC in its PCK certificate replaced: what anyone can put in an RA-TLS
+    /// certificate, since nothing checks that certificate's signature before the platform is
+    /// read from it.
+    fn with_fmspc(quote: &[u8], fmspc: [u8; 6]) -> Vec<u8> {
+        let begin = find(quote, b"-----BEGIN CERTIFICATE-----", 0) + 27;
+        let end = find(quote, b"-----END CERTIFICATE-----", begin);
+        let mut der = b64_decode(&quote[begin..end]);
+        // The FMSPC's OID (1.2.840.113741.1.13.1.4), then its OCTET STRING of 6 bytes.
+        let oid: &[u8] = &[
+            0x2A, 0x86, 0x48, 0x86, 0xF8, 0x4D, 0x01, 0x0D, 0x01, 0x04, 0x04, 0x06,
+        ];
+        let at = find(&der, oid, 0) + oid.len();
+        der[at..at + 6].copy_from_slice(&fmspc);
+        let mut encoded = b64_encode(&der).into_iter();
+        let mut out = quote.to_vec();
+        for c in &mut out[begin..end] {
+            let v = *c;
+            if B64.contains(&v) || v == b'=' {
+                *c = encoded.next().expect("the same length");
+            }
+        }
+        assert!(encoded.next().is_none());
+        out
+    }
+
+    /// REVIEW, fixed: the platform a quote names was read from its PCK certificate before anything was
+    /// verified, and every platform the store is asked for becomes a track kept forever: fetched
+    /// at once, one after another (at least two requests each, up to `timeout_secs` apiece),
+    /// retried after a minute doubling to an hour, and brought back to a minute by the next
+    /// quote naming it (`want`). A peer that makes up FMSPCs in its handshakes (no Intel key
+    /// needed: the certificate is not checked) grows `tracks` and the status without bound,
+    /// turns the fetcher into a request storm against the PCCS (against Intel's PCS, which
+    /// rate-limits, genuine fetches then get 429), and queues a real platform's on-demand fetch,
+    /// and every refresh, behind thousands of hopeless ones. Verify the quote's PCK chain up to
+    /// Intel's root (signatures only) before calling the hook, cap the platforms pending with
+    /// nothing held, and forget a track the service answers 404 for.
+    #[test]
+    fn review_handshakes_naming_made_up_platforms_queue_fetches_without_bound() {
+        let tdx = cocoon_testdata::TDX;
+        let at = tdx.at;
+        let store = CollateralStore::new();
+        let config = CollateralConfig {
+            pccs_url: Some("https://pccs.example".into()),
+            ..CollateralConfig::default()
+        };
+        let fetcher = Fetcher::with_clock(&config, store.clone(), Arc::new(move || at)).unwrap();
+        for i in 0..1000u16 {
+            let [hi, lo] = i.to_be_bytes();
+            let fmspc = [0x10, 0, 0, 0, hi, lo];
+            let quote = with_fmspc(tdx.quote, fmspc);
+            assert_eq!(
+                cocoon_attest::quote_platform(&quote).unwrap().fmspc,
+                hex::encode_upper(fmspc)
+            );
+            // REVIEW, fixed: a PCK certificate Intel did not sign names no platform worth
+            // fetching for.
+            assert!(matches!(
+                store.verify(&quote, at),
+                Err(AttestError::Verification(m)) if m.contains("not Intel's")
+            ));
+        }
+        let status = fetcher.status();
+        let due = status.iter().filter(|s| s.next_fetch <= at).count();
+        assert!(
+            status.len() <= 64,
+            "{} made-up platforms tracked for good, {due} of them to be fetched right now",
+            status.len()
+        );
+        // And real platforms that all wait for a first fetch are bounded too.
+        for i in 0..100u32 {
+            fetcher.want(&cocoon_attest::Platform::parse(&format!("{i:012X}")).unwrap());
+        }
+        assert_eq!(fetcher.status().len(), MAX_PENDING_PLATFORMS);
     }
 }

@@ -141,7 +141,7 @@ impl PccsClient {
         let qe_identity_issuer_chain = header(&qe, "SGX-Enclave-Identity-Issuer-Chain", &qe_url)?;
         let (qe_identity, qe_identity_signature) = signed(&qe.body, "enclaveIdentity", &qe_url)?;
 
-        let root_ca_crl = self.root_ca_crl(&qe_identity_issuer_chain).await?;
+        let root_ca_crl = self.root_ca_crl().await?;
         Ok(Collateral {
             pck_crl_issuer_chain,
             root_ca_crl,
@@ -157,17 +157,20 @@ impl PccsClient {
     }
 
     /// A PCCS serves the root CA's CRL itself (hex-encoded); Intel's PCS does not, and the CRL
-    /// is then where Intel's root certificate says it is.
-    async fn root_ca_crl(&self, chain: &str) -> Result<Vec<u8>, FetchError> {
+    /// is then where Intel's root certificate (the pinned one, not one the service sent) says
+    /// it is.
+    async fn root_ca_crl(&self) -> Result<Vec<u8>, FetchError> {
         let url = format!("{}/sgx/certification/v4/rootcacrl", self.base);
         match self.get(&url, "").await {
             Ok(answer) => der_or_hex(answer.body, &url),
             Err(FetchError::Status { status: 404, .. }) => {
-                let distribution = root_crl_url(chain).ok_or_else(|| FetchError::Malformed {
-                    url: url.clone(),
-                    reason: "no rootcacrl endpoint, and Intel's root certificate names no CRL \
+                let distribution = crl_url(cocoon_attest::intel_root_ca()).ok_or_else(|| {
+                    FetchError::Malformed {
+                        url: url.clone(),
+                        reason: "no rootcacrl endpoint, and Intel's root certificate names no CRL \
                              distribution point"
-                        .into(),
+                            .into(),
+                    }
                 })?;
                 let answer = self.get(&distribution, "").await?;
                 der_or_hex(answer.body, &distribution)
@@ -289,13 +292,11 @@ fn signed(body: &[u8], field: &str, url: &str) -> Result<(String, Vec<u8>), Fetc
     Ok((raw.get().to_owned(), signature))
 }
 
-/// The CRL distribution point of the last certificate (Intel's root) in a PEM chain.
-fn root_crl_url(chain: &str) -> Option<String> {
+/// The CRL distribution point a DER certificate names.
+fn crl_url(der: &[u8]) -> Option<String> {
     use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
-    let root = x509_parser::pem::Pem::iter_from_buffer(chain.as_bytes())
-        .filter_map(Result::ok)
-        .last()?;
-    let cert = root.parse_x509().ok()?;
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
     cert.extensions().iter().find_map(|ext| {
         let ParsedExtension::CRLDistributionPoints(points) = ext.parsed_extension() else {
             return None;
@@ -326,10 +327,10 @@ mod tests {
     #[test]
     fn intels_root_names_where_its_crl_is() {
         assert_eq!(
-            root_crl_url(&vector().qe_identity_issuer_chain).as_deref(),
+            crl_url(cocoon_attest::intel_root_ca()).as_deref(),
             Some("https://certificates.trustedservices.intel.com/IntelSGXRootCA.der")
         );
-        assert_eq!(root_crl_url("no pem here"), None);
+        assert_eq!(crl_url(b"not a certificate"), None);
     }
 
     #[test]

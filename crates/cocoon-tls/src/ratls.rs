@@ -54,25 +54,43 @@ pub struct CacheStats {
 
 /// Verified quotes by SHA-256 of the raw quote. A quote fixes its report data and so the claims
 /// (key and role) it vouches for; the binding to the presented key is still checked on every
-/// handshake, since it is cheap and is what stops a replayed certificate.
+/// handshake, since it is cheap and is what stops a replayed certificate. A verdict holds for
+/// the TTL, but never past the expiry of the collateral it was reached with, nor once the store
+/// has taken other collateral (a TCB recovery or a revocation must reach cached verdicts).
 #[derive(Debug)]
 struct QuoteCache {
     ttl: Duration,
-    entries: Mutex<HashMap<[u8; 32], (Attested, Measurements, Instant)>>,
+    entries: Mutex<HashMap<[u8; 32], Cached>>,
     hits: AtomicU64,
     verifications: AtomicU64,
 }
 
+#[derive(Debug)]
+struct Cached {
+    attested: Attested,
+    measurements: Measurements,
+    expires: Instant,
+    /// When the collateral used expires, Unix seconds (TDX quotes).
+    collateral_expires: Option<i64>,
+    /// The store's generation when verified.
+    generation: u64,
+}
+
 impl QuoteCache {
-    fn get(&self, key: &[u8; 32]) -> Option<(Attested, Measurements)> {
+    fn get(&self, key: &[u8; 32], now: u64, generation: u64) -> Option<(Attested, Measurements)> {
         if self.ttl.is_zero() {
             return None;
         }
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
         let mut entries = self.entries.lock();
         match entries.get(key) {
-            Some((a, m, expires)) if *expires > Instant::now() => {
+            Some(c)
+                if c.expires > Instant::now()
+                    && c.generation == generation
+                    && c.collateral_expires.is_none_or(|e| now <= e) =>
+            {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                Some((a.clone(), m.clone()))
+                Some((c.attested.clone(), c.measurements.clone()))
             }
             Some(_) => {
                 entries.remove(key);
@@ -82,20 +100,36 @@ impl QuoteCache {
         }
     }
 
-    fn put(&self, key: [u8; 32], attested: &Attested, m: &Measurements) {
+    fn put(&self, key: [u8; 32], fresh: &Verdict, generation: u64) {
         if self.ttl.is_zero() {
             return;
         }
         let now = Instant::now();
         let mut entries = self.entries.lock();
         if entries.len() >= CACHE_CAPACITY {
-            entries.retain(|_, (_, _, expires)| *expires > now);
+            entries.retain(|_, c| c.expires > now);
             if entries.len() >= CACHE_CAPACITY {
                 entries.clear();
             }
         }
-        entries.insert(key, (attested.clone(), m.clone(), now + self.ttl));
+        entries.insert(
+            key,
+            Cached {
+                attested: fresh.attested.clone(),
+                measurements: fresh.measurements.clone(),
+                expires: now + self.ttl,
+                collateral_expires: fresh.collateral_expires,
+                generation,
+            },
+        );
     }
+}
+
+/// A quote's verdict: what it attests, and until when the collateral behind it holds.
+struct Verdict {
+    attested: Attested,
+    measurements: Measurements,
+    collateral_expires: Option<i64>,
 }
 
 impl RaTlsVerifier {
@@ -174,21 +208,31 @@ impl RaTlsVerifier {
         })
     }
 
+    fn now(&self) -> u64 {
+        self.fixed_now.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        })
+    }
+
     fn cached(&self, quote: &[u8]) -> Result<(Attested, Measurements), VerifyError> {
         let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, quote)
             .as_ref()
             .try_into()
             .expect("SHA-256 is 32 bytes");
-        if let Some(hit) = self.cache.get(&key) {
+        // Read before verifying: collateral stored meanwhile makes this verdict stale at once.
+        let generation = self.collateral.generation();
+        if let Some(hit) = self.cache.get(&key, self.now(), generation) {
             return Ok(hit);
         }
         self.cache.verifications.fetch_add(1, Ordering::Relaxed);
         let fresh = self.verify_uncached(quote)?;
-        self.cache.put(key, &fresh.0, &fresh.1);
-        Ok(fresh)
+        self.cache.put(key, &fresh, generation);
+        Ok((fresh.attested, fresh.measurements))
     }
 
-    fn verify_uncached(&self, quote: &[u8]) -> Result<(Attested, Measurements), VerifyError> {
+    fn verify_uncached(&self, quote: &[u8]) -> Result<Verdict, VerifyError> {
         if quote.starts_with(DEV_QUOTE_MAGIC) {
             if self.dev_keys.is_empty() {
                 return Err(VerifyError::Policy(
@@ -206,16 +250,15 @@ impl RaTlsVerifier {
                 tcb_status: None,
                 config_hash: None,
             };
-            return Ok((attested, m));
+            return Ok(Verdict {
+                attested,
+                measurements: m,
+                collateral_expires: None,
+            });
         }
-        let now = self.fixed_now.unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-        });
         let v = self
             .collateral
-            .verify(quote, now)
+            .verify(quote, self.now())
             .map_err(|e| VerifyError::Policy(e.to_string()))?;
         self.policy
             .check(&v)
@@ -226,7 +269,11 @@ impl RaTlsVerifier {
             tcb_status: Some(v.tcb_status),
             config_hash: None,
         };
-        Ok((attested, v.measurements))
+        Ok(Verdict {
+            attested,
+            measurements: v.measurements,
+            collateral_expires: v.collateral_next_update,
+        })
     }
 }
 
@@ -274,5 +321,52 @@ impl PeerVerifier for RaTlsVerifier {
             hits: self.cache.hits.load(Ordering::Relaxed),
             verifications: self.cache.verifications.load(Ordering::Relaxed),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// REVIEW, fixed: the quote cache keeps a verdict for `cache_secs` (600 s by default, up to an
+    /// hour) whatever the collateral it was reached with: a quote verified a minute before the
+    /// PCK CRL's next update is still accepted after it, when a fresh verification refuses
+    /// ("expired on ..."); and collateral replaced in the store (a TCB recovery rating the
+    /// platform OutOfDate, a PCK CRL revoking it) does not reach verdicts already cached. The
+    /// docs own the first, but the fix is cheap: keep with each entry the next update of the
+    /// collateral used and expire the entry at the earlier of the two, and drop the cache (or
+    /// key it by a store generation) when the store takes new collateral.
+    #[test]
+    fn review_a_cached_quote_is_accepted_after_its_collateral_expired() {
+        let tdx = cocoon_testdata::TDX;
+        let store = CollateralStore::with(vec![
+            cocoon_attest::parse_collateral(tdx.collateral).unwrap(),
+        ])
+        .unwrap();
+        let platform = cocoon_attest::quote_platform(tdx.quote).unwrap();
+        let expires = u64::try_from(store.get(&platform).unwrap().next_update()).unwrap();
+        let image = store
+            .verify(tdx.quote, tdx.at)
+            .unwrap()
+            .measurements
+            .image_hash();
+        let mut policy = Policy::default();
+        policy.image_hashes.insert(image);
+        // The default cache; verified a minute before the collateral runs out.
+        let mut verifier = RaTlsVerifier::with_store(policy, store.clone()).at_time(expires - 60);
+        verifier.verify_quote(tdx.quote).unwrap();
+        // A minute after it ran out, the store refuses in words...
+        let after = expires + 60;
+        assert!(matches!(
+            store.verify(tdx.quote, after),
+            Err(cocoon_attest::AttestError::StaleCollateral(_))
+        ));
+        // ...and the verifier should too.
+        verifier.fixed_now = Some(after);
+        let late = verifier.verify_quote(tdx.quote);
+        assert!(
+            late.is_err(),
+            "accepted from the cache after the collateral expired: {late:?}"
+        );
     }
 }

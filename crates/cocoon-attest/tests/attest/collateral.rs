@@ -123,7 +123,14 @@ fn newer_collateral_replaces_older_in_place_and_older_is_refused() {
     );
     let rollback = store.offer(old).unwrap_err().to_string();
     assert!(rollback.contains("older than the one held"), "{rollback}");
-    assert_eq!(*store.get(&platform).unwrap().collateral, new);
+    // Held without the one machine's PCK chain the vector's file carries.
+    assert!(
+        *store.get(&platform).unwrap().collateral
+            == cocoon_attest::Collateral {
+                pck_certificate_chain: None,
+                ..new
+            }
+    );
     // The newer collateral verifies the newer quote at its time.
     store.verify(TDX15.quote, TDX15.at).unwrap();
 }
@@ -176,4 +183,107 @@ fn attack_collateral_not_signed_by_intel_is_refused() {
         );
     }
     Described::new(good).unwrap();
+}
+
+/// REVIEW, fixed: rollback is judged by issue dates alone, but Intel's PCS signs the TCB info and QE
+/// identity of every TCB evaluation it still supports afresh (`tcbEvaluationDataNumber=N`,
+/// `update=standard`): the TDX vector is evaluation 17 issued on 2025-06-19, months after
+/// evaluation 18 came out. A PCCS that answers with an older evaluation, issued today, is
+/// "newer" here and replaces the evaluation held, and machines Intel's later TCB recoveries rate
+/// OutOfDate pass as UpToDate again: the TCB downgrade the rollback check is there to stop.
+/// The monotonic counter is `tcbEvaluationDataNumber`; compare it first, dates second.
+#[test]
+fn review_an_older_tcb_evaluation_issued_later_is_taken_as_newer() {
+    let held = described(TDX15);
+    let mut reissued = described(TDX);
+    assert!(
+        held.collateral
+            .tcb_info
+            .contains("\"tcbEvaluationDataNumber\":20")
+    );
+    assert!(
+        reissued
+            .collateral
+            .tcb_info
+            .contains("\"tcbEvaluationDataNumber\":17")
+    );
+    // Evaluation 17 as Intel serves it a day after the collateral held was issued: every piece
+    // carries a later date than the one held.
+    let latest_held = held.dates.iter().map(|d| d.issued).max().unwrap();
+    let earliest = reissued.dates.iter().map(|d| d.issued).min().unwrap();
+    let shift = latest_held - earliest + 86_400;
+    for d in &mut reissued.dates {
+        d.issued += shift;
+        d.next_update += shift;
+    }
+    let verdict = reissued.older_than(&held);
+    assert!(
+        matches!(verdict, Some(Piece::TcbInfo | Piece::QeIdentity)),
+        "TCB evaluation 17 would replace evaluation 20: older_than = {verdict:?}"
+    );
+}
+
+/// REVIEW, fixed: `Described::new` checks who signed each piece, not what it is. Intel signs the SGX
+/// TCB info (`"id":"SGX"`, which a TDX FMSPC has too) and the SGX QE identity (`"id":"QE"`) with
+/// the same key as TDX's, so a PCCS answering the TDX endpoints with them gets them stored and
+/// cached: every TDX quote from the platform is refused, and as long as their issue dates are
+/// later than Intel's next TDX pieces, the genuine ones are refused as "older". A lock-out that
+/// outlives the PCCS being fixed, and a restart (the cache holds it). Check `id` (`TDX`,
+/// `TD_QE`) and `version` as dcap-qvl does, before anything is stored.
+#[test]
+fn review_sgx_pieces_are_kept_as_a_tdx_platforms_collateral() {
+    let tdx = parse_collateral(TDX.collateral).unwrap();
+    let sgx = parse_collateral(cocoon_testdata::SGX.collateral).unwrap();
+    let sgx_qe = cocoon_attest::Collateral {
+        qe_identity_issuer_chain: sgx.qe_identity_issuer_chain.clone(),
+        qe_identity: sgx.qe_identity.clone(),
+        qe_identity_signature: sgx.qe_identity_signature.clone(),
+        ..tdx
+    };
+    // Intel-signed, for the TDX quote's platform, in force at its time: and it verifies no TDX
+    // quote.
+    assert!(cocoon_attest::verify_quote(TDX.quote, &sgx_qe, TDX.at).is_err());
+    let store = CollateralStore::new();
+    let offered = store.offer(sgx_qe);
+    assert!(
+        offered.is_err(),
+        "the SGX QE identity is kept as a TDX platform's: {offered:?}"
+    );
+    let whole = Described::new(sgx).map(|d| d.platform);
+    assert!(
+        whole.is_err(),
+        "SGX TCB info taken as a TDX platform's collateral: {whole:?}"
+    );
+}
+
+/// REVIEW, fixed: rollback is checked per (FMSPC, PCK CA) entry, yet the TCB info is one per FMSPC,
+/// the QE identity and the root CA CRL one for all, the PCK CRL one per CA. A platform's first
+/// collateral is compared with nothing: holding TCB evaluation 20 for B0C06F000000, the store
+/// takes, for the same FMSPC under the processor CA, a TCB info 16 months older (evaluation 17)
+/// and a root CA CRL a year older. A PCCS can so hide a TCB recovery, a PCK revocation or a
+/// revoked CA from every quote of a platform the node meets later. Keep the newest of each
+/// shared piece store-wide (TCB info by FMSPC, PCK CRL by CA, QE identity, root CRL) and
+/// refuse older ones whatever entry they come with.
+#[test]
+fn review_older_pieces_come_back_with_a_platform_first_seen() {
+    let held = described(TDX15);
+    let store = CollateralStore::with(vec![parse_collateral(TDX15.collateral).unwrap()]).unwrap();
+    let old = parse_collateral(TDX.collateral).unwrap();
+    // The SGX vector's PCK CRL is the processor CA's.
+    let processor = parse_collateral(cocoon_testdata::SGX.collateral).unwrap();
+    let other_ca = cocoon_attest::Collateral {
+        pck_crl_issuer_chain: processor.pck_crl_issuer_chain,
+        pck_crl: processor.pck_crl,
+        ..old
+    };
+    let platform = Described::new(other_ca.clone()).unwrap().platform;
+    assert_eq!(platform.fmspc, held.platform.fmspc);
+    assert_ne!(platform.ca, held.platform.ca);
+    let offered = store.offer(other_ca);
+    assert!(
+        matches!(offered, Err(AttestError::OlderCollateral(_))),
+        "TCB info of 2025-06 for {platform} taken beside that of 2026-10 held for {}: \
+         {offered:?}",
+        held.platform
+    );
 }
