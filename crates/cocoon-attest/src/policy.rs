@@ -29,7 +29,7 @@ impl RegisterRule {
 /// Which attested machines may join: allowed images, acceptable TCB statuses, no debug TDs.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// Images allowed to run (later: read from the root registry).
+    /// Images allowed to run.
     pub image_hashes: HashSet<ImageHash>,
     /// Register rules an image may match instead of a listed hash.
     pub registers: Vec<RegisterRule>,
@@ -40,6 +40,10 @@ pub struct Policy {
     pub tcb_statuses: Vec<String>,
     /// Debug TDs expose their memory to the host; only for local experiments.
     pub allow_debug: bool,
+    /// The allowed images are the ledger registry's, which the node checks itself after the
+    /// handshake (before a prompt moves): with no image listed here, any image passes this
+    /// policy. Listed images still apply where there are some.
+    pub images_from_registry: bool,
 }
 
 impl Default for Policy {
@@ -50,6 +54,7 @@ impl Default for Policy {
             config_hashes: HashSet::new(),
             tcb_statuses: vec!["UpToDate".into()],
             allow_debug: false,
+            images_from_registry: false,
         }
     }
 }
@@ -96,7 +101,11 @@ impl Policy {
             return Err(PolicyError::DebugTd);
         }
         let image = m.image_hash();
-        if !self.image_hashes.contains(&image) && !self.registers.iter().any(|r| r.matches(m)) {
+        let listed_here = !self.image_hashes.is_empty() || !self.registers.is_empty();
+        if (listed_here || !self.images_from_registry)
+            && !self.image_hashes.contains(&image)
+            && !self.registers.iter().any(|r| r.matches(m))
+        {
             return Err(PolicyError::ImageNotAllowed(image, hex::encode(m.mrtd)));
         }
         Ok(())
@@ -244,5 +253,29 @@ mod tests {
             boot.check_measured(&m, &[]),
             Err(PolicyError::MeasurementMismatch)
         );
+    }
+
+    /// With the registry's images, a policy listing none lets any image past it (the node asks
+    /// the registry); one listing some still holds to them; one without it holds to its list.
+    #[test]
+    fn images_from_the_registry_replace_an_empty_list_only() {
+        let m = Measurements::default();
+        let registry_only = Policy {
+            images_from_registry: true,
+            ..Policy::default()
+        };
+        registry_only.check_measurements(&m).unwrap();
+        let both = Policy {
+            image_hashes: [ImageHash::from_hex(&"ab".repeat(32)).unwrap()].into(),
+            ..registry_only.clone()
+        };
+        assert!(matches!(
+            both.check_measurements(&m),
+            Err(PolicyError::ImageNotAllowed(..))
+        ));
+        assert!(matches!(
+            Policy::default().check_measurements(&m),
+            Err(PolicyError::ImageNotAllowed(..))
+        ));
     }
 }

@@ -403,9 +403,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("worker key fingerprint: {}", identity.fingerprint());
             let store = cocoon_collateral::CollateralStore::new();
             let fetcher = cocoon_collateral::prepare(&cfg.collateral, &store)?;
-            let proxy = cfg
-                .proxy_policy
-                .build_with("proxy_policy", "proxy", &store)?;
+            // With the registry's proxy images, the policy may list none of its own.
+            let proxy = cocoon_tls::PeerPolicy {
+                images_from_registry: cfg.payments.proxy_images_from_registry,
+                ..cfg.proxy_policy.clone()
+            }
+            .build_with("proxy_policy", "proxy", &store)?;
             // Kept until the worker stops: it keeps the proxy policy's collateral current.
             let _collateral = match &fetcher {
                 Some(f) => Some(f.start().await),

@@ -155,9 +155,12 @@ impl Gateway {
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
         let store = cocoon_collateral::CollateralStore::new();
         let fetcher = cocoon_collateral::prepare(&config.collateral, &store)?;
-        let proxy = config
-            .proxy_policy
-            .build_with("proxy_policy", "proxy", &store)?;
+        // With the registry's proxy images, the policy may list none of its own.
+        let proxy = cocoon_tls::PeerPolicy {
+            images_from_registry: config.payments.proxy_images_from_registry,
+            ..config.proxy_policy.clone()
+        }
+        .build_with("proxy_policy", "proxy", &store)?;
         let collateral = match &fetcher {
             Some(f) => Some(f.start().await),
             None => None,

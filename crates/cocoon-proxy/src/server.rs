@@ -210,10 +210,13 @@ impl Proxy {
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
         let store = cocoon_collateral::CollateralStore::new();
         let fetcher = cocoon_collateral::prepare(&config.collateral, &store)?;
+        // With the registry's worker images, the policy may list none of its own.
+        let worker_policy = cocoon_tls::PeerPolicy {
+            images_from_registry: config.payments.worker_images_from_registry,
+            ..config.worker_policy.clone()
+        };
         let admission = Admission::new(
-            config
-                .worker_policy
-                .build_with("worker_policy", "worker", &store)?,
+            worker_policy.build_with("worker_policy", "worker", &store)?,
             config
                 .client_policy
                 .build_with("client_policy", "client", &store)?,

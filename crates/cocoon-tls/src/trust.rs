@@ -191,6 +191,12 @@ pub struct PeerPolicy {
     /// (collateral files). Refused otherwise: a dev key beside Intel's collateral lets anyone
     /// holding it pass as attested in production.
     pub allow_dev_keys_with_tdx: bool,
+    /// Set by the node, not read from the policy table: the node checks peers' images against
+    /// the ledger's registry itself (`[payments] worker_images_from_registry` on a proxy,
+    /// `proxy_images_from_registry` on a gateway or worker), so `image_hashes` and `registers`
+    /// may be left empty: the registry's images are then the allowed ones.
+    #[serde(skip)]
+    pub images_from_registry: bool,
 }
 
 /// One `[[*_policy.registers]]` rule: registers an allowed image holds (hex, 96 digits each).
@@ -286,6 +292,7 @@ impl Default for PeerPolicy {
             insecure_accept_any_peer: false,
             max_cert_age_hours: 0,
             allow_dev_keys_with_tdx: false,
+            images_from_registry: false,
         }
     }
 }
@@ -446,12 +453,16 @@ impl PeerPolicy {
             config_hashes,
             tcb_statuses: self.tcb_statuses.clone(),
             allow_debug: self.allow_debug,
+            images_from_registry: self.images_from_registry,
         };
-        if policy.image_hashes.is_empty() && policy.registers.is_empty() {
+        if policy.image_hashes.is_empty()
+            && policy.registers.is_empty()
+            && !self.images_from_registry
+        {
             return Err(config_error(
                 section,
-                "require_attestation is set but neither image_hashes nor registers are given: \
-                 no peer could connect",
+                "require_attestation is set but neither image_hashes nor registers are given \
+                 (nor are images taken from the registry): no peer could connect",
             ));
         }
         if !tdx && self.dev_attester_keys.is_empty() {
@@ -532,6 +543,24 @@ mod tests {
 
     fn err(p: &PeerPolicy) -> String {
         p.build("worker_policy", "worker").unwrap_err().to_string()
+    }
+
+    /// A node that checks peers' images against the registry may list none in its policy; one
+    /// that does not may not, since no peer could connect.
+    #[test]
+    fn images_may_come_from_the_registry_instead_of_the_policy() {
+        let registry_only = PeerPolicy {
+            require_attestation: true,
+            dev_attester_keys: vec!["11".repeat(32)],
+            images_from_registry: true,
+            ..PeerPolicy::default()
+        };
+        registry_only.build("worker_policy", "worker").unwrap();
+        let e = err(&PeerPolicy {
+            images_from_registry: false,
+            ..registry_only
+        });
+        assert!(e.contains("neither image_hashes nor registers"), "{e}");
     }
 
     #[test]

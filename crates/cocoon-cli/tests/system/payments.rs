@@ -480,8 +480,9 @@ async fn images_the_registry_revokes_are_dropped_mid_run() {
 }
 
 /// A gateway with `proxy_images_from_registry` sends a prompt only to a proxy whose attested
-/// image the registry lists: refused before it is listed, served once it is, and dropped,
-/// with no restart, at the first reading of the registry after the owner revokes it.
+/// image the registry lists (its policy listing no image of its own): refused before it is
+/// listed, served once it is, and dropped, with no restart, at the first reading of the
+/// registry after the owner revokes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_sends_prompts_only_to_proxies_whose_image_the_registry_lists() {
     use cocoon_ledger::ImageRole;
@@ -518,6 +519,9 @@ async fn the_gateway_sends_prompts_only_to_proxies_whose_image_the_registry_list
     config.payments.bill_file = net.dir().join("registry-gateway-bills.json");
     config.payments.proxy_images_from_registry = true;
     config.payments.registry_refresh_secs = 1;
+    // The registry's proxy images instead of the policy's own: it lists none.
+    config.proxy_policy.registers.clear();
+    config.proxy_policy.image_hashes.clear();
     let gateway = Gateway::bind(&config, cocoon_cli::money::LEDGERS)
         .await
         .unwrap();

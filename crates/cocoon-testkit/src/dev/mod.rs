@@ -432,12 +432,19 @@ impl DevNetwork {
 
     /// (Re)starts worker `i`; it dials the proxy and joins.
     pub fn start_worker(&mut self, i: usize) {
-        let proxy_policy = PeerPolicy {
+        let mut proxy_policy = PeerPolicy {
             fingerprints: vec![self.proxy_fingerprint.to_string()],
             ..dev_policy(&self.dev_key)
+        };
+        if self.options.proxy_images_from_registry {
+            // The registry's proxy images instead of the policy's own.
+            proxy_policy.registers.clear();
+            proxy_policy.image_hashes.clear();
+            proxy_policy.images_from_registry = true;
         }
-        .build("proxy_policy", "proxy")
-        .expect("the dev policy is valid");
+        let proxy_policy = proxy_policy
+            .build("proxy_policy", "proxy")
+            .expect("the dev policy is valid");
         let slot = &mut self.workers[i];
         let stop = self.shutdown.child_token();
         let mut worker = Worker::new(
