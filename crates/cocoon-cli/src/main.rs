@@ -416,12 +416,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let shutdown = shutdown_on_signal();
             let payouts = money::worker_payouts(&cfg, &identity, shutdown.clone()).await?;
-            let registry = money::worker_registry(&cfg, &identity).await?.map(|l| {
-                (
-                    l,
-                    Duration::from_secs(cfg.payments.registry_refresh_secs.max(1)),
-                )
-            });
+            let registry = money::worker_registry(&cfg, &identity)
+                .await?
+                .map(|l| (l, Duration::from_secs(cfg.payments.registry_refresh_secs)));
             let mut worker = Worker::new(
                 cfg.name,
                 cfg.proxy_addr,

@@ -277,15 +277,22 @@ impl ClientAccount {
         )?);
         let store = cocoon_collateral::CollateralStore::new();
         let fetcher = cocoon_collateral::prepare(&self.config.collateral, &store)?;
-        let policy = self
-            .config
-            .proxy_policy
-            .build_with("proxy_policy", "proxy", &store)?;
+        // As the gateway: with the registry's proxy images, the registry is asked too.
+        let from_registry = self.config.payments.proxy_images_from_registry;
+        let policy = cocoon_tls::PeerPolicy {
+            images_from_registry: from_registry,
+            ..self.config.proxy_policy.clone()
+        }
+        .build_with("proxy_policy", "proxy", &store)?;
         let _collateral = match &fetcher {
             Some(f) => Some(f.start().await),
             None => None,
         };
-        let link = cocoon_client::ProxyLink::new(self.config.proxy_addr.clone(), identity, policy);
+        let mut link =
+            cocoon_client::ProxyLink::new(self.config.proxy_addr.clone(), identity, policy);
+        if from_registry {
+            link = link.with_registry(self.ledger.clone());
+        }
         link.close_contract().await.map_err(|e| {
             anyhow::anyhow!(
                 "{}; if the proxy is down, `cocoon client close --unilateral` gets back what \
@@ -395,6 +402,12 @@ pub async fn worker_registry(
     if !config.payments.proxy_images_from_registry {
         return Ok(None);
     }
+    let secs = config.payments.registry_refresh_secs;
+    anyhow::ensure!(
+        (1..=3600).contains(&secs),
+        "[payments] registry_refresh_secs is 1 to 3600: how long the worker may keep serving a \
+         revoked proxy"
+    );
     let url = config.payments.ledger.as_ref().ok_or_else(|| {
         anyhow::anyhow!(
             "[payments] proxy_images_from_registry needs a ledger: it reads the registry"

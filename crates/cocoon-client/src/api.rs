@@ -130,6 +130,9 @@ impl AppState {
 
 /// The ledger `spec` names, opened by `ledgers` with the gateway's key: a TON root is read
 /// once here, so the gateway knows how the proxy must name its contract.
+/// The longest `registry_refresh_secs` may be.
+const MAX_REGISTRY_REFRESH_SECS: u64 = 3600;
+
 async fn open_ledger(
     ledgers: &dyn LedgerOpener,
     spec: &str,
@@ -191,7 +194,15 @@ impl Gateway {
         }
         let bills = Arc::new(record);
         let registry = match (&ledger, config.payments.proxy_images_from_registry) {
-            (Some(ledger), true) => Some(ledger.clone()),
+            (Some(ledger), true) => {
+                anyhow::ensure!(
+                    (1..=MAX_REGISTRY_REFRESH_SECS)
+                        .contains(&config.payments.registry_refresh_secs),
+                    "[payments] registry_refresh_secs is 1 to {MAX_REGISTRY_REFRESH_SECS}: how \
+                     long a revoked proxy may keep getting prompts"
+                );
+                Some(ledger.clone())
+            }
             (None, true) => anyhow::bail!(
                 "[payments] proxy_images_from_registry needs a ledger: it reads the registry"
             ),
@@ -207,7 +218,7 @@ impl Gateway {
         let registry_watch = registry.map(|_| {
             (
                 proxies.clone(),
-                Duration::from_secs(config.payments.registry_refresh_secs.max(1)),
+                Duration::from_secs(config.payments.registry_refresh_secs),
             )
         });
         let late_bills = ledger.is_some().then(|| (bills.clone(), proxies.clone()));

@@ -106,6 +106,7 @@ impl ClientConfig {
                 "proxy_policy": self.proxy_policy.measured(),
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
                 "proxy_images_from_registry": self.payments.proxy_images_from_registry,
+                "registry_refresh_secs": self.payments.registry_refresh_secs,
             })
             .to_string(),
         )
@@ -128,5 +129,29 @@ impl Default for ClientConfig {
             proxy_policy: PeerPolicy::default(),
             payments: ClientPayments::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// REVIEW, fixed: the gateway measures `proxy_images_from_registry` but not `registry_refresh_secs`,
+    /// which decides how long a proxy whose image the owner revoked keeps getting prompts (the
+    /// proxy measures its own `registry_refresh_secs` for the same reason). A host sets it to
+    /// 2^40 s: the revoked proxy is never dropped, and the gateway's measured configuration,
+    /// the one apps and proxies check, is the same as with 60 s.
+    #[test]
+    fn review_measured_gateway_names_how_often_it_reads_the_registry() {
+        let mut config = ClientConfig::default();
+        config.payments.ledger = Some("http://127.0.0.1:9100".into());
+        config.payments.proxy_images_from_registry = true;
+        let every_minute = config.measured();
+        config.payments.registry_refresh_secs = 1 << 40;
+        assert_ne!(
+            config.measured(),
+            every_minute,
+            "a gateway that never reads the registry again measures as one reading it every minute"
+        );
     }
 }

@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use cocoon_ledger::{ImageRole, Ledger};
@@ -31,6 +32,18 @@ pub struct ProxyLink {
     /// The ledger whose registry must list the proxy's attested image, when the gateway
     /// takes proxy images from it.
     registry: Option<Arc<dyn Ledger>>,
+    /// Readings of the registry in a row that failed while connected.
+    unreadable: AtomicU32,
+}
+
+/// Failed readings of the registry in a row after which a connected proxy is let go.
+const UNREADABLE_READINGS: u32 = 3;
+
+/// What the registry says of a proxy's image.
+enum Listing {
+    Listed,
+    NotListed(ProtocolError),
+    Unreadable(ProtocolError),
 }
 
 impl ProxyLink {
@@ -49,6 +62,7 @@ impl ProxyLink {
             proxy_attestation: std::sync::Mutex::new(None),
             proxy_key: std::sync::Mutex::new(None),
             registry: None,
+            unreadable: AtomicU32::new(0),
         }
     }
 
@@ -62,11 +76,18 @@ impl ProxyLink {
     /// Whether the registry (when one is required) lists the image `verified` attests. Fails
     /// closed: a proxy with no attested image, or a registry that cannot be read, is refused.
     async fn registry_allows(&self, verified: &Verified) -> Result<(), ProtocolError> {
+        match self.listing(verified).await {
+            Listing::Listed => Ok(()),
+            Listing::NotListed(e) | Listing::Unreadable(e) => Err(e),
+        }
+    }
+
+    async fn listing(&self, verified: &Verified) -> Listing {
         let Some(ledger) = &self.registry else {
-            return Ok(());
+            return Listing::Listed;
         };
         let Some(image) = verified.attestation.as_ref().map(|a| a.image_hash) else {
-            return Err(ProtocolError::unavailable(format!(
+            return Listing::NotListed(ProtocolError::unavailable(format!(
                 "proxy {} refused: it is not attested, so the registry cannot vouch for its image",
                 self.addr
             )));
@@ -75,12 +96,12 @@ impl ProxyLink {
             .image_allowed(ImageRole::Proxy, &image.to_string())
             .await
         {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ProtocolError::unavailable(format!(
+            Ok(true) => Listing::Listed,
+            Ok(false) => Listing::NotListed(ProtocolError::unavailable(format!(
                 "proxy {} refused: its image {image} is not among the registry's proxy images",
                 self.addr
             ))),
-            Err(e) => Err(ProtocolError::unavailable(format!(
+            Err(e) => Listing::Unreadable(ProtocolError::unavailable(format!(
                 "proxy {} refused: the registry could not be read to check its image: {e}",
                 self.addr
             ))),
@@ -96,7 +117,24 @@ impl ProxyLink {
         if self.channel.lock().await.is_none() {
             return None;
         }
-        let refused = self.registry_allows(&verified).await.err()?;
+        let refused = match self.listing(&verified).await {
+            Listing::Listed => {
+                self.unreadable.store(0, Ordering::Relaxed);
+                return None;
+            }
+            Listing::NotListed(e) => e,
+            // A proxy already admitted survives a short outage of the ledger; one that lasts
+            // (a host blocking it, say) drops it, as a revocation would.
+            Listing::Unreadable(e) => {
+                let n = self.unreadable.fetch_add(1, Ordering::Relaxed) + 1;
+                if n < UNREADABLE_READINGS {
+                    tracing::warn!(proxy = %self.addr, reason = %e.message, "registry unreadable; keeping the proxy for now");
+                    return None;
+                }
+                e
+            }
+        };
+        self.unreadable.store(0, Ordering::Relaxed);
         *self.channel.lock().await = None;
         tracing::warn!(proxy = %self.addr, reason = %refused.message, "proxy dropped");
         Some(refused)
@@ -115,10 +153,12 @@ impl ProxyLink {
         let certs = tls.get_ref().1.peer_certificates();
         let verified = cocoon_tls::verified_peer(certs, &*self.proxy_policy)
             .map_err(|e| ProtocolError::unavailable(format!("proxy refused: {e}")))?;
-        *self.proxy_key.lock().unwrap_or_else(|e| e.into_inner()) =
-            cocoon_tls::peer_identity(certs).and_then(|p| p.public_key.as_slice().try_into().ok());
-        // Before a byte of a request: the registry must list the proxy's image, if asked.
+        let key = cocoon_tls::peer_identity(certs)
+            .and_then(|p| <[u8; 32]>::try_from(p.public_key.as_slice()).ok());
+        // Before a byte of a request: the registry must list the proxy's image, if asked. A
+        // refused proxy's key is not taken as this link's.
         self.registry_allows(&verified).await?;
+        *self.proxy_key.lock().unwrap_or_else(|e| e.into_inner()) = key;
         let (channel, driver) = Channel::handshake(tls)
             .await
             .map_err(|e| ProtocolError::unavailable(format!("proxy {}: {e}", self.addr)))?;

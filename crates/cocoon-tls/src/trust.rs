@@ -331,6 +331,15 @@ impl PeerPolicy {
         what: &str,
         store: &Arc<CollateralStore>,
     ) -> Result<Arc<dyn PeerVerifier>, TrustError> {
+        if self.images_from_registry && !self.require_attestation {
+            return Err(config_error(
+                section,
+                format!(
+                    "the registry's {what} images are required ([payments]), but \
+                     require_attestation is false: an unattested {what} has no image to check"
+                ),
+            ));
+        }
         let mut parts: Vec<Arc<dyn PeerVerifier>> = Vec::new();
         if !self.fingerprints.is_empty() {
             let pins = self

@@ -130,6 +130,7 @@ impl WorkerConfig {
                 "backends": backends,
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
                 "proxy_images_from_registry": self.payments.proxy_images_from_registry,
+                "registry_refresh_secs": self.payments.registry_refresh_secs,
             })
             .to_string(),
         )
@@ -223,6 +224,25 @@ mod tests {
             let measured = config.measured();
             assert!(!measured.content.contains("s3cret"), "{measured:?}");
         }
+    }
+
+    /// REVIEW, fixed: the worker measures `proxy_images_from_registry` but not
+    /// `registry_refresh_secs`, which decides how long it keeps serving a proxy whose image the
+    /// owner revoked (the proxy measures its own `registry_refresh_secs`). A host sets it to
+    /// 2^40 s: the worker never leaves the revoked proxy, with the configuration hash a
+    /// `[worker_policy] config_hashes` list admits for 60 s.
+    #[test]
+    fn review_measured_worker_names_how_often_it_reads_the_registry() {
+        let mut config = WorkerConfig::default();
+        config.payments.ledger = Some("http://127.0.0.1:9100".into());
+        config.payments.proxy_images_from_registry = true;
+        let every_minute = config.measured();
+        config.payments.registry_refresh_secs = 1 << 40;
+        assert_ne!(
+            config.measured(),
+            every_minute,
+            "a worker that never reads the registry again measures as one reading it every minute"
+        );
     }
 
     /// The measured configuration names where prompts go, never the keys to get there.

@@ -31,6 +31,22 @@ pub use router::ModelRouter;
 /// First wait before reconnecting; doubles up to the configured maximum.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Why the registry check refused a proxy.
+enum Refused {
+    /// Not attested, or its image is not listed.
+    NotListed(std::io::Error),
+    /// The registry could not be read.
+    Unreadable(std::io::Error),
+}
+
+impl Refused {
+    fn into_error(self) -> std::io::Error {
+        match self {
+            Self::NotListed(e) | Self::Unreadable(e) => e,
+        }
+    }
+}
+
 /// A worker ready to run.
 pub struct Worker {
     name: String,
@@ -85,7 +101,7 @@ impl Worker {
 
     /// Whether the registry (when one is required) lists the image `verified` attests; fails
     /// closed when the proxy is not attested or the registry cannot be read.
-    async fn registry_allows(&self, verified: &Verified) -> std::io::Result<()> {
+    async fn registry_allows(&self, verified: &Verified) -> Result<(), Refused> {
         let Some((ledger, _)) = &self.registry else {
             return Ok(());
         };
@@ -93,34 +109,41 @@ impl Worker {
             std::io::Error::other(format!("proxy {} refused: {why}", self.proxy_addr))
         };
         let Some(image) = verified.attestation.as_ref().map(|a| a.image_hash) else {
-            return Err(refused(
+            return Err(Refused::NotListed(refused(
                 "it is not attested, so the registry cannot vouch for its image".into(),
-            ));
+            )));
         };
         match ledger
             .image_allowed(cocoon_ledger::ImageRole::Proxy, &image.to_string())
             .await
         {
             Ok(true) => Ok(()),
-            Ok(false) => Err(refused(format!(
+            Ok(false) => Err(Refused::NotListed(refused(format!(
                 "its image {image} is not among the registry's proxy images"
-            ))),
-            Err(e) => Err(refused(format!(
+            )))),
+            Err(e) => Err(Refused::Unreadable(refused(format!(
                 "the registry could not be read to check its image: {e}"
-            ))),
+            )))),
         }
     }
 
-    /// Resolves, with the reason, once the registry no longer lists the proxy's image; never
-    /// without a registry to read.
+    /// Resolves, with the reason, once the registry no longer lists the proxy's image (or
+    /// cannot be read three times in a row: a short outage keeps the proxy, a lasting one
+    /// does not); never without a registry to read.
     async fn revoked(&self, verified: &Verified) -> std::io::Error {
         let Some((_, every)) = &self.registry else {
             return std::future::pending().await;
         };
+        let mut unreadable = 0;
         loop {
             tokio::time::sleep(*every).await;
-            if let Err(e) = self.registry_allows(verified).await {
-                return e;
+            match self.registry_allows(verified).await {
+                Ok(()) => unreadable = 0,
+                Err(Refused::Unreadable(e)) if unreadable + 1 < 3 => {
+                    unreadable += 1;
+                    tracing::warn!(proxy = %self.proxy_addr, error = %e, "registry unreadable; serving the proxy for now");
+                }
+                Err(Refused::NotListed(e) | Refused::Unreadable(e)) => return e,
             }
         }
     }
@@ -167,7 +190,9 @@ impl Worker {
                     .ok_or_else(|| std::io::Error::other("the proxy has no Ed25519 key"))?;
                 // Before serving a single request: the registry must list the proxy's image,
                 // if asked.
-                self.registry_allows(&verified).await?;
+                self.registry_allows(&verified)
+                    .await
+                    .map_err(Refused::into_error)?;
                 tracing::info!(proxy = %self.proxy_addr, attestation = verified.mode(), "connected to proxy");
                 self.connected.store(true, Ordering::SeqCst);
                 let service = service.for_proxy(proxy_key);

@@ -344,3 +344,78 @@ async fn a_gateway_open_beyond_loopback_without_keys_warns_loudly() {
         );
     }
 }
+
+/// `client.toml` of `net`'s gateway with `[payments] proxy_images_from_registry` on; with
+/// `registry_only`, its `[proxy_policy]` lists no image of its own, as the docs now allow.
+fn review_registry_client_config(net: &DevNetwork, registry_only: bool) -> std::path::PathBuf {
+    let path = net.write_client_config().unwrap();
+    let mut config: cocoon_client::ClientConfig =
+        toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config.payments.proxy_images_from_registry = true;
+    config.payments.registry_refresh_secs = 1;
+    if registry_only {
+        config.proxy_policy.registers.clear();
+        config.proxy_policy.image_hashes.clear();
+    }
+    std::fs::write(&path, toml::to_string_pretty(&config).unwrap()).unwrap();
+    path
+}
+
+/// REVIEW, fixed: `cocoon client close` (money.rs `close_through_proxy`) builds its own `ProxyLink`
+/// with no ledger (`ProxyLink::new`, never `with_registry`), so with `[payments]
+/// proxy_images_from_registry` on it still connects to, authenticates to and sends a request
+/// (close the contract, commit the last charge, refund) to a proxy whose image the registry
+/// does not list or has revoked: the one path of the client's config that reaches a proxy
+/// without the registry check. Here the proxy's image was never listed; the gateway with this
+/// very config refuses it, the close goes through.
+#[tokio::test]
+async fn review_a_cooperative_close_goes_only_to_a_proxy_whose_image_the_registry_lists() {
+    let net = network(vec![]).await;
+    let config = review_registry_client_config(&net, false);
+    let config = config.to_str().unwrap();
+    let r = cocoon(&["client", "close", "-c", config]).await;
+    assert!(
+        !r.ok,
+        "the close reached a proxy whose image the registry does not list: {}",
+        r.stdout
+    );
+    assert!(
+        r.stderr
+            .contains("is not among the registry's proxy images"),
+        "{}",
+        r.stderr
+    );
+    // Nothing was refunded: the contract is as it was.
+    let r = cocoon(&["client", "balance", "-c", config]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        r.json["balance_ton"],
+        cocoon_cli::money::format_ton(cocoon_testkit::dev::ledger::CLIENT_DEPOSIT)
+    );
+}
+
+/// REVIEW, fixed: with `proxy_images_from_registry` the docs now say `[proxy_policy]` may list no
+/// image, and the gateway accepts such a config; `close_through_proxy` builds the same policy
+/// without setting `images_from_registry`, so `cocoon client close` on that config fails
+/// with a config error ("neither image_hashes nor registers are given") instead of asking
+/// the registry. The cooperative close is unusable with the configuration the change
+/// recommends; the fix is the gateway's: the flag on the policy and the ledger on the link.
+#[tokio::test]
+async fn review_a_cooperative_close_works_with_a_registry_only_proxy_policy() {
+    let net = network(vec![]).await;
+    let config = review_registry_client_config(&net, true);
+    let r = cocoon(&["client", "close", "-c", config.to_str().unwrap()]).await;
+    assert!(
+        !r.stderr.contains("neither image_hashes nor registers"),
+        "the policy the gateway accepts is refused by `cocoon client close`: {}",
+        r.stderr
+    );
+    // The proxy's image is not listed: the registry, not the config, refuses it.
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("is not among the registry's proxy images"),
+        "{}",
+        r.stderr
+    );
+}
