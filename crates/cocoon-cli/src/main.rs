@@ -401,19 +401,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(cfg.measured()),
             )?);
             println!("worker key fingerprint: {}", identity.fingerprint());
-            let store = cocoon_collateral::CollateralStore::new();
-            let fetcher = cocoon_collateral::prepare(&cfg.collateral, &store)?;
+            let collateral = cocoon_collateral::NodeCollateral::prepare(&cfg.collateral)?;
             // With the registry's proxy images, the policy may list none of its own.
             let proxy = cocoon_tls::PeerPolicy {
                 images_from_registry: cfg.payments.proxy_images_from_registry,
                 ..cfg.proxy_policy.clone()
             }
-            .build_with("proxy_policy", "proxy", &store)?;
+            .build_with("proxy_policy", "proxy", &collateral.store)?;
             // Kept until the worker stops: it keeps the proxy policy's collateral current.
-            let _collateral = match &fetcher {
-                Some(f) => Some(f.start().await),
-                None => None,
-            };
+            let _collateral = collateral.start().await;
             let shutdown = shutdown_on_signal();
             let payouts = money::worker_payouts(&cfg, &identity, shutdown.clone()).await?;
             let registry = money::worker_registry(&cfg, &identity)

@@ -275,19 +275,15 @@ impl ClientAccount {
             "client",
             None,
         )?);
-        let store = cocoon_collateral::CollateralStore::new();
-        let fetcher = cocoon_collateral::prepare(&self.config.collateral, &store)?;
+        let collateral = cocoon_collateral::NodeCollateral::prepare(&self.config.collateral)?;
         // As the gateway: with the registry's proxy images, the registry is asked too.
         let from_registry = self.config.payments.proxy_images_from_registry;
         let policy = cocoon_tls::PeerPolicy {
             images_from_registry: from_registry,
             ..self.config.proxy_policy.clone()
         }
-        .build_with("proxy_policy", "proxy", &store)?;
-        let _collateral = match &fetcher {
-            Some(f) => Some(f.start().await),
-            None => None,
-        };
+        .build_with("proxy_policy", "proxy", &collateral.store)?;
+        let _collateral = collateral.start().await;
         let mut link =
             cocoon_client::ProxyLink::new(self.config.proxy_addr.clone(), identity, policy);
         if from_registry {

@@ -156,18 +156,14 @@ impl Gateway {
             Some(config.measured()),
         )?);
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
-        let store = cocoon_collateral::CollateralStore::new();
-        let fetcher = cocoon_collateral::prepare(&config.collateral, &store)?;
+        let collateral = cocoon_collateral::NodeCollateral::prepare(&config.collateral)?;
         // With the registry's proxy images, the policy may list none of its own.
         let proxy = cocoon_tls::PeerPolicy {
             images_from_registry: config.payments.proxy_images_from_registry,
             ..config.proxy_policy.clone()
         }
-        .build_with("proxy_policy", "proxy", &store)?;
-        let collateral = match &fetcher {
-            Some(f) => Some(f.start().await),
-            None => None,
-        };
+        .build_with("proxy_policy", "proxy", &collateral.store)?;
+        let collateral = collateral.start().await;
         let client_key = identity
             .public_key()
             .try_into()

@@ -462,17 +462,36 @@ fn next_after_failure(now: u64, refresh_secs: u64, failures: u32) -> u64 {
     now.saturating_add(backoff)
 }
 
-/// The fetcher `config` asks for, attached to `store` (so its verifiers know collateral can
-/// arrive); `None` when `[collateral]` names neither a service nor a cache. Build the node's
-/// policies after this, then [`Fetcher::start`] it.
-pub fn prepare(
-    config: &CollateralConfig,
-    store: &Arc<CollateralStore>,
-) -> Result<Option<Arc<Fetcher>>, FetchError> {
-    if config.pccs_url.is_none() && config.cache_dir.is_none() {
-        return Ok(None);
+/// A node's collateral: the store its verifiers read, and the fetcher `[collateral]` asks for
+/// (none when it names neither a service nor a cache). Build the node's policies on
+/// [`store`](Self::store), then [`start`](Self::start) it.
+#[derive(Debug)]
+pub struct NodeCollateral {
+    /// What the node's verifiers verify TDX quotes with.
+    pub store: Arc<CollateralStore>,
+    fetcher: Option<Arc<Fetcher>>,
+}
+
+impl NodeCollateral {
+    /// The store, with the fetcher attached (so its verifiers know collateral can arrive).
+    pub fn prepare(config: &CollateralConfig) -> Result<Self, FetchError> {
+        let store = CollateralStore::new();
+        let fetcher = if config.pccs_url.is_none() && config.cache_dir.is_none() {
+            None
+        } else {
+            Some(Fetcher::new(config, store.clone())?)
+        };
+        Ok(Self { store, fetcher })
     }
-    Fetcher::new(config, store.clone()).map(Some)
+
+    /// Starts the fetcher, if there is one ([`Fetcher::start`]); keep what it returns for as
+    /// long as the node runs.
+    pub async fn start(self) -> Option<Running> {
+        match &self.fetcher {
+            Some(f) => Some(f.start().await),
+            None => None,
+        }
+    }
 }
 
 /// A started fetcher's background task, stopped when this is dropped (with the node).

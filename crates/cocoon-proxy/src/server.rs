@@ -208,23 +208,19 @@ impl Proxy {
         config.limits.check()?;
         config.routing.check()?;
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
-        let store = cocoon_collateral::CollateralStore::new();
-        let fetcher = cocoon_collateral::prepare(&config.collateral, &store)?;
+        let collateral = cocoon_collateral::NodeCollateral::prepare(&config.collateral)?;
         // With the registry's worker images, the policy may list none of its own.
         let worker_policy = cocoon_tls::PeerPolicy {
             images_from_registry: config.payments.worker_images_from_registry,
             ..config.worker_policy.clone()
         };
         let admission = Admission::new(
-            worker_policy.build_with("worker_policy", "worker", &store)?,
+            worker_policy.build_with("worker_policy", "worker", &collateral.store)?,
             config
                 .client_policy
-                .build_with("client_policy", "client", &store)?,
+                .build_with("client_policy", "client", &collateral.store)?,
         );
-        let collateral = match &fetcher {
-            Some(f) => Some(f.start().await),
-            None => None,
-        };
+        let collateral = collateral.start().await;
         // The handshake cannot know yet (ALPN is settled with it) whether the peer is a client
         // or a worker: it admits a peer that either policy accepts, and the policy of the role
         // the peer asks for is applied right after. Quote verification is cached, so this

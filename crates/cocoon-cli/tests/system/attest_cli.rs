@@ -13,7 +13,7 @@ fn vectors() -> PathBuf {
 }
 
 /// Runs `cocoon attest ARGS`: Ok(JSON report) on success, Err(stderr) on failure.
-fn attest(args: &[&str]) -> Result<Value, String> {
+pub(crate) fn attest(args: &[&str]) -> Result<Value, String> {
     let out = Command::new(env!("CARGO_BIN_EXE_cocoon"))
         .arg("attest")
         .args(args)

@@ -4,7 +4,6 @@
 //! by older; by the node (the proxy's status shows it) and by `cocoon attest collateral`.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -226,21 +225,11 @@ async fn the_proxy_fetches_its_platforms_at_start_and_reports_them() {
     assert!(e.contains("pccs_url"), "{e}");
 }
 
-/// Runs `cocoon attest ARGS` off the runtime: Ok(JSON) on success, Err(stderr) on failure.
+/// Runs `cocoon attest ARGS` off the runtime (the PCCS-shaped server runs on it).
 async fn attest(args: Vec<String>) -> Result<Value, String> {
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_cocoon"))
-            .arg("attest")
-            .args(&args)
-            .env("RUST_BACKTRACE", "0")
-            .env("RUST_LOG", "error")
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(serde_json::from_slice(&out.stdout).unwrap())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::attest_cli::attest(&args)
     })
     .await
     .unwrap()

@@ -492,25 +492,8 @@ async fn the_gateway_sends_prompts_only_to_proxies_whose_image_the_registry_list
         .unwrap();
     net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
     let http = reqwest::Client::new();
-    // The proxy's image, as the network's own gateway (no registry check) sees it.
-    let models: Value = http
-        .get(format!("{}/models", net.gateway_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let image = models["cocoon"]["attestation"]["proxy_image_hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let owner = cocoon_testkit::dev::ledger::key_wallet(&net.dir().join("owner.key"))
-        .unwrap()
-        .public_key();
-    let registry = |op: Op| async {
-        net.dev_ledger().unwrap().exec(owner, op).await.unwrap();
-    };
+    let image = proxy_image(&net).await;
+    let registry = |op: Op| as_owner(&net, op);
 
     let mut config: ClientConfig =
         toml::from_str(&std::fs::read_to_string(net.write_client_config().unwrap()).unwrap())
@@ -610,24 +593,8 @@ async fn workers_serve_only_a_proxy_whose_image_the_registry_lists() {
         .await
         .unwrap();
     let http = reqwest::Client::new();
-    let models: Value = http
-        .get(format!("{}/models", net.gateway_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let image = models["cocoon"]["attestation"]["proxy_image_hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let owner = cocoon_testkit::dev::ledger::key_wallet(&net.dir().join("owner.key"))
-        .unwrap()
-        .public_key();
-    let registry = |op: Op| async {
-        net.dev_ledger().unwrap().exec(owner, op).await.unwrap();
-    };
+    let image = proxy_image(&net).await;
+    let registry = |op: Op| as_owner(&net, op);
     let workers = || net.proxy_status().workers.len();
     // Not listed: the worker does not serve the proxy.
     assert_eq!(workers(), 0);
@@ -658,4 +625,26 @@ async fn workers_serve_only_a_proxy_whose_image_the_registry_lists() {
     .await;
     registry(allow()).await;
     net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+}
+
+/// The proxy's image, as the network's own gateway (which checks no registry) sees it.
+async fn proxy_image(net: &DevNetwork) -> String {
+    let models: Value = reqwest::get(format!("{}/models", net.gateway_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    models["cocoon"]["attestation"]["proxy_image_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `op` as the registry's owner.
+async fn as_owner(net: &DevNetwork, op: Op) {
+    let owner = cocoon_testkit::dev::ledger::key_wallet(&net.dir().join("owner.key"))
+        .unwrap()
+        .public_key();
+    net.dev_ledger().unwrap().exec(owner, op).await.unwrap();
 }
