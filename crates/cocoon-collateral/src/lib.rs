@@ -130,7 +130,7 @@ impl std::fmt::Debug for Fetcher {
 impl Fetcher {
     /// A fetcher for `store` as `config` says, on the system clock; nothing is fetched or read
     /// until [`load_cache`](Self::load_cache) and [`refresh_due`](Self::refresh_due) (or
-    /// [`start`]).
+    /// [`start`](Self::start)).
     pub fn new(
         config: &CollateralConfig,
         store: Arc<CollateralStore>,
