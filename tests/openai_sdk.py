@@ -5,6 +5,7 @@ Usage: python3 tests/openai_sdk.py BASE_URL MODEL   (run by crates/cocoon-cli/te
 
 import sys
 
+import json
 import openai
 
 base_url, model = sys.argv[1], sys.argv[2]
@@ -64,5 +65,39 @@ try:
     raise AssertionError("oversize max_tokens accepted")
 except openai.BadRequestError as e:
     assert e.code == "context_length_exceeded", e
+
+# response_format json_object: the answer is one JSON object (the engine's grammar).
+as_json = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Describe a cat as JSON with its name and age."}],
+    max_tokens=160,
+    temperature=0,
+    response_format={"type": "json_object"},
+)
+assert as_json.choices[0].finish_reason == "stop", as_json
+assert isinstance(json.loads(as_json.choices[0].message.content), dict), as_json
+
+# logit_bias: one token pushed up by 100 is the whole greedy answer.
+forced = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Name a fruit."}],
+    max_tokens=6,
+    temperature=0,
+    logit_bias={"1000": 100},
+)
+text = forced.choices[0].message.content
+assert forced.usage.completion_tokens == 6, forced.usage
+assert text and text == text[: len(text) // 6] * 6, text
+
+# A schema is refused by the embedded engine, by name (upstreams pass it on).
+try:
+    client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "x"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}},
+    )
+    raise AssertionError("json_schema accepted by the embedded engine")
+except openai.BadRequestError as e:
+    assert "json_schema" in str(e), e
 
 print("openai SDK: all checks passed")

@@ -1,7 +1,8 @@
 //! The OpenAI API's request and answer shapes, and their translation to the cocoon protocol.
 
 use cocoon_protocol::{
-    Billing, ChatMessage, GenerateRequest, Input, ProtocolError, Role, SamplingParams, Usage,
+    Billing, ChatMessage, GenerateRequest, Input, ProtocolError, ResponseFormat, Role,
+    SamplingParams, Usage,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -69,6 +70,53 @@ pub struct Common {
     /// Extension shared with vLLM and llama.cpp's server: tokens at least this likely relative
     /// to the most likely one; 0 is off.
     pub min_p: Option<f32>,
+    /// -100 to 100 added to the logits of tokens, keyed by token id (a string, as OpenAI
+    /// takes it) in the serving model's vocabulary.
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"name", "schema", ...}}`.
+    pub response_format: Option<Value>,
+}
+
+/// OpenAI's `response_format` as a request's: `None` for free text.
+fn response_format(value: Option<&Value>) -> Result<Option<ResponseFormat>, ProtocolError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match value.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => match value.get("json_schema") {
+            Some(s) if s.get("schema").is_some() => Ok(Some(ResponseFormat::JsonSchema {
+                json_schema: s.clone(),
+            })),
+            _ => Err(ProtocolError::invalid(
+                "response_format of type json_schema needs json_schema.schema",
+            )),
+        },
+        other => Err(ProtocolError::invalid(format!(
+            "response_format.type must be text, json_object or json_schema, got {}",
+            other.map_or_else(|| "nothing".to_owned(), |t| format!("{t:?}"))
+        ))),
+    }
+}
+
+/// OpenAI's `logit_bias` (token ids as strings) as a request's.
+fn logit_bias(
+    value: Option<&std::collections::HashMap<String, f32>>,
+) -> Result<std::collections::BTreeMap<u32, f32>, ProtocolError> {
+    value
+        .into_iter()
+        .flatten()
+        .map(|(token, bias)| {
+            let id = token.trim().parse::<u32>().map_err(|_| {
+                ProtocolError::invalid(format!(
+                    "logit_bias keys are token ids of the model's vocabulary, not {token:?}"
+                ))
+            })?;
+            Ok((id, *bias))
+        })
+        .collect()
 }
 
 /// Fields taken and ignored because ignoring them changes nothing about the answer (who the
@@ -228,6 +276,8 @@ impl Common {
                 })?,
             },
             min_p: self.min_p.unwrap_or(defaults.min_p),
+            logit_bias: logit_bias(self.logit_bias.as_ref())?,
+            response_format: response_format(self.response_format.as_ref())?,
         };
         params.validate()?;
         Ok(params)
@@ -461,8 +511,24 @@ mod tests {
             ),
             // Fields that were silently ignored: refused by name, every one at once.
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"},"logit_bias":{"1":5}}"#,
-                "logit_bias, response_format are not supported",
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"auto","prediction":{"type":"content"}}"#,
+                "prediction, tool_choice are not supported",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#,
+                "response_format.type must be text, json_object or json_schema",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"x"}}}"#,
+                "needs json_schema.schema",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"hello":5}}"#,
+                "logit_bias keys are token ids",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"7":101}}"#,
+                "between -100 and 100",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"auto"}"#,
@@ -480,6 +546,38 @@ mod tests {
             let err = chat(json).unwrap_err();
             assert!(err.message.contains(needle), "{json}: {}", err.message);
         }
+    }
+
+    /// `response_format` and `logit_bias` reach the request as the app sent them.
+    #[test]
+    fn response_format_and_logit_bias_arrive() {
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object"}}},"logit_bias":{"42":-100," 7":3.5}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.params.response_format,
+            Some(ResponseFormat::JsonSchema {
+                json_schema: serde_json::json!({"name": "p", "schema": {"type": "object"}})
+            })
+        );
+        assert_eq!(
+            r.params.logit_bias,
+            [(42, -100.0), (7, 3.5)].into_iter().collect()
+        );
+        let text = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"text"}}"#,
+        )
+        .unwrap();
+        assert_eq!(text.params.response_format, None);
+        let object = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            object.params.response_format,
+            Some(ResponseFormat::JsonObject)
+        );
     }
 
     /// What apps send that changes nothing is taken; the penalties and the samplers' vLLM
@@ -519,7 +617,7 @@ mod tests {
     /// refused it with "logit_bias is not supported". An empty bias asks for nothing this
     /// gateway does not do already, so ignoring it hides nothing from the app. Now: a
     /// refused field whose value is a no-op (`logit_bias: {}`) is taken like `null`; a
-    /// bias that would change the answer is still refused.
+    /// bias that would change the answer is served.
     #[test]
     fn review_an_empty_logit_bias_from_langchain_is_taken() {
         let r: CompletionRequest = serde_json::from_str(
@@ -532,14 +630,13 @@ mod tests {
             Ok(Some(256)),
             "{generate:?}"
         );
+        // A bias that changes the answer is served now, not refused.
         let r: CompletionRequest =
             serde_json::from_str(r#"{"model":"m","prompt":"hi","logit_bias":{"50256":-100}}"#)
                 .unwrap();
-        assert!(
-            r.into_generate()
-                .unwrap_err()
-                .message
-                .contains("logit_bias is not supported")
+        assert_eq!(
+            r.into_generate().unwrap().params.logit_bias,
+            [(50256, -100.0)].into_iter().collect()
         );
     }
 

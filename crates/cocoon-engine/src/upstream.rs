@@ -176,6 +176,18 @@ impl UpstreamBackend {
         if p.min_p > 0.0 {
             body["min_p"] = json!(p.min_p);
         }
+        if !p.logit_bias.is_empty() {
+            // OpenAI's shape: token ids as strings.
+            body["logit_bias"] = json!(
+                p.logit_bias
+                    .iter()
+                    .map(|(token, bias)| (token.to_string(), json!(bias)))
+                    .collect::<serde_json::Map<_, _>>()
+            );
+        }
+        if let Some(format) = &p.response_format {
+            body["response_format"] = json!(format);
+        }
         let base = self.config.url.trim_end_matches('/');
         match &request.input {
             Input::Chat { messages } => {
@@ -810,6 +822,33 @@ mod tests {
         let (_, body) = backend.request_body("m", &request);
         assert_eq!(body["repetition_penalty"], json!(1.3f32), "{body}");
         assert_eq!(body["repeat_penalty"], json!(1.3f32), "{body}");
+    }
+
+    /// `response_format` and `logit_bias` go upstream in OpenAI's shape, the schema as the
+    /// app sent it.
+    #[test]
+    fn response_format_and_logit_bias_pass_through() {
+        let backend = backend("http://127.0.0.1:9/v1".into());
+        let mut request = text_request();
+        let schema = json!({"name": "p", "strict": true, "schema": {"type": "object"}});
+        request.params.response_format = Some(cocoon_protocol::ResponseFormat::JsonSchema {
+            json_schema: schema.clone(),
+        });
+        request.params.logit_bias = [(42, -100.0), (7, 2.5)].into_iter().collect();
+        let (_, body) = backend.request_body("m", &request);
+        assert_eq!(
+            body["response_format"],
+            json!({"type": "json_schema", "json_schema": schema}),
+            "{body}"
+        );
+        assert_eq!(
+            body["logit_bias"],
+            json!({"42": -100.0, "7": 2.5}),
+            "{body}"
+        );
+        request.params.response_format = Some(cocoon_protocol::ResponseFormat::JsonObject);
+        let (_, body) = backend.request_body("m", &request);
+        assert_eq!(body["response_format"], json!({"type": "json_object"}));
     }
 
     #[test]

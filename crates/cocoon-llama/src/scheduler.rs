@@ -13,8 +13,9 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use tokio::sync::mpsc;
 
-use super::sequence::{Next, Sequence};
+use super::sequence::{self, Next, Sequence};
 use super::{BATCH_TOKENS, Shared};
+use llama_cpp_2::sampling::LlamaSampler;
 
 /// A request handed to the scheduler.
 pub(super) struct Job {
@@ -27,6 +28,7 @@ struct Waiting {
     job: Job,
     prompt: Vec<llama_cpp_2::token::LlamaToken>,
     max_tokens: u32,
+    sampler: LlamaSampler,
 }
 
 /// Starts the scheduler thread; its context is made before this returns, so a model that
@@ -116,12 +118,13 @@ impl<'a> Scheduler<'a> {
     /// Renders and counts a request's prompt; a request that can never run is answered now.
     fn check(&mut self, job: Job) {
         match self.prepare(&job.request) {
-            Ok((prompt, max_tokens)) => {
+            Ok((prompt, max_tokens, sampler)) => {
                 self.shared.stats.add_prompt_tokens(prompt.len() as u64);
                 self.waiting.push_back(Waiting {
                     job,
                     prompt,
                     max_tokens,
+                    sampler,
                 });
             }
             Err(error) => {
@@ -135,7 +138,7 @@ impl<'a> Scheduler<'a> {
     fn prepare(
         &self,
         request: &GenerateRequest,
-    ) -> Result<(Vec<llama_cpp_2::token::LlamaToken>, u32), ProtocolError> {
+    ) -> Result<(Vec<llama_cpp_2::token::LlamaToken>, u32, LlamaSampler), ProtocolError> {
         let prompt = self.shared.render(&request.input)?;
         let tokens = self.shared.tokenize(&prompt);
         if tokens.is_empty() {
@@ -158,7 +161,8 @@ impl<'a> Scheduler<'a> {
                 ),
             ));
         }
-        Ok((tokens, max_tokens as u32))
+        let sampler = sequence::sampler(&request.params, max_tokens as u32, &self.shared.model)?;
+        Ok((tokens, max_tokens as u32, sampler))
     }
 
     /// Forgets queued requests whose requester left, and stops running ones.
@@ -187,11 +191,11 @@ impl<'a> Scheduler<'a> {
                 job,
                 prompt,
                 max_tokens,
+                sampler,
             } = self.waiting.pop_front().expect("front exists");
             let id = self.free_ids.pop().expect("checked above");
             let guard = self.shared.stats.start();
-            let n_vocab = self.shared.model.n_vocab();
-            let seq = Sequence::new(id, &job.request, prompt, max_tokens, n_vocab, job.tx, guard);
+            let seq = Sequence::new(id, &job.request, prompt, max_tokens, sampler, job.tx, guard);
             self.reserved += seq.reserved;
             self.running.push(seq);
         }

@@ -1,12 +1,14 @@
 //! One request inside the batch: its prompt, position, sampler and the text it has sent.
 
 use cocoon_protocol::{
-    FinishReason, GenerateEvent, GenerateRequest, ProtocolError, SamplingParams, Usage,
+    FinishReason, GenerateEvent, GenerateRequest, ProtocolError, ResponseFormat, SamplingParams,
+    Usage,
 };
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use tokio::sync::mpsc;
 
 use cocoon_engine::{ActiveGuard, Outcome, StopMatcher, Utf8Accumulator};
@@ -47,11 +49,39 @@ pub(super) struct Sequence<'a> {
     guard: ActiveGuard<'a>,
 }
 
-/// The sampler chain `params` ask for: penalties on what this answer generated so far (the
-/// sampler sees each token it picks), then greedy choice, or the candidate filters, the
-/// temperature and a seeded draw.
-fn sampler(params: &SamplingParams, max_tokens: u32, n_vocab: i32) -> LlamaSampler {
+/// The grammar of `response_format: json_object`.
+const JSON_OBJECT: &str = include_str!("json_object.gbnf");
+
+/// The sampler chain `params` ask for: the app's logit biases, penalties on what this answer
+/// generated so far (the sampler sees each token it picks), the JSON grammar when the answer
+/// must be JSON, then greedy choice, or the candidate filters, the temperature and a seeded
+/// draw. Refuses what this engine cannot serve: a token outside the vocabulary, a JSON schema.
+pub(crate) fn sampler(
+    params: &SamplingParams,
+    max_tokens: u32,
+    model: &LlamaModel,
+) -> Result<LlamaSampler, ProtocolError> {
+    let n_vocab = model.n_vocab();
     let mut chain = Vec::new();
+    if !params.logit_bias.is_empty() {
+        let biases = params
+            .logit_bias
+            .iter()
+            .map(|(&token, &bias)| {
+                i32::try_from(token)
+                    .ok()
+                    .filter(|t| *t < n_vocab)
+                    .map(|t| LlamaLogitBias::new(LlamaToken::new(t), bias))
+                    .ok_or_else(|| {
+                        ProtocolError::invalid(format!(
+                            "logit_bias names token {token}, outside this model's vocabulary \
+                             of {n_vocab} tokens"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
+    }
     if params.frequency_penalty != 0.0
         || params.presence_penalty != 0.0
         || params.repetition_penalty != 1.0
@@ -63,6 +93,21 @@ fn sampler(params: &SamplingParams, max_tokens: u32, n_vocab: i32) -> LlamaSampl
             params.frequency_penalty,
             params.presence_penalty,
         ));
+    }
+    match &params.response_format {
+        None => {}
+        Some(ResponseFormat::JsonObject) => chain.push(
+            LlamaSampler::grammar(model, JSON_OBJECT, "root")
+                .map_err(|e| ProtocolError::internal(format!("the JSON grammar: {e}")))?,
+        ),
+        // llama.cpp turns schemas into grammars in its `common` library, which this build
+        // leaves out (its compile time); upstream backends pass schemas on.
+        Some(ResponseFormat::JsonSchema { .. }) => {
+            return Err(ProtocolError::invalid(
+                "response_format json_schema is not served by this worker's embedded engine \
+                 (json_object is); an upstream backend passes schemas on",
+            ));
+        }
     }
     if params.temperature == 0.0 {
         chain.push(LlamaSampler::greedy());
@@ -81,11 +126,11 @@ fn sampler(params: &SamplingParams, max_tokens: u32, n_vocab: i32) -> LlamaSampl
         let seed = params.seed.map_or_else(rand::random::<u32>, |s| s as u32);
         chain.push(LlamaSampler::dist(seed));
     }
-    if chain.len() == 1 {
+    Ok(if chain.len() == 1 {
         chain.pop().expect("one sampler")
     } else {
         LlamaSampler::chain_simple(chain)
-    }
+    })
 }
 
 impl<'a> Sequence<'a> {
@@ -94,12 +139,11 @@ impl<'a> Sequence<'a> {
         request: &GenerateRequest,
         prompt: Vec<LlamaToken>,
         max_tokens: u32,
-        n_vocab: i32,
+        sampler: LlamaSampler,
         tx: mpsc::UnboundedSender<GenerateEvent>,
         guard: ActiveGuard<'a>,
     ) -> Self {
         let params = &request.params;
-        let sampler = sampler(params, max_tokens, n_vocab);
         Self {
             id,
             tx,

@@ -448,3 +448,93 @@ async fn penalties_change_greedy_answers_and_samplers_stay_reproducible() {
     assert!(one.error.is_none(), "{:?}", one.error);
     assert_eq!(one.text, two.text);
 }
+
+/// `response_format: json_object`: the grammar holds the answer to one JSON object, which
+/// parses, and ends it there.
+#[tokio::test]
+async fn json_object_answers_are_one_json_object() {
+    let b = backend();
+    let params = SamplingParams {
+        max_tokens: Some(160),
+        temperature: 0.0,
+        response_format: Some(cocoon_protocol::ResponseFormat::JsonObject),
+        ..SamplingParams::default()
+    };
+    let free = collect(
+        &b,
+        chat(
+            "Describe a cat as JSON with its name and age.",
+            SamplingParams {
+                response_format: None,
+                ..params.clone()
+            },
+        ),
+    )
+    .await;
+    let c = collect(
+        &b,
+        chat("Describe a cat as JSON with its name and age.", params),
+    )
+    .await;
+    assert!(c.error.is_none(), "{:?}", c.error);
+    let (finish, usage) = c.done.unwrap();
+    assert_eq!(finish, FinishReason::Stop, "{:?}: {}", usage, c.text);
+    let value: serde_json::Value =
+        serde_json::from_str(&c.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", c.text));
+    assert!(value.is_object(), "{value}");
+    // The grammar made the difference: the free answer is not one JSON object.
+    assert!(
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&free.text).is_err(),
+        "{}",
+        free.text
+    );
+}
+
+/// `logit_bias`: a token pushed up by 100 is all a greedy answer says; one outside the
+/// vocabulary, or a JSON schema (served by upstreams, not this engine), is refused by name.
+#[tokio::test]
+async fn logit_bias_steers_and_what_cannot_be_served_is_refused() {
+    let b = backend();
+    let greedy = |bias: &[(u32, f32)]| SamplingParams {
+        max_tokens: Some(8),
+        temperature: 0.0,
+        logit_bias: bias.iter().copied().collect(),
+        ..SamplingParams::default()
+    };
+    let plain = collect(&b, chat("Name a fruit.", greedy(&[]))).await;
+    // Token 1000 of this vocabulary, forced: eight times the same piece.
+    let forced = collect(&b, chat("Name a fruit.", greedy(&[(1000, 100.0)]))).await;
+    assert!(forced.error.is_none(), "{:?}", forced.error);
+    assert_eq!(forced.done.unwrap().1.completion_tokens, 8);
+    assert_ne!(forced.text, plain.text);
+    let piece = &forced.text[..forced.text.len() / 8];
+    assert!(!piece.is_empty());
+    assert_eq!(forced.text, piece.repeat(8), "{:?}", forced.text);
+
+    let outside = collect(&b, chat("Hi", greedy(&[(10_000_000, 1.0)]))).await;
+    let e = outside.error.expect("refused");
+    assert!(
+        e.message.contains("outside this model's vocabulary"),
+        "{}",
+        e.message
+    );
+    let schema = collect(
+        &b,
+        chat(
+            "Hi",
+            SamplingParams {
+                response_format: Some(cocoon_protocol::ResponseFormat::JsonSchema {
+                    json_schema: serde_json::json!({"name": "x", "schema": {"type": "object"}}),
+                }),
+                ..greedy(&[])
+            },
+        ),
+    )
+    .await;
+    let e = schema.error.expect("refused");
+    assert!(
+        e.message.contains("json_schema is not served"),
+        "{}",
+        e.message
+    );
+}

@@ -15,12 +15,13 @@ pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
     BillQuery, Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, LateBill,
-    ListedModel, ModelCard, ModelList, Payout, PricedTokens, Refund, RequestId, Role,
-    SamplingParams, Usage, WorkerHello, is_model_hash,
+    ListedModel, MAX_LOGIT_BIASES, ModelCard, ModelList, Payout, PricedTokens, Refund, RequestId,
+    ResponseFormat, Role, SamplingParams, Usage, WorkerHello, is_model_hash,
 };
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: requests carry `logit_bias` and `response_format`, which an older worker would ignore.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN name a client gateway offers when it connects to a proxy.
 pub const ALPN_CLIENT: &[u8] = b"cocoon/1/client";

@@ -92,6 +92,41 @@ pub struct SamplingParams {
     /// 1, 0 is off.
     #[serde(skip_serializing_if = "is_zero_f32")]
     pub min_p: f32,
+    /// OpenAI's: added to the logit of each token (by its id in the serving model's
+    /// vocabulary), -100 to 100; at most [`MAX_LOGIT_BIASES`] tokens.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub logit_bias: std::collections::BTreeMap<u32, f32>,
+    /// OpenAI's: the answer must be JSON (any object, or one that matches a schema); `None`:
+    /// free text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// At most this many tokens in a `logit_bias` (OpenAI's limit).
+pub const MAX_LOGIT_BIASES: usize = 300;
+
+/// What shape the answer must take (OpenAI's `response_format`, less `text`, which is `None`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON that matches a schema: OpenAI's `{"name", "schema", "strict", "description"}`,
+    /// kept as sent so that upstream servers get it unchanged.
+    JsonSchema {
+        /// The `json_schema` object.
+        json_schema: serde_json::Value,
+    },
+}
+
+impl ResponseFormat {
+    /// The JSON schema the answer must match, for `json_schema`.
+    pub fn schema(&self) -> Option<&serde_json::Value> {
+        match self {
+            Self::JsonObject => None,
+            Self::JsonSchema { json_schema } => json_schema.get("schema"),
+        }
+    }
 }
 
 fn is_zero_f32(v: &f32) -> bool {
@@ -116,6 +151,8 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             top_k: 0,
             min_p: 0.0,
+            logit_bias: std::collections::BTreeMap::new(),
+            response_format: None,
         }
     }
 }
@@ -160,6 +197,37 @@ impl SamplingParams {
         }
         if self.max_tokens == Some(0) {
             return Err(ProtocolError::invalid("max_tokens must be at least 1"));
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIASES {
+            return Err(ProtocolError::invalid(format!(
+                "logit_bias may name at most {MAX_LOGIT_BIASES} tokens, got {}",
+                self.logit_bias.len()
+            )));
+        }
+        if let Some((token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(*b))
+        {
+            return Err(ProtocolError::invalid(format!(
+                "logit_bias for token {token} must be between -100 and 100, got {bias}"
+            )));
+        }
+        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format
+            && !json_schema
+                .get("schema")
+                .is_none_or(serde_json::Value::is_object)
+        {
+            return Err(ProtocolError::invalid(
+                "response_format.json_schema.schema must be a JSON object",
+            ));
+        }
+        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format
+            && !json_schema.is_object()
+        {
+            return Err(ProtocolError::invalid(
+                "response_format.json_schema must be an object with name and schema",
+            ));
         }
         if self.stop.len() > MAX_STOP_SEQUENCES {
             return Err(ProtocolError::invalid(format!(
