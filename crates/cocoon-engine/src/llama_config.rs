@@ -23,6 +23,13 @@ pub struct LlamaConfig {
     /// parallel`, so that every running request can use its whole context. A request is
     /// started only when its prompt plus `max_tokens` fits beside the others'.
     pub kv_cache_tokens: u32,
+    /// Keep a finished request's KV cells, so that a later request sharing its prefix (the
+    /// next turn of a chat, a long system prompt) starts from them instead of decoding them
+    /// again; they are reported as `cached_tokens`. Cells kept are given back whenever a new
+    /// request needs the room. A request's timing can then tell whether another with the same
+    /// prefix ran on this worker shortly before: turn it off where that matters more than
+    /// speed.
+    pub prompt_cache: bool,
 }
 
 impl Default for LlamaConfig {
@@ -34,6 +41,7 @@ impl Default for LlamaConfig {
             threads: 0,
             parallel: 4,
             kv_cache_tokens: 0,
+            prompt_cache: true,
         }
     }
 }

@@ -11,7 +11,10 @@
 //! generating sequence and a slice of any prompt still being read, so concurrent requests cost
 //! one forward pass per step instead of one each: that is what makes aggregate tokens/s grow
 //! with concurrency (see docs/performance.md). Requests never see each other's state: each has
-//! its own sequence id, positions and sampler, and its cells are removed when it ends.
+//! its own sequence id, positions and sampler. With `prompt_cache`, a finished request's cells
+//! stay (on a free sequence id) until the room is needed, and a request whose prompt starts
+//! with the same tokens continues from them: the cells hold exactly what decoding those tokens
+//! would have produced, so the answer is the same, only sooner.
 
 mod scheduler;
 mod sequence;
@@ -61,6 +64,7 @@ struct Shared {
     threads: i32,
     parallel: u32,
     kv_cache_tokens: u32,
+    prompt_cache: bool,
     stats: BackendStats,
 }
 
@@ -120,6 +124,7 @@ impl LlamaBackend {
             threads,
             parallel,
             kv_cache_tokens,
+            prompt_cache: config.prompt_cache,
             stats: BackendStats::default(),
         });
         let submit = scheduler::start(shared.clone())?;

@@ -4,6 +4,12 @@
 //! Generating sequences go into the batch first (one token each), then prompt slices fill the
 //! rest, so a long prompt arriving never stalls the streams already running by more than one
 //! batch. Requests start in arrival order once a sequence and enough KV cells are free.
+//!
+//! The prompt cache: a finished sequence's cells stay on its (now free) id, with the tokens
+//! they hold. A request starts on the free id whose tokens share the longest prefix with its
+//! prompt, keeps those cells and decodes only the rest. Cells kept are counted against the
+//! cache like running sequences' and dropped, least recently used first, when a request needs
+//! the room.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, mpsc as std_mpsc};
@@ -13,9 +19,8 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use tokio::sync::mpsc;
 
-use super::sequence::{self, Next, Sequence};
+use super::sequence::{self, Next, Prepared, Sequence};
 use super::{BATCH_TOKENS, Shared};
-use llama_cpp_2::sampling::LlamaSampler;
 
 /// A request handed to the scheduler.
 pub(super) struct Job {
@@ -26,9 +31,7 @@ pub(super) struct Job {
 /// A request that passed its checks and waits for room.
 struct Waiting {
     job: Job,
-    prompt: Vec<llama_cpp_2::token::LlamaToken>,
-    max_tokens: u32,
-    sampler: LlamaSampler,
+    prepared: Prepared,
 }
 
 /// Starts the scheduler thread; its context is made before this returns, so a model that
@@ -67,6 +70,26 @@ struct Scheduler<'a> {
     free_ids: Vec<i32>,
     /// KV cells promised to running sequences.
     reserved: u32,
+    /// Cells finished sequences left on free ids (the prompt cache).
+    retained: Vec<Retained>,
+    /// Counts releases, to tell which retained cells were used least recently.
+    tick: u64,
+}
+
+/// The cells a finished sequence left on its free id.
+struct Retained {
+    id: i32,
+    /// The tokens at positions 0, 1, … of `id`'s cells.
+    tokens: Vec<llama_cpp_2::token::LlamaToken>,
+    last_used: u64,
+}
+
+/// How many leading tokens two sequences share.
+fn common_prefix(
+    a: &[llama_cpp_2::token::LlamaToken],
+    b: &[llama_cpp_2::token::LlamaToken],
+) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl<'a> Scheduler<'a> {
@@ -81,6 +104,69 @@ impl<'a> Scheduler<'a> {
                 .rev()
                 .collect(),
             reserved: 0,
+            retained: Vec::new(),
+            tick: 0,
+        }
+    }
+
+    fn retained_cells(&self) -> u32 {
+        self.retained.iter().map(|r| r.tokens.len() as u32).sum()
+    }
+
+    /// Drops the retained cells of the least recently used id other than `keep`; false when
+    /// there are none.
+    fn evict_one(&mut self, keep: i32) -> bool {
+        let Some(at) = self
+            .retained
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.id != keep)
+            .min_by_key(|(_, r)| r.last_used)
+            .map(|(at, _)| at)
+        else {
+            return false;
+        };
+        let r = self.retained.swap_remove(at);
+        self.clear_cells(r.id, 0);
+        true
+    }
+
+    /// Removes `id`'s cells from position `from` on.
+    fn clear_cells(&mut self, id: i32, from: u32) {
+        if let Err(e) = self
+            .ctx
+            .clear_kv_cache_seq(Some(id as u32), Some(from), None)
+        {
+            tracing::error!(error = %e, "cannot clear a sequence's cells");
+        }
+    }
+
+    /// The free id to start `prompt` on, and how many of its leading tokens have cells there
+    /// already (at most all but the last: its logits are needed).
+    fn pick(&self, prompt: &[llama_cpp_2::token::LlamaToken]) -> (i32, usize) {
+        let best = self
+            .retained
+            .iter()
+            .map(|r| (r.id, common_prefix(&r.tokens, prompt)))
+            .max_by_key(|(_, n)| *n)
+            .filter(|(_, n)| *n > 0);
+        match best {
+            Some((id, n)) => (id, n.min(prompt.len().saturating_sub(1))),
+            // An id with nothing retained, or else the least useful one.
+            None => {
+                let bare = self
+                    .free_ids
+                    .iter()
+                    .copied()
+                    .find(|id| self.retained.iter().all(|r| r.id != *id));
+                let id = bare.unwrap_or_else(|| {
+                    self.retained
+                        .iter()
+                        .min_by_key(|r| r.last_used)
+                        .map_or(self.free_ids[0], |r| r.id)
+                });
+                (id, 0)
+            }
         }
     }
 
@@ -118,14 +204,11 @@ impl<'a> Scheduler<'a> {
     /// Renders and counts a request's prompt; a request that can never run is answered now.
     fn check(&mut self, job: Job) {
         match self.prepare(&job.request) {
-            Ok((prompt, max_tokens, sampler)) => {
-                self.shared.stats.add_prompt_tokens(prompt.len() as u64);
-                self.waiting.push_back(Waiting {
-                    job,
-                    prompt,
-                    max_tokens,
-                    sampler,
-                });
+            Ok(prepared) => {
+                self.shared
+                    .stats
+                    .add_prompt_tokens(prepared.prompt.len() as u64);
+                self.waiting.push_back(Waiting { job, prepared });
             }
             Err(error) => {
                 let _guard = self.shared.stats.start();
@@ -135,10 +218,7 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    fn prepare(
-        &self,
-        request: &GenerateRequest,
-    ) -> Result<(Vec<llama_cpp_2::token::LlamaToken>, u32, LlamaSampler), ProtocolError> {
+    fn prepare(&self, request: &GenerateRequest) -> Result<Prepared, ProtocolError> {
         let prompt = self.shared.render(&request.input)?;
         let tokens = self.shared.tokenize(&prompt);
         if tokens.is_empty() {
@@ -162,7 +242,11 @@ impl<'a> Scheduler<'a> {
             ));
         }
         let sampler = sequence::sampler(&request.params, max_tokens as u32, &self.shared.model)?;
-        Ok((tokens, max_tokens as u32, sampler))
+        Ok(Prepared {
+            prompt: tokens,
+            max_tokens: max_tokens as u32,
+            sampler,
+        })
     }
 
     /// Forgets queued requests whose requester left, and stops running ones.
@@ -183,19 +267,32 @@ impl<'a> Scheduler<'a> {
     /// Starts waiting requests, in order, while a sequence and their KV cells are free.
     fn admit(&mut self) {
         while let Some(next) = self.waiting.front() {
-            let need = next.prompt.len() as u32 + next.max_tokens;
+            let need = next.prepared.prompt.len() as u32 + next.prepared.max_tokens;
             if self.free_ids.is_empty() || self.reserved + need > self.shared.kv_cache_tokens {
                 return;
             }
-            let Waiting {
-                job,
-                prompt,
-                max_tokens,
-                sampler,
-            } = self.waiting.pop_front().expect("front exists");
-            let id = self.free_ids.pop().expect("checked above");
+            let (id, keep) = self.pick(&next.prepared.prompt);
+            // The chosen id's kept cells become part of the request's own reservation; other
+            // retained cells give way, least recently used first, until the request fits.
+            let own = self
+                .retained
+                .iter()
+                .find(|r| r.id == id)
+                .map_or(0, |r| r.tokens.len() as u32);
+            while self.reserved + (self.retained_cells() - own) + need > self.shared.kv_cache_tokens
+            {
+                if !self.evict_one(id) {
+                    break;
+                }
+            }
+            let Waiting { job, prepared } = self.waiting.pop_front().expect("front exists");
+            self.free_ids.retain(|f| *f != id);
+            if let Some(at) = self.retained.iter().position(|r| r.id == id) {
+                self.retained.swap_remove(at);
+                self.clear_cells(id, keep as u32);
+            }
             let guard = self.shared.stats.start();
-            let seq = Sequence::new(id, &job.request, prompt, max_tokens, sampler, job.tx, guard);
+            let seq = Sequence::new(id, &job.request, prepared, keep as u32, job.tx, guard);
             self.reserved += seq.reserved;
             self.running.push(seq);
         }
@@ -214,6 +311,7 @@ impl<'a> Scheduler<'a> {
                 if let Err(e) = self.batch.add(token, seq.pos, &[seq.id], true) {
                     failure = Some(e.to_string());
                 }
+                seq.fed.push(token);
                 seq.pos += 1;
                 budget -= 1;
             }
@@ -258,6 +356,7 @@ impl<'a> Scheduler<'a> {
                 self.release(seq);
             }
             self.ctx.clear_kv_cache();
+            self.retained.clear();
             return;
         }
         let mut i = 0;
@@ -276,13 +375,28 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    /// Frees a sequence's cells, id and reservation.
+    /// Frees a sequence's id and reservation; its cells stay for the prompt cache (when on
+    /// and their tokens are known exactly), or are cleared.
     fn release(&mut self, seq: Sequence<'a>) {
         self.shared
             .stats
             .add_generated_tokens(u64::from(seq.completion_tokens()));
-        if let Err(e) = self.ctx.clear_kv_cache_seq(Some(seq.id as u32), None, None) {
-            tracing::error!(error = %e, "cannot clear a finished sequence's cells");
+        let kept = self
+            .shared
+            .prompt_cache
+            .then(|| seq.tokens_in_cache())
+            .flatten()
+            .filter(|t| !t.is_empty());
+        match kept {
+            Some(tokens) => {
+                self.tick += 1;
+                self.retained.push(Retained {
+                    id: seq.id,
+                    tokens,
+                    last_used: self.tick,
+                });
+            }
+            None => self.clear_cells(seq.id, 0),
         }
         self.reserved -= seq.reserved;
         self.free_ids.push(seq.id);

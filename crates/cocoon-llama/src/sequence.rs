@@ -13,6 +13,13 @@ use tokio::sync::mpsc;
 
 use cocoon_engine::{ActiveGuard, Outcome, StopMatcher, Utf8Accumulator};
 
+/// A request made ready to run: its prompt's tokens, its completion allowance and its sampler.
+pub(crate) struct Prepared {
+    pub prompt: Vec<LlamaToken>,
+    pub max_tokens: u32,
+    pub sampler: LlamaSampler,
+}
+
 /// What a sequence does after a sampled token.
 pub(super) enum Next {
     /// Feed the token back and generate another.
@@ -38,6 +45,10 @@ pub(super) struct Sequence<'a> {
     pub pending: Option<LlamaToken>,
     /// Where this sequence's logits sit in the batch just decoded, if it asked for any.
     pub logits_at: Option<i32>,
+    /// Generated tokens fed back to the model (their cells follow the prompt's).
+    pub fed: Vec<LlamaToken>,
+    /// Prompt tokens whose cells came from an earlier request's (the prompt cache).
+    cached: u32,
     max_tokens: u32,
     ignore_eos: bool,
     sampler: LlamaSampler,
@@ -134,25 +145,33 @@ pub(crate) fn sampler(
 }
 
 impl<'a> Sequence<'a> {
+    /// Starts `prepared` on sequence `id`, whose cells hold its first `cached` tokens already.
     pub(crate) fn new(
         id: i32,
         request: &GenerateRequest,
-        prompt: Vec<LlamaToken>,
-        max_tokens: u32,
-        sampler: LlamaSampler,
+        prepared: Prepared,
+        cached: u32,
         tx: mpsc::UnboundedSender<GenerateEvent>,
         guard: ActiveGuard<'a>,
     ) -> Self {
         let params = &request.params;
+        let Prepared {
+            prompt,
+            max_tokens,
+            sampler,
+        } = prepared;
         Self {
             id,
             tx,
             reserved: prompt.len() as u32 + max_tokens,
             prompt,
-            read: 0,
-            pos: 0,
+            // The cached prefix's cells are there already: reading starts after it.
+            read: cached as usize,
+            pos: i32::try_from(cached).unwrap_or(i32::MAX),
             pending: None,
             logits_at: None,
+            fed: Vec::new(),
+            cached,
             max_tokens,
             ignore_eos: params.ignore_eos,
             sampler,
@@ -171,6 +190,17 @@ impl<'a> Sequence<'a> {
 
     pub(crate) fn completion_tokens(&self) -> u32 {
         self.completion_tokens
+    }
+
+    /// The tokens whose cells this sequence holds, in order (positions 0, 1, …), if they are
+    /// known exactly: what a later request may start from.
+    pub(crate) fn tokens_in_cache(&self) -> Option<Vec<LlamaToken>> {
+        let held: Vec<LlamaToken> = self.prompt[..self.read]
+            .iter()
+            .chain(&self.fed)
+            .copied()
+            .collect();
+        (held.len() == usize::try_from(self.pos).ok()?).then_some(held)
     }
 
     /// Samples the next token from the logits decoded for this sequence and sends what text
@@ -236,7 +266,10 @@ impl<'a> Sequence<'a> {
                 }
             }
         }
-        let usage = Usage::new(self.prompt_tokens(), self.completion_tokens);
+        let usage = Usage {
+            cached_tokens: self.cached,
+            ..Usage::new(self.prompt_tokens(), self.completion_tokens)
+        };
         let done = GenerateEvent::Done {
             finish_reason,
             usage,

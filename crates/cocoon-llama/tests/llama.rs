@@ -538,3 +538,112 @@ async fn logit_bias_steers_and_what_cannot_be_served_is_refused() {
         e.message
     );
 }
+
+fn conversation(turns: &[(&str, &str)], next: &str) -> GenerateRequest {
+    let mut messages = vec![ChatMessage {
+        role: Role::System,
+        content: "You are a helpful assistant who answers briefly and kindly.".into(),
+    }];
+    for (user, assistant) in turns {
+        messages.push(ChatMessage {
+            role: Role::User,
+            content: (*user).into(),
+        });
+        messages.push(ChatMessage {
+            role: Role::Assistant,
+            content: (*assistant).into(),
+        });
+    }
+    messages.push(ChatMessage {
+        role: Role::User,
+        content: next.into(),
+    });
+    GenerateRequest {
+        max_price: None,
+        model: "SmolLM2-135M-Instruct".into(),
+        input: Input::Chat { messages },
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(12),
+            ..Default::default()
+        },
+    }
+}
+
+/// The prompt cache: each turn of a conversation starts from the cells the previous turn
+/// left, reports them as `cached_tokens`, and answers exactly as an engine without the cache
+/// does.
+#[tokio::test]
+async fn a_conversation_reuses_its_prefix_and_answers_the_same() {
+    let load = |prompt_cache| {
+        LlamaBackend::load(&LlamaConfig {
+            model_path: model_path(),
+            threads: 2,
+            parallel: 2,
+            prompt_cache,
+            ..Default::default()
+        })
+        .expect("model loads")
+    };
+    let (cached, plain) = (load(true), load(false));
+    let mut turns: Vec<(&str, String)> = Vec::new();
+    let questions = [
+        "What is the capital of France?",
+        "And of Italy?",
+        "Which is larger?",
+    ];
+    for (i, question) in questions.iter().enumerate() {
+        let as_refs: Vec<(&str, &str)> = turns.iter().map(|(u, a)| (*u, a.as_str())).collect();
+        let with = collect(&cached, conversation(&as_refs, question)).await;
+        let without = collect(&plain, conversation(&as_refs, question)).await;
+        let (_, used) = with.done.unwrap();
+        let (_, fresh) = without.done.unwrap();
+        assert_eq!(with.text, without.text, "turn {i}");
+        assert_eq!(fresh.cached_tokens, 0);
+        assert_eq!(used.prompt_tokens, fresh.prompt_tokens);
+        if i == 0 {
+            // The system prompt was never seen before.
+            assert_eq!(used.cached_tokens, 0);
+        } else {
+            // Every turn after the first starts from the last one's cells: at least the system
+            // prompt and the first question.
+            assert!(
+                used.cached_tokens > used.prompt_tokens / 2,
+                "turn {i}: {used:?}"
+            );
+            assert!(used.cached_tokens < used.prompt_tokens);
+        }
+        turns.push((question, with.text));
+    }
+    // The same request again: all of its prompt but the last token comes from the cache.
+    let as_refs: Vec<(&str, &str)> = turns.iter().map(|(u, a)| (*u, a.as_str())).collect();
+    let first = collect(&cached, conversation(&as_refs, "Thanks!")).await;
+    let again = collect(&cached, conversation(&as_refs, "Thanks!")).await;
+    assert_eq!(first.text, again.text);
+    let usage = again.done.unwrap().1;
+    assert_eq!(usage.cached_tokens, usage.prompt_tokens - 1, "{usage:?}");
+}
+
+/// Cells kept for the cache give way to requests that need the room: a cache as small as one
+/// request still serves every request, and never reports more cached tokens than it holds.
+#[tokio::test]
+async fn kept_cells_give_way_to_new_requests() {
+    let b = batched_backend(2, 256, 256);
+    for i in 0..6 {
+        let c = collect(
+            &b,
+            chat(
+                &format!("Count to {i}, please, one number per line."),
+                SamplingParams {
+                    temperature: 0.0,
+                    max_tokens: Some(96),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await;
+        assert!(c.error.is_none(), "request {i}: {:?}", c.error);
+        let usage = c.done.unwrap().1;
+        assert!(usage.cached_tokens < usage.prompt_tokens, "{usage:?}");
+    }
+}

@@ -24,6 +24,9 @@ pub struct Answer {
     pub prompt_tokens: u32,
     /// Completion tokens from `usage`, or the content chunks counted when the server gives none.
     pub completion_tokens: u32,
+    /// Prompt tokens served from a prompt cache (`prompt_tokens_details.cached_tokens`, or
+    /// llama.cpp's server's `timings.cache_n`), when the server says.
+    pub cached_tokens: u32,
 }
 
 impl Answer {
@@ -45,6 +48,8 @@ struct Chunk {
     choices: Vec<Choice>,
     #[serde(default)]
     usage: Option<UsageField>,
+    #[serde(default)]
+    timings: Option<Timings>,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +70,21 @@ struct Delta {
 struct UsageField {
     prompt_tokens: u32,
     completion_tokens: u32,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: u32,
+}
+
+/// llama.cpp's server reports what its cache served here.
+#[derive(Deserialize)]
+struct Timings {
+    #[serde(default)]
+    cache_n: u32,
 }
 
 /// POSTs `body` (a chat completion with `"stream": true`) and reads the whole stream.
@@ -90,6 +110,7 @@ pub async fn stream_chat(
     let mut buf: Vec<u8> = Vec::new();
     let mut chunks = Vec::new();
     let mut usage = None;
+    let mut cached = 0;
     while let Some(bytes) = stream.next().await {
         let bytes = bytes?;
         let arrived = Instant::now();
@@ -108,7 +129,12 @@ pub async fn stream_chat(
             let chunk: Chunk = serde_json::from_slice(data)
                 .map_err(|e| anyhow::anyhow!("{url} sent an unreadable chunk: {e}"))?;
             if let Some(u) = chunk.usage {
+                let details = u.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
+                cached = cached.max(details);
                 usage = Some((u.prompt_tokens, u.completion_tokens));
+            }
+            if let Some(t) = chunk.timings {
+                cached = cached.max(t.cache_n);
             }
             let text = chunk.choices.into_iter().next().and_then(|c| {
                 c.delta
@@ -132,6 +158,7 @@ pub async fn stream_chat(
         chunks,
         prompt_tokens,
         completion_tokens,
+        cached_tokens: cached,
     })
 }
 

@@ -145,8 +145,9 @@ fn http_body(model: &str, prompt: &str, max_tokens: u32) -> Value {
         "ignore_eos": true,
         "stream": true,
         "stream_options": {"include_usage": true},
-        // llama-server would otherwise reuse the cached prompt of the previous request; our
-        // engine has no prompt cache, so both read every prompt afresh.
+        // llama-server would otherwise reuse the cached prompt of the previous request; the
+        // embedded engine runs this section with its cache off, so both read every prompt
+        // afresh (the multi-turn section measures the caches).
         "cache_prompt": false,
     })
 }
@@ -170,6 +171,7 @@ pub async fn direct(backend: &Arc<dyn Backend>, req: GenerateRequest) -> anyhow:
                     chunks,
                     prompt_tokens: usage.prompt_tokens,
                     completion_tokens: usage.completion_tokens,
+                    cached_tokens: usage.cached_tokens,
                 });
             }
             GenerateEvent::Error { error } => anyhow::bail!("direct request failed: {error}"),

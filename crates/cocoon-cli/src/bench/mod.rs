@@ -17,6 +17,7 @@ pub mod client;
 pub mod engine;
 pub mod market;
 pub mod memory;
+pub mod multiturn;
 pub mod path;
 pub mod payments;
 pub mod plot;
@@ -91,6 +92,8 @@ pub struct BenchReport {
     pub path: Option<path::PathReport>,
     /// Embedded engine vs llama-server figures.
     pub engine: Option<engine::EngineReport>,
+    /// A growing conversation, with and without prompt caches (run with the engine section).
+    pub multiturn: Option<multiturn::MultiTurnReport>,
     /// Per-role memory figures.
     pub memory: Option<memory::MemoryReport>,
     /// Without vs with payments figures.
@@ -163,6 +166,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         machine: machine(),
         path: None,
         engine: None,
+        multiturn: None,
         memory: None,
         payments: None,
         market: None,
@@ -173,13 +177,19 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     }
     let engine_options = &options.engine;
     if on(Section::Engine) {
-        let backend: Arc<dyn Backend> = Arc::new(LlamaBackend::load(&LlamaConfig {
-            model_path: options.model.clone(),
-            threads: engine_options.threads,
-            parallel: engine_options.parallel,
-            kv_cache_tokens: engine_options.kv_cache_tokens,
-            ..Default::default()
-        })?);
+        let load = |prompt_cache| -> anyhow::Result<Arc<dyn Backend>> {
+            Ok(Arc::new(LlamaBackend::load(&LlamaConfig {
+                model_path: options.model.clone(),
+                threads: engine_options.threads,
+                parallel: engine_options.parallel,
+                kv_cache_tokens: engine_options.kv_cache_tokens,
+                prompt_cache,
+                ..Default::default()
+            })?))
+        };
+        // Prefill is measured with the cache off, as llama-server runs with cache_prompt off
+        // there: both read every prompt afresh.
+        let backend = load(false)?;
         let server = match &options.llama_server {
             Some(binary) => {
                 section("starting llama-server");
@@ -203,13 +213,28 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         };
         section("embedded engine vs llama-server");
         let mut net = network(vec![backend.clone()], false).await?;
-        let result =
-            engine::run(backend, &net.gateway_url(), server.as_ref(), engine_options).await;
+        let result = engine::run(
+            backend.clone(),
+            &net.gateway_url(),
+            server.as_ref(),
+            engine_options,
+        )
+        .await;
         net.shutdown().await;
+        report.engine = Some(result?);
+        section("multi-turn conversation, prompt caches");
+        let cached = load(true)?;
+        let multiturn = multiturn::run(
+            &cached,
+            &backend,
+            server.as_ref(),
+            engine_options.max_tokens,
+        )
+        .await;
         if let Some(s) = server {
             s.stop().await;
         }
-        report.engine = Some(result?);
+        report.multiturn = Some(multiturn?);
     }
     if on(Section::Memory) {
         section("memory of each role");
@@ -240,6 +265,10 @@ pub fn table(r: &BenchReport) -> String {
     }
     if let Some(e) = &r.engine {
         out.push_str(&engine::table(e));
+        out.push('\n');
+    }
+    if let Some(m) = &r.multiturn {
+        out.push_str(&multiturn::table(m));
         out.push('\n');
     }
     if let Some(m) = &r.memory {

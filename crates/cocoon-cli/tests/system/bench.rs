@@ -47,18 +47,22 @@ async fn path_and_engine_sections_report_consistent_figures() {
         parallel: 2,
         kv_cache_tokens: 1024,
     };
-    let backend: Arc<dyn Backend> = Arc::new(
-        LlamaBackend::load(&LlamaConfig {
-            model_path: crate::common::model_path(),
-            threads: options.threads,
-            parallel: options.parallel,
-            kv_cache_tokens: options.kv_cache_tokens,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let load = |prompt_cache| -> Arc<dyn Backend> {
+        Arc::new(
+            LlamaBackend::load(&LlamaConfig {
+                model_path: crate::common::model_path(),
+                threads: options.threads,
+                parallel: options.parallel,
+                kv_cache_tokens: options.kv_cache_tokens,
+                prompt_cache,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+    };
+    let backend = load(false);
     let mut net = bench::network(vec![backend.clone()], false).await.unwrap();
-    let engine = bench::engine::run(backend, &net.gateway_url(), None, &options)
+    let engine = bench::engine::run(backend.clone(), &net.gateway_url(), None, &options)
         .await
         .unwrap();
     net.shutdown().await;
@@ -72,6 +76,23 @@ async fn path_and_engine_sections_report_consistent_figures() {
     assert_eq!(engine.levels.len(), 4);
     assert!(engine.levels.iter().all(|l| l.aggregate_tokens_per_s > 0.0));
     assert_eq!(engine.levels[2].requests, 2);
+
+    // The multi-turn conversation: with the cache, every turn after the first starts from
+    // the last one's cells; without, none does.
+    let multiturn = bench::multiturn::run(&load(true), &backend, None, 4)
+        .await
+        .unwrap();
+    let (with, without) = (&multiturn.paths[0], &multiturn.paths[1]);
+    assert_eq!(multiturn.paths.len(), 2);
+    assert_eq!(with.last_prompt_tokens, without.last_prompt_tokens);
+    assert_eq!(without.cached_tokens, 0);
+    assert!(
+        with.cached_tokens > with.last_prompt_tokens,
+        "turns 2 to 8 reused their history: {with:?}"
+    );
+    assert_eq!(with.ttft_ms.n, 7);
+    assert!(multiturn.ttft_cached_over_uncached > 0.0);
+    assert!(bench::multiturn::table(&multiturn).contains("prompt cache / no cache"));
 
     let market = bench::market::run(&bench::market::MarketOptions {
         workers: vec![10, 2_000],
@@ -92,6 +113,7 @@ async fn path_and_engine_sections_report_consistent_figures() {
         machine: bench::machine(),
         path: Some(path),
         engine: Some(engine),
+        multiturn: Some(multiturn),
         memory: None,
         payments: None,
         market: Some(market),
@@ -99,6 +121,7 @@ async fn path_and_engine_sections_report_consistent_figures() {
     let table = bench::table(&report);
     assert!(table.contains("### Routing") && table.contains("### Concurrency"));
     assert!(table.contains("### Choosing a worker"));
+    assert!(table.contains("### Multi-turn conversation"));
     let svg = bench::figure(&report).expect("path and engine are there");
     assert!(svg.contains("2 streams") && svg.contains("<polyline"));
     let json = serde_json::to_value(&report).unwrap();

@@ -188,3 +188,15 @@ pub(crate) async fn own_gateway(
 ) -> String {
     net.own_gateway(proxies, key_file, stop).await.unwrap()
 }
+
+/// The weighted tokens of an answer's `usage` on the dev network: prompt tokens the worker's
+/// prompt cache served weigh the network's cached multiplier, the others ×1.
+pub(crate) fn dev_weighted(usage: &Value) -> u64 {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let (prompt, completion) = (n(&usage["prompt_tokens"]), n(&usage["completion_tokens"]));
+    let cached = n(&usage["prompt_tokens_details"]["cached_tokens"]);
+    let reasoning = n(&usage["completion_tokens_details"]["reasoning_tokens"]);
+    cocoon_testkit::dev::ledger::dev_params()
+        .weighted_answer(prompt - cached, cached, completion - reasoning, reasoning)
+        .unwrap()
+}
