@@ -497,6 +497,20 @@ async fn answer(
     key: Option<Arc<KeyUse>>,
 ) -> Result<Response, ApiError> {
     let model = request.model.clone();
+    // Apps with different API keys keep their prompt caches apart (the proxy then keeps this
+    // gateway's apart from other clients').
+    if let Some(key) = &key {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&key.digest());
+        ctx.update(
+            request
+                .cache_scope
+                .as_deref()
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        request.cache_scope = Some(hex::encode(&ctx.finish().as_ref()[..16]));
+    }
     // The gateway's own price cap goes out with the request, so proxies route within it.
     if let Some(cap) = state.bills.price_cap(state.max_price_per_token) {
         request.max_price = Some(request.max_price.map_or(cap, |m| m.min(cap)));

@@ -1176,6 +1176,7 @@ mod tests {
                 ..SamplingParams::default()
             },
             max_price: None,
+            cache_scope: None,
         };
         UsageBounds::new(&request, u32::MAX)
     }

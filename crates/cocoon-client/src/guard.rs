@@ -91,6 +91,11 @@ fn today() -> u64 {
 }
 
 impl KeyUse {
+    /// The key's SHA-256: what keeps its apps' prompt caches apart from other keys' apps.
+    pub(crate) fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
     /// Today's figures (a new day starts with nothing used; what is in flight stays held).
     fn today(&self) -> parking_lot::MutexGuard<'_, Day> {
         let mut day = self.day.lock();

@@ -76,6 +76,24 @@ pub struct Common {
     /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
     /// "json_schema": {"name", "schema", ...}}`.
     pub response_format: Option<Value>,
+    /// OpenAI's: requests with the same key share a prompt cache (within this gateway's
+    /// client key and the app's API key); others do not.
+    pub prompt_cache_key: Option<String>,
+    /// llama.cpp's server's: `false` asks that no cached prompt be reused for this request.
+    pub cache_prompt: Option<bool>,
+}
+
+impl Common {
+    /// The cache-scope hint this request goes out with: a fresh random value when it asks for
+    /// no cache (it then shares cells with nothing), else its `prompt_cache_key`, hashed.
+    fn cache_scope(&self) -> Option<String> {
+        if self.cache_prompt == Some(false) {
+            return Some(format!("{:032x}", rand::random::<u128>()));
+        }
+        let key = self.prompt_cache_key.as_deref().unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        Some(hex::encode(&digest.as_ref()[..16]))
+    }
 }
 
 /// OpenAI's `response_format` as a request's: `None` for free text.
@@ -105,18 +123,21 @@ fn response_format(value: Option<&Value>) -> Result<Option<ResponseFormat>, Prot
 fn logit_bias(
     value: Option<&std::collections::HashMap<String, f32>>,
 ) -> Result<std::collections::BTreeMap<u32, f32>, ProtocolError> {
-    value
-        .into_iter()
-        .flatten()
-        .map(|(token, bias)| {
-            let id = token.trim().parse::<u32>().map_err(|_| {
-                ProtocolError::invalid(format!(
-                    "logit_bias keys are token ids of the model's vocabulary, not {token:?}"
-                ))
-            })?;
-            Ok((id, *bias))
-        })
-        .collect()
+    let mut out = std::collections::BTreeMap::new();
+    for (token, bias) in value.into_iter().flatten() {
+        let id = token.trim().parse::<u32>().map_err(|_| {
+            ProtocolError::invalid(format!(
+                "logit_bias keys are token ids of the model's vocabulary, not {token:?}"
+            ))
+        })?;
+        // "5" and "05" are one token: which bias would win is not the app's to guess.
+        if out.insert(id, *bias).is_some() {
+            return Err(ProtocolError::invalid(format!(
+                "logit_bias names token {id} more than once"
+            )));
+        }
+    }
+    Ok(out)
 }
 
 /// Fields taken and ignored because ignoring them changes nothing about the answer (who the
@@ -128,8 +149,6 @@ const HARMLESS: &[&str] = &[
     "metadata",
     "store",
     "service_tier",
-    "prompt_cache_key",
-    "cache_prompt",
     "safety_identifier",
     "parallel_tool_calls",
 ];
@@ -303,6 +322,7 @@ impl ChatRequest {
             .params(self.max_completion_tokens.or(self.common.max_tokens))?;
         let request = GenerateRequest {
             max_price: self.common.max_price,
+            cache_scope: self.common.cache_scope(),
             model: self.common.model,
             input: Input::Chat { messages },
             params,
@@ -373,6 +393,7 @@ impl CompletionRequest {
             .params(Some(self.common.max_tokens.unwrap_or(16)))?;
         let request = GenerateRequest {
             max_price: self.common.max_price,
+            cache_scope: self.common.cache_scope(),
             model: self.common.model,
             input: Input::Text { prompt },
             params,

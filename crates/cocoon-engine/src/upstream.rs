@@ -626,6 +626,7 @@ mod tests {
     fn text_request() -> GenerateRequest {
         GenerateRequest {
             max_price: None,
+            cache_scope: None,
             model: "m".into(),
             input: Input::Text {
                 prompt: "hi".into(),

@@ -111,7 +111,11 @@ impl LlamaBackend {
             // Smaller than one context would refuse requests the model card admits.
             n => n.max(context_length),
         };
-        tracing::info!(model = %id, context_length, threads, parallel, kv_cache_tokens, "loaded model {}", path.display());
+        let prompt_cache = config.prompt_cache && prompt_cache_fits(&model);
+        if config.prompt_cache && !prompt_cache {
+            tracing::info!(model = %id, "prompt cache off: this model's state cannot be cut back to a shared prefix (recurrent, hybrid or sliding-window attention)");
+        }
+        tracing::info!(model = %id, context_length, threads, parallel, kv_cache_tokens, prompt_cache, "loaded model {}", path.display());
         let shared = Arc::new(Shared {
             model,
             template,
@@ -124,7 +128,7 @@ impl LlamaBackend {
             threads,
             parallel,
             kv_cache_tokens,
-            prompt_cache: config.prompt_cache,
+            prompt_cache,
             stats: BackendStats::default(),
         });
         let submit = scheduler::start(shared.clone())?;
@@ -233,6 +237,22 @@ impl Shared {
             .new_context(runtime()?, params)
             .map_err(|e| ProtocolError::internal(format!("cannot create llama.cpp context: {e}")))
     }
+}
+
+/// Whether reusing a prefix of a sequence's cells gives what decoding it afresh would: not for
+/// recurrent or hybrid models (their state is one summary, not cells per token), nor for
+/// sliding-window attention (cells before the window are gone).
+fn prompt_cache_fits(model: &LlamaModel) -> bool {
+    let sliding = model
+        .meta_val_str("general.architecture")
+        .ok()
+        .and_then(|arch| {
+            model
+                .meta_val_str(&format!("{arch}.attention.sliding_window"))
+                .ok()
+        })
+        .is_some_and(|w| w.trim() != "0");
+    !model.is_recurrent() && !model.is_hybrid() && !sliding
 }
 
 #[cfg(test)]

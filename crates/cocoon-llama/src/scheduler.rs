@@ -76,9 +76,19 @@ struct Scheduler<'a> {
     tick: u64,
 }
 
+/// Where a request starts: on free id `id`, from the cells retained on `from` (the same id, or
+/// another whose first `keep` cells are copied), `keep` prompt tokens in.
+struct Plan {
+    id: i32,
+    from: Option<i32>,
+    keep: usize,
+}
+
 /// The cells a finished sequence left on its free id.
 struct Retained {
     id: i32,
+    /// The cache scope of the request that left them: only its scope may reuse them.
+    scope: String,
     /// The tokens at positions 0, 1, … of `id`'s cells.
     tokens: Vec<llama_cpp_2::token::LlamaToken>,
     last_used: u64,
@@ -113,14 +123,14 @@ impl<'a> Scheduler<'a> {
         self.retained.iter().map(|r| r.tokens.len() as u32).sum()
     }
 
-    /// Drops the retained cells of the least recently used id other than `keep`; false when
-    /// there are none.
-    fn evict_one(&mut self, keep: i32) -> bool {
+    /// Drops the retained cells of the least recently used id other than those in `keep`;
+    /// false when there are none.
+    fn evict_one(&mut self, keep: &[i32]) -> bool {
         let Some(at) = self
             .retained
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.id != keep)
+            .filter(|(_, r)| !keep.contains(&r.id))
             .min_by_key(|(_, r)| r.last_used)
             .map(|(at, _)| at)
         else {
@@ -131,42 +141,73 @@ impl<'a> Scheduler<'a> {
         true
     }
 
-    /// Removes `id`'s cells from position `from` on.
-    fn clear_cells(&mut self, id: i32, from: u32) {
-        if let Err(e) = self
+    /// Removes `id`'s cells from position `from` on; false if they could not be (a model whose
+    /// state cannot be cut back part way).
+    fn clear_cells(&mut self, id: i32, from: u32) -> bool {
+        match self
             .ctx
             .clear_kv_cache_seq(Some(id as u32), Some(from), None)
         {
-            tracing::error!(error = %e, "cannot clear a sequence's cells");
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot clear a sequence's cells");
+                false
+            }
         }
     }
 
-    /// The free id to start `prompt` on, and how many of its leading tokens have cells there
-    /// already (at most all but the last: its logits are needed).
-    fn pick(&self, prompt: &[llama_cpp_2::token::LlamaToken]) -> (i32, usize) {
-        let best = self
-            .retained
+    /// Where to start `prompt`, of cache `scope`: the free id, the retained cells to start
+    /// from and how many of its leading tokens they hold (at most all but the last: its
+    /// logits are needed).
+    fn plan(&self, prompt: &[llama_cpp_2::token::LlamaToken], scope: Option<&str>) -> Plan {
+        let bare = self
+            .free_ids
             .iter()
-            .map(|r| (r.id, common_prefix(&r.tokens, prompt)))
-            .max_by_key(|(_, n)| *n)
-            .filter(|(_, n)| *n > 0);
-        match best {
-            Some((id, n)) => (id, n.min(prompt.len().saturating_sub(1))),
-            // An id with nothing retained, or else the least useful one.
-            None => {
-                let bare = self
-                    .free_ids
+            .copied()
+            .find(|id| self.retained.iter().all(|r| r.id != *id));
+        let best = scope.and_then(|scope| {
+            self.retained
+                .iter()
+                .filter(|r| r.scope == scope)
+                .map(|r| (r, common_prefix(&r.tokens, prompt).min(prompt.len() - 1)))
+                .filter(|(_, n)| *n > 0)
+                .max_by_key(|(_, n)| *n)
+        });
+        match (best, bare) {
+            // All the kept tokens are the prompt's: continue on that id, nothing is lost.
+            (Some((r, n)), _) if n == r.tokens.len() => Plan {
+                id: r.id,
+                from: Some(r.id),
+                keep: n,
+            },
+            // Part of them: copy that part onto a bare id (cells are shared, not duplicated),
+            // so that the rest stays for whoever continues that conversation.
+            (Some((r, n)), Some(bare)) => Plan {
+                id: bare,
+                from: Some(r.id),
+                keep: n,
+            },
+            // No bare id: cut the kept cells back to the shared part.
+            (Some((r, n)), None) => Plan {
+                id: r.id,
+                from: Some(r.id),
+                keep: n,
+            },
+            // Nothing to share: a bare id, or else the least recently used kept one.
+            (None, Some(bare)) => Plan {
+                id: bare,
+                from: None,
+                keep: 0,
+            },
+            (None, None) => Plan {
+                id: self
+                    .retained
                     .iter()
-                    .copied()
-                    .find(|id| self.retained.iter().all(|r| r.id != *id));
-                let id = bare.unwrap_or_else(|| {
-                    self.retained
-                        .iter()
-                        .min_by_key(|r| r.last_used)
-                        .map_or(self.free_ids[0], |r| r.id)
-                });
-                (id, 0)
-            }
+                    .min_by_key(|r| r.last_used)
+                    .map_or(self.free_ids[0], |r| r.id),
+                from: None,
+                keep: 0,
+            },
         }
     }
 
@@ -246,6 +287,7 @@ impl<'a> Scheduler<'a> {
             prompt: tokens,
             max_tokens: max_tokens as u32,
             sampler,
+            scope: request.cache_scope.clone(),
         })
     }
 
@@ -271,25 +313,56 @@ impl<'a> Scheduler<'a> {
             if self.free_ids.is_empty() || self.reserved + need > self.shared.kv_cache_tokens {
                 return;
             }
-            let (id, keep) = self.pick(&next.prepared.prompt);
-            // The chosen id's kept cells become part of the request's own reservation; other
-            // retained cells give way, least recently used first, until the request fits.
+            let Plan { id, from, mut keep } =
+                self.plan(&next.prepared.prompt, next.prepared.scope.as_deref());
+            // Cells kept on the request's own id become part of its reservation; other
+            // retained cells give way, least recently used first, until the request fits (the
+            // ones it copies from last: counted in full, they make the count err on the safe
+            // side).
             let own = self
                 .retained
                 .iter()
                 .find(|r| r.id == id)
                 .map_or(0, |r| r.tokens.len() as u32);
+            let protect = [id, from.unwrap_or(id)];
             while self.reserved + (self.retained_cells() - own) + need > self.shared.kv_cache_tokens
             {
-                if !self.evict_one(id) {
+                if !self.evict_one(&protect) {
                     break;
                 }
             }
+            if self.reserved + (self.retained_cells() - own) + need > self.shared.kv_cache_tokens
+                && let Some(src) = from.filter(|src| *src != id)
+            {
+                // Only the cells it would copy from are in the way: drop them, start bare.
+                if let Some(at) = self.retained.iter().position(|r| r.id == src) {
+                    self.retained.swap_remove(at);
+                    self.clear_cells(src, 0);
+                }
+                keep = 0;
+            }
             let Waiting { job, prepared } = self.waiting.pop_front().expect("front exists");
             self.free_ids.retain(|f| *f != id);
+            match from {
+                Some(src) if src != id && keep > 0 => {
+                    if let Err(e) = self
+                        .ctx
+                        .copy_kv_cache_seq(src, id, Some(0), Some(keep as u32))
+                    {
+                        tracing::error!(error = %e, "cannot copy cached cells");
+                        self.clear_cells(id, 0);
+                        keep = 0;
+                    }
+                }
+                _ => {}
+            }
             if let Some(at) = self.retained.iter().position(|r| r.id == id) {
                 self.retained.swap_remove(at);
-                self.clear_cells(id, keep as u32);
+                if !self.clear_cells(id, keep as u32) {
+                    // A state that cannot be cut back part way: start from nothing.
+                    self.clear_cells(id, 0);
+                    keep = 0;
+                }
             }
             let guard = self.shared.stats.start();
             let seq = Sequence::new(id, &job.request, prepared, keep as u32, job.tx, guard);
@@ -381,22 +454,27 @@ impl<'a> Scheduler<'a> {
         self.shared
             .stats
             .add_generated_tokens(u64::from(seq.completion_tokens()));
-        let kept = self
-            .shared
-            .prompt_cache
-            .then(|| seq.tokens_in_cache())
-            .flatten()
-            .filter(|t| !t.is_empty());
+        // Only a request with a cache scope leaves cells, for its scope alone.
+        let kept = match (&seq.scope, self.shared.prompt_cache) {
+            (Some(scope), true) => seq
+                .tokens_in_cache()
+                .filter(|t| !t.is_empty())
+                .map(|t| (scope.clone(), t)),
+            _ => None,
+        };
         match kept {
-            Some(tokens) => {
+            Some((scope, tokens)) => {
                 self.tick += 1;
                 self.retained.push(Retained {
                     id: seq.id,
+                    scope,
                     tokens,
                     last_used: self.tick,
                 });
             }
-            None => self.clear_cells(seq.id, 0),
+            None => {
+                self.clear_cells(seq.id, 0);
+            }
         }
         self.reserved -= seq.reserved;
         self.free_ids.push(seq.id);

@@ -18,6 +18,8 @@ pub(crate) struct Prepared {
     pub prompt: Vec<LlamaToken>,
     pub max_tokens: u32,
     pub sampler: LlamaSampler,
+    /// The request's cache scope: which retained cells it may start from and leave.
+    pub scope: Option<String>,
 }
 
 /// What a sequence does after a sampled token.
@@ -49,6 +51,8 @@ pub(super) struct Sequence<'a> {
     pub fed: Vec<LlamaToken>,
     /// Prompt tokens whose cells came from an earlier request's (the prompt cache).
     cached: u32,
+    /// The request's cache scope.
+    pub scope: Option<String>,
     max_tokens: u32,
     ignore_eos: bool,
     sampler: LlamaSampler,
@@ -159,6 +163,7 @@ impl<'a> Sequence<'a> {
             prompt,
             max_tokens,
             sampler,
+            scope,
         } = prepared;
         Self {
             id,
@@ -172,6 +177,7 @@ impl<'a> Sequence<'a> {
             logits_at: None,
             fed: Vec::new(),
             cached,
+            scope,
             max_tokens,
             ignore_eos: params.ignore_eos,
             sampler,

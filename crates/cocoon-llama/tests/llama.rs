@@ -32,6 +32,7 @@ fn backend() -> LlamaBackend {
 fn chat(content: &str, params: SamplingParams) -> GenerateRequest {
     GenerateRequest {
         max_price: None,
+        cache_scope: None,
         model: "SmolLM2-135M-Instruct".into(),
         input: Input::Chat {
             messages: vec![ChatMessage {
@@ -560,6 +561,8 @@ fn conversation(turns: &[(&str, &str)], next: &str) -> GenerateRequest {
     });
     GenerateRequest {
         max_price: None,
+        // One client's conversation: its turns may share cells.
+        cache_scope: Some("one client".into()),
         model: "SmolLM2-135M-Instruct".into(),
         input: Input::Chat { messages },
         params: SamplingParams {
@@ -630,20 +633,98 @@ async fn a_conversation_reuses_its_prefix_and_answers_the_same() {
 async fn kept_cells_give_way_to_new_requests() {
     let b = batched_backend(2, 256, 256);
     for i in 0..6 {
-        let c = collect(
-            &b,
-            chat(
-                &format!("Count to {i}, please, one number per line."),
-                SamplingParams {
-                    temperature: 0.0,
-                    max_tokens: Some(96),
-                    ..Default::default()
-                },
-            ),
-        )
-        .await;
+        let mut request = chat(
+            &format!("Count to {i}, please, one number per line."),
+            SamplingParams {
+                temperature: 0.0,
+                max_tokens: Some(96),
+                ..Default::default()
+            },
+        );
+        request.cache_scope = Some("one client".into());
+        let c = collect(&b, request).await;
         assert!(c.error.is_none(), "request {i}: {:?}", c.error);
         let usage = c.done.unwrap().1;
         assert!(usage.cached_tokens < usage.prompt_tokens, "{usage:?}");
     }
+}
+
+/// REVIEW, fixed: the prompt cache was shared by every client of the worker, and `cached_tokens`
+/// reports exactly how many tokens of a prompt matched cells that another request left. So a
+/// client that guesses how someone else's prompt goes on (a PIN, a name, a document) can read
+/// from its own usage whether the guess was right, token by token. The `prompt_cache` doc
+/// accepts a timing channel; this one is exact, free, and on by default, in a network whose
+/// workers run in enclaves so that nobody sees a client's prompt. Fix: scope retained cells
+/// to the client that made them (a cache key the proxy derives from the client, only
+/// matched within that key; unscoped requests neither leave nor reuse cells), or report only
+/// coarse blocks (OpenAI: 1024-token minimum, 128-token steps, per organisation).
+#[tokio::test]
+async fn review_cached_tokens_tell_a_client_what_another_clients_prompt_said() {
+    let b = batched_backend(1, 512, 0);
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(4),
+        ..Default::default()
+    };
+    // Two clients: the proxy gives each its own cache scope.
+    let victim = || GenerateRequest {
+        cache_scope: Some("victim".into()),
+        ..chat("My bank PIN is 4721. Keep it secret.", params.clone())
+    };
+    let probe = |guess: &str| GenerateRequest {
+        cache_scope: Some("attacker".into()),
+        ..chat(
+            &format!("My bank PIN is {guess}. Is that right?"),
+            params.clone(),
+        )
+    };
+    let victim_first = collect(&b, victim()).await;
+    assert!(victim_first.error.is_none(), "{:?}", victim_first.error);
+    let right = collect(&b, probe("4721")).await.done.expect("done").1;
+    // The victim sends its prompt again (each turn of a chat sends the whole history).
+    let victim_again = collect(&b, victim()).await;
+    assert!(victim_again.error.is_none(), "{:?}", victim_again.error);
+    let wrong = collect(&b, probe("9999")).await.done.expect("done").1;
+    assert_eq!(
+        right.cached_tokens, wrong.cached_tokens,
+        "another client's PIN shows in the usage: a right guess is {right:?}, a wrong one \
+         {wrong:?}"
+    );
+}
+
+/// REVIEW, fixed: `pick` started a request on the retained id whose tokens share the longest prefix
+/// with its prompt, however short (a chat template's header, a system prompt), and cuts that
+/// id's cells back to the shared part, even when another id is free and the cache has room.
+/// Two users taking turns on one worker then wipe each other's history at every turn: here a
+/// second conversation in between leaves the first one's next turn only the system prompt,
+/// with 8192 cells and a free id to spare. The cache's benefit vanishes exactly for the
+/// traffic a shared worker serves (and each turn is billed and timed as uncached). Fix: when
+/// a bare id is free (or room allows), start there and copy the shared prefix onto it with
+/// `copy_kv_cache_seq` (cells are shared in the unified cache, so the retained entry stays
+/// whole), or reuse a retained id only when the match covers most of its tokens (llama.cpp's
+/// server uses a similarity threshold), else take a bare or least recently used one.
+#[tokio::test]
+async fn review_a_second_conversation_does_not_wipe_the_first_ones_cells() {
+    let b = batched_backend(2, 0, 0);
+    let question = "What is the capital of France?";
+    let first = collect(&b, conversation(&[], question)).await;
+    assert!(first.error.is_none(), "{:?}", first.error);
+    let first_usage = first.done.expect("done").1;
+    // Another user, same system prompt, different question.
+    let other = collect(&b, conversation(&[], "Name three colours.")).await;
+    assert!(other.error.is_none(), "{:?}", other.error);
+    let next = collect(
+        &b,
+        conversation(&[(question, first.text.as_str())], "And of Italy?"),
+    )
+    .await;
+    assert!(next.error.is_none(), "{:?}", next.error);
+    let next_usage = next.done.expect("done").1;
+    // The first turn's whole prompt is a prefix of the second's, and its cells fit easily.
+    assert!(
+        next_usage.cached_tokens >= first_usage.prompt_tokens,
+        "the next turn reused {} tokens; its first turn's prompt alone was {}",
+        next_usage.cached_tokens,
+        first_usage.prompt_tokens
+    );
 }

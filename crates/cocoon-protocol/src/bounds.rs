@@ -96,8 +96,17 @@ impl UsageBounds {
     /// The bounds of `request` on a model with `context_length` tokens of context (the
     /// completion's bound when the request sets no `max_tokens`).
     pub fn new(request: &GenerateRequest, context_length: u32) -> Self {
+        // A schema sent upstream may be put into the model's context (OpenAI's servers do),
+        // and its tokens counted as the prompt's.
+        let schema = match &request.params.response_format {
+            Some(crate::ResponseFormat::JsonSchema { json_schema }) => {
+                json_schema.to_string().len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE
+            }
+            Some(crate::ResponseFormat::JsonObject) => TEMPLATE_TOKENS_PER_MESSAGE,
+            None => 0,
+        };
         Self {
-            prompt: prompt_bound(&request.input),
+            prompt: prompt_bound(&request.input).saturating_add(schema),
             completion: 0,
             max_tokens: request.params.max_tokens,
             withheld: request
@@ -246,6 +255,7 @@ mod tests {
                 ..SamplingParams::default()
             },
             max_price: None,
+            cache_scope: None,
         }
     }
 
@@ -426,5 +436,49 @@ mod tests {
         let lie = b.apply(usage(5, 5000), relayed(5000, 5000));
         assert_eq!(lie.usage.completion_tokens, 64);
         assert!(lie.breach.is_some());
+    }
+
+    /// REVIEW, fixed: `response_format` now goes upstream with its JSON schema, but the prompt's
+    /// bound counts only the messages. An upstream that puts the schema into the model's
+    /// context (OpenAI does, as it does with tool definitions) reports those tokens in
+    /// `prompt_tokens`, so an honest worker's report is a breach (it loses reputation and,
+    /// repeated, is disconnected), and the client pays for the messages only while the
+    /// worker pays its upstream for the whole schema: a client can send "Hi" with a 100 KB
+    /// schema at the price of "Hi". Fix: add the schema's serialized bytes (for
+    /// `json_schema`, and a few tokens for `json_object`) to `prompt_bound`, and cap the
+    /// schema's size in `SamplingParams::validate`.
+    #[test]
+    fn review_a_json_schema_sent_upstream_is_part_of_the_prompt_bound() {
+        let properties: serde_json::Map<String, serde_json::Value> = (0..60)
+            .map(|i| {
+                (
+                    format!("field_{i}"),
+                    serde_json::json!({
+                        "type": "string",
+                        "description": "what the answer must say about this field"
+                    }),
+                )
+            })
+            .collect();
+        let json_schema = serde_json::json!({
+            "name": "form",
+            "strict": true,
+            "schema": {"type": "object", "properties": properties},
+        });
+        let schema_bytes = json_schema.to_string().len() as u64;
+        let mut req = request("Fill in the form.", Some(16), &[]);
+        req.params.response_format = Some(crate::ResponseFormat::JsonSchema { json_schema });
+        assert!(req.validate().is_ok());
+        let b = UsageBounds::new(&req, 2048);
+        // The upstream's honest count: the messages, plus the schema at four bytes a token.
+        let honest = usage(u32::try_from(schema_bytes / 4).unwrap() + 20, 16);
+        let held = b.apply(honest, relayed(16, 40));
+        assert_eq!(
+            held.breach,
+            None,
+            "the prompt bound {} ignores the {schema_bytes}-byte schema",
+            b.prompt()
+        );
+        assert_eq!(held.usage, honest);
     }
 }

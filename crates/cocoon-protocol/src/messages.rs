@@ -229,6 +229,13 @@ impl SamplingParams {
                 "response_format.json_schema must be an object with name and schema",
             ));
         }
+        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format
+            && json_schema.to_string().len() > MAX_SCHEMA_BYTES
+        {
+            return Err(ProtocolError::invalid(format!(
+                "response_format.json_schema is at most {MAX_SCHEMA_BYTES} bytes"
+            )));
+        }
         if self.stop.len() > MAX_STOP_SEQUENCES {
             return Err(ProtocolError::invalid(format!(
                 "at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}",
@@ -260,7 +267,19 @@ pub struct GenerateRequest {
     /// workers whose price is at or below it. `None`: any price the network allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_price: Option<u64>,
+    /// Whose prompt cache this request may share: a worker reuses cells only between requests
+    /// of the same scope, and leaves none for, nor reuses any in, a request without one. From
+    /// the gateway, a hint (its app's key, or a fresh value to opt out); the proxy replaces
+    /// it with a keyed hash of the client's key and the hint, so no client can name another's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_scope: Option<String>,
 }
+
+/// The longest `cache_scope` accepted.
+pub const MAX_CACHE_SCOPE_BYTES: usize = 128;
+
+/// The largest JSON schema a `response_format` may carry, serialized.
+pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 
 impl GenerateRequest {
     /// Checks the request is well-formed (a model, a non-empty chat, parameters in range);
@@ -275,6 +294,15 @@ impl GenerateRequest {
             return Err(ProtocolError::invalid(
                 "messages must contain at least one message",
             ));
+        }
+        if self
+            .cache_scope
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_CACHE_SCOPE_BYTES)
+        {
+            return Err(ProtocolError::invalid(format!(
+                "cache_scope is at most {MAX_CACHE_SCOPE_BYTES} bytes"
+            )));
         }
         self.params.validate()
     }
@@ -591,6 +619,7 @@ mod tests {
     fn request_json_shape_is_stable() {
         let req = GenerateRequest {
             max_price: None,
+            cache_scope: None,
             model: "m".into(),
             input: Input::Chat {
                 messages: vec![ChatMessage {
@@ -650,6 +679,7 @@ mod tests {
     fn empty_chat_is_refused() {
         let req = GenerateRequest {
             max_price: None,
+            cache_scope: None,
             model: "m".into(),
             input: Input::Chat { messages: vec![] },
             params: SamplingParams::default(),

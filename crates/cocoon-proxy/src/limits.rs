@@ -415,6 +415,7 @@ mod tests {
     fn request(max_tokens: Option<u32>) -> GenerateRequest {
         GenerateRequest {
             max_price: None,
+            cache_scope: None,
             model: "m".into(),
             input: Input::Text {
                 prompt: "hi".into(),

@@ -62,6 +62,20 @@ pub(crate) struct State {
     registry_images: bool,
     /// The `[collateral]` fetcher keeping the policies' Intel collateral current, if any.
     collateral: Option<cocoon_collateral::Running>,
+    /// Keys the cache scopes handed to workers, so that a scope names no client.
+    cache_secret: [u8; 32],
+}
+
+impl State {
+    /// The prompt-cache scope of `client`'s requests under the gateway's `hint`: a keyed hash,
+    /// the same for the same pair while this proxy runs, unguessable for anyone else.
+    pub(crate) fn cache_scope(&self, client: &[u8; 32], hint: Option<&str>) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&self.cache_secret);
+        ctx.update(client);
+        ctx.update(hint.unwrap_or_default().as_bytes());
+        hex::encode(&ctx.finish().as_ref()[..16])
+    }
 }
 
 /// The proxy's whole status, as its operator sees it on the `[admin]` listener (`GET
@@ -291,6 +305,7 @@ impl Proxy {
             registry_refresh: Duration::from_secs(config.payments.registry_refresh_secs),
             registry_images: config.payments.worker_images_from_registry,
             collateral,
+            cache_secret: rand::random(),
         });
         let admin = config.admin.bind().await?;
         if let Some(a) = &admin {

@@ -119,6 +119,7 @@ pub struct EngineReport {
 fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         max_price: None,
+        cache_scope: None,
         model: model.into(),
         input: Input::Chat {
             messages: vec![ChatMessage {

@@ -101,6 +101,8 @@ impl Path<'_> {
             Path::Embedded(backend, model) => {
                 let request = GenerateRequest {
                     max_price: None,
+                    // One user's conversation, as the proxy scopes it.
+                    cache_scope: Some("bench".into()),
                     model: (*model).into(),
                     input: Input::Chat { messages },
                     params: SamplingParams {

@@ -109,6 +109,7 @@ fn figures(path: &str, answers: &[Answer], wall: Duration) -> PathFigures {
 fn request(model: &str, options: &PaymentsOptions) -> GenerateRequest {
     GenerateRequest {
         max_price: None,
+        cache_scope: None,
         model: model.into(),
         input: Input::Chat {
             messages: vec![ChatMessage {

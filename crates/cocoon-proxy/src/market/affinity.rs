@@ -98,6 +98,7 @@ mod tests {
         }
         GenerateRequest {
             max_price: None,
+            cache_scope: None,
             model: "m".into(),
             input: Input::Chat { messages },
             params: SamplingParams::default(),

@@ -79,6 +79,7 @@ mod tests {
                 ..SamplingParams::default()
             },
             max_price,
+            cache_scope: None,
         }
     }
 

@@ -69,6 +69,7 @@ mod tests {
             },
             params: SamplingParams::default(),
             max_price,
+            cache_scope: None,
         }
     }
 

@@ -243,6 +243,7 @@ mod tests {
             },
             params: SamplingParams::default(),
             max_price: None,
+            cache_scope: None,
         }
     }
 

@@ -57,7 +57,10 @@ async fn serve(
         _ => None,
     };
     let read = cocoon_net::read_json(request.into_body(), state.max_request_bytes);
-    let request = admit::read(read, state.limiter.config()).await?;
+    let mut request = admit::read(read, state.limiter.config()).await?;
+    // Workers share prompt caches only within a scope: this client's, under the gateway's
+    // hint (an app's key, or a fresh value that opts out). The client cannot name another's.
+    request.cache_scope = Some(state.cache_scope(&client, request.cache_scope.as_deref()));
     admit::check(&state.limiter, &state.workers, &request)?;
     // What the worker may bill is fixed now, from the request itself and the workers it may
     // go to: the reservation covers exactly that, the routing keeps to those workers, and the

@@ -122,6 +122,7 @@ mod tests {
                 ..SamplingParams::default()
             },
             max_price,
+            cache_scope: None,
         }
     }
 
