@@ -188,6 +188,11 @@ impl UpstreamBackend {
         if let Some(format) = &p.response_format {
             body["response_format"] = json!(format);
         }
+        if let Some(scope) = &request.cache_scope {
+            // vLLM's name for it: its prefix cache is shared only between requests with the
+            // same salt, so one client cannot probe another's prompts through it.
+            body["cache_salt"] = json!(scope);
+        }
         let base = self.config.url.trim_end_matches('/');
         match &request.input {
             Input::Chat { messages } => {
@@ -847,9 +852,12 @@ mod tests {
             json!({"42": -100.0, "7": 2.5}),
             "{body}"
         );
+        assert_eq!(body.get("cache_salt"), None);
         request.params.response_format = Some(cocoon_protocol::ResponseFormat::JsonObject);
+        request.cache_scope = Some("0123abcd".into());
         let (_, body) = backend.request_body("m", &request);
         assert_eq!(body["response_format"], json!({"type": "json_object"}));
+        assert_eq!(body["cache_salt"], "0123abcd");
     }
 
     #[test]
