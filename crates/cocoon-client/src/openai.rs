@@ -81,6 +81,9 @@ pub struct Common {
     pub prompt_cache_key: Option<String>,
     /// llama.cpp's server's: `false` asks that no cached prompt be reused for this request.
     pub cache_prompt: Option<bool>,
+    /// vLLM's: requests share a prefix cache only with requests of the same salt (another
+    /// cocoon network's worker sends its client's scope here).
+    pub cache_salt: Option<String>,
 }
 
 impl Common {
@@ -90,9 +93,14 @@ impl Common {
         if self.cache_prompt == Some(false) {
             return Some(format!("{:032x}", rand::random::<u128>()));
         }
-        let key = self.prompt_cache_key.as_deref().unwrap_or_default();
-        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
-        Some(hex::encode(&digest.as_ref()[..16]))
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [&self.prompt_cache_key, &self.cache_salt] {
+            let part = part.as_deref().unwrap_or_default();
+            // Length-prefixed, so that no two pairs hash alike.
+            ctx.update(&(part.len() as u64).to_le_bytes());
+            ctx.update(part.as_bytes());
+        }
+        Some(hex::encode(&ctx.finish().as_ref()[..16]))
     }
 }
 

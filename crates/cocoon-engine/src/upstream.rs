@@ -51,6 +51,16 @@ pub struct UpstreamConfig {
     /// is never cut, only one that goes silent.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
+    /// Send each request's cache scope as `cache_salt`, so that the server's prefix cache
+    /// (vLLM's) is shared only between requests of one client: without it, a client could
+    /// tell from its `cached_tokens` how another's prompt began. llama.cpp's server, SGLang
+    /// and Ollama ignore the field; turn it off only for a server that refuses unknown fields.
+    #[serde(default = "default_cache_salt")]
+    pub cache_salt: bool,
+}
+
+fn default_cache_salt() -> bool {
+    true
 }
 
 fn default_idle_timeout() -> u64 {
@@ -188,7 +198,11 @@ impl UpstreamBackend {
         if let Some(format) = &p.response_format {
             body["response_format"] = json!(format);
         }
-        if let Some(scope) = &request.cache_scope {
+        if let Some(scope) = request
+            .cache_scope
+            .as_ref()
+            .filter(|_| self.config.cache_salt)
+        {
             // vLLM's name for it: its prefix cache is shared only between requests with the
             // same salt, so one client cannot probe another's prompts through it.
             body["cache_salt"] = json!(scope);
@@ -624,6 +638,7 @@ mod tests {
             parallel: 1,
             timeout_secs: 1,
             idle_timeout_secs: 1,
+            cache_salt: true,
         })
         .unwrap()
     }

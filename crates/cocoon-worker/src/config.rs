@@ -114,6 +114,7 @@ impl WorkerConfig {
                     "kind": "upstream",
                     "url": cocoon_tls::url_for_measurement(&u.url),
                     "ca_file_sha256": u.ca_file.as_deref().map(ca_hash),
+                    "cache_salt": u.cache_salt,
                     "models": u.models.iter().map(|m| serde_json::json!({
                         "id": m.id,
                         "upstream_id": m.upstream_id,

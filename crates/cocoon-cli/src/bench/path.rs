@@ -136,6 +136,7 @@ fn upstream(server: &Synthetic) -> anyhow::Result<Arc<dyn Backend>> {
         parallel: 1024,
         timeout_secs: 60,
         idle_timeout_secs: 120,
+        cache_salt: true,
     })?))
 }
 

@@ -304,6 +304,7 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
                 parallel: 8,
                 timeout_secs: 10,
                 idle_timeout_secs: 120,
+                cache_salt: true,
             })],
             payments: PayoutsConfig {
                 ledger: Some(ledger_url.clone()),

@@ -271,6 +271,7 @@ async fn the_proxy_serves_only_models_the_registry_allows() {
             parallel: 1,
             timeout_secs: 1,
             idle_timeout_secs: 1,
+            cache_salt: true,
         })
         .unwrap(),
     );

@@ -148,6 +148,7 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
             parallel: 4,
             timeout_secs: 30,
             idle_timeout_secs: 120,
+            cache_salt: true,
         })
         .unwrap(),
     );
@@ -309,6 +310,7 @@ async fn an_https_upstream_with_a_private_ca_is_served_and_refused_without_it() 
                 parallel: 4,
                 timeout_secs: 10,
                 idle_timeout_secs: 120,
+                cache_salt: true,
             })
             .unwrap(),
         )

@@ -67,6 +67,7 @@ async fn a_reasoning_models_thinking_and_cached_tokens_pass_through_and_are_bill
             parallel: 4,
             timeout_secs: 10,
             idle_timeout_secs: 10,
+            cache_salt: true,
         })
         .unwrap(),
     );
