@@ -403,11 +403,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("worker key fingerprint: {}", identity.fingerprint());
             let collateral = cocoon_collateral::NodeCollateral::prepare(&cfg.collateral)?;
             // With the registry's proxy images, the policy may list none of its own.
-            let proxy = cocoon_tls::PeerPolicy {
-                images_from_registry: cfg.payments.proxy_images_from_registry,
-                ..cfg.proxy_policy.clone()
-            }
-            .build_with("proxy_policy", "proxy", &collateral.store)?;
+            let proxy = cfg
+                .proxy_policy
+                .registry_images(cfg.payments.proxy_images_from_registry)
+                .build_with("proxy_policy", "proxy", &collateral.store)?;
             // Kept until the worker stops: it keeps the proxy policy's collateral current.
             let _collateral = collateral.start().await;
             let shutdown = shutdown_on_signal();

@@ -278,11 +278,11 @@ impl ClientAccount {
         let collateral = cocoon_collateral::NodeCollateral::prepare(&self.config.collateral)?;
         // As the gateway: with the registry's proxy images, the registry is asked too.
         let from_registry = self.config.payments.proxy_images_from_registry;
-        let policy = cocoon_tls::PeerPolicy {
-            images_from_registry: from_registry,
-            ..self.config.proxy_policy.clone()
-        }
-        .build_with("proxy_policy", "proxy", &collateral.store)?;
+        let policy = self
+            .config
+            .proxy_policy
+            .registry_images(from_registry)
+            .build_with("proxy_policy", "proxy", &collateral.store)?;
         let _collateral = collateral.start().await;
         let mut link =
             cocoon_client::ProxyLink::new(self.config.proxy_addr.clone(), identity, policy);

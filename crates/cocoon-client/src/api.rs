@@ -158,11 +158,10 @@ impl Gateway {
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
         let collateral = cocoon_collateral::NodeCollateral::prepare(&config.collateral)?;
         // With the registry's proxy images, the policy may list none of its own.
-        let proxy = cocoon_tls::PeerPolicy {
-            images_from_registry: config.payments.proxy_images_from_registry,
-            ..config.proxy_policy.clone()
-        }
-        .build_with("proxy_policy", "proxy", &collateral.store)?;
+        let proxy = config
+            .proxy_policy
+            .registry_images(config.payments.proxy_images_from_registry)
+            .build_with("proxy_policy", "proxy", &collateral.store)?;
         let collateral = collateral.start().await;
         let client_key = identity
             .public_key()

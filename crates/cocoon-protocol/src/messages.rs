@@ -213,28 +213,25 @@ impl SamplingParams {
                 "logit_bias for token {token} must be between -100 and 100, got {bias}"
             )));
         }
-        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format
-            && !json_schema
+        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format {
+            if !json_schema.is_object() {
+                return Err(ProtocolError::invalid(
+                    "response_format.json_schema must be an object with name and schema",
+                ));
+            }
+            if !json_schema
                 .get("schema")
                 .is_none_or(serde_json::Value::is_object)
-        {
-            return Err(ProtocolError::invalid(
-                "response_format.json_schema.schema must be a JSON object",
-            ));
-        }
-        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format
-            && !json_schema.is_object()
-        {
-            return Err(ProtocolError::invalid(
-                "response_format.json_schema must be an object with name and schema",
-            ));
-        }
-        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format
-            && json_schema.to_string().len() > MAX_SCHEMA_BYTES
-        {
-            return Err(ProtocolError::invalid(format!(
-                "response_format.json_schema is at most {MAX_SCHEMA_BYTES} bytes"
-            )));
+            {
+                return Err(ProtocolError::invalid(
+                    "response_format.json_schema.schema must be a JSON object",
+                ));
+            }
+            if json_schema.to_string().len() > MAX_SCHEMA_BYTES {
+                return Err(ProtocolError::invalid(format!(
+                    "response_format.json_schema is at most {MAX_SCHEMA_BYTES} bytes"
+                )));
+            }
         }
         if self.stop.len() > MAX_STOP_SEQUENCES {
             return Err(ProtocolError::invalid(format!(

@@ -224,10 +224,9 @@ impl Proxy {
         let attestation = identity.attestation_kind().map_or("none", |k| k.as_str());
         let collateral = cocoon_collateral::NodeCollateral::prepare(&config.collateral)?;
         // With the registry's worker images, the policy may list none of its own.
-        let worker_policy = cocoon_tls::PeerPolicy {
-            images_from_registry: config.payments.worker_images_from_registry,
-            ..config.worker_policy.clone()
-        };
+        let worker_policy = config
+            .worker_policy
+            .registry_images(config.payments.worker_images_from_registry);
         let admission = Admission::new(
             worker_policy.build_with("worker_policy", "worker", &collateral.store)?,
             config

@@ -317,6 +317,15 @@ impl PeerPolicy {
         })
     }
 
+    /// This policy, its images taken from the ledger's registry when `on` (the node checks the
+    /// registry itself: `[payments] *_images_from_registry`).
+    pub fn registry_images(&self, on: bool) -> Self {
+        Self {
+            images_from_registry: on,
+            ..self.clone()
+        }
+    }
+
     /// The verifier for peers of kind `what` (`worker`, `proxy`, `client`), configured under
     /// `[section]`, with only the policy's `collateral_files` for TDX quotes.
     pub fn build(&self, section: &str, what: &str) -> Result<Arc<dyn PeerVerifier>, TrustError> {
