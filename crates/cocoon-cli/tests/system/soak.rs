@@ -75,6 +75,8 @@ enum Outcome {
         billed: u64,
         counter: u64,
         content: String,
+        /// Its prompt tokens (cached ones included) and completion tokens.
+        tokens: (u64, u64),
     },
     /// Refused with a clean OpenAI error (the proxy or a worker was down, or died under it).
     Refused { key: Key, status: u16 },
@@ -142,14 +144,16 @@ async fn request(http: &reqwest::Client, gateway: &str, rng: &mut StdRng) -> Out
         return match (
             answer["usage"]["billing"]["billed_tokens"].as_u64(),
             answer["usage"]["billing"]["tokens_used"].as_u64(),
+            tokens_of(&answer["usage"]),
         ) {
-            (Some(billed), Some(counter)) => {
+            (Some(billed), Some(counter), Some(tokens)) => {
                 note_verdict(&answer["usage"]);
                 Outcome::Acked {
                     key,
                     billed,
                     counter,
                     content: content.as_str().unwrap_or_default().to_owned(),
+                    tokens,
                 }
             }
             _ => Outcome::Interrupted { key, content: None },
@@ -173,26 +177,36 @@ async fn request(http: &reqwest::Client, gateway: &str, rng: &mut StdRng) -> Out
         if let Some(billed) = chunk["error"]["message"].as_str().and_then(cut_off_bill) {
             return Outcome::CutOff { billed };
         }
-        if let (Some(billed), Some(counter)) = (
+        if let (Some(billed), Some(counter), Some(tokens)) = (
             chunk["usage"]["billing"]["billed_tokens"].as_u64(),
             chunk["usage"]["billing"]["tokens_used"].as_u64(),
+            tokens_of(&chunk["usage"]),
         ) {
             note_verdict(&chunk["usage"]);
-            bill = Some((billed, counter));
+            bill = Some((billed, counter, tokens));
         }
     }
     match bill {
-        Some((billed, counter)) => Outcome::Acked {
+        Some((billed, counter, tokens)) => Outcome::Acked {
             key,
             billed,
             counter,
             content,
+            tokens,
         },
         None => Outcome::Interrupted {
             key,
             content: Some(content),
         },
     }
+}
+
+/// An answer's prompt tokens (cached ones included) and completion tokens, from its usage.
+fn tokens_of(usage: &Value) -> Option<(u64, u64)> {
+    Some((
+        usage["prompt_tokens"].as_u64()?,
+        usage["completion_tokens"].as_u64()?,
+    ))
 }
 
 /// What the proxy says it billed for the delivered part of an answer its worker failed
@@ -233,6 +247,7 @@ async fn probe(http: &reqwest::Client, gateway: &str, tally: &Shared) -> bool {
             .as_str()
             .unwrap()
             .to_owned(),
+        tokens: tokens_of(&answer["usage"]).unwrap(),
     };
     tally.lock().unwrap().outcomes.push((acked, false));
     true
@@ -311,8 +326,8 @@ fn subset_sum(groups: &[Vec<u64>], target: u64) -> bool {
 fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
     // Greedy decoding is not batch-invariant in llama.cpp: the same request batched with
     // different neighbours can take another token and so end differently. So each request
-    // may have several full answers, each with its own bill.
-    let mut answers: HashMap<&Key, BTreeMap<&str, u64>> = HashMap::new();
+    // may have several full answers, each with its own token counts.
+    let mut answers: HashMap<&Key, BTreeMap<&str, (u64, u64)>> = HashMap::new();
     let mut counters = Vec::new();
     let mut acked = 0;
     for (o, _) in &tally.outcomes {
@@ -321,12 +336,13 @@ fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
             billed,
             counter,
             content,
+            tokens,
         } = o
         {
             answers
                 .entry(key)
                 .or_default()
-                .insert(content.as_str(), *billed);
+                .insert(content.as_str(), *tokens);
             counters.push(*counter);
             acked += billed;
         }
@@ -356,15 +372,29 @@ fn reconcile(client: usize, tally: &Tally, charged: u64) -> (u64, u64) {
     let lost = charged - acked;
     // The only charge a client may not have seen: an answer generated in full, settled, and
     // cut off on its way back by a proxy kill. Each such request contributes the bill of one
-    // of its full answers; a streamed one only of the answer it had begun to show.
+    // of its full answers; a streamed one only of the answer it had begun to show. How much
+    // of its prompt the worker's prompt cache held is unknown (it depends on what ran before
+    // on that worker), so each full answer may have cost any split of its prompt into
+    // computed and cached tokens, each at its multiplier.
+    let params = &dev_params();
+    let splits = |&(prompt, completion): &(u64, u64)| {
+        (0..=prompt).map(move |cached| {
+            params
+                .weighted_answer(prompt - cached, cached, completion, 0)
+                .unwrap()
+        })
+    };
     let bills_of = |key: &Key, shown: Option<&str>| -> Vec<u64> {
         let Some(full) = answers.get(key) else {
             return Vec::new();
         };
-        match shown {
-            Some(c) => full.get(c).copied().into_iter().collect(),
-            None => full.values().copied().collect(),
-        }
+        let mut bills: Vec<u64> = match shown {
+            Some(c) => full.get(c).into_iter().flat_map(splits).collect(),
+            None => full.values().flat_map(splits).collect(),
+        };
+        bills.sort_unstable();
+        bills.dedup();
+        bills
     };
     let candidates: Vec<Vec<u64>> = tally
         .outcomes
