@@ -17,6 +17,10 @@ pub struct Claims {
     /// quote's RTMR3.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub measured: Vec<crate::MeasuredEvent>,
+    /// A worker's HPKE public key (X25519, hex), made in the TD: gateways seal requests to it,
+    /// so only this attested process reads them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<String>,
 }
 
 impl Claims {

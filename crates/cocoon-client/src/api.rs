@@ -132,6 +132,9 @@ impl AppState {
 /// once here, so the gateway knows how the proxy must name its contract.
 /// The longest `registry_refresh_secs` may be.
 const MAX_REGISTRY_REFRESH_SECS: u64 = 3600;
+/// A sealed chunk is opened as it is read; one that reaches the API layer came on an answer
+/// the gateway did not seal.
+const UNOPENED: &str = "the proxy sent a sealed chunk on an answer this gateway did not seal";
 
 async fn open_ledger(
     ledgers: &dyn LedgerOpener,
@@ -610,6 +613,9 @@ async fn answer(
             ))) => break (finish_reason, usage, billing),
             Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
                 return Err(error.into());
+            }
+            Some(Ok((GenerateEvent::Sealed { .. }, _))) => {
+                return Err(ProtocolError::internal(UNOPENED).into());
             }
             None => return Err(ProtocolError::internal("the answer ended early").into()),
         }

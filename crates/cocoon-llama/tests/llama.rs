@@ -72,6 +72,7 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
             } => c.done = Some((finish_reason, usage)),
             GenerateEvent::Error { error } => c.error = Some(error),
             GenerateEvent::Reasoning { .. } => panic!("this model does not reason"),
+            GenerateEvent::Sealed { .. } => panic!("an engine never seals: its worker does"),
         }
     }
     c

@@ -71,7 +71,15 @@ pub struct EventReader {
     /// call to [`Self::next`], so a caller may give up on a `next` (to send a keep-alive, say)
     /// and call again without resetting it.
     heard: tokio::time::Instant,
+    /// Opens a sealed answer's events, when the answer is sealed.
+    unseal: Option<Unseal>,
 }
+
+/// Turns each event of a sealed answer as received into the event for the reader: a chunk's
+/// own event, `None` for one that holds nothing for the reader yet, an error for a chunk that
+/// does not open (see `cocoon-seal`).
+pub type Unseal =
+    Box<dyn FnMut(GenerateEvent) -> Result<Option<GenerateEvent>, ProtocolError> + Send + Sync>;
 
 impl EventReader {
     /// Reads events from `body`, with no silence limit.
@@ -82,7 +90,14 @@ impl EventReader {
             finished: false,
             silence_limit: None,
             heard: tokio::time::Instant::now(),
+            unseal: None,
         }
+    }
+
+    /// Reads a sealed answer: every event passes through `unseal` first.
+    pub fn with_unseal(mut self, unseal: Unseal) -> Self {
+        self.unseal = Some(unseal);
+        self
     }
 
     /// Ends the stream with an error when the peer sends nothing for `limit`: keep-alive pings
@@ -113,11 +128,26 @@ impl EventReader {
                     };
                     if !matches!(
                         event,
-                        GenerateEvent::Delta { .. } | GenerateEvent::Reasoning { .. }
+                        GenerateEvent::Delta { .. }
+                            | GenerateEvent::Reasoning { .. }
+                            | GenerateEvent::Sealed { .. }
                     ) {
                         self.finished = true;
                     }
-                    return Some(Ok((event, frame)));
+                    let Some(unseal) = &mut self.unseal else {
+                        return Some(Ok((event, frame)));
+                    };
+                    match unseal(event) {
+                        Ok(Some(event)) => {
+                            let frame = cocoon_protocol::encode_frame(&event);
+                            return Some(Ok((event, frame)));
+                        }
+                        Ok(None) => continue,
+                        Err(e) => {
+                            self.finished = true;
+                            return Some(Err(e));
+                        }
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {

@@ -59,9 +59,28 @@ impl Channel {
         request: &GenerateRequest,
         id: Option<RequestId>,
     ) -> Result<EventReader, ProtocolError> {
+        self.open_stream(paths::GENERATE, request, id).await
+    }
+
+    /// [`Self::generate`] for a sealed request ([`paths::SEALED`]): the answer's events come
+    /// sealed, for the reader to open.
+    pub async fn generate_sealed(
+        &self,
+        request: &cocoon_protocol::SealedRequest,
+        id: Option<RequestId>,
+    ) -> Result<EventReader, ProtocolError> {
+        self.open_stream(paths::SEALED, request, id).await
+    }
+
+    async fn open_stream<B: serde::Serialize>(
+        &self,
+        path: &'static str,
+        request: &B,
+        id: Option<RequestId>,
+    ) -> Result<EventReader, ProtocolError> {
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(paths::GENERATE)
+            .uri(path)
             .header(http::header::CONTENT_TYPE, "application/json");
         if let Some(id) = id {
             req = req.header(REQUEST_ID_HEADER, id.to_string());

@@ -11,8 +11,8 @@ mod channel;
 mod conn;
 
 pub use body::{
-    Body, BoxError, EventReader, empty, error_response, event_stream_response, frames_body, full,
-    json, no_route, read_json, response, status_of,
+    Body, BoxError, EventReader, Unseal, empty, error_response, event_stream_response, frames_body,
+    full, json, no_route, read_json, response, status_of,
 };
 pub use channel::Channel;
 pub use conn::{

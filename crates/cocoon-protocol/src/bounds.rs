@@ -75,6 +75,17 @@ impl Relayed {
         self.bytes = self.bytes.saturating_add(text.len() as u64);
     }
 
+    /// Adds one sealed chunk of `tokens` (`reasoning` of them thinking) whose ciphertext is
+    /// `base64_len` characters of base64: its text is at most that many bytes (less the tag).
+    pub fn add_sealed(&mut self, tokens: u32, reasoning: u32, base64_len: usize) {
+        let reasoning = reasoning.min(tokens);
+        let bytes =
+            ((base64_len as u64).div_ceil(4) * 3).saturating_sub(crate::SEAL_TAG_BYTES as u64);
+        self.tokens = self.tokens.saturating_add(u64::from(tokens));
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.reasoning = self.reasoning.saturating_add(u64::from(reasoning));
+    }
+
     /// Adds one delta of reasoning.
     pub fn add_reasoning(&mut self, tokens: u32, text: &str) {
         self.add(tokens, text);
@@ -116,6 +127,22 @@ impl UsageBounds {
                 .map(|s| s.len() as u64)
                 .max()
                 .unwrap_or(0),
+        }
+        .within(context_length)
+    }
+
+    /// The bounds of a sealed request, which the proxy cannot read: its prompt is bounded by
+    /// the size of its ciphertext (a token covers at least one byte, JSON encodes a byte of
+    /// text in at least one, and a message's JSON costs more bytes than its template adds
+    /// tokens), a withheld stop sequence by the longest one allowed.
+    pub fn sealed(request: &crate::SealedRequest, context_length: u32) -> Self {
+        Self {
+            prompt: request
+                .plaintext_bound()
+                .saturating_add(TEMPLATE_TOKENS_PER_CONVERSATION),
+            completion: 0,
+            max_tokens: request.header.max_tokens,
+            withheld: crate::messages::MAX_STOP_BYTES as u64,
         }
         .within(context_length)
     }

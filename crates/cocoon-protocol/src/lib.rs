@@ -9,6 +9,7 @@ mod bounds;
 mod error;
 mod frame;
 mod messages;
+mod sealed;
 
 pub use bounds::{Bounded, Relayed, UsageBounds};
 pub use error::{ErrorKind, ProtocolError};
@@ -19,10 +20,15 @@ pub use messages::{
     Payout, PricedTokens, Refund, RequestId, ResponseFormat, Role, SamplingParams, Usage,
     WorkerHello, is_model_hash,
 };
+pub use sealed::{
+    Candidate, CandidateQuery, Candidates, MAX_CANDIDATES, Receipt, Recipient, SEAL_TAG_BYTES,
+    SealedHeader, SealedRequest,
+};
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
 /// 3: requests carry `logit_bias` and `response_format`, which an older worker would ignore.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: sealed requests and answers ([`paths::SEALED`], [`paths::CANDIDATES`]).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// ALPN name a client gateway offers when it connects to a proxy.
 pub const ALPN_CLIENT: &[u8] = b"cocoon/1/client";
@@ -49,6 +55,12 @@ pub mod paths {
     /// client's requests whose answer ended without one; answered by a
     /// [`LateBill`](crate::LateBill).
     pub const BILL: &str = "/cocoon/v1/bill";
+    /// `POST` (client to proxy): a [`CandidateQuery`](crate::CandidateQuery), answered by the
+    /// [`Candidates`](crate::Candidates) a sealed request may be encrypted to.
+    pub const CANDIDATES: &str = "/cocoon/v1/candidates";
+    /// `POST`: a [`SealedRequest`](crate::SealedRequest) body (client to proxy, proxy to
+    /// worker), answered like [`GENERATE`] with the answer's events sealed.
+    pub const SEALED: &str = "/cocoon/v1/sealed";
 }
 
 /// Header of a client's [`paths::GENERATE`] request: the client's id for the request (32 hex

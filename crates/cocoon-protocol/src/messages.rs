@@ -529,6 +529,28 @@ pub enum GenerateEvent {
         /// How many generated tokens `text` accounts for.
         tokens: u32,
     },
+    /// An event of a sealed answer, encrypted to the client's gateway (see
+    /// [`SealedRequest`](crate::SealedRequest)): a `Delta` or `Reasoning`, or, in the `last`
+    /// chunk, the worker's own `Done`. Its counts travel in clear (and are authenticated
+    /// with it) so that the proxy can bill what it relays.
+    Sealed {
+        /// Position in the answer, from 0: a chunk dropped, repeated or moved fails to open.
+        seq: u64,
+        /// Whether this is the answer's last chunk (it holds the worker's `Done`); an answer
+        /// that ends without one was cut.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        last: bool,
+        /// Generated tokens the chunk accounts for.
+        tokens: u32,
+        /// Of `tokens`, those of the model's reasoning.
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        reasoning: u32,
+        /// The encrypted event, base64.
+        data: String,
+        /// On the last chunk: the worker's signed receipt over the answer and its counts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        receipt: Option<Box<crate::Receipt>>,
+    },
     /// The generation ended normally.
     Done {
         /// Why the generation stopped.

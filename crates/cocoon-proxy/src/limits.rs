@@ -12,7 +12,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cocoon_protocol::{GenerateRequest, ProtocolError};
+#[cfg(test)]
+use cocoon_protocol::GenerateRequest;
+use cocoon_protocol::ProtocolError;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -192,13 +194,13 @@ impl Limiter {
         client: [u8; 32],
         request: &GenerateRequest,
     ) -> Result<RequestPermit, ProtocolError> {
-        self.check(request)?;
+        self.check(request.params.max_tokens)?;
         self.permit(client)
     }
 
     /// Refuses a request asking for more than this proxy allows.
-    pub(crate) fn check(&self, request: &GenerateRequest) -> Result<(), ProtocolError> {
-        if let (Some(asked), Some(limit)) = (request.params.max_tokens, self.config.max_tokens)
+    pub(crate) fn check(&self, max_tokens: Option<u32>) -> Result<(), ProtocolError> {
+        if let (Some(asked), Some(limit)) = (max_tokens, self.config.max_tokens)
             && asked > limit
         {
             return Err(ProtocolError::invalid(format!(

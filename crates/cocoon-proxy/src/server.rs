@@ -29,6 +29,10 @@ use crate::workers::{WorkerLink, WorkerSet};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest body of a client's ask for a bill: one request id.
 const LATE_BILL_QUERY_BYTES: usize = 256;
+/// Largest candidate query (a model id and a price).
+const CANDIDATE_QUERY_BYTES: usize = 4096;
+/// The answer length candidates are ranked for (their expected time is part of the score).
+const CANDIDATE_TOKENS: u32 = 256;
 /// How often changed reputation records are written (penalties are written at once).
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -562,6 +566,13 @@ impl State {
         };
         let (_, conn) = tls.get_ref();
         let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        // A worker's is offered to gateways, which verify it themselves before sealing a
+        // request to it.
+        let certificate = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec())
+            .unwrap_or_default();
         let Some(peer) = cocoon_tls::peer_identity(conn.peer_certificates()) else {
             tracing::debug!(%peer_addr, "peer presented no usable certificate");
             return;
@@ -604,8 +615,8 @@ impl State {
                     tracing::warn!(%peer_addr, "worker connection refused: [limits] worker_connections reached");
                     return;
                 };
-                self.worker_connection(tls, peer.fingerprint, key, verified, peer_addr)
-                    .await;
+                let who = (peer.fingerprint, key, certificate);
+                self.worker_connection(tls, who, verified, peer_addr).await;
             }
             _ => tracing::debug!(%peer_addr, "peer offered no cocoon protocol"),
         }
@@ -614,8 +625,7 @@ impl State {
     async fn worker_connection(
         &self,
         tls: cocoon_net::ServerTls,
-        fingerprint: Fingerprint,
-        public_key: [u8; 32],
+        (fingerprint, public_key, certificate): (Fingerprint, [u8; 32], Vec<u8>),
         attestation: Verified,
         peer_addr: SocketAddr,
     ) {
@@ -665,6 +675,7 @@ impl State {
             offers,
             WorkerLink {
                 fingerprint,
+                certificate,
                 attestation,
                 channel,
                 evict: evict.clone(),
@@ -707,7 +718,14 @@ impl State {
         match (req.method(), req.uri().path()) {
             (&Method::GET, paths::MODELS) => response(StatusCode::OK, json(&self.workers.models())),
             (&Method::GET, paths::STATUS) => response(StatusCode::OK, json(&self.public_status())),
-            (&Method::POST, paths::GENERATE) => relay::generate(&self, client, req).await,
+            (&Method::POST, paths::GENERATE) => relay::generate(&self, client, req, false).await,
+            (&Method::POST, paths::SEALED) => relay::generate(&self, client, req, true).await,
+            (&Method::POST, paths::CANDIDATES) => {
+                match self.candidates(client, req.into_body()).await {
+                    Ok(candidates) => response(StatusCode::OK, json(&candidates)),
+                    Err(e) => error_response(&e),
+                }
+            }
             (&Method::POST, paths::BILL) => match self.late_bill(client, req.into_body()).await {
                 Ok(bill) => response(StatusCode::OK, json(&bill)),
                 Err(e) => error_response(&e),
@@ -781,6 +799,39 @@ impl State {
                     l.add(w.healthy(), w.capacity, w.in_flight())
                 }),
         }
+    }
+
+    /// The workers a sealed request for a model may be encrypted to: the market's best few
+    /// within the client's price, each with the certificate it presented here (the gateway
+    /// verifies it against its own policy). Counts against the client's rate like a request.
+    async fn candidates(
+        &self,
+        client: [u8; 32],
+        body: Incoming,
+    ) -> Result<cocoon_protocol::Candidates, ProtocolError> {
+        use base64::Engine as _;
+        let _permit = self.limiter.permit(client)?;
+        let query: cocoon_protocol::CandidateQuery =
+            cocoon_net::read_json(body, CANDIDATE_QUERY_BYTES).await?;
+        self.workers
+            .can_serve(&query.model, query.max_price)
+            .map_err(|no| crate::relay::no_pick(no, &query.model, query.max_price))?;
+        let candidates = self
+            .workers
+            .candidates(
+                &query.model,
+                query.max_price,
+                CANDIDATE_TOKENS,
+                cocoon_protocol::MAX_CANDIDATES,
+            )
+            .into_iter()
+            .filter(|w| !w.link.certificate.is_empty())
+            .map(|w| cocoon_protocol::Candidate {
+                worker: w.link.fingerprint.to_string(),
+                certificate: base64::engine::general_purpose::STANDARD.encode(&w.link.certificate),
+            })
+            .collect();
+        Ok(cocoon_protocol::Candidates { candidates })
     }
 
     /// The bill of one of `client`'s requests, which it asks for by the request's id. Counts

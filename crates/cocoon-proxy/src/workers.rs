@@ -17,6 +17,8 @@ use crate::market::{Market, Outcome, Seller};
 pub struct WorkerLink {
     /// The worker's key fingerprint.
     pub fingerprint: Fingerprint,
+    /// The certificate (DER) the worker presented: offered to gateways that seal requests.
+    pub certificate: Vec<u8>,
     /// What the worker proved in its handshake.
     pub attestation: Verified,
     pub(crate) channel: Channel,

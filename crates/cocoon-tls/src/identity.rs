@@ -48,6 +48,10 @@ pub enum IdentityError {
     /// rustls does not accept the key as a signing key.
     #[error("rustls refused the key: {0}")]
     Rustls(rustls::Error),
+    /// An encryption key was given to an identity without attestation: nothing would bind
+    /// it to what runs.
+    #[error("an encryption key needs an attested identity (set an attester)")]
+    NotAttested,
 }
 
 /// SHA-256 of a node's raw Ed25519 public key: the stable name of a node, what operators pin.
@@ -96,6 +100,8 @@ struct Attestation {
     role: String,
     /// What this node measured into RTMR3, named in every certificate's claims.
     measured: Vec<cocoon_attest::MeasuredEvent>,
+    /// The node's HPKE public key (a worker's), named in every certificate's claims.
+    encryption_key: Option<[u8; 32]>,
 }
 
 struct Issued {
@@ -192,9 +198,23 @@ impl Identity {
             attester,
             role: role.to_owned(),
             measured,
+            encryption_key: None,
         };
         let issued = issue(&self.key_pair, &self.name, Some(&attestation))?;
         self.attestation = Some(attestation);
+        self.current = RwLock::new(issued);
+        Ok(self)
+    }
+
+    /// Names `key` (a worker's HPKE public key) in every certificate's claims from now on, so
+    /// the quote binds it like the TLS key.
+    pub fn with_encryption_key(mut self, key: [u8; 32]) -> Result<Self, IdentityError> {
+        let attestation = self
+            .attestation
+            .as_mut()
+            .ok_or(IdentityError::NotAttested)?;
+        attestation.encryption_key = Some(key);
+        let issued = issue(&self.key_pair, &self.name, self.attestation.as_ref())?;
         self.current = RwLock::new(issued);
         Ok(self)
     }
@@ -289,6 +309,7 @@ fn issue(
             public_key: hex::encode(key_pair.public_key_raw()),
             role: a.role.clone(),
             measured: a.measured.clone(),
+            encryption_key: a.encryption_key.map(hex::encode),
         }
         .to_bytes();
         let quote = a

@@ -249,6 +249,8 @@ impl RaTlsVerifier {
                 image_hash: m.image_hash(),
                 tcb_status: None,
                 config_hash: None,
+                measured: Vec::new(),
+                encryption_key: None,
             };
             return Ok(Verdict {
                 attested,
@@ -268,6 +270,8 @@ impl RaTlsVerifier {
             image_hash: v.measurements.image_hash(),
             tcb_status: Some(v.tcb_status),
             config_hash: None,
+            measured: Vec::new(),
+            encryption_key: None,
         };
         Ok(Verdict {
             attested,
@@ -308,9 +312,22 @@ impl PeerVerifier for RaTlsVerifier {
             .policy
             .check_measured(&measurements, &claims.measured)
             .map_err(|e| VerifyError::Policy(e.to_string()))?;
+        let encryption_key = match &claims.encryption_key {
+            None => None,
+            Some(k) => Some(
+                hex::decode(k)
+                    .ok()
+                    .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                    .ok_or_else(|| {
+                        VerifyError::Policy("the claims' encryption key is not 32 hex bytes".into())
+                    })?,
+            ),
+        };
         Ok(Verified {
             attestation: Some(Attested {
                 config_hash,
+                measured: claims.measured,
+                encryption_key,
                 ..attested
             }),
         })

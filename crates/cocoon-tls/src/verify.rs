@@ -172,6 +172,10 @@ pub struct Attested {
     pub tcb_status: Option<String>,
     /// The configuration the peer measured into RTMR3 (hex SHA-256 of it), if it did.
     pub config_hash: Option<String>,
+    /// What the peer measured into RTMR3, as its claims name it (replayed to the quote).
+    pub measured: Vec<cocoon_attest::MeasuredEvent>,
+    /// The peer's HPKE public key, if its claims name one (a worker's): bound by the quote.
+    pub encryption_key: Option<[u8; 32]>,
 }
 
 impl Verified {

@@ -21,6 +21,7 @@ fn claims_for(key: &[u8]) -> Claims {
         public_key: hex::encode(key),
         role: "worker".into(),
         measured: Vec::new(),
+        encryption_key: None,
     }
 }
 

@@ -116,6 +116,7 @@ fn ask(max_price: Option<u64>) -> Ask<'static> {
         exclude: &[],
         min_context: 0,
         max_context: None,
+        only: None,
     }
 }
 

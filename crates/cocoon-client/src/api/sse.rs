@@ -103,6 +103,10 @@ impl StreamState {
                             tracing::warn!(%error, "stream ended with an error");
                             return Some(error_event(&error_body(&error)));
                         }
+                        Some(Ok((GenerateEvent::Sealed { .. }, _))) => {
+                            let error = ProtocolError::internal(super::UNOPENED);
+                            return Some(error_event(&error_body(&error)));
+                        }
                         None => return None,
                     },
                 },

@@ -102,6 +102,14 @@ pub struct Seller<T> {
 }
 
 impl<T> Seller<T> {
+    /// SHA-256 of its key: how gateways and operators name it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        ring::digest::digest(&ring::digest::SHA256, &self.key)
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes")
+    }
+
     /// Requests picked for it and not yet finished (their [`LoadGuard`]s still held).
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
@@ -184,6 +192,9 @@ pub struct Ask<'a> {
     /// `max_tokens` is reserved for the context, so one whose client cannot cover the longest
     /// is held to the workers its reservation covers.
     pub max_context: Option<u32>,
+    /// Only workers whose key fingerprint is listed (`None`: any): a sealed request can be
+    /// read only by the workers it was sealed for.
+    pub only: Option<&'a [[u8; 32]]>,
 }
 
 /// Why no worker was picked.
@@ -417,6 +428,31 @@ impl<T> Market<T> {
         }
     }
 
+    /// At most `n` healthy workers serving `model` at or below `max_price`, the best for an
+    /// answer of `tokens` first (as [`Self::pick`] scores them, load included): the candidates
+    /// a sealed request is encrypted to.
+    pub fn candidates(
+        &self,
+        model: &str,
+        max_price: Option<u64>,
+        tokens: u32,
+        n: usize,
+    ) -> Vec<Arc<Seller<T>>> {
+        let index = self.index.read();
+        let Some(book) = index.books.get(model) else {
+            return Vec::new();
+        };
+        let now = self.now();
+        let mut scored: Vec<(f64, &Arc<Seller<T>>)> = book.by_price
+            [..self.affordable(book, max_price)]
+            .iter()
+            .filter(|(_, s)| s.healthy())
+            .map(|(p, s)| (self.score(s, *p, tokens, now, true), s))
+            .collect();
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+        scored.into_iter().take(n).map(|(_, s)| s.clone()).collect()
+    }
+
     /// What each worker serving `model` at or below `max_price` offers (health and load
     /// aside): its price, the network's floor applied, and its context.
     pub fn offers_within(&self, model: &str, max_price: Option<u64>) -> Vec<(u64, u32)> {
@@ -498,6 +534,7 @@ impl<T> Market<T> {
         let usable = |s: &Seller<T>| {
             s.healthy()
                 && !ask.exclude.contains(&s.id)
+                && ask.only.is_none_or(|o| o.contains(&s.fingerprint()))
                 && s.offer(ask.model).is_some_and(|o| {
                     o.context_length >= ask.min_context
                         && ask.max_context.is_none_or(|m| o.context_length <= m)

@@ -19,6 +19,7 @@ fn ask<'a>(model: &'a str, max_price: Option<u64>, exclude: &'a [u64]) -> Ask<'a
         exclude,
         min_context: 0,
         max_context: None,
+        only: None,
     }
 }
 

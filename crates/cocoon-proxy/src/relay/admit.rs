@@ -7,7 +7,9 @@ use std::future::Future;
 #[cfg(test)]
 use std::sync::Arc;
 
-use cocoon_protocol::{GenerateRequest, ProtocolError};
+#[cfg(test)]
+use cocoon_protocol::GenerateRequest;
+use cocoon_protocol::ProtocolError;
 
 use super::errors;
 #[cfg(test)]
@@ -17,10 +19,10 @@ use crate::market::Market;
 
 /// The request, once `read` (the body being read and parsed) has finished within the body
 /// timeout: a client that trickles its body does not hold a stream open for ever.
-pub(super) async fn read(
-    read: impl Future<Output = Result<GenerateRequest, ProtocolError>>,
+pub(super) async fn read<R>(
+    read: impl Future<Output = Result<R, ProtocolError>>,
     limits: &LimitsConfig,
-) -> Result<GenerateRequest, ProtocolError> {
+) -> Result<R, ProtocolError> {
     match tokio::time::timeout(limits.body_timeout(), read).await {
         Ok(read) => read,
         Err(_) => Err(ProtocolError::invalid(format!(
@@ -40,22 +42,22 @@ pub(super) fn admit<T>(
     request: &GenerateRequest,
 ) -> Result<RequestPermit, ProtocolError> {
     let permit = limiter.permit(client)?;
-    check(limiter, market, request)?;
+    request.validate()?;
+    check(limiter, market, &super::Routed::clear(request))?;
     Ok(permit)
 }
 
-/// What the request itself must pass once read (its slot taken already): this proxy's
-/// limits, its validity, and some worker able to serve it at the client's price.
+/// What the request must pass once read and validated (its slot taken already): this
+/// proxy's limits, and some worker able to serve it at the client's price.
 pub(super) fn check<T>(
     limiter: &Limiter,
     market: &Market<T>,
-    request: &GenerateRequest,
+    request: &super::Routed,
 ) -> Result<(), ProtocolError> {
-    limiter.check(request)?;
-    request.validate()?;
+    limiter.check(request.max_tokens)?;
     market
         .can_serve(&request.model, request.max_price)
-        .map_err(|no| errors::no_pick(no, request))?;
+        .map_err(|no| errors::no_pick(no, &request.model, request.max_price))?;
     Ok(())
 }
 
@@ -106,7 +108,12 @@ mod tests {
             ..LimitsConfig::default()
         };
         let start = tokio::time::Instant::now();
-        let error = read(std::future::pending(), &limits).await.unwrap_err();
+        let error = read(
+            std::future::pending::<Result<GenerateRequest, _>>(),
+            &limits,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(tokio::time::Instant::now() - start, Duration::from_secs(7));
         assert_eq!(error.kind, ErrorKind::InvalidRequest);
         assert_eq!(error.message, "the request body did not arrive within 7 s");
@@ -120,7 +127,9 @@ mod tests {
             Ok(request("m", 1.0, None))
         };
         assert_eq!(read(slow, &limits).await.unwrap().model, "m");
-        let broken = async { Err(ProtocolError::unavailable("request body broke off")) };
+        let broken = async {
+            Err::<GenerateRequest, _>(ProtocolError::unavailable("request body broke off"))
+        };
         let error = read(broken, &limits).await.unwrap_err();
         assert_eq!(error.message, "request body broke off");
     }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cocoon_net::{Body, EventReader, event_stream_response};
 use cocoon_protocol::{
-    GenerateEvent, GenerateRequest, Payout, ProtocolError, RequestId, Usage, encode_frame, paths,
+    GenerateEvent, GenerateRequest, Payout, ProtocolError, RequestId, SealedRequest, Usage,
+    encode_frame, paths,
 };
 use http::Response;
 use tokio::sync::mpsc;
@@ -74,13 +75,25 @@ pub(super) struct Started {
     first: (GenerateEvent, Bytes),
 }
 
+/// What is sent to the worker.
+pub(super) enum Payload {
+    /// A request the proxy can read.
+    Clear(GenerateRequest),
+    /// A request sealed for some workers, which the proxy relays unread.
+    Sealed(SealedRequest),
+}
+
 /// Asks `worker` for `request` and waits for its first event: one attempt of failover. An
 /// error event as the first one is a refusal, not the start of an answer.
 pub(super) async fn start(
     worker: Arc<WorkerEntry>,
-    request: &GenerateRequest,
+    request: &Payload,
 ) -> Result<Started, ProtocolError> {
-    let mut events = worker.link.channel.generate(request, None).await?;
+    let channel = &worker.link.channel;
+    let mut events = match request {
+        Payload::Clear(request) => channel.generate(request, None).await?,
+        Payload::Sealed(request) => channel.generate_sealed(request, None).await?,
+    };
     match events.next().await {
         Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => Err(error),
         Some(Ok(first)) => Ok(Started { events, first }),
@@ -225,6 +238,22 @@ impl Answer {
                 }
                 Some(Ok((GenerateEvent::Delta { tokens, text }, frame))) => {
                     relayed.add(tokens, &text);
+                    if tx.send(frame).await.is_err() {
+                        break End::ClientLeft;
+                    }
+                }
+                // A sealed event: what it holds is unknown here, what it claims (in clear,
+                // authenticated for the gateway) is billed as a delta's, within its size.
+                Some(Ok((
+                    GenerateEvent::Sealed {
+                        tokens,
+                        reasoning,
+                        data,
+                        ..
+                    },
+                    frame,
+                ))) => {
+                    relayed.add_sealed(tokens, reasoning, data.len());
                     if tx.send(frame).await.is_err() {
                         break End::ClientLeft;
                     }

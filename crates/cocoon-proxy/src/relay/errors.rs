@@ -2,31 +2,40 @@
 //! message, status and `Retry-After` a client sees for each way of not being served can be
 //! read (and checked) side by side.
 
-use cocoon_protocol::{ErrorKind, GenerateRequest, ProtocolError};
+use cocoon_protocol::{ErrorKind, ProtocolError};
 
 use crate::market::NoPick;
 
-/// Why the market had no worker for `request`, in the client's terms.
-pub(super) fn no_pick(no: NoPick, request: &GenerateRequest) -> ProtocolError {
+/// Why the market had no worker for `model` within `max_price`, in the client's terms.
+pub(crate) fn no_pick(no: NoPick, model: &str, max_price: Option<u64>) -> ProtocolError {
     match no {
         NoPick::UnknownModel => ProtocolError::new(
             ErrorKind::ModelNotFound,
             format!(
                 "The model '{}' does not exist or no worker serves it",
-                request.model
+                model
             ),
         ),
         NoPick::TooExpensive { cheapest } => ProtocolError::invalid(format!(
             "no worker serves '{}' at or below max_price {} nanoton per token; the cheapest \
              asks {cheapest}",
-            request.model,
-            request.max_price.unwrap_or(0)
+            model,
+            max_price.unwrap_or(0)
         )),
         NoPick::NoneAvailable => ProtocolError::unavailable(format!(
             "no worker for model '{}' can take the request now",
-            request.model
+            model
         )),
     }
+}
+
+/// A sealed request none of whose recipients can take it now: the gateway asks for candidates
+/// again (the set it sealed for may have left).
+pub(crate) fn none_sealed_for(model: &str) -> ProtocolError {
+    ProtocolError::unavailable(format!(
+        "none of the workers this request was sealed for can take it now (model '{model}'); \
+         ask for candidates again"
+    ))
 }
 
 /// The one error a client gets after failover gave up: the last reason, and how many
@@ -57,37 +66,23 @@ pub(super) fn exhausted(
 
 #[cfg(test)]
 mod tests {
-    use cocoon_protocol::{Input, SamplingParams};
-
     use super::*;
-
-    fn request(max_price: Option<u64>) -> GenerateRequest {
-        GenerateRequest {
-            model: "m".into(),
-            input: Input::Text {
-                prompt: "hi".into(),
-            },
-            params: SamplingParams::default(),
-            max_price,
-            cache_scope: None,
-        }
-    }
 
     #[test]
     fn each_no_pick_names_its_reason_and_status() {
-        let unknown = no_pick(NoPick::UnknownModel, &request(None));
+        let unknown = no_pick(NoPick::UnknownModel, "m", None);
         assert_eq!(unknown.kind, ErrorKind::ModelNotFound);
         assert_eq!(
             unknown.message,
             "The model 'm' does not exist or no worker serves it"
         );
-        let dear = no_pick(NoPick::TooExpensive { cheapest: 25 }, &request(Some(20)));
+        let dear = no_pick(NoPick::TooExpensive { cheapest: 25 }, "m", Some(20));
         assert_eq!(dear.kind, ErrorKind::InvalidRequest);
         assert_eq!(
             dear.message,
             "no worker serves 'm' at or below max_price 20 nanoton per token; the cheapest asks 25"
         );
-        let busy = no_pick(NoPick::NoneAvailable, &request(None));
+        let busy = no_pick(NoPick::NoneAvailable, "m", None);
         assert_eq!(busy.kind, ErrorKind::Unavailable);
         assert_eq!(
             busy.message,

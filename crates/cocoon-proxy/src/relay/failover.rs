@@ -12,13 +12,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_protocol::{ErrorKind, GenerateRequest, ProtocolError};
+use cocoon_protocol::{ErrorKind, ProtocolError};
 use tokio::time::Instant;
 
+use super::Routed;
 use super::errors;
 use super::reach::Ceiling;
 use crate::config::RoutingConfig;
-use crate::market::{Ask, LoadGuard, Market, Outcome, Seller, affinity};
+use crate::market::{Ask, LoadGuard, Market, NoPick, Outcome, Seller};
 
 /// Tokens an answer without `max_tokens` is expected to take, for comparing workers.
 const EXPECTED_TOKENS: u32 = 256;
@@ -34,7 +35,7 @@ pub(super) struct Begun<T, S> {
     pub first_at: Instant,
 }
 
-fn context_of<T>(worker: &Seller<T>, request: &GenerateRequest) -> Option<u32> {
+fn context_of<T>(worker: &Seller<T>, request: &Routed) -> Option<u32> {
     worker.offer(&request.model).map(|o| o.context_length)
 }
 
@@ -48,7 +49,7 @@ fn context_of<T>(worker: &Seller<T>, request: &GenerateRequest) -> Option<u32> {
 pub(super) async fn run<T, S, F, Fut>(
     market: &Market<T>,
     routing: &RoutingConfig,
-    request: &GenerateRequest,
+    request: &Routed,
     ceiling: Ceiling,
     mut attempt: F,
 ) -> Result<Begun<T, S>, ProtocolError>
@@ -58,9 +59,8 @@ where
 {
     let first_token_timeout = Duration::from_secs(routing.first_token_timeout_secs);
     let deadline = Instant::now() + Duration::from_secs(routing.start_deadline_secs);
-    let prefix = affinity::prefix_key(request);
+    let prefix = request.prefix;
     let tokens = request
-        .params
         .max_tokens
         .unwrap_or(EXPECTED_TOKENS)
         .min(EXPECTED_TOKENS * 4);
@@ -80,10 +80,14 @@ where
             exclude: &tried,
             min_context,
             max_context: ceiling.max_context,
+            only: request.only.as_deref(),
         }) {
             Ok(load) => load,
             Err(no) => {
-                last_error.get_or_insert_with(|| errors::no_pick(no, request));
+                last_error.get_or_insert_with(|| match (no, &request.only) {
+                    (NoPick::NoneAvailable, Some(_)) => errors::none_sealed_for(&request.model),
+                    _ => errors::no_pick(no, &request.model, request.max_price),
+                });
                 break;
             }
         };
@@ -235,8 +239,8 @@ mod tests {
         }
     }
 
-    fn request() -> GenerateRequest {
-        GenerateRequest {
+    fn request() -> Routed {
+        Routed::clear(&cocoon_protocol::GenerateRequest {
             model: "m".into(),
             input: Input::Text {
                 prompt: "hi".into(),
@@ -244,7 +248,7 @@ mod tests {
             params: SamplingParams::default(),
             max_price: None,
             cache_scope: None,
-        }
+        })
     }
 
     fn routing(

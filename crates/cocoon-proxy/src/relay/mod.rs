@@ -17,25 +17,35 @@ mod answer;
 mod errors;
 mod failover;
 mod reach;
+mod routed;
 
 use std::sync::Arc;
 
 use cocoon_net::{Body, error_response};
-use cocoon_protocol::{GenerateRequest, ProtocolError, REQUEST_ID_HEADER, RequestId};
+use cocoon_protocol::{
+    GenerateRequest, ProtocolError, REQUEST_ID_HEADER, RequestId, SealedRequest,
+};
 use http::Response;
 use hyper::body::Incoming;
 
+use self::answer::Payload;
 pub(crate) use self::answer::send_payout;
+pub(crate) use self::errors::no_pick;
 use self::reach::{Ceiling, Reach};
-use crate::billing::{Hold, UsageBounds};
+pub(crate) use self::routed::Routed;
+use crate::billing::Hold;
 use crate::server::State;
 
+/// Serves a generation request from `client`: a clear one, or with `sealed` one encrypted to
+/// the workers it names ([`SealedRequest`]), which is routed only among them and relayed
+/// without being read.
 pub(crate) async fn generate(
     state: &Arc<State>,
     client: [u8; 32],
     request: http::Request<Incoming>,
+    sealed: bool,
 ) -> Response<Body> {
-    match serve(state, client, request).await {
+    match serve(state, client, request, sealed).await {
         Ok(response) => response,
         Err(error) => error_response(&error),
     }
@@ -45,6 +55,7 @@ async fn serve(
     state: &Arc<State>,
     client: [u8; 32],
     request: http::Request<Incoming>,
+    sealed: bool,
 ) -> Result<Response<Body>, ProtocolError> {
     // The client's slot first: a client over its rate or its requests in flight costs no body
     // read (bodies are up to max_request_bytes, on many streams at once).
@@ -56,11 +67,26 @@ async fn serve(
         (Some(billing), Some(id)) => Some(billing.opening(client, id)?),
         _ => None,
     };
-    let read = cocoon_net::read_json(request.into_body(), state.max_request_bytes);
-    let mut request = admit::read(read, state.limiter.config()).await?;
+    let body = request.into_body();
+    let limits = state.limiter.config();
     // Workers share prompt caches only within a scope: this client's, under the gateway's
     // hint (an app's key, or a fresh value that opts out). The client cannot name another's.
-    request.cache_scope = Some(state.cache_scope(&client, request.cache_scope.as_deref()));
+    let (payload, request) = if sealed {
+        let read = cocoon_net::read_json::<SealedRequest>(body, state.max_request_bytes);
+        let mut request = admit::read(read, limits).await?;
+        request.validate()?;
+        request.cache_scope =
+            Some(state.cache_scope(&client, request.header.cache_hint.as_deref()));
+        let routed = Routed::sealed(&request)?;
+        (Payload::Sealed(request), routed)
+    } else {
+        let read = cocoon_net::read_json::<GenerateRequest>(body, state.max_request_bytes);
+        let mut request = admit::read(read, limits).await?;
+        request.validate()?;
+        request.cache_scope = Some(state.cache_scope(&client, request.cache_scope.as_deref()));
+        let routed = Routed::clear(&request);
+        (Payload::Clear(request), routed)
+    };
     admit::check(&state.limiter, &state.workers, &request)?;
     // What the worker may bill is fixed now, from the request itself and the workers it may
     // go to: the reservation covers exactly that, the routing keeps to those workers, and the
@@ -70,7 +96,7 @@ async fn serve(
         Some(reach) => (reach.ceiling(&request), reach.bounds),
         None => {
             let context = state.workers.context_length(&request.model);
-            let bounds = UsageBounds::new(&request, context.unwrap_or(u32::MAX));
+            let bounds = request.bounds(context.unwrap_or(u32::MAX));
             (Ceiling::of(&request), bounds)
         }
     };
@@ -79,7 +105,7 @@ async fn serve(
         &state.routing,
         &request,
         ceiling,
-        |worker| answer::start(worker, &request),
+        |worker| answer::start(worker, &payload),
     )
     .await?;
     let bill = answer::BillTo {
@@ -111,7 +137,7 @@ fn request_id(request: &http::Request<Incoming>) -> Result<Option<RequestId>, Pr
 async fn reserve(
     state: &State,
     client: [u8; 32],
-    request: &GenerateRequest,
+    request: &Routed,
 ) -> Result<(Option<Hold>, Option<Reach>), ProtocolError> {
     let Some(billing) = &state.billing else {
         return Ok((None, None));

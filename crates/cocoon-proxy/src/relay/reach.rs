@@ -7,7 +7,9 @@
 //! The reaches it chooses from grow worker by worker, cheapest worst case first, so a covered
 //! reach holds every cheaper worker too (a refusal there still has somewhere to go).
 
-use cocoon_protocol::{GenerateRequest, UsageBounds};
+use cocoon_protocol::UsageBounds;
+
+use super::Routed;
 
 use crate::workers::WorkerSet;
 
@@ -26,7 +28,7 @@ pub(crate) struct Reach {
 impl Reach {
     /// Every worker serving the request's model within its `max_price`: today's highest price
     /// and longest context. `None` when no worker serves it within the price.
-    pub(crate) fn widest(workers: &WorkerSet, request: &GenerateRequest) -> Option<Self> {
+    pub(crate) fn widest(workers: &WorkerSet, request: &Routed) -> Option<Self> {
         let price = workers.highest_price(&request.model, request.max_price)?;
         let context = workers.context_length(&request.model);
         Some(Self::at(request, price, context))
@@ -38,13 +40,9 @@ impl Reach {
     /// dearest of these the client covers leaves it the most workers (several reaches may
     /// share one ceiling: they come once). `widest`'s bounds are reused, so the prompt is not
     /// read again per worker.
-    pub(crate) fn narrower(
-        workers: &WorkerSet,
-        request: &GenerateRequest,
-        widest: &Reach,
-    ) -> Vec<Self> {
+    pub(crate) fn narrower(workers: &WorkerSet, request: &Routed, widest: &Reach) -> Vec<Self> {
         let mut offers = workers.offers_within(&request.model, request.max_price);
-        let open = request.params.max_tokens.is_none();
+        let open = request.max_tokens.is_none();
         let prompt = u128::from(widest.bounds.prompt());
         // The worst case's order without the network's multipliers: what a worker's own
         // reservation grows with, its price times its tokens.
@@ -68,19 +66,19 @@ impl Reach {
         reaches
     }
 
-    fn at(request: &GenerateRequest, price: u64, context: Option<u32>) -> Self {
+    fn at(request: &Routed, price: u64, context: Option<u32>) -> Self {
         // With max_tokens the context bounds nothing: no ceiling on it.
-        let context = context.filter(|_| request.params.max_tokens.is_none());
+        let context = context.filter(|_| request.max_tokens.is_none());
         Self {
             price,
             context,
-            bounds: UsageBounds::new(request, context.unwrap_or(u32::MAX)),
+            bounds: request.bounds(context.unwrap_or(u32::MAX)),
         }
     }
 
     /// What the routing keeps to under this reach: at most this price (and the client's own
     /// cap), at most this context.
-    pub(crate) fn ceiling(&self, request: &GenerateRequest) -> Ceiling {
+    pub(crate) fn ceiling(&self, request: &Routed) -> Ceiling {
         Ceiling {
             max_price: Some(request.max_price.map_or(self.price, |m| m.min(self.price))),
             max_context: self.context,
@@ -98,7 +96,7 @@ pub(crate) struct Ceiling {
 impl Ceiling {
     /// The request's own: its `max_price`, any context (without payments, nothing is reserved
     /// to keep to).
-    pub(crate) fn of(request: &GenerateRequest) -> Self {
+    pub(crate) fn of(request: &Routed) -> Self {
         Self {
             max_price: request.max_price,
             max_context: None,
@@ -111,8 +109,8 @@ mod tests {
     use super::*;
     use cocoon_protocol::{Input, SamplingParams};
 
-    fn request(max_tokens: Option<u32>, max_price: Option<u64>) -> GenerateRequest {
-        GenerateRequest {
+    fn request(max_tokens: Option<u32>, max_price: Option<u64>) -> Routed {
+        Routed::clear(&cocoon_protocol::GenerateRequest {
             model: "m".into(),
             input: Input::Text {
                 prompt: "hi".into(),
@@ -123,7 +121,7 @@ mod tests {
             },
             max_price,
             cache_scope: None,
-        }
+        })
     }
 
     #[test]

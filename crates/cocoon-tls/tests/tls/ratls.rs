@@ -203,6 +203,7 @@ async fn serve_handmade_cert(
         public_key: hex::encode(key.public_key_raw()),
         role: "proxy".into(),
         measured: Vec::new(),
+        encryption_key: None,
     }
     .to_bytes();
     let quote = attester
@@ -327,6 +328,7 @@ fn claiming(
         public_key: hex::encode(key.public_key_raw()),
         role: role.into(),
         measured: named,
+        encryption_key: None,
     }
     .to_bytes();
     let quote = attester
