@@ -394,12 +394,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .map(build_backend)
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let backend: Arc<dyn Backend> = Arc::new(ModelRouter::new(backends)?);
-            let identity = Arc::new(cfg.attester.identity(
+            let (identity, sealing) = cocoon_worker::with_sealing_key(cfg.attester.identity(
                 cfg.key_file.as_deref(),
                 "cocoon-worker",
                 "worker",
                 Some(cfg.measured()),
-            )?);
+            )?)?;
+            let identity = Arc::new(identity);
             println!("worker key fingerprint: {}", identity.fingerprint());
             let collateral = cocoon_collateral::NodeCollateral::prepare(&cfg.collateral)?;
             // With the registry's proxy images, the policy may list none of its own.
@@ -422,7 +423,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 proxy,
                 Duration::from_secs(cfg.max_reconnect_secs.max(1)),
             )
-            .with_prices(cfg.prices.clone());
+            .with_prices(cfg.prices.clone())
+            .with_sealing(sealing.map(Arc::new));
             if let Some(store) = payouts {
                 worker = worker.with_payouts(store);
             }

@@ -16,8 +16,8 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use cocoon_ledger::{Address, Ledger, LedgerOpener, Wallet};
 use cocoon_protocol::{
-    Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError, Usage,
-    UsageBounds,
+    Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError,
+    REQUEST_ID_HEADER, RequestId, Usage, UsageBounds,
 };
 use cocoon_tls::Identity;
 use serde::de::DeserializeOwned;
@@ -30,6 +30,7 @@ use crate::config::ClientConfig;
 use crate::guard::{self, Guard, KeyUse};
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
 use crate::pool::ProxyPool;
+use crate::sealing::Sealer;
 
 /// The gateway, bound and ready to serve.
 pub struct Gateway {
@@ -62,6 +63,8 @@ struct AppState {
     max_answer_bytes: usize,
     /// `stream_keep_alive_secs`: the longest a streamed answer goes without a byte to the app.
     stream_keep_alive: Option<std::time::Duration>,
+    /// Seals requests to verified workers (with `[worker_policy]`).
+    sealer: Option<Arc<Sealer>>,
 }
 
 /// An error answered in OpenAI's shape.
@@ -165,6 +168,26 @@ impl Gateway {
             .proxy_policy
             .registry_images(config.payments.proxy_images_from_registry)
             .build_with("proxy_policy", "proxy", &collateral.store)?;
+        let sealer = match &config.worker_policy {
+            Some(policy) => {
+                anyhow::ensure!(
+                    policy.require_attestation,
+                    "[worker_policy] must set require_attestation = true: a worker's encryption \
+                     key is bound to what it runs only by its quote"
+                );
+                let workers = policy.build_with("worker_policy", "worker", &collateral.store)?;
+                tracing::info!(
+                    "requests are sealed end to end to workers that pass [worker_policy]: the proxy routes them unread"
+                );
+                Some(Arc::new(Sealer::new(workers, &config.sealing)))
+            }
+            None => {
+                tracing::warn!(
+                    "no [worker_policy]: requests go to the proxy in clear, and the proxy can read every prompt and answer"
+                );
+                None
+            }
+        };
         let collateral = collateral.start().await;
         let client_key = identity
             .public_key()
@@ -231,6 +254,7 @@ impl Gateway {
             max_answer_bytes: config.max_answer_bytes,
             stream_keep_alive: (config.stream_keep_alive_secs > 0)
                 .then(|| std::time::Duration::from_secs(config.stream_keep_alive_secs)),
+            sealer,
         });
         let listener = TcpListener::bind(&config.listen)
             .await
@@ -245,6 +269,7 @@ impl Gateway {
             .route("/v1/chat/completions", post(generation::<ChatRequest>))
             .route("/v1/completions", post(generation::<CompletionRequest>))
             .route("/v1/network", get(network))
+            .route("/v1/receipts/{id}", get(receipt))
             .route("/health", get(|| async { "ok" }))
             .fallback(unknown_route)
             .method_not_allowed_fallback(method_not_allowed)
@@ -319,6 +344,30 @@ fn model_json(card: &cocoon_protocol::ListedModel) -> Value {
         "min_price": card.card.min_price,
         "max_price": card.max_price,
     })
+}
+
+/// `GET /v1/receipts/{id}`: the signed receipt the worker that served request `id` (the
+/// `cocoon-request-id` the gateway named it by, hex) handed over: what it counted, over the
+/// answer it sent. Kept for sealed answers only.
+async fn receipt(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<cocoon_protocol::Receipt>, ApiError> {
+    let not_found = |message: String| ApiError {
+        status: StatusCode::NOT_FOUND,
+        error: ProtocolError::invalid(message),
+    };
+    let Some(sealer) = &state.sealer else {
+        return Err(not_found(
+            "this gateway seals no requests ([worker_policy] is unset): there are no receipts"
+                .into(),
+        ));
+    };
+    let id: RequestId = id.parse()?;
+    sealer
+        .receipt(id)
+        .map(Json)
+        .ok_or_else(|| not_found(format!("no receipt is kept for request {id}")))
 }
 
 /// `GET /v1/network`: this gateway's proxies and how each stands, and what the first proxy
@@ -551,7 +600,24 @@ async fn answer(
     // Refusals (unknown model, prompt too long) come back here, before any byte of the answer,
     // so they keep their 4xx status even for streaming requests.
     let id = ticket.as_ref().map(|t| t.id);
-    let (events, link) = state.proxies.generate(&request, id).await?;
+    // A sealed request always has an id: the worker's receipt names it, and the app finds the
+    // receipt under it (the `cocoon-request-id` response header).
+    let id = match (&state.sealer, id) {
+        (Some(_), None) => Some(RequestId(rand::random())),
+        (_, id) => id,
+    };
+    let sealed_id = state.sealer.as_ref().and(id);
+    let (events, link, sealed) = match &state.sealer {
+        Some(sealer) => {
+            let (events, link, opener) =
+                state.proxies.generate_sealed(&request, id, sealer).await?;
+            (events, link, Some((opener, sealer.clone())))
+        }
+        None => {
+            let (events, link) = state.proxies.generate(&request, id).await?;
+            (events, link, None)
+        }
+    };
     let proxy = link.proxy_key();
     let contract = match proxy {
         Some(p) => state.contract_with(&p).await,
@@ -576,6 +642,7 @@ async fn answer(
         ticket,
         key,
         late: None,
+        sealed,
     };
     let meta = sse::Meta {
         id: new_id(endpoint),
@@ -583,14 +650,19 @@ async fn answer(
         model,
         endpoint,
     };
+    let receipt_id = sealed_id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok());
     if stream {
-        return Ok(sse::response(
+        let mut response = sse::response(
             events,
             meta,
             include_usage,
             parties,
             state.stream_keep_alive,
-        ));
+        );
+        if let Some(id) = receipt_id {
+            response.headers_mut().insert(REQUEST_ID_HEADER, id);
+        }
+        return Ok(response);
     }
     let mut events = events;
     let mut text = String::new();
@@ -645,5 +717,8 @@ async fn answer(
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(id) = receipt_id {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
     Ok(response)
 }

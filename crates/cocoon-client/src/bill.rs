@@ -654,9 +654,54 @@ pub(crate) struct Parties {
     pub key: Option<Arc<crate::guard::KeyHold>>,
     /// The unsettled request this is the late bill of, which its claim settles.
     pub late: Option<RequestId>,
+    /// For a sealed answer: its opener, which holds the serving worker's verified receipt
+    /// (the bill must charge exactly its counts), and where receipts are kept.
+    pub sealed: Option<(crate::sealing::SharedOpener, Arc<crate::sealing::Sealer>)>,
 }
 
 impl Parties {
+    /// A sealed answer's bill against the serving worker's signed receipt: the same counts,
+    /// or counts the proxy held to its bounds that weigh no more (a proxy may bill less than a
+    /// worker claims, never more), for the weights the receipt names.
+    fn check_receipt(
+        &self,
+        receipt: Option<&cocoon_protocol::Receipt>,
+        bill: &Billing,
+        usage: Usage,
+    ) -> Result<(), String> {
+        let receipt =
+            receipt.ok_or("the sealed answer ended without the serving worker's receipt")?;
+        if bill.model_hash.is_some() && bill.model_hash != receipt.model_hash {
+            return Err("the bill names other weights than the worker's receipt".into());
+        }
+        if receipt.usage == usage {
+            return Ok(());
+        }
+        let weigh = |u: &Usage| {
+            let p = u.priced();
+            let params = self.record.params.read().clone()?;
+            params
+                .weighted_answer(p.prompt, p.cached, p.completion, p.reasoning)
+                .ok()
+        };
+        match (weigh(&usage), weigh(&receipt.usage)) {
+            (Some(billed), Some(signed)) if billed <= signed => Ok(()),
+            _ => {
+                let counts = |u: &Usage| {
+                    format!(
+                        "{} prompt ({} cached) and {} completion ({} reasoning) tokens",
+                        u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens
+                    )
+                };
+                Err(format!(
+                    "the bill is for {}, more than the serving worker's signed receipt for {}",
+                    counts(&usage),
+                    counts(&receipt.usage)
+                ))
+            }
+        }
+    }
+
     /// Checks `bill` for an answer of `usage`; the reason when it does not hold. A bill that
     /// holds claims its counter range.
     #[cfg(test)]
@@ -763,6 +808,9 @@ impl Parties {
                 ));
             }
         }
+        if let Some((opener, _)) = &self.sealed {
+            self.check_receipt(opener.lock().receipt(), bill, usage)?;
+        }
         Ok(contract)
     }
 
@@ -776,6 +824,11 @@ impl Parties {
     ) -> Option<Result<(), String>> {
         if let Some(key) = &self.key {
             key.spend(u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens));
+        }
+        if let Some((opener, sealer)) = &self.sealed
+            && let Some(receipt) = opener.lock().receipt()
+        {
+            sealer.keep(receipt);
         }
         let verdict = match bill {
             Some(bill) => self.judged(bill, usage).await,
@@ -856,6 +909,7 @@ mod tests {
             ticket: None,
             key: None,
             late: None,
+            sealed: None,
         }
     }
 

@@ -39,10 +39,43 @@ pub struct ClientConfig {
     /// Which proxies get prompts: a pinned key (the fingerprint `cocoon proxy` prints) and/or
     /// an attested image. Checked before a byte of a prompt is sent.
     pub proxy_policy: PeerPolicy,
+    /// Which workers may read prompts: with `require_attestation` (and the images,
+    /// configurations and TCB it allows), every request is sealed end to end to workers this
+    /// gateway verified itself, so the proxy routes and bills it without reading it. Unset
+    /// (no table): requests go to the proxy in clear, as to COCOON's proxies.
+    pub worker_policy: Option<PeerPolicy>,
+    /// How requests are sealed to workers (with `[worker_policy]`).
+    pub sealing: SealingConfig,
     /// Where this client's contract with the proxy lives, for `cocoon client deposit`,
     /// `balance` and the rest. The gateway itself only learns from it how the proxy must name
     /// its contract (a TON root is read once at start): the proxy bills.
     pub payments: ClientPayments,
+}
+
+/// `[sealing]` in `client.toml`: sealing requests to verified workers (`[worker_policy]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SealingConfig {
+    /// The weights a worker must serve a model with, as its measured configuration names them
+    /// (hex SHA-256 of the GGUF, or what an upstream backend declares); empty: any.
+    pub model_hashes: Vec<String>,
+    /// Seconds a proxy's list of candidate workers is reused (it is fetched again at once when
+    /// none of them can take a request).
+    pub candidates_ttl_secs: u64,
+    /// Where the workers' signed receipts are appended (JSON lines), so a client can prove
+    /// what it was charged for; unset: kept in memory only (the latest 10,000, at
+    /// `GET /v1/receipts/{request id}`).
+    pub receipt_file: Option<PathBuf>,
+}
+
+impl Default for SealingConfig {
+    fn default() -> Self {
+        Self {
+            model_hashes: Vec::new(),
+            candidates_ttl_secs: 10,
+            receipt_file: None,
+        }
+    }
 }
 
 /// `[payments]` in `client.toml`.
@@ -104,6 +137,8 @@ impl ClientConfig {
                 "role": "client",
                 "proxies": self.proxies(),
                 "proxy_policy": self.proxy_policy.measured(),
+                "worker_policy": self.worker_policy.as_ref().map(PeerPolicy::measured),
+                "sealing_model_hashes": self.sealing.model_hashes,
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
                 "proxy_images_from_registry": self.payments.proxy_images_from_registry,
                 "registry_refresh_secs": self.payments.registry_refresh_secs,
@@ -127,6 +162,8 @@ impl Default for ClientConfig {
             attester: AttesterConfig::default(),
             collateral: cocoon_collateral::CollateralConfig::default(),
             proxy_policy: PeerPolicy::default(),
+            worker_policy: None,
+            sealing: SealingConfig::default(),
             payments: ClientPayments::default(),
         }
     }

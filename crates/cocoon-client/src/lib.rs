@@ -16,9 +16,10 @@ mod key_usage;
 mod link;
 pub mod openai;
 mod pool;
+mod sealing;
 
 pub use api::Gateway;
-pub use config::{ClientConfig, ClientPayments};
+pub use config::{ClientConfig, ClientPayments, SealingConfig};
 pub use guard::{AccessConfig, ApiKey};
 pub use link::ProxyLink;
 pub use pool::{ProxyPool, ProxyState};

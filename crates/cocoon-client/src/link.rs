@@ -5,8 +5,8 @@ use std::time::Duration;
 use cocoon_ledger::{ImageRole, Ledger};
 use cocoon_net::{Channel, EventReader};
 use cocoon_protocol::{
-    ALPN_CLIENT, BillQuery, ErrorKind, GenerateRequest, LateBill, ModelList, ProtocolError, Refund,
-    RequestId, paths,
+    ALPN_CLIENT, BillQuery, CandidateQuery, Candidates, ErrorKind, GenerateRequest, LateBill,
+    ModelList, ProtocolError, Refund, RequestId, SealedRequest, paths,
 };
 use cocoon_tls::{Identity, PeerVerifier, Verified};
 use tokio::sync::Mutex;
@@ -34,6 +34,26 @@ pub struct ProxyLink {
     registry: Option<Arc<dyn Ledger>>,
     /// Readings of the registry in a row that failed while connected.
     unreadable: AtomicU32,
+}
+
+/// A generation request as it leaves the gateway.
+#[derive(Clone, Copy)]
+enum Outgoing<'a> {
+    Clear(&'a GenerateRequest),
+    Sealed(&'a SealedRequest),
+}
+
+impl Outgoing<'_> {
+    async fn send(
+        self,
+        channel: &Channel,
+        id: Option<RequestId>,
+    ) -> Result<EventReader, ProtocolError> {
+        match self {
+            Outgoing::Clear(r) => channel.generate(r, id).await,
+            Outgoing::Sealed(r) => channel.generate_sealed(r, id).await,
+        }
+    }
 }
 
 /// Failed readings of the registry in a row after which a connected proxy is let go.
@@ -224,6 +244,32 @@ impl ProxyLink {
         request: &GenerateRequest,
         id: Option<RequestId>,
     ) -> Result<EventReader, ProtocolError> {
+        self.open(Outgoing::Clear(request), id).await
+    }
+
+    /// [`Self::generate`] for a request sealed to some of the proxy's workers.
+    pub async fn generate_sealed(
+        &self,
+        request: &SealedRequest,
+        id: Option<RequestId>,
+    ) -> Result<EventReader, ProtocolError> {
+        self.open(Outgoing::Sealed(request), id).await
+    }
+
+    /// The workers a sealed request for `query`'s model may be encrypted to, by the proxy's
+    /// word (the gateway verifies each).
+    pub async fn candidates(&self, query: &CandidateQuery) -> Result<Candidates, ProtocolError> {
+        self.channel()
+            .await?
+            .post_json(paths::CANDIDATES, query, MODELS_TIMEOUT)
+            .await
+    }
+
+    async fn open(
+        &self,
+        request: Outgoing<'_>,
+        id: Option<RequestId>,
+    ) -> Result<EventReader, ProtocolError> {
         tokio::time::timeout(PROXY_SILENCE, self.start(request, id))
             .await
             .map_err(|_| {
@@ -237,18 +283,18 @@ impl ProxyLink {
 
     async fn start(
         &self,
-        request: &GenerateRequest,
+        request: Outgoing<'_>,
         id: Option<RequestId>,
     ) -> Result<EventReader, ProtocolError> {
         let channel = self.channel().await?;
-        match channel.generate(request, id).await {
+        match request.send(&channel, id).await {
             // The proxy closes a connection that has been idle a while (its `idle_timeout`),
             // and a request can cross that close on the wire. The proxy only closes once no
             // request is open, so this one never started there: it is safe to send again on a
             // fresh connection.
             Err(e) if e.kind == ErrorKind::Unavailable && channel.is_closed() => {
                 tracing::debug!(error = %e, "proxy connection closed under a request; reconnecting");
-                self.channel().await?.generate(request, id).await
+                request.send(&self.channel().await?, id).await
             }
             answer => answer,
         }

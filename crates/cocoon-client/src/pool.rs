@@ -186,6 +186,20 @@ impl ProxyPool {
         Ok((events, &self.links[i].0))
     }
 
+    /// [`Self::generate`], sealed to workers `sealer` verified on the proxy that takes it.
+    pub(crate) async fn generate_sealed(
+        &self,
+        request: &GenerateRequest,
+        id: Option<RequestId>,
+        sealer: &crate::sealing::Sealer,
+    ) -> Result<(EventReader, &ProxyLink, crate::sealing::SharedOpener), ProtocolError> {
+        let ((events, opener), i) = self
+            .first(|link| sealer.generate(link, request, id))
+            .await?;
+        self.links[i].1.lock().answers += 1;
+        Ok((events, &self.links[i].0, opener))
+    }
+
     /// The link to the proxy whose key is `key` (hex), connecting the links not connected
     /// yet to learn theirs; `None` if no proxy of this gateway has it now.
     pub(crate) async fn link_for(&self, key: &str) -> Option<&ProxyLink> {

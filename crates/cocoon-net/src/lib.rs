@@ -9,6 +9,7 @@
 mod body;
 mod channel;
 mod conn;
+mod tap;
 
 pub use body::{
     Body, BoxError, EventReader, Unseal, empty, error_response, event_stream_response, frames_body,
@@ -18,3 +19,4 @@ pub use channel::Channel;
 pub use conn::{
     ClientTls, HANDSHAKE_TIMEOUT, ServerTls, accept_tls, connect_tls, serve_h2, serve_h2_counting,
 };
+pub use tap::{Direction, Tapped, WireTap};

@@ -132,14 +132,16 @@ impl UsageBounds {
     }
 
     /// The bounds of a sealed request, which the proxy cannot read: its prompt is bounded by
-    /// the size of its ciphertext (a token covers at least one byte, JSON encodes a byte of
-    /// text in at least one, and a message's JSON costs more bytes than its template adds
-    /// tokens), a withheld stop sequence by the longest one allowed.
+    /// the gateway's stated bound (which the worker checks against the prompt) and by the size
+    /// of its ciphertext (a token covers at least one byte, JSON encodes a byte of text in at
+    /// least one, and a message's JSON costs more bytes than its template adds tokens), a
+    /// withheld stop sequence by the longest one allowed.
     pub fn sealed(request: &crate::SealedRequest, context_length: u32) -> Self {
         Self {
             prompt: request
                 .plaintext_bound()
-                .saturating_add(TEMPLATE_TOKENS_PER_CONVERSATION),
+                .saturating_add(TEMPLATE_TOKENS_PER_CONVERSATION)
+                .min(request.header.prompt_bound),
             completion: 0,
             max_tokens: request.header.max_tokens,
             withheld: crate::messages::MAX_STOP_BYTES as u64,

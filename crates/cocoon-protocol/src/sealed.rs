@@ -32,6 +32,10 @@ pub struct SealedHeader {
     /// The most the client pays per weighted token, in nanoton.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_price: Option<u64>,
+    /// The most prompt tokens the request may be billed for, as the gateway computed it from
+    /// the prompt ([`UsageBounds`](crate::UsageBounds)): the proxy bills within it (and within
+    /// what the ciphertext's size allows), the worker refuses a request it understates.
+    pub prompt_bound: u64,
     /// A keyed hash (under a secret of the gateway) of the prompt's first message: the proxy
     /// sees repeats of a conversation, for cache affinity, without learning its prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +193,7 @@ mod tests {
                 model: "m".into(),
                 max_tokens: Some(4),
                 max_price: None,
+                prompt_bound: 100,
                 affinity: None,
                 cache_hint: None,
             },

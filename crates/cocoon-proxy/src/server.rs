@@ -45,6 +45,8 @@ pub struct Proxy {
 
 pub(crate) struct State {
     pub(crate) workers: WorkerSet,
+    /// Sees every clear byte of every connection, when a test asks ([`Proxy::with_wire_tap`]).
+    tap: std::sync::OnceLock<cocoon_net::WireTap>,
     pub(crate) max_request_bytes: usize,
     tls: Arc<rustls::ServerConfig>,
     fingerprint: Fingerprint,
@@ -293,6 +295,7 @@ impl Proxy {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let state = Arc::new(State {
             workers,
+            tap: std::sync::OnceLock::new(),
             routing: config.routing.clone(),
             max_request_bytes: config.max_request_bytes,
             tls,
@@ -319,6 +322,14 @@ impl Proxy {
             state,
             admin,
         })
+    }
+
+    /// Hands `tap` every byte this proxy reads from or writes to any peer, after TLS: what
+    /// the proxy itself could see. For tests that prove what a proxy never sees (a sealed
+    /// prompt); a proxy's operator can read its memory anyway, so it reveals nothing more.
+    pub fn with_wire_tap(self, tap: cocoon_net::WireTap) -> Self {
+        let _ = self.state.tap.set(tap);
+        self
     }
 
     /// The address the proxy listens on (with the port the system chose for port 0).
@@ -597,7 +608,7 @@ impl State {
                 // that does not exist is no activity). Status and model reads every few minutes
                 // would hold a slot for ever.
                 let _ = cocoon_net::serve_h2_counting(
-                    tls,
+                    cocoon_net::Tapped::new(tls, self.tap.get().cloned()),
                     idle,
                     |req| req.method() == Method::POST,
                     move |req| state.clone().client_request(client, req),
@@ -616,6 +627,7 @@ impl State {
                     return;
                 };
                 let who = (peer.fingerprint, key, certificate);
+                let tls = cocoon_net::Tapped::new(tls, self.tap.get().cloned());
                 self.worker_connection(tls, who, verified, peer_addr).await;
             }
             _ => tracing::debug!(%peer_addr, "peer offered no cocoon protocol"),
@@ -624,7 +636,7 @@ impl State {
 
     async fn worker_connection(
         &self,
-        tls: cocoon_net::ServerTls,
+        tls: cocoon_net::Tapped<cocoon_net::ServerTls>,
         (fingerprint, public_key, certificate): (Fingerprint, [u8; 32], Vec<u8>),
         attestation: Verified,
         peer_addr: SocketAddr,
@@ -720,12 +732,10 @@ impl State {
             (&Method::GET, paths::STATUS) => response(StatusCode::OK, json(&self.public_status())),
             (&Method::POST, paths::GENERATE) => relay::generate(&self, client, req, false).await,
             (&Method::POST, paths::SEALED) => relay::generate(&self, client, req, true).await,
-            (&Method::POST, paths::CANDIDATES) => {
-                match self.candidates(client, req.into_body()).await {
-                    Ok(candidates) => response(StatusCode::OK, json(&candidates)),
-                    Err(e) => error_response(&e),
-                }
-            }
+            (&Method::POST, paths::CANDIDATES) => match self.candidates(req.into_body()).await {
+                Ok(candidates) => response(StatusCode::OK, json(&candidates)),
+                Err(e) => error_response(&e),
+            },
             (&Method::POST, paths::BILL) => match self.late_bill(client, req.into_body()).await {
                 Ok(bill) => response(StatusCode::OK, json(&bill)),
                 Err(e) => error_response(&e),
@@ -803,14 +813,14 @@ impl State {
 
     /// The workers a sealed request for a model may be encrypted to: the market's best few
     /// within the client's price, each with the certificate it presented here (the gateway
-    /// verifies it against its own policy). Counts against the client's rate like a request.
+    /// verifies it against its own policy).
+    /// Not counted against the client's rate: as cheap as a model list, and fetched once per
+    /// model every few seconds beside the requests that are counted.
     async fn candidates(
         &self,
-        client: [u8; 32],
         body: Incoming,
     ) -> Result<cocoon_protocol::Candidates, ProtocolError> {
         use base64::Engine as _;
-        let _permit = self.limiter.permit(client)?;
         let query: cocoon_protocol::CandidateQuery =
             cocoon_net::read_json(body, CANDIDATE_QUERY_BYTES).await?;
         self.workers

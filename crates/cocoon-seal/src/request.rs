@@ -146,6 +146,13 @@ fn check_header(header: &SealedHeader, request: &GenerateRequest) -> Result<(), 
             header.max_tokens, request.params.max_tokens
         )));
     }
+    let bound = cocoon_protocol::UsageBounds::new(request, u32::MAX).prompt();
+    if header.prompt_bound < bound {
+        return Err(SealError::HeaderMismatch(format!(
+            "prompt_bound {} in clear, {bound} for the sealed prompt",
+            header.prompt_bound
+        )));
+    }
     if header.max_price != request.max_price {
         return Err(SealError::HeaderMismatch(format!(
             "max_price {:?} in clear, {:?} sealed",

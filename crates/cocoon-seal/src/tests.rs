@@ -56,6 +56,7 @@ fn header() -> SealedHeader {
         model: "m".into(),
         max_tokens: Some(8),
         max_price: Some(100),
+        prompt_bound: cocoon_protocol::UsageBounds::new(&request(), u32::MAX).prompt(),
         affinity: None,
         cache_hint: None,
     }
@@ -181,6 +182,7 @@ fn a_header_bent_by_the_proxy_makes_the_request_unreadable() {
         |h: &mut SealedHeader| h.max_price = Some(1_000_000),
         |h: &mut SealedHeader| h.model = "other".into(),
         |h: &mut SealedHeader| h.request_id = RequestId([1; 16]),
+        |h: &mut SealedHeader| h.prompt_bound += 1000,
     ] {
         let mut bent = sealed.clone();
         bend(&mut bent.header);
@@ -201,6 +203,13 @@ fn a_gateway_cannot_seal_a_body_its_header_misstates() {
     let a = worker("a");
     let mut h = header();
     h.max_tokens = Some(1);
+    assert!(matches!(
+        seal_request(h, &request(), &[to(&a)]),
+        Err(SealError::HeaderMismatch(_))
+    ));
+    // Nor understate its prompt, to be billed less than it uses.
+    let mut h = header();
+    h.prompt_bound -= 1;
     assert!(matches!(
         seal_request(h, &request(), &[to(&a)]),
         Err(SealError::HeaderMismatch(_))

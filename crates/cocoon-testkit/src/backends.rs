@@ -204,3 +204,42 @@ impl Backend for Scripted {
         StatsSnapshot::default()
     }
 }
+
+/// Answers with the prompt's last message (or text) in capitals, in one delta of a token per
+/// four bytes: a test puts a string in the answer that is not in the prompt by writing it in
+/// small letters. Its prompt costs [`PROMPT_TOKENS`].
+pub struct Echo;
+
+impl Backend for Echo {
+    fn models(&self) -> Vec<ModelCard> {
+        model_card(4096)
+    }
+
+    fn capacity(&self) -> u32 {
+        4
+    }
+
+    fn generate(&self, request: GenerateRequest) -> EventStream {
+        let text = match &request.input {
+            cocoon_protocol::Input::Chat { messages } => messages
+                .last()
+                .map(|m| m.content.to_uppercase())
+                .unwrap_or_default(),
+            cocoon_protocol::Input::Text { prompt } => prompt.to_uppercase(),
+        };
+        let tokens = u32::try_from(text.len().div_ceil(4)).unwrap_or(u32::MAX);
+        let events = vec![
+            GenerateEvent::Delta { text, tokens },
+            GenerateEvent::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage::new(PROMPT_TOKENS, tokens),
+                billing: None,
+            },
+        ];
+        Box::pin(futures_util::stream::iter(events))
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::default()
+    }
+}

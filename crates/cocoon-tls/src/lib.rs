@@ -13,7 +13,7 @@ mod ratls;
 mod trust;
 mod verify;
 
-pub use cocoon_attest::MeasuredEvent;
+pub use cocoon_attest::{CONFIG_EVENT, MeasuredEvent};
 pub use config::{client_config, peer_identity, server_config, verified_peer};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use measure::{ledger_for_measurement, url_for_measurement};

@@ -13,6 +13,7 @@
 mod config;
 mod payouts;
 mod router;
+mod sealing;
 mod service;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{BackendConfig, PriceConfig, WorkerConfig};
 pub use payouts::{PayoutStore, PayoutsConfig, claim_loop};
 pub use router::ModelRouter;
+pub use sealing::{Sealing, with_sealing_key};
 
 /// First wait before reconnecting; doubles up to the configured maximum.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -61,6 +63,8 @@ pub struct Worker {
     /// The ledger whose registry must list the proxy's attested image, and how often it is
     /// read again while connected.
     registry: Option<(Arc<dyn cocoon_ledger::Ledger>, Duration)>,
+    /// Opens sealed requests (see [`with_sealing_key`]).
+    sealing: Option<Arc<Sealing>>,
 }
 
 impl Worker {
@@ -85,6 +89,7 @@ impl Worker {
             payouts: None,
             prices: PriceConfig::default(),
             registry: None,
+            sealing: None,
         }
     }
 
@@ -148,6 +153,13 @@ impl Worker {
         }
     }
 
+    /// Serves requests sealed to this worker, with the key `sealing` holds (which must be the
+    /// one the identity's claims name: see [`with_sealing_key`]).
+    pub fn with_sealing(mut self, sealing: Option<Arc<Sealing>>) -> Self {
+        self.sealing = sealing;
+        self
+    }
+
     /// Asks these prices (the network's floor by default).
     pub fn with_prices(mut self, prices: PriceConfig) -> Self {
         self.prices = prices;
@@ -178,6 +190,7 @@ impl Worker {
             self.backend.clone(),
             self.payouts.clone(),
             Arc::new(self.prices.clone()),
+            self.sealing.clone(),
         );
         loop {
             let attempt = async {

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::config::PriceConfig;
 use crate::payouts::PayoutStore;
+use crate::sealing::{SealedAnswer, Sealing};
 
 /// Largest generation request accepted from the proxy.
 const MAX_REQUEST_BYTES: usize = 8 << 20;
@@ -28,6 +29,8 @@ pub(crate) struct WorkerService {
     prices: Arc<PriceConfig>,
     /// The key of the proxy on this connection: payouts must be signed by it.
     proxy: [u8; 32],
+    /// How sealed requests are opened, when this worker is attested.
+    sealing: Option<Arc<Sealing>>,
 }
 
 impl WorkerService {
@@ -36,6 +39,7 @@ impl WorkerService {
         backend: Arc<dyn Backend>,
         payouts: Option<Arc<PayoutStore>>,
         prices: Arc<PriceConfig>,
+        sealing: Option<Arc<Sealing>>,
     ) -> Self {
         Self {
             name: name.into(),
@@ -43,6 +47,7 @@ impl WorkerService {
             payouts,
             prices,
             proxy: [0; 32],
+            sealing,
         }
     }
 
@@ -102,6 +107,7 @@ impl WorkerService {
                 response(StatusCode::OK, json(&hello))
             }
             (&Method::POST, paths::GENERATE) => self.generate(req.into_body()).await,
+            (&Method::POST, paths::SEALED) => self.generate_sealed(req.into_body()).await,
             (&Method::POST, paths::PAYOUT) => self.payout(req.into_body()).await,
             (method, path) => no_route(method, path),
         }
@@ -114,6 +120,40 @@ impl WorkerService {
             Ok(r) => r,
             Err(e) => return error_response(&e),
         };
+        self.answer(request, None).await
+    }
+
+    /// [`Self::generate`] for a request sealed to this worker: opened here, answered sealed.
+    async fn generate_sealed(&self, body: Incoming) -> Response<Body> {
+        let Some(sealing) = &self.sealing else {
+            let e = ProtocolError::unavailable(
+                "this worker is not attested: it holds no key to open sealed requests",
+            );
+            return error_response(&e);
+        };
+        let sealed: cocoon_protocol::SealedRequest =
+            match cocoon_net::read_json(body, MAX_REQUEST_BYTES).await {
+                Ok(r) => r,
+                Err(e) => return error_response(&e),
+            };
+        let model_hash = self
+            .backend
+            .models()
+            .into_iter()
+            .find(|m| m.id == sealed.header.model)
+            .and_then(|m| m.model_hash);
+        match sealing.open(&sealed, model_hash) {
+            Ok(opened) => self.answer(opened.request, Some(opened.answer)).await,
+            Err(e) => error_response(&e),
+        }
+    }
+
+    /// Runs `request` on the backend and streams its events, sealed when `sealed` is given.
+    async fn answer(
+        &self,
+        request: GenerateRequest,
+        mut sealed: Option<SealedAnswer>,
+    ) -> Response<Body> {
         let mut events = self.backend.generate(request);
         let first = match events.next().await {
             Some(GenerateEvent::Error { error }) => {
@@ -129,10 +169,16 @@ impl WorkerService {
         tokio::spawn(async move {
             let mut next = Some(first);
             while let Some(event) = next {
-                // A send fails when the proxy reset the stream; dropping `events` then stops the
-                // generation.
-                if tx.send(encode_frame(&event)).await.is_err() {
-                    return;
+                let frames = match &mut sealed {
+                    Some(answer) => answer.seal(event),
+                    None => vec![event],
+                };
+                for frame in frames {
+                    // A send fails when the proxy reset the stream; dropping `events` then
+                    // stops the generation.
+                    if tx.send(encode_frame(&frame)).await.is_err() {
+                        return;
+                    }
                 }
                 // A reset is noticed while the backend is still working on the next token too
                 // (a long prefill, a stalled backend), not only at the next send.

@@ -489,6 +489,9 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
                 key_file: Some(key_file),
                 attester: net.dev_attester(),
                 proxy_policy: net.dev_policy(),
+                // Sealed to the workers, as a gateway with a worker policy runs: the proxy
+                // relays and bills what it cannot read, through every kill.
+                worker_policy: Some(net.dev_policy()),
                 // On the ledger, as a paying gateway runs: every bill is held to the counters
                 // its bills claimed, across every kill.
                 payments: ClientPayments {

@@ -82,6 +82,7 @@ impl BillRecord {
                     ticket: None,
                     key: None,
                     late: Some(u.id),
+                    sealed: None,
                 };
                 match parties.judged(&billing, usage).await {
                     // A claim not written, or prices not confirmed: ask again.

@@ -5,3 +5,4 @@
 mod admin;
 mod limits;
 mod market;
+mod sealed;

@@ -38,6 +38,14 @@ use tokio_util::sync::CancellationToken;
 pub struct DevOptions {
     /// The OpenAI-compatible API.
     pub gateway_listen: String,
+    /// Seal every request end to end to the workers the gateway verified (its
+    /// `[worker_policy]`, on dev attestation): the proxy routes them unread. Off only to
+    /// compare with the path a clear request takes.
+    pub sealed: bool,
+    /// Sees every clear byte the proxy reads or writes (see `Proxy::with_wire_tap`).
+    pub proxy_tap: Option<ProxyTap>,
+    /// The gateway's `[sealing]`.
+    pub gateway_sealing: cocoon_client::SealingConfig,
     /// The proxy; port 0 picks a free one.
     pub proxy_listen: String,
     /// The proxy's key file; a fresh key in the network's directory when unset.
@@ -82,6 +90,9 @@ impl Default for DevOptions {
     fn default() -> Self {
         Self {
             gateway_listen: "127.0.0.1:10000".into(),
+            sealed: true,
+            proxy_tap: None,
+            gateway_sealing: cocoon_client::SealingConfig::default(),
             proxy_listen: "127.0.0.1:0".into(),
             proxy_key_file: None,
             payments: true,
@@ -103,6 +114,16 @@ impl Default for DevOptions {
     }
 }
 
+/// A tap on the proxy's clear bytes, for [`DevOptions::proxy_tap`].
+#[derive(Clone)]
+pub struct ProxyTap(pub cocoon_net::WireTap);
+
+impl std::fmt::Debug for ProxyTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyTap")
+    }
+}
+
 /// Where a dev network's money is kept.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DevLedgerKind {
@@ -117,6 +138,8 @@ struct WorkerSlot {
     name: String,
     backend: Arc<dyn Backend>,
     identity: Arc<Identity>,
+    /// Opens requests sealed to this worker.
+    sealing: Option<Arc<cocoon_worker::Sealing>>,
     stop: Option<CancellationToken>,
     connected: Arc<AtomicBool>,
     payouts: Option<Arc<PayoutStore>>,
@@ -233,6 +256,8 @@ impl DevNetwork {
                     fingerprints: vec![proxy_fingerprint.to_string()],
                     ..dev_policy(&dev_key)
                 },
+                worker_policy: options.sealed.then(|| dev_policy(&dev_key)),
+                sealing: options.gateway_sealing.clone(),
                 payments: ClientPayments {
                     ledger: ledger_url.clone(),
                     proxy_key: Some(hex::encode(proxy_key)),
@@ -343,6 +368,7 @@ impl DevNetwork {
                 fingerprints: vec![self.proxy_fingerprint.to_string()],
                 ..self.dev_policy()
             },
+            worker_policy: self.options.sealed.then(|| self.dev_policy()),
             payments: ClientPayments {
                 ledger: self.ledger_url().map(str::to_owned),
                 proxy_key: Some(hex::encode(self.proxy_key()?)),
@@ -455,6 +481,7 @@ impl DevNetwork {
             proxy_policy,
             Duration::from_millis(500),
         )
+        .with_sealing(slot.sealing.clone())
         .with_prices(
             self.options
                 .worker_prices
@@ -651,6 +678,10 @@ async fn start_proxy(
         keys::LEDGERS,
     )
     .await?;
+    let proxy = match &setup.options.proxy_tap {
+        Some(ProxyTap(tap)) => proxy.with_wire_tap(tap.clone()),
+        None => proxy,
+    };
     let addr = proxy.local_addr();
     let fingerprint = proxy.fingerprint();
     let status = proxy.status_handle();
@@ -676,12 +707,13 @@ impl WorkerSetup<'_> {
         measured: Option<cocoon_tls::MeasuredEvent>,
     ) -> anyhow::Result<WorkerSlot> {
         let key_file = self.dir.join(format!("{name}.key"));
-        let identity = Arc::new(self.attester.identity(
+        let (identity, sealing) = cocoon_worker::with_sealing_key(self.attester.identity(
             Some(&key_file),
             "cocoon-worker",
             "worker",
             measured,
-        )?);
+        )?)?;
+        let identity = Arc::new(identity);
         if let Some(chain) = self.chain {
             chain.enrol(&key_file)?;
         }
@@ -712,6 +744,7 @@ impl WorkerSetup<'_> {
             name,
             backend,
             identity,
+            sealing: sealing.map(Arc::new),
             stop: None,
             connected: Arc::default(),
             payouts,
@@ -797,6 +830,7 @@ impl DevNetwork {
                 key_file: Some(key_file),
                 attester: self.dev_attester(),
                 proxy_policy: self.dev_policy(),
+                worker_policy: self.options.sealed.then(|| self.dev_policy()),
                 ..ClientConfig::default()
             },
             keys::LEDGERS,

@@ -1,0 +1,312 @@
+//! Sealing each request to the workers that may serve it, so the proxy routes and bills it
+//! without reading it: the proxy's candidates are verified here against `[worker_policy]`
+//! (their quote, image, measured configuration, model weights), the request is encrypted to
+//! those that pass, and the answer is opened chunk by chunk, ending with the serving worker's
+//! signed receipt, which the bill check holds the proxy's bill to and which is kept.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cocoon_net::EventReader;
+use cocoon_protocol::{
+    Candidate, CandidateQuery, ErrorKind, GenerateRequest, Input, ProtocolError, Receipt,
+    RequestId, Role, SealedHeader,
+};
+use cocoon_seal::{AnswerOpener, SealTo};
+use cocoon_tls::PeerVerifier;
+use parking_lot::Mutex;
+use rustls::pki_types::{CertificateDer, UnixTime};
+
+use crate::config::SealingConfig;
+use crate::link::ProxyLink;
+
+/// A prefix shorter than this ties no request to a worker (as the proxy's own rule).
+const MIN_PREFIX_BYTES: usize = 256;
+/// Of a text prompt, this much is the prefix.
+const TEXT_PREFIX_BYTES: usize = 1024;
+/// Receipts kept in memory for `GET /v1/receipts/{id}`.
+const RECEIPTS_KEPT: usize = 10_000;
+
+/// One answer's opener, shared by the reader that opens its chunks and the bill check that
+/// reads its receipt.
+pub(crate) type SharedOpener = Arc<Mutex<AnswerOpener>>;
+
+/// A proxy's address, a model and a price cap: what a list of candidates is for.
+type CandidateKey = (String, String, Option<u64>);
+/// Candidates that passed the policy, and when they were fetched.
+type Verified = (Instant, Arc<Vec<SealTo>>);
+
+/// The gateway's side of sealed requests.
+pub(crate) struct Sealer {
+    workers: Arc<dyn PeerVerifier>,
+    /// Keys the affinity hash: the proxy sees repeats of a prefix, never the prefix.
+    secret: ring::hmac::Key,
+    model_hashes: Vec<String>,
+    ttl: Duration,
+    /// Verified candidates per proxy, model and price cap.
+    candidates: Mutex<HashMap<CandidateKey, Verified>>,
+    receipts: Mutex<VecDeque<Receipt>>,
+    receipt_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer")
+            .field("model_hashes", &self.model_hashes)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sealer {
+    /// Seals to workers `workers` admits (the `[worker_policy]` verifier).
+    pub(crate) fn new(workers: Arc<dyn PeerVerifier>, config: &SealingConfig) -> Self {
+        let rng = ring::rand::SystemRandom::new();
+        Self {
+            workers,
+            secret: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+                .expect("the system's random generator works"),
+            model_hashes: config.model_hashes.clone(),
+            ttl: Duration::from_secs(config.candidates_ttl_secs),
+            candidates: Mutex::default(),
+            receipts: Mutex::default(),
+            receipt_file: config.receipt_file.clone(),
+        }
+    }
+
+    /// Starts `request` through `link` sealed to the proxy's candidates this gateway
+    /// verified; the answer's reader opens its chunks. When none of them can take it (they
+    /// left, or the list was stale), the list is fetched again once.
+    pub(crate) async fn generate(
+        &self,
+        link: &ProxyLink,
+        request: &GenerateRequest,
+        id: Option<RequestId>,
+    ) -> Result<(EventReader, SharedOpener), ProtocolError> {
+        let header_id = id.unwrap_or_else(|| RequestId(rand::random()));
+        let mut fresh = false;
+        loop {
+            let to = self.candidates(link, request, fresh).await?;
+            let header = SealedHeader {
+                request_id: header_id,
+                model: request.model.clone(),
+                max_tokens: request.params.max_tokens,
+                max_price: request.max_price,
+                prompt_bound: cocoon_protocol::UsageBounds::new(request, u32::MAX).prompt(),
+                affinity: self.affinity(request),
+                cache_hint: request.cache_scope.clone(),
+            };
+            let inner = GenerateRequest {
+                cache_scope: None,
+                ..request.clone()
+            };
+            let (sealed, opener) =
+                cocoon_seal::seal_request(header, &inner, &to).map_err(ProtocolError::from)?;
+            match link.generate_sealed(&sealed, id).await {
+                Ok(events) => {
+                    let opener = Arc::new(Mutex::new(opener));
+                    let reader = opener.clone();
+                    let events = events.with_unseal(Box::new(move |event| {
+                        reader.lock().open(event).map_err(|e| {
+                            tracing::error!(error = %e, "a sealed answer did not open");
+                            ProtocolError::from(e)
+                        })
+                    }));
+                    return Ok((events, opener));
+                }
+                Err(e) if e.kind == ErrorKind::Unavailable && !fresh => {
+                    tracing::debug!(error = %e, "sealed request not taken; asking for candidates again");
+                    fresh = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The verified candidates for `request` on `link`'s proxy, from the cache unless `fresh`.
+    async fn candidates(
+        &self,
+        link: &ProxyLink,
+        request: &GenerateRequest,
+        fresh: bool,
+    ) -> Result<Arc<Vec<SealTo>>, ProtocolError> {
+        let key = (
+            link.addr().to_owned(),
+            request.model.clone(),
+            request.max_price,
+        );
+        if !fresh
+            && let Some((at, to)) = self.candidates.lock().get(&key)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(to.clone());
+        }
+        let offered = link
+            .candidates(&CandidateQuery {
+                model: request.model.clone(),
+                max_price: request.max_price,
+            })
+            .await?;
+        let mut to = Vec::new();
+        let mut refused = Vec::new();
+        for c in &offered.candidates {
+            match self.verify(c, &request.model) {
+                Ok(t) => to.push(t),
+                Err(why) => {
+                    tracing::warn!(worker = %c.worker, reason = %why, "candidate worker refused: the request is not sealed to it");
+                    refused.push(format!("worker {}: {why}", short(&c.worker)));
+                }
+            }
+        }
+        if to.is_empty() {
+            let why = if refused.is_empty() {
+                "the proxy offered none".to_owned()
+            } else {
+                refused.join("; ")
+            };
+            return Err(ProtocolError::unavailable(format!(
+                "no worker for model '{}' passes this gateway's [worker_policy], so the \
+                 request was not sent: {why}",
+                request.model
+            )));
+        }
+        let to = Arc::new(to);
+        self.candidates
+            .lock()
+            .insert(key, (Instant::now(), to.clone()));
+        Ok(to)
+    }
+
+    /// Checks one candidate as this gateway's policy sees it: its certificate and quote,
+    /// the name the proxy gave it, the encryption key its claims bind, the weights its
+    /// measured configuration serves `model` with.
+    fn verify(&self, candidate: &Candidate, model: &str) -> Result<SealTo, String> {
+        use base64::Engine as _;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(&candidate.certificate)
+            .map_err(|_| "its certificate is not base64".to_owned())?;
+        let peer = cocoon_tls::PeerCertificate::parse(&CertificateDer::from(der), UnixTime::now())
+            .map_err(|e| format!("bad certificate: {e}"))?;
+        if peer.fingerprint.to_string() != candidate.worker {
+            return Err("the proxy named it by another key's fingerprint".into());
+        }
+        let verified = self.workers.verify(&peer).map_err(|e| e.to_string())?;
+        let attested = verified
+            .attestation
+            .ok_or("it is not attested: nothing binds a key to what it runs")?;
+        let encryption_key = attested
+            .encryption_key
+            .ok_or("its attested claims name no encryption key")?;
+        if !self.model_hashes.is_empty() {
+            let hash = measured_model_hash(&attested.measured, model).ok_or_else(|| {
+                format!("its measured configuration names no weights for {model}")
+            })?;
+            if !self.model_hashes.contains(&hash) {
+                return Err(format!(
+                    "it serves {model} with weights {hash}, not listed in [sealing] model_hashes"
+                ));
+            }
+        }
+        Ok(SealTo {
+            worker: candidate.worker.clone(),
+            encryption_key,
+            signing_key: peer
+                .public_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| "its key is not Ed25519")?,
+        })
+    }
+
+    /// A keyed hash of the request's long prefix (its leading system messages, or a long
+    /// text prompt's first kilobyte), if it has one.
+    fn affinity(&self, request: &GenerateRequest) -> Option<String> {
+        let mut ctx = ring::hmac::Context::with_key(&self.secret);
+        ctx.update(request.model.as_bytes());
+        ctx.update(&[0]);
+        match &request.input {
+            Input::Chat { messages } => {
+                let system: Vec<&str> = messages
+                    .iter()
+                    .take_while(|m| m.role == Role::System)
+                    .map(|m| m.content.as_str())
+                    .collect();
+                if system.iter().map(|s| s.len()).sum::<usize>() < MIN_PREFIX_BYTES {
+                    return None;
+                }
+                for s in system {
+                    ctx.update(&(s.len() as u64).to_be_bytes());
+                    ctx.update(s.as_bytes());
+                }
+            }
+            Input::Text { prompt } => {
+                if prompt.len() <= TEXT_PREFIX_BYTES {
+                    return None;
+                }
+                let mut end = TEXT_PREFIX_BYTES;
+                while !prompt.is_char_boundary(end) {
+                    end -= 1;
+                }
+                ctx.update(&prompt.as_bytes()[..end]);
+            }
+        }
+        Some(hex::encode(&ctx.sign().as_ref()[..16]))
+    }
+
+    /// Keeps a verified receipt: in memory, and appended to the receipt file if there is one.
+    pub(crate) fn keep(&self, receipt: &Receipt) {
+        if let Some(path) = &self.receipt_file {
+            let line = serde_json::to_string(receipt).expect("receipts serialize");
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| writeln!(f, "{line}"));
+            if let Err(e) = written {
+                tracing::error!(path = %path.display(), error = %e, "cannot append a receipt");
+            }
+        }
+        let mut kept = self.receipts.lock();
+        if kept.len() == RECEIPTS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(receipt.clone());
+    }
+
+    /// The kept receipt of request `id`.
+    pub(crate) fn receipt(&self, id: RequestId) -> Option<Receipt> {
+        self.receipts
+            .lock()
+            .iter()
+            .rev()
+            .find(|r| r.request_id == id)
+            .cloned()
+    }
+}
+
+/// The weights a worker's measured configuration serves `model` with.
+fn measured_model_hash(measured: &[cocoon_tls::MeasuredEvent], model: &str) -> Option<String> {
+    let config = measured
+        .iter()
+        .rev()
+        .find(|e| e.label == cocoon_tls::CONFIG_EVENT)?;
+    let config: serde_json::Value = serde_json::from_str(&config.content).ok()?;
+    config["backends"].as_array()?.iter().find_map(|b| {
+        let named = |m: &serde_json::Value| {
+            (m.get("model_id").or(m.get("id"))?.as_str()? == model)
+                .then(|| m["model_hash"].as_str().map(str::to_owned))
+                .flatten()
+        };
+        match b["kind"].as_str()? {
+            "llama" => named(b),
+            _ => b["models"].as_array()?.iter().find_map(named),
+        }
+    })
+}
+
+fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..16).unwrap_or(fingerprint)
+}
