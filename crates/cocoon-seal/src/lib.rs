@@ -58,7 +58,12 @@ impl From<SealError> for cocoon_protocol::ProtocolError {
     fn from(e: SealError) -> Self {
         match e {
             SealError::Tampered(_) | SealError::BadReceipt(_) => Self::internal(e.to_string()),
-            SealError::NotARecipient => Self::unavailable(e.to_string()),
+            // A worker restarts with a fresh key under the same identity: a gateway's list of
+            // candidates may name its old one. Unavailable lets the proxy try another
+            // recipient and the gateway fetch the candidates again.
+            SealError::NotARecipient | SealError::DoesNotOpen(_) => {
+                Self::unavailable(e.to_string())
+            }
             _ => Self::invalid(e.to_string()),
         }
     }

@@ -73,7 +73,8 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
 
     let stop = CancellationToken::new();
     let worker_attester = net.dev_attester();
-    let identity = Arc::new(
+    // As `cocoon worker` makes it: with the key sealed requests are opened with.
+    let (identity, sealing) = cocoon_worker::with_sealing_key(
         worker_attester
             .identity(
                 Some(&dir.join("crash-worker.key")),
@@ -82,7 +83,9 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
                 None,
             )
             .unwrap(),
-    );
+    )
+    .unwrap();
+    let identity = Arc::new(identity);
     let worker_key: [u8; 32] = identity.public_key().try_into().unwrap();
     let payouts =
         Arc::new(PayoutStore::open(&dir.join("crash-worker-payouts.json"), worker_key).unwrap());
@@ -94,7 +97,8 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
         net.dev_policy().build("proxy_policy", "proxy").unwrap(),
         Duration::from_millis(200),
     )
-    .with_payouts(payouts);
+    .with_payouts(payouts)
+    .with_sealing(sealing.map(Arc::new));
     tokio::spawn(worker.run(stop.clone()));
     let gateway_url = own_gateway(&net, std::slice::from_ref(&addr), client_key_file, &stop).await;
 
