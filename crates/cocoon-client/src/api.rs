@@ -611,6 +611,9 @@ async fn answer(
         Some(sealer) => {
             let (events, link, opener) =
                 state.proxies.generate_sealed(&request, id, sealer).await?;
+            if let Some(ticket) = &ticket {
+                ticket.watch_sealed(opener.clone());
+            }
             (events, link, Some((opener, sealer.clone())))
         }
         None => {
@@ -643,6 +646,7 @@ async fn answer(
         key,
         late: None,
         sealed,
+        receipt: None,
     };
     let meta = sse::Meta {
         id: new_id(endpoint),

@@ -85,6 +85,10 @@ pub(crate) struct Unsettled {
     /// not answer the ask): if it never names a bill, none is owed.
     #[serde(default)]
     pub reached: bool,
+    /// For a sealed request, the serving worker's verified receipt, if its answer got as far:
+    /// the late bill may not weigh more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<cocoon_protocol::Receipt>,
 }
 
 impl Claimed {
@@ -175,6 +179,9 @@ pub(crate) struct Ticket {
     max_price: Option<u64>,
     bounds: Option<UsageBounds>,
     billed: AtomicBool,
+    /// A sealed request's opener: its receipt, if any, goes with the request if it is left
+    /// without a bill.
+    sealed: std::sync::OnceLock<crate::sealing::SharedOpener>,
 }
 
 fn leave(flying: &mut HashMap<Option<Address>, InFlight>, at: Option<Address>, seq: u64) {
@@ -187,6 +194,11 @@ fn leave(flying: &mut HashMap<Option<Address>, InFlight>, at: Option<Address>, s
 }
 
 impl Ticket {
+    /// The request is sealed and `opener` reads its answer.
+    pub(crate) fn watch_sealed(&self, opener: crate::sealing::SharedOpener) {
+        let _ = self.sealed.set(opener);
+    }
+
     /// The request went to `contract`'s proxy, the one with key `proxy`; a contract the
     /// record has not seen starts at `baseline` (the ledger's counter), durably.
     pub(crate) fn bind(
@@ -246,6 +258,7 @@ impl Drop for Ticket {
             bounds: self.bounds,
             since: cocoon_ledger::unix_now(),
             reached: false,
+            receipt: self.sealed.get().and_then(|o| o.lock().receipt().cloned()),
         });
         if let Err(e) = self.record.persist(&kept) {
             tracing::error!(error = %e, "a request without a bill was not recorded durably");
@@ -403,6 +416,7 @@ impl BillRecord {
             max_price: None,
             bounds: None,
             billed: AtomicBool::new(false),
+            sealed: std::sync::OnceLock::new(),
         }
     }
 
@@ -655,8 +669,10 @@ pub(crate) struct Parties {
     /// The unsettled request this is the late bill of, which its claim settles.
     pub late: Option<RequestId>,
     /// For a sealed answer: its opener, which holds the serving worker's verified receipt
-    /// (the bill must charge exactly its counts), and where receipts are kept.
+    /// (the bill may not weigh more), and where receipts are kept.
     pub sealed: Option<(crate::sealing::SharedOpener, Arc<crate::sealing::Sealer>)>,
+    /// For the late bill of a sealed request: the receipt kept when its answer ended.
+    pub receipt: Option<cocoon_protocol::Receipt>,
 }
 
 impl Parties {
@@ -811,6 +827,9 @@ impl Parties {
         if let Some((opener, _)) = &self.sealed {
             self.check_receipt(opener.lock().receipt(), bill, usage)?;
         }
+        if let Some(receipt) = &self.receipt {
+            self.check_receipt(Some(receipt), bill, usage)?;
+        }
         Ok(contract)
     }
 
@@ -910,6 +929,7 @@ mod tests {
             key: None,
             late: None,
             sealed: None,
+            receipt: None,
         }
     }
 
@@ -1035,6 +1055,113 @@ mod tests {
         let prompt = Usage::new(7, 3);
         fresh()
             .check(&bill(&proxy, client, 100, 10), prompt)
+            .unwrap();
+    }
+
+    /// A sealed answer opened through the gateway's opener, its worker reporting `reported`
+    /// in a signed receipt: the opener, holding the verified receipt.
+    fn sealed_answer(reported: Usage) -> crate::sealing::SharedOpener {
+        use cocoon_protocol::{FinishReason, GenerateEvent, Input, SamplingParams};
+        use ring::signature::KeyPair as _;
+        let rng = ring::rand::SystemRandom::new();
+        let signer = ring::signature::Ed25519KeyPair::from_pkcs8(
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+                .unwrap()
+                .as_ref(),
+        )
+        .unwrap();
+        let keys = cocoon_seal::WorkerKeys::generate();
+        let worker = "ab".repeat(32);
+        let request = cocoon_protocol::GenerateRequest {
+            model: "m".into(),
+            input: Input::Text {
+                prompt: "hi".into(),
+            },
+            params: SamplingParams::default(),
+            max_price: None,
+            cache_scope: None,
+        };
+        let header = cocoon_protocol::SealedHeader {
+            request_id: RequestId([5; 16]),
+            model: "m".into(),
+            max_tokens: None,
+            max_price: None,
+            prompt_bound: 100,
+            affinity: None,
+            cache_hint: None,
+        };
+        let to = cocoon_seal::SealTo {
+            worker: worker.clone(),
+            encryption_key: keys.public_key(),
+            signing_key: signer.public_key().as_ref().try_into().unwrap(),
+        };
+        let (sealed, mut opener) = cocoon_seal::seal_request(header, &request, &[to]).unwrap();
+        let mut opened = cocoon_seal::open_request(&sealed, &worker, &keys).unwrap();
+        let done = GenerateEvent::Done {
+            finish_reason: FinishReason::Stop,
+            usage: reported,
+            billing: None,
+        };
+        let chunk = opened
+            .answer
+            .seal(&done)
+            .expect("a Done seals as the last chunk");
+        let receipt = cocoon_seal::sign_receipt(
+            cocoon_protocol::Receipt {
+                request_id: RequestId([5; 16]),
+                worker,
+                model: "m".into(),
+                model_hash: None,
+                answer_sha256: opened.answer.answer_sha256(),
+                usage: reported,
+                signature: String::new(),
+            },
+            &signer,
+        );
+        let last_chunk = chunk.with_receipt(receipt);
+        assert_eq!(opener.open(last_chunk).unwrap(), None);
+        Arc::new(parking_lot::Mutex::new(opener))
+    }
+
+    /// A sealed answer's bill is held to the serving worker's signed receipt: the proxy may
+    /// bill less than the worker claims (it holds counts to its bounds), never more.
+    #[test]
+    fn a_sealed_answers_bill_may_not_weigh_more_than_the_workers_receipt() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let params = NetworkParams::default();
+        let sealer = Arc::new(crate::sealing::Sealer::new(
+            Arc::new(cocoon_tls::AnyPeer),
+            &crate::config::SealingConfig::default(),
+        ));
+        let with_receipt = |reported: Usage| Parties {
+            sealed: Some((sealed_answer(reported), sealer.clone())),
+            ..parties(&proxy, client, Some(params.clone()))
+        };
+        // The worker signed for 7 + 3; a bill for exactly that checks out.
+        with_receipt(Usage::new(7, 3))
+            .check(&bill(&proxy, client, 100, 10), Usage::new(7, 3))
+            .unwrap();
+        // A proxy billing 9 + 3 for it is overbilling, whatever its own counts say.
+        let e = with_receipt(Usage::new(7, 3))
+            .check(&bill(&proxy, client, 100, 12), Usage::new(9, 3))
+            .unwrap_err();
+        assert!(
+            e.contains("more than the serving worker's signed receipt"),
+            "{e}"
+        );
+        // Cached tokens priced as fresh ones weigh more than the receipt's split.
+        let cached = Usage {
+            cached_tokens: 5,
+            ..Usage::new(7, 3)
+        };
+        let e = with_receipt(cached)
+            .check(&bill(&proxy, client, 100, 10), Usage::new(7, 3))
+            .unwrap_err();
+        assert!(e.contains("signed receipt"), "{e}");
+        // Held to its bounds below what the worker claimed: the client pays less, fine.
+        with_receipt(Usage::new(70, 30))
+            .check(&bill(&proxy, client, 100, 10), Usage::new(7, 3))
             .unwrap();
     }
 

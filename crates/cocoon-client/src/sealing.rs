@@ -97,10 +97,12 @@ impl Sealer {
                 max_price: request.max_price,
                 prompt_bound: cocoon_protocol::UsageBounds::new(request, u32::MAX).prompt(),
                 affinity: self.affinity(request),
-                cache_hint: request.cache_scope.clone(),
+                cache_hint: self.keyed("hint", request.cache_scope.as_deref()),
             };
+            // The worker shares cells only within the proxy's scope and this one together,
+            // which the proxy never sees.
             let inner = GenerateRequest {
-                cache_scope: None,
+                cache_scope: self.keyed("scope", request.cache_scope.as_deref()),
                 ..request.clone()
             };
             let (sealed, opener) =
@@ -219,6 +221,17 @@ impl Sealer {
                 .try_into()
                 .map_err(|_| "its key is not Ed25519")?,
         })
+    }
+
+    /// `hint` (the gateway's cache hint, a digest already) keyed under this gateway's secret
+    /// for `what`: guessable hints (a `prompt_cache_key`) are not the proxy's to test.
+    fn keyed(&self, what: &str, hint: Option<&str>) -> Option<String> {
+        let hint = hint?;
+        let mut ctx = ring::hmac::Context::with_key(&self.secret);
+        ctx.update(what.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(hint.as_bytes());
+        Some(hex::encode(&ctx.sign().as_ref()[..16]))
     }
 
     /// A keyed hash of the request's long prefix (its leading system messages, or a long

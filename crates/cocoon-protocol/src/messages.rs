@@ -137,6 +137,33 @@ fn is_one_f32(v: &f32) -> bool {
     *v == 1.0
 }
 
+impl GenerateEvent {
+    /// A sealed chunk with `receipt` attached (the worker's, on its last chunk); any other
+    /// event as it is.
+    pub fn with_receipt(self, receipt: crate::Receipt) -> Self {
+        match self {
+            Self::Sealed {
+                seq,
+                last,
+                tokens,
+                reasoning,
+                data,
+                salt,
+                ..
+            } => Self::Sealed {
+                seq,
+                last,
+                tokens,
+                reasoning,
+                data,
+                salt,
+                receipt: Some(Box::new(receipt)),
+            },
+            other => other,
+        }
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
@@ -547,6 +574,11 @@ pub enum GenerateEvent {
         reasoning: u32,
         /// The encrypted event, base64.
         data: String,
+        /// On the first chunk: the worker's fresh salt (base64), which the answer's key is
+        /// derived with, so an answer's key is never used twice (a proxy that replays a request
+        /// gets another).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        salt: Option<String>,
         /// On the last chunk: the worker's signed receipt over the answer and its counts.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         receipt: Option<Box<crate::Receipt>>,
@@ -608,6 +640,11 @@ pub struct WorkerHello {
     pub models: Vec<ModelCard>,
     /// How many requests the worker runs at once; more are queued.
     pub capacity: u32,
+    /// The worker's current certificate (DER, base64). It is renewed every 18 hours while
+    /// its connection keeps the one of its handshake, so the proxy offers this one to gateways
+    /// that seal requests to the worker (they verify it, quote and key, themselves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// Models reachable through a proxy, with the number of connected workers serving each.

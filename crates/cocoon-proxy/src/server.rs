@@ -687,7 +687,7 @@ impl State {
             offers,
             WorkerLink {
                 fingerprint,
-                certificate,
+                certificate: parking_lot::Mutex::new(certificate),
                 attestation,
                 channel,
                 evict: evict.clone(),
@@ -698,6 +698,7 @@ impl State {
                     .collect(),
             },
         );
+        entry.link.renew_certificate(&hello);
         if entry.link.attestation.is_development() {
             tracing::warn!(worker = %hello.name, "worker is attested by a DEVELOPMENT quote: it proves nothing about its machine");
         }
@@ -835,11 +836,12 @@ impl State {
                 cocoon_protocol::MAX_CANDIDATES,
             )
             .into_iter()
-            .filter(|w| !w.link.certificate.is_empty())
             .map(|w| cocoon_protocol::Candidate {
                 worker: w.link.fingerprint.to_string(),
-                certificate: base64::engine::general_purpose::STANDARD.encode(&w.link.certificate),
+                certificate: base64::engine::general_purpose::STANDARD
+                    .encode(&*w.link.certificate.lock()),
             })
+            .filter(|c| !c.certificate.is_empty())
             .collect();
         Ok(cocoon_protocol::Candidates { candidates })
     }

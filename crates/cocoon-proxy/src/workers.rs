@@ -17,8 +17,10 @@ use crate::market::{Market, Outcome, Seller};
 pub struct WorkerLink {
     /// The worker's key fingerprint.
     pub fingerprint: Fingerprint,
-    /// The certificate (DER) the worker presented: offered to gateways that seal requests.
-    pub certificate: Vec<u8>,
+    /// The worker's certificate (DER): the one of its handshake, then the one its latest
+    /// hello carried (renewed before the first expires). Offered to gateways that seal
+    /// requests.
+    pub certificate: parking_lot::Mutex<Vec<u8>>,
     /// What the worker proved in its handshake.
     pub attestation: Verified,
     pub(crate) channel: Channel,
@@ -32,6 +34,27 @@ pub struct WorkerLink {
 }
 
 impl WorkerLink {
+    /// Takes the certificate `hello` carries if it is this worker's (same key).
+    pub(crate) fn renew_certificate(&self, hello: &WorkerHello) {
+        use base64::Engine as _;
+        let Some(der) = hello
+            .certificate
+            .as_deref()
+            .and_then(|c| base64::engine::general_purpose::STANDARD.decode(c).ok())
+        else {
+            return;
+        };
+        let same = cocoon_tls::PeerCertificate::parse_any_time(
+            &rustls::pki_types::CertificateDer::from(der.as_slice()),
+        )
+        .is_ok_and(|c| c.fingerprint == self.fingerprint);
+        if same {
+            *self.certificate.lock() = der;
+        } else {
+            tracing::warn!(worker = %self.fingerprint, "a worker's hello carried another key's certificate; ignored");
+        }
+    }
+
     /// The hash of the weights this worker serves `model` with, if it announced one.
     pub(crate) fn model_hash(&self, model: &str) -> Option<String> {
         self.model_hashes
@@ -68,7 +91,8 @@ pub(crate) async fn watch(workers: &WorkerSet, worker: &WorkerEntry, routing: &R
             .get_json::<WorkerHello>(paths::HELLO, timeout)
             .await
         {
-            Ok(_) => {
+            Ok(hello) => {
+                worker.link.renew_certificate(&hello);
                 if failed > 0 {
                     tracing::info!(worker = %worker.name, "worker answers health checks again");
                 }

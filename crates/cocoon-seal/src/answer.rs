@@ -1,17 +1,28 @@
-//! The answer's chunks: each event encrypted under the key exported from the request's HPKE
-//! context, numbered from 0, its clear counts authenticated with it. The gateway accepts
-//! chunks only in order, and an answer only once its last chunk (the worker's `Done`, with the
-//! worker's receipt over every chunk) has arrived.
+//! The answer's chunks: each event encrypted under a key derived from the secret exported
+//! from the request's HPKE context and a fresh salt of the worker's (sent with the first
+//! chunk, so that a request a proxy replays to the same worker never reuses a key and nonce),
+//! numbered from 0, its clear counts authenticated with it. The gateway accepts chunks only in
+//! order, and an answer only once its last chunk (the worker's `Done`, with the worker's
+//! receipt over every chunk) has arrived.
 
 use cocoon_protocol::{FinishReason, GenerateEvent, Receipt, RequestId, Usage};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use ring::digest::{Context, SHA256};
+use ring::rand::SecureRandom;
 
 use crate::{SealError, b64, unb64};
 
-fn aead_key(raw: &[u8; 32]) -> LessSafeKey {
-    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, raw).expect("32-byte key"))
+/// The chunks' key: HKDF-SHA256 of the exported secret under the worker's salt.
+fn chunk_key(secret: &[u8; 32], salt: &[u8]) -> LessSafeKey {
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, salt).extract(secret);
+    let okm = prk
+        .expand(&[b"cocoon-seal/1 chunks"], &CHACHA20_POLY1305)
+        .expect("one key is within HKDF's limit");
+    LessSafeKey::new(UnboundKey::from(okm))
 }
+
+/// Bytes of the worker's salt.
+const SALT_BYTES: usize = 32;
 
 /// Each chunk's nonce is its position: a key never seals two chunks under one nonce.
 fn nonce(seq: u64) -> Nonce {
@@ -41,6 +52,8 @@ fn hash_chunk(hash: &mut Context, plain: &[u8]) {
 /// The worker's side: seals each event of its answer.
 pub struct AnswerSealer {
     key: LessSafeKey,
+    /// Sent with the first chunk.
+    salt: Option<[u8; SALT_BYTES]>,
     seq: u64,
     hash: Context,
 }
@@ -52,23 +65,28 @@ impl std::fmt::Debug for AnswerSealer {
 }
 
 impl AnswerSealer {
-    pub(crate) fn new(key: &[u8; 32]) -> Self {
+    pub(crate) fn new(secret: &[u8; 32]) -> Self {
+        let mut salt = [0u8; SALT_BYTES];
+        ring::rand::SystemRandom::new()
+            .fill(&mut salt)
+            .expect("the system's random generator works");
         Self {
-            key: aead_key(key),
+            key: chunk_key(secret, &salt),
+            salt: Some(salt),
             seq: 0,
             hash: Context::new(&SHA256),
         }
     }
 
     /// `event` sealed: a `Delta` or `Reasoning` as a chunk, a `Done` as the last chunk (its
-    /// receipt is for the caller to add). An `Error` is not sealed (`None`): it is the proxy's
-    /// to read and word.
+    /// receipt is for the caller to add), an `Error` as a last chunk too (its words may quote
+    /// the prompt: the proxy gets them withheld, in a clear error of its own).
     pub fn seal(&mut self, event: &GenerateEvent) -> Option<GenerateEvent> {
         let (tokens, reasoning, last) = match event {
             GenerateEvent::Delta { tokens, .. } => (*tokens, 0, false),
             GenerateEvent::Reasoning { tokens, .. } => (*tokens, *tokens, false),
-            GenerateEvent::Done { .. } => (0, 0, true),
-            GenerateEvent::Error { .. } | GenerateEvent::Sealed { .. } => return None,
+            GenerateEvent::Done { .. } | GenerateEvent::Error { .. } => (0, 0, true),
+            GenerateEvent::Sealed { .. } => return None,
         };
         let mut data = serde_json::to_vec(event).expect("events always serialize");
         hash_chunk(&mut self.hash, &data);
@@ -87,6 +105,7 @@ impl AnswerSealer {
             tokens,
             reasoning,
             data: b64(&data),
+            salt: self.salt.take().map(|s| b64(&s)),
             receipt: None,
         })
     }
@@ -101,15 +120,16 @@ impl AnswerSealer {
 pub(crate) struct Candidate {
     worker: String,
     signing_key: [u8; 32],
-    key: LessSafeKey,
+    /// The secret exported from its HPKE context.
+    secret: [u8; 32],
 }
 
 impl Candidate {
-    pub(crate) fn new(worker: String, signing_key: [u8; 32], key: &[u8; 32]) -> Self {
+    pub(crate) fn new(worker: String, signing_key: [u8; 32], secret: [u8; 32]) -> Self {
         Self {
             worker,
             signing_key,
-            key: aead_key(key),
+            secret,
         }
     }
 }
@@ -120,13 +140,15 @@ pub struct AnswerOpener {
     request_id: RequestId,
     model: String,
     candidates: Vec<Candidate>,
-    /// The candidate whose key opened the first chunk: the one that serves.
-    chosen: Option<usize>,
+    /// The candidate whose key opened the first chunk (the one that serves), and that key.
+    chosen: Option<(usize, LessSafeKey)>,
     next: u64,
     hash: Context,
     /// The worker's own `Done`, from the last chunk.
     done: Option<(FinishReason, Usage)>,
     receipt: Option<Receipt>,
+    /// The worker's own error, from a last chunk that holds one.
+    error: Option<cocoon_protocol::ProtocolError>,
 }
 
 impl std::fmt::Debug for AnswerOpener {
@@ -150,12 +172,15 @@ impl AnswerOpener {
             hash: Context::new(&SHA256),
             done: None,
             receipt: None,
+            error: None,
         }
     }
 
     /// The fingerprint of the worker serving the answer, once its first chunk opened.
     pub fn worker(&self) -> Option<&str> {
-        self.chosen.map(|i| self.candidates[i].worker.as_str())
+        self.chosen
+            .as_ref()
+            .map(|(i, _)| self.candidates[*i].worker.as_str())
     }
 
     /// The worker's verified receipt, once the last chunk arrived.
@@ -174,8 +199,9 @@ impl AnswerOpener {
                 tokens,
                 reasoning,
                 data,
+                salt,
                 receipt,
-            } => self.chunk(seq, last, tokens, reasoning, &data, receipt),
+            } => self.chunk(seq, (last, tokens, reasoning), &data, salt, receipt),
             GenerateEvent::Done {
                 finish_reason,
                 usage,
@@ -194,7 +220,16 @@ impl AnswerOpener {
                     billing,
                 }))
             }
-            GenerateEvent::Error { error } => Ok(Some(GenerateEvent::Error { error })),
+            // The proxy's words (what it billed) with the worker's own, which it could not read.
+            GenerateEvent::Error { mut error } => {
+                if let Some(own) = self.error.take() {
+                    error.message = format!(
+                        "{}; the worker's own words (sealed): {}",
+                        error.message, own.message
+                    );
+                }
+                Ok(Some(GenerateEvent::Error { error }))
+            }
             GenerateEvent::Delta { .. } | GenerateEvent::Reasoning { .. } => Err(
                 SealError::Tampered("text in clear where the answer is sealed".into()),
             ),
@@ -204,13 +239,12 @@ impl AnswerOpener {
     fn chunk(
         &mut self,
         seq: u64,
-        last: bool,
-        tokens: u32,
-        reasoning: u32,
+        (last, tokens, reasoning): (bool, u32, u32),
         data: &str,
+        salt: Option<String>,
         receipt: Option<Box<Receipt>>,
     ) -> Result<Option<GenerateEvent>, SealError> {
-        if self.done.is_some() {
+        if self.done.is_some() || self.error.is_some() {
             return Err(SealError::Tampered("a chunk after the last one".into()));
         }
         if seq != self.next {
@@ -221,24 +255,38 @@ impl AnswerOpener {
         }
         let sealed = unb64(data, "a chunk")?;
         let aad = associated_data(seq, last, tokens, reasoning);
-        let try_open = |c: &Candidate| {
+        let try_open = |key: &LessSafeKey| {
             let mut buf = sealed.clone();
-            c.key
-                .open_in_place(nonce(seq), Aad::from(aad), &mut buf)
+            key.open_in_place(nonce(seq), Aad::from(aad), &mut buf)
                 .ok()
                 .map(|p| p.to_vec())
         };
-        let plain = match self.chosen {
-            Some(i) => try_open(&self.candidates[i]),
-            None => self
-                .candidates
-                .iter()
-                .enumerate()
-                .find_map(|(i, c)| try_open(c).map(|p| (i, p)))
-                .map(|(i, p)| {
-                    self.chosen = Some(i);
-                    p
-                }),
+        let plain = match &self.chosen {
+            Some((_, key)) => try_open(key),
+            None => {
+                // The first chunk names the salt; whichever candidate's secret opens it under
+                // that salt is the worker that serves.
+                let salt = unb64(
+                    salt.as_deref().ok_or_else(|| {
+                        SealError::Tampered("the first chunk carries no salt".into())
+                    })?,
+                    "the salt",
+                )?;
+                if salt.len() != SALT_BYTES {
+                    return Err(SealError::Tampered("the salt is not 32 bytes".into()));
+                }
+                self.candidates
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, c)| {
+                        let key = chunk_key(&c.secret, &salt);
+                        try_open(&key).map(|p| (i, key, p))
+                    })
+                    .map(|(i, key, p)| {
+                        self.chosen = Some((i, key));
+                        p
+                    })
+            }
         }
         .ok_or_else(|| {
             SealError::Tampered(format!(
@@ -269,7 +317,8 @@ impl AnswerOpener {
                 let receipt = receipt.ok_or_else(|| {
                     SealError::BadReceipt("the last chunk carries no receipt".into())
                 })?;
-                let worker = &self.candidates[self.chosen.expect("a chunk opened")];
+                let chosen = self.chosen.as_ref().map(|(i, _)| *i);
+                let worker = &self.candidates[chosen.expect("a chunk opened")];
                 crate::verify_receipt(&receipt, &worker.signing_key)?;
                 let answer = hex::encode(self.hash.clone().finish());
                 let expected = [
@@ -286,6 +335,10 @@ impl AnswerOpener {
                 }
                 self.done = Some((*finish_reason, *usage));
                 self.receipt = Some(*receipt);
+                Ok(None)
+            }
+            (GenerateEvent::Error { error }, true) if tokens == 0 && receipt.is_none() => {
+                self.error = Some(error.clone());
                 Ok(None)
             }
             _ => Err(SealError::Tampered(format!(

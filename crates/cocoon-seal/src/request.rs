@@ -77,7 +77,7 @@ pub fn seal_request(
         candidates.push(Candidate::new(
             worker.worker.clone(),
             worker.signing_key,
-            &answer_key,
+            answer_key,
         ));
     }
     let opener = AnswerOpener::new(header.request_id, header.model.clone(), candidates);

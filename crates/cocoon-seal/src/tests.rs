@@ -76,23 +76,13 @@ fn answer(w: &Worker, sealer: &mut AnswerSealer) -> Vec<GenerateEvent> {
         );
     }
     let usage = Usage::new(12, 2);
-    let GenerateEvent::Sealed {
-        seq,
-        last,
-        tokens,
-        reasoning,
-        data,
-        ..
-    } = sealer
+    let chunk = sealer
         .seal(&GenerateEvent::Done {
             finish_reason: FinishReason::Stop,
             usage,
             billing: None,
         })
-        .unwrap()
-    else {
-        unreachable!()
-    };
+        .unwrap();
     let receipt = sign_receipt(
         cocoon_protocol::Receipt {
             request_id: RequestId([9; 16]),
@@ -105,14 +95,7 @@ fn answer(w: &Worker, sealer: &mut AnswerSealer) -> Vec<GenerateEvent> {
         },
         &w.signer,
     );
-    out.push(GenerateEvent::Sealed {
-        seq,
-        last,
-        tokens,
-        reasoning,
-        data,
-        receipt: Some(Box::new(receipt)),
-    });
+    out.push(chunk.with_receipt(receipt));
     out.push(GenerateEvent::Done {
         finish_reason: FinishReason::Stop,
         usage,
@@ -332,4 +315,52 @@ fn a_proxy_cannot_splice_another_answer_in() {
         read(&mut opener1, events),
         Err(SealError::Tampered(_))
     ));
+}
+
+/// REVIEW, fixed: nothing stops a proxy from sending one sealed request twice to the same worker, and
+/// both openings derive the same answer key (exported from the same HPKE context: same `enc`,
+/// same worker key) and seal chunk `n` under the same nonce (`n`). ChaCha20's keystream
+/// repeats, so the XOR of the two answers' ciphertexts is the XOR of their plaintexts: one
+/// answer known or guessed (a resample at temperature > 0, JSON's fixed frame) reads the
+/// other, and Poly1305's one-time key repeats too, which lets the proxy forge chunks. Fix: mix
+/// fresh worker randomness into the answer key (a salt sent in clear with chunk 0, bound as
+/// associated data), or refuse to open a request twice.
+#[test]
+fn review_a_replayed_request_does_not_reuse_the_answers_keystream() {
+    let a = worker("a");
+    let (sealed, _) = seal_request(header(), &request(), &[to(&a)]).unwrap();
+    let mut first = open_request(&sealed, &a.name, &a.keys).unwrap();
+    // The replay: the same bytes, to the same worker.
+    let Ok(mut second) = open_request(&sealed, &a.name, &a.keys) else {
+        return; // a replay that does not open is a fix too
+    };
+    let secret = GenerateEvent::Delta {
+        text: "the SECRET answer".into(),
+        tokens: 1,
+    };
+    let known = GenerateEvent::Delta {
+        text: "x".repeat(17),
+        tokens: 1,
+    };
+    let chunk = |e: Option<GenerateEvent>| match e {
+        Some(GenerateEvent::Sealed { data, .. }) => unb64(&data, "a chunk").unwrap(),
+        other => panic!("not a chunk: {other:?}"),
+    };
+    let c1 = chunk(first.answer.seal(&secret));
+    let c2 = chunk(second.answer.seal(&known));
+    let p1 = serde_json::to_vec(&secret).unwrap();
+    let p2 = serde_json::to_vec(&known).unwrap();
+    assert_eq!(p1.len(), p2.len());
+    let recovered: Vec<u8> = c1
+        .iter()
+        .zip(&c2)
+        .zip(&p2)
+        .map(|((x, y), k)| x ^ y ^ k)
+        .collect();
+    assert_ne!(
+        recovered,
+        p1,
+        "the proxy read the first answer from a replay: {}",
+        String::from_utf8_lossy(&recovered)
+    );
 }

@@ -65,6 +65,7 @@ pub struct Worker {
     registry: Option<(Arc<dyn cocoon_ledger::Ledger>, Duration)>,
     /// Opens sealed requests (see [`with_sealing_key`]).
     sealing: Option<Arc<Sealing>>,
+    identity: Arc<Identity>,
 }
 
 impl Worker {
@@ -82,7 +83,8 @@ impl Worker {
             name: name.into(),
             proxy_addr: proxy_addr.into(),
             backend,
-            tls: cocoon_tls::client_config(identity, proxy.clone(), &[ALPN_WORKER]),
+            tls: cocoon_tls::client_config(identity.clone(), proxy.clone(), &[ALPN_WORKER]),
+            identity,
             proxy_policy: proxy,
             max_backoff,
             connected: Arc::default(),
@@ -191,6 +193,7 @@ impl Worker {
             self.payouts.clone(),
             Arc::new(self.prices.clone()),
             self.sealing.clone(),
+            self.identity.clone(),
         );
         loop {
             let attempt = async {

@@ -43,6 +43,28 @@ pub fn with_sealing_key(identity: Identity) -> Result<(Identity, Option<Sealing>
     Ok((identity, Some(sealing)))
 }
 
+/// `error` as the proxy may read it for a sealed request: its kind, in fixed words. A
+/// backend's own words may quote the prompt (an upstream server's 422 echoes its input), so
+/// they go to the gateway sealed, or not at all.
+pub(crate) fn withheld(error: &ProtocolError) -> ProtocolError {
+    use cocoon_protocol::ErrorKind;
+    let words = match error.kind {
+        ErrorKind::ContextLengthExceeded => {
+            "the request does not fit the model's context on this worker"
+        }
+        ErrorKind::InvalidRequest => "the worker's backend refused the request as invalid",
+        ErrorKind::Unavailable | ErrorKind::RateLimited => "the worker cannot take it now",
+        _ => "the worker's backend failed",
+    };
+    ProtocolError {
+        message: format!(
+            "{words} (its own words are withheld from the proxy: they may quote the sealed \
+             prompt)"
+        ),
+        ..error.clone()
+    }
+}
+
 /// A sealed request opened for serving: the clear request for the backend, and how its
 /// answer goes back.
 pub(crate) struct Opened {
@@ -62,7 +84,20 @@ impl Sealing {
             ProtocolError::from(e)
         })?;
         let mut request = opened.request;
-        request.cache_scope = sealed.cache_scope.clone();
+        // Cells are shared within the proxy's scope (this client, under its hint) and the
+        // gateway's sealed one together: the proxy alone cannot put a sealed prompt in a scope
+        // it probes, nor the gateway reach into another client's.
+        request.cache_scope = match (&sealed.cache_scope, &request.cache_scope) {
+            (Some(proxy), Some(gateway)) => {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                for part in [proxy, gateway] {
+                    ctx.update(&(part.len() as u64).to_be_bytes());
+                    ctx.update(part.as_bytes());
+                }
+                Some(hex::encode(&ctx.finish().as_ref()[..16]))
+            }
+            _ => None,
+        };
         request.validate()?;
         let answer = SealedAnswer {
             sealing: self.clone(),
@@ -90,29 +125,20 @@ pub(crate) struct SealedAnswer {
 }
 
 impl SealedAnswer {
-    /// The frames that carry `event` to the gateway: a chunk for a delta, the last chunk and
-    /// the receipt then the clear `Done` (which the proxy bills) for the end, an error as is.
+    /// The frames that carry `event` to the gateway: a chunk for a delta; for the end, the
+    /// last chunk with the receipt, then the clear `Done` (which the proxy bills); for an
+    /// error, the last chunk holding it, then a clear error with its words withheld.
     pub(crate) fn seal(&mut self, event: GenerateEvent) -> Vec<GenerateEvent> {
-        let Some(GenerateEvent::Sealed {
-            seq,
-            last,
-            tokens,
-            reasoning,
-            data,
-            ..
-        }) = self.sealer.seal(&event)
-        else {
+        let Some(chunk) = self.sealer.seal(&event) else {
             return vec![event];
         };
-        let GenerateEvent::Done { usage, .. } = &event else {
-            return vec![GenerateEvent::Sealed {
-                seq,
-                last,
-                tokens,
-                reasoning,
-                data,
-                receipt: None,
-            }];
+        let usage = match &event {
+            GenerateEvent::Done { usage, .. } => usage,
+            GenerateEvent::Error { error } => {
+                let error = withheld(error);
+                return vec![chunk, GenerateEvent::Error { error }];
+            }
+            _ => return vec![chunk],
         };
         let receipt = cocoon_seal::sign_receipt(
             Receipt {
@@ -122,16 +148,95 @@ impl SealedAnswer {
             },
             &self.sealing.signer,
         );
-        vec![
-            GenerateEvent::Sealed {
-                seq,
-                last,
-                tokens,
-                reasoning,
-                data,
-                receipt: Some(Box::new(receipt)),
+        vec![chunk.with_receipt(receipt), event]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cocoon_protocol::{
+        ChatMessage, GenerateRequest, Input, RequestId, Role, SamplingParams, SealedHeader,
+        UsageBounds,
+    };
+
+    /// An attested (development) worker's sealing, and how a gateway names it.
+    fn attested() -> (tempfile::TempDir, Arc<Sealing>, cocoon_seal::SealTo) {
+        let dir = tempfile::tempdir().unwrap();
+        let attester = cocoon_tls::AttesterConfig {
+            kind: cocoon_tls::AttesterChoice::Dev,
+            dev_key_file: Some(dir.path().join("dev-attester.key")),
+            dev_mrtd: None,
+        };
+        let identity = attester.identity(None, "w", "worker", None).unwrap();
+        let (identity, sealing) = with_sealing_key(identity).unwrap();
+        let sealing = Arc::new(sealing.expect("an attested worker opens sealed requests"));
+        let to = cocoon_seal::SealTo {
+            worker: identity.fingerprint().to_string(),
+            encryption_key: sealing.keys.public_key(),
+            signing_key: identity.public_key().try_into().unwrap(),
+        };
+        (dir, sealing, to)
+    }
+
+    /// `prompt` sealed to `to`, its body naming `scope` as its cache scope.
+    fn sealed(
+        to: &cocoon_seal::SealTo,
+        scope: Option<&str>,
+        prompt: &str,
+    ) -> cocoon_protocol::SealedRequest {
+        let request = GenerateRequest {
+            model: "m".into(),
+            input: Input::Chat {
+                messages: vec![ChatMessage {
+                    role: Role::User,
+                    content: prompt.into(),
+                }],
             },
-            event,
-        ]
+            params: SamplingParams::default(),
+            max_price: None,
+            cache_scope: scope.map(str::to_owned),
+        };
+        let header = SealedHeader {
+            request_id: RequestId([3; 16]),
+            model: "m".into(),
+            max_tokens: None,
+            max_price: None,
+            prompt_bound: UsageBounds::new(&request, u32::MAX).prompt(),
+            affinity: None,
+            cache_hint: None,
+        };
+        cocoon_seal::seal_request(header, &request, std::slice::from_ref(to))
+            .unwrap()
+            .0
+    }
+
+    /// REVIEW, fixed: a sealed request's prompt-cache scope is the proxy's `cache_scope` alone (outside
+    /// the seal, replacing whatever the body says), so a proxy reading no prompt still chooses
+    /// which requests share cached cells: it gives a client's sealed request a scope of its own
+    /// and sends probes in that scope (in clear, or sealed by itself to the same worker: it has
+    /// the certificate), and each probe's clear `cached_tokens` says how much of the client's
+    /// prompt it guessed (the leak `cache_salt` exists to stop between clients). Fix: the worker
+    /// derives the scope from the proxy's and a secret the gateway seals in the body (its
+    /// keyed per-app scope), so that only requests of the same gateway and hint share cells.
+    #[test]
+    fn review_the_proxy_alone_cannot_put_a_sealed_prompt_in_a_cache_it_can_probe() {
+        let (_dir, sealing, to) = attested();
+        let chosen = "a scope the proxy chose";
+        let mut client = sealed(
+            &to,
+            Some("a secret of the client's gateway"),
+            "the client's secret system prompt",
+        );
+        let mut probe = sealed(&to, None, "the client's secret sys");
+        client.cache_scope = Some(chosen.into());
+        probe.cache_scope = Some(chosen.into());
+        let client = sealing.open(&client, None).unwrap().request.cache_scope;
+        let probe = sealing.open(&probe, None).unwrap().request.cache_scope;
+        assert!(
+            client.is_none() || (client != probe && client.as_deref() != Some(chosen)),
+            "the client's sealed prompt shares the cache scope {client:?} the proxy chose and \
+             probes in (sealed probe: {probe:?}; a clear probe names {chosen:?})"
+        );
     }
 }

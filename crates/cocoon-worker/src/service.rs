@@ -31,6 +31,8 @@ pub(crate) struct WorkerService {
     proxy: [u8; 32],
     /// How sealed requests are opened, when this worker is attested.
     sealing: Option<Arc<Sealing>>,
+    /// Its current certificate is in every hello.
+    identity: Arc<cocoon_tls::Identity>,
 }
 
 impl WorkerService {
@@ -40,6 +42,7 @@ impl WorkerService {
         payouts: Option<Arc<PayoutStore>>,
         prices: Arc<PriceConfig>,
         sealing: Option<Arc<Sealing>>,
+        identity: Arc<cocoon_tls::Identity>,
     ) -> Self {
         Self {
             name: name.into(),
@@ -48,6 +51,7 @@ impl WorkerService {
             prices,
             proxy: [0; 32],
             sealing,
+            identity,
         }
     }
 
@@ -103,6 +107,10 @@ impl WorkerService {
                         })
                         .collect(),
                     capacity: self.backend.capacity(),
+                    certificate: self.identity.certified_key().cert.first().map(|c| {
+                        use base64::Engine as _;
+                        base64::engine::general_purpose::STANDARD.encode(c.as_ref())
+                    }),
                 };
                 response(StatusCode::OK, json(&hello))
             }
@@ -156,6 +164,9 @@ impl WorkerService {
     ) -> Response<Body> {
         let mut events = self.backend.generate(request);
         let first = match events.next().await {
+            Some(GenerateEvent::Error { error }) if sealed.is_some() => {
+                return error_response(&crate::sealing::withheld(&error));
+            }
             Some(GenerateEvent::Error { error }) => {
                 return error_response(&error);
             }

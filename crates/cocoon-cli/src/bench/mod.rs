@@ -140,10 +140,21 @@ pub async fn network(
     backends: Vec<Arc<dyn Backend>>,
     payments: bool,
 ) -> anyhow::Result<DevNetwork> {
+    network_sealed(backends, payments, true).await
+}
+
+/// [`network`], its requests sealed end to end (as `cocoon dev` runs) or, without `sealed`,
+/// sent to the proxy in clear: the reference the cost of sealing is measured against.
+pub async fn network_sealed(
+    backends: Vec<Arc<dyn Backend>>,
+    payments: bool,
+    sealed: bool,
+) -> anyhow::Result<DevNetwork> {
     let n = backends.len() as u32;
     let net = DevNetwork::start(
         DevOptions {
             gateway_listen: "127.0.0.1:0".into(),
+            sealed,
             payments,
             limits: unlimited(),
             ..Default::default()

@@ -4,7 +4,9 @@
 //! - routing: p50/p99 latency of short requests one at a time, and the most requests/s that
 //!   closed loops of concurrent requests get through;
 //! - streaming relay: chunks/s of long unpaced answers, and each token's transit time (sent
-//!   → read by the app) of paced ones, direct against through the path.
+//!   → read by the app) of paced ones, direct against through the path;
+//! - sealing: the same path with requests sealed end to end (the default) against requests in
+//!   clear, in the same run, interleaved: what encryption adds per request and per token.
 
 use std::time::{Duration, Instant};
 
@@ -110,6 +112,20 @@ pub struct PathReport {
     pub added_transit_p50_ms: f64,
     /// Network minus direct transit time at p99, ms.
     pub added_transit_p99_ms: f64,
+    /// Routing figures through the same path with requests in clear (no `[worker_policy]`).
+    pub clear: RoutingFigures,
+    /// Streaming figures through the same path with requests in clear.
+    pub stream_clear: StreamFigures,
+    /// What sealing adds to a request's latency: sealed − clear at p50, ms.
+    pub sealing_added_latency_p50_ms: f64,
+    /// Sealed − clear latency at p99, ms.
+    pub sealing_added_latency_p99_ms: f64,
+    /// Sealed / clear most requests/s.
+    pub sealing_throughput_ratio: f64,
+    /// What sealing adds to a token's transit: sealed − clear at p50, ms.
+    pub sealing_added_transit_p50_ms: f64,
+    /// Sealed − clear transit at p99, ms.
+    pub sealing_added_transit_p99_ms: f64,
 }
 
 fn body(max_tokens: u32) -> Value {
@@ -225,10 +241,17 @@ pub async fn run(options: &PathOptions) -> anyhow::Result<PathReport> {
     // Two workers: model "synthetic" behind each server would clash, so one network each.
     let mut fast_net = super::network(vec![upstream(&fast)?], false).await?;
     let mut paced_net = super::network(vec![upstream(&paced)?], false).await?;
+    let mut clear_net = super::network_sealed(vec![upstream(&fast)?], false, false).await?;
+    let mut paced_clear_net = super::network_sealed(vec![upstream(&paced)?], false, false).await?;
     let http = reqwest::Client::new();
     let direct_url = format!("{}/chat/completions", fast.url());
     let network_url = format!("{}/chat/completions", fast_net.gateway_url());
-    let urls = [direct_url.as_str(), network_url.as_str()];
+    let clear_url = format!("{}/chat/completions", clear_net.gateway_url());
+    let urls = [
+        direct_url.as_str(),
+        network_url.as_str(),
+        clear_url.as_str(),
+    ];
 
     // Routing latency, one request at a time, the paths interleaved.
     let short = options.short_tokens;
@@ -237,14 +260,14 @@ pub async fn run(options: &PathOptions) -> anyhow::Result<PathReport> {
             check(stream_chat(&http, url, &body(short)).await?, short)?;
         }
     }
-    let mut lat: [Vec<Answer>; 2] = [Vec::new(), Vec::new()];
+    let mut lat: [Vec<Answer>; 3] = Default::default();
     for _ in 0..options.latency_requests {
         for (i, url) in urls.iter().enumerate() {
             lat[i].push(check(stream_chat(&http, url, &body(short)).await?, short)?);
         }
     }
     // Most requests/s, two rounds per path, interleaved.
-    let mut served = [(0usize, Duration::ZERO); 2];
+    let mut served = [(0usize, Duration::ZERO); 3];
     for _ in 0..2 {
         for (i, url) in urls.iter().enumerate() {
             let (n, t) = closed_loop(
@@ -266,11 +289,12 @@ pub async fn run(options: &PathOptions) -> anyhow::Result<PathReport> {
         max_requests_per_s: served[i].0 as f64 / served[i].1.as_secs_f64(),
     };
     let direct = routing(0, "direct (synthetic server)");
-    let network = routing(1, "client -> proxy -> worker -> synthetic");
+    let network = routing(1, "client -> proxy -> worker -> synthetic (sealed)");
+    let clear = routing(2, "client -> proxy -> worker -> synthetic (clear)");
 
     // Streaming relay: unpaced chunks/s, then paced transit times.
     let long = options.stream_tokens;
-    let mut streams: [Vec<Answer>; 2] = [Vec::new(), Vec::new()];
+    let mut streams: [Vec<Answer>; 3] = Default::default();
     for _ in 0..options.stream_requests {
         for (i, url) in urls.iter().enumerate() {
             streams[i].push(check(stream_chat(&http, url, &body(long)).await?, long)?);
@@ -279,8 +303,9 @@ pub async fn run(options: &PathOptions) -> anyhow::Result<PathReport> {
     let paced_urls = [
         format!("{}/chat/completions", paced.url()),
         format!("{}/chat/completions", paced_net.gateway_url()),
+        format!("{}/chat/completions", paced_clear_net.gateway_url()),
     ];
-    let mut paced_answers: [Vec<Answer>; 2] = [Vec::new(), Vec::new()];
+    let mut paced_answers: [Vec<Answer>; 3] = Default::default();
     let pt = options.paced_tokens;
     for _ in 0..3 {
         for (i, url) in paced_urls.iter().enumerate() {
@@ -297,22 +322,36 @@ pub async fn run(options: &PathOptions) -> anyhow::Result<PathReport> {
         }
     };
     let stream_direct = stream(0, "direct (synthetic server)");
-    let stream_network = stream(1, "client -> proxy -> worker -> synthetic");
-    fast_net.shutdown().await;
-    paced_net.shutdown().await;
+    let stream_network = stream(1, "client -> proxy -> worker -> synthetic (sealed)");
+    let stream_clear = stream(2, "client -> proxy -> worker -> synthetic (clear)");
+    for net in [
+        &mut fast_net,
+        &mut paced_net,
+        &mut clear_net,
+        &mut paced_clear_net,
+    ] {
+        net.shutdown().await;
+    }
     Ok(PathReport {
         short_tokens: short,
         concurrency: options.concurrency,
         added_latency_p50_ms: network.latency_ms.p50 - direct.latency_ms.p50,
         added_latency_p99_ms: network.latency_ms.p99 - direct.latency_ms.p99,
         throughput_ratio: network.max_requests_per_s / direct.max_requests_per_s,
-        direct,
-        network,
         stream_tokens: long,
         paced_interval_ms: ms(options.paced_interval),
         chunks_ratio: stream_network.chunks_per_s / stream_direct.chunks_per_s,
         added_transit_p50_ms: stream_network.transit_ms.p50 - stream_direct.transit_ms.p50,
         added_transit_p99_ms: stream_network.transit_ms.p99 - stream_direct.transit_ms.p99,
+        sealing_added_latency_p50_ms: network.latency_ms.p50 - clear.latency_ms.p50,
+        sealing_added_latency_p99_ms: network.latency_ms.p99 - clear.latency_ms.p99,
+        sealing_throughput_ratio: network.max_requests_per_s / clear.max_requests_per_s,
+        sealing_added_transit_p50_ms: stream_network.transit_ms.p50 - stream_clear.transit_ms.p50,
+        sealing_added_transit_p99_ms: stream_network.transit_ms.p99 - stream_clear.transit_ms.p99,
+        direct,
+        network,
+        clear,
+        stream_clear,
         stream_direct,
         stream_network,
     })
@@ -325,7 +364,7 @@ pub fn table(r: &PathReport) -> String {
          | path | p50 ms | p90 ms | p99 ms | TTFT p50 ms | max req/s ({} loops) |\n|---|---|---|---|---|---|\n",
         r.short_tokens, r.concurrency
     );
-    for f in [&r.direct, &r.network] {
+    for f in [&r.direct, &r.network, &r.clear] {
         out.push_str(&format!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} |\n",
             f.path,
@@ -345,7 +384,7 @@ pub fn table(r: &PathReport) -> String {
          | path | chunks/s | transit p50 ms | transit p99 ms | inter-token p50 ms | inter-token p99 ms |\n|---|---|---|---|---|---|\n",
         r.stream_tokens, r.paced_interval_ms
     ));
-    for f in [&r.stream_direct, &r.stream_network] {
+    for f in [&r.stream_direct, &r.stream_network, &r.stream_clear] {
         out.push_str(&format!(
             "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
             f.path,
@@ -359,6 +398,15 @@ pub fn table(r: &PathReport) -> String {
     out.push_str(&format!(
         "\nchunks/s network/direct x{:.3}; transit added per token: p50 +{:.3} ms, p99 +{:.3} ms\n",
         r.chunks_ratio, r.added_transit_p50_ms, r.added_transit_p99_ms
+    ));
+    out.push_str(&format!(
+        "\nsealing (sealed - clear, same run): per request p50 {:+.3} ms, p99 {:+.3} ms, \
+         req/s x{:.3}; per token transit p50 {:+.3} ms, p99 {:+.3} ms\n",
+        r.sealing_added_latency_p50_ms,
+        r.sealing_added_latency_p99_ms,
+        r.sealing_throughput_ratio,
+        r.sealing_added_transit_p50_ms,
+        r.sealing_added_transit_p99_ms
     ));
     out
 }

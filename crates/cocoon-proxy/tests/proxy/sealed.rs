@@ -417,3 +417,104 @@ async fn the_workers_receipt_matches_the_bill_and_is_kept() {
         .unwrap();
     assert_eq!(missing.status(), 404);
 }
+
+/// Fails as an OpenAI-compatible server behind an upstream backend does when it rejects a
+/// request: FastAPI's 422 (vLLM's too) echoes the offending field's input, and the upstream
+/// backend's `upstream_error` passes the body on as the error's message. At once, or after a
+/// first delta.
+struct EchoingError {
+    after_delta: bool,
+}
+
+impl Backend for EchoingError {
+    fn models(&self) -> Vec<cocoon_protocol::ModelCard> {
+        cocoon_testkit::backends::model_card(4096)
+    }
+
+    fn capacity(&self) -> u32 {
+        4
+    }
+
+    fn generate(&self, request: GenerateRequest) -> cocoon_engine::EventStream {
+        let prompt = match &request.input {
+            Input::Chat { messages } => messages
+                .last()
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+            Input::Text { prompt } => prompt.clone(),
+        };
+        let error = GenerateEvent::Error {
+            error: cocoon_protocol::ProtocolError::invalid(format!(
+                "upstream server answered 422: {{\"detail\":[{{\"type\":\"string_too_long\",\
+                 \"loc\":[\"body\",\"messages\",0,\"content\"],\"input\":{prompt:?}}}]}}"
+            )),
+        };
+        let events = if self.after_delta {
+            vec![
+                GenerateEvent::Delta {
+                    text: "ok".into(),
+                    tokens: 1,
+                },
+                error,
+            ]
+        } else {
+            vec![error]
+        };
+        Box::pin(futures_util::stream::iter(events))
+    }
+
+    fn stats(&self) -> cocoon_engine::StatsSnapshot {
+        cocoon_engine::StatsSnapshot::default()
+    }
+}
+
+/// REVIEW, fixed: a sealed answer's errors travel in clear (`AnswerSealer::seal` leaves an `Error`
+/// out, and a first event that is an error becomes the worker's HTTP error response), with
+/// the backend's message as it is; an upstream server's rejection quotes the request (the
+/// upstream backend copies its body), so the proxy reads the sealed prompt in the error, at
+/// once or mid-answer. Fix: for a sealed request the worker sends the proxy only the error's
+/// kind and a fixed wording, and the message itself sealed (a chunk the gateway opens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_backends_error_does_not_carry_the_sealed_prompt_to_the_proxy() {
+    for after_delta in [false, true] {
+        let wire = Wire::default();
+        let net = DevNetwork::start(
+            DevOptions {
+                sealed: true,
+                proxy_tap: Some(wire.tap()),
+                ..test_options()
+            },
+            vec![Arc::new(EchoingError { after_delta }) as Arc<dyn Backend>],
+        )
+        .await
+        .unwrap();
+        net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+        let http = reqwest::Client::new();
+        let prompt = format!("please repeat {PROMPT_CANARY}");
+        let answer = http
+            .post(format!("{}/chat/completions", net.gateway_url()))
+            .json(&chat_body(&prompt, json!({})))
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status();
+        let body = answer.text().await.unwrap_or_default();
+        assert!(!status.is_success(), "the backend failed, yet: {body}");
+        assert!(
+            wire.holds("\"recipients\""),
+            "the tap saw no sealed request"
+        );
+        assert!(
+            !wire.holds(PROMPT_CANARY),
+            "the proxy read the sealed prompt in the worker's error (after a delta: \
+             {after_delta}); the app got {status}: {body}"
+        );
+        // Mid-answer, the worker's own words reach the app, sealed past the proxy.
+        if after_delta {
+            assert!(
+                body.contains("own words (sealed)") && body.contains(PROMPT_CANARY),
+                "{body}"
+            );
+        }
+    }
+}
