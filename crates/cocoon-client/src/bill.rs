@@ -1095,7 +1095,12 @@ mod tests {
             encryption_key: keys.public_key(),
             signing_key: signer.public_key().as_ref().try_into().unwrap(),
         };
-        let (sealed, mut opener) = cocoon_seal::seal_request(header, &request, &[to]).unwrap();
+        let (sealed, mut opener) = cocoon_seal::seal_request(
+            header,
+            &request,
+            &[Arc::new(cocoon_seal::Session::new(to).unwrap())],
+        )
+        .unwrap();
         let mut opened = cocoon_seal::open_request(&sealed, &worker, &keys).unwrap();
         let done = GenerateEvent::Done {
             finish_reason: FinishReason::Stop,

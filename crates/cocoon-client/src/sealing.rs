@@ -15,7 +15,7 @@ use cocoon_protocol::{
     Candidate, CandidateQuery, ErrorKind, GenerateRequest, Input, ProtocolError, Receipt,
     RequestId, Role, SealedHeader,
 };
-use cocoon_seal::{AnswerOpener, SealTo};
+use cocoon_seal::{AnswerOpener, SealTo, Session};
 use cocoon_tls::PeerVerifier;
 use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -37,7 +37,7 @@ pub(crate) type SharedOpener = Arc<Mutex<AnswerOpener>>;
 /// A proxy's address, a model and a price cap: what a list of candidates is for.
 type CandidateKey = (String, String, Option<u64>);
 /// Candidates that passed the policy, and when they were fetched.
-type Verified = (Instant, Arc<Vec<SealTo>>);
+type Verified = (Instant, Arc<Vec<Arc<Session>>>);
 
 /// The gateway's side of sealed requests.
 pub(crate) struct Sealer {
@@ -134,7 +134,7 @@ impl Sealer {
         link: &ProxyLink,
         request: &GenerateRequest,
         fresh: bool,
-    ) -> Result<Arc<Vec<SealTo>>, ProtocolError> {
+    ) -> Result<Arc<Vec<Arc<Session>>>, ProtocolError> {
         let key = (
             link.addr().to_owned(),
             request.model.clone(),
@@ -155,8 +155,12 @@ impl Sealer {
         let mut to = Vec::new();
         let mut refused = Vec::new();
         for c in &offered.candidates {
-            match self.verify(c, &request.model) {
-                Ok(t) => to.push(t),
+            // One key agreement per candidate per refresh: the session serves its requests.
+            match self
+                .verify(c, &request.model)
+                .and_then(|t| Session::new(t).map_err(|e| e.to_string()))
+            {
+                Ok(session) => to.push(Arc::new(session)),
                 Err(why) => {
                     tracing::warn!(worker = %c.worker, reason = %why, "candidate worker refused: the request is not sealed to it");
                     refused.push(format!("worker {}: {why}", short(&c.worker)));

@@ -51,9 +51,12 @@ pub struct SealedHeader {
 pub struct Recipient {
     /// The worker's key fingerprint (hex SHA-256 of its Ed25519 key).
     pub worker: String,
-    /// HPKE's encapsulated key, base64.
+    /// HPKE's encapsulated key of the gateway's session with the worker, base64: the same
+    /// for the requests of one session.
     pub enc: String,
-    /// The request's key sealed in the HPKE context, base64.
+    /// The nonce the request's secret is wrapped with, base64 (12 bytes).
+    pub nonce: String,
+    /// The request's secret, wrapped under the session's exported key, base64.
     pub key: String,
 }
 
@@ -201,6 +204,7 @@ mod tests {
                 .map(|i| Recipient {
                     worker: format!("{i:064x}"),
                     enc: String::new(),
+                    nonce: String::new(),
                     key: String::new(),
                 })
                 .collect(),

@@ -12,11 +12,14 @@ use ring::rand::SecureRandom;
 
 use crate::{SealError, b64, unb64};
 
-/// The chunks' key: HKDF-SHA256 of the exported secret under the worker's salt.
-fn chunk_key(secret: &[u8; 32], salt: &[u8]) -> LessSafeKey {
+/// The chunks' key: HKDF-SHA256 of the request's secret under the worker's salt, for the
+/// worker whose fingerprint is `worker`. Every recipient holds the secret; the fingerprint
+/// makes the key the serving worker's, so the gateway knows whose receipt to expect.
+fn chunk_key(secret: &[u8; 32], salt: &[u8], worker: &str) -> LessSafeKey {
     let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, salt).extract(secret);
+    let info: [&[u8]; 2] = [b"cocoon-seal/1 chunks ", worker.as_bytes()];
     let okm = prk
-        .expand(&[b"cocoon-seal/1 chunks"], &CHACHA20_POLY1305)
+        .expand(&info, &CHACHA20_POLY1305)
         .expect("one key is within HKDF's limit");
     LessSafeKey::new(UnboundKey::from(okm))
 }
@@ -65,13 +68,13 @@ impl std::fmt::Debug for AnswerSealer {
 }
 
 impl AnswerSealer {
-    pub(crate) fn new(secret: &[u8; 32]) -> Self {
+    pub(crate) fn new(secret: &[u8; 32], worker: &str) -> Self {
         let mut salt = [0u8; SALT_BYTES];
         ring::rand::SystemRandom::new()
             .fill(&mut salt)
             .expect("the system's random generator works");
         Self {
-            key: chunk_key(secret, &salt),
+            key: chunk_key(secret, &salt, worker),
             salt: Some(salt),
             seq: 0,
             hash: Context::new(&SHA256),
@@ -279,7 +282,7 @@ impl AnswerOpener {
                     .iter()
                     .enumerate()
                     .find_map(|(i, c)| {
-                        let key = chunk_key(&c.secret, &salt);
+                        let key = chunk_key(&c.secret, &salt, &c.worker);
                         try_open(&key).map(|p| (i, key, p))
                     })
                     .map(|(i, key, p)| {

@@ -8,12 +8,15 @@
 //! ([`AnswerSealer`], [`AnswerOpener`]) and the worker's signed [`Receipt`](cocoon_protocol::Receipt)
 //! ([`sign_receipt`], [`verify_receipt`]).
 //!
-//! The suite is HPKE base mode with X25519, HKDF-SHA256 and ChaCha20-Poly1305 (RFC 9180). The
-//! request is encrypted once under a fresh 32-byte key; that key is sealed in one HPKE context
-//! per candidate (as Apple's Private Cloud Compute wraps for several nodes), with the clear
-//! header as associated data everywhere, so a proxy that edits the header makes the request
-//! unreadable. The answer's key is exported from the same HPKE context: only the gateway and
-//! the worker that opened the request hold it.
+//! The suite is HPKE base mode with X25519, HKDF-SHA256 and ChaCha20-Poly1305 (RFC 9180). A
+//! gateway keeps one HPKE context per verified candidate while it keeps the candidate list (a
+//! [`Session`]; the worker keeps it too), so a key agreement is paid once per worker per
+//! refresh, not per request. Each request has a fresh 32-byte secret: its body is encrypted
+//! once under a key derived from it, and the secret is wrapped for each candidate under its
+//! session's exported key (as Apple's Private Cloud Compute wraps for several nodes), with the
+//! clear header as associated data everywhere, so a proxy that edits the header makes the
+//! request unreadable. The answer's keys derive from the same secret and a fresh salt of the
+//! worker's: only the gateway and the worker that opened the request hold them.
 
 mod answer;
 mod keys;
@@ -23,7 +26,7 @@ mod request;
 pub use answer::{AnswerOpener, AnswerSealer};
 pub use keys::WorkerKeys;
 pub use receipt::{sign_receipt, verify_receipt};
-pub use request::{OpenedRequest, SealTo, open_request, seal_request};
+pub use request::{OpenedRequest, SealTo, Session, open_request, seal_request};
 
 /// Why a sealed request or answer could not be made or opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -24,12 +24,16 @@ fn worker(name: &str) -> Worker {
     }
 }
 
-fn to(w: &Worker) -> SealTo {
-    SealTo {
-        worker: w.name.clone(),
-        encryption_key: w.keys.public_key(),
-        signing_key: w.signer.public_key().as_ref().try_into().unwrap(),
-    }
+/// A fresh session with `w`, as a gateway opens one per candidate it verified.
+fn to(w: &Worker) -> std::sync::Arc<Session> {
+    std::sync::Arc::new(
+        Session::new(SealTo {
+            worker: w.name.clone(),
+            encryption_key: w.keys.public_key(),
+            signing_key: w.signer.public_key().as_ref().try_into().unwrap(),
+        })
+        .unwrap(),
+    )
 }
 
 fn request() -> GenerateRequest {
@@ -174,11 +178,19 @@ fn a_header_bent_by_the_proxy_makes_the_request_unreadable() {
             Err(SealError::DoesNotOpen(_))
         ));
     }
-    // A body swapped for another request's is refused too.
-    let (other, _) = seal_request(header(), &request(), &[to(&a)]).unwrap();
-    let mut swapped = sealed.clone();
-    swapped.body = other.body;
+    // A body or a wrapped key swapped for another request's of the same session (the same
+    // HPKE context) is refused too: each request has a secret of its own.
+    let session = to(&a);
+    let (one, _) = seal_request(header(), &request(), std::slice::from_ref(&session)).unwrap();
+    let (other, _) = seal_request(header(), &request(), &[session]).unwrap();
+    assert_eq!(one.recipients[0].enc, other.recipients[0].enc);
+    let mut swapped = one.clone();
+    swapped.body = other.body.clone();
     assert!(open_request(&swapped, &a.name, &a.keys).is_err());
+    let mut swapped = one.clone();
+    swapped.recipients[0].key = other.recipients[0].key.clone();
+    assert!(open_request(&swapped, &a.name, &a.keys).is_err());
+    assert!(open_request(&one, &a.name, &a.keys).is_ok());
 }
 
 #[test]

@@ -206,9 +206,13 @@ mod tests {
             affinity: None,
             cache_hint: None,
         };
-        cocoon_seal::seal_request(header, &request, std::slice::from_ref(to))
-            .unwrap()
-            .0
+        cocoon_seal::seal_request(
+            header,
+            &request,
+            &[Arc::new(cocoon_seal::Session::new(to.clone()).unwrap())],
+        )
+        .unwrap()
+        .0
     }
 
     /// REVIEW, fixed: a sealed request's prompt-cache scope is the proxy's `cache_scope` alone (outside

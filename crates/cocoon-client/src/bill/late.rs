@@ -547,7 +547,12 @@ mod tests {
             encryption_key: keys.public_key(),
             signing_key: signer.public_key().as_ref().try_into().unwrap(),
         };
-        let (sealed, mut opener) = cocoon_seal::seal_request(header, &request, &[to]).unwrap();
+        let (sealed, mut opener) = cocoon_seal::seal_request(
+            header,
+            &request,
+            &[Arc::new(cocoon_seal::Session::new(to).unwrap())],
+        )
+        .unwrap();
         let mut served = cocoon_seal::open_request(&sealed, &worker, &keys).unwrap();
         let delta = served
             .answer

@@ -172,7 +172,7 @@ async fn a_clear_request_is_read_by_the_proxy_which_is_why_requests_are_sealed()
 /// A client sealing by hand to a worker of the network, as its gateway would.
 struct Sealer {
     link: cocoon_client::ProxyLink,
-    to: Vec<cocoon_seal::SealTo>,
+    to: Vec<Arc<cocoon_seal::Session>>,
 }
 
 async fn sealer(net: &DevNetwork) -> Sealer {
@@ -206,11 +206,12 @@ async fn sealer(net: &DevNetwork) -> Sealer {
             )
             .unwrap();
             let attested = workers.verify(&peer).unwrap().attestation.unwrap();
-            cocoon_seal::SealTo {
+            let to = cocoon_seal::SealTo {
                 worker: c.worker.clone(),
                 encryption_key: attested.encryption_key.expect("workers name their key"),
                 signing_key: peer.public_key.as_slice().try_into().unwrap(),
-            }
+            };
+            Arc::new(cocoon_seal::Session::new(to).unwrap())
         })
         .collect();
     Sealer { link, to }
@@ -291,11 +292,14 @@ async fn a_request_handed_to_a_worker_outside_its_set_does_not_open_there() {
         }
     }
     assert_eq!(text, "HELLO THERE");
-    assert_eq!(opener.lock().unwrap().worker(), Some(a.worker.as_str()));
+    assert_eq!(
+        opener.lock().unwrap().worker(),
+        Some(a.to().worker.as_str())
+    );
     // A proxy that hands it to b (its key entry renamed for b) gets a refusal, not an
     // answer: b cannot open what was sealed for a.
     let mut redirected = sealed.clone();
-    redirected.recipients[0].worker = b.worker.clone();
+    redirected.recipients[0].worker = b.to().worker.clone();
     let refused = match s.link.generate_sealed(&redirected, None).await {
         Ok(_) => panic!("a worker outside the set answered"),
         Err(e) => e,
