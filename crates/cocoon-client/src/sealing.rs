@@ -105,9 +105,13 @@ impl Sealer {
                 cache_scope: self.keyed("scope", request.cache_scope.as_deref()),
                 ..request.clone()
             };
-            let (sealed, opener) =
+            let (sealed, mut opener) =
                 cocoon_seal::seal_request(header, &inner, &to).map_err(ProtocolError::from)?;
-            match link.generate_sealed(&sealed, id).await {
+            let started = link
+                .generate_sealed(&sealed, id)
+                .await
+                .map_err(|e| opener.refusal(e));
+            match started {
                 Ok(events) => {
                     let opener = Arc::new(Mutex::new(opener));
                     let reader = opener.clone();

@@ -74,6 +74,11 @@ pub struct ProtocolError {
     /// Seconds after which a retry may succeed; sent on as HTTP `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_secs: Option<u32>,
+    /// For a sealed request: the worker's own words, sealed for the client's gateway (a
+    /// `sealed` chunk holding the error); `message` then has them withheld
+    /// ([`Self::withheld`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_words: Option<Box<crate::GenerateEvent>>,
 }
 
 impl ProtocolError {
@@ -83,7 +88,45 @@ impl ProtocolError {
             kind,
             message: message.into(),
             retry_after_secs: None,
+            sealed_words: None,
         }
+    }
+
+    /// The words a worker gives the proxy for an error of `kind` on a sealed request: a
+    /// backend's own may quote the prompt (an upstream server's 422 echoes its input).
+    pub fn withheld_words(kind: ErrorKind) -> String {
+        let words = match kind {
+            ErrorKind::ContextLengthExceeded => {
+                "the request does not fit the model's context on this worker"
+            }
+            ErrorKind::InvalidRequest => "the worker's backend refused the request as invalid",
+            ErrorKind::Unavailable | ErrorKind::RateLimited => "the worker cannot take it now",
+            _ => "the worker's backend failed",
+        };
+        format!("{words} (its own words are sealed for the client's gateway)")
+    }
+
+    /// This error as the proxy may read it for a sealed request: its kind, in the fixed
+    /// [`Self::withheld_words`].
+    pub fn withheld(&self) -> Self {
+        Self {
+            message: Self::withheld_words(self.kind),
+            sealed_words: None,
+            ..self.clone()
+        }
+    }
+
+    /// `message` (the proxy's, which may quote the withheld words) with the worker's `own`
+    /// words in place of the withheld ones: what the gateway tells the app.
+    pub fn with_own_words(mut self, own: &ProtocolError) -> Self {
+        let withheld = Self::withheld_words(own.kind);
+        self.message = if self.message.contains(&withheld) {
+            self.message.replacen(&withheld, &own.message, 1)
+        } else {
+            format!("{}; the worker's own words: {}", self.message, own.message)
+        };
+        self.sealed_words = None;
+        self
     }
 
     /// A refusal for exceeding a limit, to be retried after `secs` seconds.

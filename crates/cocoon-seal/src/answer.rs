@@ -186,6 +186,28 @@ impl AnswerOpener {
             .map(|(i, _)| self.candidates[*i].worker.as_str())
     }
 
+    /// `error`, a refusal of the request before any answer, with the worker's own words in
+    /// place of the withheld ones when it sealed them (it may have; it cannot be made to).
+    pub fn refusal(
+        &mut self,
+        error: cocoon_protocol::ProtocolError,
+    ) -> cocoon_protocol::ProtocolError {
+        let Some(chunk) = error.sealed_words.clone() else {
+            return error;
+        };
+        match self.open(*chunk) {
+            Ok(None) => match self.error.take() {
+                Some(own) => error.with_own_words(&own),
+                None => error,
+            },
+            // Words that do not open are dropped: the withheld ones stand.
+            _ => cocoon_protocol::ProtocolError {
+                sealed_words: None,
+                ..error
+            },
+        }
+    }
+
     /// The worker's verified receipt, once the last chunk arrived.
     pub fn receipt(&self) -> Option<&Receipt> {
         self.receipt.as_ref()
@@ -224,15 +246,12 @@ impl AnswerOpener {
                 }))
             }
             // The proxy's words (what it billed) with the worker's own, which it could not read.
-            GenerateEvent::Error { mut error } => {
-                if let Some(own) = self.error.take() {
-                    error.message = format!(
-                        "{}; the worker's own words (sealed): {}",
-                        error.message, own.message
-                    );
-                }
-                Ok(Some(GenerateEvent::Error { error }))
-            }
+            GenerateEvent::Error { error } => Ok(Some(GenerateEvent::Error {
+                error: match self.error.take() {
+                    Some(own) => error.with_own_words(&own),
+                    None => error,
+                },
+            })),
             GenerateEvent::Delta { .. } | GenerateEvent::Reasoning { .. } => Err(
                 SealError::Tampered("text in clear where the answer is sealed".into()),
             ),

@@ -43,28 +43,6 @@ pub fn with_sealing_key(identity: Identity) -> Result<(Identity, Option<Sealing>
     Ok((identity, Some(sealing)))
 }
 
-/// `error` as the proxy may read it for a sealed request: its kind, in fixed words. A
-/// backend's own words may quote the prompt (an upstream server's 422 echoes its input), so
-/// they go to the gateway sealed, or not at all.
-pub(crate) fn withheld(error: &ProtocolError) -> ProtocolError {
-    use cocoon_protocol::ErrorKind;
-    let words = match error.kind {
-        ErrorKind::ContextLengthExceeded => {
-            "the request does not fit the model's context on this worker"
-        }
-        ErrorKind::InvalidRequest => "the worker's backend refused the request as invalid",
-        ErrorKind::Unavailable | ErrorKind::RateLimited => "the worker cannot take it now",
-        _ => "the worker's backend failed",
-    };
-    ProtocolError {
-        message: format!(
-            "{words} (its own words are withheld from the proxy: they may quote the sealed \
-             prompt)"
-        ),
-        ..error.clone()
-    }
-}
-
 /// A sealed request opened for serving: the clear request for the backend, and how its
 /// answer goes back.
 pub(crate) struct Opened {
@@ -125,6 +103,18 @@ pub(crate) struct SealedAnswer {
 }
 
 impl SealedAnswer {
+    /// A refusal before any answer, as the proxy may read it: its kind in fixed words, the
+    /// worker's own words sealed for the gateway beside them.
+    pub(crate) fn refusal(&mut self, error: &ProtocolError) -> ProtocolError {
+        let words = self.sealer.seal(&GenerateEvent::Error {
+            error: error.clone(),
+        });
+        ProtocolError {
+            sealed_words: words.map(Box::new),
+            ..error.withheld()
+        }
+    }
+
     /// The frames that carry `event` to the gateway: a chunk for a delta; for the end, the
     /// last chunk with the receipt, then the clear `Done` (which the proxy bills); for an
     /// error, the last chunk holding it, then a clear error with its words withheld.
@@ -135,7 +125,7 @@ impl SealedAnswer {
         let usage = match &event {
             GenerateEvent::Done { usage, .. } => usage,
             GenerateEvent::Error { error } => {
-                let error = withheld(error);
+                let error = error.withheld();
                 return vec![chunk, GenerateEvent::Error { error }];
             }
             _ => return vec![chunk],

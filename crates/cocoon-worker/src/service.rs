@@ -164,10 +164,11 @@ impl WorkerService {
     ) -> Response<Body> {
         let mut events = self.backend.generate(request);
         let first = match events.next().await {
-            Some(GenerateEvent::Error { error }) if sealed.is_some() => {
-                return error_response(&crate::sealing::withheld(&error));
-            }
             Some(GenerateEvent::Error { error }) => {
+                let error = match &mut sealed {
+                    Some(answer) => answer.refusal(&error),
+                    None => error,
+                };
                 return error_response(&error);
             }
             Some(event) => event,
