@@ -1058,9 +1058,9 @@ mod tests {
             .unwrap();
     }
 
-    /// A sealed answer opened through the gateway's opener, its worker reporting `reported`
-    /// in a signed receipt: the opener, holding the verified receipt.
-    fn sealed_answer(reported: Usage) -> crate::sealing::SharedOpener {
+    /// Sealed request `id` answered, through the gateway's opener, by a worker that reports
+    /// `reported` in a signed receipt: the opener, holding the verified receipt.
+    pub(super) fn sealed_answer(id: RequestId, reported: Usage) -> crate::sealing::SharedOpener {
         use cocoon_protocol::{FinishReason, GenerateEvent, Input, SamplingParams};
         use ring::signature::KeyPair as _;
         let rng = ring::rand::SystemRandom::new();
@@ -1082,7 +1082,7 @@ mod tests {
             cache_scope: None,
         };
         let header = cocoon_protocol::SealedHeader {
-            request_id: RequestId([5; 16]),
+            request_id: id,
             model: "m".into(),
             max_tokens: None,
             max_price: None,
@@ -1113,7 +1113,7 @@ mod tests {
             .expect("a Done seals as the last chunk");
         let receipt = cocoon_seal::sign_receipt(
             cocoon_protocol::Receipt {
-                request_id: RequestId([5; 16]),
+                request_id: id,
                 worker,
                 model: "m".into(),
                 model_hash: None,
@@ -1140,7 +1140,7 @@ mod tests {
             &crate::config::SealingConfig::default(),
         ));
         let with_receipt = |reported: Usage| Parties {
-            sealed: Some((sealed_answer(reported), sealer.clone())),
+            sealed: Some((sealed_answer(RequestId([5; 16]), reported), sealer.clone())),
             ..parties(&proxy, client, Some(params.clone()))
         };
         // The worker signed for 7 + 3; a bill for exactly that checks out.

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use cocoon_net::EventReader;
 use cocoon_protocol::{
-    Candidate, CandidateQuery, ErrorKind, GenerateRequest, Input, ProtocolError, Receipt,
-    RequestId, Role, SealedHeader,
+    Candidate, CandidateQuery, ErrorKind, GenerateRequest, ProtocolError, Receipt, RequestId,
+    SealedHeader,
 };
 use cocoon_seal::{AnswerOpener, SealTo, Session};
 use cocoon_tls::PeerVerifier;
@@ -23,10 +23,6 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use crate::config::SealingConfig;
 use crate::link::ProxyLink;
 
-/// A prefix shorter than this ties no request to a worker (as the proxy's own rule).
-const MIN_PREFIX_BYTES: usize = 256;
-/// Of a text prompt, this much is the prefix.
-const TEXT_PREFIX_BYTES: usize = 1024;
 /// Receipts kept in memory for `GET /v1/receipts/{id}`.
 const RECEIPTS_KEPT: usize = 10_000;
 
@@ -242,37 +238,14 @@ impl Sealer {
         Some(hex::encode(&ctx.sign().as_ref()[..16]))
     }
 
-    /// A keyed hash of the request's long prefix (its leading system messages, or a long
-    /// text prompt's first kilobyte), if it has one.
+    /// A keyed hash of the request's long prefix ([`cocoon_protocol::Input::long_prefix`]), if it has one.
     fn affinity(&self, request: &GenerateRequest) -> Option<String> {
         let mut ctx = ring::hmac::Context::with_key(&self.secret);
         ctx.update(request.model.as_bytes());
         ctx.update(&[0]);
-        match &request.input {
-            Input::Chat { messages } => {
-                let system: Vec<&str> = messages
-                    .iter()
-                    .take_while(|m| m.role == Role::System)
-                    .map(|m| m.content.as_str())
-                    .collect();
-                if system.iter().map(|s| s.len()).sum::<usize>() < MIN_PREFIX_BYTES {
-                    return None;
-                }
-                for s in system {
-                    ctx.update(&(s.len() as u64).to_be_bytes());
-                    ctx.update(s.as_bytes());
-                }
-            }
-            Input::Text { prompt } => {
-                if prompt.len() <= TEXT_PREFIX_BYTES {
-                    return None;
-                }
-                let mut end = TEXT_PREFIX_BYTES;
-                while !prompt.is_char_boundary(end) {
-                    end -= 1;
-                }
-                ctx.update(&prompt.as_bytes()[..end]);
-            }
+        for part in request.input.long_prefix()? {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part.as_bytes());
         }
         Some(hex::encode(&ctx.sign().as_ref()[..16]))
     }

@@ -16,9 +16,9 @@ pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
     BillQuery, Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, LateBill,
-    ListedModel, MAX_CACHE_SCOPE_BYTES, MAX_LOGIT_BIASES, MAX_SCHEMA_BYTES, ModelCard, ModelList,
-    Payout, PricedTokens, Refund, RequestId, ResponseFormat, Role, SamplingParams, Usage,
-    WorkerHello, is_model_hash,
+    ListedModel, MAX_CACHE_SCOPE_BYTES, MAX_LOGIT_BIASES, MAX_SCHEMA_BYTES, MIN_PREFIX_BYTES,
+    ModelCard, ModelList, Payout, PricedTokens, Refund, RequestId, ResponseFormat, Role,
+    SamplingParams, Usage, WorkerHello, is_model_hash,
 };
 pub use sealed::{
     Candidate, CandidateQuery, Candidates, MAX_CANDIDATES, Receipt, Recipient, SEAL_TAG_BYTES,

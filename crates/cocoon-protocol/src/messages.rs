@@ -55,6 +55,42 @@ pub enum Input {
     },
 }
 
+/// Leading system messages shorter than this in all are cheap to recompute: they tie a request
+/// to no worker's prompt cache.
+pub const MIN_PREFIX_BYTES: usize = 256;
+/// Of a text prompt, this much is its long prefix.
+const TEXT_PREFIX_BYTES: usize = 1024;
+
+impl Input {
+    /// The long prefix requests may share in a worker's prompt cache, if there is one: the
+    /// leading system messages of a chat (at least [`MIN_PREFIX_BYTES`] of them), or the first
+    /// kilobyte of a longer text prompt. What cache affinity keys on: the proxy hashes it in
+    /// clear, a gateway under its own secret for a sealed request.
+    pub fn long_prefix(&self) -> Option<Vec<&str>> {
+        match self {
+            Input::Chat { messages } => {
+                let system: Vec<&str> = messages
+                    .iter()
+                    .take_while(|m| m.role == Role::System)
+                    .map(|m| m.content.as_str())
+                    .collect();
+                (system.iter().map(|s| s.len()).sum::<usize>() >= MIN_PREFIX_BYTES)
+                    .then_some(system)
+            }
+            Input::Text { prompt } => {
+                if prompt.len() <= TEXT_PREFIX_BYTES {
+                    return None;
+                }
+                let mut end = TEXT_PREFIX_BYTES;
+                while !prompt.is_char_boundary(end) {
+                    end -= 1;
+                }
+                Some(vec![&prompt[..end]])
+            }
+        }
+    }
+}
+
 /// Sampling parameters, with OpenAI's meaning and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -243,7 +243,7 @@ pub(crate) async fn run(record: Arc<BillRecord>, pool: Arc<ProxyPool>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{bill, billed, hi_in_four, on, usage};
+    use super::super::tests::{bill, billed, hi_in_four, on, sealed_answer, usage};
     use super::*;
     use cocoon_ledger::{NetworkParams, Wallet};
 
@@ -502,92 +502,6 @@ mod tests {
         );
     }
 
-    /// The opener of sealed request `id` that has read the whole answer, down to its worker's
-    /// receipt for `signed` (one delta, then the worker's `Done`).
-    fn opened_with_receipt(
-        id: RequestId,
-        signed: cocoon_protocol::Usage,
-    ) -> crate::sealing::SharedOpener {
-        use cocoon_protocol::{
-            ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, Receipt, Role,
-            SamplingParams, SealedHeader, UsageBounds,
-        };
-        use ring::signature::{Ed25519KeyPair, KeyPair as _};
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-        let signer = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
-        let keys = cocoon_seal::WorkerKeys::generate();
-        let worker = "ab".repeat(32);
-        let request = GenerateRequest {
-            model: "m".into(),
-            input: Input::Chat {
-                messages: vec![ChatMessage {
-                    role: Role::User,
-                    content: "Hi".into(),
-                }],
-            },
-            params: SamplingParams {
-                max_tokens: Some(4),
-                ..SamplingParams::default()
-            },
-            max_price: None,
-            cache_scope: None,
-        };
-        let header = SealedHeader {
-            request_id: id,
-            model: "m".into(),
-            max_tokens: Some(4),
-            max_price: None,
-            prompt_bound: UsageBounds::new(&request, u32::MAX).prompt(),
-            affinity: None,
-            cache_hint: None,
-        };
-        let to = cocoon_seal::SealTo {
-            worker: worker.clone(),
-            encryption_key: keys.public_key(),
-            signing_key: signer.public_key().as_ref().try_into().unwrap(),
-        };
-        let (sealed, mut opener) = cocoon_seal::seal_request(
-            header,
-            &request,
-            &[Arc::new(cocoon_seal::Session::new(to).unwrap())],
-        )
-        .unwrap();
-        let mut served = cocoon_seal::open_request(&sealed, &worker, &keys).unwrap();
-        let delta = served
-            .answer
-            .seal(&GenerateEvent::Delta {
-                text: "t".into(),
-                tokens: 1,
-            })
-            .unwrap();
-        assert!(opener.open(delta).unwrap().is_some());
-        let chunk = served
-            .answer
-            .seal(&GenerateEvent::Done {
-                finish_reason: FinishReason::Length,
-                usage: signed,
-                billing: None,
-            })
-            .expect("a Done seals as the last chunk");
-        let receipt = cocoon_seal::sign_receipt(
-            Receipt {
-                request_id: id,
-                worker,
-                model: "m".into(),
-                model_hash: None,
-                answer_sha256: served.answer.answer_sha256(),
-                usage: signed,
-                signature: String::new(),
-            },
-            &signer,
-        );
-        let last_chunk = chunk.with_receipt(receipt);
-        assert!(opener.open(last_chunk).unwrap().is_none());
-        assert_eq!(opener.receipt().map(|r| r.usage), Some(signed));
-        Arc::new(parking_lot::Mutex::new(opener))
-    }
-
     /// REVIEW, fixed: a sealed answer's bill is held to the worker's signed receipt only when it comes
     /// with the answer. A proxy that relays the worker's last chunk (receipt and all) and then
     /// breaks the stream, or sends an `Error`, instead of its `Done`, leaves the request
@@ -613,7 +527,7 @@ mod tests {
         let mut sealed = on(&record, &proxy, CLIENT, 100, 0);
         // As the gateway does, the sealed header (and so the receipt) names the ticket's id.
         let id = sealed.ticket.as_ref().expect("a ticket").id;
-        let opener = opened_with_receipt(id, usage(1));
+        let opener = sealed_answer(id, usage(1));
         // As the gateway does: the ticket watches the opener of its sealed answer.
         sealed.ticket.as_ref().unwrap().watch_sealed(opener.clone());
         sealed.sealed = Some((opener, sealer));

@@ -5,43 +5,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
-use cocoon_protocol::{GenerateRequest, Input, Role};
+use cocoon_protocol::GenerateRequest;
+pub use cocoon_protocol::MIN_PREFIX_BYTES;
 
-/// A prefix shorter than this is cheap to recompute: it does not tie a request to a worker.
-pub const MIN_PREFIX_BYTES: usize = 256;
-/// Of a text prompt, this much is the prefix.
-const TEXT_PREFIX_BYTES: usize = 1024;
 /// Prefixes remembered; the oldest are forgotten first.
 const CAPACITY: usize = 65_536;
 
-/// The key of the request's long prefix, if it has one: its leading system messages (for a
-/// chat), or its first kilobyte (for a text prompt longer than that).
+/// The key of the request's long prefix ([`cocoon_protocol::Input::long_prefix`]), if it has
+/// one.
 pub fn prefix_key(request: &GenerateRequest) -> Option<u64> {
+    let prefix = request.input.long_prefix()?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     request.model.hash(&mut h);
-    match &request.input {
-        Input::Chat { messages } => {
-            let system: Vec<&str> = messages
-                .iter()
-                .take_while(|m| m.role == Role::System)
-                .map(|m| m.content.as_str())
-                .collect();
-            if system.iter().map(|s| s.len()).sum::<usize>() < MIN_PREFIX_BYTES {
-                return None;
-            }
-            system.hash(&mut h);
-        }
-        Input::Text { prompt } => {
-            if prompt.len() <= TEXT_PREFIX_BYTES {
-                return None;
-            }
-            let mut end = TEXT_PREFIX_BYTES;
-            while !prompt.is_char_boundary(end) {
-                end -= 1;
-            }
-            prompt[..end].hash(&mut h);
-        }
-    }
+    prefix.hash(&mut h);
     Some(h.finish())
 }
 
@@ -81,6 +57,7 @@ impl Affinity {
 mod tests {
     use super::*;
     use cocoon_protocol::{ChatMessage, SamplingParams};
+    use cocoon_protocol::{Input, Role};
 
     fn chat(system: &str, user: &str) -> GenerateRequest {
         let mut messages = vec![ChatMessage {
