@@ -14,6 +14,8 @@ command -v clang >/dev/null || need_apt+=(clang)
 command -v unzip >/dev/null || need_apt+=(unzip)
 # `ip netns` and `tc` for the test that runs the network across namespaces (tests/hosts.rs).
 command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)
+# A real Prometheus scrapes the roles' operator listeners in a test (tests/proxy/admin.rs).
+command -v prometheus >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "installing ${need_apt[*]} with apt"

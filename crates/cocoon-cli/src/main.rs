@@ -425,6 +425,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             )
             .with_prices(cfg.prices.clone())
             .with_sealing(sealing.map(Arc::new));
+            if let Some(listener) = cfg.admin.bind().await? {
+                tracing::info!(addr = %listener.local_addr(), "operator's listener (/healthz, /readyz, /metrics, /status)");
+                tokio::spawn(worker.admin(listener, shutdown.clone()));
+            }
             if let Some(store) = payouts {
                 worker = worker.with_payouts(store);
             }

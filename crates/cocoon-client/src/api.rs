@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bill::{self, BillRecord, Parties};
 use crate::config::ClientConfig;
 use crate::guard::{self, Guard, KeyUse};
+use crate::metrics::GatewayMetrics;
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
 use crate::pool::ProxyPool;
 use crate::sealing::Sealer;
@@ -42,6 +43,8 @@ pub struct Gateway {
     /// With `proxy_images_from_registry`: the proxies whose images the registry is asked
     /// about again, and how often.
     registry_watch: Option<(Arc<ProxyPool>, Duration)>,
+    /// The operator's listener (`[admin]`), with what it reports on.
+    admin: Option<(cocoon_admin::AdminListener, Arc<ProxyPool>, GatewayMetrics)>,
 }
 
 struct AppState {
@@ -65,6 +68,8 @@ struct AppState {
     stream_keep_alive: Option<std::time::Duration>,
     /// Seals requests to verified workers (with `[worker_policy]`).
     sealer: Option<Arc<Sealer>>,
+    /// What `/metrics` counts.
+    metrics: GatewayMetrics,
 }
 
 /// An error answered in OpenAI's shape.
@@ -135,6 +140,8 @@ impl AppState {
 /// once here, so the gateway knows how the proxy must name its contract.
 /// The longest `registry_refresh_secs` may be.
 const MAX_REGISTRY_REFRESH_SECS: u64 = 3600;
+/// How often the operator's listener asks whether a proxy is reachable (for `/readyz`).
+const READINESS_PROBE: Duration = Duration::from_secs(5);
 /// A sealed chunk is opened as it is read; one that reaches the API layer came on an answer
 /// the gateway did not seal.
 const UNOPENED: &str = "the proxy sent a sealed chunk on an answer this gateway did not seal";
@@ -255,7 +262,13 @@ impl Gateway {
             stream_keep_alive: (config.stream_keep_alive_secs > 0)
                 .then(|| std::time::Duration::from_secs(config.stream_keep_alive_secs)),
             sealer,
+            metrics: GatewayMetrics::default(),
         });
+        let admin = config
+            .admin
+            .bind()
+            .await?
+            .map(|listener| (listener, state.proxies.clone(), state.metrics.clone()));
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -281,6 +294,7 @@ impl Gateway {
             router,
             late_bills,
             registry_watch,
+            admin,
         })
     }
 
@@ -289,6 +303,11 @@ impl Gateway {
         self.listener
             .local_addr()
             .expect("bound socket has an address")
+    }
+
+    /// Where the operator's listener listens, when `[admin] listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(l, _, _)| l.local_addr())
     }
 
     /// Serves the API until `shutdown` is cancelled, then waits for open connections to
@@ -302,6 +321,10 @@ impl Gateway {
         let registry = self
             .registry_watch
             .map(|(pool, every)| tokio::spawn(pool.watch_registry(every)));
+        let admin = self.admin.map(|(listener, pool, metrics)| {
+            tracing::info!(addr = %listener.local_addr(), "operator's listener (/healthz, /readyz, /metrics)");
+            tokio::spawn(serve_admin(listener, pool, metrics, shutdown.clone()))
+        });
         // Without TCP_NODELAY the last small SSE writes of an answer wait for the app's
         // delayed ACK (about 40 ms on Linux): measured by `cocoon bench`, docs/performance.md.
         let listener = self.listener.tap_io(|tcp| {
@@ -312,7 +335,7 @@ impl Gateway {
         let served = axum::serve(listener, self.router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
-        for task in [late, registry].into_iter().flatten() {
+        for task in [late, registry, admin].into_iter().flatten() {
             task.abort();
         }
         served
@@ -496,14 +519,55 @@ async fn generation<R: EndpointRequest>(
     key: Option<axum::Extension<Arc<KeyUse>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let mut model = String::new();
     let result = async {
         let req: R = parse_body(body)?;
         let (stream, include_usage) = (req.common().stream, req.common().include_usage());
         let generate = req.into_generate()?;
+        model.clone_from(&generate.model);
         let key = key.map(|axum::Extension(k)| k);
         answer(&state, generate, R::ENDPOINT, stream, include_usage, key).await
+    }
+    .await;
+    let outcome = match &result {
+        Ok(_) => "answered".to_owned(),
+        Err(e) => format!("{:?}", e.error.kind),
     };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+    state.metrics.request(&model, &outcome);
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Serves the operator's listener until `shutdown`: ready while some proxy answered its last
+/// probe through a verified handshake (asked every few seconds), and `/metrics`.
+async fn serve_admin(
+    listener: cocoon_admin::AdminListener,
+    pool: Arc<ProxyPool>,
+    metrics: GatewayMetrics,
+    shutdown: CancellationToken,
+) {
+    let reached = Arc::new(std::sync::Mutex::new(Err::<(), String>(
+        "no proxy probed yet".into(),
+    )));
+    let probe = {
+        let (pool, reached) = (pool.clone(), reached.clone());
+        tokio::spawn(async move {
+            loop {
+                let verdict = match pool.status().await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(format!("no proxy reachable: {}", e.message)),
+                };
+                *reached.lock().unwrap_or_else(|e| e.into_inner()) = verdict;
+                tokio::time::sleep(READINESS_PROBE).await;
+            }
+        })
+    };
+    let ready: cocoon_admin::Readiness =
+        Arc::new(move || reached.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    let metrics = Arc::new(metrics.registry(pool));
+    listener
+        .serve(axum::Router::new(), ready, metrics, shutdown)
+        .await;
+    probe.abort();
 }
 
 fn unix_now() -> u64 {

@@ -46,6 +46,9 @@ pub struct ClientConfig {
     pub worker_policy: Option<PeerPolicy>,
     /// How requests are sealed to workers (with `[worker_policy]`).
     pub sealing: SealingConfig,
+    /// The operator's listener (`/healthz`, `/readyz`, `/metrics`); off unless `listen` is
+    /// set.
+    pub admin: cocoon_admin::AdminConfig,
     /// Where this client's contract with the proxy lives, for `cocoon client deposit`,
     /// `balance` and the rest. The gateway itself only learns from it how the proxy must name
     /// its contract (a TON root is read once at start): the proxy bills.
@@ -164,6 +167,7 @@ impl Default for ClientConfig {
             proxy_policy: PeerPolicy::default(),
             worker_policy: None,
             sealing: SealingConfig::default(),
+            admin: cocoon_admin::AdminConfig::default(),
             payments: ClientPayments::default(),
         }
     }

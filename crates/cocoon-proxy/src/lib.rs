@@ -17,6 +17,7 @@ mod config;
 mod handshakes;
 mod limits;
 pub mod market;
+mod metrics;
 mod relay;
 mod server;
 mod workers;

@@ -16,7 +16,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::AdminListener;
 use crate::admission::{Admission, Refusal};
 use crate::billing::{Billing, PaymentsStatus};
 use crate::config::{ProxyConfig, RoutingConfig};
@@ -25,6 +24,7 @@ use crate::limits::{self, Limiter};
 use crate::market::{Offer, Reputation};
 use crate::relay;
 use crate::workers::{WorkerLink, WorkerSet};
+use cocoon_admin::AdminListener;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest body of a client's ask for a bill: one request id.
@@ -45,6 +45,8 @@ pub struct Proxy {
 
 pub(crate) struct State {
     pub(crate) workers: WorkerSet,
+    /// What `/metrics` counts.
+    pub(crate) metrics: crate::metrics::SharedMetrics,
     /// Sees every clear byte of every connection, when a test asks ([`Proxy::with_wire_tap`]).
     tap: std::sync::OnceLock<cocoon_net::WireTap>,
     pub(crate) max_request_bytes: usize,
@@ -296,6 +298,7 @@ impl Proxy {
         let state = Arc::new(State {
             workers,
             tap: std::sync::OnceLock::new(),
+            metrics: Arc::new(crate::metrics::ProxyMetrics::new()),
             routing: config.routing.clone(),
             max_request_bytes: config.max_request_bytes,
             tls,
@@ -365,7 +368,11 @@ impl Proxy {
         let housekeeping = tokio::spawn(self.state.clone().housekeeping(shutdown.clone()));
         let registry = tokio::spawn(self.state.clone().watch_registry(shutdown.clone()));
         if let Some(admin) = self.admin {
-            tokio::spawn(admin.serve(self.state.clone(), shutdown.clone()));
+            tokio::spawn(crate::admin::serve(
+                admin,
+                self.state.clone(),
+                shutdown.clone(),
+            ));
         }
         loop {
             let (tcp, peer_addr) = tokio::select! {
@@ -407,6 +414,13 @@ impl Proxy {
         let _ = housekeeping.await;
         registry.abort();
         tracing::info!("proxy stopped");
+    }
+}
+
+impl State {
+    /// The worker policy's quote-cache counters, if it has a cache.
+    pub(crate) fn worker_cache_stats(&self) -> Option<cocoon_tls::CacheStats> {
+        self.admission.workers.cache_stats()
     }
 }
 

@@ -34,6 +34,9 @@ pub struct WorkerConfig {
     pub payments: PayoutsConfig,
     /// The least this worker takes per weighted token, per model.
     pub prices: PriceConfig,
+    /// The operator's listener (`/healthz`, `/readyz`, `/metrics`, `/status`); off unless
+    /// `listen` is set.
+    pub admin: cocoon_admin::AdminConfig,
 }
 
 /// `[prices]` in `worker.toml`: the least this worker takes per weighted token, in nanoton.
@@ -69,6 +72,7 @@ impl Default for WorkerConfig {
             backends: vec![BackendConfig::Llama(LlamaConfig::default())],
             payments: PayoutsConfig::default(),
             prices: PriceConfig::default(),
+            admin: cocoon_admin::AdminConfig::default(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! it, depends only on the `Backend` trait and never builds or links llama.cpp.
 
 mod config;
+mod metrics;
 mod payouts;
 mod router;
 mod sealing;
@@ -26,6 +27,7 @@ use cocoon_tls::{Identity, PeerVerifier, Verified};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{BackendConfig, PriceConfig, WorkerConfig};
+pub use metrics::WorkerMetrics;
 pub use payouts::{PayoutStore, PayoutsConfig, claim_loop};
 pub use router::ModelRouter;
 pub use sealing::{Sealing, with_sealing_key};
@@ -66,6 +68,7 @@ pub struct Worker {
     /// Opens sealed requests (see [`with_sealing_key`]).
     sealing: Option<Arc<Sealing>>,
     identity: Arc<Identity>,
+    metrics: WorkerMetrics,
 }
 
 impl Worker {
@@ -92,6 +95,7 @@ impl Worker {
             prices: PriceConfig::default(),
             registry: None,
             sealing: None,
+            metrics: WorkerMetrics::default(),
         }
     }
 
@@ -174,6 +178,52 @@ impl Worker {
         self
     }
 
+    /// Serves the operator's listener until `shutdown`: ready while connected to its proxy
+    /// with a backend that serves a model; `/metrics`; `/status` (name, proxy, connection,
+    /// models).
+    pub fn admin(
+        &self,
+        listener: cocoon_admin::AdminListener,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let connected = self.connected.clone();
+        let backend = self.backend.clone();
+        let ready: cocoon_admin::Readiness = {
+            let (connected, backend) = (connected.clone(), backend.clone());
+            Arc::new(move || {
+                if !connected.load(Ordering::SeqCst) {
+                    return Err("not connected to its proxy".into());
+                }
+                if backend.models().is_empty() {
+                    return Err("its backends serve no model".into());
+                }
+                Ok(())
+            })
+        };
+        let status = {
+            let (name, proxy) = (self.name.clone(), self.proxy_addr.clone());
+            let (connected, backend) = (connected.clone(), backend.clone());
+            axum::routing::get(move || {
+                let status = serde_json::json!({
+                    "name": name,
+                    "proxy": proxy,
+                    "connected": connected.load(Ordering::SeqCst),
+                    "models": backend.models(),
+                    "capacity": backend.capacity(),
+                });
+                async move { axum::Json(status) }
+            })
+        };
+        let routes = axum::Router::new().route("/status", status);
+        let metrics = Arc::new(self.metrics.registry(connected));
+        listener.serve(routes, ready, metrics, shutdown)
+    }
+
+    /// What this worker counts, for its `/metrics`.
+    pub fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
     /// Whether the worker is connected to its proxy now.
     pub fn connected_flag(&self) -> Arc<AtomicBool> {
         self.connected.clone()
@@ -194,6 +244,7 @@ impl Worker {
             Arc::new(self.prices.clone()),
             self.sealing.clone(),
             self.identity.clone(),
+            self.metrics.clone(),
         );
         loop {
             let attempt = async {

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use crate::config::PriceConfig;
+use crate::metrics::WorkerMetrics;
 use crate::payouts::PayoutStore;
 use crate::sealing::{SealedAnswer, Sealing};
 
@@ -33,6 +34,7 @@ pub(crate) struct WorkerService {
     sealing: Option<Arc<Sealing>>,
     /// Its current certificate is in every hello.
     identity: Arc<cocoon_tls::Identity>,
+    metrics: WorkerMetrics,
 }
 
 impl WorkerService {
@@ -43,6 +45,7 @@ impl WorkerService {
         prices: Arc<PriceConfig>,
         sealing: Option<Arc<Sealing>>,
         identity: Arc<cocoon_tls::Identity>,
+        metrics: WorkerMetrics,
     ) -> Self {
         Self {
             name: name.into(),
@@ -52,6 +55,7 @@ impl WorkerService {
             proxy: [0; 32],
             sealing,
             identity,
+            metrics,
         }
     }
 
@@ -162,9 +166,13 @@ impl WorkerService {
         request: GenerateRequest,
         mut sealed: Option<SealedAnswer>,
     ) -> Response<Body> {
+        let mut counted = self.metrics.start(&request.model);
         let mut events = self.backend.generate(request);
         let first = match events.next().await {
             Some(GenerateEvent::Error { error }) => {
+                counted.saw(&GenerateEvent::Error {
+                    error: error.clone(),
+                });
                 let error = match &mut sealed {
                     Some(answer) => answer.refusal(&error),
                     None => error,
@@ -181,6 +189,7 @@ impl WorkerService {
         tokio::spawn(async move {
             let mut next = Some(first);
             while let Some(event) = next {
+                counted.saw(&event);
                 let frames = match &mut sealed {
                     Some(answer) => answer.seal(event),
                     None => vec![event],

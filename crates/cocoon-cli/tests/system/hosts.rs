@@ -286,6 +286,7 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
             max_reconnect_secs: 1,
             attester: net.dev_attester(),
             proxy_policy: net.dev_policy(),
+            admin: Default::default(),
             collateral: Default::default(),
             prices: PriceConfig {
                 default: PRICES[i],

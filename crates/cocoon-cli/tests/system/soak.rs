@@ -453,6 +453,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
             max_reconnect_secs: 1,
             attester: net.dev_attester(),
             proxy_policy: net.dev_policy(),
+            admin: Default::default(),
             collateral: Default::default(),
             prices: Default::default(),
             backends: vec![BackendConfig::Llama(LlamaConfig {

@@ -21,6 +21,7 @@ use super::failover::Begun;
 use crate::billing::{Billing, Bounded, Hold, Opened, Relayed, UsageBounds};
 use crate::limits::RequestPermit;
 use crate::market::{LoadGuard, Outcome};
+use crate::metrics::Ended;
 use crate::server::State;
 use crate::workers::{WorkerEntry, WorkerLink};
 
@@ -119,6 +120,9 @@ pub(super) fn stream(
         asked,
         first_at,
     } = begun;
+    state
+        .metrics
+        .first_token(&bill.model, (first_at - asked).as_secs_f64());
     let answer = Answer {
         state,
         load,
@@ -206,6 +210,8 @@ impl Answer {
                     if honest {
                         self.record_served(usage);
                     }
+                    let metrics = &self.state.metrics;
+                    metrics.ended(&self.model, Ended::Served, Some(usage));
                     // The client is shown the counts it is billed for, not the worker's claim.
                     let frame = match (self.state.billing.clone(), self.hold.take()) {
                         // The answer is acknowledged only once its bill is on disk.
@@ -213,11 +219,14 @@ impl Answer {
                             let price = self.load.price;
                             let to = (h, self.id, self.model.as_str());
                             match settle(&b, to, &worker, usage, price).await {
-                                Ok(bill) => encode_frame(&GenerateEvent::Done {
-                                    finish_reason,
-                                    usage,
-                                    billing: Some(bill),
-                                }),
+                                Ok(bill) => {
+                                    metrics.billed(&self.model, bill.cost);
+                                    encode_frame(&GenerateEvent::Done {
+                                        finish_reason,
+                                        usage,
+                                        billing: Some(bill),
+                                    })
+                                }
                                 Err(error) => {
                                     tracing::error!(%error, "settlement failed");
                                     encode_frame(&GenerateEvent::Error { error })
@@ -287,10 +296,15 @@ impl Answer {
             }
         };
         drop(events);
+        let metrics = &self.state.metrics;
         let charged = match &end {
             End::Done => return,
-            End::ClientLeft => self.charge_delivered(&worker, relayed).await,
+            End::ClientLeft => {
+                metrics.ended(&self.model, Ended::ClientLeft, None);
+                self.charge_delivered(&worker, relayed).await
+            }
             End::WorkerFailed { error, stalled } => {
+                metrics.ended(&self.model, Ended::WorkerFailed, None);
                 tracing::warn!(worker = %worker.name, %error, relayed = relayed.tokens, "worker failed mid-answer");
                 let outcome = if *stalled {
                     Outcome::Stalled

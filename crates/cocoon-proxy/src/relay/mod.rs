@@ -47,7 +47,10 @@ pub(crate) async fn generate(
 ) -> Response<Body> {
     match serve(state, client, request, sealed).await {
         Ok(response) => response,
-        Err(error) => error_response(&error),
+        Err(error) => {
+            state.metrics.refused(&error);
+            error_response(&error)
+        }
     }
 }
 

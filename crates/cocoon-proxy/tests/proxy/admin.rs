@@ -137,3 +137,257 @@ async fn review_a_silent_connection_to_the_admin_listener_is_closed() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// GETs `path` on the operator's listener at `addr`: its status and body.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let answer = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (answer.status().as_u16(), answer.text().await.unwrap())
+}
+
+/// The value of the sample `name{labels}` in an OpenMetrics text (0 when absent).
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Every role has an operator's listener: alive, ready only when it can do its job (the proxy
+/// with a healthy worker, the worker connected, the gateway with a reachable proxy), and
+/// metrics that count what the test sent, with no prompt in them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_reports_readiness_and_counts_what_it_served() {
+    use cocoon_testkit::backends::{MODEL, Scripted};
+    use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
+    let backend = Scripted::new(2048);
+    let mut net = DevNetwork::start(
+        DevOptions {
+            admin: true,
+            ..test_options()
+        },
+        vec![backend.clone() as std::sync::Arc<dyn cocoon_engine::Backend>],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let (proxy, gateway, worker) = (
+        net.proxy_admin().unwrap(),
+        net.gateway_admin().unwrap(),
+        net.worker_admin(0).unwrap(),
+    );
+    for addr in [proxy, gateway, worker] {
+        assert_eq!(admin_get(addr, "/healthz").await.0, 200);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while admin_get(addr, "/readyz").await.0 != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "{addr} never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let answer = http
+            .post(format!("{}/chat/completions", net.gateway_url()))
+            .json(&cocoon_testkit::http::chat_body(
+                "the secret prompt",
+                serde_json::json!({"max_tokens": 2}),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let (_, metrics) = admin_get(proxy, "/metrics").await;
+    let served = [("model", MODEL), ("outcome", "served")];
+    assert_eq!(
+        sample(&metrics, "cocoon_proxy_requests_total", &served),
+        3.0,
+        "{metrics}"
+    );
+    let completion = [("model", MODEL), ("kind", "completion")];
+    assert_eq!(
+        sample(&metrics, "cocoon_proxy_tokens_total", &completion),
+        6.0
+    );
+    assert_eq!(
+        sample(&metrics, "cocoon_proxy_workers", &[("state", "healthy")]),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "cocoon_proxy_time_to_first_token_seconds_count",
+            &[("model", MODEL)]
+        ),
+        3.0
+    );
+    let (_, metrics) = admin_get(worker, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "cocoon_worker_requests_total", &served),
+        3.0,
+        "{metrics}"
+    );
+    assert_eq!(sample(&metrics, "cocoon_worker_connected", &[]), 1.0);
+    let (_, metrics) = admin_get(gateway, "/metrics").await;
+    let answered = [("model", MODEL), ("outcome", "answered")];
+    assert_eq!(
+        sample(&metrics, "cocoon_gateway_requests_total", &answered),
+        3.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "cocoon_gateway_proxies", &[("state", "up")]),
+        1.0
+    );
+    for addr in [proxy, gateway, worker] {
+        let (_, metrics) = admin_get(addr, "/metrics").await;
+        assert!(!metrics.contains("secret prompt"), "{metrics}");
+    }
+    // The worker leaves: the proxy is no longer ready, and says why.
+    net.stop_worker_until_gone(0).await;
+    let (status, why) = admin_get(proxy, "/readyz").await;
+    assert_eq!(
+        (status, why.trim()),
+        (503, "no healthy worker is connected")
+    );
+    // It comes back: ready again.
+    net.start_worker(0);
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(admin_get(proxy, "/readyz").await.0, 200);
+}
+
+/// A real Prometheus (Debian's package) scrapes the proxy's listener, and a query returns the
+/// number of requests the test sent. Needs `prometheus` on the PATH (scripts/setup.sh installs
+/// it); without it the test fails, unless `COCOON_SKIP_PROMETHEUS` is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_request_count() {
+    use cocoon_testkit::backends::Scripted;
+    use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
+    if std::process::Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("COCOON_SKIP_PROMETHEUS").is_some(),
+            "prometheus is not installed (scripts/setup.sh installs it)"
+        );
+        eprintln!("COCOON_SKIP_PROMETHEUS: skipped");
+        return;
+    }
+    let net = DevNetwork::start(
+        DevOptions {
+            admin: true,
+            ..test_options()
+        },
+        vec![Scripted::new(2048) as std::sync::Arc<dyn cocoon_engine::Backend>],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let web = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: cocoon\n    \
+             static_configs:\n      - targets: ['{}', '{}', '{}']\n",
+            net.proxy_admin().unwrap(),
+            net.gateway_admin().unwrap(),
+            net.worker_admin(0).unwrap()
+        ),
+    )
+    .unwrap();
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    for _ in 0..5 {
+        let answer = http
+            .post(format!("{}/chat/completions", net.gateway_url()))
+            .json(&cocoon_testkit::http::chat_body(
+                "hi",
+                serde_json::json!({"max_tokens": 2}),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let query = "sum(cocoon_proxy_requests_total{outcome=\"served\"})";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = Value::Null;
+    loop {
+        let answer = http
+            .get(format!("http://{web}/api/v1/query"))
+            .query(&[("query", query)])
+            .send()
+            .await;
+        if let Ok(answer) = answer
+            && let Ok(body) = answer.json::<Value>().await
+        {
+            let value = body["data"]["result"][0]["value"][1]
+                .as_str()
+                .map(str::to_owned);
+            if value.as_deref() == Some("5") {
+                break;
+            }
+            last = body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus never saw 5 requests: {last}; its log: {}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The gateway and the worker are scraped too, and healthy.
+    loop {
+        let up = http
+            .get(format!("http://{web}/api/v1/query"))
+            .query(&[("query", "sum(up{job=\"cocoon\"})")])
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        if up["data"]["result"][0]["value"][1] == "3" {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let targets = http
+                .get(format!("http://{web}/api/v1/targets"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            panic!("not every role is up for Prometheus: {up}; targets: {targets}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = prometheus.kill().await;
+}

@@ -46,6 +46,10 @@ pub struct DevOptions {
     pub proxy_tap: Option<ProxyTap>,
     /// The gateway's `[sealing]`.
     pub gateway_sealing: cocoon_client::SealingConfig,
+    /// Give every role an operator's listener on loopback (`[admin]`): see
+    /// [`DevNetwork::proxy_admin`], [`DevNetwork::gateway_admin`], [`DevNetwork::worker_admin`]
+    /// (a worker's serves its first run only).
+    pub admin: bool,
     /// The proxy; port 0 picks a free one.
     pub proxy_listen: String,
     /// The proxy's key file; a fresh key in the network's directory when unset.
@@ -93,6 +97,7 @@ impl Default for DevOptions {
             sealed: true,
             proxy_tap: None,
             gateway_sealing: cocoon_client::SealingConfig::default(),
+            admin: false,
             proxy_listen: "127.0.0.1:0".into(),
             proxy_key_file: None,
             payments: true,
@@ -140,6 +145,9 @@ struct WorkerSlot {
     identity: Arc<Identity>,
     /// Opens requests sealed to this worker.
     sealing: Option<Arc<cocoon_worker::Sealing>>,
+    /// Its operator's listener, until its first run serves it.
+    admin: Option<cocoon_admin::AdminListener>,
+    admin_addr: Option<SocketAddr>,
     stop: Option<CancellationToken>,
     connected: Arc<AtomicBool>,
     payouts: Option<Arc<PayoutStore>>,
@@ -151,6 +159,8 @@ struct WorkerSlot {
 pub struct DevNetwork {
     /// Where the gateway's OpenAI-compatible HTTP API listens (loopback).
     pub gateway_addr: SocketAddr,
+    gateway_admin: Option<SocketAddr>,
+    proxy_admin: Option<SocketAddr>,
     /// Where the proxy listens for RA-TLS connections from clients and workers.
     pub proxy_addr: SocketAddr,
     /// Fingerprint of the proxy's TLS key, which clients and workers pin.
@@ -212,6 +222,7 @@ impl DevNetwork {
                 ledger_url: ledger_url.as_deref(),
                 chain: chain.as_ref(),
                 shutdown: &shutdown,
+                admin: options.admin,
             }
             .slot(format!("dev-worker-{i}"), backend, None)
             .await?;
@@ -234,7 +245,7 @@ impl DevNetwork {
             chain.fund_client(&client_key_file, proxy_key).await?;
         }
         let proxy_stop = shutdown.child_token();
-        let (proxy_addr, proxy_fingerprint, proxy_status, proxy_task) = start_proxy(
+        let (proxy_addr, proxy_fingerprint, proxy_status, proxy_task, proxy_admin) = start_proxy(
             &ProxySetup {
                 options: &options,
                 key_file: &proxy_key_file,
@@ -258,6 +269,7 @@ impl DevNetwork {
                 },
                 worker_policy: options.sealed.then(|| dev_policy(&dev_key)),
                 sealing: options.gateway_sealing.clone(),
+                admin: loopback_admin(options.admin),
                 payments: ClientPayments {
                     ledger: ledger_url.clone(),
                     proxy_key: Some(hex::encode(proxy_key)),
@@ -274,9 +286,12 @@ impl DevNetwork {
         )
         .await?;
         let gateway_addr = gateway.local_addr();
+        let gateway_admin = gateway.admin_addr();
         tokio::spawn(gateway.run(shutdown.clone()));
         let mut net = Self {
             gateway_addr,
+            gateway_admin,
+            proxy_admin,
             proxy_addr,
             proxy_fingerprint,
             options,
@@ -382,6 +397,21 @@ impl DevNetwork {
         Ok(path)
     }
 
+    /// The proxy's operator's listener (with [`DevOptions::admin`]; the first proxy's).
+    pub fn proxy_admin(&self) -> Option<SocketAddr> {
+        self.proxy_admin
+    }
+
+    /// The gateway's operator's listener (with [`DevOptions::admin`]).
+    pub fn gateway_admin(&self) -> Option<SocketAddr> {
+        self.gateway_admin
+    }
+
+    /// Worker `i`'s operator's listener (with [`DevOptions::admin`]), for its first run.
+    pub fn worker_admin(&self, i: usize) -> Option<SocketAddr> {
+        self.workers[i].admin_addr
+    }
+
     /// Base URL of the gateway's OpenAI-compatible API (`http://<gateway_addr>/v1`).
     pub fn gateway_url(&self) -> String {
         format!("http://{}/v1", self.gateway_addr)
@@ -447,6 +477,7 @@ impl DevNetwork {
             ledger_url: self.ledger_url(),
             chain: self.chain.as_ref(),
             shutdown: &self.shutdown,
+            admin: self.options.admin,
         }
         .slot(name.to_owned(), backend, measured)
         .await?;
@@ -504,6 +535,9 @@ impl DevNetwork {
         }
         slot.connected = worker.connected_flag();
         slot.stop = Some(stop.clone());
+        if let Some(listener) = slot.admin.take() {
+            tokio::spawn(worker.admin(listener, stop.clone()));
+        }
         tokio::spawn(worker.run(stop));
     }
 
@@ -554,7 +588,7 @@ impl DevNetwork {
         self.stop_proxy().await;
         self.proxy_stop = self.shutdown.child_token();
         let listen = self.proxy_addr.to_string();
-        let (addr, fingerprint, status, task) = start_proxy(
+        let (addr, fingerprint, status, task, _) = start_proxy(
             &ProxySetup {
                 options: &self.options,
                 key_file: &self.proxy_key_file,
@@ -651,6 +685,7 @@ async fn start_proxy(
     cocoon_tls::Fingerprint,
     Arc<dyn StatusSource>,
     tokio::task::JoinHandle<()>,
+    Option<SocketAddr>,
 )> {
     // Workers are admitted by attestation alone, as in a real network: any worker running an
     // allowed image may join, whatever its key.
@@ -673,6 +708,7 @@ async fn start_proxy(
             limits: setup.options.limits.clone(),
             routing: setup.options.routing.clone(),
             max_connections: setup.options.proxy_max_connections,
+            admin: loopback_admin(setup.options.admin),
             ..ProxyConfig::default()
         },
         keys::LEDGERS,
@@ -685,8 +721,9 @@ async fn start_proxy(
     let addr = proxy.local_addr();
     let fingerprint = proxy.fingerprint();
     let status = proxy.status_handle();
+    let admin = proxy.admin_addr();
     let task = tokio::spawn(proxy.run(stop));
-    Ok((addr, fingerprint, status, task))
+    Ok((addr, fingerprint, status, task, admin))
 }
 
 /// What every worker of the network shares.
@@ -696,6 +733,8 @@ struct WorkerSetup<'a> {
     ledger_url: Option<&'a str>,
     chain: Option<&'a DevChain>,
     shutdown: &'a CancellationToken,
+    /// Give the worker an operator's listener.
+    admin: bool,
 }
 
 impl WorkerSetup<'_> {
@@ -717,6 +756,7 @@ impl WorkerSetup<'_> {
         if let Some(chain) = self.chain {
             chain.enrol(&key_file)?;
         }
+        let admin = loopback_admin(self.admin).bind().await?;
         let mut opened = None;
         let payouts = match self.ledger_url {
             Some(url) => {
@@ -745,11 +785,21 @@ impl WorkerSetup<'_> {
             backend,
             identity,
             sealing: sealing.map(Arc::new),
+            admin_addr: admin.as_ref().map(cocoon_admin::AdminListener::local_addr),
+            admin,
             stop: None,
             connected: Arc::default(),
             payouts,
             ledger: opened,
         })
+    }
+}
+
+/// An operator's listener on a free loopback port, when `on`.
+fn loopback_admin(on: bool) -> cocoon_admin::AdminConfig {
+    cocoon_admin::AdminConfig {
+        listen: on.then(|| "127.0.0.1:0".to_owned()),
+        token_file: None,
     }
 }
 
