@@ -294,25 +294,35 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
+/// SIGTERM or ctrl-c.
+async fn signalled() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Cancelled at the first signal (the node stops taking work and lets what is in flight
+/// finish); a second signal exits at once.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let term = std::future::pending::<()>();
-        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-        tracing::info!("shutting down");
+        signalled().await;
+        tracing::info!("shutting down (a second signal exits at once)");
         t.cancel();
+        signalled().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(130);
     });
     token
 }
@@ -424,7 +434,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Duration::from_secs(cfg.max_reconnect_secs.max(1)),
             )
             .with_prices(cfg.prices.clone())
-            .with_sealing(sealing.map(Arc::new));
+            .with_sealing(sealing.map(Arc::new))
+            .with_drain(Duration::from_secs(cfg.drain_secs));
             if let Some(listener) = cfg.admin.bind().await? {
                 tracing::info!(addr = %listener.local_addr(), "operator's listener (/healthz, /readyz, /metrics, /status)");
                 tokio::spawn(worker.admin(listener, shutdown.clone()));

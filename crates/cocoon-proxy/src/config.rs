@@ -23,6 +23,10 @@ pub struct ProxyConfig {
     /// connections still in their handshake theirs (handshaking_connections), so clients
     /// filling theirs cannot keep a worker out.
     pub max_connections: usize,
+    /// On SIGTERM (or ctrl-c): seconds the answers in flight have to finish before their
+    /// streams are cut. New requests are refused from the first signal (clients go to another
+    /// proxy); a second signal exits at once.
+    pub drain_secs: u64,
     /// How this proxy proves what it runs (`tdx` inside a TDX guest).
     pub attester: AttesterConfig,
     /// Where Intel's collateral for verifying peers' TDX quotes comes from (`[collateral]`): a
@@ -128,6 +132,7 @@ impl Default for ProxyConfig {
             key_file: None,
             max_request_bytes: 8 << 20,
             max_connections: 4096,
+            drain_secs: 30,
             attester: AttesterConfig::default(),
             collateral: cocoon_collateral::CollateralConfig::default(),
             worker_policy: PeerPolicy::default(),

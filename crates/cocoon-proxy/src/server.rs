@@ -47,6 +47,10 @@ pub(crate) struct State {
     pub(crate) workers: WorkerSet,
     /// What `/metrics` counts.
     pub(crate) metrics: crate::metrics::SharedMetrics,
+    /// Set at shutdown: new requests are refused while the answers in flight finish.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// How long they have (`drain_secs`).
+    drain: Duration,
     /// Sees every clear byte of every connection, when a test asks ([`Proxy::with_wire_tap`]).
     tap: std::sync::OnceLock<cocoon_net::WireTap>,
     pub(crate) max_request_bytes: usize,
@@ -299,6 +303,8 @@ impl Proxy {
             workers,
             tap: std::sync::OnceLock::new(),
             metrics: Arc::new(crate::metrics::ProxyMetrics::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            drain: Duration::from_secs(config.drain_secs),
             routing: config.routing.clone(),
             max_request_bytes: config.max_request_bytes,
             tls,
@@ -357,22 +363,21 @@ impl Proxy {
         self.state.clone()
     }
 
-    /// Accepts connections until `shutdown` is cancelled.
+    /// Accepts connections until `shutdown` is cancelled; then refuses new requests, lets the
+    /// answers in flight finish (for up to `drain_secs`), makes its last commit and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(addr = %self.local_addr(), fingerprint = %self.state.fingerprint, "proxy listening");
+        // What ends once the answers in flight have: connections, commits, housekeeping.
+        let stop = CancellationToken::new();
         let commits = self
             .state
             .billing
             .clone()
-            .map(|b| tokio::spawn(b.run_commits(self.state.commit_interval, shutdown.clone())));
-        let housekeeping = tokio::spawn(self.state.clone().housekeeping(shutdown.clone()));
-        let registry = tokio::spawn(self.state.clone().watch_registry(shutdown.clone()));
+            .map(|b| tokio::spawn(b.run_commits(self.state.commit_interval, stop.clone())));
+        let housekeeping = tokio::spawn(self.state.clone().housekeeping(stop.clone()));
+        let registry = tokio::spawn(self.state.clone().watch_registry(stop.clone()));
         if let Some(admin) = self.admin {
-            tokio::spawn(crate::admin::serve(
-                admin,
-                self.state.clone(),
-                shutdown.clone(),
-            ));
+            tokio::spawn(crate::admin::serve(admin, self.state.clone(), stop.clone()));
         }
         loop {
             let (tcp, peer_addr) = tokio::select! {
@@ -398,15 +403,17 @@ impl Proxy {
                 continue;
             };
             let state = self.state.clone();
-            let shutdown = shutdown.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
                 let _per_ip = per_ip;
                 tokio::select! {
                     _ = state.connection(tcp, peer_addr, handshake) => {}
-                    _ = shutdown.cancelled() => {}
+                    _ = stop.cancelled() => {}
                 }
             });
         }
+        self.state.drain().await;
+        stop.cancel();
         // The commit loop makes a last commit once shut down.
         if let Some(commits) = commits {
             let _ = commits.await;
@@ -418,6 +425,38 @@ impl Proxy {
 }
 
 impl State {
+    /// Refuses new requests and waits for the answers in flight to end, for up to
+    /// `drain_secs`.
+    async fn drain(&self) {
+        use std::sync::atomic::Ordering;
+        self.draining.store(true, Ordering::SeqCst);
+        let in_flight = || -> u64 {
+            self.workers
+                .snapshot()
+                .iter()
+                .map(|w| u64::from(w.in_flight()))
+                .sum()
+        };
+        let deadline = tokio::time::Instant::now() + self.drain;
+        if in_flight() > 0 {
+            tracing::info!(
+                answers = in_flight(),
+                secs = self.drain.as_secs(),
+                "shutting down: new requests are refused; waiting for the answers in flight"
+            );
+        }
+        while in_flight() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    answers = in_flight(),
+                    "drain deadline passed: cutting the answers still in flight"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The worker policy's quote-cache counters, if it has a cache.
     pub(crate) fn worker_cache_stats(&self) -> Option<cocoon_tls::CacheStats> {
         self.admission.workers.cache_stats()

@@ -37,6 +37,10 @@ pub struct WorkerConfig {
     /// The operator's listener (`/healthz`, `/readyz`, `/metrics`, `/status`); off unless
     /// `listen` is set.
     pub admin: cocoon_admin::AdminConfig,
+    /// On SIGTERM (or ctrl-c): seconds the answers in flight have to finish before the
+    /// connection is closed; new requests are refused meanwhile (the proxy gives them to
+    /// another worker). A second signal exits at once.
+    pub drain_secs: u64,
 }
 
 /// `[prices]` in `worker.toml`: the least this worker takes per weighted token, in nanoton.
@@ -73,6 +77,7 @@ impl Default for WorkerConfig {
             payments: PayoutsConfig::default(),
             prices: PriceConfig::default(),
             admin: cocoon_admin::AdminConfig::default(),
+            drain_secs: 30,
         }
     }
 }

@@ -69,6 +69,10 @@ pub struct Worker {
     sealing: Option<Arc<Sealing>>,
     identity: Arc<Identity>,
     metrics: WorkerMetrics,
+    /// How long answers in flight may take to finish once stopped.
+    drain: Duration,
+    /// Set once stopped: new requests are refused.
+    draining: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -96,6 +100,8 @@ impl Worker {
             registry: None,
             sealing: None,
             metrics: WorkerMetrics::default(),
+            drain: Duration::ZERO,
+            draining: Arc::default(),
         }
     }
 
@@ -157,6 +163,13 @@ impl Worker {
                 Err(Refused::NotListed(e) | Refused::Unreadable(e)) => return e,
             }
         }
+    }
+
+    /// Lets answers in flight finish for up to `drain` once stopped (new requests are refused
+    /// meanwhile) instead of closing the connection at once.
+    pub fn with_drain(mut self, drain: Duration) -> Self {
+        self.drain = drain;
+        self
     }
 
     /// Serves requests sealed to this worker, with the key `sealing` holds (which must be the
@@ -234,18 +247,38 @@ impl Worker {
         &self.backend
     }
 
-    /// Serves until `shutdown` is cancelled, reconnecting whenever the connection drops.
+    /// Stopped: refuses new requests and keeps serving the connection (`attempt`) until the
+    /// answers in flight have ended or `drain` has passed.
+    async fn drain_answers(&self, attempt: std::pin::Pin<&mut impl std::future::Future>) {
+        self.draining.store(true, Ordering::SeqCst);
+        let in_flight = self.metrics.in_flight();
+        if in_flight == 0 || self.drain.is_zero() {
+            return;
+        }
+        tracing::info!(
+            answers = in_flight,
+            secs = self.drain.as_secs(),
+            "stopping: new requests are refused; waiting for the answers in flight"
+        );
+        let idle = async {
+            while self.metrics.in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            _ = attempt => {}
+            () = idle => {}
+            () = tokio::time::sleep(self.drain) => {
+                tracing::warn!(answers = self.metrics.in_flight(), "drain deadline passed: cutting the answers still in flight");
+            }
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled, reconnecting whenever the connection drops; then
+    /// lets the answers in flight finish (see [`Self::with_drain`]).
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = INITIAL_BACKOFF;
-        let service = service::WorkerService::new(
-            self.name.clone(),
-            self.backend.clone(),
-            self.payouts.clone(),
-            Arc::new(self.prices.clone()),
-            self.sealing.clone(),
-            self.identity.clone(),
-            self.metrics.clone(),
-        );
+        let service = service::WorkerService::of(&self);
         loop {
             let attempt = async {
                 let tls = cocoon_net::connect_tls(&self.proxy_addr, self.tls.clone()).await?;
@@ -275,12 +308,16 @@ impl Worker {
                 result
             };
             let started = tokio::time::Instant::now();
+            let mut attempt = std::pin::pin!(attempt);
             tokio::select! {
-                result = attempt => match result {
+                result = &mut attempt => match result {
                     Ok(()) => tracing::warn!(proxy = %self.proxy_addr, "proxy closed the connection"),
                     Err(e) => tracing::warn!(proxy = %self.proxy_addr, error = %e, "connection to proxy failed"),
                 },
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => {
+                    self.drain_answers(attempt).await;
+                    break;
+                }
             }
             self.connected.store(false, Ordering::SeqCst);
             // A connection that lived a while was healthy: start over with a short wait.

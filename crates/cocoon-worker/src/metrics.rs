@@ -58,6 +58,11 @@ impl WorkerMetrics {
         })
     }
 
+    /// Requests being generated now.
+    pub(crate) fn in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+
     /// A request for `model` starts; the guard counts it until dropped, and `ended` says how.
     pub(crate) fn start(&self, model: &str) -> InFlight {
         self.in_flight.inc();

@@ -35,27 +35,23 @@ pub(crate) struct WorkerService {
     /// Its current certificate is in every hello.
     identity: Arc<cocoon_tls::Identity>,
     metrics: WorkerMetrics,
+    /// Set while the worker stops: new requests are refused.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WorkerService {
-    pub(crate) fn new(
-        name: String,
-        backend: Arc<dyn Backend>,
-        payouts: Option<Arc<PayoutStore>>,
-        prices: Arc<PriceConfig>,
-        sealing: Option<Arc<Sealing>>,
-        identity: Arc<cocoon_tls::Identity>,
-        metrics: WorkerMetrics,
-    ) -> Self {
+    /// The service `worker` runs on each connection.
+    pub(crate) fn of(worker: &crate::Worker) -> Self {
         Self {
-            name: name.into(),
-            backend,
-            payouts,
-            prices,
+            name: worker.name.as_str().into(),
+            backend: worker.backend.clone(),
+            payouts: worker.payouts.clone(),
+            prices: Arc::new(worker.prices.clone()),
             proxy: [0; 32],
-            sealing,
-            identity,
-            metrics,
+            sealing: worker.sealing.clone(),
+            identity: worker.identity.clone(),
+            metrics: worker.metrics.clone(),
+            draining: worker.draining.clone(),
         }
     }
 
@@ -117,6 +113,13 @@ impl WorkerService {
                     }),
                 };
                 response(StatusCode::OK, json(&hello))
+            }
+            (&Method::POST, paths::GENERATE | paths::SEALED)
+                if self.draining.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                error_response(&ProtocolError::unavailable(
+                    "this worker is shutting down: it takes no new request",
+                ))
             }
             (&Method::POST, paths::GENERATE) => self.generate(req.into_body()).await,
             (&Method::POST, paths::SEALED) => self.generate_sealed(req.into_body()).await,

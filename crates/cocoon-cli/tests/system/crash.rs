@@ -166,3 +166,122 @@ async fn kill_9_under_load_loses_and_doubles_no_charge() {
     assert_eq!(record.worker(&worker_key).owed, charged.charged);
     assert_eq!(state.held(), state.deposited - state.paid_out);
 }
+
+/// SIGTERM on a proxy process under streamed load: it refuses new requests at once, lets every
+/// answer in flight finish (not one stream is cut), makes its last commit and exits cleanly;
+/// the ledger then holds exactly what the client's bills say, and the worker is owed the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_every_stream_in_flight_finish_and_the_book_reconciles() {
+    use cocoon_testkit::backends::{Scripted, scripted_model_hash};
+    const STREAMS: usize = 3;
+    let net = network(vec![]).await;
+    let dir: PathBuf = net.dir().to_owned();
+    let dev = net.dev_ledger().unwrap();
+    dev.allow_model(&scripted_model_hash()).await.unwrap();
+    let own = own_proxy(&net, "drain").await;
+    let (proxy, addr, book) = (own.key, own.addr.clone(), own.book.clone());
+    let client_key_file = dir.join("drain-client.key");
+    let client = key_wallet(&client_key_file).unwrap().public_key();
+    dev.fund_client(client, proxy).await.unwrap();
+    let mut child = spawn_cocoon(&["proxy"], &own.config, dir.join("drain-proxy.log"));
+    wait_listening(&addr).await;
+
+    // A worker whose answers take a while: 12 tokens, 100 ms apart.
+    let backend = Scripted::new(2048);
+    backend.pace(Duration::from_millis(100));
+    let stop = CancellationToken::new();
+    let (identity, sealing) = cocoon_worker::with_sealing_key(
+        net.dev_attester()
+            .identity(Some(&dir.join("drain-worker.key")), "w", "worker", None)
+            .unwrap(),
+    )
+    .unwrap();
+    let worker_key: [u8; 32] = identity.public_key().try_into().unwrap();
+    let worker = Worker::new(
+        "drain-worker",
+        addr.clone(),
+        backend.clone(),
+        Arc::new(identity),
+        net.dev_policy().build("proxy_policy", "proxy").unwrap(),
+        Duration::from_millis(200),
+    )
+    .with_sealing(sealing.map(Arc::new));
+    tokio::spawn(worker.run(stop.clone()));
+    let gateway = own_gateway(&net, std::slice::from_ref(&addr), client_key_file, &stop).await;
+
+    let http = reqwest::Client::new();
+    let url = format!("{gateway}/chat/completions");
+    let body = chat_body(
+        "Count to three.",
+        json!({"max_tokens": 12, "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    // The worker may not have joined yet: a first answer shows it has.
+    wait_until_async("the worker serves", || async {
+        http.post(&url)
+            .json(&chat_body("hi", json!({"max_tokens": 1})))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|_| {
+            let (http, url, body) = (http.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let answer = http.post(&url).json(&body).send().await.unwrap();
+                sse_data(&answer.text().await.unwrap())
+            })
+        })
+        .collect();
+    // Every stream has begun on the worker (the first answer was one too).
+    wait_until("the streams begin", Duration::from_secs(20), || {
+        backend.served() == 1 + STREAMS as u64
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    // A new request is refused (the gateway has no other proxy), not queued behind the drain.
+    let refused = http
+        .post(&url)
+        .json(&chat_body("hi", json!({"max_tokens": 1})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    // Every stream ends with its answer and its bill, none with an error.
+    let mut acked = 0;
+    for stream in streams {
+        let events = stream.await.unwrap();
+        assert!(
+            events.iter().all(|e| e.get("error").is_none()),
+            "a stream was cut: {events:?}"
+        );
+        let usage = events
+            .iter()
+            .find_map(|e| e.get("usage").filter(|u| !u.is_null()))
+            .unwrap_or_else(|| panic!("no usage: {events:?}"));
+        assert_eq!(usage["completion_tokens"], 12, "{usage}");
+        assert_eq!(usage["bill_verified"], json!(true), "{usage}");
+        acked += usage["billing"]["billed_tokens"].as_u64().unwrap();
+    }
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the proxy exits once its answers are done")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    stop.cancel();
+
+    // The book, committed in full, and the ledger agree with what the client was billed (the
+    // first answer's bill included).
+    let record = Book::open(&book, proxy).unwrap();
+    let charged = record.client(&client);
+    assert_eq!(charged.committed, charged.charged);
+    assert!(charged.charged > acked, "{} <= {acked}", charged.charged);
+    let state = net.ledger().unwrap().snapshot().await.unwrap();
+    let contract = &state.clients[&Address::client(&proxy, &client)];
+    assert_eq!(contract.tokens_used, charged.charged);
+    assert_eq!(record.worker(&worker_key).owed, charged.charged);
+}

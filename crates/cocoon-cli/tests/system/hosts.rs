@@ -287,6 +287,8 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
             attester: net.dev_attester(),
             proxy_policy: net.dev_policy(),
             admin: Default::default(),
+            // Killed with SIGKILL here; a graceful stop is tested apart.
+            drain_secs: 0,
             collateral: Default::default(),
             prices: PriceConfig {
                 default: PRICES[i],

@@ -454,6 +454,8 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
             attester: net.dev_attester(),
             proxy_policy: net.dev_policy(),
             admin: Default::default(),
+            // Killed with SIGKILL here; a graceful stop is tested apart.
+            drain_secs: 0,
             collateral: Default::default(),
             prices: Default::default(),
             backends: vec![BackendConfig::Llama(LlamaConfig {

@@ -60,6 +60,12 @@ async fn serve(
     request: http::Request<Incoming>,
     sealed: bool,
 ) -> Result<Response<Body>, ProtocolError> {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ProtocolError {
+            retry_after_secs: Some(1),
+            ..ProtocolError::unavailable("this proxy is shutting down: try another")
+        });
+    }
     // The client's slot first: a client over its rate or its requests in flight costs no body
     // read (bodies are up to max_request_bytes, on many streams at once).
     let permit = state.limiter.permit(client)?;

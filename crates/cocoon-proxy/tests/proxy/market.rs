@@ -411,3 +411,57 @@ async fn review_a_stalled_worker_is_not_named_to_the_client() {
         "the client was told the worker's name '{name}': {message}"
     );
 }
+
+/// A worker told to stop finishes the answer it is streaming (its drain), while the requests
+/// that arrive meanwhile are refused there and served by another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_finishes_its_stream_and_new_requests_go_elsewhere() {
+    let (a, b) = (Scripted::new(2048), Scripted::new(2048));
+    a.pace(Duration::from_millis(100));
+    let mut net = DevNetwork::start(
+        DevOptions {
+            drain_secs: 10,
+            ..test_options()
+        },
+        vec![a.clone() as Arc<dyn Backend>, b.clone()],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(2, Duration::from_secs(20)).await.unwrap();
+    // The stream goes to a: b refuses until it has begun.
+    b.set(Mode::Refuse);
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let stream = {
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move {
+            let body = chat_body(
+                "hi",
+                json!({"max_tokens": 10, "stream": true, "stream_options": {"include_usage": true}}),
+            );
+            let answer = http.post(&url).json(&body).send().await.unwrap();
+            sse_data(&answer.text().await.unwrap())
+        })
+    };
+    wait_until("the stream begins on a", Duration::from_secs(10), || {
+        a.served() == 1
+    })
+    .await;
+    b.set(Mode::Serve);
+    net.stop_worker(0);
+    // A new request: a refuses it (it is stopping), b serves it.
+    let (status, answer) = ask(&net, json!({"max_tokens": 2})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!((a.served(), b.served()), (1, 1));
+    // a's stream was not cut.
+    let events = stream.await.unwrap();
+    assert!(
+        events.iter().all(|e| e.get("error").is_none()),
+        "{events:?}"
+    );
+    let usage = events
+        .iter()
+        .find_map(|e| e.get("usage").filter(|u| !u.is_null()))
+        .unwrap_or_else(|| panic!("no usage: {events:?}"));
+    assert_eq!(usage["completion_tokens"], 10, "{usage}");
+}

@@ -50,6 +50,9 @@ pub struct DevOptions {
     /// [`DevNetwork::proxy_admin`], [`DevNetwork::gateway_admin`], [`DevNetwork::worker_admin`]
     /// (a worker's serves its first run only).
     pub admin: bool,
+    /// Seconds the proxy and workers let answers in flight finish when stopped (0: they are
+    /// cut at once, as most tests of faults want).
+    pub drain_secs: u64,
     /// The proxy; port 0 picks a free one.
     pub proxy_listen: String,
     /// The proxy's key file; a fresh key in the network's directory when unset.
@@ -98,6 +101,7 @@ impl Default for DevOptions {
             proxy_tap: None,
             gateway_sealing: cocoon_client::SealingConfig::default(),
             admin: false,
+            drain_secs: 0,
             proxy_listen: "127.0.0.1:0".into(),
             proxy_key_file: None,
             payments: true,
@@ -513,6 +517,7 @@ impl DevNetwork {
             Duration::from_millis(500),
         )
         .with_sealing(slot.sealing.clone())
+        .with_drain(Duration::from_secs(self.options.drain_secs))
         .with_prices(
             self.options
                 .worker_prices
@@ -709,6 +714,7 @@ async fn start_proxy(
             routing: setup.options.routing.clone(),
             max_connections: setup.options.proxy_max_connections,
             admin: loopback_admin(setup.options.admin),
+            drain_secs: setup.options.drain_secs,
             ..ProxyConfig::default()
         },
         keys::LEDGERS,
