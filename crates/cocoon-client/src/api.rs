@@ -517,8 +517,24 @@ impl EndpointRequest for CompletionRequest {
 async fn generation<R: EndpointRequest>(
     State(state): State<Arc<AppState>>,
     key: Option<axum::Extension<Arc<KeyUse>>>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let started = std::time::Instant::now();
+    // The app's own id for the request, if it sends a sane one; else one of ours. Either way
+    // it comes back in `x-request-id` and names the request in the access log.
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=128).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map_or_else(
+            || format!("req-{:032x}", rand::random::<u128>()),
+            str::to_owned,
+        );
     let mut model = String::new();
     let result = async {
         let req: R = parse_body(body)?;
@@ -534,7 +550,21 @@ async fn generation<R: EndpointRequest>(
         Err(e) => format!("{:?}", e.error.kind),
     };
     state.metrics.request(&model, &outcome);
-    result.unwrap_or_else(IntoResponse::into_response)
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    tracing::info!(
+        target: "cocoon::access",
+        request = %request_id,
+        model = %model,
+        outcome = %outcome,
+        status = response.status().as_u16(),
+        // For a streamed answer: until its first byte (the proxy's line has the whole).
+        ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0,
+        "request"
+    );
+    if let Ok(id) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", id);
+    }
+    response
 }
 
 /// Serves the operator's listener until `shutdown`: ready while some proxy answered its last

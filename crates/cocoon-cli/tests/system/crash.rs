@@ -183,7 +183,9 @@ async fn sigterm_lets_every_stream_in_flight_finish_and_the_book_reconciles() {
     let client_key_file = dir.join("drain-client.key");
     let client = key_wallet(&client_key_file).unwrap().public_key();
     dev.fund_client(client, proxy).await.unwrap();
-    let mut child = spawn_cocoon(&["proxy"], &own.config, dir.join("drain-proxy.log"));
+    // Logs as a collector takes them: one JSON object a line.
+    let log = dir.join("drain-proxy.log");
+    let mut child = spawn_cocoon(&["--log-format", "json", "proxy"], &own.config, log.clone());
     wait_listening(&addr).await;
 
     // A worker whose answers take a while: 12 tokens, 100 ms apart.
@@ -284,4 +286,27 @@ async fn sigterm_lets_every_stream_in_flight_finish_and_the_book_reconciles() {
     let contract = &state.clients[&Address::client(&proxy, &client)];
     assert_eq!(contract.tokens_used, charged.charged);
     assert_eq!(record.worker(&worker_key).owed, charged.charged);
+
+    // Every log line is a JSON object; each answer has its one access line, with its counts
+    // and no prompt text.
+    let log = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "cocoon::access")
+        .collect();
+    assert_eq!(access.len(), 1 + STREAMS, "{log}");
+    assert!(access.iter().all(|l| l["outcome"] == "Served"), "{log}");
+    assert!(
+        access
+            .iter()
+            .filter(|l| l["completion_tokens"] == 12)
+            .count()
+            == STREAMS,
+        "{log}"
+    );
+    assert!(!log.contains("Count to three"), "{log}");
 }

@@ -210,8 +210,8 @@ impl Answer {
                     if honest {
                         self.record_served(usage);
                     }
+                    self.ended(&worker, Ended::Served, Some(usage));
                     let metrics = &self.state.metrics;
-                    metrics.ended(&self.model, Ended::Served, Some(usage));
                     // The client is shown the counts it is billed for, not the worker's claim.
                     let frame = match (self.state.billing.clone(), self.hold.take()) {
                         // The answer is acknowledged only once its bill is on disk.
@@ -296,15 +296,14 @@ impl Answer {
             }
         };
         drop(events);
-        let metrics = &self.state.metrics;
         let charged = match &end {
             End::Done => return,
             End::ClientLeft => {
-                metrics.ended(&self.model, Ended::ClientLeft, None);
+                self.ended(&worker, Ended::ClientLeft, None);
                 self.charge_delivered(&worker, relayed).await
             }
             End::WorkerFailed { error, stalled } => {
-                metrics.ended(&self.model, Ended::WorkerFailed, None);
+                self.ended(&worker, Ended::WorkerFailed, None);
                 tracing::warn!(worker = %worker.name, %error, relayed = relayed.tokens, "worker failed mid-answer");
                 let outcome = if *stalled {
                     Outcome::Stalled
@@ -332,6 +331,24 @@ impl Answer {
         };
         let charged = charged.map_or(0, |(b, _)| b.billed_tokens);
         tracing::debug!(worker = %worker.name, charged, "answer ended before it was done");
+    }
+
+    /// The answer ended `how`: counted for `/metrics`, and its access-log line (no prompt
+    /// text: the request's id, model, worker, counts and duration).
+    fn ended(&self, worker: &WorkerEntry, how: Ended, usage: Option<Usage>) {
+        self.state.metrics.ended(&self.model, how, usage);
+        let ms = self.asked.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "cocoon::access",
+            request = self.id.map(|id| id.to_string()),
+            model = %self.model,
+            worker = %worker.name,
+            outcome = ?how,
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
+            ms = (ms * 10.0).round() / 10.0,
+            "answer"
+        );
     }
 
     /// A worker that delivered the answer: its time to first token and generation speed.

@@ -391,3 +391,41 @@ async fn a_real_prometheus_scrapes_the_request_count() {
     }
     let _ = prometheus.kill().await;
 }
+
+/// The gateway names each request in `x-request-id`: the app's own id when it sends a sane one,
+/// else one of its own; never an id that could forge log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_names_its_request_id() {
+    use cocoon_testkit::backends::Scripted;
+    let net = cocoon_testkit::dev::network(vec![
+        Scripted::new(2048) as std::sync::Arc<dyn cocoon_engine::Backend>
+    ])
+    .await;
+    let http = reqwest::Client::new();
+    let ask = |id: Option<&str>| {
+        let mut request = http
+            .post(format!("{}/chat/completions", net.gateway_url()))
+            .json(&cocoon_testkit::http::chat_body(
+                "hi",
+                serde_json::json!({"max_tokens": 1}),
+            ));
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        async move {
+            let answer = request.send().await.unwrap();
+            assert_eq!(answer.status(), 200);
+            answer.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    assert_eq!(ask(Some("app-42.retry_1")).await, "app-42.retry_1");
+    let ours = ask(None).await;
+    assert!(ours.starts_with("req-") && ours.len() == 36, "{ours}");
+    for bad in ["has space", "quote\"", &"x".repeat(129)] {
+        let replaced = ask(Some(bad)).await;
+        assert!(replaced.starts_with("req-"), "{bad:?} kept: {replaced}");
+    }
+}
