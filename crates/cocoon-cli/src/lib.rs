@@ -10,3 +10,4 @@ pub mod bench;
 pub mod collateral;
 pub mod config;
 pub mod money;
+pub mod status;

@@ -42,6 +42,15 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A running node's state from its operator's listener (`[admin] listen`): ready or why
+    /// not, its status, its request counts.
+    Status {
+        /// The listener, `host:port` (e.g. 127.0.0.1:10444).
+        admin: String,
+        /// A file whose first line is the listener's bearer token, when it has one.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Run the whole network on this machine: proxy, one worker with the embedded model, and
     /// the OpenAI-compatible gateway. Needs no configuration.
     Dev {
@@ -462,6 +471,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 worker = worker.with_registry(ledger, every);
             }
             worker.run(shutdown).await;
+            Ok(())
+        }
+        Command::Status { admin, token_file } => {
+            print!(
+                "{}",
+                cocoon_cli::status::report(&admin, token_file.as_deref()).await?
+            );
             Ok(())
         }
         Command::Proxy { config } => {

@@ -14,6 +14,7 @@ mod flood;
 mod hosts;
 mod openai_api;
 mod openai_sdk;
+mod operators;
 mod payments;
 mod payments_cli;
 mod resilience;
