@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -182,6 +183,9 @@ impl AdminListener {
             )
             .merge(guarded);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        // Connections still waiting for their request, oldest first: when every slot is taken,
+        // the oldest of them gives way, so that idle sockets cannot keep the probes out.
+        let mut waiting: std::collections::VecDeque<Arc<Waiting>> = Default::default();
         loop {
             let tcp = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -194,22 +198,58 @@ impl AdminListener {
                 },
                 () = shutdown.cancelled() => return,
             };
-            // Over the cap the connection is closed at once.
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                continue;
+            waiting.retain(|w| !w.asked.load(Ordering::SeqCst) && !w.gone.is_cancelled());
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    // Over the cap: the oldest connection that has not asked anything yet
+                    // gives way; with none, the newcomer is closed at once.
+                    let Some(oldest) = waiting.pop_front() else {
+                        continue;
+                    };
+                    oldest.gone.cancel();
+                    match tokio::time::timeout(
+                        Duration::from_millis(100),
+                        slots.clone().acquire_owned(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(slot)) => slot,
+                        _ => continue,
+                    }
+                }
             };
-            let service = TowerToHyperService::new(app.clone());
+            let this = Arc::new(Waiting::default());
+            waiting.push_back(this.clone());
+            let app = app.clone();
+            let asked = this.clone();
+            let service = TowerToHyperService::new(tower::service_fn(move |request| {
+                asked.asked.store(true, Ordering::SeqCst);
+                let mut app = app.clone();
+                async move { tower::Service::call(&mut app, request).await }
+            }));
             tokio::spawn(async move {
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIME)
                     .keep_alive(false)
                     .serve_connection(TokioIo::new(tcp), service);
-                let _ = tokio::time::timeout(CONNECTION_TIME, connection).await;
+                tokio::select! {
+                    _ = tokio::time::timeout(CONNECTION_TIME, connection) => {}
+                    () = this.gone.cancelled() => {}
+                }
+                this.gone.cancel();
                 drop(slot);
             });
         }
     }
+}
+
+/// A connection of the listener: whether it has sent its request, and how to close it.
+#[derive(Default)]
+struct Waiting {
+    asked: AtomicBool,
+    gone: CancellationToken,
 }
 
 #[derive(Clone)]

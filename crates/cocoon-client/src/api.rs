@@ -549,7 +549,9 @@ async fn generation<R: EndpointRequest>(
         Ok(_) => "answered".to_owned(),
         Err(e) => format!("{:?}", e.error.kind),
     };
-    state.metrics.request(&model, &outcome);
+    // Only a model the network answered for names a series: an app must not make up labels.
+    let label = if result.is_ok() { model.as_str() } else { "-" };
+    state.metrics.request(label, &outcome);
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     tracing::info!(
         target: "cocoon::access",

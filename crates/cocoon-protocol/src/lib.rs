@@ -30,6 +30,10 @@ pub use sealed::{
 /// 4: sealed requests and answers ([`paths::SEALED`], [`paths::CANDIDATES`]).
 pub const PROTOCOL_VERSION: u32 = 4;
 
+/// What a stopping worker answers a new request with (an `unavailable` error): the proxy then
+/// routes around it without holding it against the worker.
+pub const WORKER_DRAINING: &str = "this worker is shutting down: it takes no new request";
+
 /// ALPN name a client gateway offers when it connects to a proxy.
 pub const ALPN_CLIENT: &[u8] = b"cocoon/1/client";
 /// ALPN name a worker offers when it connects to a proxy.

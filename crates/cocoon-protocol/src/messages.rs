@@ -681,6 +681,9 @@ pub struct WorkerHello {
     /// that seal requests to the worker (they verify it, quote and key, themselves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
+    /// The worker is shutting down: it finishes its answers and takes no new request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// Models reachable through a proxy, with the number of connected workers serving each.

@@ -26,12 +26,15 @@ pub(crate) async fn serve(listener: AdminListener, state: Arc<State>, shutdown: 
     );
     let ready: Readiness = {
         let state = state.clone();
-        Arc::new(
-            move || match state.workers.snapshot().iter().any(|w| w.healthy()) {
+        Arc::new(move || {
+            if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("shutting down: new requests are refused".into());
+            }
+            match state.workers.snapshot().iter().any(|w| w.healthy()) {
                 true => Ok(()),
                 false => Err("no healthy worker is connected".into()),
-            },
-        )
+            }
+        })
     };
     let metrics = {
         let (counters, state) = (state.metrics.clone(), state.clone());

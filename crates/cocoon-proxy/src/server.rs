@@ -29,6 +29,18 @@ use cocoon_admin::AdminListener;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest body of a client's ask for a bill: one request id.
 const LATE_BILL_QUERY_BYTES: usize = 256;
+/// How long answers cut at the end of a drain have to settle what they delivered before the
+/// last commit.
+const SETTLE_AFTER_CUT: Duration = Duration::from_secs(5);
+
+/// A generation request counted in flight (see [`State::request_in_flight`]).
+pub(crate) struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 /// Largest candidate query (a model id and a price).
 const CANDIDATE_QUERY_BYTES: usize = 4096;
 /// The answer length candidates are ranked for (their expected time is part of the score).
@@ -49,6 +61,9 @@ pub(crate) struct State {
     pub(crate) metrics: crate::metrics::SharedMetrics,
     /// Set at shutdown: new requests are refused while the answers in flight finish.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Generation requests from their arrival to the end of their answer's relay (its bill
+    /// settled): what a drain waits for.
+    pub(crate) requests: Arc<std::sync::atomic::AtomicUsize>,
     /// How long they have (`drain_secs`).
     drain: Duration,
     /// Sees every clear byte of every connection, when a test asks ([`Proxy::with_wire_tap`]).
@@ -304,6 +319,7 @@ impl Proxy {
             tap: std::sync::OnceLock::new(),
             metrics: Arc::new(crate::metrics::ProxyMetrics::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            requests: Arc::default(),
             drain: Duration::from_secs(config.drain_secs),
             routing: config.routing.clone(),
             max_request_bytes: config.max_request_bytes,
@@ -367,7 +383,9 @@ impl Proxy {
     /// answers in flight finish (for up to `drain_secs`), makes its last commit and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(addr = %self.local_addr(), fingerprint = %self.state.fingerprint, "proxy listening");
-        // What ends once the answers in flight have: connections, commits, housekeeping.
+        // Connections end once the answers in flight have (or the drain runs out); commits and
+        // housekeeping after that, once the cut answers have settled.
+        let cut = CancellationToken::new();
         let stop = CancellationToken::new();
         let commits = self
             .state
@@ -403,16 +421,43 @@ impl Proxy {
                 continue;
             };
             let state = self.state.clone();
-            let stop = stop.clone();
+            let cut = cut.clone();
             tokio::spawn(async move {
                 let _per_ip = per_ip;
                 tokio::select! {
                     _ = state.connection(tcp, peer_addr, handshake) => {}
-                    _ = stop.cancelled() => {}
+                    _ = cut.cancelled() => {}
                 }
             });
         }
-        self.state.drain().await;
+        let answers = self
+            .state
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if answers > 0 {
+            tracing::info!(
+                answers,
+                secs = self.state.drain.as_secs(),
+                "shutting down: new requests are refused; waiting for the answers in flight"
+            );
+        }
+        if !self.state.drain(self.state.drain).await {
+            tracing::warn!(
+                answers = self
+                    .state
+                    .requests
+                    .load(std::sync::atomic::Ordering::SeqCst),
+                "drain deadline passed: cutting the answers still in flight"
+            );
+            cut.cancel();
+            // A cut answer settles what it delivered: that bill goes in the last commit.
+            if !self.state.drain(SETTLE_AFTER_CUT).await {
+                tracing::error!(
+                    "answers still unsettled after the cut: their bills miss the last commit"
+                );
+            }
+        }
+        cut.cancel();
         stop.cancel();
         // The commit loop makes a last commit once shut down.
         if let Some(commits) = commits {
@@ -425,36 +470,27 @@ impl Proxy {
 }
 
 impl State {
-    /// Refuses new requests and waits for the answers in flight to end, for up to
-    /// `drain_secs`.
-    async fn drain(&self) {
+    /// Refuses new requests and waits for the requests in flight to end (each answer relayed
+    /// and its bill settled), for up to `within`; whether they all did.
+    async fn drain(&self, within: Duration) -> bool {
         use std::sync::atomic::Ordering;
         self.draining.store(true, Ordering::SeqCst);
-        let in_flight = || -> u64 {
-            self.workers
-                .snapshot()
-                .iter()
-                .map(|w| u64::from(w.in_flight()))
-                .sum()
-        };
-        let deadline = tokio::time::Instant::now() + self.drain;
-        if in_flight() > 0 {
-            tracing::info!(
-                answers = in_flight(),
-                secs = self.drain.as_secs(),
-                "shutting down: new requests are refused; waiting for the answers in flight"
-            );
-        }
+        let in_flight = || self.requests.load(Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + within;
         while in_flight() > 0 {
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    answers = in_flight(),
-                    "drain deadline passed: cutting the answers still in flight"
-                );
-                return;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        true
+    }
+
+    /// Counts a generation request in flight until the guard is dropped.
+    pub(crate) fn request_in_flight(&self) -> InFlight {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(self.requests.clone())
     }
 
     /// The worker policy's quote-cache counters, if it has a cache.

@@ -97,7 +97,8 @@ pub(crate) async fn watch(workers: &WorkerSet, worker: &WorkerEntry, routing: &R
                     tracing::info!(worker = %worker.name, "worker answers health checks again");
                 }
                 failed = 0;
-                worker.set_healthy(true);
+                // A stopping worker stays connected until its answers end: it gets no new one.
+                worker.set_healthy(!hello.draining);
             }
             Err(e) => {
                 failed += 1;

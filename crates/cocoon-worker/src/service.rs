@@ -107,6 +107,7 @@ impl WorkerService {
                         })
                         .collect(),
                     capacity: self.backend.capacity(),
+                    draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
                     certificate: self.identity.certified_key().cert.first().map(|c| {
                         use base64::Engine as _;
                         base64::engine::general_purpose::STANDARD.encode(c.as_ref())
@@ -118,7 +119,7 @@ impl WorkerService {
                 if self.draining.load(std::sync::atomic::Ordering::SeqCst) =>
             {
                 error_response(&ProtocolError::unavailable(
-                    "this worker is shutting down: it takes no new request",
+                    cocoon_protocol::WORKER_DRAINING,
                 ))
             }
             (&Method::POST, paths::GENERATE) => self.generate(req.into_body()).await,

@@ -110,7 +110,7 @@ pub(super) async fn start(
 pub(super) fn stream(
     state: Arc<State>,
     begun: Begun<WorkerLink, Started>,
-    permit: RequestPermit,
+    (permit, in_flight): (RequestPermit, crate::server::InFlight),
     bill: BillTo,
     bounds: UsageBounds,
 ) -> Response<Body> {
@@ -127,6 +127,7 @@ pub(super) fn stream(
         state,
         load,
         _permit: permit,
+        _in_flight: in_flight,
         hold: bill.hold,
         id: bill.id,
         _opened: bill.opened,
@@ -146,6 +147,8 @@ struct Answer {
     /// Counts the request against the worker until the stream ends or the client leaves.
     load: LoadGuard<WorkerLink>,
     _permit: RequestPermit,
+    /// Counts the request until its relay has ended and its bill is settled.
+    _in_flight: crate::server::InFlight,
     hold: Option<Hold>,
     /// The client's id for the request, which its bill is kept under.
     id: Option<RequestId>,

@@ -104,6 +104,15 @@ where
                     first_at: Instant::now(),
                 });
             }
+            // A worker that is stopping: routed around from now on, held against nobody.
+            Ok(Err(e))
+                if e.kind == ErrorKind::Unavailable
+                    && e.message == cocoon_protocol::WORKER_DRAINING =>
+            {
+                tracing::info!(worker = %worker.name, "worker is shutting down; no more requests go to it");
+                worker.set_healthy(false);
+                last_error = Some(e);
+            }
             // Another worker may succeed where this one failed before answering.
             Ok(Err(e)) if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) => {
                 tracing::warn!(worker = %worker.name, error = %e, "worker failed before answering, trying another");

@@ -60,6 +60,8 @@ async fn serve(
     request: http::Request<Incoming>,
     sealed: bool,
 ) -> Result<Response<Body>, ProtocolError> {
+    // Counted before the drain's flag is read: a drain that starts after this waits for it.
+    let in_flight = state.request_in_flight();
     if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ProtocolError {
             retry_after_secs: Some(1),
@@ -123,7 +125,13 @@ async fn serve(
         opened,
         model: request.model.clone(),
     };
-    Ok(answer::stream(state.clone(), begun, permit, bill, bounds))
+    Ok(answer::stream(
+        state.clone(),
+        begun,
+        (permit, in_flight),
+        bill,
+        bounds,
+    ))
 }
 
 /// The client's id for the request, if it sent one.

@@ -429,3 +429,162 @@ async fn every_answer_names_its_request_id() {
         assert!(replaced.starts_with("req-"), "{bad:?} kept: {replaced}");
     }
 }
+
+/// REVIEW, fixed: `/readyz` lies while the proxy drains. On SIGTERM the proxy stops accepting, sets
+/// `draining` and refuses every new request with 503 for up to `drain_secs`, but the admin
+/// listener runs until the drain is over (it is served with `stop`, not `shutdown`) and its
+/// readiness only asks whether a healthy worker is connected: a load balancer or orchestrator
+/// polling `/readyz` keeps sending clients to a proxy that refuses them all, for the whole
+/// drain. Fix: readiness fails once `draining` is set ("shutting down: draining N answers").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_draining_proxy_does_not_say_it_is_ready() {
+    use cocoon_testkit::backends::Scripted;
+    use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
+    // A stream that takes about 5 s keeps the proxy draining for that long.
+    let backend = Scripted::new(2048);
+    backend.pace(Duration::from_millis(250));
+    let mut net = DevNetwork::start(
+        DevOptions {
+            admin: true,
+            drain_secs: 20,
+            ..test_options()
+        },
+        vec![backend.clone() as std::sync::Arc<dyn cocoon_engine::Backend>],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let proxy = net.proxy_admin().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while admin_get(proxy, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let stream = tokio::spawn(async move {
+        let body = cocoon_testkit::http::chat_body(
+            "hi",
+            serde_json::json!({"max_tokens": 20, "stream": true}),
+        );
+        let answer = reqwest::Client::new().post(&url).json(&body).send().await;
+        match answer {
+            Ok(answer) => answer.text().await.ok(),
+            Err(_) => None,
+        }
+    });
+    cocoon_testkit::http::wait_until("the stream begins", Duration::from_secs(10), || {
+        backend.served() == 1
+    })
+    .await;
+    // Stop the proxy (it drains for about 5 s) and ask whether it is ready meanwhile; a
+    // listener that is gone counts as "not ready" too.
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match reqwest::get(format!("http://{proxy}/readyz")).await {
+            Ok(answer) => {
+                let status = answer.status().as_u16();
+                Some((status, answer.text().await.unwrap_or_default()))
+            }
+            Err(_) => None,
+        }
+    };
+    let ((), during) = tokio::join!(net.stop_proxy(), probe);
+    assert!(
+        !matches!(during, Some((200, _))),
+        "the proxy said it was ready while it refused every new request: {during:?}"
+    );
+    let _ = stream.await;
+}
+
+/// REVIEW, fixed: the probes can be starved by anyone who reaches the admin port. The listener serves
+/// at most 16 connections and closes any beyond that at once, and a connection may take 5 s to
+/// send its headers; the probes are exempt from the token precisely so that load balancers and
+/// orchestrators beyond loopback can ask them. So 16 sockets that each send half a request
+/// line, renewed every 5 s, with no token, make every `/healthz` and `/readyz` fail: the
+/// node is taken out of rotation or restarted by its orchestrator. Fix: when the cap is
+/// reached, displace the oldest connection still waiting for its headers (as the public
+/// port's handshakes are displaced) instead of turning the newcomer away; a per-address cap
+/// alone would not do (the attacker may share the prober's address, as here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_connections_without_a_request_cannot_starve_the_probes() {
+    use tokio::io::AsyncWriteExt;
+    let proxy = Proxy::bind(
+        &config(AdminConfig {
+            listen: Some("127.0.0.1:0".into()),
+            token_file: None,
+        }),
+        LEDGERS,
+    )
+    .await
+    .unwrap();
+    let admin = proxy.admin_addr().expect("listening");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(proxy.run(stop.clone()));
+    // As many half-sent requests as the listener serves at once (MAX_CONNECTIONS).
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        held.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = reqwest::Client::new()
+        .get(format!("http://{admin}/healthz"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await;
+    let status = probe.as_ref().map(|r| r.status().as_u16());
+    assert!(
+        matches!(status, Ok(200)),
+        "16 connections that never finished a request made the liveness probe fail: {probe:?}"
+    );
+    drop(held);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// REVIEW, fixed: a client chooses the gateway's metric labels. The gateway counts every generation
+/// request under `model` = whatever the request body says, before anything checks that the
+/// model exists (refused requests included), in a `Family` that never forgets a series. Any
+/// app allowed to call the gateway can send distinct (and long: up to `max_body_bytes`) model
+/// names and grow the gateway's memory and every scrape without bound, and blow up the
+/// operator's Prometheus (one series per name, kept for its retention). The proxy's labels
+/// are safe (only models a worker offers reach them). Fix: label by the model only when the
+/// network lists it (the pool's models), else `model="other"` (or no model for refusals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_client_cannot_make_up_the_gateways_metric_labels() {
+    use cocoon_testkit::backends::Scripted;
+    use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
+    let net = DevNetwork::start(
+        DevOptions {
+            admin: true,
+            ..test_options()
+        },
+        vec![Scripted::new(2048) as std::sync::Arc<dyn cocoon_engine::Backend>],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let http = reqwest::Client::new();
+    for i in 0..20 {
+        let answer = http
+            .post(format!("{}/chat/completions", net.gateway_url()))
+            .json(&cocoon_testkit::http::chat_body(
+                "hi",
+                serde_json::json!({"model": format!("made-up-model-{i}-{}", "x".repeat(200))}),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(answer.status(), 200, "a made-up model was served");
+    }
+    let (_, metrics) = admin_get(net.gateway_admin().unwrap(), "/metrics").await;
+    let series = metrics
+        .lines()
+        .filter(|l| l.contains("made-up-model"))
+        .count();
+    assert_eq!(
+        series, 0,
+        "every made-up model name became a series of the gateway's metrics:\n{metrics}"
+    );
+}

@@ -465,3 +465,114 @@ async fn a_stopping_worker_finishes_its_stream_and_new_requests_go_elsewhere() {
         .unwrap_or_else(|| panic!("no usage: {events:?}"));
     assert_eq!(usage["completion_tokens"], 10, "{usage}");
 }
+
+/// REVIEW, fixed: a worker that drains is punished for it. While it stops, the worker refuses new
+/// requests with a plain `Unavailable` ("this worker is shutting down"), and the proxy, which
+/// does not know it is draining, keeps picking it (it stays healthy, with free capacity) and
+/// records each refusal as a failure (`Outcome::Failed` in failover), exactly as it would a
+/// broken worker. A rolling restart under load thus costs every worker standing in proportion
+/// to the traffic during its `drain_secs`, kept in the reputation file it finds on its return,
+/// and spends one of each request's `max_attempts` on a worker that cannot serve it. Fix: the
+/// worker says it is draining in a way the proxy recognises (a distinct error kind or header,
+/// or a message on the connection); the proxy then stops routing to it and records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_draining_worker_loses_no_standing_for_the_requests_it_turns_away() {
+    let a = Scripted::new(2048);
+    a.pace(Duration::from_millis(250));
+    let mut net = DevNetwork::start(
+        DevOptions {
+            drain_secs: 20,
+            ..test_options()
+        },
+        vec![a.clone() as Arc<dyn Backend>],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    // An answer of about 10 s keeps the worker draining (and connected) meanwhile.
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let _stream = tokio::spawn(async move {
+        let body = chat_body("hi", json!({"max_tokens": 40, "stream": true}));
+        match reqwest::Client::new().post(&url).json(&body).send().await {
+            Ok(answer) => answer.text().await.ok(),
+            Err(_) => None,
+        }
+    });
+    wait_until("the stream begins", Duration::from_secs(10), || {
+        a.served() == 1
+    })
+    .await;
+    let before = net.proxy_status().workers[0].clone();
+    net.stop_worker(0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The only worker is draining: the request is refused, as it should be.
+    let (status, answer) = ask(&net, json!({"max_tokens": 2})).await;
+    assert_ne!(status, 200, "{answer}");
+    let after = net
+        .proxy_status()
+        .workers
+        .into_iter()
+        .find(|w| w.fingerprint == before.fingerprint)
+        .expect("the worker stays connected while it drains");
+    assert!(
+        after.reputation.success_rate >= before.reputation.success_rate,
+        "turning a request away while draining was recorded as a failure: {:?} -> {:?}",
+        before.reputation,
+        after.reputation
+    );
+}
+
+/// REVIEW, fixed: an answer cut at the drain deadline is billed after the last commit, or not at all.
+/// When `drain_secs` runs out, `Proxy::run` cancels `stop`, which at the same moment cuts the
+/// connections and wakes the commit loop for its last commit and `Billing::close`. The cut
+/// answer's relay task (spawned apart from the connection, and no longer counted by anything
+/// the drain waits for) only then sees its client or worker gone and settles the tokens it
+/// delivered: that charge lands after the last commit's snapshot (uncommitted at exit), or
+/// after `close` (the settlement fails: the client got the tokens free and the worker is
+/// never paid for them). Fix: after cutting, wait (briefly, bounded) for the relay tasks to
+/// settle (e.g. a `TaskTracker` the answers run on, or a global in-flight count they hold
+/// until `relay` returns), then cancel the commit loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_an_answer_cut_at_the_drain_deadline_is_billed_and_committed() {
+    let a = Scripted::new(2048);
+    a.pace(Duration::from_millis(200));
+    let mut net = DevNetwork::start(
+        DevOptions {
+            drain_secs: 1,
+            // No periodic commit: only the proxy's last commit can carry the charge.
+            commit_interval_secs: 3600,
+            ..test_options()
+        },
+        vec![a.clone() as Arc<dyn Backend>],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    // About 8 s of answer: the 1 s drain cuts it after a few tokens.
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let _stream = tokio::spawn(async move {
+        let body = chat_body("hi", json!({"max_tokens": 40, "stream": true}));
+        match reqwest::Client::new().post(&url).json(&body).send().await {
+            Ok(answer) => answer.text().await.ok(),
+            Err(_) => None,
+        }
+    });
+    wait_until("the stream begins", Duration::from_secs(10), || {
+        a.served() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    net.stop_proxy().await;
+    // Whatever the proxy left running has time to finish.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let book = cocoon_proxy::Book::open(&net.book_path(), net.proxy_key().unwrap()).unwrap();
+    let record = book.client(&net.client_key());
+    assert!(
+        record.charged > 0,
+        "the tokens delivered before the cut were never billed: {record:?}"
+    );
+    assert_eq!(
+        record.committed, record.charged,
+        "the cut answer's charge was written after the proxy's last commit: {record:?}"
+    );
+}
