@@ -161,24 +161,48 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A network whose roles all have an operator's listener, with one scripted worker, once the
+/// worker has joined.
+async fn admin_network(
+    backend: std::sync::Arc<cocoon_testkit::backends::Scripted>,
+) -> cocoon_testkit::dev::DevNetwork {
+    let net = cocoon_testkit::dev::DevNetwork::start(
+        cocoon_testkit::dev::DevOptions {
+            admin: true,
+            ..cocoon_testkit::dev::test_options()
+        },
+        vec![backend as std::sync::Arc<dyn cocoon_engine::Backend>],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    net
+}
+
+/// Sends `n` short chat requests of `prompt` through `net`'s gateway; each must be answered.
+async fn answered(net: &cocoon_testkit::dev::DevNetwork, prompt: &str, n: usize) {
+    let http = reqwest::Client::new();
+    for _ in 0..n {
+        let answer = http
+            .post(format!("{}/chat/completions", net.gateway_url()))
+            .json(&cocoon_testkit::http::chat_body(
+                prompt,
+                serde_json::json!({"max_tokens": 2}),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+}
+
 /// Every role has an operator's listener: alive, ready only when it can do its job (the proxy
 /// with a healthy worker, the worker connected, the gateway with a reachable proxy), and
 /// metrics that count what the test sent, with no prompt in them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_reports_readiness_and_counts_what_it_served() {
     use cocoon_testkit::backends::{MODEL, Scripted};
-    use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
-    let backend = Scripted::new(2048);
-    let mut net = DevNetwork::start(
-        DevOptions {
-            admin: true,
-            ..test_options()
-        },
-        vec![backend.clone() as std::sync::Arc<dyn cocoon_engine::Backend>],
-    )
-    .await
-    .unwrap();
-    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let mut net = admin_network(Scripted::new(2048)).await;
     let (proxy, gateway, worker) = (
         net.proxy_admin().unwrap(),
         net.gateway_admin().unwrap(),
@@ -192,19 +216,7 @@ async fn every_role_reports_readiness_and_counts_what_it_served() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let http = reqwest::Client::new();
-    for _ in 0..3 {
-        let answer = http
-            .post(format!("{}/chat/completions", net.gateway_url()))
-            .json(&cocoon_testkit::http::chat_body(
-                "the secret prompt",
-                serde_json::json!({"max_tokens": 2}),
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
-    }
+    answered(&net, "the secret prompt", 3).await;
     let (_, metrics) = admin_get(proxy, "/metrics").await;
     let served = [("model", MODEL), ("outcome", "served")];
     assert_eq!(
@@ -270,7 +282,6 @@ async fn every_role_reports_readiness_and_counts_what_it_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_request_count() {
     use cocoon_testkit::backends::Scripted;
-    use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
     if std::process::Command::new("prometheus")
         .arg("--version")
         .output()
@@ -283,16 +294,7 @@ async fn a_real_prometheus_scrapes_the_request_count() {
         eprintln!("COCOON_SKIP_PROMETHEUS: skipped");
         return;
     }
-    let net = DevNetwork::start(
-        DevOptions {
-            admin: true,
-            ..test_options()
-        },
-        vec![Scripted::new(2048) as std::sync::Arc<dyn cocoon_engine::Backend>],
-    )
-    .await
-    .unwrap();
-    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let net = admin_network(Scripted::new(2048)).await;
     let dir = tempfile::tempdir().unwrap();
     let web = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -322,19 +324,8 @@ async fn a_real_prometheus_scrapes_the_request_count() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    answered(&net, "hi", 5).await;
     let http = reqwest::Client::new();
-    for _ in 0..5 {
-        let answer = http
-            .post(format!("{}/chat/completions", net.gateway_url()))
-            .json(&cocoon_testkit::http::chat_body(
-                "hi",
-                serde_json::json!({"max_tokens": 2}),
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
-    }
     let query = "sum(cocoon_proxy_requests_total{outcome=\"served\"})";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut last = Value::Null;
@@ -554,17 +545,7 @@ async fn review_connections_without_a_request_cannot_starve_the_probes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_a_client_cannot_make_up_the_gateways_metric_labels() {
     use cocoon_testkit::backends::Scripted;
-    use cocoon_testkit::dev::{DevNetwork, DevOptions, test_options};
-    let net = DevNetwork::start(
-        DevOptions {
-            admin: true,
-            ..test_options()
-        },
-        vec![Scripted::new(2048) as std::sync::Arc<dyn cocoon_engine::Backend>],
-    )
-    .await
-    .unwrap();
-    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let net = admin_network(Scripted::new(2048)).await;
     let http = reqwest::Client::new();
     for i in 0..20 {
         let answer = http
