@@ -373,6 +373,65 @@ async fn a_worker_serving_weights_the_gateway_does_not_list_is_never_sent_a_requ
     assert_eq!(other.served(), 0);
 }
 
+/// The gateway's own policy decides who may read: a worker the proxy admits, but whose
+/// measured configuration (part of its image hash, COCOON's: RTMR3) the gateway's
+/// `[worker_policy]` does not list, is never sent a request, though its weights are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_image_the_gateway_does_not_allow_is_never_sent_a_request() {
+    let (listed, other) = (Scripted::new(2048), Scripted::new(2048));
+    let weights = listed.model_hash().to_owned();
+    let configs = [
+        config_naming(&weights),
+        cocoon_tls::MeasuredEvent::config(
+            json!({"role": "worker", "upstream": "https://elsewhere.example/v1", "backends": [
+                {"kind": "llama", "model_id": MODEL, "model_file": "m.gguf", "model_hash": weights}
+            ]})
+            .to_string(),
+        ),
+    ];
+    let mut net = DevNetwork::start(
+        DevOptions {
+            gateway_worker_config_hashes: vec![configs[0].config_hash()],
+            ..test_options()
+        },
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let attester = net.dev_attester();
+    for ((name, backend), config) in [("listed", &listed), ("other", &other)]
+        .into_iter()
+        .zip(configs)
+    {
+        net.add_measured_worker(name, backend.clone(), &attester, Some(config))
+            .await
+            .unwrap();
+    }
+    net.wait_ready(2, Duration::from_secs(20)).await.unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", net.gateway_url());
+    for _ in 0..6 {
+        let answer = post_json(&http, &url, &chat_body("hi", json!({"max_tokens": 2}))).await;
+        assert_eq!(answer["usage"]["bill_verified"], json!(true), "{answer}");
+    }
+    assert_eq!((listed.served(), other.served()), (6, 0));
+    net.stop_worker_until_gone(0).await;
+    let refused = http
+        .post(&url)
+        .json(&chat_body("hi", json!({"max_tokens": 2})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("[worker_policy]") && message.contains("configuration"),
+        "{message}"
+    );
+    assert_eq!(other.served(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_workers_receipt_matches_the_bill_and_is_kept() {
     let backend = Scripted::new(2048);

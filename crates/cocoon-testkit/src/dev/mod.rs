@@ -46,6 +46,9 @@ pub struct DevOptions {
     pub proxy_tap: Option<ProxyTap>,
     /// The gateway's `[sealing]`.
     pub gateway_sealing: cocoon_client::SealingConfig,
+    /// The measured worker configurations the gateway's `[worker_policy]` allows (empty: any);
+    /// the proxy's may allow more (`worker_config_hashes`).
+    pub gateway_worker_config_hashes: Vec<String>,
     /// Give every role an operator's listener on loopback (`[admin]`): see
     /// [`DevNetwork::proxy_admin`], [`DevNetwork::gateway_admin`], [`DevNetwork::worker_admin`]
     /// (a worker's serves its first run only).
@@ -100,6 +103,7 @@ impl Default for DevOptions {
             sealed: true,
             proxy_tap: None,
             gateway_sealing: cocoon_client::SealingConfig::default(),
+            gateway_worker_config_hashes: Vec::new(),
             admin: false,
             drain_secs: 0,
             proxy_listen: "127.0.0.1:0".into(),
@@ -271,7 +275,10 @@ impl DevNetwork {
                     fingerprints: vec![proxy_fingerprint.to_string()],
                     ..dev_policy(&dev_key)
                 },
-                worker_policy: options.sealed.then(|| dev_policy(&dev_key)),
+                worker_policy: options.sealed.then(|| PeerPolicy {
+                    config_hashes: options.gateway_worker_config_hashes.clone(),
+                    ..dev_policy(&dev_key)
+                }),
                 sealing: options.gateway_sealing.clone(),
                 admin: loopback_admin(options.admin),
                 payments: ClientPayments {
