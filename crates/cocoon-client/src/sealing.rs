@@ -180,9 +180,10 @@ impl Sealer {
             )));
         }
         let to = Arc::new(to);
-        self.candidates
-            .lock()
-            .insert(key, (Instant::now(), to.clone()));
+        let mut cached = self.candidates.lock();
+        // Lists for models and price caps no longer asked for go: apps choose max_price.
+        cached.retain(|_, (at, _)| at.elapsed() < self.ttl);
+        cached.insert(key, (Instant::now(), to.clone()));
         Ok(to)
     }
 

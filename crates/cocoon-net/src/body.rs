@@ -94,7 +94,9 @@ impl EventReader {
         }
     }
 
-    /// Reads a sealed answer: every event passes through `unseal` first.
+    /// Reads a sealed answer: every event passes through `unseal` first. The frame [`Self::next`]
+    /// returns with an opened event is the one received (sealed): nothing relays an opened
+    /// answer, so it is not encoded again for each token.
     pub fn with_unseal(mut self, unseal: Unseal) -> Self {
         self.unseal = Some(unseal);
         self
@@ -138,10 +140,7 @@ impl EventReader {
                         return Some(Ok((event, frame)));
                     };
                     match unseal(event) {
-                        Ok(Some(event)) => {
-                            let frame = cocoon_protocol::encode_frame(&event);
-                            return Some(Ok((event, frame)));
-                        }
+                        Ok(Some(event)) => return Some(Ok((event, frame))),
                         Ok(None) => continue,
                         Err(e) => {
                             self.finished = true;

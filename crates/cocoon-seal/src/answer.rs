@@ -277,14 +277,17 @@ impl AnswerOpener {
         }
         let sealed = unb64(data, "a chunk")?;
         let aad = associated_data(seq, last, tokens, reasoning);
-        let try_open = |key: &LessSafeKey| {
-            let mut buf = sealed.clone();
-            key.open_in_place(nonce(seq), Aad::from(aad), &mut buf)
-                .ok()
-                .map(|p| p.to_vec())
+        // Opened in place: one buffer per chunk once the serving worker is known.
+        let try_open = |key: &LessSafeKey, mut buf: Vec<u8>| {
+            let len = key
+                .open_in_place(nonce(seq), Aad::from(aad), &mut buf)
+                .ok()?
+                .len();
+            buf.truncate(len);
+            Some(buf)
         };
         let plain = match &self.chosen {
-            Some((_, key)) => try_open(key),
+            Some((_, key)) => try_open(key, sealed),
             None => {
                 // The first chunk names the salt; whichever candidate's secret opens it under
                 // that salt is the worker that serves.
@@ -302,7 +305,7 @@ impl AnswerOpener {
                     .enumerate()
                     .find_map(|(i, c)| {
                         let key = chunk_key(&c.secret, &salt, &c.worker);
-                        try_open(&key).map(|p| (i, key, p))
+                        try_open(&key, sealed.clone()).map(|p| (i, key, p))
                     })
                     .map(|(i, key, p)| {
                         self.chosen = Some((i, key));

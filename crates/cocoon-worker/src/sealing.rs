@@ -118,17 +118,17 @@ impl SealedAnswer {
     /// The frames that carry `event` to the gateway: a chunk for a delta; for the end, the
     /// last chunk with the receipt, then the clear `Done` (which the proxy bills); for an
     /// error, the last chunk holding it, then a clear error with its words withheld.
-    pub(crate) fn seal(&mut self, event: GenerateEvent) -> Vec<GenerateEvent> {
+    pub(crate) fn seal(&mut self, event: GenerateEvent) -> (GenerateEvent, Option<GenerateEvent>) {
         let Some(chunk) = self.sealer.seal(&event) else {
-            return vec![event];
+            return (event, None);
         };
         let usage = match &event {
             GenerateEvent::Done { usage, .. } => usage,
             GenerateEvent::Error { error } => {
                 let error = error.withheld();
-                return vec![chunk, GenerateEvent::Error { error }];
+                return (chunk, Some(GenerateEvent::Error { error }));
             }
-            _ => return vec![chunk],
+            _ => return (chunk, None),
         };
         let receipt = cocoon_seal::sign_receipt(
             Receipt {
@@ -138,7 +138,7 @@ impl SealedAnswer {
             },
             &self.sealing.signer,
         );
-        vec![chunk.with_receipt(receipt), event]
+        (chunk.with_receipt(receipt), Some(event))
     }
 }
 

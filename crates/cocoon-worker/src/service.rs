@@ -194,11 +194,13 @@ impl WorkerService {
             let mut next = Some(first);
             while let Some(event) = next {
                 counted.saw(&event);
-                let frames = match &mut sealed {
+                // One frame a token; a sealed answer's end is two (its last chunk, then the
+                // clear `Done` or error the proxy reads).
+                let (frame, then) = match &mut sealed {
                     Some(answer) => answer.seal(event),
-                    None => vec![event],
+                    None => (event, None),
                 };
-                for frame in frames {
+                for frame in std::iter::once(frame).chain(then) {
                     // A send fails when the proxy reset the stream; dropping `events` then
                     // stops the generation.
                     if tx.send(encode_frame(&frame)).await.is_err() {

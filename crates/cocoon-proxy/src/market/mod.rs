@@ -85,6 +85,8 @@ pub struct Seller<T> {
     pub id: u64,
     /// The worker's Ed25519 public key: what its record (and its payouts) are kept under.
     pub key: [u8; 32],
+    /// SHA-256 of `key`, computed once: sealed requests name their workers by it.
+    fingerprint: [u8; 32],
     /// The name the worker gave itself, for logs and the status page.
     pub name: String,
     /// Requests the worker runs at once; at least 1.
@@ -104,10 +106,7 @@ pub struct Seller<T> {
 impl<T> Seller<T> {
     /// SHA-256 of its key: how gateways and operators name it.
     pub fn fingerprint(&self) -> [u8; 32] {
-        ring::digest::digest(&ring::digest::SHA256, &self.key)
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes")
+        self.fingerprint
     }
 
     /// Requests picked for it and not yet finished (their [`LoadGuard`]s still held).
@@ -326,6 +325,10 @@ impl<T> Market<T> {
         let perf = self.departed.lock().remove(&key).unwrap_or_default();
         let seller = Arc::new(Seller {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            fingerprint: ring::digest::digest(&ring::digest::SHA256, &key)
+                .as_ref()
+                .try_into()
+                .expect("SHA-256 is 32 bytes"),
             key,
             name,
             capacity: capacity.max(1),

@@ -412,6 +412,33 @@ async fn review_a_stalled_worker_is_not_named_to_the_client() {
     );
 }
 
+/// A streamed request of `max_tokens` (usage included) in the background, once `backend` (the
+/// only one serving now) has begun it: its body, or `None` if it broke off.
+async fn streaming(
+    net: &DevNetwork,
+    backend: &Scripted,
+    max_tokens: u32,
+) -> tokio::task::JoinHandle<Option<String>> {
+    let served = backend.served();
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let stream = tokio::spawn(async move {
+        let body = chat_body(
+            "hi",
+            json!({"max_tokens": max_tokens, "stream": true,
+                   "stream_options": {"include_usage": true}}),
+        );
+        match reqwest::Client::new().post(&url).json(&body).send().await {
+            Ok(answer) => answer.text().await.ok(),
+            Err(_) => None,
+        }
+    });
+    wait_until("the stream begins", Duration::from_secs(10), || {
+        backend.served() == served + 1
+    })
+    .await;
+    stream
+}
+
 /// A worker told to stop finishes the answer it is streaming (its drain), while the requests
 /// that arrive meanwhile are refused there and served by another worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,23 +457,7 @@ async fn a_stopping_worker_finishes_its_stream_and_new_requests_go_elsewhere() {
     net.wait_ready(2, Duration::from_secs(20)).await.unwrap();
     // The stream goes to a: b refuses until it has begun.
     b.set(Mode::Refuse);
-    let http = reqwest::Client::new();
-    let url = format!("{}/chat/completions", net.gateway_url());
-    let stream = {
-        let (http, url) = (http.clone(), url.clone());
-        tokio::spawn(async move {
-            let body = chat_body(
-                "hi",
-                json!({"max_tokens": 10, "stream": true, "stream_options": {"include_usage": true}}),
-            );
-            let answer = http.post(&url).json(&body).send().await.unwrap();
-            sse_data(&answer.text().await.unwrap())
-        })
-    };
-    wait_until("the stream begins on a", Duration::from_secs(10), || {
-        a.served() == 1
-    })
-    .await;
+    let stream = streaming(&net, &a, 10).await;
     b.set(Mode::Serve);
     net.stop_worker(0);
     // A new request: a refuses it (it is stopping), b serves it.
@@ -454,7 +465,7 @@ async fn a_stopping_worker_finishes_its_stream_and_new_requests_go_elsewhere() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!((a.served(), b.served()), (1, 1));
     // a's stream was not cut.
-    let events = stream.await.unwrap();
+    let events = sse_data(&stream.await.unwrap().expect("the stream was answered"));
     assert!(
         events.iter().all(|e| e.get("error").is_none()),
         "{events:?}"
@@ -490,18 +501,7 @@ async fn review_a_draining_worker_loses_no_standing_for_the_requests_it_turns_aw
     .unwrap();
     net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
     // An answer of about 10 s keeps the worker draining (and connected) meanwhile.
-    let url = format!("{}/chat/completions", net.gateway_url());
-    let _stream = tokio::spawn(async move {
-        let body = chat_body("hi", json!({"max_tokens": 40, "stream": true}));
-        match reqwest::Client::new().post(&url).json(&body).send().await {
-            Ok(answer) => answer.text().await.ok(),
-            Err(_) => None,
-        }
-    });
-    wait_until("the stream begins", Duration::from_secs(10), || {
-        a.served() == 1
-    })
-    .await;
+    let _stream = streaming(&net, &a, 40).await;
     let before = net.proxy_status().workers[0].clone();
     net.stop_worker(0);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -549,18 +549,7 @@ async fn review_an_answer_cut_at_the_drain_deadline_is_billed_and_committed() {
     .unwrap();
     net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
     // About 8 s of answer: the 1 s drain cuts it after a few tokens.
-    let url = format!("{}/chat/completions", net.gateway_url());
-    let _stream = tokio::spawn(async move {
-        let body = chat_body("hi", json!({"max_tokens": 40, "stream": true}));
-        match reqwest::Client::new().post(&url).json(&body).send().await {
-            Ok(answer) => answer.text().await.ok(),
-            Err(_) => None,
-        }
-    });
-    wait_until("the stream begins", Duration::from_secs(10), || {
-        a.served() == 1
-    })
-    .await;
+    let _stream = streaming(&net, &a, 40).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     net.stop_proxy().await;
     // Whatever the proxy left running has time to finish.
