@@ -154,7 +154,12 @@ impl Sealer {
             .await?;
         let mut to = Vec::new();
         let mut refused = Vec::new();
-        for c in &offered.candidates {
+        // A proxy offering more than a sealed request may name gets its best few taken.
+        for c in offered
+            .candidates
+            .iter()
+            .take(cocoon_protocol::MAX_CANDIDATES)
+        {
             // One key agreement per candidate per refresh: the session serves its requests.
             match self
                 .verify(c, &request.model)

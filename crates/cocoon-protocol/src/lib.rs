@@ -34,6 +34,13 @@ pub const PROTOCOL_VERSION: u32 = 4;
 /// routes around it without holding it against the worker.
 pub const WORKER_DRAINING: &str = "this worker is shutting down: it takes no new request";
 
+/// What a worker answers a sealed request it cannot open (an `unavailable` error): the
+/// request names it but was sealed to another of its keys (it restarted since the gateway's
+/// list of candidates) or altered on the way. Never the worker's fault: the proxy tries another
+/// recipient without holding it against the worker.
+pub const NOT_SEALED_FOR_THIS_WORKER: &str =
+    "the request was not sealed to this worker's current key, or was altered on the way";
+
 /// ALPN name a client gateway offers when it connects to a proxy.
 pub const ALPN_CLIENT: &[u8] = b"cocoon/1/client";
 /// ALPN name a worker offers when it connects to a proxy.

@@ -65,7 +65,7 @@ impl From<SealError> for cocoon_protocol::ProtocolError {
             // candidates may name its old one. Unavailable lets the proxy try another
             // recipient and the gateway fetch the candidates again.
             SealError::NotARecipient | SealError::DoesNotOpen(_) => {
-                Self::unavailable(e.to_string())
+                Self::unavailable(cocoon_protocol::NOT_SEALED_FOR_THIS_WORKER)
             }
             _ => Self::invalid(e.to_string()),
         }

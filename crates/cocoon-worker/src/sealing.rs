@@ -43,6 +43,13 @@ pub fn with_sealing_key(identity: Identity) -> Result<(Identity, Option<Sealing>
     Ok((identity, Some(sealing)))
 }
 
+fn rand_bytes() -> [u8; 16] {
+    let mut out = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out)
+        .expect("the system's random generator works");
+    out
+}
+
 /// A sealed request opened for serving: the clear request for the backend, and how its
 /// answer goes back.
 pub(crate) struct Opened {
@@ -65,17 +72,20 @@ impl Sealing {
         // Cells are shared within the proxy's scope (this client, under its hint) and the
         // gateway's sealed one together: the proxy alone cannot put a sealed prompt in a scope
         // it probes, nor the gateway reach into another client's.
-        request.cache_scope = match (&sealed.cache_scope, &request.cache_scope) {
+        // Never no scope: to an upstream backend no scope is no `cache_salt`, the cache every
+        // unsalted request shares (the proxy's own probes included). Without both parts, a
+        // scope of its own that nothing shares.
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        match (&sealed.cache_scope, &request.cache_scope) {
             (Some(proxy), Some(gateway)) => {
-                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
                 for part in [proxy, gateway] {
                     ctx.update(&(part.len() as u64).to_be_bytes());
                     ctx.update(part.as_bytes());
                 }
-                Some(hex::encode(&ctx.finish().as_ref()[..16]))
             }
-            _ => None,
-        };
+            _ => ctx.update(&rand_bytes()),
+        }
+        request.cache_scope = Some(hex::encode(&ctx.finish().as_ref()[..16]));
         request.validate()?;
         let answer = SealedAnswer {
             sealing: self.clone(),
@@ -232,5 +242,35 @@ mod tests {
             "the client's sealed prompt shares the cache scope {client:?} the proxy chose and \
              probes in (sealed probe: {probe:?}; a clear probe names {chosen:?})"
         );
+    }
+
+    /// REVIEW, fixed: a proxy that leaves out its own scope (`SealedRequest::cache_scope` is outside
+    /// the seal, the proxy's to set) has the worker open a gateway's sealed request with no
+    /// cache scope at all (`(None, Some(gateway)) => None`), and no scope is "shares nothing"
+    /// only on the llama backend: the upstream backend then sends no `cache_salt`, so vLLM
+    /// keeps the sealed prompt in its unsalted prefix cache, the one every request without a
+    /// salt shares, such as the clear probes the proxy sends this worker itself with no
+    /// `cache_scope`; their `cached_tokens` read how the client's prompt began (the leak the
+    /// combined scope was meant to close). Fix: a sealed request never runs without a scope:
+    /// when either part is missing, use the part there is (hashed with a label) or a fresh
+    /// random scope (or refuse the request).
+    #[test]
+    fn review_a_proxy_that_drops_its_scope_does_not_unsalt_a_sealed_prompt() {
+        let (_dir, sealing, to) = attested();
+        let mut client = sealed(
+            &to,
+            Some("a secret of the client's gateway"),
+            "the client's secret system prompt",
+        );
+        // The proxy sends it on without its own scope.
+        client.cache_scope = None;
+        match sealing.open(&client, None) {
+            Err(_) => {} // refusing it is a fix too
+            Ok(opened) => assert!(
+                opened.request.cache_scope.is_some(),
+                "the client's sealed prompt runs with no cache scope: an upstream (vLLM) \
+                 backend puts it in the unsalted cache the proxy's own clear requests probe"
+            ),
+        }
     }
 }

@@ -113,6 +113,15 @@ where
                 worker.set_healthy(false);
                 last_error = Some(e);
             }
+            // Sealed to another key of this worker, or altered: the sender's doing, not the
+            // worker's; another recipient may open it.
+            Ok(Err(e))
+                if e.kind == ErrorKind::Unavailable
+                    && e.message == cocoon_protocol::NOT_SEALED_FOR_THIS_WORKER =>
+            {
+                tracing::debug!(worker = %worker.name, "a sealed request does not open for this worker; trying another recipient");
+                last_error = Some(e);
+            }
             // Another worker may succeed where this one failed before answering.
             Ok(Err(e)) if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal) => {
                 tracing::warn!(worker = %worker.name, error = %e, "worker failed before answering, trying another");
@@ -501,5 +510,39 @@ mod tests {
         let error = fake.run(&routing(3, 30, 60)).await.err().unwrap();
         assert_eq!(error.message, "queue full (workers tried: 1)");
         assert_eq!(error.retry_after_secs, Some(9));
+    }
+
+    /// REVIEW, fixed: a worker that cannot open a sealed request (`DoesNotOpen`, `NotARecipient`:
+    /// unavailable, so that the proxy tries another recipient) is held to have failed, though
+    /// an honest worker never fails to open what was sealed to its current key: the fault is
+    /// the sender's. Any client with a contract can seal garbage to up to four honest workers
+    /// (their fingerprints are public) at no cost (the request is never served, so never
+    /// billed) and drive their success rate, by which the market divides their score and which
+    /// is kept on disk, towards zero, steering traffic away from them; and every gateway whose
+    /// candidate list predates a worker's restart (fresh key, same identity) does the same by
+    /// accident until its list expires. Fix: the worker answers a request it cannot open with a
+    /// marked refusal (as `WORKER_DRAINING` is) that failover routes around without recording
+    /// an outcome.
+    #[tokio::test(start_paused = true)]
+    async fn review_a_sealed_request_a_worker_cannot_open_is_not_held_against_it() {
+        for cannot_open in [
+            cocoon_seal::SealError::DoesNotOpen("the request's key"),
+            cocoon_seal::SealError::NotARecipient,
+        ] {
+            // What the worker answers (its `Sealing::open` error, as it crosses the wire).
+            let refusal = ProtocolError::from(cannot_open.clone());
+            let fake = Fake::new(&[
+                ("a", 2048, 10, Reply::Refuses(refusal)),
+                ("b", 2048, 20, Reply::Answers),
+            ]);
+            let begun = fake.run(&routing(3, 30, 60)).await.unwrap();
+            assert_eq!(begun.answer, "b");
+            assert_eq!(fake.asked(), ["a", "b"]);
+            assert!(
+                close(fake.samples("a"), 0.0),
+                "worker a's record holds a failure for a request it could not open \
+                 ({cannot_open}): anyone can seal garbage to it"
+            );
+        }
     }
 }

@@ -305,7 +305,9 @@ async fn a_request_handed_to_a_worker_outside_its_set_does_not_open_there() {
         Err(e) => e,
     };
     assert!(
-        refused.message.contains("does not open"),
+        refused
+            .message
+            .contains(cocoon_protocol::NOT_SEALED_FOR_THIS_WORKER),
         "{}",
         refused.message
     );
