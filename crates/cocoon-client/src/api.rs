@@ -31,7 +31,7 @@ use crate::guard::{self, Guard, KeyUse};
 use crate::metrics::GatewayMetrics;
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
 use crate::pool::ProxyPool;
-use crate::sealing::Sealer;
+use crate::sealing::{Registry, Sealer};
 
 /// The gateway, bound and ready to serve.
 pub struct Gateway {
@@ -175,20 +175,28 @@ impl Gateway {
             .proxy_policy
             .registry_images(config.payments.proxy_images_from_registry)
             .build_with("proxy_policy", "proxy", &collateral.store)?;
-        let sealer = match &config.worker_policy {
+        let workers = match &config.worker_policy {
             Some(policy) => {
                 anyhow::ensure!(
                     policy.require_attestation,
                     "[worker_policy] must set require_attestation = true: a worker's encryption \
                      key is bound to what it runs only by its quote"
                 );
-                let workers = policy.build_with("worker_policy", "worker", &collateral.store)?;
+                // With the registry's worker images, the policy may list none of its own.
+                let workers = policy
+                    .registry_images(config.sealing.from_registry)
+                    .build_with("worker_policy", "worker", &collateral.store)?;
                 tracing::info!(
                     "requests are sealed end to end to workers that pass [worker_policy]: the proxy routes them unread"
                 );
-                Some(Arc::new(Sealer::new(workers, &config.sealing)))
+                Some(workers)
             }
             None => {
+                anyhow::ensure!(
+                    !config.sealing.from_registry,
+                    "[sealing] from_registry needs a [worker_policy]: requests are sealed only to \
+                     workers it verifies"
+                );
                 tracing::warn!(
                     "no [worker_policy]: requests go to the proxy in clear, and the proxy can read every prompt and answer"
                 );
@@ -221,16 +229,32 @@ impl Gateway {
             record = record.with_ledger(ledger.clone(), network);
         }
         let bills = Arc::new(record);
-        let registry = match (&ledger, config.payments.proxy_images_from_registry) {
-            (Some(ledger), true) => {
-                anyhow::ensure!(
-                    (1..=MAX_REGISTRY_REFRESH_SECS)
-                        .contains(&config.payments.registry_refresh_secs),
-                    "[payments] registry_refresh_secs is 1 to {MAX_REGISTRY_REFRESH_SECS}: how \
-                     long a revoked proxy may keep getting prompts"
-                );
-                Some(ledger.clone())
+        let reads_registry =
+            config.payments.proxy_images_from_registry || config.sealing.from_registry;
+        if reads_registry {
+            anyhow::ensure!(
+                (1..=MAX_REGISTRY_REFRESH_SECS).contains(&config.payments.registry_refresh_secs),
+                "[payments] registry_refresh_secs is 1 to {MAX_REGISTRY_REFRESH_SECS}: how long a \
+                 revoked proxy or worker may keep getting prompts"
+            );
+        }
+        let refresh = Duration::from_secs(config.payments.registry_refresh_secs);
+        let sealer = match (workers, &ledger, config.sealing.from_registry) {
+            (Some(workers), Some(ledger), true) => {
+                let registry = Registry::new(ledger.clone(), refresh);
+                Some(Arc::new(Sealer::new(
+                    workers,
+                    &config.sealing,
+                    Some(registry),
+                )))
             }
+            (_, None, true) => anyhow::bail!(
+                "[sealing] from_registry needs [payments] ledger: it reads the registry"
+            ),
+            (workers, _, _) => workers.map(|w| Arc::new(Sealer::new(w, &config.sealing, None))),
+        };
+        let registry = match (&ledger, config.payments.proxy_images_from_registry) {
+            (Some(ledger), true) => Some(ledger.clone()),
             (None, true) => anyhow::bail!(
                 "[payments] proxy_images_from_registry needs a ledger: it reads the registry"
             ),
@@ -243,12 +267,7 @@ impl Gateway {
             bills.clone(),
             registry.clone(),
         ));
-        let registry_watch = registry.map(|_| {
-            (
-                proxies.clone(),
-                Duration::from_secs(config.payments.registry_refresh_secs),
-            )
-        });
+        let registry_watch = registry.map(|_| (proxies.clone(), refresh));
         let late_bills = ledger.is_some().then(|| (bills.clone(), proxies.clone()));
         let state = Arc::new(AppState {
             collateral,

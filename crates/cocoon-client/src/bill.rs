@@ -1138,6 +1138,7 @@ mod tests {
         let sealer = Arc::new(crate::sealing::Sealer::new(
             Arc::new(cocoon_tls::AnyPeer),
             &crate::config::SealingConfig::default(),
+            None,
         ));
         let with_receipt = |reported: Usage| Parties {
             sealed: Some((sealed_answer(RequestId([5; 16]), reported), sealer.clone())),

@@ -69,6 +69,13 @@ pub struct SealingConfig {
     /// what it was charged for; unset: kept in memory only (the latest 10,000, at
     /// `GET /v1/receipts/{request id}`).
     pub receipt_file: Option<PathBuf>,
+    /// Also require the ledger's registry to list each worker's attested image (its worker
+    /// images) and the weights its measured configuration serves the model with (its allowed
+    /// models), on top of `[worker_policy]` and `model_hashes`; with it, `[worker_policy]` may
+    /// list no image of its own. Asked again every `[payments] registry_refresh_secs`, so a
+    /// worker whose image or weights the owner revokes is sent nothing more within that and
+    /// `candidates_ttl_secs`, whatever the proxy does. Needs `[payments] ledger`.
+    pub from_registry: bool,
 }
 
 impl Default for SealingConfig {
@@ -77,6 +84,7 @@ impl Default for SealingConfig {
             model_hashes: Vec::new(),
             candidates_ttl_secs: 10,
             receipt_file: None,
+            from_registry: false,
         }
     }
 }
@@ -106,7 +114,8 @@ pub struct ClientPayments {
     /// again every `registry_refresh_secs`; a proxy whose image the owner revokes gets no more
     /// requests, with no restart. Needs `ledger` and an attested proxy.
     pub proxy_images_from_registry: bool,
-    /// Seconds between readings of the registry for `proxy_images_from_registry`.
+    /// Seconds between readings of the registry for `proxy_images_from_registry` and
+    /// `[sealing] from_registry`.
     pub registry_refresh_secs: u64,
 }
 
@@ -142,6 +151,7 @@ impl ClientConfig {
                 "proxy_policy": self.proxy_policy.measured(),
                 "worker_policy": self.worker_policy.as_ref().map(PeerPolicy::measured),
                 "sealing_model_hashes": self.sealing.model_hashes,
+                "sealing_from_registry": self.sealing.from_registry,
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
                 "proxy_images_from_registry": self.payments.proxy_images_from_registry,
                 "registry_refresh_secs": self.payments.registry_refresh_secs,

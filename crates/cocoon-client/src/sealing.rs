@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cocoon_ledger::{ImageRole, Ledger};
 use cocoon_net::EventReader;
 use cocoon_protocol::{
     Candidate, CandidateQuery, ErrorKind, GenerateRequest, ProtocolError, Receipt, RequestId,
@@ -35,9 +36,105 @@ type CandidateKey = (String, String, Option<u64>);
 /// Candidates that passed the policy, and when they were fetched.
 type Verified = (Instant, Arc<Vec<Arc<Session>>>);
 
+/// What the ledger's registry said of one hash, and when it was asked.
+type Verdict = (Instant, Result<bool, String>);
+
+/// `[sealing] from_registry`: the ledger whose registry lists the workers' images and
+/// weights a request may be sealed to, and the verdicts it gave, kept `every` long.
+pub(crate) struct Registry {
+    ledger: Arc<dyn Ledger>,
+    every: Duration,
+    /// By (is it an image, hash).
+    verdicts: Mutex<HashMap<(bool, String), Verdict>>,
+}
+
+impl Registry {
+    /// Reads `ledger`'s registry, asking again about a hash once `every` has passed.
+    pub(crate) fn new(ledger: Arc<dyn Ledger>, every: Duration) -> Self {
+        Self {
+            ledger,
+            every,
+            verdicts: Mutex::default(),
+        }
+    }
+
+    /// Why the registry does not let `worker` read a request: its image or its weights are
+    /// not listed, or the ledger could not say (a request is sealed only to what the registry
+    /// confirms).
+    async fn refusal(&self, worker: &Checked) -> Option<String> {
+        let image = worker.image.as_str();
+        match self.listed(true, image).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Some(format!(
+                    "its image {image} is not among the registry's worker images"
+                ));
+            }
+            Err(e) => {
+                return Some(format!(
+                    "its image {image} could not be checked against the registry: {e}"
+                ));
+            }
+        }
+        let Some(weights) = worker.weights.as_deref() else {
+            return Some("its measured configuration names no weights for the model, and the registry allows weights only".into());
+        };
+        if !cocoon_protocol::is_model_hash(weights) {
+            return Some(format!(
+                "its weights' hash {weights:?} is not 64 lowercase hex digits"
+            ));
+        }
+        match self.listed(false, weights).await {
+            Ok(true) => None,
+            Ok(false) => Some(format!(
+                "its weights {weights} are not among the registry's allowed models"
+            )),
+            Err(e) => Some(format!(
+                "its weights {weights} could not be checked against the registry: {e}"
+            )),
+        }
+    }
+
+    /// The registry's word on an image (`image`) or weights' hash, at most `every` old.
+    async fn listed(&self, image: bool, hash: &str) -> Result<bool, String> {
+        let key = (image, hash.to_owned());
+        if let Some((at, verdict)) = self.verdicts.lock().get(&key)
+            && at.elapsed() < self.every
+        {
+            return verdict.clone();
+        }
+        let verdict = if image {
+            self.ledger.image_allowed(ImageRole::Worker, hash).await
+        } else {
+            self.ledger.model_allowed(hash).await
+        }
+        .map_err(|e| e.to_string());
+        let mut verdicts = self.verdicts.lock();
+        // Hashes no candidate carries any more go: workers come and go.
+        verdicts.retain(|_, (at, _)| at.elapsed() < self.every);
+        // A failed reading is not kept: the next request asks again.
+        if verdict.is_ok() {
+            verdicts.insert(key, (Instant::now(), verdict.clone()));
+        }
+        verdict
+    }
+}
+
+/// A candidate that passed `[worker_policy]`, with what the registry is asked about.
+struct Checked {
+    to: SealTo,
+    /// Its attested image hash.
+    image: String,
+    /// The weights its measured configuration serves the model with.
+    weights: Option<String>,
+}
+
 /// The gateway's side of sealed requests.
 pub(crate) struct Sealer {
     workers: Arc<dyn PeerVerifier>,
+    /// With `[sealing] from_registry`: the registry must list each candidate's image and
+    /// weights too.
+    registry: Option<Registry>,
     /// Keys the affinity hash: the proxy sees repeats of a prefix, never the prefix.
     secret: ring::hmac::Key,
     model_hashes: Vec<String>,
@@ -58,11 +155,17 @@ impl std::fmt::Debug for Sealer {
 }
 
 impl Sealer {
-    /// Seals to workers `workers` admits (the `[worker_policy]` verifier).
-    pub(crate) fn new(workers: Arc<dyn PeerVerifier>, config: &SealingConfig) -> Self {
+    /// Seals to workers `workers` admits (the `[worker_policy]` verifier) and, with
+    /// `registry`, whose image and weights its registry lists.
+    pub(crate) fn new(
+        workers: Arc<dyn PeerVerifier>,
+        config: &SealingConfig,
+        registry: Option<Registry>,
+    ) -> Self {
         let rng = ring::rand::SystemRandom::new();
         Self {
             workers,
+            registry,
             secret: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
                 .expect("the system's random generator works"),
             model_hashes: config.model_hashes.clone(),
@@ -160,11 +263,14 @@ impl Sealer {
             .iter()
             .take(cocoon_protocol::MAX_CANDIDATES)
         {
-            // One key agreement per candidate per refresh: the session serves its requests.
-            match self
-                .verify(c, &request.model)
-                .and_then(|t| Session::new(t).map_err(|e| e.to_string()))
+            let mut checked = self.verify(c, &request.model);
+            if let (Ok(worker), Some(registry)) = (&checked, &self.registry)
+                && let Some(why) = registry.refusal(worker).await
             {
+                checked = Err(why);
+            }
+            // One key agreement per candidate per refresh: the session serves its requests.
+            match checked.and_then(|c| Session::new(c.to).map_err(|e| e.to_string())) {
                 Ok(session) => to.push(Arc::new(session)),
                 Err(why) => {
                     tracing::warn!(worker = %c.worker, reason = %why, "candidate worker refused: the request is not sealed to it");
@@ -195,7 +301,7 @@ impl Sealer {
     /// Checks one candidate as this gateway's policy sees it: its certificate and quote,
     /// the name the proxy gave it, the encryption key its claims bind, the weights its
     /// measured configuration serves `model` with.
-    fn verify(&self, candidate: &Candidate, model: &str) -> Result<SealTo, String> {
+    fn verify(&self, candidate: &Candidate, model: &str) -> Result<Checked, String> {
         use base64::Engine as _;
         let der = base64::engine::general_purpose::STANDARD
             .decode(&candidate.certificate)
@@ -212,24 +318,29 @@ impl Sealer {
         let encryption_key = attested
             .encryption_key
             .ok_or("its attested claims name no encryption key")?;
+        let weights = measured_model_hash(&attested.measured, model);
         if !self.model_hashes.is_empty() {
-            let hash = measured_model_hash(&attested.measured, model).ok_or_else(|| {
+            let hash = weights.as_ref().ok_or_else(|| {
                 format!("its measured configuration names no weights for {model}")
             })?;
-            if !self.model_hashes.contains(&hash) {
+            if !self.model_hashes.contains(hash) {
                 return Err(format!(
                     "it serves {model} with weights {hash}, not listed in [sealing] model_hashes"
                 ));
             }
         }
-        Ok(SealTo {
-            worker: candidate.worker.clone(),
-            encryption_key,
-            signing_key: peer
-                .public_key
-                .as_slice()
-                .try_into()
-                .map_err(|_| "its key is not Ed25519")?,
+        Ok(Checked {
+            to: SealTo {
+                worker: candidate.worker.clone(),
+                encryption_key,
+                signing_key: peer
+                    .public_key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| "its key is not Ed25519")?,
+            },
+            image: attested.image_hash.to_string(),
+            weights,
         })
     }
 

@@ -650,3 +650,145 @@ async fn as_owner(net: &DevNetwork, op: Op) {
         .public_key();
     net.dev_ledger().unwrap().exec(owner, op).await.unwrap();
 }
+
+/// With `[sealing] from_registry`, the gateway seals a request only to workers whose image and
+/// weights the ledger's registry lists, whatever the proxy admits: a worker the proxy routes
+/// to, but whose image the registry does not list, is never sent a request; once the owner
+/// revokes the other's weights, the gateway stops sealing to it within a reading of the
+/// registry, while the proxy (reading every minute) still routes to both, and the app is told
+/// why. Without a ledger the setting is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_seals_only_to_workers_whose_image_and_weights_the_registry_lists() {
+    use cocoon_ledger::ImageRole;
+    use cocoon_testkit::backends::Scripted;
+    let (listed, unlisted) = (
+        Scripted::weights(2048, "listed weights"),
+        Scripted::weights(2048, "unlisted image"),
+    );
+    let mut net = DevNetwork::start(test_options(), vec![]).await.unwrap();
+    let attester = net.dev_attester();
+    for (name, backend) in [("listed", &listed), ("unlisted", &unlisted)] {
+        // As `cocoon worker` measures it: the weights serving the model are part of the image.
+        let config = cocoon_tls::MeasuredEvent::config(
+            json!({"role": "worker", "backends": [{"kind": "llama", "model_id": MODEL,
+                "model_file": "m.gguf", "model_hash": backend.model_hash()}]})
+            .to_string(),
+        );
+        net.add_measured_worker(name, backend.clone(), &attester, Some(config))
+            .await
+            .unwrap();
+    }
+    net.wait_ready(2, Duration::from_secs(20)).await.unwrap();
+    let image_of = |name: &str| {
+        net.proxy_status()
+            .workers
+            .iter()
+            .find(|w| w.name == name)
+            .and_then(|w| w.image_hash.clone())
+            .unwrap()
+    };
+    assert_ne!(image_of("listed"), image_of("unlisted"));
+    as_owner(
+        &net,
+        Op::AllowImage {
+            role: ImageRole::Worker,
+            hash: image_of("listed"),
+        },
+    )
+    .await;
+
+    let mut config: ClientConfig =
+        toml::from_str(&std::fs::read_to_string(net.write_client_config().unwrap()).unwrap())
+            .unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.payments.bill_file = net.dir().join("sealing-registry-bills.json");
+    config.payments.registry_refresh_secs = 1;
+    config.sealing.from_registry = true;
+    config.sealing.candidates_ttl_secs = 1;
+    // The registry's worker images instead of the policy's own: it lists none.
+    let policy = config
+        .worker_policy
+        .as_mut()
+        .expect("the dev gateway seals");
+    policy.registers.clear();
+    policy.image_hashes.clear();
+    let no_ledger = ClientConfig {
+        payments: cocoon_client::ClientPayments {
+            ledger: None,
+            ..config.payments.clone()
+        },
+        ..config.clone()
+    };
+    let refused = Gateway::bind(&no_ledger, cocoon_cli::money::LEDGERS)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("[sealing] from_registry needs [payments] ledger"),
+        "{refused}"
+    );
+
+    let gateway = Gateway::bind(&config, cocoon_cli::money::LEDGERS)
+        .await
+        .unwrap();
+    let url = format!("http://{}/v1/chat/completions", gateway.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(gateway.run(stop.clone()));
+    let http = reqwest::Client::new();
+    let ask = || async {
+        let response = http
+            .post(&url)
+            .json(&chat_body("Hi", json!({"max_tokens": 1})))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    };
+    for _ in 0..12 {
+        let (status, body) = ask().await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!((listed.served(), unlisted.served()), (12, 0));
+
+    as_owner(
+        &net,
+        Op::RevokeModel {
+            hash: listed.model_hash().to_owned(),
+        },
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = ask().await;
+        if status == 503 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "never dropped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for why in [
+        "are not among the registry's allowed models",
+        "is not among the registry's worker images",
+    ] {
+        assert!(body.contains(why), "{body}");
+    }
+    assert_eq!(
+        net.proxy_status().workers.len(),
+        2,
+        "the proxy still routes to both: the refusal is the gateway's own"
+    );
+    let served = listed.served();
+    for _ in 0..3 {
+        assert_eq!(ask().await.0, 503);
+    }
+    assert_eq!(
+        listed.served(),
+        served,
+        "revoked weights were sent a prompt"
+    );
+    assert_eq!(unlisted.served(), 0);
+    stop.cancel();
+}

@@ -523,6 +523,7 @@ mod tests {
         let sealer = Arc::new(crate::sealing::Sealer::new(
             Arc::new(cocoon_tls::AnyPeer),
             &crate::config::SealingConfig::default(),
+            None,
         ));
         let mut sealed = on(&record, &proxy, CLIENT, 100, 0);
         // As the gateway does, the sealed header (and so the receipt) names the ticket's id.
