@@ -16,6 +16,8 @@ command -v unzip >/dev/null || need_apt+=(unzip)
 command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)
 # A real Prometheus scrapes the roles' operator listeners in a test (tests/proxy/admin.rs).
 command -v prometheus >/dev/null || need_apt+=(prometheus)
+# A headless Chromium loads each role's dashboard in a test (tests/proxy/dashboard.rs).
+command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || need_apt+=(chromium-headless-shell)
 if [ ${#need_apt[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "installing ${need_apt[*]} with apt"

@@ -3,8 +3,10 @@
 //!
 //! This crate owns the listener and what every role serves on it: `/healthz` (the process
 //! answers), `/readyz` (the node can do its job, as the role judges it), `/metrics` (its
-//! Prometheus registry, in the OpenMetrics text format) and the role's own routes (a proxy's
-//! `/status`). Everything but the two probes needs the token when one is set. Connections are
+//! Prometheus registry, in the OpenMetrics text format), the dashboard at `/` (one page built
+//! into the binary that draws the role's `/status` and `/metrics`, refreshing itself) and the
+//! role's own routes (its `/status`). Everything but the probes and the page itself (which holds
+//! no figure: it fetches them with the token) needs the token when one is set. Connections are
 //! few, short and time-limited, so whoever reaches the port cannot hold sockets the public
 //! port needs.
 
@@ -53,11 +55,14 @@ pub struct AdminConfig {
 /// Whether a node can do its job now, and if not, why (answered by `/readyz`).
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// The dashboard: no external asset, so it works on a host with no way out.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
 /// A role's Prometheus registry, and what brings its gauges up to date before each scrape
 /// (figures read from the node's state rather than counted as they happen).
 pub struct Metrics {
     registry: Registry,
-    refresh: Option<Box<dyn Fn() + Send + Sync>>,
+    refresh: Vec<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -71,13 +76,24 @@ impl Metrics {
     pub fn new(registry: Registry, refresh: impl Fn() + Send + Sync + 'static) -> Self {
         Self {
             registry,
-            refresh: Some(Box::new(refresh)),
+            refresh: vec![Box::new(refresh)],
         }
+    }
+
+    /// Adds the metrics `part` registers (under the role's prefix), and the refresh it returns
+    /// for them: figures that another crate keeps, such as the collateral's.
+    pub fn with<R: Fn() + Send + Sync + 'static>(
+        mut self,
+        part: impl FnOnce(&mut Registry) -> R,
+    ) -> Self {
+        let refresh = part(&mut self.registry);
+        self.refresh.push(Box::new(refresh));
+        self
     }
 
     /// The registry in the OpenMetrics text format, refreshed first.
     pub fn encode(&self) -> String {
-        if let Some(refresh) = &self.refresh {
+        for refresh in &self.refresh {
             refresh();
         }
         let mut out = String::new();
@@ -136,11 +152,13 @@ impl AdminListener {
             .expect("bound socket has an address")
     }
 
-    /// Serves `/healthz`, `/readyz` (by `ready`), `/metrics` and the role's `routes` until
-    /// `shutdown` is cancelled: one request per connection, at most [`MAX_CONNECTIONS`] at
-    /// once, its headers within [`HEADER_TIME`] and all of it within [`CONNECTION_TIME`].
+    /// Serves `/healthz`, `/readyz` (by `ready`), `/metrics`, the dashboard of `role`
+    /// (`proxy`, `worker` or `gateway`) and the role's `routes` until `shutdown` is cancelled:
+    /// one request per connection, at most [`MAX_CONNECTIONS`] at once, its headers within
+    /// [`HEADER_TIME`] and all of it within [`CONNECTION_TIME`].
     pub async fn serve(
         self,
+        role: &'static str,
         routes: Router,
         ready: Readiness,
         metrics: Arc<Metrics>,
@@ -166,9 +184,30 @@ impl AdminListener {
                 Token(self.token.clone()),
                 require_token,
             ));
+        let page = DASHBOARD.replace("{{ROLE}}", role);
         // The probes answer without the token: orchestrators and load balancers ask them.
         let app = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/",
+                get(move || {
+                    let page = page.clone();
+                    async move {
+                        (
+                            [
+                                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                                // Nothing it draws may come from elsewhere.
+                                (
+                                    header::CONTENT_SECURITY_POLICY,
+                                    "default-src 'none'; script-src 'unsafe-inline'; \
+                                     style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+                                ),
+                            ],
+                            page,
+                        )
+                    }
+                }),
+            )
             .route(
                 "/readyz",
                 get(move || {

@@ -443,7 +443,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .registry_images(cfg.payments.proxy_images_from_registry)
                 .build_with("proxy_policy", "proxy", &collateral.store)?;
             // Kept until the worker stops: it keeps the proxy policy's collateral current.
-            let _collateral = collateral.start().await;
+            let collateral = collateral.start().await;
             let shutdown = shutdown_on_signal();
             let payouts = money::worker_payouts(&cfg, &identity, shutdown.clone()).await?;
             let registry = money::worker_registry(&cfg, &identity)
@@ -460,12 +460,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .with_prices(cfg.prices.clone())
             .with_sealing(sealing.map(Arc::new))
             .with_drain(Duration::from_secs(cfg.drain_secs));
-            if let Some(listener) = cfg.admin.bind().await? {
-                tracing::info!(addr = %listener.local_addr(), "operator's listener (/healthz, /readyz, /metrics, /status)");
-                tokio::spawn(worker.admin(listener, shutdown.clone()));
-            }
             if let Some(store) = payouts {
                 worker = worker.with_payouts(store);
+            }
+            if let Some(listener) = cfg.admin.bind().await? {
+                tracing::info!(addr = %listener.local_addr(), "operator's listener (/, /healthz, /readyz, /metrics, /status)");
+                tokio::spawn(worker.admin(listener, collateral.as_ref(), shutdown.clone()));
             }
             if let Some((ledger, every)) = registry {
                 worker = worker.with_registry(ledger, every);

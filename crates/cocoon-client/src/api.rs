@@ -44,7 +44,7 @@ pub struct Gateway {
     /// about again, and how often.
     registry_watch: Option<(Arc<ProxyPool>, Duration)>,
     /// The operator's listener (`[admin]`), with what it reports on.
-    admin: Option<(cocoon_admin::AdminListener, Arc<ProxyPool>, GatewayMetrics)>,
+    admin: Option<(cocoon_admin::AdminListener, Arc<AppState>)>,
 }
 
 struct AppState {
@@ -287,7 +287,7 @@ impl Gateway {
             .admin
             .bind()
             .await?
-            .map(|listener| (listener, state.proxies.clone(), state.metrics.clone()));
+            .map(|listener| (listener, state.clone()));
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -326,7 +326,7 @@ impl Gateway {
 
     /// Where the operator's listener listens, when `[admin] listen` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|(l, _, _)| l.local_addr())
+        self.admin.as_ref().map(|(l, _)| l.local_addr())
     }
 
     /// Serves the API until `shutdown` is cancelled, then waits for open connections to
@@ -340,9 +340,9 @@ impl Gateway {
         let registry = self
             .registry_watch
             .map(|(pool, every)| tokio::spawn(pool.watch_registry(every)));
-        let admin = self.admin.map(|(listener, pool, metrics)| {
-            tracing::info!(addr = %listener.local_addr(), "operator's listener (/healthz, /readyz, /metrics)");
-            tokio::spawn(serve_admin(listener, pool, metrics, shutdown.clone()))
+        let admin = self.admin.map(|(listener, state)| {
+            tracing::info!(addr = %listener.local_addr(), "operator's listener (/, /healthz, /readyz, /metrics, /status)");
+            tokio::spawn(serve_admin(listener, state, shutdown.clone()))
         });
         // Without TCP_NODELAY the last small SSE writes of an answer wait for the app's
         // delayed ACK (about 40 ms on Linux): measured by `cocoon bench`, docs/performance.md.
@@ -570,7 +570,7 @@ async fn generation<R: EndpointRequest>(
     };
     // Only a model the network answered for names a series: an app must not make up labels.
     let label = if result.is_ok() { model.as_str() } else { "-" };
-    state.metrics.request(label, &outcome);
+    state.metrics.request(label, &outcome, started.elapsed());
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     tracing::info!(
         target: "cocoon::access",
@@ -589,13 +589,15 @@ async fn generation<R: EndpointRequest>(
 }
 
 /// Serves the operator's listener until `shutdown`: ready while some proxy answered its last
-/// probe through a verified handshake (asked every few seconds), and `/metrics`.
+/// probe through a verified handshake (asked every few seconds), `/metrics`, `/status` (the
+/// proxies and how each stands, the bills judged and what they cost, the collateral) and the
+/// dashboard.
 async fn serve_admin(
     listener: cocoon_admin::AdminListener,
-    pool: Arc<ProxyPool>,
-    metrics: GatewayMetrics,
+    state: Arc<AppState>,
     shutdown: CancellationToken,
 ) {
+    let pool = state.proxies.clone();
     let reached = Arc::new(std::sync::Mutex::new(Err::<(), String>(
         "no proxy probed yet".into(),
     )));
@@ -614,9 +616,34 @@ async fn serve_admin(
     };
     let ready: cocoon_admin::Readiness =
         Arc::new(move || reached.lock().unwrap_or_else(|e| e.into_inner()).clone());
-    let metrics = Arc::new(metrics.registry(pool));
+    let mut metrics = state.metrics.registry(pool, state.bills.clone());
+    if let Some(c) = &state.collateral {
+        metrics = metrics.with(|r| c.register_metrics(r));
+    }
+    let status = {
+        let state = state.clone();
+        get(move || {
+            let state = state.clone();
+            async move {
+                Json(json!({
+                    "role": "gateway",
+                    "attestation": state.attestation,
+                    "sealed": state.sealer.is_some(),
+                    "proxies": state.proxies.states(),
+                    "bills": state.bills.tally(),
+                    "collateral": state.collateral.as_ref().map(|c| c.fetcher.status()).unwrap_or_default(),
+                }))
+            }
+        })
+    };
     listener
-        .serve(axum::Router::new(), ready, metrics, shutdown)
+        .serve(
+            "gateway",
+            axum::Router::new().route("/status", status),
+            ready,
+            Arc::new(metrics),
+            shutdown,
+        )
         .await;
     probe.abort();
 }

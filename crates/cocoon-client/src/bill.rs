@@ -297,6 +297,28 @@ pub(crate) struct BillRecord {
     /// by then can have been settled below the counters already claimed, so only they may
     /// fill it (memory only: after a restart no request is in flight).
     gaps: Mutex<HashMap<Address, (u64, u64)>>,
+    /// Bills judged since start, for the operator's status.
+    tally: Tally,
+}
+
+/// Bills judged since start: how many checked out, how many did not, and what they cost.
+#[derive(Debug, Default)]
+struct Tally {
+    verified: std::sync::atomic::AtomicU64,
+    bad: std::sync::atomic::AtomicU64,
+    /// Nanoton the bills charged, checked out or not (a bad bill is still a charge).
+    spent: std::sync::atomic::AtomicU64,
+}
+
+/// Bills judged since the gateway started, as its operator's status shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct BillTally {
+    /// Bills that checked out.
+    pub verified: u64,
+    /// Bills that did not (and answers that came without the bill they owed).
+    pub bad: u64,
+    /// Nanoton the bills charged.
+    pub spent_nanoton: u64,
 }
 
 impl std::fmt::Debug for BillRecord {
@@ -359,7 +381,18 @@ impl BillRecord {
             late: tokio::sync::Notify::new(),
             tickets: std::sync::atomic::AtomicU64::new(0),
             gaps: Mutex::new(HashMap::new()),
+            tally: Tally::default(),
         })
+    }
+
+    /// Bills judged since start.
+    pub(crate) fn tally(&self) -> BillTally {
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        BillTally {
+            verified: load(&self.tally.verified),
+            bad: load(&self.tally.bad),
+            spent_nanoton: load(&self.tally.spent),
+        }
     }
 
     /// Whether the record has seen `contract` (else it starts at the ledger's counter).
@@ -856,6 +889,15 @@ impl Parties {
             ))),
             None => return None,
         };
+        let tally = &self.record.tally;
+        if let Some(bill) = bill {
+            tally.spent.fetch_add(bill.cost, Ordering::Relaxed);
+        }
+        match &verdict {
+            Ok(()) => &tally.verified,
+            Err(_) => &tally.bad,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         Some(verdict.map_err(|fault| fault.reason()))
     }
 

@@ -494,6 +494,41 @@ impl NodeCollateral {
     }
 }
 
+impl Running {
+    /// Registers `collateral_expiry_timestamp_seconds{platform}` (when the collateral held
+    /// for each platform expires, Unix seconds: alert well before it) and
+    /// `collateral_fetch_failures{platform}` (fetches failed in a row) in a node's metrics;
+    /// returns what sets them before each scrape ([`cocoon_admin::Metrics::with`]).
+    pub fn register_metrics(
+        &self,
+        registry: &mut cocoon_admin::Registry,
+    ) -> impl Fn() + Send + Sync + use<> {
+        use cocoon_admin::prometheus_client::metrics::{family::Family, gauge::Gauge};
+        type ByPlatform = Family<Vec<(&'static str, String)>, Gauge>;
+        let (expiry, failures) = (ByPlatform::default(), ByPlatform::default());
+        registry.register(
+            "collateral_expiry_timestamp_seconds",
+            "When the Intel collateral held for each platform (FMSPC-CA) expires, Unix seconds",
+            expiry.clone(),
+        );
+        registry.register(
+            "collateral_fetch_failures",
+            "Fetches of each platform's collateral that failed in a row",
+            failures.clone(),
+        );
+        let fetcher = self.fetcher.clone();
+        move || {
+            for s in fetcher.status() {
+                let labels = vec![("platform", s.platform)];
+                if let Some(at) = s.expires {
+                    expiry.get_or_create(&labels).set(at);
+                }
+                failures.get_or_create(&labels).set(i64::from(s.failures));
+            }
+        }
+    }
+}
+
 /// A started fetcher's background task, stopped when this is dropped (with the node).
 #[derive(Debug)]
 pub struct Running {

@@ -1,7 +1,7 @@
 //! The proxy's side of the operator's listener (`[admin]` in `proxy.toml`, see
 //! `cocoon-admin`): its whole status (every worker's fingerprint, image and record, the
 //! refusals with their reasons, the ledger and the book's figures) at `/status`, its metrics,
-//! and readiness: a proxy is ready when some worker can take a request. Clients get only the
+//! its dashboard, and readiness: a proxy is ready when some worker can take a request. Clients get only the
 //! aggregate view on the public port.
 
 use std::sync::Arc;
@@ -36,9 +36,9 @@ pub(crate) async fn serve(listener: AdminListener, state: Arc<State>, shutdown: 
             }
         })
     };
-    let metrics = {
+    let mut metrics = {
         let (counters, state) = (state.metrics.clone(), state.clone());
-        Arc::new(counters.registry(move |m| {
+        counters.registry(move |m| {
             let workers = state.workers.snapshot();
             let healthy = workers.iter().filter(|w| w.healthy()).count() as u64;
             let in_flight = workers.iter().map(|w| u64::from(w.in_flight())).sum();
@@ -46,8 +46,14 @@ pub(crate) async fn serve(listener: AdminListener, state: Arc<State>, shutdown: 
                 in_flight,
                 (healthy, workers.len() as u64 - healthy),
                 state.worker_cache_stats(),
+                state.billing.as_ref().map(|b| b.status()).as_ref(),
             );
-        }))
+        })
     };
-    listener.serve(routes, ready, metrics, shutdown).await;
+    if let Some(c) = &state.collateral {
+        metrics = metrics.with(|r| c.register_metrics(r));
+    }
+    listener
+        .serve("proxy", routes, ready, Arc::new(metrics), shutdown)
+        .await;
 }

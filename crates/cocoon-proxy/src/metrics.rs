@@ -21,6 +21,9 @@ pub(crate) struct ProxyMetrics {
     ttft: Family<Labels, Histogram, fn() -> Histogram>,
     refusals: Family<Labels, Counter>,
     billed_nanoton: Family<Labels, Counter>,
+    commission_nanoton: Family<Labels, Counter>,
+    /// The ledger's figures: uncommitted tokens, commit lag, commits.
+    ledger: Family<Labels, Gauge>,
     in_flight: Gauge,
     workers: Family<Labels, Gauge>,
     quote_cache: Family<Labels, Gauge>,
@@ -56,6 +59,8 @@ impl ProxyMetrics {
             ttft: Family::new_with_constructor(ttft_histogram),
             refusals: Family::default(),
             billed_nanoton: Family::default(),
+            commission_nanoton: Family::default(),
+            ledger: Family::default(),
             in_flight: Gauge::default(),
             workers: Family::default(),
             quote_cache: Family::default(),
@@ -89,6 +94,18 @@ impl ProxyMetrics {
             "billed_nanoton",
             "What the proxy billed its clients, nanoton, by model",
             self.billed_nanoton.clone(),
+        );
+        r.register(
+            "commission_nanoton",
+            "The proxy's part of what it billed (after the workers' fee), nanoton, by model",
+            self.commission_nanoton.clone(),
+        );
+        r.register(
+            "ledger",
+            "The book against the ledger: uncommitted_tokens (signed, not yet committed), \
+             commit_lag_seconds (how long the oldest of them has waited), commits (accepted \
+             since start)",
+            self.ledger.clone(),
         );
         r.register(
             "in_flight_requests",
@@ -148,11 +165,13 @@ impl ProxyMetrics {
             .inc();
     }
 
-    /// A bill of `cost` nanoton for `model`.
-    pub(crate) fn billed(&self, model: &str, cost: u64) {
-        self.billed_nanoton
-            .get_or_create(&vec![("model", model.to_owned())])
-            .inc_by(cost);
+    /// A bill of `cost` nanoton for `model`, `commission` of it the proxy's.
+    pub(crate) fn billed(&self, model: &str, cost: u64, commission: u64) {
+        let labels = vec![("model", model.to_owned())];
+        self.billed_nanoton.get_or_create(&labels).inc_by(cost);
+        self.commission_nanoton
+            .get_or_create(&labels)
+            .inc_by(commission);
     }
 
     /// Sets the gauges read from the proxy's state.
@@ -161,7 +180,19 @@ impl ProxyMetrics {
         in_flight: u64,
         (healthy, unhealthy): (u64, u64),
         cache: Option<cocoon_tls::CacheStats>,
+        payments: Option<&crate::billing::PaymentsStatus>,
     ) {
+        if let Some(p) = payments {
+            for (figure, n) in [
+                ("uncommitted_tokens", p.uncommitted_tokens),
+                ("commit_lag_seconds", p.commit_lag_secs),
+                ("commits", p.commits),
+            ] {
+                self.ledger
+                    .get_or_create(&vec![("figure", figure.into())])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
         self.in_flight
             .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         for (state, n) in [("healthy", healthy), ("unhealthy", unhealthy)] {

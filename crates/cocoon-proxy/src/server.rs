@@ -88,7 +88,7 @@ pub(crate) struct State {
     /// Whether workers' attested images must be in the registry too.
     registry_images: bool,
     /// The `[collateral]` fetcher keeping the policies' Intel collateral current, if any.
-    collateral: Option<cocoon_collateral::Running>,
+    pub(crate) collateral: Option<cocoon_collateral::Running>,
     /// Keys the cache scopes handed to workers, so that a scope names no client.
     cache_secret: [u8; 32],
 }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{BackendConfig, PriceConfig, WorkerConfig};
 pub use metrics::WorkerMetrics;
-pub use payouts::{PayoutStore, PayoutsConfig, claim_loop};
+pub use payouts::{Earnings, PayoutStore, PayoutsConfig, claim_loop};
 pub use router::ModelRouter;
 pub use sealing::{Sealing, with_sealing_key};
 
@@ -193,10 +193,12 @@ impl Worker {
 
     /// Serves the operator's listener until `shutdown`: ready while connected to its proxy
     /// with a backend that serves a model; `/metrics`; `/status` (name, proxy, connection,
-    /// models).
+    /// models, load, what each proxy owes, the collateral `[collateral]` keeps); the
+    /// dashboard. Call it once the payouts are attached ([`Self::with_payouts`]).
     pub fn admin(
         &self,
         listener: cocoon_admin::AdminListener,
+        collateral: Option<&cocoon_collateral::Running>,
         shutdown: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let connected = self.connected.clone();
@@ -213,23 +215,37 @@ impl Worker {
                 Ok(())
             })
         };
+        let fetcher = collateral.map(|c| c.fetcher.clone());
         let status = {
             let (name, proxy) = (self.name.clone(), self.proxy_addr.clone());
             let (connected, backend) = (connected.clone(), backend.clone());
+            let (payouts, metrics) = (self.payouts.clone(), self.metrics.clone());
+            let draining = self.draining.clone();
             axum::routing::get(move || {
                 let status = serde_json::json!({
+                    "role": "worker",
                     "name": name,
                     "proxy": proxy,
                     "connected": connected.load(Ordering::SeqCst),
+                    "draining": draining.load(Ordering::SeqCst),
                     "models": backend.models(),
                     "capacity": backend.capacity(),
+                    "in_flight": metrics.in_flight(),
+                    "payouts": payouts.as_ref().map(|p| p.earnings()),
+                    "collateral": fetcher.as_ref().map(|f| f.status()).unwrap_or_default(),
                 });
                 async move { axum::Json(status) }
             })
         };
         let routes = axum::Router::new().route("/status", status);
-        let metrics = Arc::new(self.metrics.registry(connected));
-        listener.serve(routes, ready, metrics, shutdown)
+        let mut metrics = self.metrics.registry(connected);
+        if let Some(c) = collateral {
+            metrics = metrics.with(|r| c.register_metrics(r));
+        }
+        if let Some(payouts) = self.payouts.clone() {
+            metrics = metrics.with(|r| crate::metrics::earnings(r, payouts));
+        }
+        listener.serve("worker", routes, ready, Arc::new(metrics), shutdown)
     }
 
     /// What this worker counts, for its `/metrics`.

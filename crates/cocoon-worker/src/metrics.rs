@@ -59,7 +59,7 @@ impl WorkerMetrics {
     }
 
     /// Requests being generated now.
-    pub(crate) fn in_flight(&self) -> i64 {
+    pub fn in_flight(&self) -> i64 {
         self.in_flight.get()
     }
 
@@ -113,5 +113,44 @@ impl Drop for InFlight {
                 ("outcome", self.outcome.into()),
             ])
             .inc();
+    }
+}
+
+/// `owed_tokens{proxy}`, `claimed_tokens{proxy}` and `owed_nanoton{proxy}` (once the worker
+/// fee is read): what each proxy owes this worker, read from `payouts` at each scrape.
+pub(crate) fn earnings(
+    registry: &mut Registry,
+    payouts: Arc<crate::PayoutStore>,
+) -> impl Fn() + Send + Sync + use<> {
+    let (owed, claimed, worth) = (
+        Family::<Labels, Gauge>::default(),
+        Family::<Labels, Gauge>::default(),
+        Family::<Labels, Gauge>::default(),
+    );
+    registry.register(
+        "owed_tokens",
+        "Weighted tokens each proxy owes this worker, as its latest signed payout says",
+        owed.clone(),
+    );
+    registry.register(
+        "claimed_tokens",
+        "Of the tokens owed by each proxy, those claimed on the ledger",
+        claimed.clone(),
+    );
+    registry.register(
+        "owed_nanoton",
+        "What each proxy owes this worker at the network's worker fee, nanoton",
+        worth.clone(),
+    );
+    move || {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for e in payouts.earnings() {
+            let labels = vec![("proxy", e.proxy)];
+            owed.get_or_create(&labels).set(gauge(e.owed_tokens));
+            claimed.get_or_create(&labels).set(gauge(e.claimed_tokens));
+            if let Some(n) = e.owed_nanoton {
+                worth.get_or_create(&labels).set(gauge(n));
+            }
+        }
     }
 }

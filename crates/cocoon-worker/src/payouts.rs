@@ -56,12 +56,28 @@ struct Stored {
     claimed: u64,
 }
 
+/// What one proxy owes this worker, as its status and dashboard show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Earnings {
+    /// The proxy's public key (hex).
+    pub proxy: String,
+    /// Weighted tokens owed in total, as its latest payout says.
+    pub owed_tokens: u64,
+    /// Of them, those claimed on the ledger.
+    pub claimed_tokens: u64,
+    /// `owed_tokens` at the network's worker fee, in nanoton; `None` until the fee is read
+    /// from the ledger.
+    pub owed_nanoton: Option<u64>,
+}
+
 /// The latest payout of each proxy, checked and kept durably in a JSON file, and claimed on
 /// the ledger.
 pub struct PayoutStore {
     path: PathBuf,
     worker: PublicKey,
     entries: Mutex<BTreeMap<String, Stored>>,
+    /// The network's worker fee per weighted token (nanoton) as last read; 0: not read yet.
+    fee: std::sync::atomic::AtomicU64,
     /// The ledger the payouts are for: it names this worker's contracts.
     ledger: Option<Arc<dyn Ledger>>,
 }
@@ -86,6 +102,7 @@ impl PayoutStore {
             path: path.to_owned(),
             worker,
             entries: Mutex::new(entries),
+            fee: std::sync::atomic::AtomicU64::new(0),
             ledger: None,
         })
     }
@@ -209,6 +226,32 @@ impl PayoutStore {
             .collect()
     }
 
+    /// What each proxy owes, with what was claimed and, once the fee is known, its worth.
+    pub fn earnings(&self) -> Vec<Earnings> {
+        let fee = self.fee.load(std::sync::atomic::Ordering::Relaxed);
+        self.entries
+            .lock()
+            .iter()
+            .map(|(proxy, s)| Earnings {
+                proxy: proxy.clone(),
+                owed_tokens: s.latest.tokens,
+                claimed_tokens: s.claimed.min(s.latest.tokens),
+                owed_nanoton: (fee > 0).then(|| s.latest.tokens.saturating_mul(fee)),
+            })
+            .collect()
+    }
+
+    /// Reads the network's worker fee from `ledger`, for [`Self::earnings`].
+    pub async fn read_fee(&self, ledger: &dyn Ledger) {
+        match ledger.params().await {
+            Ok(p) => self.fee.store(
+                u64::try_from(p.worker_fee_per_token).unwrap_or(u64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            ),
+            Err(e) => tracing::debug!(error = %e, "cannot read the worker fee"),
+        }
+    }
+
     /// Claims every unclaimed payout on `ledger`, as this worker.
     pub async fn claim(&self, ledger: &dyn Ledger) -> Result<usize, LedgerError> {
         let mut claimed = 0;
@@ -251,11 +294,13 @@ pub async fn claim_loop(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
+    store.read_fee(ledger.as_ref()).await;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.cancelled() => return,
         }
+        store.read_fee(ledger.as_ref()).await;
         match store.claim(ledger.as_ref()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(claimed = n, "payouts claimed on the ledger"),

@@ -103,6 +103,16 @@ pub struct PaymentsStatus {
     pub commits: u64,
     /// Why the ledger last refused a charge; `None` if it has refused none since start.
     pub last_commit_error: Option<String>,
+    /// Seconds the oldest charge not yet on the ledger has waited (0: all committed): how far
+    /// the ledger is behind the book.
+    #[serde(default)]
+    pub commit_lag_secs: u64,
+    /// Nanoton billed to clients since start.
+    #[serde(default)]
+    pub billed_nanoton: u64,
+    /// Of it, the proxy's commission (what is left after the workers' fee), nanoton.
+    #[serde(default)]
+    pub commission_nanoton: u64,
 }
 
 struct ClientView {
@@ -150,6 +160,12 @@ pub(crate) struct Billing {
     absent: Mutex<Absent>,
     commits: AtomicU64,
     last_commit_error: Mutex<Option<String>>,
+    /// Since when charges have waited for the ledger: set by the first charge after the book
+    /// was all committed, cleared by a commit round that leaves nothing behind.
+    waiting_since: Mutex<Option<Instant>>,
+    /// Nanoton billed since start, and of it the commission.
+    billed: AtomicU64,
+    commission: AtomicU64,
     /// Requests with a client's id being answered or settled: asked for, their bill is
     /// pending, not absent.
     open: Mutex<std::collections::HashSet<(PublicKey, RequestId)>>,
@@ -263,6 +279,9 @@ impl Billing {
             absent: Mutex::default(),
             commits: AtomicU64::new(0),
             last_commit_error: Mutex::new(None),
+            waiting_since: Mutex::new(None),
+            billed: AtomicU64::new(0),
+            commission: AtomicU64::new(0),
             open: Mutex::default(),
         }))
     }
@@ -306,6 +325,18 @@ impl Billing {
         self.with_book(|b| b.charged(client)).unwrap_or(0)
     }
 
+    /// The proxy's part of `bill`: its cost less the workers' share (its tokens at the
+    /// network's worker fee), in nanoton.
+    pub(crate) fn commission_of(&self, bill: &Bill) -> u64 {
+        let share = self
+            .params
+            .read()
+            .worker_fee_per_token
+            .saturating_mul(Nanoton::from(bill.billed_tokens));
+        bill.cost
+            .saturating_sub(u64::try_from(share).unwrap_or(u64::MAX))
+    }
+
     /// Releases the book after a last commit; later settlements fail.
     pub(crate) fn close(&self) {
         self.book.lock().take();
@@ -325,6 +356,12 @@ impl Billing {
             uncommitted_tokens: records.iter().map(|r| r.charged - r.committed).sum(),
             commits: self.commits.load(Ordering::Relaxed),
             last_commit_error: self.last_commit_error.lock().clone(),
+            commit_lag_secs: self
+                .waiting_since
+                .lock()
+                .map_or(0, |since| since.elapsed().as_secs()),
+            billed_nanoton: self.billed.load(Ordering::Relaxed),
+            commission_nanoton: self.commission.load(Ordering::Relaxed),
         }
     }
 
@@ -595,6 +632,10 @@ impl Billing {
         })?;
         // Released only now: until the book had it, the reservation covered this work.
         drop(hold);
+        self.waiting_since.lock().get_or_insert_with(Instant::now);
+        self.billed.fetch_add(bill.cost, Ordering::Relaxed);
+        self.commission
+            .fetch_add(self.commission_of(&bill), Ordering::Relaxed);
         let payout = Payout {
             proxy: hex::encode(self.proxy()),
             tokens: settled.worker_owed,
@@ -755,6 +796,12 @@ impl Billing {
             .unwrap_or_default();
         for client in pending {
             self.commit_client(client).await;
+        }
+        let behind = self
+            .with_book(|b| b.clients().any(|(_, r)| r.charged > r.committed))
+            .unwrap_or(false);
+        if !behind {
+            *self.waiting_since.lock() = None;
         }
         match self.ledger.params().await {
             Ok(params) => *self.params.write() = params,

@@ -223,7 +223,7 @@ impl Answer {
                             let to = (h, self.id, self.model.as_str());
                             match settle(&b, to, &worker, usage, price).await {
                                 Ok(bill) => {
-                                    metrics.billed(&self.model, bill.cost);
+                                    metrics.billed(&self.model, bill.cost, b.commission_of(&bill));
                                     encode_frame(&GenerateEvent::Done {
                                         finish_reason,
                                         usage,

@@ -139,13 +139,13 @@ async fn review_a_silent_connection_to_the_admin_listener_is_closed() {
 }
 
 /// GETs `path` on the operator's listener at `addr`: its status and body.
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let answer = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
     (answer.status().as_u16(), answer.text().await.unwrap())
 }
 
 /// The value of the sample `name{labels}` in an OpenMetrics text (0 when absent).
-fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metrics
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -163,7 +163,7 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// A network whose roles all have an operator's listener, with one scripted worker, once the
 /// worker has joined.
-async fn admin_network(
+pub(crate) async fn admin_network(
     backend: std::sync::Arc<cocoon_testkit::backends::Scripted>,
 ) -> cocoon_testkit::dev::DevNetwork {
     let net = cocoon_testkit::dev::DevNetwork::start(
@@ -180,7 +180,7 @@ async fn admin_network(
 }
 
 /// Sends `n` short chat requests of `prompt` through `net`'s gateway; each must be answered.
-async fn answered(net: &cocoon_testkit::dev::DevNetwork, prompt: &str, n: usize) {
+pub(crate) async fn answered(net: &cocoon_testkit::dev::DevNetwork, prompt: &str, n: usize) {
     let http = reqwest::Client::new();
     for _ in 0..n {
         let answer = http

@@ -548,7 +548,7 @@ impl DevNetwork {
         slot.connected = worker.connected_flag();
         slot.stop = Some(stop.clone());
         if let Some(listener) = slot.admin.take() {
-            tokio::spawn(worker.admin(listener, stop.clone()));
+            tokio::spawn(worker.admin(listener, None, stop.clone()));
         }
         tokio::spawn(worker.run(stop));
     }
