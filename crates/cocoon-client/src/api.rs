@@ -140,6 +140,10 @@ impl AppState {
 /// once here, so the gateway knows how the proxy must name its contract.
 /// The longest `registry_refresh_secs` may be.
 const MAX_REGISTRY_REFRESH_SECS: u64 = 3600;
+
+/// The longest a verified list of candidate workers may be reused (`[sealing]
+/// candidates_ttl_secs`).
+const MAX_CANDIDATES_TTL_SECS: u64 = 600;
 /// How often the operator's listener asks whether a proxy is reachable (for `/readyz`).
 const READINESS_PROBE: Duration = Duration::from_secs(5);
 /// A sealed chunk is opened as it is read; one that reaches the API layer came on an answer
@@ -181,6 +185,12 @@ impl Gateway {
                     policy.require_attestation,
                     "[worker_policy] must set require_attestation = true: a worker's encryption \
                      key is bound to what it runs only by its quote"
+                );
+                anyhow::ensure!(
+                    config.sealing.candidates_ttl_secs <= MAX_CANDIDATES_TTL_SECS,
+                    "[sealing] candidates_ttl_secs is 0 to {MAX_CANDIDATES_TTL_SECS}: a verified \
+                     list of workers is reused that long, so it bounds how long a worker whose \
+                     standing changed may keep reading prompts"
                 );
                 // With the registry's worker images, the policy may list none of its own.
                 let workers = policy

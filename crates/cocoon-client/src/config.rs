@@ -62,8 +62,9 @@ pub struct SealingConfig {
     /// The weights a worker must serve a model with, as its measured configuration names them
     /// (hex SHA-256 of the GGUF, or what an upstream backend declares); empty: any.
     pub model_hashes: Vec<String>,
-    /// Seconds a proxy's list of candidate workers is reused (it is fetched again at once when
-    /// none of them can take a request).
+    /// Seconds a proxy's list of candidate workers is reused, 0 to 600 (it is fetched again
+    /// at once when none of them can take a request). Measured: it bounds how long a worker
+    /// whose standing changed (revoked in the registry, say) keeps being sent prompts.
     pub candidates_ttl_secs: u64,
     /// Where the workers' signed receipts are appended (JSON lines), so a client can prove
     /// what it was charged for; unset: kept in memory only (the latest 10,000, at
@@ -152,6 +153,7 @@ impl ClientConfig {
                 "worker_policy": self.worker_policy.as_ref().map(PeerPolicy::measured),
                 "sealing_model_hashes": self.sealing.model_hashes,
                 "sealing_from_registry": self.sealing.from_registry,
+                "sealing_candidates_ttl_secs": self.sealing.candidates_ttl_secs,
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),
                 "proxy_images_from_registry": self.payments.proxy_images_from_registry,
                 "registry_refresh_secs": self.payments.registry_refresh_secs,
@@ -203,6 +205,34 @@ mod tests {
             config.measured(),
             every_minute,
             "a gateway that never reads the registry again measures as one reading it every minute"
+        );
+    }
+
+    /// REVIEW, fixed: with `[sealing] from_registry`, a worker whose image or weights the owner
+    /// revoked keeps getting sealed prompts for `registry_refresh_secs` plus
+    /// `candidates_ttl_secs`: a verified candidate list is reused that long without the
+    /// registry being asked again (the verdicts are only read when a list is fetched).
+    /// `registry_refresh_secs` is bounded (1 to 3600) and measured for exactly this reason, but
+    /// `candidates_ttl_secs` is neither bounded nor measured: the host of an attested gateway
+    /// sets it to 2^40 s, the revoked worker reads every prompt the proxy routes to it for
+    /// ever, and the gateway's measured configuration (the one apps and proxies check, which
+    /// says `sealing_from_registry` and `registry_refresh_secs = 60`) is the same as with 10 s.
+    #[test]
+    fn review_measured_gateway_names_how_long_it_keeps_candidate_lists() {
+        let mut config = ClientConfig::default();
+        config.payments.ledger = Some("http://127.0.0.1:9100".into());
+        config.worker_policy = Some(PeerPolicy {
+            require_attestation: true,
+            ..PeerPolicy::default()
+        });
+        config.sealing.from_registry = true;
+        let every_ten_seconds = config.measured();
+        config.sealing.candidates_ttl_secs = 1 << 40;
+        assert_ne!(
+            config.measured(),
+            every_ten_seconds,
+            "a gateway that keeps a revoked worker's candidate list for ever measures as one \
+             that asks the registry again within seconds"
         );
     }
 }

@@ -103,6 +103,8 @@ impl Registry {
         {
             return verdict.clone();
         }
+        // A verdict is as old as the reading's start: the registry may have changed during it.
+        let asked = Instant::now();
         let verdict = if image {
             self.ledger.image_allowed(ImageRole::Worker, hash).await
         } else {
@@ -112,9 +114,16 @@ impl Registry {
         let mut verdicts = self.verdicts.lock();
         // Hashes no candidate carries any more go: workers come and go.
         verdicts.retain(|_, (at, _)| at.elapsed() < self.every);
+        // A reading that started later has answered meanwhile: it saw the registry as it is
+        // now (a revocation this slow reading may have missed), so its word stands.
+        if let Some((at, newer)) = verdicts.get(&key)
+            && *at >= asked
+        {
+            return newer.clone();
+        }
         // A failed reading is not kept: the next request asks again.
         if verdict.is_ok() {
-            verdicts.insert(key, (Instant::now(), verdict.clone()));
+            verdicts.insert(key, (asked, verdict.clone()));
         }
         verdict
     }
@@ -420,4 +429,89 @@ fn measured_model_hash(measured: &[cocoon_tls::MeasuredEvent], model: &str) -> O
 
 fn short(fingerprint: &str) -> &str {
     fingerprint.get(..16).unwrap_or(fingerprint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// REVIEW, fixed: a verdict is stamped with the time its reading *ended*, and whatever reading
+    /// ends last replaces what is kept, however old the registry state it read. A reading
+    /// that started before the owner revoked an image (a slow ledger: the remote service
+    /// allows 30 s, toncenter as long) and ends after a newer reading has already seen the
+    /// revocation overwrites the newer verdict with "listed", and that is kept a full
+    /// `registry_refresh_secs` more: every candidate list fetched meanwhile seals prompts to the
+    /// revoked worker again, past the bound the docs give (`registry_refresh_secs` plus
+    /// `candidates_ttl_secs` after the revocation). A verdict should be kept from when its
+    /// reading started, and never replace a newer one.
+    #[tokio::test]
+    async fn review_a_reading_from_before_a_revocation_does_not_outlive_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = cocoon_ledger::EmbeddedLedger::open_network(
+            &dir.path().join("ledger.redb"),
+            [1; 32],
+            cocoon_ledger::Network::basechain(7),
+        )
+        .unwrap();
+        let image = "ab".repeat(32);
+        let revoked = embedded.snapshot().await.unwrap();
+        let mut listed = revoked.clone();
+        listed.registry.worker_images.insert(image.clone());
+        // The ledger's service: the first reading (of the registry before the owner revoked
+        // the image) is slow to come back; every later one sees the image revoked.
+        let readings = Arc::new(AtomicUsize::new(0));
+        let service = axum::Router::new().route(
+            cocoon_ledger::service::paths::STATE,
+            axum::routing::get({
+                let readings = readings.clone();
+                move || {
+                    let first = readings.fetch_add(1, Ordering::SeqCst) == 0;
+                    let state = if first {
+                        listed.clone()
+                    } else {
+                        revoked.clone()
+                    };
+                    async move {
+                        if first {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        axum::Json(state)
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+        let registry = Arc::new(Registry::new(
+            Arc::new(cocoon_ledger::RemoteLedger::new(
+                &format!("http://{addr}"),
+                None,
+            )),
+            Duration::from_secs(60),
+        ));
+        // One request's candidate check starts reading before the revocation...
+        let before = tokio::spawn({
+            let (registry, image) = (registry.clone(), image.clone());
+            async move { registry.listed(true, &image).await }
+        });
+        while readings.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // ...another's reads after it, and the image is refused.
+        assert_eq!(registry.listed(true, &image).await, Ok(false));
+        // The slow reading ends with what the registry said before; the newer word stands.
+        assert_eq!(
+            before.await.unwrap(),
+            Ok(false),
+            "a reading older than a revocation already seen sealed to the revoked image"
+        );
+        assert_eq!(
+            registry.listed(true, &image).await,
+            Ok(false),
+            "a reading older than the revocation the gateway had already seen replaced it: \
+             the revoked image is confirmed again for registry_refresh_secs"
+        );
+    }
 }

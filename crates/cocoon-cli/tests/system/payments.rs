@@ -792,3 +792,36 @@ async fn the_gateway_seals_only_to_workers_whose_image_and_weights_the_registry_
     assert_eq!(unlisted.served(), 0);
     stop.cancel();
 }
+
+/// REVIEW, fixed: with `[sealing] from_registry` a revoked worker is sent nothing more only within
+/// `registry_refresh_secs` plus `[sealing] candidates_ttl_secs` (a verified candidate list is
+/// reused that long, the registry not asked again). The first is held to 1..=3600 at start
+/// ("how long a revoked proxy or worker may keep getting prompts"), the second is taken as
+/// given: a gateway whose `candidates_ttl_secs` is 2^40 starts, and a worker the owner revokes
+/// keeps reading every prompt the proxy routes to it for as long as the gateway runs, whatever
+/// `registry_refresh_secs` says. The gateway should refuse such a setting beside
+/// `from_registry` (e.g. at most `MAX_REGISTRY_REFRESH_SECS`), as it does for the refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_from_registry_bounds_how_long_a_candidate_list_is_kept() {
+    let net = DevNetwork::start(test_options(), vec![]).await.unwrap();
+    let mut config: ClientConfig =
+        toml::from_str(&std::fs::read_to_string(net.write_client_config().unwrap()).unwrap())
+            .unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.payments.bill_file = net.dir().join("review-candidates-ttl-bills.json");
+    config.payments.registry_refresh_secs = 1;
+    config.sealing.from_registry = true;
+    config.sealing.candidates_ttl_secs = 1 << 40;
+    assert!(
+        config.payments.ledger.is_some() && config.worker_policy.is_some(),
+        "the dev gateway seals, on a ledger"
+    );
+    let bound = Gateway::bind(&config, cocoon_cli::money::LEDGERS)
+        .await
+        .map(|_| ());
+    assert!(
+        bound.is_err(),
+        "a gateway reading the registry every second but keeping candidate lists for 2^40 s \
+         started: a revoked worker is never dropped"
+    );
+}
