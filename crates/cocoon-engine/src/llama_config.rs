@@ -45,3 +45,54 @@ impl Default for LlamaConfig {
         }
     }
 }
+
+impl LlamaConfig {
+    /// The model's name on the network: `model_id`, or the file name without extensions
+    /// (`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`). What the worker
+    /// serves and measures.
+    pub fn served_model_id(&self) -> String {
+        if let Some(id) = &self.model_id {
+            return id.clone();
+        }
+        let name = self
+            .model_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model");
+        let name = name.strip_suffix(".gguf").unwrap_or(name);
+        match name.rsplit_once('.') {
+            Some((stem, quant)) if quant.starts_with(['Q', 'q', 'F', 'f', 'I', 'B']) => {
+                stem.to_owned()
+            }
+            _ => name.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LlamaConfig;
+
+    fn id(path: &str) -> String {
+        LlamaConfig {
+            model_path: path.into(),
+            ..LlamaConfig::default()
+        }
+        .served_model_id()
+    }
+
+    #[test]
+    fn model_id_drops_quantization_and_extension() {
+        assert_eq!(
+            id("m/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(id("llama-3.2-1b.gguf"), "llama-3.2-1b");
+        assert_eq!(id("x.F16.gguf"), "x");
+        let named = LlamaConfig {
+            model_id: Some("mine".into()),
+            ..LlamaConfig::default()
+        };
+        assert_eq!(named.served_model_id(), "mine");
+    }
+}

@@ -96,10 +96,7 @@ impl LlamaBackend {
             0 => trained.min(4096),
             n => n.min(trained),
         };
-        let id = config
-            .model_id
-            .clone()
-            .unwrap_or_else(|| default_model_id(path));
+        let id = config.served_model_id();
         let threads = match config.threads {
             0 => std::thread::available_parallelism()
                 .map_or(1, |n| i32::try_from(n.get()).unwrap_or(i32::MAX)),
@@ -143,16 +140,6 @@ impl LlamaBackend {
     /// Number of tokens of `text` under this model's tokenizer, as a prompt is counted.
     pub fn count_tokens(&self, text: &str) -> usize {
         self.shared.tokenize(text).len()
-    }
-}
-
-/// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`.
-fn default_model_id(path: &std::path::Path) -> String {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-    let name = name.strip_suffix(".gguf").unwrap_or(name);
-    match name.rsplit_once('.') {
-        Some((stem, quant)) if quant.starts_with(['Q', 'q', 'F', 'f', 'I', 'B']) => stem.to_owned(),
-        _ => name.to_owned(),
     }
 }
 
@@ -253,23 +240,4 @@ fn prompt_cache_fits(model: &LlamaModel) -> bool {
         })
         .is_some_and(|w| w.trim() != "0");
     !model.is_recurrent() && !model.is_hybrid() && !sliding
-}
-
-#[cfg(test)]
-mod tests {
-    use super::default_model_id;
-    use std::path::Path;
-
-    #[test]
-    fn model_id_drops_quantization_and_extension() {
-        assert_eq!(
-            default_model_id(Path::new("m/SmolLM2-135M-Instruct.Q4_1.gguf")),
-            "SmolLM2-135M-Instruct"
-        );
-        assert_eq!(
-            default_model_id(Path::new("llama-3.2-1b.gguf")),
-            "llama-3.2-1b"
-        );
-        assert_eq!(default_model_id(Path::new("x.F16.gguf")), "x");
-    }
 }

@@ -115,7 +115,7 @@ impl WorkerConfig {
             .map(|b| match b {
                 BackendConfig::Llama(l) => serde_json::json!({
                     "kind": "llama",
-                    "model_id": l.model_id,
+                    "model_id": l.served_model_id(),
                     "model_file": l.model_path.file_name().map(|f| f.to_string_lossy()),
                     "model_hash": file_hash(&l.model_path),
                 }),
@@ -252,6 +252,20 @@ mod tests {
             config.measured(),
             every_minute,
             "a worker that never reads the registry again measures as one reading it every minute"
+        );
+    }
+
+    /// A llama backend without `model_id` is measured under the name it serves (the file's),
+    /// so gateways that check the weights a model is served with find it.
+    #[test]
+    fn a_llama_backend_is_measured_under_the_name_it_serves() {
+        let json = r#"{"name":"w","proxy_addr":"proxy:8443","backend":[{"kind":"llama",
+            "model_path":"models/SmolLM2-135M-Instruct.Q4_1.gguf"}]}"#;
+        let config: WorkerConfig = serde_json::from_str(json).unwrap();
+        let measured: serde_json::Value = serde_json::from_str(&config.measured().content).unwrap();
+        assert_eq!(
+            measured["backends"][0]["model_id"], "SmolLM2-135M-Instruct",
+            "{measured}"
         );
     }
 
