@@ -183,6 +183,10 @@ impl AdminListener {
             .layer(axum::middleware::from_fn_with_state(
                 Token(self.token.clone()),
                 require_token,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                Token(self.token.clone()),
+                same_origin,
             ));
         let page = DASHBOARD.replace("{{ROLE}}", role);
         // The probes answer without the token: orchestrators and load balancers ask them.
@@ -315,6 +319,54 @@ impl Token {
     }
 }
 
+/// Refuses what a web page the operator visits could send: a request from another origin
+/// (which could disable workers or reload the configuration), and, without a token, one that
+/// names the listener by anything but a loopback address or `localhost` (a page rebinding its
+/// own name to 127.0.0.1 could otherwise read the status).
+async fn same_origin(State(token): State<Token>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site");
+    let foreign_origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|origin| origin.strip_prefix("http://") != Some(host));
+    if cross_site || foreign_origin {
+        return (
+            StatusCode::FORBIDDEN,
+            "requests from another origin are refused\n",
+        )
+            .into_response();
+    }
+    if token.0.is_none() && !loopback_name(host) {
+        return (
+            StatusCode::FORBIDDEN,
+            "without [admin] token_file, ask by a loopback address (http://127.0.0.1:PORT) or \
+             localhost\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether a `Host` header names loopback: `127.x.y.z`, `[::1]` or `localhost`, with or
+/// without a port.
+fn loopback_name(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
     if !token.allows(request.headers()) {
         return (
@@ -325,4 +377,31 @@ async fn require_token(State(token): State<Token>, request: Request, next: Next)
             .into_response();
     }
     next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback_name;
+
+    #[test]
+    fn only_loopback_names_pass_without_a_token() {
+        for host in [
+            "127.0.0.1:10444",
+            "127.0.0.1",
+            "[::1]:80",
+            "localhost:9",
+            "LOCALHOST",
+        ] {
+            assert!(loopback_name(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example:10444",
+            "10.0.0.1:10444",
+            "127.0.0.1.evil.example",
+            "[::2]:1",
+        ] {
+            assert!(!loopback_name(host), "{host}");
+        }
+    }
 }

@@ -335,6 +335,32 @@ async fn signalled() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// On each SIGHUP, reads the proxy's configuration file again and puts in force what may
+/// change without a restart; a bad file is refused with the reason in the log, and the
+/// configuration in force stays.
+fn reload_on_hangup(controls: cocoon_proxy::Controls) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP: reload with POST /reload on [admin]");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match controls.reload_file() {
+                Ok(changed) if changed.is_empty() => {
+                    tracing::info!("SIGHUP: the configuration file changes nothing");
+                }
+                Ok(changed) => tracing::info!(?changed, "SIGHUP: configuration reloaded"),
+                Err(error) => tracing::error!(%error, "SIGHUP: reload refused"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = controls;
+}
+
 /// Cancelled at the first signal (the node stops taking work and lets what is in flight
 /// finish); a second signal exits at once.
 fn shutdown_on_signal() -> CancellationToken {
@@ -482,12 +508,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Proxy { config } => {
             let cfg: ProxyConfig = config::load(config.as_deref())?;
-            let proxy = Proxy::bind(&cfg, money::LEDGERS).await?;
+            let mut proxy = Proxy::bind(&cfg, money::LEDGERS).await?;
             println!(
                 "proxy listening on {} with key fingerprint {}",
                 proxy.local_addr(),
                 proxy.fingerprint()
             );
+            if let Some(path) = config {
+                proxy = proxy.with_config_file(path);
+                reload_on_hangup(proxy.controls());
+            }
             proxy.run(shutdown_on_signal()).await;
             Ok(())
         }

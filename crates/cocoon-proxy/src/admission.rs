@@ -1,14 +1,16 @@
 //! Who may connect to the proxy: the client and worker policies, applied in the handshake and
 //! again once ALPN says which role the peer asks for, and a short log of recent refusals that
 //! the status page shows (so an operator sees why a worker never joined). A worker the proxy
-//! caught cheating is barred until the proxy restarts, whatever its attestation says.
+//! caught cheating is barred until the proxy restarts, whatever its attestation says. The
+//! policies can be replaced while the proxy runs (a reload): handshakes from then on use the
+//! new ones.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cocoon_tls::{AnyOf, Fingerprint, PeerCertificate, PeerVerifier, Verified, VerifyError};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 const KEPT: usize = 32;
@@ -26,10 +28,16 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// The worker and client policies in force, shared with the TLS handshake's verifier.
+#[derive(Debug)]
+struct Policies {
+    workers: RwLock<Arc<dyn PeerVerifier>>,
+    clients: RwLock<Arc<dyn PeerVerifier>>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Admission {
-    pub(crate) workers: Arc<dyn PeerVerifier>,
-    pub(crate) clients: Arc<dyn PeerVerifier>,
+    policies: Arc<Policies>,
     refusals: Arc<Mutex<VecDeque<Refusal>>>,
     /// Workers barred for cheating, and why.
     barred: Mutex<HashMap<Fingerprint, String>>,
@@ -38,11 +46,24 @@ pub(crate) struct Admission {
 impl Admission {
     pub(crate) fn new(workers: Arc<dyn PeerVerifier>, clients: Arc<dyn PeerVerifier>) -> Self {
         Self {
-            workers,
-            clients,
+            policies: Arc::new(Policies {
+                workers: RwLock::new(workers),
+                clients: RwLock::new(clients),
+            }),
             refusals: Arc::default(),
             barred: Mutex::default(),
         }
+    }
+
+    /// Puts new policies in force: every handshake and role check from now on uses them.
+    pub(crate) fn replace(&self, workers: Arc<dyn PeerVerifier>, clients: Arc<dyn PeerVerifier>) {
+        *self.policies.workers.write() = workers;
+        *self.policies.clients.write() = clients;
+    }
+
+    /// The worker policy in force.
+    pub(crate) fn workers(&self) -> Arc<dyn PeerVerifier> {
+        self.policies.workers.read().clone()
     }
 
     /// Refuses the worker with `fingerprint` from now on, saying `why`.
@@ -50,10 +71,10 @@ impl Admission {
         self.barred.lock().insert(fingerprint, why);
     }
 
-    /// What the TLS handshake checks: that some role's policy admits the peer.
+    /// What the TLS handshake checks: that some role's policy in force admits the peer.
     pub(crate) fn handshake_verifier(&self) -> Arc<dyn PeerVerifier> {
         Arc::new(Recorded {
-            inner: AnyOf(vec![self.clients.clone(), self.workers.clone()]),
+            policies: self.policies.clone(),
             refusals: self.refusals.clone(),
         })
     }
@@ -64,11 +85,12 @@ impl Admission {
             record(&self.refusals, "worker", peer, &e);
             return Err(e);
         }
-        self.check("worker", &*self.workers, peer)
+        self.check("worker", &*self.workers(), peer)
     }
 
     pub(crate) fn client(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
-        self.check("client", &*self.clients, peer)
+        let clients = self.policies.clients.read().clone();
+        self.check("client", &*clients, peer)
     }
 
     fn check(
@@ -117,14 +139,17 @@ fn push(log: &Mutex<VecDeque<Refusal>>, role: &str, fingerprint: &Fingerprint, r
 
 #[derive(Debug)]
 struct Recorded {
-    inner: AnyOf,
+    policies: Arc<Policies>,
     refusals: Arc<Mutex<VecDeque<Refusal>>>,
 }
 
 impl PeerVerifier for Recorded {
     fn verify(&self, peer: &PeerCertificate) -> Result<Verified, VerifyError> {
-        self.inner
-            .verify(peer)
+        let any = AnyOf(vec![
+            self.policies.clients.read().clone(),
+            self.policies.workers.read().clone(),
+        ]);
+        any.verify(peer)
             .inspect_err(|e| record(&self.refusals, "handshake", peer, e))
     }
 }

@@ -8,7 +8,7 @@
 //! owns that routing, the worker registry and its health checks, who is admitted (attestation policies per role), what
 //! each request costs (reservation, settlement, the proxy's durable record, batched commits to
 //! the ledger), the abuse limits per client and address, the operator's `[admin]` listener (the whole status;
-//! clients see only aggregates), and the proxy's configuration.
+//! clients see only aggregates) and controls, and the proxy's configuration and its reloads.
 
 mod admin;
 mod admission;
@@ -19,6 +19,7 @@ mod limits;
 pub mod market;
 mod metrics;
 mod relay;
+mod reload;
 mod server;
 mod workers;
 
@@ -26,5 +27,6 @@ pub use admin::AdminConfig;
 pub use admission::Refusal;
 pub use billing::{Book, BookError, ClientRecord, PaymentsConfig, PaymentsStatus, WorkerRecord};
 pub use config::{LimitsConfig, ProxyConfig, RoutingConfig};
+pub use reload::Controls;
 pub use server::{LoadStatus, Proxy, ProxyStatus, PublicStatus, StatusSource, WorkerStatus};
 pub use workers::{WorkerEntry, WorkerSet};

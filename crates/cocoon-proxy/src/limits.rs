@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 #[cfg(test)]
 use cocoon_protocol::GenerateRequest;
 use cocoon_protocol::ProtocolError;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 /// Client entries kept before idle ones are swept.
@@ -152,7 +152,8 @@ impl Bucket {
 
 #[derive(Debug)]
 pub(crate) struct Limiter {
-    config: LimitsConfig,
+    /// Replaced by a reload; each check reads the limits in force.
+    config: RwLock<LimitsConfig>,
     clients: Mutex<HashMap<[u8; 32], Bucket>>,
     ips: Mutex<HashMap<IpAddr, u32>>,
 }
@@ -176,14 +177,20 @@ pub(crate) fn group(ip: IpAddr) -> IpAddr {
 impl Limiter {
     pub(crate) fn new(config: LimitsConfig) -> Arc<Self> {
         Arc::new(Self {
-            config,
+            config: RwLock::new(config),
             clients: Mutex::default(),
             ips: Mutex::default(),
         })
     }
 
-    pub(crate) fn config(&self) -> &LimitsConfig {
-        &self.config
+    /// The limits in force.
+    pub(crate) fn config(&self) -> LimitsConfig {
+        self.config.read().clone()
+    }
+
+    /// Puts `config` in force (a reload): clients' buckets and connections carry over.
+    pub(crate) fn set_config(&self, config: LimitsConfig) {
+        *self.config.write() = config;
     }
 
     /// Admits one generation request from `client`, or says when to try again. The permit
@@ -200,7 +207,7 @@ impl Limiter {
 
     /// Refuses a request asking for more than this proxy allows.
     pub(crate) fn check(&self, max_tokens: Option<u32>) -> Result<(), ProtocolError> {
-        if let (Some(asked), Some(limit)) = (max_tokens, self.config.max_tokens)
+        if let (Some(asked), Some(limit)) = (max_tokens, self.config.read().max_tokens)
             && asked > limit
         {
             return Err(ProtocolError::invalid(format!(
@@ -217,8 +224,14 @@ impl Limiter {
         self: &Arc<Self>,
         client: [u8; 32],
     ) -> Result<RequestPermit, ProtocolError> {
-        let rate = self.config.requests_per_second;
-        let burst = f64::from(self.config.burst);
+        let (rate, burst, concurrent) = {
+            let c = self.config.read();
+            (
+                c.requests_per_second,
+                f64::from(c.burst),
+                c.concurrent_requests,
+            )
+        };
         let now = Instant::now();
         let mut clients = self.clients.lock();
         if clients.len() > SWEEP_ABOVE {
@@ -230,7 +243,7 @@ impl Limiter {
             in_flight: 0,
         });
         bucket.refill(now, rate, burst);
-        if bucket.in_flight >= self.config.concurrent_requests {
+        if bucket.in_flight >= concurrent {
             return Err(ProtocolError::rate_limited(
                 format!(
                     "this client already has {} requests in flight, the most this proxy \
@@ -264,7 +277,7 @@ impl Limiter {
         let ip = group(ip);
         let mut ips = self.ips.lock();
         let open = ips.entry(ip).or_insert(0);
-        if *open >= self.config.connections_per_ip {
+        if *open >= self.config.read().connections_per_ip {
             return None;
         }
         *open += 1;
@@ -282,15 +295,16 @@ impl Limiter {
         cards: &[cocoon_protocol::ModelCard],
         floor: Option<u64>,
     ) -> (Vec<crate::market::Offer>, Vec<String>) {
-        let max_price = floor.map(|f| f.saturating_mul(self.config.max_price_floors));
+        let config = self.config();
+        let max_price = floor.map(|f| f.saturating_mul(config.max_price_floors));
         let mut refused = Vec::new();
         let offers = cards
             .iter()
             .filter(|card| {
-                if card.context_length > self.config.max_context_length {
+                if card.context_length > config.max_context_length {
                     refused.push(format!(
                         "{}: a context of {} tokens is above [limits] max_context_length {}",
-                        card.id, card.context_length, self.config.max_context_length
+                        card.id, card.context_length, config.max_context_length
                     ));
                     return false;
                 }

@@ -81,7 +81,8 @@ pub(crate) struct State {
     attestation: &'static str,
     pub(crate) billing: Option<Arc<Billing>>,
     pub(crate) limiter: Arc<Limiter>,
-    pub(crate) routing: RoutingConfig,
+    /// Replaced by a reload: requests and connections from then on use the new one.
+    pub(crate) routing: parking_lot::RwLock<RoutingConfig>,
     commit_interval: Duration,
     /// How often the registry is asked whether connected workers' models are still allowed.
     registry_refresh: Duration,
@@ -91,6 +92,8 @@ pub(crate) struct State {
     pub(crate) collateral: Option<cocoon_collateral::Running>,
     /// Keys the cache scopes handed to workers, so that a scope names no client.
     cache_secret: [u8; 32],
+    /// The configuration in force, for reloads and the operator's controls.
+    pub(crate) reloadable: crate::reload::Reloadable,
 }
 
 impl State {
@@ -199,6 +202,10 @@ pub struct WorkerStatus {
     pub served: u64,
     /// Whether it answered its last health check (it gets no requests while not).
     pub healthy: bool,
+    /// Kept out of routing by the operator, or by a reloaded policy that no longer admits it
+    /// (its answers in flight finish).
+    #[serde(default)]
+    pub disabled: bool,
     /// Its measured, time-decayed performance: what routing decides on.
     pub reputation: Reputation,
     /// How the worker proved what it runs: `tdx`, `dev` or `none`.
@@ -260,6 +267,7 @@ impl Proxy {
                 .client_policy
                 .build_with("client_policy", "client", &collateral.store)?,
         );
+        let store = collateral.store.clone();
         let collateral = collateral.start().await;
         // The handshake cannot know yet (ALPN is settled with it) whether the peer is a client
         // or a worker: it admits a peer that either policy accepts, and the policy of the role
@@ -321,7 +329,7 @@ impl Proxy {
             draining: std::sync::atomic::AtomicBool::new(false),
             requests: Arc::default(),
             drain: Duration::from_secs(config.drain_secs),
-            routing: config.routing.clone(),
+            routing: parking_lot::RwLock::new(config.routing.clone()),
             max_request_bytes: config.max_request_bytes,
             tls,
             fingerprint: identity.fingerprint(),
@@ -337,6 +345,13 @@ impl Proxy {
             registry_images: config.payments.worker_images_from_registry,
             collateral,
             cache_secret: rand::random(),
+            reloadable: crate::reload::Reloadable {
+                current: parking_lot::Mutex::new(config.clone()),
+                file: std::sync::OnceLock::new(),
+                attested: identity.attestation_kind().is_some(),
+                store,
+                disabled: Default::default(),
+            },
         });
         let admin = config.admin.bind().await?;
         if let Some(a) = &admin {
@@ -372,6 +387,20 @@ impl Proxy {
     /// The operator's listener's address, when `[admin] listen` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(AdminListener::local_addr)
+    }
+
+    /// Reloads read `path` (the file this proxy's configuration came from): SIGHUP in
+    /// `cocoon proxy`, `POST /reload` on the operator's listener.
+    pub fn with_config_file(self, path: std::path::PathBuf) -> Self {
+        let _ = self.state.reloadable.file.set(path);
+        self
+    }
+
+    /// The operator's controls of this proxy while it runs: reload, disable a worker.
+    pub fn controls(&self) -> crate::Controls {
+        crate::Controls {
+            state: self.state.clone(),
+        }
     }
 
     /// A handle on the live worker set (for status pages and tests).
@@ -495,7 +524,7 @@ impl State {
 
     /// The worker policy's quote-cache counters, if it has a cache.
     pub(crate) fn worker_cache_stats(&self) -> Option<cocoon_tls::CacheStats> {
-        self.admission.workers.cache_stats()
+        self.admission.workers().cache_stats()
     }
 }
 
@@ -511,7 +540,7 @@ impl StatusSource for State {
             fingerprint: self.fingerprint.to_string(),
             protocol_version: PROTOCOL_VERSION,
             attestation: self.attestation.to_owned(),
-            worker_quote_cache: self.admission.workers.cache_stats(),
+            worker_quote_cache: self.admission.workers().cache_stats(),
             collateral: self
                 .collateral
                 .as_ref()
@@ -535,6 +564,7 @@ impl StatusSource for State {
                     in_flight_tokens: w.in_flight_tokens(),
                     served: w.served(),
                     healthy: w.healthy(),
+                    disabled: w.disabled(),
                     reputation: self.workers.reputation(w),
                     attestation: w.link.attestation.mode().to_owned(),
                     image_hash: w
@@ -788,6 +818,10 @@ impl State {
             },
         );
         entry.link.renew_certificate(&hello);
+        if self.reloadable.disabled.lock().contains(&fingerprint) {
+            tracing::info!(worker = %hello.name, "the operator disabled this worker: it is routed nothing");
+            entry.set_disabled(true);
+        }
         if entry.link.attestation.is_development() {
             tracing::warn!(worker = %hello.name, "worker is attested by a DEVELOPMENT quote: it proves nothing about its machine");
         }
@@ -801,9 +835,10 @@ impl State {
             crate::relay::send_payout(&entry, payout);
         }
         let mut driver = driver;
+        let routing = self.routing.read().clone();
         tokio::select! {
             _ = &mut driver => {}
-            _ = crate::workers::watch(&self.workers, &entry, &self.routing) => {}
+            _ = crate::workers::watch(&self.workers, &entry, &routing) => {}
         }
         // Evicted or gone: its streams fail now, and it gets no new ones.
         entry.set_healthy(false);

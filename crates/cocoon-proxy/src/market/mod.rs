@@ -100,6 +100,9 @@ pub struct Seller<T> {
     in_flight_tokens: AtomicU64,
     served: AtomicU64,
     healthy: AtomicBool,
+    /// Set by the operator (or a reloaded policy that no longer admits it): routed nothing
+    /// new, its answers in flight finish.
+    disabled: AtomicBool,
     perf: Mutex<Performance>,
 }
 
@@ -132,6 +135,21 @@ impl<T> Seller<T> {
     /// Records the result of a health check (a worker starts out healthy).
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Whether it is kept out of routing, whatever its health.
+    pub fn disabled(&self) -> bool {
+        self.disabled.load(Ordering::Relaxed)
+    }
+
+    /// Keeps it out of routing (`true`) or lets it back in.
+    pub fn set_disabled(&self, disabled: bool) {
+        self.disabled.store(disabled, Ordering::Relaxed);
+    }
+
+    /// Whether it may be picked now: healthy and not disabled.
+    pub fn available(&self) -> bool {
+        self.healthy() && !self.disabled()
     }
 
     /// Its offer for `model`; `None` if it does not serve it.
@@ -338,6 +356,7 @@ impl<T> Market<T> {
             in_flight_tokens: AtomicU64::new(0),
             served: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            disabled: AtomicBool::new(false),
             perf: Mutex::new(perf),
         });
         let mut index = self.index.write();
@@ -449,7 +468,7 @@ impl<T> Market<T> {
         let mut scored: Vec<(f64, &Arc<Seller<T>>)> = book.by_price
             [..self.affordable(book, max_price)]
             .iter()
-            .filter(|(_, s)| s.healthy())
+            .filter(|(_, s)| s.available())
             .map(|(p, s)| (self.score(s, *p, tokens, now, true), s))
             .collect();
         scored.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -535,7 +554,7 @@ impl<T> Market<T> {
         }
         let eligible = &book.by_price[..cut];
         let usable = |s: &Seller<T>| {
-            s.healthy()
+            s.available()
                 && !ask.exclude.contains(&s.id)
                 && ask.only.is_none_or(|o| o.contains(&s.fingerprint()))
                 && s.offer(ask.model).is_some_and(|o| {

@@ -375,7 +375,7 @@ impl Answer {
             let overreports = worker.link.overreports.fetch_add(1, Ordering::SeqCst) + 1;
             tracing::warn!(worker = %worker.name, %breach, overreports, "the worker reported more tokens than it can have used; billed at the bound");
             self.state.workers.record(worker, Outcome::Overreported);
-            if overreports >= self.state.routing.evict_after_overreports {
+            if overreports >= self.state.routing.read().evict_after_overreports {
                 tracing::warn!(worker = %worker.name, overreports, "disconnecting and barring a worker that keeps overstating its token counts");
                 self.state.admission.bar(
                     worker.link.fingerprint,

@@ -84,7 +84,7 @@ async fn serve(
     // hint (an app's key, or a fresh value that opts out). The client cannot name another's.
     let (payload, request) = if sealed {
         let read = cocoon_net::read_json::<SealedRequest>(body, state.max_request_bytes);
-        let mut request = admit::read(read, limits).await?;
+        let mut request = admit::read(read, &limits).await?;
         request.validate()?;
         request.cache_scope =
             Some(state.cache_scope(&client, request.header.cache_hint.as_deref()));
@@ -92,7 +92,7 @@ async fn serve(
         (Payload::Sealed(request), routed)
     } else {
         let read = cocoon_net::read_json::<GenerateRequest>(body, state.max_request_bytes);
-        let mut request = admit::read(read, limits).await?;
+        let mut request = admit::read(read, &limits).await?;
         request.validate()?;
         request.cache_scope = Some(state.cache_scope(&client, request.cache_scope.as_deref()));
         let routed = Routed::clear(&request);
@@ -111,13 +111,10 @@ async fn serve(
             (Ceiling::of(&request), bounds)
         }
     };
-    let begun = failover::run(
-        &state.workers,
-        &state.routing,
-        &request,
-        ceiling,
-        |worker| answer::start(worker, &payload),
-    )
+    let routing = state.routing.read().clone();
+    let begun = failover::run(&state.workers, &routing, &request, ceiling, |worker| {
+        answer::start(worker, &payload)
+    })
     .await?;
     let bill = answer::BillTo {
         hold,

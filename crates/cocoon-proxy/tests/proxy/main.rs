@@ -6,4 +6,5 @@ mod admin;
 mod dashboard;
 mod limits;
 mod market;
+mod reload;
 mod sealed;
