@@ -483,6 +483,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 proxy,
                 Duration::from_secs(cfg.max_reconnect_secs.max(1)),
             )
+            .with_more_proxies(cfg.more_proxies.clone())
             .with_prices(cfg.prices.clone())
             .with_sealing(sealing.map(Arc::new))
             .with_drain(Duration::from_secs(cfg.drain_secs));

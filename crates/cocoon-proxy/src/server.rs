@@ -557,8 +557,8 @@ impl StatusSource for State {
                 .map(|w| WorkerStatus {
                     name: w.name.clone(),
                     fingerprint: w.link.fingerprint.to_string(),
-                    models: w.offers.iter().map(|o| o.model.clone()).collect(),
-                    offers: w.offers.iter().map(OfferStatus::from).collect(),
+                    models: w.offers_now().into_iter().map(|o| o.model).collect(),
+                    offers: w.offers_now().iter().map(OfferStatus::from).collect(),
                     capacity: w.capacity,
                     in_flight: w.in_flight(),
                     in_flight_tokens: w.in_flight_tokens(),
@@ -825,7 +825,7 @@ impl State {
         if entry.link.attestation.is_development() {
             tracing::warn!(worker = %hello.name, "worker is attested by a DEVELOPMENT quote: it proves nothing about its machine");
         }
-        tracing::info!(worker = %hello.name, %fingerprint, attestation = entry.link.attestation.mode(), offers = ?entry.offers.iter().map(|o| (&o.model, o.price)).collect::<Vec<_>>(), "worker joined");
+        tracing::info!(worker = %hello.name, %fingerprint, attestation = entry.link.attestation.mode(), offers = ?entry.offers_now().iter().map(|o| (o.model.clone(), o.price)).collect::<Vec<_>>(), "worker joined");
         // A worker that missed payouts while away gets the latest, which covers them all.
         if let Some(payout) = self
             .billing
@@ -836,9 +836,10 @@ impl State {
         }
         let mut driver = driver;
         let routing = self.routing.read().clone();
+        let repriced = |said: &WorkerHello| self.follow_prices(&entry, said);
         tokio::select! {
             _ = &mut driver => {}
-            _ = crate::workers::watch(&self.workers, &entry, &routing) => {}
+            _ = crate::workers::watch(&self.workers, &entry, &routing, repriced) => {}
         }
         // Evicted or gone: its streams fail now, and it gets no new ones.
         entry.set_healthy(false);
@@ -915,6 +916,31 @@ impl State {
             }
         }
         allowed
+    }
+
+    /// Takes the prices a connected worker's latest hello asks (its owner changed them), each
+    /// within `[limits] max_price_floors` as at join; a price above it is refused, the old
+    /// one staying, with the reason in the operator's status.
+    fn follow_prices(&self, entry: &Arc<crate::WorkerEntry>, said: &WorkerHello) {
+        let floor = self.billing.as_ref().map(|b| b.floor());
+        for card in &said.models {
+            let Some(now) = entry.offer(&card.id) else {
+                continue;
+            };
+            if now.price == card.min_price {
+                continue;
+            }
+            let (_, refused) = self.limiter.offers(std::slice::from_ref(card), floor);
+            if let Some(reason) = refused.into_iter().next() {
+                tracing::warn!(worker = %entry.name, %reason, "refused a worker's new price");
+                self.admission
+                    .refused_offer(&entry.link.fingerprint, format!("new price: {reason}"));
+                continue;
+            }
+            if self.workers.reprice(entry, &card.id, card.min_price) {
+                tracing::info!(worker = %entry.name, model = %card.id, from = now.price, to = card.min_price, "worker changed its price");
+            }
+        }
     }
 
     /// What a client may see, built without what only the operator's status needs (the

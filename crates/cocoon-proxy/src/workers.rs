@@ -72,8 +72,14 @@ pub type WorkerEntry = Seller<WorkerLink>;
 /// Asks `worker` for its hello every `health_interval`: one that does not answer in time gets
 /// no new requests and loses reputation (a stall), and after `evict_after_failed_checks` in a
 /// row it is disconnected, which fails its open streams at once instead of at the end of a
-/// keep-alive timeout. Returns when the worker is evicted or its connection closes.
-pub(crate) async fn watch(workers: &WorkerSet, worker: &WorkerEntry, routing: &RoutingConfig) {
+/// keep-alive timeout. Each hello is also handed to `hello` (a worker may change its prices
+/// while connected). Returns when the worker is evicted or its connection closes.
+pub(crate) async fn watch(
+    workers: &WorkerSet,
+    worker: &WorkerEntry,
+    routing: &RoutingConfig,
+    hello: impl Fn(&WorkerHello),
+) {
     let interval = Duration::from_secs(routing.health_interval_secs);
     let timeout = Duration::from_secs(routing.health_timeout_secs);
     let mut failed = 0u32;
@@ -91,8 +97,10 @@ pub(crate) async fn watch(workers: &WorkerSet, worker: &WorkerEntry, routing: &R
             .get_json::<WorkerHello>(paths::HELLO, timeout)
             .await
         {
-            Ok(hello) => {
-                worker.link.renew_certificate(&hello);
+            Ok(said) => {
+                worker.link.renew_certificate(&said);
+                hello(&said);
+                let hello = said;
                 if failed > 0 {
                     tracing::info!(worker = %worker.name, "worker answers health checks again");
                 }

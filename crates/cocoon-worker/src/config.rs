@@ -15,6 +15,10 @@ pub struct WorkerConfig {
     pub name: String,
     /// Proxy to serve, `host:port`.
     pub proxy_addr: String,
+    /// Further proxies served at the same time, each over a connection of its own with the
+    /// same `[proxy_policy]`; the backends' capacity is shared by all of them, and each proxy
+    /// pays for what it routed here.
+    pub more_proxies: Vec<String>,
     /// Where the worker's own key is kept; a fresh key per run when unset.
     pub key_file: Option<PathBuf>,
     /// Longest wait between reconnection attempts, in seconds.
@@ -68,6 +72,7 @@ impl Default for WorkerConfig {
         Self {
             name: "worker".into(),
             proxy_addr: "127.0.0.1:10443".into(),
+            more_proxies: Vec::new(),
             key_file: None,
             attester: AttesterConfig::default(),
             collateral: cocoon_collateral::CollateralConfig::default(),
@@ -136,6 +141,7 @@ impl WorkerConfig {
             serde_json::json!({
                 "role": "worker",
                 "proxy_addr": self.proxy_addr,
+                "more_proxies": self.more_proxies,
                 "proxy_policy": self.proxy_policy.measured(),
                 "backends": backends,
                 "ledger": self.payments.ledger.as_deref().map(cocoon_tls::ledger_for_measurement),

@@ -1,15 +1,17 @@
-//! The worker role: serves inference backends to one proxy.
+//! The worker role: serves inference backends to one proxy or several at once.
 //!
-//! A worker dials out to its proxy (so it can sit behind NAT), then serves HTTP/2 on that
-//! connection: the proxy sends it generation requests over streams it opens. When the
-//! connection drops, the worker reconnects with backoff. This crate owns that loop, the
-//! worker's configuration, the routing of requests to the right backend by model, and the
-//! payouts its proxy signs for it (kept durably, claimed on the ledger).
+//! A worker dials out to each of its proxies (so it can sit behind NAT), then serves HTTP/2 on
+//! that connection: the proxy sends it generation requests over streams it opens. When a
+//! connection drops, the worker reconnects with jittered backoff. The backends are shared by
+//! every connection. This crate owns those loops, the worker's configuration and its
+//! operator's controls (pause, prices), the routing of requests to the right backend by model,
+//! and the payouts its proxies sign for it (kept durably, claimed on the ledger).
 //!
 //! The backends come in built, as `Arc<dyn Backend>`: whatever starts the worker (the
 //! `cocoon` binary) turns each [`BackendConfig`] into one. So this crate, and every test of
 //! it, depends only on the `Backend` trait and never builds or links llama.cpp.
 
+mod admin;
 mod config;
 mod metrics;
 mod payouts;
@@ -54,14 +56,23 @@ impl Refused {
 /// A worker ready to run.
 pub struct Worker {
     name: String,
-    proxy_addr: String,
+    /// `proxy_addr`, then any further proxies served at once.
+    proxies: Vec<String>,
     backend: Arc<dyn Backend>,
     tls: Arc<rustls::ClientConfig>,
     proxy_policy: Arc<dyn PeerVerifier>,
     max_backoff: Duration,
+    /// Connected to at least one proxy.
     connected: Arc<AtomicBool>,
+    /// Connected to each of `proxies`, in their order (set once [`Self::run`] starts).
+    links: Arc<parking_lot::Mutex<Vec<bool>>>,
     payouts: Option<Arc<PayoutStore>>,
-    prices: PriceConfig,
+    /// What it asks; the operator may change it while it runs (each proxy follows at its
+    /// next health check).
+    prices: Arc<parking_lot::RwLock<PriceConfig>>,
+    /// Set by the operator: no new request is taken (answers in flight finish), as while
+    /// draining, until resumed.
+    paused: Arc<AtomicBool>,
     /// The ledger whose registry must list the proxy's attested image, and how often it is
     /// read again while connected.
     registry: Option<(Arc<dyn cocoon_ledger::Ledger>, Duration)>,
@@ -88,15 +99,17 @@ impl Worker {
     ) -> Self {
         Self {
             name: name.into(),
-            proxy_addr: proxy_addr.into(),
+            proxies: vec![proxy_addr.into()],
             backend,
             tls: cocoon_tls::client_config(identity.clone(), proxy.clone(), &[ALPN_WORKER]),
             identity,
             proxy_policy: proxy,
             max_backoff,
             connected: Arc::default(),
+            links: Arc::default(),
             payouts: None,
-            prices: PriceConfig::default(),
+            prices: Arc::default(),
+            paused: Arc::default(),
             registry: None,
             sealing: None,
             metrics: WorkerMetrics::default(),
@@ -118,13 +131,11 @@ impl Worker {
 
     /// Whether the registry (when one is required) lists the image `verified` attests; fails
     /// closed when the proxy is not attested or the registry cannot be read.
-    async fn registry_allows(&self, verified: &Verified) -> Result<(), Refused> {
+    async fn registry_allows(&self, addr: &str, verified: &Verified) -> Result<(), Refused> {
         let Some((ledger, _)) = &self.registry else {
             return Ok(());
         };
-        let refused = |why: String| {
-            std::io::Error::other(format!("proxy {} refused: {why}", self.proxy_addr))
-        };
+        let refused = |why: String| std::io::Error::other(format!("proxy {addr} refused: {why}"));
         let Some(image) = verified.attestation.as_ref().map(|a| a.image_hash) else {
             return Err(Refused::NotListed(refused(
                 "it is not attested, so the registry cannot vouch for its image".into(),
@@ -147,18 +158,18 @@ impl Worker {
     /// Resolves, with the reason, once the registry no longer lists the proxy's image (or
     /// cannot be read three times in a row: a short outage keeps the proxy, a lasting one
     /// does not); never without a registry to read.
-    async fn revoked(&self, verified: &Verified) -> std::io::Error {
+    async fn revoked(&self, addr: &str, verified: &Verified) -> std::io::Error {
         let Some((_, every)) = &self.registry else {
             return std::future::pending().await;
         };
         let mut unreadable = 0;
         loop {
             tokio::time::sleep(*every).await;
-            match self.registry_allows(verified).await {
+            match self.registry_allows(addr, verified).await {
                 Ok(()) => unreadable = 0,
                 Err(Refused::Unreadable(e)) if unreadable + 1 < 3 => {
                     unreadable += 1;
-                    tracing::warn!(proxy = %self.proxy_addr, error = %e, "registry unreadable; serving the proxy for now");
+                    tracing::warn!(proxy = %addr, error = %e, "registry unreadable; serving the proxy for now");
                 }
                 Err(Refused::NotListed(e) | Refused::Unreadable(e)) => return e,
             }
@@ -180,8 +191,15 @@ impl Worker {
     }
 
     /// Asks these prices (the network's floor by default).
-    pub fn with_prices(mut self, prices: PriceConfig) -> Self {
-        self.prices = prices;
+    pub fn with_prices(self, prices: PriceConfig) -> Self {
+        *self.prices.write() = prices;
+        self
+    }
+
+    /// Also serves each of `proxies` at the same time, over a connection of its own with the
+    /// same proxy policy; the backends' capacity is shared by all of them.
+    pub fn with_more_proxies(mut self, proxies: Vec<String>) -> Self {
+        self.proxies.extend(proxies);
         self
     }
 
@@ -189,63 +207,6 @@ impl Worker {
     pub fn with_payouts(mut self, store: Arc<PayoutStore>) -> Self {
         self.payouts = Some(store);
         self
-    }
-
-    /// Serves the operator's listener until `shutdown`: ready while connected to its proxy
-    /// with a backend that serves a model; `/metrics`; `/status` (name, proxy, connection,
-    /// models, load, what each proxy owes, the collateral `[collateral]` keeps); the
-    /// dashboard. Call it once the payouts are attached ([`Self::with_payouts`]).
-    pub fn admin(
-        &self,
-        listener: cocoon_admin::AdminListener,
-        collateral: Option<&cocoon_collateral::Running>,
-        shutdown: CancellationToken,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let connected = self.connected.clone();
-        let backend = self.backend.clone();
-        let ready: cocoon_admin::Readiness = {
-            let (connected, backend) = (connected.clone(), backend.clone());
-            Arc::new(move || {
-                if !connected.load(Ordering::SeqCst) {
-                    return Err("not connected to its proxy".into());
-                }
-                if backend.models().is_empty() {
-                    return Err("its backends serve no model".into());
-                }
-                Ok(())
-            })
-        };
-        let fetcher = collateral.map(|c| c.fetcher.clone());
-        let status = {
-            let (name, proxy) = (self.name.clone(), self.proxy_addr.clone());
-            let (connected, backend) = (connected.clone(), backend.clone());
-            let (payouts, metrics) = (self.payouts.clone(), self.metrics.clone());
-            let draining = self.draining.clone();
-            axum::routing::get(move || {
-                let status = serde_json::json!({
-                    "role": "worker",
-                    "name": name,
-                    "proxy": proxy,
-                    "connected": connected.load(Ordering::SeqCst),
-                    "draining": draining.load(Ordering::SeqCst),
-                    "models": backend.models(),
-                    "capacity": backend.capacity(),
-                    "in_flight": metrics.in_flight(),
-                    "payouts": payouts.as_ref().map(|p| p.earnings()),
-                    "collateral": fetcher.as_ref().map(|f| f.status()).unwrap_or_default(),
-                });
-                async move { axum::Json(status) }
-            })
-        };
-        let routes = axum::Router::new().route("/status", status);
-        let mut metrics = self.metrics.registry(connected);
-        if let Some(c) = collateral {
-            metrics = metrics.with(|r| c.register_metrics(r));
-        }
-        if let Some(payouts) = self.payouts.clone() {
-            metrics = metrics.with(|r| crate::metrics::earnings(r, payouts));
-        }
-        listener.serve("worker", routes, ready, Arc::new(metrics), shutdown)
     }
 
     /// What this worker counts, for its `/metrics`.
@@ -290,14 +251,42 @@ impl Worker {
         }
     }
 
-    /// Serves until `shutdown` is cancelled, reconnecting whenever the connection drops; then
-    /// lets the answers in flight finish (see [`Self::with_drain`]).
+    /// Serves every proxy until `shutdown` is cancelled, each over its own connection,
+    /// reconnecting whenever one drops; then lets the answers in flight finish (see
+    /// [`Self::with_drain`]).
     pub async fn run(self, shutdown: CancellationToken) {
+        *self.links.lock() = vec![false; self.proxies.len()];
+        let this = Arc::new(self);
+        let service = service::WorkerService::of(&this);
+        let loops: Vec<_> = (0..this.proxies.len())
+            .map(|i| tokio::spawn(this.clone().serve(i, service.clone(), shutdown.clone())))
+            .collect();
+        for l in loops {
+            let _ = l.await;
+        }
+        tracing::info!("worker stopped");
+    }
+
+    /// Records whether the connection to proxy `i` is up; `connected` is whether any is.
+    fn set_link(&self, i: usize, up: bool) {
+        let mut links = self.links.lock();
+        links[i] = up;
+        self.connected
+            .store(links.iter().any(|&l| l), Ordering::SeqCst);
+    }
+
+    /// Serves proxy `i` until `shutdown`, reconnecting with jittered backoff.
+    async fn serve(
+        self: Arc<Self>,
+        i: usize,
+        service: service::WorkerService,
+        shutdown: CancellationToken,
+    ) {
+        let addr = self.proxies[i].clone();
         let mut backoff = INITIAL_BACKOFF;
-        let service = service::WorkerService::of(&self);
         loop {
             let attempt = async {
-                let tls = cocoon_net::connect_tls(&self.proxy_addr, self.tls.clone()).await?;
+                let tls = cocoon_net::connect_tls(&addr, self.tls.clone()).await?;
                 let certs = tls.get_ref().1.peer_certificates();
                 let verified = cocoon_tls::verified_peer(certs, &*self.proxy_policy)
                     .map_err(|e| std::io::Error::other(format!("proxy refused: {e}")))?;
@@ -306,11 +295,11 @@ impl Worker {
                     .ok_or_else(|| std::io::Error::other("the proxy has no Ed25519 key"))?;
                 // Before serving a single request: the registry must list the proxy's image,
                 // if asked.
-                self.registry_allows(&verified)
+                self.registry_allows(&addr, &verified)
                     .await
                     .map_err(Refused::into_error)?;
-                tracing::info!(proxy = %self.proxy_addr, attestation = verified.mode(), "connected to proxy");
-                self.connected.store(true, Ordering::SeqCst);
+                tracing::info!(proxy = %addr, attestation = verified.mode(), "connected to proxy");
+                self.set_link(i, true);
                 let service = service.for_proxy(proxy_key);
                 let result = tokio::select! {
                     served = cocoon_net::serve_h2(tls, None, move |req| service.clone().handle(req)) => {
@@ -318,34 +307,36 @@ impl Worker {
                     }
                     // Revoked while connected: the connection is closed (requests under way
                     // end with it), and the next one is refused until the image is listed.
-                    revoked = self.revoked(&verified) => Err(revoked),
+                    revoked = self.revoked(&addr, &verified) => Err(revoked),
                 };
-                self.connected.store(false, Ordering::SeqCst);
+                self.set_link(i, false);
                 result
             };
             let started = tokio::time::Instant::now();
             let mut attempt = std::pin::pin!(attempt);
             tokio::select! {
                 result = &mut attempt => match result {
-                    Ok(()) => tracing::warn!(proxy = %self.proxy_addr, "proxy closed the connection"),
-                    Err(e) => tracing::warn!(proxy = %self.proxy_addr, error = %e, "connection to proxy failed"),
+                    Ok(()) => tracing::warn!(proxy = %addr, "proxy closed the connection"),
+                    Err(e) => tracing::warn!(proxy = %addr, error = %e, "connection to proxy failed"),
                 },
                 _ = shutdown.cancelled() => {
                     self.drain_answers(attempt).await;
                     break;
                 }
             }
-            self.connected.store(false, Ordering::SeqCst);
+            self.set_link(i, false);
             // A connection that lived a while was healthy: start over with a short wait.
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = INITIAL_BACKOFF;
             }
+            // Jittered, so that the workers of a proxy that restarts do not all come back in
+            // the same instant.
+            let wait = backoff.mul_f64(0.5 + rand::random::<f64>());
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => break,
             }
             backoff = (backoff * 2).min(self.max_backoff);
         }
-        tracing::info!("worker stopped");
     }
 }

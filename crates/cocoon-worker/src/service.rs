@@ -27,7 +27,8 @@ pub(crate) struct WorkerService {
     name: Arc<str>,
     backend: Arc<dyn Backend>,
     payouts: Option<Arc<PayoutStore>>,
-    prices: Arc<PriceConfig>,
+    /// Read at each hello: the operator may change them while the worker runs.
+    prices: Arc<parking_lot::RwLock<PriceConfig>>,
     /// The key of the proxy on this connection: payouts must be signed by it.
     proxy: [u8; 32],
     /// How sealed requests are opened, when this worker is attested.
@@ -37,6 +38,8 @@ pub(crate) struct WorkerService {
     metrics: WorkerMetrics,
     /// Set while the worker stops: new requests are refused.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while its operator has it disabled: new requests are refused the same way.
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WorkerService {
@@ -46,12 +49,13 @@ impl WorkerService {
             name: worker.name.as_str().into(),
             backend: worker.backend.clone(),
             payouts: worker.payouts.clone(),
-            prices: Arc::new(worker.prices.clone()),
+            prices: worker.prices.clone(),
             proxy: [0; 32],
             sealing: worker.sealing.clone(),
             identity: worker.identity.clone(),
             metrics: worker.metrics.clone(),
             draining: worker.draining.clone(),
+            paused: worker.paused.clone(),
         }
     }
 
@@ -91,9 +95,16 @@ impl WorkerService {
         }
     }
 
+    /// Whether new requests are refused: the worker stops, or its operator disabled it.
+    fn refusing(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+            || self.paused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub(crate) async fn handle(self, req: Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, paths::HELLO) => {
+                let prices = self.prices.read().clone();
                 let hello = WorkerHello {
                     protocol_version: PROTOCOL_VERSION,
                     name: self.name.to_string(),
@@ -102,12 +113,14 @@ impl WorkerService {
                         .models()
                         .into_iter()
                         .map(|mut card| {
-                            card.min_price = self.prices.price(&card.id);
+                            card.min_price = prices.price(&card.id);
                             card
                         })
                         .collect(),
                     capacity: self.backend.capacity(),
-                    draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
+                    // Disabled by its operator: the proxy routes it nothing new, as while it
+                    // stops.
+                    draining: self.refusing(),
                     certificate: self.identity.certified_key().cert.first().map(|c| {
                         use base64::Engine as _;
                         base64::engine::general_purpose::STANDARD.encode(c.as_ref())
@@ -115,13 +128,9 @@ impl WorkerService {
                 };
                 response(StatusCode::OK, json(&hello))
             }
-            (&Method::POST, paths::GENERATE | paths::SEALED)
-                if self.draining.load(std::sync::atomic::Ordering::SeqCst) =>
-            {
-                error_response(&ProtocolError::unavailable(
-                    cocoon_protocol::WORKER_DRAINING,
-                ))
-            }
+            (&Method::POST, paths::GENERATE | paths::SEALED) if self.refusing() => error_response(
+                &ProtocolError::unavailable(cocoon_protocol::WORKER_DRAINING),
+            ),
             (&Method::POST, paths::GENERATE) => self.generate(req.into_body()).await,
             (&Method::POST, paths::SEALED) => self.generate_sealed(req.into_body()).await,
             (&Method::POST, paths::PAYOUT) => self.payout(req.into_body()).await,

@@ -282,6 +282,7 @@ async fn across_hosts_kills_cuts_slow_links_and_restarts_end_cleanly_and_charge_
         let config = WorkerConfig {
             name: (*name).into(),
             proxy_addr: proxy_addr.clone(),
+            more_proxies: Vec::new(),
             key_file: Some(key_file),
             max_reconnect_secs: 1,
             attester: net.dev_attester(),

@@ -145,3 +145,165 @@ async fn sighup_reloads_the_proxy_and_a_bad_file_changes_nothing() {
     assert!(healthy().await, "the proxy stopped after a bad reload");
     stop_gracefully(&mut proxy).await;
 }
+
+/// A worker serving two proxies at once (the network's, and a `cocoon proxy` process of its
+/// own) answers through both, sharing its backend; its operator's controls reach both: a new
+/// price is followed at each proxy's next health check, and a disabled worker gets nothing new
+/// from either until enabled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_two_proxies_and_its_operator_steers_it_on_both() {
+    use cocoon_testkit::backends::scripted_model_hash;
+    use cocoon_testkit::dev::ledger::key_wallet;
+    let net = DevNetwork::start(
+        DevOptions {
+            routing: cocoon_proxy::RoutingConfig {
+                health_interval_secs: 1,
+                ..Default::default()
+            },
+            ..test_options()
+        },
+        vec![],
+    )
+    .await
+    .unwrap();
+    let dir = net.dir().to_owned();
+    let dev = net.dev_ledger().unwrap();
+    dev.allow_model(&scripted_model_hash()).await.unwrap();
+    let own = own_proxy(&net, "second").await;
+    let mut config: cocoon_proxy::ProxyConfig =
+        toml::from_str(&std::fs::read_to_string(&own.config).unwrap()).unwrap();
+    config.routing.health_interval_secs = 1;
+    let own_admin = free_port();
+    config.admin.listen = Some(own_admin.clone());
+    std::fs::write(&own.config, toml::to_string(&config).unwrap()).unwrap();
+    let client_key_file = dir.join("second-client.key");
+    let client = key_wallet(&client_key_file).unwrap().public_key();
+    dev.fund_client(client, own.key).await.unwrap();
+    let _second = spawn_cocoon(&["proxy"], &own.config, dir.join("second-proxy.log"));
+    wait_listening(&own.addr).await;
+
+    let backend = Scripted::new(2048);
+    let (identity, sealing) = cocoon_worker::with_sealing_key(
+        net.dev_attester()
+            .identity(Some(&dir.join("both.key")), "w", "worker", None)
+            .unwrap(),
+    )
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = cocoon_worker::Worker::new(
+        "both",
+        net.proxy_addr.to_string(),
+        backend.clone() as Arc<dyn cocoon_engine::Backend>,
+        Arc::new(identity),
+        net.dev_policy().build("proxy_policy", "proxy").unwrap(),
+        Duration::from_millis(200),
+    )
+    .with_more_proxies(vec![own.addr.clone()])
+    .with_sealing(sealing.map(Arc::new));
+    let listener = cocoon_proxy::AdminConfig {
+        listen: Some("127.0.0.1:0".into()),
+        token_file: None,
+    }
+    .bind()
+    .await
+    .unwrap()
+    .unwrap();
+    let admin = format!("http://{}", listener.local_addr());
+    tokio::spawn(worker.admin(listener, None, stop.clone()));
+    tokio::spawn(worker.run(stop.clone()));
+    let second_gateway = own_gateway(
+        &net,
+        std::slice::from_ref(&own.addr),
+        client_key_file,
+        &stop,
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let status = |url: String| {
+        let http = http.clone();
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    wait_until_async("the worker is on both proxies", || async {
+        let s = status(format!("{admin}/status")).await;
+        s["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["connected"] == true)
+    })
+    .await;
+    let ask = |gateway: String| {
+        let http = http.clone();
+        async move {
+            http.post(format!("{gateway}/chat/completions"))
+                .json(&chat_body("hi", json!({"max_tokens": 1})))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let gateways = [net.gateway_url(), second_gateway.clone()];
+    for g in &gateways {
+        wait_until_async("answered", || async { ask(g.clone()).await == 200 }).await;
+    }
+    assert_eq!(
+        backend.served(),
+        2,
+        "one answer through each proxy, same backend"
+    );
+
+    // Both proxies follow a new price at their next health check.
+    let priced = http
+        .post(format!("{admin}/prices"))
+        .json(&json!({"price": 77}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(priced.status(), 200);
+    let prices_seen = || async {
+        let own_status = status(format!("http://{own_admin}/status")).await;
+        let theirs = own_status["workers"][0]["offers"][0]["price"].as_u64();
+        let ours = net.proxy_status().workers[0].offers[0].price;
+        (ours, theirs)
+    };
+    wait_until_async("both proxies follow the new price", || async {
+        prices_seen().await == (77, Some(77))
+    })
+    .await;
+
+    // Disabled: nothing new from either proxy (there is no other worker), until enabled.
+    let control = |what: &'static str| {
+        let (http, admin) = (http.clone(), admin.clone());
+        async move {
+            http.post(format!("{admin}/{what}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(control("disable").await, 200);
+    for g in &gateways {
+        wait_until_async("refused while disabled", || async {
+            ask(g.clone()).await == 503
+        })
+        .await;
+    }
+    let served = backend.served();
+    assert_eq!(control("enable").await, 200);
+    for g in &gateways {
+        wait_until_async("served again", || async { ask(g.clone()).await == 200 }).await;
+    }
+    assert_eq!(backend.served(), served + 2);
+    stop.cancel();
+}

@@ -449,6 +449,7 @@ async fn random_kills_under_mixed_load_lose_and_double_nothing() {
         let config = WorkerConfig {
             name: format!("soak-worker-{i}"),
             proxy_addr: addr.clone(),
+            more_proxies: Vec::new(),
             key_file: Some(key_file),
             max_reconnect_secs: 1,
             attester: net.dev_attester(),

@@ -77,6 +77,15 @@ impl From<&ModelCard> for Offer {
     }
 }
 
+/// What a worker asks for one model now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    /// Its context window for the model, in tokens.
+    pub context_length: u32,
+    /// The least it takes per weighted token (nanoton); 0: the network floor.
+    pub price: u64,
+}
+
 /// One worker as the market sees it; `link` is whatever reaches it (a connection, in the
 /// proxy; nothing, in benchmarks).
 #[derive(Debug)]
@@ -91,8 +100,12 @@ pub struct Seller<T> {
     pub name: String,
     /// Requests the worker runs at once; at least 1.
     pub capacity: u32,
-    /// The models it serves and what it asks for each.
-    pub offers: Vec<Offer>,
+    /// The models it serves, and what it asked for each when it joined (its prices now:
+    /// [`Seller::offer`], [`Seller::offers_now`]).
+    offers: Vec<Offer>,
+    /// What it asks now for each of `offers`, in their order: a worker may change its prices
+    /// while connected ([`Market::reprice`]).
+    prices: Vec<AtomicU64>,
     /// Whatever reaches the worker.
     pub link: T,
     in_flight: AtomicU32,
@@ -152,9 +165,25 @@ impl<T> Seller<T> {
         self.healthy() && !self.disabled()
     }
 
-    /// Its offer for `model`; `None` if it does not serve it.
-    pub fn offer(&self, model: &str) -> Option<&Offer> {
-        self.offers.iter().find(|o| o.model == model)
+    /// Its terms for `model` now; `None` if it does not serve it.
+    pub fn offer(&self, model: &str) -> Option<Terms> {
+        let i = self.offers.iter().position(|o| o.model == model)?;
+        Some(Terms {
+            context_length: self.offers[i].context_length,
+            price: self.prices[i].load(Ordering::Relaxed),
+        })
+    }
+
+    /// Every model it serves, at its prices now.
+    pub fn offers_now(&self) -> Vec<Offer> {
+        self.offers
+            .iter()
+            .zip(&self.prices)
+            .map(|(o, p)| Offer {
+                price: p.load(Ordering::Relaxed),
+                ..o.clone()
+            })
+            .collect()
     }
 
     /// How many requests of `tokens` tokens the work in flight comes to, per slot.
@@ -350,6 +379,7 @@ impl<T> Market<T> {
             key,
             name,
             capacity: capacity.max(1),
+            prices: offers.iter().map(|o| AtomicU64::new(o.price)).collect(),
             offers,
             link,
             in_flight: AtomicU32::new(0),
@@ -368,6 +398,30 @@ impl<T> Market<T> {
         }
         index.sellers.insert(seller.id, seller.clone());
         seller
+    }
+
+    /// Moves `seller`'s offer for `model` to `price` (a worker that changed its prices while
+    /// connected): requests from now on see the new price. Returns whether it changed.
+    pub fn reprice(&self, seller: &Arc<Seller<T>>, model: &str, price: u64) -> bool {
+        let Some(i) = seller.offers.iter().position(|o| o.model == model) else {
+            return false;
+        };
+        let mut index = self.index.write();
+        if seller.prices[i].swap(price, Ordering::Relaxed) == price {
+            return false;
+        }
+        // Still connected: its place in the book moves with its price.
+        if index.sellers.contains_key(&seller.id)
+            && let Some(book) = index.books.get_mut(model)
+        {
+            book.by_price.retain(|(_, s)| s.id != seller.id);
+            let at = book.by_price.partition_point(|(p, _)| *p <= price);
+            book.by_price.insert(at, (price, seller.clone()));
+            let leaders = book.leaders.get_mut();
+            leaders.sellers.retain(|(_, s)| s.id != seller.id);
+            leaders.at = f64::NEG_INFINITY;
+        }
+        true
     }
 
     /// Removes a worker; its record stays for when it comes back.
