@@ -45,6 +45,8 @@ pub struct Gateway {
     registry_watch: Option<(Arc<ProxyPool>, Duration)>,
     /// The operator's listener (`[admin]`), with what it reports on.
     admin: Option<(cocoon_admin::AdminListener, Arc<AppState>)>,
+    /// `drain_secs`: how long the answers in flight have once stopped.
+    drain: Duration,
 }
 
 struct AppState {
@@ -323,6 +325,7 @@ impl Gateway {
             router,
             late_bills,
             registry_watch,
+            drain: Duration::from_secs(config.drain_secs),
             admin,
         })
     }
@@ -350,9 +353,11 @@ impl Gateway {
         let registry = self
             .registry_watch
             .map(|(pool, every)| tokio::spawn(pool.watch_registry(every)));
+        // The operator's listener outlives the drain, saying it is not ready meanwhile.
+        let drained = CancellationToken::new();
         let admin = self.admin.map(|(listener, state)| {
             tracing::info!(addr = %listener.local_addr(), "operator's listener (/, /healthz, /readyz, /metrics, /status)");
-            tokio::spawn(serve_admin(listener, state, shutdown.clone()))
+            tokio::spawn(serve_admin(listener, state, shutdown.clone(), drained.clone()))
         });
         // Without TCP_NODELAY the last small SSE writes of an answer wait for the app's
         // delayed ACK (about 40 ms on Linux): measured by `cocoon bench`, docs/performance.md.
@@ -361,9 +366,28 @@ impl Gateway {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
+        let stopping = shutdown.clone();
         let served = axum::serve(listener, self.router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+            .with_graceful_shutdown(async move { stopping.cancelled().await })
+            .into_future();
+        // Stopped: no new connection; the answers in flight have `drain_secs` to finish.
+        let drain = self.drain;
+        let deadline = async move {
+            shutdown.cancelled().await;
+            tracing::info!(
+                secs = drain.as_secs(),
+                "stopping: no new request; waiting for the answers in flight"
+            );
+            tokio::time::sleep(drain).await;
+        };
+        let served = tokio::select! {
+            served = served => served,
+            () = deadline => {
+                tracing::warn!("drain deadline passed: cutting the answers still in flight");
+                Ok(())
+            }
+        };
+        drained.cancel();
         for task in [late, registry, admin].into_iter().flatten() {
             task.abort();
         }
@@ -605,6 +629,7 @@ async fn generation<R: EndpointRequest>(
 async fn serve_admin(
     listener: cocoon_admin::AdminListener,
     state: Arc<AppState>,
+    stopping: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let pool = state.proxies.clone();
@@ -624,8 +649,12 @@ async fn serve_admin(
             }
         })
     };
-    let ready: cocoon_admin::Readiness =
-        Arc::new(move || reached.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    let ready: cocoon_admin::Readiness = Arc::new(move || {
+        if stopping.is_cancelled() {
+            return Err("shutting down: new requests are refused".into());
+        }
+        reached.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    });
     let mut metrics = state.metrics.registry(pool, state.bills.clone());
     if let Some(c) = &state.collateral {
         metrics = metrics.with(|r| c.register_metrics(r));

@@ -28,6 +28,9 @@ pub struct ClientConfig {
     /// token the app gets nothing, not even headers: a refusal must still be able to be an
     /// HTTP error.)
     pub stream_keep_alive_secs: u64,
+    /// On SIGTERM (or ctrl-c): seconds the answers in flight have to finish; no new
+    /// connection is taken meanwhile, and `/readyz` says so. A second signal exits at once.
+    pub drain_secs: u64,
     /// Who may use the API: API keys and their daily limits, the host names and browser
     /// origins it answers to.
     pub access: crate::guard::AccessConfig,
@@ -173,6 +176,7 @@ impl Default for ClientConfig {
             max_body_bytes: 4 << 20,
             max_answer_bytes: 16 << 20,
             stream_keep_alive_secs: 15,
+            drain_secs: 30,
             access: crate::guard::AccessConfig::default(),
             attester: AttesterConfig::default(),
             collateral: cocoon_collateral::CollateralConfig::default(),

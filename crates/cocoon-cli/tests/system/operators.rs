@@ -307,3 +307,70 @@ async fn a_worker_serves_two_proxies_and_its_operator_steers_it_on_both() {
     assert_eq!(backend.served(), served + 2);
     stop.cancel();
 }
+
+/// A gateway told to stop takes no new request and says it is not ready, while the answer it
+/// is streaming finishes in full; then it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_finishes_the_streams_in_flight() {
+    let backend = Scripted::new(2048);
+    let net = DevNetwork::start(
+        test_options(),
+        vec![backend.clone() as Arc<dyn cocoon_engine::Backend>],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let mut config: cocoon_client::ClientConfig =
+        toml::from_str(&std::fs::read_to_string(net.write_client_config().unwrap()).unwrap())
+            .unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.drain_secs = 20;
+    config.payments.bill_file = net.dir().join("draining-gateway-bills.json");
+    config.admin = cocoon_proxy::AdminConfig {
+        listen: Some("127.0.0.1:0".into()),
+        token_file: None,
+    };
+    let gateway = cocoon_client::Gateway::bind(&config, cocoon_cli::money::LEDGERS)
+        .await
+        .unwrap();
+    let (api, admin) = (
+        format!("http://{}/v1/chat/completions", gateway.local_addr()),
+        format!("http://{}/readyz", gateway.admin_addr().unwrap()),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(gateway.run(stop.clone()));
+    let http = reqwest::Client::new();
+    wait_until_async("ready", || async {
+        http.get(&admin)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    backend.pace(Duration::from_millis(100));
+    let answer = http
+        .post(&api)
+        .json(&chat_body("hi", json!({"max_tokens": 15, "stream": true})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    stop.cancel();
+    let refused = reqwest::Client::new()
+        .post(&api)
+        .json(&chat_body("hi", json!({"max_tokens": 1})))
+        .send()
+        .await;
+    assert!(refused.is_err(), "a stopping gateway took a new request");
+    let readyz = http.get(&admin).send().await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    assert!(readyz.text().await.unwrap().contains("shutting down"));
+    let text = answer.text().await.unwrap();
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the gateway exits once its answers are done")
+        .unwrap()
+        .unwrap();
+}
