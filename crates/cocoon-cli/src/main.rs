@@ -361,6 +361,48 @@ fn reload_on_hangup(controls: cocoon_proxy::Controls) {
     let _ = controls;
 }
 
+/// On each SIGHUP, reads the worker's configuration file again and puts its `[prices]` in
+/// force; a file that changes anything else (which takes a restart) is refused with the
+/// reason in the log, and the prices in force stay.
+fn reload_prices_on_hangup(
+    path: std::path::PathBuf,
+    started: WorkerConfig,
+    set: impl Fn(cocoon_worker::PriceConfig) + Send + Sync + 'static,
+) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP: change prices with POST /prices on [admin]");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let new: WorkerConfig = match config::load(Some(&path)) {
+                Ok(c) => c,
+                Err(error) => {
+                    tracing::error!(%error, "SIGHUP: reload refused");
+                    continue;
+                }
+            };
+            let mut rest = new.clone();
+            rest.prices = started.prices.clone();
+            let same = |c: &WorkerConfig| serde_json::to_value(c).expect("configs serialize");
+            if same(&rest) != same(&started) {
+                tracing::error!(
+                    "SIGHUP: reload refused: a worker reloads only [prices]; the rest of its \
+                     configuration takes a restart, and the prices in force stay"
+                );
+                continue;
+            }
+            tracing::info!(prices = ?new.prices, "SIGHUP: prices reloaded");
+            set(new.prices);
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (path, started, set);
+}
+
 /// Cancelled at the first signal (the node stops taking work and lets what is in flight
 /// finish); a second signal exits at once.
 fn shutdown_on_signal() -> CancellationToken {
@@ -476,8 +518,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await?
                 .map(|l| (l, Duration::from_secs(cfg.payments.registry_refresh_secs)));
             let mut worker = Worker::new(
-                cfg.name,
-                cfg.proxy_addr,
+                cfg.name.clone(),
+                cfg.proxy_addr.clone(),
                 backend,
                 identity.clone(),
                 proxy,
@@ -493,6 +535,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(listener) = cfg.admin.bind().await? {
                 tracing::info!(addr = %listener.local_addr(), "operator's listener (/, /healthz, /readyz, /metrics, /status)");
                 tokio::spawn(worker.admin(listener, collateral.as_ref(), shutdown.clone()));
+            }
+            if let Some(path) = &config {
+                reload_prices_on_hangup(path.clone(), cfg.clone(), worker.price_setter());
             }
             if let Some((ledger, every)) = registry {
                 worker = worker.with_registry(ledger, every);

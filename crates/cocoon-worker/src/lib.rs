@@ -196,6 +196,14 @@ impl Worker {
         self
     }
 
+    /// Puts `prices` in force while the worker runs (its configuration file reloaded): each
+    /// proxy follows at its next health check. The handle stays valid after [`Self::run`]
+    /// takes the worker.
+    pub fn price_setter(&self) -> impl Fn(PriceConfig) + Send + Sync + 'static {
+        let prices = self.prices.clone();
+        move |new| *prices.write() = new
+    }
+
     /// Also serves each of `proxies` at the same time, over a connection of its own with the
     /// same proxy policy; the backends' capacity is shared by all of them.
     pub fn with_more_proxies(mut self, proxies: Vec<String>) -> Self {

@@ -374,3 +374,90 @@ async fn a_stopping_gateway_finishes_the_streams_in_flight() {
         .unwrap()
         .unwrap();
 }
+
+/// `cocoon worker` reloads its `[prices]` on SIGHUP, and its proxy follows at its next health
+/// check; a file that changes anything else is refused, and the prices in force stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_workers_prices_and_nothing_else() {
+    let net = DevNetwork::start(
+        DevOptions {
+            routing: cocoon_proxy::RoutingConfig {
+                health_interval_secs: 1,
+                ..Default::default()
+            },
+            ..test_options()
+        },
+        vec![],
+    )
+    .await
+    .unwrap();
+    allow_the_model(net.dev_ledger().unwrap()).await;
+    let dir = net.dir().to_owned();
+    let mut config = cocoon_worker::WorkerConfig {
+        name: "priced".into(),
+        proxy_addr: net.proxy_addr.to_string(),
+        key_file: Some(dir.join("priced.key")),
+        max_reconnect_secs: 1,
+        attester: net.dev_attester(),
+        proxy_policy: net.dev_policy(),
+        drain_secs: 0,
+        backends: vec![cocoon_worker::BackendConfig::Llama(
+            cocoon_engine::LlamaConfig {
+                model_path: model_path(),
+                threads: 1,
+                parallel: 1,
+                ..Default::default()
+            },
+        )],
+        ..Default::default()
+    };
+    let path = dir.join("priced.toml");
+    let write = |c: &cocoon_worker::WorkerConfig| {
+        std::fs::write(&path, toml::to_string(c).unwrap()).unwrap();
+    };
+    write(&config);
+    let log = dir.join("priced.log");
+    let mut worker = spawn_cocoon(&["worker"], &path, log.clone());
+    let price = || {
+        net.proxy_status()
+            .workers
+            .first()
+            .map(|w| (w.name.clone(), w.offers[0].price))
+    };
+    wait_until("the worker joins", Duration::from_secs(30), || {
+        price().is_some()
+    })
+    .await;
+    let hangup = || {
+        let pid = worker.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    config.prices.default = 33;
+    write(&config);
+    hangup();
+    wait_until(
+        "the proxy follows the new price",
+        Duration::from_secs(20),
+        || price() == Some(("priced".into(), 33)),
+    )
+    .await;
+    let mut renamed = config.clone();
+    renamed.name = "renamed".into();
+    renamed.prices.default = 44;
+    write(&renamed);
+    hangup();
+    wait_until("the refusal is logged", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("SIGHUP: reload refused")
+    })
+    .await;
+    // Two health checks later, still the prices in force.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(price(), Some(("priced".into(), 33)));
+    stop_gracefully(&mut worker).await;
+}
