@@ -306,7 +306,7 @@ pub(crate) struct BillRecord {
 struct Tally {
     verified: std::sync::atomic::AtomicU64,
     bad: std::sync::atomic::AtomicU64,
-    /// Nanoton the bills charged, checked out or not (a bad bill is still a charge).
+    /// Nanoton the bills that checked out charged (late bills included).
     spent: std::sync::atomic::AtomicU64,
 }
 
@@ -317,7 +317,7 @@ pub(crate) struct BillTally {
     pub verified: u64,
     /// Bills that did not (and answers that came without the bill they owed).
     pub bad: u64,
-    /// Nanoton the bills charged.
+    /// Nanoton the verified bills charged (a bad bill's cost is the proxy's unchecked word).
     pub spent_nanoton: u64,
 }
 
@@ -889,15 +889,10 @@ impl Parties {
             ))),
             None => return None,
         };
-        let tally = &self.record.tally;
-        if let Some(bill) = bill {
-            tally.spent.fetch_add(bill.cost, Ordering::Relaxed);
+        if bill.is_none() {
+            // An answer without the bill it owed: bad, and nothing to add to what was spent.
+            self.record.tally.bad.fetch_add(1, Ordering::Relaxed);
         }
-        match &verdict {
-            Ok(()) => &tally.verified,
-            Err(_) => &tally.bad,
-        }
-        .fetch_add(1, Ordering::Relaxed);
         Some(verdict.map_err(|fault| fault.reason()))
     }
 
@@ -914,6 +909,22 @@ impl Parties {
             },
             verdict => verdict,
         };
+        let tally = &self.record.tally;
+        match &verdict {
+            // Only a bill that checked out says what was charged: a bad one's cost is the
+            // proxy's unsigned word (and a replayed one charged nothing more).
+            Ok(()) => {
+                tally.verified.fetch_add(1, Ordering::Relaxed);
+                let _ = tally
+                    .spent
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_add(bill.cost))
+                    });
+            }
+            Err(_) => {
+                tally.bad.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         verdict.map_err(|fault| self.count(fault))
     }
 
@@ -1755,5 +1766,52 @@ mod tests {
         elsewhere.charge = hex::encode(&charge.0);
         let e = p.check(&elsewhere, usage(10)).unwrap_err();
         assert!(e.contains("network 8"), "{e}");
+    }
+
+    /// REVIEW, fixed: the operator's "spent" figure (`/status` `bills.spent_nanoton`, the gateway's
+    /// dashboard and `cocoon_gateway_bills{figure="spent_nanoton"}`) adds each bill's `cost`
+    /// as the proxy states it, checked out or not. `cost` is the proxy's unsigned word (the
+    /// signed charge is a counter): a proxy sends a bill whose cost does not check out, say
+    /// 2^64 - 100, and the atomic counter wraps, so the figure drops, hiding what the proxy
+    /// really charged (or it inflates it at will). What was charged is at most the counters
+    /// the charges moved (here 20 units of 20 nanoton) and at least the verified bill's cost.
+    #[tokio::test]
+    async fn review_gateway_spend_takes_a_bad_bills_cost_at_its_word() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = parties(&proxy, client, None);
+        let honest = bill(&proxy, client, 10, 10);
+        p.verdict(Some(&honest), usage(10)).await.unwrap().unwrap();
+        let mut forged = bill(&proxy, client, 20, 10);
+        forged.cost = u64::MAX - 99;
+        assert!(p.verdict(Some(&forged), usage(10)).await.unwrap().is_err());
+        let spent = p.record.tally().spent_nanoton;
+        assert!(
+            (honest.cost..=20 * 20).contains(&spent),
+            "spent {spent}: a proxy's bad bill set the operator's spend figure"
+        );
+    }
+
+    /// REVIEW, fixed: a bill sent again (a replay, refused as "billed before": the ledger charges its
+    /// counter range once) is added to the operator's spend figure again, so a proxy can make
+    /// the gateway's reported spend as large as it likes with one real charge.
+    #[tokio::test]
+    async fn review_gateway_spend_counts_a_replayed_bill_twice() {
+        let proxy = Wallet::from_seed([9; 32]);
+        let client = [2; 32];
+        let p = parties(&proxy, client, None);
+        let once = bill(&proxy, client, 10, 10);
+        p.verdict(Some(&once), usage(10)).await.unwrap().unwrap();
+        let again = p
+            .verdict(Some(&once), usage(10))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(again.contains("billed before"), "{again}");
+        assert_eq!(
+            p.record.tally().spent_nanoton,
+            once.cost,
+            "one charge, spent twice"
+        );
     }
 }

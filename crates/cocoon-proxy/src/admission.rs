@@ -33,6 +33,9 @@ pub struct Refusal {
 struct Policies {
     workers: RwLock<Arc<dyn PeerVerifier>>,
     clients: RwLock<Arc<dyn PeerVerifier>>,
+    /// Bumped by each replacement: a connection admitted under an older generation is
+    /// checked again before its next request.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -49,6 +52,7 @@ impl Admission {
             policies: Arc::new(Policies {
                 workers: RwLock::new(workers),
                 clients: RwLock::new(clients),
+                generation: Default::default(),
             }),
             refusals: Arc::default(),
             barred: Mutex::default(),
@@ -59,6 +63,32 @@ impl Admission {
     pub(crate) fn replace(&self, workers: Arc<dyn PeerVerifier>, clients: Arc<dyn PeerVerifier>) {
         *self.policies.workers.write() = workers;
         *self.policies.clients.write() = clients;
+        self.policies
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Which policies are in force: changes with each [`Self::replace`].
+    pub(crate) fn generation(&self) -> u64 {
+        self.policies
+            .generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the client policy in force still admits a client admitted under generation
+    /// `admitted_at` (checked again only when the policies changed since; then remembered).
+    pub(crate) fn client_still(
+        &self,
+        peer: &PeerCertificate,
+        admitted_at: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), VerifyError> {
+        let now = self.generation();
+        if admitted_at.load(std::sync::atomic::Ordering::SeqCst) == now {
+            return Ok(());
+        }
+        self.client(peer)?;
+        admitted_at.store(now, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// The worker policy in force.

@@ -16,11 +16,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_tls::{Fingerprint, PeerCertificate};
-use rustls::pki_types::{CertificateDer, UnixTime};
+use cocoon_tls::Fingerprint;
 
 use crate::config::ProxyConfig;
 use crate::server::State;
+
+/// Workers the operator may keep disabled at once.
+const MAX_DISABLED: usize = 10_000;
 
 /// The configuration in force and where it was read from, for reloads.
 #[derive(Debug)]
@@ -104,18 +106,9 @@ impl Controls {
     /// longer admits gets no new request, and is disconnected once its answers end.
     fn recheck_workers(&self) {
         for worker in self.state.workers.snapshot() {
-            let der = worker.link.certificate.lock().clone();
-            let admitted = PeerCertificate::parse(&CertificateDer::from(der), UnixTime::now())
-                .map_err(|e| e.to_string())
-                .and_then(|peer| {
-                    self.state
-                        .admission
-                        .worker(&peer)
-                        .map_err(|e| e.to_string())
-                });
-            if let Err(why) = admitted {
+            if let Err(why) = self.state.still_admitted(&worker) {
                 tracing::warn!(worker = %worker.name, reason = %why, "the reloaded worker policy no longer admits a connected worker: it is let go once its answers end");
-                worker.set_disabled(true);
+                worker.exclude();
                 tokio::spawn(async move {
                     while worker.in_flight() > 0 && !worker.link.evict.is_cancelled() {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -137,6 +130,12 @@ impl Controls {
         {
             let mut set = self.state.reloadable.disabled.lock();
             if disabled {
+                if set.len() >= MAX_DISABLED && !set.contains(&fingerprint) {
+                    return Err(format!(
+                        "{MAX_DISABLED} workers are disabled already: enable some first (or \
+                         unpin them in [worker_policy])"
+                    ));
+                }
                 set.insert(fingerprint);
             } else {
                 set.remove(&fingerprint);

@@ -202,10 +202,13 @@ pub struct WorkerStatus {
     pub served: u64,
     /// Whether it answered its last health check (it gets no requests while not).
     pub healthy: bool,
-    /// Kept out of routing by the operator, or by a reloaded policy that no longer admits it
-    /// (its answers in flight finish).
+    /// Kept out of routing by the operator (its answers in flight finish).
     #[serde(default)]
     pub disabled: bool,
+    /// The worker policy in force no longer admits it: it is routed nothing new and let go
+    /// once its answers end (whatever the operator says).
+    #[serde(default)]
+    pub leaving: bool,
     /// Its measured, time-decayed performance: what routing decides on.
     pub reputation: Reputation,
     /// How the worker proved what it runs: `tdx`, `dev` or `none`.
@@ -565,6 +568,7 @@ impl StatusSource for State {
                     served: w.served(),
                     healthy: w.healthy(),
                     disabled: w.disabled(),
+                    leaving: w.excluded(),
                     reputation: self.workers.reputation(w),
                     attestation: w.link.attestation.mode().to_owned(),
                     image_hash: w
@@ -709,6 +713,9 @@ impl State {
         };
         match alpn.as_deref() {
             Some(ALPN_CLIENT) => {
+                let admitted_at = Arc::new(std::sync::atomic::AtomicU64::new(
+                    self.admission.generation(),
+                ));
                 let Ok(verified) = self.admission.client(&peer) else {
                     return;
                 };
@@ -730,7 +737,19 @@ impl State {
                     cocoon_net::Tapped::new(tls, self.tap.get().cloned()),
                     idle,
                     |req| req.method() == Method::POST,
-                    move |req| state.clone().client_request(client, req),
+                    move |req| {
+                        let (state, peer, admitted_at) =
+                            (state.clone(), peer.clone(), admitted_at.clone());
+                        async move {
+                            // A reload may have narrowed the client policy since it connected.
+                            if let Err(e) = state.admission.client_still(&peer, &admitted_at) {
+                                return error_response(&ProtocolError::unavailable(format!(
+                                    "this proxy's client policy no longer admits this client: {e}"
+                                )));
+                            }
+                            state.client_request(client, req).await
+                        }
+                    },
                 )
                 .await;
             }
@@ -799,7 +818,9 @@ impl State {
             tracing::warn!(worker = %hello.name, %reason, "refused a worker's offer");
         }
         let evict = CancellationToken::new();
-        let entry = self.workers.add(
+        // In the market before its last check, held out of routing: a reload from here on
+        // checks it with every other worker, and one before has put the policy in force.
+        let entry = self.workers.add_joining(
             public_key,
             hello.name.clone(),
             hello.capacity,
@@ -818,10 +839,18 @@ impl State {
             },
         );
         entry.link.renew_certificate(&hello);
+        // Admitted at its handshake, maybe under a policy a reload replaced since.
+        if let Err(why) = self.still_admitted(&entry) {
+            tracing::warn!(worker = %hello.name, reason = %why, "the worker policy in force no longer admits a joining worker");
+            self.workers.remove(entry.id);
+            driver.abort();
+            return;
+        }
         if self.reloadable.disabled.lock().contains(&fingerprint) {
             tracing::info!(worker = %hello.name, "the operator disabled this worker: it is routed nothing");
             entry.set_disabled(true);
         }
+        entry.joined();
         if entry.link.attestation.is_development() {
             tracing::warn!(worker = %hello.name, "worker is attested by a DEVELOPMENT quote: it proves nothing about its machine");
         }
@@ -916,6 +945,20 @@ impl State {
             }
         }
         allowed
+    }
+
+    /// Whether the worker policy in force admits `entry`, on the certificate it presented.
+    pub(crate) fn still_admitted(&self, entry: &crate::WorkerEntry) -> Result<(), String> {
+        let der = entry.link.certificate.lock().clone();
+        let peer = cocoon_tls::PeerCertificate::parse(
+            &rustls::pki_types::CertificateDer::from(der),
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.admission
+            .worker(&peer)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// Takes the prices a connected worker's latest hello asks (its owner changed them), each

@@ -28,7 +28,7 @@ pub mod reputation;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cocoon_protocol::{ListedModel, ModelCard, ModelList};
@@ -77,6 +77,13 @@ impl From<&ModelCard> for Offer {
     }
 }
 
+/// [`Seller`] hold: its operator disabled it.
+pub const HELD_BY_OPERATOR: u8 = 1;
+/// [`Seller`] hold: the policy in force no longer admits it (for good).
+pub const HELD_BY_POLICY: u8 = 2;
+/// [`Seller`] hold: it is still joining.
+pub const HELD_WHILE_JOINING: u8 = 4;
+
 /// What a worker asks for one model now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Terms {
@@ -113,9 +120,9 @@ pub struct Seller<T> {
     in_flight_tokens: AtomicU64,
     served: AtomicU64,
     healthy: AtomicBool,
-    /// Set by the operator (or a reloaded policy that no longer admits it): routed nothing
-    /// new, its answers in flight finish.
-    disabled: AtomicBool,
+    /// Why it is held out of routing, whatever its health: [`HELD_BY_OPERATOR`],
+    /// [`HELD_BY_POLICY`], [`HELD_WHILE_JOINING`] (bits). Its answers in flight finish.
+    held: AtomicU8,
     perf: Mutex<Performance>,
 }
 
@@ -150,19 +157,40 @@ impl<T> Seller<T> {
         self.healthy.store(healthy, Ordering::Relaxed);
     }
 
-    /// Whether it is kept out of routing, whatever its health.
+    /// Whether its operator keeps it out of routing.
     pub fn disabled(&self) -> bool {
-        self.disabled.load(Ordering::Relaxed)
+        self.held.load(Ordering::SeqCst) & HELD_BY_OPERATOR != 0
     }
 
-    /// Keeps it out of routing (`true`) or lets it back in.
+    /// Keeps it out of routing (`true`) or lets it back in, as the operator says; a worker the
+    /// policy no longer admits stays out whatever the operator says.
     pub fn set_disabled(&self, disabled: bool) {
-        self.disabled.store(disabled, Ordering::Relaxed);
+        if disabled {
+            self.held.fetch_or(HELD_BY_OPERATOR, Ordering::SeqCst);
+        } else {
+            self.held.fetch_and(!HELD_BY_OPERATOR, Ordering::SeqCst);
+        }
     }
 
-    /// Whether it may be picked now: healthy and not disabled.
+    /// Keeps it out of routing for good: the policy in force no longer admits it.
+    pub fn exclude(&self) {
+        self.held.fetch_or(HELD_BY_POLICY, Ordering::SeqCst);
+    }
+
+    /// Whether the policy in force no longer admits it.
+    pub fn excluded(&self) -> bool {
+        self.held.load(Ordering::SeqCst) & HELD_BY_POLICY != 0
+    }
+
+    /// It has passed what joining checks ([`Market::add_joining`]): routable from now on,
+    /// unless held otherwise.
+    pub fn joined(&self) {
+        self.held.fetch_and(!HELD_WHILE_JOINING, Ordering::SeqCst);
+    }
+
+    /// Whether it may be picked now: healthy and held by nothing.
     pub fn available(&self) -> bool {
-        self.healthy() && !self.disabled()
+        self.healthy() && self.held.load(Ordering::SeqCst) == 0
     }
 
     /// Its terms for `model` now; `None` if it does not serve it.
@@ -369,6 +397,32 @@ impl<T> Market<T> {
         offers: Vec<Offer>,
         link: T,
     ) -> Arc<Seller<T>> {
+        self.insert(key, name, capacity, offers, link, 0)
+    }
+
+    /// [`Self::add`], held out of routing until [`Seller::joined`]: in the market from now
+    /// on (so that whatever checks every worker sees it), picked only once its last checks
+    /// pass.
+    pub fn add_joining(
+        &self,
+        key: [u8; 32],
+        name: String,
+        capacity: u32,
+        offers: Vec<Offer>,
+        link: T,
+    ) -> Arc<Seller<T>> {
+        self.insert(key, name, capacity, offers, link, HELD_WHILE_JOINING)
+    }
+
+    fn insert(
+        &self,
+        key: [u8; 32],
+        name: String,
+        capacity: u32,
+        offers: Vec<Offer>,
+        link: T,
+        held: u8,
+    ) -> Arc<Seller<T>> {
         let perf = self.departed.lock().remove(&key).unwrap_or_default();
         let seller = Arc::new(Seller {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -386,7 +440,7 @@ impl<T> Market<T> {
             in_flight_tokens: AtomicU64::new(0),
             served: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
-            disabled: AtomicBool::new(false),
+            held: AtomicU8::new(held),
             perf: Mutex::new(perf),
         });
         let mut index = self.index.write();

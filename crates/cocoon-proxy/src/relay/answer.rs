@@ -402,7 +402,14 @@ impl Answer {
         let (billing, hold) = (self.state.billing.clone()?, self.hold.take()?);
         let to = (hold, self.id, self.model.as_str());
         match settle(&billing, to, worker, usage, self.load.price).await {
-            Ok(bill) => Some((bill, usage.completion_tokens)),
+            Ok(bill) => {
+                // Charged like a finished answer, and counted the same.
+                let commission = billing.commission_of(&bill);
+                self.state
+                    .metrics
+                    .billed(&self.model, bill.cost, commission);
+                Some((bill, usage.completion_tokens))
+            }
             Err(error) => {
                 tracing::error!(%error, "settlement of a cut-off answer failed");
                 None

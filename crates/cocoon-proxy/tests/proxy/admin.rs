@@ -569,3 +569,45 @@ async fn review_a_client_cannot_make_up_the_gateways_metric_labels() {
         "every made-up model name became a series of the gateway's metrics:\n{metrics}"
     );
 }
+
+/// REVIEW, fixed: the proxy's `billed_nanoton` and `commission_nanoton` counters (what the dashboard
+/// shows as "billed" and "commission") are counted only where a finished answer is settled
+/// (`answer.rs`, the `Done` event), while an answer cut off after it delivered tokens is
+/// settled and charged too (`charge_delivered`), and counted in `/status`'s
+/// `payments.billed_nanoton`. Every stream a worker breaks off (or a client drops) is money
+/// charged that the metrics and the dashboard never show, so the operator's figures and the
+/// book disagree, and more so the more a worker misbehaves. Here a worker breaks off after two
+/// tokens: the status says they were billed, the metrics count nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_cut_off_answers_bill_is_missing_from_the_billed_metrics() {
+    use cocoon_testkit::backends::{Mode, Scripted};
+    let backend = Scripted::new(2048);
+    let net = admin_network(backend.clone()).await;
+    let proxy = net.proxy_admin().unwrap();
+    backend.set(Mode::DieAfterTwo);
+    let answer = reqwest::Client::new()
+        .post(format!("{}/chat/completions", net.gateway_url()))
+        .json(&cocoon_testkit::http::chat_body(
+            "Hi",
+            serde_json::json!({"max_tokens": 6, "stream": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let body = answer.text().await.unwrap();
+    assert!(body.contains("were billed"), "{body}");
+    let status: Value = serde_json::from_str(&admin_get(proxy, "/status").await.1).unwrap();
+    let billed = status["payments"]["billed_nanoton"].as_u64().unwrap();
+    let commission = status["payments"]["commission_nanoton"].as_u64().unwrap();
+    assert!(billed > 0, "{status}");
+    let (_, metrics) = admin_get(proxy, "/metrics").await;
+    assert_eq!(
+        (
+            sample(&metrics, "cocoon_proxy_billed_nanoton_total", &[]) as u64,
+            sample(&metrics, "cocoon_proxy_commission_nanoton_total", &[]) as u64,
+        ),
+        (billed, commission),
+        "the metrics miss what the book charged for a cut-off answer: {metrics}"
+    );
+}
