@@ -621,6 +621,7 @@ async fn run_bench(
                 Section::Engine,
                 Section::Memory,
                 Section::Payments,
+                Section::Load,
                 Section::Market,
             ]
         } else {
@@ -637,6 +638,7 @@ async fn run_bench(
             threads,
             ..Default::default()
         },
+        load: Default::default(),
         market: Default::default(),
         work_dir: work.path().to_owned(),
     };
@@ -648,6 +650,7 @@ async fn run_bench(
         options.engine.requests = 2;
         options.engine.requests_per_stream = 1;
         options.payments.requests /= 10;
+        options.load.requests /= 10;
         options.market.picks /= 10;
         options.market.quality_picks /= 10;
     }

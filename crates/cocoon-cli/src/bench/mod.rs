@@ -8,6 +8,8 @@
 //!   one stream and 1/4/16 concurrent streams;
 //! - [`memory`]: peak RSS of each role as its own process, idle and under load;
 //! - [`payments`]: the real model through the network without and with payments;
+//! - [`load`]: payments under load: 32 closed loops on the synthetic backend, with and
+//!   without payments;
 //! - [`market`]: the proxy's choice of worker among up to 10,000 simulated workers, sampled
 //!   against scoring them all.
 //!
@@ -15,6 +17,7 @@
 
 pub mod client;
 pub mod engine;
+pub mod load;
 pub mod market;
 pub mod memory;
 pub mod multiturn;
@@ -47,6 +50,8 @@ pub enum Section {
     Memory,
     /// The real model through the network, without and with payments.
     Payments,
+    /// Payments under load: many closed loops on the synthetic backend, with and without.
+    Load,
     /// The proxy's choice among many simulated workers, sampled against scoring them all.
     Market,
 }
@@ -66,6 +71,8 @@ pub struct BenchOptions {
     pub engine: engine::EngineOptions,
     /// Settings of the payments section.
     pub payments: payments::PaymentsOptions,
+    /// Settings of the payments-under-load section.
+    pub load: load::LoadOptions,
     /// Settings of the market section.
     pub market: market::MarketOptions,
     /// Where llama-server's log and the role processes' files go.
@@ -98,6 +105,8 @@ pub struct BenchReport {
     pub memory: Option<memory::MemoryReport>,
     /// Without vs with payments figures.
     pub payments: Option<payments::PaymentsReport>,
+    /// Payments under load.
+    pub load: Option<load::LoadReport>,
     /// Worker-choice figures.
     pub market: Option<market::MarketReport>,
 }
@@ -180,6 +189,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         multiturn: None,
         memory: None,
         payments: None,
+        load: None,
         market: None,
     };
     if on(Section::Path) {
@@ -256,6 +266,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         section("payments through the network");
         report.payments = Some(payments::run(&options.model, &options.payments).await?);
     }
+    if on(Section::Load) {
+        section("payments under load");
+        report.load = Some(load::run(&options.load).await?);
+    }
     if on(Section::Market) {
         section("choosing among many workers");
         let market = options.market.clone();
@@ -288,6 +302,10 @@ pub fn table(r: &BenchReport) -> String {
     }
     if let Some(p) = &r.payments {
         out.push_str(&payments::table(p));
+        out.push('\n');
+    }
+    if let Some(l) = &r.load {
+        out.push_str(&load::table(l));
         out.push('\n');
     }
     if let Some(m) = &r.market {

@@ -138,7 +138,7 @@ fn body(max_tokens: u32) -> Value {
     })
 }
 
-fn upstream(server: &Synthetic) -> anyhow::Result<Arc<dyn Backend>> {
+pub(super) fn upstream(server: &Synthetic) -> anyhow::Result<Arc<dyn Backend>> {
     Ok(Arc::new(UpstreamBackend::new(UpstreamConfig {
         url: server.url(),
         ca_file: None,
@@ -147,7 +147,8 @@ fn upstream(server: &Synthetic) -> anyhow::Result<Arc<dyn Backend>> {
             id: synthetic::MODEL.into(),
             upstream_id: None,
             context_length: 1 << 20,
-            model_hash: None,
+            // Declared, as a paid network's registry allows weights by their hash.
+            model_hash: Some(cocoon_testkit::backends::scripted_model_hash()),
         }],
         parallel: 1024,
         timeout_secs: 60,
@@ -167,7 +168,7 @@ fn check(answer: Answer, tokens: u32) -> anyhow::Result<Answer> {
 }
 
 /// Closed loops: `concurrency` tasks each sending requests until `total` are done.
-async fn closed_loop(
+pub(super) async fn closed_loop(
     http: &reqwest::Client,
     url: &str,
     tokens: u32,

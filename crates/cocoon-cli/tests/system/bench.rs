@@ -109,6 +109,20 @@ async fn path_and_engine_sections_report_consistent_figures() {
     assert!(large.speedup > 5.0, "{large:?}");
     assert_eq!(market.workers_growth, 200.0);
 
+    // Payments under load: every answer settled durably, with and without.
+    let load = bench::load::run(&bench::load::LoadOptions {
+        concurrency: 4,
+        requests: 40,
+        rounds: 1,
+        tokens: 4,
+    })
+    .await
+    .unwrap();
+    assert!(
+        load.with[0] > 0.0 && load.without[0] > 0.0 && load.ratio > 0.0,
+        "{load:?}"
+    );
+
     let report = bench::BenchReport {
         machine: bench::machine(),
         path: Some(path),
@@ -116,11 +130,13 @@ async fn path_and_engine_sections_report_consistent_figures() {
         multiturn: Some(multiturn),
         memory: None,
         payments: None,
+        load: Some(load),
         market: Some(market),
     };
     let table = bench::table(&report);
     assert!(table.contains("### Routing") && table.contains("### Concurrency"));
     assert!(table.contains("### Choosing a worker"));
+    assert!(table.contains("### Payments under load"));
     assert!(table.contains("### Multi-turn conversation"));
     let svg = bench::figure(&report).expect("path and engine are there");
     assert!(svg.contains("2 streams") && svg.contains("<polyline"));

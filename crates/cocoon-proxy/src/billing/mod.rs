@@ -163,6 +163,8 @@ pub(crate) struct Billing {
     /// Since when charges have waited for the ledger: set by the first charge after the book
     /// was all committed, cleared by a commit round that leaves nothing behind.
     waiting_since: Mutex<Option<Instant>>,
+    /// Settlements waiting for the book's next write, and whether a writer is at it.
+    settling: Mutex<Settling>,
     /// Nanoton billed since start, and of it the commission.
     billed: AtomicU64,
     commission: AtomicU64,
@@ -170,6 +172,15 @@ pub(crate) struct Billing {
     /// pending, not absent.
     open: Mutex<std::collections::HashSet<(PublicKey, RequestId)>>,
 }
+
+/// Settlements waiting to be written, each with where its outcome goes.
+#[derive(Default)]
+struct Settling {
+    waiting: Vec<(book::Settlement, SettleReply)>,
+    writing: bool,
+}
+
+type SettleReply = tokio::sync::oneshot::Sender<Result<book::Settled, String>>;
 
 fn payment_required(message: String) -> ProtocolError {
     ProtocolError::new(ErrorKind::PaymentRequired, message)
@@ -280,6 +291,7 @@ impl Billing {
             commits: AtomicU64::new(0),
             last_commit_error: Mutex::new(None),
             waiting_since: Mutex::new(None),
+            settling: Mutex::default(),
             billed: AtomicU64::new(0),
             commission: AtomicU64::new(0),
             open: Mutex::default(),
@@ -599,37 +611,25 @@ impl Billing {
             charge: hex::encode(&settled.charge.0),
             model_hash: model_hash.clone(),
         };
-        let billing = self.clone();
-        let (bill, settled) = tokio::task::spawn_blocking(move || {
-            let receipt = |settled: &book::Settled| {
+        let receipt: Option<book::ReceiptMaker> = id.map(|id| {
+            let bill = bill.clone();
+            let make = move |settled: &book::Settled| {
                 let late = LateBill::Billed {
                     billing: bill(settled),
                     usage,
                 };
                 serde_json::to_vec(&late).expect("a bill serializes")
             };
-            let receipt = id.map(|id| book::Receipt {
-                id: id.0,
-                at: unix_now(),
-                make: &receipt,
-            });
-            billing
-                .with_book(|book| {
-                    book.settle(
-                        billing.wallet.key_pair(),
-                        billing.network,
-                        client,
-                        worker,
-                        receipt,
-                    )
-                })
-                .map(|settled| settled.map(|s| (bill(&s), s)))
-        })
-        .await
-        .map_err(|e| ProtocolError::internal(e.to_string()))??
-        .map_err(|e| {
-            ProtocolError::internal(format!("the proxy could not record the charge: {e}"))
-        })?;
+            (id.0, unix_now(), Box::new(make) as Box<_>)
+        });
+        let settled = self
+            .write_settlement(book::Settlement {
+                client,
+                worker,
+                receipt,
+            })
+            .await?;
+        let bill = bill(&settled);
         // Released only now: until the book had it, the reservation covered this work.
         drop(hold);
         self.waiting_since.lock().get_or_insert_with(Instant::now);
@@ -642,6 +642,68 @@ impl Billing {
             message: hex::encode(&settled.payout.0),
         };
         Ok((bill, payout))
+    }
+
+    /// Writes `settlement` to the book, durably, with whatever other settlements wait: one
+    /// commit for all of them (group commit), each acknowledged only once it is on disk.
+    async fn write_settlement(
+        self: &Arc<Self>,
+        settlement: book::Settlement,
+    ) -> Result<book::Settled, ProtocolError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut queue = self.settling.lock();
+            queue.waiting.push((settlement, tx));
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if lead {
+            tokio::spawn(self.clone().write_settlements());
+        }
+        rx.await
+            .map_err(|_| ProtocolError::internal("the book's writer stopped"))?
+            .map_err(|e| {
+                ProtocolError::internal(format!("the proxy could not record the charge: {e}"))
+            })
+    }
+
+    /// Writes what waits, one transaction at a time, until nothing does.
+    async fn write_settlements(self: Arc<Self>) {
+        loop {
+            let waiting = {
+                let mut queue = self.settling.lock();
+                if queue.waiting.is_empty() {
+                    queue.writing = false;
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            let (settlements, replies): (Vec<_>, Vec<_>) = waiting.into_iter().unzip();
+            let billing = self.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                billing.with_book(|book| {
+                    book.settle_all(billing.wallet.key_pair(), billing.network, settlements)
+                })
+            })
+            .await;
+            match written {
+                Ok(Ok(Ok(results))) => {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result.map_err(|e| e.to_string()));
+                    }
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Ok(Err(e))) => e.to_string(),
+                        Ok(Err(e)) => e.message,
+                        Err(e) => e.to_string(),
+                        Ok(Ok(Ok(_))) => unreachable!("matched above"),
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(why.clone()));
+                    }
+                }
+            }
+        }
     }
 
     /// Closes the client's contract with the proxy's cooperation: commits the last charge, then
