@@ -335,30 +335,35 @@ async fn signalled() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-/// On each SIGHUP, reads the proxy's configuration file again and puts in force what may
-/// change without a restart; a bad file is refused with the reason in the log, and the
-/// configuration in force stays.
-fn reload_on_hangup(controls: cocoon_proxy::Controls) {
+/// Runs `each` on every SIGHUP (what a node reloads), for as long as the process runs.
+fn on_hangup(mut each: impl FnMut() + Send + 'static) {
     #[cfg(unix)]
     tokio::spawn(async move {
         let Ok(mut hangups) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
-            tracing::warn!("cannot listen for SIGHUP: reload with POST /reload on [admin]");
+            tracing::warn!("cannot listen for SIGHUP: use the [admin] listener's controls");
             return;
         };
         while hangups.recv().await.is_some() {
-            match controls.reload_file() {
-                Ok(changed) if changed.is_empty() => {
-                    tracing::info!("SIGHUP: the configuration file changes nothing");
-                }
-                Ok(changed) => tracing::info!(?changed, "SIGHUP: configuration reloaded"),
-                Err(error) => tracing::error!(%error, "SIGHUP: reload refused"),
-            }
+            each();
         }
     });
     #[cfg(not(unix))]
-    let _ = controls;
+    let _ = each;
+}
+
+/// On each SIGHUP, reads the proxy's configuration file again and puts in force what may
+/// change without a restart; a bad file is refused with the reason in the log, and the
+/// configuration in force stays.
+fn reload_on_hangup(controls: cocoon_proxy::Controls) {
+    on_hangup(move || match controls.reload_file() {
+        Ok(changed) if changed.is_empty() => {
+            tracing::info!("SIGHUP: the configuration file changes nothing");
+        }
+        Ok(changed) => tracing::info!(?changed, "SIGHUP: configuration reloaded"),
+        Err(error) => tracing::error!(%error, "SIGHUP: reload refused"),
+    });
 }
 
 /// On each SIGHUP, reads the worker's configuration file again and puts its `[prices]` in
@@ -369,38 +374,27 @@ fn reload_prices_on_hangup(
     started: WorkerConfig,
     set: impl Fn(cocoon_worker::PriceConfig) + Send + Sync + 'static,
 ) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            tracing::warn!("cannot listen for SIGHUP: change prices with POST /prices on [admin]");
-            return;
-        };
-        while hangups.recv().await.is_some() {
-            let new: WorkerConfig = match config::load(Some(&path)) {
-                Ok(c) => c,
-                Err(error) => {
-                    tracing::error!(%error, "SIGHUP: reload refused");
-                    continue;
-                }
-            };
-            let mut rest = new.clone();
-            rest.prices = started.prices.clone();
-            let same = |c: &WorkerConfig| serde_json::to_value(c).expect("configs serialize");
-            if same(&rest) != same(&started) {
-                tracing::error!(
-                    "SIGHUP: reload refused: a worker reloads only [prices]; the rest of its \
-                     configuration takes a restart, and the prices in force stay"
-                );
-                continue;
+    on_hangup(move || {
+        let new: WorkerConfig = match config::load(Some(&path)) {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: reload refused");
+                return;
             }
-            tracing::info!(prices = ?new.prices, "SIGHUP: prices reloaded");
-            set(new.prices);
+        };
+        let mut rest = new.clone();
+        rest.prices = started.prices.clone();
+        let same = |c: &WorkerConfig| serde_json::to_value(c).expect("configs serialize");
+        if same(&rest) != same(&started) {
+            tracing::error!(
+                "SIGHUP: reload refused: a worker reloads only [prices]; the rest of its \
+                 configuration takes a restart, and the prices in force stay"
+            );
+            return;
         }
+        tracing::info!(prices = ?new.prices, "SIGHUP: prices reloaded");
+        set(new.prices);
     });
-    #[cfg(not(unix))]
-    let _ = (path, started, set);
 }
 
 /// Cancelled at the first signal (the node stops taking work and lets what is in flight

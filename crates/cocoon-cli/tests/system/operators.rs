@@ -63,6 +63,16 @@ async fn cocoon_status_shows_readiness_status_and_counts() {
     );
 }
 
+/// Sends SIGHUP to `child`.
+fn hang_up(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 /// `cocoon proxy` reloads its configuration file on SIGHUP: a change it may take is put in
 /// force (the log says which sections), one that takes a restart is refused with the reason
 /// and the proxy goes on as it was.
@@ -102,14 +112,7 @@ async fn sighup_reloads_the_proxy_and_a_bad_file_changes_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let hangup = || {
-        let pid = proxy.id().unwrap().to_string();
-        let sent = std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    };
+    let hangup = || hang_up(&proxy);
     let logged = |what: &str| {
         let what = what.to_owned();
         let log = log.clone();
@@ -428,14 +431,7 @@ async fn sighup_reloads_a_workers_prices_and_nothing_else() {
         price().is_some()
     })
     .await;
-    let hangup = || {
-        let pid = worker.id().unwrap().to_string();
-        let sent = std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    };
+    let hangup = || hang_up(&worker);
     config.prices.default = 33;
     write(&config);
     hangup();

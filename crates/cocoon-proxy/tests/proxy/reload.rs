@@ -58,6 +58,60 @@ fn proxy_config(dir: &std::path::Path, pins: &[String]) -> ProxyConfig {
     }
 }
 
+/// Worker keys, one per name, kept in `dir`.
+fn identities(dir: &std::path::Path, names: &[&str]) -> Vec<Arc<Identity>> {
+    names
+        .iter()
+        .map(|n| {
+            Arc::new(
+                Identity::load_or_create(&dir.join(format!("{n}.key")), "cocoon-worker").unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A proxy running until `stop`: where it listens, its operator's listener, its key, its
+/// controls.
+struct Running {
+    addr: String,
+    admin: String,
+    fingerprint: String,
+    controls: cocoon_proxy::Controls,
+}
+
+fn start(proxy: Proxy, stop: &CancellationToken) -> Running {
+    let running = Running {
+        addr: proxy.local_addr().to_string(),
+        admin: format!("http://{}", proxy.admin_addr().unwrap()),
+        fingerprint: proxy.fingerprint().to_string(),
+        controls: proxy.controls(),
+    };
+    tokio::spawn(proxy.run(stop.clone()));
+    running
+}
+
+/// A gateway (no payments, requests in clear) to the proxy at `addr` with key `proxy`, until
+/// `stop`; its chat completions URL.
+async fn gateway(addr: &str, proxy: &str, stop: &CancellationToken) -> String {
+    let gateway = Gateway::bind(
+        &ClientConfig {
+            listen: "127.0.0.1:0".into(),
+            proxy_addr: addr.to_owned(),
+            proxy_policy: PeerPolicy {
+                fingerprints: vec![proxy.to_owned()],
+                ..PeerPolicy::default()
+            },
+            ..ClientConfig::default()
+        },
+        LEDGERS,
+    )
+    .await
+    .unwrap();
+    let chat = format!("http://{}/v1/chat/completions", gateway.local_addr());
+    tokio::spawn(gateway.run(stop.clone()));
+    chat
+}
+
 async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !done().await {
@@ -73,15 +127,7 @@ async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_admits_a_new_pin_while_streams_go_on_and_a_bad_one_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let ids: Vec<Arc<Identity>> = ["a", "b"]
-        .iter()
-        .map(|n| {
-            Arc::new(
-                Identity::load_or_create(&dir.path().join(format!("{n}.key")), "cocoon-worker")
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let ids = identities(dir.path(), &["a", "b"]);
     let fp = |i: usize| ids[i].fingerprint().to_string();
     let file = dir.path().join("proxy.toml");
     let write = |config: &ProxyConfig| {
@@ -93,33 +139,18 @@ async fn a_reload_admits_a_new_pin_while_streams_go_on_and_a_bad_one_changes_not
         .await
         .unwrap()
         .with_config_file(file.clone());
-    let (addr, admin) = (
-        proxy.local_addr().to_string(),
-        format!("http://{}", proxy.admin_addr().unwrap()),
-    );
-    let proxy_fp = proxy.fingerprint().to_string();
     let stop = CancellationToken::new();
-    tokio::spawn(proxy.run(stop.clone()));
+    let Running {
+        addr,
+        admin,
+        fingerprint: proxy_fp,
+        ..
+    } = start(proxy, &stop);
     let (first, second) = (Scripted::new(2048), Scripted::new(2048));
     for (i, backend) in [&first, &second].into_iter().enumerate() {
         tokio::spawn(worker(&ids[i], backend, &addr, &proxy_fp).run(stop.clone()));
     }
-    let gateway = Gateway::bind(
-        &ClientConfig {
-            listen: "127.0.0.1:0".into(),
-            proxy_addr: addr.clone(),
-            proxy_policy: PeerPolicy {
-                fingerprints: vec![proxy_fp.clone()],
-                ..PeerPolicy::default()
-            },
-            ..ClientConfig::default()
-        },
-        LEDGERS,
-    )
-    .await
-    .unwrap();
-    let chat = format!("http://{}/v1/chat/completions", gateway.local_addr());
-    tokio::spawn(gateway.run(stop.clone()));
+    let chat = gateway(&addr, &proxy_fp, &stop).await;
     let http = reqwest::Client::new();
     let status = || async {
         reqwest::get(format!("{admin}/status"))
@@ -322,27 +353,18 @@ fn routable(s: &Value, fingerprint: &str) -> bool {
 async fn review_a_worker_admitted_before_a_reload_joins_after_it_unchecked() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let ids: Vec<Arc<Identity>> = ["a", "b"]
-        .iter()
-        .map(|n| {
-            Arc::new(
-                Identity::load_or_create(&dir.path().join(format!("{n}.key")), "cocoon-worker")
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let ids = identities(dir.path(), &["a", "b"]);
     let fp = |i: usize| ids[i].fingerprint().to_string();
     let proxy = Proxy::bind(&proxy_config(dir.path(), &[fp(0)]), LEDGERS)
         .await
         .unwrap();
-    let (addr, admin) = (
-        proxy.local_addr().to_string(),
-        format!("http://{}", proxy.admin_addr().unwrap()),
-    );
-    let proxy_fp = proxy.fingerprint().to_string();
-    let controls = proxy.controls();
     let stop = CancellationToken::new();
-    tokio::spawn(proxy.run(stop.clone()));
+    let Running {
+        addr,
+        admin,
+        fingerprint: proxy_fp,
+        controls,
+    } = start(proxy, &stop);
 
     // Worker A by hand: it answers the proxy's hello only once released.
     let (asked, released, answered) = (
@@ -446,14 +468,13 @@ async fn review_a_client_the_reloaded_policy_refuses_is_still_served() {
         ..proxy_config(dir.path(), &[w.fingerprint().to_string()])
     };
     let proxy = Proxy::bind(&admitting(&client), LEDGERS).await.unwrap();
-    let (addr, admin) = (
-        proxy.local_addr().to_string(),
-        format!("http://{}", proxy.admin_addr().unwrap()),
-    );
-    let proxy_fp = proxy.fingerprint().to_string();
-    let controls = proxy.controls();
     let stop = CancellationToken::new();
-    tokio::spawn(proxy.run(stop.clone()));
+    let Running {
+        addr,
+        admin,
+        fingerprint: proxy_fp,
+        controls,
+    } = start(proxy, &stop);
     let backend = Scripted::new(2048);
     tokio::spawn(worker(&w, &backend, &addr, &proxy_fp).run(stop.clone()));
     wait_for("the worker joins", async || {
@@ -512,45 +533,21 @@ async fn review_a_client_the_reloaded_policy_refuses_is_still_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_enabling_a_worker_the_reloaded_policy_refuses_routes_it_prompts() {
     let dir = tempfile::tempdir().unwrap();
-    let ids: Vec<Arc<Identity>> = ["a", "b"]
-        .iter()
-        .map(|n| {
-            Arc::new(
-                Identity::load_or_create(&dir.path().join(format!("{n}.key")), "cocoon-worker")
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let ids = identities(dir.path(), &["a", "b"]);
     let fp = |i: usize| ids[i].fingerprint().to_string();
     let proxy = Proxy::bind(&proxy_config(dir.path(), &[fp(0)]), LEDGERS)
         .await
         .unwrap();
-    let (addr, admin) = (
-        proxy.local_addr().to_string(),
-        format!("http://{}", proxy.admin_addr().unwrap()),
-    );
-    let proxy_fp = proxy.fingerprint().to_string();
-    let controls = proxy.controls();
     let stop = CancellationToken::new();
-    tokio::spawn(proxy.run(stop.clone()));
+    let Running {
+        addr,
+        admin,
+        fingerprint: proxy_fp,
+        controls,
+    } = start(proxy, &stop);
     let first = Scripted::new(2048);
     tokio::spawn(worker(&ids[0], &first, &addr, &proxy_fp).run(stop.clone()));
-    let gateway = Gateway::bind(
-        &ClientConfig {
-            listen: "127.0.0.1:0".into(),
-            proxy_addr: addr.clone(),
-            proxy_policy: PeerPolicy {
-                fingerprints: vec![proxy_fp.clone()],
-                ..PeerPolicy::default()
-            },
-            ..ClientConfig::default()
-        },
-        LEDGERS,
-    )
-    .await
-    .unwrap();
-    let chat = format!("http://{}/v1/chat/completions", gateway.local_addr());
-    tokio::spawn(gateway.run(stop.clone()));
+    let chat = gateway(&addr, &proxy_fp, &stop).await;
     let http = reqwest::Client::new();
     wait_for("A joins", async || {
         routable(&admin_status(&admin).await, &fp(0))
