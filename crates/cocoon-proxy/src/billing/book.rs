@@ -270,7 +270,10 @@ impl Book {
             }
             out.push(signed);
         }
-        self.commit(batch)?;
+        // Nothing to write when every settlement failed: no sync, and their errors stand.
+        if !batch.clients.is_empty() {
+            self.commit(batch)?;
+        }
         Ok(out)
     }
 

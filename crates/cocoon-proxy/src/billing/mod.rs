@@ -176,11 +176,12 @@ pub(crate) struct Billing {
 /// Settlements waiting to be written, each with where its outcome goes.
 #[derive(Default)]
 struct Settling {
-    waiting: Vec<(book::Settlement, SettleReply)>,
+    /// Each with its reply and the reservation covering its work until it is written.
+    waiting: Vec<(book::Settlement, SettleReply, Hold)>,
     writing: bool,
 }
 
-type SettleReply = tokio::sync::oneshot::Sender<Result<book::Settled, String>>;
+type SettleReply = tokio::sync::oneshot::Sender<Result<book::Settled, ProtocolError>>;
 
 fn payment_required(message: String) -> ProtocolError {
     ProtocolError::new(ErrorKind::PaymentRequired, message)
@@ -622,16 +623,19 @@ impl Billing {
             };
             (id.0, unix_now(), Box::new(make) as Box<_>)
         });
+        // The hold goes with the settlement: released by the writer once the book has it (or
+        // could not take it), even if this request goes away meanwhile.
         let settled = self
-            .write_settlement(book::Settlement {
-                client,
-                worker,
-                receipt,
-            })
+            .write_settlement(
+                book::Settlement {
+                    client,
+                    worker,
+                    receipt,
+                },
+                hold,
+            )
             .await?;
         let bill = bill(&settled);
-        // Released only now: until the book had it, the reservation covered this work.
-        drop(hold);
         self.waiting_since.lock().get_or_insert_with(Instant::now);
         self.billed.fetch_add(bill.cost, Ordering::Relaxed);
         self.commission
@@ -649,11 +653,12 @@ impl Billing {
     async fn write_settlement(
         self: &Arc<Self>,
         settlement: book::Settlement,
+        hold: Hold,
     ) -> Result<book::Settled, ProtocolError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let lead = {
             let mut queue = self.settling.lock();
-            queue.waiting.push((settlement, tx));
+            queue.waiting.push((settlement, tx, hold));
             !std::mem::replace(&mut queue.writing, true)
         };
         if lead {
@@ -661,9 +666,6 @@ impl Billing {
         }
         rx.await
             .map_err(|_| ProtocolError::internal("the book's writer stopped"))?
-            .map_err(|e| {
-                ProtocolError::internal(format!("the proxy could not record the charge: {e}"))
-            })
     }
 
     /// Writes what waits, one transaction at a time, until nothing does.
@@ -677,7 +679,14 @@ impl Billing {
                 }
                 std::mem::take(&mut queue.waiting)
             };
-            let (settlements, replies): (Vec<_>, Vec<_>) = waiting.into_iter().unzip();
+            let mut settlements = Vec::with_capacity(waiting.len());
+            let mut replies = Vec::with_capacity(waiting.len());
+            let mut holds = Vec::with_capacity(waiting.len());
+            for (settlement, reply, hold) in waiting {
+                settlements.push(settlement);
+                replies.push(reply);
+                holds.push(hold);
+            }
             let billing = self.clone();
             let written = tokio::task::spawn_blocking(move || {
                 billing.with_book(|book| {
@@ -685,21 +694,27 @@ impl Billing {
                 })
             })
             .await;
+            // Written or refused, the work is in the book or was not done: the reservations go.
+            drop(holds);
+            let unrecorded = |e: &dyn std::fmt::Display| {
+                ProtocolError::internal(format!("the proxy could not record the charge: {e}"))
+            };
             match written {
                 Ok(Ok(Ok(results))) => {
                     for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(result.map_err(|e| e.to_string()));
+                        let _ = reply.send(result.map_err(|e| unrecorded(&e)));
                     }
                 }
                 failed => {
-                    let why = match failed {
-                        Ok(Ok(Err(e))) => e.to_string(),
-                        Ok(Err(e)) => e.message,
-                        Err(e) => e.to_string(),
+                    let error = match failed {
+                        Ok(Ok(Err(e))) => unrecorded(&e),
+                        // The book is closed: the proxy is shutting down.
+                        Ok(Err(e)) => e,
+                        Err(e) => unrecorded(&e),
                         Ok(Ok(Ok(_))) => unreachable!("matched above"),
                     };
                     for reply in replies {
-                        let _ = reply.send(Err(why.clone()));
+                        let _ = reply.send(Err(error.clone()));
                     }
                 }
             }
@@ -914,5 +929,103 @@ mod tests {
         // An entry older than the TTL no longer refuses.
         absent.0.insert([3; 32], Instant::now() - ABSENT_TTL);
         assert!(!absent.recently(&[3; 32]));
+    }
+
+    /// A payments-on [`Billing`] over a book and an embedded ledger in `dir` (no contracts:
+    /// enough to settle, which names contracts without reading them).
+    fn billing_at(dir: &std::path::Path) -> Arc<Billing> {
+        let wallet = Arc::new(Wallet::from_seed([9; 32]));
+        let ledger = cocoon_ledger::EmbeddedLedger::open(&dir.join("ledger.redb"), [1; 32])
+            .expect("ledger opens");
+        let book = Book::open(&dir.join("book.redb"), wallet.public_key()).expect("book opens");
+        Arc::new(Billing {
+            ledger: Arc::new(ledger),
+            ledger_url: "embedded".into(),
+            network: Network::basechain(7),
+            wallet,
+            book: Mutex::new(Some(book)),
+            params: RwLock::new(NetworkParams::default()),
+            clients: Mutex::new(HashMap::new()),
+            absent: Mutex::default(),
+            commits: AtomicU64::new(0),
+            last_commit_error: Mutex::new(None),
+            waiting_since: Mutex::new(None),
+            settling: Mutex::default(),
+            billed: AtomicU64::new(0),
+            commission: AtomicU64::new(0),
+            open: Mutex::default(),
+        })
+    }
+
+    /// REVIEW, fixed: `settle` said the hold is "released only now: until the book had it, the
+    /// reservation covered this work", but the hold lives in `settle`'s future while the
+    /// settlement itself is handed to the group-commit queue. A future dropped while its
+    /// settlement waits there (a batch being written ahead of it) releases the reservation at
+    /// once, and the settlement is still written later: for that window the work is in neither
+    /// the book nor a reservation. `reserve` then admits more than the stake covers, and
+    /// `refund` (which refuses only while `reserved > 0`) commits the record without the
+    /// queued charge and refunds the client in full, after which the queued settlement signs
+    /// a charge the closed contract never pays and a payout the proxy owes the worker.
+    /// Latent today (the only caller, `Answer::relay`, runs in its own task), and the old
+    /// detached `spawn_blocking` had the same shape; the hold should travel with the
+    /// settlement (dropped by the writer after the commit), not with the waiting future.
+    #[tokio::test]
+    async fn review_a_queued_settlement_keeps_its_reservation_when_its_caller_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let billing = billing_at(dir.path());
+        let (client, worker) = ([2u8; 32], [3u8; 32]);
+        let price = u64::try_from(NetworkParams::default().price_per_token).unwrap();
+        // What `reserve` would hold for 1000 weighted tokens at the floor.
+        let amount: Nanoton = 1_000 * Nanoton::from(price);
+        billing.clients.lock().insert(
+            client,
+            ClientView {
+                contract: None,
+                fetched: Instant::now(),
+                reserved: amount,
+                closing: false,
+                forced_commit: None,
+            },
+        );
+        let hold = Hold {
+            billing: billing.clone(),
+            client,
+            amount,
+        };
+        let usage = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 10,
+            ..Usage::default()
+        };
+        // Another batch is being written: this settlement waits in the queue behind it.
+        billing.settling.lock().writing = true;
+        let mut settling = Box::pin(billing.settle(hold, None, worker, usage, (price, None)));
+        let waited = tokio::time::timeout(Duration::from_millis(200), &mut settling).await;
+        assert!(
+            waited.is_err(),
+            "the settlement waits for the batch ahead of it"
+        );
+        assert_eq!(billing.settling.lock().waiting.len(), 1, "queued");
+        // Its caller goes (its task cancelled) while the settlement is queued.
+        drop(settling);
+        let reserved_while_queued = billing
+            .clients
+            .lock()
+            .get(&client)
+            .map_or(0, |v| v.reserved);
+        let charged_while_queued = billing.charged(&client);
+        // The batch ahead ends; the writer takes what waits, this settlement included.
+        billing.clone().write_settlements().await;
+        let written = billing.charged(&client);
+        assert!(
+            written > 0,
+            "the queued settlement is still written after its caller went"
+        );
+        assert!(
+            reserved_while_queued > 0 || charged_while_queued > 0,
+            "while its settlement was queued, the {written} tokens of work were covered by \
+             neither the book ({charged_while_queued} charged) nor a reservation \
+             ({reserved_while_queued} nanoton reserved)"
+        );
     }
 }

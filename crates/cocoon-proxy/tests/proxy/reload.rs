@@ -171,16 +171,16 @@ async fn a_reload_admits_a_new_pin_while_streams_go_on_and_a_bad_one_changes_not
         connected(&status().await, 0)
     })
     .await;
-    let s = status().await;
-    assert!(!connected(&s, 1), "an unpinned worker joined");
-    assert!(
-        s["recent_refusals"]
+    // The unpinned worker keeps knocking and is refused each time.
+    wait_for("the unpinned worker's refusal", async || {
+        status().await["recent_refusals"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|r| r["fingerprint"] == fp(1)),
-        "{s}"
-    );
+            .any(|r| r["fingerprint"] == fp(1))
+    })
+    .await;
+    assert!(!connected(&status().await, 1), "an unpinned worker joined");
 
     // A stream to the first worker, 20 tokens 100 ms apart.
     first.pace(Duration::from_millis(100));
