@@ -553,10 +553,12 @@ impl StatusSource for State {
             payments: self.billing.as_ref().map(|b| b.status()),
             models: self.workers.models().models,
             price_floor: self.workers.floor(),
+            // A worker still joining is not shown until its last check passed.
             workers: self
                 .workers
                 .snapshot()
                 .iter()
+                .filter(|w| !w.joining())
                 .map(|w| WorkerStatus {
                     name: w.name.clone(),
                     fingerprint: w.link.fingerprint.to_string(),
@@ -999,6 +1001,7 @@ impl State {
                 .workers
                 .snapshot()
                 .iter()
+                .filter(|w| !w.joining())
                 .fold(LoadStatus::default(), |l, w| {
                     l.add(w.healthy(), w.capacity, w.in_flight())
                 }),

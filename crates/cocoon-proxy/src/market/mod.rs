@@ -177,6 +177,11 @@ impl<T> Seller<T> {
         self.held.fetch_or(HELD_BY_POLICY, Ordering::SeqCst);
     }
 
+    /// Whether it is still joining ([`Market::add_joining`]).
+    pub fn joining(&self) -> bool {
+        self.held.load(Ordering::SeqCst) & HELD_WHILE_JOINING != 0
+    }
+
     /// Whether the policy in force no longer admits it.
     pub fn excluded(&self) -> bool {
         self.held.load(Ordering::SeqCst) & HELD_BY_POLICY != 0
@@ -806,28 +811,35 @@ impl<T> Market<T> {
         self.penalty.notified().await;
     }
 
-    /// Models served by at least one worker: the largest context, the price range, the count.
+    /// Models served by at least one worker that has joined: the largest context, the price
+    /// range, the count.
     pub fn models(&self) -> ModelList {
         let index = self.index.read();
         let mut models: Vec<ListedModel> = index
             .books
             .iter()
-            .map(|(id, book)| ListedModel {
-                card: ModelCard {
-                    id: id.clone(),
-                    context_length: book
-                        .by_price
-                        .iter()
-                        .filter_map(|(_, s)| s.offer(id))
-                        .map(|o| o.context_length)
-                        .max()
-                        .unwrap_or(0),
-                    min_price: self.effective(book.by_price[0].0),
-                    // Workers of one model may run weights of different allowed hashes.
-                    model_hash: None,
-                },
-                workers: book.by_price.len() as u32,
-                max_price: self.effective(book.by_price[book.by_price.len() - 1].0),
+            .filter_map(|(id, book)| {
+                // A worker still joining is not served yet: announced, a request could find it
+                // held.
+                let joined: Vec<&(u64, Arc<Seller<T>>)> =
+                    book.by_price.iter().filter(|(_, s)| !s.joining()).collect();
+                let (cheapest, dearest) = (joined.first()?.0, joined.last()?.0);
+                Some(ListedModel {
+                    card: ModelCard {
+                        id: id.clone(),
+                        context_length: joined
+                            .iter()
+                            .filter_map(|(_, s)| s.offer(id))
+                            .map(|o| o.context_length)
+                            .max()
+                            .unwrap_or(0),
+                        min_price: self.effective(cheapest),
+                        // Workers of one model may run weights of different allowed hashes.
+                        model_hash: None,
+                    },
+                    workers: joined.len() as u32,
+                    max_price: self.effective(dearest),
+                })
             })
             .collect();
         models.sort_by(|a, b| a.card.id.cmp(&b.card.id));
