@@ -23,7 +23,7 @@
 //! a verdict is given, so a restart forgets neither.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -219,7 +219,7 @@ impl Ticket {
                         ..Claimed::default()
                     },
                 );
-                if let Err(e) = self.record.persist(&kept) {
+                if let Err(e) = self.record.persist(&mut kept) {
                     kept.claimed.remove(&key);
                     return Err(e);
                 }
@@ -260,7 +260,7 @@ impl Drop for Ticket {
             reached: false,
             receipt: self.sealed.get().and_then(|o| o.lock().receipt().cloned()),
         });
-        if let Err(e) = self.record.persist(&kept) {
+        if let Err(e) = self.record.persist(&mut kept) {
             tracing::error!(error = %e, "a request without a bill was not recorded durably");
         }
         drop(kept);
@@ -285,6 +285,8 @@ pub(crate) struct BillRecord {
     /// Where `kept` is written after every change; `None` keeps it in memory only.
     path: Option<PathBuf>,
     kept: Mutex<Kept>,
+    /// Woken when a write of `kept` ends.
+    written: parking_lot::Condvar,
     /// Requests in flight, per contract, and (`None`) those whose proxy is being chosen
     /// (memory only: after a restart none is).
     in_flight: Mutex<HashMap<Option<Address>, InFlight>>,
@@ -338,14 +340,24 @@ struct Kept {
     claimed: HashMap<String, Claimed>,
     /// Bad bills per proxy key (hex).
     bad: HashMap<String, u32>,
+    /// How far the file has caught up with the changes (memory only).
+    #[serde(skip)]
+    sync: Writes,
 }
 
-impl Kept {
-    /// Writes the record to `path` atomically: a crash leaves the old record or the new one.
-    fn write(&self, path: &Path) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(self).expect("the record serializes");
-        cocoon_ledger::write_atomically(path, &bytes)
-    }
+/// The record's writes, grouped: changes made while a write is under way go to disk together
+/// in the next one.
+#[derive(Debug, Default)]
+struct Writes {
+    /// Changes made so far.
+    changes: u64,
+    /// Changes on disk.
+    written: u64,
+    /// A write is under way (its writer has let go of the record meanwhile).
+    writing: bool,
+    /// Why a write failed: from then on nothing more is given a verdict, since what is on
+    /// disk may be behind what was answered (until the gateway restarts on its file).
+    broken: Option<String>,
 }
 
 impl BillRecord {
@@ -377,6 +389,7 @@ impl BillRecord {
             max_bad_bills: max_bad_bills.max(1),
             path,
             kept: Mutex::new(kept),
+            written: parking_lot::Condvar::new(),
             in_flight: Mutex::new(HashMap::new()),
             late: tokio::sync::Notify::new(),
             tickets: std::sync::atomic::AtomicU64::new(0),
@@ -511,14 +524,69 @@ impl BillRecord {
         }
     }
 
-    /// Writes the record where it is kept. Synchronous on purpose: a verdict is given only
-    /// once what it claimed is durable, and the file stays small (touching ranges merge).
-    fn persist(&self, kept: &Kept) -> Result<(), String> {
-        match &self.path {
-            Some(path) => kept
-                .write(path)
-                .map_err(|e| format!("the bill record {} cannot be written: {e}", path.display())),
-            None => Ok(()),
+    /// Makes the change just made to `kept` durable before it returns. A verdict is given only
+    /// once what it claimed is on disk, so this waits (blocking: the file stays small, as
+    /// touching ranges merge). Changes made while another is being written go to disk together
+    /// in the next write (group commit): one write and sync for many answers ending at once,
+    /// each answered only once a write holding it is done. A failed write fails every change
+    /// waiting on it, and all that come after (the record is then behind the answers given).
+    fn persist(&self, kept: &mut parking_lot::MutexGuard<'_, Kept>) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        // On the runtime's worker threads, waiting would hold the thread and with it the other
+        // requests, which could then not join the write under way: the runtime moves them
+        // elsewhere while this one waits.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| self.wait_durable(path, kept))
+        } else {
+            self.wait_durable(path, kept)
+        }
+    }
+
+    /// [`Self::persist`]'s wait: the change just made is on disk, by this thread's write or
+    /// another's.
+    fn wait_durable(
+        &self,
+        path: &std::path::Path,
+        kept: &mut parking_lot::MutexGuard<'_, Kept>,
+    ) -> Result<(), String> {
+        kept.sync.changes += 1;
+        let mine = kept.sync.changes;
+        loop {
+            if let Some(why) = &kept.sync.broken {
+                return Err(why.clone());
+            }
+            if kept.sync.written >= mine {
+                return Ok(());
+            }
+            if kept.sync.writing {
+                self.written.wait(kept);
+                continue;
+            }
+            kept.sync.writing = true;
+            let (upto, bytes) = (
+                kept.sync.changes,
+                serde_json::to_vec(&**kept).expect("the record serializes"),
+            );
+            // Others change the record meanwhile; their changes go in the next write.
+            let result = parking_lot::MutexGuard::unlocked(kept, || {
+                cocoon_ledger::write_atomically(path, &bytes)
+            });
+            kept.sync.writing = false;
+            match result {
+                Ok(()) => kept.sync.written = upto,
+                Err(e) => {
+                    kept.sync.broken = Some(format!(
+                        "the bill record {} cannot be written ({e}): no bill is judged until the \
+                         gateway restarts on it",
+                        path.display()
+                    ));
+                }
+            }
+            self.written.notify_all();
         }
     }
 
@@ -544,7 +612,7 @@ impl BillRecord {
         if *n == self.max_bad_bills {
             tracing::error!(proxy = %hex::encode(key), bad_bills = *n, "this proxy sent too many bills that do not check out: no more requests go to it");
         }
-        if let Err(e) = self.persist(&kept) {
+        if let Err(e) = self.persist(&mut kept) {
             tracing::error!(error = %e, "a bad bill was not recorded durably");
         }
     }
@@ -572,7 +640,7 @@ impl BillRecord {
         if let Some(id) = late {
             claimed.unsettled.retain(|u| u.id != id);
         }
-        if let Err(e) = self.persist(&kept) {
+        if let Err(e) = self.persist(&mut kept) {
             // Not kept, not claimed: a restart must not find a claim the gateway never had.
             match before {
                 Some(b) => kept.claimed.insert(key, b),
@@ -1813,5 +1881,58 @@ mod tests {
             once.cost,
             "one charge, spent twice"
         );
+    }
+}
+
+#[cfg(test)]
+mod group_commit {
+    use super::*;
+
+    /// Changes made from many threads at once are all on disk once each has returned (the
+    /// writes grouped, none lost), and a record reopened from the file has every one.
+    #[test]
+    fn changes_made_together_are_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bills.json");
+        let record = Arc::new(BillRecord::open(Some(path.clone()), None, u32::MAX).unwrap());
+        let threads: Vec<_> = (0..16u8)
+            .map(|i| {
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        record.bad_bill([i; 32]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let kept = record.kept.lock();
+        assert_eq!(
+            kept.sync.written, kept.sync.changes,
+            "every change is on disk"
+        );
+        assert_eq!(kept.sync.changes, 16 * 20);
+        drop(kept);
+        let reopened = BillRecord::open(Some(path), None, u32::MAX).unwrap();
+        for i in 0..16u8 {
+            assert_eq!(reopened.bad_bills(&[i; 32]), 20);
+        }
+    }
+
+    /// A write that fails fails the change waiting on it and every later one: what is on disk
+    /// may be behind what was answered, so no verdict is given until a restart.
+    #[test]
+    fn a_failed_write_fails_every_change_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder that does not exist: the write cannot be made.
+        let path = dir.path().join("missing").join("bills.json");
+        let record = BillRecord::open(Some(path), None, 3).unwrap();
+        let first = record.persist(&mut record.kept.lock()).unwrap_err();
+        assert!(first.contains("cannot be written"), "{first}");
+        std::fs::create_dir(dir.path().join("missing")).unwrap();
+        let later = record.persist(&mut record.kept.lock()).unwrap_err();
+        assert!(later.contains("until the gateway restarts"), "{later}");
     }
 }

@@ -128,7 +128,7 @@ impl BillRecord {
             return;
         };
         u.reached = true;
-        if let Err(e) = self.persist(&kept) {
+        if let Err(e) = self.persist(&mut kept) {
             tracing::warn!(error = %e, "a proxy reached about a bill was not recorded durably");
         }
     }
@@ -144,7 +144,7 @@ impl BillRecord {
         let claimed = kept.claimed.get_mut(&key).expect("read just above");
         claimed.unsettled.retain(|u| u.id != id);
         claimed.unbilled = claimed.unbilled.saturating_add(credit);
-        match self.persist(&kept) {
+        match self.persist(&mut kept) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "a settled request was not recorded durably");
