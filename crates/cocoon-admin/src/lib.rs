@@ -103,6 +103,11 @@ impl Metrics {
     }
 }
 
+/// `body` as JSON with `status`: what the roles' control routes answer.
+pub fn json_answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
 /// The bound operator's listener, ready to serve.
 #[derive(Debug)]
 pub struct AdminListener {

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::Path;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 pub use cocoon_admin::AdminConfig;
+use cocoon_admin::json_answer;
 use cocoon_admin::{AdminListener, Readiness};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +41,8 @@ pub(crate) async fn serve(listener: AdminListener, state: Arc<State>, shutdown: 
                     let controls = controls.clone();
                     async move {
                         match controls.reload_file() {
-                            Ok(changed) => answer(StatusCode::OK, json!({"reloaded": changed})),
-                            Err(error) => answer(StatusCode::BAD_REQUEST, json!({"error": error})),
+                            Ok(changed) => json_answer(StatusCode::OK, json!({"reloaded": changed})),
+                            Err(error) => json_answer(StatusCode::BAD_REQUEST, json!({"error": error})),
                         }
                     }
                 }
@@ -58,15 +58,15 @@ pub(crate) async fn serve(listener: AdminListener, state: Arc<State>, shutdown: 
                         "enable" => false,
                         other => {
                             let error = format!("no action {other:?}: disable or enable");
-                            return answer(StatusCode::NOT_FOUND, json!({"error": error}));
+                            return json_answer(StatusCode::NOT_FOUND, json!({"error": error}));
                         }
                     };
                     match controls.set_worker_disabled(&fingerprint, disabled) {
-                        Ok(connected) => answer(
+                        Ok(connected) => json_answer(
                             StatusCode::OK,
                             json!({"worker": fingerprint, "disabled": disabled, "connected": connected}),
                         ),
-                        Err(error) => answer(StatusCode::BAD_REQUEST, json!({"error": error})),
+                        Err(error) => json_answer(StatusCode::BAD_REQUEST, json!({"error": error})),
                     }
                 }
             }),
@@ -103,8 +103,4 @@ pub(crate) async fn serve(listener: AdminListener, state: Arc<State>, shutdown: 
     listener
         .serve("proxy", routes, ready, Arc::new(metrics), shutdown)
         .await;
-}
-
-fn answer(status: StatusCode, body: serde_json::Value) -> Response {
-    (status, axum::Json(body)).into_response()
 }

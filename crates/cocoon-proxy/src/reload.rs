@@ -92,7 +92,7 @@ impl Controls {
         // Everything validated: from here on nothing fails.
         state.admission.replace(workers, clients);
         state.limiter.set_config(new.limits.clone());
-        *state.routing.write() = new.routing.clone();
+        *state.routing.write() = Arc::new(new.routing.clone());
         *current = new;
         drop(current);
         if changed.contains(&"worker_policy") {

@@ -82,7 +82,7 @@ pub(crate) struct State {
     pub(crate) billing: Option<Arc<Billing>>,
     pub(crate) limiter: Arc<Limiter>,
     /// Replaced by a reload: requests and connections from then on use the new one.
-    pub(crate) routing: parking_lot::RwLock<RoutingConfig>,
+    pub(crate) routing: parking_lot::RwLock<Arc<RoutingConfig>>,
     commit_interval: Duration,
     /// How often the registry is asked whether connected workers' models are still allowed.
     registry_refresh: Duration,
@@ -332,7 +332,7 @@ impl Proxy {
             draining: std::sync::atomic::AtomicBool::new(false),
             requests: Arc::default(),
             drain: Duration::from_secs(config.drain_secs),
-            routing: parking_lot::RwLock::new(config.routing.clone()),
+            routing: parking_lot::RwLock::new(Arc::new(config.routing.clone())),
             max_request_bytes: config.max_request_bytes,
             tls,
             fingerprint: identity.fingerprint(),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use cocoon_admin::json_answer;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -91,20 +91,20 @@ impl Worker {
             post(move || {
                 paused.store(disabled, Ordering::SeqCst);
                 tracing::info!(disabled, "operator's control");
-                async move { answer(StatusCode::OK, json!({"disabled": disabled})) }
+                async move { json_answer(StatusCode::OK, json!({"disabled": disabled})) }
             })
         };
         let prices = {
             let (prices, backend) = (self.prices.clone(), backend.clone());
             post(move |body: axum::body::Bytes| {
                 let reply = match serde_json::from_slice::<NewPrice>(&body) {
-                    Err(e) => answer(
+                    Err(e) => json_answer(
                         StatusCode::BAD_REQUEST,
                         json!({"error": format!("expected {{\"model\": …, \"price\": …}}: {e}")}),
                     ),
                     Ok(NewPrice {
                         model: Some(model), ..
-                    }) if !backend.models().iter().any(|m| m.id == model) => answer(
+                    }) if !backend.models().iter().any(|m| m.id == model) => json_answer(
                         StatusCode::NOT_FOUND,
                         json!({"error": format!("this worker serves no model {model:?}")}),
                     ),
@@ -117,7 +117,7 @@ impl Worker {
                             None => prices.default = new.price,
                         }
                         tracing::info!(model = ?new.model, price = new.price, "operator changed a price");
-                        answer(StatusCode::OK, json!({"prices": *prices}))
+                        json_answer(StatusCode::OK, json!({"prices": *prices}))
                     }
                 };
                 async move { reply }
@@ -137,8 +137,4 @@ impl Worker {
         }
         listener.serve("worker", routes, ready, Arc::new(metrics), shutdown)
     }
-}
-
-fn answer(status: StatusCode, body: serde_json::Value) -> Response {
-    (status, axum::Json(body)).into_response()
 }

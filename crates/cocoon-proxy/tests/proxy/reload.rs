@@ -10,6 +10,7 @@ use cocoon_client::{ClientConfig, Gateway};
 use cocoon_proxy::{AdminConfig, Proxy, ProxyConfig};
 use cocoon_testkit::backends::Scripted;
 use cocoon_testkit::dev::keys::LEDGERS;
+use cocoon_testkit::http::wait_until_async;
 use cocoon_tls::{Identity, PeerPolicy};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -112,14 +113,6 @@ async fn gateway(addr: &str, proxy: &str, stop: &CancellationToken) -> String {
     chat
 }
 
-async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A reload admits a newly pinned worker with no restart while a stream to the first goes on;
 /// a bad file (one that does not parse, one that changes the listener) is refused with the
 /// reason and the configuration in force stays; unpinning the first lets it go once its
@@ -167,12 +160,12 @@ async fn a_reload_admits_a_new_pin_while_streams_go_on_and_a_bad_one_changes_not
             .iter()
             .any(|w| w["fingerprint"] == fp(i))
     };
-    wait_for("the pinned worker joins", async || {
+    wait_until_async("the pinned worker joins", || async {
         connected(&status().await, 0)
     })
     .await;
     // The unpinned worker keeps knocking and is refused each time.
-    wait_for("the unpinned worker's refusal", async || {
+    wait_until_async("the unpinned worker's refusal", || async {
         status().await["recent_refusals"]
             .as_array()
             .unwrap()
@@ -194,7 +187,7 @@ async fn a_reload_admits_a_new_pin_while_streams_go_on_and_a_bad_one_changes_not
             answer.text().await.unwrap()
         })
     };
-    wait_for("the stream started", async || {
+    wait_until_async("the stream started", || async {
         status().await["workers"]
             .as_array()
             .unwrap()
@@ -221,7 +214,7 @@ async fn a_reload_admits_a_new_pin_while_streams_go_on_and_a_bad_one_changes_not
         (200, &json!(["worker_policy"])),
         "{body}"
     );
-    wait_for("the newly pinned worker joins", async || {
+    wait_until_async("the newly pinned worker joins", || async {
         connected(&status().await, 1)
     })
     .await;
@@ -258,7 +251,7 @@ async fn a_reload_admits_a_new_pin_while_streams_go_on_and_a_bad_one_changes_not
         "{answered}"
     );
     assert!(answered.trim_end().ends_with("data: [DONE]"), "{answered}");
-    wait_for("the unpinned worker is let go", async || {
+    wait_until_async("the unpinned worker is let go", || async {
         !connected(&status().await, 0)
     })
     .await;
@@ -415,7 +408,7 @@ async fn review_a_worker_admitted_before_a_reload_joins_after_it_unchecked() {
         ));
     }
     // The proxy admitted A under the policy in force and waits for its hello.
-    wait_for("the proxy asks A's hello", async || {
+    wait_until_async("the proxy asks A's hello", || async {
         asked.load(Ordering::SeqCst)
     })
     .await;
@@ -425,7 +418,7 @@ async fn review_a_worker_admitted_before_a_reload_joins_after_it_unchecked() {
         Ok(vec!["worker_policy"])
     );
     released.store(true, Ordering::SeqCst);
-    wait_for("A answers its hello", async || {
+    wait_until_async("A answers its hello", || async {
         answered.load(Ordering::SeqCst)
     })
     .await;
@@ -477,7 +470,7 @@ async fn review_a_client_the_reloaded_policy_refuses_is_still_served() {
     } = start(proxy, &stop);
     let backend = Scripted::new(2048);
     tokio::spawn(worker(&w, &backend, &addr, &proxy_fp).run(stop.clone()));
-    wait_for("the worker joins", async || {
+    wait_until_async("the worker joins", || async {
         routable(&admin_status(&admin).await, &w.fingerprint().to_string())
     })
     .await;
@@ -549,7 +542,7 @@ async fn review_enabling_a_worker_the_reloaded_policy_refuses_routes_it_prompts(
     tokio::spawn(worker(&ids[0], &first, &addr, &proxy_fp).run(stop.clone()));
     let chat = gateway(&addr, &proxy_fp, &stop).await;
     let http = reqwest::Client::new();
-    wait_for("A joins", async || {
+    wait_until_async("A joins", || async {
         routable(&admin_status(&admin).await, &fp(0))
     })
     .await;
@@ -571,7 +564,7 @@ async fn review_enabling_a_worker_the_reloaded_policy_refuses_routes_it_prompts(
                 .await;
         })
     };
-    wait_for("the stream started", async || {
+    wait_until_async("the stream started", || async {
         admin_status(&admin).await["workers"]
             .as_array()
             .unwrap()
