@@ -8,6 +8,7 @@
 //! not build or link llama.cpp; its configuration, [`LlamaConfig`], is plain data and stays
 //! here so worker configurations parse without it.
 
+mod json_grammar;
 mod llama_config;
 mod model_hash;
 mod stats;
@@ -19,6 +20,7 @@ use std::pin::Pin;
 use cocoon_protocol::{GenerateEvent, GenerateRequest, ModelCard};
 use futures_util::Stream;
 
+pub use json_grammar::{json_object_gbnf, schema_to_gbnf};
 pub use llama_config::LlamaConfig;
 pub use model_hash::{is_model_hash, model_file_hash};
 pub use stats::{ActiveGuard, BackendStats, Outcome, StatsSnapshot};

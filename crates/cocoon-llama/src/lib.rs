@@ -36,8 +36,10 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 /// Tokens evaluated per `decode` call, prompt slices and generating sequences together.
 const BATCH_TOKENS: usize = 512;
 
-/// llama.cpp's process-wide state; it may be initialized only once per process.
-fn runtime() -> Result<&'static LlamaRuntime, ProtocolError> {
+/// llama.cpp's process-wide state; it may be initialized only once per process, so whatever
+/// else in the process loads a model through llama-cpp-2 (a test reading a model's
+/// vocabulary, say) takes it from here.
+pub fn runtime() -> Result<&'static LlamaRuntime, ProtocolError> {
     static RUNTIME: OnceLock<Result<LlamaRuntime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {

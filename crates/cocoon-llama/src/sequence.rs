@@ -1,8 +1,7 @@
 //! One request inside the batch: its prompt, position, sampler and the text it has sent.
 
 use cocoon_protocol::{
-    FinishReason, GenerateEvent, GenerateRequest, ProtocolError, ResponseFormat, SamplingParams,
-    Usage,
+    FinishReason, GenerateEvent, GenerateRequest, ProtocolError, SamplingParams, Usage,
 };
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
@@ -64,13 +63,11 @@ pub(super) struct Sequence<'a> {
     guard: ActiveGuard<'a>,
 }
 
-/// The grammar of `response_format: json_object`.
-const JSON_OBJECT: &str = include_str!("json_object.gbnf");
-
 /// The sampler chain `params` ask for: the app's logit biases, penalties on what this answer
 /// generated so far (the sampler sees each token it picks), the JSON grammar when the answer
 /// must be JSON, then greedy choice, or the candidate filters, the temperature and a seeded
-/// draw. Refuses what this engine cannot serve: a token outside the vocabulary, a JSON schema.
+/// draw. Refuses what this engine cannot serve: a token outside the vocabulary, a JSON schema
+/// its grammar cannot enforce.
 pub(crate) fn sampler(
     params: &SamplingParams,
     max_tokens: u32,
@@ -109,20 +106,17 @@ pub(crate) fn sampler(
             params.presence_penalty,
         ));
     }
-    match &params.response_format {
-        None => {}
-        Some(ResponseFormat::JsonObject) => chain.push(
-            LlamaSampler::grammar(model, JSON_OBJECT, "root")
+    if let Some(format) = &params.response_format {
+        let grammar = match format.schema() {
+            Some(schema) => cocoon_engine::schema_to_gbnf(schema)
+                .map_err(|e| ProtocolError::invalid(format!("response_format.json_schema: {e}")))?,
+            // json_object, or a json_schema without a schema: any object.
+            None => cocoon_engine::json_object_gbnf(),
+        };
+        chain.push(
+            LlamaSampler::grammar(model, &grammar, "root")
                 .map_err(|e| ProtocolError::internal(format!("the JSON grammar: {e}")))?,
-        ),
-        // llama.cpp turns schemas into grammars in its `common` library, which this build
-        // leaves out (its compile time); upstream backends pass schemas on.
-        Some(ResponseFormat::JsonSchema { .. }) => {
-            return Err(ProtocolError::invalid(
-                "response_format json_schema is not served by this worker's embedded engine \
-                 (json_object is); an upstream backend passes schemas on",
-            ));
-        }
+        );
     }
     if params.temperature == 0.0 {
         chain.push(LlamaSampler::greedy());

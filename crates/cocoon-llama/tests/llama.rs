@@ -10,6 +10,11 @@ use cocoon_protocol::{
     SamplingParams, Usage,
 };
 use futures_util::StreamExt;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 
 fn model_path() -> PathBuf {
     std::env::var_os("COCOON_MODEL")
@@ -526,7 +531,10 @@ async fn logit_bias_steers_and_what_cannot_be_served_is_refused() {
             "Hi",
             SamplingParams {
                 response_format: Some(cocoon_protocol::ResponseFormat::JsonSchema {
-                    json_schema: serde_json::json!({"name": "x", "schema": {"type": "object"}}),
+                    json_schema: serde_json::json!({"name": "x", "schema": {
+                        "type": "object",
+                        "properties": {"id": {"type": "string", "pattern": "^[a-z]+$"}}
+                    }}),
                 }),
                 ..greedy(&[])
             },
@@ -534,11 +542,179 @@ async fn logit_bias_steers_and_what_cannot_be_served_is_refused() {
     )
     .await;
     let e = schema.error.expect("refused");
+    assert_eq!(e.kind, ErrorKind::InvalidRequest);
     assert!(
-        e.message.contains("json_schema is not served"),
+        e.message.contains(
+            "response_format.json_schema: the schema keyword 'pattern' at #/properties/id"
+        ),
         "{}",
         e.message
     );
+}
+
+/// Whether llama.cpp, sampling `model` under `grammar`, could write `text` and stop there:
+/// each of its tokens in turn must survive the grammar, then the end of generation must.
+fn grammar_admits(model: &LlamaModel, grammar: &str, text: &str) -> bool {
+    let mut sampler = LlamaSampler::grammar(model, grammar, "root").expect("llama.cpp parses it");
+    let survives = |sampler: &mut LlamaSampler, token: LlamaToken| {
+        let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
+        one.apply_sampler(sampler);
+        one.data[0].logit().is_finite()
+    };
+    for token in model.vocab().tokenize(text.as_bytes(), false, false) {
+        if !survives(&mut sampler, token) {
+            return false;
+        }
+        sampler.accept(token);
+    }
+    survives(&mut sampler, model.vocab().eos())
+}
+
+/// The converter's grammars, run by llama.cpp's grammar engine on this model's tokens: each
+/// admits the documents its schema accepts and none that it refuses (a missing required
+/// member, a member out of order or unknown, a wrong type, an enum outside its values, a string
+/// or an array too long, a broken format).
+#[test]
+fn schema_grammars_admit_what_the_schema_accepts_and_nothing_else() {
+    let model = LlamaModel::load_from_file(
+        cocoon_llama::runtime().unwrap(),
+        model_path(),
+        &llama_cpp_2::model::params::LlamaModelParams::default(),
+    )
+    .expect("model loads; run scripts/fetch-model.sh first");
+    let cases = [
+        (
+            serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 5},
+                    "nick": {"type": "string"},
+                    "age": {"type": "integer"},
+                    "color": {"enum": ["black", "white"]}
+                },
+                "required": ["name", "age", "color"],
+                "additionalProperties": false
+            }),
+            vec![
+                r#"{"name": "Tom", "age": 3, "color": "black"}"#,
+                r#"{"name":"Tom","nick":"T","age":-12,"color":"white"}"#,
+                "{\n  \"name\": \"\",\n  \"age\": 0,\n  \"color\": \"white\"\n}",
+            ],
+            vec![
+                r#"{"name": "Tom", "color": "black"}"#,
+                r#"{"age": 3, "name": "Tom", "color": "black"}"#,
+                r#"{"name": "Tom", "age": 3, "color": "black", "x": 1}"#,
+                r#"{"name": "Tom", "age": 3.5, "color": "black"}"#,
+                r#"{"name": "Tom", "age": 3, "color": "red"}"#,
+                r#"{"name": "Tommy!", "age": 3, "color": "black"}"#,
+                r#"{"name": "Tom", "age": 3, "color": "black""#,
+            ],
+        ),
+        (
+            serde_json::json!({
+                "$defs": {"tree": {"type": "object", "properties": {
+                    "value": {"type": ["number", "null"]},
+                    "children": {"type": "array", "items": {"$ref": "#/$defs/tree"}, "maxItems": 2}
+                }}},
+                "$ref": "#/$defs/tree"
+            }),
+            vec![
+                "{}",
+                r#"{"value": 1.5e3}"#,
+                r#"{"children": [{"value": null}, {}]}"#,
+                r#"{"value": 2, "children": [{"children": [{"value": -0.25}]}]}"#,
+            ],
+            vec![
+                r#"{"children": [{}, {}, {}]}"#,
+                r#"{"children": [], "value": 1}"#,
+                r#"{"value": "1"}"#,
+                "[]",
+            ],
+        ),
+        (
+            serde_json::json!({"type": "array", "items": {"type": "string", "format": "date"}, "minItems": 1}),
+            vec![r#"["2026-12-07"]"#, r#"["2026-01-31", "1999-10-01"]"#],
+            vec!["[]", r#"["2026-13-07"]"#, r#"["07.12.2026"]"#],
+        ),
+    ];
+    for (schema, good, bad) in cases {
+        let grammar = cocoon_engine::schema_to_gbnf(&schema).unwrap();
+        for doc in good {
+            assert!(
+                grammar_admits(&model, &grammar, doc),
+                "{schema}\nrefused {doc}\n{grammar}"
+            );
+        }
+        for doc in bad {
+            assert!(
+                !grammar_admits(&model, &grammar, doc),
+                "{schema}\nadmitted {doc}\n{grammar}"
+            );
+        }
+    }
+    assert!(grammar_admits(
+        &model,
+        &cocoon_engine::json_object_gbnf(),
+        r#"{"a": [1, {"b": null}]}"#
+    ));
+    assert!(!grammar_admits(
+        &model,
+        &cocoon_engine::json_object_gbnf(),
+        "[1]"
+    ));
+}
+
+/// `response_format: json_schema` on the real model: the answer is a document of the schema,
+/// where the same request without it is not.
+#[tokio::test]
+async fn json_schema_answers_match_the_schema() {
+    let b = backend();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer"},
+            "color": {"enum": ["black", "white", "orange"]}
+        },
+        "required": ["name", "age", "color"],
+        "additionalProperties": false
+    });
+    let params = SamplingParams {
+        max_tokens: Some(60),
+        temperature: 0.0,
+        response_format: Some(cocoon_protocol::ResponseFormat::JsonSchema {
+            json_schema: serde_json::json!({"name": "cat", "strict": true, "schema": schema}),
+        }),
+        ..SamplingParams::default()
+    };
+    let prompt = "Describe a cat as JSON with its name, age and color.";
+    let c = collect(&b, chat(prompt, params.clone())).await;
+    assert!(c.error.is_none(), "{:?}", c.error);
+    let (finish, _) = c.done.unwrap();
+    assert_eq!(finish, FinishReason::Stop, "{}", c.text);
+    let value: serde_json::Value =
+        serde_json::from_str(&c.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", c.text));
+    let object = value.as_object().unwrap();
+    assert_eq!(
+        object.keys().collect::<Vec<_>>(),
+        ["name", "age", "color"],
+        "{value}"
+    );
+    assert!(object["name"].as_str().unwrap().chars().count() <= 12);
+    assert!(object["age"].is_i64(), "{value}");
+    assert!(["black", "white", "orange"].contains(&object["color"].as_str().unwrap()));
+    let free = collect(
+        &b,
+        chat(
+            prompt,
+            SamplingParams {
+                response_format: None,
+                ..params
+            },
+        ),
+    )
+    .await;
+    assert_ne!(free.text, c.text);
 }
 
 fn conversation(turns: &[(&str, &str)], next: &str) -> GenerateRequest {
