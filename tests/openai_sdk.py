@@ -92,6 +92,39 @@ text = forced.choices[0].message.content
 assert forced.usage.completion_tokens == 6, forced.usage
 assert text and text == text[: len(text) // 6] * 6, text
 
+# logprobs: one entry per generated token, the chosen one first among its alternatives under
+# greedy decoding; streamed chunk by chunk; and the legacy endpoint's parallel lists.
+lp = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Name three colors."}],
+    max_tokens=8,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=2,
+)
+content = lp.choices[0].logprobs.content
+assert len(content) == lp.usage.completion_tokens, (content, lp.usage)
+assert "".join(t.token for t in content) == lp.choices[0].message.content
+for t in content:
+    assert t.logprob <= 0 and len(t.top_logprobs) == 2, t
+    assert t.top_logprobs[0].token == t.token and bytes(t.bytes).decode() == t.token, t
+streamed = []
+for chunk in client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Name three colors."}],
+    max_tokens=8,
+    temperature=0,
+    logprobs=True,
+    stream=True,
+):
+    if chunk.choices and chunk.choices[0].logprobs:
+        streamed += [t.token for t in chunk.choices[0].logprobs.content]
+assert streamed == [t.token for t in content], (streamed, content)
+legacy = client.completions.create(model=model, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=3)
+assert len(legacy.choices[0].logprobs.tokens) == legacy.usage.completion_tokens, legacy
+assert "".join(legacy.choices[0].logprobs.tokens) == legacy.choices[0].text
+assert all(len(top) == 3 for top in legacy.choices[0].logprobs.top_logprobs), legacy
+
 # Structured outputs as apps write them: a pydantic model, sent by the SDK as a strict
 # json_schema, answered under the engine's grammar, parsed and validated by the SDK.
 class Cat(pydantic.BaseModel):

@@ -19,6 +19,7 @@ fn delta() -> GenerateEvent {
     GenerateEvent::Delta {
         text: " world".into(),
         tokens: 1,
+        logprobs: Vec::new(),
     }
 }
 
@@ -71,7 +72,7 @@ fn hot_path(c: &mut Criterion) {
             chat: true,
             include_usage: true,
         };
-        b.iter(|| chunks.delta(black_box(" world")))
+        b.iter(|| chunks.delta(black_box(" world"), None))
     });
     c.bench_function(
         "gateway: encode an SSE delta chunk via Value (before)",

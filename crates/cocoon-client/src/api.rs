@@ -17,7 +17,7 @@ use bytes::Bytes;
 use cocoon_ledger::{Address, Ledger, LedgerOpener, Wallet};
 use cocoon_protocol::{
     Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError,
-    REQUEST_ID_HEADER, RequestId, Usage, UsageBounds,
+    REQUEST_ID_HEADER, RequestId, TokenLogprob, Usage, UsageBounds,
 };
 use cocoon_tls::Identity;
 use serde::de::DeserializeOwned;
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bill::{self, BillRecord, Parties};
 use crate::config::ClientConfig;
 use crate::guard::{self, Guard, KeyUse};
+use crate::logprobs::{self, Logprobs};
 use crate::metrics::GatewayMetrics;
 use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
 use crate::pool::ProxyPool;
@@ -834,6 +835,7 @@ async fn answer(
         created: unix_now(),
         model,
         endpoint,
+        logprobs: request.params.logprobs,
     };
     let receipt_id = sealed_id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok());
     if stream {
@@ -852,13 +854,30 @@ async fn answer(
     let mut events = events;
     let mut text = String::new();
     let mut reasoning = String::new();
+    let top = meta.logprobs.unwrap_or(0) as usize;
+    let mut token_logprobs: Vec<TokenLogprob> = Vec::new();
+    // Bytes the log-probabilities take, held to the gathering bound with the text.
+    let mut logprob_bytes = 0;
     let (finish, usage, billing): (FinishReason, Usage, Option<Billing>) = loop {
         match events.next().await {
-            Some(Ok((GenerateEvent::Delta { text: t, .. }, _))) => {
-                gather(&mut text, &t, reasoning.len(), state.max_answer_bytes)?
+            Some(Ok((
+                GenerateEvent::Delta {
+                    text: t,
+                    logprobs: l,
+                    ..
+                },
+                _,
+            ))) => {
+                if meta.logprobs.is_some() {
+                    logprob_bytes += logprobs::size(&l, top);
+                    token_logprobs.extend(l);
+                }
+                let other = reasoning.len() + logprob_bytes;
+                gather(&mut text, &t, other, state.max_answer_bytes)?
             }
             Some(Ok((GenerateEvent::Reasoning { text: t, .. }, _))) => {
-                gather(&mut reasoning, &t, text.len(), state.max_answer_bytes)?
+                let other = text.len() + logprob_bytes;
+                gather(&mut reasoning, &t, other, state.max_answer_bytes)?
             }
             Some(Ok((
                 GenerateEvent::Done {
@@ -879,6 +898,8 @@ async fn answer(
     };
     let verified = parties.verdict(billing.as_ref(), usage).await;
     let usage = OpenAiUsage::new(usage, billing, verified);
+    let logprobs = Logprobs::new(endpoint == Endpoint::Chat, meta.logprobs)
+        .map(|mut l| l.render(&token_logprobs));
     let body = match endpoint {
         Endpoint::Chat => {
             let mut message = json!({"role": "assistant", "content": text});
@@ -888,13 +909,13 @@ async fn answer(
             }
             json!({
                 "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-                "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish.as_str()}],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish.as_str()}],
                 "usage": usage,
             })
         }
         Endpoint::Completion => json!({
             "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str()}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str()}],
             "usage": usage,
         }),
     };

@@ -42,8 +42,8 @@ struct Choice<'a> {
     delta: Option<Delta<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<&'a str>,
-    /// Always null: log probabilities are refused at the request.
-    logprobs: (),
+    /// Null unless the app asked for log-probabilities.
+    logprobs: Option<&'a Value>,
     finish_reason: Option<&'a str>,
 }
 
@@ -91,6 +91,7 @@ impl ChunkEncoder {
         role: Option<&'static str>,
         text: Option<&'a str>,
         finish: Option<&'a str>,
+        logprobs: Option<&'a Value>,
     ) -> Choice<'a> {
         let (delta, text) = match self.chat {
             true => (
@@ -107,19 +108,27 @@ impl ChunkEncoder {
             index: 0,
             delta,
             text,
-            logprobs: (),
+            logprobs,
             finish_reason: finish,
         }
     }
 
     /// The chat stream's first chunk, naming the assistant role.
     pub fn role(&self) -> Bytes {
-        self.chunk(&[self.choice(Some("assistant"), Some(""), None)], None, 0)
+        self.chunk(
+            &[self.choice(Some("assistant"), Some(""), None, None)],
+            None,
+            0,
+        )
     }
 
-    /// A piece of the answer's text.
-    pub fn delta(&self, text: &str) -> Bytes {
-        self.chunk(&[self.choice(None, Some(text), None)], None, text.len())
+    /// A piece of the answer's text, with its tokens' log-probabilities if the app asked.
+    pub fn delta(&self, text: &str, logprobs: Option<&Value>) -> Bytes {
+        self.chunk(
+            &[self.choice(None, Some(text), None, logprobs)],
+            None,
+            text.len(),
+        )
     }
 
     /// A piece of the model's reasoning, for a chat stream (`delta.reasoning_content`); `None`
@@ -136,7 +145,7 @@ impl ChunkEncoder {
                 reasoning_content: Some(text),
             }),
             text: None,
-            logprobs: (),
+            logprobs: None,
             finish_reason: None,
         };
         Some(self.chunk(&[choice], None, text.len()))
@@ -144,7 +153,7 @@ impl ChunkEncoder {
 
     /// The chunk that says why the answer ended.
     pub fn finish(&self, reason: &str) -> Bytes {
-        self.chunk(&[self.choice(None, None, Some(reason))], None, 0)
+        self.chunk(&[self.choice(None, None, Some(reason), None)], None, 0)
     }
 
     /// The last chunk: no choices, the usage.
@@ -187,7 +196,7 @@ mod tests {
     fn chat_chunks_have_openai_shape() {
         let e = encoder(true, true);
         assert_eq!(
-            parse(&e.delta("hi \"you\"")),
+            parse(&e.delta("hi \"you\"", None)),
             json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
                    "choices": [{"index": 0, "delta": {"content": "hi \"you\""}, "logprobs": null, "finish_reason": null}],
                    "usage": null})
@@ -207,7 +216,7 @@ mod tests {
     #[test]
     fn completion_chunks_carry_text_and_usage_only_when_asked() {
         let e = encoder(false, false);
-        let v = parse(&e.delta("x"));
+        let v = parse(&e.delta("x", None));
         assert_eq!(v["object"], "text_completion");
         assert_eq!(v["choices"][0]["text"], "x");
         assert!(v.get("usage").is_none());

@@ -14,6 +14,7 @@ mod config;
 mod guard;
 mod key_usage;
 mod link;
+mod logprobs;
 mod metrics;
 pub mod openai;
 mod pool;

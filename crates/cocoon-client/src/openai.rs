@@ -51,7 +51,8 @@ pub struct Common {
     /// Extension shared with vLLM and llama.cpp's server.
     #[serde(default)]
     pub ignore_eos: bool,
-    /// Not supported: refused unless absent, `null` or `false`.
+    /// Chat: `true` returns each token's log-probability (with `top_logprobs` alternatives).
+    /// Completions: the number of alternatives (0 to 5 at OpenAI, here up to 20).
     #[serde(default)]
     pub logprobs: Option<Value>,
     /// cocoon's extension: the most this request may cost per weighted token, in nanoton
@@ -203,6 +204,9 @@ pub struct ChatRequest {
     /// Not supported: refused unless absent or `null`.
     #[serde(default)]
     pub tools: Option<Value>,
+    /// With `logprobs: true`: how many of the most likely tokens come with each token's
+    /// log-probability, 0 to 20.
+    pub top_logprobs: Option<u32>,
     /// Every other field: refused by name unless harmless.
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
@@ -267,16 +271,13 @@ impl Common {
             .is_some_and(|o| o.include_usage)
     }
 
-    fn params(&self, max_tokens: Option<u32>) -> Result<SamplingParams, ProtocolError> {
+    fn params(
+        &self,
+        max_tokens: Option<u32>,
+        logprobs: Option<u32>,
+    ) -> Result<SamplingParams, ProtocolError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ProtocolError::invalid("only n = 1 is supported"));
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
-        {
-            return Err(ProtocolError::invalid("logprobs are not supported"));
         }
         let defaults = SamplingParams::default();
         let params = SamplingParams {
@@ -305,6 +306,7 @@ impl Common {
             min_p: self.min_p.unwrap_or(defaults.min_p),
             logit_bias: logit_bias(self.logit_bias.as_ref())?,
             response_format: response_format(self.response_format.as_ref())?,
+            logprobs,
         };
         params.validate()?;
         Ok(params)
@@ -325,9 +327,25 @@ impl ChatRequest {
             .enumerate()
             .map(|(i, m)| convert_message(i, m))
             .collect::<Result<Vec<_>, _>>()?;
-        let params = self
-            .common
-            .params(self.max_completion_tokens.or(self.common.max_tokens))?;
+        // OpenAI's chat shape: a flag, and the number of alternatives apart.
+        let logprobs = match &self.common.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {
+                if self.top_logprobs.is_some_and(|n| n > 0) {
+                    return Err(ProtocolError::invalid("top_logprobs needs logprobs: true"));
+                }
+                None
+            }
+            Some(Value::Bool(true)) => Some(self.top_logprobs.unwrap_or(0)),
+            Some(other) => {
+                return Err(ProtocolError::invalid(format!(
+                    "logprobs of a chat is true or false, got {other}"
+                )));
+            }
+        };
+        let params = self.common.params(
+            self.max_completion_tokens.or(self.common.max_tokens),
+            logprobs,
+        )?;
         let request = GenerateRequest {
             max_price: self.common.max_price,
             cache_scope: self.common.cache_scope(),
@@ -395,10 +413,24 @@ impl CompletionRequest {
                 return Err(ProtocolError::invalid("prompt must be a single string"));
             }
         };
+        // The legacy shape: the number of alternatives, or null.
+        let logprobs = match &self.common.logprobs {
+            None | Some(Value::Null) => None,
+            Some(n) => Some(
+                n.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| {
+                        ProtocolError::invalid(format!(
+                            "logprobs of a completion is a number of alternatives (0 to {}), got {n}",
+                            cocoon_protocol::MAX_TOP_LOGPROBS
+                        ))
+                    })?,
+            ),
+        };
         // OpenAI's default for the legacy endpoint is 16 tokens.
         let params = self
             .common
-            .params(Some(self.common.max_tokens.unwrap_or(16)))?;
+            .params(Some(self.common.max_tokens.unwrap_or(16)), logprobs)?;
         let request = GenerateRequest {
             max_price: self.common.max_price,
             cache_scope: self.common.cache_scope(),
@@ -526,8 +558,16 @@ mod tests {
                 "n = 1",
             ),
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
-                "logprobs",
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,
+                "top_logprobs needs logprobs: true",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":3}"#,
+                "logprobs of a chat is true or false",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs (a completion's logprobs) must be between 0 and 20, got 21",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{}]}"#,
@@ -575,6 +615,59 @@ mod tests {
             let err = chat(json).unwrap_err();
             assert!(err.message.contains(needle), "{json}: {}", err.message);
         }
+    }
+
+    /// A chat asks log-probabilities with a flag and the alternatives apart; a completion with
+    /// the number of alternatives, which a flag is not.
+    #[test]
+    fn logprobs_in_each_endpoints_shape() {
+        let chat = |body: &str| {
+            serde_json::from_str::<ChatRequest>(body)
+                .unwrap()
+                .into_generate()
+                .map(|r| r.params.logprobs)
+        };
+        let m = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+        assert_eq!(chat(&format!("{{{m}}}")).unwrap(), None);
+        assert_eq!(
+            chat(&format!(r#"{{{m},"logprobs":false,"top_logprobs":0}}"#)).unwrap(),
+            None
+        );
+        assert_eq!(
+            chat(&format!(r#"{{{m},"logprobs":true}}"#)).unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            chat(&format!(r#"{{{m},"logprobs":true,"top_logprobs":5}}"#)).unwrap(),
+            Some(5)
+        );
+        let completion = |body: &str| {
+            serde_json::from_str::<CompletionRequest>(body)
+                .unwrap()
+                .into_generate()
+                .map(|r| r.params.logprobs)
+        };
+        assert_eq!(
+            completion(r#"{"model":"m","prompt":"x","logprobs":2}"#).unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            completion(r#"{"model":"m","prompt":"x","logprobs":null}"#).unwrap(),
+            None
+        );
+        let e = completion(r#"{"model":"m","prompt":"x","logprobs":true}"#).unwrap_err();
+        assert!(
+            e.message.contains("number of alternatives"),
+            "{}",
+            e.message
+        );
+        // top_logprobs is a chat's field: a completion refuses it by name.
+        let e = completion(r#"{"model":"m","prompt":"x","top_logprobs":2}"#).unwrap_err();
+        assert!(
+            e.message.contains("top_logprobs is not supported"),
+            "{}",
+            e.message
+        );
     }
 
     /// `response_format` and `logit_bias` reach the request as the app sent them.

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_protocol::{
-    ErrorKind, FinishReason, GenerateEvent, GenerateRequest, Input, ModelCard, ProtocolError, Usage,
+    ErrorKind, FinishReason, GenerateEvent, GenerateRequest, Input, ModelCard, ProtocolError,
+    TokenLogprob, TopLogprob, Usage,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -216,10 +217,17 @@ impl UpstreamBackend {
                         .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
                         .collect::<Vec<_>>()
                 );
+                if let Some(top) = p.logprobs {
+                    body["logprobs"] = json!(true);
+                    body["top_logprobs"] = json!(top);
+                }
                 (format!("{base}/chat/completions"), body)
             }
             Input::Text { prompt } => {
                 body["prompt"] = json!(prompt);
+                if let Some(top) = p.logprobs {
+                    body["logprobs"] = json!(top);
+                }
                 (format!("{base}/completions"), body)
             }
         }
@@ -371,12 +379,17 @@ async fn relay(
                     return Ok(());
                 }
             }
-            if let Some(text) = parsed.text {
+            if parsed.text.is_some() || !parsed.logprobs.is_empty() {
+                let text = parsed.text.unwrap_or_default();
                 // Upstream servers do not say how many tokens a chunk holds; vLLM, SGLang and
                 // llama.cpp's server stream one token a chunk, so a chunk counts as one (what a
                 // cut-off answer is billed for). The exact total comes in `usage` at the end.
                 let tokens = u32::from(!text.is_empty());
-                let delta = GenerateEvent::Delta { text, tokens };
+                let delta = GenerateEvent::Delta {
+                    text,
+                    tokens,
+                    logprobs: parsed.logprobs,
+                };
                 if tx.send(delta).await.is_err() {
                     return Ok(());
                 }
@@ -422,6 +435,8 @@ pub struct SseChunk {
     pub finish: Option<FinishReason>,
     /// Token counts, present in the final chunk when `stream_options.include_usage` is honoured.
     pub usage: Option<Usage>,
+    /// The first choice's log-probabilities, in the chat's shape or the legacy one.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// One chunk as the wire has it; strings borrowed from the input unless they hold escapes.
@@ -443,6 +458,9 @@ struct WireChoice<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     finish_reason: Option<Cow<'a, str>>,
+    /// Read only when present: most answers carry none.
+    #[serde(default)]
+    logprobs: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -502,12 +520,87 @@ pub fn parse_sse_chunk(data: &[u8]) -> Result<SseChunk, ProtocolError> {
         .filter(|t| !t.is_empty())
         .map(Cow::into_owned);
     chunk.reasoning = reasoning.filter(|t| !t.is_empty()).map(Cow::into_owned);
+    if let Some(logprobs) = choice.logprobs.filter(|l| !l.is_null()) {
+        chunk.logprobs = parse_logprobs(&logprobs).ok_or_else(|| {
+            ProtocolError::internal(format!(
+                "upstream sent log-probabilities of no known shape: {logprobs}"
+            ))
+        })?;
+    }
     chunk.finish = match choice.finish_reason.as_deref() {
         Some("length") => Some(FinishReason::Length),
         Some(_) => Some(FinishReason::Stop),
         None => None,
     };
     Ok(chunk)
+}
+
+/// A choice's `logprobs`: the chat's `{"content": [{"token", "logprob", "top_logprobs"}]}`,
+/// or the legacy completions' parallel `tokens`, `token_logprobs` and `top_logprobs` lists.
+fn parse_logprobs(value: &Value) -> Option<Vec<TokenLogprob>> {
+    let logprob = |v: &Value| v.as_f64().map(|l| l as f32);
+    if let Some(content) = value.get("content") {
+        if content.is_null() {
+            return Some(Vec::new());
+        }
+        return content
+            .as_array()?
+            .iter()
+            .map(|e| {
+                let top = match e.get("top_logprobs") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(top) => top
+                        .as_array()?
+                        .iter()
+                        .map(|t| {
+                            Some(TopLogprob {
+                                token: t["token"].as_str()?.to_owned(),
+                                logprob: logprob(&t["logprob"])?,
+                            })
+                        })
+                        .collect::<Option<_>>()?,
+                };
+                Some(TokenLogprob {
+                    token: e["token"].as_str()?.to_owned(),
+                    logprob: logprob(&e["logprob"])?,
+                    top,
+                })
+            })
+            .collect();
+    }
+    let tokens = value.get("tokens")?.as_array()?;
+    let logprobs = value.get("token_logprobs")?.as_array()?;
+    let tops = value.get("top_logprobs").and_then(Value::as_array);
+    if logprobs.len() != tokens.len() {
+        return None;
+    }
+    tokens
+        .iter()
+        .zip(logprobs)
+        .enumerate()
+        .map(|(i, (token, lp))| {
+            let mut top: Vec<TopLogprob> = match tops.and_then(|t| t.get(i)) {
+                None | Some(Value::Null) => Vec::new(),
+                Some(t) => t
+                    .as_object()?
+                    .iter()
+                    .map(|(token, lp)| {
+                        Some(TopLogprob {
+                            token: token.clone(),
+                            logprob: logprob(lp)?,
+                        })
+                    })
+                    .collect::<Option<_>>()?,
+            };
+            top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+            Some(TokenLogprob {
+                token: token.as_str()?.to_owned(),
+                // The first token of some servers' answers has none.
+                logprob: if lp.is_null() { 0.0 } else { logprob(lp)? },
+                top,
+            })
+        })
+        .collect()
 }
 
 fn parse_usage(u: &WireUsage) -> Result<Usage, ProtocolError> {
@@ -706,6 +799,80 @@ mod tests {
         }
     }
 
+    /// Log-probabilities come in the chat's shape (vLLM, llama.cpp's server) or the legacy
+    /// completions' one, alternatives most likely first; a shape of neither is an error, not
+    /// an answer without them.
+    #[test]
+    fn logprobs_are_read_in_both_shapes() {
+        let chat = parse_sse_chunk(br#"{"choices":[{"delta":{"content":"Hi"},"logprobs":{"content":[{"token":"Hi","logprob":-0.5,"bytes":[72,105],"top_logprobs":[{"token":"Hi","logprob":-0.5},{"token":"Yo","logprob":-1.25}]}]}}]}"#).unwrap();
+        assert_eq!(chat.text.as_deref(), Some("Hi"));
+        assert_eq!(
+            chat.logprobs,
+            vec![TokenLogprob {
+                token: "Hi".into(),
+                logprob: -0.5,
+                top: vec![
+                    TopLogprob {
+                        token: "Hi".into(),
+                        logprob: -0.5
+                    },
+                    TopLogprob {
+                        token: "Yo".into(),
+                        logprob: -1.25
+                    },
+                ],
+            }]
+        );
+        let legacy = parse_sse_chunk(br#"{"choices":[{"text":" a","logprobs":{"tokens":[" a"],"token_logprobs":[-2.0],"top_logprobs":[{" b":-3.0," a":-2.0}],"text_offset":[5]}}]}"#).unwrap();
+        assert_eq!(legacy.logprobs[0].token, " a");
+        assert_eq!(legacy.logprobs[0].logprob, -2.0);
+        assert_eq!(
+            legacy.logprobs[0]
+                .top
+                .iter()
+                .map(|t| t.token.as_str())
+                .collect::<Vec<_>>(),
+            [" a", " b"]
+        );
+        let none =
+            parse_sse_chunk(br#"{"choices":[{"delta":{"content":"x"},"logprobs":null}]}"#).unwrap();
+        assert!(none.logprobs.is_empty());
+        let bad = parse_sse_chunk(
+            br#"{"choices":[{"delta":{"content":"x"},"logprobs":{"content":[{"token":1}]}}]}"#,
+        );
+        assert!(
+            bad.unwrap_err()
+                .message
+                .contains("log-probabilities of no known shape")
+        );
+    }
+
+    /// Asked for, log-probabilities go upstream in the shape of the endpoint used.
+    #[test]
+    fn logprobs_go_upstream_in_each_endpoints_shape() {
+        let backend = backend("http://127.0.0.1:9/v1".into());
+        let mut request = text_request();
+        request.input = Input::Chat {
+            messages: vec![cocoon_protocol::ChatMessage {
+                role: cocoon_protocol::Role::User,
+                content: "x".into(),
+            }],
+        };
+        request.params.logprobs = Some(3);
+        let (_, body) = backend.request_body("m", &request);
+        assert_eq!(
+            (body["logprobs"].clone(), body["top_logprobs"].clone()),
+            (json!(true), json!(3))
+        );
+        request.input = Input::Text { prompt: "x".into() };
+        let (_, body) = backend.request_body("m", &request);
+        assert_eq!(body["logprobs"], json!(3));
+        assert!(body.get("top_logprobs").is_none());
+        request.params.logprobs = None;
+        let (_, body) = backend.request_body("m", &request);
+        assert!(body.get("logprobs").is_none());
+    }
+
     #[test]
     fn chunks_read_as_before_for_every_shape() {
         let c = parse_sse_chunk(br#"{"choices":[{"index":0,"delta":{"content":" a\"b"},"finish_reason":null}],"usage":null}"#).unwrap();
@@ -715,7 +882,8 @@ mod tests {
                 text: Some(" a\"b".into()),
                 reasoning: None,
                 finish: None,
-                usage: None
+                usage: None,
+                logprobs: Vec::new(),
             }
         );
         let c = parse_sse_chunk(br#"{"choices":[{"text":"x","finish_reason":"length"}]}"#).unwrap();

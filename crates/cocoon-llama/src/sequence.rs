@@ -1,7 +1,8 @@
 //! One request inside the batch: its prompt, position, sampler and the text it has sent.
 
 use cocoon_protocol::{
-    FinishReason, GenerateEvent, GenerateRequest, ProtocolError, SamplingParams, Usage,
+    FinishReason, GenerateEvent, GenerateRequest, ProtocolError, SamplingParams, TokenLogprob,
+    TopLogprob, Usage,
 };
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
@@ -60,6 +61,10 @@ pub(super) struct Sequence<'a> {
     completion_tokens: u32,
     unsent_tokens: u32,
     piece: Vec<u8>,
+    /// With how many alternatives each token's log-probability is reported, if asked.
+    logprobs: Option<u32>,
+    /// Log-probabilities of the tokens not yet sent in a delta.
+    unsent_logprobs: Vec<TokenLogprob>,
     guard: ActiveGuard<'a>,
 }
 
@@ -180,6 +185,8 @@ impl<'a> Sequence<'a> {
             completion_tokens: 0,
             unsent_tokens: 0,
             piece: Vec::with_capacity(16),
+            logprobs: params.logprobs,
+            unsent_logprobs: Vec::new(),
             guard,
         }
     }
@@ -215,11 +222,16 @@ impl<'a> Sequence<'a> {
         self.unsent_tokens += 1;
         self.piece.clear();
         vocab.token_to_piece_into(token, &mut self.piece, false, None);
+        if let Some(top) = self.logprobs {
+            let entry = token_logprob(ctx.get_logits_ith(at), token, &self.piece, top, model);
+            self.unsent_logprobs.push(entry);
+        }
         let scan = self.stops.push(&self.utf8.push(&self.piece));
         if !scan.emit.is_empty() {
             let event = GenerateEvent::Delta {
                 text: scan.emit,
                 tokens: self.unsent_tokens,
+                logprobs: std::mem::take(&mut self.unsent_logprobs),
             };
             if self.tx.send(event).is_err() {
                 return self.cancel();
@@ -260,6 +272,7 @@ impl<'a> Sequence<'a> {
                 let event = GenerateEvent::Delta {
                     text: rest,
                     tokens: self.unsent_tokens,
+                    logprobs: std::mem::take(&mut self.unsent_logprobs),
                 };
                 if self.tx.send(event).is_err() {
                     return self.cancel();
@@ -280,5 +293,55 @@ impl<'a> Sequence<'a> {
         }
         self.guard.set_outcome(Outcome::Completed);
         Next::Finished
+    }
+}
+
+/// The log-probability of `token` (whose text is `piece`) under the model's distribution at
+/// this position, from its raw `logits` (before the sampler's biases, penalties, grammar and
+/// temperature, as vLLM and llama.cpp's server report them), and the `top` most likely tokens.
+fn token_logprob(
+    logits: &[f32],
+    token: LlamaToken,
+    piece: &[u8],
+    top: u32,
+    model: &LlamaModel,
+) -> TokenLogprob {
+    // log softmax: logit - log(sum(exp(logit))), shifted by the largest for stability.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let logprob = |id: usize| (logits[id] - log_sum).min(0.0);
+    let mut best: Vec<usize> = Vec::new();
+    let top = (top as usize).min(logits.len());
+    if top > 0 {
+        let mut ids: Vec<usize> = (0..logits.len()).collect();
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+        ids.select_nth_unstable_by(top - 1, by_logit);
+        ids.truncate(top);
+        ids.sort_unstable_by(by_logit);
+        best = ids;
+    }
+    let text = |id: usize| {
+        let mut bytes = Vec::with_capacity(16);
+        model.vocab().token_to_piece_into(
+            LlamaToken::new(i32::try_from(id).unwrap_or(0)),
+            &mut bytes,
+            false,
+            None,
+        );
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let own = usize::try_from(token.0)
+        .unwrap_or(0)
+        .min(logits.len().saturating_sub(1));
+    TokenLogprob {
+        token: String::from_utf8_lossy(piece).into_owned(),
+        logprob: logprob(own),
+        top: best
+            .into_iter()
+            .map(|id| TopLogprob {
+                token: text(id),
+                logprob: logprob(id),
+            })
+            .collect(),
     }
 }

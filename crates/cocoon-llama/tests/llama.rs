@@ -52,6 +52,7 @@ fn chat(content: &str, params: SamplingParams) -> GenerateRequest {
 struct Collected {
     text: String,
     delta_tokens: u32,
+    logprobs: Vec<cocoon_protocol::TokenLogprob>,
     done: Option<(FinishReason, Usage)>,
     error: Option<cocoon_protocol::ProtocolError>,
 }
@@ -61,14 +62,20 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
     let mut c = Collected {
         text: String::new(),
         delta_tokens: 0,
+        logprobs: Vec::new(),
         done: None,
         error: None,
     };
     while let Some(ev) = stream.next().await {
         match ev {
-            GenerateEvent::Delta { text, tokens } => {
+            GenerateEvent::Delta {
+                text,
+                tokens,
+                logprobs,
+            } => {
                 c.text.push_str(&text);
                 c.delta_tokens += tokens;
+                c.logprobs.extend(logprobs);
             }
             GenerateEvent::Done {
                 finish_reason,
@@ -550,6 +557,70 @@ async fn logit_bias_steers_and_what_cannot_be_served_is_refused() {
         "{}",
         e.message
     );
+}
+
+/// `logprobs`: one entry per generated token, naming it, with the model's own distribution;
+/// under greedy decoding the chosen token is the most likely alternative. Unasked, none come.
+#[tokio::test]
+async fn logprobs_name_each_token_with_the_models_distribution() {
+    let b = backend();
+    let params = SamplingParams {
+        max_tokens: Some(10),
+        temperature: 0.0,
+        logprobs: Some(3),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let c = collect(&b, chat("Name three colors.", params.clone())).await;
+    assert!(c.error.is_none(), "{:?}", c.error);
+    let (_, usage) = c.done.unwrap();
+    assert_eq!(c.logprobs.len() as u32, usage.completion_tokens);
+    let joined: String = c.logprobs.iter().map(|l| l.token.as_str()).collect();
+    assert_eq!(joined, c.text);
+    for l in &c.logprobs {
+        assert!(l.logprob <= 0.0 && l.logprob.is_finite(), "{l:?}");
+        assert_eq!(l.top.len(), 3, "{l:?}");
+        assert_eq!(
+            l.top[0].token, l.token,
+            "greedy picks the most likely: {l:?}"
+        );
+        assert!((l.top[0].logprob - l.logprob).abs() < 1e-6, "{l:?}");
+        assert!(
+            l.top.windows(2).all(|w| w[0].logprob >= w[1].logprob),
+            "{l:?}"
+        );
+        // Three alternatives cannot hold more than all the probability there is.
+        let mass: f32 = l.top.iter().map(|t| t.logprob.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4, "{l:?}");
+    }
+    // Pushing a token up by a bias moves the choice, not the model's log-probabilities: the
+    // report is of the model, before the sampler.
+    let biased = collect(
+        &b,
+        chat(
+            "Name three colors.",
+            SamplingParams {
+                logit_bias: [(1000, 100.0)].into_iter().collect(),
+                ..params.clone()
+            },
+        ),
+    )
+    .await;
+    assert_eq!(biased.logprobs[0].top, c.logprobs[0].top);
+    assert!(biased.logprobs[0].logprob < c.logprobs[0].logprob);
+    let none = collect(
+        &b,
+        chat(
+            "Name three colors.",
+            SamplingParams {
+                logprobs: None,
+                ..params
+            },
+        ),
+    )
+    .await;
+    assert_eq!(none.text, c.text);
+    assert!(none.logprobs.is_empty());
 }
 
 /// Whether llama.cpp, sampling `model` under `grammar`, could write `text` and stop there:

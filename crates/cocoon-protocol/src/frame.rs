@@ -90,10 +90,12 @@ mod tests {
             GenerateEvent::Delta {
                 text: "line\nbreak \"quoted\" ünïcode".into(),
                 tokens: 3,
+                logprobs: Vec::new(),
             },
             GenerateEvent::Delta {
                 text: String::new(),
                 tokens: 0,
+                logprobs: Vec::new(),
             },
             GenerateEvent::Done {
                 finish_reason: FinishReason::Length,

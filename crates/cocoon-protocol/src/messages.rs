@@ -136,7 +136,53 @@ pub struct SamplingParams {
     /// free text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormat>,
+    /// Return each generated token's log-probability, with this many of the most likely
+    /// tokens in its place (0 to [`MAX_TOP_LOGPROBS`]); `None`: no log-probabilities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
 }
+
+/// Most alternatives a token's log-probability may come with (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// A generated token's log-probability under the model (before sampling's filters and
+/// temperature, as vLLM and llama.cpp's server report it), and the most likely tokens in its
+/// place: OpenAI's `logprobs.content[]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's text (a piece of a multi-byte character shows as U+FFFD).
+    pub token: String,
+    /// Its natural log-probability, at most 0.
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
+}
+
+/// One of the most likely tokens at a position, and its log-probability.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its natural log-probability.
+    pub logprob: f32,
+}
+
+// Events compare exactly (tests replay them); a log-probability compares by its bits.
+impl PartialEq for TokenLogprob {
+    fn eq(&self, other: &Self) -> bool {
+        self.token == other.token
+            && self.logprob.to_bits() == other.logprob.to_bits()
+            && self.top == other.top
+    }
+}
+impl Eq for TokenLogprob {}
+impl PartialEq for TopLogprob {
+    fn eq(&self, other: &Self) -> bool {
+        self.token == other.token && self.logprob.to_bits() == other.logprob.to_bits()
+    }
+}
+impl Eq for TopLogprob {}
 
 /// At most this many tokens in a `logit_bias` (OpenAI's limit).
 pub const MAX_LOGIT_BIASES: usize = 300;
@@ -216,6 +262,7 @@ impl Default for SamplingParams {
             min_p: 0.0,
             logit_bias: std::collections::BTreeMap::new(),
             response_format: None,
+            logprobs: None,
         }
     }
 }
@@ -260,6 +307,11 @@ impl SamplingParams {
         }
         if self.max_tokens == Some(0) {
             return Err(ProtocolError::invalid("max_tokens must be at least 1"));
+        }
+        if let Some(n) = self.logprobs.filter(|n| *n > MAX_TOP_LOGPROBS) {
+            return Err(ProtocolError::invalid(format!(
+                "top_logprobs (a completion's logprobs) must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"
+            )));
         }
         if self.logit_bias.len() > MAX_LOGIT_BIASES {
             return Err(ProtocolError::invalid(format!(
@@ -581,6 +633,10 @@ pub enum GenerateEvent {
         text: String,
         /// How many generated tokens `text` accounts for.
         tokens: u32,
+        /// When the request asked for them: the log-probabilities of the tokens this delta
+        /// accounts for, in order.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logprobs: Vec<TokenLogprob>,
     },
     /// New text of the model's reasoning (what OpenAI-compatible servers stream as
     /// `reasoning_content`), and how many generated tokens it accounts for: part of the

@@ -75,6 +75,7 @@ fn answer(w: &Worker, sealer: &mut AnswerSealer) -> Vec<GenerateEvent> {
                 .seal(&GenerateEvent::Delta {
                     text: text.into(),
                     tokens: 1,
+                    logprobs: Vec::new(),
                 })
                 .unwrap(),
         );
@@ -240,6 +241,7 @@ fn dropped_reordered_replayed_or_truncated_chunks_are_caught() {
                 GenerateEvent::Delta {
                     text: "x".into(),
                     tokens: 1,
+                    logprobs: Vec::new(),
                 },
             )
         }),
@@ -349,10 +351,12 @@ fn review_a_replayed_request_does_not_reuse_the_answers_keystream() {
     let secret = GenerateEvent::Delta {
         text: "the SECRET answer".into(),
         tokens: 1,
+        logprobs: Vec::new(),
     };
     let known = GenerateEvent::Delta {
         text: "x".repeat(17),
         tokens: 1,
+        logprobs: Vec::new(),
     };
     let chunk = |e: Option<GenerateEvent>| match e {
         Some(GenerateEvent::Sealed { data, .. }) => unb64(&data, "a chunk").unwrap(),

@@ -162,6 +162,7 @@ impl Backend for Scripted {
         let delta = || GenerateEvent::Delta {
             text: "t".into(),
             tokens: claimed,
+            logprobs: Vec::new(),
         };
         match mode {
             Mode::Refuse => cocoon_engine::error_stream(ProtocolError::new(
@@ -229,7 +230,11 @@ impl Backend for Echo {
         };
         let tokens = u32::try_from(text.len().div_ceil(4)).unwrap_or(u32::MAX);
         let events = vec![
-            GenerateEvent::Delta { text, tokens },
+            GenerateEvent::Delta {
+                text,
+                tokens,
+                logprobs: Vec::new(),
+            },
             GenerateEvent::Done {
                 finish_reason: FinishReason::Stop,
                 usage: Usage::new(PROMPT_TOKENS, tokens),

@@ -13,6 +13,7 @@ use cocoon_protocol::{Billing, GenerateEvent, ProtocolError, Usage};
 use super::Endpoint;
 use crate::bill::Parties;
 use crate::chunks::{ChunkEncoder, error_event};
+use crate::logprobs::Logprobs;
 use crate::openai::{OpenAiUsage, error_body};
 
 pub(crate) struct Meta {
@@ -20,6 +21,8 @@ pub(crate) struct Meta {
     pub created: u64,
     pub model: String,
     pub endpoint: Endpoint,
+    /// The alternatives per token the app asked log-probabilities with, if it did.
+    pub logprobs: Option<u32>,
 }
 
 enum Phase {
@@ -33,6 +36,7 @@ enum Phase {
 struct StreamState {
     events: EventReader,
     chunks: ChunkEncoder,
+    logprobs: Option<Logprobs>,
     parties: Parties,
     phase: Phase,
     /// After this long without an event, a comment line goes to the app: a model thinking
@@ -69,10 +73,14 @@ impl StreamState {
                         return Some(Bytes::from_static(KEEP_ALIVE));
                     }
                     Heard::Event(event) => match event {
-                        Some(Ok((GenerateEvent::Delta { text, .. }, _))) => {
+                        Some(Ok((GenerateEvent::Delta { text, logprobs, .. }, _))) => {
                             self.phase = Phase::Events;
-                            if !text.is_empty() {
-                                return Some(self.chunks.delta(&text));
+                            let logprobs = match &mut self.logprobs {
+                                Some(l) if !logprobs.is_empty() => Some(l.render(&logprobs)),
+                                _ => None,
+                            };
+                            if !text.is_empty() || logprobs.is_some() {
+                                return Some(self.chunks.delta(&text, logprobs.as_ref()));
                             }
                         }
                         Some(Ok((GenerateEvent::Reasoning { text, .. }, _))) => {
@@ -157,6 +165,7 @@ pub(crate) fn response(
             chat: meta.endpoint == Endpoint::Chat,
             include_usage,
         },
+        logprobs: Logprobs::new(meta.endpoint == Endpoint::Chat, meta.logprobs),
         parties,
         phase: Phase::Start,
         keep_alive,

@@ -248,7 +248,7 @@ impl Answer {
                         End::Done
                     };
                 }
-                Some(Ok((GenerateEvent::Delta { tokens, text }, frame))) => {
+                Some(Ok((GenerateEvent::Delta { tokens, text, .. }, frame))) => {
                     relayed.add(tokens, &text);
                     if tx.send(frame).await.is_err() {
                         break End::ClientLeft;

@@ -69,6 +69,7 @@ impl Backend for GatedBackend {
                         GenerateEvent::Delta {
                             text: "ok".into(),
                             tokens: 1,
+                            logprobs: Vec::new(),
                         },
                         (1, gate, active),
                     )),
@@ -829,6 +830,7 @@ impl Backend for ThinkingBackend {
             GenerateEvent::Delta {
                 text: ANSWER.into(),
                 tokens: 1,
+                logprobs: Vec::new(),
             },
             GenerateEvent::Done {
                 finish_reason: FinishReason::Stop,

@@ -519,6 +519,7 @@ impl Backend for EchoingError {
                 GenerateEvent::Delta {
                     text: "ok".into(),
                     tokens: 1,
+                    logprobs: Vec::new(),
                 },
                 error,
             ]
