@@ -72,7 +72,7 @@ fn hot_path(c: &mut Criterion) {
             chat: true,
             include_usage: true,
         };
-        b.iter(|| chunks.delta(black_box(" world"), None))
+        b.iter(|| chunks.delta(0, black_box(" world"), None))
     });
     c.bench_function(
         "gateway: encode an SSE delta chunk via Value (before)",

@@ -15,6 +15,7 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use bytes::Bytes;
 use cocoon_ledger::{Address, Ledger, LedgerOpener, Wallet};
+use cocoon_net::EventReader;
 use cocoon_protocol::{
     Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError,
     REQUEST_ID_HEADER, RequestId, TokenLogprob, Usage, UsageBounds,
@@ -593,10 +594,11 @@ async fn generation<R: EndpointRequest>(
     let result = async {
         let req: R = parse_body(body)?;
         let (stream, include_usage) = (req.common().stream, req.common().include_usage());
+        let n = req.common().choices()?;
         let generate = req.into_generate()?;
         model.clone_from(&generate.model);
         let key = key.map(|axum::Extension(k)| k);
-        answer(&state, generate, R::ENDPOINT, stream, include_usage, key).await
+        answer(&state, generate, R::ENDPOINT, stream, include_usage, key, n).await
     }
     .await;
     let outcome = match &result {
@@ -728,6 +730,7 @@ async fn answer(
     stream: bool,
     include_usage: bool,
     key: Option<Arc<KeyUse>>,
+    n: u32,
 ) -> Result<Response, ApiError> {
     let model = request.model.clone();
     // Apps with different API keys keep their prompt caches apart (the proxy then keeps this
@@ -748,6 +751,115 @@ async fn answer(
     if let Some(cap) = state.bills.price_cap(state.max_price_per_token) {
         request.max_price = Some(request.max_price.map_or(cap, |m| m.min(cap)));
     }
+    let logprobs = request.params.logprobs;
+    // Each choice is a request of its own (its worker, bill and receipt), all under way at
+    // once. With a seed, choice i samples with seed + i: the choices differ, and reproduce.
+    let answers = if n == 1 {
+        vec![start(state, request, key).await?]
+    } else {
+        let starts = (0..n).map(|i| {
+            let mut request = request.clone();
+            if let Some(seed) = &mut request.params.seed {
+                *seed = seed.wrapping_add(u64::from(i));
+            }
+            start(state, request, key.clone())
+        });
+        // One refused choice refuses the request; the others' streams are dropped, which
+        // cancels them.
+        futures_util::future::join_all(starts)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let meta = sse::Meta {
+        id: new_id(endpoint),
+        created: unix_now(),
+        model,
+        endpoint,
+        logprobs,
+    };
+    // The sealed answers' ids, under which the app finds the workers' receipts.
+    let receipt_ids: Vec<String> = answers
+        .iter()
+        .filter_map(|a| a.sealed_id.map(|id| id.to_string()))
+        .collect();
+    let receipt_ids = (!receipt_ids.is_empty())
+        .then(|| HeaderValue::from_str(&receipt_ids.join(", ")).ok())
+        .flatten();
+    if stream {
+        let choices = answers.into_iter().map(|a| (a.events, a.parties)).collect();
+        let mut response = sse::response(choices, meta, include_usage, state.stream_keep_alive);
+        if let Some(ids) = receipt_ids {
+            response.headers_mut().insert(REQUEST_ID_HEADER, ids);
+        }
+        return Ok(response);
+    }
+    // The gathering bound is the whole answer's, all choices together.
+    let budget = state.max_answer_bytes / answers.len().max(1);
+    let gathered = futures_util::future::join_all(
+        answers
+            .into_iter()
+            .map(|a| gather_answer(a.events, a.parties, budget, logprobs)),
+    )
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let mut usages = Vec::with_capacity(gathered.len());
+    let mut choices = Vec::with_capacity(gathered.len());
+    for (index, g) in gathered.into_iter().enumerate() {
+        let logprobs =
+            Logprobs::new(endpoint == Endpoint::Chat, logprobs).map(|mut l| l.render(&g.logprobs));
+        let finish = g.finish.as_str();
+        choices.push(match endpoint {
+            Endpoint::Chat => {
+                let mut message = json!({"role": "assistant", "content": g.text});
+                // As OpenAI-compatible servers put a reasoning model's thinking.
+                if !g.reasoning.is_empty() {
+                    message["reasoning_content"] = json!(g.reasoning);
+                }
+                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Endpoint::Completion => {
+                json!({"index": index, "text": g.text, "logprobs": logprobs, "finish_reason": finish})
+            }
+        });
+        usages.push(g.usage);
+    }
+    let usage = OpenAiUsage::of_choices(usages);
+    let object = match endpoint {
+        Endpoint::Chat => "chat.completion",
+        Endpoint::Completion => "text_completion",
+    };
+    let body = json!({
+        "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+        "choices": choices,
+        "usage": usage,
+    });
+    let mut response = Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(ids) = receipt_ids {
+        response.headers_mut().insert(REQUEST_ID_HEADER, ids);
+    }
+    Ok(response)
+}
+
+/// One request under way: its events, and what judging its bill takes.
+struct Started {
+    events: EventReader,
+    parties: Parties,
+    /// A sealed request's id, which its worker's receipt names.
+    sealed_id: Option<RequestId>,
+}
+
+/// Sends `request` through the network: what an API key's day and the ledger hold for it is
+/// taken first, and its answer's parties are bound to the proxy that took it.
+async fn start(
+    state: &AppState,
+    mut request: GenerateRequest,
+    key: Option<Arc<KeyUse>>,
+) -> Result<Started, ApiError> {
     // The model's context is the proxy's to know; max_tokens, when set, bounds the completion,
     // and the prompt's bytes always bound the prompt.
     let mut bounds = UsageBounds::new(&request, u32::MAX);
@@ -830,31 +942,33 @@ async fn answer(
         sealed,
         receipt: None,
     };
-    let meta = sse::Meta {
-        id: new_id(endpoint),
-        created: unix_now(),
-        model,
-        endpoint,
-        logprobs: request.params.logprobs,
-    };
-    let receipt_id = sealed_id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok());
-    if stream {
-        let mut response = sse::response(
-            events,
-            meta,
-            include_usage,
-            parties,
-            state.stream_keep_alive,
-        );
-        if let Some(id) = receipt_id {
-            response.headers_mut().insert(REQUEST_ID_HEADER, id);
-        }
-        return Ok(response);
-    }
-    let mut events = events;
+    Ok(Started {
+        events,
+        parties,
+        sealed_id,
+    })
+}
+
+/// One choice's answer, gathered for a request that is not streamed.
+struct Gathered {
+    text: String,
+    reasoning: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: FinishReason,
+    usage: OpenAiUsage,
+}
+
+/// Reads one answer to its end, within `budget` bytes (text, reasoning and log-probabilities
+/// together), and judges its bill.
+async fn gather_answer(
+    mut events: EventReader,
+    parties: Parties,
+    budget: usize,
+    logprobs: Option<u32>,
+) -> Result<Gathered, ApiError> {
     let mut text = String::new();
     let mut reasoning = String::new();
-    let top = meta.logprobs.unwrap_or(0) as usize;
+    let top = logprobs.unwrap_or(0) as usize;
     let mut token_logprobs: Vec<TokenLogprob> = Vec::new();
     // Bytes the log-probabilities take, held to the gathering bound with the text.
     let mut logprob_bytes = 0;
@@ -868,16 +982,14 @@ async fn answer(
                 },
                 _,
             ))) => {
-                if meta.logprobs.is_some() {
+                if logprobs.is_some() {
                     logprob_bytes += logprobs::size(&l, top);
                     token_logprobs.extend(l);
                 }
-                let other = reasoning.len() + logprob_bytes;
-                gather(&mut text, &t, other, state.max_answer_bytes)?
+                gather(&mut text, &t, reasoning.len() + logprob_bytes, budget)?
             }
             Some(Ok((GenerateEvent::Reasoning { text: t, .. }, _))) => {
-                let other = text.len() + logprob_bytes;
-                gather(&mut reasoning, &t, other, state.max_answer_bytes)?
+                gather(&mut reasoning, &t, text.len() + logprob_bytes, budget)?
             }
             Some(Ok((
                 GenerateEvent::Done {
@@ -897,34 +1009,11 @@ async fn answer(
         }
     };
     let verified = parties.verdict(billing.as_ref(), usage).await;
-    let usage = OpenAiUsage::new(usage, billing, verified);
-    let logprobs = Logprobs::new(endpoint == Endpoint::Chat, meta.logprobs)
-        .map(|mut l| l.render(&token_logprobs));
-    let body = match endpoint {
-        Endpoint::Chat => {
-            let mut message = json!({"role": "assistant", "content": text});
-            // As OpenAI-compatible servers put a reasoning model's thinking.
-            if !reasoning.is_empty() {
-                message["reasoning_content"] = json!(reasoning);
-            }
-            json!({
-                "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish.as_str()}],
-                "usage": usage,
-            })
-        }
-        Endpoint::Completion => json!({
-            "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str()}],
-            "usage": usage,
-        }),
-    };
-    let mut response = Json(body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Some(id) = receipt_id {
-        response.headers_mut().insert(REQUEST_ID_HEADER, id);
-    }
-    Ok(response)
+    Ok(Gathered {
+        text,
+        reasoning,
+        logprobs: token_logprobs,
+        finish,
+        usage: OpenAiUsage::new(usage, billing, verified),
+    })
 }

@@ -88,6 +88,7 @@ impl ChunkEncoder {
     /// Chat chunks carry a delta (with the role only in the first), legacy ones the text.
     fn choice<'a>(
         &self,
+        index: u32,
         role: Option<&'static str>,
         text: Option<&'a str>,
         finish: Option<&'a str>,
@@ -105,7 +106,7 @@ impl ChunkEncoder {
             false => (None, Some(text.unwrap_or(""))),
         };
         Choice {
-            index: 0,
+            index,
             delta,
             text,
             logprobs,
@@ -113,32 +114,31 @@ impl ChunkEncoder {
         }
     }
 
-    /// The chat stream's first chunk, naming the assistant role.
-    pub fn role(&self) -> Bytes {
-        self.chunk(
-            &[self.choice(Some("assistant"), Some(""), None, None)],
-            None,
-            0,
-        )
+    /// The chat stream's first chunk, naming the assistant role of each of its `n` choices.
+    pub fn roles(&self, n: u32) -> Bytes {
+        let choices: Vec<Choice<'_>> = (0..n)
+            .map(|i| self.choice(i, Some("assistant"), Some(""), None, None))
+            .collect();
+        self.chunk(&choices, None, 0)
     }
 
-    /// A piece of the answer's text, with its tokens' log-probabilities if the app asked.
-    pub fn delta(&self, text: &str, logprobs: Option<&Value>) -> Bytes {
+    /// A piece of choice `index`'s text, with its tokens' log-probabilities if the app asked.
+    pub fn delta(&self, index: u32, text: &str, logprobs: Option<&Value>) -> Bytes {
         self.chunk(
-            &[self.choice(None, Some(text), None, logprobs)],
+            &[self.choice(index, None, Some(text), None, logprobs)],
             None,
             text.len(),
         )
     }
 
-    /// A piece of the model's reasoning, for a chat stream (`delta.reasoning_content`); `None`
-    /// for a legacy completion, which has no place for it.
-    pub fn reasoning(&self, text: &str) -> Option<Bytes> {
+    /// A piece of choice `index`'s reasoning, for a chat stream (`delta.reasoning_content`);
+    /// `None` for a legacy completion, which has no place for it.
+    pub fn reasoning(&self, index: u32, text: &str) -> Option<Bytes> {
         if !self.chat {
             return None;
         }
         let choice = Choice {
-            index: 0,
+            index,
             delta: Some(Delta {
                 role: None,
                 content: None,
@@ -151,9 +151,13 @@ impl ChunkEncoder {
         Some(self.chunk(&[choice], None, text.len()))
     }
 
-    /// The chunk that says why the answer ended.
-    pub fn finish(&self, reason: &str) -> Bytes {
-        self.chunk(&[self.choice(None, None, Some(reason), None)], None, 0)
+    /// The chunk that says why choice `index` ended.
+    pub fn finish(&self, index: u32, reason: &str) -> Bytes {
+        self.chunk(
+            &[self.choice(index, None, None, Some(reason), None)],
+            None,
+            0,
+        )
     }
 
     /// The last chunk: no choices, the usage.
@@ -196,16 +200,16 @@ mod tests {
     fn chat_chunks_have_openai_shape() {
         let e = encoder(true, true);
         assert_eq!(
-            parse(&e.delta("hi \"you\"", None)),
+            parse(&e.delta(0, "hi \"you\"", None)),
             json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
                    "choices": [{"index": 0, "delta": {"content": "hi \"you\""}, "logprobs": null, "finish_reason": null}],
                    "usage": null})
         );
         assert_eq!(
-            parse(&e.role())["choices"][0]["delta"],
+            parse(&e.roles(1))["choices"][0]["delta"],
             json!({"role": "assistant", "content": ""})
         );
-        let finish = parse(&e.finish("length"));
+        let finish = parse(&e.finish(0, "length"));
         assert_eq!(finish["choices"][0]["delta"], json!({}));
         assert_eq!(finish["choices"][0]["finish_reason"], "length");
         let usage = parse(&e.usage(json!({"prompt_tokens": 3})));
@@ -216,11 +220,11 @@ mod tests {
     #[test]
     fn completion_chunks_carry_text_and_usage_only_when_asked() {
         let e = encoder(false, false);
-        let v = parse(&e.delta("x", None));
+        let v = parse(&e.delta(0, "x", None));
         assert_eq!(v["object"], "text_completion");
         assert_eq!(v["choices"][0]["text"], "x");
         assert!(v.get("usage").is_none());
-        assert_eq!(parse(&e.finish("stop"))["choices"][0]["text"], "");
+        assert_eq!(parse(&e.finish(0, "stop"))["choices"][0]["text"], "");
         assert_eq!(
             error_event(&json!({"error": {"message": "no"}})),
             Bytes::from_static(b"data: {\"error\":{\"message\":\"no\"}}\n\n")

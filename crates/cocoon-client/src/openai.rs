@@ -46,7 +46,7 @@ pub struct Common {
     pub stream: bool,
     /// Options of a streaming answer.
     pub stream_options: Option<StreamOptions>,
-    /// Number of answers; only 1 (or `None`) is supported.
+    /// Number of answers (choices), 1 to [`MAX_CHOICES`]; `None`: 1.
     pub n: Option<u32>,
     /// Extension shared with vLLM and llama.cpp's server.
     #[serde(default)]
@@ -263,7 +263,22 @@ pub enum Prompt {
     Many(Vec<String>),
 }
 
+/// Most choices (`n`) one request may ask for: each is a request of its own through the
+/// network, with its own worker, bill and receipt.
+pub const MAX_CHOICES: u32 = 16;
+
 impl Common {
+    /// How many choices the app asked for (`n`).
+    pub fn choices(&self) -> Result<u32, ProtocolError> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n),
+            Some(n) => Err(ProtocolError::invalid(format!(
+                "n must be between 1 and {MAX_CHOICES}, got {n}"
+            ))),
+        }
+    }
+
     /// Whether a streaming answer ends with a usage chunk (`stream_options.include_usage`).
     pub fn include_usage(&self) -> bool {
         self.stream_options
@@ -276,9 +291,6 @@ impl Common {
         max_tokens: Option<u32>,
         logprobs: Option<u32>,
     ) -> Result<SamplingParams, ProtocolError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ProtocolError::invalid("only n = 1 is supported"));
-        }
         let defaults = SamplingParams::default();
         let params = SamplingParams {
             max_tokens,
@@ -471,6 +483,10 @@ pub struct OpenAiUsage {
     /// Why the bill did not check out, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bill_error: Option<String>,
+    /// With `n` above 1: each choice's usage and bill (each choice is a request of its own);
+    /// the counts and cost above are their sums.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<OpenAiUsage>,
 }
 
 /// `usage.prompt_tokens_details`.
@@ -504,6 +520,38 @@ impl OpenAiUsage {
             billing,
             bill_verified: verdict.as_ref().map(Result::is_ok),
             bill_error: verdict.and_then(Result::err),
+            choices: Vec::new(),
+        }
+    }
+
+    /// The usage of an answer of several choices: their sums, every bill verified only if each
+    /// was (and the first complaint), each choice's own usage and bill kept beside. One
+    /// choice's usage is the answer's.
+    pub fn of_choices(mut choices: Vec<OpenAiUsage>) -> Self {
+        if choices.len() == 1 {
+            return choices.pop().expect("one");
+        }
+        let sum =
+            |f: fn(&OpenAiUsage) -> u32| choices.iter().fold(0u32, |t, c| t.saturating_add(f(c)));
+        let prompt_tokens = sum(|c| c.prompt_tokens);
+        let completion_tokens = sum(|c| c.completion_tokens);
+        let costs: Option<Vec<u64>> = choices.iter().map(|c| c.cost).collect();
+        let verdicts: Option<Vec<bool>> = choices.iter().map(|c| c.bill_verified).collect();
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: PromptDetails {
+                cached_tokens: sum(|c| c.prompt_tokens_details.cached_tokens),
+            },
+            completion_tokens_details: CompletionDetails {
+                reasoning_tokens: sum(|c| c.completion_tokens_details.reasoning_tokens),
+            },
+            cost: costs.map(|c| c.into_iter().fold(0u64, u64::saturating_add)),
+            billing: None,
+            bill_verified: verdicts.map(|v| v.into_iter().all(|ok| ok)),
+            bill_error: choices.iter().find_map(|c| c.bill_error.clone()),
+            choices,
         }
     }
 }
@@ -552,10 +600,6 @@ mod tests {
             (
                 r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
                 "image_url",
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
-                "n = 1",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,
@@ -614,6 +658,28 @@ mod tests {
         ] {
             let err = chat(json).unwrap_err();
             assert!(err.message.contains(needle), "{json}: {}", err.message);
+        }
+    }
+
+    /// `n` is 1 to 16 choices, 1 when unset.
+    #[test]
+    fn choices_are_bounded() {
+        let n = |body: &str| {
+            serde_json::from_str::<ChatRequest>(body)
+                .unwrap()
+                .common
+                .choices()
+        };
+        let m = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+        assert_eq!(n(&format!("{{{m}}}")).unwrap(), 1);
+        assert_eq!(n(&format!(r#"{{{m},"n":16}}"#)).unwrap(), 16);
+        for bad in [0, 17] {
+            let e = n(&format!(r#"{{{m},"n":{bad}}}"#)).unwrap_err();
+            assert!(
+                e.message.contains("n must be between 1 and 16"),
+                "{}",
+                e.message
+            );
         }
     }
 

@@ -283,3 +283,51 @@ async fn load_spreads_over_two_workers() {
         "the proxy knows each worker by its pinned key"
     );
 }
+
+/// `n`: each choice is a request of its own through the network, billed on its own. The usage
+/// sums them and keeps each choice's bill beside, each verified by the gateway.
+#[tokio::test]
+async fn several_choices_are_several_billed_requests() {
+    let net = network(vec![llama()]).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", net.gateway_url());
+    let body = chat_body(
+        "Write a word.",
+        json!({"max_tokens": 5, "temperature": 1.2, "seed": 3, "n": 3}),
+    );
+    let answer: Value = post_json(&http, &url, &body).await;
+    let indices: Vec<u64> = answer["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1, 2], "{answer}");
+    let usage = &answer["usage"];
+    let each = usage["choices"].as_array().unwrap();
+    assert_eq!(each.len(), 3, "{usage}");
+    let mut counters = Vec::new();
+    for u in each {
+        assert_eq!(u["bill_verified"], true, "{u}");
+        counters.push(u["billing"]["tokens_used"].as_u64().unwrap());
+    }
+    counters.sort_unstable();
+    counters.dedup();
+    assert_eq!(
+        counters.len(),
+        3,
+        "three bills, each a move of the contract's counter"
+    );
+    let sum = |field: &str| each.iter().map(|u| u[field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(usage["cost"].as_u64().unwrap(), sum("cost"));
+    assert_eq!(
+        usage["completion_tokens"].as_u64().unwrap(),
+        sum("completion_tokens")
+    );
+    assert_eq!(
+        usage["prompt_tokens"].as_u64().unwrap(),
+        sum("prompt_tokens")
+    );
+    assert_eq!(usage["bill_verified"], true);
+    assert!(usage.get("billing").is_none(), "{usage}");
+}

@@ -1,4 +1,5 @@
-//! Streaming answers as OpenAI server-sent events.
+//! Streaming answers as OpenAI server-sent events, one choice or several (`n`) interleaved as
+//! their events come.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -9,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cocoon_net::EventReader;
 use cocoon_protocol::{Billing, GenerateEvent, ProtocolError, Usage};
+use futures_util::StreamExt;
+use futures_util::stream::{BoxStream, SelectAll};
 
 use super::Endpoint;
 use crate::bill::Parties;
@@ -26,18 +29,30 @@ pub(crate) struct Meta {
 }
 
 enum Phase {
+    /// The first chunk: each choice's role.
     Start,
     Events,
-    Usage(Usage, Option<Billing>),
+    Usage,
     Done,
     End,
 }
 
-struct StreamState {
-    events: EventReader,
-    chunks: ChunkEncoder,
-    logprobs: Option<Logprobs>,
+/// One choice's part of the stream, and where it stands.
+struct Choice {
     parties: Parties,
+    logprobs: Option<Logprobs>,
+    /// Its usage and bill once its `done` came.
+    done: Option<(Usage, Option<Billing>)>,
+}
+
+/// An event of choice `.0`, or `None` once its stream ended.
+type Tagged = (u32, Option<Result<(GenerateEvent, Bytes), ProtocolError>>);
+
+struct StreamState {
+    /// Every choice's events, as they come.
+    events: SelectAll<BoxStream<'static, Tagged>>,
+    chunks: ChunkEncoder,
+    choices: Vec<Choice>,
     phase: Phase,
     /// After this long without an event, a comment line goes to the app: a model thinking
     /// or a slow upstream must not look like a dead connection to whatever sits between the
@@ -48,12 +63,34 @@ struct StreamState {
 /// An SSE comment: apps and SDKs skip it.
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
-/// What the proxy's stream gave within the keep-alive interval.
+/// What the proxy's streams gave within the keep-alive interval.
 enum Heard {
-    /// An event, or the end of the stream.
-    Event(Option<Result<(GenerateEvent, Bytes), ProtocolError>>),
+    /// A choice's event or end; `None` once every stream ended.
+    Event(Option<Tagged>),
     /// Nothing yet.
     Quiet,
+}
+
+/// What one event shows the app.
+enum Shown {
+    /// Nothing yet.
+    Nothing,
+    /// This chunk.
+    Chunk(Bytes),
+    /// The stream ends here, without `[DONE]`: the answer was cut.
+    Cut,
+}
+
+/// A reader's events tagged with its choice, then one `None` when it ends.
+fn tagged(index: u32, events: EventReader) -> BoxStream<'static, Tagged> {
+    futures_util::stream::unfold(Some(events), move |reader| async move {
+        let mut reader = reader?;
+        match reader.next().await {
+            Some(event) => Some(((index, Some(event)), Some(reader))),
+            None => Some(((index, None), None)),
+        }
+    })
+    .boxed()
 }
 
 impl StreamState {
@@ -64,7 +101,7 @@ impl StreamState {
                 Phase::Start => {
                     self.phase = Phase::Events;
                     if self.chunks.chat {
-                        return Some(self.chunks.role());
+                        return Some(self.chunks.roles(self.choices.len() as u32));
                     }
                 }
                 Phase::Events => match self.listen().await {
@@ -72,56 +109,29 @@ impl StreamState {
                         self.phase = Phase::Events;
                         return Some(Bytes::from_static(KEEP_ALIVE));
                     }
-                    Heard::Event(event) => match event {
-                        Some(Ok((GenerateEvent::Delta { text, logprobs, .. }, _))) => {
-                            self.phase = Phase::Events;
-                            let logprobs = match &mut self.logprobs {
-                                Some(l) if !logprobs.is_empty() => Some(l.render(&logprobs)),
-                                _ => None,
-                            };
-                            if !text.is_empty() || logprobs.is_some() {
-                                return Some(self.chunks.delta(&text, logprobs.as_ref()));
+                    // Every stream ended, and some choice without its `done`: cut.
+                    Heard::Event(None) => return None,
+                    Heard::Event(Some((index, event))) => {
+                        self.phase = Phase::Events;
+                        match self.on_event(index, event).await {
+                            Shown::Nothing => {}
+                            Shown::Chunk(chunk) => return Some(chunk),
+                            Shown::Cut => {
+                                self.phase = Phase::End;
+                                return None;
                             }
                         }
-                        Some(Ok((GenerateEvent::Reasoning { text, .. }, _))) => {
-                            self.phase = Phase::Events;
-                            if let Some(chunk) = self.chunks.reasoning(&text) {
-                                return Some(chunk);
-                            }
-                        }
-                        Some(Ok((
-                            GenerateEvent::Done {
-                                finish_reason,
-                                usage,
-                                billing,
-                            },
-                            _,
-                        ))) => {
-                            self.phase = if self.chunks.include_usage {
-                                Phase::Usage(usage, billing)
-                            } else {
-                                // Not shown to the app, but a bad bill is still logged.
-                                let _ = self.parties.verdict(billing.as_ref(), usage).await;
-                                Phase::Done
-                            };
-                            return Some(self.chunks.finish(finish_reason.as_str()));
-                        }
-                        // The SDKs raise an APIError on an `error` event; there is no [DONE] after it.
-                        Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
-                            tracing::warn!(%error, "stream ended with an error");
-                            return Some(error_event(&error_body(&error)));
-                        }
-                        Some(Ok((GenerateEvent::Sealed { .. }, _))) => {
-                            let error = ProtocolError::internal(super::UNOPENED);
-                            return Some(error_event(&error_body(&error)));
-                        }
-                        None => return None,
-                    },
+                    }
                 },
-                Phase::Usage(usage, billing) => {
+                Phase::Usage => {
                     self.phase = Phase::Done;
-                    let verified = self.parties.verdict(billing.as_ref(), usage).await;
-                    let usage = serde_json::to_value(OpenAiUsage::new(usage, billing, verified))
+                    let mut usages = Vec::with_capacity(self.choices.len());
+                    for choice in &mut self.choices {
+                        let (usage, billing) = choice.done.take().expect("every choice is done");
+                        let verified = choice.parties.verdict(billing.as_ref(), usage).await;
+                        usages.push(OpenAiUsage::new(usage, billing, verified));
+                    }
+                    let usage = serde_json::to_value(OpenAiUsage::of_choices(usages))
                         .expect("serializable");
                     return Some(self.chunks.usage(usage));
                 }
@@ -130,9 +140,72 @@ impl StreamState {
             }
         }
     }
-}
 
-impl StreamState {
+    /// What choice `index`'s event shows the app.
+    async fn on_event(
+        &mut self,
+        index: u32,
+        event: Option<Result<(GenerateEvent, Bytes), ProtocolError>>,
+    ) -> Shown {
+        let choice = &mut self.choices[index as usize];
+        match event {
+            Some(Ok((GenerateEvent::Delta { text, logprobs, .. }, _))) => {
+                let logprobs = match &mut choice.logprobs {
+                    Some(l) if !logprobs.is_empty() => Some(l.render(&logprobs)),
+                    _ => None,
+                };
+                if text.is_empty() && logprobs.is_none() {
+                    return Shown::Nothing;
+                }
+                Shown::Chunk(self.chunks.delta(index, &text, logprobs.as_ref()))
+            }
+            Some(Ok((GenerateEvent::Reasoning { text, .. }, _))) => {
+                match self.chunks.reasoning(index, &text) {
+                    Some(chunk) => Shown::Chunk(chunk),
+                    None => Shown::Nothing,
+                }
+            }
+            Some(Ok((
+                GenerateEvent::Done {
+                    finish_reason,
+                    usage,
+                    billing,
+                },
+                _,
+            ))) => {
+                if self.chunks.include_usage {
+                    // Judged once every choice is done, for the usage chunk.
+                    choice.done = Some((usage, billing));
+                } else {
+                    // Not shown to the app, but a bad bill is still logged.
+                    let _ = choice.parties.verdict(billing.as_ref(), usage).await;
+                    choice.done = Some((usage, None));
+                }
+                if self.choices.iter().all(|c| c.done.is_some()) {
+                    self.phase = match self.chunks.include_usage {
+                        true => Phase::Usage,
+                        false => Phase::Done,
+                    };
+                }
+                Shown::Chunk(self.chunks.finish(index, finish_reason.as_str()))
+            }
+            // The SDKs raise an APIError on an `error` event; there is no [DONE] after it, and
+            // the other choices' streams go with this one.
+            Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
+                tracing::warn!(%error, "stream ended with an error");
+                self.phase = Phase::End;
+                Shown::Chunk(error_event(&error_body(&error)))
+            }
+            Some(Ok((GenerateEvent::Sealed { .. }, _))) => {
+                self.phase = Phase::End;
+                let error = ProtocolError::internal(super::UNOPENED);
+                Shown::Chunk(error_event(&error_body(&error)))
+            }
+            None if choice.done.is_none() => Shown::Cut,
+            None => Shown::Nothing,
+        }
+    }
+
     /// The proxy's next event, or [`Heard::Quiet`] when none came within the keep-alive
     /// interval (the reader's silence limit runs from the last frame it got, so giving up on
     /// a read here does not reset it).
@@ -147,26 +220,38 @@ impl StreamState {
     }
 }
 
-/// The streaming response. If the app disconnects, the body is dropped with the proxy stream
-/// inside it, which cancels the generation all the way to the worker.
+/// The streaming response. If the app disconnects, the body is dropped with the proxy streams
+/// inside it, which cancels the generations all the way to the workers.
 pub(crate) fn response(
-    events: EventReader,
+    choices: Vec<(EventReader, Parties)>,
     meta: Meta,
     include_usage: bool,
-    parties: Parties,
     keep_alive: Option<Duration>,
 ) -> Response {
+    let chat = meta.endpoint == Endpoint::Chat;
+    let mut events = SelectAll::new();
+    let choices = choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, (reader, parties))| {
+            events.push(tagged(index as u32, reader));
+            Choice {
+                parties,
+                logprobs: Logprobs::new(chat, meta.logprobs),
+                done: None,
+            }
+        })
+        .collect();
     let state = StreamState {
         events,
         chunks: ChunkEncoder {
             id: meta.id,
             created: meta.created,
             model: meta.model,
-            chat: meta.endpoint == Endpoint::Chat,
+            chat,
             include_usage,
         },
-        logprobs: Logprobs::new(meta.endpoint == Endpoint::Chat, meta.logprobs),
-        parties,
+        choices,
         phase: Phase::Start,
         keep_alive,
     };
