@@ -705,13 +705,19 @@ fn gather(
     other: usize,
     max_answer_bytes: usize,
 ) -> Result<(), ProtocolError> {
-    if into.len() + other + piece.len() > max_answer_bytes {
+    within(into.len() + other + piece.len(), max_answer_bytes)?;
+    into.push_str(piece);
+    Ok(())
+}
+
+/// Fails once an answer gathered would take more than `max_answer_bytes`.
+fn within(bytes: usize, max_answer_bytes: usize) -> Result<(), ProtocolError> {
+    if bytes > max_answer_bytes {
         return Err(ProtocolError::internal(format!(
             "the answer is longer than this gateway gathers for a request without streaming \
              ({max_answer_bytes} bytes, max_answer_bytes): ask with \"stream\": true"
         )));
     }
-    into.push_str(piece);
     Ok(())
 }
 
@@ -816,6 +822,20 @@ async fn answer(
                 // As OpenAI-compatible servers put a reasoning model's thinking.
                 if !g.reasoning.is_empty() {
                     message["reasoning_content"] = json!(g.reasoning);
+                }
+                if !g.calls.is_empty() {
+                    // As OpenAI answers a call without words: no content.
+                    if g.text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = json!(
+                        g.calls
+                            .iter()
+                            .map(|c| json!({"id": c.id, "type": "function", "function": {
+                                "name": c.name, "arguments": c.arguments
+                            }}))
+                            .collect::<Vec<_>>()
+                    );
                 }
                 json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
@@ -953,6 +973,7 @@ async fn start(
 struct Gathered {
     text: String,
     reasoning: String,
+    calls: Vec<cocoon_protocol::ToolCall>,
     logprobs: Vec<TokenLogprob>,
     finish: FinishReason,
     usage: OpenAiUsage,
@@ -968,6 +989,9 @@ async fn gather_answer(
 ) -> Result<Gathered, ApiError> {
     let mut text = String::new();
     let mut reasoning = String::new();
+    let mut calls = Vec::new();
+    // Bytes the tool calls take, held to the gathering bound with the text.
+    let mut call_bytes = 0;
     let top = logprobs.unwrap_or(0) as usize;
     let mut token_logprobs: Vec<TokenLogprob> = Vec::new();
     // Bytes the log-probabilities take, held to the gathering bound with the text.
@@ -986,10 +1010,20 @@ async fn gather_answer(
                     logprob_bytes += logprobs::size(&l, top);
                     token_logprobs.extend(l);
                 }
-                gather(&mut text, &t, reasoning.len() + logprob_bytes, budget)?
+                let other = reasoning.len() + logprob_bytes + call_bytes;
+                gather(&mut text, &t, other, budget)?
             }
             Some(Ok((GenerateEvent::Reasoning { text: t, .. }, _))) => {
-                gather(&mut reasoning, &t, text.len() + logprob_bytes, budget)?
+                let other = text.len() + logprob_bytes + call_bytes;
+                gather(&mut reasoning, &t, other, budget)?
+            }
+            Some(Ok((GenerateEvent::ToolCall { call, .. }, _))) => {
+                call_bytes += call.id.len() + call.name.len() + call.arguments.len();
+                within(
+                    text.len() + reasoning.len() + logprob_bytes + call_bytes,
+                    budget,
+                )?;
+                calls.push(call);
             }
             Some(Ok((
                 GenerateEvent::Done {
@@ -1012,6 +1046,7 @@ async fn gather_answer(
     Ok(Gathered {
         text,
         reasoning,
+        calls,
         logprobs: token_logprobs,
         finish,
         usage: OpenAiUsage::new(usage, billing, verified),

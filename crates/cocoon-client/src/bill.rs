@@ -1480,10 +1480,8 @@ mod tests {
         let request = GenerateRequest {
             model: "m".into(),
             input: Input::Chat {
-                messages: vec![ChatMessage {
-                    role: Role::User,
-                    content: "Hi".into(),
-                }],
+                messages: vec![ChatMessage::new(Role::User, "Hi")],
+                tools: None,
             },
             params: SamplingParams {
                 max_tokens: Some(4),

@@ -5,6 +5,7 @@
 //! straight from borrowed fields into one buffer, never built as a `serde_json::Value` tree.
 
 use bytes::Bytes;
+use cocoon_protocol::ToolCall;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -57,6 +58,10 @@ struct Delta<'a> {
     /// (the OpenAI SDKs pass unknown delta fields through to the app).
     #[serde(skip_serializing_if = "Option::is_none")]
     reasoning_content: Option<&'a str>,
+    /// A tool call, whole, in OpenAI's streamed shape (the SDKs join a call's pieces, and
+    /// take one piece as well as many).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Value>,
 }
 
 fn event<T: Serialize>(value: &T, size_hint: usize) -> Bytes {
@@ -100,6 +105,7 @@ impl ChunkEncoder {
                     role,
                     content: text,
                     reasoning_content: None,
+                    tool_calls: None,
                 }),
                 None,
             ),
@@ -143,12 +149,39 @@ impl ChunkEncoder {
                 role: None,
                 content: None,
                 reasoning_content: Some(text),
+                tool_calls: None,
             }),
             text: None,
             logprobs: None,
             finish_reason: None,
         };
         Some(self.chunk(&[choice], None, text.len()))
+    }
+
+    /// Choice `index`'s tool call number `call` (from 0), for a chat stream; `None` for a
+    /// legacy completion, which has no place for it.
+    pub fn tool_call(&self, index: u32, call: u32, tool_call: &ToolCall) -> Option<Bytes> {
+        if !self.chat {
+            return None;
+        }
+        let choice = Choice {
+            index,
+            delta: Some(Delta {
+                role: None,
+                content: None,
+                reasoning_content: None,
+                tool_calls: Some(serde_json::json!([{
+                    "index": call,
+                    "id": tool_call.id,
+                    "type": "function",
+                    "function": {"name": tool_call.name, "arguments": tool_call.arguments},
+                }])),
+            }),
+            text: None,
+            logprobs: None,
+            finish_reason: None,
+        };
+        Some(self.chunk(&[choice], None, tool_call.arguments.len()))
     }
 
     /// The chunk that says why choice `index` ended.

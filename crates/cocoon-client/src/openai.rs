@@ -1,8 +1,8 @@
 //! The OpenAI API's request and answer shapes, and their translation to the cocoon protocol.
 
 use cocoon_protocol::{
-    Billing, ChatMessage, GenerateRequest, Input, ProtocolError, ResponseFormat, Role,
-    SamplingParams, Usage,
+    Billing, ChatMessage, Function, GenerateRequest, Input, ProtocolError, ResponseFormat, Role,
+    SamplingParams, ToolCall, ToolChoice, Tools, Usage,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -159,7 +159,6 @@ const HARMLESS: &[&str] = &[
     "store",
     "service_tier",
     "safety_identifier",
-    "parallel_tool_calls",
 ];
 
 /// Whether a field's value asks for nothing: `null`, or an empty object or list (LangChain,
@@ -201,9 +200,17 @@ pub struct ChatRequest {
     pub messages: Vec<OpenAiMessage>,
     /// Most tokens to generate; overrides `max_tokens` when set.
     pub max_completion_tokens: Option<u32>,
-    /// Not supported: refused unless absent or `null`.
+    /// Functions the model may call: `[{"type": "function", "function": {"name",
+    /// "description", "parameters"}}]`.
     #[serde(default)]
-    pub tools: Option<Value>,
+    pub tools: Option<Vec<OpenAiTool>>,
+    /// `"auto"` (the default with tools), `"none"`, `"required"`, or `{"type": "function",
+    /// "function": {"name"}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Whether the model may call several tools in one answer (default true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     /// With `logprobs: true`: how many of the most likely tokens come with each token's
     /// log-probability, 0 to 20.
     pub top_logprobs: Option<u32>,
@@ -215,12 +222,130 @@ pub struct ChatRequest {
 /// One message of a chat.
 #[derive(Debug, Deserialize)]
 pub struct OpenAiMessage {
-    /// `system` or `developer` (both a system message), `user` or `assistant`; others are
-    /// refused.
+    /// `system` or `developer` (both a system message), `user`, `assistant` or `tool`; others
+    /// are refused.
     pub role: String,
-    /// Required; `None` only so that its absence is refused with a clear message.
+    /// Required, but for an assistant's message that holds tool calls; `None` only so that
+    /// its absence is refused with a clear message.
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant's tool calls.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<OpenAiToolCall>>,
+    /// A tool's message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+/// A tool as the app offers it.
+#[derive(Debug, Deserialize)]
+pub struct OpenAiTool {
+    /// Only `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function.
+    pub function: OpenAiFunction,
+}
+
+/// A function the model may call.
+#[derive(Debug, Deserialize)]
+pub struct OpenAiFunction {
+    /// Its name.
+    pub name: String,
+    /// What it does.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON schema of its arguments; none: no arguments.
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    /// OpenAI's strict mode: the arguments follow the schema exactly, which the embedded
+    /// engine's grammar does anyway where a call is forced.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// A tool call in an assistant's message.
+#[derive(Debug, Deserialize)]
+pub struct OpenAiToolCall {
+    /// The call's id.
+    pub id: String,
+    /// Only `function`.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    /// The function called and its arguments.
+    pub function: OpenAiCalled,
+}
+
+/// The function a call called.
+#[derive(Debug, Deserialize)]
+pub struct OpenAiCalled {
+    /// Its name.
+    pub name: String,
+    /// Its arguments, as JSON text.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+/// The request's tools as the protocol has them: `None` without tools or with `tool_choice:
+/// "none"` (the model then answers in text, and is not shown them).
+fn tools(
+    tools: Option<Vec<OpenAiTool>>,
+    choice: Option<&Value>,
+    parallel: Option<bool>,
+) -> Result<Option<Tools>, ProtocolError> {
+    let tools = tools.unwrap_or_default();
+    let choice = match choice {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "auto" => Some(ToolChoice::Auto),
+        Some(Value::String(s)) if s == "required" => Some(ToolChoice::Required),
+        Some(v) if v["type"] == "function" && v["function"]["name"].is_string() => {
+            Some(ToolChoice::Function(
+                v["function"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ))
+        }
+        Some(v) => {
+            return Err(ProtocolError::invalid(format!(
+                "tool_choice must be none, auto, required or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {v}"
+            )));
+        }
+    };
+    if tools.is_empty() {
+        if choice.is_some() {
+            return Err(ProtocolError::invalid("tool_choice needs tools"));
+        }
+        return Ok(None);
+    }
+    let functions = tools
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if t.kind != "function" {
+                return Err(ProtocolError::invalid(format!(
+                    "tools[{i}].type '{}' is not supported; only function is",
+                    t.kind
+                )));
+            }
+            Ok(Function {
+                name: t.function.name,
+                description: t.function.description,
+                parameters: t
+                    .function
+                    .parameters
+                    .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tools = Tools {
+        functions,
+        choice: choice.unwrap_or(ToolChoice::Auto),
+        parallel: parallel.unwrap_or(true),
+    };
+    tools.validate()?;
+    Ok(Some(tools))
 }
 
 /// Message content: a string, or a list of parts of which only text is supported.
@@ -329,9 +454,6 @@ impl ChatRequest {
     /// The cocoon request for this chat, or an `invalid` error naming what is unsupported
     /// or out of range.
     pub fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
-            return Err(ProtocolError::invalid("tools are not supported"));
-        }
         refuse_unknown(&self.other)?;
         let messages = self
             .messages
@@ -358,11 +480,16 @@ impl ChatRequest {
             self.max_completion_tokens.or(self.common.max_tokens),
             logprobs,
         )?;
+        let tools = tools(
+            self.tools,
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls,
+        )?;
         let request = GenerateRequest {
             max_price: self.common.max_price,
             cache_scope: self.common.cache_scope(),
             model: self.common.model,
-            input: Input::Chat { messages },
+            input: Input::Chat { messages, tools },
             params,
         };
         request.validate()?;
@@ -375,12 +502,28 @@ fn convert_message(index: usize, m: OpenAiMessage) -> Result<ChatMessage, Protoc
         "system" | "developer" => Role::System,
         "user" => Role::User,
         "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
         other => {
             return Err(ProtocolError::invalid(format!(
-                "messages[{index}].role '{other}' is not supported (use system, developer, user or assistant)"
+                "messages[{index}].role '{other}' is not supported (use system, developer, user, assistant or tool)"
             )));
         }
     };
+    let tool_calls = m
+        .tool_calls
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| match c.kind.as_deref() {
+            None | Some("function") => Ok(ToolCall {
+                id: c.id,
+                name: c.function.name,
+                arguments: c.function.arguments,
+            }),
+            Some(other) => Err(ProtocolError::invalid(format!(
+                "messages[{index}]: tool call of type {other} is not supported; only function is"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let content = match m.content {
         Some(Content::Text(s)) => s,
         Some(Content::Parts(parts)) => {
@@ -398,13 +541,25 @@ fn convert_message(index: usize, m: OpenAiMessage) -> Result<ChatMessage, Protoc
             }
             text
         }
+        // An assistant that called tools may say nothing.
+        None if !tool_calls.is_empty() => String::new(),
         None => {
             return Err(ProtocolError::invalid(format!(
                 "messages[{index}].content is required"
             )));
         }
     };
-    Ok(ChatMessage { role, content })
+    if role == Role::Tool && m.tool_call_id.is_none() {
+        return Err(ProtocolError::invalid(format!(
+            "messages[{index}]: a tool's message needs the tool_call_id it answers"
+        )));
+    }
+    Ok(ChatMessage {
+        role,
+        content,
+        tool_calls,
+        tool_call_id: m.tool_call_id,
+    })
 }
 
 impl CompletionRequest {
@@ -581,7 +736,7 @@ mod tests {
     #[test]
     fn content_parts_and_roles_convert() {
         let r = chat(r#"{"model":"m","messages":[{"role":"developer","content":"be brief"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"stop":"x","max_completion_tokens":5}"#).unwrap();
-        let Input::Chat { messages } = r.input else {
+        let Input::Chat { messages, .. } = r.input else {
             panic!()
         };
         assert_eq!(messages[0].role, Role::System);
@@ -594,8 +749,12 @@ mod tests {
     fn unsupported_features_are_refused_by_name() {
         for (json, needle) in [
             (
+                r#"{"model":"m","messages":[{"role":"function","content":"x"}]}"#,
+                "role 'function'",
+            ),
+            (
                 r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#,
-                "role 'tool'",
+                "a tool's message needs the tool_call_id",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
@@ -614,8 +773,20 @@ mod tests {
                 "top_logprobs (a completion's logprobs) must be between 0 and 20, got 21",
             ),
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{}]}"#,
-                "tools",
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"retrieval","function":{"name":"f"}}]}"#,
+                "tools[0].type 'retrieval' is not supported",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}}"#,
+                "tool_choice names function \"g\", which tools does not list",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f g"}}]}"#,
+                "tool name \"f g\" must be",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"response_format":{"type":"json_object"}}"#,
+                "tools and response_format cannot be asked together",
             ),
             (r#"{"model":"m","messages":[]}"#, "at least one"),
             (
@@ -624,8 +795,8 @@ mod tests {
             ),
             // Fields that were silently ignored: refused by name, every one at once.
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"auto","prediction":{"type":"content"}}"#,
-                "prediction, tool_choice are not supported",
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"functions":[{"name":"f"}],"prediction":{"type":"content"}}"#,
+                "functions, prediction are not supported",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#,
@@ -645,7 +816,7 @@ mod tests {
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"auto"}"#,
-                "tool_choice is not supported",
+                "tool_choice needs tools",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"frequency_penalty":2.5}"#,

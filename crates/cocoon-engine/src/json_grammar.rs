@@ -3,7 +3,7 @@
 //!
 //! The grammar admits only JSON that the schema accepts, so a model sampling under it cannot
 //! answer anything else. It may admit less than the schema does (properties come in the
-//! schema's order; an object whose schema lists properties gets no others, which JSON Schema
+//! schema's order; an object whose schema lists properties (even none) gets no others, which JSON Schema
 //! allows), never more. What this subset cannot honour (a `pattern`, numeric bounds, …) is
 //! refused by name rather than dropped: an answer that breaks the app's schema would be worse
 //! than a clear 400.
@@ -265,6 +265,13 @@ impl<'a> Converter<'a> {
             ));
         }
         let additional = schema.get("additionalProperties");
+        if properties.is_empty() && schema.contains_key("properties") {
+            // Properties listed, and none of them: an empty object (a tool that takes no
+            // arguments), unless others are allowed as a schema says.
+            if matches!(additional, None | Some(Value::Bool(_))) {
+                return Ok(r#""{" ws "}" ws"#.into());
+            }
+        }
         if properties.is_empty() {
             // A map: any keys, each value as `additionalProperties` says.
             let value = match additional {

@@ -8,11 +8,13 @@
 //! not build or link llama.cpp; its configuration, [`LlamaConfig`], is plain data and stays
 //! here so worker configurations parse without it.
 
+mod chat_template;
 mod json_grammar;
 mod llama_config;
 mod model_hash;
 mod stats;
 mod text;
+mod tool_calls;
 mod upstream;
 
 use std::pin::Pin;
@@ -20,11 +22,13 @@ use std::pin::Pin;
 use cocoon_protocol::{GenerateEvent, GenerateRequest, ModelCard};
 use futures_util::Stream;
 
+pub use chat_template::ChatTemplate;
 pub use json_grammar::{json_object_gbnf, schema_to_gbnf};
 pub use llama_config::LlamaConfig;
 pub use model_hash::{is_model_hash, model_file_hash};
 pub use stats::{ActiveGuard, BackendStats, Outcome, StatsSnapshot};
 pub use text::{StopMatcher, Utf8Accumulator};
+pub use tool_calls::{Piece, ToolCallReader, ToolStyle, generic_instructions, tools_grammar};
 pub use upstream::{SseChunk, UpstreamBackend, UpstreamConfig, UpstreamModel, parse_sse_chunk};
 
 /// The events of one generation. Dropping the stream cancels the generation.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cocoon_protocol::{
     ErrorKind, FinishReason, GenerateEvent, GenerateRequest, Input, ModelCard, ProtocolError,
-    TokenLogprob, TopLogprob, Usage,
+    TokenLogprob, ToolCall, ToolChoice, TopLogprob, Usage,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -210,13 +210,32 @@ impl UpstreamBackend {
         }
         let base = self.config.url.trim_end_matches('/');
         match &request.input {
-            Input::Chat { messages } => {
-                body["messages"] = json!(
-                    messages
-                        .iter()
-                        .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-                        .collect::<Vec<_>>()
-                );
+            Input::Chat { messages, tools } => {
+                body["messages"] = json!(messages.iter().map(openai_message).collect::<Vec<_>>());
+                if let Some(tools) = tools {
+                    body["tools"] = json!(
+                        tools
+                            .functions
+                            .iter()
+                            .map(|f| {
+                                let mut function =
+                                    json!({"name": f.name, "parameters": f.parameters});
+                                if let Some(d) = &f.description {
+                                    function["description"] = json!(d);
+                                }
+                                json!({"type": "function", "function": function})
+                            })
+                            .collect::<Vec<_>>()
+                    );
+                    body["tool_choice"] = match &tools.choice {
+                        ToolChoice::Auto => json!("auto"),
+                        ToolChoice::Required => json!("required"),
+                        ToolChoice::Function(name) => {
+                            json!({"type": "function", "function": {"name": name}})
+                        }
+                    };
+                    body["parallel_tool_calls"] = json!(tools.parallel);
+                }
                 if let Some(top) = p.logprobs {
                     body["logprobs"] = json!(true);
                     body["top_logprobs"] = json!(top);
@@ -298,6 +317,28 @@ impl Backend for UpstreamBackend {
     }
 }
 
+/// A chat message in OpenAI's shape: an assistant's calls, a tool's result with its call's id.
+fn openai_message(m: &cocoon_protocol::ChatMessage) -> Value {
+    let mut out = json!({"role": m.role.as_str(), "content": m.content});
+    if !m.tool_calls.is_empty() {
+        out["tool_calls"] = json!(
+            m.tool_calls
+                .iter()
+                .map(|c| json!({"id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": c.arguments
+                }}))
+                .collect::<Vec<_>>()
+        );
+        if m.content.is_empty() {
+            out["content"] = Value::Null;
+        }
+    }
+    if let Some(id) = &m.tool_call_id {
+        out["tool_call_id"] = json!(id);
+    }
+    out
+}
+
 /// How long the upstream server may take: to answer with its headers, and between two
 /// pieces of the answer after that.
 #[derive(Debug, Clone, Copy)]
@@ -332,6 +373,9 @@ async fn relay(
     let mut usage = None;
     // Chunks of thinking relayed: the reasoning count where the server gives none.
     let mut reasoning_chunks: u32 = 0;
+    // Tool calls as their pieces come (servers stream a call's arguments in fragments), each
+    // with the chunks that carried it; relayed whole at the end.
+    let mut calls: Vec<(ToolCall, u32)> = Vec::new();
     loop {
         let chunk = tokio::time::timeout(timeouts.idle, body.next())
             .await
@@ -394,6 +438,9 @@ async fn relay(
                     return Ok(());
                 }
             }
+            for piece in parsed.tool_calls {
+                add_call_piece(&mut calls, piece)?;
+            }
             if parsed.finish.is_some() {
                 finish = parsed.finish;
             }
@@ -415,6 +462,15 @@ async fn relay(
     }
     stats.add_prompt_tokens(u64::from(usage.prompt_tokens));
     stats.add_generated_tokens(u64::from(usage.completion_tokens));
+    for (call, tokens) in calls {
+        if tx
+            .send(GenerateEvent::ToolCall { call, tokens })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
     let done = GenerateEvent::Done {
         finish_reason: finish.unwrap_or(FinishReason::Stop),
         usage,
@@ -422,6 +478,63 @@ async fn relay(
     };
     let _ = tx.send(done).await;
     Ok(())
+}
+
+/// Most tool calls one upstream answer may make.
+const MAX_UPSTREAM_CALLS: usize = 128;
+/// Most bytes a call's name and arguments may take.
+const MAX_CALL_BYTES: usize = 1 << 20;
+
+/// Adds a piece of a streamed tool call: a new call (its index first seen, with its id and
+/// name) or more of a call's arguments.
+fn add_call_piece(calls: &mut Vec<(ToolCall, u32)>, piece: CallPiece) -> Result<(), ProtocolError> {
+    let index = piece.index as usize;
+    if index == calls.len() {
+        if calls.len() == MAX_UPSTREAM_CALLS {
+            return Err(ProtocolError::internal(format!(
+                "upstream server made more than {MAX_UPSTREAM_CALLS} tool calls"
+            )));
+        }
+        calls.push((
+            ToolCall {
+                id: piece
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| format!("call_{:024x}", rand::random::<u128>() >> 32)),
+                name: String::new(),
+                arguments: String::new(),
+            },
+            0,
+        ));
+    }
+    let known = calls.len();
+    let (call, tokens) = calls.get_mut(index).ok_or_else(|| {
+        ProtocolError::internal(format!(
+            "upstream server sent a piece of tool call {index} before call {known}"
+        ))
+    })?;
+    call.name.push_str(&piece.name);
+    call.arguments.push_str(&piece.arguments);
+    if call.name.len() + call.arguments.len() > MAX_CALL_BYTES {
+        return Err(ProtocolError::internal(
+            "upstream server sent an oversize tool call",
+        ));
+    }
+    *tokens = tokens.saturating_add(1);
+    Ok(())
+}
+
+/// A piece of a streamed tool call (OpenAI's `delta.tool_calls[]`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CallPiece {
+    /// Which call of the answer, from 0.
+    pub index: u32,
+    /// The call's id, in its first piece.
+    pub id: Option<String>,
+    /// Its function's name, or more of it.
+    pub name: String,
+    /// More of its arguments' JSON text.
+    pub arguments: String,
 }
 
 /// What one `data:` line of an OpenAI stream says.
@@ -437,6 +550,8 @@ pub struct SseChunk {
     pub usage: Option<Usage>,
     /// The first choice's log-probabilities, in the chat's shape or the legacy one.
     pub logprobs: Vec<TokenLogprob>,
+    /// Pieces of the first choice's tool calls.
+    pub tool_calls: Vec<CallPiece>,
 }
 
 /// One chunk as the wire has it; strings borrowed from the input unless they hold escapes.
@@ -473,6 +588,27 @@ struct WireDelta<'a> {
     /// Newer vLLM's and OpenRouter's name for it.
     #[serde(default, borrow)]
     reasoning: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireCallPiece>>,
+}
+
+#[derive(Deserialize)]
+struct WireCallPiece {
+    /// Some servers leave it out when an answer makes one call.
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<WireFunctionPiece>,
+}
+
+#[derive(Deserialize, Default)]
+struct WireFunctionPiece {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -512,7 +648,23 @@ pub fn parse_sse_chunk(data: &[u8]) -> Result<SseChunk, ProtocolError> {
         return Ok(chunk);
     };
     let (content, reasoning) = match choice.delta {
-        Some(d) => (d.content, d.reasoning_content.or(d.reasoning)),
+        Some(d) => {
+            chunk.tool_calls = d
+                .tool_calls
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| {
+                    let f = p.function.unwrap_or_default();
+                    CallPiece {
+                        index: p.index,
+                        id: p.id,
+                        name: f.name.unwrap_or_default(),
+                        arguments: f.arguments.unwrap_or_default(),
+                    }
+                })
+                .collect();
+            (d.content, d.reasoning_content.or(d.reasoning))
+        }
         None => (None, None),
     };
     chunk.text = content
@@ -529,6 +681,7 @@ pub fn parse_sse_chunk(data: &[u8]) -> Result<SseChunk, ProtocolError> {
     }
     chunk.finish = match choice.finish_reason.as_deref() {
         Some("length") => Some(FinishReason::Length),
+        Some("tool_calls") => Some(FinishReason::ToolCalls),
         Some(_) => Some(FinishReason::Stop),
         None => None,
     };
@@ -853,10 +1006,11 @@ mod tests {
         let backend = backend("http://127.0.0.1:9/v1".into());
         let mut request = text_request();
         request.input = Input::Chat {
-            messages: vec![cocoon_protocol::ChatMessage {
-                role: cocoon_protocol::Role::User,
-                content: "x".into(),
-            }],
+            messages: vec![cocoon_protocol::ChatMessage::new(
+                cocoon_protocol::Role::User,
+                "x",
+            )],
+            tools: None,
         };
         request.params.logprobs = Some(3);
         let (_, body) = backend.request_body("m", &request);
@@ -884,6 +1038,7 @@ mod tests {
                 finish: None,
                 usage: None,
                 logprobs: Vec::new(),
+                tool_calls: Vec::new(),
             }
         );
         let c = parse_sse_chunk(br#"{"choices":[{"text":"x","finish_reason":"length"}]}"#).unwrap();
@@ -970,10 +1125,11 @@ mod tests {
         let url = serve(router).await;
         let request = GenerateRequest {
             input: Input::Chat {
-                messages: vec![cocoon_protocol::ChatMessage {
-                    role: cocoon_protocol::Role::User,
-                    content: "Six times seven?".into(),
-                }],
+                messages: vec![cocoon_protocol::ChatMessage::new(
+                    cocoon_protocol::Role::User,
+                    "Six times seven?",
+                )],
+                tools: None,
             },
             ..text_request()
         };

@@ -22,8 +22,11 @@ mod sequence;
 use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock, mpsc as std_mpsc};
 
-use cocoon_engine::{Backend, BackendStats, EventStream, LlamaConfig, StatsSnapshot, error_stream};
-use cocoon_protocol::{GenerateRequest, Input, ModelCard, ProtocolError};
+use cocoon_engine::{
+    Backend, BackendStats, ChatTemplate, EventStream, LlamaConfig, StatsSnapshot, ToolStyle,
+    error_stream,
+};
+use cocoon_protocol::{GenerateRequest, Input, ModelCard, ProtocolError, Role};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend as LlamaRuntime;
@@ -61,7 +64,7 @@ pub struct LlamaBackend {
 /// What the scheduler thread and the API share.
 struct Shared {
     model: LlamaModel,
-    template: Option<LlamaChatTemplate>,
+    template: Option<Template>,
     card: ModelCard,
     threads: i32,
     parallel: u32,
@@ -89,9 +92,17 @@ impl LlamaBackend {
             .map_err(|e| {
                 ProtocolError::internal(format!("cannot load model {}: {e}", path.display()))
             })?;
-        let template = model.chat_template(None).ok();
-        if template.is_none() {
-            tracing::warn!(path = %path.display(), "model has no chat template; only /v1/completions will work");
+        let template = Template::of(&model);
+        match &template {
+            None => {
+                tracing::warn!(path = %path.display(), "model has no chat template; only /v1/completions will work")
+            }
+            Some(Template::Builtin(_, why)) => {
+                tracing::warn!(path = %path.display(), %why, "the model's chat template does not compile here: chats are rendered by llama.cpp's built-in formats, without tools")
+            }
+            Some(Template::Jinja(t)) => {
+                tracing::debug!(style = ?t.tool_style(), "chat template compiled")
+            }
         }
         let trained = model.n_ctx_train();
         let context_length = match config.context_length {
@@ -180,17 +191,49 @@ impl Backend for LlamaBackend {
     }
 }
 
+/// How chats become prompts: the model's own template, rendered by minijinja, or, for a
+/// template minijinja cannot compile, llama.cpp's built-in formats (which have no tools).
+enum Template {
+    Jinja(Box<ChatTemplate>),
+    Builtin(LlamaChatTemplate, String),
+}
+
+impl Template {
+    fn of(model: &LlamaModel) -> Option<Self> {
+        let builtin = model.chat_template(None).ok()?;
+        let source = builtin.to_str().ok()?.to_owned();
+        let vocab = model.vocab();
+        let text = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+        Some(
+            match ChatTemplate::new(&source, &text(vocab.bos()), &text(vocab.eos())) {
+                Ok(t) => Self::Jinja(Box::new(t)),
+                Err(why) => Self::Builtin(builtin, why),
+            },
+        )
+    }
+}
+
 impl Shared {
     fn render(&self, input: &Input) -> Result<String, ProtocolError> {
         match input {
             Input::Text { prompt } => Ok(prompt.clone()),
-            Input::Chat { messages } => {
+            Input::Chat { messages, tools } => {
                 let template = self.template.as_ref().ok_or_else(|| {
                     ProtocolError::invalid(format!(
                         "model '{}' has no chat template; use /v1/completions",
                         self.card.id
                     ))
                 })?;
+                let (builtin, why) = match template {
+                    Template::Jinja(t) => return t.render(messages, tools.as_ref()),
+                    Template::Builtin(builtin, why) => (builtin, why),
+                };
+                if tools.is_some() || messages.iter().any(|m| m.role == Role::Tool) {
+                    return Err(ProtocolError::invalid(format!(
+                        "model '{}' cannot be given tools here: its chat template does not compile ({why})",
+                        self.card.id
+                    )));
+                }
                 let messages = messages
                     .iter()
                     .map(|m| LlamaChatMessage::new(m.role.as_str().to_owned(), m.content.clone()))
@@ -199,9 +242,18 @@ impl Shared {
                         ProtocolError::invalid("message content must not contain NUL characters")
                     })?;
                 self.model
-                    .apply_chat_template(template, &messages, true)
+                    .apply_chat_template(builtin, &messages, true)
                     .map_err(|e| ProtocolError::internal(format!("chat template failed: {e}")))
             }
+        }
+    }
+
+    /// How this model writes tool calls (the generic JSON where its template has no place
+    /// for them).
+    fn tool_style(&self) -> ToolStyle {
+        match &self.template {
+            Some(Template::Jinja(t)) => t.tool_style(),
+            _ => ToolStyle::Generic,
         }
     }
 

@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, mpsc as std_mpsc};
 
-use cocoon_protocol::{ErrorKind, GenerateEvent, GenerateRequest, ProtocolError};
+use cocoon_protocol::{ErrorKind, GenerateEvent, GenerateRequest, Input, ProtocolError};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use tokio::sync::mpsc;
@@ -282,12 +282,24 @@ impl<'a> Scheduler<'a> {
                 ),
             ));
         }
-        let sampler = sequence::sampler(&request.params, max_tokens as u32, &self.shared.model)?;
+        let tools = match &request.input {
+            Input::Chat {
+                tools: Some(tools), ..
+            } => Some((tools, self.shared.tool_style())),
+            _ => None,
+        };
+        let sampler = sequence::sampler(
+            &request.params,
+            tools,
+            max_tokens as u32,
+            &self.shared.model,
+        )?;
         Ok(Prepared {
             prompt: tokens,
             max_tokens: max_tokens as u32,
             sampler,
             scope: request.cache_scope.clone(),
+            tools: tools.map(|(_, style)| style),
         })
     }
 

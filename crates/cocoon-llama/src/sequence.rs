@@ -2,7 +2,7 @@
 
 use cocoon_protocol::{
     FinishReason, GenerateEvent, GenerateRequest, ProtocolError, SamplingParams, TokenLogprob,
-    TopLogprob, Usage,
+    Tools, TopLogprob, Usage,
 };
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
@@ -11,7 +11,9 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use tokio::sync::mpsc;
 
-use cocoon_engine::{ActiveGuard, Outcome, StopMatcher, Utf8Accumulator};
+use cocoon_engine::{
+    ActiveGuard, Outcome, Piece, StopMatcher, ToolCallReader, ToolStyle, Utf8Accumulator,
+};
 
 /// A request made ready to run: its prompt's tokens, its completion allowance and its sampler.
 pub(crate) struct Prepared {
@@ -20,6 +22,8 @@ pub(crate) struct Prepared {
     pub sampler: LlamaSampler,
     /// The request's cache scope: which retained cells it may start from and leave.
     pub scope: Option<String>,
+    /// With tools offered: how the model writes its calls.
+    pub tools: Option<ToolStyle>,
 }
 
 /// What a sequence does after a sampled token.
@@ -65,16 +69,21 @@ pub(super) struct Sequence<'a> {
     logprobs: Option<u32>,
     /// Log-probabilities of the tokens not yet sent in a delta.
     unsent_logprobs: Vec<TokenLogprob>,
+    /// With tools offered: reads the calls out of the answer.
+    tool_calls: Option<ToolCallReader>,
+    /// Whether the answer made a call (it then ends with `tool_calls`).
+    called: bool,
     guard: ActiveGuard<'a>,
 }
 
 /// The sampler chain `params` ask for: the app's logit biases, penalties on what this answer
 /// generated so far (the sampler sees each token it picks), the JSON grammar when the answer
-/// must be JSON, then greedy choice, or the candidate filters, the temperature and a seeded
-/// draw. Refuses what this engine cannot serve: a token outside the vocabulary, a JSON schema
-/// its grammar cannot enforce.
+/// must be JSON or a tool call is forced, then greedy choice, or the candidate filters, the
+/// temperature and a seeded draw. Refuses what this engine cannot serve: a token outside the
+/// vocabulary, a JSON schema its grammar cannot enforce.
 pub(crate) fn sampler(
     params: &SamplingParams,
+    tools: Option<(&Tools, ToolStyle)>,
     max_tokens: u32,
     model: &LlamaModel,
 ) -> Result<LlamaSampler, ProtocolError> {
@@ -111,13 +120,19 @@ pub(crate) fn sampler(
             params.presence_penalty,
         ));
     }
-    if let Some(format) = &params.response_format {
-        let grammar = match format.schema() {
+    let grammar = match (&params.response_format, tools) {
+        (Some(format), _) => Some(match format.schema() {
             Some(schema) => cocoon_engine::schema_to_gbnf(schema)
                 .map_err(|e| ProtocolError::invalid(format!("response_format.json_schema: {e}")))?,
             // json_object, or a json_schema without a schema: any object.
             None => cocoon_engine::json_object_gbnf(),
-        };
+        }),
+        (None, Some((tools, style))) => {
+            cocoon_engine::tools_grammar(style, tools).map_err(ProtocolError::invalid)?
+        }
+        (None, None) => None,
+    };
+    if let Some(grammar) = grammar {
         chain.push(
             LlamaSampler::grammar(model, &grammar, "root")
                 .map_err(|e| ProtocolError::internal(format!("the JSON grammar: {e}")))?,
@@ -163,6 +178,7 @@ impl<'a> Sequence<'a> {
             max_tokens,
             sampler,
             scope,
+            tools,
         } = prepared;
         Self {
             id,
@@ -187,6 +203,8 @@ impl<'a> Sequence<'a> {
             piece: Vec::with_capacity(16),
             logprobs: params.logprobs,
             unsent_logprobs: Vec::new(),
+            tool_calls: tools.map(ToolCallReader::new),
+            called: false,
             guard,
         }
     }
@@ -227,16 +245,8 @@ impl<'a> Sequence<'a> {
             self.unsent_logprobs.push(entry);
         }
         let scan = self.stops.push(&self.utf8.push(&self.piece));
-        if !scan.emit.is_empty() {
-            let event = GenerateEvent::Delta {
-                text: scan.emit,
-                tokens: self.unsent_tokens,
-                logprobs: std::mem::take(&mut self.unsent_logprobs),
-            };
-            if self.tx.send(event).is_err() {
-                return self.cancel();
-            }
-            self.unsent_tokens = 0;
+        if !scan.emit.is_empty() && !self.emit(scan.emit) {
+            return self.cancel();
         }
         if scan.stopped {
             return self.finish(FinishReason::Stop, true);
@@ -259,6 +269,39 @@ impl<'a> Sequence<'a> {
         let _ = self.tx.send(GenerateEvent::Error { error });
     }
 
+    /// Sends `text`, the answer's next, as the app sees it: as a delta, or, with tools, as the
+    /// text and calls it completes. False when the requester left.
+    fn emit(&mut self, text: String) -> bool {
+        let pieces = match &mut self.tool_calls {
+            None => vec![Piece::Text(text)],
+            Some(reader) => reader.push(&text),
+        };
+        self.send(pieces)
+    }
+
+    /// Sends `pieces`; the tokens not yet accounted for go with the first. False when the
+    /// requester left.
+    fn send(&mut self, pieces: Vec<Piece>) -> bool {
+        for piece in pieces {
+            let tokens = std::mem::take(&mut self.unsent_tokens);
+            let event = match piece {
+                Piece::Text(text) => GenerateEvent::Delta {
+                    text,
+                    tokens,
+                    logprobs: std::mem::take(&mut self.unsent_logprobs),
+                },
+                Piece::Call(call) => {
+                    self.called = true;
+                    GenerateEvent::ToolCall { call, tokens }
+                }
+            };
+            if self.tx.send(event).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     fn finish(&mut self, finish_reason: FinishReason, matched_stop: bool) -> Next {
         if !matched_stop {
             // Flush what was held back: an incomplete character, or text that looked like the
@@ -268,17 +311,22 @@ impl<'a> Sequence<'a> {
             if !scan.stopped {
                 rest.push_str(&self.stops.finish());
             }
-            if !rest.is_empty() {
-                let event = GenerateEvent::Delta {
-                    text: rest,
-                    tokens: self.unsent_tokens,
-                    logprobs: std::mem::take(&mut self.unsent_logprobs),
-                };
-                if self.tx.send(event).is_err() {
-                    return self.cancel();
-                }
+            if !rest.is_empty() && !self.emit(rest) {
+                return self.cancel();
             }
         }
+        // What the tool reader still holds: calls, or the text that did not read as one.
+        if let Some(reader) = self.tool_calls.take()
+            && !self.send(reader.finish())
+        {
+            return self.cancel();
+        }
+        // A finished answer that called tools waits for their results; one cut off by its
+        // length says so.
+        let finish_reason = match finish_reason {
+            FinishReason::Stop if self.called => FinishReason::ToolCalls,
+            other => other,
+        };
         let usage = Usage {
             cached_tokens: self.cached,
             ..Usage::new(self.prompt_tokens(), self.completion_tokens)

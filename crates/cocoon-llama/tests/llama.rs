@@ -40,10 +40,8 @@ fn chat(content: &str, params: SamplingParams) -> GenerateRequest {
         cache_scope: None,
         model: "SmolLM2-135M-Instruct".into(),
         input: Input::Chat {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: content.into(),
-            }],
+            messages: vec![ChatMessage::new(Role::User, content)],
+            tools: None,
         },
         params,
     }
@@ -51,6 +49,7 @@ fn chat(content: &str, params: SamplingParams) -> GenerateRequest {
 
 struct Collected {
     text: String,
+    calls: Vec<cocoon_protocol::ToolCall>,
     delta_tokens: u32,
     logprobs: Vec<cocoon_protocol::TokenLogprob>,
     done: Option<(FinishReason, Usage)>,
@@ -61,6 +60,7 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
     let mut stream = backend.generate(req);
     let mut c = Collected {
         text: String::new(),
+        calls: Vec::new(),
         delta_tokens: 0,
         logprobs: Vec::new(),
         done: None,
@@ -85,6 +85,10 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
             GenerateEvent::Error { error } => c.error = Some(error),
             GenerateEvent::Reasoning { .. } => panic!("this model does not reason"),
             GenerateEvent::Sealed { .. } => panic!("an engine never seals: its worker does"),
+            GenerateEvent::ToolCall { call, tokens } => {
+                c.delta_tokens += tokens;
+                c.calls.push(call);
+            }
         }
     }
     c
@@ -98,7 +102,7 @@ async fn greedy_chat_is_deterministic_and_counts_real_tokens() {
         max_tokens: Some(24),
         ..Default::default()
     };
-    let req = chat("What is the capital of France?", params);
+    let req = chat("Tell me the capital of France.", params);
     let a = collect(&b, req.clone()).await;
     let (finish, usage) = a.done.expect("done event");
     assert!(a.error.is_none());
@@ -289,13 +293,13 @@ async fn batched_requests_each_get_their_own_answer() {
         ..Default::default()
     };
     let prompts = [
-        "What is the capital of France?",
+        "Tell me the capital of France.",
         "Count from 1 to 10.",
-        "What is the capital of France?",
+        "Tell me the capital of France.",
         "Name three colours.",
-        "What is the capital of France?",
+        "Tell me the capital of France.",
         "Count from 1 to 10.",
-        "What is the capital of France?",
+        "Tell me the capital of France.",
         "Name three colours.",
     ];
     let tasks: Vec<_> = prompts
@@ -375,7 +379,7 @@ async fn one_stream_leaving_does_not_disturb_the_others() {
         .map(|_| {
             let (b, req) = (
                 b.clone(),
-                chat("What is the capital of France?", short.clone()),
+                chat("Tell me the capital of France.", short.clone()),
             );
             tokio::spawn(async move { collect(&b, req).await })
         })
@@ -477,7 +481,7 @@ async fn json_object_answers_are_one_json_object() {
     let free = collect(
         &b,
         chat(
-            "Describe a cat as JSON with its name and age.",
+            "Write a JSON object with a cat's name and age.",
             SamplingParams {
                 response_format: None,
                 ..params.clone()
@@ -487,7 +491,7 @@ async fn json_object_answers_are_one_json_object() {
     .await;
     let c = collect(
         &b,
-        chat("Describe a cat as JSON with its name and age.", params),
+        chat("Write a JSON object with a cat's name and age.", params),
     )
     .await;
     assert!(c.error.is_none(), "{:?}", c.error);
@@ -789,30 +793,24 @@ async fn json_schema_answers_match_the_schema() {
 }
 
 fn conversation(turns: &[(&str, &str)], next: &str) -> GenerateRequest {
-    let mut messages = vec![ChatMessage {
-        role: Role::System,
-        content: "You are a helpful assistant who answers briefly and kindly.".into(),
-    }];
+    let mut messages = vec![ChatMessage::new(
+        Role::System,
+        "You are a helpful assistant who answers briefly and kindly.",
+    )];
     for (user, assistant) in turns {
-        messages.push(ChatMessage {
-            role: Role::User,
-            content: (*user).into(),
-        });
-        messages.push(ChatMessage {
-            role: Role::Assistant,
-            content: (*assistant).into(),
-        });
+        messages.push(ChatMessage::new(Role::User, *user));
+        messages.push(ChatMessage::new(Role::Assistant, *assistant));
     }
-    messages.push(ChatMessage {
-        role: Role::User,
-        content: next.into(),
-    });
+    messages.push(ChatMessage::new(Role::User, next));
     GenerateRequest {
         max_price: None,
         // One client's conversation: its turns may share cells.
         cache_scope: Some("one client".into()),
         model: "SmolLM2-135M-Instruct".into(),
-        input: Input::Chat { messages },
+        input: Input::Chat {
+            messages,
+            tools: None,
+        },
         params: SamplingParams {
             temperature: 0.0,
             max_tokens: Some(12),
@@ -954,7 +952,7 @@ async fn review_cached_tokens_tell_a_client_what_another_clients_prompt_said() {
 #[tokio::test]
 async fn review_a_second_conversation_does_not_wipe_the_first_ones_cells() {
     let b = batched_backend(2, 0, 0);
-    let question = "What is the capital of France?";
+    let question = "Tell me the capital of France.";
     let first = collect(&b, conversation(&[], question)).await;
     assert!(first.error.is_none(), "{:?}", first.error);
     let first_usage = first.done.expect("done").1;
@@ -975,4 +973,187 @@ async fn review_a_second_conversation_does_not_wipe_the_first_ones_cells() {
         next_usage.cached_tokens,
         first_usage.prompt_tokens
     );
+}
+
+fn weather_tools(choice: cocoon_protocol::ToolChoice) -> cocoon_protocol::Tools {
+    cocoon_protocol::Tools {
+        functions: vec![
+            cocoon_protocol::Function {
+                name: "get_weather".into(),
+                description: Some("The weather now in a city".into()),
+                parameters: serde_json::json!({"type": "object", "properties": {
+                    "city": {"type": "string", "maxLength": 20}
+                }, "required": ["city"], "additionalProperties": false}),
+            },
+            cocoon_protocol::Function {
+                name: "get_time".into(),
+                description: Some("The time now".into()),
+                parameters: serde_json::json!({"type": "object", "properties": {}}),
+            },
+        ],
+        choice,
+        parallel: false,
+    }
+}
+
+fn with_tools(
+    messages: Vec<ChatMessage>,
+    tools: Option<cocoon_protocol::Tools>,
+    max_tokens: u32,
+) -> GenerateRequest {
+    GenerateRequest {
+        input: Input::Chat { messages, tools },
+        ..chat(
+            "",
+            SamplingParams {
+                max_tokens: Some(max_tokens),
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+        )
+    }
+}
+
+/// A tool call round trip on the real model, whose template has no place for tools (the
+/// generic style): a forced call is a call of an offered function with arguments of its
+/// schema, ending with `tool_calls`, its tokens accounted for; its result, given back, gets an
+/// answer in words. A named function is the one called.
+#[tokio::test]
+async fn a_tool_call_round_trip_on_the_real_model() {
+    use cocoon_protocol::ToolChoice;
+    let b = backend();
+    let question = ChatMessage::new(Role::User, "What is the weather in Paris?");
+    let asked = collect(
+        &b,
+        with_tools(
+            vec![question.clone()],
+            Some(weather_tools(ToolChoice::Required)),
+            80,
+        ),
+    )
+    .await;
+    assert!(asked.error.is_none(), "{:?}", asked.error);
+    let (finish, usage) = asked.done.unwrap();
+    assert_eq!(
+        finish,
+        FinishReason::ToolCalls,
+        "{:?} {}",
+        asked.calls,
+        asked.text
+    );
+    assert_eq!(asked.calls.len(), 1, "one call: parallel calls are off");
+    assert_eq!(asked.text, "");
+    assert_eq!(asked.delta_tokens, usage.completion_tokens);
+    let call = &asked.calls[0];
+    assert!(
+        ["get_weather", "get_time"].contains(&call.name.as_str()),
+        "{call:?}"
+    );
+    let arguments: serde_json::Value = serde_json::from_str(&call.arguments).unwrap();
+    if call.name == "get_weather" {
+        let city = arguments["city"].as_str().expect("city is a string");
+        assert!(city.chars().count() <= 20, "{city}");
+    }
+
+    let answered = collect(
+        &b,
+        with_tools(
+            vec![
+                question,
+                ChatMessage {
+                    tool_calls: asked.calls.clone(),
+                    ..ChatMessage::new(Role::Assistant, "")
+                },
+                ChatMessage {
+                    tool_call_id: Some(call.id.clone()),
+                    ..ChatMessage::new(Role::Tool, "18 degrees and sunny")
+                },
+            ],
+            Some(weather_tools(ToolChoice::Auto)),
+            60,
+        ),
+    )
+    .await;
+    assert!(answered.error.is_none(), "{:?}", answered.error);
+    let (finish, _) = answered.done.unwrap();
+    match finish {
+        FinishReason::ToolCalls => assert!(!answered.calls.is_empty()),
+        _ => assert!(answered.calls.is_empty() && !answered.text.is_empty()),
+    }
+
+    let named = collect(
+        &b,
+        with_tools(
+            vec![ChatMessage::new(
+                Role::User,
+                "What is the weather in Paris?",
+            )],
+            Some(weather_tools(ToolChoice::Function("get_time".into()))),
+            40,
+        ),
+    )
+    .await;
+    assert_eq!(named.calls.len(), 1, "{:?} {}", named.error, named.text);
+    assert_eq!(named.calls[0].name, "get_time");
+    assert_eq!(named.calls[0].arguments, "{}");
+
+    // Without tools, the conversation holding a call and its result still renders.
+    let plain = collect(
+        &b,
+        with_tools(
+            vec![
+                ChatMessage::new(Role::User, "Hi"),
+                ChatMessage {
+                    tool_calls: asked.calls.clone(),
+                    ..ChatMessage::new(Role::Assistant, "")
+                },
+                ChatMessage {
+                    tool_call_id: Some(call.id.clone()),
+                    ..ChatMessage::new(Role::Tool, "done")
+                },
+            ],
+            None,
+            8,
+        ),
+    )
+    .await;
+    assert!(
+        plain.error.is_none() && plain.calls.is_empty(),
+        "{:?}",
+        plain.error
+    );
+}
+
+/// The generic tool grammar, on llama.cpp's engine: a call of an offered function with
+/// arguments of its schema, or (where the model may) a response; nothing else.
+#[test]
+fn tool_grammars_admit_calls_of_offered_functions_only() {
+    use cocoon_protocol::ToolChoice;
+    let model = LlamaModel::load_from_file(
+        cocoon_llama::runtime().unwrap(),
+        model_path(),
+        &llama_cpp_2::model::params::LlamaModelParams::default(),
+    )
+    .expect("model loads; run scripts/fetch-model.sh first");
+    let style = cocoon_engine::ToolStyle::Generic;
+    let auto = cocoon_engine::tools_grammar(style, &weather_tools(ToolChoice::Auto))
+        .unwrap()
+        .unwrap();
+    let required = cocoon_engine::tools_grammar(style, &weather_tools(ToolChoice::Required))
+        .unwrap()
+        .unwrap();
+    let call = r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}"#;
+    let response = r#"{"response": "Hello!"}"#;
+    assert!(grammar_admits(&model, &auto, call));
+    assert!(grammar_admits(&model, &auto, response));
+    assert!(grammar_admits(&model, &required, call));
+    assert!(!grammar_admits(&model, &required, response));
+    for bad in [
+        r#"{"tool_calls": [{"name": "get_news", "arguments": {}}]}"#,
+        r#"{"tool_calls": [{"name": "get_weather", "arguments": {"town": "Oslo"}}]}"#,
+        r#"{"tool_calls": []}"#,
+        r#"{"tool_calls": [{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}]}"#,
+    ] {
+        assert!(!grammar_admits(&model, &required, bad), "{bad}");
+    }
 }

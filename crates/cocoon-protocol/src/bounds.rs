@@ -38,12 +38,34 @@ const SILENT_TOKENS: u64 = 8;
 fn prompt_bound(input: &Input) -> u64 {
     match input {
         Input::Text { prompt } => prompt.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE,
-        Input::Chat { messages } => messages
+        Input::Chat { messages, tools } => messages
             .iter()
-            .map(|m| m.content.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE)
+            .map(|m| {
+                let calls: u64 = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| {
+                        (c.id.len() + c.name.len() + c.arguments.len()) as u64
+                            + TEMPLATE_TOKENS_PER_MESSAGE
+                    })
+                    .sum();
+                let id = m.tool_call_id.as_ref().map_or(0, |id| id.len() as u64);
+                m.content.len() as u64 + calls + id + TEMPLATE_TOKENS_PER_MESSAGE
+            })
             .sum::<u64>()
-            .saturating_add(TEMPLATE_TOKENS_PER_CONVERSATION),
+            .saturating_add(TEMPLATE_TOKENS_PER_CONVERSATION)
+            .saturating_add(tools.as_ref().map_or(0, tools_bound)),
     }
+}
+
+/// Tokens the tools' definitions may add to the prompt: their JSON (which templates print,
+/// one token per byte at most), and the instructions an engine adds for a model whose own
+/// template has no place for tools.
+fn tools_bound(tools: &crate::Tools) -> u64 {
+    const TOOL_INSTRUCTIONS_TOKENS: u64 = 256;
+    serde_json::to_string(tools).map_or(u64::MAX, |s| s.len() as u64)
+        + tools.functions.len() as u64 * TEMPLATE_TOKENS_PER_MESSAGE
+        + TOOL_INSTRUCTIONS_TOKENS
 }
 
 /// The most a request's answer may be counted as, fixed when the request is admitted.
@@ -84,6 +106,14 @@ impl Relayed {
         self.tokens = self.tokens.saturating_add(u64::from(tokens));
         self.bytes = self.bytes.saturating_add(bytes);
         self.reasoning = self.reasoning.saturating_add(u64::from(reasoning));
+    }
+
+    /// Adds one tool call: its name and arguments are the text it carries.
+    pub fn add_tool_call(&mut self, tokens: u32, call: &crate::ToolCall) {
+        self.tokens = self.tokens.saturating_add(u64::from(tokens));
+        self.bytes = self
+            .bytes
+            .saturating_add((call.name.len() + call.arguments.len()) as u64);
     }
 
     /// Adds one delta of reasoning.
@@ -273,10 +303,8 @@ mod tests {
         GenerateRequest {
             model: "m".into(),
             input: Input::Chat {
-                messages: vec![ChatMessage {
-                    role: Role::User,
-                    content: prompt.into(),
-                }],
+                messages: vec![ChatMessage::new(Role::User, prompt)],
+                tools: None,
             },
             params: SamplingParams {
                 max_tokens,

@@ -15,11 +15,11 @@ pub use bounds::{Bounded, Relayed, UsageBounds};
 pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
-    BillQuery, Billing, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Input, LateBill,
-    ListedModel, MAX_CACHE_SCOPE_BYTES, MAX_LOGIT_BIASES, MAX_SCHEMA_BYTES, MAX_TOP_LOGPROBS,
-    MIN_PREFIX_BYTES, ModelCard, ModelList, Payout, PricedTokens, Refund, RequestId,
-    ResponseFormat, Role, SamplingParams, TokenLogprob, TopLogprob, Usage, WorkerHello,
-    is_model_hash,
+    BillQuery, Billing, ChatMessage, FinishReason, Function, GenerateEvent, GenerateRequest, Input,
+    LateBill, ListedModel, MAX_CACHE_SCOPE_BYTES, MAX_LOGIT_BIASES, MAX_SCHEMA_BYTES, MAX_TOOLS,
+    MAX_TOOLS_BYTES, MAX_TOP_LOGPROBS, MIN_PREFIX_BYTES, ModelCard, ModelList, Payout,
+    PricedTokens, Refund, RequestId, ResponseFormat, Role, SamplingParams, TokenLogprob, ToolCall,
+    ToolChoice, Tools, TopLogprob, Usage, WorkerHello, is_model_hash,
 };
 pub use sealed::{
     Candidate, CandidateQuery, Candidates, MAX_CANDIDATES, Receipt, Recipient, SEAL_TAG_BYTES,
@@ -30,7 +30,9 @@ pub use sealed::{
 /// 3: requests carry `logit_bias` and `response_format`, which an older worker would ignore.
 /// 4: sealed requests and answers ([`paths::SEALED`], [`paths::CANDIDATES`]).
 /// 5: requests may ask for `logprobs`, which an older worker would ignore; deltas carry them.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: chats may offer tools and hold tool calls and results; answers may hold `tool_call`
+/// events and end with `tool_calls`.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// What a stopping worker answers a new request with (an `unavailable` error): the proxy then
 /// routes around it without holding it against the worker.

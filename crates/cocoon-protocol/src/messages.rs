@@ -17,6 +17,8 @@ pub enum Role {
     User,
     /// The model's own earlier replies.
     Assistant,
+    /// The result of a tool call the model asked for (`tool_call_id` names the call).
+    Tool,
 }
 
 impl Role {
@@ -26,6 +28,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -37,6 +40,137 @@ pub struct ChatMessage {
     pub role: Role,
     /// The message's text.
     pub content: String,
+    /// An assistant's: the tool calls it made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool's: the call this is the result of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of plain text.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A call of one of the request's tools, as the model made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id, which the tool's result names (`call_…`).
+    pub id: String,
+    /// The function called.
+    pub name: String,
+    /// Its arguments: a JSON object, as text (OpenAI's shape).
+    pub arguments: String,
+}
+
+/// Functions the model may call, and how it must choose (OpenAI's `tools` and `tool_choice`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tools {
+    /// The functions, at least one.
+    pub functions: Vec<Function>,
+    /// Whether the model must call one, may, or must call a named one.
+    pub choice: ToolChoice,
+    /// Whether one answer may call several (OpenAI's `parallel_tool_calls`, default true).
+    #[serde(default = "yes")]
+    pub parallel: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Function {
+    /// Its name: letters, digits, `_` and `-`, at most 64.
+    pub name: String,
+    /// What it does, for the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The JSON schema of its arguments (an object's).
+    #[serde(default = "empty_object")]
+    pub parameters: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+
+/// How the model must choose among the tools (`none` is a request without them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// Call tools or answer in text, as the model sees fit.
+    Auto,
+    /// Call at least one tool.
+    Required,
+    /// Call this function.
+    Function(String),
+}
+
+/// Most functions a request may offer.
+pub const MAX_TOOLS: usize = 128;
+/// Most bytes the functions' definitions may take.
+pub const MAX_TOOLS_BYTES: usize = 64 * 1024;
+
+impl Tools {
+    /// Checks names, the named choice and the sizes.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        if self.functions.is_empty() || self.functions.len() > MAX_TOOLS {
+            return Err(ProtocolError::invalid(format!(
+                "tools must list 1 to {MAX_TOOLS} functions, got {}",
+                self.functions.len()
+            )));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for f in &self.functions {
+            if f.name.is_empty()
+                || f.name.len() > 64
+                || !f
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ProtocolError::invalid(format!(
+                    "tool name {:?} must be 1 to 64 letters, digits, _ or -",
+                    f.name
+                )));
+            }
+            if !names.insert(f.name.as_str()) {
+                return Err(ProtocolError::invalid(format!(
+                    "tool {:?} is listed twice",
+                    f.name
+                )));
+            }
+            if !f.parameters.is_object() {
+                return Err(ProtocolError::invalid(format!(
+                    "tool {:?}: parameters must be a JSON schema object",
+                    f.name
+                )));
+            }
+        }
+        if let ToolChoice::Function(name) = &self.choice
+            && !names.contains(name.as_str())
+        {
+            return Err(ProtocolError::invalid(format!(
+                "tool_choice names function {name:?}, which tools does not list"
+            )));
+        }
+        if serde_json::to_string(self).map_or(usize::MAX, |s| s.len()) > MAX_TOOLS_BYTES {
+            return Err(ProtocolError::invalid(format!(
+                "tools take at most {MAX_TOOLS_BYTES} bytes"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What the model is asked to continue.
@@ -47,6 +181,9 @@ pub enum Input {
     Chat {
         /// The conversation so far, oldest message first.
         messages: Vec<ChatMessage>,
+        /// Functions the model may call; `None`: it answers in text.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tools: Option<Tools>,
     },
     /// Raw text, tokenized as is.
     Text {
@@ -68,7 +205,7 @@ impl Input {
     /// clear, a gateway under its own secret for a sealed request.
     pub fn long_prefix(&self) -> Option<Vec<&str>> {
         match self {
-            Input::Chat { messages } => {
+            Input::Chat { messages, .. } => {
                 let system: Vec<&str> = messages
                     .iter()
                     .take_while(|m| m.role == Role::System)
@@ -400,12 +537,32 @@ impl GenerateRequest {
         if self.model.is_empty() {
             return Err(ProtocolError::invalid("model must not be empty"));
         }
-        if let Input::Chat { messages } = &self.input
-            && messages.is_empty()
-        {
-            return Err(ProtocolError::invalid(
-                "messages must contain at least one message",
-            ));
+        if let Input::Chat { messages, tools } = &self.input {
+            if messages.is_empty() {
+                return Err(ProtocolError::invalid(
+                    "messages must contain at least one message",
+                ));
+            }
+            for (i, m) in messages.iter().enumerate() {
+                if (m.role == Role::Tool) != m.tool_call_id.is_some() {
+                    return Err(ProtocolError::invalid(format!(
+                        "messages[{i}]: a tool's message, and only a tool's, names its tool_call_id"
+                    )));
+                }
+                if !m.tool_calls.is_empty() && m.role != Role::Assistant {
+                    return Err(ProtocolError::invalid(format!(
+                        "messages[{i}]: only an assistant's message holds tool_calls"
+                    )));
+                }
+            }
+            if let Some(tools) = tools {
+                tools.validate()?;
+                if self.params.response_format.is_some() {
+                    return Err(ProtocolError::invalid(
+                        "tools and response_format cannot be asked together",
+                    ));
+                }
+            }
         }
         if self
             .cache_scope
@@ -610,6 +767,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// The model called tools (the answer's `tool_call` events), and waits for their results.
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -618,6 +777,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -637,6 +797,14 @@ pub enum GenerateEvent {
         /// accounts for, in order.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         logprobs: Vec<TokenLogprob>,
+    },
+    /// A tool call the model made, whole, and how many generated tokens it accounts for: part
+    /// of the answer, relayed and billed like a [`GenerateEvent::Delta`].
+    ToolCall {
+        /// The call.
+        call: ToolCall,
+        /// How many generated tokens the call accounts for.
+        tokens: u32,
     },
     /// New text of the model's reasoning (what OpenAI-compatible servers stream as
     /// `reasoning_content`), and how many generated tokens it accounts for: part of the
@@ -773,10 +941,8 @@ mod tests {
             cache_scope: None,
             model: "m".into(),
             input: Input::Chat {
-                messages: vec![ChatMessage {
-                    role: Role::User,
-                    content: "hi".into(),
-                }],
+                messages: vec![ChatMessage::new(Role::User, "hi")],
+                tools: None,
             },
             params: SamplingParams {
                 max_tokens: Some(5),
@@ -832,7 +998,10 @@ mod tests {
             max_price: None,
             cache_scope: None,
             model: "m".into(),
-            input: Input::Chat { messages: vec![] },
+            input: Input::Chat {
+                messages: vec![],
+                tools: None,
+            },
             params: SamplingParams::default(),
         };
         assert!(req.validate().unwrap_err().message.contains("at least one"));

@@ -86,7 +86,9 @@ impl AnswerSealer {
     /// the prompt: the proxy gets them withheld, in a clear error of its own).
     pub fn seal(&mut self, event: &GenerateEvent) -> Option<GenerateEvent> {
         let (tokens, reasoning, last) = match event {
-            GenerateEvent::Delta { tokens, .. } => (*tokens, 0, false),
+            GenerateEvent::Delta { tokens, .. } | GenerateEvent::ToolCall { tokens, .. } => {
+                (*tokens, 0, false)
+            }
             GenerateEvent::Reasoning { tokens, .. } => (*tokens, *tokens, false),
             GenerateEvent::Done { .. } | GenerateEvent::Error { .. } => (0, 0, true),
             GenerateEvent::Sealed { .. } => return None,
@@ -252,9 +254,11 @@ impl AnswerOpener {
                     None => error,
                 },
             })),
-            GenerateEvent::Delta { .. } | GenerateEvent::Reasoning { .. } => Err(
-                SealError::Tampered("text in clear where the answer is sealed".into()),
-            ),
+            GenerateEvent::Delta { .. }
+            | GenerateEvent::Reasoning { .. }
+            | GenerateEvent::ToolCall { .. } => Err(SealError::Tampered(
+                "text in clear where the answer is sealed".into(),
+            )),
         }
     }
 
@@ -323,9 +327,10 @@ impl AnswerOpener {
         let event: GenerateEvent = serde_json::from_slice(&plain)
             .map_err(|e| SealError::Tampered(format!("chunk {seq} holds no event: {e}")))?;
         match (&event, last) {
-            (GenerateEvent::Delta { tokens: t, .. }, false) if *t == tokens && reasoning == 0 => {
-                Ok(Some(event))
-            }
+            (
+                GenerateEvent::Delta { tokens: t, .. } | GenerateEvent::ToolCall { tokens: t, .. },
+                false,
+            ) if *t == tokens && reasoning == 0 => Ok(Some(event)),
             (GenerateEvent::Reasoning { tokens: t, .. }, false)
                 if *t == tokens && reasoning == tokens =>
             {

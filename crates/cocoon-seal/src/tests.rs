@@ -40,10 +40,11 @@ fn request() -> GenerateRequest {
     GenerateRequest {
         model: "m".into(),
         input: Input::Chat {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: "CANARY-7f3a: the secret prompt".into(),
-            }],
+            messages: vec![ChatMessage::new(
+                Role::User,
+                "CANARY-7f3a: the secret prompt",
+            )],
+            tools: None,
         },
         params: SamplingParams {
             max_tokens: Some(8),
@@ -379,4 +380,33 @@ fn review_a_replayed_request_does_not_reuse_the_answers_keystream() {
         "the proxy read the first answer from a replay: {}",
         String::from_utf8_lossy(&recovered)
     );
+}
+
+/// A tool call is sealed like text: the proxy sees its token count and size, not the call;
+/// the gateway opens it whole; in clear where the answer is sealed, it is tampering.
+#[test]
+fn a_tool_call_is_sealed_and_opened_like_text() {
+    let w = worker("a");
+    let (sealed, mut opener) = seal_request(header(), &request(), &[to(&w)]).unwrap();
+    let mut opened = open_request(&sealed, &w.name, &w.keys).unwrap();
+    let call = GenerateEvent::ToolCall {
+        call: cocoon_protocol::ToolCall {
+            id: "call_1".into(),
+            name: "CANARY_function".into(),
+            arguments: "{\"city\": \"CANARY\"}".into(),
+        },
+        tokens: 3,
+    };
+    let chunk = opened.answer.seal(&call).unwrap();
+    assert!(!serde_json::to_string(&chunk).unwrap().contains("CANARY"));
+    let GenerateEvent::Sealed {
+        tokens, reasoning, ..
+    } = &chunk
+    else {
+        panic!("{chunk:?}")
+    };
+    assert_eq!((*tokens, *reasoning), (3, 0));
+    assert_eq!(opener.open(chunk).unwrap(), Some(call.clone()));
+    let (_, mut other) = seal_request(header(), &request(), &[to(&w)]).unwrap();
+    assert!(matches!(other.open(call), Err(SealError::Tampered(_))));
 }

@@ -222,7 +222,7 @@ impl Backend for Echo {
 
     fn generate(&self, request: GenerateRequest) -> EventStream {
         let text = match &request.input {
-            cocoon_protocol::Input::Chat { messages } => messages
+            cocoon_protocol::Input::Chat { messages, .. } => messages
                 .last()
                 .map(|m| m.content.to_uppercase())
                 .unwrap_or_default(),

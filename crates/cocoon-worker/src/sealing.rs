@@ -188,10 +188,8 @@ mod tests {
         let request = GenerateRequest {
             model: "m".into(),
             input: Input::Chat {
-                messages: vec![ChatMessage {
-                    role: Role::User,
-                    content: prompt.into(),
-                }],
+                messages: vec![ChatMessage::new(Role::User, prompt)],
+                tools: None,
             },
             params: SamplingParams::default(),
             max_price: None,

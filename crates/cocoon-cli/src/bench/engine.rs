@@ -122,10 +122,8 @@ fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
         cache_scope: None,
         model: model.into(),
         input: Input::Chat {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: prompt.into(),
-            }],
+            messages: vec![ChatMessage::new(Role::User, prompt)],
+            tools: None,
         },
         // A fixed number of tokens, so every path does the same work.
         params: SamplingParams {
@@ -177,6 +175,7 @@ pub async fn direct(backend: &Arc<dyn Backend>, req: GenerateRequest) -> anyhow:
             }
             GenerateEvent::Error { error } => anyhow::bail!("direct request failed: {error}"),
             GenerateEvent::Sealed { .. } => anyhow::bail!("an engine answered sealed"),
+            GenerateEvent::ToolCall { .. } => anyhow::bail!("the bench offers no tools"),
         }
     }
     anyhow::bail!("direct stream ended early")

@@ -62,24 +62,12 @@ pub struct MultiTurnReport {
 }
 
 fn messages(history: &[(String, String)], question: &str) -> Vec<ChatMessage> {
-    let mut out = vec![ChatMessage {
-        role: Role::System,
-        content: SYSTEM.into(),
-    }];
+    let mut out = vec![ChatMessage::new(Role::System, SYSTEM)];
     for (q, a) in history {
-        out.push(ChatMessage {
-            role: Role::User,
-            content: q.clone(),
-        });
-        out.push(ChatMessage {
-            role: Role::Assistant,
-            content: a.clone(),
-        });
+        out.push(ChatMessage::new(Role::User, q.clone()));
+        out.push(ChatMessage::new(Role::Assistant, a.clone()));
     }
-    out.push(ChatMessage {
-        role: Role::User,
-        content: question.into(),
-    });
+    out.push(ChatMessage::new(Role::User, question));
     out
 }
 
@@ -104,7 +92,10 @@ impl Path<'_> {
                     // One user's conversation, as the proxy scopes it.
                     cache_scope: Some("bench".into()),
                     model: (*model).into(),
-                    input: Input::Chat { messages },
+                    input: Input::Chat {
+                        messages,
+                        tools: None,
+                    },
                     params: SamplingParams {
                         max_tokens: Some(max_tokens),
                         temperature: 0.0,

@@ -112,10 +112,8 @@ fn request(model: &str, options: &PaymentsOptions) -> GenerateRequest {
         cache_scope: None,
         model: model.into(),
         input: Input::Chat {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: options.prompt.clone(),
-            }],
+            messages: vec![ChatMessage::new(Role::User, options.prompt.clone())],
+            tools: None,
         },
         // A fixed number of tokens, so every path does the same work.
         params: SamplingParams {

@@ -37,7 +37,7 @@ async fn chat_completion_streaming_and_not_agree_and_count_real_tokens() {
     let net = network(vec![backend.clone()]).await;
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
-    let question = "What is the capital of France?";
+    let question = "Tell me the capital of France.";
     let plain: Value = post_json(
         &http,
         &url,
@@ -54,10 +54,8 @@ async fn chat_completion_streaming_and_not_agree_and_count_real_tokens() {
     let usage = &plain["usage"];
     let rendered = backend
         .render_prompt(&Input::Chat {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: question.into(),
-            }],
+            messages: vec![ChatMessage::new(Role::User, question)],
+            tools: None,
         })
         .unwrap();
     assert_eq!(

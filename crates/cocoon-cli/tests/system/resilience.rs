@@ -155,7 +155,7 @@ async fn upstream_backend_relays_streams_counts_and_cancellation() {
     let net = network(vec![relay.clone()]).await;
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
-    let body = json!({"model": "smol-upstream", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 20, "temperature": 0});
+    let body = json!({"model": "smol-upstream", "messages": [{"role": "user", "content": "Tell me the capital of France."}], "max_tokens": 20, "temperature": 0});
     let via_relay: Value = post_json(&http, &url, &body).await;
     let mut direct_body = body.clone();
     direct_body["model"] = json!(MODEL);

@@ -41,6 +41,8 @@ enum Phase {
 struct Choice {
     parties: Parties,
     logprobs: Option<Logprobs>,
+    /// Tool calls it made so far.
+    calls: u32,
     /// Its usage and bill once its `done` came.
     done: Option<(Usage, Option<Billing>)>,
 }
@@ -159,6 +161,14 @@ impl StreamState {
                 }
                 Shown::Chunk(self.chunks.delta(index, &text, logprobs.as_ref()))
             }
+            Some(Ok((GenerateEvent::ToolCall { call, .. }, _))) => {
+                let number = choice.calls;
+                choice.calls += 1;
+                match self.chunks.tool_call(index, number, &call) {
+                    Some(chunk) => Shown::Chunk(chunk),
+                    None => Shown::Nothing,
+                }
+            }
             Some(Ok((GenerateEvent::Reasoning { text, .. }, _))) => {
                 match self.chunks.reasoning(index, &text) {
                     Some(chunk) => Shown::Chunk(chunk),
@@ -238,6 +248,7 @@ pub(crate) fn response(
             Choice {
                 parties,
                 logprobs: Logprobs::new(chat, meta.logprobs),
+                calls: 0,
                 done: None,
             }
         })

@@ -101,14 +101,19 @@ async fn what_the_gateway_refuses_gets_an_openai_error_and_never_reaches_a_worke
         "could not parse the JSON",
     )
     .await;
-    let n2 = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2});
-    expect_error(raw(n2.to_string()).await.unwrap(), 400, "only n = 1").await;
+    let n17 = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 17});
+    expect_error(
+        raw(n17.to_string()).await.unwrap(),
+        400,
+        "n must be between 1 and 16",
+    )
+    .await;
     let tools = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-        "tools": [{"type": "function", "function": {"name": "f"}}]});
+        "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "any"});
     expect_error(
         raw(tools.to_string()).await.unwrap(),
         400,
-        "tools are not supported",
+        "tool_choice must be none, auto, required",
     )
     .await;
     let unknown = json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]});

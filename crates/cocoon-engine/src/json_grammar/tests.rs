@@ -166,6 +166,12 @@ fn maps_and_formats() {
         r#""{" ws ( r0 ( "," ws r0 )* )? "}" ws"#
     );
     assert_eq!(rules(&map)["r0"], r#"string ":" ws integer"#);
+    // Properties listed, none of them: an empty object (a tool without arguments); none
+    // listed at all: any object.
+    let none = schema_to_gbnf(&json!({"type": "object", "properties": {}})).unwrap();
+    assert_eq!(rules(&none)["root"], r#""{" ws "}" ws"#);
+    let any = schema_to_gbnf(&json!({"type": "object"})).unwrap();
+    assert_eq!(rules(&any)["root"], "object");
     let uuid = schema_to_gbnf(&json!({"type": "string", "format": "uuid"})).unwrap();
     assert_eq!(rules(&uuid)["root"].matches("[0-9a-fA-F]").count(), 32);
     assert_eq!(

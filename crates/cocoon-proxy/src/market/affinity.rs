@@ -60,24 +60,18 @@ mod tests {
     use cocoon_protocol::{Input, Role};
 
     fn chat(system: &str, user: &str) -> GenerateRequest {
-        let mut messages = vec![ChatMessage {
-            role: Role::User,
-            content: user.into(),
-        }];
+        let mut messages = vec![ChatMessage::new(Role::User, user)];
         if !system.is_empty() {
-            messages.insert(
-                0,
-                ChatMessage {
-                    role: Role::System,
-                    content: system.into(),
-                },
-            );
+            messages.insert(0, ChatMessage::new(Role::System, system));
         }
         GenerateRequest {
             max_price: None,
             cache_scope: None,
             model: "m".into(),
-            input: Input::Chat { messages },
+            input: Input::Chat {
+                messages,
+                tools: None,
+            },
             params: SamplingParams::default(),
         }
     }

@@ -270,6 +270,12 @@ impl Answer {
                         break End::ClientLeft;
                     }
                 }
+                Some(Ok((GenerateEvent::ToolCall { tokens, call }, frame))) => {
+                    relayed.add_tool_call(tokens, &call);
+                    if tx.send(frame).await.is_err() {
+                        break End::ClientLeft;
+                    }
+                }
                 // Thinking is part of the answer: relayed, and counted (apart, for its price)
                 // towards what a cut-off answer is billed.
                 Some(Ok((GenerateEvent::Reasoning { tokens, text }, frame))) => {

@@ -56,7 +56,7 @@ impl Backend for GatedBackend {
     }
 
     fn generate(&self, request: GenerateRequest) -> EventStream {
-        let stall = matches!(&request.input, Input::Chat { messages }
+        let stall = matches!(&request.input, Input::Chat { messages, .. }
             if messages.iter().any(|m| m.content.contains("stall")));
         self.active.fetch_add(1, Ordering::SeqCst);
         // The state lives as long as the stream: dropping it ends the generation.

@@ -488,10 +488,8 @@ async fn review_a_client_the_reloaded_policy_refuses_is_still_served() {
     let request = GenerateRequest {
         model: cocoon_testkit::backends::MODEL.into(),
         input: Input::Chat {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: "hi".into(),
-            }],
+            messages: vec![ChatMessage::new(Role::User, "hi")],
+            tools: None,
         },
         params: SamplingParams::default(),
         max_price: None,

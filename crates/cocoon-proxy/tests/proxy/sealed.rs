@@ -221,10 +221,8 @@ fn request(text: &str) -> GenerateRequest {
     GenerateRequest {
         model: MODEL.into(),
         input: Input::Chat {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: text.into(),
-            }],
+            messages: vec![ChatMessage::new(Role::User, text)],
+            tools: None,
         },
         params: SamplingParams::default(),
         max_price: None,
@@ -502,7 +500,7 @@ impl Backend for EchoingError {
 
     fn generate(&self, request: GenerateRequest) -> cocoon_engine::EventStream {
         let prompt = match &request.input {
-            Input::Chat { messages } => messages
+            Input::Chat { messages, .. } => messages
                 .last()
                 .map(|m| m.content.clone())
                 .unwrap_or_default(),
