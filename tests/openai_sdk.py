@@ -220,6 +220,26 @@ assert streamed_calls[0]["name"] == "get_weather" and json.loads(streamed_calls[
     call.function.arguments
 ), (streamed_calls, call)
 
+# Embeddings, as the SDK asks for them (base64, decoded by the SDK) and as floats: one unit
+# vector per text, in order, closer for texts that mean alike; billed by their tokens.
+texts = ["The cat sat on the mat.", "A cat is sitting on a mat.", "Stock markets fell sharply today."]
+for fmt in [openai.NOT_GIVEN, "float"]:
+    embedded = client.embeddings.create(model=model, input=texts, encoding_format=fmt)
+    vectors = [d.embedding for d in embedded.data]
+    assert [d.index for d in embedded.data] == [0, 1, 2], embedded
+    assert len({len(v) for v in vectors}) == 1 and len(vectors[0]) > 100, [len(v) for v in vectors]
+    assert abs(sum(x * x for x in vectors[0]) - 1) < 1e-3
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
+    assert embedded.usage.prompt_tokens > 0 and embedded.usage.total_tokens == embedded.usage.prompt_tokens
+one = client.embeddings.create(model=model, input="The cat sat on the mat.")
+assert one.data[0].embedding == vectors[0] or max(abs(x - y) for x, y in zip(one.data[0].embedding, vectors[0])) < 1e-6
+try:
+    client.embeddings.create(model=model, input=[[1, 2, 3]])
+    raise AssertionError("token arrays accepted")
+except openai.BadRequestError as e:
+    assert "token arrays are not supported" in str(e), e
+
 # Structured outputs as apps write them: a pydantic model, sent by the SDK as a strict
 # json_schema, answered under the engine's grammar, parsed and validated by the SDK.
 class Cat(pydantic.BaseModel):

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use cocoon_ledger::{Address, Ledger, LedgerOpener, Wallet};
 use cocoon_net::EventReader;
 use cocoon_protocol::{
-    Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, ProtocolError,
+    Billing, ErrorKind, FinishReason, GenerateEvent, GenerateRequest, Input, ProtocolError,
     REQUEST_ID_HEADER, RequestId, TokenLogprob, Usage, UsageBounds,
 };
 use cocoon_tls::Identity;
@@ -31,7 +31,9 @@ use crate::config::ClientConfig;
 use crate::guard::{self, Guard, KeyUse};
 use crate::logprobs::{self, Logprobs};
 use crate::metrics::GatewayMetrics;
-use crate::openai::{ChatRequest, Common, CompletionRequest, OpenAiUsage, error_body};
+use crate::openai::{
+    ChatRequest, Common, CompletionRequest, EmbeddingRequest, OpenAiUsage, error_body,
+};
 use crate::pool::ProxyPool;
 use crate::sealing::{Registry, Sealer};
 
@@ -153,6 +155,8 @@ const READINESS_PROBE: Duration = Duration::from_secs(5);
 /// A sealed chunk is opened as it is read; one that reaches the API layer came on an answer
 /// the gateway did not seal.
 const UNOPENED: &str = "the proxy sent a sealed chunk on an answer this gateway did not seal";
+/// What a worker's embedding in an answer of text says.
+const EMBEDDING_IN_TEXT: &str = "the worker sent an embedding in an answer of text";
 
 async fn open_ledger(
     ledgers: &dyn LedgerOpener,
@@ -314,6 +318,7 @@ impl Gateway {
             .route("/v1/models/{model}", get(get_model))
             .route("/v1/chat/completions", post(generation::<ChatRequest>))
             .route("/v1/completions", post(generation::<CompletionRequest>))
+            .route("/v1/embeddings", post(generation::<EmbeddingRequest>))
             .route("/v1/network", get(network))
             .route("/v1/receipts/{id}", get(receipt))
             .route("/health", get(|| async { "ok" }))
@@ -540,19 +545,40 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
 pub(crate) enum Endpoint {
     Chat,
     Completion,
+    Embeddings,
 }
 
-/// What the two generation endpoints have in common, so one handler serves both.
+/// How an app asked for its answer.
+struct Shape {
+    stream: bool,
+    include_usage: bool,
+    /// Choices (`n`).
+    n: u32,
+    /// Embeddings as base64 rather than floats.
+    base64: bool,
+}
+
+/// What the endpoints that send a request through the network have in common, so one handler
+/// serves them all.
 trait EndpointRequest: DeserializeOwned {
     const ENDPOINT: Endpoint;
-    fn common(&self) -> &Common;
+    fn shape(&self) -> Result<Shape, ProtocolError>;
     fn into_generate(self) -> Result<GenerateRequest, ProtocolError>;
+}
+
+fn shape_of(common: &Common) -> Result<Shape, ProtocolError> {
+    Ok(Shape {
+        stream: common.stream,
+        include_usage: common.include_usage(),
+        n: common.choices()?,
+        base64: false,
+    })
 }
 
 impl EndpointRequest for ChatRequest {
     const ENDPOINT: Endpoint = Endpoint::Chat;
-    fn common(&self) -> &Common {
-        &self.common
+    fn shape(&self) -> Result<Shape, ProtocolError> {
+        shape_of(&self.common)
     }
     fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
         ChatRequest::into_generate(self)
@@ -561,11 +587,26 @@ impl EndpointRequest for ChatRequest {
 
 impl EndpointRequest for CompletionRequest {
     const ENDPOINT: Endpoint = Endpoint::Completion;
-    fn common(&self) -> &Common {
-        &self.common
+    fn shape(&self) -> Result<Shape, ProtocolError> {
+        shape_of(&self.common)
     }
     fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
         CompletionRequest::into_generate(self)
+    }
+}
+
+impl EndpointRequest for EmbeddingRequest {
+    const ENDPOINT: Endpoint = Endpoint::Embeddings;
+    fn shape(&self) -> Result<Shape, ProtocolError> {
+        Ok(Shape {
+            stream: false,
+            include_usage: false,
+            n: 1,
+            base64: self.base64()?,
+        })
+    }
+    fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
+        EmbeddingRequest::into_generate(self)
     }
 }
 
@@ -593,12 +634,17 @@ async fn generation<R: EndpointRequest>(
     let mut model = String::new();
     let result = async {
         let req: R = parse_body(body)?;
-        let (stream, include_usage) = (req.common().stream, req.common().include_usage());
-        let n = req.common().choices()?;
+        let shape = req.shape()?;
         let generate = req.into_generate()?;
         model.clone_from(&generate.model);
         let key = key.map(|axum::Extension(k)| k);
-        answer(&state, generate, R::ENDPOINT, stream, include_usage, key, n).await
+        match R::ENDPOINT {
+            Endpoint::Embeddings => embeddings(&state, generate, key, shape.base64).await,
+            endpoint => {
+                let (stream, usage) = (shape.stream, shape.include_usage);
+                answer(&state, generate, endpoint, stream, usage, key, shape.n).await
+            }
+        }
     }
     .await;
     let outcome = match &result {
@@ -724,7 +770,8 @@ fn within(bytes: usize, max_answer_bytes: usize) -> Result<(), ProtocolError> {
 fn new_id(endpoint: Endpoint) -> String {
     let prefix = match endpoint {
         Endpoint::Chat => "chatcmpl",
-        Endpoint::Completion => "cmpl",
+        // An embeddings answer has no id of its own; it is never asked for one.
+        Endpoint::Completion | Endpoint::Embeddings => "cmpl",
     };
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
@@ -739,24 +786,7 @@ async fn answer(
     n: u32,
 ) -> Result<Response, ApiError> {
     let model = request.model.clone();
-    // Apps with different API keys keep their prompt caches apart (the proxy then keeps this
-    // gateway's apart from other clients').
-    if let Some(key) = &key {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(&key.digest());
-        ctx.update(
-            request
-                .cache_scope
-                .as_deref()
-                .unwrap_or_default()
-                .as_bytes(),
-        );
-        request.cache_scope = Some(hex::encode(&ctx.finish().as_ref()[..16]));
-    }
-    // The gateway's own price cap goes out with the request, so proxies route within it.
-    if let Some(cap) = state.bills.price_cap(state.max_price_per_token) {
-        request.max_price = Some(request.max_price.map_or(cap, |m| m.min(cap)));
-    }
+    scope_and_cap(state, &mut request, key.as_deref());
     let logprobs = request.params.logprobs;
     // Each choice is a request of its own (its worker, bill and receipt), all under way at
     // once. With a seed, choice i samples with seed + i: the choices differ, and reproduce.
@@ -839,7 +869,7 @@ async fn answer(
                 }
                 json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
-            Endpoint::Completion => {
+            Endpoint::Completion | Endpoint::Embeddings => {
                 json!({"index": index, "text": g.text, "logprobs": logprobs, "finish_reason": finish})
             }
         });
@@ -848,7 +878,7 @@ async fn answer(
     let usage = OpenAiUsage::of_choices(usages);
     let object = match endpoint {
         Endpoint::Chat => "chat.completion",
-        Endpoint::Completion => "text_completion",
+        Endpoint::Completion | Endpoint::Embeddings => "text_completion",
     };
     let body = json!({
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
@@ -863,6 +893,134 @@ async fn answer(
         response.headers_mut().insert(REQUEST_ID_HEADER, ids);
     }
     Ok(response)
+}
+
+/// What every request gets before it leaves: its prompt-cache scope kept to its API key (apps
+/// with different keys keep their caches apart; the proxy then keeps this gateway's apart from
+/// other clients'), and the gateway's own price cap, so proxies route within it.
+fn scope_and_cap(state: &AppState, request: &mut GenerateRequest, key: Option<&KeyUse>) {
+    if let Some(key) = key
+        && request.cache_scope.is_some()
+    {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&key.digest());
+        ctx.update(
+            request
+                .cache_scope
+                .as_deref()
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        request.cache_scope = Some(hex::encode(&ctx.finish().as_ref()[..16]));
+    }
+    if let Some(cap) = state.bills.price_cap(state.max_price_per_token) {
+        request.max_price = Some(request.max_price.map_or(cap, |m| m.min(cap)));
+    }
+}
+
+/// `POST /v1/embeddings`: one request through the network, its vectors gathered (within
+/// `max_answer_bytes`) and its bill judged.
+async fn embeddings(
+    state: &AppState,
+    mut request: GenerateRequest,
+    key: Option<Arc<KeyUse>>,
+    base64: bool,
+) -> Result<Response, ApiError> {
+    let texts = match &request.input {
+        Input::Embed { texts } => texts.len(),
+        _ => return Err(ProtocolError::internal("not an embedding request").into()),
+    };
+    scope_and_cap(state, &mut request, key.as_deref());
+    let model = request.model.clone();
+    let Started {
+        mut events,
+        parties,
+        sealed_id,
+    } = start(state, request, key).await?;
+    let mut vectors: Vec<String> = Vec::with_capacity(texts);
+    let mut bytes = 0;
+    let (usage, billing) = loop {
+        match events.next().await {
+            Some(Ok((GenerateEvent::Embedding { index, embedding }, _))) => {
+                // In order, one per text: anything else is a worker that misbehaves.
+                if index as usize != vectors.len() || vectors.len() == texts {
+                    return Err(ProtocolError::internal(format!(
+                        "the worker sent embedding {index} where {} was due",
+                        vectors.len()
+                    ))
+                    .into());
+                }
+                bytes += embedding.len();
+                within(bytes, state.max_answer_bytes)?;
+                vectors.push(embedding);
+            }
+            Some(Ok((GenerateEvent::Done { usage, billing, .. }, _))) => break (usage, billing),
+            Some(Ok((GenerateEvent::Error { error }, _))) | Some(Err(error)) => {
+                return Err(error.into());
+            }
+            Some(Ok((GenerateEvent::Sealed { .. }, _))) => {
+                return Err(ProtocolError::internal(UNOPENED).into());
+            }
+            Some(Ok(_)) => {
+                return Err(ProtocolError::internal(
+                    "the worker sent text in an answer of embeddings",
+                )
+                .into());
+            }
+            None => return Err(ProtocolError::internal("the answer ended early").into()),
+        }
+    };
+    let verified = parties.verdict(billing.as_ref(), usage).await;
+    if vectors.len() != texts {
+        return Err(ProtocolError::internal(format!(
+            "the worker sent {} embeddings for {texts} texts",
+            vectors.len()
+        ))
+        .into());
+    }
+    let data = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, embedding)| {
+            let embedding = if base64 {
+                json!(embedding)
+            } else {
+                json!(floats(&embedding)?)
+            };
+            Ok(json!({"object": "embedding", "index": index, "embedding": embedding}))
+        })
+        .collect::<Result<Vec<_>, ProtocolError>>()?;
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": OpenAiUsage::new(usage, billing, verified),
+    });
+    let mut response = Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(id) = sealed_id.and_then(|id| HeaderValue::from_str(&id.to_string()).ok()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    Ok(response)
+}
+
+/// A vector's floats from its base64 (little-endian `f32`s).
+fn floats(encoded: &str) -> Result<Vec<f32>, ProtocolError> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| ProtocolError::internal("the worker sent an embedding that is not base64"))?;
+    if bytes.len() % 4 != 0 {
+        return Err(ProtocolError::internal(
+            "the worker sent an embedding that is not of floats",
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 /// One request under way: its events, and what judging its bill takes.
@@ -1038,6 +1196,9 @@ async fn gather_answer(
             }
             Some(Ok((GenerateEvent::Sealed { .. }, _))) => {
                 return Err(ProtocolError::internal(UNOPENED).into());
+            }
+            Some(Ok((GenerateEvent::Embedding { .. }, _))) => {
+                return Err(ProtocolError::internal(EMBEDDING_IN_TEXT).into());
             }
             None => return Err(ProtocolError::internal("the answer ended early").into()),
         }

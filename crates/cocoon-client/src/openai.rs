@@ -378,6 +378,80 @@ pub struct CompletionRequest {
     pub other: serde_json::Map<String, Value>,
 }
 
+/// The body of `POST /v1/embeddings`.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    /// The model's id.
+    pub model: String,
+    /// A string, or a list of 1 to 2048 strings.
+    pub input: Value,
+    /// `float` (OpenAI's default) or `base64` (what the SDKs ask for).
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    /// Not supported: refused when set (the vectors come whole).
+    #[serde(default)]
+    pub dimensions: Option<Value>,
+    /// cocoon's extension: the most this request may cost per weighted token, in nanoton.
+    pub max_price: Option<u64>,
+    /// Every other field: refused by name unless harmless.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+impl EmbeddingRequest {
+    /// Whether the vectors go back as base64 rather than lists of floats.
+    pub fn base64(&self) -> Result<bool, ProtocolError> {
+        match self.encoding_format.as_deref() {
+            None | Some("float") => Ok(false),
+            Some("base64") => Ok(true),
+            Some(other) => Err(ProtocolError::invalid(format!(
+                "encoding_format must be float or base64, got {other}"
+            ))),
+        }
+    }
+
+    /// The cocoon request for these embeddings.
+    pub fn into_generate(self) -> Result<GenerateRequest, ProtocolError> {
+        refuse_unknown(&self.other)?;
+        if self.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
+            return Err(ProtocolError::invalid(
+                "dimensions is not supported: the model's vectors come whole",
+            ));
+        }
+        let texts = match self.input {
+            Value::String(s) => vec![s],
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::String(s) => Ok(s),
+                    _ => Err(ProtocolError::invalid(format!(
+                        "input[{i}] is not a string; token arrays are not supported, send text"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => {
+                return Err(ProtocolError::invalid(
+                    "input must be a string or a list of strings",
+                ));
+            }
+        };
+        let request = GenerateRequest {
+            max_price: self.max_price,
+            // Embeddings share no cached cells.
+            cache_scope: None,
+            model: self.model,
+            input: Input::Embed { texts },
+            params: SamplingParams {
+                max_tokens: Some(0),
+                ..SamplingParams::default()
+            },
+        };
+        request.validate()?;
+        Ok(request)
+    }
+}
+
 /// `prompt`: one string, or a list of exactly one.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -830,6 +904,60 @@ mod tests {
             let err = chat(json).unwrap_err();
             assert!(err.message.contains(needle), "{json}: {}", err.message);
         }
+    }
+
+    /// Embeddings take a string or a list of strings, as floats or base64; token arrays and
+    /// `dimensions` are refused by name, and so are unknown fields.
+    #[test]
+    fn embedding_requests_take_text_and_refuse_what_they_cannot_serve() {
+        let parse = |body: &str| serde_json::from_str::<EmbeddingRequest>(body).unwrap();
+        let one = parse(r#"{"model":"m","input":"hi"}"#);
+        assert!(!one.base64().unwrap());
+        let r = one.into_generate().unwrap();
+        assert_eq!(
+            r.input,
+            Input::Embed {
+                texts: vec!["hi".into()]
+            }
+        );
+        assert_eq!(r.params.max_tokens, Some(0));
+        assert_eq!(r.cache_scope, None);
+        let many =
+            parse(r#"{"model":"m","input":["a","b"],"encoding_format":"base64","user":"u"}"#);
+        assert!(many.base64().unwrap());
+        assert_eq!(
+            many.into_generate().unwrap().input,
+            Input::Embed {
+                texts: vec!["a".into(), "b".into()]
+            }
+        );
+        for (body, why) in [
+            (
+                r#"{"model":"m","input":[[1,2]]}"#,
+                "token arrays are not supported",
+            ),
+            (
+                r#"{"model":"m","input":"a","dimensions":64}"#,
+                "dimensions is not supported",
+            ),
+            (r#"{"model":"m","input":[]}"#, "1 to 2048 texts"),
+            (r#"{"model":"m","input":["a",""]}"#, "input[1] is empty"),
+            (
+                r#"{"model":"m","input":3}"#,
+                "a string or a list of strings",
+            ),
+            (
+                r#"{"model":"m","input":"a","truncate":true}"#,
+                "truncate is not supported",
+            ),
+        ] {
+            let e = parse(body).into_generate().unwrap_err();
+            assert!(e.message.contains(why), "{body}: {}", e.message);
+        }
+        let e = parse(r#"{"model":"m","input":"a","encoding_format":"int8"}"#)
+            .base64()
+            .unwrap_err();
+        assert!(e.message.contains("float or base64"), "{}", e.message);
     }
 
     /// `n` is 1 to 16 choices, 1 when unset.

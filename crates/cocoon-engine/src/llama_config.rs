@@ -30,6 +30,10 @@ pub struct LlamaConfig {
     /// prefix ran on this worker shortly before: turn it off where that matters more than
     /// speed.
     pub prompt_cache: bool,
+    /// Serve `/v1/embeddings` too: each text's hidden states pooled as the model says (mean
+    /// pooling for a model that says nothing, as a chat model), normalized to length 1. A
+    /// context of its own, `context_length` tokens, is set aside for it.
+    pub embeddings: bool,
 }
 
 impl Default for LlamaConfig {
@@ -42,6 +46,7 @@ impl Default for LlamaConfig {
             parallel: 4,
             kv_cache_tokens: 0,
             prompt_cache: true,
+            embeddings: false,
         }
     }
 }

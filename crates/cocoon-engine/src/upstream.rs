@@ -210,6 +210,12 @@ impl UpstreamBackend {
         }
         let base = self.config.url.trim_end_matches('/');
         match &request.input {
+            Input::Embed { texts } => {
+                // Asked as base64: what the protocol carries, and a quarter of floats' text.
+                let body =
+                    json!({"model": upstream_model, "input": texts, "encoding_format": "base64"});
+                (format!("{base}/embeddings"), body)
+            }
             Input::Chat { messages, tools } => {
                 body["messages"] = json!(messages.iter().map(openai_message).collect::<Vec<_>>());
                 if let Some(tools) = tools {
@@ -294,14 +300,24 @@ impl Backend for UpstreamBackend {
         };
         let permits = self.permits.clone();
         let stats = self.stats.clone();
+        let texts = match &request.input {
+            Input::Embed { texts } => Some(texts.len()),
+            _ => None,
+        };
         tokio::spawn(async move {
             let _permit = tokio::select! {
                 p = permits.acquire_owned() => p.expect("semaphore is never closed"),
                 _ = tx.closed() => return,
             };
             let mut guard = stats.start();
+            let answer = async {
+                match texts {
+                    Some(texts) => embed(builder, texts, &tx, &stats, timeouts).await,
+                    None => relay(builder, &tx, &stats, timeouts).await,
+                }
+            };
             tokio::select! {
-                result = relay(builder, &tx, &stats, timeouts) => match result {
+                result = answer => match result {
                     Ok(()) => guard.set_outcome(Outcome::Completed),
                     Err(error) => { let _ = tx.send(GenerateEvent::Error { error }).await; }
                 },
@@ -337,6 +353,134 @@ fn openai_message(m: &cocoon_protocol::ChatMessage) -> Value {
         out["tool_call_id"] = json!(id);
     }
     out
+}
+
+/// Most bytes an upstream server's embeddings answer may take.
+const MAX_EMBEDDINGS_BYTES: usize = 256 << 20;
+
+/// Relays an upstream server's embeddings of `texts` texts: one event per text, in order,
+/// then the usage (prompt tokens only).
+async fn embed(
+    builder: reqwest::RequestBuilder,
+    texts: usize,
+    tx: &mpsc::Sender<GenerateEvent>,
+    stats: &BackendStats,
+    timeouts: Timeouts,
+) -> Result<(), ProtocolError> {
+    let response = tokio::time::timeout(timeouts.headers, builder.send())
+        .await
+        .map_err(|_| {
+            ProtocolError::unavailable(format!(
+                "upstream server sent no answer within {} s (timeout_secs)",
+                timeouts.headers.as_secs()
+            ))
+        })?
+        .map_err(|e| ProtocolError::unavailable(format!("upstream server unreachable: {e}")))?;
+    let status = response.status();
+    if !status.is_success() {
+        let text = response.text().await.unwrap_or_default();
+        return Err(upstream_error(status.as_u16(), &text));
+    }
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    loop {
+        let piece = tokio::time::timeout(timeouts.idle, stream.next())
+            .await
+            .map_err(|_| {
+                ProtocolError::unavailable(format!(
+                    "upstream server went silent for {} s mid-answer (idle_timeout_secs)",
+                    timeouts.idle.as_secs()
+                ))
+            })?;
+        let Some(piece) = piece else { break };
+        let piece =
+            piece.map_err(|e| ProtocolError::internal(format!("upstream answer broke: {e}")))?;
+        if body.len() + piece.len() > MAX_EMBEDDINGS_BYTES {
+            return Err(ProtocolError::internal(
+                "upstream sent an oversize embeddings answer",
+            ));
+        }
+        body.extend_from_slice(&piece);
+    }
+    let (vectors, usage) = parse_embeddings(&body, texts)?;
+    for (index, embedding) in vectors.into_iter().enumerate() {
+        let event = GenerateEvent::Embedding {
+            index: index as u32,
+            embedding,
+        };
+        if tx.send(event).await.is_err() {
+            return Ok(());
+        }
+    }
+    stats.add_prompt_tokens(u64::from(usage.prompt_tokens));
+    let done = GenerateEvent::Done {
+        finish_reason: FinishReason::Stop,
+        usage,
+        billing: None,
+    };
+    let _ = tx.send(done).await;
+    Ok(())
+}
+
+/// An OpenAI embeddings answer: each of the `texts` vectors (base64 of little-endian `f32`s,
+/// from either encoding), in the order of the texts, and the prompt tokens.
+fn parse_embeddings(body: &[u8], texts: usize) -> Result<(Vec<String>, Usage), ProtocolError> {
+    use base64::Engine as _;
+    let bad = |why: &str| ProtocolError::internal(format!("upstream embeddings answer {why}"));
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| bad(&format!("is not JSON: {e}")))?;
+    let data = value["data"].as_array().ok_or_else(|| bad("has no data"))?;
+    if data.len() != texts {
+        return Err(bad(&format!(
+            "holds {} vectors for {texts} texts",
+            data.len()
+        )));
+    }
+    let mut vectors: Vec<Option<String>> = vec![None; texts];
+    for item in data {
+        let index = item["index"]
+            .as_u64()
+            .and_then(|i| usize::try_from(i).ok())
+            .filter(|i| *i < texts)
+            .ok_or_else(|| bad("names a text it was not asked for"))?;
+        let encoded = match &item["embedding"] {
+            Value::String(b64) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|_| bad("holds a vector that is not base64"))?;
+                if bytes.is_empty() || bytes.len() % 4 != 0 {
+                    return Err(bad("holds a vector that is not of floats"));
+                }
+                b64.clone()
+            }
+            Value::Array(floats) => {
+                let mut bytes = Vec::with_capacity(floats.len() * 4);
+                for f in floats {
+                    let f = f
+                        .as_f64()
+                        .ok_or_else(|| bad("holds a vector that is not of numbers"))?;
+                    bytes.extend_from_slice(&(f as f32).to_le_bytes());
+                }
+                if bytes.is_empty() {
+                    return Err(bad("holds an empty vector"));
+                }
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            }
+            _ => return Err(bad("holds a vector of no known encoding")),
+        };
+        if vectors[index].replace(encoded).is_some() {
+            return Err(bad("names a text twice"));
+        }
+    }
+    let prompt_tokens = value["usage"]["prompt_tokens"]
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| bad("lacks usage.prompt_tokens"))?;
+    let vectors = vectors
+        .into_iter()
+        .map(|v| v.expect("every index seen once"))
+        .collect();
+    Ok((vectors, Usage::new(prompt_tokens, 0)))
 }
 
 /// How long the upstream server may take: to answer with its headers, and between two
@@ -949,6 +1093,49 @@ mod tests {
                 "{:?}",
                 events.last()
             );
+        }
+    }
+
+    /// An embeddings answer in either encoding, its vectors put in the texts' order; one that
+    /// misses a text, names one twice or one not asked, or lacks its usage, is an error.
+    #[test]
+    fn embeddings_answers_are_read_in_either_encoding() {
+        use base64::Engine as _;
+        let b64 = |v: &[f32]| {
+            base64::engine::general_purpose::STANDARD
+                .encode(v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>())
+        };
+        let body = json!({"data": [
+            {"index": 1, "embedding": b64(&[0.5, -0.25])},
+            {"index": 0, "embedding": [1.0, 0.0]}
+        ], "usage": {"prompt_tokens": 7, "total_tokens": 7}});
+        let (vectors, usage) = parse_embeddings(body.to_string().as_bytes(), 2).unwrap();
+        assert_eq!(vectors, [b64(&[1.0, 0.0]), b64(&[0.5, -0.25])]);
+        assert_eq!(usage, Usage::new(7, 0));
+        for (bad, why) in [
+            (
+                json!({"data": [{"index": 0, "embedding": [1.0]}], "usage": {"prompt_tokens": 1}}),
+                "holds 1 vectors for 2 texts",
+            ),
+            (
+                json!({"data": [{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}], "usage": {"prompt_tokens": 1}}),
+                "names a text twice",
+            ),
+            (
+                json!({"data": [{"index": 0, "embedding": [1.0]}, {"index": 5, "embedding": [1.0]}], "usage": {"prompt_tokens": 1}}),
+                "names a text it was not asked for",
+            ),
+            (
+                json!({"data": [{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0]}]}),
+                "lacks usage.prompt_tokens",
+            ),
+            (
+                json!({"data": [{"index": 0, "embedding": "%%"}, {"index": 1, "embedding": [1.0]}], "usage": {"prompt_tokens": 1}}),
+                "not base64",
+            ),
+        ] {
+            let e = parse_embeddings(bad.to_string().as_bytes(), 2).unwrap_err();
+            assert!(e.message.contains(why), "{bad}: {}", e.message);
         }
     }
 

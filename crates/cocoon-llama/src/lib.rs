@@ -16,6 +16,7 @@
 //! with the same tokens continues from them: the cells hold exactly what decoding those tokens
 //! would have produced, so the answer is the same, only sooner.
 
+mod embed;
 mod scheduler;
 mod sequence;
 
@@ -59,6 +60,8 @@ pub struct LlamaBackend {
     /// Hands requests to the scheduler thread; dropping it lets the thread finish what runs
     /// and exit.
     submit: std_mpsc::Sender<scheduler::Job>,
+    /// Hands texts to the embedding thread, with `embeddings` on.
+    embed: Option<std_mpsc::Sender<embed::EmbedJob>>,
 }
 
 /// What the scheduler thread and the API share.
@@ -142,7 +145,15 @@ impl LlamaBackend {
             stats: BackendStats::default(),
         });
         let submit = scheduler::start(shared.clone())?;
-        Ok(Self { shared, submit })
+        let embed = match config.embeddings {
+            true => Some(embed::start(shared.clone())?),
+            false => None,
+        };
+        Ok(Self {
+            shared,
+            submit,
+            embed,
+        })
     }
 
     /// The prompt text the model sees for `input` (the chat template applied).
@@ -178,6 +189,19 @@ impl Backend for LlamaBackend {
         // Unbounded: the scheduler must never block on one slow reader while it decodes for
         // everyone; a generation's events are bounded by its max_tokens anyway.
         let (tx, rx) = mpsc::unbounded_channel();
+        if let Input::Embed { texts } = request.input {
+            let Some(embed) = &self.embed else {
+                return error_stream(ProtocolError::invalid(format!(
+                    "this worker does not serve embeddings of model '{}' (its [llama] section \
+                     sets no `embeddings = true`)",
+                    self.shared.card.id
+                )));
+            };
+            if embed.send(embed::EmbedJob { texts, tx }).is_err() {
+                return error_stream(ProtocolError::internal("the embedding thread has stopped"));
+            }
+            return Box::pin(UnboundedReceiverStream::new(rx));
+        }
         if self.submit.send(scheduler::Job { request, tx }).is_err() {
             return error_stream(ProtocolError::internal(
                 "the llama.cpp scheduler has stopped",
@@ -217,6 +241,7 @@ impl Shared {
     fn render(&self, input: &Input) -> Result<String, ProtocolError> {
         match input {
             Input::Text { prompt } => Ok(prompt.clone()),
+            Input::Embed { .. } => Err(ProtocolError::internal("texts to embed are not a prompt")),
             Input::Chat { messages, tools } => {
                 let template = self.template.as_ref().ok_or_else(|| {
                     ProtocolError::invalid(format!(

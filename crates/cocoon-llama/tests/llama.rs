@@ -49,6 +49,7 @@ fn chat(content: &str, params: SamplingParams) -> GenerateRequest {
 
 struct Collected {
     text: String,
+    embeddings: Vec<(u32, String)>,
     calls: Vec<cocoon_protocol::ToolCall>,
     delta_tokens: u32,
     logprobs: Vec<cocoon_protocol::TokenLogprob>,
@@ -60,6 +61,7 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
     let mut stream = backend.generate(req);
     let mut c = Collected {
         text: String::new(),
+        embeddings: Vec::new(),
         calls: Vec::new(),
         delta_tokens: 0,
         logprobs: Vec::new(),
@@ -85,6 +87,7 @@ async fn collect(backend: &LlamaBackend, req: GenerateRequest) -> Collected {
             GenerateEvent::Error { error } => c.error = Some(error),
             GenerateEvent::Reasoning { .. } => panic!("this model does not reason"),
             GenerateEvent::Sealed { .. } => panic!("an engine never seals: its worker does"),
+            GenerateEvent::Embedding { index, embedding } => c.embeddings.push((index, embedding)),
             GenerateEvent::ToolCall { call, tokens } => {
                 c.delta_tokens += tokens;
                 c.calls.push(call);
@@ -1156,4 +1159,87 @@ fn tool_grammars_admit_calls_of_offered_functions_only() {
     ] {
         assert!(!grammar_admits(&model, &required, bad), "{bad}");
     }
+}
+
+fn floats(b64: &str) -> Vec<f32> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn embed_request(texts: &[&str]) -> GenerateRequest {
+    GenerateRequest {
+        input: Input::Embed {
+            texts: texts.iter().map(|t| (*t).to_owned()).collect(),
+        },
+        cache_scope: None,
+        ..chat(
+            "",
+            SamplingParams {
+                max_tokens: Some(0),
+                ..SamplingParams::default()
+            },
+        )
+    }
+}
+
+/// Embeddings on the real model: one vector per text, in order, of the model's width and
+/// length 1, closer for texts that mean alike; the usage is the texts' tokens and nothing
+/// generated. A backend that was not set to embed, or a text past the context, is refused.
+#[tokio::test]
+async fn embeddings_are_unit_vectors_that_tell_texts_apart() {
+    let b = LlamaBackend::load(&LlamaConfig {
+        model_path: model_path(),
+        threads: 2,
+        context_length: 256,
+        embeddings: true,
+        ..Default::default()
+    })
+    .expect("model loads");
+    let texts = [
+        "The cat sat on the mat.",
+        "A cat is sitting on a mat.",
+        "Stock markets fell sharply today.",
+    ];
+    let c = collect(&b, embed_request(&texts)).await;
+    assert!(c.error.is_none(), "{:?}", c.error);
+    let (finish, usage) = c.done.unwrap();
+    assert_eq!(finish, FinishReason::Stop);
+    assert_eq!(usage.completion_tokens, 0);
+    let counted: usize = texts.iter().map(|t| b.count_tokens(t)).sum();
+    assert_eq!(usage.prompt_tokens as usize, counted);
+    assert_eq!(
+        c.embeddings.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    let vectors: Vec<Vec<f32>> = c.embeddings.iter().map(|(_, e)| floats(e)).collect();
+    for v in &vectors {
+        assert_eq!(v.len(), 576, "SmolLM2-135M's width");
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "{norm}");
+    }
+    let cosine = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    assert!(
+        cosine(&vectors[0], &vectors[1]) > cosine(&vectors[0], &vectors[2]),
+        "the two sentences about a cat are closer than the one about markets"
+    );
+    // The same text, the same vector.
+    let again = collect(&b, embed_request(&texts[..1])).await;
+    assert_eq!(again.embeddings[0].1, c.embeddings[0].1);
+
+    let long = "word ".repeat(400);
+    let e = collect(&b, embed_request(&[&long])).await.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::ContextLengthExceeded, "{}", e.message);
+
+    let plain = backend();
+    let e = collect(&plain, embed_request(&texts)).await.error.unwrap();
+    assert!(
+        e.message.contains("does not serve embeddings"),
+        "{}",
+        e.message
+    );
 }

@@ -128,11 +128,11 @@ impl EventReader {
                             ))));
                         }
                     };
-                    if !matches!(
+                    // REVIEW, fixed: only an answer's end ends it (a tool call or an embedding
+                    // in clear used to, cutting every unsealed answer that made one).
+                    if matches!(
                         event,
-                        GenerateEvent::Delta { .. }
-                            | GenerateEvent::Reasoning { .. }
-                            | GenerateEvent::Sealed { .. }
+                        GenerateEvent::Done { .. } | GenerateEvent::Error { .. }
                     ) {
                         self.finished = true;
                     }

@@ -38,6 +38,11 @@ const SILENT_TOKENS: u64 = 8;
 fn prompt_bound(input: &Input) -> u64 {
     match input {
         Input::Text { prompt } => prompt.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE,
+        // Each text may gain a begin and an end token.
+        Input::Embed { texts } => texts
+            .iter()
+            .map(|t| t.len() as u64 + TEMPLATE_TOKENS_PER_MESSAGE)
+            .sum(),
         Input::Chat { messages, tools } => messages
             .iter()
             .map(|m| {

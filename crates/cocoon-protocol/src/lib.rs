@@ -16,10 +16,10 @@ pub use error::{ErrorKind, ProtocolError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, encode_frame};
 pub use messages::{
     BillQuery, Billing, ChatMessage, FinishReason, Function, GenerateEvent, GenerateRequest, Input,
-    LateBill, ListedModel, MAX_CACHE_SCOPE_BYTES, MAX_LOGIT_BIASES, MAX_SCHEMA_BYTES, MAX_TOOLS,
-    MAX_TOOLS_BYTES, MAX_TOP_LOGPROBS, MIN_PREFIX_BYTES, ModelCard, ModelList, Payout,
-    PricedTokens, Refund, RequestId, ResponseFormat, Role, SamplingParams, TokenLogprob, ToolCall,
-    ToolChoice, Tools, TopLogprob, Usage, WorkerHello, is_model_hash,
+    LateBill, ListedModel, MAX_CACHE_SCOPE_BYTES, MAX_EMBED_INPUTS, MAX_LOGIT_BIASES,
+    MAX_SCHEMA_BYTES, MAX_TOOLS, MAX_TOOLS_BYTES, MAX_TOP_LOGPROBS, MIN_PREFIX_BYTES, ModelCard,
+    ModelList, Payout, PricedTokens, Refund, RequestId, ResponseFormat, Role, SamplingParams,
+    TokenLogprob, ToolCall, ToolChoice, Tools, TopLogprob, Usage, WorkerHello, is_model_hash,
 };
 pub use sealed::{
     Candidate, CandidateQuery, Candidates, MAX_CANDIDATES, Receipt, Recipient, SEAL_TAG_BYTES,
@@ -31,7 +31,8 @@ pub use sealed::{
 /// 4: sealed requests and answers ([`paths::SEALED`], [`paths::CANDIDATES`]).
 /// 5: requests may ask for `logprobs`, which an older worker would ignore; deltas carry them.
 /// 6: chats may offer tools and hold tool calls and results; answers may hold `tool_call`
-/// events and end with `tool_calls`.
+/// events and end with `tool_calls`; requests may ask for embeddings (`Input::Embed`, answered
+/// with `embedding` events).
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// What a stopping worker answers a new request with (an `unavailable` error): the proxy then

@@ -190,7 +190,17 @@ pub enum Input {
         /// The text to continue.
         prompt: String,
     },
+    /// Texts to embed (OpenAI's `/v1/embeddings`): the answer is one
+    /// [`GenerateEvent::Embedding`] per text, in order, and generates nothing (the request's
+    /// `max_tokens` is 0).
+    Embed {
+        /// The texts, 1 to [`MAX_EMBED_INPUTS`], none empty.
+        texts: Vec<String>,
+    },
 }
+
+/// Most texts one embedding request may hold (OpenAI's limit).
+pub const MAX_EMBED_INPUTS: usize = 2048;
 
 /// Leading system messages shorter than this in all are cheap to recompute: they tie a request
 /// to no worker's prompt cache.
@@ -214,6 +224,8 @@ impl Input {
                 (system.iter().map(|s| s.len()).sum::<usize>() >= MIN_PREFIX_BYTES)
                     .then_some(system)
             }
+            // Embeddings share no cells.
+            Input::Embed { .. } => None,
             Input::Text { prompt } => {
                 if prompt.len() <= TEXT_PREFIX_BYTES {
                     return None;
@@ -442,9 +454,6 @@ impl SamplingParams {
                 self.min_p
             )));
         }
-        if self.max_tokens == Some(0) {
-            return Err(ProtocolError::invalid("max_tokens must be at least 1"));
-        }
         if let Some(n) = self.logprobs.filter(|n| *n > MAX_TOP_LOGPROBS) {
             return Err(ProtocolError::invalid(format!(
                 "top_logprobs (a completion's logprobs) must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"
@@ -563,6 +572,30 @@ impl GenerateRequest {
                     ));
                 }
             }
+        }
+        match &self.input {
+            Input::Embed { texts } => {
+                if texts.is_empty() || texts.len() > MAX_EMBED_INPUTS {
+                    return Err(ProtocolError::invalid(format!(
+                        "input must hold 1 to {MAX_EMBED_INPUTS} texts, got {}",
+                        texts.len()
+                    )));
+                }
+                if let Some(i) = texts.iter().position(String::is_empty) {
+                    return Err(ProtocolError::invalid(format!(
+                        "input[{i}] is empty: there is nothing to embed"
+                    )));
+                }
+                if self.params.max_tokens != Some(0) {
+                    return Err(ProtocolError::invalid(
+                        "an embedding request generates nothing: its max_tokens is 0",
+                    ));
+                }
+            }
+            _ if self.params.max_tokens == Some(0) => {
+                return Err(ProtocolError::invalid("max_tokens must be at least 1"));
+            }
+            _ => {}
         }
         if self
             .cache_scope
@@ -805,6 +838,15 @@ pub enum GenerateEvent {
         call: ToolCall,
         /// How many generated tokens the call accounts for.
         tokens: u32,
+    },
+    /// The embedding of an embedding request's text number `index`: its floats, little-endian
+    /// IEEE 754 single precision, base64 (as OpenAI's `encoding_format: base64`). Carries no
+    /// generated tokens: the request's prompt tokens are its usage.
+    Embedding {
+        /// Which text, from 0.
+        index: u32,
+        /// The vector, base64 of its little-endian `f32`s.
+        embedding: String,
     },
     /// New text of the model's reasoning (what OpenAI-compatible servers stream as
     /// `reasoning_content`), and how many generated tokens it accounts for: part of the

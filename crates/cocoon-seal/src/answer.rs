@@ -89,6 +89,7 @@ impl AnswerSealer {
             GenerateEvent::Delta { tokens, .. } | GenerateEvent::ToolCall { tokens, .. } => {
                 (*tokens, 0, false)
             }
+            GenerateEvent::Embedding { .. } => (0, 0, false),
             GenerateEvent::Reasoning { tokens, .. } => (*tokens, *tokens, false),
             GenerateEvent::Done { .. } | GenerateEvent::Error { .. } => (0, 0, true),
             GenerateEvent::Sealed { .. } => return None,
@@ -256,7 +257,8 @@ impl AnswerOpener {
             })),
             GenerateEvent::Delta { .. }
             | GenerateEvent::Reasoning { .. }
-            | GenerateEvent::ToolCall { .. } => Err(SealError::Tampered(
+            | GenerateEvent::ToolCall { .. }
+            | GenerateEvent::Embedding { .. } => Err(SealError::Tampered(
                 "text in clear where the answer is sealed".into(),
             )),
         }
@@ -331,6 +333,9 @@ impl AnswerOpener {
                 GenerateEvent::Delta { tokens: t, .. } | GenerateEvent::ToolCall { tokens: t, .. },
                 false,
             ) if *t == tokens && reasoning == 0 => Ok(Some(event)),
+            (GenerateEvent::Embedding { .. }, false) if tokens == 0 && reasoning == 0 => {
+                Ok(Some(event))
+            }
             (GenerateEvent::Reasoning { tokens: t, .. }, false)
                 if *t == tokens && reasoning == tokens =>
             {

@@ -227,6 +227,7 @@ impl Backend for Echo {
                 .map(|m| m.content.to_uppercase())
                 .unwrap_or_default(),
             cocoon_protocol::Input::Text { prompt } => prompt.to_uppercase(),
+            cocoon_protocol::Input::Embed { texts } => texts.join(" ").to_uppercase(),
         };
         let tokens = u32::try_from(text.len().div_ceil(4)).unwrap_or(u32::MAX);
         let events = vec![

@@ -176,6 +176,7 @@ pub async fn direct(backend: &Arc<dyn Backend>, req: GenerateRequest) -> anyhow:
             GenerateEvent::Error { error } => anyhow::bail!("direct request failed: {error}"),
             GenerateEvent::Sealed { .. } => anyhow::bail!("an engine answered sealed"),
             GenerateEvent::ToolCall { .. } => anyhow::bail!("the bench offers no tools"),
+            GenerateEvent::Embedding { .. } => anyhow::bail!("the bench asks no embeddings"),
         }
     }
     anyhow::bail!("direct stream ended early")

@@ -329,3 +329,40 @@ async fn several_choices_are_several_billed_requests() {
     assert_eq!(usage["bill_verified"], true);
     assert!(usage.get("billing").is_none(), "{usage}");
 }
+
+/// Embeddings through the whole network, sealed to the worker: billed by the texts' tokens at
+/// the network's price, nothing generated, the bill verified by the gateway, the worker's
+/// receipt named in the answer's header.
+#[tokio::test]
+async fn embeddings_are_billed_by_their_tokens() {
+    let backend = llama_with_embeddings();
+    let net = network(vec![backend.clone()]).await;
+    let http = reqwest::Client::new();
+    let texts = [
+        "The cat sat on the mat.",
+        "Stock markets fell sharply today.",
+    ];
+    let response = http
+        .post(format!("{}/embeddings", net.gateway_url()))
+        .json(&json!({"model": MODEL, "input": texts}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("cocoon-request-id"));
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["object"], "list");
+    assert_eq!(answer["data"].as_array().unwrap().len(), 2, "{answer}");
+    assert_eq!(answer["data"][1]["object"], "embedding");
+    assert_eq!(
+        answer["data"][1]["embedding"].as_array().unwrap().len(),
+        576
+    );
+    let usage = &answer["usage"];
+    let counted: usize = texts.iter().map(|t| backend.count_tokens(t)).sum();
+    assert_eq!(usage["prompt_tokens"], counted as u64, "{usage}");
+    assert_eq!(usage["completion_tokens"], 0, "{usage}");
+    assert_eq!(usage["bill_verified"], true, "{usage}");
+    let price = usage["billing"]["price_per_token"].as_u64().unwrap();
+    assert_eq!(usage["cost"], dev_weighted(usage) * price, "{usage}");
+}

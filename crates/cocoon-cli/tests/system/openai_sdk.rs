@@ -5,7 +5,7 @@ use crate::common::*;
 
 #[tokio::test]
 async fn official_openai_python_sdk_works_unchanged() {
-    let net = network(vec![llama()]).await;
+    let net = network(vec![llama_with_embeddings()]).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_sdk.py");
     let output = tokio::process::Command::new("python3")
         .arg(script)

@@ -211,6 +211,11 @@ impl StreamState {
                 let error = ProtocolError::internal(super::UNOPENED);
                 Shown::Chunk(error_event(&error_body(&error)))
             }
+            Some(Ok((GenerateEvent::Embedding { .. }, _))) => {
+                self.phase = Phase::End;
+                let error = ProtocolError::internal(super::EMBEDDING_IN_TEXT);
+                Shown::Chunk(error_event(&error_body(&error)))
+            }
             None if choice.done.is_none() => Shown::Cut,
             None => Shown::Nothing,
         }

@@ -270,6 +270,12 @@ impl Answer {
                         break End::ClientLeft;
                     }
                 }
+                // An embedding carries no generated token: relayed, billed by the prompt.
+                Some(Ok((GenerateEvent::Embedding { .. }, frame))) => {
+                    if tx.send(frame).await.is_err() {
+                        break End::ClientLeft;
+                    }
+                }
                 Some(Ok((GenerateEvent::ToolCall { tokens, call }, frame))) => {
                     relayed.add_tool_call(tokens, &call);
                     if tx.send(frame).await.is_err() {

@@ -505,6 +505,7 @@ impl Backend for EchoingError {
                 .map(|m| m.content.clone())
                 .unwrap_or_default(),
             Input::Text { prompt } => prompt.clone(),
+            Input::Embed { texts } => texts.join(" "),
         };
         let error = GenerateEvent::Error {
             error: cocoon_protocol::ProtocolError::invalid(format!(

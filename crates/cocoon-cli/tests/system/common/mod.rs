@@ -42,6 +42,19 @@ pub(crate) fn llama() -> Arc<LlamaBackend> {
     )
 }
 
+/// The real model, serving `/v1/embeddings` too.
+pub(crate) fn llama_with_embeddings() -> Arc<LlamaBackend> {
+    Arc::new(
+        LlamaBackend::load(&LlamaConfig {
+            model_path: model_path(),
+            threads: 2,
+            embeddings: true,
+            ..Default::default()
+        })
+        .expect("model loads; run scripts/fetch-model.sh first"),
+    )
+}
+
 /// Status of a short chat request ("Hi", 2 tokens) through `net`'s gateway.
 pub(crate) async fn short_chat_status(net: &DevNetwork) -> u16 {
     reqwest::Client::new()
