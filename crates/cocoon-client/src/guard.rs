@@ -115,38 +115,58 @@ impl KeyUse {
             .is_none_or(|limit| self.today().used < limit)
     }
 
-    /// Holds what a request of at most `prompt` prompt tokens and `max_tokens` completion
-    /// tokens may use against the key's day, under one lock, so requests in flight together
-    /// cannot pass the limit. Without `max_tokens`, the completion gets what is left of the
-    /// day: the cap is returned, for the request to carry. The refusal says why.
+    /// One request's hold (see [`KeyUse::hold_many`]).
+    #[cfg(test)]
     pub(crate) fn hold(
         self: &Arc<Self>,
         prompt: u64,
         max_tokens: Option<u32>,
     ) -> Result<(KeyHold, Option<u32>), String> {
+        let (mut holds, cap) = self.hold_many(prompt, max_tokens, 1)?;
+        Ok((holds.pop().expect("one hold"), cap))
+    }
+
+    /// Holds what `n` requests alike (the choices of one answer), each of at most `prompt`
+    /// prompt tokens and `max_tokens` completion tokens, may use against the key's day, under
+    /// one lock, so requests in flight together cannot pass the limit: all of them fit, or
+    /// none is held and nothing is sent. Without `max_tokens`, they share what is left of the
+    /// day, each capped alike: the cap is returned, for the requests to carry. An embedding
+    /// request's `max_tokens` is 0: its prompt is all it uses. The refusal says why.
+    pub(crate) fn hold_many(
+        self: &Arc<Self>,
+        prompt: u64,
+        max_tokens: Option<u32>,
+        n: u32,
+    ) -> Result<(Vec<KeyHold>, Option<u32>), String> {
+        let n64 = u64::from(n.max(1));
         let Some(limit) = self.tokens_per_day else {
-            return Ok((self.held(0), None));
+            return Ok(((0..n64).map(|_| self.held(0)).collect(), None));
         };
         let mut day = self.today();
         let left = limit.saturating_sub(day.used).saturating_sub(day.reserved);
         let completion = match max_tokens {
             Some(m) => u64::from(m),
-            None => left.saturating_sub(prompt),
+            None => (left / n64).saturating_sub(prompt),
         };
         let need = prompt.saturating_add(completion);
-        if completion == 0 || need > left {
+        let all = need.saturating_mul(n64);
+        if (completion == 0 && max_tokens.is_none()) || all > left {
+            let what = match n {
+                1 => "this request".to_owned(),
+                n => format!("these {n} choices"),
+            };
             return Err(format!(
-                "{} has {left} of its {limit} tokens for today (UTC) left, and this request may \
-                 use up to {need} (its prompt and max_tokens)",
+                "{} has {left} of its {limit} tokens for today (UTC) left, and {what} may use \
+                 up to {all} (prompt and max_tokens, each)",
                 self.name
             ));
         }
-        day.reserved += need;
+        day.reserved += all;
         drop(day);
         let cap = max_tokens
             .is_none()
             .then(|| u32::try_from(completion).unwrap_or(u32::MAX));
-        Ok((self.held(need), cap))
+        Ok(((0..n64).map(|_| self.held(need)).collect(), cap))
     }
 
     fn held(self: &Arc<Self>, amount: u64) -> KeyHold {

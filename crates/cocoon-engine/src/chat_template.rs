@@ -45,6 +45,9 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", |format: String| strftime_now(&format));
+        // REVIEW, fixed: minijinja's own `tojson` escapes `<`, `>`, `&` and `'` for HTML, six
+        // bytes each, past the prompt's bound; transformers' is Python's `json.dumps`.
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| format!("the chat template does not compile: {e}"))?;
         Ok(Self {
@@ -91,25 +94,37 @@ impl ChatTemplate {
                     let instructions = generic_instructions(tools);
                     match rendered.first_mut() {
                         Some(first) if first["role"] == "system" => {
-                            let text = format!(
-                                "{}\n\n{instructions}",
-                                first["content"].as_str().unwrap_or_default()
-                            );
-                            first["content"] = json!(text);
+                            prepend(first, &instructions);
                         }
-                        _ => rendered.insert(0, json!({"role": "system", "content": instructions})),
+                        _ => {
+                            let mut with_system = rendered.clone();
+                            with_system
+                                .insert(0, json!({"role": "system", "content": instructions}));
+                            // REVIEW, fixed: a template without a system role (Gemma's) refuses
+                            // one; the instructions then open the first message instead.
+                            if let Ok(prompt) = self.render_values(with_system, &offered) {
+                                return Ok(prompt);
+                            }
+                            if let Some(first) = rendered.first_mut() {
+                                prepend(first, &instructions);
+                            }
+                        }
                     }
                 }
             }
         }
+        self.render_values(rendered, &offered)
+    }
+
+    fn render_values(&self, messages: Vec<Value>, tools: &Value) -> Result<String, ProtocolError> {
         let template = self
             .env
             .get_template("chat")
             .map_err(|e| ProtocolError::internal(format!("chat template: {e}")))?;
         template
             .render(context! {
-                messages => rendered,
-                tools => offered,
+                messages => messages,
+                tools => tools,
                 add_generation_prompt => true,
                 bos_token => self.bos,
                 eos_token => self.eos,
@@ -124,6 +139,82 @@ impl ChatTemplate {
                     _ => ProtocolError::internal(format!("the chat template failed: {e}")),
                 }
             })
+    }
+}
+
+/// Puts `text` before a message's content.
+fn prepend(message: &mut Value, text: &str) {
+    let content = format!(
+        "{text}\n\n{}",
+        message["content"].as_str().unwrap_or_default()
+    );
+    message["content"] = json!(content);
+}
+
+/// `tojson` as transformers has it: Python's `json.dumps` (`", "` and `": "` between items,
+/// no HTML escaping, `indent` if asked).
+fn tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<minijinja::Value, Error> {
+    use serde::Serialize as _;
+    let indent: Option<usize> = kwargs.get("indent")?;
+    // transformers passes these through to json.dumps; their defaults are what is written.
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let result = match indent {
+        Some(n) => {
+            let indent = " ".repeat(n);
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
+            value.serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out, formatter,
+            ))
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out, Python,
+        )),
+    };
+    result.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = String::from_utf8(out)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    Ok(minijinja::Value::from_safe_string(text))
+}
+
+/// Python's `json.dumps` separators: `", "` between items, `": "` after a key.
+struct Python;
+
+impl serde_json::ser::Formatter for Python {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
     }
 }
 

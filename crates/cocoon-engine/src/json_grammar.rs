@@ -51,38 +51,31 @@ const ANNOTATIONS: &[&str] = &[
     "strict",
 ];
 
-/// Most rules one schema may produce: a bound on the work a request can ask of the sampler.
-const MAX_RULES: usize = 4096;
+/// Most rules one grammar may produce, counting what llama.cpp spells out for a bounded
+/// repetition (`x{0,n}` is n rules there): a bound on the memory and parsing a request can
+/// ask of the worker.
+const MAX_EXPANSION: u64 = 1 << 15;
 /// Deepest nesting of schemas inside schemas (references are rules, so they do not count).
 const MAX_DEPTH: usize = 64;
-/// Most items a bounded array may spell out, and most characters a bounded string may:
-/// llama.cpp spells a repetition out as that many rules.
+/// Most items a bounded array may spell out.
 const MAX_BOUNDED_ITEMS: u64 = 256;
-const MAX_BOUNDED_LENGTH: u64 = 4096;
+/// Most characters a bounded string may spell out: llama.cpp reads a repetition past 2000 as
+/// unbounded, or refuses it.
+const MAX_BOUNDED_LENGTH: u64 = 2000;
+/// Most values an `enum`, and most properties an object, may list: each is a way of reading
+/// the same text that the sampler keeps alive at once.
+const MAX_ALTERNATIVES: usize = 256;
 
 /// The grammar (root rule `root`) of the JSON values `schema` accepts.
 ///
 /// Refuses, naming the keyword and where it is, what this subset cannot make the grammar
-/// honour.
+/// honour, and what would make llama.cpp's grammar engine work without bound: alternatives
+/// that can read the same text (two `anyOf` options of one kind, unless objects told apart by
+/// a first property's constant), and repetitions or rules past a total.
 pub fn schema_to_gbnf(schema: &Value) -> Result<String, String> {
-    let mut converter = Converter {
-        root: schema,
-        rules: BTreeMap::new(),
-        refs: BTreeMap::new(),
-        pending: Vec::new(),
-    };
-    let root = converter.visit(schema, "#", 0)?;
-    while let Some((pointer, name)) = converter.pending.pop() {
-        let target = converter.resolve(&pointer)?;
-        let body = converter.visit(target, &pointer, 0)?;
-        converter.rules.insert(name, body);
-    }
-    let mut out = format!("root ::= {root}\n");
-    for (name, body) in &converter.rules {
-        let _ = writeln!(out, "{name} ::= {body}");
-    }
-    out.push_str(PRIMITIVES);
-    Ok(out)
+    let mut budget = Budget::default();
+    let (root, rules) = schema_rules(schema, "", &mut budget)?;
+    Ok(render(&root, &rules))
 }
 
 /// The grammar of any JSON object (`response_format: json_object`).
@@ -90,17 +83,206 @@ pub fn json_object_gbnf() -> String {
     format!("root ::= object\n{PRIMITIVES}")
 }
 
-struct Converter<'a> {
+/// A grammar text: `root ::= root`, the rules, then the JSON primitives.
+pub(crate) fn render(root: &str, rules: &[(String, String)]) -> String {
+    let mut out = format!("root ::= {root}\n");
+    for (name, body) in rules {
+        let _ = writeln!(out, "{name} ::= {body}");
+    }
+    out.push_str(PRIMITIVES);
+    out
+}
+
+/// What the schemas of one grammar may spend together (the tools' parameters share one).
+#[derive(Debug, Default)]
+pub(crate) struct Budget {
+    expansion: u64,
+}
+
+impl Budget {
+    fn spend(&mut self, n: u64) -> Result<(), String> {
+        self.expansion = self.expansion.saturating_add(n);
+        if self.expansion > MAX_EXPANSION {
+            return Err(format!(
+                "the schema needs more than {MAX_EXPANSION} grammar rules (bounded lengths \
+                 and counts spell out one rule each)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The expression for `schema`'s values and the rules it uses, their names prefixed with
+/// `prefix` (so that several schemas share one grammar); `$ref`s resolve inside `schema`.
+pub(crate) fn schema_rules(
+    schema: &Value,
+    prefix: &str,
+    budget: &mut Budget,
+) -> Result<(String, Vec<(String, String)>), String> {
+    refuse_left_recursion(schema)?;
+    let mut converter = Converter {
+        root: schema,
+        prefix,
+        rules: Vec::new(),
+        refs: BTreeMap::new(),
+        pending: Vec::new(),
+        budget,
+    };
+    let root = converter.visit(schema, "#", 0)?;
+    while let Some((pointer, name)) = converter.pending.pop() {
+        let target = converter.resolve(&pointer)?;
+        let body = converter.visit(target, &pointer, 0)?;
+        converter.rules.push((name, body));
+    }
+    Ok((root, converter.rules))
+}
+
+struct Converter<'a, 'b> {
     root: &'a Value,
-    /// Named rules made so far, by name.
-    rules: BTreeMap<String, String>,
+    prefix: &'b str,
+    /// Named rules made so far.
+    rules: Vec<(String, String)>,
     /// Rule names given to `$ref` targets, by JSON pointer.
     refs: BTreeMap<String, String>,
     /// References named but not yet converted.
     pending: Vec<(String, String)>,
+    budget: &'b mut Budget,
 }
 
-impl<'a> Converter<'a> {
+/// The kinds of JSON value, told apart by their first character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Object,
+    Array,
+    String,
+    Number,
+    Boolean,
+    Null,
+}
+
+const ALL_KINDS: [Kind; 6] = [
+    Kind::Object,
+    Kind::Array,
+    Kind::String,
+    Kind::Number,
+    Kind::Boolean,
+    Kind::Null,
+];
+
+fn kind_of_value(v: &Value) -> Kind {
+    match v {
+        Value::Object(_) => Kind::Object,
+        Value::Array(_) => Kind::Array,
+        Value::String(_) => Kind::String,
+        Value::Number(_) => Kind::Number,
+        Value::Bool(_) => Kind::Boolean,
+        Value::Null => Kind::Null,
+    }
+}
+
+fn kind_of_type(t: &str) -> Option<Kind> {
+    Some(match t {
+        "object" => Kind::Object,
+        "array" => Kind::Array,
+        "string" => Kind::String,
+        "number" | "integer" => Kind::Number,
+        "boolean" => Kind::Boolean,
+        "null" => Kind::Null,
+        _ => return None,
+    })
+}
+
+/// Keywords that apply to one kind of value: a schema without `type` that carries them is of
+/// that kind (JSON Schema applies them to values of it).
+const KIND_KEYWORDS: &[(&str, &str)] = &[
+    ("properties", "object"),
+    ("required", "object"),
+    ("additionalProperties", "object"),
+    ("items", "array"),
+    ("minItems", "array"),
+    ("maxItems", "array"),
+    ("minLength", "string"),
+    ("maxLength", "string"),
+    ("format", "string"),
+];
+
+/// Refuses a schema in which a reference reaches itself before any character is read (`{"$ref":
+/// "#"}`, an `anyOf` that lists itself): llama.cpp refuses such a grammar.
+fn refuse_left_recursion(root: &Value) -> Result<(), String> {
+    fn leading(schema: &Value, out: &mut Vec<String>) {
+        let Value::Object(map) = schema else { return };
+        if let Some(r) = map.get("$ref").and_then(Value::as_str) {
+            out.push(r.to_owned());
+        }
+        for keyword in ["anyOf", "oneOf", "allOf"] {
+            for alt in map
+                .get(keyword)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                leading(alt, out);
+            }
+        }
+    }
+    fn all_refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                if let Some(r) = map.get("$ref").and_then(Value::as_str) {
+                    out.push(r.to_owned());
+                }
+                map.values().for_each(|v| all_refs(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| all_refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut nodes = vec!["#".to_owned()];
+    all_refs(root, &mut nodes);
+    nodes.sort();
+    nodes.dedup();
+    let edges: BTreeMap<&str, Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let mut out = Vec::new();
+            if let Some(target) = n.strip_prefix('#').and_then(|p| root.pointer(p)) {
+                leading(target, &mut out);
+            }
+            (n.as_str(), out)
+        })
+        .collect();
+    // Depth-first, with the path on a stack: a pointer met again on its own path is a cycle.
+    fn visit<'e>(
+        node: &'e str,
+        edges: &'e BTreeMap<&str, Vec<String>>,
+        path: &mut Vec<&'e str>,
+        done: &mut std::collections::BTreeSet<&'e str>,
+    ) -> Result<(), String> {
+        if path.contains(&node) {
+            return Err(format!(
+                "$ref {node} reaches itself before any character: a grammar cannot say that"
+            ));
+        }
+        if !done.insert(node) {
+            return Ok(());
+        }
+        path.push(node);
+        for next in edges.get(node).into_iter().flatten() {
+            if let Some((key, _)) = edges.get_key_value(next.as_str()) {
+                visit(key, edges, path, done)?;
+            }
+        }
+        path.pop();
+        Ok(())
+    }
+    let mut done = std::collections::BTreeSet::new();
+    for node in edges.keys() {
+        visit(node, &edges, &mut Vec::new(), &mut done)?;
+    }
+    Ok(())
+}
+
+impl<'a> Converter<'a, '_> {
     /// The grammar expression for values `schema` (found at `at`) accepts.
     fn visit(&mut self, schema: &'a Value, at: &str, depth: usize) -> Result<String, String> {
         if depth > MAX_DEPTH {
@@ -125,61 +307,224 @@ impl<'a> Converter<'a> {
             }
             return self.reference(reference, at);
         }
-        if let Some(value) = schema.get("const") {
-            return Ok(literal(value));
+        if schema.contains_key("const") || schema.contains_key("enum") {
+            return self.literals(schema, at);
         }
-        if let Some(values) = schema.get("enum") {
-            let values = values
+        let combinators: Vec<&str> = ["anyOf", "oneOf", "allOf"]
+            .into_iter()
+            .filter(|k| schema.contains_key(*k))
+            .collect();
+        if let Some(&keyword) = combinators.first() {
+            // REVIEW, fixed: what stands beside a combinator was dropped; it is refused.
+            if combinators.len() > 1 || schema.len() > 1 + self.annotations(schema) {
+                return Err(format!(
+                    "{keyword} beside other constraints at {at} cannot be enforced by this \
+                     engine's grammar"
+                ));
+            }
+            let options = schema[keyword]
                 .as_array()
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| format!("enum at {at} must be a non-empty array"))?;
-            return Ok(group(values.iter().map(literal)));
-        }
-        for keyword in ["anyOf", "oneOf", "allOf"] {
-            if let Some(options) = schema.get(keyword) {
-                let options = options
-                    .as_array()
-                    .filter(|o| !o.is_empty())
-                    .ok_or_else(|| format!("{keyword} at {at} must be a non-empty array"))?;
-                if keyword == "allOf" && options.len() > 1 {
-                    return Err(format!("allOf with more than one schema at {at}"));
-                }
-                let mut alternatives = Vec::with_capacity(options.len());
-                for (i, option) in options.iter().enumerate() {
-                    alternatives.push(self.visit(
-                        option,
-                        &format!("{at}/{keyword}/{i}"),
-                        depth + 1,
-                    )?);
-                }
-                // A grammar cannot say "exactly one of": oneOf admits what any option admits,
-                // as llama.cpp's own converter does.
-                return Ok(group(alternatives));
+                .filter(|o| !o.is_empty())
+                .ok_or_else(|| format!("{keyword} at {at} must be a non-empty array"))?;
+            if keyword == "allOf" && options.len() > 1 {
+                return Err(format!("allOf with more than one schema at {at}"));
             }
-        }
-        match schema.get("type") {
-            None => {
-                if schema.contains_key("properties") {
-                    self.object(schema, at, depth)
-                } else if schema.contains_key("items") {
-                    self.array(schema, at, depth)
-                } else {
-                    Ok("value".into())
-                }
+            // REVIEW, fixed: options that can read the same text keep one llama.cpp stack
+            // per way of reading it (doubling per level of nesting); they are refused, so
+            // that oneOf is exactly anyOf.
+            self.disjoint(options, &format!("{at}/{keyword}"))?;
+            let mut alternatives = Vec::with_capacity(options.len());
+            for (i, option) in options.iter().enumerate() {
+                alternatives.push(self.visit(option, &format!("{at}/{keyword}/{i}"), depth + 1)?);
             }
-            Some(Value::String(kind)) => self.typed(kind, schema, at, depth),
-            Some(Value::Array(kinds)) if !kinds.is_empty() => {
+            return Ok(group(alternatives));
+        }
+        let kinds = self.types(schema, at)?;
+        match kinds.as_slice() {
+            [] => Ok("value".into()),
+            kinds => {
                 let mut alternatives = Vec::with_capacity(kinds.len());
                 for kind in kinds {
-                    let kind = kind
-                        .as_str()
-                        .ok_or_else(|| format!("type at {at} must name types"))?;
                     alternatives.push(self.typed(kind, schema, at, depth)?);
                 }
                 Ok(group(alternatives))
             }
-            Some(_) => Err(format!("type at {at} must be a string or a list of them")),
         }
+    }
+
+    /// The types a schema without `const`, `enum` or combinators admits, each once
+    /// (`integer` within `number`): its `type`, or the kind its keywords apply to; none for
+    /// any value.
+    fn types(&self, schema: &Map<String, Value>, at: &str) -> Result<Vec<&'static str>, String> {
+        let mut types: Vec<&'static str> = match schema.get("type") {
+            None => {
+                // REVIEW, fixed: keywords without a type were dropped (any value admitted).
+                let mut implied: Vec<&'static str> = KIND_KEYWORDS
+                    .iter()
+                    .filter(|(k, _)| schema.contains_key(*k))
+                    .map(|(_, t)| *t)
+                    .collect();
+                implied.sort_unstable();
+                implied.dedup();
+                if implied.len() > 1 {
+                    return Err(format!(
+                        "the schema at {at} has keywords of {} without a type: say its type",
+                        implied.join(" and ")
+                    ));
+                }
+                implied
+            }
+            Some(Value::String(t)) => vec![known_type(t, at)?],
+            Some(Value::Array(ts)) if !ts.is_empty() => ts
+                .iter()
+                .map(|t| {
+                    t.as_str()
+                        .ok_or_else(|| format!("type at {at} must name types"))
+                        .and_then(|t| known_type(t, at))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(format!("type at {at} must be a string or a list of them")),
+        };
+        // REVIEW, fixed: a type listed twice converted its schema twice.
+        types.sort_unstable();
+        types.dedup();
+        if types.contains(&"number") {
+            types.retain(|t| *t != "integer");
+        }
+        Ok(types)
+    }
+
+    /// `const` or `enum`: the values, each as exactly its JSON, of the schema's `type` if it
+    /// says one.
+    fn literals(&mut self, schema: &Map<String, Value>, at: &str) -> Result<String, String> {
+        let values: Vec<&Value> = match (schema.get("const"), schema.get("enum")) {
+            (Some(_), Some(_)) => return Err(format!("const beside enum at {at}")),
+            (Some(v), None) => vec![v],
+            (None, Some(e)) => e
+                .as_array()
+                .filter(|v| !v.is_empty() && v.len() <= MAX_ALTERNATIVES)
+                .ok_or_else(|| format!("enum at {at} must list 1 to {MAX_ALTERNATIVES} values"))?
+                .iter()
+                .collect(),
+            (None, None) => unreachable!("called for const or enum"),
+        };
+        // REVIEW, fixed: what stood beside const or enum was dropped.
+        if let Some(key) = schema.keys().find(|k| {
+            !ANNOTATIONS.contains(&k.as_str()) && !matches!(k.as_str(), "const" | "enum" | "type")
+        }) {
+            return Err(format!(
+                "'{key}' beside const or enum at {at} cannot be enforced by this engine's grammar"
+            ));
+        }
+        if schema.contains_key("type") {
+            let types = self.types(schema, at)?;
+            if let Some(v) = values.iter().find(|v| !types.iter().any(|t| of_type(v, t))) {
+                return Err(format!("the value {v} at {at} is not of the schema's type"));
+            }
+        }
+        Ok(group(values.into_iter().map(literal)))
+    }
+
+    /// Refuses options that can read the same text: of one kind, unless objects told apart
+    /// by a first property whose value each fixes (a discriminated union, as the tools' calls
+    /// are).
+    fn disjoint(&self, options: &[Value], at: &str) -> Result<(), String> {
+        let kinds: Vec<Vec<Kind>> = options
+            .iter()
+            .map(|o| self.kinds(o, &mut Vec::new()))
+            .collect::<Result<_, _>>()?;
+        for i in 0..options.len() {
+            for j in i + 1..options.len() {
+                let shared: Vec<Kind> = kinds[i]
+                    .iter()
+                    .filter(|k| kinds[j].contains(k))
+                    .copied()
+                    .collect();
+                if shared.is_empty() {
+                    continue;
+                }
+                if shared == [Kind::Object] {
+                    let (a, b) = (
+                        self.discriminant(&options[i]),
+                        self.discriminant(&options[j]),
+                    );
+                    if let (Some((ka, va)), Some((kb, vb))) = (a, b)
+                        && ka == kb
+                        && va != vb
+                    {
+                        continue;
+                    }
+                }
+                return Err(format!(
+                    "options {i} and {j} of {at} can both be {:?}: this engine's grammar \
+                     enforces only options of different kinds (or objects told apart by the \
+                     constant of their first property)",
+                    shared[0]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kinds of value a schema admits (by first character).
+    fn kinds(&self, schema: &'a Value, seen: &mut Vec<&'a str>) -> Result<Vec<Kind>, String> {
+        let map = match schema {
+            Value::Bool(true) => return Ok(ALL_KINDS.to_vec()),
+            Value::Object(map) => map,
+            _ => return Ok(Vec::new()),
+        };
+        if let Some(r) = map.get("$ref").and_then(Value::as_str) {
+            if seen.contains(&r) {
+                return Ok(Vec::new());
+            }
+            seen.push(r);
+            let target = self.resolve(r)?;
+            return self.kinds(target, seen);
+        }
+        if let Some(v) = map.get("const") {
+            return Ok(vec![kind_of_value(v)]);
+        }
+        if let Some(values) = map.get("enum").and_then(Value::as_array) {
+            let mut kinds: Vec<Kind> = values.iter().map(kind_of_value).collect();
+            kinds.sort_unstable();
+            kinds.dedup();
+            return Ok(kinds);
+        }
+        for keyword in ["anyOf", "oneOf", "allOf"] {
+            if let Some(options) = map.get(keyword).and_then(Value::as_array) {
+                let mut kinds = Vec::new();
+                for o in options {
+                    kinds.extend(self.kinds(o, seen)?);
+                }
+                kinds.sort_unstable();
+                kinds.dedup();
+                return Ok(kinds);
+            }
+        }
+        let types = self.types(map, "#")?;
+        if types.is_empty() {
+            return Ok(ALL_KINDS.to_vec());
+        }
+        Ok(types.iter().filter_map(|t| kind_of_type(t)).collect())
+    }
+
+    /// An object schema's first property and the one value it fixes, if it does.
+    fn discriminant(&self, schema: &'a Value) -> Option<(&'a str, &'a Value)> {
+        let mut schema = schema;
+        while let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+            schema = self.resolve(r).ok()?;
+        }
+        let (name, property) = schema.get("properties")?.as_object()?.iter().next()?;
+        let required = schema.get("required")?.as_array()?;
+        if !required.iter().any(|r| r == name.as_str()) {
+            return None;
+        }
+        let value = match (property.get("const"), property.get("enum")) {
+            (Some(v), _) => v,
+            (None, Some(Value::Array(values))) if values.len() == 1 => &values[0],
+            _ => return None,
+        };
+        Some((name.as_str(), value))
     }
 
     fn understood(key: &str) -> bool {
@@ -222,7 +567,7 @@ impl<'a> Converter<'a> {
         match kind {
             "object" => self.object(schema, at, depth),
             "array" => self.array(schema, at, depth),
-            "string" => string(schema, at),
+            "string" => string(schema, at, self.budget),
             "number" => Ok("number".into()),
             "integer" => Ok("integer".into()),
             "boolean" => Ok("boolean".into()),
@@ -240,7 +585,13 @@ impl<'a> Converter<'a> {
         static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
         let properties = match schema.get("properties") {
             None => &*EMPTY,
-            Some(Value::Object(p)) => p,
+            Some(Value::Object(p)) if p.len() <= MAX_ALTERNATIVES => p,
+            Some(Value::Object(_)) => {
+                return Err(format!(
+                    "properties at {at} lists more than {MAX_ALTERNATIVES}: too many ways to \
+                     read an object for this engine's grammar"
+                ));
+            }
             Some(_) => return Err(format!("properties at {at} must be an object")),
         };
         let required: Vec<&str> = match schema.get("required") {
@@ -374,6 +725,7 @@ impl<'a> Converter<'a> {
                 "minItems above {MAX_BOUNDED_ITEMS} at {at} cannot be enforced by this engine's grammar"
             ));
         }
+        self.budget.spend(max.unwrap_or(min))?;
         let rest = format!(r#"( "," ws {item} )"#);
         let body = match (min, max) {
             (_, Some(0)) => String::new(),
@@ -390,13 +742,9 @@ impl<'a> Converter<'a> {
         if is_name(&expr) {
             return Ok(expr);
         }
-        if self.rules.len() >= MAX_RULES {
-            return Err(format!(
-                "the schema needs more than {MAX_RULES} grammar rules"
-            ));
-        }
-        let name = format!("r{}", self.rules.len());
-        self.rules.insert(name.clone(), expr);
+        self.budget.spend(1)?;
+        let name = format!("{}r{}", self.prefix, self.rules.len());
+        self.rules.push((name.clone(), expr));
         Ok(name)
     }
 
@@ -408,13 +756,9 @@ impl<'a> Converter<'a> {
         if let Some(name) = self.refs.get(pointer) {
             return Ok(name.clone());
         }
-        if self.refs.len() >= MAX_RULES {
-            return Err(format!(
-                "the schema needs more than {MAX_RULES} grammar rules"
-            ));
-        }
+        self.budget.spend(1)?;
         self.resolve(pointer)?;
-        let name = format!("ref{}", self.refs.len());
+        let name = format!("{}ref{}", self.prefix, self.refs.len());
         self.refs.insert(pointer.to_owned(), name.clone());
         self.pending.push((pointer.to_owned(), name.clone()));
         Ok(name)
@@ -428,7 +772,7 @@ impl<'a> Converter<'a> {
 }
 
 /// The grammar of strings `schema` accepts: any, of a bounded length, or of a known format.
-fn string(schema: &Map<String, Value>, at: &str) -> Result<String, String> {
+fn string(schema: &Map<String, Value>, at: &str, budget: &mut Budget) -> Result<String, String> {
     let min = count(schema, "minLength", at)?;
     let max = count(schema, "maxLength", at)?;
     if let Some(format) = schema.get("format") {
@@ -437,9 +781,14 @@ fn string(schema: &Map<String, Value>, at: &str) -> Result<String, String> {
         }
         let digits = |n: usize| vec!["[0-9]"; n].join(" ");
         let hex = |n: usize| vec!["[0-9a-fA-F]"; n].join(" ");
+        // REVIEW, fixed: each month's days (February's 29, leap year or not).
+        let day = |last: &str| format!(r#"( "0" [1-9] | "1" [0-9] | "2" [0-9] {last})"#);
         let date = format!(
-            r#"{} "-" ( "0" [1-9] | "1" [0-2] ) "-" ( "0" [1-9] | [12] [0-9] | "3" [01] )"#,
-            digits(4)
+            r#"{} "-" ( ( "0" [13578] | "1" [02] ) "-" {} | ( "0" [469] | "11" ) "-" {} | "02" "-" {} )"#,
+            digits(4),
+            day(r#"| "3" [01] "#),
+            day(r#"| "30" "#),
+            day(""),
         );
         let time = r#"( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] ":" [0-5] [0-9] ( "." [0-9]{1,9} )? ( "Z" | [+-] ( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] )"#;
         let inner = match format.as_str() {
@@ -474,10 +823,39 @@ fn string(schema: &Map<String, Value>, at: &str) -> Result<String, String> {
             "a string length above {MAX_BOUNDED_LENGTH} at {at} cannot be enforced by this engine's grammar"
         ));
     }
+    budget.spend(max.or(min).unwrap_or(0))?;
     Ok(match (min, max) {
         (None, None) => "string".into(),
         (min, max) => format!(r#""\"" char{} "\"" ws"#, times(min.unwrap_or(0), max)),
     })
+}
+
+/// A type this converter knows.
+fn known_type(t: &str, at: &str) -> Result<&'static str, String> {
+    Ok(match t {
+        "object" => "object",
+        "array" => "array",
+        "string" => "string",
+        "number" => "number",
+        "integer" => "integer",
+        "boolean" => "boolean",
+        "null" => "null",
+        other => return Err(format!("unknown type '{other}' at {at}")),
+    })
+}
+
+/// Whether `v` is of JSON Schema type `t`.
+fn of_type(v: &Value, t: &str) -> bool {
+    match t {
+        "integer" => v.as_i64().is_some() || v.as_u64().is_some(),
+        "number" => v.is_number(),
+        "string" => v.is_string(),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        "array" => v.is_array(),
+        "object" => v.is_object(),
+        _ => false,
+    }
 }
 
 /// A non-negative integer keyword, if present.
@@ -520,7 +898,7 @@ fn literal(value: &Value) -> String {
 }
 
 /// `text` as a GBNF string literal.
-fn literal_text(text: &str) -> String {
+pub(crate) fn literal_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {

@@ -14,7 +14,7 @@
 use cocoon_protocol::{ToolCall, ToolChoice, Tools};
 use serde_json::{Value, json};
 
-use crate::json_grammar::schema_to_gbnf;
+use crate::json_grammar::{Budget, literal_text, render, schema_rules};
 
 /// How a model is asked for tool calls, and how it writes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,8 @@ const CLOSE: &str = "</tool_call>";
 
 /// Most calls one answer may make when the tools allow several at once.
 const MAX_PARALLEL_CALLS: u64 = 16;
+/// Most bytes a call may hold: its event, escaped again and sealed, must fit in a frame.
+const MAX_CALL_BYTES: usize = 256 << 10;
 
 impl ToolStyle {
     /// The style of a chat template: Hermes when it prints tools and writes `<tool_call>`.
@@ -70,59 +72,70 @@ pub fn generic_instructions(tools: &Tools) -> String {
 /// style (the answer is one JSON object), and for the Hermes style when a call is forced.
 /// Refuses tools whose parameter schemas the grammar cannot enforce, by name.
 pub fn tools_grammar(style: ToolStyle, tools: &Tools) -> Result<Option<String>, String> {
+    if style == ToolStyle::Hermes && tools.choice == ToolChoice::Auto {
+        return Ok(None);
+    }
     let offered: Vec<&cocoon_protocol::Function> = match &tools.choice {
         ToolChoice::Function(name) => tools.functions.iter().filter(|f| &f.name == name).collect(),
         _ => tools.functions.iter().collect(),
     };
-    let one_call = json!({"anyOf": offered.iter().map(|f| json!({
-        "type": "object",
-        "properties": {"name": {"const": f.name}, "arguments": f.parameters},
-        "required": ["name", "arguments"],
-        "additionalProperties": false,
-    })).collect::<Vec<_>>()});
+    // One call: `{"name": "<function>", "arguments": <its parameters>}`, the function told by
+    // its name before its arguments are read. REVIEW, fixed: each function's parameters are
+    // converted as a schema of their own, so that their `$ref`s resolve inside them; they
+    // share one budget of rules.
+    let mut budget = Budget::default();
+    let mut rules = Vec::new();
+    let mut alternatives = Vec::with_capacity(offered.len());
+    for (i, f) in offered.iter().enumerate() {
+        let prefix = format!("t{i}-");
+        let (arguments, own) = schema_rules(&f.parameters, &prefix, &mut budget)
+            .map_err(|e| format!("tool {}: {e}", f.name))?;
+        rules.extend(own);
+        rules.push((format!("{prefix}args"), arguments));
+        alternatives.push(format!(
+            r#"{} ws "," ws "\"arguments\"" ws ":" ws {prefix}args"#,
+            literal_text(&Value::String(f.name.clone()).to_string())
+        ));
+    }
+    rules.push((
+        "call".to_owned(),
+        format!(
+            r#""{{" ws "\"name\"" ws ":" ws ( {} ) "}}" ws"#,
+            alternatives.join(" | ")
+        ),
+    ));
     let most = if tools.parallel {
         MAX_PARALLEL_CALLS
     } else {
         1
     };
-    let named = |e: String| match &tools.choice {
-        ToolChoice::Function(name) => format!("tool {name}: {e}"),
-        _ => format!("tools: {e}"),
-    };
-    match style {
+    let root = match style {
         ToolStyle::Generic => {
-            let calls = json!({
-                "type": "object",
-                "properties": {"tool_calls": {
-                    "type": "array", "items": one_call, "minItems": 1, "maxItems": most
-                }},
-                "required": ["tool_calls"],
-                "additionalProperties": false,
-            });
-            let schema = match tools.choice {
-                ToolChoice::Auto => json!({"anyOf": [calls, {
-                    "type": "object",
-                    "properties": {"response": {"type": "string"}},
-                    "required": ["response"],
-                    "additionalProperties": false,
-                }]}),
-                _ => calls,
+            let more = if most > 1 {
+                format!(r#" ( "," ws call ){{0,{}}}"#, most - 1)
+            } else {
+                String::new()
             };
-            schema_to_gbnf(&schema).map(Some).map_err(named)
+            let calls =
+                format!(r#""{{" ws "\"tool_calls\"" ws ":" ws "[" ws call{more} "]" ws "}}" ws"#);
+            match tools.choice {
+                ToolChoice::Auto => {
+                    format!(r#"( {calls} | "{{" ws "\"response\"" ws ":" ws string "}}" ws )"#)
+                }
+                _ => calls,
+            }
         }
-        ToolStyle::Hermes if tools.choice == ToolChoice::Auto => Ok(None),
         ToolStyle::Hermes => {
-            let grammar = schema_to_gbnf(&one_call).map_err(named)?;
-            let grammar = grammar.replacen("root ::= ", "call ::= ", 1);
             let block = r#""<tool_call>\n" call "\n</tool_call>""#;
             let more = if most > 1 {
                 format!(r#" ( "\n" {block} ){{0,{}}}"#, most - 1)
             } else {
                 String::new()
             };
-            Ok(Some(format!("root ::= {block}{more}\n{grammar}")))
+            format!("{block}{more}")
         }
-    }
+    };
+    Ok(Some(render(&root, &rules)))
 }
 
 /// What a piece of the model's answer is.
@@ -142,6 +155,8 @@ pub struct ToolCallReader {
     held: String,
     /// Whether a Hermes call is open.
     in_call: bool,
+    /// Of an open call, the bytes already searched for its end.
+    searched: usize,
 }
 
 impl ToolCallReader {
@@ -151,6 +166,7 @@ impl ToolCallReader {
             style,
             held: String::new(),
             in_call: false,
+            searched: 0,
         }
     }
 
@@ -164,12 +180,29 @@ impl ToolCallReader {
         let mut out = Vec::new();
         loop {
             if self.in_call {
-                let Some(end) = self.held.find(CLOSE) else {
+                // REVIEW, fixed: only what came since the last search is searched (the end
+                // may straddle it), not the whole call again at every token.
+                let mut from = self.searched.saturating_sub(CLOSE.len() - 1);
+                while !self.held.is_char_boundary(from) {
+                    from -= 1;
+                }
+                let Some(end) = self.held[from..].find(CLOSE).map(|i| from + i) else {
+                    self.searched = self.held.len();
+                    // REVIEW, fixed: a call too big for one event is the model's text.
+                    if self.held.len() > MAX_CALL_BYTES {
+                        self.in_call = false;
+                        self.searched = 0;
+                        out.push(Piece::Text(format!(
+                            "{OPEN}{}",
+                            std::mem::take(&mut self.held)
+                        )));
+                    }
                     return out;
                 };
                 let body = self.held[..end].to_owned();
                 self.held.drain(..end + CLOSE.len());
                 self.in_call = false;
+                self.searched = 0;
                 match hermes_call(&body) {
                     Some(call) => out.push(Piece::Call(call)),
                     // Not a call after all: the model's text, as it wrote it.
@@ -224,7 +257,16 @@ fn generic_answer(text: &str) -> Vec<Piece> {
         .and_then(Value::as_array)
         .map(|calls| calls.iter().map(|c| call(c).map(Piece::Call)).collect())
         .unwrap_or(None);
-    calls.unwrap_or_else(|| raw(text))
+    match calls {
+        Some(calls)
+            if calls
+                .iter()
+                .all(|c| matches!(c, Piece::Call(c) if c.arguments.len() <= MAX_CALL_BYTES)) =>
+        {
+            calls
+        }
+        _ => raw(text),
+    }
 }
 
 fn raw(text: &str) -> Vec<Piece> {
@@ -238,6 +280,7 @@ fn raw(text: &str) -> Vec<Piece> {
 /// A Hermes call's body: `{"name": …, "arguments": {…}}`.
 fn hermes_call(body: &str) -> Option<ToolCall> {
     call(&serde_json::from_str::<Value>(body.trim()).ok()?)
+        .filter(|c| c.arguments.len() <= MAX_CALL_BYTES)
 }
 
 fn call(value: &Value) -> Option<ToolCall> {

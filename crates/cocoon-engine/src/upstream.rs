@@ -520,6 +520,8 @@ async fn relay(
     // Tool calls as their pieces come (servers stream a call's arguments in fragments), each
     // with the chunks that carried it; relayed whole at the end.
     let mut calls: Vec<(ToolCall, u32)> = Vec::new();
+    // When the worker last showed it is at work while a call is held back.
+    let mut last_sign = tokio::time::Instant::now();
     loop {
         let chunk = tokio::time::timeout(timeouts.idle, body.next())
             .await
@@ -582,8 +584,25 @@ async fn relay(
                     return Ok(());
                 }
             }
-            for piece in parsed.tool_calls {
-                add_call_piece(&mut calls, piece)?;
+            if !parsed.tool_calls.is_empty() {
+                let started = calls.len();
+                for piece in parsed.tool_calls {
+                    add_call_piece(&mut calls, piece)?;
+                }
+                // REVIEW, fixed: a call is relayed whole at the end; meanwhile an empty delta
+                // for each call begun, and at most one a second, says the worker is not
+                // silent (the proxy cuts off a worker that is).
+                if calls.len() > started || last_sign.elapsed() >= Duration::from_secs(1) {
+                    last_sign = tokio::time::Instant::now();
+                    let sign = GenerateEvent::Delta {
+                        text: String::new(),
+                        tokens: 0,
+                        logprobs: Vec::new(),
+                    };
+                    if tx.send(sign).await.is_err() {
+                        return Ok(());
+                    }
+                }
             }
             if parsed.finish.is_some() {
                 finish = parsed.finish;
@@ -626,8 +645,9 @@ async fn relay(
 
 /// Most tool calls one upstream answer may make.
 const MAX_UPSTREAM_CALLS: usize = 128;
-/// Most bytes a call's name and arguments may take.
-const MAX_CALL_BYTES: usize = 1 << 20;
+/// Most bytes a call's name and arguments may take: one event of it, escaped again and sealed,
+/// must fit in a frame (`MAX_FRAME_BYTES`).
+const MAX_CALL_BYTES: usize = 256 << 10;
 
 /// Adds a piece of a streamed tool call: a new call (its index first seen, with its id and
 /// name) or more of a call's arguments.
@@ -1396,5 +1416,148 @@ mod tests {
         assert!(e.message.contains("too long"));
         assert_eq!(upstream_error(404, "nope").kind, ErrorKind::ModelNotFound);
         assert_eq!(upstream_error(500, "<html>").kind, ErrorKind::Internal);
+    }
+
+    /// REVIEW, fixed: a tool call this backend accepts can never reach the proxy. `add_call_piece`
+    /// lets a call's name and arguments grow to `MAX_CALL_BYTES` (1 MiB), and the call is then
+    /// sent as one `tool_call` event, one frame; but a frame is at most `MAX_FRAME_BYTES`
+    /// (1 MiB, the proxy's `FrameDecoder` refuses more), and the arguments are JSON text that
+    /// the event's JSON escapes again (each `\"` and `\n` of them one byte longer), so a call
+    /// of well under 1 MiB (a coding agent's `write_file` with a few hundred KB of code; less
+    /// still sealed, where the frame is base64 of the event) makes a frame the proxy refuses:
+    /// the answer fails as the worker's fault ("frame exceeds"), the call is lost and not
+    /// billed. Before tool calls, every event was one upstream chunk. Expected: whatever call
+    /// the backend accepts is sent in frames the proxy reads (a lower limit, or the call in
+    /// pieces).
+    #[test]
+    fn review_a_tool_call_the_upstream_backend_accepts_fits_in_one_frame() {
+        let piece = |id: Option<&str>, name: &str, arguments: String| CallPiece {
+            index: 0,
+            id: id.map(str::to_owned),
+            name: name.to_owned(),
+            arguments,
+        };
+        let mut calls = Vec::new();
+        let opening = r#"{"path": "hi.py", "content": ""#.to_owned();
+        add_call_piece(&mut calls, piece(Some("call_1"), "write_file", opening)).unwrap();
+        // The file's lines as the server streams them: JSON text, quotes and newlines escaped.
+        let line = r#"print(\"hi\")\n"#;
+        let fragment = line.repeat(4096 / line.len());
+        loop {
+            let held = calls[0].0.name.len() + calls[0].0.arguments.len();
+            if held + fragment.len() + 2 > MAX_CALL_BYTES {
+                break;
+            }
+            add_call_piece(&mut calls, piece(None, "", fragment.clone())).unwrap();
+        }
+        add_call_piece(&mut calls, piece(None, "", "\"}".to_owned())).unwrap();
+        let (call, tokens) = calls.pop().unwrap();
+        assert!(
+            serde_json::from_str::<Value>(&call.arguments).is_ok(),
+            "the arguments are JSON"
+        );
+        let size = call.arguments.len();
+        let frame = cocoon_protocol::encode_frame(&GenerateEvent::ToolCall { call, tokens });
+        assert!(
+            frame.len() <= cocoon_protocol::MAX_FRAME_BYTES,
+            "a call of {size} bytes of arguments, accepted, makes a frame of {} bytes, over the \
+             {} a proxy reads",
+            frame.len(),
+            cocoon_protocol::MAX_FRAME_BYTES
+        );
+    }
+
+    /// A tool call's first pieces as vLLM streams them: its id and name, then the start of
+    /// its arguments.
+    const TOOL_CALL_HEAD: [&str; 2] = [
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"write_file\",\"arguments\":\"\"}}]}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"content\\\": \\\"\"}}]}}]}\n\n",
+    ];
+
+    /// The rest of that call, its end and the usage.
+    const TOOL_CALL_TAIL: &str = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"x\\\"}\"}}]},\"finish_reason\":\"tool_calls\"}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    /// REVIEW, fixed: an upstream tool call is silence to the proxy for as long as it streams. The
+    /// backend joins a call's fragments and sends nothing until the server's stream has ended
+    /// (no text, no event at all for a call's chunks), while the proxy cuts off a worker that
+    /// sends no event for `worker_timeout_secs` (120 s; the same limit for the first event,
+    /// after which it fails over to another worker). A call whose arguments take longer than
+    /// that to generate (a few thousand tokens of a file at 20 tokens a second) has the
+    /// honest worker cut off as stalled (reputation lost), its tokens unpaid, and the app an
+    /// error (the embedded engine holds a generic-style answer, and a Hermes call, the same
+    /// way). Expected: while a call streams upstream, the backend sends something (a
+    /// zero-token event, or the call in pieces), so it is not silent.
+    #[tokio::test]
+    async fn review_a_tool_call_still_streaming_upstream_is_not_silence_downstream() {
+        let (release, held) = tokio::sync::watch::channel(false);
+        let router = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(move || {
+                let mut held = held.clone();
+                async move {
+                    let first = futures_util::stream::iter(
+                        TOOL_CALL_HEAD.map(|s| Ok::<_, std::io::Error>(s.to_owned())),
+                    );
+                    // The rest of the call once the test has looked for an event.
+                    let rest = futures_util::stream::once(async move {
+                        let _ = held.wait_for(|released| *released).await;
+                        Ok::<_, std::io::Error>(TOOL_CALL_TAIL.to_owned())
+                    });
+                    axum::body::Body::from_stream(first.chain(rest))
+                }
+            }),
+        );
+        let url = serve(router).await;
+        // Patient enough that only the event, not the backend's own idle limit, is in question.
+        let backend = UpstreamBackend::new(UpstreamConfig {
+            url,
+            ca_file: None,
+            api_key: None,
+            models: vec![UpstreamModel {
+                id: "m".into(),
+                upstream_id: None,
+                context_length: 100,
+                model_hash: None,
+            }],
+            parallel: 1,
+            timeout_secs: 30,
+            idle_timeout_secs: 30,
+            cache_salt: true,
+        })
+        .unwrap();
+        let request = GenerateRequest {
+            input: Input::Chat {
+                messages: vec![cocoon_protocol::ChatMessage::new(
+                    cocoon_protocol::Role::User,
+                    "Write hi.py",
+                )],
+                tools: Some(cocoon_protocol::Tools {
+                    functions: vec![cocoon_protocol::Function {
+                        name: "write_file".into(),
+                        description: None,
+                        parameters: json!({"type": "object", "properties": {}}),
+                    }],
+                    choice: ToolChoice::Auto,
+                    parallel: true,
+                }),
+            },
+            ..text_request()
+        };
+        let mut events = backend.generate(request);
+        let during = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .ok()
+            .flatten();
+        let _ = release.send(true);
+        let rest: Vec<_> = events.collect().await;
+        assert!(
+            matches!(&during, Some(e) if !matches!(e, GenerateEvent::Error { .. })),
+            "nothing was sent for 5 s while the call was still streaming upstream ({during:?}); \
+             after it: {rest:?}"
+        );
     }
 }

@@ -73,7 +73,29 @@ pub(super) struct Sequence<'a> {
     tool_calls: Option<ToolCallReader>,
     /// Whether the answer made a call (it then ends with `tool_calls`).
     called: bool,
+    /// When the requester last got an event: while a call is held back, an empty delta a
+    /// second says the worker is at work (the proxy cuts off one that is silent).
+    last_sent: std::time::Instant,
     guard: ActiveGuard<'a>,
+}
+
+/// Most bytes of text one delta carries.
+const MAX_DELTA_BYTES: usize = 64 << 10;
+
+/// `text` in pieces of at most [`MAX_DELTA_BYTES`], cut between characters.
+fn split(text: String) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text.as_str();
+    while rest.len() > MAX_DELTA_BYTES {
+        let mut cut = MAX_DELTA_BYTES;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.push(rest[..cut].to_owned());
+        rest = &rest[cut..];
+    }
+    out.push(rest.to_owned());
+    out
 }
 
 /// The sampler chain `params` ask for: the app's logit biases, penalties on what this answer
@@ -205,6 +227,7 @@ impl<'a> Sequence<'a> {
             unsent_logprobs: Vec::new(),
             tool_calls: tools.map(ToolCallReader::new),
             called: false,
+            last_sent: std::time::Instant::now(),
             guard,
         }
     }
@@ -276,12 +299,33 @@ impl<'a> Sequence<'a> {
             None => vec![Piece::Text(text)],
             Some(reader) => reader.push(&text),
         };
+        // REVIEW, fixed: a call held back must not look like silence.
+        if pieces.is_empty() && self.last_sent.elapsed() >= std::time::Duration::from_secs(1) {
+            self.last_sent = std::time::Instant::now();
+            let sign = GenerateEvent::Delta {
+                text: String::new(),
+                tokens: 0,
+                logprobs: Vec::new(),
+            };
+            return self.tx.send(sign).is_ok();
+        }
         self.send(pieces)
     }
 
     /// Sends `pieces`; the tokens not yet accounted for go with the first. False when the
     /// requester left.
     fn send(&mut self, pieces: Vec<Piece>) -> bool {
+        if !pieces.is_empty() {
+            self.last_sent = std::time::Instant::now();
+        }
+        // Text let go at once (a generic answer that did not read as calls) goes in deltas
+        // that each fit in a frame.
+        let pieces = pieces.into_iter().flat_map(|p| match p {
+            Piece::Text(text) if text.len() > MAX_DELTA_BYTES => {
+                split(text).into_iter().map(Piece::Text).collect::<Vec<_>>()
+            }
+            other => vec![other],
+        });
         for piece in pieces {
             let tokens = std::mem::take(&mut self.unsent_tokens);
             let event = match piece {

@@ -46,16 +46,23 @@ fn prompt_bound(input: &Input) -> u64 {
         Input::Chat { messages, tools } => messages
             .iter()
             .map(|m| {
+                // REVIEW, fixed: templates print calls' arguments as JSON again (`", "`
+                // between items: up to twice the bytes), and a tool's result may go into the
+                // prompt as a JSON string (a control character six bytes).
                 let calls: u64 = m
                     .tool_calls
                     .iter()
                     .map(|c| {
-                        (c.id.len() + c.name.len() + c.arguments.len()) as u64
+                        (c.id.len() + c.name.len() + 2 * c.arguments.len()) as u64
                             + TEMPLATE_TOKENS_PER_MESSAGE
                     })
                     .sum();
                 let id = m.tool_call_id.as_ref().map_or(0, |id| id.len() as u64);
-                m.content.len() as u64 + calls + id + TEMPLATE_TOKENS_PER_MESSAGE
+                let content = match m.role {
+                    crate::Role::Tool => json_escaped_len(&m.content),
+                    _ => m.content.len() as u64,
+                };
+                content + calls + id + TEMPLATE_TOKENS_PER_MESSAGE
             })
             .sum::<u64>()
             .saturating_add(TEMPLATE_TOKENS_PER_CONVERSATION)
@@ -63,12 +70,25 @@ fn prompt_bound(input: &Input) -> u64 {
     }
 }
 
+/// Bytes of `text` as a JSON string's contents (`"` and `\\` take two, a control character up
+/// to six).
+fn json_escaped_len(text: &str) -> u64 {
+    text.chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8() as u64,
+        })
+        .sum()
+}
+
 /// Tokens the tools' definitions may add to the prompt: their JSON (which templates print,
 /// one token per byte at most), and the instructions an engine adds for a model whose own
 /// template has no place for tools.
 fn tools_bound(tools: &crate::Tools) -> u64 {
     const TOOL_INSTRUCTIONS_TOKENS: u64 = 256;
-    serde_json::to_string(tools).map_or(u64::MAX, |s| s.len() as u64)
+    // Printed as JSON with `", "` and `": "` between items: at most twice the compact text.
+    2 * serde_json::to_string(tools).map_or(u64::MAX / 2, |s| s.len() as u64)
         + tools.functions.len() as u64 * TEMPLATE_TOKENS_PER_MESSAGE
         + TOOL_INSTRUCTIONS_TOKENS
 }
@@ -113,12 +133,16 @@ impl Relayed {
         self.reasoning = self.reasoning.saturating_add(u64::from(reasoning));
     }
 
-    /// Adds one tool call: its name and arguments are the text it carries.
+    /// Adds one tool call: its name and arguments are the text it carries, and the format the
+    /// model wrapped them in (`<tool_call>{"name": …, "arguments": …}</tool_call>`, or the
+    /// generic JSON) took tokens too.
     pub fn add_tool_call(&mut self, tokens: u32, call: &crate::ToolCall) {
+        // REVIEW, fixed: an honest answer cut off after small calls was a breach.
+        const CALL_WRAPPER_BYTES: u64 = 64;
         self.tokens = self.tokens.saturating_add(u64::from(tokens));
         self.bytes = self
             .bytes
-            .saturating_add((call.name.len() + call.arguments.len()) as u64);
+            .saturating_add((call.name.len() + call.arguments.len()) as u64 + CALL_WRAPPER_BYTES);
     }
 
     /// Adds one delta of reasoning.
@@ -542,5 +566,41 @@ mod tests {
             b.prompt()
         );
         assert_eq!(held.usage, honest);
+    }
+
+    /// REVIEW, fixed: an honest worker whose answer is cut off (the app leaves once it has read the
+    /// calls, or the worker fails before its `Done`) after a few small tool calls is counted as
+    /// overreporting. `Relayed::add_tool_call` counts only the call's name and arguments as
+    /// its text, but the tokens the call accounts for are everything the model wrote for it:
+    /// `<tool_call>`, the `{"name": …, "arguments": …}` wrapper, `</tool_call>` and the
+    /// whitespace between calls (the embedded engine sends them all with the call, see
+    /// `Sequence::send` in cocoon-llama; the generic style's `{"tool_calls": [...]}` wrapper the
+    /// same). `<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>` is about 15
+    /// tokens (62 bytes written) for 10 bytes of name and arguments, so four such calls claim 60
+    /// tokens where the cut-off cap is 4 × 10 + 8 = 48: a breach (reputation lost, eviction
+    /// after three) and the honest tokens go unpaid. Expected: a cut-off answer's honest tool
+    /// calls are no breach, billed as claimed (a call's bound allows for its wrapper).
+    #[test]
+    fn review_an_honest_cut_off_after_small_tool_calls_is_no_breach() {
+        let asked = request("What time is it here and there?", Some(256), &[]);
+        let b = UsageBounds::new(&asked, 2048);
+        let call = crate::ToolCall {
+            id: "call_0123456789abcdef01234567".into(),
+            name: "get_time".into(),
+            arguments: "{}".into(),
+        };
+        let mut calls = relayed(0, 0);
+        for _ in 0..4 {
+            calls.add_tool_call(15, &call);
+        }
+        let cut = b.cut_off(calls);
+        assert_eq!(
+            cut,
+            Bounded {
+                usage: usage(0, 60),
+                breach: None
+            },
+            "four honest calls of 15 tokens each, cut off before the answer's end"
+        );
     }
 }

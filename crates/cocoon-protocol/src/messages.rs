@@ -1015,10 +1015,6 @@ mod tests {
                 ..Default::default()
             },
             SamplingParams {
-                max_tokens: Some(0),
-                ..Default::default()
-            },
-            SamplingParams {
                 stop: vec!["a".into(); 5],
                 ..Default::default()
             },
@@ -1047,5 +1043,32 @@ mod tests {
             params: SamplingParams::default(),
         };
         assert!(req.validate().unwrap_err().message.contains("at least one"));
+    }
+
+    /// A generation asks for at least one token; an embedding request for none, and for 1 to
+    /// 2048 texts, none empty.
+    #[test]
+    fn a_generation_asks_tokens_and_an_embedding_none() {
+        let req = |input: Input, max_tokens: Option<u32>| GenerateRequest {
+            max_price: None,
+            cache_scope: None,
+            model: "m".into(),
+            input,
+            params: SamplingParams {
+                max_tokens,
+                ..SamplingParams::default()
+            },
+        };
+        let text = || Input::Text { prompt: "x".into() };
+        let embed = |texts: Vec<&str>| Input::Embed {
+            texts: texts.into_iter().map(String::from).collect(),
+        };
+        let refused = |r: GenerateRequest| r.validate().unwrap_err().message;
+        assert!(refused(req(text(), Some(0))).contains("at least 1"));
+        assert!(req(text(), Some(1)).validate().is_ok());
+        assert!(req(embed(vec!["a", "b"]), Some(0)).validate().is_ok());
+        assert!(refused(req(embed(vec!["a"]), None)).contains("its max_tokens is 0"));
+        assert!(refused(req(embed(vec![]), Some(0))).contains("1 to 2048 texts"));
+        assert!(refused(req(embed(vec!["a", ""]), Some(0))).contains("input[1] is empty"));
     }
 }

@@ -15,3 +15,7 @@ pub mod backends;
 pub mod dev;
 pub mod http;
 pub mod pccs;
+
+/// The engine crate, for tests that script a [`Backend`](cocoon_engine::Backend) of their own
+/// (its trait, event stream and stats types) without depending on it themselves.
+pub use cocoon_engine;

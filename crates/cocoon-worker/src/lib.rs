@@ -18,6 +18,7 @@ mod payouts;
 mod router;
 mod sealing;
 mod service;
+mod shape;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -180,7 +180,8 @@ impl WorkerService {
         mut sealed: Option<SealedAnswer>,
     ) -> Response<Body> {
         let mut counted = self.metrics.start(&request.model);
-        let mut events = self.backend.generate(request);
+        let shape = crate::shape::Shape::of(&request);
+        let mut events = crate::shape::held_to(shape, self.backend.generate(request));
         let first = match events.next().await {
             Some(GenerateEvent::Error { error }) => {
                 counted.saw(&GenerateEvent::Error {

@@ -96,12 +96,12 @@ async fn bad_requests_are_refused_clearly_and_serving_continues() {
 
     expect_error(
         http.post(&chat)
-            .json(&chat_body("x", json!({"n": 17})))
+            .json(&chat_body("x", json!({"n": 9})))
             .send()
             .await
             .unwrap(),
         400,
-        "n must be between 1 and 16",
+        "n must be between 1 and 8",
     )
     .await;
     expect_error(

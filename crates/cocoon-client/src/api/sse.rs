@@ -9,7 +9,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cocoon_net::EventReader;
-use cocoon_protocol::{Billing, GenerateEvent, ProtocolError, Usage};
+use cocoon_protocol::{GenerateEvent, ProtocolError};
 use futures_util::StreamExt;
 use futures_util::stream::{BoxStream, SelectAll};
 
@@ -43,8 +43,8 @@ struct Choice {
     logprobs: Option<Logprobs>,
     /// Tool calls it made so far.
     calls: u32,
-    /// Its usage and bill once its `done` came.
-    done: Option<(Usage, Option<Billing>)>,
+    /// Its usage and judged bill once its `done` came.
+    done: Option<OpenAiUsage>,
 }
 
 /// An event of choice `.0`, or `None` once its stream ended.
@@ -127,12 +127,11 @@ impl StreamState {
                 },
                 Phase::Usage => {
                     self.phase = Phase::Done;
-                    let mut usages = Vec::with_capacity(self.choices.len());
-                    for choice in &mut self.choices {
-                        let (usage, billing) = choice.done.take().expect("every choice is done");
-                        let verified = choice.parties.verdict(billing.as_ref(), usage).await;
-                        usages.push(OpenAiUsage::new(usage, billing, verified));
-                    }
+                    let usages = self
+                        .choices
+                        .iter_mut()
+                        .map(|c| c.done.take().expect("every choice is done"))
+                        .collect();
                     let usage = serde_json::to_value(OpenAiUsage::of_choices(usages))
                         .expect("serializable");
                     return Some(self.chunks.usage(usage));
@@ -183,14 +182,10 @@ impl StreamState {
                 },
                 _,
             ))) => {
-                if self.chunks.include_usage {
-                    // Judged once every choice is done, for the usage chunk.
-                    choice.done = Some((usage, billing));
-                } else {
-                    // Not shown to the app, but a bad bill is still logged.
-                    let _ = choice.parties.verdict(billing.as_ref(), usage).await;
-                    choice.done = Some((usage, None));
-                }
+                // REVIEW, fixed: judged as it comes (the key's day settled, the receipt kept),
+                // whatever becomes of the other choices; shown in the usage chunk if asked.
+                let verified = choice.parties.verdict(billing.as_ref(), usage).await;
+                choice.done = Some(OpenAiUsage::new(usage, billing, verified));
                 if self.choices.iter().all(|c| c.done.is_some()) {
                     self.phase = match self.chunks.include_usage {
                         true => Phase::Usage,

@@ -101,11 +101,11 @@ async fn what_the_gateway_refuses_gets_an_openai_error_and_never_reaches_a_worke
         "could not parse the JSON",
     )
     .await;
-    let n17 = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 17});
+    let n9 = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 9});
     expect_error(
-        raw(n17.to_string()).await.unwrap(),
+        raw(n9.to_string()).await.unwrap(),
         400,
-        "n must be between 1 and 16",
+        "n must be between 1 and 8",
     )
     .await;
     let tools = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}],

@@ -5,4 +5,5 @@ mod access;
 mod api;
 mod failover;
 mod review_access;
+mod review_choices;
 mod scripted;

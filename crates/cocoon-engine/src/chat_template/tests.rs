@@ -82,7 +82,7 @@ fn a_hermes_template_prints_tools_calls_and_results() {
         .render(&round_trip(), Some(&tools(ToolChoice::Auto)))
         .unwrap();
     assert!(
-        prompt.starts_with("<s><|system|>Tools:\n{\"name\":\"get_weather\""),
+        prompt.starts_with("<s><|system|>Tools:\n{\"name\": \"get_weather\", \"description\""),
         "{prompt}"
     );
     assert!(
@@ -91,7 +91,7 @@ fn a_hermes_template_prints_tools_calls_and_results() {
     );
     assert!(
         prompt.contains(
-            r#"<tool_call>{"name": "get_weather", "arguments": {"city":"Paris"}}</tool_call>"#
+            r#"<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>"#
         ),
         "{prompt}"
     );
@@ -173,4 +173,130 @@ fn strftime_formats_the_specifiers_templates_use() {
         strftime("%-d %B %y, %A %a %H:%M:%S %m %%", t),
         "7 December 26, Monday Mon 21:53:47 12 %"
     );
+}
+
+/// The most prompt tokens a chat of `messages` offering `tools` may be billed for (the bound
+/// the proxy bills at and the gateway checks, a token per byte of what the app sent).
+fn prompt_bound(messages: &[ChatMessage], tools: Option<&Tools>) -> u64 {
+    let request = cocoon_protocol::GenerateRequest {
+        model: "m".into(),
+        input: cocoon_protocol::Input::Chat {
+            messages: messages.to_vec(),
+            tools: tools.cloned(),
+        },
+        params: cocoon_protocol::SamplingParams::default(),
+        max_price: None,
+        cache_scope: None,
+    };
+    cocoon_protocol::UsageBounds::new(&request, u32::MAX).prompt()
+}
+
+/// REVIEW, fixed: a client can make an honest embedded-engine worker overreport its prompt, and get
+/// it barred. minijinja's `tojson` (which Hermes-style templates such as Qwen 2.5's print the
+/// tools and each call's arguments with) writes each of `<`, `>`, `&` and `'` as a six-byte
+/// `\u003c`-style escape (3 to 6 tokens: Qwen's tokenizer splits digits), while the prompt
+/// bound counts the app's JSON, one byte (one token) per character. A tool description or
+/// call arguments full of apostrophes (or `<`) render 5 bytes more per character than the
+/// bound allows for: the worker's true count is a breach at the proxy (billed at the bound,
+/// reputation lost, disconnected and barred after `evict_after_overreports` = 3), and the
+/// client pays a fraction of what it used. Expected: whatever the rendering adds over the
+/// same request with plain letters, the bound adds too (or the rendering does not escape).
+#[test]
+fn review_tojson_escapes_in_a_hermes_prompt_are_within_the_prompt_bound() {
+    let t = ChatTemplate::new(HERMES, "<s>", "</s>").unwrap();
+    // The same conversation, with 2000 copies of `c` in a tool's description and in the
+    // arguments of an earlier call.
+    let chat = |c: char| {
+        let many = c.to_string().repeat(2000);
+        let mut offered = tools(ToolChoice::Auto);
+        offered.functions[0].description = Some(many.clone());
+        let messages = vec![
+            ChatMessage::new(Role::User, "Weather in Paris?"),
+            ChatMessage {
+                tool_calls: vec![ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: json!({ "city": many }).to_string(),
+                }],
+                ..ChatMessage::new(Role::Assistant, "")
+            },
+            ChatMessage {
+                tool_call_id: Some("call_1".into()),
+                ..ChatMessage::new(Role::Tool, "18 C")
+            },
+        ];
+        let prompt = t.render(&messages, Some(&offered)).unwrap();
+        (prompt.len() as u64, prompt_bound(&messages, Some(&offered)))
+    };
+    let (plain, plain_bound) = chat('a');
+    let (escaped, escaped_bound) = chat('\'');
+    assert!(
+        escaped.saturating_sub(plain) <= escaped_bound.saturating_sub(plain_bound),
+        "apostrophes render {} bytes more than letters; the bound allows {} more",
+        escaped.saturating_sub(plain),
+        escaped_bound.saturating_sub(plain_bound)
+    );
+}
+
+/// REVIEW, fixed: the same for a template without tools (the generic style, SmolLM2's): a tool's
+/// result goes into the prompt as `{"tool_result": {"id": …, "content": …}}`, its content
+/// escaped as JSON, so each control character of it becomes a six-byte `\u0001` escape (and
+/// each quote or backslash two bytes), while the bound counts the content's own bytes. A tool
+/// result of 2000 control characters renders 10 000 bytes more than 2000 letters under the
+/// same bound: the honest worker's count is a breach. Expected: the bound covers what the
+/// rendering adds.
+#[test]
+fn review_generic_tool_results_escaped_as_json_are_within_the_prompt_bound() {
+    let t = ChatTemplate::new(SMOLLM2, "", "").unwrap();
+    let chat = |result: String| {
+        let messages = vec![
+            ChatMessage::new(Role::User, "Run it."),
+            ChatMessage {
+                tool_calls: vec![ToolCall {
+                    id: "call_1".into(),
+                    name: "run".into(),
+                    arguments: "{}".into(),
+                }],
+                ..ChatMessage::new(Role::Assistant, "")
+            },
+            ChatMessage {
+                tool_call_id: Some("call_1".into()),
+                ..ChatMessage::new(Role::Tool, result)
+            },
+        ];
+        let prompt = t.render(&messages, None).unwrap();
+        (prompt.len() as u64, prompt_bound(&messages, None))
+    };
+    let (plain, plain_bound) = chat("a".repeat(2000));
+    let (escaped, escaped_bound) = chat("\u{1}".repeat(2000));
+    assert!(
+        escaped.saturating_sub(plain) <= escaped_bound.saturating_sub(plain_bound),
+        "control characters render {} bytes more than letters; the bound allows {} more",
+        escaped.saturating_sub(plain),
+        escaped_bound.saturating_sub(plain_bound)
+    );
+}
+
+/// A template in the shape of Gemma 2's: no system role (it refuses one), and roles that
+/// alternate from the user.
+const NO_SYSTEM: &str = r#"{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"#;
+
+/// REVIEW, fixed: tools on a template without a system role. For a template with no place for
+/// tools, the instructions become a system message of their own when the conversation has
+/// none, and a template that refuses one (Gemma's, Mistral's first instruct templates) then
+/// refuses every request that offers tools: a 400, "System role not supported", although the
+/// same conversation renders without tools. The instructions should go where the template
+/// takes them (into the first user message, as llama.cpp's chat code does for templates
+/// without a system role).
+#[test]
+fn review_generic_tools_on_a_template_that_refuses_system_messages() {
+    let t = ChatTemplate::new(NO_SYSTEM, "<bos>", "<eos>").unwrap();
+    assert_eq!(t.tool_style(), ToolStyle::Generic);
+    let ask = [ChatMessage::new(Role::User, "Weather in Paris?")];
+    assert!(t.render(&ask, None).is_ok(), "renders without tools");
+    let prompt = t
+        .render(&ask, Some(&tools(ToolChoice::Required)))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    assert!(prompt.contains("You can call these functions"), "{prompt}");
+    assert!(prompt.contains("Weather in Paris?"), "{prompt}");
 }

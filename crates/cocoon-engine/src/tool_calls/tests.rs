@@ -146,7 +146,10 @@ fn grammars_follow_the_choice() {
         "city": {"type": "string", "pattern": "^[A-Z]"}
     }});
     let e = tools_grammar(ToolStyle::Generic, &bad).unwrap_err();
-    assert!(e.starts_with("tools: ") && e.contains("'pattern'"), "{e}");
+    assert!(
+        e.starts_with("tool get_weather: ") && e.contains("'pattern'"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -159,4 +162,105 @@ fn the_style_comes_from_the_template() {
         ToolStyle::of_template("{% for m in messages %}{{ m.content }}{% endfor %}"),
         ToolStyle::Generic
     );
+}
+
+/// REVIEW, fixed: functionality. `tools_grammar` nests each function's parameters inside a schema of
+/// its own, so a `$ref` in them resolves against that wrapper: `#/$defs/…`, which pydantic's
+/// `model_json_schema` writes for every nested model, points at nothing there, and every such
+/// tool is refused with a 400 ("$ref #/$defs/Place points at nothing in the schema").
+/// References should resolve inside the function's own parameters.
+#[test]
+fn review_tool_parameters_may_use_their_own_defs() {
+    let mut t = tools(ToolChoice::Required, false);
+    t.functions[0].parameters = json!({
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}},
+        "required": ["place"],
+        "$defs": {"Place": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"]
+        }}
+    });
+    for style in [ToolStyle::Generic, ToolStyle::Hermes] {
+        let g = tools_grammar(style, &t);
+        assert!(g.is_ok(), "{style:?}: {g:?}");
+    }
+}
+
+/// The rules llama.cpp spells a grammar's bounded repetitions out as (`S{m,n}`: n; `S{m,}`,
+/// or a bound past its threshold of 2000: m + 1), literals and classes skipped.
+fn llama_repetition_rules(grammar: &str) -> u64 {
+    let s: Vec<char> = grammar.chars().collect();
+    let number = |i: &mut usize| -> Option<u64> {
+        let begin = *i;
+        while s.get(*i).is_some_and(char::is_ascii_digit) {
+            *i += 1;
+        }
+        s[begin..*i].iter().collect::<String>().parse().ok()
+    };
+    let mut total = 0u64;
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            open @ ('"' | '[') => {
+                let close = if open == '"' { '"' } else { ']' };
+                i += 1;
+                while i < s.len() && s[i] != close {
+                    i += if s[i] == '\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            '{' => {
+                i += 1;
+                let min = number(&mut i).unwrap_or(0);
+                let max = if s.get(i).copied() == Some(',') {
+                    i += 1;
+                    number(&mut i)
+                } else {
+                    Some(min)
+                };
+                total += match max {
+                    Some(n) if n <= 2000 => n,
+                    _ => min + 1,
+                };
+            }
+            _ => i += 1,
+        }
+    }
+    total
+}
+
+/// REVIEW, fixed: DoS. Every offered function goes into one grammar, held only by the converter's
+/// MAX_RULES, which counts its own rules and not llama.cpp's: 128 functions of 8 string
+/// parameters with `maxLength: 2000` (a valid `tools` of about 50 KB) make llama.cpp spell
+/// out some 2 million rules (hundreds of MB and seconds of parsing on the scheduler thread,
+/// for every such request, before its first token). The grammar's expansion should be
+/// bounded across all the functions (here at 2^17 rules, as for one schema).
+#[test]
+fn review_many_tools_make_one_unbounded_grammar() {
+    let parameters: serde_json::Map<String, Value> = (0..8)
+        .map(|j| {
+            (
+                format!("s{j}"),
+                json!({"type": "string", "maxLength": 2000}),
+            )
+        })
+        .collect();
+    let t = Tools {
+        functions: (0..128)
+            .map(|i| Function {
+                name: format!("f{i}"),
+                description: None,
+                parameters: json!({"type": "object", "properties": parameters}),
+            })
+            .collect(),
+        choice: ToolChoice::Required,
+        parallel: true,
+    };
+    assert!(t.validate().is_ok(), "a valid tools");
+    if let Ok(Some(g)) = tools_grammar(ToolStyle::Generic, &t) {
+        let rules = llama_repetition_rules(&g);
+        assert!(rules <= 1 << 17, "llama.cpp would make {rules} rules");
+    }
 }

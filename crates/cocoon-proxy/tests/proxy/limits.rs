@@ -879,3 +879,229 @@ async fn review_reasoning_then_answer_are_held_to_max_answer_bytes_together() {
         "{body}"
     );
 }
+
+/// Tokens the [`CallingBackend`]'s one call accounts for.
+const CALL_TOKENS: u32 = 12;
+
+/// Answers every request as a model offered a `get_time` tool does: one call of it,
+/// [`CALL_TOKENS`] tokens, then the end of the answer with `tool_calls`.
+struct CallingBackend;
+
+impl Backend for CallingBackend {
+    fn models(&self) -> Vec<ModelCard> {
+        model_card(2048)
+    }
+
+    fn capacity(&self) -> u32 {
+        4
+    }
+
+    fn generate(&self, _request: GenerateRequest) -> EventStream {
+        Box::pin(futures_util::stream::iter([
+            GenerateEvent::ToolCall {
+                call: cocoon_protocol::ToolCall {
+                    id: "call_1".into(),
+                    name: "get_time".into(),
+                    arguments: r#"{"zone":"UTC"}"#.into(),
+                },
+                tokens: CALL_TOKENS,
+            },
+            GenerateEvent::Done {
+                finish_reason: FinishReason::ToolCalls,
+                usage: Usage::new(3, CALL_TOKENS),
+                billing: None,
+            },
+        ]))
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::default()
+    }
+}
+
+/// REVIEW, fixed: no answer that calls a tool gets through the network in clear. `EventReader::next`
+/// (cocoon-net, body.rs) takes every event but `Delta`, `Reasoning` and `Sealed` as the
+/// stream's last, and `ToolCall` is not among them: the proxy relays the call, then reads
+/// the end of the worker's stream (its `Done` never read) and fails the answer as "the
+/// worker's stream ended early", records an honest worker's failure, and bills the cut-off
+/// answer; the gateway's own reader stops at the same event ("the answer ended early"). Only
+/// sealed answers, whose chunks are `Sealed` events on the wire, are spared. Expected: the
+/// call, `finish_reason: tool_calls`, the worker's counts with a verified bill, and the
+/// worker credited with a served answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_an_answer_that_calls_a_tool_reaches_its_end() {
+    let net = DevNetwork::start(test_options(), vec![Arc::new(CallingBackend)])
+        .await
+        .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let tools = json!([{"type": "function", "function": {"name": "get_time"}}]);
+    let extra = json!({"max_tokens": 16, "tools": tools});
+    let response = chat(&net, "What time is it?", extra).await;
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"], "get_time",
+        "{body}"
+    );
+    assert_eq!(body["usage"]["completion_tokens"], CALL_TOKENS, "{body}");
+    assert_eq!(body["usage"]["bill_verified"], true, "{body}");
+    let worker = &net.proxy_status().workers[0];
+    assert!(
+        worker.reputation.success_rate > 0.5,
+        "an answer served in full was counted as the worker's failure: {worker:?}"
+    );
+}
+
+/// Calls a tool (`transfer`, 500 bytes of arguments claimed as 500 tokens) whatever the
+/// request offered, then its stream breaks off.
+struct UnofferedCallBackend;
+
+impl Backend for UnofferedCallBackend {
+    fn models(&self) -> Vec<ModelCard> {
+        model_card(2048)
+    }
+
+    fn capacity(&self) -> u32 {
+        4
+    }
+
+    fn generate(&self, _request: GenerateRequest) -> EventStream {
+        Box::pin(futures_util::stream::iter([GenerateEvent::ToolCall {
+            call: cocoon_protocol::ToolCall {
+                id: "call_1".into(),
+                name: "transfer".into(),
+                arguments: "x".repeat(500),
+            },
+            tokens: 500,
+        }]))
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::default()
+    }
+}
+
+/// REVIEW, fixed: a worker (or the upstream server behind it) bills a client for a tool call the
+/// request never offered tools for. Neither the proxy (relay/answer.rs, which counts any
+/// `ToolCall`'s name and arguments towards a cut-off answer's bill) nor the upstream
+/// backend (which passes on whatever calls the server streams) nor the gateway checks that
+/// the request is a chat that offered tools, or that the call names one of them. On
+/// `/v1/completions` the gateway shows the app nothing of a call (a legacy completion has no
+/// place for it), so an answer cut off after one is billed for tokens the app never saw,
+/// with no breach (the call's bytes cover its claim); a finished one ends with
+/// `finish_reason: tool_calls`. Expected: a tool call on a request without tools is the
+/// worker's fault and is not billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_tool_call_on_a_request_without_tools_is_not_billed() {
+    let net = DevNetwork::start(test_options(), vec![Arc::new(UnofferedCallBackend)])
+        .await
+        .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let model = cocoon_testkit::backends::MODEL;
+    let body = json!({"model": model, "prompt": "Say hi", "max_tokens": 1000});
+    let answer = reqwest::Client::new()
+        .post(format!("{}/completions", net.gateway_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The proxy settles a cut-off answer before its relay ends.
+    wait_until(
+        "the answer to end at the proxy",
+        Duration::from_secs(10),
+        || net.proxy_status().workers[0].in_flight == 0,
+    )
+    .await;
+    let payments = net.proxy_status().payments.unwrap();
+    assert_eq!(
+        payments.billed_nanoton, 0,
+        "a completion was billed for a tool call it could not have asked for: {answer}"
+    );
+}
+
+/// Makes 500 calls of `get_time` with no id and no arguments, then ends with `tool_calls`.
+struct EmptyCallsBackend;
+
+impl Backend for EmptyCallsBackend {
+    fn models(&self) -> Vec<ModelCard> {
+        model_card(2048)
+    }
+
+    fn capacity(&self) -> u32 {
+        4
+    }
+
+    fn generate(&self, _request: GenerateRequest) -> EventStream {
+        let calls = (0..500).map(|_| GenerateEvent::ToolCall {
+            // The one function offered (a call of another is refused at the worker), with no
+            // id and no arguments.
+            call: cocoon_protocol::ToolCall {
+                id: String::new(),
+                name: "get_time".into(),
+                arguments: String::new(),
+            },
+            tokens: 0,
+        });
+        let done = GenerateEvent::Done {
+            finish_reason: FinishReason::ToolCalls,
+            usage: Usage::new(3, 1),
+            billing: None,
+        };
+        Box::pin(futures_util::stream::iter(
+            calls.chain(std::iter::once(done)),
+        ))
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::default()
+    }
+}
+
+/// REVIEW, fixed: tool calls get past `max_answer_bytes`. `gather_answer` (cocoon-client, api.rs)
+/// counts a call as the bytes of its id, name and arguments only, so a call with none costs
+/// nothing against the bound, yet each is kept and answered as about 60 bytes of
+/// `{"id":"","type":"function","function":{"name":"","arguments":""}}`: a worker makes the
+/// gateway hold, and answer, as many calls as it cares to send. (Likewise the
+/// log-probabilities: `logprobs::size` counts a token's alternatives up to `top_logprobs`,
+/// but the entries are kept whole, every alternative a worker sent, up to a frame's 1 MiB
+/// each.) Expected: 500 empty calls against a bound of 64 bytes end in the same clear 502 as
+/// any answer over `max_answer_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_empty_tool_calls_are_held_to_max_answer_bytes() {
+    let net = DevNetwork::start(
+        DevOptions {
+            gateway_max_answer_bytes: 64,
+            ..test_options()
+        },
+        vec![Arc::new(EmptyCallsBackend)],
+    )
+    .await
+    .unwrap();
+    net.wait_ready(1, Duration::from_secs(20)).await.unwrap();
+    let tools = json!([{"type": "function", "function": {"name": "get_time"}}]);
+    let gathered = chat(&net, "hello", json!({"max_tokens": 16, "tools": tools})).await;
+    let status = gathered.status().as_u16();
+    let body: Value = gathered.json().await.unwrap();
+    let calls = body["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(
+        status, 502,
+        "{calls} calls gathered under a limit of 64 bytes: {}",
+        body["error"]
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_answer_bytes"),
+        "{}",
+        body["error"]
+    );
+}
