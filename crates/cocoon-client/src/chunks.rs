@@ -140,48 +140,46 @@ impl ChunkEncoder {
     /// A piece of choice `index`'s reasoning, for a chat stream (`delta.reasoning_content`);
     /// `None` for a legacy completion, which has no place for it.
     pub fn reasoning(&self, index: u32, text: &str) -> Option<Bytes> {
+        let delta = Delta {
+            role: None,
+            content: None,
+            reasoning_content: Some(text),
+            tool_calls: None,
+        };
+        self.chat_only(index, delta, text.len())
+    }
+
+    /// A chunk of choice `index` holding `delta`, for a chat stream; `None` for a legacy
+    /// completion, which has no place for what a chat's delta alone carries.
+    fn chat_only(&self, index: u32, delta: Delta<'_>, size_hint: usize) -> Option<Bytes> {
         if !self.chat {
             return None;
         }
         let choice = Choice {
             index,
-            delta: Some(Delta {
-                role: None,
-                content: None,
-                reasoning_content: Some(text),
-                tool_calls: None,
-            }),
+            delta: Some(delta),
             text: None,
             logprobs: None,
             finish_reason: None,
         };
-        Some(self.chunk(&[choice], None, text.len()))
+        Some(self.chunk(&[choice], None, size_hint))
     }
 
     /// Choice `index`'s tool call number `call` (from 0), for a chat stream; `None` for a
     /// legacy completion, which has no place for it.
     pub fn tool_call(&self, index: u32, call: u32, tool_call: &ToolCall) -> Option<Bytes> {
-        if !self.chat {
-            return None;
-        }
-        let choice = Choice {
-            index,
-            delta: Some(Delta {
-                role: None,
-                content: None,
-                reasoning_content: None,
-                tool_calls: Some(serde_json::json!([{
-                    "index": call,
-                    "id": tool_call.id,
-                    "type": "function",
-                    "function": {"name": tool_call.name, "arguments": tool_call.arguments},
-                }])),
-            }),
-            text: None,
-            logprobs: None,
-            finish_reason: None,
+        let delta = Delta {
+            role: None,
+            content: None,
+            reasoning_content: None,
+            tool_calls: Some(serde_json::json!([{
+                "index": call,
+                "id": tool_call.id,
+                "type": "function",
+                "function": {"name": tool_call.name, "arguments": tool_call.arguments},
+            }])),
         };
-        Some(self.chunk(&[choice], None, tool_call.arguments.len()))
+        self.chat_only(index, delta, tool_call.arguments.len())
     }
 
     /// The chunk that says why choice `index` ended.

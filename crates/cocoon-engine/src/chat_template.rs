@@ -185,17 +185,21 @@ fn tojson(
 /// Python's `json.dumps` separators: `", "` between items, `": "` after a key.
 struct Python;
 
+fn between_items<W: ?Sized + std::io::Write>(writer: &mut W, first: bool) -> std::io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        writer.write_all(b", ")
+    }
+}
+
 impl serde_json::ser::Formatter for Python {
     fn begin_array_value<W: ?Sized + std::io::Write>(
         &mut self,
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        between_items(writer, first)
     }
 
     fn begin_object_key<W: ?Sized + std::io::Write>(
@@ -203,11 +207,7 @@ impl serde_json::ser::Formatter for Python {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        between_items(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(

@@ -367,31 +367,11 @@ async fn embed(
     stats: &BackendStats,
     timeouts: Timeouts,
 ) -> Result<(), ProtocolError> {
-    let response = tokio::time::timeout(timeouts.headers, builder.send())
-        .await
-        .map_err(|_| {
-            ProtocolError::unavailable(format!(
-                "upstream server sent no answer within {} s (timeout_secs)",
-                timeouts.headers.as_secs()
-            ))
-        })?
-        .map_err(|e| ProtocolError::unavailable(format!("upstream server unreachable: {e}")))?;
-    let status = response.status();
-    if !status.is_success() {
-        let text = response.text().await.unwrap_or_default();
-        return Err(upstream_error(status.as_u16(), &text));
-    }
+    let response = timeouts.send(builder).await?;
     let mut stream = response.bytes_stream();
     let mut body = Vec::new();
     loop {
-        let piece = tokio::time::timeout(timeouts.idle, stream.next())
-            .await
-            .map_err(|_| {
-                ProtocolError::unavailable(format!(
-                    "upstream server went silent for {} s mid-answer (idle_timeout_secs)",
-                    timeouts.idle.as_secs()
-                ))
-            })?;
+        let piece = timeouts.next(&mut stream).await?;
         let Some(piece) = piece else { break };
         let piece =
             piece.map_err(|e| ProtocolError::internal(format!("upstream answer broke: {e}")))?;
@@ -491,26 +471,53 @@ struct Timeouts {
     idle: Duration,
 }
 
+impl Timeouts {
+    /// Sends the request and waits for the headers of a successful answer; a server's refusal
+    /// keeps its verdict (a 400 stays a 400).
+    async fn send(
+        self,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ProtocolError> {
+        let response = tokio::time::timeout(self.headers, builder.send())
+            .await
+            .map_err(|_| {
+                ProtocolError::unavailable(format!(
+                    "upstream server sent no answer within {} s (timeout_secs)",
+                    self.headers.as_secs()
+                ))
+            })?
+            .map_err(|e| ProtocolError::unavailable(format!("upstream server unreachable: {e}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(upstream_error(status.as_u16(), &text));
+        }
+        Ok(response)
+    }
+
+    /// The answer's next piece, within the idle timeout.
+    async fn next<S: futures_util::Stream + Unpin>(
+        self,
+        body: &mut S,
+    ) -> Result<Option<S::Item>, ProtocolError> {
+        tokio::time::timeout(self.idle, body.next())
+            .await
+            .map_err(|_| {
+                ProtocolError::unavailable(format!(
+                    "upstream server went silent for {} s mid-answer (idle_timeout_secs)",
+                    self.idle.as_secs()
+                ))
+            })
+    }
+}
+
 async fn relay(
     builder: reqwest::RequestBuilder,
     tx: &mpsc::Sender<GenerateEvent>,
     stats: &BackendStats,
     timeouts: Timeouts,
 ) -> Result<(), ProtocolError> {
-    let response = tokio::time::timeout(timeouts.headers, builder.send())
-        .await
-        .map_err(|_| {
-            ProtocolError::unavailable(format!(
-                "upstream server sent no answer within {} s (timeout_secs)",
-                timeouts.headers.as_secs()
-            ))
-        })?
-        .map_err(|e| ProtocolError::unavailable(format!("upstream server unreachable: {e}")))?;
-    let status = response.status();
-    if !status.is_success() {
-        let text = response.text().await.unwrap_or_default();
-        return Err(upstream_error(status.as_u16(), &text));
-    }
+    let response = timeouts.send(builder).await?;
     let mut body = response.bytes_stream();
     let mut line = Vec::new();
     let mut finish = None;
@@ -523,14 +530,7 @@ async fn relay(
     // When the worker last showed it is at work while a call is held back.
     let mut last_sign = tokio::time::Instant::now();
     loop {
-        let chunk = tokio::time::timeout(timeouts.idle, body.next())
-            .await
-            .map_err(|_| {
-                ProtocolError::unavailable(format!(
-                    "upstream server went silent for {} s mid-answer (idle_timeout_secs)",
-                    timeouts.idle.as_secs()
-                ))
-            })?;
+        let chunk = timeouts.next(&mut body).await?;
         let Some(chunk) = chunk else { break };
         let chunk =
             chunk.map_err(|e| ProtocolError::internal(format!("upstream stream broke: {e}")))?;

@@ -36,6 +36,25 @@ async fn reasoning_server() -> String {
     url
 }
 
+/// A worker's backend relaying to the server at `url`, which serves model `id`.
+fn relay_to(url: String, id: &str) -> Arc<dyn Backend> {
+    Arc::new(
+        UpstreamBackend::new(UpstreamConfig {
+            url,
+            ca_file: None,
+            api_key: None,
+            models: vec![
+                serde_json::from_value(json!({"model_hash": cocoon_testkit::backends::scripted_model_hash(), "id": id, "context_length": 4096})).unwrap(),
+            ],
+            parallel: 4,
+            timeout_secs: 10,
+            idle_timeout_secs: 10,
+            cache_salt: true,
+        })
+        .unwrap(),
+    )
+}
+
 /// The usage an app gets, checked to the token, and the bill it comes with: 10 fresh prompt
 /// tokens, 30 cached at 0.1, 2 of answer and 3 of thinking weigh 18 at the default
 /// multipliers, verified by the gateway against the ledger's.
@@ -56,21 +75,7 @@ fn assert_usage_and_bill(usage: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reasoning_models_thinking_and_cached_tokens_pass_through_and_are_billed_by_kind() {
-    let relay: Arc<dyn Backend> = Arc::new(
-        UpstreamBackend::new(UpstreamConfig {
-            url: reasoning_server().await,
-            ca_file: None,
-            api_key: None,
-            models: vec![
-                serde_json::from_value(json!({"model_hash": cocoon_testkit::backends::scripted_model_hash(), "id": "thinker", "context_length": 4096})).unwrap(),
-            ],
-            parallel: 4,
-            timeout_secs: 10,
-            idle_timeout_secs: 10,
-            cache_salt: true,
-        })
-        .unwrap(),
-    );
+    let relay = relay_to(reasoning_server().await, "thinker");
     let net = network(vec![relay]).await;
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
@@ -148,21 +153,7 @@ async fn tools_and_calls_pass_through_an_upstream_server() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    let relay: Arc<dyn Backend> = Arc::new(
-        UpstreamBackend::new(UpstreamConfig {
-            url,
-            ca_file: None,
-            api_key: None,
-            models: vec![
-                serde_json::from_value(json!({"model_hash": cocoon_testkit::backends::scripted_model_hash(), "id": "caller", "context_length": 4096})).unwrap(),
-            ],
-            parallel: 4,
-            timeout_secs: 10,
-            idle_timeout_secs: 10,
-            cache_salt: true,
-        })
-        .unwrap(),
-    );
+    let relay = relay_to(url, "caller");
     let net = network(vec![relay]).await;
     let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", net.gateway_url());
