@@ -12,6 +12,7 @@ mod common;
 mod crash;
 mod flood;
 mod hosts;
+mod llama_server;
 mod openai_api;
 mod openai_sdk;
 mod operators;
