@@ -165,6 +165,11 @@ impl LlamaBackend {
     pub fn count_tokens(&self, text: &str) -> usize {
         self.shared.tokenize(text).len()
     }
+
+    /// The text of the model's begin-of-sequence token, which chat templates may print.
+    pub fn bos_text(&self) -> String {
+        self.shared.bos_text()
+    }
 }
 
 impl Backend for LlamaBackend {
@@ -285,7 +290,23 @@ impl Shared {
     fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
         // Same choices as llama.cpp's server: add BOS if the model wants it, parse special tokens
         // (the chat template's markers are special tokens).
-        self.model.vocab().tokenize(text.as_bytes(), true, true)
+        let vocab = self.model.vocab();
+        let mut tokens = vocab.tokenize(text.as_bytes(), true, true);
+        // A template that prints `bos_token` itself (Llama 3's) would get a second one.
+        if vocab.should_add_bos()
+            && tokens.len() > 1
+            && tokens[0] == vocab.bos()
+            && tokens[1] == vocab.bos()
+        {
+            tokens.remove(0);
+        }
+        tokens
+    }
+
+    /// The text of the model's begin-of-sequence token.
+    fn bos_text(&self) -> String {
+        let vocab = self.model.vocab();
+        String::from_utf8_lossy(&vocab.token_to_piece(vocab.bos(), true, None)).into_owned()
     }
 
     /// The one context all sequences share.

@@ -1243,3 +1243,24 @@ async fn embeddings_are_unit_vectors_that_tell_texts_apart() {
         e.message
     );
 }
+
+/// A prompt that starts with the begin-of-sequence token's text (a template that prints
+/// `bos_token`, as Llama 3's does) is counted with one such token, not two.
+#[test]
+fn a_printed_bos_token_is_not_doubled() {
+    let b = backend();
+    let bos = b.bos_text();
+    assert!(!bos.is_empty());
+    let plain = b.count_tokens("Hello there");
+    let printed = b.count_tokens(&format!("{bos}Hello there"));
+    assert!(
+        printed == plain || printed == plain + 1,
+        "{plain} tokens, {printed} with the BOS text printed"
+    );
+    let twice = b.count_tokens(&format!("{bos}{bos}Hello there"));
+    assert_eq!(
+        twice,
+        printed + 1,
+        "a second printed BOS is the template's, kept"
+    );
+}
