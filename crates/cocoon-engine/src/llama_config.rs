@@ -34,6 +34,10 @@ pub struct LlamaConfig {
     /// pooling for a model that says nothing, as a chat model), normalized to length 1. A
     /// context of its own, `context_length` tokens, is set aside for it.
     pub embeddings: bool,
+    /// A Jinja chat template to render chats with instead of the model's own (as
+    /// llama-server's `--chat-template-file`): for a model whose template is broken, or has
+    /// no place for tools. It must compile, or the model does not load.
+    pub chat_template_file: Option<PathBuf>,
 }
 
 impl Default for LlamaConfig {
@@ -47,6 +51,7 @@ impl Default for LlamaConfig {
             kv_cache_tokens: 0,
             prompt_cache: true,
             embeddings: false,
+            chat_template_file: None,
         }
     }
 }

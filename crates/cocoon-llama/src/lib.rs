@@ -95,7 +95,10 @@ impl LlamaBackend {
             .map_err(|e| {
                 ProtocolError::internal(format!("cannot load model {}: {e}", path.display()))
             })?;
-        let template = Template::of(&model);
+        let template = match &config.chat_template_file {
+            None => Template::of(&model),
+            Some(file) => Some(Template::from_file(&model, file)?),
+        };
         match &template {
             None => {
                 tracing::warn!(path = %path.display(), "model has no chat template; only /v1/completions will work")
@@ -231,15 +234,31 @@ impl Template {
     fn of(model: &LlamaModel) -> Option<Self> {
         let builtin = model.chat_template(None).ok()?;
         let source = builtin.to_str().ok()?.to_owned();
-        let vocab = model.vocab();
-        let text = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
-        Some(
-            match ChatTemplate::new(&source, &text(vocab.bos()), &text(vocab.eos())) {
-                Ok(t) => Self::Jinja(Box::new(t)),
-                Err(why) => Self::Builtin(builtin, why),
-            },
-        )
+        Some(match jinja(model, &source) {
+            Ok(t) => Self::Jinja(Box::new(t)),
+            Err(why) => Self::Builtin(builtin, why),
+        })
     }
+
+    /// The operator's template in place of the model's; one that does not compile is a
+    /// configuration error.
+    fn from_file(model: &LlamaModel, file: &std::path::Path) -> Result<Self, ProtocolError> {
+        let source = std::fs::read_to_string(file).map_err(|e| {
+            ProtocolError::internal(format!("chat template {}: {e}", file.display()))
+        })?;
+        jinja(model, &source)
+            .map(|t| Self::Jinja(Box::new(t)))
+            .map_err(|why| {
+                ProtocolError::internal(format!("chat template {}: {why}", file.display()))
+            })
+    }
+}
+
+/// `source` compiled for `model`, with its special tokens' text.
+fn jinja(model: &LlamaModel, source: &str) -> Result<ChatTemplate, String> {
+    let vocab = model.vocab();
+    let text = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+    ChatTemplate::new(source, &text(vocab.bos()), &text(vocab.eos()))
 }
 
 impl Shared {

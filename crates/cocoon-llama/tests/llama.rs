@@ -1264,3 +1264,108 @@ fn a_printed_bos_token_is_not_doubled() {
         "a second printed BOS is the template's, kept"
     );
 }
+
+/// ChatML (SmolLM2's turns) with tools in the Hermes style, written for this test: the tools
+/// in the system turn, calls as `<tool_call>` JSON, results as `<tool_response>`.
+const CHATML_TOOLS: &str = r#"{%- if tools %}<|im_start|>system
+You may call functions. The functions:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+To call one, answer <tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.tool_calls %}<|im_start|>assistant
+{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{% endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+
+/// The Hermes style on the real model, through an operator's template
+/// (`chat_template_file`): the tools are printed by the template, a forced call is held by
+/// the grammar to `<tool_call>` JSON of an offered function, read out of the answer as a call,
+/// and the answer ends with `tool_calls`; a named function is the one called.
+#[tokio::test]
+async fn hermes_calls_on_the_real_model_through_an_operators_template() {
+    use cocoon_protocol::ToolChoice;
+    let file =
+        std::env::temp_dir().join(format!("cocoon-chatml-tools-{}.jinja", std::process::id()));
+    std::fs::write(&file, CHATML_TOOLS).unwrap();
+    let b = LlamaBackend::load(&LlamaConfig {
+        model_path: model_path(),
+        threads: 2,
+        chat_template_file: Some(file.clone()),
+        ..Default::default()
+    })
+    .expect("model loads with the operator's template");
+    let question = vec![ChatMessage::new(
+        Role::User,
+        "What is the weather in Paris?",
+    )];
+    let prompt = b
+        .render_prompt(&Input::Chat {
+            messages: question.clone(),
+            tools: Some(weather_tools(ToolChoice::Required)),
+        })
+        .unwrap();
+    assert!(
+        prompt.contains("<tools>") && prompt.contains("\"get_weather\""),
+        "{prompt}"
+    );
+    let asked = collect(
+        &b,
+        with_tools(
+            question.clone(),
+            Some(weather_tools(ToolChoice::Required)),
+            80,
+        ),
+    )
+    .await;
+    assert!(asked.error.is_none(), "{:?}", asked.error);
+    let (finish, usage) = asked.done.unwrap();
+    assert_eq!(
+        finish,
+        FinishReason::ToolCalls,
+        "{:?} {}",
+        asked.calls,
+        asked.text
+    );
+    assert_eq!(asked.calls.len(), 1);
+    assert!(asked.text.trim().is_empty(), "{:?}", asked.text);
+    assert_eq!(asked.delta_tokens, usage.completion_tokens);
+    assert!(["get_weather", "get_time"].contains(&asked.calls[0].name.as_str()));
+    let _: serde_json::Value = serde_json::from_str(&asked.calls[0].arguments).unwrap();
+    let named = collect(
+        &b,
+        with_tools(
+            question,
+            Some(weather_tools(ToolChoice::Function("get_time".into()))),
+            40,
+        ),
+    )
+    .await;
+    assert_eq!(named.calls.len(), 1, "{:?} {}", named.error, named.text);
+    assert_eq!(named.calls[0].name, "get_time");
+    // A template that does not compile is a configuration error, not a silent fallback.
+    std::fs::write(&file, "{% for %}").unwrap();
+    let broken = LlamaBackend::load(&LlamaConfig {
+        model_path: model_path(),
+        threads: 2,
+        chat_template_file: Some(file.clone()),
+        ..Default::default()
+    });
+    let _ = std::fs::remove_file(&file);
+    assert!(broken.is_err());
+}
