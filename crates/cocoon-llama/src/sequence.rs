@@ -295,12 +295,17 @@ impl<'a> Sequence<'a> {
     /// Sends `text`, the answer's next, as the app sees it: as a delta, or, with tools, as the
     /// text and calls it completes. False when the requester left.
     fn emit(&mut self, text: String) -> bool {
-        let pieces = match &mut self.tool_calls {
-            None => vec![Piece::Text(text)],
-            Some(reader) => reader.push(&text),
+        let Some(reader) = &mut self.tool_calls else {
+            // Without tools the text is the answer's, as it comes: one delta, nothing held.
+            return self.send_piece(Piece::Text(text));
         };
+        let pieces = reader.push(&text);
+        if !pieces.is_empty() {
+            self.last_sent = std::time::Instant::now();
+            return self.send(pieces);
+        }
         // REVIEW, fixed: a call held back must not look like silence.
-        if pieces.is_empty() && self.last_sent.elapsed() >= std::time::Duration::from_secs(1) {
+        if self.last_sent.elapsed() >= std::time::Duration::from_secs(1) {
             self.last_sent = std::time::Instant::now();
             let sign = GenerateEvent::Delta {
                 text: String::new(),
@@ -309,41 +314,37 @@ impl<'a> Sequence<'a> {
             };
             return self.tx.send(sign).is_ok();
         }
-        self.send(pieces)
+        true
     }
 
-    /// Sends `pieces`; the tokens not yet accounted for go with the first. False when the
-    /// requester left.
+    /// Sends `pieces` in order. False when the requester left.
     fn send(&mut self, pieces: Vec<Piece>) -> bool {
-        if !pieces.is_empty() {
-            self.last_sent = std::time::Instant::now();
-        }
-        // Text let go at once (a generic answer that did not read as calls) goes in deltas
-        // that each fit in a frame.
-        let pieces = pieces.into_iter().flat_map(|p| match p {
+        pieces.into_iter().all(|piece| self.send_piece(piece))
+    }
+
+    /// Sends one piece; the tokens not yet accounted for go with it. Text let go at once (a
+    /// generic answer that did not read as calls) goes in deltas that each fit in a frame.
+    /// False when the requester left.
+    fn send_piece(&mut self, piece: Piece) -> bool {
+        let tokens = std::mem::take(&mut self.unsent_tokens);
+        let event = match piece {
             Piece::Text(text) if text.len() > MAX_DELTA_BYTES => {
-                split(text).into_iter().map(Piece::Text).collect::<Vec<_>>()
+                self.unsent_tokens = tokens;
+                return split(text)
+                    .into_iter()
+                    .all(|part| self.send_piece(Piece::Text(part)));
             }
-            other => vec![other],
-        });
-        for piece in pieces {
-            let tokens = std::mem::take(&mut self.unsent_tokens);
-            let event = match piece {
-                Piece::Text(text) => GenerateEvent::Delta {
-                    text,
-                    tokens,
-                    logprobs: std::mem::take(&mut self.unsent_logprobs),
-                },
-                Piece::Call(call) => {
-                    self.called = true;
-                    GenerateEvent::ToolCall { call, tokens }
-                }
-            };
-            if self.tx.send(event).is_err() {
-                return false;
+            Piece::Text(text) => GenerateEvent::Delta {
+                text,
+                tokens,
+                logprobs: std::mem::take(&mut self.unsent_logprobs),
+            },
+            Piece::Call(call) => {
+                self.called = true;
+                GenerateEvent::ToolCall { call, tokens }
             }
-        }
-        true
+        };
+        self.tx.send(event).is_ok()
     }
 
     fn finish(&mut self, finish_reason: FinishReason, matched_stop: bool) -> Next {

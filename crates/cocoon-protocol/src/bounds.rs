@@ -73,13 +73,7 @@ fn prompt_bound(input: &Input) -> u64 {
 /// Bytes of `text` as a JSON string's contents (`"` and `\\` take two, a control character up
 /// to six).
 fn json_escaped_len(text: &str) -> u64 {
-    text.chars()
-        .map(|c| match c {
-            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
-            c if (c as u32) < 0x20 => 6,
-            c => c.len_utf8() as u64,
-        })
-        .sum()
+    serde_json::to_string(text).map_or(u64::MAX, |s| s.len() as u64 - 2)
 }
 
 /// Tokens the tools' definitions may add to the prompt: their JSON (which templates print,

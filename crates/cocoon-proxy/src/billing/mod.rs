@@ -280,13 +280,32 @@ impl Billing {
                 found.join("\n  ")
             );
         }
-        Ok(Arc::new(Self {
+        Ok(Self::serving(
+            ledger,
+            url,
+            network,
+            wallet,
+            book,
+            state.registry.params,
+        ))
+    }
+
+    /// Billing over an opened book and ledger, nothing settled yet in this run.
+    fn serving(
+        ledger: Arc<dyn Ledger>,
+        url: &str,
+        network: Network,
+        wallet: Arc<Wallet>,
+        book: Book,
+        params: NetworkParams,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             ledger,
             ledger_url: url.to_owned(),
             network,
             wallet,
             book: Mutex::new(Some(book)),
-            params: RwLock::new(state.registry.params),
+            params: RwLock::new(params),
             clients: Mutex::new(HashMap::new()),
             absent: Mutex::default(),
             commits: AtomicU64::new(0),
@@ -296,7 +315,7 @@ impl Billing {
             billed: AtomicU64::new(0),
             commission: AtomicU64::new(0),
             open: Mutex::default(),
-        }))
+        })
     }
 
     fn proxy(&self) -> PublicKey {
@@ -938,23 +957,14 @@ mod tests {
         let ledger = cocoon_ledger::EmbeddedLedger::open(&dir.join("ledger.redb"), [1; 32])
             .expect("ledger opens");
         let book = Book::open(&dir.join("book.redb"), wallet.public_key()).expect("book opens");
-        Arc::new(Billing {
-            ledger: Arc::new(ledger),
-            ledger_url: "embedded".into(),
-            network: Network::basechain(7),
+        Billing::serving(
+            Arc::new(ledger),
+            "embedded",
+            Network::basechain(7),
             wallet,
-            book: Mutex::new(Some(book)),
-            params: RwLock::new(NetworkParams::default()),
-            clients: Mutex::new(HashMap::new()),
-            absent: Mutex::default(),
-            commits: AtomicU64::new(0),
-            last_commit_error: Mutex::new(None),
-            waiting_since: Mutex::new(None),
-            settling: Mutex::default(),
-            billed: AtomicU64::new(0),
-            commission: AtomicU64::new(0),
-            open: Mutex::default(),
-        })
+            book,
+            NetworkParams::default(),
+        )
     }
 
     /// REVIEW, fixed: `settle` said the hold is "released only now: until the book had it, the
