@@ -67,4 +67,58 @@ free = ask(messages=count, max_tokens=40).choices[0].message.content
 penalised = ask(messages=count, max_tokens=40, frequency_penalty=2.0).choices[0].message.content
 assert free != penalised, (free, penalised)
 
+# Tools, a round trip: a forced call, then its result given back and an answer, streamed and
+# not. The server runs tests/chatml-tools.jinja (SmolLM2's own template has no place for
+# tools, so llama-server would offer it none); one worked example in the conversation is what
+# brings a 135M model to call rather than talk, since this llama-server's "required" grammar
+# lets text come before the call.
+weather = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather now in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+example = [
+    {"role": "user", "content": "What is the weather in Rome?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees in Rome."},
+]
+question = example + [{"role": "user", "content": "What is the weather in Paris?"}]
+called = ask(messages=question, tools=[weather], tool_choice="required", max_tokens=60)
+assert called.choices[0].finish_reason == "tool_calls", called
+call = called.choices[0].message.tool_calls[0]
+assert call.type == "function" and call.function.name == "get_weather", call
+assert json.loads(call.function.arguments) == {"city": "Paris"}, call
+streamed_calls = {}
+stream_finish = None
+for chunk in ask(messages=question, tools=[weather], tool_choice="required", max_tokens=60, stream=True):
+    for c in chunk.choices:
+        for piece in c.delta.tool_calls or []:
+            entry = streamed_calls.setdefault(piece.index, {"id": piece.id, "name": "", "arguments": ""})
+            entry["name"] += piece.function.name or ""
+            entry["arguments"] += piece.function.arguments or ""
+        stream_finish = c.finish_reason or stream_finish
+assert stream_finish == "tool_calls", stream_finish
+assert streamed_calls[0]["name"] == "get_weather", streamed_calls
+assert json.loads(streamed_calls[0]["arguments"]) == {"city": "Paris"}, streamed_calls
+result = [called.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18}'}]
+answered = ask(messages=question + result, tools=[weather], max_tokens=30)
+assert answered.choices[0].finish_reason == "stop", answered
+assert "18" in answered.choices[0].message.content, answered
+streamed_answer = "".join(
+    c.delta.content or ""
+    for chunk in ask(messages=question + result, tools=[weather], max_tokens=30, stream=True)
+    for c in chunk.choices
+)
+assert streamed_answer == answered.choices[0].message.content, (streamed_answer, answered)
+
 print("openai SDK through llama-server: all checks passed")

@@ -1,9 +1,10 @@
 //! The OpenAI API through the whole network with llama.cpp's own server (`llama-server
 //! --jinja`) as the worker's upstream: JSON mode and schemas, log-probabilities, `n` and
 //! penalties reach a real server and come back, checked by the official `openai` SDK
-//! (tests/openai_sdk_upstream.py). Tools are not among them: this llama-server offers a model
-//! no tools when its template has no place for them (SmolLM2's has none), and with a
-//! Hermes-style ChatML template it describes them but does not hold a forced call to them.
+//! (tests/openai_sdk_upstream.py), and so does a tool-call round trip. For tools the server
+//! renders chats with tests/chatml-tools.jinja, ChatML with Hermes-style `<tool_call>`s:
+//! llama-server offers a model no tools when its template has no place for them, and
+//! SmolLM2's has none.
 //!
 //! Ignored by default: llama-server takes minutes to build, which CI does not spend. Run it
 //! with `scripts/build-llama-server.sh`, then
@@ -35,6 +36,8 @@ async fn the_api_passes_through_to_llama_server() {
         .args(["-m", &model_path().display().to_string()])
         .args([
             "--jinja",
+            "--chat-template-file",
+            &root.join("tests/chatml-tools.jinja").display().to_string(),
             "--host",
             "127.0.0.1",
             "--port",
