@@ -14,6 +14,8 @@ command -v clang >/dev/null || need_apt+=(clang)
 command -v unzip >/dev/null || need_apt+=(unzip)
 # `ip netns` and `tc` for the test that runs the network across namespaces (tests/hosts.rs).
 command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)
+# nginx is the reference middlebox of `cocoon bench --sections hops` (tests/bench.rs runs it).
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 # A real Prometheus scrapes the roles' operator listeners in a test (tests/proxy/admin.rs).
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 # A headless Chromium loads each role's dashboard in a test (tests/proxy/dashboard.rs).

@@ -104,37 +104,7 @@ enum Command {
     },
     /// Measure the network path, the embedded engine (against llama-server), memory per role
     /// and payments, each side by side with its reference, in one run.
-    Bench {
-        /// What to measure; all by default.
-        #[arg(long, value_enum, value_delimiter = ',')]
-        sections: Vec<bench::Section>,
-        #[arg(
-            long,
-            env = "COCOON_MODEL",
-            default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-        )]
-        model: PathBuf,
-        /// llama.cpp's server, the engine's reference (scripts/build-llama-server.sh builds
-        /// one); the engine is measured without it when missing, and the bench says so.
-        #[arg(
-            long,
-            env = "COCOON_LLAMA_SERVER",
-            default_value = "target/llama-server/bin/llama-server"
-        )]
-        llama_server: PathBuf,
-        /// CPU threads for both engines.
-        #[arg(long, default_value_t = 2)]
-        threads: u32,
-        /// Fewer requests everywhere (about a tenth): a quick look, not figures to quote.
-        #[arg(long)]
-        quick: bool,
-        /// Also write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Also write the figure (SVG) here.
-        #[arg(long)]
-        plot: Option<PathBuf>,
-    },
+    Bench(BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -198,6 +168,43 @@ enum CollateralCommand {
         #[arg(long)]
         at: Option<u64>,
     },
+}
+
+/// What `cocoon bench` measures, with which binaries.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// What to measure; all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    sections: Vec<bench::Section>,
+    #[arg(
+        long,
+        env = "COCOON_MODEL",
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    model: PathBuf,
+    /// llama.cpp's server, the engine's reference (scripts/build-llama-server.sh builds
+    /// one); the engine is measured without it when missing, and the bench says so.
+    #[arg(
+        long,
+        env = "COCOON_LLAMA_SERVER",
+        default_value = "target/llama-server/bin/llama-server"
+    )]
+    llama_server: PathBuf,
+    /// CPU threads for both engines.
+    #[arg(long, default_value_t = 2)]
+    threads: u32,
+    /// Fewer requests everywhere (about a tenth): a quick look, not figures to quote.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write the figure (SVG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// nginx, the reference middlebox of the hops section (Debian's `nginx` package).
+    #[arg(long, env = "COCOON_NGINX", default_value = "nginx")]
+    nginx: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -585,33 +592,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
-        Command::Bench {
-            sections,
-            model,
-            llama_server,
-            threads,
-            quick,
-            json,
-            plot,
-        } => run_bench(sections, model, llama_server, threads, quick, json, plot).await,
+        Command::Bench(args) => Box::pin(run_bench(args)).await,
     }
 }
 
-async fn run_bench(
-    sections: Vec<bench::Section>,
-    model: PathBuf,
-    llama_server: PathBuf,
-    threads: u32,
-    quick: bool,
-    json: Option<PathBuf>,
-    plot: Option<PathBuf>,
-) -> anyhow::Result<()> {
+async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let BenchArgs {
+        sections,
+        model,
+        llama_server,
+        threads,
+        quick,
+        json,
+        plot,
+        nginx,
+    } = args;
     use bench::Section;
     let work = tempfile::Builder::new().prefix("cocoon-bench-").tempdir()?;
     let mut options = bench::BenchOptions {
         sections: if sections.is_empty() {
             vec![
                 Section::Path,
+                Section::Hops,
                 Section::Engine,
                 Section::Memory,
                 Section::Payments,
@@ -624,6 +626,10 @@ async fn run_bench(
         model,
         llama_server: llama_server.is_file().then_some(llama_server),
         path: Default::default(),
+        hops: bench::hops::HopsOptions {
+            nginx,
+            ..Default::default()
+        },
         engine: bench::engine::EngineOptions {
             threads,
             ..Default::default()
@@ -641,6 +647,10 @@ async fn run_bench(
         p.latency_requests /= 10;
         p.throughput_requests /= 10;
         p.stream_requests = 2;
+        let h = &mut options.hops;
+        h.latency_requests /= 10;
+        h.requests /= 10;
+        h.stream_requests /= 8;
         options.engine.requests = 2;
         options.engine.requests_per_stream = 1;
         options.payments.requests /= 10;

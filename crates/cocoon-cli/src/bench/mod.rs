@@ -17,13 +17,17 @@
 
 pub mod client;
 pub mod engine;
+pub mod hops;
 pub mod load;
 pub mod market;
 pub mod memory;
 pub mod multiturn;
+pub mod nginx;
 pub mod path;
 pub mod payments;
 pub mod plot;
+pub mod proc;
+pub mod roles;
 pub mod stats;
 pub mod synthetic;
 
@@ -44,6 +48,9 @@ use cocoon_testkit::dev::{DevNetwork, DevOptions};
 pub enum Section {
     /// The network path alone on a synthetic backend, against the backend called directly.
     Path,
+    /// Each hop against nginx: our three roles as processes against three nginx hops, CPU per
+    /// process per request and per token.
+    Hops,
     /// The embedded engine against llama.cpp's llama-server on the same model.
     Engine,
     /// Peak RSS of each role as its own process, idle and under load.
@@ -67,6 +74,8 @@ pub struct BenchOptions {
     pub llama_server: Option<PathBuf>,
     /// Settings of the network-path section.
     pub path: path::PathOptions,
+    /// Settings of the hops section.
+    pub hops: hops::HopsOptions,
     /// Settings of the engine section (also used by the memory section).
     pub engine: engine::EngineOptions,
     /// Settings of the payments section.
@@ -97,6 +106,8 @@ pub struct BenchReport {
     pub machine: Machine,
     /// Network-path figures.
     pub path: Option<path::PathReport>,
+    /// Each hop against nginx.
+    pub hops: Option<hops::HopsReport>,
     /// Embedded engine vs llama-server figures.
     pub engine: Option<engine::EngineReport>,
     /// A growing conversation, with and without prompt caches (run with the engine section).
@@ -185,6 +196,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let mut report = BenchReport {
         machine: machine(),
         path: None,
+        hops: None,
         engine: None,
         multiturn: None,
         memory: None,
@@ -195,6 +207,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     if on(Section::Path) {
         section("network path on the synthetic backend");
         report.path = Some(path::run(&options.path).await?);
+    }
+    if on(Section::Hops) {
+        section("each hop against nginx");
+        report.hops = Some(Box::pin(hops::run(&options.hops)).await?);
     }
     let engine_options = &options.engine;
     if on(Section::Engine) {
@@ -260,7 +276,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     if on(Section::Memory) {
         section("memory of each role");
         let streams = engine_options.levels.iter().copied().max().unwrap_or(1);
-        report.memory = Some(memory::run(&options.model, engine_options, streams).await?);
+        report.memory = Some(Box::pin(memory::run(&options.model, engine_options, streams)).await?);
     }
     if on(Section::Payments) {
         section("payments through the network");
@@ -286,6 +302,10 @@ pub fn table(r: &BenchReport) -> String {
     );
     if let Some(p) = &r.path {
         out.push_str(&path::table(p));
+        out.push('\n');
+    }
+    if let Some(h) = &r.hops {
+        out.push_str(&hops::table(h));
         out.push('\n');
     }
     if let Some(e) = &r.engine {

@@ -128,7 +128,7 @@ pub struct PathReport {
     pub sealing_added_transit_p99_ms: f64,
 }
 
-fn body(max_tokens: u32) -> Value {
+pub(super) fn body(max_tokens: u32) -> Value {
     json!({
         "model": synthetic::MODEL,
         "messages": [{"role": "user", "content": "measure the path"}],
@@ -139,7 +139,12 @@ fn body(max_tokens: u32) -> Value {
 }
 
 pub(super) fn upstream(server: &Synthetic) -> anyhow::Result<Arc<dyn Backend>> {
-    Ok(Arc::new(UpstreamBackend::new(UpstreamConfig {
+    Ok(Arc::new(UpstreamBackend::new(upstream_config(server))?))
+}
+
+/// A worker's upstream backend for the synthetic server.
+pub(super) fn upstream_config(server: &Synthetic) -> UpstreamConfig {
+    UpstreamConfig {
         url: server.url(),
         ca_file: None,
         api_key: None,
@@ -154,10 +159,10 @@ pub(super) fn upstream(server: &Synthetic) -> anyhow::Result<Arc<dyn Backend>> {
         timeout_secs: 60,
         idle_timeout_secs: 120,
         cache_salt: true,
-    })?))
+    }
 }
 
-fn check(answer: Answer, tokens: u32) -> anyhow::Result<Answer> {
+pub(super) fn check(answer: Answer, tokens: u32) -> anyhow::Result<Answer> {
     anyhow::ensure!(
         answer.completion_tokens == tokens && answer.chunks.len() == tokens as usize,
         "expected {tokens} tokens, got {} in {} chunks",

@@ -123,9 +123,43 @@ async fn path_and_engine_sections_report_consistent_figures() {
         "{load:?}"
     );
 
+    // Each hop against nginx: three nginx processes and our three roles, each its own
+    // process, relay the same origin; every process's CPU is read from /proc.
+    let hops = bench::hops::run(&bench::hops::HopsOptions {
+        cocoon: Some(env!("CARGO_BIN_EXE_cocoon").into()),
+        nginx: "nginx".into(),
+        rounds: 1,
+        latency_requests: 5,
+        short_tokens: 4,
+        concurrency: 4,
+        requests: 100,
+        stream_tokens: 200,
+        stream_requests: 4,
+    })
+    .await
+    .unwrap();
+    let names = |i: usize| -> Vec<&str> {
+        hops.paths[i]
+            .processes
+            .iter()
+            .map(|p| p.process.as_str())
+            .collect()
+    };
+    assert_eq!(hops.paths.len(), 3);
+    assert!(names(0).is_empty());
+    assert_eq!(names(1), ["nginx hop 1", "nginx hop 2", "nginx hop 3"]);
+    assert_eq!(names(2), ["client", "proxy", "worker"]);
+    for p in &hops.paths {
+        assert_eq!(p.latency_ms.n, 5);
+        assert!(p.requests_per_s > 0.0 && p.tokens_per_s > 0.0, "{p:?}");
+        assert!(p.cpu_ms_per_1000_requests >= 0.0 && p.cpu_ms_per_100k_tokens >= 0.0);
+    }
+    assert!(hops.requests_per_s_ratio > 0.0);
+
     let report = bench::BenchReport {
         machine: bench::machine(),
         path: Some(path),
+        hops: Some(hops),
         engine: Some(engine),
         multiturn: Some(multiturn),
         memory: None,
@@ -135,6 +169,7 @@ async fn path_and_engine_sections_report_consistent_figures() {
     };
     let table = bench::table(&report);
     assert!(table.contains("### Routing") && table.contains("### Concurrency"));
+    assert!(table.contains("### Each hop against nginx"));
     assert!(table.contains("### Choosing a worker"));
     assert!(table.contains("### Payments under load"));
     assert!(table.contains("### Multi-turn conversation"));
