@@ -68,4 +68,30 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tapped<IO> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
+
+    // Passed on, so HTTP/2 above writes a frame's head and payload in one call instead of
+    // copying them together first (it copies when the stream says it cannot gather).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let (Some(tap), Poll::Ready(Ok(n))) = (&self.tap, &polled) {
+            let mut left = *n;
+            for buf in bufs {
+                let take = left.min(buf.len());
+                tap(Direction::Written, &buf[..take]);
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
