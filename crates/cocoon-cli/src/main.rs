@@ -615,6 +615,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 Section::Path,
                 Section::Hops,
                 Section::Engine,
+                Section::Lookup,
                 Section::Memory,
                 Section::Payments,
                 Section::Load,
@@ -634,6 +635,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             threads,
             ..Default::default()
         },
+        lookup: Default::default(),
         payments: bench::payments::PaymentsOptions {
             threads,
             ..Default::default()
@@ -653,6 +655,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         h.stream_requests /= 8;
         options.engine.requests = 2;
         options.engine.requests_per_stream = 1;
+        options.lookup.rounds = 2;
         options.payments.requests /= 10;
         options.load.requests /= 10;
         options.market.picks /= 10;

@@ -38,6 +38,14 @@ pub struct LlamaConfig {
     /// llama-server's `--chat-template-file`): for a model whose template is broken, or has
     /// no place for tools. It must compile, or the model does not load.
     pub chat_template_file: Option<PathBuf>,
+    /// Prompt-lookup speculative decoding: up to this many tokens a step are guessed by
+    /// finding the answer's last few tokens earlier in the prompt or the answer and taking
+    /// what followed them there; the model checks the guesses in the same pass as the next
+    /// token and keeps those it would have chosen itself, so the answer is the same as
+    /// without, only sooner where it copies its input (edits, summaries with quotes, code
+    /// changes). Each guess costs a batch slot, so answers that copy nothing run slightly
+    /// slower. 0: off.
+    pub lookup_draft_tokens: u32,
 }
 
 impl Default for LlamaConfig {
@@ -52,6 +60,7 @@ impl Default for LlamaConfig {
             prompt_cache: true,
             embeddings: false,
             chat_template_file: None,
+            lookup_draft_tokens: 0,
         }
     }
 }

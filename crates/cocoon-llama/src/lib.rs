@@ -40,6 +40,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 /// Tokens evaluated per `decode` call, prompt slices and generating sequences together.
 const BATCH_TOKENS: usize = 512;
 
+/// Most tokens prompt lookup guesses for one sequence a step.
+const MAX_DRAFT_TOKENS: u32 = 32;
+
 /// llama.cpp's process-wide state; it may be initialized only once per process, so whatever
 /// else in the process loads a model through llama-cpp-2 (a test reading a model's
 /// vocabulary, say) takes it from here.
@@ -73,7 +76,26 @@ struct Shared {
     parallel: u32,
     kv_cache_tokens: u32,
     prompt_cache: bool,
+    /// Most tokens guessed a step by prompt lookup (0: off).
+    lookup_draft_tokens: usize,
+    speculation: Speculation,
     stats: BackendStats,
+}
+
+/// What prompt lookup guessed and how much of it the model kept.
+#[derive(Debug, Default)]
+struct Speculation {
+    drafted: std::sync::atomic::AtomicU64,
+    accepted: std::sync::atomic::AtomicU64,
+}
+
+/// Prompt-lookup counts since the model loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpeculationStats {
+    /// Tokens guessed and checked.
+    pub drafted: u64,
+    /// Of those, tokens the model would have chosen itself, kept without a pass of their own.
+    pub accepted: u64,
 }
 
 impl LlamaBackend {
@@ -131,7 +153,15 @@ impl LlamaBackend {
         if config.prompt_cache && !prompt_cache {
             tracing::info!(model = %id, "prompt cache off: this model's state cannot be cut back to a shared prefix (recurrent, hybrid or sliding-window attention)");
         }
-        tracing::info!(model = %id, context_length, threads, parallel, kv_cache_tokens, prompt_cache, "loaded model {}", path.display());
+        // A rejected guess's cells are cut off again: only a model whose state allows that.
+        let lookup_draft_tokens = match config.lookup_draft_tokens.min(MAX_DRAFT_TOKENS) {
+            n if n > 0 && !prompt_cache_fits(&model) => {
+                tracing::info!(model = %id, "prompt lookup off: this model's state cannot be cut back to drop rejected guesses (recurrent, hybrid or sliding-window attention)");
+                0
+            }
+            n => n as usize,
+        };
+        tracing::info!(model = %id, context_length, threads, parallel, kv_cache_tokens, prompt_cache, lookup_draft_tokens, "loaded model {}", path.display());
         let shared = Arc::new(Shared {
             model,
             template,
@@ -145,6 +175,8 @@ impl LlamaBackend {
             parallel,
             kv_cache_tokens,
             prompt_cache,
+            lookup_draft_tokens,
+            speculation: Speculation::default(),
             stats: BackendStats::default(),
         });
         let submit = scheduler::start(shared.clone())?;
@@ -167,6 +199,15 @@ impl LlamaBackend {
     /// Number of tokens of `text` under this model's tokenizer, as a prompt is counted.
     pub fn count_tokens(&self, text: &str) -> usize {
         self.shared.tokenize(text).len()
+    }
+
+    /// What prompt lookup guessed and kept so far (see `lookup_draft_tokens`).
+    pub fn speculation(&self) -> SpeculationStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        SpeculationStats {
+            drafted: self.shared.speculation.drafted.load(Relaxed),
+            accepted: self.shared.speculation.accepted.load(Relaxed),
+        }
     }
 
     /// The text of the model's begin-of-sequence token, which chat templates may print.

@@ -17,6 +17,7 @@ use std::sync::{Arc, mpsc as std_mpsc};
 use cocoon_protocol::{ErrorKind, GenerateEvent, GenerateRequest, Input, ProtocolError};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
 use tokio::sync::mpsc;
 
 use super::sequence::{self, Next, Prepared, Sequence};
@@ -100,6 +101,36 @@ fn common_prefix(
     b: &[llama_cpp_2::token::LlamaToken],
 ) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Samples `seq`'s next token from the logits at `at`, then, while it is the next of the
+/// guesses decoded after it, keeps that guess (its cell holds it already) and samples the next
+/// from the guess's own logits. Each token is sampled from exactly the logits decoding it
+/// alone would give, after exactly the tokens before it, so the answer is what it would be
+/// without guesses, seeded draws included. Returns what the sequence does next and how many
+/// guesses it kept.
+fn verify(
+    seq: &mut Sequence<'_>,
+    ctx: &LlamaContext<'_>,
+    model: &LlamaModel,
+    at: i32,
+) -> (Next, usize) {
+    let mut next = seq.advance(ctx, model, at);
+    let mut kept = 0;
+    // The guess's logits sit where the guess sat in the batch.
+    let mut guess_at = seq.draft_at;
+    while matches!(next, Next::Continue)
+        && let Some(&guess) = seq.drafted.get(kept)
+        && seq.pending == Some(guess)
+    {
+        seq.pending = None;
+        seq.fed.push(guess);
+        seq.pos += 1;
+        next = seq.advance(ctx, model, guess_at);
+        kept += 1;
+        guess_at += 1;
+    }
+    (next, kept)
 }
 
 impl<'a> Scheduler<'a> {
@@ -401,6 +432,27 @@ impl<'a> Scheduler<'a> {
                 budget -= 1;
             }
         }
+        // Then prompt lookup's guesses at what follows, checked in this same pass (every
+        // stream has its next token in already).
+        if self.shared.lookup_draft_tokens > 0 {
+            for seq in &mut self.running {
+                if seq.logits_at.is_none() || budget == 0 {
+                    continue;
+                }
+                seq.drafted = seq.lookup(self.shared.lookup_draft_tokens.min(budget));
+                debug_assert!(
+                    seq.pos as u32 + seq.drafted.len() as u32 <= seq.reserved,
+                    "guesses past the sequence's reserved cells"
+                );
+                seq.draft_at = self.batch.n_tokens();
+                for (pos, &token) in (seq.pos..).zip(&seq.drafted) {
+                    if let Err(e) = self.batch.add(token, pos, &[seq.id], true) {
+                        failure = Some(e.to_string());
+                    }
+                }
+                budget -= seq.drafted.len();
+            }
+        }
         // Then prompts, as much as fits.
         for seq in &mut self.running {
             if budget == 0 {
@@ -450,7 +502,22 @@ impl<'a> Scheduler<'a> {
                 i += 1;
                 continue;
             };
-            match self.running[i].advance(&self.ctx, &self.shared.model, at) {
+            let seq = &mut self.running[i];
+            let (next, kept) = verify(seq, &self.ctx, &self.shared.model, at);
+            let drafted = std::mem::take(&mut seq.drafted).len();
+            if drafted > 0 {
+                seq.judge_draft(drafted, kept);
+                use std::sync::atomic::Ordering::Relaxed;
+                let speculation = &self.shared.speculation;
+                speculation.drafted.fetch_add(drafted as u64, Relaxed);
+                speculation.accepted.fetch_add(kept as u64, Relaxed);
+                if kept < drafted {
+                    // The guesses after the first wrong one hold cells past the answer.
+                    let (id, pos) = (seq.id, seq.pos as u32);
+                    self.clear_cells(id, pos);
+                }
+            }
+            match next {
                 Next::Continue => i += 1,
                 Next::Finished | Next::Cancelled => {
                     let seq = self.running.swap_remove(i);

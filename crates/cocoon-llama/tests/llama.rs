@@ -150,10 +150,47 @@ async fn max_tokens_and_ignore_eos_give_exact_lengths() {
         temperature: 0.0,
         ..Default::default()
     };
-    let c = collect(&b, chat("Hi", params)).await;
+    let c = collect(&b, chat("Hi", params.clone())).await;
     let (finish, usage) = c.done.unwrap();
     assert_eq!(finish, FinishReason::Length);
     assert_eq!(usage.completion_tokens, 10);
+    assert_eq!(c.delta_tokens, 10);
+
+    // Ending on a token that prints nothing: the answer's own end-of-turn token, generated
+    // under ignore_eos as its last. The deltas still account for it, or the relays would see
+    // an honest bill exceed what they passed on.
+    let ended = collect(
+        &b,
+        chat(
+            "Hi",
+            SamplingParams {
+                max_tokens: Some(64),
+                ignore_eos: false,
+                ..params.clone()
+            },
+        ),
+    )
+    .await;
+    let (finish, natural) = ended.done.unwrap();
+    assert_eq!(finish, FinishReason::Stop, "{:?}", ended.text);
+    let n = natural.completion_tokens + 1;
+    let c = collect(
+        &b,
+        chat(
+            "Hi",
+            SamplingParams {
+                max_tokens: Some(n),
+                ..params
+            },
+        ),
+    )
+    .await;
+    assert_eq!(
+        c.text, ended.text,
+        "the same answer, then the end-of-turn token"
+    );
+    let (_, usage) = c.done.unwrap();
+    assert_eq!((usage.completion_tokens, c.delta_tokens), (n, n));
 }
 
 #[tokio::test]
@@ -1368,4 +1405,132 @@ async fn hermes_calls_on_the_real_model_through_an_operators_template() {
     });
     let _ = std::fs::remove_file(&file);
     assert!(broken.is_err());
+}
+
+/// A request that copies its input, as edits and quotes do: what prompt lookup speeds up.
+fn copy_request(params: SamplingParams) -> GenerateRequest {
+    chat(
+        "Repeat this text word for word: The quick brown fox jumps over the lazy dog. \
+         The early bird catches the worm. Every cloud has a silver lining. \
+         Actions speak louder than words.",
+        params,
+    )
+}
+
+#[tokio::test]
+async fn prompt_lookup_keeps_the_answer_and_skips_passes() {
+    let plain = backend();
+    let lookup = LlamaBackend::load(&LlamaConfig {
+        model_path: model_path(),
+        threads: 2,
+        lookup_draft_tokens: 8,
+        ..Default::default()
+    })
+    .unwrap();
+    let cases = [
+        // Greedy, as a copying task runs.
+        SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(64),
+            ..Default::default()
+        },
+        // A seeded draw: each kept guess is the token the draw would have picked anyway.
+        SamplingParams {
+            temperature: 0.7,
+            seed: Some(3),
+            max_tokens: Some(64),
+            ..Default::default()
+        },
+        // A penalty: the sampler sees each kept token before it picks the next.
+        SamplingParams {
+            temperature: 0.0,
+            frequency_penalty: 0.5,
+            max_tokens: Some(64),
+            ..Default::default()
+        },
+    ];
+    for params in cases {
+        let before = lookup.speculation();
+        let want = collect(&plain, copy_request(params.clone())).await;
+        let got = collect(&lookup, copy_request(params.clone())).await;
+        let after = lookup.speculation();
+        assert!(want.error.is_none() && got.error.is_none());
+        assert_eq!(got.text, want.text, "{params:?}");
+        assert_eq!(got.done, want.done, "the same counts: {params:?}");
+        assert_eq!(got.delta_tokens, want.delta_tokens);
+        assert!(
+            after.drafted > before.drafted,
+            "guesses were checked: {params:?}"
+        );
+        assert!(after.accepted <= after.drafted);
+        eprintln!("{params:?}: {:?} -> {:?}: {:?}", before, after, got.text);
+    }
+    // On the greedy copy, guesses were kept: tokens that cost no pass of their own.
+    let s = lookup.speculation();
+    assert!(s.accepted > 10, "{s:?}");
+    assert_eq!(plain.speculation().drafted, 0, "off by default");
+}
+
+/// A request whose answer repeats itself to the end: guesses all the way.
+fn repeating(params: SamplingParams) -> GenerateRequest {
+    chat(
+        "Continue this list: red green blue yellow orange purple white, red green blue yellow \
+         orange purple white, red green blue yellow orange purple white,",
+        params,
+    )
+}
+
+#[tokio::test]
+async fn prompt_lookup_in_a_full_cache_stays_within_each_reservation() {
+    // Four answers that repeat themselves (guesses longer than the room left near the end)
+    // at once, each using every cell it reserved (ignore_eos, the whole
+    // max_tokens), in a cache that holds exactly the four reservations: guesses near an
+    // answer's end must stop at its room (the scheduler asserts it in debug builds; a guess
+    // past it would take a cell another answer reserved).
+    let probe = backend();
+    let prompt_tokens = probe.count_tokens(
+        &probe
+            .render_prompt(&repeating(SamplingParams::default()).input)
+            .unwrap(),
+    ) as u32;
+    drop(probe);
+    // llama.cpp rounds its cache up to a multiple of 256 cells: four reservations of a
+    // multiple of 64 leave it no spare cell.
+    let max_tokens = (prompt_tokens + 40).div_ceil(64) * 64 - prompt_tokens;
+    let b = std::sync::Arc::new(
+        LlamaBackend::load(&LlamaConfig {
+            model_path: model_path(),
+            threads: 2,
+            parallel: 4,
+            context_length: prompt_tokens + max_tokens,
+            kv_cache_tokens: 4 * (prompt_tokens + max_tokens),
+            prompt_cache: false,
+            lookup_draft_tokens: 16,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (b, req) = (b.clone(), repeating(params.clone()));
+            tokio::spawn(async move { collect(&b, req).await })
+        })
+        .collect();
+    for t in tasks {
+        let c = t.await.unwrap();
+        assert!(c.error.is_none(), "{:?}", c.error);
+        let (finish, usage) = c.done.expect("done");
+        assert_eq!(
+            (finish, usage.completion_tokens, c.delta_tokens),
+            (FinishReason::Length, max_tokens, max_tokens)
+        );
+    }
+    let s = b.speculation();
+    assert!(s.accepted > 0 && s.accepted <= s.drafted, "{s:?}");
 }

@@ -116,7 +116,7 @@ pub struct EngineReport {
     pub levels: Vec<Level>,
 }
 
-fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
+pub(super) fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         max_price: None,
         cache_scope: None,
@@ -270,6 +270,17 @@ impl LlamaServer {
         options: &EngineOptions,
         log: PathBuf,
     ) -> anyhow::Result<Self> {
+        Self::start_with(binary, model, options, log, &[]).await
+    }
+
+    /// [`Self::start`] with `extra` arguments (speculative decoding, say).
+    pub async fn start_with(
+        binary: &Path,
+        model: &Path,
+        options: &EngineOptions,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let port = super::free_loopback_addr()?.port();
         let threads = options.threads.to_string();
         let mut child = tokio::process::Command::new(binary)
@@ -280,6 +291,7 @@ impl LlamaServer {
             .args(["--parallel", &options.parallel.to_string(), "--kv-unified"])
             .args(["--batch-size", "512", "--ubatch-size", "512"])
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(extra)
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::create(&log)?)
             .kill_on_drop(true)

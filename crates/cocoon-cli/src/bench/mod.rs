@@ -19,6 +19,7 @@ pub mod client;
 pub mod engine;
 pub mod hops;
 pub mod load;
+pub mod lookup;
 pub mod market;
 pub mod memory;
 pub mod multiturn;
@@ -53,6 +54,8 @@ pub enum Section {
     Hops,
     /// The embedded engine against llama.cpp's llama-server on the same model.
     Engine,
+    /// Prompt-lookup speculative decoding on a copying workload, against llama-server's.
+    Lookup,
     /// Peak RSS of each role as its own process, idle and under load.
     Memory,
     /// The real model through the network, without and with payments.
@@ -76,8 +79,10 @@ pub struct BenchOptions {
     pub path: path::PathOptions,
     /// Settings of the hops section.
     pub hops: hops::HopsOptions,
-    /// Settings of the engine section (also used by the memory section).
+    /// Settings of the engine section (also used by the memory and lookup sections).
     pub engine: engine::EngineOptions,
+    /// Settings of the lookup section.
+    pub lookup: lookup::LookupOptions,
     /// Settings of the payments section.
     pub payments: payments::PaymentsOptions,
     /// Settings of the payments-under-load section.
@@ -112,6 +117,8 @@ pub struct BenchReport {
     pub engine: Option<engine::EngineReport>,
     /// A growing conversation, with and without prompt caches (run with the engine section).
     pub multiturn: Option<multiturn::MultiTurnReport>,
+    /// Prompt lookup against no lookup and llama-server's speculation.
+    pub lookup: Option<lookup::LookupReport>,
     /// Per-role memory figures.
     pub memory: Option<memory::MemoryReport>,
     /// Without vs with payments figures.
@@ -199,6 +206,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         hops: None,
         engine: None,
         multiturn: None,
+        lookup: None,
         memory: None,
         payments: None,
         load: None,
@@ -273,6 +281,19 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         }
         report.multiturn = Some(multiturn?);
     }
+    if on(Section::Lookup) {
+        section("prompt lookup on a copying workload");
+        report.lookup = Some(
+            lookup::run(
+                &options.model,
+                options.llama_server.as_deref(),
+                engine_options,
+                &options.lookup,
+                &options.work_dir,
+            )
+            .await?,
+        );
+    }
     if on(Section::Memory) {
         section("memory of each role");
         let streams = engine_options.levels.iter().copied().max().unwrap_or(1);
@@ -314,6 +335,10 @@ pub fn table(r: &BenchReport) -> String {
     }
     if let Some(m) = &r.multiturn {
         out.push_str(&multiturn::table(m));
+        out.push('\n');
+    }
+    if let Some(l) = &r.lookup {
+        out.push_str(&lookup::table(l));
         out.push('\n');
     }
     if let Some(m) = &r.memory {

@@ -94,6 +94,31 @@ async fn path_and_engine_sections_report_consistent_figures() {
     assert!(multiturn.ttft_cached_over_uncached > 0.0);
     assert!(bench::multiturn::table(&multiturn).contains("prompt cache / no cache"));
 
+    // Prompt lookup on the edit: the same answer with and without, guesses checked.
+    let work = tempfile::tempdir().unwrap();
+    let lookup = bench::lookup::run(
+        &crate::common::model_path(),
+        None,
+        &options,
+        &bench::lookup::LookupOptions {
+            rounds: 1,
+            max_tokens: 24,
+        },
+        work.path(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(lookup.paths.len(), 2, "no llama-server rows without one");
+    assert!(lookup.same_answer, "{lookup:?}");
+    assert!(
+        lookup.acceptance > 0.0 && lookup.speedup > 0.0,
+        "{lookup:?}"
+    );
+    assert_eq!(
+        lookup.paths[0].completion_tokens,
+        lookup.paths[1].completion_tokens
+    );
+
     let market = bench::market::run(&bench::market::MarketOptions {
         workers: vec![10, 2_000],
         picks: 400,
@@ -162,6 +187,7 @@ async fn path_and_engine_sections_report_consistent_figures() {
         hops: Some(hops),
         engine: Some(engine),
         multiturn: Some(multiturn),
+        lookup: Some(lookup),
         memory: None,
         payments: None,
         load: Some(load),
@@ -173,6 +199,7 @@ async fn path_and_engine_sections_report_consistent_figures() {
     assert!(table.contains("### Choosing a worker"));
     assert!(table.contains("### Payments under load"));
     assert!(table.contains("### Multi-turn conversation"));
+    assert!(table.contains("### Prompt lookup"));
     let svg = bench::figure(&report).expect("path and engine are there");
     assert!(svg.contains("2 streams") && svg.contains("<polyline"));
     let json = serde_json::to_value(&report).unwrap();
