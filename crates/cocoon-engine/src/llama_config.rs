@@ -39,12 +39,13 @@ pub struct LlamaConfig {
     /// no place for tools. It must compile, or the model does not load.
     pub chat_template_file: Option<PathBuf>,
     /// Prompt-lookup speculative decoding: up to this many tokens a step are guessed by
-    /// finding the answer's last few tokens earlier in the prompt or the answer and taking
+    /// finding the answer's last three tokens earlier in the prompt or the answer and taking
     /// what followed them there; the model checks the guesses in the same pass as the next
-    /// token and keeps those it would have chosen itself, so the answer is the same as
-    /// without, only sooner where it copies its input (edits, summaries with quotes, code
-    /// changes). Each guess costs a batch slot, so answers that copy nothing run slightly
-    /// slower. 0: off.
+    /// token and keeps those it would have chosen itself, so the answer is the one it gives
+    /// without guesses (up to floating-point rounding, as when other requests share its
+    /// batch), only sooner where it copies its input (edits, quotes, code changes). Guesses
+    /// take only batch room that prompts leave; answers that copy nothing guess little.
+    /// 0: off.
     pub lookup_draft_tokens: u32,
 }
 

@@ -105,10 +105,14 @@ fn common_prefix(
 
 /// Samples `seq`'s next token from the logits at `at`, then, while it is the next of the
 /// guesses decoded after it, keeps that guess (its cell holds it already) and samples the next
-/// from the guess's own logits. Each token is sampled from exactly the logits decoding it
-/// alone would give, after exactly the tokens before it, so the answer is what it would be
-/// without guesses, seeded draws included. Returns what the sequence does next and how many
-/// guesses it kept.
+/// from the guess's own logits. Each token is sampled after exactly the tokens before it, by
+/// the same sampler in the same order (seeded draws, penalties and grammars included), from
+/// the logits of the same context. Those logits equal decoding without guesses up to
+/// floating-point rounding only: llama.cpp computes a batch of several tokens in another
+/// order than one token alone (its CPU attention splits a lone token's cells across threads),
+/// as it does whenever other requests share the batch. So the answer is the same except where
+/// two tokens are all but tied (see `review_lookup_answer_matches_decoding_alone_past_256_cells`).
+/// Returns what the sequence does next and how many guesses it kept.
 fn verify(
     seq: &mut Sequence<'_>,
     ctx: &LlamaContext<'_>,
@@ -432,27 +436,8 @@ impl<'a> Scheduler<'a> {
                 budget -= 1;
             }
         }
-        // Then prompt lookup's guesses at what follows, checked in this same pass (every
-        // stream has its next token in already).
-        if self.shared.lookup_draft_tokens > 0 {
-            for seq in &mut self.running {
-                if seq.logits_at.is_none() || budget == 0 {
-                    continue;
-                }
-                seq.drafted = seq.lookup(self.shared.lookup_draft_tokens.min(budget));
-                debug_assert!(
-                    seq.pos as u32 + seq.drafted.len() as u32 <= seq.reserved,
-                    "guesses past the sequence's reserved cells"
-                );
-                seq.draft_at = self.batch.n_tokens();
-                for (pos, &token) in (seq.pos..).zip(&seq.drafted) {
-                    if let Err(e) = self.batch.add(token, pos, &[seq.id], true) {
-                        failure = Some(e.to_string());
-                    }
-                }
-                budget -= seq.drafted.len();
-            }
-        }
+        // Which sequences are generating (their next token is in), before prompts join.
+        let generating: Vec<bool> = self.running.iter().map(|q| q.logits_at.is_some()).collect();
         // Then prompts, as much as fits.
         for seq in &mut self.running {
             if budget == 0 {
@@ -478,6 +463,27 @@ impl<'a> Scheduler<'a> {
             }
             seq.read += take;
             budget -= take;
+        }
+        // Last, prompt lookup's guesses at what follows each stream's next token, checked in
+        // this same pass with what room is left: speculative work never delays a prompt.
+        if self.shared.lookup_draft_tokens > 0 {
+            for (seq, generating) in self.running.iter_mut().zip(generating) {
+                if !generating || budget == 0 {
+                    continue;
+                }
+                seq.drafted = seq.lookup(self.shared.lookup_draft_tokens.min(budget));
+                debug_assert!(
+                    seq.pos as u32 + seq.drafted.len() as u32 <= seq.reserved,
+                    "guesses past the sequence's reserved cells"
+                );
+                seq.draft_at = self.batch.n_tokens();
+                for (pos, &token) in (seq.pos..).zip(&seq.drafted) {
+                    if let Err(e) = self.batch.add(token, pos, &[seq.id], true) {
+                        failure = Some(e.to_string());
+                    }
+                }
+                budget -= seq.drafted.len();
+            }
         }
         let result = match failure {
             Some(e) => Err(e),
@@ -557,5 +563,157 @@ impl<'a> Scheduler<'a> {
         }
         self.reserved -= seq.reserved;
         self.free_ids.push(seq.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cocoon_protocol::{ModelCard, SamplingParams};
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::token::LlamaToken;
+
+    fn shared(lookup_draft_tokens: usize, parallel: u32) -> Shared {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let path = std::env::var_os("COCOON_MODEL").map_or(path, std::path::PathBuf::from);
+        let model = LlamaModel::load_from_file(
+            crate::runtime().expect("llama.cpp"),
+            &path,
+            &LlamaModelParams::default(),
+        )
+        .expect("model loads; run scripts/fetch-model.sh first");
+        Shared {
+            model,
+            template: None,
+            card: ModelCard {
+                id: "m".into(),
+                context_length: 4096,
+                min_price: 0,
+                model_hash: None,
+            },
+            threads: 2,
+            parallel,
+            kv_cache_tokens: 4096,
+            prompt_cache: false,
+            lookup_draft_tokens,
+            speculation: crate::Speculation::default(),
+            stats: cocoon_engine::BackendStats::default(),
+        }
+    }
+
+    /// A request for `prompt`'s tokens exactly (no template, no tokenizer), and its events.
+    fn waiting(
+        shared: &Shared,
+        prompt: Vec<LlamaToken>,
+        params: SamplingParams,
+    ) -> (Waiting, mpsc::UnboundedReceiver<GenerateEvent>) {
+        let max_tokens = params.max_tokens.expect("max_tokens");
+        let request = GenerateRequest {
+            model: "m".into(),
+            input: Input::Text {
+                prompt: String::new(),
+            },
+            params,
+            max_price: None,
+            cache_scope: None,
+        };
+        let sampler =
+            sequence::sampler(&request.params, None, max_tokens, &shared.model).expect("sampler");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let prepared = Prepared {
+            prompt,
+            max_tokens,
+            sampler,
+            scope: None,
+            tools: None,
+        };
+        (
+            Waiting {
+                job: Job { request, tx },
+                prepared,
+            },
+            rx,
+        )
+    }
+
+    /// Sixteen streams and one waiting prompt of 100 tokens, all admitted at once; returns how
+    /// much of the waiting prompt the second step read (the first is filled by the streams'
+    /// own prompts). Each stream's first token is forced (a logit bias) to X, and its prompt
+    /// holds `a b X` followed by 27 tokens and ends with `a b`, so on its first generating
+    /// step prompt lookup finds 30 tokens to guess.
+    fn prompt_read_beside_guessing_streams(shared: &Shared) -> usize {
+        let tok = LlamaToken::new;
+        let (a, b, x) = (1001, 1002, 1003);
+        let mut stream_prompt = vec![tok(a), tok(b), tok(x)];
+        stream_prompt.extend((2000..2027).map(tok));
+        stream_prompt.extend([tok(a), tok(b)]);
+        assert_eq!(stream_prompt.len(), 32, "16 of them fill one batch of 512");
+        let forced = SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(64),
+            logit_bias: [(x as u32, 100.0)].into_iter().collect(),
+            ..Default::default()
+        };
+        let victim_prompt: Vec<LlamaToken> = (3000..3100).map(tok).collect();
+        let plain = SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(16),
+            ..Default::default()
+        };
+
+        let ctx = shared.new_context().expect("context");
+        let mut s = Scheduler::new(shared, ctx);
+        let mut receivers = Vec::new();
+        for _ in 0..16 {
+            let (w, rx) = waiting(shared, stream_prompt.clone(), forced.clone());
+            s.waiting.push_back(w);
+            receivers.push(rx);
+        }
+        let (w, rx) = waiting(shared, victim_prompt, plain);
+        s.waiting.push_back(w);
+        receivers.push(rx);
+        s.admit();
+        assert_eq!(s.running.len(), 17, "all admitted");
+        // Step 1: the streams' prompts fill the batch; each samples X.
+        s.step();
+        assert!(
+            s.running
+                .iter()
+                .filter(|q| q.prompt.len() == 32)
+                .all(|q| q.pending == Some(tok(x))),
+            "every stream is generating, its next token X"
+        );
+        // Step 2: the streams' next tokens (16), their guesses, and the waiting prompt.
+        s.step();
+        let victim = s
+            .running
+            .iter()
+            .find(|q| q.prompt.len() == 100)
+            .expect("the waiting request runs");
+        victim.read
+    }
+
+    /// REVIEW, fixed: prompt lookup's guesses took batch slots before prompts still to be
+    /// read. Sixteen streams that each find 30 tokens to guess took 16 + 480 of the 512 slots,
+    /// so a request waiting for its first token read 16 of its 100 prompt tokens in that pass
+    /// instead of all of them (with 17 or more streams at 32 guesses, none at all for as long
+    /// as their guesses lasted). Guesses now take only the room prompts leave.
+    #[test]
+    fn review_guesses_do_not_crowd_out_waiting_prompts() {
+        let without = prompt_read_beside_guessing_streams(&shared(0, 17));
+        assert_eq!(
+            without, 100,
+            "without lookup the whole prompt fits beside 16 streams"
+        );
+        let lookup = shared(32, 17);
+        let with = prompt_read_beside_guessing_streams(&lookup);
+        use std::sync::atomic::Ordering::Relaxed;
+        let drafted = lookup.speculation.drafted.load(Relaxed);
+        assert_eq!(
+            with, 100,
+            "with lookup the waiting prompt got {with} of its 100 tokens in the pass, while \
+             the streams' guesses took {drafted} slots"
+        );
     }
 }

@@ -1534,3 +1534,73 @@ async fn prompt_lookup_in_a_full_cache_stays_within_each_reservation() {
     let s = b.speculation();
     assert!(s.accepted > 0 && s.accepted <= s.drafted, "{s:?}");
 }
+
+/// A passage long enough that its copy request's prompt alone passes 256 tokens.
+const LONG_PASSAGE: &str = "The lighthouse on the northern cape was built in the spring of a \
+    wet year, when the road from the village was still mud and every stone had to be carried up \
+    the hill by cart. The keeper who first lit its lamp was a quiet man who kept a careful log \
+    of the weather, the ships that passed, and the birds that rested on the gallery rail during \
+    storms. Each evening he climbed the one hundred and twelve steps, trimmed the wick, wound \
+    the clockwork that turned the lens, and wrote the time in his book. In winter the wind came \
+    off the sea so hard that the windows hummed, and he stuffed the gaps in the frames with old \
+    sailcloth. In summer the fog rolled in most mornings and he sounded the horn every thirty \
+    seconds until it lifted. His daughter learned to read from the log book, sounding out the \
+    names of schooners and the words for clouds: cirrus, stratus, cumulus, nimbus. When she was \
+    twelve she kept the light alone for a week while he was ill, and she wrote in the book in a \
+    round careful hand that the lamp had not once gone out. Years later, when the light was \
+    changed to electricity and the keepers were sent away, she asked the lighthouse board for \
+    the old books, and they gave her all thirty volumes in a wooden crate. She read them again \
+    by her own window, facing the sea, and she found that her father had written, on the last \
+    page of the last volume, a single line about the morning she was born: calm sea, light \
+    wind from the south, and a small new keeper in the house.";
+
+/// REVIEW, fixed (the claim, not the engine): prompt lookup was said to keep the answer
+/// exactly the one decoding alone gives. The logits of a token depend on what else is in its
+/// batch: llama.cpp's CPU flash attention splits a lone token's cells across threads once 512
+/// or more are in view, and computes a batch of several tokens in one pass, which rounds
+/// differently. Past 256 cells a step with guesses therefore differs from the same step
+/// without them in the last bits, as any step does that other requests share. The claim is now
+/// "the same up to floating-point rounding": here the text is the same and every token's
+/// probability agrees to within 0.05 (most differ by about 3e-4; the f16 accumulation moved
+/// one token from 0.74 to 0.70 in one run).
+#[tokio::test]
+async fn review_lookup_answer_matches_decoding_alone_past_256_cells() {
+    let plain = backend();
+    let lookup = LlamaBackend::load(&LlamaConfig {
+        model_path: model_path(),
+        threads: 2,
+        lookup_draft_tokens: 8,
+        ..Default::default()
+    })
+    .unwrap();
+    let req = chat(
+        &format!("Repeat this text word for word: {LONG_PASSAGE}"),
+        SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(96),
+            ignore_eos: true,
+            logprobs: Some(0),
+            ..Default::default()
+        },
+    );
+    let prompt_tokens = plain.count_tokens(&plain.render_prompt(&req.input).unwrap());
+    assert!(prompt_tokens > 256, "{prompt_tokens} prompt tokens");
+    let want = collect(&plain, req.clone()).await;
+    let before = lookup.speculation();
+    let got = collect(&lookup, req).await;
+    let after = lookup.speculation();
+    assert!(want.error.is_none() && got.error.is_none());
+    assert!(
+        after.drafted > before.drafted,
+        "guesses were checked: {before:?} -> {after:?}"
+    );
+    assert_eq!(got.text, want.text, "the same answer");
+    assert_eq!(got.logprobs.len(), want.logprobs.len());
+    for (g, w) in got.logprobs.iter().zip(&want.logprobs) {
+        assert_eq!(g.token, w.token);
+        assert!(
+            (g.logprob.exp() - w.logprob.exp()).abs() < 0.05,
+            "{g:?} with lookup, {w:?} without"
+        );
+    }
+}
