@@ -190,6 +190,14 @@ struct BenchArgs {
         default_value = "target/llama-server/bin/llama-server"
     )]
     llama_server: PathBuf,
+    /// A second reference: llama-server built as llama.cpp's release binaries are
+    /// (scripts/build-llama-server.sh --release-like); measured when present.
+    #[arg(
+        long,
+        env = "COCOON_LLAMA_SERVER_RELEASE",
+        default_value = "target/llama-server-release/bin/llama-server"
+    )]
+    llama_server_release: PathBuf,
     /// CPU threads for both engines.
     #[arg(long, default_value_t = 2)]
     threads: u32,
@@ -601,6 +609,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         sections,
         model,
         llama_server,
+        llama_server_release,
         threads,
         quick,
         json,
@@ -626,6 +635,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         },
         model,
         llama_server: llama_server.is_file().then_some(llama_server),
+        llama_server_release: llama_server_release
+            .is_file()
+            .then_some(llama_server_release),
         path: Default::default(),
         hops: bench::hops::HopsOptions {
             nginx,

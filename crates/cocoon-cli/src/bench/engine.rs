@@ -74,8 +74,26 @@ pub struct SingleStream {
     pub prompt_tokens_per_s: f64,
     /// Tokens after the first / time after the first (median).
     pub gen_tokens_per_s: f64,
+    /// Slowest and fastest request's prompt tokens/s: a ratio inside both paths' spreads is
+    /// no win.
+    pub prompt_tokens_per_s_range: (f64, f64),
+    /// Slowest and fastest request's generation tokens/s.
+    pub gen_tokens_per_s_range: (f64, f64),
     /// Time to first token, in milliseconds.
     pub ttft_ms: Summary,
+}
+
+/// A reference engine's single-stream figures against the embedded engine's.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reference {
+    /// Its figures.
+    pub stream: SingleStream,
+    /// Prompt tokens/s, embedded / this reference.
+    pub prompt_ratio: f64,
+    /// Generation tokens/s, embedded / this reference (above 1: the embedded engine is faster).
+    pub gen_ratio: f64,
+    /// TTFT p50, embedded / this reference (below 1: the embedded engine answers sooner).
+    pub ttft_ratio: f64,
 }
 
 /// One path's figures at one concurrency level, on the short prompt.
@@ -106,12 +124,9 @@ pub struct EngineReport {
     pub max_tokens: u32,
     /// The embedded engine called in-process, single stream.
     pub embedded: SingleStream,
-    /// llama-server, single stream; none when it was not run.
-    pub llama_server: Option<SingleStream>,
-    /// embedded / llama-server.
-    pub prompt_ratio: Option<f64>,
-    /// Generation tokens/s, embedded / llama-server (above 1: the embedded engine is faster).
-    pub gen_ratio: Option<f64>,
+    /// Each llama-server run (none when none was given), single stream, same requests
+    /// interleaved with the embedded engine's.
+    pub references: Vec<Reference>,
     /// Each path at each concurrency level, in the order measured.
     pub levels: Vec<Level>,
 }
@@ -207,12 +222,22 @@ impl Target {
 }
 
 fn single(path: &str, answers: &[Answer]) -> SingleStream {
+    let range = |v: Vec<f64>| {
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        )
+    };
+    let prompt: Vec<f64> = answers.iter().map(Answer::prompt_tokens_per_s).collect();
+    let generation: Vec<f64> = answers.iter().map(Answer::gen_tokens_per_s).collect();
     SingleStream {
         path: path.into(),
         requests: answers.len(),
         prompt_tokens: answers.first().map_or(0, |a| a.prompt_tokens),
-        prompt_tokens_per_s: median(answers.iter().map(Answer::prompt_tokens_per_s).collect()),
-        gen_tokens_per_s: median(answers.iter().map(Answer::gen_tokens_per_s).collect()),
+        prompt_tokens_per_s: median(prompt.clone()),
+        gen_tokens_per_s: median(generation.clone()),
+        prompt_tokens_per_s_range: range(prompt),
+        gen_tokens_per_s_range: range(generation),
         ttft_ms: Summary::of(answers.iter().map(|a| ms(a.ttft)).collect()),
     }
 }
@@ -328,11 +353,12 @@ impl LlamaServer {
 }
 
 /// `backend` must be the embedded engine made with `options`' threads, parallel and KV
-/// cells; `gateway_url` fronts a network whose only worker serves it.
+/// cells; `gateway_url` fronts a network whose only worker serves it; `servers` are the
+/// references, each with its name.
 pub async fn run(
     backend: Arc<dyn Backend>,
     gateway_url: &str,
-    llama_server: Option<&LlamaServer>,
+    servers: &[(&str, &LlamaServer)],
     options: &EngineOptions,
 ) -> anyhow::Result<EngineReport> {
     let model = backend
@@ -347,29 +373,49 @@ pub async fn run(
         format!("{gateway_url}/chat/completions"),
         model.clone(),
     );
-    let theirs = llama_server.map(|s| {
-        Target::Http(
-            http.clone(),
-            format!("{}/chat/completions", s.url),
-            model.clone(),
-        )
-    });
+    let theirs: Vec<(&str, Target)> = servers
+        .iter()
+        .map(|(name, s)| {
+            let target = Target::Http(
+                http.clone(),
+                format!("{}/chat/completions", s.url),
+                model.clone(),
+            );
+            (*name, target)
+        })
+        .collect();
     let n = options.max_tokens;
     // Warm up.
     ours.once(PROMPT, n).await?;
     network.once(PROMPT, n).await?;
-    if let Some(t) = &theirs {
+    for (_, t) in &theirs {
         t.once(PROMPT, n).await?;
     }
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..options.requests {
-        a.push(ours.once(PROMPT, n).await?);
-        if let Some(t) = &theirs {
-            b.push(t.once(PROMPT, n).await?);
+    // Interleaved request by request, each round starting one engine further on, so that
+    // every engine follows every other as often (llama.cpp's threads spin a moment after a
+    // decode, which slows whoever comes next).
+    let mut answers: Vec<Vec<Answer>> = vec![Vec::new(); 1 + theirs.len()];
+    for round in 0..options.requests {
+        for k in 0..answers.len() {
+            let i = (round + k) % answers.len();
+            let target = if i == 0 { &ours } else { &theirs[i - 1].1 };
+            answers[i].push(target.once(PROMPT, n).await?);
         }
     }
-    let embedded = single("embedded engine (in-process)", &a);
-    let llama_server = theirs.as_ref().map(|_| single("llama-server", &b));
+    let embedded = single("embedded engine (in-process)", &answers[0]);
+    let references = theirs
+        .iter()
+        .zip(&answers[1..])
+        .map(|((name, _), answers)| {
+            let stream = single(name, answers);
+            Reference {
+                prompt_ratio: embedded.prompt_tokens_per_s / stream.prompt_tokens_per_s,
+                gen_ratio: embedded.gen_tokens_per_s / stream.gen_tokens_per_s,
+                ttft_ratio: embedded.ttft_ms.p50 / stream.ttft_ms.p50,
+                stream,
+            }
+        })
+        .collect();
     let mut levels = Vec::new();
     for &streams in &options.levels {
         let per = options.requests_per_stream;
@@ -384,22 +430,16 @@ pub async fn run(
             )
             .await?,
         );
-        if let Some(t) = &theirs {
-            levels.push(level(t, "llama-server", streams, per, n).await?);
+        for (name, t) in &theirs {
+            levels.push(level(t, name, streams, per, n).await?);
         }
     }
     Ok(EngineReport {
         model,
         threads: options.threads,
         max_tokens: n,
-        prompt_ratio: llama_server
-            .as_ref()
-            .map(|l| embedded.prompt_tokens_per_s / l.prompt_tokens_per_s),
-        gen_ratio: llama_server
-            .as_ref()
-            .map(|l| embedded.gen_tokens_per_s / l.gen_tokens_per_s),
         embedded,
-        llama_server,
+        references,
         levels,
     })
 }
@@ -408,21 +448,36 @@ pub async fn run(
 pub fn table(r: &EngineReport) -> String {
     let mut out = format!(
         "### Embedded engine vs llama-server: {} , {} threads, {} generated tokens, same prompt\n\n\
-         | engine | prompt tokens | prompt tok/s | gen tok/s | TTFT p50 ms |\n|---|---|---|---|---|\n",
+         | engine | requests | prompt tokens | prompt tok/s (range) | gen tok/s (range) | TTFT p50 ms |\n\
+         |---|---|---|---|---|---|\n",
         r.model, r.threads, r.max_tokens
     );
-    for s in std::iter::once(&r.embedded).chain(&r.llama_server) {
+    for s in std::iter::once(&r.embedded).chain(r.references.iter().map(|x| &x.stream)) {
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} |\n",
-            s.path, s.prompt_tokens, s.prompt_tokens_per_s, s.gen_tokens_per_s, s.ttft_ms.p50
+            "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {:.1} ({:.1}–{:.1}) | {:.1} |\n",
+            s.path,
+            s.requests,
+            s.prompt_tokens,
+            s.prompt_tokens_per_s,
+            s.prompt_tokens_per_s_range.0,
+            s.prompt_tokens_per_s_range.1,
+            s.gen_tokens_per_s,
+            s.gen_tokens_per_s_range.0,
+            s.gen_tokens_per_s_range.1,
+            s.ttft_ms.p50
         ));
     }
-    match (r.prompt_ratio, r.gen_ratio) {
-        (Some(p), Some(g)) => out.push_str(&format!(
-            "\nembedded/llama-server: prompt tok/s x{p:.3}, gen tok/s x{g:.3}\n\n"
-        )),
-        _ => out.push_str("\nllama-server not run (see --llama-server)\n\n"),
+    out.push('\n');
+    for x in &r.references {
+        out.push_str(&format!(
+            "embedded / {}: prompt tok/s x{:.3}, gen tok/s x{:.3}, TTFT p50 x{:.3}\n",
+            x.stream.path, x.prompt_ratio, x.gen_ratio, x.ttft_ratio
+        ));
     }
+    if r.references.is_empty() {
+        out.push_str("llama-server not run (see --llama-server)\n");
+    }
+    out.push('\n');
     out.push_str(
         "### Concurrency: aggregate generated tokens/s, short prompt\n\n\
          | path | streams | requests | aggregate tok/s | per-stream tok/s | TTFT p50 ms |\n|---|---|---|---|---|---|\n",

@@ -75,6 +75,9 @@ pub struct BenchOptions {
     pub model: PathBuf,
     /// The `llama-server` binary to measure the engine against; none: no reference.
     pub llama_server: Option<PathBuf>,
+    /// A second reference: llama-server built as llama.cpp's release binaries are
+    /// (`scripts/build-llama-server.sh --release-like`); none: not measured.
+    pub llama_server_release: Option<PathBuf>,
     /// Settings of the network-path section.
     pub path: path::PathOptions,
     /// Settings of the hops section.
@@ -256,16 +259,41 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
                 None
             }
         };
+        let release = match &options.llama_server_release {
+            Some(binary) => {
+                section("starting llama-server built as llama.cpp releases it");
+                Some(
+                    engine::LlamaServer::start(
+                        binary,
+                        &options.model,
+                        engine_options,
+                        options.work_dir.join("llama-server-release.log"),
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
         section("embedded engine vs llama-server");
         let mut net = network(vec![backend.clone()], false).await?;
+        let mut servers = Vec::new();
+        if let Some(s) = &server {
+            servers.push(("llama-server (our build flags)", s));
+        }
+        if let Some(s) = &release {
+            servers.push(("llama-server (as released: OpenMP, not native)", s));
+        }
         let result = engine::run(
             backend.clone(),
             &net.gateway_url(),
-            server.as_ref(),
+            &servers,
             engine_options,
         )
         .await;
         net.shutdown().await;
+        if let Some(s) = release {
+            s.stop().await;
+        }
         report.engine = Some(result?);
         section("multi-turn conversation, prompt caches");
         let cached = load(true)?;

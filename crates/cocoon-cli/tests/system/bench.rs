@@ -62,7 +62,7 @@ async fn path_and_engine_sections_report_consistent_figures() {
     };
     let backend = load(false);
     let mut net = bench::network(vec![backend.clone()], false).await.unwrap();
-    let engine = bench::engine::run(backend.clone(), &net.gateway_url(), None, &options)
+    let engine = bench::engine::run(backend.clone(), &net.gateway_url(), &[], &options)
         .await
         .unwrap();
     net.shutdown().await;
@@ -71,7 +71,9 @@ async fn path_and_engine_sections_report_consistent_figures() {
         "the long prompt, templated"
     );
     assert!(engine.embedded.gen_tokens_per_s > 0.0 && engine.embedded.prompt_tokens_per_s > 0.0);
-    assert!(engine.llama_server.is_none() && engine.gen_ratio.is_none());
+    assert!(engine.references.is_empty());
+    let (lo, hi) = engine.embedded.gen_tokens_per_s_range;
+    assert!(lo <= engine.embedded.gen_tokens_per_s && engine.embedded.gen_tokens_per_s <= hi);
     // Two paths (in-process, through the network) at two levels.
     assert_eq!(engine.levels.len(), 4);
     assert!(engine.levels.iter().all(|l| l.aggregate_tokens_per_s > 0.0));
