@@ -129,6 +129,9 @@ pub struct EngineReport {
     pub references: Vec<Reference>,
     /// Each path at each concurrency level, in the order measured.
     pub levels: Vec<Level>,
+    /// References that failed at a concurrency level, and how (their later levels are not
+    /// run).
+    pub failures: Vec<(String, String)>,
 }
 
 pub(super) fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
@@ -417,6 +420,7 @@ pub async fn run(
         })
         .collect();
     let mut levels = Vec::new();
+    let mut failures: Vec<(String, String)> = Vec::new();
     for &streams in &options.levels {
         let per = options.requests_per_stream;
         levels.push(level(&ours, "embedded engine (in-process)", streams, per, n).await?);
@@ -431,7 +435,14 @@ pub async fn run(
             .await?,
         );
         for (name, t) in &theirs {
-            levels.push(level(t, name, streams, per, n).await?);
+            if failures.iter().any(|(failed, _)| failed == name) {
+                continue;
+            }
+            // A reference that fails (a crashed server) is reported, not the end of the run.
+            match level(t, name, streams, per, n).await {
+                Ok(l) => levels.push(l),
+                Err(e) => failures.push((name.to_string(), format!("at {streams} streams: {e}"))),
+            }
         }
     }
     Ok(EngineReport {
@@ -441,6 +452,7 @@ pub async fn run(
         embedded,
         references,
         levels,
+        failures,
     })
 }
 
@@ -492,6 +504,9 @@ pub fn table(r: &EngineReport) -> String {
             l.stream_tokens_per_s,
             l.ttft_ms.p50
         ));
+    }
+    for (name, why) in &r.failures {
+        out.push_str(&format!("\n{name} failed {why}\n"));
     }
     out
 }
