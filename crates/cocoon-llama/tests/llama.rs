@@ -1407,6 +1407,17 @@ async fn hermes_calls_on_the_real_model_through_an_operators_template() {
     assert!(broken.is_err());
 }
 
+/// The engine with prompt lookup guessing up to `draft` tokens a step.
+fn lookup_backend(draft: u32) -> LlamaBackend {
+    LlamaBackend::load(&LlamaConfig {
+        model_path: model_path(),
+        threads: 2,
+        lookup_draft_tokens: draft,
+        ..Default::default()
+    })
+    .expect("model loads")
+}
+
 /// A request that copies its input, as edits and quotes do: what prompt lookup speeds up.
 fn copy_request(params: SamplingParams) -> GenerateRequest {
     chat(
@@ -1420,13 +1431,7 @@ fn copy_request(params: SamplingParams) -> GenerateRequest {
 #[tokio::test]
 async fn prompt_lookup_keeps_the_answer_and_skips_passes() {
     let plain = backend();
-    let lookup = LlamaBackend::load(&LlamaConfig {
-        model_path: model_path(),
-        threads: 2,
-        lookup_draft_tokens: 8,
-        ..Default::default()
-    })
-    .unwrap();
+    let lookup = lookup_backend(8);
     let cases = [
         // Greedy, as a copying task runs.
         SamplingParams {
@@ -1566,13 +1571,7 @@ const LONG_PASSAGE: &str = "The lighthouse on the northern cape was built in the
 #[tokio::test]
 async fn review_lookup_answer_matches_decoding_alone_past_256_cells() {
     let plain = backend();
-    let lookup = LlamaBackend::load(&LlamaConfig {
-        model_path: model_path(),
-        threads: 2,
-        lookup_draft_tokens: 8,
-        ..Default::default()
-    })
-    .unwrap();
+    let lookup = lookup_backend(8);
     let req = chat(
         &format!("Repeat this text word for word: {LONG_PASSAGE}"),
         SamplingParams {

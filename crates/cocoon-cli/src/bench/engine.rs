@@ -225,22 +225,16 @@ impl Target {
 }
 
 fn single(path: &str, answers: &[Answer]) -> SingleStream {
-    let range = |v: Vec<f64>| {
-        (
-            v.iter().copied().fold(f64::INFINITY, f64::min),
-            v.iter().copied().fold(0.0, f64::max),
-        )
-    };
     let prompt: Vec<f64> = answers.iter().map(Answer::prompt_tokens_per_s).collect();
     let generation: Vec<f64> = answers.iter().map(Answer::gen_tokens_per_s).collect();
     SingleStream {
         path: path.into(),
         requests: answers.len(),
         prompt_tokens: answers.first().map_or(0, |a| a.prompt_tokens),
-        prompt_tokens_per_s: median(prompt.clone()),
-        gen_tokens_per_s: median(generation.clone()),
-        prompt_tokens_per_s_range: range(prompt),
-        gen_tokens_per_s_range: range(generation),
+        prompt_tokens_per_s_range: super::stats::range(&prompt),
+        gen_tokens_per_s_range: super::stats::range(&generation),
+        prompt_tokens_per_s: median(prompt),
+        gen_tokens_per_s: median(generation),
         ttft_ms: Summary::of(answers.iter().map(|a| ms(a.ttft)).collect()),
     }
 }

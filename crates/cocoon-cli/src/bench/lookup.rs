@@ -123,10 +123,7 @@ fn figures(path: &str, answers: &[Answer]) -> LookupPath {
     LookupPath {
         path: path.into(),
         completion_tokens: answers.first().map_or(0, |a| a.completion_tokens),
-        spread: (
-            rates.iter().copied().fold(f64::INFINITY, f64::min),
-            rates.iter().copied().fold(0.0, f64::max),
-        ),
+        spread: super::stats::range(&rates),
         gen_tokens_per_s: median(rates.clone()),
         gen_tokens_per_s_rounds: rates,
         ttft_ms: median(answers.iter().map(|a| ms(a.ttft)).collect()),

@@ -22,6 +22,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     percentile(&v, 50.0)
 }
 
+/// The smallest and largest of `v` (infinity and 0 when empty): a spread to report beside a
+/// median.
+pub fn range(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(0.0, f64::max),
+    )
+}
+
 /// p50, p90, p99 and mean of one quantity, in the samples' unit.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Summary {
