@@ -927,4 +927,4 @@ fn pointer_escape(name: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

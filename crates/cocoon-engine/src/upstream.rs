@@ -1035,6 +1035,11 @@ mod tests {
 
     /// The backend of model `m` on the server at `url`, with timeouts of 1 s.
     fn backend(url: String) -> UpstreamBackend {
+        patient_backend(url, 1)
+    }
+
+    /// The backend of model `m` on the server at `url`, with timeouts of `secs`.
+    fn patient_backend(url: String, secs: u64) -> UpstreamBackend {
         UpstreamBackend::new(UpstreamConfig {
             url,
             ca_file: None,
@@ -1046,8 +1051,8 @@ mod tests {
                 model_hash: None,
             }],
             parallel: 1,
-            timeout_secs: 1,
-            idle_timeout_secs: 1,
+            timeout_secs: secs,
+            idle_timeout_secs: secs,
             cache_salt: true,
         })
         .unwrap()
@@ -1513,22 +1518,7 @@ mod tests {
         );
         let url = serve(router).await;
         // Patient enough that only the event, not the backend's own idle limit, is in question.
-        let backend = UpstreamBackend::new(UpstreamConfig {
-            url,
-            ca_file: None,
-            api_key: None,
-            models: vec![UpstreamModel {
-                id: "m".into(),
-                upstream_id: None,
-                context_length: 100,
-                model_hash: None,
-            }],
-            parallel: 1,
-            timeout_secs: 30,
-            idle_timeout_secs: 30,
-            cache_salt: true,
-        })
-        .unwrap();
+        let backend = patient_backend(url, 30);
         let request = GenerateRequest {
             input: Input::Chat {
                 messages: vec![cocoon_protocol::ChatMessage::new(

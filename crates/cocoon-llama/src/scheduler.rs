@@ -437,7 +437,10 @@ impl<'a> Scheduler<'a> {
             }
         }
         // Which sequences are generating (their next token is in), before prompts join.
-        let generating: Vec<bool> = self.running.iter().map(|q| q.logits_at.is_some()).collect();
+        let generating: Vec<bool> = match self.shared.lookup_draft_tokens {
+            0 => Vec::new(),
+            _ => self.running.iter().map(|q| q.logits_at.is_some()).collect(),
+        };
         // Then prompts, as much as fits.
         for seq in &mut self.running {
             if budget == 0 {

@@ -2,16 +2,17 @@
 //! their events come.
 
 use std::convert::Infallible;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cocoon_net::EventReader;
 use cocoon_protocol::{GenerateEvent, ProtocolError};
-use futures_util::StreamExt;
 use futures_util::stream::{BoxStream, SelectAll};
+use futures_util::{Stream, StreamExt};
 
 use super::Endpoint;
 use crate::bill::Parties;
@@ -233,18 +234,36 @@ impl StreamState {
 /// The most ready SSE events sent in one write.
 const MAX_JOINED_EVENTS: usize = 64;
 
-fn join(events: Vec<Result<Bytes, Infallible>>) -> Bytes {
-    let mut events = events.into_iter().map(|Ok(b)| b);
-    match (events.next(), events.len()) {
-        (Some(one), 0) => one,
-        (first, _) => {
-            let mut joined = bytes::BytesMut::new();
-            for event in first.into_iter().chain(events) {
-                joined.extend_from_slice(&event);
-            }
-            joined.freeze()
+/// `events` with those already waiting joined into one piece: the first as it is when it is
+/// alone (no copy, no allocation, the common case of a paced stream), else copied together.
+fn join_ready(
+    events: impl Stream<Item = Bytes> + Send + 'static,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let mut events = Box::pin(events);
+    let mut ended = false;
+    futures_util::stream::poll_fn(move |cx| {
+        if ended {
+            return Poll::Ready(None);
         }
-    }
+        let Some(first) = std::task::ready!(events.as_mut().poll_next(cx)) else {
+            ended = true;
+            return Poll::Ready(None);
+        };
+        let mut joined: Option<BytesMut> = None;
+        for _ in 1..MAX_JOINED_EVENTS {
+            match events.as_mut().poll_next(cx) {
+                Poll::Ready(Some(more)) => joined
+                    .get_or_insert_with(|| BytesMut::from(&first[..]))
+                    .extend_from_slice(&more),
+                Poll::Ready(None) => {
+                    ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Some(Ok(joined.map_or(first, BytesMut::freeze))))
+    })
 }
 
 /// The streaming response. If the app disconnects, the body is dropped with the proxy streams
@@ -283,15 +302,15 @@ pub(crate) fn response(
         phase: Phase::Start,
         keep_alive,
     };
-    let stream = futures_util::stream::unfold(state, |mut st| async move {
-        st.next().await.map(|b| (Ok::<_, Infallible>(b), st))
-    });
+    let stream =
+        futures_util::stream::unfold(
+            state,
+            |mut st| async move { st.next().await.map(|b| (b, st)) },
+        );
     // Events that are already here go out in one write, each still its own SSE event (as a
     // relay like nginx passes on what one read brought): one syscall, not one per token, when
     // the app reads slower than tokens come. Nothing waits to be joined.
-    let stream = stream
-        .ready_chunks(MAX_JOINED_EVENTS)
-        .map(|events| Ok::<_, Infallible>(join(events)));
+    let stream = join_ready(stream);
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
     headers.insert(

@@ -710,8 +710,8 @@ fn llama(schema: &Value) -> Llama {
 
 /// How many rules llama.cpp makes of a grammar's bounded repetitions (`handle_repetitions`):
 /// `S{m,n}` copies S m times and adds n - m rules; `S{m,}`, and a bound past its threshold,
-/// add one. Literals and classes are skipped.
-fn llama_repetition_rules(grammar: &str) -> u64 {
+/// add one. Literals and classes are skipped. (The tool grammars' tests count with it too.)
+pub(crate) fn llama_repetition_rules(grammar: &str) -> u64 {
     let s: Vec<char> = grammar.chars().collect();
     let mut total = 0u64;
     let mut i = 0;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::json_grammar::tests::llama_repetition_rules;
 use cocoon_protocol::Function;
 
 fn tools(choice: ToolChoice, parallel: bool) -> Tools {
@@ -186,49 +187,6 @@ fn review_tool_parameters_may_use_their_own_defs() {
         let g = tools_grammar(style, &t);
         assert!(g.is_ok(), "{style:?}: {g:?}");
     }
-}
-
-/// The rules llama.cpp spells a grammar's bounded repetitions out as (`S{m,n}`: n; `S{m,}`,
-/// or a bound past its threshold of 2000: m + 1), literals and classes skipped.
-fn llama_repetition_rules(grammar: &str) -> u64 {
-    let s: Vec<char> = grammar.chars().collect();
-    let number = |i: &mut usize| -> Option<u64> {
-        let begin = *i;
-        while s.get(*i).is_some_and(char::is_ascii_digit) {
-            *i += 1;
-        }
-        s[begin..*i].iter().collect::<String>().parse().ok()
-    };
-    let mut total = 0u64;
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            open @ ('"' | '[') => {
-                let close = if open == '"' { '"' } else { ']' };
-                i += 1;
-                while i < s.len() && s[i] != close {
-                    i += if s[i] == '\\' { 2 } else { 1 };
-                }
-                i += 1;
-            }
-            '{' => {
-                i += 1;
-                let min = number(&mut i).unwrap_or(0);
-                let max = if s.get(i).copied() == Some(',') {
-                    i += 1;
-                    number(&mut i)
-                } else {
-                    Some(min)
-                };
-                total += match max {
-                    Some(n) if n <= 2000 => n,
-                    _ => min + 1,
-                };
-            }
-            _ => i += 1,
-        }
-    }
-    total
 }
 
 /// REVIEW, fixed: DoS. Every offered function goes into one grammar, held only by the converter's
